@@ -495,4 +495,5 @@ d = { 'settings': { 'branch': 'main',
                                'latentcot.viz.StopProbs.current': ('viz.html#stopprobs.current', 'latentcot/viz.py'),
                                'latentcot.viz._png': ('viz.html#_png', 'latentcot/viz.py'),
                                'latentcot.viz.cosine_curves': ('viz.html#cosine_curves', 'latentcot/viz.py'),
+                               'latentcot.viz.nearest_tokens': ('viz.html#nearest_tokens', 'latentcot/viz.py'),
                                'latentcot.viz.stop_probs': ('viz.html#stop_probs', 'latentcot/viz.py')}}}
