@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .report import COS_KEY, STOP_KEY, plot_latent_cosine
 from .trainer import read_metrics
+from .masks import MaskExplorer, mask_explorer  # re-exported, so every widget is in latentcot.viz
 
 def _png(fig) -> bytes:
     buf = io.BytesIO(); fig.savefig(buf, format="png"); return buf.getvalue()
