@@ -108,7 +108,13 @@ def prepare_latent_model(model, cfg: LatentCoTConfig, checkpoint=None):
     except FileNotFoundError: attach_stop_head(model)
     return enable_latent_gating(model)
 
-STEP_FNS = {"stage1": lambda cfg, **kw: stage1_step, "stage2": make_latent_step, "stage3": make_latent_step}
+def _multiturn_step(cfg: LatentCoTConfig, **kw):
+    "The multi-turn stage's step (`latentcot.multiturn`)."
+    from latentcot.multiturn import make_multiturn_step
+    return make_multiturn_step(cfg, **kw)
+
+STEP_FNS = {"stage1": lambda cfg, **kw: stage1_step, "stage2": make_latent_step, "stage3": make_latent_step,
+            "multiturn": _multiturn_step}
 
 def make_step_fn(stage: str, cfg: LatentCoTConfig, **kw):
     "The step function of `stage`."
@@ -142,10 +148,11 @@ def save_final(model, processor, cfg: LatentCoTConfig, out_dir) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     "Flags of `latentcot.train` (the seeds' names) plus every config field."
     ap = argparse.ArgumentParser(prog="latentcot.train", description="Train one latentcot stage.")
-    ap.add_argument("--stage", required=True, choices=["stage1", "stage2", "stage3"])
+    ap.add_argument("--stage", required=True, choices=["stage1", "stage2", "stage3", "multiturn"])
     ap.add_argument("--model_name_or_path", default=None, help="checkpoint dir or hub id (default: the tiny offline kit)")
     ap.add_argument("--train_jsonl", "--data_path", dest="data", default=None,
-                    help="seed 001 JSONL or seed 000 chat JSON (default: data_samples/visual/train.jsonl)")
+                    help="seed 001 JSONL or seed 000 chat JSON (default: data_samples/visual/train.jsonl); "
+                         "multiturn: editing triplets (default: data_samples/edit/train.jsonl)")
     ap.add_argument("--output_dir", required=True)
     ap.add_argument("--teacher_latent_dir", default=None)
     ap.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps (default: epochs)")
@@ -170,11 +177,17 @@ def run(args: argparse.Namespace, cfg: LatentCoTConfig | None = None):
     path = args.model_name_or_path or tiny_kit_path()
     model, processor, ids = load_latent_model(path, attn_implementation=args.attn_implementation)
     if cfg.gradient_checkpointing: model.gradient_checkpointing_enable()
-    data = Path(args.data) if args.data else default_data_dir() / "visual" / "train.jsonl"
-    samples, report = load_samples(data, strict=not args.lenient)
-    if report.errors: print(report)
-    samples = samples[: args.limit] if args.limit else samples
-    collate = LatentCollator(processor, stage=args.stage, cfg=cfg, rope_index=model, strict=not args.lenient)
+    if args.stage == "multiturn":
+        from latentcot.multiturn import load_multiturn_samples, MultiTurnCollator
+        samples = load_multiturn_samples(Path(args.data) if args.data else default_data_dir() / "edit" / "train.jsonl")
+        samples = samples[: args.limit] if args.limit else samples
+        collate = MultiTurnCollator(processor, cfg, rope_index=model)
+    else:
+        data = Path(args.data) if args.data else default_data_dir() / "visual" / "train.jsonl"
+        samples, report = load_samples(data, strict=not args.lenient)
+        if report.errors: print(report)
+        samples = samples[: args.limit] if args.limit else samples
+        collate = LatentCollator(processor, stage=args.stage, cfg=cfg, rope_index=model, strict=not args.lenient)
     if args.stage != "stage1": model = prepare_latent_model(model, cfg, path if Path(str(path)).is_dir() else None)
     step = make_step_fn(args.stage, cfg, ids=ids, teacher_latent_dir=args.teacher_latent_dir, samples=samples,
                         processor=processor, model=model)
