@@ -146,6 +146,7 @@ def train_loop(model, dataset, collate_fn: Callable, step_fn: Callable, cfg: Lat
     ck = latest_checkpoint(output_dir) if resume else None
     if ck is not None:
         st = load_checkpoint(acc, sched, ck); state.global_step, state.epoch, state.batch_in_epoch = st.global_step, st.epoch, st.batch_in_epoch
+        if acc.is_main_process: print(f"resuming from {ck} (step {state.global_step}, epoch {state.epoch}, batch {state.batch_in_epoch})")
     if acc.is_main_process: save_config(cfg, output_dir / "latentcot_config.json")
     log = MetricsLog(output_dir / "metrics.jsonl", resume_step=state.global_step, enabled=acc.is_main_process)
     if trackers: acc.init_trackers(run_name)
