@@ -21,7 +21,7 @@ __all__ = ['FORMAT_VERSION', 'MANIFEST_NAME', 'LAYERS', 'FILE_PATTERNS', 'log', 
            'load_latent_file', 'latent_ids_of', 'model_fingerprint', 'k_settings', 'image_settings', 'tokenizer_info',
            'teacher_manifest', 'manifest_id', 'manifest_diff', 'run_expectation', 'open_manifest', 'batch_image_grids',
            'make_record', 'check_record', 'PrecomputeReport', 'precompute', 'TeacherLatentStore', 'teacher_targets',
-           'check_question_grids', 'batch_to', 'teacher_compute_fn']
+           'has_observations', 'observation_targets', 'check_question_grids', 'batch_to', 'teacher_compute_fn']
 
 # %% ../nbs/12_teacher_latents.ipynb #22f16380
 FORMAT_VERSION = 1
@@ -243,8 +243,14 @@ def _offsets(budgets) -> list[list[int]]:
     for n in budgets: out.append([a, a + n]); a += n
     return out
 
+def _obs_shape(manifest: dict, n: int) -> tuple:
+    "Shape of the stored observation states of `n` observation tokens: `(n, D)`, or `(n_hidden_states, n, D)` for 'all'."
+    D, H = manifest["hidden_size"], manifest["n_hidden_states"]
+    return (H, n, D) if manifest["layers"] == "all" else (n, D)
+
 def make_record(out: dict, idx: int, sample_id: str, manifest: dict, grids: dict | None = None,
-                batch_budgets=None, image_budget: int | None = None, max_img_tokens: int | None = None) -> dict:
+                batch_budgets=None, image_budget: int | None = None, max_img_tokens: int | None = None,
+                n_observations: int | None = None) -> dict:
     "Check one `compute_fn` output against the manifest and build the bf16 dict stored for sample `idx`."
     who = f"sample {sample_id!r} (file index {idx})"
     if not isinstance(out, dict) or "latents" not in out: raise TeacherLatentError(f"{who}: compute_fn must return a dict with 'latents'")
@@ -268,6 +274,13 @@ def make_record(out: dict, idx: int, sample_id: str, manifest: dict, grids: dict
         if tuple(hs.shape) != (H, n, D):
             raise TeacherLatentError(f"{who}: hidden_states have shape {tuple(hs.shape)}, expected ({H}, {n}, {D})")
         rec["hidden_states"] = hs.detach().to("cpu", torch.bfloat16).clone()
+    obs = out.get("observations")
+    if obs is not None:                   # seed 000: the teacher's states at its observation tokens, in text order
+        m = int(obs.shape[-2]) if n_observations is None else int(n_observations)
+        if tuple(obs.shape) != _obs_shape(manifest, m):
+            raise TeacherLatentError(f"{who}: observations have shape {tuple(obs.shape)}, expected {_obs_shape(manifest, m)} "
+                                     f"({m} observation tokens in the batch, layers={manifest['layers']!r})")
+        if m: rec.update(observations=obs.detach().to("cpu", torch.bfloat16).clone(), n_observations=m)
     return rec
 
 # %% ../nbs/12_teacher_latents.ipynb #2ed401c7
@@ -292,6 +305,13 @@ def check_record(rec: dict, manifest: dict, path, idx: int | None = None, sample
         hs = rec["hidden_states"]
         if not torch.is_tensor(hs) or tuple(hs.shape) != (H, sum(b), D):
             bad(f"hidden_states have shape {tuple(getattr(hs, 'shape', ()))}, expected ({H}, {sum(b)}, {D})")
+    if "observations" in rec:
+        obs, m = rec["observations"], rec.get("n_observations")
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1: bad(f"observations need 'n_observations' >= 1, found {m!r}")
+        if not torch.is_tensor(obs) or obs.dtype != torch.bfloat16: bad(f"observations must be a bf16 tensor, found {getattr(obs, 'dtype', type(obs).__name__)}")
+        if tuple(obs.shape) != _obs_shape(manifest, m):
+            bad(f"observations have shape {tuple(obs.shape)}, expected {_obs_shape(manifest, m)} ({m} observation tokens, "
+                f"layers={manifest['layers']!r}, hidden size {D})")
     if budgets is not None:
         want = [int(v) for v in budgets]
         ok = len(want) == len(b) and all((w <= s) if allow_shorter else (w == s) for w, s in zip(want, b))
@@ -359,11 +379,12 @@ def precompute(model, processor, samples, collate_fn: Callable, compute_fn: Call
             if len(outs) != len(sids): raise TeacherLatentError(f"compute_fn returned {len(outs)} results for a batch of {len(sids)} samples {sids}")
             grids = batch_image_grids(batch, ids) if ids is not None and "input_ids" in batch else [None] * len(sids)
             planned = batch.get("latent_budgets") or [None] * len(sids)
-            for sid, o, g, plan in zip(sids, outs, grids, planned):
+            n_obs = [len(p) for p in batch["observation_positions"]] if batch.get("observation_positions") is not None else [None] * len(sids)
+            for sid, o, g, plan, m in zip(sids, outs, grids, planned, n_obs):
                 o = dict(o)
                 if o.get("segments") is None and batch.get("latent_segments") is not None:
                     o["segments"] = batch["latent_segments"][sids.index(sid)]
-                rec = make_record(o, idx_of[sid], sid, manifest, g, plan, stage_img_tokens(cfg, "precompute"), cfg.max_img_tokens)
+                rec = make_record(o, idx_of[sid], sid, manifest, g, plan, stage_img_tokens(cfg, "precompute"), cfg.max_img_tokens, m)
                 atomic_torch_save(rec, out / latent_file_name(idx_of[sid], layers))
                 rep.written.append(idx_of[sid])
             gone = [s.sample_id for s in chunk if s.sample_id not in set(sids)]
@@ -411,7 +432,8 @@ class TeacherLatentStore:
         rec = check_record(load_latent_file(p), self.manifest, p, idx, sample_id, budgets, allow_shorter)
         cast = lambda t: t.to(self.device, self.dtype) if self.dtype is not None else t.to(self.device)
         rec["latents"] = cast(rec["latents"])
-        if "hidden_states" in rec: rec["hidden_states"] = cast(rec["hidden_states"])
+        for k in ("hidden_states", "observations"):
+            if k in rec: rec[k] = cast(rec[k])
         return rec
 
     def for_batch(self, batch: dict, indices, ids=None, allow_shorter: bool | None = None) -> list[dict]:
@@ -438,6 +460,25 @@ def teacher_targets(entries: list[dict], budgets=None, key: str = "latents") -> 
     if not parts: raise ValueError("no teacher rows: the entries hold no latent segments")
     return torch.cat(parts, dim=-2)
 
+def has_observations(entries: list[dict], positions) -> bool:
+    "Does the batch have observation tokens, and does every sample that has some come with the teacher's `observations`?"
+    return any(positions) and all("observations" in e for e, p in zip(entries, positions) if p)
+
+def observation_targets(entries: list[dict], positions, where="") -> torch.Tensor:
+    "Teacher states at observation tokens in the student's order, `[N, D]` (or `[n_hs, N, D]`); the k-th token of a sample to the teacher's k-th."
+    if len(entries) != len(positions): raise ValueError(f"{len(entries)} teacher entries for {len(positions)} samples")
+    parts = []
+    for e, p in zip(entries, positions):
+        n = int(e.get("n_observations", 0)) if "observations" in e else 0
+        if n != len(p):
+            raise TeacherLatentError(
+                f"{Path(where) / latent_file_name(e['index'], e['layers'])}: sample {e['sample_id']!r}: the teacher stored "
+                f"{n} observation-token state(s), this batch has {len(p)} observation token(s); the k-th observation token "
+                "of the student is aligned with the k-th of the teacher, so the counts must match (same text, same tokenizer)")
+        if n: parts.append(e["observations"])
+    if not parts: raise ValueError("no observation rows: the batch has no observation tokens")
+    return torch.cat(parts, dim=-2)
+
 # %% ../nbs/12_teacher_latents.ipynb #c8bfedc3
 def check_question_grids(entries: list[dict], batch: dict, ids, where="") -> None:
     "Raise `TeacherLatentError` unless each sample's question-image grids in `batch` equal the teacher's recorded ones."
@@ -457,7 +498,7 @@ def batch_to(batch: dict, device) -> dict:
     return {k: mv(v) for k, v in batch.items()}
 
 def teacher_compute_fn(model, batch: dict, layers: str = "last") -> list[dict]:
-    "Per sample of a precompute batch: the teacher's latents from the latent engine's rollout (+ all hidden states at the pads)."
+    "Per sample of a precompute batch: the teacher's latents from the latent engine's rollout (+ all hidden states at the pads, + its states at the observation tokens)."
     from latentcot.latent_forward import latent_rollout, teacher_forced_forward
     batch = batch_to(batch, model.get_input_embeddings().weight.device)
     r = latent_rollout(model, batch)
@@ -466,8 +507,13 @@ def teacher_compute_fn(model, batch: dict, layers: str = "last") -> list[dict]:
     want = [sum(e - s for s, e, _ in sg) for sg in r.segments]
     if counts != want: raise RuntimeError(f"the rollout filled {counts} latent pads per sample, the segments hold {want}")
     lat = r.latents.split(counts)
-    hs = [None] * B
-    if _check_layers(layers) == "all":
+    hs, obs = [None] * B, [None] * B
+    opos = batch.get("observation_positions") or [[] for _ in range(B)]
+    if _check_layers(layers) == "all" or any(opos):
         o = teacher_forced_forward(model, batch, r, output_hidden_states=True)
-        hs = torch.stack([h[r.latent_mask] for h in o.hidden_states]).split(counts, dim=1)   # [n_hs, N, D] -> per sample
-    return [dict(latents=lat[b], hidden_states=hs[b], segments=r.segments[b]) for b in range(B)]
+        if layers == "all":
+            hs = torch.stack([h[r.latent_mask] for h in o.hidden_states]).split(counts, dim=1)   # [n_hs, N, D] -> per sample
+        chosen = o.hidden_states if layers == "all" else o.hidden_states[-1:]
+        obs = [(torch.stack([h[b, p] for h in chosen]) if layers == "all" else chosen[0][b, p]) if p else None
+               for b, p in enumerate(opos)]                  # [n_obs, D] ('last') or [n_hs, n_obs, D] ('all')
+    return [dict(latents=lat[b], hidden_states=hs[b], observations=obs[b], segments=r.segments[b]) for b in range(B)]

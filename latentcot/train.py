@@ -63,10 +63,11 @@ def latent_stats(out, teacher: torch.Tensor | None) -> dict:
     return st
 
 def make_latent_step(cfg: LatentCoTConfig, ids=None, teacher_latent_dir=None, samples=None, processor=None, model=None, **_):
-    "The stage-2/3 step: latent forward (mode A or C), CE + alignment to the teacher latents (+ stop + cost in C)."
+    "The stage-2/3 step: latent forward (mode A or C), CE + alignment to the teacher (+ stop + cost in C)."
     from latentcot.halting import latent_stage_forward, stop_threshold_at
-    from latentcot.losses import latent_alignment, ce_term, stop_term, cost_term, total_loss
-    from latentcot.teacher_latents import TeacherLatentStore, run_expectation, sample_index_map, teacher_targets
+    from latentcot.losses import latent_alignment, observation_alignment, ce_term, stop_term, cost_term, total_loss
+    from latentcot.teacher_latents import (TeacherLatentStore, run_expectation, sample_index_map, teacher_targets,
+                                           has_observations, observation_targets)
     align = "alignment" in cfg.loss_terms
     if align and not teacher_latent_dir:
         raise ValueError("loss_type includes alignment: pass --teacher_latent_dir (from python -m latentcot.precompute_teacher_latents)")
@@ -78,14 +79,20 @@ def make_latent_step(cfg: LatentCoTConfig, ids=None, teacher_latent_dir=None, sa
         raise ValueError(f"alignment_layer={layers!r} needs teacher hidden states: precompute with --layers all")
 
     def latent_step(model, batch, state):
+        entries = store.for_batch(batch, index_of, ids) if store is not None else None
+        obs_pos = batch.get("observation_positions") or []
+        # seed 000 stage 2: align at the observation tokens when the teacher stored its states there (chat data)
+        at_obs = align and batch.get("stage") == "stage2" and entries is not None and has_observations(entries, obs_pos)
         out = latent_stage_forward(model, batch, cfg=cfg, stop_threshold=stop_threshold_at(state.global_step, cfg),
-                                   output_hidden_states=layers != "last")
+                                   output_hidden_states=layers != "last" or at_obs)
         terms, teacher = {"ce": ce_term(out.logits, batch, cfg), "alignment": None}, None
         if store is not None:
-            entries = store.for_batch(batch, index_of, ids)
             lens = [[e - s for s, e, _ in segs] for segs in out.segments]
             teacher = teacher_targets(entries, lens, key=key).to(out.logits.device)
-            if align:
+            if at_obs:                     # gradient only through the latents (x emphasize_latent_weight)
+                t_obs = observation_targets(entries, obs_pos, store.root).to(out.logits.device)
+                terms["alignment"] = observation_alignment(cfg, out.hidden_states, obs_pos, t_obs, out.latents)
+            elif align:                    # seed 001 (and stage 3): at the latent pads
                 terms["alignment"] = latent_alignment(cfg, teacher, out.latents, out.hidden_states,
                                                       batch["alignment_positions"], out.latent_mask)
         if cfg.latent_mode_stage == "C": terms.update(stop=stop_term(out, batch, cfg), cost=cost_term(out, batch))
@@ -95,7 +102,9 @@ def make_latent_step(cfg: LatentCoTConfig, ids=None, teacher_latent_dir=None, sa
             from latentcot.losses import _active
             _, keep = _active(batch["alignment_positions"], out.latent_mask)
             cos_teacher = teacher[torch.tensor(keep, dtype=torch.long, device=teacher.device)]
-        return StepResult(loss=loss, terms=logs, stats={**latent_stats(out, cos_teacher), "lm_calls": out.n_calls},
+        stats = {**latent_stats(out, cos_teacher), "lm_calls": out.n_calls}
+        if align and store is not None: stats["align_at_observations"] = int(at_obs)
+        return StepResult(loss=loss, terms=logs, stats=stats,
                           n_tokens=int(batch["attention_mask"].sum()))
     latent_step.uses_inner_module = True
     return latent_step
