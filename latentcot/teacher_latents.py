@@ -461,8 +461,14 @@ def teacher_targets(entries: list[dict], budgets=None, key: str = "latents") -> 
     return torch.cat(parts, dim=-2)
 
 def has_observations(entries: list[dict], positions) -> bool:
-    "Does the batch have observation tokens, and does every sample that has some come with the teacher's `observations`?"
-    return any(positions) and all("observations" in e for e, p in zip(entries, positions) if p)
+    "Do the batch's observation tokens all come with the teacher's `observations`? (False when no file has any.)"
+    with_obs = [(e, "observations" in e) for e, p in zip(entries, positions) if p]
+    if not with_obs or not any(h for _, h in with_obs): return False
+    if missing := [e for e, h in with_obs if not h]:  # half the batch aligned one way, half another: refuse
+        e = missing[0]
+        raise TeacherLatentError(f"sample {e['sample_id']!r} (file index {e['index']}) has observation tokens but its teacher "
+                                 "file stores no observation states, while others in the batch do: recompute the teacher latents")
+    return True
 
 def observation_targets(entries: list[dict], positions, where="") -> torch.Tensor:
     "Teacher states at observation tokens in the student's order, `[N, D]` (or `[n_hs, N, D]`); the k-th token of a sample to the teacher's k-th."

@@ -6,7 +6,7 @@ Docs: https://latentcot.github.io/latentcot/train.html.md"""
 
 # %% ../nbs/14_train.ipynb #92c6054e
 from __future__ import annotations
-import argparse, os
+import argparse, os, warnings
 from pathlib import Path
 
 import torch
@@ -78,11 +78,17 @@ def make_latent_step(cfg: LatentCoTConfig, ids=None, teacher_latent_dir=None, sa
     if store is not None and key == "hidden_states" and store.layers != "all":
         raise ValueError(f"alignment_layer={layers!r} needs teacher hidden states: precompute with --layers all")
 
+    warned = []
     def latent_step(model, batch, state):
         entries = store.for_batch(batch, index_of, ids) if store is not None else None
         obs_pos = batch.get("observation_positions") or []
         # seed 000 stage 2: align at the observation tokens when the teacher stored its states there (chat data)
         at_obs = align and batch.get("stage") == "stage2" and entries is not None and has_observations(entries, obs_pos)
+        if align and batch.get("stage") == "stage2" and any(obs_pos) and not at_obs and not warned:
+            warned.append(1)  # said once per run; the metric align_at_observations records it at every step
+            warnings.warn(f"{store.root}: the data has observation tokens but the teacher files store no observation "
+                          "states (precomputed by an older latentcot?): stage 2 aligns at the latent pads instead; "
+                          "recompute the teacher latents to align at the observations")
         out = latent_stage_forward(model, batch, cfg=cfg, stop_threshold=stop_threshold_at(state.global_step, cfg),
                                    output_hidden_states=layers != "last" or at_obs)
         terms, teacher = {"ce": ce_term(out.logits, batch, cfg), "alignment": None}, None
