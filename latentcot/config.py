@@ -14,7 +14,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 # %% auto #0
 __all__ = ['MASK_FLAGS', 'ALIASES', 'ConfigError', 'LatentCoTConfig', 'parse_value', 'check_config', 'find_settings',
            'read_settings', 'from_mapping', 'load_config', 'add_config_args', 'config_from_args', 'save_config',
-           'load_config_json']
+           'load_config_json', 'cache_root']
 
 # %% ../nbs/00_config.ipynb #364b7187
 class ConfigError(ValueError):
@@ -233,3 +233,9 @@ def load_config_json(path: str | os.PathLike) -> LatentCoTConfig:
     try: d = json.loads(path.read_text())
     except json.JSONDecodeError as e: raise ConfigError(f"{path}: not valid JSON: {e}") from None
     return from_mapping(d, source=str(path))
+
+# %% ../nbs/00_config.ipynb #cache-root-00
+def cache_root(cache_dir=None) -> Path:
+    "Where latentcot caches what it builds (tiny kit, MeanFlow teacher): `cache_dir`, `$LATENTCOT_CACHE` or `~/.cache/latentcot`."
+    return Path(cache_dir or os.environ.get("LATENTCOT_CACHE") or "~/.cache/latentcot").expanduser()
+

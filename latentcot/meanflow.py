@@ -17,13 +17,13 @@ import torch.nn.functional as F
 
 # %% auto #0
 __all__ = ['SPECIAL_TOKENS', 'SET_TAGS', 'ATTN_NAME', 'LLADA_MASK_ID', 'char_tokenizer', 'encode_lines', 'decode_canvas',
-           'cache_root', 'text_dir', 'load_text_sets', 'gated_prefix_attention', 'register_prefix_attention',
-           'LlamaBackbone', 'LLaDABackbone', 'load_llada', 'mask_tokens', 'prompt_mask_of', 'llada_loss',
-           'likelihood_bound', 'TeacherRecipe', 'tiny_llada', 'mixed_batches', 'train_teacher', 'load_teacher',
-           'get_teacher', 'timestep_embedding', 'SoftPrompt', 'MeanFlowStudent', 'MeanFlowConfig', 'sample_times',
-           'embedding_tangent', 'jvp_dudt', 'meanflow_loss', 'meanflow_step', 'meanflow_lightning_module',
-           'distill_batches', 'train_meanflow', 'save_student', 'load_student', 'meanflow_parser', 'main',
-           'ban_special', 'generate', 'teacher_fn', 'student_fn', 'canvas']
+           'text_dir', 'load_text_sets', 'gated_prefix_attention', 'register_prefix_attention', 'LlamaBackbone',
+           'LLaDABackbone', 'load_llada', 'mask_tokens', 'prompt_mask_of', 'llada_loss', 'likelihood_bound',
+           'TeacherRecipe', 'tiny_llada', 'mixed_batches', 'train_teacher', 'load_teacher', 'get_teacher',
+           'timestep_embedding', 'SoftPrompt', 'MeanFlowStudent', 'MeanFlowConfig', 'sample_times', 'embedding_tangent',
+           'jvp_dudt', 'meanflow_loss', 'meanflow_step', 'meanflow_lightning_module', 'distill_batches',
+           'train_meanflow', 'save_student', 'load_student', 'meanflow_parser', 'main', 'ban_special', 'generate',
+           'teacher_fn', 'student_fn', 'canvas']
 
 # %% ../nbs/20_meanflow.ipynb #78eaf371
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[EOS]", "[MASK]", "<arith>", "<text>")
@@ -66,9 +66,7 @@ def decode_canvas(tok, ids: torch.Tensor, start: int = 1) -> list[str]:
     return out
 
 # %% ../nbs/20_meanflow.ipynb #c36860f8
-def cache_root() -> Path:
-    "Where latentcot caches built artefacts: `$LATENTCOT_CACHE` or `~/.cache/latentcot`."
-    return Path(os.environ.get("LATENTCOT_CACHE") or Path.home() / ".cache" / "latentcot")
+from .config import cache_root  # `$LATENTCOT_CACHE` or `~/.cache/latentcot`, shared with the tiny kit
 
 def text_dir() -> Path:
     "The directory of the text sets: the repository's `data_samples/text`, or a copy written into the cache."

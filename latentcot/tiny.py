@@ -196,9 +196,10 @@ def build_tiny_kit(out_dir, seed: int = 0, force: bool = False) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
+from .config import cache_root
+
 def _cached_kit_dir(cache_dir=None) -> Path:
-    root = Path(cache_dir or os.environ.get("LATENTCOT_CACHE") or "~/.cache/latentcot").expanduser()
-    return root / f"tiny-qwen25vl-{_recipe_hash(kit_recipe())}"
+    return cache_root(cache_dir) / f"tiny-qwen25vl-{_recipe_hash(kit_recipe())}"
 
 def tiny_kit_path(cache_dir=None) -> Path:
     "The cached tiny kit (`$LATENTCOT_CACHE` or `~/.cache/latentcot`), built on first use."
