@@ -21,9 +21,9 @@ __all__ = ['SPECIAL_TOKENS', 'SET_TAGS', 'ATTN_NAME', 'LLADA_MASK_ID', 'char_tok
            'LLaDABackbone', 'load_llada', 'mask_tokens', 'prompt_mask_of', 'llada_loss', 'likelihood_bound',
            'TeacherRecipe', 'tiny_llada', 'mixed_batches', 'train_teacher', 'load_teacher', 'get_teacher',
            'timestep_embedding', 'SoftPrompt', 'MeanFlowStudent', 'MeanFlowConfig', 'sample_times', 'embedding_tangent',
-           'jvp_dudt', 'meanflow_loss', 'meanflow_step', 'meanflow_lightning_module', 'distill_batches',
-           'train_meanflow', 'save_student', 'load_student', 'meanflow_parser', 'main', 'ban_special', 'generate',
-           'teacher_fn', 'student_fn', 'canvas']
+           'jvp_dudt', 'meanflow_loss', 'meanflow_step', 'meanflow_fixed_point', 'optimum_fn',
+           'meanflow_lightning_module', 'distill_batches', 'train_meanflow', 'save_student', 'load_student',
+           'meanflow_parser', 'main', 'ban_special', 'generate', 'teacher_fn', 'student_fn', 'canvas']
 
 # %% ../nbs/20_meanflow.ipynb #78eaf371
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[EOS]", "[MASK]", "<arith>", "<text>")
@@ -441,6 +441,22 @@ def meanflow_step(student: MeanFlowStudent, x0, prompt_mask, cfg: MeanFlowConfig
     return loss, {"loss": loss.detach(), "gate": student.prompt.gate.detach().abs().mean(),
                   "dudt_abs": (dudt.abs() * masked[..., None]).sum() / masked.sum().clamp(min=1) / dudt.shape[-1],
                   "agree_teacher": agree}
+
+# %% ../nbs/20_meanflow.ipynb #8da8f889
+def meanflow_fixed_point(backbone, embeds, masked, r, t, n_steps: int = 32, sign: float = 1.0):
+    "The optimum of the seed's loss: teacher logits averaged along the tangent's flow from `t` back to `r` (`n_steps` Euler steps)."
+    h = ((t - r) / n_steps).to(embeds.dtype)[:, None, None]
+    z, total = embeds, 0
+    for _ in range(n_steps):
+        v = backbone.logits(z)
+        total = total + v.float() / n_steps
+        z = z - h * embedding_tangent(v, z, backbone.embedding_weight, masked, sign)  # backwards in time: s goes from t to r
+    return total
+
+def optimum_fn(backbone, n_steps: int = 32, sign: float = 1.0) -> Callable:
+    "`logits_fn` that returns `meanflow_fixed_point` (what a perfectly distilled student would output), for `generate`."
+    return lambda x, r, t: meanflow_fixed_point(backbone, backbone.embed(x), x == backbone.mask_id, r.to(x.device),
+                                                t.to(x.device), n_steps, sign)
 
 # %% ../nbs/20_meanflow.ipynb #b51d13bd
 def _lightning_class():

@@ -13,14 +13,15 @@ from pathlib import Path
 
 import torch
 
-from .meanflow import (MeanFlowConfig, MeanFlowStudent, TeacherRecipe, cache_root, canvas, decode_canvas,
-                                generate, get_teacher, likelihood_bound, load_student, load_text_sets, prompt_mask_of,
+from .meanflow import (MeanFlowConfig, MeanFlowStudent, TeacherRecipe, ban_special, cache_root, canvas, decode_canvas,
+                                generate, get_teacher, likelihood_bound, load_student, load_text_sets, meanflow_fixed_point, optimum_fn, prompt_mask_of,
                                 save_student, student_fn, teacher_fn, train_meanflow)
 from .textdata import check_synthetic
 
 # %% auto #0
 __all__ = ['fact_errors', 'sample_entropy', 'distinct_n', 'quality', 'run_generation', 'heldout_prompts', 'student_for',
-           'bench_meanflow', 'goals', 'format_table', 'plot_bench', 'bench_parser', 'bench_meanflow_main']
+           'saved_student', 'optimum_gap', 'bench_meanflow', 'goals', 'format_table', 'plot_bench', 'bench_parser',
+           'bench_meanflow_main']
 
 # %% ../nbs/21_meanflow_bench.ipynb #64a873f0
 _FACT = re.compile(r"(\d{1,3})([+-])(\d{1,3})=(\d{1,3})")
@@ -60,7 +61,9 @@ def quality(lines: list[str], kind: str, nll=None) -> dict:
          "mean_length": sum(map(len, lines)) / len(lines)}
     if nll is not None: q["nll_bound"] = float(nll.mean())
     if kind == "synthetic":
-        q["validity"] = sum(map(check_synthetic, lines)) / len(lines)
+        per_line = torch.tensor([check_synthetic(l) for l in lines], dtype=torch.float64)
+        q["validity"] = per_line.mean().item()
+        q["validity_se"] = (per_line.std() / len(lines) ** 0.5).item() if len(lines) > 1 else float("nan")
         q["fully_valid"] = sum(check_synthetic(l) == 1.0 for l in lines) / len(lines)
         errs = sum((fact_errors(l) for l in lines), Counter())
         tot = max(1, sum(errs.values()))
@@ -99,18 +102,45 @@ def student_for(teacher, info, sets, cfg: MeanFlowConfig, cache_dir=None, log=pr
     save_student(student, d, cfg, meta)
     return student, json.loads((d / "meanflow.json").read_text())
 
+def saved_student(teacher, info, path):
+    "A student saved by `python -m latentcot.meanflow` (or `save_student`), checked against the teacher it will run on."
+    p = Path(path)
+    student = load_student(teacher, p)
+    meta = json.loads((p / "meanflow.json").read_text())
+    if meta.get("teacher") is not None and meta["teacher"] != info["recipe"]:
+        raise ValueError(f"{p / 'meanflow.json'}: the student was distilled from teacher recipe {meta['teacher']}, "
+                         f"the benchmark's teacher is {info['recipe']}")
+    return student, meta
+
+@torch.no_grad()
+def optimum_gap(teacher, student: MeanFlowStudent, x, n_steps: int = 32, sign: float = 1.0) -> dict:
+    "KL from the loss's optimum to the teacher and to the student at `r=0, t=1` (nats per masked position)."
+    m, e, n = x == teacher.mask_id, teacher.embed(x), x.shape[0]
+    r, t = torch.zeros(n, device=x.device), torch.ones(n, device=x.device)
+    target = torch.log_softmax(ban_special(meanflow_fixed_point(teacher, e, m, r, t, n_steps, sign)), -1)
+    def kl(logits):
+        logq = torch.log_softmax(ban_special(logits.float()), -1)
+        return float(((target.exp() * (target - logq)).sum(-1) * m).sum() / m.sum())
+    kt, ks = kl(teacher.logits(e)), kl(student(e, r, t))
+    return {"kl_optimum_teacher": kt, "kl_optimum_student": ks, "gap_closed": 1 - ks / kt if kt > 0 else float("nan")}
+
 def bench_meanflow(recipe: TeacherRecipe = TeacherRecipe(), cfg: MeanFlowConfig = MeanFlowConfig(),
                    n: int = 64, steps=(1, 2, 4, 8, 16, 64), student_steps=(1, 2, 4), temperature: float = 1.0,
                    settings=(("synthetic", "free"), ("synthetic", "prompted"), ("english", "free"), ("english", "prompted")),
-                   seed: int = 0, cache_dir=None, log=print) -> dict:
-    "Run every generator on every setting at batch size `n`; return the metrics (JSON-ready)."
+                   seed: int = 0, cache_dir=None, optimum_steps: int = 32, student_dir=None, log=print) -> dict:
+    "Run every generator on every setting at batch size `n`; return the metrics (JSON-ready). `student_dir`: a saved student instead of distilling one."
     t_start = time.time()
     teacher, tok, info = get_teacher(recipe, cache_dir=cache_dir, log=log)
     sets = load_text_sets(tok, recipe.canvas)
-    student, smeta = student_for(teacher, info, sets, cfg, cache_dir, log)
+    if student_dir is None: student, smeta = student_for(teacher, info, sets, cfg, cache_dir, log)
+    else:
+        student, smeta = saved_student(teacher, info, student_dir)
+        cfg = MeanFlowConfig(**smeta["config"])  # the optimum follows the student's own tangent sign
     out = {"recipe": asdict(recipe), "config": asdict(cfg), "n": n, "temperature": temperature,
            "threads": torch.get_num_threads(), "teacher_train_seconds": info["train_seconds"],
-           "student_train_seconds": smeta.get("train_seconds"), "student_gates": smeta.get("gates"), "settings": {}}
+           "student_train_seconds": smeta.get("train_seconds"), "student_gates": smeta.get("gates"),
+           "optimum_steps": optimum_steps, "student_dir": None if student_dir is None else str(student_dir), "settings": {}}
+    optimum = optimum_fn(teacher, optimum_steps, cfg.tangent_sign)
     for kind, mode in settings:
         prompts = heldout_prompts(tok, sets, kind, n) if mode == "prompted" else None
         x = canvas(tok, n, kind, recipe.canvas, prompts)
@@ -118,13 +148,16 @@ def bench_meanflow(recipe: TeacherRecipe = TeacherRecipe(), cfg: MeanFlowConfig 
         ref_x = ref_x[:n]
         ref_pm = prompt_mask_of(ref_p[:n] if mode == "prompted" else torch.ones(len(ref_x), dtype=torch.long), ref_x.shape[1])
         nll = likelihood_bound(teacher_fn(teacher), ref_x, ref_pm, tok.mask_token_id, n_mc=4, generator=torch.Generator().manual_seed(seed))
-        res = {"data": quality(decode_canvas(tok, ref_x), kind, nll), "runs": {}}
+        res = {"data": quality(decode_canvas(tok, ref_x), kind, nll), "runs": {},
+               "optimum_gap": optimum_gap(teacher, student, x, optimum_steps, cfg.tangent_sign)}
         generate(teacher_fn(teacher), x[:2], tok.mask_token_id, 2)  # warm-up, so the first timed run is not penalised
         for name, fn, stp, temp, rem in ([("teacher-lc", teacher_fn(teacher), s, temperature, "low_confidence") for s in steps]
                                          + [("teacher-rand", teacher_fn(teacher), s, temperature, "random") for s in steps]
                                          + [("student", student_fn(student), s, temperature, "low_confidence") for s in student_steps]
                                          + [("teacher-argmax", teacher_fn(teacher), 1, 0.0, "low_confidence"),
-                                            ("student-argmax", student_fn(student), 1, 0.0, "low_confidence")]):
+                                            ("student-argmax", student_fn(student), 1, 0.0, "low_confidence"),
+                                            ("mf-optimum", optimum, 1, temperature, "low_confidence"),
+                                            ("mf-optimum-argmax", optimum, 1, 0.0, "low_confidence")]):
             r = run_generation(fn, x, tok, stp, kind, teacher, temp, rem, seed)
             res["runs"].setdefault(name, []).append(r)
         out["settings"][f"{kind}/{mode}"] = res
@@ -139,7 +172,7 @@ def _run(res, name, steps):
     return next((r for r in res["runs"].get(name, []) if r["steps"] == steps), None)
 
 def goals(out: dict) -> dict:
-    "PASS/FAIL of the issue's three goals in every synthetic setting, with the measured ratios."
+    "PASS/FAIL of the issue's three goals in every synthetic setting, with the measured ratios and the loss's ceiling."
     g = {}
     for key, res in out["settings"].items():
         s1, t1, tmax = _run(res, "student", 1), _run(res, "teacher-lc", 1), None
@@ -149,10 +182,14 @@ def goals(out: dict) -> dict:
         e = {"speedup_vs_max_steps": tmax["seconds"] / s1["seconds"], "max_steps": tmax["steps"],
              "faster_30x": tmax["seconds"] / s1["seconds"] >= 30}
         if "validity" in s1:
+            # "clearly": the gap must exceed twice its standard error (lines scored independently)
+            se = (s1["validity_se"] ** 2 + t1["validity_se"] ** 2) ** 0.5
             e.update({"student_1": s1["validity"], "teacher_1": t1["validity"], "teacher_max": tmax["validity"],
-                      "beats_teacher_1": s1["validity"] > t1["validity"],
+                      "gap_se": se, "beats_teacher_1": s1["validity"] - t1["validity"] > 2 * se,
                       "ratio_to_max": s1["validity"] / tmax["validity"] if tmax["validity"] else float("nan"),
                       "reaches_80pct": tmax["validity"] > 0 and s1["validity"] >= 0.8 * tmax["validity"]})
+            o1 = _run(res, "mf-optimum", 1)
+            if o1: e.update({"optimum_1": o1["validity"], "optimum_ratio_to_max": o1["validity"] / tmax["validity"] if tmax["validity"] else float("nan")})
         g[key] = e
     return g
 
@@ -163,24 +200,30 @@ def format_table(out: dict) -> str:
     for key, res in out["settings"].items():
         syn = key.startswith("synthetic")
         lines.append(f"\n== {key}  (n={out['n']}, temperature={out['temperature']}, threads={out['threads']})")
-        hdr = f"{'run':<15}{'steps':>6}{'seconds':>9}{'x faster':>9}" + (f"{'valid':>7}{'full':>6}" if syn else "") + \
+        hdr = f"{'run':<18}{'steps':>6}{'seconds':>9}{'x faster':>9}" + (f"{'valid':>7}{'full':>6}" if syn else "") + \
               f"{'nll':>7}{'entropy':>8}{'dist-2':>7}{'dist-4':>7}{'uniq':>6}" + ("  malformed/arith/chain" if syn else "")
         lines.append(hdr)
         tmax = max(res["runs"]["teacher-lc"], key=lambda r: r["steps"])["seconds"]
         rows = [("data", res["data"])] + [(name, r) for name, rs in res["runs"].items() for r in rs]
         for name, r in rows:
-            s = f"{name:<15}{r.get('steps', ''):>6}" + (f"{r['seconds']:>9.3f}{tmax / r['seconds']:>9.1f}" if "seconds" in r else f"{'':>18}")
+            s = f"{name:<18}{r.get('steps', ''):>6}" + (f"{r['seconds']:>9.3f}{tmax / r['seconds']:>9.1f}" if "seconds" in r else f"{'':>18}")
             if syn: s += f"{r['validity']:>7.3f}{r['fully_valid']:>6.2f}"
             s += f"{r['nll_bound']:>7.3f}{r['entropy_bits']:>8.2f}{r['distinct_2']:>7.3f}{r['distinct_4']:>7.3f}{r['unique_lines']:>6.2f}"
             if syn: f = r["facts"]; s += f"  {f['malformed']:.2f}/{f['arithmetic']:.2f}/{f['chain']:.2f}"
             lines.append(s)
+        if "optimum_gap" in res:
+            og = res["optimum_gap"]
+            lines.append(f"KL(loss optimum || model) per masked position at r=0, t=1: teacher {og['kl_optimum_teacher']:.4f}, "
+                         f"student {og['kl_optimum_student']:.4f} (the student went {og['gap_closed']:.0%} of the way)")
     lines.append("\n== goals (student 1 step, sampled; teacher with low-confidence remasking)")
     for key, e in out["goals"].items():
         s = f"{key:<20} speed-up vs {e['max_steps']} steps {e['speedup_vs_max_steps']:6.1f}x [{'PASS' if e['faster_30x'] else 'FAIL'} >= 30x]"
         if "student_1" in e:
             s += (f"  validity student-1 {e['student_1']:.3f} vs teacher-1 {e['teacher_1']:.3f} "
-                  f"[{'PASS' if e['beats_teacher_1'] else 'FAIL'} beats]  vs teacher-{e['max_steps']} {e['teacher_max']:.3f} "
+                  f"[{'PASS' if e['beats_teacher_1'] else 'FAIL'} beats by > 2 SE = {2 * e['gap_se']:.3f}]  vs teacher-{e['max_steps']} {e['teacher_max']:.3f} "
                   f"= {e['ratio_to_max']:.0%} [{'PASS' if e['reaches_80pct'] else 'FAIL'} >= 80%]")
+        if "optimum_1" in e:
+            s += f"\n{'':<20} ceiling of the loss (mf-optimum, {out.get('optimum_steps')} teacher calls): {e['optimum_1']:.3f} = {e['optimum_ratio_to_max']:.0%} of teacher-{e['max_steps']}"
         lines.append(s)
     return "\n".join(lines)
 
@@ -197,8 +240,11 @@ def plot_bench(out: dict, out_dir) -> list[Path]:
             for name, style in (("teacher-lc", "o-"), ("teacher-rand", "s--"), ("student", "D-")):
                 rs = res["runs"].get(name, [])
                 if rs: ax.plot([r["steps"] for r in rs], [r[m] for r in rs], style, label=name)
-            for name, mk in (("student-argmax", "*"), ("teacher-argmax", "x")):
-                if name in res["runs"]: r = res["runs"][name][0]; ax.plot([r["steps"]], [r[m]], mk, ms=11, label=name)
+            for name, mk in (("student-argmax", "*"), ("teacher-argmax", "x"), ("mf-optimum", "P"), ("mf-optimum-argmax", "p")):
+                if name not in res["runs"]: continue
+                r = res["runs"][name][0]
+                calls = out.get("optimum_steps", 1) if name.startswith("mf-optimum") else r["steps"]  # plotted at its teacher calls
+                ax.plot([calls], [r[m]], mk, ms=11, label=name + (f" ({calls} calls)" if calls != r["steps"] else ""))
             if m in res["data"]: ax.axhline(res["data"][m], color="gray", ls=":", label="heldout data")
             ax.set_xscale("log", base=2); ax.set_xlabel("model calls (steps)"); ax.set_title(m)
             if m == "seconds": ax.set_yscale("log")
@@ -222,6 +268,8 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--tangent-sign", type=float, default=1.0, help="+1 the seed's tangent, -1 the opposite")
     p.add_argument("--ratio-r-neq-t", type=float, default=MeanFlowConfig.ratio_r_neq_t)
     p.add_argument("--lr", type=float, default=MeanFlowConfig.lr)
+    p.add_argument("--student", help="benchmark this saved student (python -m latentcot.meanflow --out DIR) instead of distilling one")
+    p.add_argument("--optimum-steps", type=int, default=32, help="Euler steps of the loss's optimum (mf-optimum runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a tiny teacher and a few steps: a smoke test, not a measurement")
     p.add_argument("--cache", help="cache directory (default $LATENTCOT_CACHE or ~/.cache/latentcot)")
@@ -239,7 +287,8 @@ def bench_meanflow_main(argv: list[str] | None = None) -> int:
     steps = tuple(int(s) for s in a.steps.split(","))
     out = bench_meanflow(recipe, cfg, n=8 if a.quick else a.n, steps=steps,
                          student_steps=tuple(int(s) for s in a.student_steps.split(",")), temperature=a.temperature,
-                         seed=a.seed, cache_dir=a.cache)
+                         seed=a.seed, cache_dir=a.cache, optimum_steps=4 if a.quick else a.optimum_steps,
+                         student_dir=a.student)
     d = Path(a.out); d.mkdir(parents=True, exist_ok=True)
     out["plots"] = [p.name for p in plot_bench(out, d)]
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".metrics.")
