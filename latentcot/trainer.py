@@ -76,6 +76,7 @@ def save_checkpoint(acc, state: TrainState, sched, output_dir, keep: int = 2):
     if acc.is_main_process and tmp.exists(): shutil.rmtree(tmp)
     acc.wait_for_everyone()
     acc.save_state(str(tmp))
+    acc.wait_for_everyone()  # every rank writes its own RNG state into tmp: rename only once all have
     if acc.is_main_process:
         torch.save(sched.state_dict(), tmp / "scheduler_manual.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(state.to_json()))

@@ -30,6 +30,10 @@ def test_two_processes_match_one_process_with_accumulation(tmp_path):
     _run([sys.executable, "-m", "latentcot.train", *COMMON, "--grad_accum_steps", "2", "--output_dir", str(one)], tmp_path, "1-process run")
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
           "-m", "latentcot.train", *COMMON, "--grad_accum_steps", "1", "--output_dir", str(two)], tmp_path, "2-process run")
+    # the last checkpoint holds every rank's RNG state (rank 0 renames step_*.tmp only after all ranks wrote into it)
+    ckpt = two / "checkpoints" / "step_0000003"
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in ckpt.iterdir()}, sorted(ckpt.iterdir())
+    assert not list((two / "checkpoints").glob("*.tmp"))
     m1, m2 = read_metrics(one / "metrics.jsonl"), read_metrics(two / "metrics.jsonl")
     assert [r["step"] for r in m1] == [r["step"] for r in m2] == [1, 2, 3]
     for a, b in zip(m1, m2):
