@@ -12,6 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from .meanflow import (MeanFlowConfig, MeanFlowStudent, TeacherRecipe, ban_special, cache_root, canvas, decode_canvas,
                                 generate, get_teacher, likelihood_bound, load_student, load_text_sets, meanflow_fixed_point, optimum_fn, prompt_mask_of,
@@ -20,8 +21,8 @@ from .textdata import check_synthetic
 
 # %% auto #0
 __all__ = ['fact_errors', 'sample_entropy', 'distinct_n', 'quality', 'run_generation', 'heldout_prompts', 'student_for',
-           'saved_student', 'optimum_gap', 'bench_meanflow', 'goals', 'format_table', 'plot_bench', 'bench_parser',
-           'bench_meanflow_main']
+           'saved_student', 'optimum_gap', 'marginal_ceiling', 'bench_meanflow', 'goals', 'format_table', 'plot_bench',
+           'bench_parser', 'bench_meanflow_main']
 
 # %% ../nbs/21_meanflow_bench.ipynb #64a873f0
 _FACT = re.compile(r"(\d{1,3})([+-])(\d{1,3})=(\d{1,3})")
@@ -124,11 +125,26 @@ def optimum_gap(teacher, student: MeanFlowStudent, x, n_steps: int = 32, sign: f
     kt, ks = kl(teacher.logits(e)), kl(student(e, r, t))
     return {"kl_optimum_teacher": kt, "kl_optimum_student": ks, "gap_closed": 1 - ks / kt if kt > 0 else float("nan")}
 
+@torch.no_grad()
+def marginal_ceiling(teacher, tok, x, kind: str, k: int, steps: int = 64, temperature: float = 1.0, seed: int = 0) -> dict:
+    "Quality of sampling every position independently from the per-position marginals of `k` `steps`-step teacher samples per row: what a one-step student that matched those marginals exactly would generate."
+    g = torch.Generator().manual_seed(seed)
+    y = generate(teacher_fn(teacher), x.repeat_interleave(k, 0), tok.mask_token_id, steps, temperature, generator=g)  # k samples per row
+    marg = F.one_hot(y, teacher.vocab_size).float().view(x.shape[0], k, x.shape[1], -1).mean(1)   # [n, L, V]
+    ys = torch.multinomial(marg.flatten(0, 1), k, replacement=True, generator=g)                   # [n * L, k]
+    ys = ys.view(x.shape[0], x.shape[1], k).permute(0, 2, 1).flatten(0, 1)                          # k draws per row
+    xr = x.repeat_interleave(k, 0)
+    ys = torch.where(xr == tok.mask_token_id, ys, xr)  # the prompt stays as given
+    q = quality(decode_canvas(tok, ys), kind)
+    return {"steps": steps, "samples_per_row": k, "source_validity": quality(decode_canvas(tok, y), kind).get("validity"),
+            **q, "examples": decode_canvas(tok, ys[::k][:4])}
+
 def bench_meanflow(recipe: TeacherRecipe = TeacherRecipe(), cfg: MeanFlowConfig = MeanFlowConfig(),
                    n: int = 64, steps=(1, 2, 4, 8, 16, 64), student_steps=(1, 2, 4), temperature: float = 1.0,
                    settings=(("synthetic", "free"), ("synthetic", "prompted"), ("english", "free"), ("english", "prompted")),
-                   seed: int = 0, cache_dir=None, optimum_steps: int = 32, student_dir=None, log=print) -> dict:
-    "Run every generator on every setting at batch size `n`; return the metrics (JSON-ready). `student_dir`: a saved student instead of distilling one."
+                   seed: int = 0, cache_dir=None, optimum_steps: int = 32, student_dir=None, marginal_samples: int = 0, log=print) -> dict:
+    """Run every generator on every setting at batch size `n`; return the metrics (JSON-ready).
+    `student_dir`: a saved student instead of distilling one. `marginal_samples` > 0: add `marginal_ceiling` (synthetic settings)."""
     t_start = time.time()
     teacher, tok, info = get_teacher(recipe, cache_dir=cache_dir, log=log)
     sets = load_text_sets(tok, recipe.canvas)
@@ -139,7 +155,8 @@ def bench_meanflow(recipe: TeacherRecipe = TeacherRecipe(), cfg: MeanFlowConfig 
     out = {"recipe": asdict(recipe), "config": asdict(cfg), "n": n, "temperature": temperature,
            "threads": torch.get_num_threads(), "teacher_train_seconds": info["train_seconds"],
            "student_train_seconds": smeta.get("train_seconds"), "student_gates": smeta.get("gates"),
-           "optimum_steps": optimum_steps, "student_dir": None if student_dir is None else str(student_dir), "settings": {}}
+           "optimum_steps": optimum_steps, "student_dir": None if student_dir is None else str(student_dir),
+           "marginal_samples": marginal_samples, "settings": {}}
     optimum = optimum_fn(teacher, optimum_steps, cfg.tangent_sign)
     for kind, mode in settings:
         prompts = heldout_prompts(tok, sets, kind, n) if mode == "prompted" else None
@@ -160,6 +177,8 @@ def bench_meanflow(recipe: TeacherRecipe = TeacherRecipe(), cfg: MeanFlowConfig 
                                             ("mf-optimum-argmax", optimum, 1, 0.0, "low_confidence")]):
             r = run_generation(fn, x, tok, stp, kind, teacher, temp, rem, seed)
             res["runs"].setdefault(name, []).append(r)
+        if marginal_samples > 0 and kind == "synthetic":
+            res["marginal_ceiling"] = marginal_ceiling(teacher, tok, x, kind, marginal_samples, max(steps), temperature, seed)
         out["settings"][f"{kind}/{mode}"] = res
         if log: log(f"bench: {kind}/{mode} done ({time.time() - t_start:.0f}s)")
     out["goals"] = goals(out)
@@ -190,6 +209,10 @@ def goals(out: dict) -> dict:
                       "reaches_80pct": tmax["validity"] > 0 and s1["validity"] >= 0.8 * tmax["validity"]})
             o1 = _run(res, "mf-optimum", 1)
             if o1: e.update({"optimum_1": o1["validity"], "optimum_ratio_to_max": o1["validity"] / tmax["validity"] if tmax["validity"] else float("nan")})
+            mc = res.get("marginal_ceiling")
+            if mc and mc["source_validity"]:
+                e.update({"marginals_1": mc["validity"], "marginals_source": mc["source_validity"],
+                          "marginals_ratio_to_source": mc["validity"] / mc["source_validity"]})
         g[key] = e
     return g
 
@@ -224,6 +247,10 @@ def format_table(out: dict) -> str:
                   f"= {e['ratio_to_max']:.0%} [{'PASS' if e['reaches_80pct'] else 'FAIL'} >= 80%]")
         if "optimum_1" in e:
             s += f"\n{'':<20} ceiling of the loss (mf-optimum, {out.get('optimum_steps')} teacher calls): {e['optimum_1']:.3f} = {e['optimum_ratio_to_max']:.0%} of teacher-{e['max_steps']}"
+        if "marginals_1" in e:
+            s += (f"\n{'':<20} a one-step student matching the teacher-{e['max_steps']} per-position marginals exactly "
+                  f"({out.get('marginal_samples')} samples per row): {e['marginals_1']:.3f} = {e['marginals_ratio_to_source']:.0%} "
+                  f"of those samples' {e['marginals_source']:.3f}")
         lines.append(s)
     return "\n".join(lines)
 
@@ -269,6 +296,8 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio-r-neq-t", type=float, default=MeanFlowConfig.ratio_r_neq_t)
     p.add_argument("--lr", type=float, default=MeanFlowConfig.lr)
     p.add_argument("--student", help="benchmark this saved student (python -m latentcot.meanflow --out DIR) instead of distilling one")
+    p.add_argument("--marginal-samples", type=int, default=0,
+                   help="K > 0: also sample independently from the per-position marginals of K teacher samples per row (slow)")
     p.add_argument("--optimum-steps", type=int, default=32, help="Euler steps of the loss's optimum (mf-optimum runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a tiny teacher and a few steps: a smoke test, not a measurement")
@@ -288,7 +317,7 @@ def bench_meanflow_main(argv: list[str] | None = None) -> int:
     out = bench_meanflow(recipe, cfg, n=8 if a.quick else a.n, steps=steps,
                          student_steps=tuple(int(s) for s in a.student_steps.split(",")), temperature=a.temperature,
                          seed=a.seed, cache_dir=a.cache, optimum_steps=4 if a.quick else a.optimum_steps,
-                         student_dir=a.student)
+                         student_dir=a.student, marginal_samples=min(a.marginal_samples, 2) if a.quick else a.marginal_samples)
     d = Path(a.out); d.mkdir(parents=True, exist_ok=True)
     out["plots"] = [p.name for p in plot_bench(out, d)]
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".metrics.")
