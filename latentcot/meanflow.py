@@ -16,12 +16,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['SPECIAL_TOKENS', 'SET_TAGS', 'ATTN_NAME', 'LLADA_MASK_ID', 'char_tokenizer', 'encode_lines', 'decode_canvas',
-           'text_dir', 'load_text_sets', 'gated_prefix_attention', 'register_prefix_attention', 'LlamaBackbone',
-           'LLaDABackbone', 'load_llada', 'mask_tokens', 'prompt_mask_of', 'llada_loss', 'likelihood_bound',
-           'TeacherRecipe', 'tiny_llada', 'mixed_batches', 'train_teacher', 'load_teacher', 'get_teacher',
-           'timestep_embedding', 'SoftPrompt', 'MeanFlowStudent', 'MeanFlowConfig', 'sample_times', 'embedding_tangent',
-           'jvp_dudt', 'meanflow_loss', 'meanflow_step', 'meanflow_fixed_point', 'optimum_fn',
+__all__ = ['SPECIAL_TOKENS', 'SET_TAGS', 'ATTN_NAME', 'LLADA_MASK_ID', 'char_tokenizer', 'row_start_id', 'encode_lines',
+           'decode_canvas', 'text_dir', 'load_text_sets', 'gated_prefix_attention', 'register_prefix_attention',
+           'LlamaBackbone', 'LLaDABackbone', 'load_llada', 'mask_tokens', 'prompt_mask_of', 'llada_loss',
+           'likelihood_bound', 'TeacherRecipe', 'tiny_llada', 'mixed_batches', 'train_teacher', 'load_teacher',
+           'get_teacher', 'timestep_embedding', 'SoftPrompt', 'MeanFlowStudent', 'MeanFlowConfig', 'sample_times',
+           'embedding_tangent', 'jvp_dudt', 'meanflow_loss', 'meanflow_step', 'meanflow_fixed_point', 'optimum_fn',
            'meanflow_lightning_module', 'distill_batches', 'train_meanflow', 'save_student', 'load_student',
            'meanflow_parser', 'main', 'ban_special', 'generate', 'teacher_fn', 'student_fn', 'canvas']
 
@@ -42,27 +42,37 @@ def char_tokenizer():
                                    mask_token="[MASK]", extra_special_tokens=list(SPECIAL_TOKENS[4:]))
 
 # %% ../nbs/20_meanflow.ipynb #4c9f97a0
+def row_start_id(tok, kind: str) -> int:
+    "First token of a canvas row: the set's tag if the tokenizer has it (the tiny teacher's), else its BOS (a real LLaDA's)."
+    tag = tok.convert_tokens_to_ids(SET_TAGS[kind])
+    if tag is not None and tag != tok.unk_token_id: return tag
+    if tok.bos_token_id is not None: return tok.bos_token_id
+    raise ValueError(f"the tokenizer has neither the {SET_TAGS[kind]} tag nor a BOS token to start a canvas row with")
+
 def encode_lines(tok, lines: list[str], kind: str, canvas: int = 64, source: str = "<lines>", english_prompt: int = 12):
-    "Token ids `[N, 1 + canvas]` (`[tag] line [EOS]...`) and the prompt length of every row `[N]`."
+    "Token ids `[N, 1 + canvas]` (`[tag] line [EOS]...`) and the prompt length of every row `[N]`, for any fast tokenizer."
     if kind not in SET_TAGS: raise ValueError(f"unknown text set kind {kind!r}, expected one of {list(SET_TAGS)}")
-    tag, eos, unk = tok.convert_tokens_to_ids(SET_TAGS[kind]), tok.eos_token_id, tok.unk_token_id
-    enc = tok(list(lines), add_special_tokens=False).input_ids
+    if not getattr(tok, "is_fast", False): raise ValueError(f"{type(tok).__name__}: a fast tokenizer is needed (character offsets)")
+    if tok.eos_token_id is None: raise ValueError(f"{type(tok).__name__} has no EOS token to pad the canvas with")
+    start, eos, unk = row_start_id(tok, kind), tok.eos_token_id, tok.unk_token_id
+    enc = tok(list(lines), add_special_tokens=False, return_offsets_mapping=True)
     rows, plen = [], []
-    for i, (line, ids) in enumerate(zip(lines, enc), 1):
+    for i, (line, ids, offs) in enumerate(zip(lines, enc.input_ids, enc.offset_mapping), 1):
         if len(ids) > canvas: raise ValueError(f"{source}:{i}: line has {len(ids)} tokens, the canvas holds {canvas}")
-        if unk in ids: raise ValueError(f"{source}:{i}: character {line[ids.index(unk)]!r} is not in the vocabulary")
-        rows.append([tag] + ids + [eos] * (canvas - len(ids)))
+        if unk is not None and unk in ids: raise ValueError(f"{source}:{i}: character {line[offs[ids.index(unk)][0]]!r} is not in the vocabulary")
+        rows.append([start] + ids + [eos] * (canvas - len(ids)))
         p = line.find(";") + 1 if kind == "synthetic" else min(english_prompt, len(line))
-        plen.append(1 + p)
+        plen.append(1 + sum(e <= p for _, e in offs))  # prompt tokens: those that end within the first p characters
     return torch.tensor(rows, dtype=torch.long).view(-1, 1 + canvas), torch.tensor(plen, dtype=torch.long)
 
 def decode_canvas(tok, ids: torch.Tensor, start: int = 1) -> list[str]:
-    "The text of each row of `ids` from `start` up to its first `[EOS]` (any other special token shows as `?`)."
+    "The text of each row of `ids` from `start` up to its first EOS (with the character tokenizer, other specials show as `?`)."
     eos, n_special = tok.eos_token_id, len(SPECIAL_TOKENS)
+    chars = len(tok) == n_special + 95 and tok.mask_token_id == SPECIAL_TOKENS.index("[MASK]")  # `char_tokenizer`
     out = []
     for row in ids[:, start:].tolist():
         row = row[:row.index(eos)] if eos in row else row
-        out.append("".join(chr(i - n_special + 32) if i >= n_special else "?" for i in row))
+        out.append("".join(chr(i - n_special + 32) if i >= n_special else "?" for i in row) if chars else tok.decode(row))
     return out
 
 # %% ../nbs/20_meanflow.ipynb #c36860f8
@@ -555,6 +565,8 @@ def meanflow_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", help="a saved teacher directory (default: the cached tiny teacher, trained if missing)")
     p.add_argument("--llada", help="a real LLaDA checkpoint (hub id or local dir); needs --trust-remote-code")
     p.add_argument("--trust-remote-code", action="store_true", help="allow LLaDA's hub modeling code to run")
+    p.add_argument("--local-files-only", action="store_true", help="--llada: do not contact the hub, use local files only")
+    p.add_argument("--canvas", type=int, default=64, help="--llada: canvas length in tokens (the tiny teacher uses its recipe's)")
     d = MeanFlowConfig()
     for f in dataclasses.fields(MeanFlowConfig):
         p.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(d, f.name)), default=getattr(d, f.name))
@@ -564,10 +576,10 @@ def main(argv: list[str] | None = None) -> int:
     "Entry point of `python -m latentcot.meanflow`: train the soft prompt and save it."
     a = meanflow_parser().parse_args(argv)
     cfg = MeanFlowConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(MeanFlowConfig)})
-    if a.llada:
-        load_llada(a.llada, a.trust_remote_code)
-        raise SystemExit("LLaDA-8B loaded; distilling it needs its tokenizer's data pipeline, which is not wired yet")
-    teacher, tok, info = load_teacher(a.teacher) if a.teacher else get_teacher()
+    if a.llada:  # the same text sets, in LLaDA's tokens (rows start with its BOS)
+        teacher, tok = load_llada(a.llada, a.trust_remote_code, local_files_only=a.local_files_only)
+        info = {"recipe": {"llada": a.llada, "canvas": a.canvas}}
+    else: teacher, tok, info = load_teacher(a.teacher) if a.teacher else get_teacher()
     sets = load_text_sets(tok, info["recipe"]["canvas"])
     student = MeanFlowStudent(teacher, cfg.prompt_length)
     hist = train_meanflow(student, sets, cfg)
