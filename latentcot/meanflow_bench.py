@@ -65,7 +65,7 @@ def quality(lines: list[str], kind: str, nll=None) -> dict:
         per_line = torch.tensor([check_synthetic(l) for l in lines], dtype=torch.float64)
         q["validity"] = per_line.mean().item()
         q["validity_se"] = (per_line.std() / len(lines) ** 0.5).item() if len(lines) > 1 else float("nan")
-        q["fully_valid"] = sum(check_synthetic(l) == 1.0 for l in lines) / len(lines)
+        q["fully_valid"] = (per_line == 1.0).double().mean().item()
         errs = sum((fact_errors(l) for l in lines), Counter())
         tot = max(1, sum(errs.values()))
         q["facts"] = {k: errs[k] / tot for k in ("ok", "malformed", "arithmetic", "chain")}
