@@ -145,14 +145,15 @@ def apply_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.0):
     return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS))
 
 # %% ../nbs/14_train.ipynb #7efa9ac7
-def save_final(model, processor, cfg: LatentCoTConfig, out_dir) -> Path:
-    "Save model (safetensors) + processor + latentcot config into `out_dir`, via a temp folder renamed at the end."
+def save_final(model, processor, cfg: LatentCoTConfig, out_dir, state_dict: dict | None = None) -> Path:
+    "Save model (safetensors) + processor + latentcot config into `out_dir`, via a temp folder renamed at the end; `state_dict`: gathered full weights (FSDP / DeepSpeed)."
     import shutil
     out_dir = Path(out_dir); tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists(): shutil.rmtree(tmp)
     if hasattr(model, "merge_and_unload"):   # peft: keep the adapter, save the merged model
+        if state_dict is not None: raise ValueError("save_final: a LoRA model with gathered (sharded) weights is not supported")
         model.save_pretrained(tmp / "adapter"); model = model.merge_and_unload()
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     processor.save_pretrained(tmp)
     save_config(cfg, tmp / "latentcot_config.json")
     if out_dir.exists(): shutil.rmtree(out_dir)
@@ -189,6 +190,11 @@ def run(args: argparse.Namespace, cfg: LatentCoTConfig | None = None):
     from latentcot.collators import LatentCollator
     from latentcot.demo import default_data_dir
     cfg = cfg or config_from_args(args)
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType
+    if args.lora and PartialState().distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        # refused before training, not at the end: merging the adapter needs the whole model on one process
+        raise ValueError("--lora with FSDP or DeepSpeed is not supported (save_final merges the adapter on one process); use DDP or one GPU")
     path = args.model_name_or_path or tiny_kit_path()
     model, processor, ids = load_latent_model(path, attn_implementation=args.attn_implementation)
     if cfg.gradient_checkpointing: model.gradient_checkpointing_enable()
@@ -211,9 +217,8 @@ def run(args: argparse.Namespace, cfg: LatentCoTConfig | None = None):
     model, state = train_loop(model, SampleDataset(samples), collate, step, cfg, args.output_dir, max_steps=args.max_steps,
                               save_every=args.save_every, resume=not args.no_resume, trackers=trackers,
                               run_name=args.stage, progress=not args.quiet)
-    from accelerate import PartialState
     final = Path(args.output_dir) / "final"
-    if PartialState().is_main_process: save_final(model, processor, cfg, final)
+    if PartialState().is_main_process: save_final(model, processor, cfg, final, state_dict=state.final_state_dict)
     PartialState().wait_for_everyone()
     return final
 

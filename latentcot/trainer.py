@@ -18,7 +18,7 @@ from .config import LatentCoTConfig, save_config
 
 # %% auto #0
 __all__ = ['StepResult', 'TrainState', 'MetricsLog', 'read_metrics', 'latest_checkpoint', 'save_checkpoint', 'load_checkpoint',
-           'average_gradients', 'make_accelerator', 'train_loop']
+           'average_gradients', 'gather_full_state_dict', 'make_accelerator', 'train_loop']
 
 # %% ../nbs/11_trainer.ipynb #e391dc48
 @dataclass
@@ -36,6 +36,7 @@ class TrainState:
     epoch: int = 0
     batch_in_epoch: int = 0   # micro-batches of this epoch already consumed (this process)
     cfg: LatentCoTConfig | None = None
+    final_state_dict: dict | None = field(default=None, repr=False)  # FSDP / DeepSpeed: full weights gathered at the end
 
     def to_json(self): return {"global_step": self.global_step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
 
@@ -115,6 +116,12 @@ def average_gradients(params):
         if p.grad is None: p.grad = torch.zeros_like(p)
         dist.all_reduce(p.grad, op=dist.ReduceOp.SUM); p.grad.div_(world)
 
+def gather_full_state_dict(acc, model) -> dict | None:
+    "The unsharded state dict under FSDP or DeepSpeed (a collective: every rank must call it); None otherwise."
+    from accelerate.utils import DistributedType
+    if acc.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED): return None
+    return acc.get_state_dict(model)
+
 def make_accelerator(cfg: LatentCoTConfig, output_dir, trackers=("tensorboard",), cpu: bool | None = None):
     "An `Accelerator` set up from the config: accumulation, precision, seedable sampler, trackers under `output_dir`."
     from accelerate import Accelerator
@@ -193,5 +200,7 @@ def train_loop(model, dataset, collate_fn: Callable, step_fn: Callable, cfg: Lat
             state.epoch += 1; state.batch_in_epoch = 0
     bar.close()
     save_checkpoint(acc, state, sched, output_dir)
+    # with sharded parameters one process alone cannot write the final weights; gather them on every rank here
+    state.final_state_dict = gather_full_state_dict(acc, model)
     if trackers: acc.end_training()
     return acc.unwrap_model(model), state
