@@ -295,6 +295,12 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--tangent-sign", type=float, default=1.0, help="+1 the seed's tangent, -1 the opposite")
     p.add_argument("--ratio-r-neq-t", type=float, default=MeanFlowConfig.ratio_r_neq_t)
     p.add_argument("--lr", type=float, default=MeanFlowConfig.lr)
+    p.add_argument("--target", default=MeanFlowConfig.target, choices=["jvp", "integral"],
+                   help="jvp: the seed's v - (t - r) du/dt; integral: the same optimum by Euler steps of the teacher")
+    p.add_argument("--integral-steps", type=int, default=MeanFlowConfig.integral_steps, help="--target integral: teacher calls per row")
+    p.add_argument("--time-mu", type=float, default=MeanFlowConfig.time_mu, help="logit-normal time sampler: mean")
+    p.add_argument("--time-sigma", type=float, default=MeanFlowConfig.time_sigma, help="logit-normal time sampler: std")
+    p.add_argument("--prompt-length", type=int, default=MeanFlowConfig.prompt_length, help="soft prompt length")
     p.add_argument("--student", help="benchmark this saved student (python -m latentcot.meanflow --out DIR) instead of distilling one")
     p.add_argument("--marginal-samples", type=int, default=0,
                    help="K > 0: also sample independently from the per-position marginals of K teacher samples per row (slow)")
@@ -312,7 +318,8 @@ def bench_meanflow_main(argv: list[str] | None = None) -> int:
     if a.threads: torch.set_num_threads(a.threads)
     recipe = TeacherRecipe(hidden=32, layers=2, heads=2, intermediate=64, steps=30, batch=16) if a.quick else TeacherRecipe()
     cfg = MeanFlowConfig(steps=4 if a.quick else a.distill_steps, batch=8 if a.quick else MeanFlowConfig.batch, loss=a.loss,
-                         tangent_sign=a.tangent_sign, ratio_r_neq_t=a.ratio_r_neq_t, lr=a.lr, seed=a.seed)
+                         tangent_sign=a.tangent_sign, ratio_r_neq_t=a.ratio_r_neq_t, lr=a.lr, seed=a.seed, target=a.target,
+                         integral_steps=a.integral_steps, time_mu=a.time_mu, time_sigma=a.time_sigma, prompt_length=a.prompt_length)
     steps = tuple(int(s) for s in a.steps.split(","))
     out = bench_meanflow(recipe, cfg, n=8 if a.quick else a.n, steps=steps,
                          student_steps=tuple(int(s) for s in a.student_steps.split(",")), temperature=a.temperature,
