@@ -446,7 +446,8 @@ def meanflow_step(student: MeanFlowStudent, x0, prompt_mask, cfg: MeanFlowConfig
         emb = bb.embed(xt)
         v = student.teacher(emb)
         if cfg.target == "integral":  # the identity's solution by Euler steps of the teacher (defined below), no JVP
-            u_tgt = meanflow_fixed_point(bb, emb, masked, r, t, cfg.integral_steps, cfg.tangent_sign, v0=v)
+            u_tgt, w = v.float().clone(), r < t  # rows with r = t: the target is v, no teacher calls needed
+            if w.any(): u_tgt[w] = meanflow_fixed_point(bb, emb[w], masked[w], r[w], t[w], cfg.integral_steps, cfg.tangent_sign, v0=v[w])
         else:
             tangent = embedding_tangent(v, emb, bb.embedding_weight, masked, cfg.tangent_sign)
             u_tgt = v.float() - (t - r)[:, None, None] * jvp_dudt(student, emb, r, t, tangent).float()
