@@ -23,7 +23,8 @@ __all__ = ['SPECIAL_TOKENS', 'SET_TAGS', 'ATTN_NAME', 'LLADA_MASK_ID', 'char_tok
            'get_teacher', 'timestep_embedding', 'SoftPrompt', 'MeanFlowStudent', 'MeanFlowConfig', 'sample_times',
            'embedding_tangent', 'jvp_dudt', 'meanflow_loss', 'meanflow_step', 'meanflow_fixed_point', 'optimum_fn',
            'meanflow_lightning_module', 'distill_batches', 'train_meanflow', 'save_student', 'load_student',
-           'meanflow_parser', 'main', 'ban_special', 'generate', 'teacher_fn', 'student_fn', 'canvas']
+           'meanflow_parser', 'main', 'ban_special', 'generate', 'teacher_fn', 'student_fn', 'canvas',
+           'teacher_samples']
 
 # %% ../nbs/20_meanflow.ipynb #78eaf371
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[EOS]", "[MASK]", "<arith>", "<text>")
@@ -385,7 +386,10 @@ class MeanFlowConfig:
     time_sigma: float = 1.0
     tangent_sign: float = 1.0        # +1: the seed's softmax(v) @ E - E[x_t]; -1: the opposite direction
     target: str = "jvp"              # jvp: the seed's v - (t - r) du/dt | integral: the identity's solution, integrated
+                                     # | sampler: hard labels, the teacher's many-step samples (the seed's CE alternative)
     integral_steps: int = 16         # target="integral": teacher calls (Euler steps) per row
+    sampler_steps: int = 64          # target="sampler": teacher steps (low-confidence remasking) of every label row
+    sampler_rows: int = 2048         # target="sampler": teacher samples drawn once before training, re-masked at every visit
     adaptive_p: float = 0.0          # 0 disables MeanFlow's adaptive weighting
     adaptive_c: float = 1e-3
     prompt_length: int = 8
@@ -398,8 +402,11 @@ class MeanFlowConfig:
 
     def __post_init__(self):
         if self.loss not in ("kl", "ce", "mse"): raise ValueError(f"loss must be kl, ce or mse, got {self.loss!r}")
-        if self.target not in ("jvp", "integral"): raise ValueError(f"target must be jvp or integral, got {self.target!r}")
+        if self.target not in ("jvp", "integral", "sampler"): raise ValueError(f"target must be jvp, integral or sampler, got {self.target!r}")
         if self.integral_steps < 1: raise ValueError(f"integral_steps must be >= 1, got {self.integral_steps}")
+        if self.target == "sampler" and self.loss == "mse": raise ValueError("target='sampler' has hard labels: use loss kl or ce, not mse")
+        if self.sampler_steps < 1 or self.sampler_rows < 1:
+            raise ValueError(f"sampler_steps and sampler_rows must be >= 1, got {self.sampler_steps} and {self.sampler_rows}")
         if not 0 <= self.ratio_r_neq_t <= 1: raise ValueError(f"ratio_r_neq_t must be in [0, 1], got {self.ratio_r_neq_t}")
 
 def sample_times(n: int, cfg: MeanFlowConfig, generator=None, device=None):
@@ -441,6 +448,7 @@ def meanflow_step(student: MeanFlowStudent, x0, prompt_mask, cfg: MeanFlowConfig
     "One MeanFlow distillation step (seed 003 §4; `cfg.target` picks the target): `(loss, logs)`; gradients reach only the soft prompt."
     bb = student.backbone
     r, t = sample_times(x0.shape[0], cfg, generator, x0.device)
+    if cfg.target == "sampler": r = torch.where(r < t, torch.zeros_like(r), r)  # hard labels are the sampler's end point: r = 0
     xt, masked = mask_tokens(x0, t, prompt_mask, bb.mask_id, generator)
     with torch.no_grad():
         emb = bb.embed(xt)
@@ -448,6 +456,9 @@ def meanflow_step(student: MeanFlowStudent, x0, prompt_mask, cfg: MeanFlowConfig
         if cfg.target == "integral":  # the identity's solution by Euler steps of the teacher (defined below), no JVP
             u_tgt, w = v.float().clone(), r < t  # rows with r = t: the target is v, no teacher calls needed
             if w.any(): u_tgt[w] = meanflow_fixed_point(bb, emb[w], masked[w], r[w], t[w], cfg.integral_steps, cfg.tangent_sign, v0=v[w])
+        elif cfg.target == "sampler":  # one-hot logits of x0 (finite, so KL = CE exactly); rows with r = t keep v
+            hard = torch.full(v.shape, -1e4, device=v.device).scatter_(-1, x0[..., None], 0.0)
+            u_tgt = torch.where((r < t)[:, None, None], hard, v.float())
         else:
             tangent = embedding_tangent(v, emb, bb.embedding_weight, masked, cfg.tangent_sign)
             u_tgt = v.float() - (t - r)[:, None, None] * jvp_dudt(student, emb, r, t, tangent).float()
@@ -455,9 +466,12 @@ def meanflow_step(student: MeanFlowStudent, x0, prompt_mask, cfg: MeanFlowConfig
     loss, rows = meanflow_loss(u, u_tgt, masked, cfg)
     with torch.no_grad():
         agree = ((u.argmax(-1) == v.argmax(-1)) & masked).sum() / masked.sum().clamp(min=1)
-    return loss, {"loss": loss.detach(), "gate": student.prompt.gate.detach().abs().mean(),
-                  "target_shift": ((u_tgt - v.float()).abs() * masked[..., None]).sum() / masked.sum().clamp(min=1) / v.shape[-1],
-                  "agree_teacher": agree}
+        logs = {"loss": loss.detach(), "gate": student.prompt.gate.detach().abs().mean(), "agree_teacher": agree}
+        if cfg.target == "sampler":  # how often the label is not what the teacher's one step would pick
+            lab = masked & (r < t)[:, None]
+            logs["label_disagree"] = ((x0 != v.argmax(-1)) & lab).sum() / lab.sum().clamp(min=1)
+        else: logs["target_shift"] = ((u_tgt - v.float()).abs() * masked[..., None]).sum() / masked.sum().clamp(min=1) / v.shape[-1]
+    return loss, logs
 
 # %% ../nbs/20_meanflow.ipynb #8da8f889
 def meanflow_fixed_point(backbone, embeds, masked, r, t, n_steps: int = 32, sign: float = 1.0, v0=None):
@@ -497,9 +511,15 @@ def meanflow_lightning_module(student: MeanFlowStudent, cfg: MeanFlowConfig):
     "A Lightning `LightningModule` that trains `student`'s soft prompt with `meanflow_step`."
     return _lightning_class()(student, cfg)
 
-def distill_batches(sets: dict, cfg: MeanFlowConfig, n_batches: int, generator=None):
-    "A `TensorDataset` of `n_batches * cfg.batch` rows `(x0, prompt_mask)` drawn like the teacher's batches."
+def distill_batches(sets: dict, cfg: MeanFlowConfig, n_batches: int, generator=None, backbone=None, progress: bool = False):
+    """A `TensorDataset` of `n_batches * cfg.batch` rows `(x0, prompt_mask)` drawn like the teacher's batches;
+    with `target="sampler"`, drawn from `teacher_samples` of `backbone` (the labels are the teacher's own samples)."""
     g = generator or torch.Generator().manual_seed(cfg.seed)
+    if cfg.target == "sampler":
+        if backbone is None: raise ValueError("target='sampler' needs the teacher (backbone=): its samples are the labels")
+        pool = teacher_samples(backbone, sets, cfg, seed=int(torch.randint(2**31, (1,), generator=g)), progress=progress)
+        idx = torch.randint(len(pool), (n_batches * cfg.batch,), generator=g)
+        return torch.utils.data.TensorDataset(*(a[idx] for a in pool.tensors))
     it = mixed_batches(sets, cfg.batch, cfg.synthetic_frac, cfg.full_prompt_frac, g)
     xs, pms = zip(*(next(it) for _ in range(n_batches)))
     return torch.utils.data.TensorDataset(torch.cat(xs), torch.cat(pms))
@@ -511,11 +531,12 @@ def train_meanflow(student: MeanFlowStudent, sets: dict, cfg: MeanFlowConfig, ac
     from accelerate import Accelerator
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     torch.manual_seed(cfg.seed + acc.process_index)
-    data = distill_batches(sets, cfg, cfg.steps, torch.Generator().manual_seed(cfg.seed + acc.process_index))
+    student.prompt.to(acc.device); student.backbone.to(acc.device)
+    data = distill_batches(sets, cfg, cfg.steps, torch.Generator().manual_seed(cfg.seed + acc.process_index),
+                           backbone=student.backbone, progress=bool(log) and acc.is_main_process)
     loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch, shuffle=False)
     opt = torch.optim.AdamW(student.prompt.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))
-    student.prompt.to(acc.device); student.backbone.to(acc.device)
     opt, loader, sched = acc.prepare(opt, loader, sched)
     student.train()
     hist, t0 = [], time.time()
@@ -594,8 +615,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"saved {out}")
     return 0
 
-if __name__ == "__main__" and sys.argv[0].endswith("meanflow.py"): sys.exit(main())
-
 # %% ../nbs/20_meanflow.ipynb #d6b18ce6
 def ban_special(logits, n_special: int = len(SPECIAL_TOKENS), keep: tuple = (SPECIAL_TOKENS.index("[EOS]"),)):
     "Logits with every special token except `keep` (EOS) made impossible."
@@ -653,3 +672,19 @@ def canvas(tok, n: int, kind: str = "synthetic", length: int = 64, prompts: list
         ids = tok(p, add_special_tokens=False).input_ids
         x[i, 1:1 + len(ids)] = torch.tensor(ids)
     return x
+
+# %% ../nbs/20_meanflow.ipynb #cade4356
+def teacher_samples(backbone, sets: dict, cfg: MeanFlowConfig, seed: int = 0, chunk: int = 256, progress: bool = False):
+    "`cfg.sampler_rows` rows `(x0, prompt_mask)`: training prompts completed by the teacher's `cfg.sampler_steps`-step sampler."
+    from tqdm.auto import tqdm
+    x0, pm = next(mixed_batches(sets, cfg.sampler_rows, cfg.synthetic_frac, cfg.full_prompt_frac, torch.Generator().manual_seed(seed)))
+    dev = backbone.embedding_weight.device
+    g = torch.Generator(device=dev).manual_seed(seed)
+    out = []
+    for i in tqdm(range(0, len(x0), chunk), desc=f"teacher samples ({cfg.sampler_steps} steps)", disable=not progress):
+        c = torch.where(pm[i:i + chunk], x0[i:i + chunk], backbone.mask_id).to(dev)
+        out.append(generate(teacher_fn(backbone), c, backbone.mask_id, cfg.sampler_steps, 1.0, generator=g).cpu())
+    return torch.utils.data.TensorDataset(torch.cat(out), pm)
+
+# %% ../nbs/20_meanflow.ipynb #fa543f1b
+if __name__ == "__main__" and sys.argv[0].endswith("meanflow.py"): sys.exit(main())

@@ -20,9 +20,9 @@ from .meanflow import (MeanFlowConfig, MeanFlowStudent, TeacherRecipe, ban_speci
 from .textdata import check_synthetic
 
 # %% auto #0
-__all__ = ['fact_errors', 'sample_entropy', 'distinct_n', 'quality', 'run_generation', 'heldout_prompts', 'student_for',
-           'saved_student', 'optimum_gap', 'marginal_ceiling', 'bench_meanflow', 'goals', 'format_table', 'plot_bench',
-           'bench_parser', 'bench_meanflow_main']
+__all__ = ['fact_errors', 'sample_entropy', 'distinct_n', 'quality', 'run_generation', 'heldout_prompts', 'meanflow_code_version',
+           'student_key', 'student_for', 'saved_student', 'optimum_gap', 'marginal_ceiling', 'bench_meanflow', 'goals',
+           'format_table', 'plot_bench', 'bench_parser', 'bench_meanflow_main']
 
 # %% ../nbs/21_meanflow_bench.ipynb #64a873f0
 _FACT = re.compile(r"(\d{1,3})([+-])(\d{1,3})=(\d{1,3})")
@@ -91,15 +91,26 @@ def heldout_prompts(tok, sets, kind: str, n: int) -> list[str]:
     return [r[:int(p) - 1] for r, p in zip(rows, plen[:n])]
 
 # %% ../nbs/21_meanflow_bench.ipynb #0eff8a82
+def meanflow_code_version() -> str:
+    "Hash of `latentcot/meanflow.py`: a cached student is reused only by the code that trained it."
+    import latentcot.meanflow as mf
+    return hashlib.sha256(Path(mf.__file__).read_bytes()).hexdigest()[:16]
+
+def student_key(info, cfg: MeanFlowConfig, code: str | None = None) -> str:
+    "Cache key of a distilled student: the teacher's recipe and data, the config, and the training code's version."
+    code = code or meanflow_code_version()
+    return hashlib.sha256(json.dumps([info["recipe"], info["data_sha256"], asdict(cfg), code], sort_keys=True).encode()).hexdigest()[:16]
+
 def student_for(teacher, info, sets, cfg: MeanFlowConfig, cache_dir=None, log=print):
     "The distilled student for `(teacher, cfg)`: from the cache, or trained with `train_meanflow` and cached."
-    key = hashlib.sha256(json.dumps([info["recipe"], info["data_sha256"], asdict(cfg)], sort_keys=True).encode()).hexdigest()[:16]
+    key = student_key(info, cfg)
     d = Path(cache_dir or cache_root()) / f"meanflow-student-{key}"
     if (d / "meanflow.json").is_file(): return load_student(teacher, d), json.loads((d / "meanflow.json").read_text())
     t0 = time.time()
     student = MeanFlowStudent(teacher, cfg.prompt_length)
     hist = train_meanflow(student, sets, cfg, log=log)
-    meta = {"train_seconds": time.time() - t0, "losses": [h["loss"] for h in hist], "gates": student.prompt.gate.tolist()}
+    meta = {"train_seconds": time.time() - t0, "losses": [h["loss"] for h in hist], "gates": student.prompt.gate.tolist(),
+            "code_version": meanflow_code_version()}
     save_student(student, d, cfg, meta)
     return student, json.loads((d / "meanflow.json").read_text())
 
@@ -171,8 +182,8 @@ def bench_meanflow(recipe: TeacherRecipe = TeacherRecipe(), cfg: MeanFlowConfig 
         for name, fn, stp, temp, rem in ([("teacher-lc", teacher_fn(teacher), s, temperature, "low_confidence") for s in steps]
                                          + [("teacher-rand", teacher_fn(teacher), s, temperature, "random") for s in steps]
                                          + [("student", student_fn(student), s, temperature, "low_confidence") for s in student_steps]
-                                         + [("teacher-argmax", teacher_fn(teacher), 1, 0.0, "low_confidence"),
-                                            ("student-argmax", student_fn(student), 1, 0.0, "low_confidence"),
+                                         + [("teacher-argmax", teacher_fn(teacher), s, 0.0, "low_confidence") for s in sorted({1, max(steps)})]
+                                         + [("student-argmax", student_fn(student), 1, 0.0, "low_confidence"),
                                             ("mf-optimum", optimum, 1, temperature, "low_confidence"),
                                             ("mf-optimum-argmax", optimum, 1, 0.0, "low_confidence")]):
             r = run_generation(fn, x, tok, stp, kind, teacher, temp, rem, seed)
@@ -209,6 +220,14 @@ def goals(out: dict) -> dict:
                       "reaches_80pct": tmax["validity"] > 0 and s1["validity"] >= 0.8 * tmax["validity"]})
             o1 = _run(res, "mf-optimum", 1)
             if o1: e.update({"optimum_1": o1["validity"], "optimum_ratio_to_max": o1["validity"] / tmax["validity"] if tmax["validity"] else float("nan")})
+            sa, ta1, tam = _run(res, "student-argmax", 1), _run(res, "teacher-argmax", 1), _run(res, "teacher-argmax", tmax["steps"])
+            if sa and ta1 and tam:  # temperature 0 on both sides; unique lines beside, since argmax collapses free rows
+                ase = (sa["validity_se"] ** 2 + ta1["validity_se"] ** 2) ** 0.5
+                e["argmax"] = {"student_1": sa["validity"], "teacher_1": ta1["validity"], "teacher_max": tam["validity"],
+                               "gap_se": ase, "beats_teacher_1": sa["validity"] - ta1["validity"] > 2 * ase,
+                               "ratio_to_max": sa["validity"] / tam["validity"] if tam["validity"] else float("nan"),
+                               "reaches_80pct": tam["validity"] > 0 and sa["validity"] >= 0.8 * tam["validity"],
+                               "unique_lines": {"student_1": sa["unique_lines"], "teacher_max": tam["unique_lines"]}}
             mc = res.get("marginal_ceiling")
             if mc and mc["source_validity"]:
                 e.update({"marginals_1": mc["validity"], "marginals_source": mc["source_validity"],
@@ -247,6 +266,12 @@ def format_table(out: dict) -> str:
                   f"= {e['ratio_to_max']:.0%} [{'PASS' if e['reaches_80pct'] else 'FAIL'} >= 80%]")
         if "optimum_1" in e:
             s += f"\n{'':<20} ceiling of the loss (mf-optimum, {out.get('optimum_steps')} teacher calls): {e['optimum_1']:.3f} = {e['optimum_ratio_to_max']:.0%} of teacher-{e['max_steps']}"
+        if "argmax" in e:
+            a = e["argmax"]
+            s += (f"\n{'':<20} argmax (temperature 0): student-1 {a['student_1']:.3f} vs teacher-1 {a['teacher_1']:.3f} "
+                  f"[{'beats' if a['beats_teacher_1'] else 'does not beat'} by > 2 SE = {2 * a['gap_se']:.3f}], vs teacher-{e['max_steps']} "
+                  f"{a['teacher_max']:.3f} = {a['ratio_to_max']:.0%} [{'>=' if a['reaches_80pct'] else '<'} 80%]; unique lines student "
+                  f"{a['unique_lines']['student_1']:.2f}, teacher-{e['max_steps']} {a['unique_lines']['teacher_max']:.2f} (argmax of free rows repeats one line)")
         if "marginals_1" in e:
             s += (f"\n{'':<20} a one-step student matching the teacher-{e['max_steps']} per-position marginals exactly "
                   f"({out.get('marginal_samples')} samples per row): {e['marginals_1']:.3f} = {e['marginals_ratio_to_source']:.0%} "
@@ -264,10 +289,10 @@ def plot_bench(out: dict, out_dir) -> list[Path]:
         metrics = (["validity"] if key.startswith("synthetic") else []) + ["nll_bound", "entropy_bits", "distinct_4", "seconds"]
         fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.2))
         for ax, m in zip(axes, metrics):
-            for name, style in (("teacher-lc", "o-"), ("teacher-rand", "s--"), ("student", "D-")):
+            for name, style in (("teacher-lc", "o-"), ("teacher-rand", "s--"), ("student", "D-"), ("teacher-argmax", "x:")):
                 rs = res["runs"].get(name, [])
                 if rs: ax.plot([r["steps"] for r in rs], [r[m] for r in rs], style, label=name)
-            for name, mk in (("student-argmax", "*"), ("teacher-argmax", "x"), ("mf-optimum", "P"), ("mf-optimum-argmax", "p")):
+            for name, mk in (("student-argmax", "*"), ("mf-optimum", "P"), ("mf-optimum-argmax", "p")):
                 if name not in res["runs"]: continue
                 r = res["runs"][name][0]
                 calls = out.get("optimum_steps", 1) if name.startswith("mf-optimum") else r["steps"]  # plotted at its teacher calls
@@ -295,9 +320,12 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--tangent-sign", type=float, default=1.0, help="+1 the seed's tangent, -1 the opposite")
     p.add_argument("--ratio-r-neq-t", type=float, default=MeanFlowConfig.ratio_r_neq_t)
     p.add_argument("--lr", type=float, default=MeanFlowConfig.lr)
-    p.add_argument("--target", default=MeanFlowConfig.target, choices=["jvp", "integral"],
-                   help="jvp: the seed's v - (t - r) du/dt; integral: the same optimum by Euler steps of the teacher")
+    p.add_argument("--target", default=MeanFlowConfig.target, choices=["jvp", "integral", "sampler"],
+                   help="jvp: the seed's v - (t - r) du/dt; integral: the same optimum by Euler steps of the teacher; "
+                        "sampler: cross-entropy against the teacher's many-step samples (the seed's alternative loss)")
     p.add_argument("--integral-steps", type=int, default=MeanFlowConfig.integral_steps, help="--target integral: teacher calls per row")
+    p.add_argument("--sampler-steps", type=int, default=MeanFlowConfig.sampler_steps, help="--target sampler: teacher steps per label row")
+    p.add_argument("--sampler-rows", type=int, default=MeanFlowConfig.sampler_rows, help="--target sampler: teacher samples drawn before training")
     p.add_argument("--time-mu", type=float, default=MeanFlowConfig.time_mu, help="logit-normal time sampler: mean")
     p.add_argument("--time-sigma", type=float, default=MeanFlowConfig.time_sigma, help="logit-normal time sampler: std")
     p.add_argument("--prompt-length", type=int, default=MeanFlowConfig.prompt_length, help="soft prompt length")
@@ -319,7 +347,9 @@ def bench_meanflow_main(argv: list[str] | None = None) -> int:
     recipe = TeacherRecipe(hidden=32, layers=2, heads=2, intermediate=64, steps=30, batch=16) if a.quick else TeacherRecipe()
     cfg = MeanFlowConfig(steps=4 if a.quick else a.distill_steps, batch=8 if a.quick else MeanFlowConfig.batch, loss=a.loss,
                          tangent_sign=a.tangent_sign, ratio_r_neq_t=a.ratio_r_neq_t, lr=a.lr, seed=a.seed, target=a.target,
-                         integral_steps=a.integral_steps, time_mu=a.time_mu, time_sigma=a.time_sigma, prompt_length=a.prompt_length)
+                         integral_steps=a.integral_steps, time_mu=a.time_mu, time_sigma=a.time_sigma, prompt_length=a.prompt_length,
+                         sampler_steps=min(a.sampler_steps, 4) if a.quick else a.sampler_steps,
+                         sampler_rows=min(a.sampler_rows, 16) if a.quick else a.sampler_rows)
     steps = tuple(int(s) for s in a.steps.split(","))
     out = bench_meanflow(recipe, cfg, n=8 if a.quick else a.n, steps=steps,
                          student_steps=tuple(int(s) for s in a.student_steps.split(",")), temperature=a.temperature,

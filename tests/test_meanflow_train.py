@@ -74,6 +74,22 @@ def test_cli_train_and_save(kit, tmp_path):
     assert s.prompt.shape == (teacher.num_layers, 2, teacher.num_kv_heads, 3, teacher.head_dim)
 
 
+def test_cli_sampler_target(kit, tmp_path):
+    "--target sampler draws the teacher's samples first (the labels), then distils: the whole module must be defined by then."
+    teacher, tok, sets, cache = kit
+    tdir = next(Path(cache).glob("meanflow-teacher-*"))
+    env = {**os.environ, "LATENTCOT_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "latentcot.meanflow", "--teacher", str(tdir), "--out", str(tmp_path / "s"), "--steps", "2",
+                        "--batch", "4", "--prompt-length", "3", "--target", "sampler", "--sampler-rows", "4", "--sampler-steps", "2"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    meta = mf.json.loads((tmp_path / "s" / "meanflow.json").read_text())
+    assert (meta["config"]["target"], meta["config"]["sampler_rows"], meta["config"]["sampler_steps"]) == ("sampler", 4, 2)
+    r = subprocess.run([sys.executable, "-m", "latentcot.meanflow", "--teacher", str(tdir), "--out", str(tmp_path / "m"),
+                        "--target", "sampler", "--loss", "mse"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode != 0 and "use loss kl or ce" in r.stderr
+
+
 def test_cli_llada_needs_the_flag(tmp_path):
     r = subprocess.run([sys.executable, "-m", "latentcot.meanflow", "--out", str(tmp_path), "--llada", "GSAI-ML/LLaDA-8B-Base"],
                        capture_output=True, text=True, timeout=120)
