@@ -224,7 +224,8 @@ def goals(out: dict) -> dict:
             if sa and ta1 and tam:  # temperature 0 on both sides; unique lines beside, since argmax collapses free rows
                 ase = (sa["validity_se"] ** 2 + ta1["validity_se"] ** 2) ** 0.5
                 e["argmax"] = {"student_1": sa["validity"], "teacher_1": ta1["validity"], "teacher_max": tam["validity"],
-                               "gap_se": ase, "beats_teacher_1": sa["validity"] - ta1["validity"] > 2 * ase,
+                               # no spread (every row the same line, as argmax of free rows): no verdict, not a "win"
+                               "gap_se": ase, "beats_teacher_1": sa["validity"] - ta1["validity"] > 2 * ase if ase > 0 else None,
                                "ratio_to_max": sa["validity"] / tam["validity"] if tam["validity"] else float("nan"),
                                "reaches_80pct": tam["validity"] > 0 and sa["validity"] >= 0.8 * tam["validity"],
                                "unique_lines": {"student_1": sa["unique_lines"], "teacher_max": tam["unique_lines"]}}
@@ -269,7 +270,9 @@ def format_table(out: dict) -> str:
         if "argmax" in e:
             a = e["argmax"]
             s += (f"\n{'':<20} argmax (temperature 0): student-1 {a['student_1']:.3f} vs teacher-1 {a['teacher_1']:.3f} "
-                  f"[{'beats' if a['beats_teacher_1'] else 'does not beat'} by > 2 SE = {2 * a['gap_se']:.3f}], vs teacher-{e['max_steps']} "
+                  + (f"[no verdict: no spread across rows]" if a["beats_teacher_1"] is None else
+                     f"[{'beats' if a['beats_teacher_1'] else 'does not beat'} by > 2 SE = {2 * a['gap_se']:.3f}]")
+                  + f", vs teacher-{e['max_steps']} "
                   f"{a['teacher_max']:.3f} = {a['ratio_to_max']:.0%} [{'>=' if a['reaches_80pct'] else '<'} 80%]; unique lines student "
                   f"{a['unique_lines']['student_1']:.2f}, teacher-{e['max_steps']} {a['unique_lines']['teacher_max']:.2f} (argmax of free rows repeats one line)")
         if "marginals_1" in e:
