@@ -6,7 +6,7 @@ Docs: https://latentcot.github.io/latentcot/meanflow.html.md"""
 
 # %% ../nbs/20_meanflow.ipynb #c23663ee
 from __future__ import annotations
-import argparse, dataclasses, hashlib, json, math, os, shutil, sys, tempfile, time
+import argparse, dataclasses, hashlib, itertools, json, math, os, shutil, sys, tempfile, time
 from dataclasses import dataclass, asdict, field
 from pathlib import Path
 from typing import Callable
@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .trainer import MetricsLog, TrainState, latest_checkpoint, load_checkpoint, read_metrics, save_checkpoint
+
 # %% auto #0
 __all__ = ['SPECIAL_TOKENS', 'SET_TAGS', 'ATTN_NAME', 'LLADA_MASK_ID', 'char_tokenizer', 'row_start_id', 'encode_lines',
            'decode_canvas', 'text_dir', 'load_text_sets', 'gated_prefix_attention', 'register_prefix_attention',
@@ -22,9 +24,9 @@ __all__ = ['SPECIAL_TOKENS', 'SET_TAGS', 'ATTN_NAME', 'LLADA_MASK_ID', 'char_tok
            'likelihood_bound', 'TeacherRecipe', 'tiny_llada', 'mixed_batches', 'train_teacher', 'load_teacher',
            'get_teacher', 'timestep_embedding', 'SoftPrompt', 'MeanFlowStudent', 'MeanFlowConfig', 'sample_times',
            'embedding_tangent', 'jvp_dudt', 'meanflow_loss', 'meanflow_step', 'meanflow_fixed_point', 'optimum_fn',
-           'meanflow_lightning_module', 'distill_batches', 'train_meanflow', 'save_student', 'load_student',
-           'meanflow_parser', 'main', 'ban_special', 'generate', 'teacher_fn', 'student_fn', 'canvas',
-           'teacher_samples']
+           'meanflow_lightning_module', 'distill_batches', 'check_run_dir', 'train_meanflow', 'save_student',
+           'load_student', 'meanflow_parser', 'main', 'ban_special', 'generate', 'teacher_fn', 'student_fn', 'canvas',
+           'teacher_samples_meta', 'save_teacher_samples', 'load_teacher_samples', 'teacher_samples']
 
 # %% ../nbs/20_meanflow.ipynb #78eaf371
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[EOS]", "[MASK]", "<arith>", "<text>")
@@ -511,13 +513,16 @@ def meanflow_lightning_module(student: MeanFlowStudent, cfg: MeanFlowConfig):
     "A Lightning `LightningModule` that trains `student`'s soft prompt with `meanflow_step`."
     return _lightning_class()(student, cfg)
 
-def distill_batches(sets: dict, cfg: MeanFlowConfig, n_batches: int, generator=None, backbone=None, progress: bool = False):
+def distill_batches(sets: dict, cfg: MeanFlowConfig, n_batches: int, generator=None, backbone=None, progress: bool = False,
+                    pool_path=None, log: Callable | None = None):
     """A `TensorDataset` of `n_batches * cfg.batch` rows `(x0, prompt_mask)` drawn like the teacher's batches;
-    with `target="sampler"`, drawn from `teacher_samples` of `backbone` (the labels are the teacher's own samples)."""
+    with `target="sampler"`, drawn from `teacher_samples` of `backbone` (the labels are the teacher's own samples),
+    kept in `pool_path` if given."""
     g = generator or torch.Generator().manual_seed(cfg.seed)
     if cfg.target == "sampler":
         if backbone is None: raise ValueError("target='sampler' needs the teacher (backbone=): its samples are the labels")
-        pool = teacher_samples(backbone, sets, cfg, seed=int(torch.randint(2**31, (1,), generator=g)), progress=progress)
+        pool = teacher_samples(backbone, sets, cfg, seed=int(torch.randint(2**31, (1,), generator=g)), progress=progress,
+                               path=pool_path, log=log)
         idx = torch.randint(len(pool), (n_batches * cfg.batch,), generator=g)
         return torch.utils.data.TensorDataset(*(a[idx] for a in pool.tensors))
     it = mixed_batches(sets, cfg.batch, cfg.synthetic_frac, cfg.full_prompt_frac, g)
@@ -525,36 +530,85 @@ def distill_batches(sets: dict, cfg: MeanFlowConfig, n_batches: int, generator=N
     return torch.utils.data.TensorDataset(torch.cat(xs), torch.cat(pms))
 
 # %% ../nbs/20_meanflow.ipynb #f6c9ae88
+def check_run_dir(out: Path, run: dict) -> None:
+    "Refuse to resume a run directory whose `meanflow_run.json` records other settings (`steps` may grow)."
+    f = out / "meanflow_run.json"
+    if not f.is_file(): return
+    flat = lambda d: {**{k: v for k, v in d.items() if k != "config"}, **{f"config.{k}": v for k, v in d.get("config", {}).items()}}
+    a, b = flat(json.loads(f.read_text())), flat(json.loads(json.dumps(run)))
+    diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k != "config.steps")
+    if diff:
+        raise ValueError(f"{f}: this directory holds a run with other settings ("
+                         + ", ".join(f"{k}: {a.get(k)!r} there, {b.get(k)!r} now" for k in diff)
+                         + "); pass the same settings to resume it, or use another output directory")
+
 def train_meanflow(student: MeanFlowStudent, sets: dict, cfg: MeanFlowConfig, accelerator=None,
-                   log: Callable | None = print, log_every: int = 50) -> list[dict]:
-    "Train `student.prompt` for `cfg.steps` steps with accelerate, using `meanflow_step`; return the logged metrics."
+                   log: Callable | None = print, log_every: int = 50, out_dir=None, save_every: int = 0,
+                   resume: bool = True, run_meta: dict | None = None) -> list[dict]:
+    """Train `student.prompt` for `cfg.steps` steps with accelerate, using `meanflow_step`; return the metrics of the steps run.
+    With `out_dir`: `metrics.jsonl`, a checkpoint every `save_every` steps and at the end, and the sampler's teacher samples
+    are written there, and a rerun resumes from the newest complete checkpoint (`resume=False`: start again)."""
     from accelerate import Accelerator
+    from safetensors.torch import load_file, save_file
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    main = acc.is_main_process
     torch.manual_seed(cfg.seed + acc.process_index)
     student.prompt.to(acc.device); student.backbone.to(acc.device)
+    out = Path(out_dir) if out_dir is not None else None
+    ck = latest_checkpoint(out) if out is not None and resume else None
+    if out is not None:
+        run = {"config": asdict(cfg), **(run_meta or {}), "num_processes": acc.num_processes}
+        if ck is not None: check_run_dir(out, run)
+        acc.wait_for_everyone()
+        if main: out.mkdir(parents=True, exist_ok=True); _atomic_write_text(out / "meanflow_run.json", json.dumps(run, indent=1))
+    # every process draws its own rows (seed + rank) and runs `cfg.steps` steps on them: `batch` is per process
+    pool = out / f"teacher_samples.rank{acc.process_index}.safetensors" if out is not None else None
     data = distill_batches(sets, cfg, cfg.steps, torch.Generator().manual_seed(cfg.seed + acc.process_index),
-                           backbone=student.backbone, progress=bool(log) and acc.is_main_process)
-    loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch, shuffle=False)
-    opt = torch.optim.AdamW(student.prompt.parameters(), lr=cfg.lr, weight_decay=0.0)
+                           backbone=student.backbone, progress=bool(log) and main, pool_path=pool, log=log if main else None)
+    opt = acc.prepare(torch.optim.AdamW(student.prompt.parameters(), lr=cfg.lr, weight_decay=0.0))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))
-    opt, loader, sched = acc.prepare(opt, loader, sched)
+    # the loader's iterator draws its base seed from the global RNG: make it before the checkpoint restores that RNG
+    batches = iter(torch.utils.data.DataLoader(data, batch_size=cfg.batch, shuffle=False))
+    start = 0
+    if ck is not None:  # optimizer, scheduler, every rank's RNG (the step's times and masks), then the prompt
+        start = load_checkpoint(acc, sched, ck).global_step
+        student.prompt.load_state_dict(load_file(ck / "soft_prompt.safetensors"))
+        if log and main: log(f"resuming from {ck} (step {start})")
+    metrics = MetricsLog(out / "metrics.jsonl", resume_step=start, enabled=main) if out is not None else None
+    def save(step):
+        state = {k: v.detach().cpu().contiguous() for k, v in student.prompt.state_dict().items()}
+        save_checkpoint(acc, TrainState(global_step=step, batch_in_epoch=step), sched, out,
+                        extra=lambda d: save_file(state, d / "soft_prompt.safetensors"))
     student.train()
     hist, t0 = [], time.time()
-    for step, (x0, pm) in enumerate(loader):
-        loss, logs = meanflow_step(student, x0, pm, cfg)
+    for step, (x0, pm) in enumerate(itertools.islice(batches, start, None), start):
+        loss, logs = meanflow_step(student, x0.to(acc.device), pm.to(acc.device), cfg)
         acc.backward(loss)
         if acc.num_processes > 1:
             for p in student.prompt.parameters():
                 if p.grad is not None: p.grad = acc.reduce(p.grad, reduction="mean")
+            logs = dict(zip(logs, acc.reduce(torch.stack([v.float() for v in logs.values()]), reduction="mean")))
         torch.nn.utils.clip_grad_norm_(student.prompt.parameters(), 1.0)
         opt.step(); sched.step(); opt.zero_grad()
         hist.append({k: float(v) for k, v in logs.items()})
-        if log and acc.is_main_process and (step % log_every == 0 or step == cfg.steps - 1):
+        if metrics is not None: metrics.write({"step": step + 1, **hist[-1], "lr": sched.get_last_lr()[0]})
+        if log and main and (step % log_every == 0 or step == cfg.steps - 1):
             m = hist[-log_every:]
             log(f"meanflow step {step:5d}  loss {sum(h['loss'] for h in m) / len(m):.4f}  "
                 f"gate {hist[-1]['gate']:.3f}  {time.time() - t0:.0f}s")
+        if out is not None and save_every and (step + 1) % save_every == 0 and step + 1 < cfg.steps: save(step + 1)
+    if out is not None and hist: save(cfg.steps)
+    if acc.num_processes > 1:  # the same averaged gradients on every rank keep the prompts equal; check before trusting rank 0's
+        flat = torch.cat([p.detach().flatten() for p in student.prompt.parameters()])
+        spread = float((acc.gather(flat[None]) - flat[None]).abs().max())
+        if spread > 0: raise RuntimeError(f"the soft prompts of the {acc.num_processes} processes differ by up to {spread:.3g}")
     student.eval()
     return hist
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    "Write `text` to `path` through a temporary file in the same directory."
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}."); os.close(fd)
+    Path(tmp).write_text(text); os.replace(tmp, path)
 
 # %% ../nbs/20_meanflow.ipynb #056aed65
 def save_student(student: MeanFlowStudent, out_dir, cfg: MeanFlowConfig, extra: dict | None = None) -> Path:
@@ -589,7 +643,10 @@ def meanflow_parser() -> argparse.ArgumentParser:
     "Arguments of `python -m latentcot.meanflow`."
     p = argparse.ArgumentParser(prog="python -m latentcot.meanflow",
                                 description="LLaDA-MeanFlow: distil a masked diffusion LM into a one-step student (seed 003).")
-    p.add_argument("--out", required=True, help="directory for soft_prompt.safetensors + meanflow.json")
+    p.add_argument("--out", required=True, help="directory for soft_prompt.safetensors + meanflow.json, and the run's "
+                   "metrics.jsonl and checkpoints (a rerun resumes from the newest checkpoint)")
+    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--no-resume", action="store_true", help="ignore the checkpoints in --out and start again")
     p.add_argument("--teacher", help="a saved teacher directory (default: the cached tiny teacher, trained if missing)")
     p.add_argument("--llada", help="a real LLaDA checkpoint (hub id or local dir); needs --trust-remote-code")
     p.add_argument("--trust-remote-code", action="store_true", help="allow LLaDA's hub modeling code to run")
@@ -609,10 +666,17 @@ def main(argv: list[str] | None = None) -> int:
         info = {"recipe": {"llada": a.llada, "canvas": a.canvas}}
     else: teacher, tok, info = load_teacher(a.teacher) if a.teacher else get_teacher()
     sets = load_text_sets(tok, info["recipe"]["canvas"])
+    from accelerate import Accelerator
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    torch.manual_seed(cfg.seed)  # the prompt's initial weights: the same command gives the same student
     student = MeanFlowStudent(teacher, cfg.prompt_length)
-    hist = train_meanflow(student, sets, cfg)
-    out = save_student(student, a.out, cfg, {"teacher": info["recipe"], "final_loss": hist[-1]["loss"]})
-    print(f"saved {out}")
+    train_meanflow(student, sets, cfg, acc, out_dir=a.out, save_every=a.save_every, resume=not a.no_resume,
+                   run_meta={"teacher": info["recipe"]})
+    if acc.is_main_process:
+        hist = read_metrics(Path(a.out) / "metrics.jsonl")
+        out = save_student(student, a.out, cfg, {"teacher": info["recipe"], "final_loss": hist[-1]["loss"]})
+        print(f"saved {out}")
+    acc.wait_for_everyone()
     return 0
 
 # %% ../nbs/20_meanflow.ipynb #d6b18ce6
@@ -674,9 +738,52 @@ def canvas(tok, n: int, kind: str = "synthetic", length: int = 64, prompts: list
     return x
 
 # %% ../nbs/20_meanflow.ipynb #cade4356
-def teacher_samples(backbone, sets: dict, cfg: MeanFlowConfig, seed: int = 0, chunk: int = 256, progress: bool = False):
-    "`cfg.sampler_rows` rows `(x0, prompt_mask)`: training prompts completed by the teacher's `cfg.sampler_steps`-step sampler."
+def teacher_samples_meta(backbone, sets: dict, cfg: MeanFlowConfig, seed: int) -> dict[str, str]:
+    "What a pool of teacher samples depends on, as safetensors metadata: sampler, rows, data and a teacher fingerprint."
+    E = backbone.embedding_weight
+    probe = E[:: max(1, E.shape[0] // 64)].detach().float().cpu().contiguous()  # 64 rows: cheap even for an 8B vocabulary
+    return {"format": "latentcot.teacher_samples.v1", "seed": str(seed), "sampler_steps": str(cfg.sampler_steps),
+            "sampler_rows": str(cfg.sampler_rows), "synthetic_frac": repr(cfg.synthetic_frac),
+            "full_prompt_frac": repr(cfg.full_prompt_frac), "canvas": str(sets["synthetic_train"][0].shape[1]),
+            "data_sha256": str(sets.get("sha256", "")), "mask_id": str(backbone.mask_id),
+            "teacher": hashlib.sha256(probe.numpy().tobytes()).hexdigest()[:16]}
+
+def save_teacher_samples(pool, path, meta: dict[str, str]) -> Path:
+    "Write a pool `(x0, prompt_mask)` to `path` atomically (safetensors, `meta` as its metadata)."
+    from safetensors.torch import save_file
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    x, pm = pool.tensors
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}."); os.close(fd)
+    save_file({"x0": x.contiguous(), "prompt_mask": pm.contiguous()}, tmp, metadata=meta)
+    os.replace(tmp, path)
+    return path
+
+def load_teacher_samples(path, meta: dict[str, str]):
+    "The pool saved at `path`, refused (naming the file and the field) unless it was drawn with `meta` and has its shape."
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f: got, t = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    diff = [k for k in meta if got.get(k) != meta[k]]
+    if diff:
+        raise ValueError(f"{path}: these teacher samples were drawn with " + ", ".join(f"{k}={got.get(k)!r}" for k in diff)
+                         + "; this run needs " + ", ".join(f"{k}={meta[k]!r}" for k in diff)
+                         + ". Delete the file to draw them again, or use another output directory")
+    want = (int(meta["sampler_rows"]), int(meta["canvas"]))
+    if set(t) != {"x0", "prompt_mask"} or tuple(t["x0"].shape) != want or tuple(t["prompt_mask"].shape) != want \
+            or t["prompt_mask"].dtype != torch.bool or t["x0"].is_floating_point():
+        raise ValueError(f"{path}: expected x0 (integer) and prompt_mask (bool) of shape {want}, found "
+                         + ", ".join(f"{k} {tuple(v.shape)} {v.dtype}" for k, v in t.items()))
+    return torch.utils.data.TensorDataset(t["x0"], t["prompt_mask"])
+
+def teacher_samples(backbone, sets: dict, cfg: MeanFlowConfig, seed: int = 0, chunk: int = 256, progress: bool = False,
+                    path=None, log: Callable | None = None):
+    """`cfg.sampler_rows` rows `(x0, prompt_mask)`: training prompts completed by the teacher's `cfg.sampler_steps`-step
+    sampler. With `path`, drawn once: loaded from there if present (and checked), else drawn and saved there."""
     from tqdm.auto import tqdm
+    meta = teacher_samples_meta(backbone, sets, cfg, seed) if path is not None else None
+    if path is not None and Path(path).is_file():
+        pool = load_teacher_samples(path, meta)
+        if log: log(f"teacher samples: loaded {len(pool)} rows from {path}")
+        return pool
     x0, pm = next(mixed_batches(sets, cfg.sampler_rows, cfg.synthetic_frac, cfg.full_prompt_frac, torch.Generator().manual_seed(seed)))
     dev = backbone.embedding_weight.device
     g = torch.Generator(device=dev).manual_seed(seed)
@@ -684,7 +791,11 @@ def teacher_samples(backbone, sets: dict, cfg: MeanFlowConfig, seed: int = 0, ch
     for i in tqdm(range(0, len(x0), chunk), desc=f"teacher samples ({cfg.sampler_steps} steps)", disable=not progress):
         c = torch.where(pm[i:i + chunk], x0[i:i + chunk], backbone.mask_id).to(dev)
         out.append(generate(teacher_fn(backbone), c, backbone.mask_id, cfg.sampler_steps, 1.0, generator=g).cpu())
-    return torch.utils.data.TensorDataset(torch.cat(out), pm)
+    pool = torch.utils.data.TensorDataset(torch.cat(out), pm)
+    if path is not None:
+        save_teacher_samples(pool, path, meta)
+        if log: log(f"teacher samples: drew {len(pool)} rows, saved to {path}")
+    return pool
 
 # %% ../nbs/20_meanflow.ipynb #fa543f1b
 if __name__ == "__main__" and sys.argv[0].endswith("meanflow.py"): sys.exit(main())

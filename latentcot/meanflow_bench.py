@@ -6,7 +6,7 @@ Docs: https://latentcot.github.io/latentcot/meanflow_bench.html.md"""
 
 # %% ../nbs/21_meanflow_bench.ipynb #2dacf0ae
 from __future__ import annotations
-import argparse, hashlib, json, math, os, re, tempfile, time
+import argparse, hashlib, json, math, os, re, shutil, tempfile, time
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
@@ -18,6 +18,7 @@ from .meanflow import (MeanFlowConfig, MeanFlowStudent, TeacherRecipe, ban_speci
                                 generate, get_teacher, likelihood_bound, load_student, load_text_sets, meanflow_fixed_point, optimum_fn, prompt_mask_of,
                                 save_student, student_fn, teacher_fn, train_meanflow)
 from .textdata import check_synthetic
+from .trainer import read_metrics
 
 # %% auto #0
 __all__ = ['fact_errors', 'sample_entropy', 'distinct_n', 'quality', 'run_generation', 'heldout_prompts', 'meanflow_code_version',
@@ -108,10 +109,13 @@ def student_for(teacher, info, sets, cfg: MeanFlowConfig, cache_dir=None, log=pr
     if (d / "meanflow.json").is_file(): return load_student(teacher, d), json.loads((d / "meanflow.json").read_text())
     t0 = time.time()
     student = MeanFlowStudent(teacher, cfg.prompt_length)
-    hist = train_meanflow(student, sets, cfg, log=log)
+    run = d.with_name(d.name + ".run")  # checkpoints and teacher samples: a distillation killed midway resumes from here
+    train_meanflow(student, sets, cfg, log=log, out_dir=run, save_every=50)
+    hist = read_metrics(run / "metrics.jsonl")
     meta = {"train_seconds": time.time() - t0, "losses": [h["loss"] for h in hist], "gates": student.prompt.gate.tolist(),
             "code_version": meanflow_code_version()}
     save_student(student, d, cfg, meta)
+    shutil.rmtree(run)
     return student, json.loads((d / "meanflow.json").read_text())
 
 def saved_student(teacher, info, path):

@@ -18,7 +18,7 @@ from .config import LatentCoTConfig, save_config
 
 # %% auto #0
 __all__ = ['StepResult', 'TrainState', 'MetricsLog', 'read_metrics', 'latest_checkpoint', 'save_checkpoint', 'load_checkpoint',
-           'average_gradients', 'gather_full_state_dict', 'make_accelerator', 'train_loop']
+           'average_gradients', 'rng_neutral', 'gather_full_state_dict', 'make_accelerator', 'train_loop']
 
 # %% ../nbs/11_trainer.ipynb #e391dc48
 @dataclass
@@ -70,8 +70,9 @@ def latest_checkpoint(output_dir) -> Path | None:
     done = sorted(p for p in root.glob("step_*") if (p / "trainer_state.json").exists()) if root.exists() else []
     return done[-1] if done else None
 
-def save_checkpoint(acc, state: TrainState, sched, output_dir, keep: int = 2):
-    "Save accelerator state + scheduler + data position atomically; keep the newest `keep` checkpoints."
+def save_checkpoint(acc, state: TrainState, sched, output_dir, keep: int = 2, extra: Callable | None = None):
+    """Save accelerator state + scheduler + data position atomically; keep the newest `keep` checkpoints.
+    `extra(dir)` (main process) writes more files into the checkpoint before it is renamed into place."""
     final = _ckpt_dir(output_dir, state.global_step)
     tmp = final.with_name(final.name + ".tmp")
     if acc.is_main_process and tmp.exists(): shutil.rmtree(tmp)
@@ -80,6 +81,7 @@ def save_checkpoint(acc, state: TrainState, sched, output_dir, keep: int = 2):
     acc.wait_for_everyone()  # every rank writes its own RNG state into tmp: rename only once all have
     if acc.is_main_process:
         torch.save(sched.state_dict(), tmp / "scheduler_manual.pt")
+        if extra is not None: extra(tmp)
         (tmp / "trainer_state.json").write_text(json.dumps(state.to_json()))
         if final.exists(): shutil.rmtree(final)
         os.replace(tmp, final)
@@ -115,6 +117,16 @@ def average_gradients(params):
     for p in params:
         if p.grad is None: p.grad = torch.zeros_like(p)
         dist.all_reduce(p.grad, op=dist.ReduceOp.SUM); p.grad.div_(world)
+
+def rng_neutral(batches):
+    "Iterate `batches` without moving the global torch RNG: a DataLoader iterator draws its base seed from it."
+    state = torch.get_rng_state()
+    it = iter(batches)  # a plain DataLoader draws here, a prepared one at its first batch
+    try: first = next(it)
+    except StopIteration: return
+    finally: torch.set_rng_state(state)  # a resumed run restores the RNG first, then makes its iterator
+    yield first
+    yield from it
 
 def gather_full_state_dict(acc, model) -> dict | None:
     "The unsharded state dict under FSDP or DeepSpeed (a collective: every rank must call it); None otherwise."
@@ -167,7 +179,7 @@ def train_loop(model, dataset, collate_fn: Callable, step_fn: Callable, cfg: Lat
     while state.global_step < total:
         dl.set_epoch(state.epoch)
         it = acc.skip_first_batches(dl, state.batch_in_epoch) if state.batch_in_epoch else dl
-        for batch in it:
+        for batch in rng_neutral(it):  # steps that draw (dropout, random masks) then see the same numbers after a resume
             with acc.accumulate(model):
                 res = step_fn(call_model, batch, state)
                 acc.backward(res.loss)

@@ -38,3 +38,23 @@ def browser(chromium_path):
         b = p.chromium.launch(executable_path=chromium_path, headless=True, args=CHROMIUM_ARGS)
         yield b
         b.close()
+
+
+@pytest.fixture
+def kill_after_first_checkpoint():
+    "`run(cmd, out, **popen)`: start `cmd`, SIGKILL its process group right after `out` has a complete checkpoint; return it."
+    import signal, time
+    from latentcot.trainer import latest_checkpoint
+
+    def run(cmd, out, **popen):
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True, **popen)
+        deadline = time.time() + 600
+        while latest_checkpoint(out) is None:
+            assert proc.poll() is None, f"the run ended before its first checkpoint:\n{proc.stderr.read()[-3000:]}"
+            assert time.time() < deadline, "no checkpoint within 600 s"
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+        return latest_checkpoint(out)
+    return run

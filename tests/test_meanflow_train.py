@@ -19,6 +19,11 @@ def kit(tmp_path_factory):
     return teacher, tok, mf.load_text_sets(tok, QUICK.canvas), cache
 
 
+def _cli(cache, **env):
+    "The cached quick teacher's directory and the environment for `python -m latentcot.meanflow` runs on it."
+    return next(Path(cache).glob("meanflow-teacher-*")), {**os.environ, "LATENTCOT_CACHE": str(cache), "OMP_NUM_THREADS": "1", **env}
+
+
 @pytest.fixture
 def count_steps(monkeypatch):
     calls = []
@@ -65,8 +70,7 @@ def test_cli_help():
 
 def test_cli_train_and_save(kit, tmp_path):
     teacher, tok, sets, cache = kit
-    tdir = next(Path(cache).glob("meanflow-teacher-*"))
-    env = {**os.environ, "LATENTCOT_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    tdir, env = _cli(cache)
     r = subprocess.run([sys.executable, "-m", "latentcot.meanflow", "--teacher", str(tdir), "--out", str(tmp_path / "s"),
                         "--steps", "2", "--batch", "4", "--prompt-length", "3"], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -77,8 +81,7 @@ def test_cli_train_and_save(kit, tmp_path):
 def test_cli_sampler_target(kit, tmp_path):
     "--target sampler draws the teacher's samples first (the labels), then distils: the whole module must be defined by then."
     teacher, tok, sets, cache = kit
-    tdir = next(Path(cache).glob("meanflow-teacher-*"))
-    env = {**os.environ, "LATENTCOT_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    tdir, env = _cli(cache)
     r = subprocess.run([sys.executable, "-m", "latentcot.meanflow", "--teacher", str(tdir), "--out", str(tmp_path / "s"), "--steps", "2",
                         "--batch", "4", "--prompt-length", "3", "--target", "sampler", "--sampler-rows", "4", "--sampler-steps", "2"],
                        capture_output=True, text=True, env=env, timeout=300)
@@ -94,3 +97,78 @@ def test_cli_llada_needs_the_flag(tmp_path):
     r = subprocess.run([sys.executable, "-m", "latentcot.meanflow", "--out", str(tmp_path), "--llada", "GSAI-ML/LLaDA-8B-Base"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "pass trust_remote_code=True" in r.stderr
+
+
+def _losses(out: Path) -> dict:
+    from latentcot.trainer import read_metrics
+    return {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl")}
+
+
+RESUME_ARGS = ["--steps", "40", "--save-every", "5", "--batch", "4", "--prompt-length", "3", "--target", "sampler",
+               "--sampler-rows", "8", "--sampler-steps", "2"]
+
+
+@pytest.mark.slow
+def test_cli_killed_run_resumes_to_the_same_losses(kit, tmp_path, kill_after_first_checkpoint):
+    "SIGKILL after the first checkpoint, then the same command: it reloads the teacher samples and logs the same losses."
+    teacher, tok, sets, cache = kit
+    tdir, env = _cli(cache, PYTHONUNBUFFERED="1")
+    cmd = lambda out: [sys.executable, "-m", "latentcot.meanflow", "--teacher", str(tdir), "--out", str(out), *RESUME_ARGS]
+    ref, crash = tmp_path / "uninterrupted", tmp_path / "killed"
+    r = subprocess.run(cmd(ref), capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    want = _losses(ref)
+    assert sorted(want) == list(range(1, 41))
+
+    ckpt = kill_after_first_checkpoint(cmd(crash), crash, env=env)
+    pool = crash / "teacher_samples.rank0.safetensors"
+    assert max(_losses(crash)) < 40, "the killed run had already finished"
+    drawn = pool.stat().st_mtime_ns
+
+    r = subprocess.run(cmd(crash), capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resuming from {ckpt}" in r.stdout and f"loaded 8 rows from {pool}" in r.stdout, r.stdout[-2000:]
+    assert pool.stat().st_mtime_ns == drawn  # the teacher's samples were not drawn again
+    got = _losses(crash)
+    assert sorted(got) == list(range(1, 41))  # no step lost, none logged twice
+    for s in range(1, 41):
+        assert abs(got[s] - want[s]) < 1e-6, f"step {s}: resumed {got[s]} vs uninterrupted {want[s]}"
+    a, b = mf.load_student(teacher, ref), mf.load_student(teacher, crash)
+    assert all(torch.equal(x, y) for x, y in zip(a.prompt.state_dict().values(), b.prompt.state_dict().values()))
+
+    r = subprocess.run(cmd(crash)[:-2] + ["--sampler-steps", "3"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode != 0 and "config.sampler_steps: 2 there, 3 now" in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_two_processes_train_and_resume(kit, tmp_path):
+    "2 CPU processes (torchrun, gloo): each draws its own teacher samples, the prompts stay equal, and a resume is exact."
+    import shutil
+    teacher, tok, sets, cache = kit
+    tdir, env = _cli(cache, ACCELERATE_USE_CPU="1")
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "-m", "latentcot.meanflow",
+           "--teacher", str(tdir), "--out", str(out), "--steps", "6", "--save-every", "3", "--batch", "4", "--prompt-length", "3",
+           "--target", "sampler", "--sampler-rows", "8", "--sampler-steps", "2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]  # includes the check that both ranks hold the same prompt
+    pools = [out / f"teacher_samples.rank{k}.safetensors" for k in (0, 1)]
+    from safetensors.torch import load_file
+    x0, x1 = (load_file(p)["x0"] for p in pools)
+    assert x0.shape == x1.shape == (8, 65) and not torch.equal(x0, x1)  # each rank drew its own rows
+    ckpt = out / "checkpoints" / "step_0000006"
+    assert {"random_states_0.pkl", "random_states_1.pkl", "soft_prompt.safetensors"} <= {p.name for p in ckpt.iterdir()}
+    assert mf.json.loads((out / "meanflow_run.json").read_text())["num_processes"] == 2
+    want = _losses(out)
+    final = load_file(out / "soft_prompt.safetensors")
+
+    shutil.rmtree(ckpt)  # as if killed between steps 3 and 6
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert "resuming from" in r.stdout and "(step 3)" in r.stdout, r.stdout[-2000:]
+    got = _losses(out)
+    assert sorted(got) == list(range(1, 7))
+    for s in range(1, 7):
+        assert abs(got[s] - want[s]) < 1e-6, f"step {s}: resumed {got[s]} vs uninterrupted {want[s]}"
+    again = load_file(out / "soft_prompt.safetensors")
+    assert all(torch.equal(final[k], again[k]) for k in final)

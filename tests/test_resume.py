@@ -4,7 +4,7 @@ same command, must log the same losses at every later step as a run that was nev
 The run crosses an epoch boundary (10 samples, batch 1, 2x accumulation: 5 optimizer steps per epoch), so the data
 position, the shuffling RNG, the optimizer and the scheduler all have to come back from the checkpoint.
 """
-import os, signal, subprocess, sys, time
+import os, subprocess, sys
 from pathlib import Path
 
 import pytest
@@ -30,23 +30,13 @@ def _losses(out: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_losses(tmp_path):
+def test_killed_run_resumes_to_the_same_losses(tmp_path, kill_after_first_checkpoint):
     ref, crash = tmp_path / "uninterrupted", tmp_path / "killed"
     assert "resuming" not in _train(ref)
     want = _losses(ref)
     assert sorted(want) == list(range(1, STEPS + 1))
 
-    proc = subprocess.Popen(CMD + ["--output_dir", str(crash)], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.time() + 600
-    while latest_checkpoint(crash) is None:  # kill right after the first complete checkpoint
-        assert proc.poll() is None, f"the run ended before its first checkpoint:\n{proc.stderr.read()[-3000:]}"
-        assert time.time() < deadline, "no checkpoint within 600 s"
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    ckpt = latest_checkpoint(crash)
+    ckpt = kill_after_first_checkpoint(CMD + ["--output_dir", str(crash)], crash, cwd=ROOT, env=ENV)
     done_before = _losses(crash)
     assert ckpt.name == f"step_{EVERY:07d}" and max(done_before) < STEPS, (ckpt, sorted(done_before))
 
