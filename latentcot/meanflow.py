@@ -361,11 +361,15 @@ class SoftPrompt(nn.Module):
 
 class MeanFlowStudent(nn.Module):
     "`u(x_t, r, t)`: the frozen backbone with the soft prompt's gated prefixes; `teacher(...)` is the bare backbone."
-    def __init__(self, backbone, prompt_length: int = 8, time_dim: int = 64, hidden: int = 128, time_scale: float = 10.0):
+    def __init__(self, backbone, prompt_length: int = 8, time_dim: int = 64, hidden: int = 128, time_scale: float = 10.0,
+                 seed: int | None = 0):
         super().__init__()
         self.backbone = backbone.eval().requires_grad_(False)
-        self.prompt = SoftPrompt(backbone.num_layers, backbone.num_kv_heads, backbone.head_dim, prompt_length, time_dim,
-                                 hidden, time_scale)
+        make = lambda: SoftPrompt(backbone.num_layers, backbone.num_kv_heads, backbone.head_dim, prompt_length, time_dim,
+                                  hidden, time_scale)
+        if seed is None: self.prompt = make()  # from the global RNG
+        else:  # the prompt's initial weights depend on `seed` only, and the global RNG does not move
+            with torch.random.fork_rng(devices=[]): torch.manual_seed(seed); self.prompt = make()
         self.prompt.to(backbone.embedding_weight.device)
 
     def train(self, mode: bool = True):
@@ -668,8 +672,7 @@ def main(argv: list[str] | None = None) -> int:
     sets = load_text_sets(tok, info["recipe"]["canvas"])
     from accelerate import Accelerator
     acc = Accelerator(cpu=not torch.cuda.is_available())
-    torch.manual_seed(cfg.seed)  # the prompt's initial weights: the same command gives the same student
-    student = MeanFlowStudent(teacher, cfg.prompt_length)
+    student = MeanFlowStudent(teacher, cfg.prompt_length, seed=cfg.seed)
     train_meanflow(student, sets, cfg, acc, out_dir=a.out, save_every=a.save_every, resume=not a.no_resume,
                    run_meta={"teacher": info["recipe"]})
     if acc.is_main_process:

@@ -108,7 +108,7 @@ def student_for(teacher, info, sets, cfg: MeanFlowConfig, cache_dir=None, log=pr
     d = Path(cache_dir or cache_root()) / f"meanflow-student-{key}"
     if (d / "meanflow.json").is_file(): return load_student(teacher, d), json.loads((d / "meanflow.json").read_text())
     t0 = time.time()
-    student = MeanFlowStudent(teacher, cfg.prompt_length)
+    student = MeanFlowStudent(teacher, cfg.prompt_length, seed=cfg.seed)  # the same config, the same student
     run = d.with_name(d.name + ".run")  # checkpoints and teacher samples: a distillation killed midway resumes from here
     train_meanflow(student, sets, cfg, log=log, out_dir=run, save_every=50)
     hist = read_metrics(run / "metrics.jsonl")
