@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .teacher_latents import atomic_write_json
 from .trainer import MetricsLog, TrainState, latest_checkpoint, load_checkpoint, read_metrics, save_checkpoint
 
 # %% auto #0
@@ -564,7 +565,7 @@ def train_meanflow(student: MeanFlowStudent, sets: dict, cfg: MeanFlowConfig, ac
         run = {"config": asdict(cfg), **(run_meta or {}), "num_processes": acc.num_processes}
         if ck is not None: check_run_dir(out, run)
         acc.wait_for_everyone()
-        if main: out.mkdir(parents=True, exist_ok=True); _atomic_write_text(out / "meanflow_run.json", json.dumps(run, indent=1))
+        if main: out.mkdir(parents=True, exist_ok=True); atomic_write_json(run, out / "meanflow_run.json")
     # every process draws its own rows (seed + rank) and runs `cfg.steps` steps on them: `batch` is per process
     pool = out / f"teacher_samples.rank{acc.process_index}.safetensors" if out is not None else None
     data = distill_batches(sets, cfg, cfg.steps, torch.Generator().manual_seed(cfg.seed + acc.process_index),
@@ -608,11 +609,6 @@ def train_meanflow(student: MeanFlowStudent, sets: dict, cfg: MeanFlowConfig, ac
         if spread > 0: raise RuntimeError(f"the soft prompts of the {acc.num_processes} processes differ by up to {spread:.3g}")
     student.eval()
     return hist
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    "Write `text` to `path` through a temporary file in the same directory."
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}."); os.close(fd)
-    Path(tmp).write_text(text); os.replace(tmp, path)
 
 # %% ../nbs/20_meanflow.ipynb #056aed65
 def save_student(student: MeanFlowStudent, out_dir, cfg: MeanFlowConfig, extra: dict | None = None) -> Path:
