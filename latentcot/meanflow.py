@@ -27,7 +27,7 @@ __all__ = ['SPECIAL_TOKENS', 'SET_TAGS', 'ATTN_NAME', 'LLADA_MASK_ID', 'char_tok
            'embedding_tangent', 'jvp_dudt', 'meanflow_loss', 'meanflow_step', 'meanflow_fixed_point', 'optimum_fn',
            'meanflow_lightning_module', 'distill_batches', 'check_run_dir', 'train_meanflow', 'save_student',
            'load_student', 'meanflow_parser', 'main', 'ban_special', 'generate', 'teacher_fn', 'student_fn', 'canvas',
-           'teacher_samples_meta', 'save_teacher_samples', 'load_teacher_samples', 'teacher_samples']
+           'teacher_samples_meta', 'save_teacher_samples', 'load_teacher_samples', 'teacher_samples', 'pick_noise']
 
 # %% ../nbs/20_meanflow.ipynb #78eaf371
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[EOS]", "[MASK]", "<arith>", "<text>")
@@ -346,28 +346,34 @@ def timestep_embedding(t, dim: int, max_period: float = 10000.0, scale: float = 
     return torch.cat([a.cos(), a.sin()], -1)
 
 class SoftPrompt(nn.Module):
-    "MLP(emb(r), emb(t)) -> K/V prefixes `[B, num_layers, 2, num_kv_heads, prompt_length, head_dim]`, plus per-layer gates."
+    "MLP(emb(r), emb(t) [, z]) -> K/V prefixes `[B, num_layers, 2, num_kv_heads, prompt_length, head_dim]`, plus per-layer gates."
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, prompt_length: int = 8,
-                 time_dim: int = 64, hidden: int = 128, time_scale: float = 10.0):
+                 time_dim: int = 64, hidden: int = 128, time_scale: float = 10.0, noise_dim: int = 0):
         super().__init__()
         self.shape, self.time_dim, self.time_scale = (num_layers, 2, num_kv_heads, prompt_length, head_dim), time_dim, time_scale
         self.mlp = nn.Sequential(nn.Linear(2 * time_dim, hidden), nn.SiLU(), nn.Linear(hidden, math.prod(self.shape)))
+        # optional noise input (see "A noise input" below): z [B, noise_dim] is added to the first layer's pre-activation
+        self.noise_dim = noise_dim
+        self.noise = nn.Linear(noise_dim, hidden, bias=False) if noise_dim else None
+        if noise_dim: nn.init.normal_(self.noise.weight, std=noise_dim ** -0.5)
         self.gate = nn.Parameter(torch.zeros(num_layers))  # zero-init: the student starts at the teacher
 
-    def forward(self, r, t):
+    def forward(self, r, t, z=None):
         e = torch.cat([timestep_embedding(r, self.time_dim, scale=self.time_scale),
                        timestep_embedding(t, self.time_dim, scale=self.time_scale)], -1)
         dt = self.mlp[0].weight.dtype
-        return self.mlp(e.to(dt)).view(-1, *self.shape), self.gate
+        h = self.mlp[0](e.to(dt))
+        if self.noise is not None and z is not None: h = h + self.noise(z.to(dt))  # z=None: no noise, the same as z=0
+        return self.mlp[2](self.mlp[1](h)).view(-1, *self.shape), self.gate
 
 class MeanFlowStudent(nn.Module):
     "`u(x_t, r, t)`: the frozen backbone with the soft prompt's gated prefixes; `teacher(...)` is the bare backbone."
     def __init__(self, backbone, prompt_length: int = 8, time_dim: int = 64, hidden: int = 128, time_scale: float = 10.0,
-                 seed: int | None = 0):
+                 seed: int | None = 0, noise_dim: int = 0):
         super().__init__()
         self.backbone = backbone.eval().requires_grad_(False)
         make = lambda: SoftPrompt(backbone.num_layers, backbone.num_kv_heads, backbone.head_dim, prompt_length, time_dim,
-                                  hidden, time_scale)
+                                  hidden, time_scale, noise_dim)
         if seed is None: self.prompt = make()  # from the global RNG
         else:  # the prompt's initial weights depend on `seed` only, and the global RNG does not move
             with torch.random.fork_rng(devices=[]): torch.manual_seed(seed); self.prompt = make()
@@ -377,8 +383,11 @@ class MeanFlowStudent(nn.Module):
         super().train(mode); self.backbone.eval()  # the base stays frozen and deterministic
         return self
 
-    def forward(self, embeds, r, t):
-        prefix, gate = self.prompt(r, t)
+    @property
+    def noise_dim(self) -> int: return self.prompt.noise_dim
+
+    def forward(self, embeds, r, t, z=None):
+        prefix, gate = self.prompt(r, t, z)
         return self.backbone.logits(embeds, prefix.to(embeds.dtype), gate.to(embeds.dtype))
 
     def teacher(self, embeds): return self.backbone.logits(embeds)
@@ -397,6 +406,9 @@ class MeanFlowConfig:
     integral_steps: int = 16         # target="integral": teacher calls (Euler steps) per row
     sampler_steps: int = 64          # target="sampler": teacher steps (low-confidence remasking) of every label row
     sampler_rows: int = 2048         # target="sampler": teacher samples drawn once before training, re-masked at every visit
+    noise_dim: int = 0               # > 0 (target="sampler"): the prompt also reads noise z ~ N(0, I), one vector per row, and each
+                                     # label row trains with the best of `noise_candidates` draws (IMLE); see "A noise input"
+    noise_candidates: int = 8
     adaptive_p: float = 0.0          # 0 disables MeanFlow's adaptive weighting
     adaptive_c: float = 1e-3
     prompt_length: int = 8
@@ -414,6 +426,10 @@ class MeanFlowConfig:
         if self.target == "sampler" and self.loss == "mse": raise ValueError("target='sampler' has hard labels: use loss kl or ce, not mse")
         if self.sampler_steps < 1 or self.sampler_rows < 1:
             raise ValueError(f"sampler_steps and sampler_rows must be >= 1, got {self.sampler_steps} and {self.sampler_rows}")
+        if self.noise_dim < 0 or self.noise_candidates < 1:
+            raise ValueError(f"noise_dim must be >= 0 and noise_candidates >= 1, got {self.noise_dim} and {self.noise_candidates}")
+        if self.noise_dim and self.target != "sampler":
+            raise ValueError(f"noise_dim > 0 needs target='sampler' (the noise is matched to the teacher's samples), got target={self.target!r}")
         if not 0 <= self.ratio_r_neq_t <= 1: raise ValueError(f"ratio_r_neq_t must be in [0, 1], got {self.ratio_r_neq_t}")
 
 def sample_times(n: int, cfg: MeanFlowConfig, generator=None, device=None):
@@ -453,7 +469,7 @@ def meanflow_loss(u, u_tgt, masked, cfg: MeanFlowConfig):
 
 def meanflow_step(student: MeanFlowStudent, x0, prompt_mask, cfg: MeanFlowConfig, generator=None):
     "One MeanFlow distillation step (seed 003 §4; `cfg.target` picks the target): `(loss, logs)`; gradients reach only the soft prompt."
-    bb = student.backbone
+    bb, z = student.backbone, None
     r, t = sample_times(x0.shape[0], cfg, generator, x0.device)
     if cfg.target == "sampler": r = torch.where(r < t, torch.zeros_like(r), r)  # hard labels are the sampler's end point: r = 0
     xt, masked = mask_tokens(x0, t, prompt_mask, bb.mask_id, generator)
@@ -466,10 +482,11 @@ def meanflow_step(student: MeanFlowStudent, x0, prompt_mask, cfg: MeanFlowConfig
         elif cfg.target == "sampler":  # one-hot logits of x0 (finite, so KL = CE exactly); rows with r = t keep v
             hard = torch.full(v.shape, -1e4, device=v.device).scatter_(-1, x0[..., None], 0.0)
             u_tgt = torch.where((r < t)[:, None, None], hard, v.float())
+            if student.noise_dim: z = pick_noise(student, emb, r, t, x0, masked & (r < t)[:, None], cfg.noise_candidates, generator)
         else:
             tangent = embedding_tangent(v, emb, bb.embedding_weight, masked, cfg.tangent_sign)
             u_tgt = v.float() - (t - r)[:, None, None] * jvp_dudt(student, emb, r, t, tangent).float()
-    u = student(emb, r, t)
+    u = student(emb, r, t, z)
     loss, rows = meanflow_loss(u, u_tgt, masked, cfg)
     with torch.no_grad():
         agree = ((u.argmax(-1) == v.argmax(-1)) & masked).sum() / masked.sum().clamp(min=1)
@@ -617,7 +634,7 @@ def save_student(student: MeanFlowStudent, out_dir, cfg: MeanFlowConfig, extra: 
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     p = student.prompt
     meta = {"shape": list(p.shape), "time_dim": p.time_dim, "hidden": p.mlp[0].out_features, "time_scale": p.time_scale,
-            "config": asdict(cfg), **(extra or {})}
+            "noise_dim": p.noise_dim, "config": asdict(cfg), **(extra or {})}
     for name, write in (("soft_prompt.safetensors", lambda f: save_file({k: v.detach().cpu().contiguous() for k, v in p.state_dict().items()}, f)),
                         ("meanflow.json", lambda f: Path(f).write_text(json.dumps(meta, indent=1)))):
         fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}."); os.close(fd)
@@ -634,7 +651,7 @@ def load_student(backbone, path) -> MeanFlowStudent:
     if (L, kv, hd) != (backbone.num_layers, backbone.num_kv_heads, backbone.head_dim):
         raise ValueError(f"{p}: soft prompt is for {L} layers x {kv} kv heads x head dim {hd}, the backbone has "
                          f"{backbone.num_layers} x {backbone.num_kv_heads} x {backbone.head_dim}")
-    s = MeanFlowStudent(backbone, P, meta["time_dim"], meta["hidden"], meta["time_scale"])
+    s = MeanFlowStudent(backbone, P, meta["time_dim"], meta["hidden"], meta["time_scale"], noise_dim=meta.get("noise_dim", 0))
     s.prompt.load_state_dict(load_file(p / "soft_prompt.safetensors"))
     return s.eval()
 
@@ -668,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
     sets = load_text_sets(tok, info["recipe"]["canvas"])
     from accelerate import Accelerator
     acc = Accelerator(cpu=not torch.cuda.is_available())
-    student = MeanFlowStudent(teacher, cfg.prompt_length, seed=cfg.seed)
+    student = MeanFlowStudent(teacher, cfg.prompt_length, seed=cfg.seed, noise_dim=cfg.noise_dim)
     train_meanflow(student, sets, cfg, acc, out_dir=a.out, save_every=a.save_every, resume=not a.no_resume,
                    run_meta={"teacher": info["recipe"]})
     if acc.is_main_process:
@@ -722,9 +739,11 @@ def teacher_fn(backbone) -> Callable:
     "`logits_fn` of the teacher (times ignored: LLaDA has no time input)."
     return lambda x, r=None, t=None: backbone.logits(backbone.embed(x))
 
-def student_fn(student: MeanFlowStudent) -> Callable:
-    "`logits_fn` of the student: the average-velocity logits `u(x, r, t)`."
-    return lambda x, r, t: student(student.backbone.embed(x), r.to(x.device), t.to(x.device))
+def student_fn(student: MeanFlowStudent, z=None) -> Callable:
+    "`logits_fn` of the student: the average-velocity logits `u(x, r, t)`; a noise student reads its rows' noise `z` at every call."
+    if student.noise_dim and z is None:
+        raise ValueError(f"this student reads noise: pass z of shape [rows, {student.noise_dim}], e.g. torch.randn(rows, {student.noise_dim})")
+    return lambda x, r, t: student(student.backbone.embed(x), r.to(x.device), t.to(x.device), None if z is None else z.to(x.device))
 
 def canvas(tok, n: int, kind: str = "synthetic", length: int = 64, prompts: list[str] | None = None):
     "`n` rows `[tag] prompt [MASK]...` of `1 + length` tokens (free generation without `prompts`)."
@@ -795,6 +814,19 @@ def teacher_samples(backbone, sets: dict, cfg: MeanFlowConfig, seed: int = 0, ch
         save_teacher_samples(pool, path, meta)
         if log: log(f"teacher samples: drew {len(pool)} rows, saved to {path}")
     return pool
+
+# %% ../nbs/20_meanflow.ipynb #noise-fn
+@torch.no_grad()
+def pick_noise(student: MeanFlowStudent, embeds, r, t, x0, masked, candidates: int, generator=None):
+    """Noise `[B, noise_dim]` for each row: of `candidates` draws `z ~ N(0, I)`, the one under which the student gives `x0` the
+    highest likelihood on `masked` (IMLE); rows with nothing masked get `z = 0`."""
+    B, m = x0.shape[0], candidates
+    zc = torch.randn(B, m, student.noise_dim, generator=generator, device=x0.device)
+    rep = lambda a: a.repeat_interleave(m, 0)
+    ce = F.cross_entropy(student(rep(embeds), rep(r), rep(t), zc.flatten(0, 1)).float().transpose(1, 2), rep(x0), reduction="none")
+    best = (ce * rep(masked)).sum(1).view(B, m).argmin(1)
+    z = zc[torch.arange(B, device=x0.device), best]
+    return torch.where(masked.any(1)[:, None], z, torch.zeros_like(z))
 
 # %% ../nbs/20_meanflow.ipynb #fa543f1b
 if __name__ == "__main__" and sys.argv[0].endswith("meanflow.py"): sys.exit(main())

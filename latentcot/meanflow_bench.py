@@ -108,7 +108,7 @@ def student_for(teacher, info, sets, cfg: MeanFlowConfig, cache_dir=None, log=pr
     d = Path(cache_dir or cache_root()) / f"meanflow-student-{key}"
     if (d / "meanflow.json").is_file(): return load_student(teacher, d), json.loads((d / "meanflow.json").read_text())
     t0 = time.time()
-    student = MeanFlowStudent(teacher, cfg.prompt_length, seed=cfg.seed)  # the same config, the same student
+    student = MeanFlowStudent(teacher, cfg.prompt_length, seed=cfg.seed, noise_dim=cfg.noise_dim)  # the same config, the same student
     run = d.with_name(d.name + ".run")  # checkpoints and teacher samples: a distillation killed midway resumes from here
     train_meanflow(student, sets, cfg, log=log, out_dir=run, save_every=50)
     hist = read_metrics(run / "metrics.jsonl")
@@ -182,12 +182,14 @@ def bench_meanflow(recipe: TeacherRecipe = TeacherRecipe(), cfg: MeanFlowConfig 
         nll = likelihood_bound(teacher_fn(teacher), ref_x, ref_pm, tok.mask_token_id, n_mc=4, generator=torch.Generator().manual_seed(seed))
         res = {"data": quality(decode_canvas(tok, ref_x), kind, nll), "runs": {},
                "optimum_gap": optimum_gap(teacher, student, x, optimum_steps, cfg.tangent_sign)}
+        # a noise student's randomness is z, one vector per row, the same for every step and seed of the run
+        z = torch.randn(n, student.noise_dim, generator=torch.Generator().manual_seed(seed)) if student.noise_dim else None
         generate(teacher_fn(teacher), x[:2], tok.mask_token_id, 2)  # warm-up, so the first timed run is not penalised
         for name, fn, stp, temp, rem in ([("teacher-lc", teacher_fn(teacher), s, temperature, "low_confidence") for s in steps]
                                          + [("teacher-rand", teacher_fn(teacher), s, temperature, "random") for s in steps]
-                                         + [("student", student_fn(student), s, temperature, "low_confidence") for s in student_steps]
+                                         + [("student", student_fn(student, z), s, temperature, "low_confidence") for s in student_steps]
                                          + [("teacher-argmax", teacher_fn(teacher), s, 0.0, "low_confidence") for s in sorted({1, max(steps)})]
-                                         + [("student-argmax", student_fn(student), 1, 0.0, "low_confidence"),
+                                         + [("student-argmax", student_fn(student, z), 1, 0.0, "low_confidence"),
                                             ("mf-optimum", optimum, 1, temperature, "low_confidence"),
                                             ("mf-optimum-argmax", optimum, 1, 0.0, "low_confidence")]):
             r = run_generation(fn, x, tok, stp, kind, teacher, temp, rem, seed)
@@ -233,6 +235,15 @@ def goals(out: dict) -> dict:
                                "ratio_to_max": sa["validity"] / tam["validity"] if tam["validity"] else float("nan"),
                                "reaches_80pct": tam["validity"] > 0 and sa["validity"] >= 0.8 * tam["validity"],
                                "unique_lines": {"student_1": sa["unique_lines"], "teacher_max": tam["unique_lines"]}}
+            if sa and out.get("config", {}).get("noise_dim"):  # a noise student samples through z: argmax given z is its generator
+                nse = (sa["validity_se"] ** 2 + t1["validity_se"] ** 2) ** 0.5
+                e["noise"] = {"student_1": sa["validity"], "teacher_1": t1["validity"], "teacher_max": tmax["validity"], "gap_se": nse,
+                              "beats_teacher_1": sa["validity"] - t1["validity"] > 2 * nse,
+                              "ratio_to_max": sa["validity"] / tmax["validity"] if tmax["validity"] else float("nan"),
+                              "reaches_80pct": tmax["validity"] > 0 and sa["validity"] >= 0.8 * tmax["validity"],
+                              "speedup_vs_max_steps": tmax["seconds"] / sa["seconds"],
+                              # diversity beside validity: a generator that repeats a few good lines scores well too
+                              **{m: {"student_1": sa.get(m), "teacher_max": tmax.get(m)} for m in ("unique_lines", "distinct_4", "nll_bound")}}
             mc = res.get("marginal_ceiling")
             if mc and mc["source_validity"]:
                 e.update({"marginals_1": mc["validity"], "marginals_source": mc["source_validity"],
@@ -279,6 +290,13 @@ def format_table(out: dict) -> str:
                   + f", vs teacher-{e['max_steps']} "
                   f"{a['teacher_max']:.3f} = {a['ratio_to_max']:.0%} [{'>=' if a['reaches_80pct'] else '<'} 80%]; unique lines student "
                   f"{a['unique_lines']['student_1']:.2f}, teacher-{e['max_steps']} {a['unique_lines']['teacher_max']:.2f} (argmax of free rows repeats one line)")
+        if "noise" in e:
+            z = e["noise"]
+            s += (f"\n{'':<20} noise student (z ~ N(0, I) per row, then argmax): student-1 {z['student_1']:.3f} vs teacher-1 sampled "
+                  f"{z['teacher_1']:.3f} [{'PASS' if z['beats_teacher_1'] else 'FAIL'} beats by > 2 SE = {2 * z['gap_se']:.3f}], vs teacher-{e['max_steps']} "
+                  f"sampled {z['teacher_max']:.3f} = {z['ratio_to_max']:.0%} [{'PASS' if z['reaches_80pct'] else 'FAIL'} >= 80%], "
+                  f"{z['speedup_vs_max_steps']:.0f}x faster; unique lines {z['unique_lines']['student_1']:.2f} vs {z['unique_lines']['teacher_max']:.2f}, "
+                  f"distinct-4 {z['distinct_4']['student_1']:.3f} vs {z['distinct_4']['teacher_max']:.3f}")
         if "marginals_1" in e:
             s += (f"\n{'':<20} a one-step student matching the teacher-{e['max_steps']} per-position marginals exactly "
                   f"({out.get('marginal_samples')} samples per row): {e['marginals_1']:.3f} = {e['marginals_ratio_to_source']:.0%} "
@@ -333,6 +351,9 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--integral-steps", type=int, default=MeanFlowConfig.integral_steps, help="--target integral: teacher calls per row")
     p.add_argument("--sampler-steps", type=int, default=MeanFlowConfig.sampler_steps, help="--target sampler: teacher steps per label row")
     p.add_argument("--sampler-rows", type=int, default=MeanFlowConfig.sampler_rows, help="--target sampler: teacher samples drawn before training")
+    p.add_argument("--noise-dim", type=int, default=MeanFlowConfig.noise_dim,
+                   help="--target sampler: N > 0 gives the student a noise input z ~ N(0, I) of N dims, trained by IMLE")
+    p.add_argument("--noise-candidates", type=int, default=MeanFlowConfig.noise_candidates, help="--noise-dim: draws of z per label row")
     p.add_argument("--time-mu", type=float, default=MeanFlowConfig.time_mu, help="logit-normal time sampler: mean")
     p.add_argument("--time-sigma", type=float, default=MeanFlowConfig.time_sigma, help="logit-normal time sampler: std")
     p.add_argument("--prompt-length", type=int, default=MeanFlowConfig.prompt_length, help="soft prompt length")
@@ -355,6 +376,7 @@ def bench_meanflow_main(argv: list[str] | None = None) -> int:
     cfg = MeanFlowConfig(steps=4 if a.quick else a.distill_steps, batch=8 if a.quick else MeanFlowConfig.batch, loss=a.loss,
                          tangent_sign=a.tangent_sign, ratio_r_neq_t=a.ratio_r_neq_t, lr=a.lr, seed=a.seed, target=a.target,
                          integral_steps=a.integral_steps, time_mu=a.time_mu, time_sigma=a.time_sigma, prompt_length=a.prompt_length,
+                         noise_dim=a.noise_dim, noise_candidates=a.noise_candidates,
                          sampler_steps=min(a.sampler_steps, 4) if a.quick else a.sampler_steps,
                          sampler_rows=min(a.sampler_rows, 16) if a.quick else a.sampler_rows)
     steps = tuple(int(s) for s in a.steps.split(","))
