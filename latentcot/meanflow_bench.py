@@ -207,6 +207,15 @@ def _run(res, name, steps):
     "The run `name` at `steps` in one setting's results (or None)."
     return next((r for r in res["runs"].get(name, []) if r["steps"] == steps), None)
 
+def _versus(s, t1, tmax) -> dict:
+    "Validity of run `s` against the teacher's runs `t1` (one step) and `tmax`: the gap's SE, beats `t1` by > 2 SE, ratio, >= 80%."
+    # "clearly": the gap must exceed twice its standard error (lines scored independently)
+    se = (s["validity_se"] ** 2 + t1["validity_se"] ** 2) ** 0.5
+    return {"student_1": s["validity"], "teacher_1": t1["validity"], "teacher_max": tmax["validity"], "gap_se": se,
+            "beats_teacher_1": s["validity"] - t1["validity"] > 2 * se,
+            "ratio_to_max": s["validity"] / tmax["validity"] if tmax["validity"] else float("nan"),
+            "reaches_80pct": tmax["validity"] > 0 and s["validity"] >= 0.8 * tmax["validity"]}
+
 def goals(out: dict) -> dict:
     "PASS/FAIL of the issue's three goals in every synthetic setting, with the measured ratios and the loss's ceiling."
     g = {}
@@ -218,30 +227,16 @@ def goals(out: dict) -> dict:
         e = {"speedup_vs_max_steps": tmax["seconds"] / s1["seconds"], "max_steps": tmax["steps"],
              "faster_30x": tmax["seconds"] / s1["seconds"] >= 30}
         if "validity" in s1:
-            # "clearly": the gap must exceed twice its standard error (lines scored independently)
-            se = (s1["validity_se"] ** 2 + t1["validity_se"] ** 2) ** 0.5
-            e.update({"student_1": s1["validity"], "teacher_1": t1["validity"], "teacher_max": tmax["validity"],
-                      "gap_se": se, "beats_teacher_1": s1["validity"] - t1["validity"] > 2 * se,
-                      "ratio_to_max": s1["validity"] / tmax["validity"] if tmax["validity"] else float("nan"),
-                      "reaches_80pct": tmax["validity"] > 0 and s1["validity"] >= 0.8 * tmax["validity"]})
+            e.update(_versus(s1, t1, tmax))
             o1 = _run(res, "mf-optimum", 1)
             if o1: e.update({"optimum_1": o1["validity"], "optimum_ratio_to_max": o1["validity"] / tmax["validity"] if tmax["validity"] else float("nan")})
             sa, ta1, tam = _run(res, "student-argmax", 1), _run(res, "teacher-argmax", 1), _run(res, "teacher-argmax", tmax["steps"])
             if sa and ta1 and tam:  # temperature 0 on both sides; unique lines beside, since argmax collapses free rows
-                ase = (sa["validity_se"] ** 2 + ta1["validity_se"] ** 2) ** 0.5
-                e["argmax"] = {"student_1": sa["validity"], "teacher_1": ta1["validity"], "teacher_max": tam["validity"],
-                               # no spread (every row the same line, as argmax of free rows): no verdict, not a "win"
-                               "gap_se": ase, "beats_teacher_1": sa["validity"] - ta1["validity"] > 2 * ase if ase > 0 else None,
-                               "ratio_to_max": sa["validity"] / tam["validity"] if tam["validity"] else float("nan"),
-                               "reaches_80pct": tam["validity"] > 0 and sa["validity"] >= 0.8 * tam["validity"],
-                               "unique_lines": {"student_1": sa["unique_lines"], "teacher_max": tam["unique_lines"]}}
+                a = _versus(sa, ta1, tam)
+                if a["gap_se"] == 0: a["beats_teacher_1"] = None  # no spread (every row the same line, as argmax of free rows): no verdict
+                e["argmax"] = {**a, "unique_lines": {"student_1": sa["unique_lines"], "teacher_max": tam["unique_lines"]}}
             if sa and out.get("config", {}).get("noise_dim"):  # a noise student samples through z: argmax given z is its generator
-                nse = (sa["validity_se"] ** 2 + t1["validity_se"] ** 2) ** 0.5
-                e["noise"] = {"student_1": sa["validity"], "teacher_1": t1["validity"], "teacher_max": tmax["validity"], "gap_se": nse,
-                              "beats_teacher_1": sa["validity"] - t1["validity"] > 2 * nse,
-                              "ratio_to_max": sa["validity"] / tmax["validity"] if tmax["validity"] else float("nan"),
-                              "reaches_80pct": tmax["validity"] > 0 and sa["validity"] >= 0.8 * tmax["validity"],
-                              "speedup_vs_max_steps": tmax["seconds"] / sa["seconds"],
+                e["noise"] = {**_versus(sa, t1, tmax), "speedup_vs_max_steps": tmax["seconds"] / sa["seconds"],
                               # diversity beside validity: a generator that repeats a few good lines scores well too
                               **{m: {"student_1": sa.get(m), "teacher_max": tmax.get(m)} for m in ("unique_lines", "distinct_4", "nll_bound")}}
             mc = res.get("marginal_ceiling")
