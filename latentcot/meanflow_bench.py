@@ -22,8 +22,9 @@ from .trainer import read_metrics
 
 # %% auto #0
 __all__ = ['fact_errors', 'sample_entropy', 'distinct_n', 'quality', 'run_generation', 'heldout_prompts', 'meanflow_code_version',
-           'student_key', 'student_for', 'saved_student', 'optimum_gap', 'marginal_ceiling', 'bench_meanflow', 'goals',
-           'format_table', 'plot_bench', 'bench_parser', 'bench_meanflow_main']
+           'student_key', 'student_for', 'saved_student', 'optimum_gap', 'marginal_ceiling', 'bench_meanflow',
+           'noise_sweep', 'diversity_matched', 'goals', 'format_table', 'plot_bench', 'bench_parser',
+           'bench_meanflow_main']
 
 # %% ../nbs/21_meanflow_bench.ipynb #64a873f0
 _FACT = re.compile(r"(\d{1,3})([+-])(\d{1,3})=(\d{1,3})")
@@ -157,9 +158,12 @@ def marginal_ceiling(teacher, tok, x, kind: str, k: int, steps: int = 64, temper
 def bench_meanflow(recipe: TeacherRecipe = TeacherRecipe(), cfg: MeanFlowConfig = MeanFlowConfig(),
                    n: int = 64, steps=(1, 2, 4, 8, 16, 64), student_steps=(1, 2, 4), temperature: float = 1.0,
                    settings=(("synthetic", "free"), ("synthetic", "prompted"), ("english", "free"), ("english", "prompted")),
-                   seed: int = 0, cache_dir=None, optimum_steps: int = 32, student_dir=None, marginal_samples: int = 0, log=print) -> dict:
+                   seed: int = 0, cache_dir=None, optimum_steps: int = 32, student_dir=None, marginal_samples: int = 0,
+                   noise_temperatures=(0.25, 0.5, 0.75), log=print) -> dict:
     """Run every generator on every setting at batch size `n`; return the metrics (JSON-ready).
-    `student_dir`: a saved student instead of distilling one. `marginal_samples` > 0: add `marginal_ceiling` (synthetic settings)."""
+    `student_dir`: a saved student instead of distilling one. `marginal_samples` > 0: add `marginal_ceiling` (synthetic settings).
+    `noise_temperatures`: a noise student also runs one step at these temperatures given `z` (`student-z` runs), between its
+    argmax (0) and its per-position sampling (the `student` run at `temperature`)."""
     t_start = time.time()
     teacher, tok, info = get_teacher(recipe, cache_dir=cache_dir, log=log)
     sets = load_text_sets(tok, recipe.canvas)
@@ -171,7 +175,7 @@ def bench_meanflow(recipe: TeacherRecipe = TeacherRecipe(), cfg: MeanFlowConfig 
            "threads": torch.get_num_threads(), "teacher_train_seconds": info["train_seconds"],
            "student_train_seconds": smeta.get("train_seconds"), "student_gates": smeta.get("gates"),
            "optimum_steps": optimum_steps, "student_dir": None if student_dir is None else str(student_dir),
-           "marginal_samples": marginal_samples, "settings": {}}
+           "marginal_samples": marginal_samples, "noise_temperatures": list(noise_temperatures) if student.noise_dim else [], "settings": {}}
     optimum = optimum_fn(teacher, optimum_steps, cfg.tangent_sign)
     for kind, mode in settings:
         prompts = heldout_prompts(tok, sets, kind, n) if mode == "prompted" else None
@@ -191,9 +195,10 @@ def bench_meanflow(recipe: TeacherRecipe = TeacherRecipe(), cfg: MeanFlowConfig 
                                          + [("teacher-argmax", teacher_fn(teacher), s, 0.0, "low_confidence") for s in sorted({1, max(steps)})]
                                          + [("student-argmax", student_fn(student, z), 1, 0.0, "low_confidence"),
                                             ("mf-optimum", optimum, 1, temperature, "low_confidence"),
-                                            ("mf-optimum-argmax", optimum, 1, 0.0, "low_confidence")]):
+                                            ("mf-optimum-argmax", optimum, 1, 0.0, "low_confidence")]
+                                         + [("student-z", student_fn(student, z), 1, T, "low_confidence") for T in out["noise_temperatures"]]):
             r = run_generation(fn, x, tok, stp, kind, teacher, temp, rem, seed)
-            res["runs"].setdefault(name, []).append(r)
+            res["runs"].setdefault(name, []).append({**r, "temperature": temp})
         if marginal_samples > 0 and kind == "synthetic":
             res["marginal_ceiling"] = marginal_ceiling(teacher, tok, x, kind, marginal_samples, max(steps), temperature, seed)
         out["settings"][f"{kind}/{mode}"] = res
@@ -215,6 +220,23 @@ def _versus(s, t1, tmax) -> dict:
             "beats_teacher_1": s["validity"] - t1["validity"] > 2 * se,
             "ratio_to_max": s["validity"] / tmax["validity"] if tmax["validity"] else float("nan"),
             "reaches_80pct": tmax["validity"] > 0 and s["validity"] >= 0.8 * tmax["validity"]}
+
+def noise_sweep(out: dict, res: dict) -> list[tuple[float, dict]]:
+    "A noise student's one-step runs given `z` in one setting, as `(temperature, run)` from argmax (0) to per-position sampling."
+    runs = [(0.0, r) for r in res["runs"].get("student-argmax", [])] + [(r["temperature"], r) for r in res["runs"].get("student-z", [])]
+    s1 = _run(res, "student", 1)
+    if s1: runs.append((s1.get("temperature", out.get("temperature", 1.0)), s1))
+    return sorted(runs, key=lambda tr: tr[0])
+
+def diversity_matched(sweep, t1, tmax) -> dict:
+    "The most valid run of `sweep` that is at least as diverse as `tmax` (unique lines and distinct-4 both), against `t1` and `tmax`."
+    keys = ("validity", "unique_lines", "distinct_4")
+    d = {"sweep": [{"temperature": T, **{k: r[k] for k in keys}} for T, r in sweep],
+         "teacher_max_diversity": {k: tmax[k] for k in keys[1:]}, "temperature": None}
+    ok = [(T, r) for T, r in sweep if r["unique_lines"] >= tmax["unique_lines"] and r["distinct_4"] >= tmax["distinct_4"]]
+    if not ok: return d
+    T, best = max(ok, key=lambda tr: tr[1]["validity"])
+    return {**d, "temperature": T, **_versus(best, t1, tmax)}
 
 def goals(out: dict) -> dict:
     "PASS/FAIL of the issue's three goals in every synthetic setting, with the measured ratios and the loss's ceiling."
@@ -239,6 +261,9 @@ def goals(out: dict) -> dict:
                 e["noise"] = {**_versus(sa, t1, tmax), "speedup_vs_max_steps": tmax["seconds"] / sa["seconds"],
                               # diversity beside validity: a generator that repeats a few good lines scores well too
                               **{m: {"student_1": sa.get(m), "teacher_max": tmax.get(m)} for m in ("unique_lines", "distinct_4", "nll_bound")}}
+                # the same goal at the teacher's diversity: its temperature given z trades validity for varied lines
+                if all(m in r for _, r in noise_sweep(out, res) for m in ("unique_lines", "distinct_4")) and "distinct_4" in tmax:
+                    e["noise_matched"] = diversity_matched(noise_sweep(out, res), t1, tmax)
             mc = res.get("marginal_ceiling")
             if mc and mc["source_validity"]:
                 e.update({"marginals_1": mc["validity"], "marginals_source": mc["source_validity"],
@@ -259,6 +284,7 @@ def format_table(out: dict) -> str:
         tmax = max(res["runs"]["teacher-lc"], key=lambda r: r["steps"])["seconds"]
         rows = [("data", res["data"])] + [(name, r) for name, rs in res["runs"].items() for r in rs]
         for name, r in rows:
+            if name == "student-z": name = f"student-z T{r['temperature']:g}"
             s = f"{name:<18}{r.get('steps', ''):>6}" + (f"{r['seconds']:>9.3f}{tmax / r['seconds']:>9.1f}" if "seconds" in r else f"{'':>18}")
             if syn: s += f"{r['validity']:>7.3f}{r['fully_valid']:>6.2f}"
             s += f"{r['nll_bound']:>7.3f}{r['entropy_bits']:>8.2f}{r['distinct_2']:>7.3f}{r['distinct_4']:>7.3f}{r['unique_lines']:>6.2f}"
@@ -292,6 +318,14 @@ def format_table(out: dict) -> str:
                   f"sampled {z['teacher_max']:.3f} = {z['ratio_to_max']:.0%} [{'PASS' if z['reaches_80pct'] else 'FAIL'} >= 80%], "
                   f"{z['speedup_vs_max_steps']:.0f}x faster; unique lines {z['unique_lines']['student_1']:.2f} vs {z['unique_lines']['teacher_max']:.2f}, "
                   f"distinct-4 {z['distinct_4']['student_1']:.3f} vs {z['distinct_4']['teacher_max']:.3f}")
+        if "noise_matched" in e:
+            z, dv = e["noise_matched"], e["noise_matched"]["teacher_max_diversity"]
+            sw = ", ".join(f"T{r['temperature']:g} {r['validity']:.3f}/{r['unique_lines']:.2f}/{r['distinct_4']:.3f}" for r in z["sweep"])
+            s += f"\n{'':<20} noise student at the teacher-{e['max_steps']}'s diversity (unique lines >= {dv['unique_lines']:.2f}, distinct-4 >= {dv['distinct_4']:.3f}): "
+            s += ("no temperature of the sweep gets there" if z["temperature"] is None else
+                  f"T{z['temperature']:g} {z['student_1']:.3f} vs teacher-1 {z['teacher_1']:.3f} [{'PASS' if z['beats_teacher_1'] else 'FAIL'} beats by > 2 SE], "
+                  f"= {z['ratio_to_max']:.0%} of teacher-{e['max_steps']} [{'PASS' if z['reaches_80pct'] else 'FAIL'} >= 80%]")
+            s += f"\n{'':<20}   sweep given z, temperature validity/unique/distinct-4: {sw}"
         if "marginals_1" in e:
             s += (f"\n{'':<20} a one-step student matching the teacher-{e['max_steps']} per-position marginals exactly "
                   f"({out.get('marginal_samples')} samples per row): {e['marginals_1']:.3f} = {e['marginals_ratio_to_source']:.0%} "
@@ -324,7 +358,28 @@ def plot_bench(out: dict, out_dir) -> list[Path]:
         fig.suptitle(f"LLaDA-MeanFlow: {key}"); fig.tight_layout()
         p = out_dir / f"meanflow_{key.replace('/', '_')}.png"
         fig.savefig(p, dpi=90); plt.close(fig); paths.append(p)
+        sweep, lc = noise_sweep(out, res), res["runs"].get("teacher-lc", [])
+        if key.startswith("synthetic") and len(sweep) > 1 and lc:
+            paths.append(_plot_diversity(plt, key, sweep, lc, out_dir))
     return paths
+
+def _plot_diversity(plt, key, sweep, lc, out_dir) -> Path:
+    "Validity against unique lines and distinct-4: the teacher by steps, the noise student by temperature (up and right is better)."
+    tmax = max(lc, key=lambda r: r["steps"])
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+    for ax, m in zip(axes, ("unique_lines", "distinct_4")):
+        ax.plot([r[m] for r in lc], [r["validity"] for r in lc], "o-", label="teacher-lc (label: steps)")
+        for r in lc: ax.annotate(str(r["steps"]), (r[m], r["validity"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.plot([r[m] for _, r in sweep], [r["validity"] for _, r in sweep], "D-", label="noise student, 1 step (label: temperature)")
+        for T, r in sweep: ax.annotate(f"T{T:g}", (r[m], r["validity"]), fontsize=7, xytext=(3, -9), textcoords="offset points")
+        ax.axhline(0.8 * tmax["validity"], color="gray", ls=":", label=f"80% of teacher-{tmax['steps']} validity")
+        ax.axvline(tmax[m], color="gray", ls="--", label=f"teacher-{tmax['steps']} {m}")
+        ax.set_xlabel(m); ax.set_ylabel("validity")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"LLaDA-MeanFlow: validity against diversity, {key}"); fig.tight_layout()
+    p = Path(out_dir) / f"meanflow_{key.replace('/', '_')}_diversity.png"
+    fig.savefig(p, dpi=90); plt.close(fig)
+    return p
 
 # %% ../nbs/21_meanflow_bench.ipynb #734fb398
 def bench_parser() -> argparse.ArgumentParser:
@@ -349,6 +404,8 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise-dim", type=int, default=MeanFlowConfig.noise_dim,
                    help="--target sampler: N > 0 gives the student a noise input z ~ N(0, I) of N dims, trained by IMLE")
     p.add_argument("--noise-candidates", type=int, default=MeanFlowConfig.noise_candidates, help="--noise-dim: draws of z per label row")
+    p.add_argument("--noise-temperatures", default="0.25,0.5,0.75",
+                   help="a noise student also runs one step at these temperatures given z (between argmax and --temperature)")
     p.add_argument("--time-mu", type=float, default=MeanFlowConfig.time_mu, help="logit-normal time sampler: mean")
     p.add_argument("--time-sigma", type=float, default=MeanFlowConfig.time_sigma, help="logit-normal time sampler: std")
     p.add_argument("--prompt-length", type=int, default=MeanFlowConfig.prompt_length, help="soft prompt length")
@@ -378,7 +435,8 @@ def bench_meanflow_main(argv: list[str] | None = None) -> int:
     out = bench_meanflow(recipe, cfg, n=8 if a.quick else a.n, steps=steps,
                          student_steps=tuple(int(s) for s in a.student_steps.split(",")), temperature=a.temperature,
                          seed=a.seed, cache_dir=a.cache, optimum_steps=4 if a.quick else a.optimum_steps,
-                         student_dir=a.student, marginal_samples=min(a.marginal_samples, 2) if a.quick else a.marginal_samples)
+                         student_dir=a.student, noise_temperatures=tuple(float(T) for T in a.noise_temperatures.split(",") if T),
+                         marginal_samples=min(a.marginal_samples, 2) if a.quick else a.marginal_samples)
     d = Path(a.out); d.mkdir(parents=True, exist_ok=True)
     out["plots"] = [p.name for p in plot_bench(out, d)]
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".metrics.")

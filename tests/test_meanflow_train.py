@@ -142,14 +142,15 @@ def test_cli_killed_run_resumes_to_the_same_losses(kit, tmp_path, kill_after_fir
 
 @pytest.mark.slow
 def test_two_processes_train_and_resume(kit, tmp_path):
-    "2 CPU processes (torchrun, gloo): each draws its own teacher samples, the prompts stay equal, and a resume is exact."
+    """2 CPU processes (torchrun, gloo) with a noise student: each rank draws its own teacher samples and noise candidates,
+    the prompts (noise projection included) stay equal, and a resume is exact. The killed-run test above covers noise_dim=0."""
     import shutil
     teacher, tok, sets, cache = kit
     tdir, env = _cli(cache, ACCELERATE_USE_CPU="1")
     out = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "-m", "latentcot.meanflow",
            "--teacher", str(tdir), "--out", str(out), "--steps", "6", "--save-every", "3", "--batch", "4", "--prompt-length", "3",
-           "--target", "sampler", "--sampler-rows", "8", "--sampler-steps", "2"]
+           "--target", "sampler", "--sampler-rows", "8", "--sampler-steps", "2", "--noise-dim", "2", "--noise-candidates", "3"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]  # includes the check that both ranks hold the same prompt
     pools = [out / f"teacher_samples.rank{k}.safetensors" for k in (0, 1)]
@@ -171,4 +172,7 @@ def test_two_processes_train_and_resume(kit, tmp_path):
     for s in range(1, 7):
         assert abs(got[s] - want[s]) < 1e-6, f"step {s}: resumed {got[s]} vs uninterrupted {want[s]}"
     again = load_file(out / "soft_prompt.safetensors")
+    assert "noise.weight" in final and final["noise.weight"].abs().sum() > 0
     assert all(torch.equal(final[k], again[k]) for k in final)
+    s = mf.load_student(teacher, out)
+    assert s.noise_dim == 2 and torch.equal(s.prompt.noise.weight, final["noise.weight"])
