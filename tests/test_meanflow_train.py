@@ -35,14 +35,20 @@ def count_steps(monkeypatch):
     return calls
 
 
-def test_lightning_fast_dev_run(kit, tmp_path, count_steps):
+@pytest.mark.parametrize("noise_dim", [0, 3])
+def test_lightning_fast_dev_run(kit, tmp_path, count_steps, noise_dim):
+    "One Lightning step is one meanflow_step; a noise student (IMLE against 4 teacher samples) trains through it unchanged."
     import lightning.pytorch as pl
     teacher, tok, sets, _ = kit
-    student = mf.MeanFlowStudent(teacher, prompt_length=4)
-    cfg = mf.MeanFlowConfig(batch=4, lr=1e-2)
+    student = mf.MeanFlowStudent(teacher, prompt_length=4, noise_dim=noise_dim)
+    # ratio_r_neq_t=1: every row has r < t, so every row trains at a picked z (rows with r = t get z = 0)
+    noise = {"target": "sampler", "noise_dim": 3, "noise_candidates": 2, "sampler_rows": 4, "sampler_steps": 2, "ratio_r_neq_t": 1.0} if noise_dim else {}
+    cfg = mf.MeanFlowConfig(batch=4, lr=1e-2, **noise)
+    if noise_dim:
+        with torch.no_grad(): student.prompt.gate.fill_(0.5)  # an open gate, so the first step's gradient reaches the noise projection
     module = mf.meanflow_lightning_module(student, cfg)
     assert isinstance(module, pl.LightningModule)
-    loader = torch.utils.data.DataLoader(mf.distill_batches(sets, cfg, 2), batch_size=4)
+    loader = torch.utils.data.DataLoader(mf.distill_batches(sets, cfg, 2, backbone=teacher), batch_size=4)
     prompt0 = {k: v.clone() for k, v in student.prompt.state_dict().items()}
     base0 = {k: v.clone() for k, v in student.backbone.state_dict().items()}
     trainer = pl.Trainer(fast_dev_run=True, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
@@ -53,6 +59,7 @@ def test_lightning_fast_dev_run(kit, tmp_path, count_steps):
     assert any(not torch.equal(prompt0[k], v) for k, v in student.prompt.state_dict().items())
     assert all(torch.equal(base0[k], v) for k, v in student.backbone.state_dict().items())  # base frozen
     assert not student.backbone.training  # the base stays in eval mode under Lightning's .train()
+    if noise_dim: assert not torch.equal(prompt0["noise.weight"], student.prompt.noise.weight)  # trained through pick_noise's z
 
 
 def test_accelerate_loop_uses_the_same_step(kit, count_steps):
