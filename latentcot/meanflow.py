@@ -23,11 +23,12 @@ __all__ = ['SPECIAL_TOKENS', 'SET_TAGS', 'ATTN_NAME', 'LLADA_MASK_ID', 'char_tok
            'decode_canvas', 'text_dir', 'load_text_sets', 'gated_prefix_attention', 'register_prefix_attention',
            'LlamaBackbone', 'LLaDABackbone', 'load_llada', 'mask_tokens', 'prompt_mask_of', 'llada_loss',
            'likelihood_bound', 'TeacherRecipe', 'tiny_llada', 'mixed_batches', 'train_teacher', 'load_teacher',
-           'get_teacher', 'timestep_embedding', 'SoftPrompt', 'MeanFlowStudent', 'MeanFlowConfig', 'sample_times',
-           'embedding_tangent', 'jvp_dudt', 'meanflow_loss', 'meanflow_step', 'meanflow_fixed_point', 'optimum_fn',
-           'meanflow_lightning_module', 'distill_batches', 'check_run_dir', 'train_meanflow', 'save_student',
-           'load_student', 'meanflow_parser', 'main', 'ban_special', 'generate', 'teacher_fn', 'student_fn', 'canvas',
-           'teacher_samples_meta', 'save_teacher_samples', 'load_teacher_samples', 'teacher_samples', 'pick_noise']
+           'teacher_code_version', 'get_teacher', 'timestep_embedding', 'SoftPrompt', 'MeanFlowStudent',
+           'MeanFlowConfig', 'sample_times', 'embedding_tangent', 'jvp_dudt', 'meanflow_loss', 'meanflow_step',
+           'meanflow_fixed_point', 'optimum_fn', 'meanflow_lightning_module', 'distill_batches', 'check_run_dir',
+           'train_meanflow', 'save_student', 'load_student', 'meanflow_parser', 'main', 'ban_special', 'generate',
+           'teacher_fn', 'student_fn', 'canvas', 'teacher_samples_meta', 'save_teacher_samples', 'load_teacher_samples',
+           'teacher_samples', 'pick_noise']
 
 # %% ../nbs/20_meanflow.ipynb #78eaf371
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[EOS]", "[MASK]", "<arith>", "<text>")
@@ -261,9 +262,9 @@ class TeacherRecipe:
     full_prompt_frac: float = 0.5
     seed: int = 0
 
-    def key(self, data_sha: str = "") -> str:
-        "Short hash of the recipe and the training data."
-        return hashlib.sha256(json.dumps([asdict(self), data_sha], sort_keys=True).encode()).hexdigest()[:16]
+    def key(self, data_sha: str = "", code: str = "") -> str:
+        "Short hash of the recipe, the training data and the training code's version."
+        return hashlib.sha256(json.dumps([asdict(self), data_sha, code], sort_keys=True).encode()).hexdigest()[:16]
 
 def tiny_llada(tok, recipe: TeacherRecipe):
     "A randomly initialised `LlamaForCausalLM` with LLaDA's architecture at the recipe's size."
@@ -316,12 +317,20 @@ def load_teacher(path):
     info = json.loads((p / "teacher.json").read_text())
     return LlamaBackbone(model, tok.mask_token_id).eval().requires_grad_(False), tok, info
 
+def teacher_code_version() -> str:
+    "Hash of the exported code that trains the tiny teacher: a cached teacher is reused only by the code that trained it."
+    import inspect, latentcot.meanflow as mf  # the module's source, so the notebook and the package agree
+    parts = (mf.char_tokenizer, mf.row_start_id, mf.encode_lines, mf.load_text_sets, mf.mask_tokens, mf.prompt_mask_of,
+             mf.llada_loss, mf.TeacherRecipe, mf.tiny_llada, mf.mixed_batches, mf.train_teacher, mf.LlamaBackbone)
+    return hashlib.sha256("\n".join(inspect.getsource(p) for p in parts).encode()).hexdigest()[:16]
+
 def get_teacher(recipe: TeacherRecipe = TeacherRecipe(), cache_dir=None, log: Callable | None = print):
     "The tiny teacher of `recipe`: loaded from the cache, or trained, saved with `save_pretrained` and cached."
     tok = char_tokenizer()
     sets = load_text_sets(tok, recipe.canvas)
     root = Path(cache_dir) if cache_dir is not None else cache_root()
-    final = root / f"meanflow-teacher-{recipe.key(sets['sha256'])}"
+    code = teacher_code_version()  # an edit to the teacher's training code trains a new teacher, never reuses a stale one
+    final = root / f"meanflow-teacher-{recipe.key(sets['sha256'], code)}"
     if not (final / "teacher.json").is_file():
         t0 = time.time()
         bb, losses = train_teacher(tok, recipe, sets, log)
@@ -329,7 +338,8 @@ def get_teacher(recipe: TeacherRecipe = TeacherRecipe(), cache_dir=None, log: Ca
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=".teacher-"))
         try:
             bb.model.save_pretrained(tmp); tok.save_pretrained(tmp)
-            info = {"recipe": asdict(recipe), "data_sha256": sets["sha256"], "losses": losses, "train_seconds": time.time() - t0}
+            info = {"recipe": asdict(recipe), "data_sha256": sets["sha256"], "losses": losses, "train_seconds": time.time() - t0,
+                    "code_version": code}
             (tmp / "teacher.json").write_text(json.dumps(info))
             try: os.replace(tmp, final)
             except OSError: pass  # another process finished the same recipe first
