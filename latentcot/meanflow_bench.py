@@ -164,6 +164,8 @@ def bench_meanflow(recipe: TeacherRecipe = TeacherRecipe(), cfg: MeanFlowConfig 
     `student_dir`: a saved student instead of distilling one. `marginal_samples` > 0: add `marginal_ceiling` (synthetic settings).
     `noise_temperatures`: a noise student also runs one step at these temperatures given `z` (`student-z` runs), between its
     argmax (0) and its per-position sampling (the `student` run at `temperature`)."""
+    if any(not T > 0 for T in noise_temperatures):  # generate() takes any T <= 0 as argmax: refuse rather than rerun it silently
+        raise ValueError(f"noise_temperatures must all be > 0 (argmax, temperature 0, always runs as student-argmax), got {list(noise_temperatures)}")
     t_start = time.time()
     teacher, tok, info = get_teacher(recipe, cache_dir=cache_dir, log=log)
     sets = load_text_sets(tok, recipe.canvas)
@@ -262,8 +264,9 @@ def goals(out: dict) -> dict:
                               # diversity beside validity: a generator that repeats a few good lines scores well too
                               **{m: {"student_1": sa.get(m), "teacher_max": tmax.get(m)} for m in ("unique_lines", "distinct_4", "nll_bound")}}
                 # the same goal at the teacher's diversity: its temperature given z trades validity for varied lines
-                if all(m in r for _, r in noise_sweep(out, res) for m in ("unique_lines", "distinct_4")) and "distinct_4" in tmax:
-                    e["noise_matched"] = diversity_matched(noise_sweep(out, res), t1, tmax)
+                sweep = noise_sweep(out, res)
+                if all(m in r for _, r in sweep for m in ("unique_lines", "distinct_4")) and "distinct_4" in tmax:
+                    e["noise_matched"] = diversity_matched(sweep, t1, tmax)
             mc = res.get("marginal_ceiling")
             if mc and mc["source_validity"]:
                 e.update({"marginals_1": mc["validity"], "marginals_source": mc["source_validity"],
