@@ -28,7 +28,7 @@ __all__ = ['SPECIAL_TOKENS', 'SET_TAGS', 'ATTN_NAME', 'LLADA_MASK_ID', 'char_tok
            'meanflow_fixed_point', 'optimum_fn', 'meanflow_lightning_module', 'distill_batches', 'check_run_dir',
            'train_meanflow', 'save_student', 'load_student', 'meanflow_parser', 'main', 'ban_special', 'generate',
            'teacher_fn', 'student_fn', 'canvas', 'teacher_samples_meta', 'save_teacher_samples', 'load_teacher_samples',
-           'teacher_samples', 'pick_noise']
+           'teacher_samples', 'pick_noise', 'NoisePosterior', 'gaussian_kl', 'posterior_noise', 'make_student']
 
 # %% ../nbs/20_meanflow.ipynb #78eaf371
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[EOS]", "[MASK]", "<arith>", "<text>")
@@ -358,7 +358,8 @@ def timestep_embedding(t, dim: int, max_period: float = 10000.0, scale: float = 
 class SoftPrompt(nn.Module):
     "MLP(emb(r), emb(t) [, z]) -> K/V prefixes `[B, num_layers, 2, num_kv_heads, prompt_length, head_dim]`, plus per-layer gates."
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, prompt_length: int = 8,
-                 time_dim: int = 64, hidden: int = 128, time_scale: float = 10.0, noise_dim: int = 0):
+                 time_dim: int = 64, hidden: int = 128, time_scale: float = 10.0, noise_dim: int = 0,
+                 posterior: tuple[int, int] | None = None):
         super().__init__()
         self.shape, self.time_dim, self.time_scale = (num_layers, 2, num_kv_heads, prompt_length, head_dim), time_dim, time_scale
         self.mlp = nn.Sequential(nn.Linear(2 * time_dim, hidden), nn.SiLU(), nn.Linear(hidden, math.prod(self.shape)))
@@ -366,6 +367,8 @@ class SoftPrompt(nn.Module):
         self.noise_dim = noise_dim
         self.noise = nn.Linear(noise_dim, hidden, bias=False) if noise_dim else None
         if noise_dim: nn.init.normal_(self.noise.weight, std=noise_dim ** -0.5)
+        # `noise_fit="posterior"` trains z from q(z | row): a `NoisePosterior` over rows of `posterior = (length, embed_dim)`
+        self.posterior = NoisePosterior(*posterior, noise_dim) if posterior else None
         self.gate = nn.Parameter(torch.zeros(num_layers))  # zero-init: the student starts at the teacher
 
     def forward(self, r, t, z=None):
@@ -379,11 +382,13 @@ class SoftPrompt(nn.Module):
 class MeanFlowStudent(nn.Module):
     "`u(x_t, r, t)`: the frozen backbone with the soft prompt's gated prefixes; `teacher(...)` is the bare backbone."
     def __init__(self, backbone, prompt_length: int = 8, time_dim: int = 64, hidden: int = 128, time_scale: float = 10.0,
-                 seed: int | None = 0, noise_dim: int = 0):
+                 seed: int | None = 0, noise_dim: int = 0, posterior_len: int = 0):
         super().__init__()
         self.backbone = backbone.eval().requires_grad_(False)
+        if posterior_len and not noise_dim: raise ValueError(f"posterior_len={posterior_len} needs noise_dim > 0: the posterior is over z")
+        post = (posterior_len, backbone.embedding_weight.shape[1]) if posterior_len else None
         make = lambda: SoftPrompt(backbone.num_layers, backbone.num_kv_heads, backbone.head_dim, prompt_length, time_dim,
-                                  hidden, time_scale, noise_dim)
+                                  hidden, time_scale, noise_dim, post)
         if seed is None: self.prompt = make()  # from the global RNG
         else:  # the prompt's initial weights depend on `seed` only, and the global RNG does not move
             with torch.random.fork_rng(devices=[]): torch.manual_seed(seed); self.prompt = make()
@@ -419,6 +424,8 @@ class MeanFlowConfig:
     noise_dim: int = 0               # > 0 (target="sampler"): the prompt also reads noise z ~ N(0, I), one vector per row, and each
                                      # label row trains with the best of `noise_candidates` draws (IMLE); see "A noise input"
     noise_candidates: int = 8
+    noise_fit: str = "imle"          # imle: the best of noise_candidates draws | posterior: z ~ q(z | label row), a VAE (see
+    noise_beta: float = 0.1          # "Noise from a posterior"); noise_beta weighs its KL to N(0, I), in nats per masked token
     adaptive_p: float = 0.0          # 0 disables MeanFlow's adaptive weighting
     adaptive_c: float = 1e-3
     prompt_length: int = 8
@@ -438,6 +445,9 @@ class MeanFlowConfig:
             raise ValueError(f"sampler_steps and sampler_rows must be >= 1, got {self.sampler_steps} and {self.sampler_rows}")
         if self.noise_dim < 0 or self.noise_candidates < 1:
             raise ValueError(f"noise_dim must be >= 0 and noise_candidates >= 1, got {self.noise_dim} and {self.noise_candidates}")
+        if self.noise_fit not in ("imle", "posterior"): raise ValueError(f"noise_fit must be imle or posterior, got {self.noise_fit!r}")
+        if self.noise_beta < 0: raise ValueError(f"noise_beta must be >= 0, got {self.noise_beta}")
+        if self.noise_fit == "posterior" and not self.noise_dim: raise ValueError("noise_fit='posterior' needs noise_dim > 0")
         if self.noise_dim and self.target != "sampler":
             raise ValueError(f"noise_dim > 0 needs target='sampler' (the noise is matched to the teacher's samples), got target={self.target!r}")
         if not 0 <= self.ratio_r_neq_t <= 1: raise ValueError(f"ratio_r_neq_t must be in [0, 1], got {self.ratio_r_neq_t}")
@@ -479,7 +489,7 @@ def meanflow_loss(u, u_tgt, masked, cfg: MeanFlowConfig):
 
 def meanflow_step(student: MeanFlowStudent, x0, prompt_mask, cfg: MeanFlowConfig, generator=None):
     "One MeanFlow distillation step (seed 003 §4; `cfg.target` picks the target): `(loss, logs)`; gradients reach only the soft prompt."
-    bb, z = student.backbone, None
+    bb, z, kl = student.backbone, None, None
     r, t = sample_times(x0.shape[0], cfg, generator, x0.device)
     if cfg.target == "sampler": r = torch.where(r < t, torch.zeros_like(r), r)  # hard labels are the sampler's end point: r = 0
     xt, masked = mask_tokens(x0, t, prompt_mask, bb.mask_id, generator)
@@ -492,18 +502,23 @@ def meanflow_step(student: MeanFlowStudent, x0, prompt_mask, cfg: MeanFlowConfig
         elif cfg.target == "sampler":  # one-hot logits of x0 (finite, so KL = CE exactly); rows with r = t keep v
             hard = torch.full(v.shape, -1e4, device=v.device).scatter_(-1, x0[..., None], 0.0)
             u_tgt = torch.where((r < t)[:, None, None], hard, v.float())
-            if student.noise_dim: z = pick_noise(student, emb, r, t, x0, masked & (r < t)[:, None], cfg.noise_candidates, generator)
+            if student.noise_dim and cfg.noise_fit == "imle":
+                z = pick_noise(student, emb, r, t, x0, masked & (r < t)[:, None], cfg.noise_candidates, generator)
         else:
             tangent = embedding_tangent(v, emb, bb.embedding_weight, masked, cfg.tangent_sign)
             u_tgt = v.float() - (t - r)[:, None, None] * jvp_dudt(student, emb, r, t, tangent).float()
+    if cfg.target == "sampler" and cfg.noise_fit == "posterior":  # z from q(z | x0), with gradients (the reparameterisation)
+        z, kl = posterior_noise(student, bb.embed(x0), (r < t) & masked.any(1), generator)
     u = student(emb, r, t, z)
     loss, rows = meanflow_loss(u, u_tgt, masked, cfg)
+    if kl is not None: loss = loss + cfg.noise_beta * (kl / masked.sum(1).clamp(min=1)).mean()  # the ELBO, per masked token
     with torch.no_grad():
         agree = ((u.argmax(-1) == v.argmax(-1)) & masked).sum() / masked.sum().clamp(min=1)
         logs = {"loss": loss.detach(), "gate": student.prompt.gate.detach().abs().mean(), "agree_teacher": agree}
         if cfg.target == "sampler":  # how often the label is not what the teacher's one step would pick
             lab = masked & (r < t)[:, None]
             logs["label_disagree"] = ((x0 != v.argmax(-1)) & lab).sum() / lab.sum().clamp(min=1)
+            if kl is not None: logs["kl"] = kl.sum() / (kl > 0).sum().clamp(min=1)  # nats per row that reads the posterior
         else: logs["target_shift"] = ((u_tgt - v.float()).abs() * masked[..., None]).sum() / masked.sum().clamp(min=1) / v.shape[-1]
     return loss, logs
 
@@ -579,9 +594,11 @@ def train_meanflow(student: MeanFlowStudent, sets: dict, cfg: MeanFlowConfig, ac
                    resume: bool = True, run_meta: dict | None = None) -> list[dict]:
     """Train `student.prompt` for `cfg.steps` steps with accelerate, using `meanflow_step`; return the metrics of the steps run.
     With `out_dir`: `metrics.jsonl`, a checkpoint every `save_every` steps and at the end, and the sampler's teacher samples
-    are written there, and a rerun resumes from the newest complete checkpoint (`resume=False`: start again)."""
+    are written there, and a rerun resumes from the newest complete checkpoint (`resume=False`: start again). Each metrics
+    record's `seconds` is the run's wall time so far, summed over the segments of a resumed run."""
     from accelerate import Accelerator
     from safetensors.torch import load_file, save_file
+    t_start = time.time()  # the segment's clock starts before the teacher samples are drawn: they are part of its cost
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     main = acc.is_main_process
     torch.manual_seed(cfg.seed + acc.process_index)
@@ -607,6 +624,8 @@ def train_meanflow(student: MeanFlowStudent, sets: dict, cfg: MeanFlowConfig, ac
         student.prompt.load_state_dict(load_file(ck / "soft_prompt.safetensors"))
         if log and main: log(f"resuming from {ck} (step {start})")
     metrics = MetricsLog(out / "metrics.jsonl", resume_step=start, enabled=main) if out is not None else None
+    # a resumed run's clock goes on from the kept records (time between the last record and the kill is lost)
+    before = (read_metrics(out / "metrics.jsonl")[-1:] or [{}])[0].get("seconds", 0.0) if ck is not None and main else 0.0
     def save(step):
         state = {k: v.detach().cpu().contiguous() for k, v in student.prompt.state_dict().items()}
         save_checkpoint(acc, TrainState(global_step=step, batch_in_epoch=step), sched, out,
@@ -623,11 +642,13 @@ def train_meanflow(student: MeanFlowStudent, sets: dict, cfg: MeanFlowConfig, ac
         torch.nn.utils.clip_grad_norm_(student.prompt.parameters(), 1.0)
         opt.step(); sched.step(); opt.zero_grad()
         hist.append({k: float(v) for k, v in logs.items()})
-        if metrics is not None: metrics.write({"step": step + 1, **hist[-1], "lr": sched.get_last_lr()[0]})
+        if metrics is not None:
+            metrics.write({"step": step + 1, **hist[-1], "lr": sched.get_last_lr()[0], "seconds": round(before + time.time() - t_start, 3)})
         if log and main and (step % log_every == 0 or step == cfg.steps - 1):
             m = hist[-log_every:]
             log(f"meanflow step {step:5d}  loss {sum(h['loss'] for h in m) / len(m):.4f}  "
-                f"gate {hist[-1]['gate']:.3f}  {time.time() - t0:.0f}s")
+                f"gate {hist[-1]['gate']:.3f}  " + (f"kl {sum(h['kl'] for h in m) / len(m):.2f}  " if "kl" in hist[-1] else "")
+                + f"{time.time() - t0:.0f}s")
         if out is not None and save_every and (step + 1) % save_every == 0 and step + 1 < cfg.steps: save(step + 1)
     if out is not None and hist: save(cfg.steps)
     if acc.num_processes > 1:  # the same averaged gradients on every rank keep the prompts equal; check before trusting rank 0's
@@ -644,7 +665,7 @@ def save_student(student: MeanFlowStudent, out_dir, cfg: MeanFlowConfig, extra: 
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     p = student.prompt
     meta = {"shape": list(p.shape), "time_dim": p.time_dim, "hidden": p.mlp[0].out_features, "time_scale": p.time_scale,
-            "noise_dim": p.noise_dim, "config": asdict(cfg), **(extra or {})}
+            "noise_dim": p.noise_dim, "posterior_len": p.posterior.length if p.posterior is not None else 0, "config": asdict(cfg), **(extra or {})}
     for name, write in (("soft_prompt.safetensors", lambda f: save_file({k: v.detach().cpu().contiguous() for k, v in p.state_dict().items()}, f)),
                         ("meanflow.json", lambda f: Path(f).write_text(json.dumps(meta, indent=1)))):
         fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}."); os.close(fd)
@@ -661,7 +682,8 @@ def load_student(backbone, path) -> MeanFlowStudent:
     if (L, kv, hd) != (backbone.num_layers, backbone.num_kv_heads, backbone.head_dim):
         raise ValueError(f"{p}: soft prompt is for {L} layers x {kv} kv heads x head dim {hd}, the backbone has "
                          f"{backbone.num_layers} x {backbone.num_kv_heads} x {backbone.head_dim}")
-    s = MeanFlowStudent(backbone, P, meta["time_dim"], meta["hidden"], meta["time_scale"], noise_dim=meta.get("noise_dim", 0))
+    s = MeanFlowStudent(backbone, P, meta["time_dim"], meta["hidden"], meta["time_scale"], noise_dim=meta.get("noise_dim", 0),
+                        posterior_len=meta.get("posterior_len", 0))
     s.prompt.load_state_dict(load_file(p / "soft_prompt.safetensors"))
     return s.eval()
 
@@ -695,12 +717,13 @@ def main(argv: list[str] | None = None) -> int:
     sets = load_text_sets(tok, info["recipe"]["canvas"])
     from accelerate import Accelerator
     acc = Accelerator(cpu=not torch.cuda.is_available())
-    student = MeanFlowStudent(teacher, cfg.prompt_length, seed=cfg.seed, noise_dim=cfg.noise_dim)
+    student = make_student(teacher, cfg, sets)
     train_meanflow(student, sets, cfg, acc, out_dir=a.out, save_every=a.save_every, resume=not a.no_resume,
                    run_meta={"teacher": info["recipe"]})
     if acc.is_main_process:
         hist = read_metrics(Path(a.out) / "metrics.jsonl")
-        out = save_student(student, a.out, cfg, {"teacher": info["recipe"], "final_loss": hist[-1]["loss"]})
+        out = save_student(student, a.out, cfg, {"teacher": info["recipe"], "final_loss": hist[-1]["loss"],
+                                                 "train_seconds": hist[-1].get("seconds")})
         print(f"saved {out}")
     acc.wait_for_everyone()
     return 0
@@ -838,6 +861,40 @@ def pick_noise(student: MeanFlowStudent, embeds, r, t, x0, masked, candidates: i
                        for j in range(m)], 1)
     z = zc[torch.arange(B, device=x0.device), nll.argmin(1)]
     return torch.where(masked.any(1)[:, None], z, torch.zeros_like(z))
+
+# %% ../nbs/20_meanflow.ipynb #post-fn
+class NoisePosterior(nn.Module):
+    "`q(z | x0)`: the frozen embeddings `[B, length, embed_dim]` of a label row -> `(mu, logvar)`, each `[B, noise_dim]`."
+    def __init__(self, length: int, embed_dim: int, noise_dim: int, width: int = 16):
+        super().__init__()
+        self.length = length
+        self.net = nn.Sequential(nn.Linear(embed_dim, width), nn.SiLU(), nn.Flatten(), nn.Linear(length * width, 2 * noise_dim))
+        nn.init.zeros_(self.net[3].weight); nn.init.zeros_(self.net[3].bias)  # q = N(0, I) at first: the prior, KL 0
+
+    def forward(self, embeds):
+        if embeds.shape[1] != self.length:
+            raise ValueError(f"the noise posterior reads rows of {self.length} tokens, got {embeds.shape[1]}: "
+                             "distil and train on the same canvas")
+        mu, logvar = self.net(embeds.to(self.net[0].weight.dtype)).float().chunk(2, -1)
+        return mu, logvar
+
+def gaussian_kl(mu, logvar):
+    "`KL(N(mu, exp(logvar)) || N(0, I))` per row, in nats."
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(-1)
+
+def posterior_noise(student: MeanFlowStudent, embeds_x0, use, generator=None):
+    "`(z, kl)` per row: `z ~ q(z | x0)` by reparameterisation where `use`, else `z = 0` and `kl = 0`."
+    if student.prompt.posterior is None:
+        raise ValueError("noise_fit='posterior' needs a student with a noise posterior: build it with make_student(backbone, cfg, sets)")
+    mu, logvar = student.prompt.posterior(embeds_x0)
+    eps = torch.randn(mu.shape, generator=generator, device=mu.device)
+    z = torch.where(use[:, None], mu + (0.5 * logvar).exp() * eps, torch.zeros_like(mu))
+    return z, gaussian_kl(mu, logvar) * use
+
+def make_student(backbone, cfg: MeanFlowConfig, sets: dict) -> MeanFlowStudent:
+    "The student `cfg` trains: its prompt length, seed and noise, with a posterior over the canvas of `sets` if `noise_fit='posterior'`."
+    length = sets["synthetic_train"][0].shape[1] if cfg.noise_fit == "posterior" else 0
+    return MeanFlowStudent(backbone, cfg.prompt_length, seed=cfg.seed, noise_dim=cfg.noise_dim, posterior_len=length)
 
 # %% ../nbs/20_meanflow.ipynb #fa543f1b
 if __name__ == "__main__" and sys.argv[0].endswith("meanflow.py"): sys.exit(main())

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .meanflow import (MeanFlowConfig, MeanFlowStudent, TeacherRecipe, ban_special, cache_root, canvas, decode_canvas,
-                                generate, get_teacher, likelihood_bound, load_student, load_text_sets, meanflow_fixed_point, optimum_fn, prompt_mask_of,
+                                generate, get_teacher, likelihood_bound, load_student, load_text_sets, make_student, meanflow_fixed_point, optimum_fn, prompt_mask_of,
                                 save_student, student_fn, teacher_fn, train_meanflow)
 from .textdata import check_synthetic
 from .trainer import read_metrics
@@ -108,12 +108,12 @@ def student_for(teacher, info, sets, cfg: MeanFlowConfig, cache_dir=None, log=pr
     key = student_key(info, cfg)
     d = Path(cache_dir or cache_root()) / f"meanflow-student-{key}"
     if (d / "meanflow.json").is_file(): return load_student(teacher, d), json.loads((d / "meanflow.json").read_text())
-    t0 = time.time()
-    student = MeanFlowStudent(teacher, cfg.prompt_length, seed=cfg.seed, noise_dim=cfg.noise_dim)  # the same config, the same student
+    student = make_student(teacher, cfg, sets)  # the same config, the same student
     run = d.with_name(d.name + ".run")  # checkpoints and teacher samples: a distillation killed midway resumes from here
     train_meanflow(student, sets, cfg, log=log, out_dir=run, save_every=50)
     hist = read_metrics(run / "metrics.jsonl")
-    meta = {"train_seconds": time.time() - t0, "losses": [h["loss"] for h in hist], "gates": student.prompt.gate.tolist(),
+    # the distillation's wall time summed over its segments, if it was killed and resumed (the metrics' clock)
+    meta = {"train_seconds": hist[-1]["seconds"], "losses": [h["loss"] for h in hist], "gates": student.prompt.gate.tolist(),
             "code_version": meanflow_code_version()}
     save_student(student, d, cfg, meta)
     shutil.rmtree(run)
@@ -407,6 +407,9 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise-dim", type=int, default=MeanFlowConfig.noise_dim,
                    help="--target sampler: N > 0 gives the student a noise input z ~ N(0, I) of N dims, trained by IMLE")
     p.add_argument("--noise-candidates", type=int, default=MeanFlowConfig.noise_candidates, help="--noise-dim: draws of z per label row")
+    p.add_argument("--noise-fit", default=MeanFlowConfig.noise_fit, choices=["imle", "posterior"],
+                   help="--noise-dim: imle (best of --noise-candidates draws) or posterior (z from an encoder of the label row, a VAE)")
+    p.add_argument("--noise-beta", type=float, default=MeanFlowConfig.noise_beta, help="--noise-fit posterior: weight of the KL to N(0, I)")
     p.add_argument("--noise-temperatures", default="0.25,0.5,0.75",
                    help="a noise student also runs one step at these temperatures given z (between argmax and --temperature)")
     p.add_argument("--time-mu", type=float, default=MeanFlowConfig.time_mu, help="logit-normal time sampler: mean")
@@ -431,7 +434,7 @@ def bench_meanflow_main(argv: list[str] | None = None) -> int:
     cfg = MeanFlowConfig(steps=4 if a.quick else a.distill_steps, batch=8 if a.quick else MeanFlowConfig.batch, loss=a.loss,
                          tangent_sign=a.tangent_sign, ratio_r_neq_t=a.ratio_r_neq_t, lr=a.lr, seed=a.seed, target=a.target,
                          integral_steps=a.integral_steps, time_mu=a.time_mu, time_sigma=a.time_sigma, prompt_length=a.prompt_length,
-                         noise_dim=a.noise_dim, noise_candidates=a.noise_candidates,
+                         noise_dim=a.noise_dim, noise_candidates=a.noise_candidates, noise_fit=a.noise_fit, noise_beta=a.noise_beta,
                          sampler_steps=min(a.sampler_steps, 4) if a.quick else a.sampler_steps,
                          sampler_rows=min(a.sampler_rows, 16) if a.quick else a.sampler_rows)
     steps = tuple(int(s) for s in a.steps.split(","))

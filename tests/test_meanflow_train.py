@@ -35,16 +35,18 @@ def count_steps(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("noise_dim", [0, 3])
-def test_lightning_fast_dev_run(kit, tmp_path, count_steps, noise_dim):
-    "One Lightning step is one meanflow_step; a noise student (IMLE against 4 teacher samples) trains through it unchanged."
+@pytest.mark.parametrize("fit", [None, "imle", "posterior"])
+def test_lightning_fast_dev_run(kit, tmp_path, count_steps, fit):
+    "One Lightning step is one meanflow_step; a noise student (IMLE, or a posterior, on 4 teacher samples) trains through it unchanged."
     import lightning.pytorch as pl
     teacher, tok, sets, _ = kit
-    student = mf.MeanFlowStudent(teacher, prompt_length=4, noise_dim=noise_dim)
-    # ratio_r_neq_t=1: every row has r < t, so every row trains at a picked z (rows with r = t get z = 0)
-    noise = {"target": "sampler", "noise_dim": 3, "noise_candidates": 2, "sampler_rows": 4, "sampler_steps": 2, "ratio_r_neq_t": 1.0} if noise_dim else {}
-    cfg = mf.MeanFlowConfig(batch=4, lr=1e-2, **noise)
-    if noise_dim:
+    # ratio_r_neq_t=1: every row has r < t, so every row trains at a picked or posterior z (rows with r = t get z = 0)
+    noise = {"target": "sampler", "noise_dim": 3, "noise_candidates": 2, "noise_fit": fit, "sampler_rows": 4, "sampler_steps": 2,
+             "ratio_r_neq_t": 1.0} if fit else {}
+    cfg = mf.MeanFlowConfig(batch=4, lr=1e-2, prompt_length=4, **noise)
+    student = mf.make_student(teacher, cfg, sets)
+    assert (student.prompt.posterior is not None) == (fit == "posterior")
+    if fit:
         with torch.no_grad(): student.prompt.gate.fill_(0.5)  # an open gate, so the first step's gradient reaches the noise projection
     module = mf.meanflow_lightning_module(student, cfg)
     assert isinstance(module, pl.LightningModule)
@@ -59,7 +61,9 @@ def test_lightning_fast_dev_run(kit, tmp_path, count_steps, noise_dim):
     assert any(not torch.equal(prompt0[k], v) for k, v in student.prompt.state_dict().items())
     assert all(torch.equal(base0[k], v) for k, v in student.backbone.state_dict().items())  # base frozen
     assert not student.backbone.training  # the base stays in eval mode under Lightning's .train()
-    if noise_dim: assert not torch.equal(prompt0["noise.weight"], student.prompt.noise.weight)  # trained through pick_noise's z
+    if fit: assert not torch.equal(prompt0["noise.weight"], student.prompt.noise.weight)  # trained through the chosen z
+    if fit == "posterior":  # the encoder's last layer (zero at init) trained through the reparameterised z
+        assert student.prompt.posterior.net[3].weight.abs().sum() > 0
 
 
 def test_accelerate_loop_uses_the_same_step(kit, count_steps):
@@ -100,6 +104,25 @@ def test_cli_sampler_target(kit, tmp_path):
     assert r.returncode != 0 and "use loss kl or ce" in r.stderr
 
 
+def test_cli_posterior_noise(kit, tmp_path):
+    "--noise-fit posterior trains a noise student with its encoder; it is saved and loaded with it, and logs its KL."
+    teacher, tok, sets, cache = kit
+    tdir, env = _cli(cache)
+    r = subprocess.run([sys.executable, "-m", "latentcot.meanflow", "--teacher", str(tdir), "--out", str(tmp_path / "s"), "--steps", "2",
+                        "--batch", "4", "--prompt-length", "3", "--target", "sampler", "--sampler-rows", "4", "--sampler-steps", "2",
+                        "--noise-dim", "3", "--noise-fit", "posterior", "--noise-beta", "0.5"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = mf.load_student(teacher, tmp_path / "s")
+    assert s.noise_dim == 3 and s.prompt.posterior.length == QUICK.canvas + 1
+    meta = mf.json.loads((tmp_path / "s" / "meanflow.json").read_text())
+    assert (meta["config"]["noise_fit"], meta["config"]["noise_beta"], meta["posterior_len"]) == ("posterior", 0.5, QUICK.canvas + 1)
+    from latentcot.trainer import read_metrics
+    assert all(rec["kl"] >= 0 for rec in read_metrics(tmp_path / "s" / "metrics.jsonl"))
+    r = subprocess.run([sys.executable, "-m", "latentcot.meanflow", "--teacher", str(tdir), "--out", str(tmp_path / "m"),
+                        "--target", "sampler", "--noise-fit", "posterior"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode != 0 and "noise_fit='posterior' needs noise_dim > 0" in r.stderr
+
+
 def test_cli_llada_needs_the_flag(tmp_path):
     r = subprocess.run([sys.executable, "-m", "latentcot.meanflow", "--out", str(tmp_path), "--llada", "GSAI-ML/LLaDA-8B-Base"],
                        capture_output=True, text=True, timeout=120)
@@ -138,6 +161,10 @@ def test_cli_killed_run_resumes_to_the_same_losses(kit, tmp_path, kill_after_fir
     assert pool.stat().st_mtime_ns == drawn  # the teacher's samples were not drawn again
     got = _losses(crash)
     assert sorted(got) == list(range(1, 41))  # no step lost, none logged twice
+    from latentcot.trainer import read_metrics
+    secs = [r["seconds"] for r in read_metrics(crash / "metrics.jsonl")]
+    assert all(0 < a <= b for a, b in zip(secs, secs[1:]))  # the clock goes on across the kill: it sums both segments
+    assert mf.json.loads((crash / "meanflow.json").read_text())["train_seconds"] == secs[-1]
     for s in range(1, 41):
         assert abs(got[s] - want[s]) < 1e-6, f"step {s}: resumed {got[s]} vs uninterrupted {want[s]}"
     a, b = mf.load_student(teacher, ref), mf.load_student(teacher, crash)
