@@ -21,9 +21,9 @@ from .trainer import MetricsLog, TrainState, latest_checkpoint, load_checkpoint,
 # %% auto #0
 __all__ = ['SPECIAL_TOKENS', 'SET_TAGS', 'ATTN_NAME', 'LLADA_MASK_ID', 'char_tokenizer', 'row_start_id', 'encode_lines',
            'decode_canvas', 'text_dir', 'load_text_sets', 'gated_prefix_attention', 'register_prefix_attention',
-           'LlamaBackbone', 'LLaDABackbone', 'load_llada', 'mask_tokens', 'prompt_mask_of', 'llada_loss',
-           'likelihood_bound', 'TeacherRecipe', 'tiny_llada', 'mixed_batches', 'train_teacher', 'load_teacher',
-           'teacher_code_version', 'get_teacher', 'timestep_embedding', 'SoftPrompt', 'MeanFlowStudent',
+           'LlamaBackbone', 'LLaDABackbone', 'llada_loadable', 'load_llada', 'mask_tokens', 'prompt_mask_of',
+           'llada_loss', 'likelihood_bound', 'TeacherRecipe', 'tiny_llada', 'mixed_batches', 'train_teacher',
+           'load_teacher', 'teacher_code_version', 'get_teacher', 'timestep_embedding', 'SoftPrompt', 'MeanFlowStudent',
            'MeanFlowConfig', 'sample_times', 'embedding_tangent', 'jvp_dudt', 'meanflow_loss', 'meanflow_step',
            'meanflow_fixed_point', 'optimum_fn', 'meanflow_lightning_module', 'distill_batches', 'check_run_dir',
            'train_meanflow', 'save_student', 'load_student', 'meanflow_parser', 'main', 'ban_special', 'generate',
@@ -179,6 +179,12 @@ class LLaDABackbone(nn.Module):
         self.num_kv_heads = getattr(c, "effective_n_kv_heads", None) or c.n_kv_heads or c.n_heads
         self.head_dim, self.vocab_size = c.d_model // c.n_heads, c.embedding_size or c.vocab_size
 
+    @torch.no_grad()
+    def own_forward_error(self, ids) -> tuple[float, float]:
+        "`(max |adapter - own|, max |own|)`: this adapter's logits (no prefix) against LLaDA's own `forward` on `ids`."
+        own = self.model(input_ids=ids, use_cache=False, return_dict=True).logits.float()
+        return float((own - self.logits(self.embed(ids)).float()).abs().max()), float(own.abs().max())
+
     def embed(self, ids): return self.model.model.transformer.wte(ids)
     @property
     def embedding_weight(self): return self.model.model.transformer.wte.weight
@@ -206,20 +212,50 @@ class LLaDABackbone(nn.Module):
         logits = F.linear(x, tr.wte.weight) if c.weight_tying else tr.ff_out(x)
         return logits / math.sqrt(c.d_model) if c.scale_logits else logits
 
+def llada_loadable(cls):
+    "`cls` (LLaDA's remote-code `LLaDAModelLM`), made loadable by transformers 5's `from_pretrained` if it needs to be."
+    # LLaDA's hub code predates transformers 5: it never calls `post_init` (which sets `all_tied_weights_keys`) and its
+    # `tie_weights()` takes no arguments, so loading fails (ML-GSAI/LLaDA#130). Its weight tying needs no tied keys:
+    # its forward reads `wte` itself. The subclass changes nothing else.
+    import inspect
+    ps = inspect.signature(cls.tie_weights).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD or p.name == "missing_keys" for p in ps): return cls
+    def __init__(self, *a, **k):
+        cls.__init__(self, *a, **k)
+        if "all_tied_weights_keys" not in self.__dict__: self.all_tied_weights_keys = {}
+    return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__,
+                                       "tie_weights": lambda self, *a, **k: cls.tie_weights(self)})
+
 def load_llada(name: str = "GSAI-ML/LLaDA-8B-Base", trust_remote_code: bool = False, local_files_only: bool = False,
-               dtype=torch.bfloat16):
-    "Load a real LLaDA (remote code, only when `trust_remote_code=True`) as `(LLaDABackbone, tokenizer)`."
+               dtype=torch.bfloat16, check: bool = True):
+    """Load a real LLaDA (remote code, only when `trust_remote_code=True`) as `(LLaDABackbone, tokenizer)`; refuse a
+    checkpoint with missing or unexpected weights, and (`check`) an adapter whose logits differ from LLaDA's own forward."""
     if not trust_remote_code:
         raise ValueError(f"{name}: LLaDA's modeling code lives in its hub repository; pass trust_remote_code=True "
                          "(CLI: --trust-remote-code) to run it, or use the offline tiny teacher")
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
     try:
-        model = AutoModel.from_pretrained(name, trust_remote_code=True, dtype=dtype, local_files_only=local_files_only)
+        cfg = AutoConfig.from_pretrained(name, trust_remote_code=True, local_files_only=local_files_only)
+        ref = (getattr(cfg, "auto_map", None) or {}).get("AutoModel")
+        if ref is None: raise ValueError(f"its config has no auto_map['AutoModel'], so it is not a remote-code LLaDA checkpoint")
+        cls = llada_loadable(get_class_from_dynamic_module(ref, name, local_files_only=local_files_only))
+        model, info = cls.from_pretrained(name, config=cfg, dtype=dtype, local_files_only=local_files_only, output_loading_info=True)
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=True, local_files_only=local_files_only)
     except (OSError, ValueError) as e:
         raise RuntimeError(f"cannot load LLaDA from {name!r}: {e}. There is no model hub here: download the "
                            "checkpoint where the hub is reachable and pass its local directory") from e
-    return LLaDABackbone(model.eval().requires_grad_(False), getattr(tok, "mask_token_id", None) or LLADA_MASK_ID), tok
+    bad = {k: sorted(map(str, v))[:5] for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if bad: raise ValueError(f"{name}: the checkpoint's weights do not match its config ({bad})")
+    bb = LLaDABackbone(model.eval().requires_grad_(False), getattr(tok, "mask_token_id", None) or LLADA_MASK_ID)
+    if check:
+        ids = torch.full((1, 16), bb.mask_id, device=bb.embedding_weight.device)
+        ids[0, :4] = (torch.arange(4) + 100) % bb.vocab_size  # a few visible tokens, the rest masked
+        err, scale = bb.own_forward_error(ids)
+        if err > 2e-2 * scale:  # bf16 rounding is ~1e-2 relative; a wrong block is O(1)
+            raise RuntimeError(f"{name}: LLaDABackbone's logits differ from LLaDA's own forward by up to {err:.3g} "
+                               f"(logits up to {scale:.3g}): its modeling code is not the one the adapter follows")
+    return bb, tok
 
 # %% ../nbs/20_meanflow.ipynb #a8204add
 def mask_tokens(x0, t, prompt_mask, mask_id: int, generator=None):
