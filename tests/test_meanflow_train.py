@@ -175,16 +175,18 @@ def test_cli_killed_run_resumes_to_the_same_losses(kit, tmp_path, kill_after_fir
 
 
 @pytest.mark.slow
-def test_two_processes_train_and_resume(kit, tmp_path):
-    """2 CPU processes (torchrun, gloo) with a noise student: each rank draws its own teacher samples and noise candidates,
-    the prompts (noise projection included) stay equal, and a resume is exact. The killed-run test above covers noise_dim=0."""
+@pytest.mark.parametrize("fit,port", [("imle", 29533), ("posterior", 29534)])
+def test_two_processes_train_and_resume(kit, tmp_path, fit, port):
+    """2 CPU processes (torchrun, gloo) with a noise student: each rank draws its own teacher samples and noise (IMLE
+    candidates, or reparameterised draws from the posterior), the prompts (noise projection and posterior encoder included)
+    stay equal, and a resume is exact. The killed-run test above covers noise_dim=0."""
     import shutil
     teacher, tok, sets, cache = kit
     tdir, env = _cli(cache, ACCELERATE_USE_CPU="1")
     out = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "-m", "latentcot.meanflow",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), "-m", "latentcot.meanflow",
            "--teacher", str(tdir), "--out", str(out), "--steps", "6", "--save-every", "3", "--batch", "4", "--prompt-length", "3",
-           "--target", "sampler", "--sampler-rows", "8", "--sampler-steps", "2", "--noise-dim", "2", "--noise-candidates", "3"]
+           "--target", "sampler", "--sampler-rows", "8", "--sampler-steps", "2", "--noise-dim", "2", "--noise-candidates", "3", "--noise-fit", fit]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]  # includes the check that both ranks hold the same prompt
     pools = [out / f"teacher_samples.rank{k}.safetensors" for k in (0, 1)]
@@ -206,8 +208,12 @@ def test_two_processes_train_and_resume(kit, tmp_path):
     for s in range(1, 7):
         assert abs(got[s] - want[s]) < 1e-6, f"step {s}: resumed {got[s]} vs uninterrupted {want[s]}"
     again = load_file(out / "soft_prompt.safetensors")
-    init = mf.MeanFlowStudent(teacher, prompt_length=3, seed=0, noise_dim=2).prompt.noise.weight  # the CLI's seeded init
-    assert not torch.equal(final["noise.weight"], init)  # the noise projection trained (picked z, all-reduced gradients)
-    assert all(torch.equal(final[k], again[k]) for k in final)
+    post = QUICK.canvas + 1 if fit == "posterior" else 0
+    init = mf.MeanFlowStudent(teacher, prompt_length=3, seed=0, noise_dim=2, posterior_len=post).prompt.state_dict()  # the CLI's seeded init
+    trained = [k for k in init if k.startswith(("noise.", "posterior.")) and not torch.equal(final[k], init[k])]
+    assert "noise.weight" in trained  # the noise projection trained (chosen or drawn z, all-reduced gradients)
+    if fit == "posterior": assert any(k.startswith("posterior.") for k in trained), trained  # so did the encoder
+    assert final.keys() == init.keys() and all(torch.equal(final[k], again[k]) for k in final)
     s = mf.load_student(teacher, out)
     assert s.noise_dim == 2 and torch.equal(s.prompt.noise.weight, final["noise.weight"])
+    assert (s.prompt.posterior is not None) == (fit == "posterior")
