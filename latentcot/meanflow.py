@@ -465,6 +465,7 @@ class MeanFlowConfig:
     adaptive_p: float = 0.0          # 0 disables MeanFlow's adaptive weighting
     adaptive_c: float = 1e-3
     prompt_length: int = 8
+    prompt_hidden: int = 128         # width of the soft prompt's MLP (its decoder of r, t and z)
     lr: float = 3e-3
     steps: int = 300
     batch: int = 32
@@ -482,6 +483,8 @@ class MeanFlowConfig:
         if self.noise_dim < 0 or self.noise_candidates < 1:
             raise ValueError(f"noise_dim must be >= 0 and noise_candidates >= 1, got {self.noise_dim} and {self.noise_candidates}")
         if self.noise_fit not in ("imle", "posterior"): raise ValueError(f"noise_fit must be imle or posterior, got {self.noise_fit!r}")
+        if self.prompt_length < 1 or self.prompt_hidden < 1:
+            raise ValueError(f"prompt_length and prompt_hidden must be >= 1, got {self.prompt_length} and {self.prompt_hidden}")
         if self.noise_beta < 0: raise ValueError(f"noise_beta must be >= 0, got {self.noise_beta}")
         if self.noise_fit == "posterior" and not self.noise_dim: raise ValueError("noise_fit='posterior' needs noise_dim > 0")
         if self.noise_dim and self.target != "sampler":
@@ -614,12 +617,14 @@ def distill_batches(sets: dict, cfg: MeanFlowConfig, n_batches: int, generator=N
 
 # %% ../nbs/20_meanflow.ipynb #f6c9ae88
 def check_run_dir(out: Path, run: dict) -> None:
-    "Refuse to resume a run directory whose `meanflow_run.json` records other settings (`steps` may grow)."
+    """Refuse to resume a run directory whose `meanflow_run.json` records other settings (`steps` may grow). A setting
+    added to `MeanFlowConfig` after the run was made counts as its default there."""
     f = out / "meanflow_run.json"
     if not f.is_file(): return
     flat = lambda d: {**{k: v for k, v in d.items() if k != "config"}, **{f"config.{k}": v for k, v in d.get("config", {}).items()}}
     a, b = flat(json.loads(f.read_text())), flat(json.loads(json.dumps(run)))
-    diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k != "config.steps")
+    new = {f"config.{k}": v for k, v in asdict(MeanFlowConfig()).items()}
+    diff = sorted(k for k in a.keys() | b.keys() if a.get(k, new.get(k)) != b.get(k) and k != "config.steps")
     if diff:
         raise ValueError(f"{f}: this directory holds a run with other settings ("
                          + ", ".join(f"{k}: {a.get(k)!r} there, {b.get(k)!r} now" for k in diff)
@@ -928,9 +933,10 @@ def posterior_noise(student: MeanFlowStudent, embeds_x0, use, generator=None):
     return z, gaussian_kl(mu, logvar) * use
 
 def make_student(backbone, cfg: MeanFlowConfig, sets: dict) -> MeanFlowStudent:
-    "The student `cfg` trains: its prompt length, seed and noise, with a posterior over the canvas of `sets` if `noise_fit='posterior'`."
+    "The student `cfg` trains: its prompt length and width, seed and noise, with a posterior over the canvas of `sets` if `noise_fit='posterior'`."
     length = sets["synthetic_train"][0].shape[1] if cfg.noise_fit == "posterior" else 0
-    return MeanFlowStudent(backbone, cfg.prompt_length, seed=cfg.seed, noise_dim=cfg.noise_dim, posterior_len=length)
+    return MeanFlowStudent(backbone, cfg.prompt_length, hidden=cfg.prompt_hidden, seed=cfg.seed, noise_dim=cfg.noise_dim,
+                           posterior_len=length)
 
 # %% ../nbs/20_meanflow.ipynb #fa543f1b
 if __name__ == "__main__" and sys.argv[0].endswith("meanflow.py"): sys.exit(main())

@@ -415,6 +415,7 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-mu", type=float, default=MeanFlowConfig.time_mu, help="logit-normal time sampler: mean")
     p.add_argument("--time-sigma", type=float, default=MeanFlowConfig.time_sigma, help="logit-normal time sampler: std")
     p.add_argument("--prompt-length", type=int, default=MeanFlowConfig.prompt_length, help="soft prompt length")
+    p.add_argument("--prompt-hidden", type=int, default=MeanFlowConfig.prompt_hidden, help="width of the soft prompt's MLP")
     p.add_argument("--student", help="benchmark this saved student (python -m latentcot.meanflow --out DIR) instead of distilling one")
     p.add_argument("--marginal-samples", type=int, default=0,
                    help="K > 0: also sample independently from the per-position marginals of K teacher samples per row (slow)")
@@ -434,6 +435,7 @@ def bench_meanflow_main(argv: list[str] | None = None) -> int:
     cfg = MeanFlowConfig(steps=4 if a.quick else a.distill_steps, batch=8 if a.quick else MeanFlowConfig.batch, loss=a.loss,
                          tangent_sign=a.tangent_sign, ratio_r_neq_t=a.ratio_r_neq_t, lr=a.lr, seed=a.seed, target=a.target,
                          integral_steps=a.integral_steps, time_mu=a.time_mu, time_sigma=a.time_sigma, prompt_length=a.prompt_length,
+                         prompt_hidden=a.prompt_hidden,
                          noise_dim=a.noise_dim, noise_candidates=a.noise_candidates, noise_fit=a.noise_fit, noise_beta=a.noise_beta,
                          sampler_steps=min(a.sampler_steps, 4) if a.quick else a.sampler_steps,
                          sampler_rows=min(a.sampler_rows, 16) if a.quick else a.sampler_rows)
