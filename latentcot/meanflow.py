@@ -26,9 +26,10 @@ __all__ = ['SPECIAL_TOKENS', 'SET_TAGS', 'ATTN_NAME', 'LLADA_MASK_ID', 'char_tok
            'load_teacher', 'teacher_code_version', 'get_teacher', 'timestep_embedding', 'SoftPrompt', 'MeanFlowStudent',
            'MeanFlowConfig', 'sample_times', 'embedding_tangent', 'jvp_dudt', 'meanflow_loss', 'meanflow_step',
            'meanflow_fixed_point', 'optimum_fn', 'meanflow_lightning_module', 'distill_batches', 'check_run_dir',
-           'train_meanflow', 'save_student', 'load_student', 'meanflow_parser', 'main', 'ban_special', 'generate',
-           'teacher_fn', 'student_fn', 'canvas', 'teacher_samples_meta', 'save_teacher_samples', 'load_teacher_samples',
-           'teacher_samples', 'pick_noise', 'NoisePosterior', 'gaussian_kl', 'posterior_noise', 'make_student']
+           'train_meanflow', 'save_student', 'load_student', 'meanflow_parser', 'main', 'ban_tokens', 'ban_special',
+           'generate', 'teacher_fn', 'student_fn', 'canvas', 'teacher_samples_meta', 'save_teacher_samples',
+           'load_teacher_samples', 'teacher_samples', 'pick_noise', 'NoisePosterior', 'gaussian_kl', 'posterior_noise',
+           'make_student']
 
 # %% ../nbs/20_meanflow.ipynb #78eaf371
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[EOS]", "[MASK]", "<arith>", "<text>")
@@ -136,6 +137,8 @@ def register_prefix_attention():
 # %% ../nbs/20_meanflow.ipynb #74cb71ed
 class LlamaBackbone(nn.Module):
     "A transformers Llama used as a masked diffusion LM: all-True 4D mask, K/V prefix through a fresh `DynamicCache`."
+    # tokens its sampler never writes: the specials of `char_tokenizer` (the tiny teacher's) but EOS
+    banned_ids = tuple(i for i, s in enumerate(SPECIAL_TOKENS) if s != "[EOS]")
     def __init__(self, model, mask_id: int):
         super().__init__()
         register_prefix_attention()
@@ -171,6 +174,7 @@ class LLaDABackbone(nn.Module):
     def __init__(self, model, mask_id: int = LLADA_MASK_ID):
         super().__init__()
         self.model, self.mask_id, c = model, mask_id, model.config
+        self.banned_ids = (mask_id,)  # its sampler writes any token but the mask, like LLaDA's own `generate`
         tr = model.model.transformer
         self.blocks = list(tr.blocks) if "blocks" in tr else [b for g in tr.block_groups for b in g]
         if not all(hasattr(b, "q_proj") and hasattr(b, "up_proj") for b in self.blocks):
@@ -770,12 +774,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 # %% ../nbs/20_meanflow.ipynb #d6b18ce6
-def ban_special(logits, n_special: int = len(SPECIAL_TOKENS), keep: tuple = (SPECIAL_TOKENS.index("[EOS]"),)):
-    "Logits with every special token except `keep` (EOS) made impossible."
+def ban_tokens(logits, ids):
+    "Logits with the tokens `ids` made impossible."
     out = logits.clone()
-    ban = [i for i in range(n_special) if i not in keep]
-    out[..., ban] = torch.finfo(out.dtype).min
+    out[..., list(ids)] = torch.finfo(out.dtype).min
     return out
+
+def ban_special(logits, n_special: int = len(SPECIAL_TOKENS), keep: tuple = (SPECIAL_TOKENS.index("[EOS]"),)):
+    "Logits with every special token of the tiny teacher's `char_tokenizer` except `keep` (EOS) made impossible."
+    return ban_tokens(logits, [i for i in range(n_special) if i not in keep])
 
 @torch.no_grad()
 def generate(logits_fn: Callable, x, mask_id: int, steps: int, temperature: float = 1.0,
@@ -882,7 +889,8 @@ def teacher_samples(backbone, sets: dict, cfg: MeanFlowConfig, seed: int = 0, ch
     out = []
     for i in tqdm(range(0, len(x0), chunk), desc=f"teacher samples ({cfg.sampler_steps} steps)", disable=not progress):
         c = torch.where(pm[i:i + chunk], x0[i:i + chunk], backbone.mask_id).to(dev)
-        out.append(generate(teacher_fn(backbone), c, backbone.mask_id, cfg.sampler_steps, 1.0, generator=g).cpu())
+        out.append(generate(teacher_fn(backbone), c, backbone.mask_id, cfg.sampler_steps, 1.0, generator=g,
+                            logits_filter=lambda l: ban_tokens(l, backbone.banned_ids)).cpu())
     pool = torch.utils.data.TensorDataset(torch.cat(out), pm)
     if path is not None:
         save_teacher_samples(pool, path, meta)

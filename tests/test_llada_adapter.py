@@ -152,13 +152,15 @@ def test_a_checkpoint_missing_a_weight_is_refused(checkpoints, tmp_path):
         mf.load_llada(str(bad), trust_remote_code=True, local_files_only=True)
 
 
-def test_cli_trains_resumes_and_saves_on_llada(checkpoints, tmp_path):
+@pytest.mark.parametrize("target", [[], ["--target", "sampler", "--sampler-rows", "8", "--sampler-steps", "2",
+                                        "--noise-dim", "2", "--noise-fit", "posterior"]], ids=["jvp", "sampler-posterior"])
+def test_cli_trains_resumes_and_saves_on_llada(checkpoints, tmp_path, target):
     "`python -m latentcot.meanflow --llada DIR --trust-remote-code` (bf16 base): trains, resumes, and the student loads back."
     out = tmp_path / "run"
     run = lambda steps: subprocess.run([sys.executable, "-m", "latentcot.meanflow", "--llada", str(checkpoints["gqa_tied_groups"]),
                                         "--trust-remote-code", "--local-files-only", "--steps", str(steps), "--batch", "4",
-                                        "--save-every", "2", "--out", str(out)], capture_output=True, text=True, timeout=600,
-                                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                        "--save-every", "2", "--out", str(out), *target], capture_output=True, text=True,
+                                       timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     r = run(2); assert r.returncode == 0, r.stderr[-3000:]
     r = run(4); assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming from" in r.stdout + r.stderr
@@ -167,3 +169,8 @@ def test_cli_trains_resumes_and_saves_on_llada(checkpoints, tmp_path):
     s = mf.load_student(bb, out)
     assert mf.json.loads((out / "meanflow.json").read_text())["teacher"]["llada"] == str(checkpoints["gqa_tied_groups"])
     assert s.prompt.gate.abs().sum() > 0  # trained: the gates left zero
+    assert bb.banned_ids == (bb.mask_id,)  # its sampler (the teacher samples of --target sampler) bans only the mask
+    if target:
+        from safetensors.torch import load_file
+        x0 = load_file(out / "teacher_samples.rank0.safetensors")["x0"]
+        assert x0.shape == (8, 65) and not (x0 == bb.mask_id).any() and s.prompt.posterior is not None
