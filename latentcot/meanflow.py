@@ -26,10 +26,10 @@ __all__ = ['SPECIAL_TOKENS', 'SET_TAGS', 'ATTN_NAME', 'LLADA_MASK_ID', 'char_tok
            'load_teacher', 'teacher_code_version', 'get_teacher', 'timestep_embedding', 'SoftPrompt', 'MeanFlowStudent',
            'MeanFlowConfig', 'sample_times', 'embedding_tangent', 'jvp_dudt', 'meanflow_loss', 'meanflow_step',
            'meanflow_fixed_point', 'optimum_fn', 'meanflow_lightning_module', 'distill_batches', 'check_run_dir',
-           'train_meanflow', 'save_student', 'load_student', 'meanflow_parser', 'main', 'ban_tokens', 'ban_special',
-           'generate', 'teacher_fn', 'student_fn', 'canvas', 'teacher_samples_meta', 'save_teacher_samples',
-           'load_teacher_samples', 'teacher_samples', 'pick_noise', 'NoisePosterior', 'gaussian_kl', 'posterior_noise',
-           'make_student']
+           'train_meanflow', 'save_student', 'load_student', 'meanflow_parser', 'main', 'ban_tokens', 'sampler_filter',
+           'ban_special', 'generate', 'teacher_fn', 'student_fn', 'canvas', 'teacher_samples_meta',
+           'save_teacher_samples', 'load_teacher_samples', 'teacher_samples', 'pick_noise', 'NoisePosterior',
+           'gaussian_kl', 'posterior_noise', 'make_student']
 
 # %% ../nbs/20_meanflow.ipynb #78eaf371
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[EOS]", "[MASK]", "<arith>", "<text>")
@@ -780,6 +780,10 @@ def ban_tokens(logits, ids):
     out[..., list(ids)] = torch.finfo(out.dtype).min
     return out
 
+def sampler_filter(backbone) -> Callable:
+    "`logits_filter` for `generate` with `backbone`: its `banned_ids` made impossible."
+    return lambda logits: ban_tokens(logits, backbone.banned_ids)
+
 def ban_special(logits, n_special: int = len(SPECIAL_TOKENS), keep: tuple = (SPECIAL_TOKENS.index("[EOS]"),)):
     "Logits with every special token of the tiny teacher's `char_tokenizer` except `keep` (EOS) made impossible."
     return ban_tokens(logits, [i for i in range(n_special) if i not in keep])
@@ -890,7 +894,7 @@ def teacher_samples(backbone, sets: dict, cfg: MeanFlowConfig, seed: int = 0, ch
     for i in tqdm(range(0, len(x0), chunk), desc=f"teacher samples ({cfg.sampler_steps} steps)", disable=not progress):
         c = torch.where(pm[i:i + chunk], x0[i:i + chunk], backbone.mask_id).to(dev)
         out.append(generate(teacher_fn(backbone), c, backbone.mask_id, cfg.sampler_steps, 1.0, generator=g,
-                            logits_filter=lambda l: ban_tokens(l, backbone.banned_ids)).cpu())
+                            logits_filter=sampler_filter(backbone)).cpu())
     pool = torch.utils.data.TensorDataset(torch.cat(out), pm)
     if path is not None:
         save_teacher_samples(pool, path, meta)

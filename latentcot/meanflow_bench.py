@@ -14,16 +14,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .meanflow import (MeanFlowConfig, MeanFlowStudent, TeacherRecipe, ban_special, cache_root, canvas, decode_canvas,
-                                generate, get_teacher, likelihood_bound, load_student, load_text_sets, make_student, meanflow_fixed_point, optimum_fn, prompt_mask_of,
-                                save_student, student_fn, teacher_fn, train_meanflow)
+from .meanflow import (MeanFlowConfig, MeanFlowStudent, TeacherRecipe, cache_root, canvas, decode_canvas, generate,
+                                get_teacher, likelihood_bound, load_llada, load_student, load_text_sets, make_student, meanflow_fixed_point,
+                                optimum_fn, prompt_mask_of, sampler_filter, save_student, student_fn, teacher_fn, train_meanflow)
 from .textdata import check_synthetic
 from .trainer import read_metrics
 
 # %% auto #0
-__all__ = ['fact_errors', 'sample_entropy', 'distinct_n', 'quality', 'run_generation', 'heldout_prompts', 'meanflow_code_version',
-           'student_key', 'student_for', 'saved_student', 'optimum_gap', 'marginal_ceiling', 'bench_meanflow',
-           'noise_sweep', 'diversity_matched', 'goals', 'format_table', 'plot_bench', 'bench_parser',
+__all__ = ['fact_errors', 'sample_entropy', 'distinct_n', 'quality', 'run_generation', 'heldout_canvas', 'meanflow_code_version',
+           'student_key', 'student_for', 'saved_student', 'optimum_gap', 'marginal_ceiling', 'llada_info',
+           'bench_meanflow', 'noise_sweep', 'diversity_matched', 'goals', 'format_table', 'plot_bench', 'bench_parser',
            'bench_meanflow_main']
 
 # %% ../nbs/21_meanflow_bench.ipynb #64a873f0
@@ -77,20 +77,22 @@ def quality(lines: list[str], kind: str, nll=None) -> dict:
 def run_generation(logits_fn, x, tok, steps: int, kind: str, teacher, temperature: float = 1.0,
                    remasking: str = "low_confidence", seed: int = 0, n_mc: int = 4) -> dict:
     "Generate from canvas `x` in `steps` calls, time it, and score it (the teacher's likelihood bound included)."
-    g = torch.Generator().manual_seed(seed)
-    t0 = time.perf_counter()
-    y = generate(logits_fn, x, tok.mask_token_id, steps, temperature, remasking, generator=g)
-    secs = time.perf_counter() - t0
-    lines = decode_canvas(tok, y)
-    nll = likelihood_bound(teacher_fn(teacher), y, x != tok.mask_token_id, tok.mask_token_id, n_mc=n_mc,
-                           generator=torch.Generator().manual_seed(seed + 1))
+    g, mask = torch.Generator(device=x.device).manual_seed(seed), teacher.mask_id
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)  # a GPU's clock: wait for its queued kernels
+    sync(); t0 = time.perf_counter()
+    y = generate(logits_fn, x, mask, steps, temperature, remasking, generator=g, logits_filter=sampler_filter(teacher))
+    sync(); secs = time.perf_counter() - t0
+    lines = decode_canvas(tok, y.cpu())
+    nll = likelihood_bound(teacher_fn(teacher), y, x != mask, mask, n_mc=n_mc, generator=torch.Generator(device=x.device).manual_seed(seed + 1))
     return {"steps": steps, "seconds": secs, **quality(lines, kind, nll), "examples": lines[:4]}
 
-def heldout_prompts(tok, sets, kind: str, n: int) -> list[str]:
-    "The prompt part (first fact, first 12 characters) of the first `n` heldout lines."
+def heldout_canvas(sets, kind: str, n: int, prompted: bool, mask_id: int):
+    """The first `n` heldout rows of `kind` with all but their prompt (`prompted`) or their first token (free) masked:
+    `(canvas, prompt_mask)`, in the sets' own tokens (any tokenizer)."""
     x, plen = sets[f"{kind}_heldout"]
-    rows = decode_canvas(tok, x[:n])
-    return [r[:int(p) - 1] for r, p in zip(rows, plen[:n])]
+    if n > len(x): raise ValueError(f"n={n}: the {kind} heldout set has {len(x)} rows; use --n {len(x)} or less")
+    pm = prompt_mask_of(plen[:n] if prompted else torch.ones(n, dtype=torch.long), x.shape[1])
+    return torch.where(pm, x[:n], mask_id), pm
 
 # %% ../nbs/21_meanflow_bench.ipynb #0eff8a82
 def meanflow_code_version() -> str:
@@ -134,9 +136,10 @@ def optimum_gap(teacher, student: MeanFlowStudent, x, n_steps: int = 32, sign: f
     "KL from the loss's optimum to the teacher and to the student at `r=0, t=1` (nats per masked position)."
     m, e, n = x == teacher.mask_id, teacher.embed(x), x.shape[0]
     r, t = torch.zeros(n, device=x.device), torch.ones(n, device=x.device)
-    target = torch.log_softmax(ban_special(meanflow_fixed_point(teacher, e, m, r, t, n_steps, sign)), -1)
+    ban = sampler_filter(teacher)
+    target = torch.log_softmax(ban(meanflow_fixed_point(teacher, e, m, r, t, n_steps, sign)), -1)
     def kl(logits):
-        logq = torch.log_softmax(ban_special(logits.float()), -1)
+        logq = torch.log_softmax(ban(logits.float()), -1)
         return float(((target.exp() * (target - logq)).sum(-1) * m).sum() / m.sum())
     kt, ks = kl(teacher.logits(e)), kl(student(e, r, t))
     return {"kl_optimum_teacher": kt, "kl_optimum_student": ks, "gap_closed": 1 - ks / kt if kt > 0 else float("nan")}
@@ -144,53 +147,61 @@ def optimum_gap(teacher, student: MeanFlowStudent, x, n_steps: int = 32, sign: f
 @torch.no_grad()
 def marginal_ceiling(teacher, tok, x, kind: str, k: int, steps: int = 64, temperature: float = 1.0, seed: int = 0) -> dict:
     "Quality of sampling every position independently from the per-position marginals of `k` `steps`-step teacher samples per row: what a one-step student that matched those marginals exactly would generate."
-    g = torch.Generator().manual_seed(seed)
-    y = generate(teacher_fn(teacher), x.repeat_interleave(k, 0), tok.mask_token_id, steps, temperature, generator=g)  # k samples per row
+    g = torch.Generator(device=x.device).manual_seed(seed)
+    y = generate(teacher_fn(teacher), x.repeat_interleave(k, 0), teacher.mask_id, steps, temperature, generator=g,
+                 logits_filter=sampler_filter(teacher))  # k samples per row
     marg = F.one_hot(y, teacher.vocab_size).float().view(x.shape[0], k, x.shape[1], -1).mean(1)   # [n, L, V]
     ys = torch.multinomial(marg.flatten(0, 1), k, replacement=True, generator=g)                   # [n * L, k]
     ys = ys.view(x.shape[0], x.shape[1], k).permute(0, 2, 1).flatten(0, 1)                          # k draws per row
     xr = x.repeat_interleave(k, 0)
-    ys = torch.where(xr == tok.mask_token_id, ys, xr)  # the prompt stays as given
+    ys = torch.where(xr == teacher.mask_id, ys, xr).cpu()  # the prompt stays as given
+    y = y.cpu()
     q = quality(decode_canvas(tok, ys), kind)
     return {"steps": steps, "samples_per_row": k, "source_validity": quality(decode_canvas(tok, y), kind).get("validity"),
             **q, "examples": decode_canvas(tok, ys[::k][:4])}
+
+def llada_info(name: str, canvas: int = 64) -> dict:
+    "The teacher `info` of a real LLaDA: its recipe is what `python -m latentcot.meanflow --llada` records in a student."
+    return {"recipe": {"llada": name, "canvas": canvas}, "train_seconds": None}
 
 def bench_meanflow(recipe: TeacherRecipe = TeacherRecipe(), cfg: MeanFlowConfig = MeanFlowConfig(),
                    n: int = 64, steps=(1, 2, 4, 8, 16, 64), student_steps=(1, 2, 4), temperature: float = 1.0,
                    settings=(("synthetic", "free"), ("synthetic", "prompted"), ("english", "free"), ("english", "prompted")),
                    seed: int = 0, cache_dir=None, optimum_steps: int = 32, student_dir=None, marginal_samples: int = 0,
-                   noise_temperatures=(0.25, 0.5, 0.75), log=print) -> dict:
+                   noise_temperatures=(0.25, 0.5, 0.75), teacher=None, log=print) -> dict:
     """Run every generator on every setting at batch size `n`; return the metrics (JSON-ready).
     `student_dir`: a saved student instead of distilling one. `marginal_samples` > 0: add `marginal_ceiling` (synthetic settings).
     `noise_temperatures`: a noise student also runs one step at these temperatures given `z` (`student-z` runs), between its
-    argmax (0) and its per-position sampling (the `student` run at `temperature`)."""
+    argmax (0) and its per-position sampling (the `student` run at `temperature`).
+    `teacher`: a `(backbone, tokenizer, info)` to benchmark instead of the tiny teacher of `recipe` (a real LLaDA from
+    `load_llada`, with `info = llada_info(name, canvas)`); the run happens on the backbone's device."""
     if any(not T > 0 for T in noise_temperatures):  # generate() takes any T <= 0 as argmax: refuse rather than rerun it silently
         raise ValueError(f"noise_temperatures must all be > 0 (argmax, temperature 0, always runs as student-argmax), got {list(noise_temperatures)}")
     t_start = time.time()
-    teacher, tok, info = get_teacher(recipe, cache_dir=cache_dir, log=log)
-    sets = load_text_sets(tok, recipe.canvas)
+    teacher, tok, info = teacher or get_teacher(recipe, cache_dir=cache_dir, log=log)
+    sets = load_text_sets(tok, info["recipe"]["canvas"])
+    info = {**info, "data_sha256": info.get("data_sha256") or sets["sha256"]}
+    dev = teacher.embedding_weight.device
     if student_dir is None: student, smeta = student_for(teacher, info, sets, cfg, cache_dir, log)
     else:
         student, smeta = saved_student(teacher, info, student_dir)
         cfg = MeanFlowConfig(**smeta["config"])  # the optimum follows the student's own tangent sign
-    out = {"recipe": asdict(recipe), "config": asdict(cfg), "n": n, "temperature": temperature,
-           "threads": torch.get_num_threads(), "teacher_train_seconds": info["train_seconds"],
+    out = {"recipe": info["recipe"], "config": asdict(cfg), "n": n, "temperature": temperature, "device": str(dev),
+           "threads": torch.get_num_threads(), "teacher_train_seconds": info.get("train_seconds"),
            "student_train_seconds": smeta.get("train_seconds"), "student_gates": smeta.get("gates"),
            "optimum_steps": optimum_steps, "student_dir": None if student_dir is None else str(student_dir),
            "marginal_samples": marginal_samples, "noise_temperatures": list(noise_temperatures) if student.noise_dim else [], "settings": {}}
     optimum = optimum_fn(teacher, optimum_steps, cfg.tangent_sign)
     for kind, mode in settings:
-        prompts = heldout_prompts(tok, sets, kind, n) if mode == "prompted" else None
-        x = canvas(tok, n, kind, recipe.canvas, prompts)
-        ref_x, ref_p = sets[f"{kind}_heldout"]
-        ref_x = ref_x[:n]
-        ref_pm = prompt_mask_of(ref_p[:n] if mode == "prompted" else torch.ones(len(ref_x), dtype=torch.long), ref_x.shape[1])
-        nll = likelihood_bound(teacher_fn(teacher), ref_x, ref_pm, tok.mask_token_id, n_mc=4, generator=torch.Generator().manual_seed(seed))
+        x, ref_pm = heldout_canvas(sets, kind, n, mode == "prompted", teacher.mask_id)
+        x, ref_pm, ref_x = x.to(dev), ref_pm.to(dev), sets[f"{kind}_heldout"][0][:n]
+        nll = likelihood_bound(teacher_fn(teacher), ref_x.to(dev), ref_pm, teacher.mask_id, n_mc=4,
+                               generator=torch.Generator(device=dev).manual_seed(seed))
         res = {"data": quality(decode_canvas(tok, ref_x), kind, nll), "runs": {},
                "optimum_gap": optimum_gap(teacher, student, x, optimum_steps, cfg.tangent_sign)}
         # a noise student's randomness is z, one vector per row, the same for every step and seed of the run
-        z = torch.randn(n, student.noise_dim, generator=torch.Generator().manual_seed(seed)) if student.noise_dim else None
-        generate(teacher_fn(teacher), x[:2], tok.mask_token_id, 2)  # warm-up, so the first timed run is not penalised
+        z = torch.randn(n, student.noise_dim, generator=torch.Generator().manual_seed(seed)).to(dev) if student.noise_dim else None
+        generate(teacher_fn(teacher), x[:2], teacher.mask_id, 2)  # warm-up, so the first timed run is not penalised
         for name, fn, stp, temp, rem in ([("teacher-lc", teacher_fn(teacher), s, temperature, "low_confidence") for s in steps]
                                          + [("teacher-rand", teacher_fn(teacher), s, temperature, "random") for s in steps]
                                          + [("student", student_fn(student, z), s, temperature, "low_confidence") for s in student_steps]
@@ -420,6 +431,11 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--marginal-samples", type=int, default=0,
                    help="K > 0: also sample independently from the per-position marginals of K teacher samples per row (slow)")
     p.add_argument("--optimum-steps", type=int, default=32, help="Euler steps of the loss's optimum (mf-optimum runs)")
+    p.add_argument("--llada", help="benchmark a real LLaDA (hub id or local dir) instead of the tiny teacher; needs --trust-remote-code")
+    p.add_argument("--trust-remote-code", action="store_true", help="--llada: allow LLaDA's hub modeling code to run")
+    p.add_argument("--local-files-only", action="store_true", help="--llada: do not contact the hub")
+    p.add_argument("--canvas", type=int, default=64, help="--llada: canvas length in tokens (as in its distillation)")
+    p.add_argument("--device", help="--llada: where to run it (default: cuda if available, else cpu); the tiny teacher runs on cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a tiny teacher and a few steps: a smoke test, not a measurement")
     p.add_argument("--cache", help="cache directory (default $LATENTCOT_CACHE or ~/.cache/latentcot)")
@@ -440,11 +456,16 @@ def bench_meanflow_main(argv: list[str] | None = None) -> int:
                          sampler_steps=min(a.sampler_steps, 4) if a.quick else a.sampler_steps,
                          sampler_rows=min(a.sampler_rows, 16) if a.quick else a.sampler_rows)
     steps = tuple(int(s) for s in a.steps.split(","))
+    teacher = None
+    if a.llada:
+        bb, tok = load_llada(a.llada, a.trust_remote_code, local_files_only=a.local_files_only)
+        teacher = (bb.to(a.device or ("cuda" if torch.cuda.is_available() else "cpu")), tok, llada_info(a.llada, a.canvas))
+    elif a.device is not None: raise ValueError("--device applies to --llada only: the tiny teacher runs on cpu")
     out = bench_meanflow(recipe, cfg, n=8 if a.quick else a.n, steps=steps,
                          student_steps=tuple(int(s) for s in a.student_steps.split(",")), temperature=a.temperature,
                          seed=a.seed, cache_dir=a.cache, optimum_steps=4 if a.quick else a.optimum_steps,
                          student_dir=a.student, noise_temperatures=tuple(float(T) for T in a.noise_temperatures.split(",") if T),
-                         marginal_samples=min(a.marginal_samples, 2) if a.quick else a.marginal_samples)
+                         marginal_samples=min(a.marginal_samples, 2) if a.quick else a.marginal_samples, teacher=teacher)
     d = Path(a.out); d.mkdir(parents=True, exist_ok=True)
     out["plots"] = [p.name for p in plot_bench(out, d)]
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".metrics.")

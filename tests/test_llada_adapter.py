@@ -155,7 +155,8 @@ def test_a_checkpoint_missing_a_weight_is_refused(checkpoints, tmp_path):
 @pytest.mark.parametrize("target", [[], ["--target", "sampler", "--sampler-rows", "8", "--sampler-steps", "2",
                                         "--noise-dim", "2", "--noise-fit", "posterior"]], ids=["jvp", "sampler-posterior"])
 def test_cli_trains_resumes_and_saves_on_llada(checkpoints, tmp_path, target):
-    "`python -m latentcot.meanflow --llada DIR --trust-remote-code` (bf16 base): trains, resumes, and the student loads back."
+    """`python -m latentcot.meanflow --llada DIR --trust-remote-code` (bf16 base): trains, resumes, and the student loads
+    back; `latentcot bench meanflow --llada DIR --student OUT` benchmarks it on that checkpoint."""
     out = tmp_path / "run"
     run = lambda steps: subprocess.run([sys.executable, "-m", "latentcot.meanflow", "--llada", str(checkpoints["gqa_tied_groups"]),
                                         "--trust-remote-code", "--local-files-only", "--steps", str(steps), "--batch", "4",
@@ -174,3 +175,16 @@ def test_cli_trains_resumes_and_saves_on_llada(checkpoints, tmp_path, target):
         from safetensors.torch import load_file
         x0 = load_file(out / "teacher_samples.rank0.safetensors")["x0"]
         assert x0.shape == (8, 65) and not (x0 == bb.mask_id).any() and s.prompt.posterior is not None
+    # the benchmark runs on the same checkpoint and student (--quick: 8 rows, the teacher at 1 and 4 steps)
+    bench = tmp_path / "bench"
+    r = subprocess.run(["latentcot", "bench", "meanflow", "--llada", str(checkpoints["gqa_tied_groups"]), "--trust-remote-code",
+                        "--local-files-only", "--device", "cpu", "--student", str(out), "--quick", "--steps", "1,4",
+                        "--student-steps", "1", "--out", str(bench)], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = mf.json.loads((bench / "metrics.json").read_text())
+    assert m["recipe"] == {"llada": str(checkpoints["gqa_tied_groups"]), "canvas": 64} and m["device"] == "cpu"
+    assert sorted(m["settings"]) == ["english/free", "english/prompted", "synthetic/free", "synthetic/prompted"]
+    runs = m["settings"]["synthetic/prompted"]["runs"]
+    assert [r["steps"] for r in runs["teacher-lc"]] == [1, 4] and 0 <= runs["student"][0]["validity"] <= 1
+    assert ("student-z" in runs) == bool(target)  # a noise student also runs at its temperatures given z
