@@ -21,10 +21,10 @@ from .textdata import check_synthetic
 from .trainer import read_metrics
 
 # %% auto #0
-__all__ = ['fact_errors', 'sample_entropy', 'distinct_n', 'quality', 'run_generation', 'heldout_canvas', 'meanflow_code_version',
-           'student_key', 'student_for', 'saved_student', 'optimum_gap', 'marginal_ceiling', 'llada_info',
-           'bench_meanflow', 'noise_sweep', 'diversity_matched', 'goals', 'format_table', 'plot_bench', 'bench_parser',
-           'bench_meanflow_main']
+__all__ = ['NOISE_TEMPERATURES', 'fact_errors', 'sample_entropy', 'distinct_n', 'quality', 'run_generation', 'heldout_canvas',
+           'meanflow_code_version', 'student_key', 'student_for', 'saved_student', 'optimum_gap', 'marginal_ceiling',
+           'llada_info', 'bench_meanflow', 'noise_sweep', 'diversity_matched', 'goals', 'format_table', 'plot_bench',
+           'bench_parser', 'bench_meanflow_main']
 
 # %% ../nbs/21_meanflow_bench.ipynb #64a873f0
 _FACT = re.compile(r"(\d{1,3})([+-])(\d{1,3})=(\d{1,3})")
@@ -160,6 +160,10 @@ def marginal_ceiling(teacher, tok, x, kind: str, k: int, steps: int = 64, temper
     return {"steps": steps, "samples_per_row": k, "source_validity": quality(decode_canvas(tok, y), kind).get("validity"),
             **q, "examples": decode_canvas(tok, ys[::k][:4])}
 
+# a fine grid: the diversity-matched criterion takes the most valid temperature whose diversity reaches the teacher's,
+# so a coarse grid would read it off a point well past the crossing
+NOISE_TEMPERATURES = tuple(round(0.1 * i, 1) for i in range(1, 10))
+
 def llada_info(name: str, canvas: int = 64) -> dict:
     "The teacher `info` of a real LLaDA: its recipe is what `python -m latentcot.meanflow --llada` records in a student."
     return {"recipe": {"llada": name, "canvas": canvas}, "train_seconds": None}
@@ -168,7 +172,7 @@ def bench_meanflow(recipe: TeacherRecipe = TeacherRecipe(), cfg: MeanFlowConfig 
                    n: int = 64, steps=(1, 2, 4, 8, 16, 64), student_steps=(1, 2, 4), temperature: float = 1.0,
                    settings=(("synthetic", "free"), ("synthetic", "prompted"), ("english", "free"), ("english", "prompted")),
                    seed: int = 0, cache_dir=None, optimum_steps: int = 32, student_dir=None, marginal_samples: int = 0,
-                   noise_temperatures=(0.25, 0.5, 0.75), teacher=None, log=print) -> dict:
+                   noise_temperatures=NOISE_TEMPERATURES, teacher=None, log=print) -> dict:
     """Run every generator on every setting at batch size `n`; return the metrics (JSON-ready).
     `student_dir`: a saved student instead of distilling one. `marginal_samples` > 0: add `marginal_ceiling` (synthetic settings).
     `noise_temperatures`: a noise student also runs one step at these temperatures given `z` (`student-z` runs), between its
@@ -421,7 +425,7 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise-fit", default=MeanFlowConfig.noise_fit, choices=["imle", "posterior"],
                    help="--noise-dim: imle (best of --noise-candidates draws) or posterior (z from an encoder of the label row, a VAE)")
     p.add_argument("--noise-beta", type=float, default=MeanFlowConfig.noise_beta, help="--noise-fit posterior: weight of the KL to N(0, I)")
-    p.add_argument("--noise-temperatures", default="0.25,0.5,0.75",
+    p.add_argument("--noise-temperatures", default=",".join(map(str, NOISE_TEMPERATURES)),
                    help="a noise student also runs one step at these temperatures given z (between argmax and --temperature)")
     p.add_argument("--time-mu", type=float, default=MeanFlowConfig.time_mu, help="logit-normal time sampler: mean")
     p.add_argument("--time-sigma", type=float, default=MeanFlowConfig.time_sigma, help="logit-normal time sampler: std")
