@@ -26,10 +26,10 @@ __all__ = ['SPECIAL_TOKENS', 'SET_TAGS', 'ATTN_NAME', 'LLADA_MASK_ID', 'char_tok
            'load_teacher', 'teacher_code_version', 'get_teacher', 'timestep_embedding', 'SoftPrompt', 'MeanFlowStudent',
            'MeanFlowConfig', 'sample_times', 'embedding_tangent', 'jvp_dudt', 'meanflow_loss', 'meanflow_step',
            'meanflow_fixed_point', 'optimum_fn', 'meanflow_lightning_module', 'distill_batches', 'check_run_dir',
-           'train_meanflow', 'save_student', 'load_student', 'meanflow_parser', 'main', 'ban_tokens', 'sampler_filter',
-           'ban_special', 'generate', 'teacher_fn', 'student_fn', 'canvas', 'teacher_samples_meta',
-           'save_teacher_samples', 'load_teacher_samples', 'teacher_samples', 'pick_noise', 'NoisePosterior',
-           'gaussian_kl', 'posterior_noise', 'make_student']
+           'train_meanflow', 'save_student', 'load_student', 'add_llada_arguments', 'llada_info', 'meanflow_parser',
+           'main', 'ban_tokens', 'sampler_filter', 'ban_special', 'generate', 'teacher_fn', 'student_fn', 'canvas',
+           'teacher_samples_meta', 'save_teacher_samples', 'load_teacher_samples', 'teacher_samples', 'pick_noise',
+           'NoisePosterior', 'gaussian_kl', 'posterior_noise', 'make_student']
 
 # %% ../nbs/20_meanflow.ipynb #78eaf371
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[EOS]", "[MASK]", "<arith>", "<text>")
@@ -733,6 +733,17 @@ def load_student(backbone, path) -> MeanFlowStudent:
     return s.eval()
 
 # %% ../nbs/20_meanflow.ipynb #5823936e
+def add_llada_arguments(p: argparse.ArgumentParser) -> None:
+    "The `--llada` options shared by training and the benchmark."
+    p.add_argument("--llada", help="a real LLaDA checkpoint (hub id or local dir) instead of the tiny teacher; needs --trust-remote-code")
+    p.add_argument("--trust-remote-code", action="store_true", help="--llada: allow LLaDA's hub modeling code to run")
+    p.add_argument("--local-files-only", action="store_true", help="--llada: do not contact the hub, use local files only")
+    p.add_argument("--canvas", type=int, default=64, help="--llada: canvas length in tokens (the tiny teacher uses its recipe's)")
+
+def llada_info(name: str, canvas: int = 64) -> dict:
+    "The teacher `info` of a real LLaDA: its recipe is what a student distilled from it records as its teacher."
+    return {"recipe": {"llada": name, "canvas": canvas}, "train_seconds": None}
+
 def meanflow_parser() -> argparse.ArgumentParser:
     "Arguments of `python -m latentcot.meanflow`."
     p = argparse.ArgumentParser(prog="python -m latentcot.meanflow",
@@ -742,10 +753,7 @@ def meanflow_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--no-resume", action="store_true", help="ignore the checkpoints in --out and start again")
     p.add_argument("--teacher", help="a saved teacher directory (default: the cached tiny teacher, trained if missing)")
-    p.add_argument("--llada", help="a real LLaDA checkpoint (hub id or local dir); needs --trust-remote-code")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow LLaDA's hub modeling code to run")
-    p.add_argument("--local-files-only", action="store_true", help="--llada: do not contact the hub, use local files only")
-    p.add_argument("--canvas", type=int, default=64, help="--llada: canvas length in tokens (the tiny teacher uses its recipe's)")
+    add_llada_arguments(p)
     d = MeanFlowConfig()
     for f in dataclasses.fields(MeanFlowConfig):
         p.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(d, f.name)), default=getattr(d, f.name))
@@ -757,7 +765,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = MeanFlowConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(MeanFlowConfig)})
     if a.llada:  # the same text sets, in LLaDA's tokens (rows start with its BOS)
         teacher, tok = load_llada(a.llada, a.trust_remote_code, local_files_only=a.local_files_only)
-        info = {"recipe": {"llada": a.llada, "canvas": a.canvas}}
+        info = llada_info(a.llada, a.canvas)
     else: teacher, tok, info = load_teacher(a.teacher) if a.teacher else get_teacher()
     sets = load_text_sets(tok, info["recipe"]["canvas"])
     from accelerate import Accelerator

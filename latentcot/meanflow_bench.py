@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .meanflow import (MeanFlowConfig, MeanFlowStudent, TeacherRecipe, cache_root, canvas, decode_canvas, generate,
-                                get_teacher, likelihood_bound, load_llada, load_student, load_text_sets, make_student, meanflow_fixed_point,
+from .meanflow import (MeanFlowConfig, MeanFlowStudent, TeacherRecipe, add_llada_arguments, cache_root, canvas, decode_canvas, generate,
+                                get_teacher, likelihood_bound, llada_info, load_llada, load_student, load_text_sets, make_student, meanflow_fixed_point,
                                 optimum_fn, prompt_mask_of, sampler_filter, save_student, student_fn, teacher_fn, train_meanflow)
 from .textdata import check_synthetic
 from .trainer import read_metrics
@@ -23,8 +23,8 @@ from .trainer import read_metrics
 # %% auto #0
 __all__ = ['NOISE_TEMPERATURES', 'fact_errors', 'sample_entropy', 'distinct_n', 'quality', 'run_generation', 'heldout_canvas',
            'meanflow_code_version', 'student_key', 'student_for', 'saved_student', 'optimum_gap', 'marginal_ceiling',
-           'llada_info', 'bench_meanflow', 'noise_sweep', 'diversity_matched', 'goals', 'format_table', 'plot_bench',
-           'bench_parser', 'bench_meanflow_main']
+           'bench_meanflow', 'noise_sweep', 'diversity_matched', 'goals', 'format_table', 'plot_bench', 'bench_parser',
+           'bench_meanflow_main']
 
 # %% ../nbs/21_meanflow_bench.ipynb #64a873f0
 _FACT = re.compile(r"(\d{1,3})([+-])(\d{1,3})=(\d{1,3})")
@@ -163,10 +163,6 @@ def marginal_ceiling(teacher, tok, x, kind: str, k: int, steps: int = 64, temper
 # a fine grid: the diversity-matched criterion takes the most valid temperature whose diversity reaches the teacher's,
 # so a coarse grid would read it off a point well past the crossing
 NOISE_TEMPERATURES = tuple(round(0.1 * i, 1) for i in range(1, 10))
-
-def llada_info(name: str, canvas: int = 64) -> dict:
-    "The teacher `info` of a real LLaDA: its recipe is what `python -m latentcot.meanflow --llada` records in a student."
-    return {"recipe": {"llada": name, "canvas": canvas}, "train_seconds": None}
 
 def bench_meanflow(recipe: TeacherRecipe = TeacherRecipe(), cfg: MeanFlowConfig = MeanFlowConfig(),
                    n: int = 64, steps=(1, 2, 4, 8, 16, 64), student_steps=(1, 2, 4), temperature: float = 1.0,
@@ -435,10 +431,7 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--marginal-samples", type=int, default=0,
                    help="K > 0: also sample independently from the per-position marginals of K teacher samples per row (slow)")
     p.add_argument("--optimum-steps", type=int, default=32, help="Euler steps of the loss's optimum (mf-optimum runs)")
-    p.add_argument("--llada", help="benchmark a real LLaDA (hub id or local dir) instead of the tiny teacher; needs --trust-remote-code")
-    p.add_argument("--trust-remote-code", action="store_true", help="--llada: allow LLaDA's hub modeling code to run")
-    p.add_argument("--local-files-only", action="store_true", help="--llada: do not contact the hub")
-    p.add_argument("--canvas", type=int, default=64, help="--llada: canvas length in tokens (as in its distillation)")
+    add_llada_arguments(p)
     p.add_argument("--device", help="--llada: where to run it (default: cuda if available, else cpu); the tiny teacher runs on cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a tiny teacher and a few steps: a smoke test, not a measurement")
