@@ -24,12 +24,13 @@ __all__ = ['SPECIAL_TOKENS', 'SET_TAGS', 'ATTN_NAME', 'LLADA_MASK_ID', 'char_tok
            'LlamaBackbone', 'LLaDABackbone', 'llada_loadable', 'load_llada', 'mask_tokens', 'prompt_mask_of',
            'llada_loss', 'likelihood_bound', 'TeacherRecipe', 'tiny_llada', 'mixed_batches', 'train_teacher',
            'load_teacher', 'teacher_code_version', 'get_teacher', 'timestep_embedding', 'SoftPrompt', 'MeanFlowStudent',
-           'MeanFlowConfig', 'sample_times', 'embedding_tangent', 'jvp_dudt', 'meanflow_loss', 'meanflow_step',
+           'knob', 'MeanFlowConfig', 'sample_times', 'embedding_tangent', 'jvp_dudt', 'meanflow_loss', 'meanflow_step',
            'meanflow_fixed_point', 'optimum_fn', 'meanflow_lightning_module', 'distill_batches', 'check_run_dir',
-           'train_meanflow', 'save_student', 'load_student', 'add_llada_arguments', 'llada_info', 'meanflow_parser',
-           'main', 'ban_tokens', 'sampler_filter', 'ban_special', 'generate', 'teacher_fn', 'student_fn', 'canvas',
-           'teacher_samples_meta', 'save_teacher_samples', 'load_teacher_samples', 'teacher_samples', 'pick_noise',
-           'NoisePosterior', 'gaussian_kl', 'posterior_noise', 'make_student']
+           'train_meanflow', 'save_student', 'load_student', 'add_llada_arguments', 'llada_info',
+           'add_config_arguments', 'config_from_args', 'meanflow_parser', 'main', 'ban_tokens', 'sampler_filter',
+           'ban_special', 'generate', 'teacher_fn', 'student_fn', 'canvas', 'teacher_samples_meta',
+           'save_teacher_samples', 'load_teacher_samples', 'teacher_samples', 'pick_noise', 'NoisePosterior',
+           'gaussian_kl', 'posterior_noise', 'make_student']
 
 # %% ../nbs/20_meanflow.ipynb #78eaf371
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[EOS]", "[MASK]", "<arith>", "<text>")
@@ -448,34 +449,41 @@ class MeanFlowStudent(nn.Module):
     def teacher(self, embeds): return self.backbone.logits(embeds)
 
 # %% ../nbs/20_meanflow.ipynb #f483df36
+def knob(default, help: str, choices: tuple | None = None):
+    "A `MeanFlowConfig` field that carries its own help (and choices): the notebook, `--help` and the docs read the same text."
+    return field(default=default, metadata={"help": help, "choices": choices})
+
 @dataclass
 class MeanFlowConfig:
     "Knobs of the MeanFlow distillation (seed 003) and of its training loop."
-    loss: str = "kl"                 # kl | ce | mse
-    ratio_r_neq_t: float = 0.5       # fraction of rows with r < t
-    time_mu: float = -0.4            # logit-normal time sampler
-    time_sigma: float = 1.0
-    tangent_sign: float = 1.0        # +1: the seed's softmax(v) @ E - E[x_t]; -1: the opposite direction
-    target: str = "jvp"              # jvp: the seed's v - (t - r) du/dt | integral: the identity's solution, integrated
-                                     # | sampler: hard labels, the teacher's many-step samples (the seed's CE alternative)
-    integral_steps: int = 16         # target="integral": teacher calls (Euler steps) per row
-    sampler_steps: int = 64          # target="sampler": teacher steps (low-confidence remasking) of every label row
-    sampler_rows: int = 2048         # target="sampler": teacher samples drawn once before training, re-masked at every visit
-    noise_dim: int = 0               # > 0 (target="sampler"): the prompt also reads noise z ~ N(0, I), one vector per row, and each
-                                     # label row trains with the best of `noise_candidates` draws (IMLE); see "A noise input"
-    noise_candidates: int = 8
-    noise_fit: str = "imle"          # imle: the best of noise_candidates draws | posterior: z ~ q(z | label row), a VAE (see
-    noise_beta: float = 0.1          # "Noise from a posterior"); noise_beta weighs its KL to N(0, I), in nats per masked token
-    adaptive_p: float = 0.0          # 0 disables MeanFlow's adaptive weighting
-    adaptive_c: float = 1e-3
-    prompt_length: int = 8
-    prompt_hidden: int = 128         # width of the soft prompt's MLP (its decoder of r, t and z)
-    lr: float = 3e-3
-    steps: int = 300
-    batch: int = 32
-    synthetic_frac: float = 0.7
-    full_prompt_frac: float = 0.5
-    seed: int = 0
+    loss: str = knob("kl", "loss on masked positions: KL to the target's softmax, soft cross-entropy, or MSE on the logits",
+                     ("kl", "ce", "mse"))
+    ratio_r_neq_t: float = knob(0.5, "fraction of rows with r < t; the others have r = t (plain distillation of v)")
+    time_mu: float = knob(-0.4, "mean of the logit-normal time sampler (larger: t nearer 1, more of the line masked)")
+    time_sigma: float = knob(1.0, "standard deviation of the logit-normal time sampler")
+    tangent_sign: float = knob(1.0, "+1: the seed's embedding tangent softmax(v) @ E - E[x_t]; -1: the opposite direction")
+    target: str = knob("jvp", "jvp: the seed's v - (t - r) du/dt | integral: the identity's solution, by Euler steps of the "
+                       "teacher | sampler: hard labels, the teacher's many-step samples (the seed's CE alternative)",
+                       ("jvp", "integral", "sampler"))
+    integral_steps: int = knob(16, "target=integral: teacher calls (Euler steps) per row")
+    sampler_steps: int = knob(64, "target=sampler: teacher steps (low-confidence remasking) of every label row")
+    sampler_rows: int = knob(2048, "target=sampler: teacher samples drawn once before training, re-masked at every visit")
+    noise_dim: int = knob(0, "target=sampler, N > 0: the prompt also reads noise z ~ N(0, I) of N dims, one vector per row "
+                          "(see 'A noise input')")
+    noise_candidates: int = knob(8, "noise_fit=imle: draws of z per label row, of which the best one trains")
+    noise_fit: str = knob("imle", "imle: the best of noise_candidates draws of z | posterior: z ~ q(z | label row), a VAE "
+                          "(see 'Noise from a posterior')", ("imle", "posterior"))
+    noise_beta: float = knob(0.1, "noise_fit=posterior: weight of the KL to N(0, I), in nats per masked token")
+    adaptive_p: float = knob(0.0, "MeanFlow's adaptive weighting, w = 1 / (loss + adaptive_c) ** adaptive_p per row; 0: off")
+    adaptive_c: float = knob(1e-3, "the constant of the adaptive weighting")
+    prompt_length: int = knob(8, "soft prompt length: K/V prefix positions per layer")
+    prompt_hidden: int = knob(128, "width of the soft prompt's MLP (its decoder of r, t and z)")
+    lr: float = knob(3e-3, "AdamW learning rate of the soft prompt (20 steps of linear warm-up, then constant)")
+    steps: int = knob(300, "optimizer steps")
+    batch: int = knob(32, "rows per step, per process")
+    synthetic_frac: float = knob(0.7, "fraction of each batch from the synthetic set; the rest is English")
+    full_prompt_frac: float = knob(0.5, "fraction of rows that keep their prompt; the others keep only their first token (free lines)")
+    seed: int = knob(0, "seed of the prompt's initial weights, the batches, times and masks")
 
     def __post_init__(self):
         if self.loss not in ("kl", "ce", "mse"): raise ValueError(f"loss must be kl, ce or mse, got {self.loss!r}")
@@ -744,6 +752,20 @@ def llada_info(name: str, canvas: int = 64) -> dict:
     "The teacher `info` of a real LLaDA: its recipe is what a student distilled from it records as its teacher."
     return {"recipe": {"llada": name, "canvas": canvas}, "train_seconds": None}
 
+def add_config_arguments(p: argparse.ArgumentParser, rename: dict[str, str] | None = None, skip=()) -> dict[str, str]:
+    "Every `MeanFlowConfig` field but `skip` as `--field-name` (or `rename[field]`) with its help and choices; returns field -> flag."
+    flags = {}
+    for f in dataclasses.fields(MeanFlowConfig):
+        if f.name in skip: continue
+        flags[f.name] = (rename or {}).get(f.name, "--" + f.name.replace("_", "-"))
+        p.add_argument(flags[f.name], dest=f.name, type=type(f.default), default=f.default, choices=f.metadata.get("choices"),
+                       help=f.metadata.get("help", "") + " (default: %(default)s)")
+    return flags
+
+def config_from_args(a: argparse.Namespace, **override) -> MeanFlowConfig:
+    "The `MeanFlowConfig` of parsed arguments (the fields `add_config_arguments` added), `override` on top."
+    return MeanFlowConfig(**{**{f.name: getattr(a, f.name) for f in dataclasses.fields(MeanFlowConfig) if hasattr(a, f.name)}, **override})
+
 def meanflow_parser() -> argparse.ArgumentParser:
     "Arguments of `python -m latentcot.meanflow`."
     p = argparse.ArgumentParser(prog="python -m latentcot.meanflow",
@@ -754,15 +776,13 @@ def meanflow_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true", help="ignore the checkpoints in --out and start again")
     p.add_argument("--teacher", help="a saved teacher directory (default: the cached tiny teacher, trained if missing)")
     add_llada_arguments(p)
-    d = MeanFlowConfig()
-    for f in dataclasses.fields(MeanFlowConfig):
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(d, f.name)), default=getattr(d, f.name))
+    add_config_arguments(p.add_argument_group("distillation (MeanFlowConfig)"))
     return p
 
 def main(argv: list[str] | None = None) -> int:
     "Entry point of `python -m latentcot.meanflow`: train the soft prompt and save it."
     a = meanflow_parser().parse_args(argv)
-    cfg = MeanFlowConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(MeanFlowConfig)})
+    cfg = config_from_args(a)
     if a.llada:  # the same text sets, in LLaDA's tokens (rows start with its BOS)
         teacher, tok = load_llada(a.llada, a.trust_remote_code, local_files_only=a.local_files_only)
         info = llada_info(a.llada, a.canvas)

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .meanflow import (MeanFlowConfig, MeanFlowStudent, TeacherRecipe, add_llada_arguments, cache_root, canvas, decode_canvas, generate,
+from .meanflow import (MeanFlowConfig, MeanFlowStudent, TeacherRecipe, add_config_arguments, add_llada_arguments, cache_root, canvas, config_from_args,
+                                decode_canvas, generate,
                                 get_teacher, likelihood_bound, llada_info, load_llada, load_student, load_text_sets, make_student, meanflow_fixed_point,
                                 optimum_fn, prompt_mask_of, sampler_filter, save_student, student_fn, teacher_fn, train_meanflow)
 from .textdata import check_synthetic
@@ -22,9 +23,9 @@ from .trainer import read_metrics
 
 # %% auto #0
 __all__ = ['NOISE_TEMPERATURES', 'fact_errors', 'sample_entropy', 'distinct_n', 'quality', 'run_generation', 'heldout_canvas',
-           'meanflow_code_version', 'student_key', 'student_for', 'saved_student', 'optimum_gap', 'marginal_ceiling',
-           'bench_meanflow', 'noise_sweep', 'diversity_matched', 'goals', 'format_table', 'plot_bench', 'bench_parser',
-           'bench_meanflow_main']
+           'meanflow_code_version', 'student_key', 'student_for', 'saved_student', 'optimum_gap', 'draw_from_marginals',
+           'marginal_ceiling', 'bench_meanflow', 'noise_sweep', 'diversity_matched', 'goals', 'format_table',
+           'plot_bench', 'bench_parser', 'bench_meanflow_main']
 
 # %% ../nbs/21_meanflow_bench.ipynb #64a873f0
 _FACT = re.compile(r"(\d{1,3})([+-])(\d{1,3})=(\d{1,3})")
@@ -145,14 +146,20 @@ def optimum_gap(teacher, student: MeanFlowStudent, x, n_steps: int = 32, sign: f
     return {"kl_optimum_teacher": kt, "kl_optimum_student": ks, "gap_closed": 1 - ks / kt if kt > 0 else float("nan")}
 
 @torch.no_grad()
+def draw_from_marginals(y, k: int, generator=None):
+    "`k` draws per row from the per-position marginals of `y` (`k` samples per row, consecutive): each position independently."
+    # the empirical marginal at a position puts 1/k on each sample's token there, so a draw picks one of the k samples
+    # per position: [n * k, L] indices, no [n, L, vocab] table (which an 8B vocabulary of 126k tokens could not afford)
+    n, L = y.shape[0] // k, y.shape[1]
+    pick = torch.randint(k, (n, k, L), generator=generator, device=y.device)
+    return y.view(n, k, L).gather(1, pick).flatten(0, 1)
+
 def marginal_ceiling(teacher, tok, x, kind: str, k: int, steps: int = 64, temperature: float = 1.0, seed: int = 0) -> dict:
     "Quality of sampling every position independently from the per-position marginals of `k` `steps`-step teacher samples per row: what a one-step student that matched those marginals exactly would generate."
     g = torch.Generator(device=x.device).manual_seed(seed)
     y = generate(teacher_fn(teacher), x.repeat_interleave(k, 0), teacher.mask_id, steps, temperature, generator=g,
                  logits_filter=sampler_filter(teacher))  # k samples per row
-    marg = F.one_hot(y, teacher.vocab_size).float().view(x.shape[0], k, x.shape[1], -1).mean(1)   # [n, L, V]
-    ys = torch.multinomial(marg.flatten(0, 1), k, replacement=True, generator=g)                   # [n * L, k]
-    ys = ys.view(x.shape[0], x.shape[1], k).permute(0, 2, 1).flatten(0, 1)                          # k draws per row
+    ys = draw_from_marginals(y, k, g)                                                              # k draws per row
     xr = x.repeat_interleave(k, 0)
     ys = torch.where(xr == teacher.mask_id, ys, xr).cpu()  # the prompt stays as given
     y = y.cpu()
@@ -401,43 +408,26 @@ def bench_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="latentcot bench meanflow", description="LLaDA-MeanFlow: one-step student vs multi-step teacher.")
     p.add_argument("--out", default="meanflow-bench", help="directory for metrics.json and the PNG plots")
     p.add_argument("--n", type=int, default=64, help="batch size of every generation run")
-    p.add_argument("--steps", default="1,2,4,8,16,64", help="teacher step counts")
+    p.add_argument("--steps", dest="teacher_steps", default="1,2,4,8,16,64", help="teacher step counts")
     p.add_argument("--student-steps", default="1,2,4", help="student step counts")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--distill-steps", type=int, default=MeanFlowConfig.steps, help="MeanFlow training steps")
-    p.add_argument("--loss", default="kl", choices=["kl", "ce", "mse"])
-    p.add_argument("--tangent-sign", type=float, default=1.0, help="+1 the seed's tangent, -1 the opposite")
-    p.add_argument("--ratio-r-neq-t", type=float, default=MeanFlowConfig.ratio_r_neq_t)
-    p.add_argument("--lr", type=float, default=MeanFlowConfig.lr)
-    p.add_argument("--target", default=MeanFlowConfig.target, choices=["jvp", "integral", "sampler"],
-                   help="jvp: the seed's v - (t - r) du/dt; integral: the same optimum by Euler steps of the teacher; "
-                        "sampler: cross-entropy against the teacher's many-step samples (the seed's alternative loss)")
-    p.add_argument("--integral-steps", type=int, default=MeanFlowConfig.integral_steps, help="--target integral: teacher calls per row")
-    p.add_argument("--sampler-steps", type=int, default=MeanFlowConfig.sampler_steps, help="--target sampler: teacher steps per label row")
-    p.add_argument("--sampler-rows", type=int, default=MeanFlowConfig.sampler_rows, help="--target sampler: teacher samples drawn before training")
-    p.add_argument("--noise-dim", type=int, default=MeanFlowConfig.noise_dim,
-                   help="--target sampler: N > 0 gives the student a noise input z ~ N(0, I) of N dims, trained by IMLE")
-    p.add_argument("--noise-candidates", type=int, default=MeanFlowConfig.noise_candidates, help="--noise-dim: draws of z per label row")
-    p.add_argument("--noise-fit", default=MeanFlowConfig.noise_fit, choices=["imle", "posterior"],
-                   help="--noise-dim: imle (best of --noise-candidates draws) or posterior (z from an encoder of the label row, a VAE)")
-    p.add_argument("--noise-beta", type=float, default=MeanFlowConfig.noise_beta, help="--noise-fit posterior: weight of the KL to N(0, I)")
+    p.add_argument("--temperature", type=float, default=1.0, help="temperature of every sampled run (0: argmax)")
     p.add_argument("--noise-temperatures", default=",".join(map(str, NOISE_TEMPERATURES)),
                    help="a noise student also runs one step at these temperatures given z (between argmax and --temperature)")
-    p.add_argument("--time-mu", type=float, default=MeanFlowConfig.time_mu, help="logit-normal time sampler: mean")
-    p.add_argument("--time-sigma", type=float, default=MeanFlowConfig.time_sigma, help="logit-normal time sampler: std")
-    p.add_argument("--prompt-length", type=int, default=MeanFlowConfig.prompt_length, help="soft prompt length")
-    p.add_argument("--prompt-hidden", type=int, default=MeanFlowConfig.prompt_hidden, help="width of the soft prompt's MLP")
     p.add_argument("--student", help="benchmark this saved student (python -m latentcot.meanflow --out DIR) instead of distilling one")
     p.add_argument("--marginal-samples", type=int, default=0,
                    help="K > 0: also sample independently from the per-position marginals of K teacher samples per row (slow)")
     p.add_argument("--optimum-steps", type=int, default=32, help="Euler steps of the loss's optimum (mf-optimum runs)")
     add_llada_arguments(p)
     p.add_argument("--device", help="--llada: where to run it (default: cuda if available, else cpu); the tiny teacher runs on cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the distillation (when there is no --student) and of every generation run")
     p.add_argument("--quick", action="store_true", help="a tiny teacher and a few steps: a smoke test, not a measurement")
     p.add_argument("--cache", help="cache directory (default $LATENTCOT_CACHE or ~/.cache/latentcot)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads for the whole run (0: torch's default); 1 is fastest for this tiny model on a busy machine")
+    # the bench's --steps are the teacher's and its --seed serves the distillation too; config_flags: field -> flag
+    p.set_defaults(config_flags=add_config_arguments(
+        p.add_argument_group("distillation of the student (MeanFlowConfig; not with --student, which brings its own)"),
+        rename={"steps": "--distill-steps"}, skip=("seed",)))
     return p
 
 def bench_meanflow_main(argv: list[str] | None = None) -> int:
@@ -445,14 +435,13 @@ def bench_meanflow_main(argv: list[str] | None = None) -> int:
     a = bench_parser().parse_args(argv)
     if a.threads: torch.set_num_threads(a.threads)
     recipe = TeacherRecipe(hidden=32, layers=2, heads=2, intermediate=64, steps=30, batch=16) if a.quick else TeacherRecipe()
-    cfg = MeanFlowConfig(steps=4 if a.quick else a.distill_steps, batch=8 if a.quick else MeanFlowConfig.batch, loss=a.loss,
-                         tangent_sign=a.tangent_sign, ratio_r_neq_t=a.ratio_r_neq_t, lr=a.lr, seed=a.seed, target=a.target,
-                         integral_steps=a.integral_steps, time_mu=a.time_mu, time_sigma=a.time_sigma, prompt_length=a.prompt_length,
-                         prompt_hidden=a.prompt_hidden,
-                         noise_dim=a.noise_dim, noise_candidates=a.noise_candidates, noise_fit=a.noise_fit, noise_beta=a.noise_beta,
-                         sampler_steps=min(a.sampler_steps, 4) if a.quick else a.sampler_steps,
-                         sampler_rows=min(a.sampler_rows, 16) if a.quick else a.sampler_rows)
-    steps = tuple(int(s) for s in a.steps.split(","))
+    if a.student:  # its settings are in its meanflow.json: a distillation flag beside it would be silently ignored
+        given = [flag for name, flag in a.config_flags.items() if getattr(a, name) != getattr(MeanFlowConfig(), name)]
+        if given: raise ValueError(f"--student {a.student} brings its own settings (its meanflow.json); "
+                                   f"{', '.join(given)} would be ignored: drop them, or leave out --student to distil a new student")
+    cfg = config_from_args(a, **({"steps": 4, "batch": 8, "sampler_steps": min(a.sampler_steps, 4),
+                                  "sampler_rows": min(a.sampler_rows, 16)} if a.quick else {}))
+    steps = tuple(int(s) for s in a.teacher_steps.split(","))
     teacher = None
     if a.llada:
         bb, tok = load_llada(a.llada, a.trust_remote_code, local_files_only=a.local_files_only)
