@@ -630,13 +630,13 @@ def distill_batches(sets: dict, cfg: MeanFlowConfig, n_batches: int, generator=N
 # %% ../nbs/20_meanflow.ipynb #f6c9ae88
 def check_run_dir(out: Path, run: dict) -> None:
     """Refuse to resume a run directory whose `meanflow_run.json` records other settings (`steps` may grow). A setting
-    added to `MeanFlowConfig` after the run was made counts as its default there."""
+    added to `MeanFlowConfig` (or to the record) after the run was made counts as its default there."""
     f = out / "meanflow_run.json"
     if not f.is_file(): return
     flat = lambda d: {**{k: v for k, v in d.items() if k != "config"}, **{f"config.{k}": v for k, v in d.get("config", {}).items()}}
     a, b = flat(json.loads(f.read_text())), flat(json.loads(json.dumps(run)))
-    new = {f"config.{k}": v for k, v in asdict(MeanFlowConfig()).items()}
-    diff = sorted(k for k in a.keys() | b.keys() if a.get(k, new.get(k)) != b.get(k) and k != "config.steps")
+    new = {"mixed_precision": "no", **{f"config.{k}": v for k, v in asdict(MeanFlowConfig()).items()}}
+    diff = sorted(k for k in a.keys() | b.keys() if a.get(k, new.get(k)) != b.get(k, new.get(k)) and k != "config.steps")
     if diff:
         raise ValueError(f"{f}: this directory holds a run with other settings ("
                          + ", ".join(f"{k}: {a.get(k)!r} there, {b.get(k)!r} now" for k in diff)
@@ -659,7 +659,7 @@ def train_meanflow(student: MeanFlowStudent, sets: dict, cfg: MeanFlowConfig, ac
     out = Path(out_dir) if out_dir is not None else None
     ck = latest_checkpoint(out) if out is not None and resume else None
     if out is not None:
-        run = {"config": asdict(cfg), **(run_meta or {}), "num_processes": acc.num_processes}
+        run = {"config": asdict(cfg), **(run_meta or {}), "num_processes": acc.num_processes, "mixed_precision": str(acc.mixed_precision)}
         if ck is not None: check_run_dir(out, run)
         acc.wait_for_everyone()
         if main: out.mkdir(parents=True, exist_ok=True); atomic_write_json(run, out / "meanflow_run.json")
@@ -686,13 +686,14 @@ def train_meanflow(student: MeanFlowStudent, sets: dict, cfg: MeanFlowConfig, ac
     student.train()
     hist, t0 = [], time.time()
     for step, (x0, pm) in enumerate(itertools.islice(batches, start, None), start):
-        loss, logs = meanflow_step(student, x0.to(acc.device), pm.to(acc.device), cfg)
+        with acc.autocast():  # `accelerate launch --mixed_precision bf16`: the frozen base computes in bf16, the prompt's weights stay fp32
+            loss, logs = meanflow_step(student, x0.to(acc.device), pm.to(acc.device), cfg)
         acc.backward(loss)
         if acc.num_processes > 1:
             for p in student.prompt.parameters():
                 if p.grad is not None: p.grad = acc.reduce(p.grad, reduction="mean")
             logs = dict(zip(logs, acc.reduce(torch.stack([v.float() for v in logs.values()]), reduction="mean")))
-        torch.nn.utils.clip_grad_norm_(student.prompt.parameters(), 1.0)
+        acc.clip_grad_norm_(student.prompt.parameters(), 1.0)  # unscales first under fp16's gradient scaler
         opt.step(); sched.step(); opt.zero_grad()
         hist.append({k: float(v) for k, v in logs.items()})
         if metrics is not None:

@@ -77,6 +77,23 @@ def test_accelerate_loop_uses_the_same_step(kit, count_steps):
 def test_cli_help():
     r = subprocess.run([sys.executable, "-m", "latentcot.meanflow", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "--tangent-sign" in r.stdout and "--trust-remote-code" in r.stdout
+    assert "keep only their first token (free lines)" in " ".join(r.stdout.split())  # every setting says what it does
+
+
+def test_cli_mixed_precision(kit, tmp_path):
+    "`accelerate launch --mixed_precision bf16` reaches the loop: the run records it and the saved prompt stays fp32."
+    from safetensors.torch import load_file
+    teacher, tok, sets, cache = kit
+    tdir, env = _cli(cache)
+    out = tmp_path / "s"
+    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+                        "--mixed_precision", "bf16", "--dynamo_backend", "no", "-m", "latentcot.meanflow", "--teacher", str(tdir),
+                        "--out", str(out), "--steps", "2", "--batch", "4", "--prompt-length", "3"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert mf.json.loads((out / "meanflow_run.json").read_text())["mixed_precision"] == "bf16"
+    assert {v.dtype for v in load_file(out / "soft_prompt.safetensors").values()} == {torch.float32}
+    assert all(m["loss"] == m["loss"] for m in mf.read_metrics(out / "metrics.jsonl"))  # finite losses, no NaN
 
 
 def test_cli_train_and_save(kit, tmp_path):
