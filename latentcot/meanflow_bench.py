@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .meanflow import (MeanFlowConfig, MeanFlowStudent, TeacherRecipe, add_config_arguments, add_llada_arguments, cache_root, canvas, config_from_args,
-                                decode_canvas, generate,
-                                get_teacher, likelihood_bound, llada_info, load_llada, load_student, load_text_sets, make_student, meanflow_fixed_point,
-                                optimum_fn, prompt_mask_of, sampler_filter, save_student, student_fn, teacher_fn, train_meanflow)
+from .meanflow import (MeanFlowConfig, MeanFlowStudent, TeacherRecipe, add_config_arguments,
+                                add_llada_arguments, cache_root, canvas, config_from_args, decode_canvas, generate,
+                                get_teacher, likelihood_bound, llada_info, load_llada, load_student, load_text_sets,
+                                make_student, meanflow_fixed_point, optimum_fn, prompt_mask_of, sampler_filter,
+                                save_student, student_fn, teacher_fn, train_meanflow)
 from .textdata import check_synthetic
 from .trainer import read_metrics
 
@@ -145,7 +146,6 @@ def optimum_gap(teacher, student: MeanFlowStudent, x, n_steps: int = 32, sign: f
     kt, ks = kl(teacher.logits(e)), kl(student(e, r, t))
     return {"kl_optimum_teacher": kt, "kl_optimum_student": ks, "gap_closed": 1 - ks / kt if kt > 0 else float("nan")}
 
-@torch.no_grad()
 def draw_from_marginals(y, k: int, generator=None):
     "`k` draws per row from the per-position marginals of `y` (`k` samples per row, consecutive): each position independently."
     # the empirical marginal at a position puts 1/k on each sample's token there, so a draw picks one of the k samples
@@ -154,6 +154,7 @@ def draw_from_marginals(y, k: int, generator=None):
     pick = torch.randint(k, (n, k, L), generator=generator, device=y.device)
     return y.view(n, k, L).gather(1, pick).flatten(0, 1)
 
+@torch.no_grad()
 def marginal_ceiling(teacher, tok, x, kind: str, k: int, steps: int = 64, temperature: float = 1.0, seed: int = 0) -> dict:
     "Quality of sampling every position independently from the per-position marginals of `k` `steps`-step teacher samples per row: what a one-step student that matched those marginals exactly would generate."
     g = torch.Generator(device=x.device).manual_seed(seed)

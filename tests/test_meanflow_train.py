@@ -93,7 +93,7 @@ def test_cli_mixed_precision(kit, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert mf.json.loads((out / "meanflow_run.json").read_text())["mixed_precision"] == "bf16"
     assert {v.dtype for v in load_file(out / "soft_prompt.safetensors").values()} == {torch.float32}
-    assert all(m["loss"] == m["loss"] for m in mf.read_metrics(out / "metrics.jsonl"))  # finite losses, no NaN
+    assert all(mf.math.isfinite(m["loss"]) for m in mf.read_metrics(out / "metrics.jsonl"))
 
 
 def test_cli_train_and_save(kit, tmp_path):
