@@ -6,7 +6,7 @@ Docs: https://latentcot.github.io/latentcot/trainer.html.md"""
 
 # %% ../nbs/11_trainer.ipynb #140eec76
 from __future__ import annotations
-import json, math, os, shutil, time
+import json, math, os, re, shutil, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -64,10 +64,17 @@ def read_metrics(path) -> list[dict]:
 # %% ../nbs/11_trainer.ipynb #5194eed4
 def _ckpt_dir(output_dir, step): return Path(output_dir) / "checkpoints" / f"step_{step:07d}"
 
+def _checkpoints(root) -> list[Path]:
+    "The complete checkpoints under `root`, oldest first: `step_NNNNNNN` directories holding a `trainer_state.json`."
+    root = Path(root)
+    # a `step_NNNNNNN.tmp` staging dir is never one, even complete: a kill between its last write and the rename leaves it
+    found = [p for p in root.glob("step_*") if re.fullmatch(r"step_\d+", p.name) and (p / "trainer_state.json").exists()] \
+        if root.exists() else []
+    return sorted(found, key=lambda p: int(p.name[len("step_"):]))
+
 def latest_checkpoint(output_dir) -> Path | None:
-    "The newest complete checkpoint under `output_dir/checkpoints` (incomplete ones have no `trainer_state.json`)."
-    root = Path(output_dir) / "checkpoints"
-    done = sorted(p for p in root.glob("step_*") if (p / "trainer_state.json").exists()) if root.exists() else []
+    "The newest complete checkpoint under `output_dir/checkpoints`."
+    done = _checkpoints(Path(output_dir) / "checkpoints")
     return done[-1] if done else None
 
 def save_checkpoint(acc, state: TrainState, sched, output_dir, keep: int = 2, extra: Callable | None = None):
@@ -85,7 +92,7 @@ def save_checkpoint(acc, state: TrainState, sched, output_dir, keep: int = 2, ex
         (tmp / "trainer_state.json").write_text(json.dumps(state.to_json()))
         if final.exists(): shutil.rmtree(final)
         os.replace(tmp, final)
-        for old in sorted(p for p in final.parent.glob("step_*") if not p.name.endswith(".tmp"))[:-keep]: shutil.rmtree(old)
+        for old in _checkpoints(final.parent)[:-keep]: shutil.rmtree(old)  # only complete ones count toward `keep`
     acc.wait_for_everyone()
     return final
 
