@@ -819,9 +819,18 @@ def ban_special(logits, n_special: int = len(SPECIAL_TOKENS), keep: tuple = (SPE
 
 @torch.no_grad()
 def generate(logits_fn: Callable, x, mask_id: int, steps: int, temperature: float = 1.0,
-             remasking: str = "low_confidence", generator=None, logits_filter: Callable | None = ban_special):
-    "Fill the `[MASK]` positions of `x` in `steps` model calls (LLaDA remasking via `BlockRefinementScheduler`)."
+             remasking: str = "low_confidence", generator=None, logits_filter: Callable | None | str = "banned_ids"):
+    """Fill the `[MASK]` positions of `x` in `steps` model calls (LLaDA remasking via `BlockRefinementScheduler`).
+    `logits_filter="banned_ids"` bans the `banned_ids` of the backbone behind `logits_fn` (`teacher_fn`, `student_fn`)."""
     from diffusers import BlockRefinementScheduler
+    if isinstance(logits_filter, str):
+        if logits_filter != "banned_ids": raise ValueError(f"logits_filter must be a callable, None or 'banned_ids', got {logits_filter!r}")
+        # which tokens a sampler may write depends on the backbone's tokenizer: read it from the function, never assume one
+        ids = getattr(logits_fn, "banned_ids", None)
+        if ids is None:
+            raise ValueError("generate: logits_fn carries no banned_ids (teacher_fn and student_fn set them); pass "
+                             "logits_filter=sampler_filter(backbone), or None to let it write any token")
+        logits_filter = lambda logits: ban_tokens(logits, ids)
     if remasking not in ("low_confidence", "random"): raise ValueError(f"remasking must be low_confidence or random, got {remasking!r}")
     x = x.clone()
     n_mask = int((x == mask_id).sum(1).max())
@@ -850,14 +859,18 @@ def generate(logits_fn: Callable, x, mask_id: int, steps: int, temperature: floa
     return x
 
 def teacher_fn(backbone) -> Callable:
-    "`logits_fn` of the teacher (times ignored: LLaDA has no time input)."
-    return lambda x, r=None, t=None: backbone.logits(backbone.embed(x))
+    "`logits_fn` of the teacher (times ignored: LLaDA has no time input), carrying its backbone's `banned_ids`."
+    fn = lambda x, r=None, t=None: backbone.logits(backbone.embed(x))
+    fn.banned_ids = backbone.banned_ids
+    return fn
 
 def student_fn(student: MeanFlowStudent, z=None) -> Callable:
     "`logits_fn` of the student: the average-velocity logits `u(x, r, t)`; a noise student reads its rows' noise `z` at every call."
     if student.noise_dim and z is None:
         raise ValueError(f"this student reads noise: pass z of shape [rows, {student.noise_dim}], e.g. torch.randn(rows, {student.noise_dim})")
-    return lambda x, r, t: student(student.backbone.embed(x), r.to(x.device), t.to(x.device), None if z is None else z.to(x.device))
+    fn = lambda x, r, t: student(student.backbone.embed(x), r.to(x.device), t.to(x.device), None if z is None else z.to(x.device))
+    fn.banned_ids = student.backbone.banned_ids  # the student writes its teacher's tokens
+    return fn
 
 def canvas(tok, n: int, kind: str = "synthetic", length: int = 64, prompts: list[str] | None = None):
     "`n` rows `[tag] prompt [MASK]...` of `1 + length` tokens (free generation without `prompts`)."
