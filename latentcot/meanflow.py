@@ -586,8 +586,10 @@ def meanflow_fixed_point(backbone, embeds, masked, r, t, n_steps: int = 32, sign
 
 def optimum_fn(backbone, n_steps: int = 32, sign: float = 1.0) -> Callable:
     "`logits_fn` that returns `meanflow_fixed_point` (what a perfectly distilled student would output), for `generate`."
-    return lambda x, r, t: meanflow_fixed_point(backbone, backbone.embed(x), x == backbone.mask_id, r.to(x.device),
-                                                t.to(x.device), n_steps, sign)
+    fn = lambda x, r, t: meanflow_fixed_point(backbone, backbone.embed(x), x == backbone.mask_id, r.to(x.device),
+                                              t.to(x.device), n_steps, sign)
+    fn.banned_ids = backbone.banned_ids
+    return fn
 
 # %% ../nbs/20_meanflow.ipynb #b51d13bd
 def _lightning_class():
