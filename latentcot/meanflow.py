@@ -28,9 +28,9 @@ __all__ = ['SPECIAL_TOKENS', 'SET_TAGS', 'ATTN_NAME', 'LLADA_MASK_ID', 'char_tok
            'meanflow_fixed_point', 'optimum_fn', 'meanflow_lightning_module', 'distill_batches', 'check_run_dir',
            'train_meanflow', 'save_student', 'load_student', 'add_llada_arguments', 'llada_info',
            'add_config_arguments', 'config_from_args', 'meanflow_parser', 'main', 'ban_tokens', 'sampler_filter',
-           'ban_special', 'generate', 'teacher_fn', 'student_fn', 'canvas', 'teacher_samples_meta',
-           'save_teacher_samples', 'load_teacher_samples', 'teacher_samples', 'pick_noise', 'NoisePosterior',
-           'gaussian_kl', 'posterior_noise', 'make_student']
+           'generate', 'teacher_fn', 'student_fn', 'canvas', 'teacher_samples_meta', 'save_teacher_samples',
+           'load_teacher_samples', 'teacher_samples', 'pick_noise', 'NoisePosterior', 'gaussian_kl', 'posterior_noise',
+           'make_student']
 
 # %% ../nbs/20_meanflow.ipynb #78eaf371
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[EOS]", "[MASK]", "<arith>", "<text>")
@@ -814,10 +814,6 @@ def ban_tokens(logits, ids):
 def sampler_filter(backbone) -> Callable:
     "`logits_filter` for `generate` with `backbone`: its `banned_ids` made impossible."
     return lambda logits: ban_tokens(logits, backbone.banned_ids)
-
-def ban_special(logits, n_special: int = len(SPECIAL_TOKENS), keep: tuple = (SPECIAL_TOKENS.index("[EOS]"),)):
-    "Logits with every special token of the tiny teacher's `char_tokenizer` except `keep` (EOS) made impossible."
-    return ban_tokens(logits, [i for i in range(n_special) if i not in keep])
 
 @torch.no_grad()
 def generate(logits_fn: Callable, x, mask_id: int, steps: int, temperature: float = 1.0,
