@@ -28,9 +28,10 @@ __all__ = ['SPECIAL_TOKENS', 'SET_TAGS', 'ATTN_NAME', 'LLADA_MASK_ID', 'char_tok
            'meanflow_fixed_point', 'optimum_fn', 'meanflow_lightning_module', 'distill_batches', 'check_run_dir',
            'train_meanflow', 'save_student', 'load_student', 'add_llada_arguments', 'llada_info',
            'add_config_arguments', 'config_from_args', 'meanflow_parser', 'main', 'ban_tokens', 'sampler_filter',
-           'generate', 'teacher_fn', 'student_fn', 'canvas', 'teacher_samples_meta', 'save_teacher_samples',
-           'load_teacher_samples', 'teacher_samples', 'pick_noise', 'NoisePosterior', 'gaussian_kl', 'posterior_noise',
-           'make_student']
+           'generate', 'teacher_fn', 'student_fn', 'canvas', 'teacher_fingerprint', 'teacher_samples_meta',
+           'save_teacher_samples', 'load_teacher_samples', 'teacher_samples', 'pick_noise', 'NoisePosterior',
+           'gaussian_kl', 'posterior_noise', 'make_student', 'canvas_kinds', 'NoisePrior', 'fit_noise_prior',
+           'sample_noise']
 
 # %% ../nbs/20_meanflow.ipynb #78eaf371
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[EOS]", "[MASK]", "<arith>", "<text>")
@@ -434,6 +435,7 @@ class MeanFlowStudent(nn.Module):
         else:  # the prompt's initial weights depend on `seed` only, and the global RNG does not move
             with torch.random.fork_rng(devices=[]): torch.manual_seed(seed); self.prompt = make()
         self.prompt.to(backbone.embedding_weight.device)
+        self.noise_prior = None  # a noise student's fitted prior over z (`fit_noise_prior`); None: z ~ N(0, I)
 
     def train(self, mode: bool = True):
         super().train(mode); self.backbone.eval()  # the base stays frozen and deterministic
@@ -711,6 +713,8 @@ def train_meanflow(student: MeanFlowStudent, sets: dict, cfg: MeanFlowConfig, ac
         flat = torch.cat([p.detach().flatten() for p in student.prompt.parameters()])
         spread = float((acc.gather(flat[None]) - flat[None]).abs().max())
         if spread > 0: raise RuntimeError(f"the soft prompts of the {acc.num_processes} processes differ by up to {spread:.3g}")
+    if student.prompt.posterior is not None:  # generation draws z from the posterior's fitted prior, not N(0, I): "A fitted prior"
+        fit_noise_prior(student, *data.tensors, generator=torch.Generator().manual_seed(cfg.seed))
     student.eval()
     return hist
 
@@ -722,8 +726,12 @@ def save_student(student: MeanFlowStudent, out_dir, cfg: MeanFlowConfig, extra: 
     p = student.prompt
     meta = {"shape": list(p.shape), "time_dim": p.time_dim, "hidden": p.mlp[0].out_features, "time_scale": p.time_scale,
             "noise_dim": p.noise_dim, "posterior_len": p.posterior.length if p.posterior is not None else 0, "config": asdict(cfg), **(extra or {})}
-    for name, write in (("soft_prompt.safetensors", lambda f: save_file({k: v.detach().cpu().contiguous() for k, v in p.state_dict().items()}, f)),
-                        ("meanflow.json", lambda f: Path(f).write_text(json.dumps(meta, indent=1)))):
+    files = [("soft_prompt.safetensors", lambda f: save_file({k: v.detach().cpu().contiguous() for k, v in p.state_dict().items()}, f)),
+             ("meanflow.json", lambda f: Path(f).write_text(json.dumps(meta, indent=1)))]
+    if student.noise_prior is not None:  # written before meanflow.json, which names it
+        meta["noise_prior"] = {"kinds": len(student.noise_prior.kinds), "rows": student.noise_prior.rows}
+        files.insert(1, ("noise_prior.safetensors", lambda f: save_file(student.noise_prior.tensors(), f)))
+    for name, write in files:
         fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}."); os.close(fd)
         write(tmp); os.replace(tmp, out / name)
     return out
@@ -741,6 +749,7 @@ def load_student(backbone, path) -> MeanFlowStudent:
     s = MeanFlowStudent(backbone, P, meta["time_dim"], meta["hidden"], meta["time_scale"], noise_dim=meta.get("noise_dim", 0),
                         posterior_len=meta.get("posterior_len", 0))
     s.prompt.load_state_dict(load_file(p / "soft_prompt.safetensors"))
+    if "noise_prior" in meta: s.noise_prior = NoisePrior.load(p / "noise_prior.safetensors", s.noise_dim, meta["noise_prior"])
     return s.eval()
 
 # %% ../nbs/20_meanflow.ipynb #5823936e
@@ -881,15 +890,19 @@ def canvas(tok, n: int, kind: str = "synthetic", length: int = 64, prompts: list
     return x
 
 # %% ../nbs/20_meanflow.ipynb #cade4356
+def teacher_fingerprint(backbone) -> str:
+    "16 hex digits that tell two teachers' weights apart: a hash of 64 rows of the embedding (cheap even for an 8B vocabulary)."
+    E = backbone.embedding_weight
+    probe = E[:: max(1, E.shape[0] // 64)].detach().float().cpu().contiguous()
+    return hashlib.sha256(probe.numpy().tobytes()).hexdigest()[:16]
+
 def teacher_samples_meta(backbone, sets: dict, cfg: MeanFlowConfig, seed: int) -> dict[str, str]:
     "What a pool of teacher samples depends on, as safetensors metadata: sampler, rows, data and a teacher fingerprint."
-    E = backbone.embedding_weight
-    probe = E[:: max(1, E.shape[0] // 64)].detach().float().cpu().contiguous()  # 64 rows: cheap even for an 8B vocabulary
     return {"format": "latentcot.teacher_samples.v1", "seed": str(seed), "sampler_steps": str(cfg.sampler_steps),
             "sampler_rows": str(cfg.sampler_rows), "synthetic_frac": repr(cfg.synthetic_frac),
             "full_prompt_frac": repr(cfg.full_prompt_frac), "canvas": str(sets["synthetic_train"][0].shape[1]),
             "data_sha256": str(sets.get("sha256", "")), "mask_id": str(backbone.mask_id),
-            "teacher": hashlib.sha256(probe.numpy().tobytes()).hexdigest()[:16]}
+            "teacher": teacher_fingerprint(backbone)}
 
 def save_teacher_samples(pool, path, meta: dict[str, str]) -> Path:
     "Write a pool `(x0, prompt_mask)` to `path` atomically (safetensors, `meta` as its metadata)."
@@ -989,6 +1002,75 @@ def make_student(backbone, cfg: MeanFlowConfig, sets: dict) -> MeanFlowStudent:
     length = sets["synthetic_train"][0].shape[1] if cfg.noise_fit == "posterior" else 0
     return MeanFlowStudent(backbone, cfg.prompt_length, hidden=cfg.prompt_hidden, seed=cfg.seed, noise_dim=cfg.noise_dim,
                            posterior_len=length)
+
+# %% ../nbs/20_meanflow.ipynb #prior-fn
+def canvas_kinds(x, mask_id: int):
+    "The kind of each canvas row of `x [B, L]`, as `[B, 2]`: its first token, and 1 if it holds a prompt beyond it, else 0."
+    return torch.stack([x[:, 0], ((x[:, 1:] != mask_id).sum(1) > 0).long()], 1)
+
+class NoisePrior:
+    "One Gaussian over `z` per kind of canvas: `kinds [G, 2]`, `mean [G, D]`, `scale_tril [G, D, D]`, fitted to `rows` rows."
+    def __init__(self, kinds, mean, scale_tril, rows: int):
+        self.kinds, self.mean, self.scale_tril, self.rows = kinds.long(), mean.float(), scale_tril.float(), int(rows)
+
+    @classmethod
+    def fit(cls, z, kinds, prior_rows: int | None = None):
+        "Each kind's mean and covariance of `z [N, D]`, mixed with `N(0, I)` at weights `n : prior_rows` (default `D + 1`)."
+        z, D = z.detach().float().cpu(), z.shape[1]
+        n0 = D + 1 if prior_rows is None else prior_rows
+        uk, inv = torch.unique(kinds.cpu(), dim=0, return_inverse=True)
+        means, trils = [], []
+        for g in range(len(uk)):
+            zg = z[inv == g]
+            n = len(zg)
+            m = zg.sum(0) / (n + n0)
+            second = (zg.T @ zg + n0 * torch.eye(D)) / (n + n0)
+            trils.append(torch.linalg.cholesky(second - torch.outer(m, m)))
+            means.append(m)
+        return cls(uk, torch.stack(means), torch.stack(trils), len(z))
+
+    def sample(self, kinds, generator=None):
+        "One `z` per row of `kinds [B, 2]` from its kind's Gaussian; a kind with no rows in the fit draws from `N(0, I)`."
+        hit = (kinds.cpu()[:, None, :] == self.kinds[None]).all(-1)
+        eps = torch.randn(len(kinds), self.mean.shape[1], generator=generator)
+        z = eps.clone()  # no rows of that kind: the shrinkage's n = 0 limit is the standard prior itself
+        seen = hit.any(1)
+        g = hit.float().argmax(1)[seen]
+        z[seen] = self.mean[g] + (self.scale_tril[g] @ eps[seen][..., None])[..., 0]
+        return z
+
+    def tensors(self) -> dict:
+        return {"kinds": self.kinds.contiguous(), "mean": self.mean.contiguous(), "scale_tril": self.scale_tril.contiguous()}
+
+    @classmethod
+    def load(cls, path, noise_dim: int, meta: dict):
+        "The prior saved at `path`, checked against the student's `noise_dim` and the `meta` its `meanflow.json` holds."
+        from safetensors.torch import load_file
+        if not Path(path).is_file(): raise FileNotFoundError(f"{path} is missing: meanflow.json says the student has a fitted noise prior")
+        t, G = load_file(path), meta.get("kinds")
+        want = {"kinds": (G, 2), "mean": (G, noise_dim), "scale_tril": (G, noise_dim, noise_dim)}
+        got = {k: tuple(v.shape) for k, v in t.items()}
+        if got != want: raise ValueError(f"{path}: expected tensors {want} (noise_dim {noise_dim}), found {got}")
+        return cls(t["kinds"], t["mean"], t["scale_tril"], meta["rows"])
+
+@torch.no_grad()
+def fit_noise_prior(student: MeanFlowStudent, x0, prompt_mask, generator=None, chunk: int = 256, prior_rows: int | None = None):
+    "Fit and set `student.noise_prior` from one draw of `q(z | x0)` per label row, grouped by the kind of its canvas (`prompt_mask`)."
+    post, bb = student.prompt.posterior, student.backbone
+    if post is None: raise ValueError("fit_noise_prior needs a posterior-trained student (noise_fit='posterior'): IMLE students draw z ~ N(0, I)")
+    dev = bb.embedding_weight.device
+    zs = []
+    for i in range(0, len(x0), chunk):
+        mu, logvar = post(bb.embed(x0[i:i + chunk].to(dev)))
+        zs.append((mu + (0.5 * logvar).exp() * torch.randn(mu.shape, generator=generator).to(dev)).cpu())
+    student.noise_prior = NoisePrior.fit(torch.cat(zs), canvas_kinds(torch.where(prompt_mask, x0, bb.mask_id), bb.mask_id), prior_rows)
+    return student.noise_prior
+
+def sample_noise(student: MeanFlowStudent, x, generator=None):
+    "`z [B, noise_dim]` (on the CPU) for the canvas rows `x`: from the student's fitted prior if it has one, else `N(0, I)`."
+    if not student.noise_dim: raise ValueError("this student reads no noise (noise_dim=0)")
+    if student.noise_prior is None: return torch.randn(x.shape[0], student.noise_dim, generator=generator)
+    return student.noise_prior.sample(canvas_kinds(x, student.backbone.mask_id), generator)
 
 # %% ../nbs/20_meanflow.ipynb #fa543f1b
 if __name__ == "__main__" and sys.argv[0].endswith("meanflow.py"): sys.exit(main())

@@ -18,7 +18,7 @@ from .meanflow import (MeanFlowConfig, MeanFlowStudent, TeacherRecipe, add_confi
                                 add_llada_arguments, cache_root, canvas, config_from_args, decode_canvas, generate,
                                 get_teacher, likelihood_bound, llada_info, load_llada, load_student, load_text_sets,
                                 make_student, meanflow_fixed_point, optimum_fn, prompt_mask_of, sampler_filter,
-                                save_student, student_fn, teacher_fn, train_meanflow)
+                                sample_noise, save_student, student_fn, teacher_fn, teacher_fingerprint, train_meanflow)
 from .textdata import check_synthetic
 from .trainer import read_metrics
 
@@ -176,15 +176,17 @@ def bench_meanflow(recipe: TeacherRecipe = TeacherRecipe(), cfg: MeanFlowConfig 
                    n: int = 64, steps=(1, 2, 4, 8, 16, 64), student_steps=(1, 2, 4), temperature: float = 1.0,
                    settings=(("synthetic", "free"), ("synthetic", "prompted"), ("english", "free"), ("english", "prompted")),
                    seed: int = 0, cache_dir=None, optimum_steps: int = 32, student_dir=None, marginal_samples: int = 0,
-                   noise_temperatures=NOISE_TEMPERATURES, teacher=None, log=print) -> dict:
+                   noise_temperatures=NOISE_TEMPERATURES, noise_prior: str = "fitted", teacher=None, log=print) -> dict:
     """Run every generator on every setting at batch size `n`; return the metrics (JSON-ready).
     `student_dir`: a saved student instead of distilling one. `marginal_samples` > 0: add `marginal_ceiling` (synthetic settings).
     `noise_temperatures`: a noise student also runs one step at these temperatures given `z` (`student-z` runs), between its
-    argmax (0) and its per-position sampling (the `student` run at `temperature`).
+    argmax (0) and its per-position sampling (the `student` run at `temperature`). `noise_prior`: "fitted" draws a noise
+    student's `z` from its fitted prior if it has one (`sample_noise`), "standard" from `N(0, I)` whatever it has.
     `teacher`: a `(backbone, tokenizer, info)` to benchmark instead of the tiny teacher of `recipe` (a real LLaDA from
     `load_llada`, with `info = llada_info(name, canvas)`); the run happens on the backbone's device."""
     if any(not T > 0 for T in noise_temperatures):  # generate() takes any T <= 0 as argmax: refuse rather than rerun it silently
         raise ValueError(f"noise_temperatures must all be > 0 (argmax, temperature 0, always runs as student-argmax), got {list(noise_temperatures)}")
+    if noise_prior not in ("fitted", "standard"): raise ValueError(f"noise_prior must be fitted or standard, got {noise_prior!r}")
     t_start = time.time()
     teacher, tok, info = teacher or get_teacher(recipe, cache_dir=cache_dir, log=log)
     sets = load_text_sets(tok, info["recipe"]["canvas"])
@@ -195,10 +197,14 @@ def bench_meanflow(recipe: TeacherRecipe = TeacherRecipe(), cfg: MeanFlowConfig 
         student, smeta = saved_student(teacher, info, student_dir)
         cfg = MeanFlowConfig(**smeta["config"])  # the optimum follows the student's own tangent sign
     out = {"recipe": info["recipe"], "config": asdict(cfg), "n": n, "temperature": temperature, "device": str(dev),
-           "threads": torch.get_num_threads(), "teacher_train_seconds": info.get("train_seconds"),
+           "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+           "teacher_fingerprint": teacher_fingerprint(teacher), "teacher_train_seconds": info.get("train_seconds"),
            "student_train_seconds": smeta.get("train_seconds"), "student_gates": smeta.get("gates"),
            "optimum_steps": optimum_steps, "student_dir": None if student_dir is None else str(student_dir),
            "marginal_samples": marginal_samples, "noise_temperatures": list(noise_temperatures) if student.noise_dim else [], "settings": {}}
+    use_fitted = noise_prior == "fitted" and student.noise_prior is not None
+    if student.noise_dim:
+        out["noise_prior"] = (f"the fitted prior ({len(student.noise_prior.kinds)} kinds of canvas)" if use_fitted else "N(0, I)")
     optimum = optimum_fn(teacher, optimum_steps, cfg.tangent_sign)
     for kind, mode in settings:
         x, ref_pm = heldout_canvas(sets, kind, n, mode == "prompted", teacher.mask_id)
@@ -208,7 +214,10 @@ def bench_meanflow(recipe: TeacherRecipe = TeacherRecipe(), cfg: MeanFlowConfig 
         res = {"data": quality(decode_canvas(tok, ref_x), kind, nll), "runs": {},
                "optimum_gap": optimum_gap(teacher, student, x, optimum_steps, cfg.tangent_sign)}
         # a noise student's randomness is z, one vector per row, the same for every step and seed of the run
-        z = torch.randn(n, student.noise_dim, generator=torch.Generator().manual_seed(seed)).to(dev) if student.noise_dim else None
+        z = None
+        if student.noise_dim:
+            g = torch.Generator().manual_seed(seed)
+            z = (sample_noise(student, x.cpu(), g) if use_fitted else torch.randn(n, student.noise_dim, generator=g)).to(dev)
         generate(teacher_fn(teacher), x[:2], teacher.mask_id, 2)  # warm-up, so the first timed run is not penalised
         for name, fn, stp, temp, rem in ([("teacher-lc", teacher_fn(teacher), s, temperature, "low_confidence") for s in steps]
                                          + [("teacher-rand", teacher_fn(teacher), s, temperature, "random") for s in steps]
@@ -299,7 +308,8 @@ def format_table(out: dict) -> str:
     lines = []
     for key, res in out["settings"].items():
         syn = key.startswith("synthetic")
-        lines.append(f"\n== {key}  (n={out['n']}, temperature={out['temperature']}, threads={out['threads']})")
+        lines.append(f"\n== {key}  (n={out['n']}, temperature={out['temperature']}, threads={out['threads']}, "
+                     f"CPU kernels {out.get('cpu_capability', '?')}, teacher {out.get('teacher_fingerprint', '?')})")
         hdr = f"{'run':<18}{'steps':>6}{'seconds':>9}{'x faster':>9}" + (f"{'valid':>7}{'full':>6}" if syn else "") + \
               f"{'nll':>7}{'entropy':>8}{'dist-2':>7}{'dist-4':>7}{'uniq':>6}" + ("  malformed/arith/chain" if syn else "")
         lines.append(hdr)
@@ -335,7 +345,7 @@ def format_table(out: dict) -> str:
                   f"{a['unique_lines']['student_1']:.2f}, teacher-{e['max_steps']} {a['unique_lines']['teacher_max']:.2f} (argmax of free rows repeats one line)")
         if "noise" in e:
             z = e["noise"]
-            s += (f"\n{'':<20} noise student (z ~ N(0, I) per row, then argmax): student-1 {z['student_1']:.3f} vs teacher-1 sampled "
+            s += (f"\n{'':<20} noise student (z ~ {out.get('noise_prior', 'N(0, I)')} per row, then argmax): student-1 {z['student_1']:.3f} vs teacher-1 sampled "
                   f"{z['teacher_1']:.3f} [{'PASS' if z['beats_teacher_1'] else 'FAIL'} beats by > 2 SE = {2 * z['gap_se']:.3f}], vs teacher-{e['max_steps']} "
                   f"sampled {z['teacher_max']:.3f} = {z['ratio_to_max']:.0%} [{'PASS' if z['reaches_80pct'] else 'FAIL'} >= 80%], "
                   f"{z['speedup_vs_max_steps']:.0f}x faster; unique lines {z['unique_lines']['student_1']:.2f} vs {z['unique_lines']['teacher_max']:.2f}, "
@@ -414,6 +424,8 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0, help="temperature of every sampled run (0: argmax)")
     p.add_argument("--noise-temperatures", default=",".join(map(str, NOISE_TEMPERATURES)),
                    help="a noise student also runs one step at these temperatures given z (between argmax and --temperature)")
+    p.add_argument("--noise-prior", choices=("fitted", "standard"), default="fitted",
+                   help="a noise student's z: from its fitted prior if it has one (posterior students), or N(0, I)")
     p.add_argument("--student", help="benchmark this saved student (python -m latentcot.meanflow --out DIR) instead of distilling one")
     p.add_argument("--marginal-samples", type=int, default=0,
                    help="K > 0: also sample independently from the per-position marginals of K teacher samples per row (slow)")
@@ -451,7 +463,7 @@ def bench_meanflow_main(argv: list[str] | None = None) -> int:
     out = bench_meanflow(recipe, cfg, n=8 if a.quick else a.n, steps=steps,
                          student_steps=tuple(int(s) for s in a.student_steps.split(",")), temperature=a.temperature,
                          seed=a.seed, cache_dir=a.cache, optimum_steps=4 if a.quick else a.optimum_steps,
-                         student_dir=a.student, noise_temperatures=tuple(float(T) for T in a.noise_temperatures.split(",") if T),
+                         student_dir=a.student, noise_prior=a.noise_prior, noise_temperatures=tuple(float(T) for T in a.noise_temperatures.split(",") if T),
                          marginal_samples=min(a.marginal_samples, 2) if a.quick else a.marginal_samples, teacher=teacher)
     d = Path(a.out); d.mkdir(parents=True, exist_ok=True)
     out["plots"] = [p.name for p in plot_bench(out, d)]
