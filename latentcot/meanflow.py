@@ -473,8 +473,8 @@ class MeanFlowConfig:
     noise_dim: int = knob(0, "target=sampler, N > 0: the prompt also reads noise z ~ N(0, I) of N dims, one vector per row "
                           "(see 'A noise input')")
     noise_candidates: int = knob(8, "noise_fit=imle: draws of z per label row, of which the best one trains")
-    noise_fit: str = knob("imle", "imle: the best of noise_candidates draws of z | posterior: z ~ q(z | label row), a VAE "
-                          "(see 'Noise from a posterior')", ("imle", "posterior"))
+    noise_fit: str = knob("imle", "imle: the best of noise_candidates draws of z | posterior: z ~ q(z | label row), a VAE, "
+                          "generating from a prior fitted after training (see 'Noise from a posterior')", ("imle", "posterior"))
     noise_beta: float = knob(0.1, "noise_fit=posterior: weight of the KL to N(0, I), in nats per masked token")
     adaptive_p: float = knob(0.0, "MeanFlow's adaptive weighting, w = 1 / (loss + adaptive_c) ** adaptive_p per row; 0: off")
     adaptive_c: float = knob(1e-3, "the constant of the adaptive weighting")
@@ -713,7 +713,9 @@ def train_meanflow(student: MeanFlowStudent, sets: dict, cfg: MeanFlowConfig, ac
         flat = torch.cat([p.detach().flatten() for p in student.prompt.parameters()])
         spread = float((acc.gather(flat[None]) - flat[None]).abs().max())
         if spread > 0: raise RuntimeError(f"the soft prompts of the {acc.num_processes} processes differ by up to {spread:.3g}")
-    if student.prompt.posterior is not None:  # generation draws z from the posterior's fitted prior, not N(0, I): "A fitted prior"
+    # generation draws z from the posterior's fitted prior, not N(0, I) ("A fitted prior"); with several processes each
+    # fits its own rows, and rank 0's prior is the one saved
+    if student.prompt.posterior is not None:
         fit_noise_prior(student, *data.tensors, generator=torch.Generator().manual_seed(cfg.seed))
     student.eval()
     return hist
@@ -874,7 +876,8 @@ def teacher_fn(backbone) -> Callable:
 def student_fn(student: MeanFlowStudent, z=None) -> Callable:
     "`logits_fn` of the student: the average-velocity logits `u(x, r, t)`; a noise student reads its rows' noise `z` at every call."
     if student.noise_dim and z is None:
-        raise ValueError(f"this student reads noise: pass z of shape [rows, {student.noise_dim}], e.g. torch.randn(rows, {student.noise_dim})")
+        raise ValueError(f"this student reads noise: pass z of shape [rows, {student.noise_dim}], e.g. sample_noise(student, x) "
+                         "(its fitted prior if it has one, else N(0, I))")
     fn = lambda x, r, t: student(student.backbone.embed(x), r.to(x.device), t.to(x.device), None if z is None else z.to(x.device))
     fn.banned_ids = student.backbone.banned_ids  # the student writes its teacher's tokens
     return fn
