@@ -19,18 +19,19 @@ from .teacher_latents import atomic_write_json
 from .trainer import MetricsLog, TrainState, latest_checkpoint, load_checkpoint, read_metrics, save_checkpoint
 
 # %% auto #0
-__all__ = ['SPECIAL_TOKENS', 'SET_TAGS', 'ATTN_NAME', 'LLADA_MASK_ID', 'char_tokenizer', 'row_start_id', 'encode_lines',
-           'decode_canvas', 'text_dir', 'load_text_sets', 'gated_prefix_attention', 'register_prefix_attention',
-           'LlamaBackbone', 'LLaDABackbone', 'llada_loadable', 'load_llada', 'mask_tokens', 'prompt_mask_of',
-           'llada_loss', 'likelihood_bound', 'TeacherRecipe', 'tiny_llada', 'mixed_batches', 'train_teacher',
-           'load_teacher', 'teacher_code_version', 'get_teacher', 'timestep_embedding', 'SoftPrompt', 'MeanFlowStudent',
-           'knob', 'MeanFlowConfig', 'sample_times', 'embedding_tangent', 'jvp_dudt', 'meanflow_loss', 'meanflow_step',
-           'meanflow_fixed_point', 'optimum_fn', 'meanflow_lightning_module', 'distill_batches', 'check_run_dir',
-           'train_meanflow', 'save_student', 'load_student', 'add_llada_arguments', 'llada_info',
-           'add_config_arguments', 'config_from_args', 'meanflow_parser', 'main', 'ban_tokens', 'sampler_filter',
-           'generate', 'teacher_fn', 'student_fn', 'canvas', 'teacher_fingerprint', 'teacher_samples_meta',
-           'save_teacher_samples', 'load_teacher_samples', 'teacher_samples', 'pick_noise', 'NoisePosterior',
-           'gaussian_kl', 'posterior_noise', 'make_student', 'canvas_kinds', 'NoisePrior', 'fit_noise_prior',
+__all__ = ['SPECIAL_TOKENS', 'SET_TAGS', 'ATTN_NAME', 'LLADA_MASK_ID', 'NOISE_RIDGES', 'char_tokenizer', 'row_start_id',
+           'encode_lines', 'decode_canvas', 'text_dir', 'load_text_sets', 'gated_prefix_attention',
+           'register_prefix_attention', 'LlamaBackbone', 'LLaDABackbone', 'llada_loadable', 'load_llada', 'mask_tokens',
+           'prompt_mask_of', 'llada_loss', 'likelihood_bound', 'TeacherRecipe', 'tiny_llada', 'mixed_batches',
+           'train_teacher', 'load_teacher', 'teacher_code_version', 'get_teacher', 'timestep_embedding', 'SoftPrompt',
+           'MeanFlowStudent', 'knob', 'MeanFlowConfig', 'sample_times', 'embedding_tangent', 'jvp_dudt',
+           'meanflow_loss', 'meanflow_step', 'meanflow_fixed_point', 'optimum_fn', 'meanflow_lightning_module',
+           'distill_batches', 'check_run_dir', 'train_meanflow', 'save_student', 'load_student', 'add_llada_arguments',
+           'llada_info', 'add_config_arguments', 'config_from_args', 'meanflow_parser', 'main', 'ban_tokens',
+           'sampler_filter', 'generate', 'teacher_fn', 'student_fn', 'canvas', 'teacher_fingerprint',
+           'teacher_samples_meta', 'save_teacher_samples', 'load_teacher_samples', 'teacher_samples', 'pick_noise',
+           'NoisePosterior', 'gaussian_kl', 'posterior_noise', 'make_student', 'canvas_kinds', 'shrunk_gaussian',
+           'ridge_fit', 'gaussian_nll', 'conditional_gaussian', 'NoisePrior', 'canvas_features', 'fit_noise_prior',
            'sample_noise']
 
 # %% ../nbs/20_meanflow.ipynb #78eaf371
@@ -716,7 +717,8 @@ def train_meanflow(student: MeanFlowStudent, sets: dict, cfg: MeanFlowConfig, ac
     # generation draws z from the posterior's fitted prior, not N(0, I) ("A fitted prior"); with several processes each
     # fits its own rows, and rank 0's prior is the one saved
     if student.prompt.posterior is not None:
-        fit_noise_prior(student, *data.tensors, generator=torch.Generator().manual_seed(cfg.seed))
+        p = fit_noise_prior(student, *data.tensors, generator=torch.Generator().manual_seed(cfg.seed))
+        if log and main: log(f"noise prior: {len(p.kinds)} kinds of canvas, ridge per kind " + ", ".join(f"{r:g}" for r in p.cond["ridge"].tolist()))
     student.eval()
     return hist
 
@@ -731,7 +733,8 @@ def save_student(student: MeanFlowStudent, out_dir, cfg: MeanFlowConfig, extra: 
     files = [("soft_prompt.safetensors", lambda f: save_file({k: v.detach().cpu().contiguous() for k, v in p.state_dict().items()}, f)),
              ("meanflow.json", lambda f: Path(f).write_text(json.dumps(meta, indent=1)))]
     if student.noise_prior is not None:  # written before meanflow.json, which names it
-        meta["noise_prior"] = {"kinds": len(student.noise_prior.kinds), "rows": student.noise_prior.rows}
+        np_ = student.noise_prior
+        meta["noise_prior"] = {"kinds": len(np_.kinds), "rows": np_.rows, **({"features": np_.features} if np_.cond is not None else {})}
         files.insert(1, ("noise_prior.safetensors", lambda f: save_file(student.noise_prior.tensors(), f)))
     for name, write in files:
         fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}."); os.close(fd)
@@ -980,11 +983,15 @@ class NoisePosterior(nn.Module):
         self.net = nn.Sequential(nn.Linear(embed_dim, width), nn.SiLU(), nn.Flatten(), nn.Linear(length * width, 2 * noise_dim))
         nn.init.zeros_(self.net[3].weight); nn.init.zeros_(self.net[3].bias)  # q = N(0, I) at first: the prior, KL 0
 
-    def forward(self, embeds):
+    def features(self, embeds):
+        "`[B, length * width]`: what the encoder reads of each position of the rows, before its last layer mixes the positions."
         if embeds.shape[1] != self.length:
             raise ValueError(f"the noise posterior reads rows of {self.length} tokens, got {embeds.shape[1]}: "
                              "distil and train on the same canvas")
-        mu, logvar = self.net(embeds.to(self.net[0].weight.dtype)).float().chunk(2, -1)
+        return self.net[:3](embeds.to(self.net[0].weight.dtype))
+
+    def forward(self, embeds):
+        mu, logvar = self.net[3](self.features(embeds)).float().chunk(2, -1)
         return mu, logvar
 
 def gaussian_kl(mu, logvar):
@@ -1011,69 +1018,148 @@ def canvas_kinds(x, mask_id: int):
     "The kind of each canvas row of `x [B, L]`, as `[B, 2]`: its first token, and 1 if it holds a prompt beyond it, else 0."
     return torch.stack([x[:, 0], ((x[:, 1:] != mask_id).sum(1) > 0).long()], 1)
 
+NOISE_RIDGES = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, math.inf)  # inf: no regression, the kind's own Gaussian
+
+def shrunk_gaussian(z, prior_rows: int):
+    "Mean `[D]` and Cholesky factor `[D, D]` of the rows `z [n, D]` mixed with `N(0, I)` at weights `n : prior_rows`."
+    n, D = z.shape
+    m = z.sum(0) / (n + prior_rows)
+    second = (z.T @ z + prior_rows * torch.eye(D, dtype=z.dtype)) / (n + prior_rows)
+    return m, torch.linalg.cholesky(second - torch.outer(m, m))
+
+def ridge_fit(f, z, ridge: float):
+    "Ridge regression of `z [n, D]` on the centred `f [n, F]` (penalty `ridge * n`): `(feature_mean [F], weight [F, D])`; inf gives weight 0."
+    fm = f.mean(0)
+    if math.isinf(ridge) or f.shape[1] == 0: return fm, torch.zeros(f.shape[1], z.shape[1], dtype=z.dtype)
+    fc = (f - fm).double()  # float64: the features are many and correlated (one block per canvas position)
+    w = torch.linalg.solve(fc.T @ fc + ridge * len(f) * torch.eye(f.shape[1], dtype=torch.float64), fc.T @ (z - z.mean(0)).double())
+    return fm, w.to(z.dtype)
+
+def gaussian_nll(z, mean, scale_tril):
+    "Mean negative log-likelihood of the rows `z [n, D]` under `N(mean, L L^T)`, in nats, without the `D/2 log 2 pi` term."
+    r = torch.linalg.solve_triangular(scale_tril, (z - mean).T, upper=False)
+    return float(0.5 * r.pow(2).sum(0).mean() + scale_tril.diagonal().log().sum())
+
+def conditional_gaussian(z, f, groups, prior_rows: int, ridges=NOISE_RIDGES, holdout: int = 5):
+    """`z [n, D]` given `f [n, F]`: `(mean, scale_tril, feature_mean, weight, ridge)`, the mean `mean + (f - feature_mean) @ weight`.
+    The ridge penalty is the one of `ridges` whose fit on the other rows best predicts the rows of every `holdout`-th
+    group (`groups [n]`: rows of one label share a group, so none is on both sides); constant features get inf."""
+    def fit(rows, ridge):
+        fm, w = ridge_fit(f[rows], z[rows], ridge)
+        return (*shrunk_gaussian(z[rows] - (f[rows] - fm) @ w, prior_rows), fm, w)
+    held, best = groups % holdout == 0, math.inf
+    if (f != f[:1]).any() and len(groups[held].unique()) > 1 and len(groups[~held].unique()) > 1:
+        score = {}
+        for ridge in ridges:
+            m, L, fm, w = fit(~held, ridge)
+            score[ridge] = gaussian_nll(z[held] - (f[held] - fm) @ w, m, L)
+        best = min(score, key=score.get)
+    return (*fit(torch.ones(len(z), dtype=torch.bool), best), best)
+
 class NoisePrior:
-    "One Gaussian over `z` per kind of canvas: `kinds [G, 2]`, `mean [G, D]`, `scale_tril [G, D, D]`, fitted to `rows` rows."
-    def __init__(self, kinds, mean, scale_tril, rows: int):
+    """One Gaussian over `z` per kind of canvas (`kinds [G, 2]`): `mean [G, D]` and `scale_tril [G, D, D]`, fitted to
+    `rows` rows. Optionally `cond`, the same per kind given the canvas's features `[B, F]`: tensors `mean [G, D]`,
+    `scale_tril [G, D, D]`, `feature_mean [G, F]`, `weight [G, F, D]` and the `ridge [G]` each kind's fit chose."""
+    COND = ("mean", "scale_tril", "feature_mean", "weight", "ridge")
+
+    def __init__(self, kinds, mean, scale_tril, rows: int, cond: dict | None = None):
         self.kinds, self.mean, self.scale_tril, self.rows = kinds.long(), mean.float(), scale_tril.float(), int(rows)
+        self.cond = None if cond is None else {k: cond[k].float() for k in self.COND}
+
+    @property
+    def features(self) -> int:
+        "How many canvas features the conditional prior reads (0: none, it has no conditional part)."
+        return 0 if self.cond is None else self.cond["weight"].shape[1]
 
     @classmethod
-    def fit(cls, z, kinds, prior_rows: int | None = None):
-        "Each kind's mean and covariance of `z [N, D]`, mixed with `N(0, I)` at weights `n : prior_rows` (default `D + 1`)."
+    def fit(cls, z, kinds, prior_rows: int | None = None, features=None, groups=None, ridges=NOISE_RIDGES, holdout: int = 5):
+        """Each kind's mean and covariance of `z [N, D]`, mixed with `N(0, I)` at weights `n : prior_rows` (default `D + 1`);
+        with `features [N, F]`, also each kind's `conditional_gaussian` (`groups [N]`: the label row of each, default one each)."""
         z, D = z.detach().float().cpu(), z.shape[1]
         n0 = D + 1 if prior_rows is None else prior_rows
         uk, inv = torch.unique(kinds.cpu(), dim=0, return_inverse=True)
-        means, trils = [], []
+        if features is not None:
+            features = features.detach().float().cpu()
+            groups = torch.arange(len(z)) if groups is None else groups.cpu()
+        marg, cond = [], []
         for g in range(len(uk)):
-            zg = z[inv == g]
-            n = len(zg)
-            m = zg.sum(0) / (n + n0)
-            second = (zg.T @ zg + n0 * torch.eye(D)) / (n + n0)
-            trils.append(torch.linalg.cholesky(second - torch.outer(m, m)))
-            means.append(m)
-        return cls(uk, torch.stack(means), torch.stack(trils), len(z))
+            rows = inv == g
+            marg.append(shrunk_gaussian(z[rows], n0))
+            if features is not None: cond.append(conditional_gaussian(z[rows], features[rows], groups[rows], n0, ridges, holdout))
+        mean, tril = (torch.stack(t) for t in zip(*marg))
+        cond = None if features is None else {k: torch.stack(v) if k != "ridge" else torch.tensor(v) for k, v in zip(cls.COND, zip(*cond))}
+        return cls(uk, mean, tril, len(z), cond)
 
-    def sample(self, kinds, generator=None):
-        "One `z` per row of `kinds [B, 2]` from its kind's Gaussian; a kind with no rows in the fit draws from `N(0, I)`."
+    def sample(self, kinds, generator=None, features=None):
+        """One `z` per row of `kinds [B, 2]` from its kind's Gaussian, conditioned on `features [B, F]` if given (and the
+        prior has a conditional part); a kind with no rows in the fit draws from `N(0, I)`."""
         hit = (kinds.cpu()[:, None, :] == self.kinds[None]).all(-1)
         eps = torch.randn(len(kinds), self.mean.shape[1], generator=generator)
         z = eps.clone()  # no rows of that kind: the shrinkage's n = 0 limit is the standard prior itself
         seen = hit.any(1)
         g = hit.float().argmax(1)[seen]
-        z[seen] = self.mean[g] + (self.scale_tril[g] @ eps[seen][..., None])[..., 0]
+        if features is None or self.cond is None: mean, tril = self.mean[g], self.scale_tril[g]
+        else:
+            if features.shape != (len(kinds), self.features):
+                raise ValueError(f"the conditional prior reads {self.features} features per row, got features of shape {tuple(features.shape)}")
+            c, f = self.cond, features.detach().float().cpu()[seen]
+            mean = c["mean"][g] + ((f - c["feature_mean"][g])[:, None, :] @ c["weight"][g])[:, 0]
+            tril = c["scale_tril"][g]
+        z[seen] = mean + (tril @ eps[seen][..., None])[..., 0]
         return z
 
     def tensors(self) -> dict:
-        return {"kinds": self.kinds.contiguous(), "mean": self.mean.contiguous(), "scale_tril": self.scale_tril.contiguous()}
+        t = {"kinds": self.kinds, "mean": self.mean, "scale_tril": self.scale_tril}
+        if self.cond is not None: t.update({f"cond_{k}": v for k, v in self.cond.items()})
+        return {k: v.contiguous() for k, v in t.items()}
 
     @classmethod
     def load(cls, path, noise_dim: int, meta: dict):
         "The prior saved at `path`, checked against the student's `noise_dim` and the `meta` its `meanflow.json` holds."
         from safetensors.torch import load_file
         if not Path(path).is_file(): raise FileNotFoundError(f"{path} is missing: meanflow.json says the student has a fitted noise prior")
-        t, G = load_file(path), meta.get("kinds")
+        t, G, F_ = load_file(path), meta.get("kinds"), meta.get("features")
         want = {"kinds": (G, 2), "mean": (G, noise_dim), "scale_tril": (G, noise_dim, noise_dim)}
+        if F_ is not None:  # priors saved before the conditional part existed have no "features" entry
+            want.update({"cond_mean": (G, noise_dim), "cond_scale_tril": (G, noise_dim, noise_dim), "cond_feature_mean": (G, F_),
+                         "cond_weight": (G, F_, noise_dim), "cond_ridge": (G,)})
         got = {k: tuple(v.shape) for k, v in t.items()}
         if got != want: raise ValueError(f"{path}: expected tensors {want} (noise_dim {noise_dim}), found {got}")
-        return cls(t["kinds"], t["mean"], t["scale_tril"], meta["rows"])
+        cond = {k: t[f"cond_{k}"] for k in cls.COND} if F_ is not None else None
+        return cls(t["kinds"], t["mean"], t["scale_tril"], meta["rows"], cond)
+
+def canvas_features(student: MeanFlowStudent, x):
+    "`[B, F]`: what the student's posterior encoder reads of the canvas rows `x [B, L]` position by position, before it mixes them."
+    return student.prompt.posterior.features(student.backbone.embed(x.to(student.backbone.embedding_weight.device))).float()
 
 @torch.no_grad()
-def fit_noise_prior(student: MeanFlowStudent, x0, prompt_mask, generator=None, chunk: int = 256, prior_rows: int | None = None):
-    "Fit and set `student.noise_prior` from one draw of `q(z | x0)` per label row, grouped by the kind of its canvas (`prompt_mask`)."
+def fit_noise_prior(student: MeanFlowStudent, x0, prompt_mask, generator=None, chunk: int = 256, prior_rows: int | None = None,
+                    conditional: bool = True):
+    """Fit and set `student.noise_prior` from one draw of `q(z | x0)` per label row, grouped by the kind of its canvas
+    (`prompt_mask`); `conditional`: also given the canvas's `canvas_features`."""
     post, bb = student.prompt.posterior, student.backbone
     if post is None: raise ValueError("fit_noise_prior needs a posterior-trained student (noise_fit='posterior'): IMLE students draw z ~ N(0, I)")
-    dev = bb.embedding_weight.device
-    zs = []
+    dev, cx = bb.embedding_weight.device, torch.where(prompt_mask, x0, bb.mask_id)
+    zs, fs = [], []
     for i in range(0, len(x0), chunk):
         mu, logvar = post(bb.embed(x0[i:i + chunk].to(dev)))
         zs.append((mu + (0.5 * logvar).exp() * torch.randn(mu.shape, generator=generator).to(dev)).cpu())
-    student.noise_prior = NoisePrior.fit(torch.cat(zs), canvas_kinds(torch.where(prompt_mask, x0, bb.mask_id), bb.mask_id), prior_rows)
+        if conditional: fs.append(canvas_features(student, cx[i:i + chunk]).cpu())
+    groups = torch.unique(x0, dim=0, return_inverse=True)[1]  # rows drawn twice from the pool are one label
+    student.noise_prior = NoisePrior.fit(torch.cat(zs), canvas_kinds(cx, bb.mask_id), prior_rows,
+                                         torch.cat(fs) if conditional else None, groups)
     return student.noise_prior
 
-def sample_noise(student: MeanFlowStudent, x, generator=None):
-    "`z [B, noise_dim]` (on the CPU) for the canvas rows `x`: from the student's fitted prior if it has one, else `N(0, I)`."
+@torch.no_grad()
+def sample_noise(student: MeanFlowStudent, x, generator=None, conditional: bool = True):
+    """`z [B, noise_dim]` (on the CPU) for the canvas rows `x`: from the student's fitted prior if it has one, given what
+    the canvas holds unless `conditional=False`; else `N(0, I)`."""
     if not student.noise_dim: raise ValueError("this student reads no noise (noise_dim=0)")
-    if student.noise_prior is None: return torch.randn(x.shape[0], student.noise_dim, generator=generator)
-    return student.noise_prior.sample(canvas_kinds(x, student.backbone.mask_id), generator)
+    p = student.noise_prior
+    if p is None: return torch.randn(x.shape[0], student.noise_dim, generator=generator)
+    f = canvas_features(student, x).cpu() if conditional and p.cond is not None else None
+    return p.sample(canvas_kinds(x, student.backbone.mask_id), generator, f)
+
 
 # %% ../nbs/20_meanflow.ipynb #fa543f1b
 if __name__ == "__main__" and sys.argv[0].endswith("meanflow.py"): sys.exit(main())

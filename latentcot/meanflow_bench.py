@@ -181,12 +181,13 @@ def bench_meanflow(recipe: TeacherRecipe = TeacherRecipe(), cfg: MeanFlowConfig 
     `student_dir`: a saved student instead of distilling one. `marginal_samples` > 0: add `marginal_ceiling` (synthetic settings).
     `noise_temperatures`: a noise student also runs one step at these temperatures given `z` (`student-z` runs), between its
     argmax (0) and its per-position sampling (the `student` run at `temperature`). `noise_prior`: "fitted" draws a noise
-    student's `z` from its fitted prior if it has one (`sample_noise`), "standard" from `N(0, I)` whatever it has.
+    student's `z` from its fitted prior given each canvas if it has one (`sample_noise`), "kind" from that prior's
+    Gaussian for the canvas's kind only (`conditional=False`), "standard" from `N(0, I)` whatever it has.
     `teacher`: a `(backbone, tokenizer, info)` to benchmark instead of the tiny teacher of `recipe` (a real LLaDA from
     `load_llada`, with `info = llada_info(name, canvas)`); the run happens on the backbone's device."""
     if any(not T > 0 for T in noise_temperatures):  # generate() takes any T <= 0 as argmax: refuse rather than rerun it silently
         raise ValueError(f"noise_temperatures must all be > 0 (argmax, temperature 0, always runs as student-argmax), got {list(noise_temperatures)}")
-    if noise_prior not in ("fitted", "standard"): raise ValueError(f"noise_prior must be fitted or standard, got {noise_prior!r}")
+    if noise_prior not in ("fitted", "kind", "standard"): raise ValueError(f"noise_prior must be fitted, kind or standard, got {noise_prior!r}")
     t_start = time.time()
     teacher, tok, info = teacher or get_teacher(recipe, cache_dir=cache_dir, log=log)
     sets = load_text_sets(tok, info["recipe"]["canvas"])
@@ -202,9 +203,11 @@ def bench_meanflow(recipe: TeacherRecipe = TeacherRecipe(), cfg: MeanFlowConfig 
            "student_train_seconds": smeta.get("train_seconds"), "student_gates": smeta.get("gates"),
            "optimum_steps": optimum_steps, "student_dir": None if student_dir is None else str(student_dir),
            "marginal_samples": marginal_samples, "noise_temperatures": list(noise_temperatures) if student.noise_dim else [], "settings": {}}
-    use_fitted = noise_prior == "fitted" and student.noise_prior is not None
+    use_fitted = noise_prior != "standard" and student.noise_prior is not None
+    given = noise_prior == "fitted" and use_fitted and student.noise_prior.cond is not None
     if student.noise_dim:
-        out["noise_prior"] = (f"the fitted prior ({len(student.noise_prior.kinds)} kinds of canvas)" if use_fitted else "N(0, I)")
+        out["noise_prior"] = (f"the fitted prior {'given the canvas' if given else 'by kind'} ({len(student.noise_prior.kinds)} kinds of canvas)"
+                              if use_fitted else "N(0, I)")
     optimum = optimum_fn(teacher, optimum_steps, cfg.tangent_sign)
     for kind, mode in settings:
         x, ref_pm = heldout_canvas(sets, kind, n, mode == "prompted", teacher.mask_id)
@@ -217,7 +220,7 @@ def bench_meanflow(recipe: TeacherRecipe = TeacherRecipe(), cfg: MeanFlowConfig 
         z = None
         if student.noise_dim:
             g = torch.Generator().manual_seed(seed)
-            z = (sample_noise(student, x.cpu(), g) if use_fitted else torch.randn(n, student.noise_dim, generator=g)).to(dev)
+            z = (sample_noise(student, x.cpu(), g, conditional=given) if use_fitted else torch.randn(n, student.noise_dim, generator=g)).to(dev)
         generate(teacher_fn(teacher), x[:2], teacher.mask_id, 2)  # warm-up, so the first timed run is not penalised
         for name, fn, stp, temp, rem in ([("teacher-lc", teacher_fn(teacher), s, temperature, "low_confidence") for s in steps]
                                          + [("teacher-rand", teacher_fn(teacher), s, temperature, "random") for s in steps]
@@ -424,8 +427,9 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0, help="temperature of every sampled run (0: argmax)")
     p.add_argument("--noise-temperatures", default=",".join(map(str, NOISE_TEMPERATURES)),
                    help="a noise student also runs one step at these temperatures given z (between argmax and --temperature)")
-    p.add_argument("--noise-prior", choices=("fitted", "standard"), default="fitted",
-                   help="a noise student's z: from its fitted prior if it has one (posterior students), or N(0, I)")
+    p.add_argument("--noise-prior", choices=("fitted", "kind", "standard"), default="fitted",
+                   help="a noise student's z: from its fitted prior given the canvas if it has one (posterior students), "
+                        "from that prior by kind of canvas only, or N(0, I)")
     p.add_argument("--student", help="benchmark this saved student (python -m latentcot.meanflow --out DIR) instead of distilling one")
     p.add_argument("--marginal-samples", type=int, default=0,
                    help="K > 0: also sample independently from the per-position marginals of K teacher samples per row (slow)")
