@@ -23,10 +23,10 @@ from .textdata import check_synthetic
 from .trainer import read_metrics
 
 # %% auto #0
-__all__ = ['NOISE_TEMPERATURES', 'fact_errors', 'sample_entropy', 'distinct_n', 'quality', 'run_generation', 'heldout_canvas',
-           'meanflow_code_version', 'student_key', 'student_for', 'saved_student', 'optimum_gap', 'draw_from_marginals',
-           'marginal_ceiling', 'bench_meanflow', 'noise_sweep', 'diversity_matched', 'goals', 'format_table',
-           'plot_bench', 'bench_parser', 'bench_meanflow_main']
+__all__ = ['NOISE_TEMPERATURES', 'BENCH_SETTINGS', 'fact_errors', 'sample_entropy', 'distinct_n', 'quality', 'run_generation',
+           'heldout_canvas', 'meanflow_code_version', 'student_key', 'student_for', 'saved_student', 'optimum_gap',
+           'draw_from_marginals', 'marginal_ceiling', 'bench_meanflow', 'noise_sweep', 'diversity_matched', 'goals',
+           'format_table', 'plot_bench', 'bench_parser', 'bench_meanflow_main']
 
 # %% ../nbs/21_meanflow_bench.ipynb #64a873f0
 _FACT = re.compile(r"(\d{1,3})([+-])(\d{1,3})=(\d{1,3})")
@@ -417,6 +417,8 @@ def _plot_diversity(plt, key, sweep, lc, out_dir) -> Path:
     return p
 
 # %% ../nbs/21_meanflow_bench.ipynb #734fb398
+BENCH_SETTINGS = ("synthetic/free", "synthetic/prompted", "english/free", "english/prompted")
+
 def bench_parser() -> argparse.ArgumentParser:
     "Arguments of `latentcot bench meanflow`."
     p = argparse.ArgumentParser(prog="latentcot bench meanflow", description="LLaDA-MeanFlow: one-step student vs multi-step teacher.")
@@ -425,6 +427,8 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", dest="teacher_steps", default="1,2,4,8,16,64", help="teacher step counts")
     p.add_argument("--student-steps", default="1,2,4", help="student step counts")
     p.add_argument("--temperature", type=float, default=1.0, help="temperature of every sampled run (0: argmax)")
+    p.add_argument("--settings", default=",".join(BENCH_SETTINGS),
+                   help="comma-separated KIND/MODE settings to run (KIND synthetic or english, MODE free or prompted)")
     p.add_argument("--noise-temperatures", default=",".join(map(str, NOISE_TEMPERATURES)),
                    help="a noise student also runs one step at these temperatures given z (between argmax and --temperature)")
     p.add_argument("--noise-prior", choices=("fitted", "kind", "standard"), default="fitted",
@@ -450,6 +454,10 @@ def bench_parser() -> argparse.ArgumentParser:
 def bench_meanflow_main(argv: list[str] | None = None) -> int:
     "`latentcot bench meanflow`: run the benchmark, print the table, write metrics.json and PNG plots into --out."
     a = bench_parser().parse_args(argv)
+    settings = [s.strip() for s in a.settings.split(",") if s.strip()]
+    bad = [s for s in settings if s not in BENCH_SETTINGS]
+    if bad or not settings:
+        raise ValueError(f"--settings {a.settings!r}: {', '.join(map(repr, bad)) or 'nothing'} is not one of {', '.join(BENCH_SETTINGS)}")
     if a.threads: torch.set_num_threads(a.threads)
     recipe = TeacherRecipe(hidden=32, layers=2, heads=2, intermediate=64, steps=30, batch=16) if a.quick else TeacherRecipe()
     if a.student:  # its settings are in its meanflow.json: a distillation flag beside it would be silently ignored
@@ -468,7 +476,8 @@ def bench_meanflow_main(argv: list[str] | None = None) -> int:
                          student_steps=tuple(int(s) for s in a.student_steps.split(",")), temperature=a.temperature,
                          seed=a.seed, cache_dir=a.cache, optimum_steps=4 if a.quick else a.optimum_steps,
                          student_dir=a.student, noise_prior=a.noise_prior, noise_temperatures=tuple(float(T) for T in a.noise_temperatures.split(",") if T),
-                         marginal_samples=min(a.marginal_samples, 2) if a.quick else a.marginal_samples, teacher=teacher)
+                         marginal_samples=min(a.marginal_samples, 2) if a.quick else a.marginal_samples, teacher=teacher,
+                         settings=tuple(tuple(s.split("/")) for s in settings))
     d = Path(a.out); d.mkdir(parents=True, exist_ok=True)
     out["plots"] = [p.name for p in plot_bench(out, d)]
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".metrics.")
