@@ -1160,6 +1160,5 @@ def sample_noise(student: MeanFlowStudent, x, generator=None, conditional: bool 
     f = canvas_features(student, x).cpu() if conditional and p.cond is not None else None
     return p.sample(canvas_kinds(x, student.backbone.mask_id), generator, f)
 
-
 # %% ../nbs/20_meanflow.ipynb #fa543f1b
 if __name__ == "__main__" and sys.argv[0].endswith("meanflow.py"): sys.exit(main())
