@@ -458,6 +458,8 @@ def bench_meanflow_main(argv: list[str] | None = None) -> int:
     bad = [s for s in settings if s not in BENCH_SETTINGS]
     if bad or not settings:
         raise ValueError(f"--settings {a.settings!r}: {', '.join(map(repr, bad)) or 'nothing'} is not one of {', '.join(BENCH_SETTINGS)}")
+    twice = sorted({s for s in settings if settings.count(s) > 1})
+    if twice: raise ValueError(f"--settings {a.settings!r}: {', '.join(twice)} given twice (its second run would replace the first)")
     if a.threads: torch.set_num_threads(a.threads)
     recipe = TeacherRecipe(hidden=32, layers=2, heads=2, intermediate=64, steps=30, batch=16) if a.quick else TeacherRecipe()
     if a.student:  # its settings are in its meanflow.json: a distillation flag beside it would be silently ignored
