@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 # %% auto #0
-__all__ = ['MASK_FLAGS', 'ALIASES', 'ConfigError', 'LatentCoTConfig', 'parse_value', 'check_config', 'find_settings',
+__all__ = ['MASK_FLAGS', 'ALIASES', 'FAULT_ENV', 'ConfigError', 'LatentCoTConfig', 'parse_value', 'check_config', 'find_settings',
            'read_settings', 'from_mapping', 'load_config', 'add_config_args', 'config_from_args', 'save_config',
-           'load_config_json', 'cache_root']
+           'load_config_json', 'cache_root', 'positive_int', 'fault_point']
 
 # %% ../nbs/00_config.ipynb #364b7187
 class ConfigError(ValueError):
@@ -239,3 +239,23 @@ def cache_root(cache_dir=None) -> Path:
     "Where latentcot caches what it builds (tiny kit, MeanFlow teacher): `cache_dir`, `$LATENTCOT_CACHE` or `~/.cache/latentcot`."
     return Path(cache_dir or os.environ.get("LATENTCOT_CACHE") or "~/.cache/latentcot").expanduser()
 
+
+# %% ../nbs/00_config.ipynb #guards-00
+import signal
+
+FAULT_ENV = "LATENTCOT_FAULT"
+
+def positive_int(raw) -> int:
+    "argparse type: an integer >= 1 (a count such as `--limit` or `--max_steps`)."
+    try: v = int(str(raw).strip())
+    except ValueError: raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {raw!r}") from None
+    if v < 1: raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+def fault_point(name: str) -> None:
+    "Test hook: SIGKILL this process when `$LATENTCOT_FAULT` (comma separated) names `name`; `name:raise` raises instead."
+    for w in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
+        n, _, how = w.strip().partition(":")
+        if n != name: continue
+        if how == "raise": raise RuntimeError(f"[enforce fail at inline_container.cc:672] . unexpected pos (injected fault {name!r})")
+        os.kill(os.getpid(), signal.SIGKILL)
