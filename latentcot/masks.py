@@ -179,9 +179,10 @@ def describe_rules(**flags) -> str:
     always, same, own = rule_table(**flags)
     names = [r.name[:8] for r in Role]
     lines = ["query \\ key".ljust(16) + " ".join(n.ljust(8) for n in names)]
+    owns = lambda rq: (own and rq == Role.LATENT) or rq == Role.LATENT_TAG    # the opening tag sees the image it follows
     for rq in Role:
         cell = lambda rk: ("x" if always[rq] >> rk & 1 else "g" if same[rq] >> rk & 1
-                           else "o" if own and rq == Role.LATENT and rk == Role.THOUGHT_IMAGE else ".")
+                           else "o" if owns(rq) and rk == Role.THOUGHT_IMAGE else ".")
         lines.append(rq.name.ljust(16) + " ".join(cell(rk).ljust(8) for rk in Role))
     return "\n".join(lines)
 
@@ -244,6 +245,11 @@ def build_4d_mask(roles, attention_mask, groups=None, **flags):
         b, i = ((roles == Role.LATENT) & (last_ti >= 0)).nonzero(as_tuple=True)
         p = last_ti[b, i]
         windows.append((b, i, first[b, p], p, b * L + p))       # the latent's own thought image
+    prev = _prev_real(valid)
+    opener = (roles == Role.LATENT_TAG) & (_gather(roles, prev) == Role.THOUGHT_IMAGE)
+    b, i = opener.nonzero(as_tuple=True)
+    p = prev[b, i]
+    windows.append((b, i, first[b, p], p, b * L + p))           # the opening tag sees the image right before it
     flat_roles, flat_groups, flat_m = roles.view(-1), groups.view(-1), m.view(-1)
     for b, i, lo, hi, ref in windows:
         bb, ii, jj, row = _window_pairs(b, i, lo, hi)
@@ -251,6 +257,7 @@ def build_4d_mask(roles, attention_mask, groups=None, **flags):
         keep = (flat_roles[key] == flat_roles[r]) & (flat_groups[key] == flat_groups[r])
         cell = (bb * L + ii) * L + jj
         flat_m[cell] = flat_m[cell] | keep
+    if mask_flags(**flags)["mask_latent"]: m &= ~(opener[:, None, :] & (roles != Role.LATENT)[:, :, None])
     m.diagonal(dim1=1, dim2=2).fill_(True)
     return m[:, None]
 
@@ -324,7 +331,8 @@ def may_attend(i, j, R, G, own, V, f) -> bool:
         elif rk == Role.THOUGHT_IMAGE: ok = own[i] == G[j] or f["not_mask_image"]
         elif rk == Role.LATENT: ok = same
         else: ok = False
-    elif rk == Role.THOUGHT_IMAGE: ok = f["not_mask_image"] or (rq == Role.THOUGHT_IMAGE and same)
+    elif rk == Role.THOUGHT_IMAGE:
+        ok = f["not_mask_image"] or (rq == Role.THOUGHT_IMAGE and same) or (rq == Role.LATENT_TAG and _opens(i, R, G, V) == G[j])
     else: ok = True
     if f["mask_question_image"] and rk == Role.QUESTION_IMAGE and rq != Role.LATENT:
         ok = ok and rq == Role.QUESTION_IMAGE and same
@@ -332,8 +340,14 @@ def may_attend(i, j, R, G, own, V, f) -> bool:
         ok = False
     if f["observation_tokens_only_see_question_and_latent"] and rq == Role.OBSERVATION:
         ok = ok and (rk in (Role.TEXT, Role.LATENT) or (rk == Role.OBSERVATION and same))
-    if f["mask_latent"] and rk == Role.LATENT and rq != Role.LATENT: ok = False
+    if f["mask_latent"] and rq != Role.LATENT and (rk == Role.LATENT or (rk == Role.LATENT_TAG and _opens(j, R, G, V) is not None)):
+        ok = False
     return ok
+
+def _opens(i, R, G, V):
+    "The group of the thought image right before tag `i` (an opening tag follows its image), else `None`."
+    before = [k for k in range(i) if V[k]][-1:]               # the previous real token
+    return G[before[0]] if before and R[before[0]] == Role.THOUGHT_IMAGE else None
 
 def build_4d_mask_reference(roles, attention_mask, groups=None, **flags):
     "Loop over samples, queries and keys calling `may_attend`: the oracle and baseline of `build_4d_mask`."
