@@ -6,19 +6,22 @@ Docs: https://latentcot.github.io/latentcot/trainer.html.md"""
 
 # %% ../nbs/11_trainer.ipynb #140eec76
 from __future__ import annotations
-import json, math, os, re, shutil, time
-from dataclasses import dataclass, field
+import hashlib, json, math, os, re, shutil, time, warnings
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader
 
-from .config import LatentCoTConfig, save_config
+from .config import LatentCoTConfig, fault_point, save_config
 
 # %% auto #0
-__all__ = ['StepResult', 'TrainState', 'MetricsLog', 'read_metrics', 'latest_checkpoint', 'save_checkpoint', 'load_checkpoint',
-           'average_gradients', 'rng_neutral', 'gather_full_state_dict', 'make_accelerator', 'train_loop']
+__all__ = ['STATE_NAME', 'HASH_MAX_BYTES', 'RESUMABLE_SETTINGS', 'StepResult', 'TrainState', 'MetricsError', 'MetricsLog',
+           'read_metrics', 'CheckpointError', 'SettingsChanged', 'checkpoint_problems', 'latest_checkpoint',
+           'clean_checkpoints', 'save_checkpoint', 'load_checkpoint', 'settings_diff', 'check_resume_settings',
+           'average_gradients', 'rng_neutral', 'gather_full_state_dict', 'make_accelerator', 'NonFiniteLoss',
+           'train_loop']
 
 # %% ../nbs/11_trainer.ipynb #e391dc48
 @dataclass
@@ -41,67 +44,241 @@ class TrainState:
     def to_json(self): return {"global_step": self.global_step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
 
 # %% ../nbs/11_trainer.ipynb #18817036
+class MetricsError(ValueError):
+    "A `metrics.jsonl` that cannot be read: names the file and line."
+
+def _read_jsonl(path: Path) -> list[dict]:
+    "Records of a JSONL file; a torn last line (a kill or a full disk mid-append) is dropped with a warning naming the file."
+    lines = path.read_bytes().decode("utf-8", errors="replace").split("\n")
+    out, last = [], max((i for i, l in enumerate(lines) if l.strip()), default=-1)
+    for i, l in enumerate(lines):
+        if not l.strip(): continue
+        try: rec = json.loads(l)
+        except json.JSONDecodeError as e:
+            if i == last:
+                warnings.warn(f"{path}:{i + 1}: dropping a torn last line (not valid JSON: {e}; {l[:80]!r})"); continue
+            raise MetricsError(f"{path}:{i + 1}: not valid JSON ({e}): {l[:120]!r}; only a torn last line is repaired") from None
+        if not isinstance(rec, dict): raise MetricsError(f"{path}:{i + 1}: expected a JSON object, found {type(rec).__name__}")
+        out.append(rec)
+    return out
+
 class MetricsLog:
     "Append-only JSONL of per-step metrics that stays consistent across resumes."
     def __init__(self, path, resume_step: int = 0, enabled: bool = True):
         self.path, self.enabled = Path(path), enabled
         if not enabled: return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            keep = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= resume_step]
+        if self.path.exists():   # a fresh run (resume_step 0) keeps nothing, and need not parse the old file
+            keep = [r for r in _read_jsonl(self.path) if r.get("step", 0) <= resume_step] if resume_step > 0 else []
             tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(l + "\n" for l in keep)); os.replace(tmp, self.path)
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in keep)); os.replace(tmp, self.path)
 
     def write(self, rec: dict):
         if not self.enabled: return
         with open(self.path, "a") as f: f.write(json.dumps(rec) + "\n"); f.flush(); os.fsync(f.fileno())
 
 def read_metrics(path) -> list[dict]:
-    "All records of a `metrics.jsonl`."
+    "All records of a `metrics.jsonl` (a torn last line is dropped with a warning)."
     p = Path(path)
-    return [json.loads(l) for l in p.read_text().splitlines() if l.strip()] if p.exists() else []
+    return _read_jsonl(p) if p.exists() else []
 
 # %% ../nbs/11_trainer.ipynb #5194eed4
+STATE_NAME = "trainer_state.json"       # written last into a checkpoint: its file table makes the checkpoint complete
+HASH_MAX_BYTES = 64 << 20               # files up to this size (RNG states, scheduler, small weights) carry a sha256
+RESUMABLE_SETTINGS = ("config.epochs",)  # may change on resume (like --max_steps and --save_every, which are not recorded)
+
+class CheckpointError(RuntimeError):
+    "A checkpoint that cannot be written or trusted: names the directory, the file and what is wrong."
+
+class SettingsChanged(ValueError):
+    "Resuming a run with other settings than it was started with (lists old vs new)."
+
 def _ckpt_dir(output_dir, step): return Path(output_dir) / "checkpoints" / f"step_{step:07d}"
 
-def _checkpoints(root) -> list[Path]:
-    "The complete checkpoints under `root`, oldest first: `step_NNNNNNN` directories holding a `trainer_state.json`."
-    root = Path(root)
-    # a `step_NNNNNNN.tmp` staging dir is never one, even complete: a kill between its last write and the rename leaves it
-    found = [p for p in root.glob("step_*") if re.fullmatch(r"step_\d+", p.name) and (p / "trainer_state.json").exists()] \
-        if root.exists() else []
-    return sorted(found, key=lambda p: int(p.name[len("step_"):]))
+def _step_of(p: Path) -> int | None:
+    m = re.fullmatch(r"step_(\d+)", p.name)
+    return int(m.group(1)) if m else None
 
-def latest_checkpoint(output_dir) -> Path | None:
-    "The newest complete checkpoint under `output_dir/checkpoints`."
-    done = _checkpoints(Path(output_dir) / "checkpoints")
+def _sha256_file(p: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        while b := f.read(chunk): h.update(b)
+    return h.hexdigest()
+
+def _file_table(d: Path) -> dict:
+    "`{relative path: {size, sha256}}` of every file under `d` (sha256 only up to `HASH_MAX_BYTES`)."
+    out = {}
+    for p in sorted(d.rglob("*")):
+        if p.is_file() and p.name != STATE_NAME:
+            n = p.stat().st_size
+            out[p.relative_to(d).as_posix()] = {"size": n, "sha256": _sha256_file(p) if n <= HASH_MAX_BYTES else None}
+    return out
+
+def _read_state(p: Path) -> dict | None:
+    "The parsed `trainer_state.json` of checkpoint dir `p`, or None when it is missing or torn (never finished)."
+    try: st = json.loads((p / STATE_NAME).read_text())
+    except (OSError, ValueError): return None
+    return st if isinstance(st, dict) and "global_step" in st else None
+
+def _is_rng(name: str) -> bool: return re.fullmatch(r"random_states_\d+\.pkl", name) is not None
+
+def checkpoint_problems(p, content: bool = False, allow_rng_loss: bool = False) -> list[str]:
+    """What is wrong with checkpoint dir `p` (empty: complete). Without `content` only existence and sizes are checked
+    (cheap); with it the recorded sha256 too. A checkpoint written before file tables existed must hold its scheduler
+    and RNG state (an old rotation deleted `trainer_state.json` last, leaving half-deleted ones behind)."""
+    p = Path(p); st = _read_state(p)
+    if st is None: return [f"{p / STATE_NAME}: missing or not valid JSON (the checkpoint was never finished)"]
+    files = st.get("files")
+    if files is None:   # older format
+        need = ["scheduler_manual.pt"] + ([] if allow_rng_loss else ["random_states_0.pkl"])
+        return [f"{p / n}: missing" for n in need if not (p / n).is_file()]
+    out = []
+    for rel, meta in files.items():
+        f = p / rel
+        if allow_rng_loss and _is_rng(f.name): continue
+        if not f.is_file(): out.append(f"{f}: missing"); continue
+        if f.stat().st_size != meta["size"]: out.append(f"{f}: {f.stat().st_size} bytes, {meta['size']} when written"); continue
+        if content and meta.get("sha256") and _sha256_file(f) != meta["sha256"]: out.append(f"{f}: content differs from when it was written (sha256)")
+    return out
+
+def _checkpoints(root, warn: bool = False) -> list[Path]:
+    "The complete checkpoints under `root`, oldest first (see `checkpoint_problems`); `warn`: say which ones are skipped."
+    root = Path(root)
+    # a `step_NNNNNNN.tmp` staging dir, or a `.trash` one being deleted, is never one
+    dirs = sorted((p for p in root.glob("step_*") if _step_of(p) is not None), key=_step_of) if root.exists() else []
+    out = []
+    for p in dirs:
+        probs = checkpoint_problems(p)
+        if not probs: out.append(p)
+        elif warn and _read_state(p) is not None: warnings.warn(f"{p}: incomplete checkpoint skipped: " + "; ".join(probs))
+    return out
+
+def latest_checkpoint(output_dir, warn: bool = False) -> Path | None:
+    "The newest complete checkpoint under `output_dir/checkpoints` (falls back past incomplete or half-deleted ones)."
+    done = _checkpoints(Path(output_dir) / "checkpoints", warn)
     return done[-1] if done else None
 
-def save_checkpoint(acc, state: TrainState, sched, output_dir, keep: int = 2, extra: Callable | None = None):
+def _trash(p: Path) -> Path:
+    "Rename `p` out of the checkpoint namespace (one atomic rename): a kill while it is deleted leaves only a `.trash` dir."
+    t = p.with_name(f"{p.name}.trash.{os.getpid()}.{time.time_ns()}")
+    os.replace(p, t); return t
+
+def _delete(p: Path):
+    t = _trash(p)
+    first = next((f for f in sorted(t.rglob("*")) if f.is_file()), None)
+    if first is not None: first.unlink()
+    fault_point("ckpt_rotate")        # tests: killed with the old checkpoint half deleted
+    shutil.rmtree(t)
+
+def clean_checkpoints(output_dir) -> list[str]:
+    """Tidy `output_dir/checkpoints` after a crash: delete `.trash` dirs, unfinished or half-deleted `step_*` dirs, and
+    staging dirs, except a complete `step_N.tmp` whose `step_N` is gone (killed between the two renames): it is renamed
+    into place. Returns what it did. Damaged checkpoints that were once complete are left for the user."""
+    root, did = Path(output_dir) / "checkpoints", []
+    if not root.exists(): return did
+    for p in sorted(root.iterdir()):
+        if not p.is_dir(): continue
+        if ".trash." in p.name: shutil.rmtree(p, ignore_errors=True); did.append(f"deleted {p.name}")
+        elif p.name.endswith(".tmp") and _step_of(p.with_name(p.name[:-4])) is not None:
+            final = p.with_name(p.name[:-4])
+            if not final.exists() and not checkpoint_problems(p): os.replace(p, final); did.append(f"completed {final.name}")
+            else: shutil.rmtree(p, ignore_errors=True); did.append(f"deleted {p.name}")
+        elif _step_of(p) is not None:
+            st = _read_state(p)
+            if st is None or (st.get("files") is None and checkpoint_problems(p)): _delete(p); did.append(f"deleted {p.name}")
+    return did
+
+def save_checkpoint(acc, state: TrainState, sched, output_dir, keep: int = 2, extra: Callable | None = None,
+                    settings: dict | None = None):
     """Save accelerator state + scheduler + data position atomically; keep the newest `keep` checkpoints.
-    `extra(dir)` (main process) writes more files into the checkpoint before it is renamed into place."""
+    `extra(dir)` (main process) writes more files into the checkpoint before it is renamed into place; `settings` is
+    recorded so that a resume can refuse other settings. `trainer_state.json` (with every file's size and sha256) is
+    written last, and old checkpoints are renamed away before they are deleted: a kill never leaves a checkpoint that
+    looks complete but is not."""
     final = _ckpt_dir(output_dir, state.global_step)
     tmp = final.with_name(final.name + ".tmp")
     if acc.is_main_process and tmp.exists(): shutil.rmtree(tmp)
     acc.wait_for_everyone()
-    acc.save_state(str(tmp))
-    acc.wait_for_everyone()  # every rank writes its own RNG state into tmp: rename only once all have
+    try:
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()  # every rank writes its own RNG state into tmp: rename only once all have
+        if acc.is_main_process:
+            torch.save(sched.state_dict(), tmp / "scheduler_manual.pt")
+            if extra is not None: extra(tmp)
+            fault_point("ckpt_write")
+            st = {**state.to_json(), "settings": settings, "files": _file_table(tmp)}
+            with open(tmp / STATE_NAME, "w") as f: f.write(json.dumps(st)); f.flush(); os.fsync(f.fileno())
+    except (RuntimeError, OSError) as e:
+        if acc.is_main_process: shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"{tmp}: writing the checkpoint of step {state.global_step} failed (disk full?): "
+                              f"{type(e).__name__}: {e}; the earlier checkpoints are untouched") from e
     if acc.is_main_process:
-        torch.save(sched.state_dict(), tmp / "scheduler_manual.pt")
-        if extra is not None: extra(tmp)
-        (tmp / "trainer_state.json").write_text(json.dumps(state.to_json()))
-        if final.exists(): shutil.rmtree(final)
+        old = _trash(final) if final.exists() else None
+        fault_point("ckpt_replace")   # tests: killed between the two renames (clean_checkpoints completes the .tmp)
         os.replace(tmp, final)
-        for old in _checkpoints(final.parent)[:-keep]: shutil.rmtree(old)  # only complete ones count toward `keep`
+        if old is not None: shutil.rmtree(old)
+        for o in _checkpoints(final.parent)[:-keep]: _delete(o)  # only complete ones count toward `keep`
     acc.wait_for_everyone()
     return final
 
-def load_checkpoint(acc, sched, ckpt: Path) -> TrainState:
-    "Restore what `save_checkpoint` wrote; returns the data position."
-    acc.load_state(str(ckpt))
+def _rng_error(ckpt: Path, rank: int) -> str | None:
+    "Why this rank's RNG-state file of `ckpt` cannot be restored (None: it can); accelerate itself only logs this."
+    from accelerate.utils import load
+    f = ckpt / f"random_states_{rank}.pkl"
+    if not f.is_file(): return f"{f}: missing"
+    try: st = load(f)
+    except Exception as e: return f"{f}: cannot load with weights_only=True: {type(e).__name__}: {str(e)[:200]}"
+    if not isinstance(st, dict) or not {"random_state", "numpy_random_seed", "torch_manual_seed"} <= set(st):
+        return f"{f}: not an accelerate RNG state (keys {sorted(st) if isinstance(st, dict) else type(st).__name__})"
+    return None
+
+def load_checkpoint(acc, sched, ckpt: Path, allow_rng_loss: bool = False) -> TrainState:
+    """Restore what `save_checkpoint` wrote; returns the data position. Files whose size or sha256 differ from when they
+    were written, and an RNG-state file that does not load, are a `CheckpointError` (`allow_rng_loss`: a warning, and
+    the RNG is not restored)."""
+    ckpt = Path(ckpt)
+    probs = checkpoint_problems(ckpt, content=True, allow_rng_loss=allow_rng_loss)
+    if probs: raise CheckpointError(f"{ckpt}: damaged checkpoint: " + "; ".join(probs) +
+                                    f"; delete {ckpt} to resume from an earlier one, or start over with --no_resume")
+    if (why := _rng_error(ckpt, acc.process_index)) is not None:
+        if not allow_rng_loss:
+            raise CheckpointError(f"{why}: the RNG cannot be restored, so the resumed run would not repeat the uninterrupted "
+                                  "one; pass --allow_rng_loss (allow_rng_loss=True) to resume anyway")
+        warnings.warn(f"{why}: resuming WITHOUT restoring the RNG state (--allow_rng_loss)")
+    try: acc.load_state(str(ckpt))
+    except FileNotFoundError as e:   # an older checkpoint half deleted by the old rotation
+        raise CheckpointError(f"{ckpt}: incomplete checkpoint ({e}); delete it to resume from an earlier one") from None
     sched.load_state_dict(torch.load(ckpt / "scheduler_manual.pt", weights_only=True))
-    st = json.loads((ckpt / "trainer_state.json").read_text())
-    return TrainState(**st)
+    st = _read_state(ckpt)
+    return TrainState(**{k: st[k] for k in ("global_step", "epoch", "batch_in_epoch")})
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict): out.update(_flat(v, f"{prefix}{k}."))
+        else: out[f"{prefix}{k}"] = v
+    return out
+
+def settings_diff(old: dict, new: dict, resumable=RESUMABLE_SETTINGS) -> list[str]:
+    "`key: old X, now Y` for every recorded setting that differs (keys in `resumable` may change)."
+    a, b = _flat(json.loads(json.dumps(old))), _flat(json.loads(json.dumps(new)))
+    return [f"{k}: {a.get(k)!r} there, {b.get(k)!r} now" for k in sorted(a.keys() | b.keys())
+            if k not in resumable and a.get(k) != b.get(k)]
+
+def check_resume_settings(ckpt: Path, settings: dict, output_dir=None) -> None:
+    "Raise `SettingsChanged` unless `settings` equal those recorded with `ckpt` (an older checkpoint: the run's config JSON)."
+    old = (_read_state(Path(ckpt)) or {}).get("settings")
+    where = Path(ckpt) / STATE_NAME
+    if old is None:
+        f = Path(output_dir or Path(ckpt).parents[1]) / "latentcot_config.json"
+        if not f.is_file(): return
+        old, where, settings = {"config": json.loads(f.read_text())}, f, {"config": settings.get("config", {})}
+    diff = settings_diff(old, settings)
+    if diff:
+        raise SettingsChanged(f"{where}: this run was started with other settings ({'; '.join(diff)}); resume with the same "
+                              f"settings (may change: --max_steps, --save_every, --report_to, "
+                              f"{', '.join('--' + k.split('.')[-1] for k in RESUMABLE_SETTINGS)}), start over with "
+                              "--no_resume, or use another --output_dir")
 
 # %% ../nbs/11_trainer.ipynb #19ed5765
 def _scalar(v): return float(v.detach().float().mean()) if torch.is_tensor(v) else float(v)
@@ -151,10 +328,29 @@ def make_accelerator(cfg: LatentCoTConfig, output_dir, trackers=("tensorboard",)
                        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(Path(output_dir) / "tb")),
                        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed), **kw)
 
+class NonFiniteLoss(FloatingPointError):
+    "A NaN or infinite loss: names the step, the samples and the loss terms."
+
+def _check_finite(acc, res: StepResult, batch, state: TrainState, output_dir):
+    "Stop (on every process) when any process's loss is not finite, before it reaches the weights."
+    bad = torch.tensor(0.0 if bool(torch.isfinite(res.loss.detach()).all()) else 1.0, device=acc.device)
+    if acc.num_processes > 1: bad = acc.reduce(bad, reduction="sum")
+    if bad.item() == 0: return
+    sids = batch.get("sample_ids") if isinstance(batch, dict) else None
+    terms = {k: _scalar(v) for k, v in res.terms.items() if v is not None}
+    raise NonFiniteLoss(f"step {state.global_step + 1} (epoch {state.epoch}, micro-batch {state.batch_in_epoch}, process "
+                        f"{acc.process_index}): loss {_scalar(res.loss)} on sample(s) {sids}, terms {terms}; nothing of "
+                        f"this step was applied or saved, no final/ is written; last checkpoint: {latest_checkpoint(output_dir)}")
+
 def train_loop(model, dataset, collate_fn: Callable, step_fn: Callable, cfg: LatentCoTConfig, output_dir,
                max_steps: int | None = None, save_every: int = 0, resume: bool = True, accelerator=None,
-               trackers=("tensorboard",), run_name: str = "latentcot", progress: bool = True, on_step: Callable | None = None):
-    "Train `model` with `step_fn` on `dataset`; returns `(model, state)`; checkpoints and metrics go to `output_dir`."
+               trackers=("tensorboard",), run_name: str = "latentcot", progress: bool = True, on_step: Callable | None = None,
+               run_info: dict | None = None, allow_rng_loss: bool = False):
+    """Train `model` with `step_fn` on `dataset`; returns `(model, state)`; checkpoints and metrics go to `output_dir`.
+    A resume refuses other settings (the config, `run_info`, the number of samples and processes) than the run started
+    with; a non-finite loss stops the run with `NonFiniteLoss`."""
+    if max_steps is not None and (isinstance(max_steps, bool) or max_steps < 1): raise ValueError(f"max_steps must be >= 1, got {max_steps!r}")
+    if save_every < 0: raise ValueError(f"save_every must be >= 0, got {save_every!r}")
     from accelerate.utils import set_seed
     from transformers import get_constant_schedule_with_warmup
     from tqdm.auto import tqdm
@@ -170,9 +366,17 @@ def train_loop(model, dataset, collate_fn: Callable, step_fn: Callable, cfg: Lat
     steps_per_epoch = max(1, math.ceil(len(dl) / cfg.grad_accum_steps))
     total = max_steps if max_steps is not None else cfg.epochs * steps_per_epoch
     state = TrainState(cfg=cfg)
-    ck = latest_checkpoint(output_dir) if resume else None
+    settings = {"config": asdict(cfg), "run": dict(run_info or {}), "n_samples": len(dataset), "num_processes": acc.num_processes}
+    if acc.is_main_process:
+        for what in clean_checkpoints(output_dir): print(f"checkpoints: {what} (left by an interrupted run)")
+    acc.wait_for_everyone()
+    ck = latest_checkpoint(output_dir, warn=acc.is_main_process) if resume else None
+    if resume and ck is None and (bad := [p for p in (output_dir / "checkpoints").glob("step_*") if _step_of(p) is not None]):
+        raise CheckpointError(f"{output_dir / 'checkpoints'}: no intact checkpoint to resume from, damaged: "
+                              + "; ".join(q for p in bad for q in checkpoint_problems(p)) + "; start over with --no_resume")
     if ck is not None:
-        st = load_checkpoint(acc, sched, ck); state.global_step, state.epoch, state.batch_in_epoch = st.global_step, st.epoch, st.batch_in_epoch
+        check_resume_settings(ck, settings, output_dir)
+        st = load_checkpoint(acc, sched, ck, allow_rng_loss); state.global_step, state.epoch, state.batch_in_epoch = st.global_step, st.epoch, st.batch_in_epoch
         if acc.is_main_process: print(f"resuming from {ck} (step {state.global_step}, epoch {state.epoch}, batch {state.batch_in_epoch})")
     if acc.is_main_process: save_config(cfg, output_dir / "latentcot_config.json")
     log = MetricsLog(output_dir / "metrics.jsonl", resume_step=state.global_step, enabled=acc.is_main_process)
@@ -189,6 +393,7 @@ def train_loop(model, dataset, collate_fn: Callable, step_fn: Callable, cfg: Lat
         for batch in rng_neutral(it):  # steps that draw (dropout, random masks) then see the same numbers after a resume
             with acc.accumulate(model):
                 res = step_fn(call_model, batch, state)
+                _check_finite(acc, res, batch, state, output_dir)
                 acc.backward(res.loss)
                 if acc.sync_gradients:
                     if inner and acc.num_processes > 1: average_gradients(params)
@@ -213,12 +418,12 @@ def train_loop(model, dataset, collate_fn: Callable, step_fn: Callable, cfg: Lat
                 if on_step is not None: on_step(out)
                 recs, toks, t0 = [], 0, time.perf_counter()
                 if save_every and state.global_step % save_every == 0 and state.global_step < total:
-                    save_checkpoint(acc, state, sched, output_dir)
+                    save_checkpoint(acc, state, sched, output_dir, settings=settings)
                 if state.global_step >= total: break
         else:
             state.epoch += 1; state.batch_in_epoch = 0
     bar.close()
-    save_checkpoint(acc, state, sched, output_dir)
+    save_checkpoint(acc, state, sched, output_dir, settings=settings)
     # with sharded parameters one process alone cannot write the final weights; gather them on every rank here
     state.final_state_dict = gather_full_state_dict(acc, model)
     if trackers: acc.end_training()
