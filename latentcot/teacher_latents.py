@@ -6,22 +6,24 @@ Docs: https://latentcot.github.io/latentcot/teacher_latents.html.md"""
 
 # %% ../nbs/12_teacher_latents.ipynb #0d8dac6f
 from __future__ import annotations
-import hashlib, json, logging, os, re, time
+import hashlib, io, json, logging, os, re, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .config import LatentCoTConfig, load_config
+from .config import LatentCoTConfig, fault_point, load_config
 
 # %% auto #0
-__all__ = ['FORMAT_VERSION', 'MANIFEST_NAME', 'LAYERS', 'FILE_PATTERNS', 'log', 'TeacherLatentError', 'latent_file_name',
-           'parse_latent_file_name', 'sample_index', 'sample_index_map', 'atomic_torch_save', 'atomic_write_json',
-           'load_latent_file', 'latent_ids_of', 'model_fingerprint', 'k_settings', 'image_settings', 'tokenizer_info',
-           'teacher_manifest', 'manifest_id', 'manifest_diff', 'run_expectation', 'open_manifest', 'batch_image_grids',
-           'make_record', 'check_record', 'PrecomputeReport', 'precompute', 'TeacherLatentStore', 'teacher_targets',
-           'has_observations', 'observation_targets', 'check_question_grids', 'batch_to', 'teacher_compute_fn']
+__all__ = ['FORMAT_VERSION', 'MANIFEST_NAME', 'LAYERS', 'FILE_PATTERNS', 'log', 'CHECKSUM_SUFFIX', 'TeacherLatentError',
+           'latent_file_name', 'parse_latent_file_name', 'sample_index', 'sample_index_map', 'checksum_path',
+           'atomic_torch_save', 'atomic_write_json', 'checksum_problem', 'load_latent_file', 'latent_ids_of',
+           'model_fingerprint', 'k_settings', 'image_settings', 'tokenizer_info', 'teacher_manifest', 'manifest_id',
+           'check_manifest_checksum', 'manifest_diff', 'run_expectation', 'open_manifest', 'batch_image_grids',
+           'non_finite', 'make_record', 'check_record', 'PrecomputeReport', 'precompute', 'TeacherLatentStore',
+           'teacher_targets', 'has_observations', 'observation_targets', 'check_question_grids', 'batch_to',
+           'teacher_compute_fn']
 
 # %% ../nbs/12_teacher_latents.ipynb #22f16380
 FORMAT_VERSION = 1
@@ -78,13 +80,23 @@ def sample_index_map(samples, indices=None) -> dict[str, int]:
     return out
 
 # %% ../nbs/12_teacher_latents.ipynb #10422d5e
-def _tmp(path: Path) -> Path: return path.with_name(path.name + ".tmp")
+CHECKSUM_SUFFIX = ".sha256"
 
-def atomic_torch_save(obj, path) -> Path:
-    "`torch.save` to `path.tmp`, flushed to disk, then renamed to `path` (never a half-written `path`)."
+def _tmp(path: Path) -> Path: return path.with_name(path.name + ".tmp")
+def checksum_path(path) -> Path:
+    "The file beside `path` that holds the sha256 of its content."
+    return Path(path).with_name(Path(path).name + CHECKSUM_SUFFIX)
+
+def atomic_torch_save(obj, path, checksum: bool = False) -> Path:
+    """`torch.save` to `path.tmp`, flushed to disk, then renamed to `path` (never a half-written `path`). `checksum`:
+    first write the content's sha256 to `path.sha256`, so that a finished `path` always has its checksum beside it."""
     path = Path(path); tmp = _tmp(path)
+    buf = io.BytesIO(); torch.save(obj, buf); data = buf.getvalue()
     with open(tmp, "wb") as f:
-        torch.save(obj, f); f.flush(); os.fsync(f.fileno())
+        f.write(data); f.flush(); os.fsync(f.fileno())
+    if checksum:     # a checksum without its file (or of an older one) only makes the file count as not done
+        with open(checksum_path(path), "w") as f: f.write(hashlib.sha256(data).hexdigest() + "\n"); f.flush(); os.fsync(f.fileno())
+    fault_point("latent_write")
     os.replace(tmp, path)
     return path
 
@@ -94,11 +106,23 @@ def atomic_write_json(obj, path) -> Path:
     tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n"); os.replace(tmp, path)
     return path
 
-def load_latent_file(path) -> dict:
-    "Load one latent file with `torch.load(weights_only=True)` on CPU; a bad file is a `TeacherLatentError` naming it."
+def checksum_problem(path, data: bytes | None = None) -> str | None:
+    "Why `path` does not match its recorded sha256 (None: it does); `'no checksum'` for files written before checksums."
+    path, c = Path(path), checksum_path(path)
+    if not path.is_file(): return f"{path}: missing"
+    if not c.is_file(): return "no checksum"
+    want = c.read_text().strip()
+    got = hashlib.sha256(path.read_bytes() if data is None else data).hexdigest()
+    return None if got == want else f"{path}: content differs from its checksum {c.name} (damaged or changed after it was written)"
+
+def load_latent_file(path, verify: bool = True) -> dict:
+    """Load one latent file with `torch.load(weights_only=True)` on CPU; a bad file is a `TeacherLatentError` naming it.
+    `verify`: the bytes must match the sha256 beside the file (when there is one)."""
     path = Path(path)
-    try: rec = torch.load(path, map_location="cpu", weights_only=True)
+    try: data = path.read_bytes()
     except FileNotFoundError: raise TeacherLatentError(f"{path}: file not found") from None
+    if verify and (why := checksum_problem(path, data)) not in (None, "no checksum"): raise TeacherLatentError(why)
+    try: rec = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:
         raise TeacherLatentError(f"{path}: cannot load with torch.load(weights_only=True): {type(e).__name__}: {str(e)[:300]}") from None
     if not isinstance(rec, dict): raise TeacherLatentError(f"{path}: expected a dict, found {type(rec).__name__}")
@@ -182,8 +206,15 @@ def teacher_manifest(model, processor, cfg: LatentCoTConfig, layers: str = "last
             "info": dict(info or {})}
 
 def manifest_id(manifest: dict) -> str:
-    "Hash of a manifest's identity (everything but `info`); every file carries the id of its manifest."
-    return _sha({k: v for k, v in manifest.items() if k != "info"})[:16]
+    "Hash of a manifest's identity (everything but `info` and its own `checksum`); every file carries the id of its manifest."
+    return _sha({k: v for k, v in manifest.items() if k not in ("info", "checksum")})[:16]
+
+def check_manifest_checksum(stored: dict, path) -> None:
+    "Raise `TeacherLatentError` when a manifest was edited after precompute wrote it (its `checksum` is its `manifest_id`)."
+    if "checksum" in stored and stored["checksum"] != manifest_id(stored):
+        raise TeacherLatentError(f"{path}: edited after precompute wrote it: its content hashes to {manifest_id(stored)}, it "
+                                 f"recorded {stored['checksum']} (the files were written under that one); restore the "
+                                 "manifest or recompute the teacher latents")
 
 def manifest_diff(stored: dict, expected: dict, prefix: str = "") -> list[str]:
     "What differs between a stored manifest and an expected subset, one `key.path: stored X, expected Y` per leaf."
@@ -211,10 +242,11 @@ def open_manifest(out_dir, manifest: dict) -> dict:
     "Write `manifest` into a fresh `out_dir`, or check it equals the one there (the stored manifest is returned)."
     path = Path(out_dir) / MANIFEST_NAME
     if not path.exists():
-        atomic_write_json(manifest, path); return manifest
+        atomic_write_json({**manifest, "checksum": manifest_id(manifest)}, path); return manifest
     try: stored = json.loads(path.read_text())
     except json.JSONDecodeError as e: raise TeacherLatentError(f"{path}: not valid JSON: {e}") from None
-    diffs = manifest_diff(stored, {k: v for k, v in manifest.items() if k != "info"})
+    check_manifest_checksum(stored, path)
+    diffs = manifest_diff(stored, {k: v for k, v in manifest.items() if k not in ("info", "checksum")})
     if diffs:
         raise TeacherLatentError(f"{path}: this directory holds teacher latents of another run; use another output "
                                  f"directory or delete it. Differences: " + "; ".join(diffs))
@@ -247,6 +279,12 @@ def _obs_shape(manifest: dict, n: int) -> tuple:
     "Shape of the stored observation states of `n` observation tokens: `(n, D)`, or `(n_hidden_states, n, D)` for 'all'."
     D, H = manifest["hidden_size"], manifest["n_hidden_states"]
     return (H, n, D) if manifest["layers"] == "all" else (n, D)
+
+def non_finite(rec: dict) -> str | None:
+    "Which tensors of a record hold NaN or Inf (None: all finite)."
+    bad = [f"{k} hold {int((~torch.isfinite(rec[k])).sum())} non-finite value(s) (NaN/Inf)"
+           for k in ("latents", "hidden_states", "observations") if torch.is_tensor(rec.get(k)) and not bool(torch.isfinite(rec[k]).all())]
+    return "; ".join(bad) or None
 
 def make_record(out: dict, idx: int, sample_id: str, manifest: dict, grids: dict | None = None,
                 batch_budgets=None, image_budget: int | None = None, max_img_tokens: int | None = None,
@@ -281,6 +319,7 @@ def make_record(out: dict, idx: int, sample_id: str, manifest: dict, grids: dict
             raise TeacherLatentError(f"{who}: observations have shape {tuple(obs.shape)}, expected {_obs_shape(manifest, m)} "
                                      f"({m} observation tokens in the batch, layers={manifest['layers']!r})")
         if m: rec.update(observations=obs.detach().to("cpu", torch.bfloat16).clone(), n_observations=m)
+    if bad := non_finite(rec): raise TeacherLatentError(f"{who}: the teacher's {bad}: not written (a diverged or broken teacher model?)")
     return rec
 
 # %% ../nbs/12_teacher_latents.ipynb #2ed401c7
@@ -318,6 +357,7 @@ def check_record(rec: dict, manifest: dict, path, idx: int | None = None, sample
         if not ok:
             rel = "at most" if allow_shorter else "exactly"
             bad(f"teacher segment lengths {b}, but the run lays out {want} (needs {rel} the teacher's per thought image)")
+    if why := non_finite(rec): bad(why)
     return rec
 
 # %% ../nbs/12_teacher_latents.ipynb #3d618b70
@@ -327,12 +367,13 @@ class PrecomputeReport:
     out_dir: Path
     written: list[int] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
+    redone: list[int] = field(default_factory=list)     # finished files that failed their re-check (recomputed)
     dropped: list[str] = field(default_factory=list)
     compute_calls: int = 0
     seconds: float = 0.0
 
     def __str__(self):
-        return (f"{self.out_dir}: wrote {len(self.written)} file(s), {len(self.skipped)} already done, "
+        return (f"{self.out_dir}: wrote {len(self.written)} file(s) ({len(self.redone)} of them damaged before), {len(self.skipped)} already done, "
                 f"{len(self.dropped)} dropped by the collator, {self.compute_calls} compute call(s) in {self.seconds:.1f}s")
 
 def _check_collator(collate_fn, cfg: LatentCoTConfig):
@@ -343,10 +384,21 @@ def _check_collator(collate_fn, cfg: LatentCoTConfig):
         d = manifest_diff({"k": k_settings(ccfg), "image": image_settings(ccfg)}, {"k": k_settings(cfg), "image": image_settings(cfg)})
         if d: raise ValueError("the collator's config differs from the manifest's: " + "; ".join(d))
 
+def _finished_problem(path: Path, manifest: dict, idx: int, sample_id: str) -> str | None:
+    "Why `path` is not a finished, intact file of this sample (None: it is). A file from before checksums is loaded and checked, then gets one."
+    why = checksum_problem(path)
+    if why != "no checksum": return why
+    try: check_record(load_latent_file(path), manifest, path, idx, sample_id)
+    except TeacherLatentError as e: return str(e)
+    data = path.read_bytes()
+    with open(checksum_path(path), "w") as f: f.write(hashlib.sha256(data).hexdigest() + "\n")
+    return None
+
 def precompute(model, processor, samples, collate_fn: Callable, compute_fn: Callable | None, out_dir,
                cfg: LatentCoTConfig | None = None, batch_size: int = 1, layers: str = "last", resume: bool = True,
                progress: bool = True, indices=None) -> PrecomputeReport:
-    "Compute and store the teacher latents of `samples` in `out_dir`, one atomic bf16 file per sample; resumable."
+    """Compute and store the teacher latents of `samples` in `out_dir`, one atomic bf16 file per sample with its sha256
+    beside it; resumable: finished files are re-verified (checksum) and recomputed when damaged."""
     from latentcot.collators import stage_img_tokens
     from latentcot.tokens import SpecialIds
     t0, cfg, out = time.time(), cfg or load_config(), Path(out_dir)
@@ -363,8 +415,12 @@ def precompute(model, processor, samples, collate_fn: Callable, compute_fn: Call
     rep = PrecomputeReport(out)
     todo = []
     for s in samples:
-        done = resume and (out / latent_file_name(idx_of[s.sample_id], layers)).exists()
-        (rep.skipped.append(idx_of[s.sample_id]) if done else todo.append(s))
+        i = idx_of[s.sample_id]
+        why = _finished_problem(out / latent_file_name(i, layers), manifest, i, s.sample_id) if resume else "no resume"
+        if why is None: rep.skipped.append(i); continue
+        if resume and not why.endswith(": missing"):
+            log.warning("%s; recomputing it", why); rep.redone.append(i)
+        todo.append(s)
     from tqdm.auto import tqdm
     bar = tqdm(total=len(todo), desc="teacher latents", disable=not progress, unit="sample")
     was_training = model.training
@@ -385,7 +441,7 @@ def precompute(model, processor, samples, collate_fn: Callable, compute_fn: Call
                 if o.get("segments") is None and batch.get("latent_segments") is not None:
                     o["segments"] = batch["latent_segments"][sids.index(sid)]
                 rec = make_record(o, idx_of[sid], sid, manifest, g, plan, stage_img_tokens(cfg, "precompute"), cfg.max_img_tokens, m)
-                atomic_torch_save(rec, out / latent_file_name(idx_of[sid], layers))
+                atomic_torch_save(rec, out / latent_file_name(idx_of[sid], layers), checksum=True)
                 rep.written.append(idx_of[sid])
             gone = [s.sample_id for s in chunk if s.sample_id not in set(sids)]
             if gone: log.warning("collator dropped %d sample(s) %s: no teacher latents for them", len(gone), gone)
@@ -408,6 +464,7 @@ class TeacherLatentStore:
         except json.JSONDecodeError as e: raise TeacherLatentError(f"{path}: not valid JSON: {e}") from None
         if self.manifest.get("kind") != "latentcot.teacher_latents" or self.manifest.get("format") != FORMAT_VERSION:
             raise TeacherLatentError(f"{path}: not a format-{FORMAT_VERSION} latentcot teacher-latent manifest")
+        check_manifest_checksum(self.manifest, path)
         diffs = manifest_diff(self.manifest, expect or {})
         if diffs: raise TeacherLatentError(f"{path}: teacher latents do not match this run: " + "; ".join(diffs))
         self.layers = self.manifest["layers"]
@@ -419,6 +476,27 @@ class TeacherLatentStore:
     def indices(self) -> list[int]:
         "File indices with a finished file, sorted."
         return sorted(p[0] for f in os.listdir(self.root) if (p := parse_latent_file_name(f)) and p[1] == self.layers)
+
+    def verify(self, indices=None, sample_ids: dict | None = None, limit: int = 20) -> int:
+        """Check up front that the files of `indices` (default: all) exist and match their sha256 (a file written before
+        checksums is loaded and checked instead); raise one `TeacherLatentError` naming every bad file. Returns the count."""
+        idxs = self.indices() if indices is None else sorted({int(i) for i in indices})
+        sid = {v: k for k, v in (sample_ids or {}).items()}
+        bad, old = [], 0
+        for i in idxs:
+            p = self.path(i)
+            why = checksum_problem(p)
+            if why == "no checksum":
+                old += 1
+                try: check_record(load_latent_file(p), self.manifest, p, i, sid.get(i)); why = None
+                except TeacherLatentError as e: why = str(e)
+            if why is not None: bad.append(why + (f" (sample {sid[i]!r})" if i in sid else ""))
+        if old: log.warning("%s: %d file(s) carry no checksum (written by an older latentcot): loaded and checked instead", self.root, old)
+        if bad:
+            more = f"; ... and {len(bad) - limit} more" if len(bad) > limit else ""
+            raise TeacherLatentError(f"{self.root}: {len(bad)} of {len(idxs)} teacher-latent file(s) are missing or damaged: "
+                                     + "; ".join(bad[:limit]) + more + "; rerun precompute on this directory to recompute them")
+        return len(idxs)
 
     def __len__(self): return len(self.indices())
     def __contains__(self, idx): return self.path(idx).is_file()
