@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse, sys
 from pathlib import Path
 
-from .config import LatentCoTConfig, add_config_args, config_from_args
+from .config import LatentCoTConfig, add_config_args, config_from_args, positive_int
 
 # %% auto #0
 __all__ = ['build_parser', 'run', 'main']
@@ -25,9 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--output_dir", required=True, help="the teacher_latent_dir of stages 2 and 3")
     ap.add_argument("--layers", choices=["last", "all"], default="last",
                     help="'all' also stores every layer's hidden states at the latent pads (alignment_layer other than 'last')")
-    ap.add_argument("--batch_size", type=int, default=None, help="samples per teacher rollout (default: --bsz)")
+    ap.add_argument("--batch_size", type=positive_int, default=None, help="samples per teacher rollout (default: --bsz)")
     ap.add_argument("--no_resume", action="store_true", help="recompute files that already exist")
-    ap.add_argument("--limit", type=int, default=None, help="use only the first N samples")
+    ap.add_argument("--limit", type=positive_int, default=None, help="use only the first N samples (N >= 1)")
     ap.add_argument("--lenient", action="store_true", help="skip bad samples (counted and reported) instead of stopping")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="model dtype (files are bf16 anyway)")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace, cfg: LatentCoTConfig | None = None):
     data = Path(args.data) if args.data else default_data_dir() / "visual" / "train.jsonl"
     samples, report = load_samples(data, strict=not args.lenient)
     if report.errors: print(report, file=sys.stderr)
-    samples = samples[: args.limit] if args.limit else samples
+    samples = samples[: args.limit] if args.limit is not None else samples
     collate = LatentCollator(processor, "precompute", cfg, rope_index=model, strict=not args.lenient)
     rep = precompute(model, processor, samples, collate, None, args.output_dir, cfg, batch_size=args.batch_size or cfg.bsz,
                      layers=args.layers, resume=not args.no_resume, progress=not args.quiet)

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import torch
 
-from .config import LatentCoTConfig, add_config_args, config_from_args, save_config
+from .config import LatentCoTConfig, add_config_args, config_from_args, positive_int, save_config
 from .trainer import StepResult, train_loop
 
 # %% auto #0
 __all__ = ['MODEL_KEYS', 'STEP_FNS', 'LORA_TARGETS', 'model_inputs', 'stage1_step', 'latent_stats', 'make_latent_step',
-           'prepare_latent_model', 'make_step_fn', 'apply_lora', 'save_final', 'build_parser', 'run', 'main']
+           'prepare_latent_model', 'make_step_fn', 'apply_lora', 'save_final', 'build_parser', 'run_info', 'run',
+           'main']
 
 # %% ../nbs/14_train.ipynb #e7b2cce3
 MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "position_ids", "mm_token_type_ids")
@@ -71,10 +72,15 @@ def make_latent_step(cfg: LatentCoTConfig, ids=None, teacher_latent_dir=None, sa
     align = "alignment" in cfg.loss_terms
     if align and not teacher_latent_dir:
         raise ValueError("loss_type includes alignment: pass --teacher_latent_dir (from python -m latentcot.precompute_teacher_latents)")
-    store = TeacherLatentStore(teacher_latent_dir, expect=run_expectation(cfg, processor)) if teacher_latent_dir else None
-    index_of = sample_index_map(samples) if store is not None else None
     layers = cfg.alignment_layer.strip()
     key = "latents" if layers == "last" else "hidden_states"
+    expect = run_expectation(cfg, processor)
+    if model is not None:   # the student's width (and, aligning hidden states, its depth) must be the teacher's
+        w = run_expectation(model=model)
+        expect.update(hidden_size=w["hidden_size"], **({"n_hidden_states": w["n_hidden_states"]} if key == "hidden_states" else {}))
+    store = TeacherLatentStore(teacher_latent_dir, expect=expect) if teacher_latent_dir else None
+    index_of = sample_index_map(samples) if store is not None else None
+    if store is not None: store.verify(index_of.values(), sample_ids=index_of)   # up front: every file this run draws
     if store is not None and key == "hidden_states" and store.layers != "all":
         raise ValueError(f"alignment_layer={layers!r} needs teacher hidden states: precompute with --layers all")
 
@@ -171,24 +177,32 @@ def build_parser() -> argparse.ArgumentParser:
                          "multiturn: editing triplets (default: data_samples/edit/train.jsonl)")
     ap.add_argument("--output_dir", required=True)
     ap.add_argument("--teacher_latent_dir", default=None)
-    ap.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps (default: epochs)")
+    ap.add_argument("--max_steps", type=positive_int, default=None, help="stop after this many optimizer steps (default: epochs)")
     ap.add_argument("--save_every", type=int, default=0, help="checkpoint every N optimizer steps (0: only at the end)")
     ap.add_argument("--no_resume", action="store_true", help="ignore checkpoints in output_dir")
+    ap.add_argument("--allow_rng_loss", action="store_true",
+                    help="resume even when the checkpoint's RNG-state file does not load (logged; the run then differs from an uninterrupted one)")
     ap.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "none"])
     ap.add_argument("--lenient", action="store_true", help="skip bad samples (counted and reported) instead of stopping")
-    ap.add_argument("--limit", type=int, default=None, help="use only the first N samples")
+    ap.add_argument("--limit", type=positive_int, default=None, help="use only the first N samples (N >= 1)")
     ap.add_argument("--lora", action="store_true"); ap.add_argument("--lora_r", type=int, default=16)
     ap.add_argument("--attn_implementation", default="sdpa", choices=["sdpa", "eager"])
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     return add_config_args(ap)
 
+def run_info(args: argparse.Namespace) -> dict:
+    "What a resume must keep besides the config (recorded with every checkpoint): stage, model, data, limit, teacher, LoRA."
+    return {k: getattr(args, k, None) for k in ("stage", "model_name_or_path", "data", "limit", "teacher_latent_dir", "lora", "lora_r", "lenient")}
+
 def run(args: argparse.Namespace, cfg: LatentCoTConfig | None = None):
-    "Train the stage `args` describe; returns the final checkpoint folder."
+    """Train the stage `args` describe; returns the final checkpoint folder. A resume with other settings, a damaged
+    checkpoint or teacher file, and a non-finite loss stop the run with an error, before `final/` is written."""
     from latentcot.tiny import tiny_kit_path
     from latentcot.tokens import load_latent_model
     from latentcot.data import load_samples, SampleDataset
     from latentcot.collators import LatentCollator
     from latentcot.demo import default_data_dir
+    if getattr(args, "limit", None) is not None and args.limit < 1: raise ValueError(f"--limit must be >= 1, got {args.limit}")
     cfg = cfg or config_from_args(args)
     from accelerate import PartialState
     from accelerate.utils import DistributedType
@@ -201,13 +215,13 @@ def run(args: argparse.Namespace, cfg: LatentCoTConfig | None = None):
     if args.stage == "multiturn":
         from latentcot.multiturn import load_multiturn_samples, MultiTurnCollator
         samples = load_multiturn_samples(Path(args.data) if args.data else default_data_dir() / "edit" / "train.jsonl")
-        samples = samples[: args.limit] if args.limit else samples
+        samples = samples[: args.limit] if args.limit is not None else samples
         collate = MultiTurnCollator(processor, cfg, rope_index=model)
     else:
         data = Path(args.data) if args.data else default_data_dir() / "visual" / "train.jsonl"
         samples, report = load_samples(data, strict=not args.lenient)
         if report.errors: print(report)
-        samples = samples[: args.limit] if args.limit else samples
+        samples = samples[: args.limit] if args.limit is not None else samples
         collate = LatentCollator(processor, stage=args.stage, cfg=cfg, rope_index=model, strict=not args.lenient)
     if args.stage != "stage1": model = prepare_latent_model(model, cfg, path if Path(str(path)).is_dir() else None)
     step = make_step_fn(args.stage, cfg, ids=ids, teacher_latent_dir=args.teacher_latent_dir, samples=samples,
@@ -216,7 +230,8 @@ def run(args: argparse.Namespace, cfg: LatentCoTConfig | None = None):
     trackers = () if args.report_to == "none" else (args.report_to,)
     model, state = train_loop(model, SampleDataset(samples), collate, step, cfg, args.output_dir, max_steps=args.max_steps,
                               save_every=args.save_every, resume=not args.no_resume, trackers=trackers,
-                              run_name=args.stage, progress=not args.quiet)
+                              run_name=args.stage, progress=not args.quiet, allow_rng_loss=getattr(args, "allow_rng_loss", False),
+                              run_info=run_info(args))
     final = Path(args.output_dir) / "final"
     if PartialState().is_main_process: save_final(model, processor, cfg, final, state_dict=state.final_state_dict)
     PartialState().wait_for_everyone()
