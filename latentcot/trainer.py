@@ -141,21 +141,21 @@ def checkpoint_problems(p, content: bool = False, allow_rng_loss: bool = False) 
         if content and meta.get("sha256") and _sha256_file(f) != meta["sha256"]: out.append(f"{f}: content differs from when it was written (sha256)")
     return out
 
-def _checkpoints(root, warn: bool = False) -> list[Path]:
+def _checkpoints(root, warn: bool = False, allow_rng_loss: bool = False) -> list[Path]:
     "The complete checkpoints under `root`, oldest first (see `checkpoint_problems`); `warn`: say which ones are skipped."
     root = Path(root)
     # a `step_NNNNNNN.tmp` staging dir, or a `.trash` one being deleted, is never one
     dirs = sorted((p for p in root.glob("step_*") if _step_of(p) is not None), key=_step_of) if root.exists() else []
     out = []
     for p in dirs:
-        probs = checkpoint_problems(p)
+        probs = checkpoint_problems(p, allow_rng_loss=allow_rng_loss)
         if not probs: out.append(p)
         elif warn and _read_state(p) is not None: warnings.warn(f"{p}: incomplete checkpoint skipped: " + "; ".join(probs))
     return out
 
-def latest_checkpoint(output_dir, warn: bool = False) -> Path | None:
+def latest_checkpoint(output_dir, warn: bool = False, allow_rng_loss: bool = False) -> Path | None:
     "The newest complete checkpoint under `output_dir/checkpoints` (falls back past incomplete or half-deleted ones)."
-    done = _checkpoints(Path(output_dir) / "checkpoints", warn)
+    done = _checkpoints(Path(output_dir) / "checkpoints", warn, allow_rng_loss)
     return done[-1] if done else None
 
 def _trash(p: Path) -> Path:
@@ -370,7 +370,7 @@ def train_loop(model, dataset, collate_fn: Callable, step_fn: Callable, cfg: Lat
     if acc.is_main_process:
         for what in clean_checkpoints(output_dir): print(f"checkpoints: {what} (left by an interrupted run)")
     acc.wait_for_everyone()
-    ck = latest_checkpoint(output_dir, warn=acc.is_main_process) if resume else None
+    ck = latest_checkpoint(output_dir, warn=acc.is_main_process, allow_rng_loss=allow_rng_loss) if resume else None
     if resume and ck is None and (bad := [p for p in (output_dir / "checkpoints").glob("step_*") if _step_of(p) is not None]):
         raise CheckpointError(f"{output_dir / 'checkpoints'}: no intact checkpoint to resume from, damaged: "
                               + "; ".join(q for p in bad for q in checkpoint_problems(p)) + "; start over with --no_resume")
