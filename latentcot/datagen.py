@@ -338,11 +338,11 @@ prompt and img0's pixels (use `load_edit_records(path)` for absolute paths).
 Written by `latentcot.textdata.write_text_sets` (diffusion-LM track) when that module is present; see its notebook.
 """
 
-def generate_all(out_dir, seed: int = 0, n_train: int = 160, n_heldout: int = 40,
+def generate_all(out_dir, seed: int = 0, n_train: int = 160, n_heldout: int = 200,
                  n_edit_train: int | None = None, n_edit_heldout: int | None = None, text: bool = True) -> dict:
     "Write the visual, chat and edit sets (and `text/` via `latentcot.textdata` when `text`) into `out_dir`."
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
-    n_et, n_eh = n_edit_train if n_edit_train is not None else n_train, n_edit_heldout if n_edit_heldout is not None else n_heldout
+    n_et, n_eh = n_edit_train if n_edit_train is not None else n_train, n_edit_heldout if n_edit_heldout is not None else min(n_heldout, 40)   # the editing split keeps 40
     stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
     try:
         vis_seen, edit_seen, counts = set(), set(), {}
@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="data_samples", help="output directory (default: data_samples)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-train", type=int, default=160)
-    ap.add_argument("--n-heldout", type=int, default=40)
+    ap.add_argument("--n-heldout", type=int, default=200, help="visual/chat held-out samples (200: the main job reports 95%% intervals on them)")
     ap.add_argument("--no-text", action="store_true", help="do not call latentcot.textdata")
     a = ap.parse_args(argv)
     counts = generate_all(a.out, a.seed, a.n_train, a.n_heldout, text=not a.no_text)

@@ -199,8 +199,10 @@ class RoutedOutput:
 # %% ../nbs/09_halting.ipynb #038ef454
 @torch.no_grad()
 def routed_generate(model, batch, budget=8, max_new_tokens: int = 32, stop_threshold: float | None = None,
-                    eos_token_id=None) -> RoutedOutput:
+                    eos_token_id=None, text_hidden=None) -> RoutedOutput:
     "Greedy decoding in which each sample that emits `<abs_vis_token>` alone thinks in latents, then gets `</abs_vis_token>`."
+    # text_hidden: bool [B, L] prompt columns that generated text may not see (e.g. question images under
+    # mask_question_image); latent steps and the opening tag still see them, as in the training mask
     tc = model.config.get_text_config()
     pad_id, start_id, end_id = tc.latent_token_id, tc.latent_start_id, tc.latent_end_id
     head = getattr(model, "latent_stop_head", None)
@@ -243,7 +245,11 @@ def routed_generate(model, batch, budget=8, max_new_tokens: int = 32, stop_thres
         p = torch.tensor(next_pos, device=dev)
         next_pos = [n + f for n, f in zip(next_pos, fed)]
         keys = torch.cat([keys, torch.tensor(fed, device=dev)[:, None]], 1)
-        m = keys.clone(); m[:, -1] = True                                     # a finished row still sees itself
+        m = keys.clone()
+        if text_hidden is not None:                                           # text queries: not a latent step, not the tag
+            text_q = torch.tensor([not (b in stepping or toks[b] == start_id) for b in range(B)], device=dev)
+            m[:, :L] &= ~(text_hidden.to(dev) & text_q[:, None])
+        m[:, -1] = True                                                       # a finished row still sees itself
         out = lm(inputs_embeds=x[:, None], position_ids=p[None, :, None].expand(3, B, 1), past_key_values=cache,
                  use_cache=True, attention_mask=for_backend(model, m[:, None, None, :], emb.dtype, impl))
         n_calls += 1

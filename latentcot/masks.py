@@ -246,8 +246,8 @@ def build_4d_mask(roles, attention_mask, groups=None, **flags):
         p = last_ti[b, i]
         windows.append((b, i, first[b, p], p, b * L + p))       # the latent's own thought image
     prev = _prev_real(valid)
-    opener = (roles == Role.LATENT_TAG) & (_gather(roles, prev) == Role.THOUGHT_IMAGE)
-    b, i = opener.nonzero(as_tuple=True)
+    opener = (roles == Role.LATENT_TAG) & (_gather(roles, _next_real(valid)) == Role.LATENT)    # opens a segment
+    b, i = (opener & (_gather(roles, prev) == Role.THOUGHT_IMAGE)).nonzero(as_tuple=True)
     p = prev[b, i]
     windows.append((b, i, first[b, p], p, b * L + p))           # the opening tag sees the image right before it
     flat_roles, flat_groups, flat_m = roles.view(-1), groups.view(-1), m.view(-1)
@@ -257,7 +257,10 @@ def build_4d_mask(roles, attention_mask, groups=None, **flags):
         keep = (flat_roles[key] == flat_roles[r]) & (flat_groups[key] == flat_groups[r])
         cell = (bb * L + ii) * L + jj
         flat_m[cell] = flat_m[cell] | keep
-    if mask_flags(**flags)["mask_latent"]: m &= ~(opener[:, None, :] & (roles != Role.LATENT)[:, :, None])
+    f = mask_flags(**flags)
+    if f["mask_question_image"]:                                # the opening tag sees question images as its pads do
+        m |= opener[:, :, None] & (roles == Role.QUESTION_IMAGE)[:, None, :] & torch.ones(L, L, dtype=torch.bool, device=dev).tril()
+    if f["mask_latent"]: m &= ~(opener[:, None, :] & (roles != Role.LATENT)[:, :, None])
     m.diagonal(dim1=1, dim2=2).fill_(True)
     return m[:, None]
 
@@ -332,21 +335,25 @@ def may_attend(i, j, R, G, own, V, f) -> bool:
         elif rk == Role.LATENT: ok = same
         else: ok = False
     elif rk == Role.THOUGHT_IMAGE:
-        ok = f["not_mask_image"] or (rq == Role.THOUGHT_IMAGE and same) or (rq == Role.LATENT_TAG and _opens(i, R, G, V) == G[j])
+        ok = f["not_mask_image"] or (rq == Role.THOUGHT_IMAGE and same) or (_opener(i, R, V) and _image_before(i, R, G, V) == G[j])
     else: ok = True
-    if f["mask_question_image"] and rk == Role.QUESTION_IMAGE and rq != Role.LATENT:
+    if f["mask_question_image"] and rk == Role.QUESTION_IMAGE and rq != Role.LATENT and not _opener(i, R, V):
         ok = ok and rq == Role.QUESTION_IMAGE and same
     if f["observation_tokens_cannot_see_question_image"] and rq == Role.OBSERVATION and rk == Role.QUESTION_IMAGE:
         ok = False
     if f["observation_tokens_only_see_question_and_latent"] and rq == Role.OBSERVATION:
         ok = ok and (rk in (Role.TEXT, Role.LATENT) or (rk == Role.OBSERVATION and same))
-    if f["mask_latent"] and rq != Role.LATENT and (rk == Role.LATENT or (rk == Role.LATENT_TAG and _opens(j, R, G, V) is not None)):
-        ok = False
+    if f["mask_latent"] and rq != Role.LATENT and (rk == Role.LATENT or _opener(j, R, V)): ok = False
     return ok
 
-def _opens(i, R, G, V):
-    "The group of the thought image right before tag `i` (an opening tag follows its image), else `None`."
-    before = [k for k in range(i) if V[k]][-1:]               # the previous real token
+def _opener(i, R, V) -> bool:
+    "Is token `i` a segment's opening tag (a latent tag whose next real token is a latent pad)?"
+    after = [k for k in range(i + 1, len(R)) if V[k]][:1]
+    return R[i] == Role.LATENT_TAG and bool(after) and R[after[0]] == Role.LATENT
+
+def _image_before(i, R, G, V):
+    "The group of the thought image right before token `i`, else `None`."
+    before = [k for k in range(i) if V[k]][-1:]
     return G[before[0]] if before and R[before[0]] == Role.THOUGHT_IMAGE else None
 
 def build_4d_mask_reference(roles, attention_mask, groups=None, **flags):

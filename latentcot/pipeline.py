@@ -17,10 +17,14 @@ from .report import format_table, plot_latent_cosine, plot_losses, plot_stop_pro
 from .trainer import read_metrics
 
 CONDITIONS = ("student", "teacher", "none", "zeroed", "shuffled")
+MAIN_STEPS = (60, 30, 60, 40)      # stage 1, stage 2, stage 3 mode A, stage 3 mode C
+MAIN_OVERRIDES = {}                # config settings of the main job (every stage and the evaluation)
 
 # %% auto #0
-__all__ = ['CONDITIONS', 'answer_positions', 'exact_match', 'evaluate', 'majority_accuracy', 'stage_flags', 'run_pipeline',
-           'verdict', 'write_report', 'run_main']
+__all__ = ['CONDITIONS', 'MAIN_STEPS', 'MAIN_OVERRIDES', 'CONTROLS', 'answer_positions', 'exact_match', 'slot_index', 'evaluate',
+           'majority_accuracy', 'bootstrap_ci', 'paired_diff_ci', 'latent_geometry', 'prompt_batch', 'free_generation',
+           'stage_flags', 'split_files', 'run_pipeline', 'verdict', 'channel_sentence', 'goal_rows', 'write_report',
+           'format_diagnosis', 'run_main']
 
 # %% ../nbs/15_pipeline.ipynb #32f8605a
 def answer_positions(batch, ids) -> torch.Tensor:
@@ -42,9 +46,16 @@ def _swap_latents(rollout, latents):
     import dataclasses
     return dataclasses.replace(rollout, latents=latents)
 
+def slot_index(rollout) -> torch.Tensor:
+    "Index within its segment of every active latent, in the row order of `rollout.latents`."
+    idx = torch.full(rollout.latent_mask.shape, -1, dtype=torch.long)
+    for b, segs in enumerate(rollout.segments):
+        for s, e, _ in segs: idx[b, s:e] = torch.arange(e - s)
+    return idx[rollout.latent_mask.cpu()]
+
 def evaluate(model, processor, ids, samples, cfg: LatentCoTConfig, teacher_dir=None, bsz: int = 8, seed: int = 0,
              conditions=CONDITIONS) -> dict:
-    "Held-out answer accuracy per latent condition, mean used_len and budget (student layout, greedy exact match)."
+    "Held-out greedy exact match per latent condition (per-sample `hits`), latent usage and the latents themselves."
     from latentcot.collators import LatentCollator
     from latentcot.latent_forward import latent_rollout, teacher_forced_forward
     from latentcot.halting import enable_latent_gating
@@ -56,8 +67,8 @@ def evaluate(model, processor, ids, samples, cfg: LatentCoTConfig, teacher_dir=N
     head = getattr(model, "latent_stop_head", None) if cfg.latent_mode_stage == "C" else None
     thr = cfg.latent_stop_threshold if head is not None else None
     g = torch.Generator().manual_seed(seed)
-    hits = {c: 0 for c in conditions if c != "teacher" or store is not None}
-    used, budget, n = [], [], 0
+    hits = {c: [] for c in conditions if c != "teacher" or store is not None}
+    used, budget, lat, tlat, slot = [], [], [], [], []
     model.eval()
     with torch.no_grad():
         for i in range(0, len(samples), bsz):
@@ -65,23 +76,28 @@ def evaluate(model, processor, ids, samples, cfg: LatentCoTConfig, teacher_dir=N
             r = latent_rollout(model, batch, stop_head=head, stop_threshold=thr)
             used += [u for row in r.used_lens for u in row]
             budget += [e - s for segs in r.segments for s, e, _ in segs]
+            lat.append(r.latents.float().cpu()); slot.append(slot_index(r))
+            if store is not None:
+                ent = store.for_batch(batch, index_of, ids)
+                t = teacher_targets(ent, [[e - s for s, e, _ in segs] for segs in r.segments])
+                keep = r.latent_mask[(batch["input_ids"] == ids.latent_pad)]   # active rows among all pads, row-major
+                tlat.append(t[keep.cpu()].float())
             for c in hits:
                 rc = r
                 if c == "zeroed": rc = _swap_latents(r, torch.zeros_like(r.latents))
                 elif c == "shuffled": rc = _swap_latents(r, r.latents[torch.randperm(r.latents.shape[0], generator=g)])
                 elif c == "none":
                     import dataclasses
-                    rc = dataclasses.replace(r, latent_kv_mask=r.latent_kv_mask & ~(batch["input_ids"] == ids.latent_pad))
-                elif c == "teacher":
-                    ent = store.for_batch(batch, index_of, ids)
-                    t = teacher_targets(ent, [[e - s for s, e, _ in segs] for segs in r.segments])
-                    keep = r.latent_mask[(batch["input_ids"] == ids.latent_pad)]   # active rows among all pads, row-major
-                    rc = _swap_latents(r, t[keep.cpu()].to(r.latents))
+                    segment = (batch["input_ids"] == ids.latent_pad) | (batch["input_ids"] == ids.latent_start)
+                    rc = dataclasses.replace(r, latent_kv_mask=r.latent_kv_mask & ~segment)   # pads and opening tags
+                elif c == "teacher": rc = _swap_latents(r, tlat[-1].to(r.latents))
                 out = teacher_forced_forward(model, batch, rc, null_scale=cfg.latent_null_scale)
-                hits[c] += int(exact_match(out.logits, batch, ids).sum())
-            n += len(batch["sample_ids"])
-    res = {f"acc_{c}": h / n for c, h in hits.items()}
-    res.update(n_heldout=n, used_len_mean=sum(used) / max(1, len(used)), budget_mean=sum(budget) / max(1, len(budget)))
+                hits[c] += [int(h) for h in exact_match(out.logits, batch, ids)]
+    n = len(samples)
+    res = {f"acc_{c}": sum(h) / n for c, h in hits.items()}
+    res.update(n_heldout=n, used_len_mean=sum(used) / max(1, len(used)), budget_mean=sum(budget) / max(1, len(budget)),
+               used_over_budget=sum(used) / max(1, sum(budget)), budgets=dict(sorted(Counter(budget).items())),
+               hits=hits, latents=torch.cat(lat), slots=torch.cat(slot), teacher_latents=torch.cat(tlat) if tlat else None)
     return res
 
 def majority_accuracy(train_samples, heldout_samples) -> float:
@@ -89,18 +105,115 @@ def majority_accuracy(train_samples, heldout_samples) -> float:
     top = Counter(s.final_answer for s in train_samples).most_common(1)[0][0]
     return sum(s.final_answer == top for s in heldout_samples) / len(heldout_samples)
 
+
+# %% ../nbs/15_pipeline.ipynb #7df4c0fa
+def bootstrap_ci(values, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    "Mean of per-sample `values` and its percentile bootstrap interval: `(mean, low, high)`."
+    x = torch.as_tensor(values, dtype=torch.float64).flatten()
+    if x.numel() == 0: raise ValueError("bootstrap_ci: no values")
+    idx = torch.randint(len(x), (n_boot, len(x)), generator=torch.Generator().manual_seed(seed))
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    lo, hi = torch.quantile(x[idx].mean(1), q).tolist()
+    return float(x.mean()), lo, hi
+
+def paired_diff_ci(a, b, **kw) -> tuple[float, float, float]:
+    "Mean of `a - b` over the same samples and its bootstrap interval (samples resampled in pairs)."
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    if a.shape != b.shape: raise ValueError(f"paired_diff_ci: {tuple(a.shape)} vs {tuple(b.shape)} values")
+    return bootstrap_ci(a - b, **kw)
+
+
+# %% ../nbs/15_pipeline.ipynb #4f84ef7f
+def _mean_pairwise_cos(x: torch.Tensor) -> float | None:
+    "Mean cosine over distinct pairs of rows of `x` (`None` with fewer than two rows)."
+    if len(x) < 2: return None
+    u = torch.nn.functional.normalize(x.double(), dim=-1)
+    g = u @ u.T
+    return float((g.sum() - g.diagonal().sum()) / (len(x) * (len(x) - 1)))
+
+def latent_geometry(latents: torch.Tensor, slots: torch.Tensor, teacher: torch.Tensor | None = None) -> dict:
+    "Diversity of the latents across samples (mean pairwise cosine, overall and per slot) and cosine to the teacher per slot."
+    K = int(slots.max()) + 1 if len(slots) else 0
+    out = {"pairwise_cos": _mean_pairwise_cos(latents),
+           "pairwise_cos_per_slot": [_mean_pairwise_cos(latents[slots == k]) for k in range(K)]}
+    if teacher is not None:
+        cos = torch.nn.functional.cosine_similarity(latents.double(), teacher.double(), dim=-1)
+        out.update(teacher_pairwise_cos=_mean_pairwise_cos(teacher),
+                   cos_to_teacher_per_slot=[float(cos[slots == k].mean()) for k in range(K)],
+                   n_per_slot=[int((slots == k).sum()) for k in range(K)])
+    return out
+
+
+# %% ../nbs/15_pipeline.ipynb #d38a344f
+def prompt_batch(model, processor, samples, cfg: LatentCoTConfig) -> dict:
+    "Left-padded prompts (the turns before the assistant's, then its header), question images sized as in training."
+    from PIL import Image
+    from latentcot.collators import question_image_sizes
+    texts, images = [], []
+    for s in samples:
+        msgs = [m for m in s.messages if m["role"] != "assistant"]
+        texts.append(processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+        ims = [Image.open(p).convert("RGB") for p in s.question_images]
+        sizes = question_image_sizes([(im.height, im.width) for im in ims], cfg, processor.image_processor)
+        images += [im.resize((w, h), Image.BICUBIC) if (im.height, im.width) != (h, w) else im for im, (h, w) in zip(ims, sizes)]
+    batch = dict(processor(text=texts, images=images or None, return_tensors="pt", padding=True, padding_side="left"))
+    from latentcot.latent_forward import rope_position_ids
+    from latentcot.masks import MASK_FLAG_DEFAULTS, attention_mask_4d
+    batch["position_ids"] = rope_position_ids(model, batch)
+    if cfg.mask_flags != MASK_FLAG_DEFAULTS:         # the prompt under the training rules (e.g. mask_question_image)
+        from latentcot.tokens import SpecialIds
+        batch["attention_mask_4d"] = attention_mask_4d(batch["input_ids"], batch["attention_mask"],
+                                                       SpecialIds.from_tokenizer(processor.tokenizer), **cfg.mask_flags)
+    return batch
+
+def free_generation(model, processor, ids, samples, cfg: LatentCoTConfig, bsz: int = 8, max_new_tokens: int = 96) -> dict:
+    "The routed path as a user runs it: the model decides `<abs_vis_token>`, thinks (halts in mode C), answers; scored after `####`."
+    from latentcot.collators import LatentCollator
+    from latentcot.datagen import score_answer
+    from latentcot.halting import routed_generate
+    head = getattr(model, "latent_stop_head", None) if cfg.latent_mode_stage == "C" else None
+    thr = cfg.latent_stop_threshold if head is not None else None
+    plan = LatentCollator(processor, stage="stage3", cfg=cfg)         # the budgets the teacher-forced evaluation uses
+    from latentcot.masks import Role, token_layout
+    hits, entered, texts = [], [], []
+    model.eval()
+    for i in range(0, len(samples), bsz):
+        chunk = samples[i:i + bsz]
+        budgets = [max(plan.prepare(s).lengths or [1]) for s in chunk]
+        batch = prompt_batch(model, processor, chunk, cfg)
+        hidden = None
+        if cfg.mask_question_image:                      # generated text may not see the question images either
+            hidden = token_layout(batch["input_ids"], batch["attention_mask"], ids).roles == Role.QUESTION_IMAGE
+        out = routed_generate(model, batch, budget=budgets, max_new_tokens=max_new_tokens, stop_threshold=thr,
+                              eos_token_id=ids.im_end, text_hidden=hidden)
+        for s, seq, u in zip(chunk, out.sequences, out.used_lens):
+            text = processor.tokenizer.decode([t for t in seq if t != ids.latent_pad])
+            texts.append(text); hits.append(int(score_answer(text, s))); entered.append(len(u))
+    n = len(samples)
+    return {"acc_free": sum(hits) / n, "hits": hits, "segments_entered_mean": sum(entered) / n,
+            "segments_expected_mean": sum(len(s.thought_images) for s in samples) / n, "examples": texts[:3]}
+
+
 # %% ../nbs/15_pipeline.ipynb #06cdac63
 def stage_flags(common: list[str], **kw) -> list[str]:
-    "CLI flags from keyword arguments (`None` values are left out)."
+    "CLI flags from keyword arguments (`None` values are left out; booleans as `--name` / `--no-name`)."
     out = list(common)
     for k, v in kw.items():
-        if v is not None: out += [f"--{k}", str(v)]
+        if v is None: continue
+        out += [f"--{k}" if v else f"--no-{k}"] if isinstance(v, bool) else [f"--{k}", str(v)]
     return out
+
+def split_files(data: Path) -> tuple[str, str]:
+    "`train` and `heldout` files of a data folder: seed 001 JSONL or seed 000 chat JSON."
+    for ext in (".jsonl", ".json"):
+        tr, ho = data / f"train{ext}", data / f"heldout{ext}"
+        if tr.is_file() and ho.is_file(): return str(tr), str(ho)
+    raise FileNotFoundError(f"{data}: needs train.jsonl + heldout.jsonl (seed 001) or train.json + heldout.json (seed 000)")
 
 def run_pipeline(out_dir, data_dir=None, model_name_or_path=None, steps=(60, 30, 60, 40), bsz: int = 8,
                  learning_rate: float = 3e-3, latent_budget_alpha: float = 0.5, limit: int | None = None,
-                 quiet: bool = False) -> dict:
-    "Stage 1 -> teacher precompute -> stage 2 -> stage 3 (A) -> stage 3 (C) -> evaluation -> report folder."
+                 quiet: bool = False, overrides: dict | None = None, diagnose: bool = True, free: bool = True) -> dict:
+    "Stage 1 -> teacher precompute -> stage 2 -> stage 3 (A) -> stage 3 (C) -> evaluation -> diagnosis -> report folder."
     from latentcot import train, precompute_teacher_latents as ptl
     from latentcot.data import load_samples
     from latentcot.demo import default_data_dir
@@ -108,11 +221,12 @@ def run_pipeline(out_dir, data_dir=None, model_name_or_path=None, steps=(60, 30,
     from latentcot.train import prepare_latent_model
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     data = Path(data_dir) if data_dir else default_data_dir() / "visual"
-    tr, ho = str(data / "train.jsonl"), str(data / "heldout.jsonl")
-    base = model_name_or_path
+    tr, ho = split_files(data)
+    base, over = model_name_or_path, dict(overrides or {})
     n1, n2, n3a, n3c = steps
-    common = ["--latent_budget_alpha", str(latent_budget_alpha), "--bsz", str(bsz), "--grad_accum_steps", "1",
-              "--learning_rate", str(learning_rate), "--report_to", "tensorboard"] + (["--quiet"] if quiet else [])
+    common = stage_flags(["--bsz", str(bsz), "--grad_accum_steps", "1", "--learning_rate", str(learning_rate),
+                          "--report_to", "tensorboard"] + (["--quiet"] if quiet else []),
+                         latent_budget_alpha=latent_budget_alpha, **over)
     lim = ["--limit", str(limit)] if limit else []
     t0, times = time.perf_counter(), {}
     def timed(name, fn):
@@ -121,7 +235,7 @@ def run_pipeline(out_dir, data_dir=None, model_name_or_path=None, steps=(60, 30,
         return r
     s1 = timed("stage1", lambda: train.run(train.build_parser().parse_args(stage_flags(
         common + lim, stage="stage1", model_name_or_path=base, train_jsonl=tr, output_dir=out / "stage1", max_steps=n1))))
-    pc = ["--latent_budget_alpha", str(latent_budget_alpha), "--batch_size", str(bsz)] + (["--quiet"] if quiet else []) + lim
+    pc = stage_flags(["--batch_size", str(bsz)] + (["--quiet"] if quiet else []) + lim, latent_budget_alpha=latent_budget_alpha, **over)
     timed("precompute", lambda: [ptl.run(ptl.build_parser().parse_args(stage_flags(
         pc, model_name_or_path=s1, train_jsonl=f, output_dir=out / d))) for f, d in ((tr, "teacher_train"), (ho, "teacher_heldout"))])
     s2 = timed("stage2", lambda: train.run(train.build_parser().parse_args(stage_flags(
@@ -139,29 +253,68 @@ def run_pipeline(out_dir, data_dir=None, model_name_or_path=None, steps=(60, 30,
     results = {}
     def _eval():
         for name, ck, mode in (("stage3_A", s3a, "A"), ("stage3_C", s3c, "C")):
-            cfg = load_config(latent_budget_alpha=latent_budget_alpha, latent_mode_stage=mode)
+            cfg = load_config(latent_budget_alpha=latent_budget_alpha, latent_mode_stage=mode, **over)
             model, proc, ids = load_latent_model(ck)
             model = prepare_latent_model(model, cfg, ck)
             results[name] = evaluate(model, proc, ids, held, cfg, teacher_dir=out / "teacher_heldout", bsz=bsz)
+            if free: results[name]["free"] = free_generation(model, proc, ids, held, cfg, bsz=bsz)
     timed("evaluation", _eval)
+    diagnosis = None
+    if diagnose and all(s.metadata.get("counts") for s in held[:1]):       # the probes need per-image counts
+        from latentcot.diagnose import diagnose_run
+        diagnosis = timed("diagnosis", lambda: diagnose_run(out, train_s, held, latent_budget_alpha, bsz, overrides=over))
     majority = majority_accuracy(train_s, held)
-    report = write_report(out, results, majority, times)
+    report = write_report(out, results, majority, times, diagnosis)
     report["seconds_total"] = time.perf_counter() - t0
+    report["settings"] = dict(steps=list(steps), bsz=bsz, learning_rate=learning_rate, latent_budget_alpha=latent_budget_alpha,
+                              limit=limit, overrides=over, data=str(data))
     write_json(report, out / "report" / "metrics.json")
     return report
 
-# %% ../nbs/15_pipeline.ipynb #40cac5f8
-def verdict(res: dict, majority: float, n: int) -> str:
-    "A plain sentence on whether latents helped, from the accuracies (one held-out sample = 1/n)."
-    s, ctrl = res["acc_student"], max(res.get(k, 0.0) for k in ("acc_none", "acc_zeroed", "acc_shuffled"))
-    margin = 2 / n
-    if s > ctrl + margin and s > majority + margin:
-        return f"student latents help: {s:.3f} vs best control {ctrl:.3f} and majority {majority:.3f}"
-    return (f"latents do NOT help on this run: student {s:.3f} vs best control (none/zeroed/shuffled) {ctrl:.3f} "
-            f"and majority baseline {majority:.3f} (differences within {margin:.3f}, i.e. 2 held-out samples, are noise)")
 
-def write_report(out, results: dict, majority: float, times: dict) -> dict:
-    "PNG plots, metrics.json and a printed summary table into `out/report`."
+# %% ../nbs/15_pipeline.ipynb #40cac5f8
+CONTROLS = ("none", "zeroed", "shuffled")
+
+def verdict(hits: dict, controls=CONTROLS) -> str:
+    "'helps', 'hurts' or 'no measurable effect', from the paired 95% interval of student minus the best control."
+    ctrl = max((c for c in controls if c in hits), key=lambda c: sum(hits[c]))
+    d, lo, hi = paired_diff_ci(hits["student"], hits[ctrl])
+    word = "help" if lo > 0 else "hurt" if hi < 0 else "have no measurable effect"
+    return f"student latents {word}: student - {ctrl} (best control) = {d:+.3f}, 95% CI [{lo:+.3f}, {hi:+.3f}]"
+
+def channel_sentence(hits: dict) -> str:
+    "Whether the teacher's latents carry information the answer reads: teacher minus none, with its interval."
+    d, lo, hi = paired_diff_ci(hits["teacher"], hits["none"])
+    word = "carries information" if lo > 0 else "makes answers worse" if hi < 0 else "shows no measurable effect"
+    return f"the latent channel {word}: teacher - none = {d:+.3f}, 95% CI [{lo:+.3f}, {hi:+.3f}]"
+
+def goal_rows(results: dict, seconds: float) -> list[dict]:
+    "The issue's goals, each with what was measured and whether it is met (a missed goal stays in the report)."
+    A, C = results["stage3_A"], results["stage3_C"]
+    rows, hA = [], A["hits"]
+    n = A["n_heldout"]
+    rows.append(dict(goal="held-out samples >= 200", measured=f"{n}", met=n >= 200))
+    if "teacher" in hA:
+        d, lo, hi = paired_diff_ci(hA["teacher"], hA["none"])
+        rows.append(dict(goal="teacher - none >= 0.25 (mode A)", measured=f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]", met=d >= 0.25))
+    ctrl = max(CONTROLS, key=lambda c: sum(hA[c]))
+    d, _, _ = paired_diff_ci(hA["student"], hA[ctrl])
+    (_, slo, _), (_, _, chi) = bootstrap_ci(hA["student"]), bootstrap_ci(hA[ctrl])
+    rows.append(dict(goal="student - best control >= 0.10, intervals apart (mode A)",
+                     measured=f"{d:+.3f} vs {ctrl}; student low {slo:.3f}, {ctrl} high {chi:.3f}", met=d >= 0.10 and slo > chi))
+    gap = C["acc_student"] - A["acc_student"]
+    rows.append(dict(goal="mode C: used/budget <= 0.75, accuracy within 0.02 of mode A",
+                     measured=f"used/budget {C['used_over_budget']:.2f}, C - A {gap:+.3f}",
+                     met=C["used_over_budget"] <= 0.75 and abs(gap) <= 0.02))
+    rows.append(dict(goal="latentcot run <= 600 s", measured=f"{seconds:.0f} s", met=seconds <= 600))
+    return rows
+
+def _ci_row(model, cond, hits) -> dict:
+    m, lo, hi = bootstrap_ci(hits)
+    return {"model": model, "condition": cond, "accuracy": round(m, 3), "95% CI": f"[{lo:.3f}, {hi:.3f}]"}
+
+def write_report(out, results: dict, majority: float, times: dict, diagnosis: dict | None = None) -> dict:
+    "PNG plots, metrics.json and a printed summary (accuracies with intervals, verdicts, goals, latent geometry) into `out/report`."
     out = Path(out); rep = out / "report"; rep.mkdir(parents=True, exist_ok=True)
     stages = ["stage1", "stage2", "stage3_A", "stage3_C"]
     logs = {s: read_metrics(out / s / "metrics.jsonl") for s in stages}
@@ -170,37 +323,72 @@ def write_report(out, results: dict, majority: float, times: dict) -> dict:
     plot_latent_cosine(logs["stage2"], rep / "latent_cosine_stage2.png", "stage 2: cosine to teacher per latent index")
     thr = load_config().latent_stop_threshold
     plot_stop_probs(logs["stage3_C"], thr, rep / "stop_probs_stage3_C.png")
-    rows = []
+    rows, summary = [], {}
     for name, r in results.items():
-        rows += [{"model": name, "condition": k[4:], "accuracy": v} for k, v in r.items() if k.startswith("acc_")]
-    rows.append({"model": "-", "condition": "majority", "accuracy": majority})
+        rows += [_ci_row(name, c, h) for c, h in r["hits"].items()]
+        if "free" in r: rows.append(_ci_row(name, "free generation", r["free"]["hits"]))
+        geo = latent_geometry(r["latents"], r["slots"], r.get("teacher_latents"))
+        summary[name] = {**{k: v for k, v in r.items() if k not in ("latents", "slots", "teacher_latents")},
+                         "ci": {c: bootstrap_ci(h)[1:] for c, h in r["hits"].items()}, "geometry": geo,
+                         "verdict": verdict(r["hits"]), **({"channel": channel_sentence(r["hits"])} if "teacher" in r["hits"] else {})}
+    rows.append({"model": "-", "condition": "majority", "accuracy": round(majority, 3), "95% CI": ""})
     n = next(iter(results.values()))["n_heldout"]
-    verdicts = {name: verdict(r, majority, n) for name, r in results.items()}
-    halting = {name: {"used_len_mean": r["used_len_mean"], "budget_mean": r["budget_mean"]} for name, r in results.items()}
+    halting = {name: {"used_len_mean": r["used_len_mean"], "budget_mean": r["budget_mean"],
+                      "used/budget": r["used_over_budget"], "budgets": r["budgets"]} for name, r in results.items()}
     final_losses = {s: {k: v for k, v in (logs[s][-1] if logs[s] else {}).items() if k in ("loss", "ce", "alignment", "stop", "cost")} for s in stages}
-    table = format_table(rows, ["model", "condition", "accuracy"])
-    htab = format_table([{"model": k, **v} for k, v in halting.items()])
-    print(f"\nlatentcot main job: held-out answer accuracy (greedy exact match, n={n})\n{table}\n\nlatent usage\n{htab}\n")
-    for k, v in verdicts.items(): print(f"{k}: {v}")
+    seconds = sum(times.values())
+    goals = goal_rows(results, seconds) if {"stage3_A", "stage3_C"} <= set(results) else []
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"
+    geo_rows = [{"model": k, "student pairwise cos": fmt(v["geometry"]["pairwise_cos"]),
+                 "teacher pairwise cos": fmt(v["geometry"].get("teacher_pairwise_cos")),
+                 "cos to teacher per slot": " ".join(fmt(c) for c in v["geometry"].get("cos_to_teacher_per_slot", []))}
+                for k, v in summary.items()]
+    print(f"\nlatentcot main job: held-out answer accuracy (greedy exact match, n={n}, 95% bootstrap intervals)\n"
+          f"{format_table(rows, ['model', 'condition', 'accuracy', '95% CI'])}\n\nlatent usage\n"
+          f"{format_table([{'model': k, **{a: (f'{b:.3f}' if isinstance(b, float) else b) for a, b in v.items()}} for k, v in halting.items()])}\n\n"
+          f"latent geometry (mean pairwise cosine across held-out samples; near 1 = collapse)\n{format_table(geo_rows)}\n")
+    for k, v in summary.items():
+        print(f"{k}: {v['verdict']}" + (f"; {v['channel']}" if "channel" in v else ""))
+    if goals: print(f"\ngoals\n{format_table([{**g, 'met': 'yes' if g['met'] else 'NO'} for g in goals])}")
+    if diagnosis: print(f"\ndiagnosis\n{format_diagnosis(diagnosis)}")
     print(f"\nreport: {rep}")
-    return {"accuracy": results, "majority": majority, "verdicts": verdicts, "halting": halting,
-            "final_losses": final_losses, "seconds": times}
+    return {"accuracy": summary, "majority": majority, "verdicts": {k: v["verdict"] for k, v in summary.items()},
+            "halting": halting, "goals": goals, "diagnosis": diagnosis, "final_losses": final_losses, "seconds": times}
+
+def format_diagnosis(d: dict) -> str:
+    "The diagnosis as two small tables: probes, and stage 2 with thought images visible vs blank."
+    probes = [{"features": k, "count acc": f"{v['acc']:.3f}", "R2": f"{v['r2']:.3f}", "n test": v["n_test"]}
+              for k, v in d["probe"].items()]
+    s2 = [{"stage 2 thought images": k, "accuracy / difference": f"{m:+.3f}" if "minus" in k else f"{m:.3f}",
+           "95% CI": f"[{lo:.3f}, {hi:.3f}]"} for k, (m, lo, hi) in d["stage2_thought_images"].items()]
+    return format_table(probes) + "\n\n" + format_table(s2)
+
 
 # %% ../nbs/15_pipeline.ipynb #0e491e27
+def _override(kv: str) -> tuple[str, object]:
+    "`KEY=VALUE` of `--set` (true/false become booleans)."
+    if "=" not in kv: raise argparse.ArgumentTypeError(f"--set {kv!r}: expected KEY=VALUE")
+    k, v = kv.split("=", 1)
+    return k.strip(), {"true": True, "false": False}.get(v.strip().lower(), v.strip())
+
 def run_main(argv: list[str] | None = None) -> int:
     "CLI `latentcot run`: the whole pipeline on the embedded default (or your data and model)."
     ap = argparse.ArgumentParser(prog="latentcot run", description="Main job: stages 1-3 (A, C), teacher latents, evaluation, report.")
     ap.add_argument("--output_dir", default="runs/main")
-    ap.add_argument("--data_dir", default=None, help="folder with train.jsonl and heldout.jsonl (default: data_samples/visual)")
+    ap.add_argument("--data_dir", default=None, help="folder with train/heldout .jsonl (seed 001) or .json (seed 000) (default: data_samples/visual)")
     ap.add_argument("--model_name_or_path", default=None, help="base checkpoint (default: the tiny offline kit)")
-    ap.add_argument("--steps", type=int, nargs=4, default=[60, 30, 60, 40], metavar=("S1", "S2", "S3A", "S3C"))
+    ap.add_argument("--steps", type=int, nargs=4, default=list(MAIN_STEPS), metavar=("S1", "S2", "S3A", "S3C"))
     ap.add_argument("--bsz", type=int, default=8)
     ap.add_argument("--learning_rate", type=float, default=3e-3)
     ap.add_argument("--latent_budget_alpha", type=float, default=0.5,
                     help="0.5 on the tiny images so budgets differ per image (the seed default 0.02 gives 1 everywhere)")
+    ap.add_argument("--set", dest="overrides", type=_override, action="append", default=[], metavar="KEY=VALUE",
+                    help="a config setting for every stage and the evaluation (default: MAIN_OVERRIDES), e.g. --set mask_question_image=false")
     ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--no_diagnosis", action="store_true", help="skip the probes and the stage-2 thought-image check")
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)
     run_pipeline(a.output_dir, a.data_dir, a.model_name_or_path, tuple(a.steps), a.bsz, a.learning_rate,
-                 a.latent_budget_alpha, a.limit, a.quiet)
+                 a.latent_budget_alpha, a.limit, a.quiet, {**MAIN_OVERRIDES, **dict(a.overrides)}, diagnose=not a.no_diagnosis)
     return 0
+
