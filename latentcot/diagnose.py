@@ -128,13 +128,14 @@ def vision_features(model, processor, samples) -> dict:
     return {"features": torch.stack(feats), "kind": torch.tensor(kinds), "count": torch.tensor(counts, dtype=torch.float64)}
 
 # %% ../nbs/24_diagnose.ipynb #bd2d25dc
-def diagnose_run(run_dir, train_samples, heldout_samples, latent_budget_alpha: float = 0.5, bsz: int = 8) -> dict:
+def diagnose_run(run_dir, train_samples, heldout_samples, latent_budget_alpha: float = 0.5, bsz: int = 8,
+                 overrides: dict | None = None) -> dict:
     "The three questions on a finished `latentcot run` folder: probes, thought images visible vs blank in stage 2, the vision tower."
     from latentcot.config import load_config
     from latentcot.pipeline import bootstrap_ci, paired_diff_ci
     from latentcot.tokens import load_latent_model
     run = Path(run_dir)
-    cfg = load_config(latent_budget_alpha=latent_budget_alpha)
+    cfg = load_config(latent_budget_alpha=latent_budget_alpha, **(overrides or {}))
     def load(stage):
         model, proc, _ = load_latent_model(run / stage / "final")
         return model, proc

@@ -17,7 +17,7 @@ from .report import format_table, plot_latent_cosine, plot_losses, plot_stop_pro
 from .trainer import read_metrics
 
 CONDITIONS = ("student", "teacher", "none", "zeroed", "shuffled")
-MAIN_STEPS = (60, 30, 60, 40)      # stage 1, stage 2, stage 3 mode A, stage 3 mode C
+MAIN_STEPS = (300, 200, 300, 100)  # stage 1, stage 2, stage 3 mode A, stage 3 mode C (the findings of nbs/24 used these)
 MAIN_OVERRIDES = {}                # config settings of the main job (every stage and the evaluation)
 
 # %% auto #0
@@ -28,11 +28,12 @@ __all__ = ['CONDITIONS', 'MAIN_STEPS', 'MAIN_OVERRIDES', 'CONTROLS', 'answer_pos
 
 # %% ../nbs/15_pipeline.ipynb #32f8605a
 def answer_positions(batch, ids) -> torch.Tensor:
-    "Bool `[B,L]`: label positions after the last `</abs_vis_token>` and before `<|im_end|>` (the answer text)."
+    "Bool `[B,L]`: label positions after the first `</abs_vis_token>`, latent tags and `<|im_end|>` left out (observations + answer)."
     x, lab = batch["input_ids"], batch["labels"]
-    pos = torch.arange(x.shape[1])[None]
-    after = pos > torch.where(x == ids.latent_end, pos, torch.full_like(pos, -1)).max(1, keepdim=True).values
-    return after & (lab != -100) & (x != ids.im_end) & batch["attention_mask"].bool()
+    pos = torch.arange(x.shape[1], device=x.device)[None]
+    first_end = torch.where(x == ids.latent_end, pos, x.shape[1]).min(1, keepdim=True).values
+    text = (x != ids.im_end) & (x != ids.latent_start) & (x != ids.latent_end) & (x != ids.latent_pad)
+    return (pos > first_end) & text & (lab != -100) & batch["attention_mask"].bool()
 
 def exact_match(logits, batch, ids) -> torch.Tensor:
     "Bool `[B]`: the greedy next token is right at every answer position."
@@ -210,7 +211,7 @@ def split_files(data: Path) -> tuple[str, str]:
         if tr.is_file() and ho.is_file(): return str(tr), str(ho)
     raise FileNotFoundError(f"{data}: needs train.jsonl + heldout.jsonl (seed 001) or train.json + heldout.json (seed 000)")
 
-def run_pipeline(out_dir, data_dir=None, model_name_or_path=None, steps=(60, 30, 60, 40), bsz: int = 8,
+def run_pipeline(out_dir, data_dir=None, model_name_or_path=None, steps=MAIN_STEPS, bsz: int = 8,
                  learning_rate: float = 3e-3, latent_budget_alpha: float = 0.5, limit: int | None = None,
                  quiet: bool = False, overrides: dict | None = None, diagnose: bool = True, free: bool = True) -> dict:
     "Stage 1 -> teacher precompute -> stage 2 -> stage 3 (A) -> stage 3 (C) -> evaluation -> diagnosis -> report folder."
@@ -222,6 +223,9 @@ def run_pipeline(out_dir, data_dir=None, model_name_or_path=None, steps=(60, 30,
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     data = Path(data_dir) if data_dir else default_data_dir() / "visual"
     tr, ho = split_files(data)
+    if model_name_or_path is None:               # the embedded default: the tiny kit with a readable vision tower (nb 01)
+        from latentcot.tiny import calibrated_kit_path
+        model_name_or_path = str(calibrated_kit_path())
     base, over = model_name_or_path, dict(overrides or {})
     n1, n2, n3a, n3c = steps
     common = stage_flags(["--bsz", str(bsz), "--grad_accum_steps", "1", "--learning_rate", str(learning_rate),

@@ -21,7 +21,8 @@ from transformers.utils import is_torchvision_available
 __all__ = ['QWEN_ADDED_TOKENS', 'N_SPECIAL', 'QWEN25VL_CHAT_TEMPLATE', 'BPE_VOCAB_SIZE', 'TASK_TEXT', 'MIN_PIXELS', 'MAX_PIXELS',
            'KIT_VERSION', 'training_corpus', 'train_bpe', 'build_tokenizer', 'qwen_config_token_ids',
            'tiny_qwen25vl_config', 'ImageOnlyQwen2_5_VLProcessor', 'build_processor', 'load_processor', 'kit_recipe',
-           'build_tiny_kit', 'tiny_kit_path', 'load_model_and_processor', 'kit_main']
+           'build_tiny_kit', 'tiny_kit_path', 'load_model_and_processor', 'calibrate_merger', 'calibration_images',
+           'build_calibrated_kit', 'calibrated_kit_path', 'kit_main']
 
 # %% ../nbs/01_tiny.ipynb #678cbad4
 QWEN_ADDED_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
@@ -212,6 +213,64 @@ def load_model_and_processor(path, dtype=torch.float32, attn_implementation: str
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(path), dtype=dtype,
                                                                attn_implementation=attn_implementation)
     return model, load_processor(path)
+
+# %% ../nbs/01_tiny.ipynb #6c930081
+def calibrate_merger(model, processor, images) -> dict:
+    "Fold a per-channel standardisation of the vision merger's output (measured on `images`) into its last Linear."
+    feats = []
+    with torch.no_grad():
+        for im in images:
+            enc = processor.image_processor(images=[im.convert("RGB")], return_tensors="pt")
+            out = model.model.get_image_features(enc["pixel_values"], enc["image_grid_thw"], return_dict=True)
+            feats.append(torch.cat(out.pooler_output))
+        f = torch.cat(feats).double()
+        mu, sd = f.mean(0), f.std(0).clamp_min(1e-6)
+        lin = model.model.visual.merger.mlp[-1]
+        lin.weight.copy_((lin.weight.double() / sd[:, None]).to(lin.weight.dtype))
+        lin.bias.copy_(((lin.bias.double() - mu) / sd).to(lin.bias.dtype))
+    return {"mean": mu.float(), "std": sd.float(), "n_tokens": len(f)}
+
+def calibration_images(data_dir=None) -> list[Path]:
+    "The images the calibration reads: every PNG of `data_samples/visual/images/train`, sorted."
+    if data_dir is None:
+        import latentcot
+        data_dir = Path(latentcot.__file__).resolve().parents[1] / "data_samples"
+    paths = sorted((Path(data_dir) / "visual" / "images" / "train").glob("*.png"))
+    if not paths: raise FileNotFoundError(f"{data_dir}/visual/images/train: no PNG images to calibrate the vision merger on")
+    return paths
+
+def build_calibrated_kit(out_dir, kit=None, images=None) -> Path:
+    "The tiny kit with its vision merger calibrated on `images` (default: the training images), saved atomically."
+    from PIL import Image
+    out, kit = Path(out_dir).expanduser().resolve(), Path(kit or tiny_kit_path())
+    paths = list(images) if images is not None else calibration_images()
+    model, processor = load_model_and_processor(kit)
+    stats = calibrate_merger(model, processor, [Image.open(p) for p in paths])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        shutil.copytree(kit, tmp, dirs_exist_ok=True)           # tokenizer, processor, kit.json
+        model.save_pretrained(tmp)
+        (tmp / "calibration.json").write_text(json.dumps({"kit": str(kit), "images": len(paths), "n_tokens": stats["n_tokens"],
+            "images_sha256": _files_hash(paths)}, indent=1, sort_keys=True))
+        try: os.replace(tmp, out)
+        except OSError:
+            if not (out / "calibration.json").is_file(): raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+def _files_hash(paths) -> str:
+    h = hashlib.sha256()
+    for p in paths: h.update(Path(p).name.encode()); h.update(Path(p).read_bytes())
+    return h.hexdigest()[:16]
+
+def calibrated_kit_path(cache_dir=None) -> Path:
+    "The cached tiny kit with a calibrated vision merger (built on first use): the main job's default base model."
+    paths = calibration_images()
+    path = cache_root(cache_dir) / f"{_cached_kit_dir(cache_dir).name}-calibrated-{_files_hash(paths)}"
+    return path if (path / "calibration.json").is_file() else build_calibrated_kit(path, tiny_kit_path(cache_dir), paths)
+
 
 # %% ../nbs/01_tiny.ipynb #ad4b1afb
 def kit_main(argv: list[str] | None = None) -> int:
