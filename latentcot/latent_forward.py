@@ -18,8 +18,8 @@ from .masks import attention_mask_4d, causal_padding_mask, to_additive
 # %% auto #0
 __all__ = ['latent_segments_from_ids', 'check_segments', 'mm_token_types', 'rope_position_ids', 'prefix_embeddings',
            'batch_mask_4d', 'text_attn_implementation', 'for_backend', 'toy_latent_batch', 'no_gradient_checkpointing',
-           'Rollout', 'latent_rollout', 'latent_rollout_reference', 'patch_latents', 'is_gated', 'LatentForwardOutput',
-           'teacher_forced_forward', 'latent_forward', 'bench_rollout', 'bench_rollout_main']
+           'Rollout', 'slot_index', 'latent_rollout', 'latent_rollout_reference', 'patch_latents', 'is_gated',
+           'LatentForwardOutput', 'teacher_forced_forward', 'latent_forward', 'bench_rollout', 'bench_rollout_main']
 
 # %% ../nbs/07_latent_forward.ipynb #90dc7948
 def latent_segments_from_ids(input_ids, attention_mask, latent_id: int) -> list[list[tuple[int, int, int]]]:
@@ -197,6 +197,14 @@ class Rollout:
     inputs_embeds: torch.Tensor       # [B,L,H] text + image embeddings, latent pads not patched
     position_ids: torch.Tensor        # [3,B,L]
     attention_mask_4d: torch.Tensor | None
+
+# %% ../nbs/07_latent_forward.ipynb #6b5d2dd7
+def slot_index(out) -> torch.Tensor:
+    "Index within its segment of every active latent, in the row order of `out.latents` (a `Rollout` or a forward output)."
+    idx = torch.full(out.latent_mask.shape, -1, dtype=torch.long)
+    for b, segs in enumerate(out.segments):
+        for s, e, _ in segs: idx[b, s:e] = torch.arange(e - s)
+    return idx[out.latent_mask.cpu()]
 
 # %% ../nbs/07_latent_forward.ipynb #74186e48
 def _plan(attention_mask, segments, last_step: bool):

@@ -21,7 +21,7 @@ MAIN_STEPS = (300, 200, 300, 100)  # stage 1, stage 2, stage 3 mode A, stage 3 m
 MAIN_OVERRIDES = {}                # config settings of the main job (every stage and the evaluation)
 
 # %% auto #0
-__all__ = ['CONDITIONS', 'MAIN_STEPS', 'MAIN_OVERRIDES', 'CONTROLS', 'answer_positions', 'exact_match', 'slot_index', 'evaluate',
+__all__ = ['CONDITIONS', 'MAIN_STEPS', 'MAIN_OVERRIDES', 'CONTROLS', 'answer_positions', 'exact_match', 'evaluate',
            'majority_accuracy', 'bootstrap_ci', 'paired_diff_ci', 'latent_geometry', 'prompt_batch', 'free_generation',
            'stage_flags', 'split_files', 'run_pipeline', 'verdict', 'channel_sentence', 'goal_rows', 'write_report',
            'format_diagnosis', 'run_main']
@@ -47,18 +47,11 @@ def _swap_latents(rollout, latents):
     import dataclasses
     return dataclasses.replace(rollout, latents=latents)
 
-def slot_index(rollout) -> torch.Tensor:
-    "Index within its segment of every active latent, in the row order of `rollout.latents`."
-    idx = torch.full(rollout.latent_mask.shape, -1, dtype=torch.long)
-    for b, segs in enumerate(rollout.segments):
-        for s, e, _ in segs: idx[b, s:e] = torch.arange(e - s)
-    return idx[rollout.latent_mask.cpu()]
-
 def evaluate(model, processor, ids, samples, cfg: LatentCoTConfig, teacher_dir=None, bsz: int = 8, seed: int = 0,
              conditions=CONDITIONS) -> dict:
     "Held-out greedy exact match per latent condition (per-sample `hits`), latent usage and the latents themselves."
     from latentcot.collators import LatentCollator
-    from latentcot.latent_forward import latent_rollout, teacher_forced_forward
+    from latentcot.latent_forward import latent_rollout, slot_index, teacher_forced_forward
     from latentcot.halting import enable_latent_gating
     from latentcot.teacher_latents import TeacherLatentStore, sample_index_map, teacher_targets
     enable_latent_gating(model)   # the `none` condition gates latents off

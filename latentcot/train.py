@@ -36,13 +36,6 @@ def stage1_step(model, batch, state):
     return StepResult(loss=ce, terms={"ce": ce.detach()}, n_tokens=int(batch["attention_mask"].sum()))
 
 # %% ../nbs/14_train.ipynb #f263362e
-def _latent_index(out) -> torch.Tensor:
-    "Index within its segment of every active latent, in the row order of `out.latents`."
-    idx = torch.full(out.latent_mask.shape, -1, dtype=torch.long)
-    for b, segs in enumerate(out.segments):
-        for s, e, _ in segs: idx[b, s:e] = torch.arange(e - s)
-    return idx[out.latent_mask.cpu()]
-
 def latent_stats(out, teacher: torch.Tensor | None) -> dict:
     "Per-step statistics: cosine to the teacher per latent index, stop probability per step, used length, budget."
     st = {}
@@ -51,7 +44,8 @@ def latent_stats(out, teacher: torch.Tensor | None) -> dict:
     if used: st.update(used_len=sum(used) / len(used), budget=sum(budgets) / len(budgets))
     if teacher is not None and out.latents.numel():
         cos = torch.nn.functional.cosine_similarity(out.latents.detach().float(), teacher.detach().float().to(out.latents.device), dim=-1).cpu()
-        idx = _latent_index(out)
+        from latentcot.latent_forward import slot_index
+        idx = slot_index(out)
         st["cos_per_latent"] = [float(cos[idx == k].mean()) for k in range(int(idx.max()) + 1)]
     if out.latent_stop_logits is not None:
         p, sm = torch.sigmoid(out.latent_stop_logits.detach().float()).cpu(), out.latent_step_mask.cpu()
