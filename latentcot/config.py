@@ -6,15 +6,16 @@ Docs: https://latentcot.github.io/latentcot/config.html.md"""
 
 # %% ../nbs/00_config.ipynb #7a7206eb
 from __future__ import annotations
-import argparse, configparser, dataclasses, math, os
+import argparse, configparser, dataclasses, math, os, sys
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 # %% auto #0
-__all__ = ['MASK_FLAGS', 'ALIASES', 'FAULT_ENV', 'ConfigError', 'LatentCoTConfig', 'parse_value', 'check_config', 'find_settings',
-           'read_settings', 'from_mapping', 'load_config', 'add_config_args', 'config_from_args', 'save_config',
-           'load_config_json', 'cache_root', 'positive_int', 'fault_point']
+__all__ = ['MASK_FLAGS', 'ALIASES', 'TRAINING_ONLY', 'FAULT_ENV', 'ConfigError', 'LatentCoTConfig', 'parse_value', 'check_config',
+           'find_settings', 'read_settings', 'from_mapping', 'load_config', 'SettingsArgs', 'cli_parser',
+           'add_config_args', 'parse_cli', 'config_from_args', 'save_config', 'load_config_json', 'cache_root',
+           'positive_int', 'fault_point']
 
 # %% ../nbs/00_config.ipynb #364b7187
 class ConfigError(ValueError):
@@ -29,55 +30,55 @@ MASK_FLAGS = ("not_use_4d", "mask_question_image", "observation_tokens_cannot_se
 class LatentCoTConfig:
     "Run configuration of latentcot; field names follow the seeds."
     # budget (seed 002 §1, §3)
-    latent_budget_alpha: float = 0.02
-    latent_budget_gamma: float = 0.5
-    latent_budget_min: int = 1
-    latent_budget_max: int = 32
-    latent_size_mode: Literal["budget", "fixed", "random"] = "budget"
-    latent_size: int = 10
-    k_max: int = 32
+    latent_budget_alpha: float = field(default=0.02, metadata={"help": "seed 002: latents per thought image grow as alpha * image_tokens ** gamma"})
+    latent_budget_gamma: float = field(default=0.5, metadata={"help": "seed 002: exponent of the budget formula"})
+    latent_budget_min: int = field(default=1, metadata={"help": "seed 002: smallest budget"})
+    latent_budget_max: int = field(default=32, metadata={"help": "seed 002: largest budget"})
+    latent_size_mode: Literal["budget", "fixed", "random"] = field(default="budget", metadata={"help": "segment lengths: 'budget' (seed 002 formula), 'fixed' (latent_size), 'random' (stage 3: 1..k_max)"})
+    latent_size: int = field(default=10, metadata={"help": "seed 001: latents per thought image when latent_size_mode is 'fixed' (given alone, it switches to fixed)"})
+    k_max: int = field(default=32, metadata={"help": "longest segment when latent_size_mode is 'random'"})
     # halting (seed 002 §5-7)
-    latent_mode_stage: Literal["A", "C"] = "A"
-    latent_stop_loss_weight: float = 1.0
-    latent_cost_weight: float = 1e-3
-    latent_stop_threshold: float = 0.5
-    latent_null_scale: float = 0.0
-    latent_stop_rho: float = 0.7
-    latent_stop_threshold_start: float = 0.9
-    latent_stop_threshold_steps: int = 0
+    latent_mode_stage: Literal["A", "C"] = field(default="A", metadata={"help": "seed 002: 'A' uses the full budget, 'C' learns to halt (stop head, K/V gating)"})
+    latent_stop_loss_weight: float = field(default=1.0, metadata={"help": "weight of the stop BCE (mode C)"})
+    latent_cost_weight: float = field(default=1e-3, metadata={"help": "weight of the used-latents cost (mode C)"})
+    latent_stop_threshold: float = field(default=0.5, metadata={"help": "p_stop at which a segment halts (mode C)"})
+    latent_null_scale: float = field(default=0.0, metadata={"help": "scale of the K/V of inactive latents (0: removed)"})
+    latent_stop_rho: float = field(default=0.7, metadata={"help": "stop pseudo-label: halt after round(rho * budget) latents"})
+    latent_stop_threshold_start: float = field(default=0.9, metadata={"help": "training threshold at the A -> C switch, moved to latent_stop_threshold"})
+    latent_stop_threshold_steps: int = field(default=0, metadata={"help": "optimizer steps over which the threshold moves (0: fixed)"})
     # losses (seed 000 §6)
-    loss_type: str = "ce alignment"
-    alignment_weight: float = 1.0
-    alignment_layer: str = "last"
-    ce_emphasize_factor: float = 1.0
-    emphasize_latent_weight: float = 1.0
-    only_predict_obs: bool = False
-    latent_grad: Literal["detach", "full"] = "detach"
+    loss_type: str = field(default="ce alignment", metadata={"help": "loss terms, e.g. 'ce alignment' (also --loss_type ce alignment)", "nargs": "+"})
+    alignment_weight: float = field(default=1.0, metadata={"help": "weight of the 1 - cos alignment", "aliases": ["--align_weight"]})
+    alignment_layer: str = field(default="last", metadata={"help": "aligned states: 'last', 'all' or comma-separated layer ids"})
+    ce_emphasize_factor: float = field(default=1.0, metadata={"help": "CE weight of observation tokens"})
+    emphasize_latent_weight: float = field(default=1.0, metadata={"help": "stage 2: scale of the latent-only alignment gradient"})
+    only_predict_obs: bool = field(default=False, metadata={"help": "CE on observation tokens only (stages 2/3)"})
+    latent_grad: Literal["detach", "full"] = field(default="detach", metadata={"help": "'detach' latents between steps, or 'full' backprop through the rollout"})
     # 4D mask flags (seed 000 §4)
-    not_use_4d: bool = False
-    mask_question_image: bool = False
-    observation_tokens_cannot_see_question_image: bool = False
-    observation_tokens_only_see_question_and_latent: bool = False
-    latent_can_see_all_previous: bool = True
-    not_mask_image: bool = False
-    mask_latent: bool = False
+    not_use_4d: bool = field(default=False, metadata={"help": "seed 000: no 4D mask (plain causal)"})
+    mask_question_image: bool = field(default=False, metadata={"help": "seed 000: text after the question may not see the question images"})
+    observation_tokens_cannot_see_question_image: bool = field(default=False, metadata={"help": "seed 000: observation tokens do not see question images"})
+    observation_tokens_only_see_question_and_latent: bool = field(default=False, metadata={"help": "seed 000: observation tokens see only the question and the latents"})
+    latent_can_see_all_previous: bool = field(default=True, metadata={"help": "seed 000: latents see everything before them"})
+    not_mask_image: bool = field(default=False, metadata={"help": "seed 000: answers may see thought images"})
+    mask_latent: bool = field(default=False, metadata={"help": "seed 000: text may not see the latents"})
     # images (seed 000 §7)
-    image_resize: Literal["global", "clear_question_img"] = "global"
-    max_img_tokens: int = 1280
-    sft_stage1_img_tokens: int = 1280
-    sft_stage2_img_tokens: int = 1280
-    sft_stage3_img_tokens: int = 1280
+    image_resize: Literal["global", "clear_question_img"] = field(default="global", metadata={"help": "'global' (one token budget per sample) or 'clear_question_img' (question images keep max_img_tokens)"})
+    max_img_tokens: int = field(default=1280, metadata={"help": "most merged tokens per image"})
+    sft_stage1_img_tokens: int = field(default=1280, metadata={"help": "image-token budget of a stage-1 sample"})
+    sft_stage2_img_tokens: int = field(default=1280, metadata={"help": "image-token budget of a stage-2 (teacher) sample; stage 3 sizes as stage 2"})
+    sft_stage3_img_tokens: int = field(default=1280, metadata={"help": "caps the question images of every stage (student and teacher see the same question pixels)"})
     # training
-    epochs: int = 1
-    bsz: int = 1
-    grad_accum_steps: int = 8
-    learning_rate: float = 1e-5
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    max_length: int = 4096
-    seed: int = 42
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    gradient_checkpointing: bool = False
+    epochs: int = field(default=1, metadata={"help": "passes over the data (unless --max_steps)"})
+    bsz: int = field(default=1, metadata={"help": "samples per micro-batch per process"})
+    grad_accum_steps: int = field(default=8, metadata={"help": "micro-batches per optimizer step"})
+    learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate", "aliases": ["--lr"]})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
+    max_length: int = field(default=4096, metadata={"help": "longest sample in tokens (longer ones are an error, never truncated)"})
+    seed: int = field(default=42, metadata={"help": "seed of weights, data order and sampling"})
+    mixed_precision: Literal["no", "fp16", "bf16"] = field(default="no", metadata={"help": "'no', 'fp16' or 'bf16' (accelerate)"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "checkpoint pass 2 and stage 1 (the rollout runs without it)"})
 
     def __post_init__(self): check_config(self)
 
@@ -196,26 +197,73 @@ def load_config(path: str | os.PathLike | None = None, **overrides) -> LatentCoT
 # %% ../nbs/00_config.ipynb #4751fbde
 ALIASES = {"align_weight": "alignment_weight", "lr": "learning_rate"}
 
+@dataclass
+class SettingsArgs:
+    "The flag every command shares: which settings.ini is the defaults layer."
+    settings: str | None = field(default=None, metadata={"help": "settings.ini to read (default: $LATENTCOT_SETTINGS or the project's)"})
+
+TRAINING_ONLY = ("latent_stop_loss_weight", "latent_cost_weight", "latent_stop_rho", "latent_stop_threshold_start",
+                 "latent_stop_threshold_steps", "loss_type", "alignment_weight", "ce_emphasize_factor",
+                 "emphasize_latent_weight", "only_predict_obs", "latent_grad", "epochs", "grad_accum_steps", "learning_rate",
+                 "weight_decay", "warmup_steps", "mixed_precision", "gradient_checkpointing")
+
+def cli_parser(*arg_types, config: bool = True, hide=(), **kw):
+    """One `transformers.HfArgumentParser` for a command: its own dataclass(es) of flags, `--settings` and every
+    `LatentCoTConfig` field (`--a_b` and `--a-b`, `--no_flag`/`--no-flag` for booleans, the seeds' aliases). Config
+    flags default to "not given", so `config_from_args` layers them over `settings.ini`; unknown flags are refused."""
+    from transformers import HfArgumentParser
+    types = [*arg_types, *((SettingsArgs, LatentCoTConfig) if config else ())]
+    p = HfArgumentParser(types, **kw)
+    for t in types:                            # HfArgumentParser keeps the annotation's type: apply a field's own parser
+        for f in fields(t):
+            if "type" in f.metadata: p._option_string_actions[f"--{f.name}"].type = f.metadata["type"]
+    if config:
+        for f in fields(LatentCoTConfig):
+            if _hints()[f.name] is bool:       # a --no- form for every boolean, whatever its default
+                names = [n for n in (f"--no_{f.name}", f"--no-{f.name}") if n not in p._option_string_actions]
+                if names: p.add_argument(*names, dest=f.name, action="store_false")
+        p.set_defaults(**{f.name: None for f in fields(LatentCoTConfig)})
+        names = {f.name for f in fields(LatentCoTConfig)}
+        for a in p._actions:                   # hidden ones are accepted (a shared settings line still parses), not listed
+            if a.dest in hide: a.help = argparse.SUPPRESS
+            elif a.dest in names and a.help and a.help is not argparse.SUPPRESS:
+                a.help += " (default: settings.ini)%(default).0s"
+    return p
+
 def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    "Add `--settings` and one flag per config field (default: not given) to `parser`."
-    g = parser.add_argument_group("latentcot config (defaults from settings.ini)")
-    g.add_argument("--settings", default=None, help="settings.ini to read (default: $LATENTCOT_SETTINGS or the project's)")
-    hints = _hints()
+    "Add `--settings` and one flag per config field (default: not given) to a plain argparse `parser`."
+    from transformers import HfArgumentParser
+    for t in (SettingsArgs, LatentCoTConfig):
+        for f in fields(t): HfArgumentParser._parse_dataclass_field(parser, _typed(t, f))
     for f in fields(LatentCoTConfig):
-        names = [f"--{f.name}"] + [f"--{a}" for a, t in ALIASES.items() if t == f.name]
-        if hints[f.name] is bool:
-            g.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
-        elif f.name == "loss_type":
-            g.add_argument(*names, dest=f.name, nargs="+", default=None, help="e.g. --loss_type ce alignment")
-        else:
-            g.add_argument(*names, dest=f.name, default=None, metavar=f.name.upper())
+        if _hints()[f.name] is bool:
+            names = [n for n in (f"--no_{f.name}", f"--no-{f.name}") if n not in parser._option_string_actions]
+            if names: parser.add_argument(*names, dest=f.name, action="store_false")
+    parser.set_defaults(**{f.name: None for f in fields(LatentCoTConfig)})
     return parser
 
-def config_from_args(args: argparse.Namespace) -> LatentCoTConfig:
+def _typed(t, f):
+    "A copy of field `f` of dataclass `t` with its annotation resolved (HfArgumentParser needs real types)."
+    g = dataclasses.field(default=f.default, metadata=f.metadata)
+    g.name, g.type = f.name, get_type_hints(t)[f.name]
+    return g
+
+def parse_cli(parser, argv=None, arg_types=()) -> tuple:
+    "Parse `argv`: one instance per command dataclass in `arg_types`, then the `LatentCoTConfig` (flags over settings.ini)."
+    ns = parser.parse_args(argv)
+    outs = [t(**{f.name: getattr(ns, f.name) for f in fields(t) if f.init}) for t in arg_types]
+    return (*outs, config_from_args(ns))
+
+def config_from_args(args) -> LatentCoTConfig:
     "The config from `--settings` (or the default file) overridden by the flags actually given."
     given = {f.name: getattr(args, f.name) for f in fields(LatentCoTConfig) if getattr(args, f.name, None) is not None}
     if isinstance(given.get("loss_type"), list): given["loss_type"] = " ".join(given["loss_type"])
     cfg = load_config(getattr(args, "settings", None))
+    if "latent_size" in given and "latent_size_mode" not in given and cfg.latent_size_mode != "fixed":
+        # seed 001's --latent_size means a fixed segment length; under the budget mode it would be silently ignored
+        print(f"note: --latent_size {given['latent_size']} sets fixed-length segments: latent_size_mode becomes 'fixed' "
+              f"(it was {cfg.latent_size_mode!r}; pass --latent_size_mode to choose otherwise)", file=sys.stderr)
+        given["latent_size_mode"] = "fixed"
     try: return cfg.replace(**given)
     except ConfigError as e: raise ConfigError(str(e).replace("replace()", "command line")) from None
 

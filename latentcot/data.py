@@ -104,9 +104,11 @@ def _check_image(p: Path, ctx, cache: dict):
 
 # %% ../nbs/03_data.ipynb #24a950ea
 def extract_final_answer(text: str, require_hash: bool = True) -> str | None:
-    "Final answer of `text`: after the last `####`, else (unless `require_hash`) its last non-empty line."
+    "Final answer of `text`: after the last `####`, else (unless `require_hash`) the last `\\boxed{}`, else the last line after the observations."
     if "####" in text: return text.rsplit("####", 1)[1].strip() or None
     if require_hash: return None
+    boxed = re.findall(r"\\boxed\{([^{}]*)\}", text)
+    if boxed: return boxed[-1].strip() or None
     text = re.sub(r"<observation>.*?</observation>", "", text, flags=re.S).replace(PLACEHOLDER, "")
     lines = [l.strip() for l in text.splitlines() if l.strip()]
     return lines[-1] if lines else None
@@ -172,8 +174,8 @@ def chat_record_to_sample(rec: dict, base: Path, ctx, extract: bool | None = Non
     imgs = lambda asst: [Path(p["image"]) for m in messages if (m["role"] == "assistant") == asst for p in m["content"] if p["type"] == "image"]
     answer = "".join(_texts(m) for m in messages if m["role"] == "assistant")
     final = None
-    if extract is not False:
-        final = extract_final_answer(answer, require_hash=bool(extract))
+    if extract is not False:      # turns on lines of their own: the last line is the last turn's, not all text run together
+        final = extract_final_answer("\n".join(_texts(m) for m in messages if m["role"] == "assistant"), require_hash=bool(extract))
         if final is None: _fail(ctx, "missing_final_answer", f"no {'####' if extract else 'final'} answer in assistant text {answer[-60:]!r}")
     return Sample(ctx[2], messages, imgs(False), imgs(True), answer, final, f"{ctx[0]}:{ctx[1]}", "chat", dict(meta))
 

@@ -17,33 +17,39 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import eager_attention_forward
 
 from .masks import causal_padding_mask, to_additive
-from .latent_forward import (LatentForwardOutput, Rollout, batch_mask_4d, check_segments, for_backend, is_gated,
-                                      latent_rollout, latent_segments_from_ids, patch_latents, prefix_embeddings,
-                                      rope_position_ids, teacher_forced_forward, text_attn_implementation)
+from .latent_forward import (GATED_ATTENTION, Rollout, batch_mask_4d, for_backend, is_gated, latent_rollout,
+                                      latent_stage_forward, patch_latents, prefix_embeddings, rope_position_ids,
+                                      text_attn_implementation)
 
 # %% auto #0
-__all__ = ['STOP_HEAD_FILE', 'GATED', 'attach_stop_head', 'save_stop_head', 'load_stop_head', 'latent_kv_gate',
-           'latent_gated_sdpa', 'latent_gated_eager', 'enable_latent_gating', 'stop_threshold_at',
-           'latent_stage_forward', 'latent_prefill', 'generate_with_latents', 'RoutedOutput', 'routed_generate']
+__all__ = ['STOP_HEAD_FILE', 'GATED', 'new_stop_head', 'attach_stop_head', 'save_stop_head', 'has_stop_head', 'load_stop_head',
+           'latent_kv_gate', 'latent_gated_sdpa', 'latent_gated_eager', 'register_latent_gating',
+           'enable_latent_gating', 'stop_threshold_at', 'latent_prefill', 'generate_with_latents', 'RoutedOutput',
+           'routed_generate']
 
 # %% ../nbs/09_halting.ipynb #b44f1364
 STOP_HEAD_FILE = "latent_stop_head.safetensors"
 
+def new_stop_head(model, prior: float = 0.05) -> nn.Linear:
+    "A fresh `nn.Linear(hidden, 1)` on `model`'s device and dtype that says `p_stop = prior` everywhere."
+    w = model.get_input_embeddings().weight
+    head = nn.Linear(model.config.get_text_config().hidden_size, 1, bias=True, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        head.weight.zero_(); head.bias.fill_(math.log(prior / (1 - prior)))
+    return head
+
 def attach_stop_head(model, prior: float = 0.05) -> nn.Linear:
-    "Give `model` a `latent_stop_head = nn.Linear(hidden, 1)` (once); a new head says `p_stop = prior` everywhere."
+    "Give `model` a `latent_stop_head` (once), for working with the stock model alone; `LatentCoTModel` owns its own."
     head = getattr(model, "latent_stop_head", None)
     if head is None:
-        w = model.get_input_embeddings().weight
-        head = nn.Linear(model.config.get_text_config().hidden_size, 1, bias=True, device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            head.weight.zero_(); head.bias.fill_(math.log(prior / (1 - prior)))
+        head = new_stop_head(model, prior)
         model.add_module("latent_stop_head", head)
     return head
 
-def save_stop_head(model, path) -> Path:
-    "Write `model.latent_stop_head` to `path/latent_stop_head.safetensors`, atomically."
+def save_stop_head(model, path, head: nn.Module | None = None) -> Path:
+    "Write the stop head (`head`, else `model.latent_stop_head`) to `path/latent_stop_head.safetensors`, atomically."
     from safetensors.torch import save_file
-    head = getattr(model, "latent_stop_head", None)
+    head = head if head is not None else getattr(model, "latent_stop_head", None)
     if head is None: raise ValueError("model has no latent_stop_head (call attach_stop_head(model) first)")
     path = Path(path); path.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path, prefix=".stop_head.", suffix=".tmp"); os.close(fd)
@@ -69,12 +75,16 @@ def _stop_head_tensors(path: Path) -> dict | None:
             out.update({k[len(prefix):]: st.get_tensor(k) for k in st.keys() if k.startswith(prefix)})
     return out or None
 
-def load_stop_head(model, path) -> nn.Linear:
-    "Attach a stop head to `model` and load it from the checkpoint directory `path` (see above for where it looks)."
+def has_stop_head(path) -> bool:
+    "Does the checkpoint directory `path` hold a stop head (its own file, or `latent_stop_head.*` weights)?"
+    return _stop_head_tensors(Path(path)) is not None
+
+def load_stop_head(model, path, head: nn.Module | None = None) -> nn.Linear:
+    "Load the stop head from the checkpoint directory `path` into `head` (else attach one to `model`)."
     path = Path(path)
     sd = _stop_head_tensors(path)
     if sd is None: raise FileNotFoundError(f"{path}: no {STOP_HEAD_FILE} and no latent_stop_head.* in its safetensors")
-    head = attach_stop_head(model)
+    head = head if head is not None else attach_stop_head(model)
     want = {k: tuple(v.shape) for k, v in head.state_dict().items()}
     if {k: tuple(v.shape) for k, v in sd.items()} != want:
         raise ValueError(f"{path}: stop head tensors {({k: tuple(v.shape) for k, v in sd.items()})} do not match {want}")
@@ -123,14 +133,17 @@ def latent_gated_eager(module, query, key, value, attention_mask, **kwargs):
     if attention_mask is not None and attention_mask.dtype == torch.bool: attention_mask = to_additive(attention_mask, query.dtype)
     return eager_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
-GATED = {"sdpa": "latent_gated_sdpa", "eager": "latent_gated_eager"}
-for _name, _fn, _mask in ((GATED["sdpa"], latent_gated_sdpa, sdpa_mask), (GATED["eager"], latent_gated_eager, eager_mask)):
-    _fn.latent_gated = True                                       # what latent_forward.is_gated looks for
-    AttentionInterface.register(_name, _fn)
-    AttentionMaskInterface.register(_name, _mask)                 # else the stock 2D path drops the padding mask
+GATED = GATED_ATTENTION
+
+def register_latent_gating():
+    "Register the gated attention functions (and their mask builders) with transformers; idempotent."
+    for name, fn, mask in ((GATED["sdpa"], latent_gated_sdpa, sdpa_mask), (GATED["eager"], latent_gated_eager, eager_mask)):
+        AttentionInterface.register(name, fn)
+        AttentionMaskInterface.register(name, mask)               # else the stock 2D path drops the padding mask
 
 def enable_latent_gating(model):
     "Switch the language model's attention to its gated twin (sdpa -> latent_gated_sdpa, eager -> latent_gated_eager)."
+    register_latent_gating()                                      # when a model is prepared, not at import
     impl = text_attn_implementation(model)
     if impl in GATED.values(): return model
     if impl not in GATED: raise ValueError(f"no latent-gated variant of attention '{impl}' (use sdpa or eager)")
@@ -144,32 +157,13 @@ def stop_threshold_at(step: int, cfg) -> float:
     if n <= 0 or step >= n: return cfg.latent_stop_threshold
     return cfg.latent_stop_threshold_start + (cfg.latent_stop_threshold - cfg.latent_stop_threshold_start) * step / n
 
-def latent_stage_forward(model, batch, stage: str | None = None, stop_threshold: float | None = None,
-                         null_scale: float | None = None, latent_grad: str | None = None,
-                         output_hidden_states: bool = False, cfg=None) -> LatentForwardOutput:
-    "Seed 002 mode A (full budget) or C (learned halting) through both passes; unset arguments come from `cfg`."
-    from latentcot.config import LatentCoTConfig
-    cfg = cfg if cfg is not None else LatentCoTConfig()
-    stage = stage or cfg.latent_mode_stage
-    if stage not in ("A", "C"): raise ValueError(f"latent_mode_stage must be 'A' or 'C', not {stage!r}")
-    ids, am = batch["input_ids"], batch["attention_mask"]
-    latent_id = model.config.get_text_config().latent_token_id
-    segs = batch.get("latent_segments")
-    if segs is None: segs = latent_segments_from_ids(ids, am, latent_id)
-    check_segments(ids, am, segs, latent_id, batch.get("latent_budgets"), stage)
-    head, thr = None, None
-    if stage == "C":
-        head = getattr(model, "latent_stop_head", None)
-        if head is None: raise ValueError("mode C needs a stop head: call attach_stop_head(model) or load_stop_head(model, path)")
-        if not is_gated(model): raise ValueError("mode C needs K/V gating: call enable_latent_gating(model)")
-        thr = cfg.latent_stop_threshold if stop_threshold is None else stop_threshold
-    r = latent_rollout(model, batch, latent_grad or cfg.latent_grad, head, thr, segs)
-    return teacher_forced_forward(model, batch, r, output_hidden_states, cfg.latent_null_scale if null_scale is None else null_scale)
+
 
 # %% ../nbs/09_halting.ipynb #2c39c640
-def latent_prefill(model, batch, stop_threshold: float | None = None) -> Rollout:
+def latent_prefill(model, batch, stop_threshold: float | None = None, stop_head=None) -> Rollout:
     "Inference step 1 (seed 002 §9): the rollout decides the latents and `used_len` (mode C with a threshold)."
-    head = getattr(model, "latent_stop_head", None) if stop_threshold is not None else None
+    head = None
+    if stop_threshold is not None: head = stop_head if stop_head is not None else getattr(model, "latent_stop_head", None)
     if stop_threshold is not None and head is None: raise ValueError("a stop threshold needs model.latent_stop_head")
     with torch.no_grad(): return latent_rollout(model, batch, stop_head=head, stop_threshold=stop_threshold)
 
@@ -199,13 +193,13 @@ class RoutedOutput:
 # %% ../nbs/09_halting.ipynb #038ef454
 @torch.no_grad()
 def routed_generate(model, batch, budget=8, max_new_tokens: int = 32, stop_threshold: float | None = None,
-                    eos_token_id=None, text_hidden=None) -> RoutedOutput:
+                    eos_token_id=None, text_hidden=None, stop_head=None) -> RoutedOutput:
     "Greedy decoding in which each sample that emits `<abs_vis_token>` alone thinks in latents, then gets `</abs_vis_token>`."
     # text_hidden: bool [B, L] prompt columns that generated text may not see (e.g. question images under
     # mask_question_image); latent steps and the opening tag still see them, as in the training mask
     tc = model.config.get_text_config()
     pad_id, start_id, end_id = tc.latent_token_id, tc.latent_start_id, tc.latent_end_id
-    head = getattr(model, "latent_stop_head", None)
+    head = stop_head if stop_head is not None else getattr(model, "latent_stop_head", None)
     if stop_threshold is not None and head is None: raise ValueError("a stop threshold needs model.latent_stop_head")
     eos = eos_token_id if eos_token_id is not None else model.generation_config.eos_token_id
     eos = set([eos] if isinstance(eos, int) else (eos or []))

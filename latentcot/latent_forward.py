@@ -16,10 +16,11 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from .masks import attention_mask_4d, causal_padding_mask, to_additive
 
 # %% auto #0
-__all__ = ['latent_segments_from_ids', 'check_segments', 'mm_token_types', 'rope_position_ids', 'prefix_embeddings',
-           'batch_mask_4d', 'text_attn_implementation', 'for_backend', 'toy_latent_batch', 'no_gradient_checkpointing',
-           'Rollout', 'slot_index', 'latent_rollout', 'latent_rollout_reference', 'patch_latents', 'is_gated',
-           'LatentForwardOutput', 'teacher_forced_forward', 'latent_forward', 'bench_rollout', 'bench_rollout_main']
+__all__ = ['GATED_ATTENTION', 'latent_segments_from_ids', 'check_segments', 'mm_token_types', 'rope_position_ids',
+           'prefix_embeddings', 'batch_mask_4d', 'text_attn_implementation', 'for_backend', 'toy_latent_batch',
+           'no_gradient_checkpointing', 'Rollout', 'slot_index', 'latent_rollout', 'latent_rollout_reference',
+           'patch_latents', 'is_gated', 'LatentForwardOutput', 'teacher_forced_forward', 'latent_forward',
+           'latent_stage_forward', 'bench_rollout', 'bench_rollout_main']
 
 # %% ../nbs/07_latent_forward.ipynb #90dc7948
 def latent_segments_from_ids(input_ids, attention_mask, latent_id: int) -> list[list[tuple[int, int, int]]]:
@@ -378,10 +379,12 @@ def patch_latents(inputs_embeds, latent_mask, latents):
         raise ValueError(f"{latents.shape[0]} latents for {idx[0].numel()} active latent pads")
     return inputs_embeds.index_put(idx, latents.to(inputs_embeds.dtype))
 
+GATED_ATTENTION = {"sdpa": "latent_gated_sdpa", "eager": "latent_gated_eager"}   # registered by latentcot.halting
+
 def is_gated(model) -> bool:
     "Does the language model's attention read `latent_kv_mask` (see `latentcot.halting.enable_latent_gating`)?"
     impl = text_attn_implementation(model)
-    return impl in ALL_ATTENTION_FUNCTIONS and getattr(ALL_ATTENTION_FUNCTIONS[impl], "latent_gated", False)
+    return impl in GATED_ATTENTION.values() and impl in ALL_ATTENTION_FUNCTIONS
 
 @dataclass
 class LatentForwardOutput:
@@ -422,6 +425,28 @@ def latent_forward(model, batch, latent_grad: str = "detach", stop_head=None, st
     "Both passes: the batched rollout, then the teacher-forced forward."
     r = latent_rollout(model, batch, latent_grad, stop_head, stop_threshold)
     return teacher_forced_forward(model, batch, r, output_hidden_states, null_scale)
+
+def latent_stage_forward(model, batch, stage: str | None = None, stop_threshold: float | None = None,
+                         null_scale: float | None = None, latent_grad: str | None = None,
+                         output_hidden_states: bool = False, cfg=None, stop_head=None) -> LatentForwardOutput:
+    "Seed 002 mode A (full budget) or C (learned halting) through both passes; unset arguments come from `cfg`."
+    from latentcot.config import LatentCoTConfig
+    cfg = cfg if cfg is not None else LatentCoTConfig()
+    stage = stage or cfg.latent_mode_stage
+    if stage not in ("A", "C"): raise ValueError(f"latent_mode_stage must be 'A' or 'C', not {stage!r}")
+    ids, am = batch["input_ids"], batch["attention_mask"]
+    latent_id = model.config.get_text_config().latent_token_id
+    segs = batch.get("latent_segments")
+    if segs is None: segs = latent_segments_from_ids(ids, am, latent_id)
+    check_segments(ids, am, segs, latent_id, batch.get("latent_budgets"), stage)
+    head, thr = None, None
+    if stage == "C":
+        head = stop_head if stop_head is not None else getattr(model, "latent_stop_head", None)
+        if head is None: raise ValueError("mode C needs a stop head: pass stop_head= (LatentCoTModel does), or attach_stop_head(model)")
+        if not is_gated(model): raise ValueError("mode C needs K/V gating: call enable_latent_gating(model)")
+        thr = cfg.latent_stop_threshold if stop_threshold is None else stop_threshold
+    r = latent_rollout(model, batch, latent_grad or cfg.latent_grad, head, thr, segs)
+    return teacher_forced_forward(model, batch, r, output_hidden_states, cfg.latent_null_scale if null_scale is None else null_scale)
 
 # %% ../nbs/07_latent_forward.ipynb #d9153997
 def _best_times(fns, repeats):

@@ -16,7 +16,7 @@ from .config import LatentCoTConfig
 
 # %% auto #0
 __all__ = ['TERMS', 'positions_mask', 'gather_positions', 'ce_loss', 'ce_term', 'alignment_cos', 'alignment_loss',
-           'layer_indices', 'select_layers', 'gather_layers', 'rows', 'latent_alignment', 'latent_only',
+           'layer_indices', 'select_layers', 'gather_layers', 'rows', 'active_rows', 'latent_alignment', 'latent_only',
            'observation_alignment', 'stop_target', 'stop_labels', 'stop_loss', 'cost_loss', 'segment_budgets',
            'segment_stop_logits', 'stop_term', 'cost_term', 'term_weights', 'total_loss', 'latent_terms']
 
@@ -112,7 +112,7 @@ def rows(x) -> torch.Tensor:
     "A tensor as is; a per-sample list of `[N_b,D]` (or `[n,N_b,D]`) tensors concatenated along the rows."
     return x if torch.is_tensor(x) else torch.cat(list(x), dim=-2)
 
-def _active(positions, latent_mask):
+def active_rows(positions, latent_mask):
     "Per sample, the positions whose latent is active, and the indices of their rows among all `positions`."
     _check_positions(positions, *latent_mask.shape, "latent_alignment")
     m = latent_mask.tolist()
@@ -126,7 +126,7 @@ def latent_alignment(cfg: LatentCoTConfig, teacher, latents=None, hidden_states=
     teacher, last = rows(teacher), cfg.alignment_layer.strip() == "last"
     if latent_mask is not None:                              # mode C: inactive latents are not aligned
         if positions is None: raise ValueError("latent_alignment: `latent_mask` needs the `positions` the teacher rows follow")
-        positions, keep = _active(positions, latent_mask)
+        positions, keep = active_rows(positions, latent_mask)
         teacher = teacher[..., torch.tensor(keep, dtype=torch.long, device=teacher.device), :]
     if last:
         if latents is None: raise ValueError("latent_alignment: alignment_layer='last' aligns the latents; pass `latents` [N, D]")
@@ -255,18 +255,20 @@ def total_loss(terms: dict, cfg: LatentCoTConfig) -> tuple[torch.Tensor, dict]:
     return loss, report
 
 # %% ../nbs/08_losses.ipynb #c1c38cf9
-def latent_terms(out, batch: dict, cfg: LatentCoTConfig, teacher=None) -> dict:
+def latent_terms(out, batch: dict, cfg: LatentCoTConfig, teacher=None, teacher_observations=None) -> dict:
     "The loss terms of a stage-2/3 step from the latent engine's output `out` and the collated `batch`."
     stage = batch.get("stage")
     terms = {"ce": ce_term(out.logits, batch, cfg), "alignment": None}
+    at_obs = stage == "stage2" and teacher_observations is not None
     if "alignment" in cfg.loss_terms and stage in ("stage2", "stage3"):
-        if teacher is None: raise ValueError(f"latent_terms: loss_type has alignment but no teacher was given ({stage})")
-        needs_hidden = stage == "stage2" or cfg.alignment_layer.strip() != "last"
+        if teacher is None and not at_obs: raise ValueError(f"latent_terms: loss_type has alignment but no teacher was given ({stage})")
+        needs_hidden = at_obs or cfg.alignment_layer.strip() != "last"
         if needs_hidden and out.hidden_states is None:
             raise ValueError(f"latent_terms: {stage} alignment on layers {cfg.alignment_layer!r} needs the latent forward's hidden states (output_hidden_states=True)")
-        if stage == "stage2":
-            terms["alignment"] = observation_alignment(cfg, out.hidden_states, batch["observation_positions"], teacher, out.latents)
-        else:
+        if at_obs:      # seed 000 stage 2: at the observation tokens, gradient only through the latents
+            terms["alignment"] = observation_alignment(cfg, out.hidden_states, batch["observation_positions"],
+                                                       teacher_observations, out.latents)
+        else:           # seed 001 (no observation states) and stage 3: at the latent pads
             terms["alignment"] = latent_alignment(cfg, teacher, out.latents, out.hidden_states, batch["alignment_positions"], out.latent_mask)
     if cfg.latent_mode_stage == "C":
         terms.update(stop=stop_term(out, batch, cfg), cost=cost_term(out, batch))

@@ -22,7 +22,7 @@ log = logging.getLogger("latentcot.multiturn")
 __all__ = ['log', 'SYSTEMPROMPT1', 'SYSTEMPROMPT2', 'edit_messages', 'edit_record_to_sample', 'load_multiturn_samples',
            'round_sample', 'history_lengths', 'check_prefix', 'round2_only', 'MultiTurnCollator', 'with_given_latents',
            'MultiTurnOutput', 'multiturn_forward', 'online_teacher', 'precompute_multiturn_teacher', 'round_targets',
-           'round_terms', 'multiturn_loss', 'make_multiturn_step']
+           'round_terms', 'multiturn_loss', 'cos_per_round', 'make_multiturn_step']
 
 # %% ../nbs/18_multiturn.ipynb #5854cefe
 SYSTEMPROMPT1 = "Based on the image and the editing goal, analyze what needs to be changed and provide editing instructions."
@@ -208,7 +208,7 @@ def multiturn_loss(out: MultiTurnOutput, batch: dict, cfg: LatentCoTConfig, teac
     return loss, logs
 
 # %% ../nbs/18_multiturn.ipynb #73692319
-def _cos_per_round(out: MultiTurnOutput, teacher) -> dict:
+def cos_per_round(out: MultiTurnOutput, teacher) -> dict:
     "Mean cosine of Z0 with z0 and of Z1 with z1 (last-layer teachers)."
     from latentcot.losses import alignment_cos
     return {f"cos_z{r}": float(alignment_cos(z.detach(), t).mean())
@@ -227,28 +227,25 @@ def _teacher_source(cfg, teacher_latent_dir, samples, processor, model, online: 
     return TeacherLatentStore(teacher_latent_dir, expect=run_expectation(cfg, processor)), sample_index_map(samples)
 
 def make_multiturn_step(cfg: LatentCoTConfig, teacher_latent_dir=None, samples=None, processor=None, model=None, ids=None,
-                        online: bool = False, detach_z0: bool = False, **_):
-    "The multi-turn step for `train_loop`: both rounds, CE + alignment of Z0/Z1 to the teacher's z0/z1."
+                        online: bool = False, detach_z0: bool = False):
+    "The multi-turn step for `train_loop`: a `LatentCoTModel`'s forward on both rounds, teacher z0/z1 from the store."
     if cfg.latent_mode_stage != "A": raise ValueError("the multi-turn stage runs in mode A (latent_mode_stage=A)")
     last = cfg.alignment_layer.strip() == "last"
     key, layers = ("latents", "last") if last else ("hidden_states", "all")
-    store, index_of = _teacher_source(cfg, teacher_latent_dir, samples, processor, model, online, layers)
+    store, index_of = _teacher_source(cfg, teacher_latent_dir, samples, processor, getattr(model, "vlm", model), online, layers)
 
-    def teacher_rows(model, batch):
-        if "alignment" not in cfg.loss_terms: return None, None
+    def teacher_rows(batch):
+        if "alignment" not in cfg.loss_terms: return None
+        if store is None:                  # online: the model's forward computes z0/z1 from the batch's teacher layout
+            if batch.get("teacher") is None:
+                raise ValueError("online=True needs the teacher layout: collate with MultiTurnCollator(..., teacher=True)")
+            return None
         b2 = batch["round2"]
-        if store is not None: entries = store.for_batch(b2, index_of, ids)
-        elif batch.get("teacher") is not None: entries = online_teacher(model, batch["teacher"], layers)
-        else: raise ValueError("online=True needs the teacher layout: collate with MultiTurnCollator(..., teacher=True)")
-        dev = model.get_input_embeddings().weight.device
-        return tuple(round_targets(entries, b2["latent_budgets"], r, key).to(dev) for r in (0, 1))
+        entries = store.for_batch(b2, index_of, ids)
+        return tuple(round_targets(entries, b2["latent_budgets"], r, key) for r in (0, 1))
 
     def multiturn_step(model, batch, state):
-        out = multiturn_forward(model, batch, cfg.latent_grad, detach_z0, output_hidden_states=not last)
-        teacher = teacher_rows(model, batch)
-        loss, logs = multiturn_loss(out, batch, cfg, teacher)
+        out = model(batch, teacher=teacher_rows(batch), detach_z0=detach_z0)
         n = int(batch["round1"]["attention_mask"].sum() + batch["round2"]["attention_mask"].sum())
-        stats = {**_cos_per_round(out, teacher), "lm_calls": out.round1.n_calls + out.round2.n_calls}
-        return StepResult(loss=loss, terms=logs, stats=stats, n_tokens=n)
-    multiturn_step.uses_inner_module = True    # the rollout calls the language model directly (see latentcot.train)
+        return StepResult(loss=out.loss, terms=out.terms, stats=out.stats, n_tokens=n)
     return multiturn_step

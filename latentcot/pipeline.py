@@ -48,7 +48,7 @@ def _swap_latents(rollout, latents):
     return dataclasses.replace(rollout, latents=latents)
 
 def evaluate(model, processor, ids, samples, cfg: LatentCoTConfig, teacher_dir=None, bsz: int = 8, seed: int = 0,
-             conditions=CONDITIONS) -> dict:
+             conditions=CONDITIONS, stop_head=None) -> dict:
     "Held-out greedy exact match per latent condition (per-sample `hits`), latent usage and the latents themselves."
     from latentcot.collators import LatentCollator
     from latentcot.latent_forward import latent_rollout, slot_index, teacher_forced_forward
@@ -58,7 +58,7 @@ def evaluate(model, processor, ids, samples, cfg: LatentCoTConfig, teacher_dir=N
     collate = LatentCollator(processor, stage="stage3", cfg=cfg, rope_index=model)
     store = TeacherLatentStore(teacher_dir) if teacher_dir else None
     index_of = sample_index_map(samples) if store is not None else None
-    head = getattr(model, "latent_stop_head", None) if cfg.latent_mode_stage == "C" else None
+    head = (stop_head if stop_head is not None else getattr(model, "latent_stop_head", None)) if cfg.latent_mode_stage == "C" else None
     thr = cfg.latent_stop_threshold if head is not None else None
     g = torch.Generator().manual_seed(seed)
     hits = {c: [] for c in conditions if c != "teacher" or store is not None}
@@ -160,12 +160,13 @@ def prompt_batch(model, processor, samples, cfg: LatentCoTConfig) -> dict:
                                                        SpecialIds.from_tokenizer(processor.tokenizer), **cfg.mask_flags)
     return batch
 
-def free_generation(model, processor, ids, samples, cfg: LatentCoTConfig, bsz: int = 8, max_new_tokens: int = 96) -> dict:
+def free_generation(model, processor, ids, samples, cfg: LatentCoTConfig, bsz: int = 8, max_new_tokens: int = 96,
+                    stop_head=None) -> dict:
     "The routed path as a user runs it: the model decides `<abs_vis_token>`, thinks (halts in mode C), answers; scored after `####`."
     from latentcot.collators import LatentCollator
     from latentcot.datagen import score_answer
     from latentcot.halting import routed_generate
-    head = getattr(model, "latent_stop_head", None) if cfg.latent_mode_stage == "C" else None
+    head = (stop_head if stop_head is not None else getattr(model, "latent_stop_head", None)) if cfg.latent_mode_stage == "C" else None
     thr = cfg.latent_stop_threshold if head is not None else None
     plan = LatentCollator(processor, stage="stage3", cfg=cfg)         # the budgets the teacher-forced evaluation uses
     from latentcot.masks import Role, token_layout
@@ -178,7 +179,7 @@ def free_generation(model, processor, ids, samples, cfg: LatentCoTConfig, bsz: i
         hidden = None
         if cfg.mask_question_image:                      # generated text may not see the question images either
             hidden = token_layout(batch["input_ids"], batch["attention_mask"], ids).roles == Role.QUESTION_IMAGE
-        out = routed_generate(model, batch, budget=budgets, max_new_tokens=max_new_tokens, stop_threshold=thr,
+        out = routed_generate(model, batch, budget=budgets, max_new_tokens=max_new_tokens, stop_threshold=thr, stop_head=head,
                               eos_token_id=ids.im_end, text_hidden=hidden)
         for s, seq, u in zip(chunk, out.sequences, out.used_lens):
             text = processor.tokenizer.decode([t for t in seq if t != ids.latent_pad])
@@ -211,8 +212,7 @@ def run_pipeline(out_dir, data_dir=None, model_name_or_path=None, steps=MAIN_STE
     from latentcot import train, precompute_teacher_latents as ptl
     from latentcot.data import load_samples
     from latentcot.demo import default_data_dir
-    from latentcot.tokens import load_latent_model
-    from latentcot.train import prepare_latent_model
+    from latentcot.model import LatentCoTModel
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     data = Path(data_dir) if data_dir else default_data_dir() / "visual"
     tr, ho = split_files(data)
@@ -251,10 +251,9 @@ def run_pipeline(out_dir, data_dir=None, model_name_or_path=None, steps=MAIN_STE
     def _eval():
         for name, ck, mode in (("stage3_A", s3a, "A"), ("stage3_C", s3c, "C")):
             cfg = load_config(latent_budget_alpha=latent_budget_alpha, latent_mode_stage=mode, **over)
-            model, proc, ids = load_latent_model(ck)
-            model = prepare_latent_model(model, cfg, ck)
-            results[name] = evaluate(model, proc, ids, held, cfg, teacher_dir=out / "teacher_heldout", bsz=bsz)
-            if free: results[name]["free"] = free_generation(model, proc, ids, held, cfg, bsz=bsz)
+            lm, proc, ids = LatentCoTModel.from_pretrained(ck, cfg)       # mode C: the trained stop head, or an error
+            results[name] = evaluate(lm.vlm, proc, ids, held, cfg, teacher_dir=out / "teacher_heldout", bsz=bsz, stop_head=lm.stop_head)
+            if free: results[name]["free"] = free_generation(lm.vlm, proc, ids, held, cfg, bsz=bsz, stop_head=lm.stop_head)
     timed("evaluation", _eval)
     diagnosis = None
     if diagnose and all(s.metadata.get("counts") for s in held[:1]):       # the probes need per-image counts

@@ -9,31 +9,36 @@ from __future__ import annotations
 import argparse, sys
 from pathlib import Path
 
-from .config import LatentCoTConfig, add_config_args, config_from_args, positive_int
+from dataclasses import dataclass, field
+from typing import Literal
+from .config import TRAINING_ONLY, LatentCoTConfig, cli_parser, config_from_args, parse_cli, positive_int
 
 # %% auto #0
-__all__ = ['build_parser', 'run', 'main']
+__all__ = ['PrecomputeArgs', 'build_parser', 'run', 'main']
 
 # %% ../nbs/13_precompute_teacher_latents.ipynb #6419bdb5
-def build_parser() -> argparse.ArgumentParser:
-    "Flags of `latentcot.precompute_teacher_latents` (seed 001's names) plus every config field."
-    ap = argparse.ArgumentParser(prog="latentcot.precompute_teacher_latents",
-                                 description="Compute the teacher's latents once, one bf16 file per sample (resumable).")
-    ap.add_argument("--model_name_or_path", default=None, help="teacher checkpoint, e.g. stage 1's final/ (default: the tiny offline kit)")
-    ap.add_argument("--train_jsonl", "--data_path", dest="data", default=None,
-                    help="seed 001 JSONL or seed 000 chat JSON (default: data_samples/visual/train.jsonl)")
-    ap.add_argument("--output_dir", required=True, help="the teacher_latent_dir of stages 2 and 3")
-    ap.add_argument("--layers", choices=["last", "all"], default="last",
-                    help="'all' also stores every layer's hidden states at the latent pads (alignment_layer other than 'last')")
-    ap.add_argument("--batch_size", type=positive_int, default=None, help="samples per teacher rollout (default: --bsz)")
-    ap.add_argument("--no_resume", action="store_true", help="recompute files that already exist")
-    ap.add_argument("--limit", type=positive_int, default=None, help="use only the first N samples (N >= 1)")
-    ap.add_argument("--lenient", action="store_true", help="skip bad samples (counted and reported) instead of stopping")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="model dtype (files are bf16 anyway)")
-    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    ap.add_argument("--attn_implementation", default="sdpa", choices=["sdpa", "eager"])
-    ap.add_argument("--quiet", action="store_true", help="no progress bar")
-    return add_config_args(ap)
+@dataclass
+class PrecomputeArgs:
+    "The flags of `latentcot.precompute_teacher_latents` besides the config."
+    output_dir: str = field(metadata={"help": "the teacher_latent_dir of stages 2 and 3"})
+    model_name_or_path: str | None = field(default=None, metadata={"help": "teacher checkpoint, e.g. stage 1's final/ (default: the tiny offline kit)"})
+    data: str | None = field(default=None, metadata={"aliases": ["--train_jsonl", "--data_path"], "help":
+        "seed 001 JSONL or seed 000 chat JSON (default: data_samples/visual/train.jsonl)"})
+    layers: Literal["last", "all"] = field(default="last", metadata={"help": "'all' also stores every layer's hidden states "
+                                                                       "at the latent pads (alignment_layer other than 'last')"})
+    batch_size: int | None = field(default=None, metadata={"type": positive_int, "help": "samples per teacher rollout (default: --bsz)"})
+    no_resume: bool = field(default=False, metadata={"help": "recompute files that already exist"})
+    limit: int | None = field(default=None, metadata={"type": positive_int, "help": "use only the first N samples (N >= 1)"})
+    lenient: bool = field(default=False, metadata={"help": "skip bad samples (counted and reported) instead of stopping"})
+    dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={"help": "model dtype (files are bf16 anyway)"})
+    device: str | None = field(default=None, metadata={"help": "default: cuda if available, else cpu"})
+    attn_implementation: Literal["sdpa", "eager"] = field(default="sdpa", metadata={"help": "text attention"})
+    quiet: bool = field(default=False, metadata={"help": "no progress bars"})
+
+def build_parser():
+    "Flags of `latentcot.precompute_teacher_latents` (seed 001's names): `PrecomputeArgs`, `--settings`, every config field."
+    return cli_parser(PrecomputeArgs, hide=TRAINING_ONLY, prog="latentcot.precompute_teacher_latents",
+                      description="Compute the teacher's latents once, one bf16 file per sample (resumable).")
 
 def run(args: argparse.Namespace, cfg: LatentCoTConfig | None = None):
     "Precompute the teacher latents `args` describe; returns the `PrecomputeReport`."

@@ -11,56 +11,29 @@ from pathlib import Path
 
 import torch
 
-from .config import LatentCoTConfig, add_config_args, config_from_args, positive_int, save_config
+from dataclasses import dataclass, field
+from typing import Literal
+from .config import LatentCoTConfig, cli_parser, config_from_args, parse_cli, positive_int
+from .model import LatentCoTModel, LatentCoTOutput, TeacherTargets
 from .trainer import StepResult, train_loop
 
 # %% auto #0
-__all__ = ['MODEL_KEYS', 'STEP_FNS', 'LORA_TARGETS', 'model_inputs', 'stage1_step', 'latent_stats', 'make_latent_step',
-           'prepare_latent_model', 'make_step_fn', 'apply_lora', 'save_final', 'build_parser', 'run_info', 'run',
-           'main']
+__all__ = ['STAGES', 'step_result', 'stage1_step', 'make_latent_step', 'make_step_fn', 'apply_lora', 'save_final', 'TrainArgs',
+           'build_parser', 'run_info', 'run', 'main']
 
 # %% ../nbs/14_train.ipynb #e7b2cce3
-MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "position_ids", "mm_token_type_ids")
-
-def model_inputs(batch: dict, attention_mask_4d: bool = True) -> dict:
-    "The keys of a collated batch the stock model forward takes; the 4D mask replaces the 2D one when present."
-    out = {k: batch[k] for k in MODEL_KEYS if batch.get(k) is not None}
-    if attention_mask_4d and batch.get("attention_mask_4d") is not None: out["attention_mask"] = batch["attention_mask_4d"]
-    return out
+def step_result(out: LatentCoTOutput, batch: dict) -> StepResult:
+    "What the trainer logs of a model output: the loss, its named terms, the statistics, the tokens of the batch."
+    return StepResult(loss=out.loss, terms=out.terms, stats=out.stats, n_tokens=int(batch["attention_mask"].sum()))
 
 def stage1_step(model, batch, state):
-    "Warm-up: next-token CE on the real thought images (labels from the stage-1 collator)."
-    out = model(**model_inputs(batch))
-    logits, labels = out.logits[:, :-1].float(), batch["labels"][:, 1:]
-    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
-    return StepResult(loss=ce, terms={"ce": ce.detach()}, n_tokens=int(batch["attention_mask"].sum()))
+    "Warm-up: next-token CE on the real thought images (labels from the stage-1 collator), through the model's forward."
+    return step_result(model(batch), batch)
 
 # %% ../nbs/14_train.ipynb #f263362e
-def latent_stats(out, teacher: torch.Tensor | None) -> dict:
-    "Per-step statistics: cosine to the teacher per latent index, stop probability per step, used length, budget."
-    st = {}
-    used = [u for row in out.latent_used_lens for u in row]
-    budgets = [e - s for segs in out.segments for s, e, _ in segs]
-    if used: st.update(used_len=sum(used) / len(used), budget=sum(budgets) / len(budgets))
-    if teacher is not None and out.latents.numel():
-        cos = torch.nn.functional.cosine_similarity(out.latents.detach().float(), teacher.detach().float().to(out.latents.device), dim=-1).cpu()
-        from latentcot.latent_forward import slot_index
-        idx = slot_index(out)
-        st["cos_per_latent"] = [float(cos[idx == k].mean()) for k in range(int(idx.max()) + 1)]
-    if out.latent_stop_logits is not None:
-        p, sm = torch.sigmoid(out.latent_stop_logits.detach().float()).cpu(), out.latent_step_mask.cpu()
-        per = {}
-        for b, segs in enumerate(out.segments):
-            for s, e, _ in segs:
-                for k in range(e - s):
-                    if sm[b, s + k]: per.setdefault(k, []).append(float(p[b, s + k]))
-        if per: st["stop_prob_per_step"] = [sum(per[k]) / len(per[k]) for k in range(max(per) + 1) if k in per]
-    return st
-
-def make_latent_step(cfg: LatentCoTConfig, ids=None, teacher_latent_dir=None, samples=None, processor=None, model=None, **_):
-    "The stage-2/3 step: latent forward (mode A or C), CE + alignment to the teacher (+ stop + cost in C)."
-    from latentcot.halting import latent_stage_forward, stop_threshold_at
-    from latentcot.losses import latent_alignment, observation_alignment, ce_term, stop_term, cost_term, total_loss
+def make_latent_step(cfg: LatentCoTConfig, ids=None, teacher_latent_dir=None, samples=None, processor=None, model=None):
+    "The stage-2/3 step: teacher rows from the store, then the model's forward (mode A or C) and its loss."
+    from latentcot.halting import stop_threshold_at
     from latentcot.teacher_latents import (TeacherLatentStore, run_expectation, sample_index_map, teacher_targets,
                                            has_observations, observation_targets)
     align = "alignment" in cfg.loss_terms
@@ -69,8 +42,9 @@ def make_latent_step(cfg: LatentCoTConfig, ids=None, teacher_latent_dir=None, sa
     layers = cfg.alignment_layer.strip()
     key = "latents" if layers == "last" else "hidden_states"
     expect = run_expectation(cfg, processor)
-    if model is not None:   # the student's width (and, aligning hidden states, its depth) must be the teacher's
-        w = run_expectation(model=model)
+    vlm = getattr(model, "vlm", model)
+    if vlm is not None:   # the student's width (and, aligning hidden states, its depth) must be the teacher's
+        w = run_expectation(model=vlm)
         expect.update(hidden_size=w["hidden_size"], **({"n_hidden_states": w["n_hidden_states"]} if key == "hidden_states" else {}))
     store = TeacherLatentStore(teacher_latent_dir, expect=expect) if teacher_latent_dir else None
     index_of = sample_index_map(samples) if store is not None else None
@@ -79,110 +53,78 @@ def make_latent_step(cfg: LatentCoTConfig, ids=None, teacher_latent_dir=None, sa
         raise ValueError(f"alignment_layer={layers!r} needs teacher hidden states: precompute with --layers all")
 
     warned = []
-    def latent_step(model, batch, state):
-        entries = store.for_batch(batch, index_of, ids) if store is not None else None
+    def teacher_of(batch) -> tuple[TeacherTargets | None, bool]:
+        if store is None: return None, False
+        entries = store.for_batch(batch, index_of, ids)
         obs_pos = batch.get("observation_positions") or []
         # seed 000 stage 2: align at the observation tokens when the teacher stored its states there (chat data)
-        at_obs = align and batch.get("stage") == "stage2" and entries is not None and has_observations(entries, obs_pos)
+        at_obs = align and batch.get("stage") == "stage2" and has_observations(entries, obs_pos)
         if align and batch.get("stage") == "stage2" and any(obs_pos) and not at_obs and not warned:
             warned.append(1)  # said once per run; the metric align_at_observations records it at every step
             warnings.warn(f"{store.root}: the data has observation tokens but the teacher files store no observation "
                           "states (precomputed by an older latentcot?): stage 2 aligns at the latent pads instead; "
                           "recompute the teacher latents to align at the observations")
-        out = latent_stage_forward(model, batch, cfg=cfg, stop_threshold=stop_threshold_at(state.global_step, cfg),
-                                   output_hidden_states=layers != "last" or at_obs)
-        terms, teacher = {"ce": ce_term(out.logits, batch, cfg), "alignment": None}, None
-        if store is not None:
-            lens = [[e - s for s, e, _ in segs] for segs in out.segments]
-            teacher = teacher_targets(entries, lens, key=key).to(out.logits.device)
-            if at_obs:                     # gradient only through the latents (x emphasize_latent_weight)
-                t_obs = observation_targets(entries, obs_pos, store.root).to(out.logits.device)
-                terms["alignment"] = observation_alignment(cfg, out.hidden_states, obs_pos, t_obs, out.latents)
-            elif align:                    # seed 001 (and stage 3): at the latent pads
-                terms["alignment"] = latent_alignment(cfg, teacher, out.latents, out.hidden_states,
-                                                      batch["alignment_positions"], out.latent_mask)
-        if cfg.latent_mode_stage == "C": terms.update(stop=stop_term(out, batch, cfg), cost=cost_term(out, batch))
-        loss, logs = total_loss(terms, cfg)
-        cos_teacher = teacher if key == "latents" else None
-        if cos_teacher is not None and not bool(out.latent_mask.all()):   # mode C: only the active rows
-            from latentcot.losses import _active
-            _, keep = _active(batch["alignment_positions"], out.latent_mask)
-            cos_teacher = teacher[torch.tensor(keep, dtype=torch.long, device=teacher.device)]
-        stats = {**latent_stats(out, cos_teacher), "lm_calls": out.n_calls}
-        if align and store is not None: stats["align_at_observations"] = int(at_obs)
-        return StepResult(loss=loss, terms=logs, stats=stats,
-                          n_tokens=int(batch["attention_mask"].sum()))
-    latent_step.uses_inner_module = True
+        lens = [[e - s for s, e, _ in segs] for segs in batch["latent_segments"]]
+        obs = observation_targets(entries, obs_pos, store.root) if at_obs else None
+        return TeacherTargets(teacher_targets(entries, lens, key=key), obs), at_obs
+
+    def latent_step(model, batch, state):
+        teacher, at_obs = teacher_of(batch)
+        res = step_result(model(batch, teacher=teacher, stop_threshold=stop_threshold_at(state.global_step, cfg)), batch)
+        if align and store is not None: res.stats["align_at_observations"] = int(at_obs)
+        return res
     return latent_step
 
-def prepare_latent_model(model, cfg: LatentCoTConfig, checkpoint=None):
-    "Mode C: attach the stop head (loaded from `checkpoint` when it has one) and switch attention to the gated twin."
-    from latentcot.halting import attach_stop_head, load_stop_head, enable_latent_gating
-    if cfg.latent_mode_stage != "C": return model
-    try: load_stop_head(model, checkpoint) if checkpoint is not None else attach_stop_head(model)
-    except FileNotFoundError: attach_stop_head(model)
-    return enable_latent_gating(model)
+def make_step_fn(stage: str, cfg: LatentCoTConfig, ids=None, teacher_latent_dir=None, samples=None, processor=None,
+                 model=None):
+    "The step function of `stage` (`stage1`, `stage2`, `stage3`, `multiturn`)."
+    if stage == "stage1": return stage1_step
+    if stage in ("stage2", "stage3"): return make_latent_step(cfg, ids, teacher_latent_dir, samples, processor, model)
+    if stage == "multiturn":
+        from latentcot.multiturn import make_multiturn_step
+        return make_multiturn_step(cfg, teacher_latent_dir, samples, processor, model, ids)
+    raise ValueError(f"stage {stage!r} has no step function yet; available: {sorted(STAGES)}")
 
-def _multiturn_step(cfg: LatentCoTConfig, **kw):
-    "The multi-turn stage's step (`latentcot.multiturn`)."
-    from latentcot.multiturn import make_multiturn_step
-    return make_multiturn_step(cfg, **kw)
-
-STEP_FNS = {"stage1": lambda cfg, **kw: stage1_step, "stage2": make_latent_step, "stage3": make_latent_step,
-            "multiturn": _multiturn_step}
-
-def make_step_fn(stage: str, cfg: LatentCoTConfig, **kw):
-    "The step function of `stage`."
-    if stage not in STEP_FNS: raise ValueError(f"stage {stage!r} has no step function yet; available: {sorted(STEP_FNS)}")
-    return STEP_FNS[stage](cfg, **kw)
+STAGES = ("stage1", "stage2", "stage3", "multiturn")
 
 # %% ../nbs/14_train.ipynb #a9a8909f
-LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-
-def apply_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.0):
-    "Wrap `model` with a peft LoRA on the language model's projections; only adapter weights train."
-    from peft import LoraConfig, get_peft_model
-    return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS))
+def apply_lora(model: LatentCoTModel, r: int = 16, alpha: int = 32, dropout: float = 0.0) -> LatentCoTModel:
+    "peft LoRA on the language model's projections (`LatentCoTModel.add_lora`): only adapters and the stop head train."
+    return model.add_lora(r=r, alpha=alpha, dropout=dropout)
 
 # %% ../nbs/14_train.ipynb #7efa9ac7
-def save_final(model, processor, cfg: LatentCoTConfig, out_dir, state_dict: dict | None = None) -> Path:
-    "Save model (safetensors) + processor + latentcot config into `out_dir`, via a temp folder renamed at the end; `state_dict`: gathered full weights (FSDP / DeepSpeed)."
-    import shutil
-    out_dir = Path(out_dir); tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists(): shutil.rmtree(tmp)
-    if hasattr(model, "merge_and_unload"):   # peft: keep the adapter, save the merged model
-        if state_dict is not None: raise ValueError("save_final: a LoRA model with gathered (sharded) weights is not supported")
-        model.save_pretrained(tmp / "adapter"); model = model.merge_and_unload()
-    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-    processor.save_pretrained(tmp)
-    save_config(cfg, tmp / "latentcot_config.json")
-    if out_dir.exists(): shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-    return out_dir
+def save_final(model: LatentCoTModel, processor, cfg: LatentCoTConfig, out_dir, state_dict: dict | None = None) -> Path:
+    "Save model (safetensors) + stop head + processor + latentcot config into `out_dir` atomically; `state_dict`: gathered full weights (FSDP / DeepSpeed)."
+    model.cfg = cfg
+    return model.save_pretrained(out_dir, processor, state_dict=state_dict)
 
 # %% ../nbs/14_train.ipynb #e98b68a9
-def build_parser() -> argparse.ArgumentParser:
-    "Flags of `latentcot.train` (the seeds' names) plus every config field."
-    ap = argparse.ArgumentParser(prog="latentcot.train", description="Train one latentcot stage.")
-    ap.add_argument("--stage", required=True, choices=["stage1", "stage2", "stage3", "multiturn"])
-    ap.add_argument("--model_name_or_path", default=None, help="checkpoint dir or hub id (default: the tiny offline kit)")
-    ap.add_argument("--train_jsonl", "--data_path", dest="data", default=None,
-                    help="seed 001 JSONL or seed 000 chat JSON (default: data_samples/visual/train.jsonl); "
-                         "multiturn: editing triplets (default: data_samples/edit/train.jsonl)")
-    ap.add_argument("--output_dir", required=True)
-    ap.add_argument("--teacher_latent_dir", default=None)
-    ap.add_argument("--max_steps", type=positive_int, default=None, help="stop after this many optimizer steps (default: epochs)")
-    ap.add_argument("--save_every", type=int, default=0, help="checkpoint every N optimizer steps (0: only at the end)")
-    ap.add_argument("--no_resume", action="store_true", help="ignore checkpoints in output_dir")
-    ap.add_argument("--allow_rng_loss", action="store_true",
-                    help="resume even when the checkpoint's RNG-state file does not load (logged; the run then differs from an uninterrupted one)")
-    ap.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "none"])
-    ap.add_argument("--lenient", action="store_true", help="skip bad samples (counted and reported) instead of stopping")
-    ap.add_argument("--limit", type=positive_int, default=None, help="use only the first N samples (N >= 1)")
-    ap.add_argument("--lora", action="store_true"); ap.add_argument("--lora_r", type=int, default=16)
-    ap.add_argument("--attn_implementation", default="sdpa", choices=["sdpa", "eager"])
-    ap.add_argument("--quiet", action="store_true", help="no progress bar")
-    return add_config_args(ap)
+@dataclass
+class TrainArgs:
+    "The flags of `latentcot.train` besides the config: what to train, from which model and data, into where."
+    stage: Literal["stage1", "stage2", "stage3", "multiturn"] = field(metadata={"help": "the stage to train"})
+    output_dir: str = field(metadata={"help": "checkpoints, metrics.jsonl, TensorBoard logs and final/"})
+    model_name_or_path: str | None = field(default=None, metadata={"help": "checkpoint dir or hub id (default: the tiny offline kit)"})
+    data: str | None = field(default=None, metadata={"aliases": ["--train_jsonl", "--data_path"], "help":
+        "seed 001 JSONL or seed 000 chat JSON (default: data_samples/visual/train.jsonl); multiturn: editing triplets "
+        "(default: data_samples/edit/train.jsonl)"})
+    teacher_latent_dir: str | None = field(default=None, metadata={"help": "teacher latents (latentcot.precompute_teacher_latents)"})
+    max_steps: int | None = field(default=None, metadata={"type": positive_int, "help": "stop after this many optimizer steps (default: epochs)"})
+    save_every: int = field(default=0, metadata={"help": "checkpoint every N optimizer steps (0: only at the end)"})
+    no_resume: bool = field(default=False, metadata={"help": "ignore checkpoints in output_dir"})
+    allow_rng_loss: bool = field(default=False, metadata={"help": "resume even when the checkpoint's RNG-state file does not "
+                                                          "load (logged; the run then differs from an uninterrupted one)"})
+    report_to: Literal["tensorboard", "wandb", "none"] = field(default="tensorboard", metadata={"help": "metrics tracker"})
+    lenient: bool = field(default=False, metadata={"help": "skip bad samples (counted and reported) instead of stopping"})
+    limit: int | None = field(default=None, metadata={"type": positive_int, "help": "use only the first N samples (N >= 1)"})
+    lora: bool = field(default=False, metadata={"help": "train peft LoRA adapters (and the stop head) only"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    attn_implementation: Literal["sdpa", "eager"] = field(default="sdpa", metadata={"help": "text attention"})
+    quiet: bool = field(default=False, metadata={"help": "no progress bars"})
+
+def build_parser():
+    "Flags of `latentcot.train` (the seeds' names): `TrainArgs`, `--settings` and every config field."
+    return cli_parser(TrainArgs, prog="latentcot.train", description="Train one latentcot stage.")
 
 def run_info(args: argparse.Namespace) -> dict:
     "What a resume must keep besides the config (recorded with every checkpoint): stage, model, data, limit, teacher, LoRA."
@@ -192,7 +134,6 @@ def run(args: argparse.Namespace, cfg: LatentCoTConfig | None = None):
     """Train the stage `args` describe; returns the final checkpoint folder. A resume with other settings, a damaged
     checkpoint or teacher file, and a non-finite loss stop the run with an error, before `final/` is written."""
     from latentcot.tiny import tiny_kit_path
-    from latentcot.tokens import load_latent_model
     from latentcot.data import load_samples, SampleDataset
     from latentcot.collators import LatentCollator
     from latentcot.demo import default_data_dir
@@ -204,20 +145,32 @@ def run(args: argparse.Namespace, cfg: LatentCoTConfig | None = None):
         # refused before training, not at the end: merging the adapter needs the whole model on one process
         raise ValueError("--lora with FSDP or DeepSpeed is not supported (save_final merges the adapter on one process); use DDP or one GPU")
     path = args.model_name_or_path or tiny_kit_path()
-    model, processor, ids = load_latent_model(path, attn_implementation=args.attn_implementation)
-    if cfg.gradient_checkpointing: model.gradient_checkpointing_enable()
+    if args.quiet:                            # no weight-loading or shard-writing bars either
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+    model, processor, ids = LatentCoTModel.from_pretrained(path, cfg, stop_head="auto", halting=False if args.stage == "stage1" else None,
+                                                           attn_implementation=args.attn_implementation)
+    if cfg.gradient_checkpointing: model.vlm.gradient_checkpointing_enable()
     if args.stage == "multiturn":
         from latentcot.multiturn import load_multiturn_samples, MultiTurnCollator
         samples = load_multiturn_samples(Path(args.data) if args.data else default_data_dir() / "edit" / "train.jsonl")
         samples = samples[: args.limit] if args.limit is not None else samples
-        collate = MultiTurnCollator(processor, cfg, rope_index=model)
+        collate = MultiTurnCollator(processor, cfg, rope_index=model.vlm)
     else:
         data = Path(args.data) if args.data else default_data_dir() / "visual" / "train.jsonl"
-        samples, report = load_samples(data, strict=not args.lenient)
-        if report.errors: print(report)
+        samples, report = load_samples(data, strict=not args.lenient)   # a skip report is logged there, once
+        if not samples:
+            raise ValueError(f"{data}: none of its {report.n_records} record(s) is usable ({len(report.errors)} skipped "
+                             f"under --lenient, first: {report.errors[0] if report.errors else '-'}); nothing to train on")
         samples = samples[: args.limit] if args.limit is not None else samples
-        collate = LatentCollator(processor, stage=args.stage, cfg=cfg, rope_index=model, strict=not args.lenient)
-    if args.stage != "stage1": model = prepare_latent_model(model, cfg, path if Path(str(path)).is_dir() else None)
+        collate = LatentCollator(processor, stage=args.stage, cfg=cfg, rope_index=model.vlm, strict=not args.lenient)
+    # rank from the launcher's environment: a PartialState made before the Accelerator would settle the process group
+    if args.stage in ("stage2", "stage3") and cfg.latent_size_mode == "budget" and os.environ.get("RANK", "0") == "0":
+        lens = {n for s in samples[:256] for n in collate.prepare(s).lengths}
+        if len(lens) == 1:                    # e.g. seed 002's alpha 0.02: every budget is 1 up to 2,500 image tokens
+            print(f"note: every thought image of the first {min(256, len(samples))} samples gets the same latent budget "
+                  f"{lens.pop()} (latent_budget_alpha={cfg.latent_budget_alpha}, gamma={cfg.latent_budget_gamma}): "
+                  "per-image budgets do not differ in this run")
     step = make_step_fn(args.stage, cfg, ids=ids, teacher_latent_dir=args.teacher_latent_dir, samples=samples,
                         processor=processor, model=model)
     if args.lora: model = apply_lora(model, r=args.lora_r)
@@ -233,8 +186,8 @@ def run(args: argparse.Namespace, cfg: LatentCoTConfig | None = None):
 
 def main(argv: list[str] | None = None) -> int:
     "CLI entry point (`python -m latentcot.train`, `accelerate launch -m latentcot.train`, `latentcot train`)."
-    args = build_parser().parse_args(argv)
-    print(run(args))
+    args, cfg = parse_cli(build_parser(), argv, (TrainArgs,))
+    print(run(args, cfg))
     return 0
 
 # %% ../nbs/14_train.ipynb #817a455f

@@ -20,8 +20,7 @@ from .config import LatentCoTConfig, fault_point, save_config
 __all__ = ['STATE_NAME', 'HASH_MAX_BYTES', 'RESUMABLE_SETTINGS', 'StepResult', 'TrainState', 'MetricsError', 'MetricsLog',
            'read_metrics', 'CheckpointError', 'SettingsChanged', 'checkpoint_problems', 'latest_checkpoint',
            'clean_checkpoints', 'save_checkpoint', 'load_checkpoint', 'settings_diff', 'check_resume_settings',
-           'average_gradients', 'rng_neutral', 'gather_full_state_dict', 'make_accelerator', 'NonFiniteLoss',
-           'train_loop']
+           'reduce_metrics', 'rng_neutral', 'gather_full_state_dict', 'make_accelerator', 'NonFiniteLoss', 'train_loop']
 
 # %% ../nbs/11_trainer.ipynb #e391dc48
 @dataclass
@@ -294,13 +293,14 @@ def _mean_records(recs: list[dict]) -> dict:
         else: out[k] = sum(map(float, vals)) / len(vals)
     return out
 
-def average_gradients(params):
-    "All-reduce-average the gradients of `params` across processes (missing gradients count as zero)."
-    import torch.distributed as dist
-    world = dist.get_world_size()
-    for p in params:
-        if p.grad is None: p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM); p.grad.div_(world)
+def reduce_metrics(acc, scal: dict, tokens: float) -> tuple[dict, float]:
+    "Each metric averaged over the processes that logged it (by name: ranks may log other keys), tokens summed."
+    if acc.num_processes == 1: return dict(scal), tokens
+    from accelerate.utils import gather_object
+    recs = gather_object([{**scal, "__tokens__": tokens}])
+    keys = sorted(set().union(*recs) - {"__tokens__"})
+    return ({k: sum(r[k] for r in recs if k in r) / sum(k in r for r in recs) for k in keys},
+            sum(r["__tokens__"] for r in recs))
 
 def rng_neutral(batches):
     "Iterate `batches` without moving the global torch RNG: a DataLoader iterator draws its base seed from it."
@@ -384,19 +384,16 @@ def train_loop(model, dataset, collate_fn: Callable, step_fn: Callable, cfg: Lat
     bar = tqdm(total=total, initial=state.global_step, disable=not (progress and acc.is_local_main_process), desc=run_name)
     recs, toks, t0 = [], 0, time.perf_counter()
     model.train()
-    # a step that calls submodules directly (the latent rollout) bypasses DDP's forward, so its gradients are averaged here
-    inner = getattr(step_fn, "uses_inner_module", False)
-    call_model = acc.unwrap_model(model) if inner else model
     while state.global_step < total:
         dl.set_epoch(state.epoch)
+        if hasattr(collate_fn, "epoch"): collate_fn.epoch = state.epoch   # e.g. stage 3's random K, new every epoch
         it = acc.skip_first_batches(dl, state.batch_in_epoch) if state.batch_in_epoch else dl
         for batch in rng_neutral(it):  # steps that draw (dropout, random masks) then see the same numbers after a resume
             with acc.accumulate(model):
-                res = step_fn(call_model, batch, state)
+                res = step_fn(model, batch, state)
                 _check_finite(acc, res, batch, state, output_dir)
                 acc.backward(res.loss)
                 if acc.sync_gradients:
-                    if inner and acc.num_processes > 1: average_gradients(params)
                     opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
             state.batch_in_epoch += 1
             recs.append({"loss": _scalar(res.loss), **{k: _scalar(v) for k, v in res.terms.items()},
@@ -406,8 +403,7 @@ def train_loop(model, dataset, collate_fn: Callable, step_fn: Callable, cfg: Lat
                 state.global_step += 1
                 rec = _mean_records(recs)
                 scal = {k: v for k, v in rec.items() if not isinstance(v, list)}
-                red = acc.reduce(torch.tensor(list(scal.values()) + [float(toks)], device=acc.device), reduction="mean")
-                scal = dict(zip(scal, red[:-1].tolist())); ntok = red[-1].item() * acc.num_processes
+                scal, ntok = reduce_metrics(acc, scal, float(toks))
                 dt = time.perf_counter() - t0
                 out = {"step": state.global_step, "epoch": state.epoch, **scal, "lr": sched.get_last_lr()[0],
                        "tokens_per_s": ntok / dt if dt > 0 else 0.0,
