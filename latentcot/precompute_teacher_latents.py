@@ -14,9 +14,17 @@ from typing import Literal
 from .config import TRAINING_ONLY, LatentCoTConfig, cli_parser, config_from_args, parse_cli, positive_int
 
 # %% auto #0
-__all__ = ['PrecomputeArgs', 'build_parser', 'run', 'main']
+__all__ = ['SOURCE_NAME', 'teacher_source', 'PrecomputeArgs', 'build_parser', 'run', 'main']
 
 # %% ../nbs/13_precompute_teacher_latents.ipynb #6419bdb5
+SOURCE_NAME = "source.json"
+
+def teacher_source(teacher_dir) -> dict | None:
+    "The data file (and `--limit`) a teacher-latent directory was computed from, when it says."
+    import json
+    p = Path(teacher_dir) / SOURCE_NAME
+    return json.loads(p.read_text()) if p.is_file() else None
+
 @dataclass
 class PrecomputeArgs:
     "The flags of `latentcot.precompute_teacher_latents` besides the config."
@@ -65,6 +73,9 @@ def run(args: argparse.Namespace, cfg: LatentCoTConfig | None = None):
     rep = precompute(model, processor, samples, collate, None, args.output_dir, cfg, batch_size=args.batch_size or cfg.bsz,
                      layers=args.layers, resume=not args.no_resume, progress=not args.quiet)
     if collate.dropped: print(f"collator dropped: {dict(collate.dropped)}", file=sys.stderr)
+    from latentcot.teacher_latents import atomic_write_json
+    # which data the files belong to: stages 2/3 default to it (and refuse another file) instead of failing at a step
+    atomic_write_json({"data": str(data.resolve()), "limit": args.limit}, Path(args.output_dir) / SOURCE_NAME)
     return rep
 
 def main(argv: list[str] | None = None) -> int:

@@ -126,6 +126,20 @@ def build_parser():
     "Flags of `latentcot.train` (the seeds' names): `TrainArgs`, `--settings` and every config field."
     return cli_parser(TrainArgs, prog="latentcot.train", description="Train one latentcot stage.")
 
+def _teacher_data(args, data: Path) -> Path:
+    "The data file of a latent stage: the teacher directory's own when none is given; another file given is refused."
+    from latentcot.precompute_teacher_latents import teacher_source
+    src = teacher_source(args.teacher_latent_dir)
+    if src is None: return data
+    theirs = Path(src["data"])
+    if not args.data:
+        print(f"note: --train_jsonl not given: using {theirs}, the file the teacher latents in {args.teacher_latent_dir} were computed from")
+        return theirs
+    if data.resolve() != theirs.resolve():
+        raise ValueError(f"--train_jsonl {data} is not the file the teacher latents in {args.teacher_latent_dir} were "
+                         f"computed from ({theirs}): pass that file, or precompute teacher latents for this one")
+    return data
+
 def run_info(args: argparse.Namespace) -> dict:
     "What a resume must keep besides the config (recorded with every checkpoint): stage, model, data, limit, teacher, LoRA."
     return {k: getattr(args, k, None) for k in ("stage", "model_name_or_path", "data", "limit", "teacher_latent_dir", "lora", "lora_r", "lenient")}
@@ -158,6 +172,8 @@ def run(args: argparse.Namespace, cfg: LatentCoTConfig | None = None):
         collate = MultiTurnCollator(processor, cfg, rope_index=model.vlm)
     else:
         data = Path(args.data) if args.data else default_data_dir() / "visual" / "train.jsonl"
+        if args.stage in ("stage2", "stage3") and args.teacher_latent_dir:
+            data = _teacher_data(args, data)
         samples, report = load_samples(data, strict=not args.lenient)   # a skip report is logged there, once
         if not samples:
             raise ValueError(f"{data}: none of its {report.n_records} record(s) is usable ({len(report.errors)} skipped "
