@@ -18,7 +18,7 @@ __all__ = ['COLORS', 'SHAPES', 'KINDS', 'GRID', 'QUESTION_SIZE', 'THOUGHT_SIZES'
            'make_answer', 'sample_scene', 'make_visual_split', 'visual_to_chat', 'visual_counts', 'thought_counts',
            'verify_visual', 'answer_from_output', 'score_answer', 'apply_edit', 'edit_phrase', 'make_prompt',
            'make_reflections', 'make_edit_split', 'parse_edit_prompt', 'verify_edit', 'load_edit_records',
-           'generate_all', 'main']
+           'write_triplet_parquet', 'generate_all', 'main']
 
 # %% ../nbs/04_datagen.ipynb #7d11506a
 COLORS = {"red": (220, 50, 47), "green": (40, 160, 60), "blue": (38, 98, 214)}
@@ -333,10 +333,27 @@ move it one cell left."), `img0` (original), `img1` (first edit applied), `img2`
 `reflection2` (where the object is after each step and what remains), plus `target` and `edits` (the generation facts).
 Images are {e} px, paths relative to the JSONL. `latentcot.datagen.verify_edit(record)` re-derives img1/img2 from the
 prompt and img0's pixels (use `load_edit_records(path)` for absolute paths).
+`heldout_triplets.parquet`: the first 8 held-out records in seed 000 §4's COT-triplet form, images embedded as
+`{{"bytes": ...}}` and reflections wrapped in `<|reflection_start|>` ... `<|reflection_end|>`
+(`latentcot.multiturn.load_multiturn_samples` reads it).
 
 ## text/
 Written by `latentcot.textdata.write_text_sets` (diffusion-LM track) when that module is present; see its notebook.
 """
+
+def write_triplet_parquet(src_jsonl, out, n: int = 8) -> Path:
+    "A parquet copy of the first `n` triplets in seed 000 §4's form: images embedded as `{'bytes': ...}`, reflections wrapped."
+    import pyarrow as pa, pyarrow.parquet as pq
+    src, out = Path(src_jsonl), Path(out)
+    rows = []
+    for line in src.read_text(encoding="utf-8").splitlines()[:n]:
+        r = json.loads(line)
+        rows.append({**r, **{k: {"bytes": (src.parent / r[k]).read_bytes()} for k in ("img0", "img1", "img2")},
+                     **{k: f"<|reflection_start|>{r[k]}<|reflection_end|>" for k in ("reflection1", "reflection2")}})
+    tmp = out.with_name(out.name + ".tmp")
+    pq.write_table(pa.Table.from_pylist(rows), tmp)
+    os.replace(tmp, out)
+    return out
 
 def generate_all(out_dir, seed: int = 0, n_train: int = 160, n_heldout: int = 200,
                  n_edit_train: int | None = None, n_edit_heldout: int | None = None, text: bool = True) -> dict:
@@ -352,6 +369,7 @@ def generate_all(out_dir, seed: int = 0, n_train: int = 160, n_heldout: int = 20
             _write_text(stage / "chat" / f"{split}.json", _json_list([visual_to_chat(r) for r in recs]))
             _write_text(stage / "edit" / f"{split}.jsonl", _jsonl(make_edit_split(stage / "edit", split, ne, seed, edit_seen)))
             counts[f"visual/{split}"] = counts[f"chat/{split}"] = n; counts[f"edit/{split}"] = ne
+        write_triplet_parquet(stage / "edit" / "heldout.jsonl", stage / "edit" / "heldout_triplets.parquet")
         for name in ("visual", "chat", "edit"): _publish(stage / name, out / name)
         _write_text(out / "README.md", README.format(seed=seed, n_train=n_train, n_heldout=n_heldout, n_edit_train=n_et,
                     n_edit_heldout=n_eh, q="x".join(map(str, QUESTION_SIZE)), e="x".join(map(str, EDIT_SIZE)),

@@ -7,7 +7,7 @@ Docs: https://latentcot.github.io/latentcot/latent_forward.html.md"""
 # %% ../nbs/07_latent_forward.ipynb #f93f54c1
 from __future__ import annotations
 import argparse, contextlib, random, time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -20,7 +20,7 @@ __all__ = ['GATED_ATTENTION', 'latent_segments_from_ids', 'check_segments', 'mm_
            'prefix_embeddings', 'batch_mask_4d', 'text_attn_implementation', 'for_backend', 'toy_latent_batch',
            'no_gradient_checkpointing', 'Rollout', 'slot_index', 'latent_rollout', 'latent_rollout_reference',
            'patch_latents', 'is_gated', 'LatentForwardOutput', 'teacher_forced_forward', 'latent_forward',
-           'latent_stage_forward', 'bench_rollout', 'bench_rollout_main']
+           'latent_stage_forward', 'bench_rollout', 'BenchRolloutArgs', 'bench_rollout_main']
 
 # %% ../nbs/07_latent_forward.ipynb #90dc7948
 def latent_segments_from_ids(input_ids, attention_mask, latent_id: int) -> list[list[tuple[int, int, int]]]:
@@ -500,14 +500,19 @@ def bench_rollout(B: int = 8, K: int = 8, repeats: int = 7, seed: int = 0, threa
         print(f"latent training step (both passes + backward) / SFT step: {res['latent_step_over_sft']:.2f}x (goal <= 3x)")
     return res
 
+@dataclass
+class BenchRolloutArgs:
+    "Flags of `latentcot bench rollout`."
+    B: int = field(default=8, metadata={"help": "batch size"})
+    K: int = field(default=8, metadata={"help": "latents per sample"})
+    repeats: int = field(default=7, metadata={"help": "timed runs of each variant (best of)"})
+    seed: int = field(default=0, metadata={"help": "seed of the toy batch and the weights"})
+    threads: int = field(default=1, metadata={"help": "torch threads for every variant (0: torch's default)"})
+
 def bench_rollout_main(argv=None) -> int:
     "CLI `latentcot bench rollout [--B 8] [--K 8] [--repeats 7] [--seed 0] [--threads 1]`."
-    p = argparse.ArgumentParser(prog="latentcot bench rollout", description=bench_rollout.__doc__)
-    p.add_argument("--B", type=int, default=8, help="batch size")
-    p.add_argument("--K", type=int, default=8, help="latents per sample")
-    p.add_argument("--repeats", type=int, default=7, help="timed runs of each variant (best of)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch threads for every variant (0: torch's default)")
-    a = p.parse_args(argv)
+    from latentcot.config import cli_parser
+    (a,) = cli_parser(BenchRolloutArgs, config=False, prog="latentcot bench rollout",
+                      description=bench_rollout.__doc__).parse_args_into_dataclasses(argv)
     bench_rollout(a.B, a.K, a.repeats, a.seed, threads=a.threads)
     return 0

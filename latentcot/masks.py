@@ -7,7 +7,7 @@ Docs: https://latentcot.github.io/latentcot/masks.html.md"""
 # %% ../nbs/06_masks.ipynb #04c61706
 from __future__ import annotations
 import argparse, enum, io, random, time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 import torch
 
@@ -16,7 +16,7 @@ __all__ = ['QWEN25VL_SPECIAL', 'MASK_FLAG_DEFAULTS', 'ROLE_COLORS', 'Role', 'Tok
            'token_roles', 'ChatWords', 'qwen_special_ids', 'mask_flags', 'rule_table', 'describe_rules',
            'groups_from_roles', 'build_4d_mask', 'causal_padding_mask', 'to_additive', 'attention_mask_4d',
            'token_layout_reference', 'may_attend', 'build_4d_mask_reference', 'random_sample_tokens', 'random_batch',
-           'bench_masks', 'bench_masks_main', 'plot_mask', 'MaskExplorer', 'mask_explorer']
+           'bench_masks', 'BenchMasksArgs', 'bench_masks_main', 'plot_mask', 'MaskExplorer', 'mask_explorer']
 
 # %% ../nbs/06_masks.ipynb #54822302
 class Role(enum.IntEnum):
@@ -443,15 +443,20 @@ def bench_masks(B=8, L=2048, repeats=3, seed=0, ids=None, threads: int | None = 
               f"speedup {res['speedup']:.0f}x, equal={res['equal']}")
     return res
 
+@dataclass
+class BenchMasksArgs:
+    "Flags of `latentcot bench masks`."
+    B: int = field(default=8, metadata={"help": "batch size"})
+    L: int = field(default=2048, metadata={"help": "sequence length"})
+    repeats: int = field(default=3, metadata={"help": "timed runs of the vectorised builder"})
+    seed: int = field(default=0, metadata={"help": "seed of the random layouts"})
+    threads: int = field(default=1, metadata={"help": "torch threads for the vectorised builder (0: torch's default)"})
+
 def bench_masks_main(argv=None) -> int:
     "CLI `latentcot bench masks [--B 8] [--L 2048] [--repeats 3] [--seed 0] [--threads 1]`; exit 1 if the masks differ."
-    p = argparse.ArgumentParser(prog="latentcot bench masks", description=bench_masks.__doc__)
-    p.add_argument("--B", type=int, default=8, help="batch size")
-    p.add_argument("--L", type=int, default=2048, help="sequence length")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs of the vectorised builder")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch threads for the vectorised builder (0: torch's default)")
-    a = p.parse_args(argv)
+    from latentcot.config import cli_parser
+    (a,) = cli_parser(BenchMasksArgs, config=False, prog="latentcot bench masks",
+                      description=bench_masks.__doc__).parse_args_into_dataclasses(argv)
     return 0 if bench_masks(a.B, a.L, a.repeats, a.seed, threads=a.threads)["equal"] else 1
 
 # %% ../nbs/06_masks.ipynb #34e32419

@@ -20,7 +20,8 @@ from .latent_forward import latent_stage_forward, slot_index
 from .losses import active_rows, alignment_cos, ce_loss, latent_terms, total_loss
 
 # %% auto #0
-__all__ = ['MODEL_KEYS', 'LORA_TARGETS', 'model_inputs', 'TeacherTargets', 'LatentCoTOutput', 'latent_stats', 'LatentCoTModel']
+__all__ = ['MODEL_KEYS', 'LORA_TARGETS', 'model_inputs', 'TeacherTargets', 'LatentCoTOutput', 'latent_stats', 'checkpoint_path',
+           'LatentCoTModel']
 
 # %% ../nbs/09a_model.ipynb #6d9c98ec
 MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "position_ids", "mm_token_type_ids")
@@ -72,6 +73,12 @@ def latent_stats(out, teacher: torch.Tensor | None) -> dict:
     return st
 
 # %% ../nbs/09a_model.ipynb #4f9efc96
+def checkpoint_path(path):
+    "`path`, or its `final/` when `path` is a training run's output folder (seed 001 passes those to the next stage)."
+    p = Path(str(path))
+    if p.is_dir() and not (p / "config.json").is_file() and (p / "final" / "config.json").is_file(): return p / "final"
+    return path
+
 class LatentCoTModel(nn.Module):
     "The stock Qwen2.5-VL (`vlm`) plus the seed-002 stop head; `forward(batch, teacher)` returns the loss and its terms."
     def __init__(self, vlm, cfg: LatentCoTConfig | None = None, stop_head: nn.Module | None = None, halting: bool | None = None):
@@ -176,6 +183,7 @@ class LatentCoTModel(nn.Module):
         `"auto"` (load when the folder has one, else a new head, said once: a stage-3 run starting from stage 2).
         `halting=False` leaves the stop head out whatever the mode (stage 1)."""
         from latentcot.tokens import load_latent_model
+        path = checkpoint_path(path)
         if stop_head not in ("load", "new", "auto"): raise ValueError(f"stop_head must be 'load', 'new' or 'auto', not {stop_head!r}")
         p = Path(str(path))
         if cfg is None: cfg = load_config_json(p / "latentcot_config.json") if (p / "latentcot_config.json").is_file() else LatentCoTConfig()

@@ -19,8 +19,9 @@ from .trainer import StepResult
 log = logging.getLogger("latentcot.multiturn")
 
 # %% auto #0
-__all__ = ['log', 'SYSTEMPROMPT1', 'SYSTEMPROMPT2', 'edit_messages', 'edit_record_to_sample', 'load_multiturn_samples',
-           'round_sample', 'history_lengths', 'check_prefix', 'round2_only', 'MultiTurnCollator', 'with_given_latents',
+__all__ = ['log', 'SYSTEMPROMPT1', 'SYSTEMPROMPT2', 'REFLECTION_TOKENS', 'edit_messages', 'reflection_wrapped',
+           'edit_record_to_sample', 'triplet_image', 'read_triplet_records', 'load_multiturn_samples', 'round_sample',
+           'history_lengths', 'check_prefix', 'round2_only', 'MultiTurnCollator', 'with_given_latents',
            'MultiTurnOutput', 'multiturn_forward', 'online_teacher', 'precompute_multiturn_teacher', 'round_targets',
            'round_terms', 'multiturn_loss', 'cos_per_round', 'make_multiturn_step']
 
@@ -43,26 +44,96 @@ def edit_messages(rec: dict) -> list[dict]:
 _TEXT_KEYS = ("sample_id", "prompt", "reflection1", "reflection2")
 _SPECIAL = ("<abs_vis_token", "</abs_vis_token>", OBS_START, OBS_END, "<|")
 
+REFLECTION_TOKENS = ("<|reflection_start|>", "<|reflection_end|>")   # seed 000 §4's wrapper, special tokens when used
+
+def reflection_wrapped(text: str, path, line: int, sid, key: str) -> bool:
+    "Is `text` wrapped in `<|reflection_start|>` ... `<|reflection_end|>`? A wrapper that is not one balanced pair is an error."
+    a, b = (text.count(t) for t in REFLECTION_TOKENS)
+    if (a, b) == (0, 0): return False
+    s = text.strip()
+    if (a, b) != (1, 1) or not (s.startswith(REFLECTION_TOKENS[0]) and s.endswith(REFLECTION_TOKENS[1])):
+        raise DataError(path, line, sid, "unbalanced_reflection", f"{key!r} must be wrapped in one "
+                        f"{REFLECTION_TOKENS[0]} ... {REFLECTION_TOKENS[1]} pair or none: {text[:80]!r}")
+    return True
+
 def edit_record_to_sample(rec: dict, path, line: int) -> Sample:
     "A checked two-round `Sample` of one editing record (image paths absolute); a bad record raises `DataError`."
     sid = rec.get("sample_id")
+    wrapped = []
     for k in _TEXT_KEYS:
         if not isinstance(rec.get(k), str) or not rec[k].strip():
             raise DataError(path, line, sid, "bad_type", f"{k!r} must be a non-empty string, got {rec.get(k)!r}"[:200])
-        if any(t in rec[k] for t in _SPECIAL):
+        text = rec[k]
+        if k.startswith("reflection") and reflection_wrapped(text, path, line, sid, k):
+            wrapped.append(k); text = text.replace(REFLECTION_TOKENS[0], "").replace(REFLECTION_TOKENS[1], "")
+        if any(t in text for t in _SPECIAL):
             raise DataError(path, line, sid, "special_token_in_text", f"{k!r} holds a special token: {rec[k][:80]!r}")
+    meta = {k: v for k, v in rec.items() if k not in _TEXT_KEYS}
     return Sample(sid, edit_messages(rec), [Path(rec["img0"])], [Path(rec["img1"]), Path(rec["img2"])],
                   answer=rec["reflection2"], final_answer=rec["reflection2"], source=f"{path}:{line}", format="edit",
-                  metadata={k: v for k, v in rec.items() if k not in _TEXT_KEYS})
+                  metadata={**meta, "reflection_wrapped": bool(wrapped)})
+
+def _image_bytes(v):
+    "The bytes of an embedded image: raw bytes, or base64 text (how JSON carries them)."
+    import base64, binascii
+    if isinstance(v, (bytes, bytearray)): return bytes(v)
+    if isinstance(v, str):
+        try: return base64.b64decode(v, validate=True)
+        except binascii.Error: return None
+    return None
+
+def triplet_image(value, path: Path, line: int, sid, key: str) -> str:
+    "An image of a triplet as a file path: a path (relative to the data file), `{'path': ...}`, or `{'bytes': ...}` (cached once)."
+    import hashlib, io, os
+    from PIL import Image
+    if isinstance(value, dict) and value.get("bytes") is not None:
+        data = _image_bytes(value["bytes"])
+        try:
+            if data is None: raise ValueError("not bytes or base64")
+            with Image.open(io.BytesIO(data)) as im: im.load(); fmt = (im.format or "png").lower()
+        except Exception as e:
+            raise DataError(path, line, sid, "undecodable_image", f"{key}: embedded bytes are not an image ({e})"[:200]) from None
+        from latentcot.config import cache_root
+        out = cache_root() / "triplet_images" / f"{hashlib.sha256(data).hexdigest()[:32]}.{fmt}"
+        if not out.is_file():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(out.name + f".{os.getpid()}.tmp"); tmp.write_bytes(data); os.replace(tmp, out)
+        return str(out)
+    p = value.get("path") if isinstance(value, dict) else value
+    if not isinstance(p, str) or not p:
+        raise DataError(path, line, sid, "bad_type", f"{key} must be a path, {{'path': ...}} or {{'bytes': ...}}, got {str(value)[:60]!r}")
+    p = (path.parent / p).resolve()
+    if not p.is_file(): raise DataError(path, line, sid, "missing_image", f"image not found: {p}")
+    return str(p)
+
+def read_triplet_records(path) -> list[tuple[int, dict]]:
+    "`(line or row, record)` of a JSONL or parquet file of COT triplets, images as file paths; `DataError` names file and line."
+    import json
+    from latentcot.datagen import EDIT_KEYS
+    path = Path(path)
+    if not path.is_file(): raise DataError(path, None, None, "missing_file", "data file not found")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+        rows = list(enumerate(pq.read_table(path).to_pylist(), 1))
+    else:
+        rows = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip(): continue
+            try: rows.append((n, json.loads(line)))
+            except json.JSONDecodeError as e: raise DataError(path, n, None, "malformed_json", f"{e.msg} at column {e.pos + 1}") from None
+    out = []
+    for n, rec in rows:
+        sid = rec.get("sample_id") if isinstance(rec, dict) else None
+        missing = [k for k in EDIT_KEYS if not isinstance(rec, dict) or k not in rec]
+        if missing: raise DataError(path, n, sid, "missing_key", f"missing key(s) {missing}")
+        out.append((n, {**rec, **{k: triplet_image(rec[k], path, n, sid, k) for k in ("img0", "img1", "img2")}}))
+    return out
 
 def load_multiturn_samples(path) -> list[Sample]:
-    "The editing triplets of a JSONL as two-round `Sample`s; bad records raise `DataError` (file, line, sample)."
-    from latentcot.datagen import load_edit_records
+    "The COT triplets of a JSONL or parquet file as two-round `Sample`s; bad records raise `DataError` (file, line, sample)."
     path = Path(path)
-    recs = load_edit_records(path)
-    lines = [n for n, l in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if l.strip()]  # as load_edit_records skips
     out, seen = [], {}
-    for rec, n in zip(recs, lines):
+    for n, rec in read_triplet_records(path):
         s = edit_record_to_sample(rec, path, n)
         if s.sample_id in seen: raise DataError(path, n, s.sample_id, "duplicate_id", f"sample id already used on line {seen[s.sample_id]}")
         seen[s.sample_id] = n

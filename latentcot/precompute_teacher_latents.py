@@ -58,14 +58,20 @@ def run(args: argparse.Namespace, cfg: LatentCoTConfig | None = None):
     from latentcot.demo import default_data_dir
     from latentcot.teacher_latents import precompute
     cfg = cfg or config_from_args(args)
-    if getattr(args, "k_max", None) is not None and cfg.latent_size_mode != "random":
-        print(f"note: --k_max sets the segment lengths only with --latent_size_mode random; latent_size_mode is "
-              f"{cfg.latent_size_mode!r}, so lengths follow it (recorded in the manifest)", file=sys.stderr)
+    if getattr(args, "k_max", None) is not None and getattr(args, "latent_size_mode", None) is None \
+            and getattr(args, "latent_size", None) is None and cfg.latent_size_mode == "budget":
+        # seed 001: the teacher stores K_max latents per image, the length stages 2/3 then use with --latent_size K_max
+        cfg = cfg.replace(latent_size_mode="fixed", latent_size=cfg.k_max)
+        print(f"note: --k_max {cfg.k_max} sets the teacher's segments to {cfg.k_max} latents (latent_size_mode 'fixed', "
+              f"as seed 001's stages 2/3 with --latent_size {cfg.k_max}); pass --latent_size_mode to choose otherwise",
+              file=sys.stderr)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, processor, _ = load_latent_model(args.model_name_or_path or tiny_kit_path(), dtype=getattr(torch, args.dtype),
+    from latentcot.model import checkpoint_path
+    model, processor, _ = load_latent_model(checkpoint_path(args.model_name_or_path or tiny_kit_path()), dtype=getattr(torch, args.dtype),
                                             attn_implementation=args.attn_implementation)
     model.to(device)
-    data = Path(args.data) if args.data else default_data_dir() / "visual" / "train.jsonl"
+    from latentcot.train import data_file
+    data = data_file(args.data) if args.data else default_data_dir() / "visual" / "train.jsonl"
     samples, report = load_samples(data, strict=not args.lenient)
     if report.errors: print(report, file=sys.stderr)
     samples = samples[: args.limit] if args.limit is not None else samples

@@ -79,11 +79,11 @@ def register_latent_config(model, ids: SpecialIds):
         for k, v in vals.items(): setattr(cfg, k, v)
 
 # %% ../nbs/02_tokens.ipynb #53aa68ad
-def add_latent_tokens(model, processor) -> SpecialIds:
-    "Add the five latent tokens (if missing), give them embedding rows, register the config, freeze vision."
+def add_latent_tokens(model, processor, extra=()) -> SpecialIds:
+    "Add the five latent tokens (and `extra` ones, e.g. reflection wrappers) if missing, with embedding rows; register the config, freeze vision."
     tok = _tokenizer_of(processor)
     n_before, vocab = len(tok), tok.get_vocab()
-    new = [t for t in LATENT_TOKENS if t not in vocab]
+    new = [t for t in [*LATENT_TOKENS, *extra] if t not in vocab]
     if new: tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in new], special_tokens=True)
     new_ids = tok.convert_tokens_to_ids(new)
     emb = model.get_input_embeddings()

@@ -18,8 +18,8 @@ from .model import LatentCoTModel, LatentCoTOutput, TeacherTargets
 from .trainer import StepResult, train_loop
 
 # %% auto #0
-__all__ = ['STAGES', 'step_result', 'stage1_step', 'make_latent_step', 'make_step_fn', 'apply_lora', 'save_final', 'TrainArgs',
-           'build_parser', 'run_info', 'run', 'main']
+__all__ = ['STAGES', 'STAGE_ALIASES', 'step_result', 'stage1_step', 'make_latent_step', 'make_step_fn', 'apply_lora',
+           'save_final', 'TrainArgs', 'data_file', 'deepspeed_env', 'build_parser', 'run_info', 'run', 'main']
 
 # %% ../nbs/14_train.ipynb #e7b2cce3
 def step_result(out: LatentCoTOutput, batch: dict) -> StepResult:
@@ -99,15 +99,19 @@ def save_final(model: LatentCoTModel, processor, cfg: LatentCoTConfig, out_dir, 
     return model.save_pretrained(out_dir, processor, state_dict=state_dict)
 
 # %% ../nbs/14_train.ipynb #e98b68a9
+STAGE_ALIASES = {"sft_stage1": "stage1", "sft_stage2": "stage2", "sft_stage3": "stage3"}   # seed 000 / Monet names
+
 @dataclass
 class TrainArgs:
     "The flags of `latentcot.train` besides the config: what to train, from which model and data, into where."
-    stage: Literal["stage1", "stage2", "stage3", "multiturn"] = field(metadata={"help": "the stage to train"})
-    output_dir: str = field(metadata={"help": "checkpoints, metrics.jsonl, TensorBoard logs and final/"})
-    model_name_or_path: str | None = field(default=None, metadata={"help": "checkpoint dir or hub id (default: the tiny offline kit)"})
+    stage: Literal["stage1", "stage2", "stage3", "multiturn", "sft_stage1", "sft_stage2", "sft_stage3"] = field(
+        metadata={"help": "the stage to train (sft_stage1/2/3: seed 000's names for stage1/2/3)"})
+    output_dir: str = field(metadata={"aliases": ["--save_model_path"], "help": "checkpoints, metrics.jsonl, TensorBoard logs and final/"})
+    model_name_or_path: str | None = field(default=None, metadata={"aliases": ["--load_model_path"],
+                                                                  "help": "checkpoint dir or hub id (default: the tiny offline kit)"})
     data: str | None = field(default=None, metadata={"aliases": ["--train_jsonl", "--data_path"], "help":
-        "seed 001 JSONL or seed 000 chat JSON (default: data_samples/visual/train.jsonl); multiturn: editing triplets "
-        "(default: data_samples/edit/train.jsonl)"})
+        "seed 001 JSONL or seed 000 chat JSON, or a folder holding train.jsonl / train.json (default: "
+        "data_samples/visual/train.jsonl); multiturn: editing triplets (default: data_samples/edit/train.jsonl)"})
     teacher_latent_dir: str | None = field(default=None, metadata={"help": "teacher latents (latentcot.precompute_teacher_latents)"})
     max_steps: int | None = field(default=None, metadata={"type": positive_int, "help": "stop after this many optimizer steps (default: epochs)"})
     save_every: int = field(default=0, metadata={"help": "checkpoint every N optimizer steps (0: only at the end)"})
@@ -121,6 +125,38 @@ class TrainArgs:
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     attn_implementation: Literal["sdpa", "eager"] = field(default="sdpa", metadata={"help": "text attention"})
     quiet: bool = field(default=False, metadata={"help": "no progress bars"})
+    wandb_name: str | None = field(default=None, metadata={"help": "the run's name in the tracker (seed 000); with "
+                                                           "report_to tensorboard (the default, offline) the TensorBoard run"})
+    shuffle_train: bool = field(default=True, metadata={"help": "shuffle the samples every epoch (seed 000's flag; on by "
+                                                        "default, --no_shuffle_train keeps the file order)"})
+    deepspeed: str | None = field(default=None, metadata={"help": "a DeepSpeed JSON config (seed 000): used through "
+                                                          "accelerate's DeepSpeed plugin when deepspeed is installed"})
+
+    def __post_init__(self): self.stage = STAGE_ALIASES.get(self.stage, self.stage)
+
+def data_file(path, multiturn: bool = False) -> Path:
+    "A data file as given, or the training file inside a folder (`train.jsonl`, else `train.json`): seed 000 passes folders."
+    p = Path(path)
+    if not p.is_dir(): return p
+    for name in ("train.jsonl", "train.json"):
+        if (p / name).is_file(): return p / name
+    raise FileNotFoundError(f"{p}: a data folder needs train.jsonl (seed 001, or editing triplets) or train.json (seed 000 chat)")
+
+def deepspeed_env(config_file, argv) -> None:
+    "Route `--deepspeed FILE` through accelerate's DeepSpeed plugin, or stop with the accelerate command to use instead."
+    import importlib.util
+    if not Path(config_file).is_file(): raise SystemExit(f"--deepspeed {config_file}: no such file")
+    if importlib.util.find_spec("deepspeed") is None:
+        rest, skip = [], False
+        for a in argv:
+            if skip: skip = False; continue
+            if a == "--deepspeed": skip = True; continue
+            if not a.startswith("--deepspeed="): rest.append(a)
+        raise SystemExit(f"--deepspeed {config_file}: DeepSpeed is not installed here. Use accelerate's DeepSpeed config "
+                         "instead (or install deepspeed):\n  accelerate launch --config_file "
+                         f"configs/accelerate/deepspeed_zero2_8gpu.yaml -m latentcot.train {' '.join(rest)}")
+    os.environ.setdefault("ACCELERATE_USE_DEEPSPEED", "true")          # read by the Accelerator the trainer makes
+    os.environ.setdefault("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(config_file))
 
 def build_parser():
     "Flags of `latentcot.train` (the seeds' names): `TrainArgs`, `--settings` and every config field."
@@ -142,7 +178,9 @@ def _teacher_data(args, data: Path) -> Path:
 
 def run_info(args: argparse.Namespace) -> dict:
     "What a resume must keep besides the config (recorded with every checkpoint): stage, model, data, limit, teacher, LoRA."
-    return {k: getattr(args, k, None) for k in ("stage", "model_name_or_path", "data", "limit", "teacher_latent_dir", "lora", "lora_r", "lenient")}
+    info = {k: getattr(args, k, None) for k in ("stage", "model_name_or_path", "data", "limit", "teacher_latent_dir", "lora", "lora_r", "lenient")}
+    if getattr(args, "shuffle_train", True) is False: info["shuffle_train"] = False     # the data order a resume must keep
+    return info
 
 def run(args: argparse.Namespace, cfg: LatentCoTConfig | None = None):
     """Train the stage `args` describe; returns the final checkpoint folder. A resume with other settings, a damaged
@@ -152,10 +190,13 @@ def run(args: argparse.Namespace, cfg: LatentCoTConfig | None = None):
     from latentcot.collators import LatentCollator
     from latentcot.demo import default_data_dir
     if getattr(args, "limit", None) is not None and args.limit < 1: raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    args.stage = STAGE_ALIASES.get(args.stage, args.stage)
+    if getattr(args, "data", None): args.data = str(data_file(args.data))
     cfg = cfg or config_from_args(args)
     from accelerate import PartialState
     from accelerate.utils import DistributedType
-    if args.lora and PartialState().distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+    sharded = any(os.environ.get(f"ACCELERATE_USE_{k}", "false").lower() in ("1", "true") for k in ("FSDP", "DEEPSPEED"))
+    if args.lora and sharded:    # read from the launcher's environment: a PartialState now would settle the process group
         # refused before training, not at the end: merging the adapter needs the whole model on one process
         raise ValueError("--lora with FSDP or DeepSpeed is not supported (save_final merges the adapter on one process); use DDP or one GPU")
     path = args.model_name_or_path or tiny_kit_path()
@@ -169,6 +210,10 @@ def run(args: argparse.Namespace, cfg: LatentCoTConfig | None = None):
         from latentcot.multiturn import load_multiturn_samples, MultiTurnCollator
         samples = load_multiturn_samples(Path(args.data) if args.data else default_data_dir() / "edit" / "train.jsonl")
         samples = samples[: args.limit] if args.limit is not None else samples
+        if any(s.metadata.get("reflection_wrapped") for s in samples):   # seed 000 §4's wrapper: two special tokens
+            from latentcot.multiturn import REFLECTION_TOKENS
+            from latentcot.tokens import add_latent_tokens
+            add_latent_tokens(model.vlm, processor, extra=REFLECTION_TOKENS)
         collate = MultiTurnCollator(processor, cfg, rope_index=model.vlm)
     else:
         data = Path(args.data) if args.data else default_data_dir() / "visual" / "train.jsonl"
@@ -191,9 +236,14 @@ def run(args: argparse.Namespace, cfg: LatentCoTConfig | None = None):
                         processor=processor, model=model)
     if args.lora: model = apply_lora(model, r=args.lora_r)
     trackers = () if args.report_to == "none" else (args.report_to,)
+    run_name = getattr(args, "wandb_name", None) or args.stage
+    if getattr(args, "wandb_name", None) and args.report_to != "wandb" and os.environ.get("RANK", "0") == "0":
+        print(f"note: --wandb_name {run_name}: report_to is {args.report_to!r}, so this names the "
+              f"{'TensorBoard run' if args.report_to == 'tensorboard' else 'run'} ({Path(args.output_dir) / 'tb' / run_name}); "
+              "pass --report_to wandb for Weights & Biases")
     model, state = train_loop(model, SampleDataset(samples), collate, step, cfg, args.output_dir, max_steps=args.max_steps,
                               save_every=args.save_every, resume=not args.no_resume, trackers=trackers,
-                              run_name=args.stage, progress=not args.quiet, allow_rng_loss=getattr(args, "allow_rng_loss", False),
+                              run_name=run_name, shuffle=getattr(args, "shuffle_train", True), progress=not args.quiet, allow_rng_loss=getattr(args, "allow_rng_loss", False),
                               run_info=run_info(args))
     final = Path(args.output_dir) / "final"
     if PartialState().is_main_process: save_final(model, processor, cfg, final, state_dict=state.final_state_dict)
@@ -202,8 +252,12 @@ def run(args: argparse.Namespace, cfg: LatentCoTConfig | None = None):
 
 def main(argv: list[str] | None = None) -> int:
     "CLI entry point (`python -m latentcot.train`, `accelerate launch -m latentcot.train`, `latentcot train`)."
+    import sys
     args, cfg = parse_cli(build_parser(), argv, (TrainArgs,))
+    if args.deepspeed: deepspeed_env(args.deepspeed, sys.argv[1:] if argv is None else argv)
     print(run(args, cfg))
+    from accelerate import PartialState
+    PartialState().destroy_process_group()          # after the final save and barrier; a no-op with one process
     return 0
 
 # %% ../nbs/14_train.ipynb #817a455f

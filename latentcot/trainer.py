@@ -345,7 +345,7 @@ def _check_finite(acc, res: StepResult, batch, state: TrainState, output_dir):
 def train_loop(model, dataset, collate_fn: Callable, step_fn: Callable, cfg: LatentCoTConfig, output_dir,
                max_steps: int | None = None, save_every: int = 0, resume: bool = True, accelerator=None,
                trackers=("tensorboard",), run_name: str = "latentcot", progress: bool = True, on_step: Callable | None = None,
-               run_info: dict | None = None, allow_rng_loss: bool = False):
+               run_info: dict | None = None, allow_rng_loss: bool = False, shuffle: bool = True):
     """Train `model` with `step_fn` on `dataset`; returns `(model, state)`; checkpoints and metrics go to `output_dir`.
     A resume refuses other settings (the config, `run_info`, the number of samples and processes) than the run started
     with; a non-finite loss stops the run with `NonFiniteLoss`."""
@@ -357,7 +357,7 @@ def train_loop(model, dataset, collate_fn: Callable, step_fn: Callable, cfg: Lat
     output_dir = Path(output_dir); output_dir.mkdir(parents=True, exist_ok=True)
     acc = accelerator or make_accelerator(cfg, output_dir, trackers)
     set_seed(cfg.seed)
-    dl = DataLoader(dataset, batch_size=cfg.bsz, shuffle=True, collate_fn=collate_fn, drop_last=False)
+    dl = DataLoader(dataset, batch_size=cfg.bsz, shuffle=shuffle, collate_fn=collate_fn, drop_last=False)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params: raise ValueError("train_loop: the model has no trainable parameters")
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -422,5 +422,6 @@ def train_loop(model, dataset, collate_fn: Callable, step_fn: Callable, cfg: Lat
     save_checkpoint(acc, state, sched, output_dir, settings=settings)
     # with sharded parameters one process alone cannot write the final weights; gather them on every rank here
     state.final_state_dict = gather_full_state_dict(acc, model)
-    if trackers: acc.end_training()
+    # not acc.end_training(): it also destroys the process group, which the caller still needs (final save, barrier)
+    for t in acc.trackers: t.finish()
     return acc.unwrap_model(model), state
