@@ -216,7 +216,8 @@ def cli_parser(*arg_types, config: bool = True, hide=(), **kw):
     p = HfArgumentParser(types, **kw)
     for t in types:                            # HfArgumentParser keeps the annotation's type: apply a field's own parser
         for f in fields(t):
-            if "type" in f.metadata: p._option_string_actions[f"--{f.name}"].type = f.metadata["type"]
+            for k in ("type", "nargs", "metavar"):  # ... and its own nargs / metavar
+                if k in f.metadata: setattr(p._option_string_actions[f"--{f.name}"], k, f.metadata[k])
     if config:
         for f in fields(LatentCoTConfig):
             if _hints()[f.name] is bool:       # a --no- form for every boolean, whatever its default

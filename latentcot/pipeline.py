@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .config import LatentCoTConfig, load_config
+from dataclasses import dataclass, field, fields
+from .config import ConfigError, LatentCoTConfig, cli_parser, load_config, positive_int
 from .report import format_table, plot_latent_cosine, plot_losses, plot_stop_probs, write_json
 from .trainer import read_metrics
 
@@ -21,10 +22,10 @@ MAIN_STEPS = (300, 200, 300, 100)  # stage 1, stage 2, stage 3 mode A, stage 3 m
 MAIN_OVERRIDES = {}                # config settings of the main job (every stage and the evaluation)
 
 # %% auto #0
-__all__ = ['CONDITIONS', 'MAIN_STEPS', 'MAIN_OVERRIDES', 'CONTROLS', 'answer_positions', 'exact_match', 'evaluate',
-           'majority_accuracy', 'bootstrap_ci', 'paired_diff_ci', 'latent_geometry', 'prompt_batch', 'free_generation',
-           'stage_flags', 'split_files', 'run_pipeline', 'verdict', 'channel_sentence', 'goal_rows', 'write_report',
-           'format_diagnosis', 'run_main']
+__all__ = ['CONDITIONS', 'MAIN_STEPS', 'MAIN_OVERRIDES', 'CONTROLS', 'RUN_DEFAULTS', 'answer_positions', 'exact_match',
+           'evaluate', 'majority_accuracy', 'bootstrap_ci', 'paired_diff_ci', 'latent_geometry', 'prompt_batch',
+           'free_generation', 'split_files', 'run_pipeline', 'verdict', 'channel_sentence', 'goal_rows', 'write_report',
+           'format_diagnosis', 'RunArgs', 'run_main']
 
 # %% ../nbs/15_pipeline.ipynb #32f8605a
 def answer_positions(batch, ids) -> torch.Tensor:
@@ -190,14 +191,6 @@ def free_generation(model, processor, ids, samples, cfg: LatentCoTConfig, bsz: i
 
 
 # %% ../nbs/15_pipeline.ipynb #06cdac63
-def stage_flags(common: list[str], **kw) -> list[str]:
-    "CLI flags from keyword arguments (`None` values are left out; booleans as `--name` / `--no-name`)."
-    out = list(common)
-    for k, v in kw.items():
-        if v is None: continue
-        out += [f"--{k}" if v else f"--no-{k}"] if isinstance(v, bool) else [f"--{k}", str(v)]
-    return out
-
 def split_files(data: Path) -> tuple[str, str]:
     "`train` and `heldout` files of a data folder: seed 001 JSONL or seed 000 chat JSON."
     for ext in (".jsonl", ".json"):
@@ -221,30 +214,30 @@ def run_pipeline(out_dir, data_dir=None, model_name_or_path=None, steps=MAIN_STE
         model_name_or_path = str(calibrated_kit_path())
     base, over = model_name_or_path, dict(overrides or {})
     n1, n2, n3a, n3c = steps
-    common = stage_flags(["--bsz", str(bsz), "--grad_accum_steps", "1", "--learning_rate", str(learning_rate),
-                          "--report_to", "tensorboard"] + (["--quiet"] if quiet else []),
-                         latent_budget_alpha=latent_budget_alpha, **over)
-    lim = ["--limit", str(limit)] if limit else []
+    # config objects, not argv: one config for every stage (stage 3 C adds its halting schedule)
+    cfg = load_config(bsz=bsz, grad_accum_steps=1, learning_rate=learning_rate, latent_budget_alpha=latent_budget_alpha, **over)
+    def stage(name, **kw): return train.TrainArgs(stage=name, report_to="tensorboard", quiet=quiet, limit=limit, **kw)
+    def precompute(src, dest):
+        return ptl.run(ptl.PrecomputeArgs(output_dir=str(out / dest), model_name_or_path=str(s1), data=src, batch_size=bsz,
+                                          quiet=quiet, limit=limit), cfg)
     t0, times = time.perf_counter(), {}
     def timed(name, fn):
         s = time.perf_counter(); r = fn(); times[name] = time.perf_counter() - s
         if not quiet: print(f"[latentcot] {name} done in {times[name]:.1f}s")
         return r
-    s1 = timed("stage1", lambda: train.run(train.build_parser().parse_args(stage_flags(
-        common + lim, stage="stage1", model_name_or_path=base, train_jsonl=tr, output_dir=out / "stage1", max_steps=n1))))
-    pc = stage_flags(["--batch_size", str(bsz)] + (["--quiet"] if quiet else []) + lim, latent_budget_alpha=latent_budget_alpha, **over)
-    timed("precompute", lambda: [ptl.run(ptl.build_parser().parse_args(stage_flags(
-        pc, model_name_or_path=s1, train_jsonl=f, output_dir=out / d))) for f, d in ((tr, "teacher_train"), (ho, "teacher_heldout"))])
-    s2 = timed("stage2", lambda: train.run(train.build_parser().parse_args(stage_flags(
-        common + lim, stage="stage2", model_name_or_path=s1, train_jsonl=tr, teacher_latent_dir=out / "teacher_train",
-        output_dir=out / "stage2", max_steps=n2))))
-    s3a = timed("stage3_A", lambda: train.run(train.build_parser().parse_args(stage_flags(
-        common + lim, stage="stage3", model_name_or_path=s2, train_jsonl=tr, teacher_latent_dir=out / "teacher_train",
-        output_dir=out / "stage3_A", max_steps=n3a, latent_mode_stage="A"))))
-    s3c = timed("stage3_C", lambda: train.run(train.build_parser().parse_args(stage_flags(
-        common + lim, stage="stage3", model_name_or_path=s3a, train_jsonl=tr, teacher_latent_dir=out / "teacher_train",
-        output_dir=out / "stage3_C", max_steps=n3c, latent_mode_stage="C",
-        latent_stop_threshold_start=0.9, latent_stop_threshold_steps=max(1, n3c // 2)))))
+    teacher = str(out / "teacher_train")
+    s1 = timed("stage1", lambda: train.run(stage("stage1", model_name_or_path=base, data=tr, output_dir=str(out / "stage1"),
+                                                 max_steps=n1), cfg))
+    timed("precompute", lambda: [precompute(f, d) for f, d in ((tr, "teacher_train"), (ho, "teacher_heldout"))])
+    s2 = timed("stage2", lambda: train.run(stage("stage2", model_name_or_path=str(s1), data=tr, teacher_latent_dir=teacher,
+                                                 output_dir=str(out / "stage2"), max_steps=n2), cfg))
+    s3a = timed("stage3_A", lambda: train.run(stage("stage3", model_name_or_path=str(s2), data=tr, teacher_latent_dir=teacher,
+                                                    output_dir=str(out / "stage3_A"), max_steps=n3a),
+                                              cfg.replace(latent_mode_stage="A")))
+    s3c = timed("stage3_C", lambda: train.run(stage("stage3", model_name_or_path=str(s3a), data=tr, teacher_latent_dir=teacher,
+                                                    output_dir=str(out / "stage3_C"), max_steps=n3c),
+                                              cfg.replace(latent_mode_stage="C", latent_stop_threshold_start=0.9,
+                                                          latent_stop_threshold_steps=max(1, n3c // 2))))
     train_s, _ = load_samples(tr); held, _ = load_samples(ho)
     if limit: train_s, held = train_s[:limit], held[:limit]
     results = {}
@@ -363,28 +356,40 @@ def format_diagnosis(d: dict) -> str:
 # %% ../nbs/15_pipeline.ipynb #0e491e27
 def _override(kv: str) -> tuple[str, object]:
     "`KEY=VALUE` of `--set` (true/false become booleans)."
-    if "=" not in kv: raise argparse.ArgumentTypeError(f"--set {kv!r}: expected KEY=VALUE")
+    if "=" not in kv: raise ValueError(f"--set {kv!r}: expected KEY=VALUE")
     k, v = kv.split("=", 1)
     return k.strip(), {"true": True, "false": False}.get(v.strip().lower(), v.strip())
 
+RUN_DEFAULTS = dict(bsz=8, learning_rate=3e-3, latent_budget_alpha=0.5)   # the main job's own: budgets differ per image
+
+@dataclass
+class RunArgs:
+    "Flags of `latentcot run` besides the config flags (any config flag given applies to every stage and the evaluation)."
+    output_dir: str = field(default="runs/main", metadata={"help": "the run folder (stages, teacher latents, report/)"})
+    data_dir: str | None = field(default=None, metadata={"help": "folder with train/heldout .jsonl (seed 001) or .json "
+                                                         "(seed 000) (default: data_samples/visual)"})
+    model_name_or_path: str | None = field(default=None, metadata={"help": "base checkpoint (default: the calibrated tiny kit)"})
+    steps: list[int] = field(default_factory=lambda: list(MAIN_STEPS), metadata={
+        "nargs": 4, "metavar": "N", "help": "optimizer steps of stage 1, 2, 3 (mode A) and 3 (mode C)"})
+    limit: int | None = field(default=None, metadata={"type": positive_int, "help": "use only the first N samples of each split"})
+    no_diagnosis: bool = field(default=False, metadata={"help": "skip the probes and the stage-2 thought-image check"})
+    quiet: bool = field(default=False, metadata={"help": "no progress bars"})
+
 def run_main(argv: list[str] | None = None) -> int:
     "CLI `latentcot run`: the whole pipeline on the embedded default (or your data and model)."
-    ap = argparse.ArgumentParser(prog="latentcot run", description="Main job: stages 1-3 (A, C), teacher latents, evaluation, report.")
-    ap.add_argument("--output_dir", default="runs/main")
-    ap.add_argument("--data_dir", default=None, help="folder with train/heldout .jsonl (seed 001) or .json (seed 000) (default: data_samples/visual)")
-    ap.add_argument("--model_name_or_path", default=None, help="base checkpoint (default: the tiny offline kit)")
-    ap.add_argument("--steps", type=int, nargs=4, default=list(MAIN_STEPS), metavar=("S1", "S2", "S3A", "S3C"))
-    ap.add_argument("--bsz", type=int, default=8)
-    ap.add_argument("--learning_rate", type=float, default=3e-3)
-    ap.add_argument("--latent_budget_alpha", type=float, default=0.5,
-                    help="0.5 on the tiny images so budgets differ per image (the seed default 0.02 gives 1 everywhere)")
-    ap.add_argument("--set", dest="overrides", type=_override, action="append", default=[], metavar="KEY=VALUE",
-                    help="a config setting for every stage and the evaluation (default: MAIN_OVERRIDES), e.g. --set mask_question_image=false")
-    ap.add_argument("--limit", type=int, default=None)
-    ap.add_argument("--no_diagnosis", action="store_true", help="skip the probes and the stage-2 thought-image check")
-    ap.add_argument("--quiet", action="store_true")
-    a = ap.parse_args(argv)
-    run_pipeline(a.output_dir, a.data_dir, a.model_name_or_path, tuple(a.steps), a.bsz, a.learning_rate,
-                 a.latent_budget_alpha, a.limit, a.quiet, {**MAIN_OVERRIDES, **dict(a.overrides)}, diagnose=not a.no_diagnosis)
+    p = cli_parser(RunArgs, prog="latentcot run", description="Main job: stages 1-3 (A, C), teacher latents, evaluation, "
+                   f"report. Its own defaults: {RUN_DEFAULTS} (the seed's alpha 0.02 gives every tiny image budget 1).")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config setting as KEY=VALUE, repeatable (the same as its config flag), e.g. --set mask_question_image=false")
+    ns = p.parse_args(argv)
+    a = RunArgs(**{f.name: getattr(ns, f.name) for f in fields(RunArgs)})
+    given = {f.name: getattr(ns, f.name) for f in fields(LatentCoTConfig) if getattr(ns, f.name) is not None}
+    if isinstance(given.get("loss_type"), list): given["loss_type"] = " ".join(given["loss_type"])
+    over = {**MAIN_OVERRIDES, **dict(_override(kv) for kv in ns.overrides), **given}
+    try: load_config(getattr(ns, "settings", None), **over)         # refuses unknown keys and bad values up front
+    except ConfigError as e: raise ConfigError(str(e).replace("replace()", "latentcot run")) from None
+    main = {k: over.pop(k, v) for k, v in RUN_DEFAULTS.items()}
+    run_pipeline(a.output_dir, a.data_dir, a.model_name_or_path, tuple(a.steps), main["bsz"], main["learning_rate"],
+                 main["latent_budget_alpha"], a.limit, a.quiet, over, diagnose=not a.no_diagnosis)
     return 0
 
