@@ -14,8 +14,14 @@ import torch
 from torch import nn
 
 from .config import LatentCoTConfig, load_config_json, save_config
-from .halting import (STOP_HEAD_FILE, enable_latent_gating, has_stop_head, load_stop_head, new_stop_head,
-                               save_stop_head)
+from latentcot.halting import (
+    STOP_HEAD_FILE,
+    enable_latent_gating,
+    has_stop_head,
+    load_stop_head,
+    new_stop_head,
+    save_stop_head,
+)
 from .latent_forward import latent_stage_forward, slot_index
 from .losses import active_rows, alignment_cos, ce_loss, latent_terms, total_loss
 
@@ -27,28 +33,33 @@ __all__ = ['MODEL_KEYS', 'LORA_TARGETS', 'model_inputs', 'TeacherTargets', 'Late
 MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "position_ids", "mm_token_type_ids")
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
+
 def model_inputs(batch: dict, attention_mask_4d: bool = True) -> dict:
     "The keys of a collated batch the stock model forward takes; the 4D mask replaces the 2D one when present."
     out = {k: batch[k] for k in MODEL_KEYS if batch.get(k) is not None}
-    if attention_mask_4d and batch.get("attention_mask_4d") is not None: out["attention_mask"] = batch["attention_mask_4d"]
+    if attention_mask_4d and batch.get("attention_mask_4d") is not None:
+        out["attention_mask"] = batch["attention_mask_4d"]
     return out
 
 # %% ../nbs/09a_model.ipynb #45a18beb
 @dataclass
 class TeacherTargets:
     "Alignment targets of a batch: rows at the latent pads and, for seed 000 stage 2, at the observation tokens."
-    latents: torch.Tensor | None = None        # [N,H] (or [layers,N,H]) in the row order of the student's latents
-    observations: torch.Tensor | None = None   # [n_obs,H] (or [layers,n_obs,H]) in the order of observation_positions
+
+    latents: torch.Tensor | None = None  # [N,H] (or [layers,N,H]) in the row order of the student's latents
+    observations: torch.Tensor | None = None  # [n_obs,H] (or [layers,n_obs,H]) in the order of observation_positions
+
 
 @dataclass
 class LatentCoTOutput:
     "The loss of a forward, its named terms, logits, latents, the engine's output and per-step statistics."
+
     loss: torch.Tensor
-    terms: dict = field(default_factory=dict)   # term -> float (ce, alignment, stop, cost; per round for multi-turn)
+    terms: dict = field(default_factory=dict)  # term -> float (ce, alignment, stop, cost; per round for multi-turn)
     logits: torch.Tensor | None = None
     latents: torch.Tensor | None = None
-    info: object = None                         # LatentForwardOutput, MultiTurnOutput, or the stock output (stage 1)
-    stats: dict = field(default_factory=dict)   # cos_per_latent, stop_prob_per_step, used_len, budget, lm_calls
+    info: object = None  # LatentForwardOutput, MultiTurnOutput, or the stock output (stage 1)
+    stats: dict = field(default_factory=dict)  # cos_per_latent, stop_prob_per_step, used_len, budget, lm_calls
 
 # %% ../nbs/09a_model.ipynb #31f3cf7b
 def latent_stats(out, teacher: torch.Tensor | None) -> dict:
@@ -56,7 +67,8 @@ def latent_stats(out, teacher: torch.Tensor | None) -> dict:
     st = {}
     used = [u for row in out.latent_used_lens for u in row]
     budgets = [e - s for segs in out.segments for s, e, _ in segs]
-    if used: st.update(used_len=sum(used) / len(used), budget=sum(budgets) / len(budgets))
+    if used:
+        st.update(used_len=sum(used) / len(used), budget=sum(budgets) / len(budgets))
     if teacher is not None and out.latents.numel():
         t = teacher.detach().float().to(out.latents.device)
         cos = torch.nn.functional.cosine_similarity(out.latents.detach().float(), t, dim=-1).cpu()
@@ -68,35 +80,48 @@ def latent_stats(out, teacher: torch.Tensor | None) -> dict:
         for b, segs in enumerate(out.segments):
             for s, e, _ in segs:
                 for k in range(e - s):
-                    if sm[b, s + k]: per.setdefault(k, []).append(float(p[b, s + k]))
-        if per: st["stop_prob_per_step"] = [sum(per[k]) / len(per[k]) for k in range(max(per) + 1) if k in per]
+                    if sm[b, s + k]:
+                        per.setdefault(k, []).append(float(p[b, s + k]))
+        if per:
+            st["stop_prob_per_step"] = [sum(per[k]) / len(per[k]) for k in range(max(per) + 1) if k in per]
     return st
 
 # %% ../nbs/09a_model.ipynb #4f9efc96
 def checkpoint_path(path):
     "`path`, or its `final/` when `path` is a training run's output folder (seed 001 passes those to the next stage)."
     p = Path(str(path))
-    if p.is_dir() and not (p / "config.json").is_file() and (p / "final" / "config.json").is_file(): return p / "final"
+    if p.is_dir() and not (p / "config.json").is_file() and (p / "final" / "config.json").is_file():
+        return p / "final"
     return path
+
 
 class LatentCoTModel(nn.Module):
     "The stock Qwen2.5-VL (`vlm`) plus the seed-002 stop head; `forward(batch, teacher)` returns the loss and its terms."
-    def __init__(self, vlm, cfg: LatentCoTConfig | None = None, stop_head: nn.Module | None = None, halting: bool | None = None):
+
+    def __init__(
+        self, vlm, cfg: LatentCoTConfig | None = None, stop_head: nn.Module | None = None, halting: bool | None = None
+    ):
         super().__init__()
         self.cfg = cfg if cfg is not None else LatentCoTConfig()
         self.vlm = vlm
         halting = self.cfg.latent_mode_stage == "C" if halting is None else halting
         self.stop_head = stop_head if stop_head is not None or not halting else new_stop_head(vlm)
-        if self.stop_head is not None: enable_latent_gating(vlm)
-        self.__dict__["_peft"] = None          # the peft wrapper, kept out of the module tree (it wraps `vlm` itself)
+        if self.stop_head is not None:
+            enable_latent_gating(vlm)
+        self.__dict__["_peft"] = None  # the peft wrapper, kept out of the module tree (it wraps `vlm` itself)
 
     @property
-    def config(self): return self.vlm.config
+    def config(self):
+        return self.vlm.config
 
-    def forward(self, batch: dict, teacher=None, stop_threshold: float | None = None, detach_z0: bool = False) -> LatentCoTOutput:
+    def forward(
+        self, batch: dict, teacher=None, stop_threshold: float | None = None, detach_z0: bool = False
+    ) -> LatentCoTOutput:
         "One training/evaluation forward of a collated batch; `teacher`: `TeacherTargets` (a tensor = latents, a pair per round for multi-turn)."
-        if batch.get("round1") is not None: return self._multiturn(batch, teacher, detach_z0)
-        if batch.get("stage") == "stage1": return self._stage1(batch)
+        if batch.get("round1") is not None:
+            return self._multiturn(batch, teacher, detach_z0)
+        if batch.get("stage") == "stage1":
+            return self._stage1(batch)
         return self._latent(batch, teacher, stop_threshold)
 
     def _stage1(self, batch):
@@ -110,15 +135,21 @@ class LatentCoTModel(nn.Module):
         cfg = self.cfg
         t = teacher if isinstance(teacher, TeacherTargets) else TeacherTargets(latents=teacher)
         at_obs = batch.get("stage") == "stage2" and t.observations is not None
-        out = latent_stage_forward(self.vlm, batch, cfg=cfg, stop_head=self.stop_head, stop_threshold=stop_threshold,
-                                   output_hidden_states=at_obs or cfg.alignment_layer.strip() != "last")
+        out = latent_stage_forward(
+            self.vlm,
+            batch,
+            cfg=cfg,
+            stop_head=self.stop_head,
+            stop_threshold=stop_threshold,
+            output_hidden_states=at_obs or cfg.alignment_layer.strip() != "last",
+        )
         dev = out.logits.device
         lat = t.latents.to(dev) if t.latents is not None else None
         obs = t.observations.to(dev) if t.observations is not None else None
         terms = latent_terms(out, batch, cfg, lat, obs if at_obs else None)
         loss, logs = total_loss(terms, cfg)
         cos_teacher = lat if cfg.alignment_layer.strip() == "last" else None
-        if cos_teacher is not None and not bool(out.latent_mask.all()):   # mode C: the teacher rows of active latents
+        if cos_teacher is not None and not bool(out.latent_mask.all()):  # mode C: the teacher rows of active latents
             _, keep = active_rows(batch["alignment_positions"], out.latent_mask)
             cos_teacher = cos_teacher[torch.tensor(keep, dtype=torch.long, device=dev)]
         stats = {**latent_stats(out, cos_teacher), "lm_calls": out.n_calls}
@@ -127,14 +158,19 @@ class LatentCoTModel(nn.Module):
     def _multiturn(self, batch, teacher, detach_z0):
         "Seed 000's two rounds: Z0 from the prompt, Z1 after reflection 1; teacher rows per round (online when the batch has the teacher layout)."
         from latentcot.multiturn import multiturn_forward, multiturn_loss, online_teacher, round_targets, cos_per_round
+
         cfg = self.cfg
-        if cfg.latent_mode_stage != "A": raise ValueError("the multi-turn stage runs in mode A (latent_mode_stage=A)")
+        if cfg.latent_mode_stage != "A":
+            raise ValueError("the multi-turn stage runs in mode A (latent_mode_stage=A)")
         last = cfg.alignment_layer.strip() == "last"
         if teacher is None and "alignment" in cfg.loss_terms and batch.get("teacher") is not None:
             entries = online_teacher(self.vlm, batch["teacher"], "last" if last else "all")
-            teacher = tuple(round_targets(entries, batch["round2"]["latent_budgets"], r, "latents" if last else "hidden_states")
-                            for r in (0, 1))
-        if teacher is None: teacher = (None, None)
+            teacher = tuple(
+                round_targets(entries, batch["round2"]["latent_budgets"], r, "latents" if last else "hidden_states")
+                for r in (0, 1)
+            )
+        if teacher is None:
+            teacher = (None, None)
         out = multiturn_forward(self.vlm, batch, cfg.latent_grad, detach_z0, output_hidden_states=not last)
         dev = out.round2.logits.device
         teacher = tuple(x.to(dev) if x is not None else None for x in teacher)
@@ -142,58 +178,90 @@ class LatentCoTModel(nn.Module):
         stats = {**cos_per_round(out, teacher), "lm_calls": out.round1.n_calls + out.round2.n_calls}
         return LatentCoTOutput(loss, logs, out.round2.logits, out.z1, out, stats)
 
-    def add_lora(self, r: int = 16, alpha: int = 32, dropout: float = 0.0, targets: str | None = None) -> "LatentCoTModel":
+    def add_lora(
+        self, r: int = 16, alpha: int = 32, dropout: float = 0.0, targets: str | None = None
+    ) -> "LatentCoTModel":
         "peft LoRA on the language model's projections, injected into `vlm` in place; the stop head keeps training."
         from peft import LoraConfig, get_peft_model
-        if self._peft is not None: raise ValueError("add_lora: this model already has LoRA adapters")
-        self.__dict__["_peft"] = get_peft_model(self.vlm, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
-                                                                      target_modules=targets or LORA_TARGETS))
+
+        if self._peft is not None:
+            raise ValueError("add_lora: this model already has LoRA adapters")
+        self.__dict__["_peft"] = get_peft_model(
+            self.vlm, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets or LORA_TARGETS)
+        )
         return self
 
     def save_pretrained(self, out_dir, processor=None, state_dict: dict | None = None) -> Path:
         "Stock weights (safetensors; LoRA merged, adapter kept in `adapter/`), the stop head, the config; atomically."
-        out_dir = Path(out_dir); tmp = out_dir.with_name(out_dir.name + ".tmp")
-        if tmp.exists(): shutil.rmtree(tmp)
+        out_dir = Path(out_dir)
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
         vlm_sd = head_sd = None
-        if state_dict is not None:            # gathered full weights (FSDP / DeepSpeed), keyed by this module's names
-            vlm_sd = {k[len("vlm."):]: v for k, v in state_dict.items() if k.startswith("vlm.")}
-            head_sd = {k[len("stop_head."):]: v for k, v in state_dict.items() if k.startswith("stop_head.")}
+        if state_dict is not None:  # gathered full weights (FSDP / DeepSpeed), keyed by this module's names
+            vlm_sd = {k[len("vlm.") :]: v for k, v in state_dict.items() if k.startswith("vlm.")}
+            head_sd = {k[len("stop_head.") :]: v for k, v in state_dict.items() if k.startswith("stop_head.")}
         vlm = self.vlm
         if self._peft is not None:
-            if state_dict is not None: raise ValueError("save_pretrained: a LoRA model with gathered (sharded) weights is not supported")
+            if state_dict is not None:
+                raise ValueError("save_pretrained: a LoRA model with gathered (sharded) weights is not supported")
             self._peft.save_pretrained(tmp / "adapter")
-            vlm = self._peft.merge_and_unload(); self.vlm = vlm; self.__dict__["_peft"] = None
+            vlm = self._peft.merge_and_unload()
+            self.vlm = vlm
+            self.__dict__["_peft"] = None
         vlm.save_pretrained(tmp, safe_serialization=True, state_dict=vlm_sd)
         if self.stop_head is not None:
             head = self.stop_head
             if head_sd:
-                head = new_stop_head(vlm); head.load_state_dict(head_sd)
+                head = new_stop_head(vlm)
+                head.load_state_dict(head_sd)
             save_stop_head(vlm, tmp, head=head)
-        if processor is not None: processor.save_pretrained(tmp)
+        if processor is not None:
+            processor.save_pretrained(tmp)
         save_config(self.cfg, tmp / "latentcot_config.json")
-        if out_dir.exists(): shutil.rmtree(out_dir)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
         return out_dir
 
     @classmethod
-    def from_pretrained(cls, path, cfg: LatentCoTConfig | None = None, stop_head: str = "load", halting: bool | None = None,
-                        attn_implementation: str = "sdpa", dtype=torch.float32, verbose: bool = True):
+    def from_pretrained(
+        cls,
+        path,
+        cfg: LatentCoTConfig | None = None,
+        stop_head: str = "load",
+        halting: bool | None = None,
+        attn_implementation: str = "sdpa",
+        dtype=torch.float32,
+        verbose: bool = True,
+    ):
         """`(model, processor, ids)` from a checkpoint folder or hub id; `cfg` defaults to the folder's
         `latentcot_config.json`. In mode C `stop_head` says what to do: `"load"` (missing = error), `"new"`, or
         `"auto"` (load when the folder has one, else a new head, said once: a stage-3 run starting from stage 2).
         `halting=False` leaves the stop head out whatever the mode (stage 1)."""
         from latentcot.tokens import load_latent_model
+
         path = checkpoint_path(path)
-        if stop_head not in ("load", "new", "auto"): raise ValueError(f"stop_head must be 'load', 'new' or 'auto', not {stop_head!r}")
+        if stop_head not in ("load", "new", "auto"):
+            raise ValueError(f"stop_head must be 'load', 'new' or 'auto', not {stop_head!r}")
         p = Path(str(path))
-        if cfg is None: cfg = load_config_json(p / "latentcot_config.json") if (p / "latentcot_config.json").is_file() else LatentCoTConfig()
+        if cfg is None:
+            cfg = (
+                load_config_json(p / "latentcot_config.json")
+                if (p / "latentcot_config.json").is_file()
+                else LatentCoTConfig()
+            )
         vlm, processor, ids = load_latent_model(path, dtype=dtype, attn_implementation=attn_implementation)
         model = cls(vlm, cfg, halting=halting)
         if model.stop_head is not None:
             found = p.is_dir() and has_stop_head(p)
             if stop_head == "load" and not found:
-                raise FileNotFoundError(f"{path}: mode C needs a trained stop head ({STOP_HEAD_FILE}); this checkpoint has "
-                                        "none (train stage 3 with latent_mode_stage=C, or pass stop_head='new')")
-            if found and stop_head != "new": load_stop_head(vlm, p, head=model.stop_head)
-            elif verbose: print(f"{path}: no stop head in the checkpoint; mode C starts from a new one (p_stop = 0.05)")
+                raise FileNotFoundError(
+                    f"{path}: mode C needs a trained stop head ({STOP_HEAD_FILE}); this checkpoint has "
+                    "none (train stage 3 with latent_mode_stage=C, or pass stop_head='new')"
+                )
+            if found and stop_head != "new":
+                load_stop_head(vlm, p, head=model.stop_head)
+            elif verbose:
+                print(f"{path}: no stop head in the checkpoint; mode C starts from a new one (p_stop = 0.05)")
         return model, processor, ids
