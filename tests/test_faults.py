@@ -86,7 +86,7 @@ def test_resume_with_changed_settings_is_refused(tmp_path):
 
 
 def test_bad_counts_are_refused(tmp_path):
-    for flags, msg in ((["--max_steps", "-5"], "argument --max_steps: must be >= 1, got -5"),
+    for flags, msg in ((["--max_steps", "-5"], "argument --max_steps/--max-steps: must be >= 1, got -5"),
                        (["--max_steps", "2", "--limit", "0"], "argument --limit: must be >= 1, got 0")):
         r = _run(TRAIN + flags + ["--output_dir", str(tmp_path / "x")], ok=False)
         assert msg in r.stderr, r.stderr[-2000:]
