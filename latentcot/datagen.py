@@ -15,10 +15,10 @@ from .data import PLACEHOLDER, SYSTEM_PROMPT, DataError, Sample, extract_final_a
 # %% auto #0
 __all__ = ['COLORS', 'SHAPES', 'KINDS', 'GRID', 'QUESTION_SIZE', 'THOUGHT_SIZES', 'EDIT_SIZE', 'BACKGROUND', 'DIRS',
            'EDIT_CLAUSE', 'EDIT_KEYS', 'README', 'render_scene', 'read_scene', 'make_question', 'parse_query',
-           'make_answer', 'sample_scene', 'make_visual_split', 'visual_to_chat', 'visual_counts', 'thought_counts',
-           'verify_visual', 'answer_from_output', 'score_answer', 'apply_edit', 'edit_phrase', 'make_prompt',
-           'make_reflections', 'make_edit_split', 'parse_edit_prompt', 'verify_edit', 'load_edit_records',
-           'write_triplet_parquet', 'generate_all', 'main']
+           'make_answer', 'sample_scene', 'canonical_thought', 'make_visual_split', 'visual_to_chat', 'visual_counts',
+           'thought_counts', 'verify_visual', 'answer_from_output', 'score_answer', 'apply_edit', 'edit_phrase',
+           'make_prompt', 'make_reflections', 'make_edit_split', 'parse_edit_prompt', 'verify_edit',
+           'load_edit_records', 'write_triplet_parquet', 'generate_all', 'main']
 
 # %% ../nbs/04_datagen.ipynb #7d11506a
 COLORS = {"red": (220, 50, 47), "green": (40, 160, 60), "blue": (38, 98, 214)}
@@ -103,11 +103,18 @@ def _save_png(im: Image.Image, path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     im.save(path, format="PNG", compress_level=9)
 
-def make_visual_split(root: Path, split: str, n: int, seed: int, avoid: set | None = None) -> list[dict]:
+def canonical_thought(kind, count: int, size) -> Image.Image:
+    "A thought image that draws the count plainly: `count` objects of `kind` in the first cells, row-major."
+    cells = [{"row": i // GRID, "col": i % GRID, "color": kind[0], "shape": kind[1]} for i in range(count)]
+    return render_scene(cells, size)
+
+def make_visual_split(root: Path, split: str, n: int, seed: int, avoid: set | None = None, max_kinds: int = 3,
+                      canonical_thoughts: bool = False) -> list[dict]:
     "Generate `n` visual samples into `root` (images under `images/<split>/`); return the seed 001 records."
     rng, seen, recs = random.Random(f"latentcot-visual-{seed}-{split}"), avoid if avoid is not None else set(), []
     while len(recs) < n:
         objects, query = sample_scene(rng)
+        query = query[:max_kinds]  # the default 3 keeps every query (1-3 kinds): the committed data does not change
         key = json.dumps([objects, query])
         if key in seen: continue   # no sample repeats within or across splits
         seen.add(key)
@@ -119,7 +126,9 @@ def make_visual_split(root: Path, split: str, n: int, seed: int, avoid: set | No
         t_rels = []
         for j, (k, size) in enumerate(zip(query, sizes)):
             t_rels.append(f"images/{split}/{i:04d}_t{j}.png")
-            _save_png(render_scene([o for o in objects if (o["color"], o["shape"]) == k], size), root / t_rels[-1])
+            mine = [o for o in objects if (o["color"], o["shape"]) == k]
+            im = canonical_thought(k, len(mine), size) if canonical_thoughts else render_scene(mine, size)
+            _save_png(im, root / t_rels[-1])
         recs.append({"sample_id": sid, "question": make_question(query), "answer": make_answer(query, counts),
                      "question_image_paths": [q_rel], "thought_image_paths": t_rels,
                      "query": [list(k) for k in query], "counts": counts})
@@ -356,7 +365,8 @@ def write_triplet_parquet(src_jsonl, out, n: int = 8) -> Path:
     return out
 
 def generate_all(out_dir, seed: int = 0, n_train: int = 160, n_heldout: int = 200,
-                 n_edit_train: int | None = None, n_edit_heldout: int | None = None, text: bool = True) -> dict:
+                 n_edit_train: int | None = None, n_edit_heldout: int | None = None, text: bool = True,
+                 max_kinds: int = 3, canonical_thoughts: bool = False) -> dict:
     "Write the visual, chat and edit sets (and `text/` via `latentcot.textdata` when `text`) into `out_dir`."
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     n_et, n_eh = n_edit_train if n_edit_train is not None else n_train, n_edit_heldout if n_edit_heldout is not None else min(n_heldout, 40)   # the editing split keeps 40
@@ -364,7 +374,7 @@ def generate_all(out_dir, seed: int = 0, n_train: int = 160, n_heldout: int = 20
     try:
         vis_seen, edit_seen, counts = set(), set(), {}
         for split, n, ne in (("train", n_train, n_et), ("heldout", n_heldout, n_eh)):
-            recs = make_visual_split(stage / "visual", split, n, seed, vis_seen)
+            recs = make_visual_split(stage / "visual", split, n, seed, vis_seen, max_kinds, canonical_thoughts)
             _write_text(stage / "visual" / f"{split}.jsonl", _jsonl(recs))
             _write_text(stage / "chat" / f"{split}.json", _json_list([visual_to_chat(r) for r in recs]))
             _write_text(stage / "edit" / f"{split}.jsonl", _jsonl(make_edit_split(stage / "edit", split, ne, seed, edit_seen)))
@@ -390,8 +400,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-train", type=int, default=160)
     ap.add_argument("--n-heldout", type=int, default=200, help="visual/chat held-out samples (200: the main job reports 95%% intervals on them)")
     ap.add_argument("--no-text", action="store_true", help="do not call latentcot.textdata")
+    ap.add_argument("--max-kinds", type=int, default=3, choices=(1, 2, 3),
+                    help="ask at most this many kinds per question (a variant; default 3)")
+    ap.add_argument("--canonical-thoughts", action="store_true",
+                    help="thought images draw the count plainly (the kind's objects in the first cells; a variant)")
     a = ap.parse_args(argv)
-    counts = generate_all(a.out, a.seed, a.n_train, a.n_heldout, text=not a.no_text)
+    counts = generate_all(a.out, a.seed, a.n_train, a.n_heldout, text=not a.no_text, max_kinds=a.max_kinds,
+                          canonical_thoughts=a.canonical_thoughts)
     print(f"wrote {a.out}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
     return 0
 
