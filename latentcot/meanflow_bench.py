@@ -14,19 +14,23 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .meanflow import (MeanFlowConfig, MeanFlowStudent, TeacherRecipe, add_config_arguments,
-                                add_llada_arguments, cache_root, canvas, config_from_args, decode_canvas, generate,
-                                get_teacher, likelihood_bound, llada_info, load_llada, load_student, load_text_sets,
-                                make_student, meanflow_fixed_point, optimum_fn, prompt_mask_of, sampler_filter,
-                                sample_noise, save_student, student_fn, teacher_fn, teacher_fingerprint, train_meanflow)
+from .config import cache_root
+from .meanflow_text import decode_canvas, load_text_sets
+from .meanflow_teacher import TeacherRecipe, get_teacher, likelihood_bound, prompt_mask_of, teacher_fingerprint
+from .meanflow_student import MeanFlowStudent
+from .meanflow_loss import MeanFlowConfig, meanflow_fixed_point, optimum_fn
+from .meanflow_sampling import canvas, generate, sampler_filter, student_fn, teacher_fn
+from .meanflow_noise import make_student, sample_noise
+from .meanflow_train import load_student, save_student, train_meanflow
+from .meanflow import add_config_arguments, add_llada_arguments, config_from_args, llada_info, load_llada
 from .textdata import check_synthetic
 from .trainer import read_metrics
 
 # %% auto #0
-__all__ = ['NOISE_TEMPERATURES', 'BENCH_SETTINGS', 'fact_errors', 'sample_entropy', 'distinct_n', 'quality', 'run_generation',
-           'heldout_canvas', 'meanflow_code_version', 'student_key', 'student_for', 'saved_student', 'optimum_gap',
-           'draw_from_marginals', 'marginal_ceiling', 'bench_meanflow', 'noise_sweep', 'diversity_matched', 'goals',
-           'format_table', 'plot_bench', 'bench_parser', 'bench_meanflow_main']
+__all__ = ['MEANFLOW_MODULES', 'NOISE_TEMPERATURES', 'BENCH_SETTINGS', 'fact_errors', 'sample_entropy', 'distinct_n', 'quality',
+           'run_generation', 'heldout_canvas', 'meanflow_code_version', 'student_key', 'student_for', 'saved_student',
+           'optimum_gap', 'draw_from_marginals', 'marginal_ceiling', 'bench_meanflow', 'noise_sweep',
+           'diversity_matched', 'goals', 'format_table', 'plot_bench', 'bench_parser', 'bench_meanflow_main']
 
 # %% ../nbs/21_meanflow_bench.ipynb #64a873f0
 _FACT = re.compile(r"(\d{1,3})([+-])(\d{1,3})=(\d{1,3})")
@@ -97,10 +101,15 @@ def heldout_canvas(sets, kind: str, n: int, prompted: bool, mask_id: int):
     return torch.where(pm, x[:n], mask_id), pm
 
 # %% ../nbs/21_meanflow_bench.ipynb #0eff8a82
+MEANFLOW_MODULES = ("meanflow_text", "meanflow_backbones", "meanflow_teacher", "meanflow_student", "meanflow_loss",
+                    "meanflow_sampling", "meanflow_noise", "meanflow_train")
+
 def meanflow_code_version() -> str:
-    "Hash of `latentcot/meanflow.py`: a cached student is reused only by the code that trained it."
-    import latentcot.meanflow as mf
-    return hashlib.sha256(Path(mf.__file__).read_bytes()).hexdigest()[:16]
+    "Hash of the track's component modules: a cached student is reused only by the code that trained it."
+    import importlib
+    h = hashlib.sha256()
+    for m in MEANFLOW_MODULES: h.update(Path(importlib.import_module(f"latentcot.{m}").__file__).read_bytes())
+    return h.hexdigest()[:16]
 
 def student_key(info, cfg: MeanFlowConfig, code: str | None = None) -> str:
     "Cache key of a distilled student: the teacher's recipe and data, the config, and the training code's version."
