@@ -1,4 +1,4 @@
-"""One-step distillation of a masked diffusion LM (seed 003): a frozen LLaDA-style teacher, a student made of the same frozen weights plus a time-conditioned soft prompt, and the MeanFlow identity `u = v - (t - r) du/dt` in logit space.
+"""LLaDA-MeanFlow (seed 003): the command line `python -m latentcot.meanflow` and every name of the track.
 
 Docs: https://latentcot.github.io/latentcot/meanflow.html.md"""
 
@@ -24,45 +24,75 @@ from .meanflow_train import *
 # %% auto #0
 __all__ = ['add_llada_arguments', 'llada_info', 'add_config_arguments', 'config_from_args', 'meanflow_parser', 'main']
 
-# %% ../nbs/20i_meanflow.ipynb #46f33de5
+# %% ../nbs/20i_meanflow.ipynb #efa7591a
 def add_llada_arguments(p: argparse.ArgumentParser) -> None:
     "The `--llada` options shared by training and the benchmark."
-    p.add_argument("--llada", help="a real LLaDA checkpoint (hub id or local dir) instead of the tiny teacher; needs --trust-remote-code")
+    p.add_argument(
+        "--llada",
+        help="a real LLaDA checkpoint (hub id or local dir) instead of the tiny teacher; needs --trust-remote-code",
+    )
     p.add_argument("--trust-remote-code", action="store_true", help="--llada: allow LLaDA's hub modeling code to run")
-    p.add_argument("--local-files-only", action="store_true", help="--llada: do not contact the hub, use local files only")
-    p.add_argument("--canvas", type=int, default=64, help="--llada: canvas length in tokens (the tiny teacher uses its recipe's)")
+    p.add_argument(
+        "--local-files-only", action="store_true", help="--llada: do not contact the hub, use local files only"
+    )
+    p.add_argument(
+        "--canvas", type=int, default=64, help="--llada: canvas length in tokens (the tiny teacher uses its recipe's)"
+    )
 
 # %% ../nbs/20i_meanflow.ipynb #68a099b2
 def llada_info(name: str, canvas: int = 64) -> dict:
     "The teacher `info` of a real LLaDA: its recipe is what a student distilled from it records as its teacher."
     return {"recipe": {"llada": name, "canvas": canvas}, "train_seconds": None}
 
-# %% ../nbs/20i_meanflow.ipynb #32b1546f
+# %% ../nbs/20i_meanflow.ipynb #8be229e1
 def add_config_arguments(p: argparse.ArgumentParser, rename: dict[str, str] | None = None, skip=()) -> dict[str, str]:
-    "Every `MeanFlowConfig` field but `skip` as `--field-name` (or `rename[field]`) with its help and choices; returns field -> flag."
+    """Every `MeanFlowConfig` field but `skip` as `--field-name` (or `rename[field]`) with its help and choices;
+    returns field -> flag."""
     flags = {}
     for f in dataclasses.fields(MeanFlowConfig):
-        if f.name in skip: continue
+        if f.name in skip:
+            continue
         flags[f.name] = (rename or {}).get(f.name, "--" + f.name.replace("_", "-"))
-        p.add_argument(flags[f.name], dest=f.name, type=type(f.default), default=f.default, choices=f.metadata.get("choices"),
-                       help=f.metadata.get("help", "") + " (default: %(default)s)")
+        p.add_argument(
+            flags[f.name],
+            dest=f.name,
+            type=type(f.default),
+            default=f.default,
+            choices=f.metadata.get("choices"),
+            help=f.metadata.get("help", "") + " (default: %(default)s)",
+        )
     return flags
 
-# %% ../nbs/20i_meanflow.ipynb #c985f8be
+# %% ../nbs/20i_meanflow.ipynb #0271e803
 def config_from_args(a: argparse.Namespace, **override) -> MeanFlowConfig:
     "The `MeanFlowConfig` of parsed arguments (the fields `add_config_arguments` added), `override` on top."
-    return MeanFlowConfig(**{**{f.name: getattr(a, f.name) for f in dataclasses.fields(MeanFlowConfig) if hasattr(a, f.name)}, **override})
+    return MeanFlowConfig(
+        **{
+            **{f.name: getattr(a, f.name) for f in dataclasses.fields(MeanFlowConfig) if hasattr(a, f.name)},
+            **override,
+        }
+    )
 
-# %% ../nbs/20i_meanflow.ipynb #6109f3e4
+# %% ../nbs/20i_meanflow.ipynb #8e467cf3
 def meanflow_parser() -> argparse.ArgumentParser:
     "Arguments of `python -m latentcot.meanflow`."
-    p = argparse.ArgumentParser(prog="python -m latentcot.meanflow",
-                                description="LLaDA-MeanFlow: distil a masked diffusion LM into a one-step student (seed 003).")
-    p.add_argument("--out", required=True, help="directory for soft_prompt.safetensors + meanflow.json, and the run's "
-                   "metrics.jsonl and checkpoints (a rerun resumes from the newest checkpoint)")
+    p = argparse.ArgumentParser(
+        prog="python -m latentcot.meanflow",
+        description="LLaDA-MeanFlow: distil a masked diffusion LM into a one-step student (seed 003).",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help=(
+            "directory for soft_prompt.safetensors + meanflow.json, and the run's "
+            "metrics.jsonl and checkpoints (a rerun resumes from the newest checkpoint)"
+        ),
+    )
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--no-resume", action="store_true", help="ignore the checkpoints in --out and start again")
-    p.add_argument("--teacher", help="a saved teacher directory (default: the cached tiny teacher, trained if missing)")
+    p.add_argument(
+        "--teacher", help="a saved teacher directory (default: the cached tiny teacher, trained if missing)"
+    )
     add_llada_arguments(p)
     add_config_arguments(p.add_argument_group("distillation (MeanFlowConfig)"))
     return p

@@ -18,9 +18,10 @@ from .meanflow_text import SPECIAL_TOKENS
 __all__ = ['ATTN_NAME', 'LLADA_MASK_ID', 'gated_prefix_attention', 'register_prefix_attention', 'LlamaBackbone', 'LLaDABackbone',
            'llada_loadable', 'load_llada']
 
-# %% ../nbs/20b_meanflow_backbones.ipynb #c1aed1be
+# %% ../nbs/20b_meanflow_backbones.ipynb #7970e852
 def gated_prefix_attention(q, k, v, mask=None, prefix_k=None, prefix_v=None, gate=None, scale=None):
-    "Attention of `q` over `k, v` (`[B, H, L, D]`, GQA heads repeated) plus `gate *` a separate attention over the prefix."
+    """Attention of `q` over `k, v` (`[B, H, L, D]`, GQA heads repeated) plus `gate *` a separate attention over the
+    prefix."""
     rep = q.shape[1] // k.shape[1]
     if rep > 1: k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
@@ -29,14 +30,29 @@ def gated_prefix_attention(q, k, v, mask=None, prefix_k=None, prefix_v=None, gat
         out = out + gate * F.scaled_dot_product_attention(q, prefix_k, prefix_v, scale=scale)
     return out
 
-# %% ../nbs/20b_meanflow_backbones.ipynb #6193ba8c
+# %% ../nbs/20b_meanflow_backbones.ipynb #30d98cc2
 ATTN_NAME = "latentcot_prefix"
 
-def _prefix_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                              prefix_len: int = 0, prefix_gate=None, **kwargs):
+
+def _prefix_attention_forward(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    scaling=None,
+    dropout=0.0,
+    prefix_len: int = 0,
+    prefix_gate=None,
+    **kwargs
+):
     "transformers attention function: the first `prefix_len` cached keys are the gated prefix."
     P = prefix_len
-    mask = attention_mask[..., P:] if attention_mask is not None and attention_mask.shape[-1] == key.shape[-2] else attention_mask
+    mask = (
+        attention_mask[..., P:]
+        if attention_mask is not None and attention_mask.shape[-1] == key.shape[-2]
+        else attention_mask
+    )
     pk, pv = (key[:, :, :P], value[:, :, :P]) if P else (None, None)
     g = prefix_gate[module.layer_idx] if P else None
     out = gated_prefix_attention(query, key[:, :, P:], value[:, :, P:], mask, pk, pv, g, scaling)
@@ -130,9 +146,10 @@ class LLaDABackbone(nn.Module):
         logits = F.linear(x, tr.wte.weight) if c.weight_tying else tr.ff_out(x)
         return logits / math.sqrt(c.d_model) if c.scale_logits else logits
 
-# %% ../nbs/20b_meanflow_backbones.ipynb #46f4ad20
+# %% ../nbs/20b_meanflow_backbones.ipynb #976add3a
 def llada_loadable(cls):
-    "`cls` (LLaDA's remote-code `LLaDAModelLM`), made loadable by transformers 5's `from_pretrained` if it needs to be."
+    """`cls` (LLaDA's remote-code `LLaDAModelLM`), made loadable by transformers 5's `from_pretrained` if it needs to
+    be."""
     # LLaDA's hub code predates transformers 5: it never calls `post_init` (which sets `all_tied_weights_keys`) and its
     # `tie_weights()` takes no arguments, so loading fails (ML-GSAI/LLaDA#130). Its weight tying needs no tied keys:
     # its forward reads `wte` itself. The subclass changes nothing else.
@@ -145,34 +162,55 @@ def llada_loadable(cls):
     return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__,
                                        "tie_weights": lambda self, *a, **k: cls.tie_weights(self)})
 
-# %% ../nbs/20b_meanflow_backbones.ipynb #7ad7e1f0
-def load_llada(name: str = "GSAI-ML/LLaDA-8B-Base", trust_remote_code: bool = False, local_files_only: bool = False,
-               dtype=torch.bfloat16, check: bool = True):
+# %% ../nbs/20b_meanflow_backbones.ipynb #227d2b56
+def load_llada(
+    name: str = "GSAI-ML/LLaDA-8B-Base",
+    trust_remote_code: bool = False,
+    local_files_only: bool = False,
+    dtype=torch.bfloat16,
+    check: bool = True,
+):
     """Load a real LLaDA (remote code, only when `trust_remote_code=True`) as `(LLaDABackbone, tokenizer)`; refuse a
-    checkpoint with missing or unexpected weights, and (`check`) an adapter whose logits differ from LLaDA's own forward."""
+    checkpoint with missing or unexpected weights, and (`check`) an adapter whose logits differ from LLaDA's own
+    forward."""
     if not trust_remote_code:
-        raise ValueError(f"{name}: LLaDA's modeling code lives in its hub repository; pass trust_remote_code=True "
-                         "(CLI: --trust-remote-code) to run it, or use the offline tiny teacher")
+        raise ValueError(
+            f"{name}: LLaDA's modeling code lives in its hub repository; pass trust_remote_code=True "
+            "(CLI: --trust-remote-code) to run it, or use the offline tiny teacher"
+        )
     from transformers import AutoConfig, AutoTokenizer
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
     try:
         cfg = AutoConfig.from_pretrained(name, trust_remote_code=True, local_files_only=local_files_only)
         ref = (getattr(cfg, "auto_map", None) or {}).get("AutoModel")
-        if ref is None: raise ValueError(f"its config has no auto_map['AutoModel'], so it is not a remote-code LLaDA checkpoint")
+        if ref is None:
+            raise ValueError(f"its config has no auto_map['AutoModel'], so it is not a remote-code LLaDA checkpoint")
         cls = llada_loadable(get_class_from_dynamic_module(ref, name, local_files_only=local_files_only))
-        model, info = cls.from_pretrained(name, config=cfg, dtype=dtype, local_files_only=local_files_only, output_loading_info=True)
+        model, info = cls.from_pretrained(
+            name, config=cfg, dtype=dtype, local_files_only=local_files_only, output_loading_info=True
+        )
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=True, local_files_only=local_files_only)
     except (OSError, ValueError) as e:
-        raise RuntimeError(f"cannot load LLaDA from {name!r}: {e}. There is no model hub here: download the "
-                           "checkpoint where the hub is reachable and pass its local directory") from e
-    bad = {k: sorted(map(str, v))[:5] for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
-    if bad: raise ValueError(f"{name}: the checkpoint's weights do not match its config ({bad})")
+        raise RuntimeError(
+            f"cannot load LLaDA from {name!r}: {e}. There is no model hub here: download the "
+            "checkpoint where the hub is reachable and pass its local directory"
+        ) from e
+    bad = {
+        k: sorted(map(str, v))[:5]
+        for k, v in info.items()
+        if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v
+    }
+    if bad:
+        raise ValueError(f"{name}: the checkpoint's weights do not match its config ({bad})")
     bb = LLaDABackbone(model.eval().requires_grad_(False), getattr(tok, "mask_token_id", None) or LLADA_MASK_ID)
     if check:
         ids = torch.full((1, 16), bb.mask_id, device=bb.embedding_weight.device)
         ids[0, :4] = (torch.arange(4) + 100) % bb.vocab_size  # a few visible tokens, the rest masked
         err, scale = bb.own_forward_error(ids)
         if err > 2e-2 * scale:  # bf16 rounding is ~1e-2 relative; a wrong block is O(1)
-            raise RuntimeError(f"{name}: LLaDABackbone's logits differ from LLaDA's own forward by up to {err:.3g} "
-                               f"(logits up to {scale:.3g}): its modeling code is not the one the adapter follows")
+            raise RuntimeError(
+                f"{name}: LLaDABackbone's logits differ from LLaDA's own forward by up to {err:.3g} "
+                f"(logits up to {scale:.3g}): its modeling code is not the one the adapter follows"
+            )
     return bb, tok

@@ -1,4 +1,4 @@
-"""Seed 003's discrete MeanFlow loss: times, the embedding tangent, `du/dt` by forward-mode AD, and the loss's own optimum.
+"""Seed 003's discrete MeanFlow loss: times, tangent, `du/dt` by forward-mode AD, and the loss's optimum.
 
 Docs: https://latentcot.github.io/latentcot/meanflow_loss.html.md"""
 
@@ -17,34 +17,55 @@ from .meanflow_student import MeanFlowStudent
 __all__ = ['knob', 'MeanFlowConfig', 'sample_times', 'embedding_tangent', 'jvp_dudt', 'meanflow_loss', 'meanflow_fixed_point',
            'optimum_fn']
 
-# %% ../nbs/20e_meanflow_loss.ipynb #22c06681
+# %% ../nbs/20e_meanflow_loss.ipynb #05ac9722
 def knob(default, help: str, choices: tuple | None = None):
-    "A `MeanFlowConfig` field that carries its own help (and choices): the notebook, `--help` and the docs read the same text."
+    """A `MeanFlowConfig` field that carries its own help (and choices): the notebook, `--help` and the docs read the
+    same text."""
     return field(default=default, metadata={"help": help, "choices": choices})
 
-# %% ../nbs/20e_meanflow_loss.ipynb #fda4e8a2
+# %% ../nbs/20e_meanflow_loss.ipynb #6302769a
 @dataclass
 class MeanFlowConfig:
     "Knobs of the MeanFlow distillation (seed 003) and of its training loop."
-    loss: str = knob("kl", "loss on masked positions: KL to the target's softmax, soft cross-entropy, or MSE on the logits",
-                     ("kl", "ce", "mse"))
+
+    loss: str = knob(
+        "kl",
+        "loss on masked positions: KL to the target's softmax, soft cross-entropy, or MSE on the logits",
+        ("kl", "ce", "mse"),
+    )
     ratio_r_neq_t: float = knob(0.5, "fraction of rows with r < t; the others have r = t (plain distillation of v)")
     time_mu: float = knob(-0.4, "mean of the logit-normal time sampler (larger: t nearer 1, more of the line masked)")
     time_sigma: float = knob(1.0, "standard deviation of the logit-normal time sampler")
-    tangent_sign: float = knob(1.0, "+1: the seed's embedding tangent softmax(v) @ E - E[x_t]; -1: the opposite direction")
-    target: str = knob("jvp", "jvp: the seed's v - (t - r) du/dt | integral: the identity's solution, by Euler steps of the "
-                       "teacher | sampler: hard labels, the teacher's many-step samples (the seed's CE alternative)",
-                       ("jvp", "integral", "sampler"))
+    tangent_sign: float = knob(
+        1.0, "+1: the seed's embedding tangent softmax(v) @ E - E[x_t]; -1: the opposite direction"
+    )
+    target: str = knob(
+        "jvp",
+        "jvp: the seed's v - (t - r) du/dt | integral: the identity's solution, by Euler steps of the "
+        "teacher | sampler: hard labels, the teacher's many-step samples (the seed's CE alternative)",
+        ("jvp", "integral", "sampler"),
+    )
     integral_steps: int = knob(16, "target=integral: teacher calls (Euler steps) per row")
     sampler_steps: int = knob(64, "target=sampler: teacher steps (low-confidence remasking) of every label row")
-    sampler_rows: int = knob(2048, "target=sampler: teacher samples drawn once before training, re-masked at every visit")
-    noise_dim: int = knob(0, "target=sampler, N > 0: the prompt also reads noise z ~ N(0, I) of N dims, one vector per row "
-                          "(see 'A noise input')")
+    sampler_rows: int = knob(
+        2048, "target=sampler: teacher samples drawn once before training, re-masked at every visit"
+    )
+    noise_dim: int = knob(
+        0,
+        "target=sampler, N > 0: the prompt also reads noise z ~ N(0, I) of N dims, one vector per row "
+        "(see 'A noise input')",
+    )
     noise_candidates: int = knob(8, "noise_fit=imle: draws of z per label row, of which the best one trains")
-    noise_fit: str = knob("imle", "imle: the best of noise_candidates draws of z | posterior: z ~ q(z | label row), a VAE, "
-                          "generating from a prior fitted after training (see 'Noise from a posterior')", ("imle", "posterior"))
+    noise_fit: str = knob(
+        "imle",
+        "imle: the best of noise_candidates draws of z | posterior: z ~ q(z | label row), a VAE, "
+        "generating from a prior fitted after training (see 'Noise from a posterior')",
+        ("imle", "posterior"),
+    )
     noise_beta: float = knob(0.1, "noise_fit=posterior: weight of the KL to N(0, I), in nats per masked token")
-    adaptive_p: float = knob(0.0, "MeanFlow's adaptive weighting, w = 1 / (loss + adaptive_c) ** adaptive_p per row; 0: off")
+    adaptive_p: float = knob(
+        0.0, "MeanFlow's adaptive weighting, w = 1 / (loss + adaptive_c) ** adaptive_p per row; 0: off"
+    )
     adaptive_c: float = knob(1e-3, "the constant of the adaptive weighting")
     prompt_length: int = knob(8, "soft prompt length: K/V prefix positions per layer")
     prompt_hidden: int = knob(128, "width of the soft prompt's MLP (its decoder of r, t and z)")
@@ -52,26 +73,45 @@ class MeanFlowConfig:
     steps: int = knob(300, "optimizer steps")
     batch: int = knob(32, "rows per step, per process")
     synthetic_frac: float = knob(0.7, "fraction of each batch from the synthetic set; the rest is English")
-    full_prompt_frac: float = knob(0.5, "fraction of rows that keep their prompt; the others keep only their first token (free lines)")
+    full_prompt_frac: float = knob(
+        0.5, "fraction of rows that keep their prompt; the others keep only their first token (free lines)"
+    )
     seed: int = knob(0, "seed of the prompt's initial weights, the batches, times and masks")
 
     def __post_init__(self):
-        if self.loss not in ("kl", "ce", "mse"): raise ValueError(f"loss must be kl, ce or mse, got {self.loss!r}")
-        if self.target not in ("jvp", "integral", "sampler"): raise ValueError(f"target must be jvp, integral or sampler, got {self.target!r}")
-        if self.integral_steps < 1: raise ValueError(f"integral_steps must be >= 1, got {self.integral_steps}")
-        if self.target == "sampler" and self.loss == "mse": raise ValueError("target='sampler' has hard labels: use loss kl or ce, not mse")
+        if self.loss not in ("kl", "ce", "mse"):
+            raise ValueError(f"loss must be kl, ce or mse, got {self.loss!r}")
+        if self.target not in ("jvp", "integral", "sampler"):
+            raise ValueError(f"target must be jvp, integral or sampler, got {self.target!r}")
+        if self.integral_steps < 1:
+            raise ValueError(f"integral_steps must be >= 1, got {self.integral_steps}")
+        if self.target == "sampler" and self.loss == "mse":
+            raise ValueError("target='sampler' has hard labels: use loss kl or ce, not mse")
         if self.sampler_steps < 1 or self.sampler_rows < 1:
-            raise ValueError(f"sampler_steps and sampler_rows must be >= 1, got {self.sampler_steps} and {self.sampler_rows}")
+            raise ValueError(
+                f"sampler_steps and sampler_rows must be >= 1, got {self.sampler_steps} and {self.sampler_rows}"
+            )
         if self.noise_dim < 0 or self.noise_candidates < 1:
-            raise ValueError(f"noise_dim must be >= 0 and noise_candidates >= 1, got {self.noise_dim} and {self.noise_candidates}")
-        if self.noise_fit not in ("imle", "posterior"): raise ValueError(f"noise_fit must be imle or posterior, got {self.noise_fit!r}")
+            raise ValueError(
+                f"noise_dim must be >= 0 and noise_candidates >= 1, got {self.noise_dim} and {self.noise_candidates}"
+            )
+        if self.noise_fit not in ("imle", "posterior"):
+            raise ValueError(f"noise_fit must be imle or posterior, got {self.noise_fit!r}")
         if self.prompt_length < 1 or self.prompt_hidden < 1:
-            raise ValueError(f"prompt_length and prompt_hidden must be >= 1, got {self.prompt_length} and {self.prompt_hidden}")
-        if self.noise_beta < 0: raise ValueError(f"noise_beta must be >= 0, got {self.noise_beta}")
-        if self.noise_fit == "posterior" and not self.noise_dim: raise ValueError("noise_fit='posterior' needs noise_dim > 0")
+            raise ValueError(
+                f"prompt_length and prompt_hidden must be >= 1, got {self.prompt_length} and {self.prompt_hidden}"
+            )
+        if self.noise_beta < 0:
+            raise ValueError(f"noise_beta must be >= 0, got {self.noise_beta}")
+        if self.noise_fit == "posterior" and not self.noise_dim:
+            raise ValueError("noise_fit='posterior' needs noise_dim > 0")
         if self.noise_dim and self.target != "sampler":
-            raise ValueError(f"noise_dim > 0 needs target='sampler' (the noise is matched to the teacher's samples), got target={self.target!r}")
-        if not 0 <= self.ratio_r_neq_t <= 1: raise ValueError(f"ratio_r_neq_t must be in [0, 1], got {self.ratio_r_neq_t}")
+            raise ValueError(
+                "noise_dim > 0 needs target='sampler' (the noise is matched to the teacher's samples), got"
+                f" target={self.target!r}"
+            )
+        if not 0 <= self.ratio_r_neq_t <= 1:
+            raise ValueError(f"ratio_r_neq_t must be in [0, 1], got {self.ratio_r_neq_t}")
 
 # %% ../nbs/20e_meanflow_loss.ipynb #8156aa23
 def sample_times(n: int, cfg: MeanFlowConfig, generator=None, device=None):
@@ -111,20 +151,23 @@ def meanflow_loss(u, u_tgt, masked, cfg: MeanFlowConfig):
     has = n > 0
     return (w * rows)[has].sum() / has.sum().clamp(min=1), rows
 
-# %% ../nbs/20e_meanflow_loss.ipynb #1536f210
+# %% ../nbs/20e_meanflow_loss.ipynb #0fa30333
 def meanflow_fixed_point(backbone, embeds, masked, r, t, n_steps: int = 32, sign: float = 1.0, v0=None):
-    "The optimum of the seed's loss: teacher logits averaged along the tangent's flow from `t` back to `r` (`n_steps` Euler steps; `v0`: the teacher's logits at `embeds`, if already computed)."
+    """The optimum of the seed's loss: teacher logits averaged along the tangent's flow from `t` back to `r` (`n_steps`
+    Euler steps; `v0`: the teacher's logits at `embeds`, if already computed)."""
     h = ((t - r) / n_steps).to(embeds.dtype)[:, None, None]
     z, total = embeds, 0
     for k in range(n_steps):
         v = v0 if k == 0 and v0 is not None else backbone.logits(z)
         total = total + v.float() / n_steps
-        z = z - h * embedding_tangent(v, z, backbone.embedding_weight, masked, sign)  # backwards in time: s goes from t to r
+        # backwards in time: s goes from t to r
+        z = z - h * embedding_tangent(v, z, backbone.embedding_weight, masked, sign)
     return total
 
-# %% ../nbs/20e_meanflow_loss.ipynb #9bc985fa
+# %% ../nbs/20e_meanflow_loss.ipynb #6263f834
 def optimum_fn(backbone, n_steps: int = 32, sign: float = 1.0) -> Callable:
-    "`logits_fn` that returns `meanflow_fixed_point` (what a perfectly distilled student would output), for `generate`."
+    """`logits_fn` that returns `meanflow_fixed_point` (what a perfectly distilled student would output), for
+    `generate`."""
     fn = lambda x, r, t: meanflow_fixed_point(backbone, backbone.embed(x), x == backbone.mask_id, r.to(x.device),
                                               t.to(x.device), n_steps, sign)
     fn.banned_ids = backbone.banned_ids

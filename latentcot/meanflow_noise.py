@@ -1,4 +1,4 @@
-"""Beyond seed 003: the prompt reads a noise `z` per row, trained by IMLE or from a posterior, and drawn at generation from a fitted prior.
+"""Beyond seed 003: a noise input `z` per row (IMLE or a posterior), drawn at generation from a fitted prior.
 
 Docs: https://latentcot.github.io/latentcot/meanflow_noise.html.md"""
 
@@ -20,17 +20,25 @@ __all__ = ['NOISE_RIDGES', 'pick_noise', 'gaussian_kl', 'posterior_noise', 'make
            'ridge_fit', 'gaussian_nll', 'conditional_gaussian', 'NoisePrior', 'canvas_features', 'fit_noise_prior',
            'sample_noise']
 
-# %% ../nbs/20g_meanflow_noise.ipynb #25413ee4
+# %% ../nbs/20g_meanflow_noise.ipynb #a0ae32e4
 @torch.no_grad()
 def pick_noise(student: MeanFlowStudent, embeds, r, t, x0, masked, candidates: int, generator=None):
-    """Noise `[B, noise_dim]` for each row: of `candidates` draws `z ~ N(0, I)`, the one under which the student gives `x0` the
-    highest likelihood on `masked` (IMLE); rows with nothing masked get `z = 0`."""
+    """Noise `[B, noise_dim]` for each row: of `candidates` draws `z ~ N(0, I)`, the one under which the student gives
+    `x0` the highest likelihood on `masked` (IMLE); rows with nothing masked get `z = 0`."""
     B, m = x0.shape[0], candidates
     zc = torch.randn(B, m, student.noise_dim, generator=generator, device=x0.device)
-    # one candidate per forward: each holds one [B, L, vocab] logits tensor, like the training forward, not m of them (LLaDA's
+    # one candidate per forward: each holds one [B, L, vocab] logits tensor, like the training forward, not m of them
+    # (LLaDA's
     # vocabulary is 126k); on the tiny CPU model the loop also took 0.7x the time of one batch of B * m rows
-    nll = torch.stack([(F.cross_entropy(student(embeds, r, t, zc[:, j]).float().transpose(1, 2), x0, reduction="none") * masked).sum(1)
-                       for j in range(m)], 1)
+    nll = torch.stack(
+        [
+            (
+                F.cross_entropy(student(embeds, r, t, zc[:, j]).float().transpose(1, 2), x0, reduction="none") * masked
+            ).sum(1)
+            for j in range(m)
+        ],
+        1,
+    )
     z = zc[torch.arange(B, device=x0.device), nll.argmin(1)]
     return torch.where(masked.any(1)[:, None], z, torch.zeros_like(z))
 
@@ -39,26 +47,37 @@ def gaussian_kl(mu, logvar):
     "`KL(N(mu, exp(logvar)) || N(0, I))` per row, in nats."
     return 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(-1)
 
-# %% ../nbs/20g_meanflow_noise.ipynb #b249bf80
+# %% ../nbs/20g_meanflow_noise.ipynb #3f2d2888
 def posterior_noise(student: MeanFlowStudent, embeds_x0, use, generator=None):
     "`(z, kl)` per row: `z ~ q(z | x0)` by reparameterisation where `use`, else `z = 0` and `kl = 0`."
     if student.prompt.posterior is None:
-        raise ValueError("noise_fit='posterior' needs a student with a noise posterior: build it with make_student(backbone, cfg, sets)")
+        raise ValueError(
+            "noise_fit='posterior' needs a student with a noise posterior: build it with make_student(backbone, cfg,"
+            " sets)"
+        )
     mu, logvar = student.prompt.posterior(embeds_x0)
     eps = torch.randn(mu.shape, generator=generator, device=mu.device)
     z = torch.where(use[:, None], mu + (0.5 * logvar).exp() * eps, torch.zeros_like(mu))
     return z, gaussian_kl(mu, logvar) * use
 
-# %% ../nbs/20g_meanflow_noise.ipynb #58041542
+# %% ../nbs/20g_meanflow_noise.ipynb #e0a4c560
 def make_student(backbone, cfg: MeanFlowConfig, sets: dict) -> MeanFlowStudent:
-    "The student `cfg` trains: its prompt length and width, seed and noise, with a posterior over the canvas of `sets` if `noise_fit='posterior'`."
+    """The student `cfg` trains: its prompt length and width, seed and noise, with a posterior over the canvas of
+    `sets` if `noise_fit='posterior'`."""
     length = sets["synthetic_train"][0].shape[1] if cfg.noise_fit == "posterior" else 0
-    return MeanFlowStudent(backbone, cfg.prompt_length, hidden=cfg.prompt_hidden, seed=cfg.seed, noise_dim=cfg.noise_dim,
-                           posterior_len=length)
+    return MeanFlowStudent(
+        backbone,
+        cfg.prompt_length,
+        hidden=cfg.prompt_hidden,
+        seed=cfg.seed,
+        noise_dim=cfg.noise_dim,
+        posterior_len=length,
+    )
 
-# %% ../nbs/20g_meanflow_noise.ipynb #59a4c981
+# %% ../nbs/20g_meanflow_noise.ipynb #5593d5be
 def canvas_kinds(x, mask_id: int):
-    "The kind of each canvas row of `x [B, L]`, as `[B, 2]`: its first token, and 1 if it holds a prompt beyond it, else 0."
+    """The kind of each canvas row of `x [B, L]`, as `[B, 2]`: its first token, and 1 if it holds a prompt beyond it,
+    else 0."""
     return torch.stack([x[:, 0], ((x[:, 1:] != mask_id).sum(1) > 0).long()], 1)
 
 # %% ../nbs/20g_meanflow_noise.ipynb #3f7c3451
@@ -71,26 +90,32 @@ def shrunk_gaussian(z, prior_rows: int):
     second = (z.T @ z + prior_rows * torch.eye(D, dtype=z.dtype)) / (n + prior_rows)
     return m, torch.linalg.cholesky(second - torch.outer(m, m))
 
-# %% ../nbs/20g_meanflow_noise.ipynb #d36919d1
+# %% ../nbs/20g_meanflow_noise.ipynb #36e86091
 def ridge_fit(f, z, ridge: float):
-    "Ridge regression of `z [n, D]` on the centred `f [n, F]` (penalty `ridge * n`): `(feature_mean [F], weight [F, D])`; inf gives weight 0."
+    """Ridge regression of `z [n, D]` on the centred `f [n, F]` (penalty `ridge * n`): `(feature_mean [F], weight [F,
+    D])`; inf gives weight 0."""
     fm = f.mean(0)
-    if math.isinf(ridge) or f.shape[1] == 0: return fm, torch.zeros(f.shape[1], z.shape[1], dtype=z.dtype)
+    if math.isinf(ridge) or f.shape[1] == 0:
+        return fm, torch.zeros(f.shape[1], z.shape[1], dtype=z.dtype)
     fc = (f - fm).double()  # float64: the features are many and correlated (one block per canvas position)
-    w = torch.linalg.solve(fc.T @ fc + ridge * len(f) * torch.eye(f.shape[1], dtype=torch.float64), fc.T @ (z - z.mean(0)).double())
+    w = torch.linalg.solve(
+        fc.T @ fc + ridge * len(f) * torch.eye(f.shape[1], dtype=torch.float64), fc.T @ (z - z.mean(0)).double()
+    )
     return fm, w.to(z.dtype)
 
-# %% ../nbs/20g_meanflow_noise.ipynb #33c91862
+# %% ../nbs/20g_meanflow_noise.ipynb #1c454f7f
 def gaussian_nll(z, mean, scale_tril):
-    "Mean negative log-likelihood of the rows `z [n, D]` under `N(mean, L L^T)`, in nats, without the `D/2 log 2 pi` term."
+    """Mean negative log-likelihood of the rows `z [n, D]` under `N(mean, L L^T)`, in nats, without the `D/2 log 2 pi`
+    term."""
     r = torch.linalg.solve_triangular(scale_tril, (z - mean).T, upper=False)
     return float(0.5 * r.pow(2).sum(0).mean() + scale_tril.diagonal().log().sum())
 
-# %% ../nbs/20g_meanflow_noise.ipynb #a43b1735
+# %% ../nbs/20g_meanflow_noise.ipynb #82af5591
 def conditional_gaussian(z, f, groups, prior_rows: int, ridges=NOISE_RIDGES, holdout: int = 5):
-    """`z [n, D]` given `f [n, F]`: `(mean, scale_tril, feature_mean, weight, ridge)`, the mean `mean + (f - feature_mean) @ weight`.
-    The ridge penalty is the one of `ridges` whose fit on the other rows best predicts the rows of every `holdout`-th
-    group (`groups [n]`: rows of one label share a group, so none is on both sides); constant features get inf."""
+    """`z [n, D]` given `f [n, F]`: `(mean, scale_tril, feature_mean, weight, ridge)`, the mean `mean + (f -
+    feature_mean) @ weight`. The ridge penalty is the one of `ridges` whose fit on the other rows best predicts the
+    rows of every `holdout`-th group (`groups [n]`: rows of one label share a group, so none is on both sides);
+    constant features get inf."""
     def fit(rows, ridge):
         fm, w = ridge_fit(f[rows], z[rows], ridge)
         return (*shrunk_gaussian(z[rows] - (f[rows] - fm) @ w, prior_rows), fm, w)
@@ -103,11 +128,12 @@ def conditional_gaussian(z, f, groups, prior_rows: int, ridges=NOISE_RIDGES, hol
         best = min(score, key=score.get)
     return (*fit(torch.ones(len(z), dtype=torch.bool), best), best)
 
-# %% ../nbs/20g_meanflow_noise.ipynb #889bd18d
+# %% ../nbs/20g_meanflow_noise.ipynb #daf5ea69
 class NoisePrior:
     """One Gaussian over `z` per kind of canvas (`kinds [G, 2]`): `mean [G, D]` and `scale_tril [G, D, D]`, fitted to
     `rows` rows. Optionally `cond`, the same per kind given the canvas's features `[B, F]`: tensors `mean [G, D]`,
     `scale_tril [G, D, D]`, `feature_mean [G, F]`, `weight [G, F, D]` and the `ridge [G]` each kind's fit chose."""
+
     COND = ("mean", "scale_tril", "feature_mean", "weight", "ridge")
 
     def __init__(self, kinds, mean, scale_tril, rows: int, cond: dict | None = None):
@@ -120,9 +146,12 @@ class NoisePrior:
         return 0 if self.cond is None else self.cond["weight"].shape[1]
 
     @classmethod
-    def fit(cls, z, kinds, prior_rows: int | None = None, features=None, groups=None, ridges=NOISE_RIDGES, holdout: int = 5):
-        """Each kind's mean and covariance of `z [N, D]`, mixed with `N(0, I)` at weights `n : prior_rows` (default `D + 1`);
-        with `features [N, F]`, also each kind's `conditional_gaussian` (`groups [N]`: the label row of each, default one each)."""
+    def fit(
+        cls, z, kinds, prior_rows: int | None = None, features=None, groups=None, ridges=NOISE_RIDGES, holdout: int = 5
+    ):
+        """Each kind's mean and covariance of `z [N, D]`, mixed with `N(0, I)` at weights `n : prior_rows` (default `D
+        + 1`); with `features [N, F]`, also each kind's `conditional_gaussian` (`groups [N]`: the label row of each,
+        default one each)."""
         z, D = z.detach().float().cpu(), z.shape[1]
         n0 = D + 1 if prior_rows is None else prior_rows
         uk, inv = torch.unique(kinds.cpu(), dim=0, return_inverse=True)
@@ -133,23 +162,32 @@ class NoisePrior:
         for g in range(len(uk)):
             rows = inv == g
             marg.append(shrunk_gaussian(z[rows], n0))
-            if features is not None: cond.append(conditional_gaussian(z[rows], features[rows], groups[rows], n0, ridges, holdout))
+            if features is not None:
+                cond.append(conditional_gaussian(z[rows], features[rows], groups[rows], n0, ridges, holdout))
         mean, tril = (torch.stack(t) for t in zip(*marg))
-        cond = None if features is None else {k: torch.stack(v) if k != "ridge" else torch.tensor(v) for k, v in zip(cls.COND, zip(*cond))}
+        cond = (
+            None
+            if features is None
+            else {k: torch.stack(v) if k != "ridge" else torch.tensor(v) for k, v in zip(cls.COND, zip(*cond))}
+        )
         return cls(uk, mean, tril, len(z), cond)
 
     def sample(self, kinds, generator=None, features=None):
-        """One `z` per row of `kinds [B, 2]` from its kind's Gaussian, conditioned on `features [B, F]` if given (and the
-        prior has a conditional part); a kind with no rows in the fit draws from `N(0, I)`."""
+        """One `z` per row of `kinds [B, 2]` from its kind's Gaussian, conditioned on `features [B, F]` if given (and
+        the prior has a conditional part); a kind with no rows in the fit draws from `N(0, I)`."""
         hit = (kinds.cpu()[:, None, :] == self.kinds[None]).all(-1)
         eps = torch.randn(len(kinds), self.mean.shape[1], generator=generator)
         z = eps.clone()  # no rows of that kind: the shrinkage's n = 0 limit is the standard prior itself
         seen = hit.any(1)
         g = hit.float().argmax(1)[seen]
-        if features is None or self.cond is None: mean, tril = self.mean[g], self.scale_tril[g]
+        if features is None or self.cond is None:
+            mean, tril = self.mean[g], self.scale_tril[g]
         else:
             if features.shape != (len(kinds), self.features):
-                raise ValueError(f"the conditional prior reads {self.features} features per row, got features of shape {tuple(features.shape)}")
+                raise ValueError(
+                    f"the conditional prior reads {self.features} features per row, got features of shape"
+                    f" {tuple(features.shape)}"
+                )
             c, f = self.cond, features.detach().float().cpu()[seen]
             mean = c["mean"][g] + ((f - c["feature_mean"][g])[:, None, :] @ c["weight"][g])[:, 0]
             tril = c["scale_tril"][g]
@@ -158,53 +196,80 @@ class NoisePrior:
 
     def tensors(self) -> dict:
         t = {"kinds": self.kinds, "mean": self.mean, "scale_tril": self.scale_tril}
-        if self.cond is not None: t.update({f"cond_{k}": v for k, v in self.cond.items()})
+        if self.cond is not None:
+            t.update({f"cond_{k}": v for k, v in self.cond.items()})
         return {k: v.contiguous() for k, v in t.items()}
 
     @classmethod
     def load(cls, path, noise_dim: int, meta: dict):
-        "The prior saved at `path`, checked against the student's `noise_dim` and the `meta` its `meanflow.json` holds."
+        """The prior saved at `path`, checked against the student's `noise_dim` and the `meta` its `meanflow.json`
+        holds."""
         from safetensors.torch import load_file
-        if not Path(path).is_file(): raise FileNotFoundError(f"{path} is missing: meanflow.json says the student has a fitted noise prior")
+
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path} is missing: meanflow.json says the student has a fitted noise prior")
         t, G, F_ = load_file(path), meta.get("kinds"), meta.get("features")
         want = {"kinds": (G, 2), "mean": (G, noise_dim), "scale_tril": (G, noise_dim, noise_dim)}
         if F_ is not None:  # priors saved before the conditional part existed have no "features" entry
-            want.update({"cond_mean": (G, noise_dim), "cond_scale_tril": (G, noise_dim, noise_dim), "cond_feature_mean": (G, F_),
-                         "cond_weight": (G, F_, noise_dim), "cond_ridge": (G,)})
+            want.update(
+                {
+                    "cond_mean": (G, noise_dim),
+                    "cond_scale_tril": (G, noise_dim, noise_dim),
+                    "cond_feature_mean": (G, F_),
+                    "cond_weight": (G, F_, noise_dim),
+                    "cond_ridge": (G,),
+                }
+            )
         got = {k: tuple(v.shape) for k, v in t.items()}
-        if got != want: raise ValueError(f"{path}: expected tensors {want} (noise_dim {noise_dim}), found {got}")
+        if got != want:
+            raise ValueError(f"{path}: expected tensors {want} (noise_dim {noise_dim}), found {got}")
         cond = {k: t[f"cond_{k}"] for k in cls.COND} if F_ is not None else None
         return cls(t["kinds"], t["mean"], t["scale_tril"], meta["rows"], cond)
 
-# %% ../nbs/20g_meanflow_noise.ipynb #6470230b
+# %% ../nbs/20g_meanflow_noise.ipynb #c1fd705e
 def canvas_features(student: MeanFlowStudent, x):
-    "`[B, F]`: what the student's posterior encoder reads of the canvas rows `x [B, L]` position by position, before it mixes them."
-    return student.prompt.posterior.features(student.backbone.embed(x.to(student.backbone.embedding_weight.device))).float()
+    """`[B, F]`: what the student's posterior encoder reads of the canvas rows `x [B, L]` position by position, before
+    it mixes them."""
+    return student.prompt.posterior.features(
+        student.backbone.embed(x.to(student.backbone.embedding_weight.device))
+    ).float()
 
-# %% ../nbs/20g_meanflow_noise.ipynb #b0277350
+# %% ../nbs/20g_meanflow_noise.ipynb #1a12e98b
 @torch.no_grad()
-def fit_noise_prior(student: MeanFlowStudent, x0, prompt_mask, generator=None, chunk: int = 256, prior_rows: int | None = None,
-                    conditional: bool = True):
+def fit_noise_prior(
+    student: MeanFlowStudent,
+    x0,
+    prompt_mask,
+    generator=None,
+    chunk: int = 256,
+    prior_rows: int | None = None,
+    conditional: bool = True,
+):
     """Fit and set `student.noise_prior` from one draw of `q(z | x0)` per label row, grouped by the kind of its canvas
     (`prompt_mask`); `conditional`: also given the canvas's `canvas_features`."""
     post, bb = student.prompt.posterior, student.backbone
-    if post is None: raise ValueError("fit_noise_prior needs a posterior-trained student (noise_fit='posterior'): IMLE students draw z ~ N(0, I)")
+    if post is None:
+        raise ValueError(
+            "fit_noise_prior needs a posterior-trained student (noise_fit='posterior'): IMLE students draw z ~ N(0, I)"
+        )
     dev, cx = bb.embedding_weight.device, torch.where(prompt_mask, x0, bb.mask_id)
     zs, fs = [], []
     for i in range(0, len(x0), chunk):
-        mu, logvar = post(bb.embed(x0[i:i + chunk].to(dev)))
+        mu, logvar = post(bb.embed(x0[i : i + chunk].to(dev)))
         zs.append((mu + (0.5 * logvar).exp() * torch.randn(mu.shape, generator=generator).to(dev)).cpu())
-        if conditional: fs.append(canvas_features(student, cx[i:i + chunk]).cpu())
+        if conditional:
+            fs.append(canvas_features(student, cx[i : i + chunk]).cpu())
     groups = torch.unique(x0, dim=0, return_inverse=True)[1]  # rows drawn twice from the pool are one label
-    student.noise_prior = NoisePrior.fit(torch.cat(zs), canvas_kinds(cx, bb.mask_id), prior_rows,
-                                         torch.cat(fs) if conditional else None, groups)
+    student.noise_prior = NoisePrior.fit(
+        torch.cat(zs), canvas_kinds(cx, bb.mask_id), prior_rows, torch.cat(fs) if conditional else None, groups
+    )
     return student.noise_prior
 
-# %% ../nbs/20g_meanflow_noise.ipynb #41766a87
+# %% ../nbs/20g_meanflow_noise.ipynb #80dc0b33
 @torch.no_grad()
 def sample_noise(student: MeanFlowStudent, x, generator=None, conditional: bool = True):
-    """`z [B, noise_dim]` (on the CPU) for the canvas rows `x`: from the student's fitted prior if it has one, given what
-    the canvas holds unless `conditional=False`; else `N(0, I)`."""
+    """`z [B, noise_dim]` (on the CPU) for the canvas rows `x`: from the student's fitted prior if it has one, given
+    what the canvas holds unless `conditional=False`; else `N(0, I)`."""
     if not student.noise_dim: raise ValueError("this student reads no noise (noise_dim=0)")
     p = student.noise_prior
     if p is None: return torch.randn(x.shape[0], student.noise_dim, generator=generator)

@@ -1,4 +1,4 @@
-"""One step at `r=0, t=1`, the teacher's many-step baseline through diffusers' `BlockRefinementScheduler`, and pools of teacher samples.
+"""One step at `r=0, t=1`, the teacher's many-step sampler (`BlockRefinementScheduler`), teacher-sample pools.
 
 Docs: https://latentcot.github.io/latentcot/meanflow_sampling.html.md"""
 
@@ -33,46 +33,74 @@ def sampler_filter(backbone) -> Callable:
     "`logits_filter` for `generate` with `backbone`: its `banned_ids` made impossible."
     return lambda logits: ban_tokens(logits, backbone.banned_ids)
 
-# %% ../nbs/20f_meanflow_sampling.ipynb #d39c950c
+# %% ../nbs/20f_meanflow_sampling.ipynb #2a56bace
 @torch.no_grad()
-def generate(logits_fn: Callable, x, mask_id: int, steps: int, temperature: float = 1.0,
-             remasking: str = "low_confidence", generator=None, logits_filter: Callable | None | str = "banned_ids"):
+def generate(
+    logits_fn: Callable,
+    x,
+    mask_id: int,
+    steps: int,
+    temperature: float = 1.0,
+    remasking: str = "low_confidence",
+    generator=None,
+    logits_filter: Callable | None | str = "banned_ids",
+):
     """Fill the `[MASK]` positions of `x` in `steps` model calls (LLaDA remasking via `BlockRefinementScheduler`).
-    `logits_filter="banned_ids"` bans the `banned_ids` of the backbone behind `logits_fn` (`teacher_fn`, `student_fn`)."""
+    `logits_filter="banned_ids"` bans the `banned_ids` of the backbone behind `logits_fn` (`teacher_fn`, `student_fn`).
+    """
     from diffusers import BlockRefinementScheduler
+
     if isinstance(logits_filter, str):
-        if logits_filter != "banned_ids": raise ValueError(f"logits_filter must be a callable, None or 'banned_ids', got {logits_filter!r}")
-        # which tokens a sampler may write depends on the backbone's tokenizer: read it from the function, never assume one
+        if logits_filter != "banned_ids":
+            raise ValueError(f"logits_filter must be a callable, None or 'banned_ids', got {logits_filter!r}")
+        # which tokens a sampler may write depends on the backbone's tokenizer: read it from the function, never assume
+        # one
         ids = getattr(logits_fn, "banned_ids", None)
         if ids is None:
-            raise ValueError("generate: logits_fn carries no banned_ids (teacher_fn and student_fn set them); pass "
-                             "logits_filter=sampler_filter(backbone), or None to let it write any token")
+            raise ValueError(
+                "generate: logits_fn carries no banned_ids (teacher_fn and student_fn set them); pass "
+                "logits_filter=sampler_filter(backbone), or None to let it write any token"
+            )
         logits_filter = lambda logits: ban_tokens(logits, ids)
-    if remasking not in ("low_confidence", "random"): raise ValueError(f"remasking must be low_confidence or random, got {remasking!r}")
+    if remasking not in ("low_confidence", "random"):
+        raise ValueError(f"remasking must be low_confidence or random, got {remasking!r}")
     x = x.clone()
     n_mask = int((x == mask_id).sum(1).max())
-    if n_mask == 0: return x
+    if n_mask == 0:
+        return x
     steps = max(1, min(steps, n_mask))
-    sched = BlockRefinementScheduler(block_length=x.shape[1], num_inference_steps=steps, threshold=2.0, editing_threshold=None)
+    sched = BlockRefinementScheduler(
+        block_length=x.shape[1], num_inference_steps=steps, threshold=2.0, editing_threshold=None
+    )
     sched.set_timesteps(steps, device=x.device, block_length=n_mask)
     quota = sched.get_num_transfer_tokens(n_mask, steps)
     for i in range(steps):
         t, r = 1 - i / steps, 1 - (i + 1) / steps
         logits = logits_fn(x, torch.full((x.shape[0],), r), torch.full((x.shape[0],), t)).float()
-        if logits_filter is not None: logits = logits_filter(logits)
+        if logits_filter is not None:
+            logits = logits_filter(logits)
         if remasking == "random":  # random commit order: confidence replaced by noise
             if temperature > 0:
                 probs = torch.softmax(logits / temperature, -1)
                 tokens = torch.multinomial(probs.view(-1, probs.shape[-1]), 1, generator=generator).view(x.shape)
-            else: tokens = logits.argmax(-1)
+            else:
+                tokens = logits.argmax(-1)
             k = int(quota[i])
             score = torch.rand(x.shape, generator=generator, device=x.device).masked_fill(x != mask_id, -1.0)
             idx = score.topk(min(k, x.shape[1]), -1).indices
             commit = torch.zeros_like(x, dtype=torch.bool).scatter_(1, idx, True) & (x == mask_id)
             x = torch.where(commit, tokens, x)
         else:
-            x = sched.step(logits, i, x, mask_token_id=mask_id, temperature=temperature, generator=generator,
-                           threshold=2.0, editing_threshold=None).prev_sample
+            x = sched.step(
+                logits,
+                i,
+                x,
+                mask_token_id=mask_id,
+                temperature=temperature,
+                generator=generator,
+                threshold=2.0,
+                editing_threshold=None,
+            ).prev_sample
     return x
 
 # %% ../nbs/20f_meanflow_sampling.ipynb #fc747882
@@ -82,13 +110,18 @@ def teacher_fn(backbone) -> Callable:
     fn.banned_ids = backbone.banned_ids
     return fn
 
-# %% ../nbs/20f_meanflow_sampling.ipynb #8a43a043
+# %% ../nbs/20f_meanflow_sampling.ipynb #156871b2
 def student_fn(student: MeanFlowStudent, z=None) -> Callable:
-    "`logits_fn` of the student: the average-velocity logits `u(x, r, t)`; a noise student reads its rows' noise `z` at every call."
+    """`logits_fn` of the student: the average-velocity logits `u(x, r, t)`; a noise student reads its rows' noise `z`
+    at every call."""
     if student.noise_dim and z is None:
-        raise ValueError(f"this student reads noise: pass z of shape [rows, {student.noise_dim}], e.g. sample_noise(student, x) "
-                         "(its fitted prior if it has one, else N(0, I))")
-    fn = lambda x, r, t: student(student.backbone.embed(x), r.to(x.device), t.to(x.device), None if z is None else z.to(x.device))
+        raise ValueError(
+            f"this student reads noise: pass z of shape [rows, {student.noise_dim}], e.g. sample_noise(student, x) "
+            "(its fitted prior if it has one, else N(0, I))"
+        )
+    fn = lambda x, r, t: student(
+        student.backbone.embed(x), r.to(x.device), t.to(x.device), None if z is None else z.to(x.device)
+    )
     fn.banned_ids = student.backbone.banned_ids  # the student writes its teacher's tokens
     return fn
 
@@ -103,64 +136,107 @@ def canvas(tok, n: int, kind: str = "synthetic", length: int = 64, prompts: list
         x[i, 1:1 + len(ids)] = torch.tensor(ids)
     return x
 
-# %% ../nbs/20f_meanflow_sampling.ipynb #536cba87
+# %% ../nbs/20f_meanflow_sampling.ipynb #d6b73d0e
 def teacher_samples_meta(backbone, sets: dict, cfg: MeanFlowConfig, seed: int) -> dict[str, str]:
-    "What a pool of teacher samples depends on, as safetensors metadata: sampler, rows, data and a teacher fingerprint."
+    """What a pool of teacher samples depends on, as safetensors metadata: sampler, rows, data and a teacher
+    fingerprint."""
     return {"format": "latentcot.teacher_samples.v1", "seed": str(seed), "sampler_steps": str(cfg.sampler_steps),
             "sampler_rows": str(cfg.sampler_rows), "synthetic_frac": repr(cfg.synthetic_frac),
             "full_prompt_frac": repr(cfg.full_prompt_frac), "canvas": str(sets["synthetic_train"][0].shape[1]),
             "data_sha256": str(sets.get("sha256", "")), "mask_id": str(backbone.mask_id),
             "teacher": teacher_fingerprint(backbone)}
 
-# %% ../nbs/20f_meanflow_sampling.ipynb #df015250
+# %% ../nbs/20f_meanflow_sampling.ipynb #802e5ec8
 def save_teacher_samples(pool, path, meta: dict[str, str]) -> Path:
     "Write a pool `(x0, prompt_mask)` to `path` atomically (safetensors, `meta` as its metadata)."
     from safetensors.torch import save_file
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     x, pm = pool.tensors
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}."); os.close(fd)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
     save_file({"x0": x.contiguous(), "prompt_mask": pm.contiguous()}, tmp, metadata=meta)
     os.replace(tmp, path)
     return path
 
-# %% ../nbs/20f_meanflow_sampling.ipynb #bed0eeea
+# %% ../nbs/20f_meanflow_sampling.ipynb #309507ad
 def load_teacher_samples(path, meta: dict[str, str]):
-    "The pool saved at `path`, refused (naming the file and the field) unless it was drawn with `meta` and has its shape."
+    """The pool saved at `path`, refused (naming the file and the field) unless it was drawn with `meta` and has its
+    shape."""
     from safetensors import safe_open
-    with safe_open(str(path), "pt") as f: got, t = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+
+    with safe_open(str(path), "pt") as f:
+        got, t = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
     diff = [k for k in meta if got.get(k) != meta[k]]
     if diff:
-        raise ValueError(f"{path}: these teacher samples were drawn with " + ", ".join(f"{k}={got.get(k)!r}" for k in diff)
-                         + "; this run needs " + ", ".join(f"{k}={meta[k]!r}" for k in diff)
-                         + ". Delete the file to draw them again, or use another output directory")
+        raise ValueError(
+            f"{path}: these teacher samples were drawn with "
+            + ", ".join(f"{k}={got.get(k)!r}" for k in diff)
+            + "; this run needs "
+            + ", ".join(f"{k}={meta[k]!r}" for k in diff)
+            + ". Delete the file to draw them again, or use another output directory"
+        )
     want = (int(meta["sampler_rows"]), int(meta["canvas"]))
-    if set(t) != {"x0", "prompt_mask"} or tuple(t["x0"].shape) != want or tuple(t["prompt_mask"].shape) != want \
-            or t["prompt_mask"].dtype != torch.bool or t["x0"].is_floating_point():
-        raise ValueError(f"{path}: expected x0 (integer) and prompt_mask (bool) of shape {want}, found "
-                         + ", ".join(f"{k} {tuple(v.shape)} {v.dtype}" for k, v in t.items()))
+    if (
+        set(t) != {"x0", "prompt_mask"}
+        or tuple(t["x0"].shape) != want
+        or tuple(t["prompt_mask"].shape) != want
+        or t["prompt_mask"].dtype != torch.bool
+        or t["x0"].is_floating_point()
+    ):
+        raise ValueError(
+            f"{path}: expected x0 (integer) and prompt_mask (bool) of shape {want}, found "
+            + ", ".join(f"{k} {tuple(v.shape)} {v.dtype}" for k, v in t.items())
+        )
     return torch.utils.data.TensorDataset(t["x0"], t["prompt_mask"])
 
-# %% ../nbs/20f_meanflow_sampling.ipynb #8d715dc8
-def teacher_samples(backbone, sets: dict, cfg: MeanFlowConfig, seed: int = 0, chunk: int = 256, progress: bool = False,
-                    path=None, log: Callable | None = None):
-    """`cfg.sampler_rows` rows `(x0, prompt_mask)`: training prompts completed by the teacher's `cfg.sampler_steps`-step
-    sampler. With `path`, drawn once: loaded from there if present (and checked), else drawn and saved there."""
+# %% ../nbs/20f_meanflow_sampling.ipynb #629960eb
+def teacher_samples(
+    backbone,
+    sets: dict,
+    cfg: MeanFlowConfig,
+    seed: int = 0,
+    chunk: int = 256,
+    progress: bool = False,
+    path=None,
+    log: Callable | None = None,
+):
+    """`cfg.sampler_rows` rows `(x0, prompt_mask)`: training prompts completed by the teacher's
+    `cfg.sampler_steps`-step sampler. With `path`, drawn once: loaded from there if present (and checked), else
+    drawn and saved there."""
     from tqdm.auto import tqdm
+
     meta = teacher_samples_meta(backbone, sets, cfg, seed) if path is not None else None
     if path is not None and Path(path).is_file():
         pool = load_teacher_samples(path, meta)
-        if log: log(f"teacher samples: loaded {len(pool)} rows from {path}")
+        if log:
+            log(f"teacher samples: loaded {len(pool)} rows from {path}")
         return pool
-    x0, pm = next(mixed_batches(sets, cfg.sampler_rows, cfg.synthetic_frac, cfg.full_prompt_frac, torch.Generator().manual_seed(seed)))
+    x0, pm = next(
+        mixed_batches(
+            sets, cfg.sampler_rows, cfg.synthetic_frac, cfg.full_prompt_frac, torch.Generator().manual_seed(seed)
+        )
+    )
     dev = backbone.embedding_weight.device
     g = torch.Generator(device=dev).manual_seed(seed)
     out = []
     for i in tqdm(range(0, len(x0), chunk), desc=f"teacher samples ({cfg.sampler_steps} steps)", disable=not progress):
-        c = torch.where(pm[i:i + chunk], x0[i:i + chunk], backbone.mask_id).to(dev)
-        out.append(generate(teacher_fn(backbone), c, backbone.mask_id, cfg.sampler_steps, 1.0, generator=g,
-                            logits_filter=sampler_filter(backbone)).cpu())
+        c = torch.where(pm[i : i + chunk], x0[i : i + chunk], backbone.mask_id).to(dev)
+        out.append(
+            generate(
+                teacher_fn(backbone),
+                c,
+                backbone.mask_id,
+                cfg.sampler_steps,
+                1.0,
+                generator=g,
+                logits_filter=sampler_filter(backbone),
+            ).cpu()
+        )
     pool = torch.utils.data.TensorDataset(torch.cat(out), pm)
     if path is not None:
         save_teacher_samples(pool, path, meta)
-        if log: log(f"teacher samples: drew {len(pool)} rows, saved to {path}")
+        if log:
+            log(f"teacher samples: drew {len(pool)} rows, saved to {path}")
     return pool

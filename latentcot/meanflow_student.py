@@ -1,4 +1,4 @@
-"""The frozen base plus a soft prompt of `(r, t)` (and, beyond the seed, of a noise `z`) that injects gated K/V prefixes.
+"""The frozen base plus a soft prompt of `(r, t)` (and of a noise `z`) that injects gated K/V prefixes.
 
 Docs: https://latentcot.github.io/latentcot/meanflow_student.html.md"""
 
@@ -22,77 +22,135 @@ def timestep_embedding(t, dim: int, max_period: float = 10000.0, scale: float = 
     a = scale * t.to(dt)[:, None] * freqs[None]
     return torch.cat([a.cos(), a.sin()], -1)
 
-# %% ../nbs/20d_meanflow_student.ipynb #2dfe3165
+# %% ../nbs/20d_meanflow_student.ipynb #d2ee424a
 class NoisePosterior(nn.Module):
-    "`q(z | x0)`: the frozen embeddings `[B, length, embed_dim]` of a label row -> `(mu, logvar)`, each `[B, noise_dim]`."
+    """`q(z | x0)`: the frozen embeddings `[B, length, embed_dim]` of a label row -> `(mu, logvar)`, each `[B,
+    noise_dim]`."""
+
     def __init__(self, length: int, embed_dim: int, noise_dim: int, width: int = 16):
         super().__init__()
         self.length = length
-        self.net = nn.Sequential(nn.Linear(embed_dim, width), nn.SiLU(), nn.Flatten(), nn.Linear(length * width, 2 * noise_dim))
-        nn.init.zeros_(self.net[3].weight); nn.init.zeros_(self.net[3].bias)  # q = N(0, I) at first: the prior, KL 0
+        self.net = nn.Sequential(
+            nn.Linear(embed_dim, width), nn.SiLU(), nn.Flatten(), nn.Linear(length * width, 2 * noise_dim)
+        )
+        nn.init.zeros_(self.net[3].weight)
+        nn.init.zeros_(self.net[3].bias)  # q = N(0, I) at first: the prior, KL 0
 
     def features(self, embeds):
-        "`[B, length * width]`: what the encoder reads of each position of the rows, before its last layer mixes the positions."
+        """`[B, length * width]`: what the encoder reads of each position of the rows, before its last layer mixes the
+        positions."""
         if embeds.shape[1] != self.length:
-            raise ValueError(f"the noise posterior reads rows of {self.length} tokens, got {embeds.shape[1]}: "
-                             "distil and train on the same canvas")
+            raise ValueError(
+                f"the noise posterior reads rows of {self.length} tokens, got {embeds.shape[1]}: "
+                "distil and train on the same canvas"
+            )
         return self.net[:3](embeds.to(self.net[0].weight.dtype))
 
     def forward(self, embeds):
         mu, logvar = self.net[3](self.features(embeds)).float().chunk(2, -1)
         return mu, logvar
 
-# %% ../nbs/20d_meanflow_student.ipynb #65a9f00b
+# %% ../nbs/20d_meanflow_student.ipynb #07408d00
 class SoftPrompt(nn.Module):
-    "MLP(emb(r), emb(t) [, z]) -> K/V prefixes `[B, num_layers, 2, num_kv_heads, prompt_length, head_dim]`, plus per-layer gates."
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, prompt_length: int = 8,
-                 time_dim: int = 64, hidden: int = 128, time_scale: float = 10.0, noise_dim: int = 0,
-                 posterior: tuple[int, int] | None = None):
+    """MLP(emb(r), emb(t) [, z]) -> K/V prefixes `[B, num_layers, 2, num_kv_heads, prompt_length, head_dim]`, plus
+    per-layer gates."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        prompt_length: int = 8,
+        time_dim: int = 64,
+        hidden: int = 128,
+        time_scale: float = 10.0,
+        noise_dim: int = 0,
+        posterior: tuple[int, int] | None = None,
+    ):
         super().__init__()
-        self.shape, self.time_dim, self.time_scale = (num_layers, 2, num_kv_heads, prompt_length, head_dim), time_dim, time_scale
+        self.shape, self.time_dim, self.time_scale = (
+            (num_layers, 2, num_kv_heads, prompt_length, head_dim),
+            time_dim,
+            time_scale,
+        )
         self.mlp = nn.Sequential(nn.Linear(2 * time_dim, hidden), nn.SiLU(), nn.Linear(hidden, math.prod(self.shape)))
-        # optional noise input (see "A noise input" below): z [B, noise_dim] is added to the first layer's pre-activation
+        # optional noise input (see "A noise input" below): z [B, noise_dim] is added to the first layer's pre-
+        # activation
         self.noise_dim = noise_dim
         self.noise = nn.Linear(noise_dim, hidden, bias=False) if noise_dim else None
-        if noise_dim: nn.init.normal_(self.noise.weight, std=noise_dim ** -0.5)
-        # `noise_fit="posterior"` trains z from q(z | row): a `NoisePosterior` over rows of `posterior = (length, embed_dim)`
+        if noise_dim:
+            nn.init.normal_(self.noise.weight, std=noise_dim**-0.5)
+        # `noise_fit="posterior"` trains z from q(z | row): a `NoisePosterior` over rows of `posterior = (length,
+        # embed_dim)`
         self.posterior = NoisePosterior(*posterior, noise_dim) if posterior else None
         self.gate = nn.Parameter(torch.zeros(num_layers))  # zero-init: the student starts at the teacher
 
     def forward(self, r, t, z=None):
-        e = torch.cat([timestep_embedding(r, self.time_dim, scale=self.time_scale),
-                       timestep_embedding(t, self.time_dim, scale=self.time_scale)], -1)
+        e = torch.cat(
+            [
+                timestep_embedding(r, self.time_dim, scale=self.time_scale),
+                timestep_embedding(t, self.time_dim, scale=self.time_scale),
+            ],
+            -1,
+        )
         dt = self.mlp[0].weight.dtype
         h = self.mlp[0](e.to(dt))
-        if self.noise is not None and z is not None: h = h + self.noise(z.to(dt))  # z=None: no noise, the same as z=0
+        if self.noise is not None and z is not None:
+            h = h + self.noise(z.to(dt))  # z=None: no noise, the same as z=0
         return self.mlp[2](self.mlp[1](h)).view(-1, *self.shape), self.gate
 
-# %% ../nbs/20d_meanflow_student.ipynb #42801892
+# %% ../nbs/20d_meanflow_student.ipynb #227851b7
 class MeanFlowStudent(nn.Module):
     "`u(x_t, r, t)`: the frozen backbone with the soft prompt's gated prefixes; `teacher(...)` is the bare backbone."
-    def __init__(self, backbone, prompt_length: int = 8, time_dim: int = 64, hidden: int = 128, time_scale: float = 10.0,
-                 seed: int | None = 0, noise_dim: int = 0, posterior_len: int = 0):
+
+    def __init__(
+        self,
+        backbone,
+        prompt_length: int = 8,
+        time_dim: int = 64,
+        hidden: int = 128,
+        time_scale: float = 10.0,
+        seed: int | None = 0,
+        noise_dim: int = 0,
+        posterior_len: int = 0,
+    ):
         super().__init__()
         self.backbone = backbone.eval().requires_grad_(False)
-        if posterior_len and not noise_dim: raise ValueError(f"posterior_len={posterior_len} needs noise_dim > 0: the posterior is over z")
+        if posterior_len and not noise_dim:
+            raise ValueError(f"posterior_len={posterior_len} needs noise_dim > 0: the posterior is over z")
         post = (posterior_len, backbone.embedding_weight.shape[1]) if posterior_len else None
-        make = lambda: SoftPrompt(backbone.num_layers, backbone.num_kv_heads, backbone.head_dim, prompt_length, time_dim,
-                                  hidden, time_scale, noise_dim, post)
-        if seed is None: self.prompt = make()  # from the global RNG
+        make = lambda: SoftPrompt(
+            backbone.num_layers,
+            backbone.num_kv_heads,
+            backbone.head_dim,
+            prompt_length,
+            time_dim,
+            hidden,
+            time_scale,
+            noise_dim,
+            post,
+        )
+        if seed is None:
+            self.prompt = make()  # from the global RNG
         else:  # the prompt's initial weights depend on `seed` only, and the global RNG does not move
-            with torch.random.fork_rng(devices=[]): torch.manual_seed(seed); self.prompt = make()
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                self.prompt = make()
         self.prompt.to(backbone.embedding_weight.device)
         self.noise_prior = None  # a noise student's fitted prior over z (`fit_noise_prior`); None: z ~ N(0, I)
 
     def train(self, mode: bool = True):
-        super().train(mode); self.backbone.eval()  # the base stays frozen and deterministic
+        super().train(mode)
+        self.backbone.eval()  # the base stays frozen and deterministic
         return self
 
     @property
-    def noise_dim(self) -> int: return self.prompt.noise_dim
+    def noise_dim(self) -> int:
+        return self.prompt.noise_dim
 
     def forward(self, embeds, r, t, z=None):
         prefix, gate = self.prompt(r, t, z)
         return self.backbone.logits(embeds, prefix.to(embeds.dtype), gate.to(embeds.dtype))
 
-    def teacher(self, embeds): return self.backbone.logits(embeds)
+    def teacher(self, embeds):
+        return self.backbone.logits(embeds)

@@ -1,4 +1,4 @@
-"""LLaDA's objective, and a tiny LLaDA-style teacher trained with it here, cached by recipe, data, code and CPU kernels.
+"""LLaDA's objective, and the tiny teacher trained with it, cached by recipe, data, code and CPU kernels.
 
 Docs: https://latentcot.github.io/latentcot/meanflow_teacher.html.md"""
 
@@ -34,8 +34,10 @@ def prompt_mask_of(prompt_len, L: int):
     "Boolean `[B, L]`: True on each row's first `prompt_len` positions."
     return torch.arange(L, device=prompt_len.device)[None] < prompt_len[:, None]
 
-# %% ../nbs/20c_meanflow_teacher.ipynb #9a226509
-def llada_loss(logits_fn: Callable, x0, prompt_mask, mask_id: int, eps: float = 1e-3, generator=None, per_row: bool = False):
+# %% ../nbs/20c_meanflow_teacher.ipynb #65bbf866
+def llada_loss(
+    logits_fn: Callable, x0, prompt_mask, mask_id: int, eps: float = 1e-3, generator=None, per_row: bool = False
+):
     "LLaDA's objective: masked cross-entropy divided by the mask ratio `t`, normalised by the non-prompt tokens."
     t = torch.rand(x0.shape[0], generator=generator, device=x0.device) * (1 - eps) + eps
     xt, masked = mask_tokens(x0, t, prompt_mask, mask_id, generator)
@@ -71,14 +73,24 @@ class TeacherRecipe:
         parts = [asdict(self), data_sha, code] + ([kernels] if kernels else [])
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
-# %% ../nbs/20c_meanflow_teacher.ipynb #cb11dccb
+# %% ../nbs/20c_meanflow_teacher.ipynb #d647ec9a
 def tiny_llada(tok, recipe: TeacherRecipe):
     "A randomly initialised `LlamaForCausalLM` with LLaDA's architecture at the recipe's size."
     from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=recipe.hidden, intermediate_size=recipe.intermediate,
-                      num_hidden_layers=recipe.layers, num_attention_heads=recipe.heads, num_key_value_heads=recipe.heads,
-                      max_position_embeddings=2 * (recipe.canvas + 1), pad_token_id=tok.pad_token_id,
-                      eos_token_id=tok.eos_token_id, bos_token_id=None, tie_word_embeddings=False)
+
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=recipe.hidden,
+        intermediate_size=recipe.intermediate,
+        num_hidden_layers=recipe.layers,
+        num_attention_heads=recipe.heads,
+        num_key_value_heads=recipe.heads,
+        max_position_embeddings=2 * (recipe.canvas + 1),
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
     cfg.mask_token_id = tok.mask_token_id
     return LlamaForCausalLM(cfg)
 
@@ -94,7 +106,7 @@ def mixed_batches(sets: dict, batch: int, synthetic_frac: float, full_prompt_fra
         keep = torch.rand(batch, generator=generator) < full_prompt_frac
         yield x0, prompt_mask_of(torch.where(keep, plen, torch.ones_like(plen)), x0.shape[1])
 
-# %% ../nbs/20c_meanflow_teacher.ipynb #9bcc2830
+# %% ../nbs/20c_meanflow_teacher.ipynb #7e27fd99
 def train_teacher(tok, recipe: TeacherRecipe, sets: dict, log: Callable | None = print):
     "Train the tiny teacher with `llada_loss`; return `(backbone, losses)`."
     torch.manual_seed(recipe.seed)
@@ -103,13 +115,20 @@ def train_teacher(tok, recipe: TeacherRecipe, sets: dict, log: Callable | None =
     bb = LlamaBackbone(model, tok.mask_token_id).train()
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=recipe.steps, pct_start=0.05)
-    batches, losses, t0 = mixed_batches(sets, recipe.batch, recipe.synthetic_frac, recipe.full_prompt_frac, g), [], time.time()
+    batches, losses, t0 = (
+        mixed_batches(sets, recipe.batch, recipe.synthetic_frac, recipe.full_prompt_frac, g),
+        [],
+        time.time(),
+    )
     for step in range(recipe.steps):
         x0, pm = next(batches)
         loss = llada_loss(lambda x: bb.logits(bb.embed(x)), x0, pm, tok.mask_token_id, generator=g)
-        opt.zero_grad(); loss.backward()
+        opt.zero_grad()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step(); sched.step(); losses.append(loss.item())
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
         if log and (step % max(1, recipe.steps // 10) == 0 or step == recipe.steps - 1):
             log(f"teacher step {step:5d}  loss {sum(losses[-50:]) / len(losses[-50:]):.3f}  {time.time() - t0:.0f}s")
     return bb.eval().requires_grad_(False), losses
@@ -139,13 +158,14 @@ def cpu_kernels() -> str:
     "The vector kernels torch uses on this CPU (`AVX2`, `AVX512`, ...): they change the trained teacher's weights."
     return torch.backends.cpu.get_cpu_capability()
 
-# %% ../nbs/20c_meanflow_teacher.ipynb #e86b10e9
+# %% ../nbs/20c_meanflow_teacher.ipynb #91ea7f5a
 def get_teacher(recipe: TeacherRecipe = TeacherRecipe(), cache_dir=None, log: Callable | None = print):
     "The tiny teacher of `recipe`: loaded from the cache, or trained, saved with `save_pretrained` and cached."
     tok = char_tokenizer()
     sets = load_text_sets(tok, recipe.canvas)
     root = Path(cache_dir) if cache_dir is not None else cache_root()
-    code = teacher_code_version()  # an edit to the teacher's training code trains a new teacher, never reuses a stale one
+    # an edit to the teacher's training code trains a new teacher, never reuses a stale one
+    code = teacher_code_version()
     # AVX2 and AVX-512 kernels round differently and train different teachers: a cache moved between machines must
     # not hand one CPU's teacher to another
     final = root / f"meanflow-teacher-{recipe.key(sets['sha256'], code, cpu_kernels())}"
@@ -155,19 +175,30 @@ def get_teacher(recipe: TeacherRecipe = TeacherRecipe(), cache_dir=None, log: Ca
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=".teacher-"))
         try:
-            bb.model.save_pretrained(tmp); tok.save_pretrained(tmp)
-            info = {"recipe": asdict(recipe), "data_sha256": sets["sha256"], "losses": losses, "train_seconds": time.time() - t0,
-                    "code_version": code, "cpu_kernels": cpu_kernels()}
+            bb.model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            info = {
+                "recipe": asdict(recipe),
+                "data_sha256": sets["sha256"],
+                "losses": losses,
+                "train_seconds": time.time() - t0,
+                "code_version": code,
+                "cpu_kernels": cpu_kernels(),
+            }
             (tmp / "teacher.json").write_text(json.dumps(info))
-            try: os.replace(tmp, final)
-            except OSError: pass  # another process finished the same recipe first
+            try:
+                os.replace(tmp, final)
+            except OSError:
+                pass  # another process finished the same recipe first
         finally:
-            if tmp.exists(): shutil.rmtree(tmp)
+            if tmp.exists():
+                shutil.rmtree(tmp)
     return load_teacher(final)
 
-# %% ../nbs/20c_meanflow_teacher.ipynb #73dfa9c6
+# %% ../nbs/20c_meanflow_teacher.ipynb #b8950ea8
 def teacher_fingerprint(backbone) -> str:
-    "16 hex digits that tell two teachers' weights apart: a hash of 64 rows of the embedding (cheap even for an 8B vocabulary)."
+    """16 hex digits that tell two teachers' weights apart: a hash of 64 rows of the embedding (cheap even for an 8B
+    vocabulary)."""
     E = backbone.embedding_weight
     probe = E[:: max(1, E.shape[0] // 64)].detach().float().cpu().contiguous()
     return hashlib.sha256(probe.numpy().tobytes()).hexdigest()[:16]

@@ -31,40 +31,52 @@ def char_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]",
                                    mask_token="[MASK]", extra_special_tokens=list(SPECIAL_TOKENS[4:]))
 
-# %% ../nbs/20a_meanflow_text.ipynb #f63355c2
+# %% ../nbs/20a_meanflow_text.ipynb #0797769a
 def row_start_id(tok, kind: str) -> int:
-    "First token of a canvas row: the set's tag if the tokenizer has it (the tiny teacher's), else its BOS (a real LLaDA's)."
+    """First token of a canvas row: the set's tag if the tokenizer has it (the tiny teacher's), else its BOS (a real
+    LLaDA's)."""
     tag = tok.convert_tokens_to_ids(SET_TAGS[kind])
     if tag is not None and tag != tok.unk_token_id: return tag
     if tok.bos_token_id is not None: return tok.bos_token_id
     raise ValueError(f"the tokenizer has neither the {SET_TAGS[kind]} tag nor a BOS token to start a canvas row with")
 
-# %% ../nbs/20a_meanflow_text.ipynb #8c2b2128
-def encode_lines(tok, lines: list[str], kind: str, canvas: int = 64, source: str = "<lines>", english_prompt: int = 12):
-    "Token ids `[N, 1 + canvas]` (`[tag] line [EOS]...`) and the prompt length of every row `[N]`, for any fast tokenizer."
-    if kind not in SET_TAGS: raise ValueError(f"unknown text set kind {kind!r}, expected one of {list(SET_TAGS)}")
-    if not getattr(tok, "is_fast", False): raise ValueError(f"{type(tok).__name__}: a fast tokenizer is needed (character offsets)")
-    if tok.eos_token_id is None: raise ValueError(f"{type(tok).__name__} has no EOS token to pad the canvas with")
+# %% ../nbs/20a_meanflow_text.ipynb #bfc576ad
+def encode_lines(
+    tok, lines: list[str], kind: str, canvas: int = 64, source: str = "<lines>", english_prompt: int = 12
+):
+    """Token ids `[N, 1 + canvas]` (`[tag] line [EOS]...`) and the prompt length of every row `[N]`, for any fast
+    tokenizer."""
+    if kind not in SET_TAGS:
+        raise ValueError(f"unknown text set kind {kind!r}, expected one of {list(SET_TAGS)}")
+    if not getattr(tok, "is_fast", False):
+        raise ValueError(f"{type(tok).__name__}: a fast tokenizer is needed (character offsets)")
+    if tok.eos_token_id is None:
+        raise ValueError(f"{type(tok).__name__} has no EOS token to pad the canvas with")
     start, eos, unk = row_start_id(tok, kind), tok.eos_token_id, tok.unk_token_id
     enc = tok(list(lines), add_special_tokens=False, return_offsets_mapping=True)
     rows, plen = [], []
     for i, (line, ids, offs) in enumerate(zip(lines, enc.input_ids, enc.offset_mapping), 1):
-        if len(ids) > canvas: raise ValueError(f"{source}:{i}: line has {len(ids)} tokens, the canvas holds {canvas}")
-        if unk is not None and unk in ids: raise ValueError(f"{source}:{i}: character {line[offs[ids.index(unk)][0]]!r} is not in the vocabulary")
+        if len(ids) > canvas:
+            raise ValueError(f"{source}:{i}: line has {len(ids)} tokens, the canvas holds {canvas}")
+        if unk is not None and unk in ids:
+            raise ValueError(f"{source}:{i}: character {line[offs[ids.index(unk)][0]]!r} is not in the vocabulary")
         rows.append([start] + ids + [eos] * (canvas - len(ids)))
         p = line.find(";") + 1 if kind == "synthetic" else min(english_prompt, len(line))
         plen.append(1 + sum(e <= p for _, e in offs))  # prompt tokens: those that end within the first p characters
     return torch.tensor(rows, dtype=torch.long).view(-1, 1 + canvas), torch.tensor(plen, dtype=torch.long)
 
-# %% ../nbs/20a_meanflow_text.ipynb #9691067d
+# %% ../nbs/20a_meanflow_text.ipynb #5291a24c
 def decode_canvas(tok, ids: torch.Tensor, start: int = 1) -> list[str]:
-    "The text of each row of `ids` from `start` up to its first EOS (with the character tokenizer, other specials show as `?`)."
+    """The text of each row of `ids` from `start` up to its first EOS (with the character tokenizer, other specials
+    show as `?`)."""
     eos, n_special = tok.eos_token_id, len(SPECIAL_TOKENS)
     chars = len(tok) == n_special + 95 and tok.mask_token_id == SPECIAL_TOKENS.index("[MASK]")  # `char_tokenizer`
     out = []
     for row in ids[:, start:].tolist():
-        row = row[:row.index(eos)] if eos in row else row
-        out.append("".join(chr(i - n_special + 32) if i >= n_special else "?" for i in row) if chars else tok.decode(row))
+        row = row[: row.index(eos)] if eos in row else row
+        out.append(
+            "".join(chr(i - n_special + 32) if i >= n_special else "?" for i in row) if chars else tok.decode(row)
+        )
     return out
 
 # %% ../nbs/20a_meanflow_text.ipynb #1849def8
