@@ -23,7 +23,7 @@ from .meanflow_sampling import canvas, generate, sampler_filter, student_fn, tea
 from .meanflow_noise import make_student, sample_noise
 from .meanflow_train import load_student, save_student, train_meanflow
 from .meanflow import add_config_arguments, add_llada_arguments, config_from_args, llada_info, load_llada
-from .textdata import check_synthetic
+from .textdata import atomic_write, check_synthetic
 from .trainer import read_metrics
 
 # %% auto #0
@@ -827,10 +827,7 @@ def bench_meanflow_main(argv: list[str] | None = None) -> int:
     d = Path(a.out)
     d.mkdir(parents=True, exist_ok=True)
     out["plots"] = [p.name for p in plot_bench(out, d)]
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".metrics.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(out, f, indent=1)
-    os.replace(tmp, d / "metrics.json")
+    atomic_write(d / "metrics.json", lambda f: Path(f).write_text(json.dumps(out, indent=1)))
     print(format_table(out))
     print(f"\nwrote {d / 'metrics.json'} and {len(out['plots'])} plots; total {out['total_seconds']:.0f}s")
     return 0

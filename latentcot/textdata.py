@@ -8,10 +8,11 @@ Docs: https://latentcot.github.io/latentcot/textdata.html.md"""
 from __future__ import annotations
 import hashlib, json, os, random, re, sys, tempfile, textwrap
 from pathlib import Path
+from typing import Callable
 
 # %% auto #0
-__all__ = ['TEXT_FILES', 'to_ascii', 'english_paragraphs', 'synthetic_line', 'check_synthetic', 'text_sets', 'write_text_sets',
-           'read_lines']
+__all__ = ['TEXT_FILES', 'to_ascii', 'english_paragraphs', 'synthetic_line', 'check_synthetic', 'atomic_write', 'text_sets',
+           'write_text_sets', 'read_lines']
 
 # %% ../nbs/19_textdata.ipynb #e0891a93
 _ASCII_MAP = {"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"', "\u2014": "--", "\u2013": "-",
@@ -75,15 +76,21 @@ def check_synthetic(line: str, max_value: int = 9) -> float:
 # %% ../nbs/19_textdata.ipynb #4653fafd
 TEXT_FILES = ("english_train.txt", "english_heldout.txt", "synthetic_train.txt", "synthetic_heldout.txt")
 
-def _atomic_write(path: Path, data: bytes):
-    "Write `data` to `path` through a temporary file and `os.replace`."
+def atomic_write(path, write: Callable):
+    "Call `write(tmp)` on a temporary file beside `path`, then `os.replace` it there: no reader sees half a file."
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f: f.write(data)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp): os.unlink(tmp)
         raise
+
+def _atomic_write(path: Path, data: bytes):
+    "Write `data` to `path` atomically."
+    atomic_write(path, lambda f: Path(f).write_bytes(data))
 
 def text_sets(seed: int = 0, width: int = 60, heldout_frac: float = 0.1, n_synthetic: int = 4000,
               n_synthetic_heldout: int = 400, max_value: int = 9, max_english_chars: int = 240_000) -> dict[str, list[str]]:
