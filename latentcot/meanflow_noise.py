@@ -42,10 +42,12 @@ def pick_noise(student: MeanFlowStudent, embeds, r, t, x0, masked, candidates: i
     z = zc[torch.arange(B, device=x0.device), nll.argmin(1)]
     return torch.where(masked.any(1)[:, None], z, torch.zeros_like(z))
 
-# %% ../nbs/20g_meanflow_noise.ipynb #cca82a9f
+# %% ../nbs/20g_meanflow_noise.ipynb #339fa359
 def gaussian_kl(mu, logvar):
-    "`KL(N(mu, exp(logvar)) || N(0, I))` per row, in nats."
-    return 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(-1)
+    "`KL(N(mu, exp(logvar)) || N(0, I))` per row, in nats (`torch.distributions`)."
+    from torch.distributions import Normal, kl_divergence
+    q = Normal(mu, (0.5 * logvar).exp())
+    return kl_divergence(q, Normal(torch.zeros_like(mu), torch.ones_like(mu))).sum(-1)
 
 # %% ../nbs/20g_meanflow_noise.ipynb #3f2d2888
 def posterior_noise(student: MeanFlowStudent, embeds_x0, use, generator=None):
@@ -103,12 +105,12 @@ def ridge_fit(f, z, ridge: float):
     )
     return fm, w.to(z.dtype)
 
-# %% ../nbs/20g_meanflow_noise.ipynb #1c454f7f
+# %% ../nbs/20g_meanflow_noise.ipynb #678a864d
 def gaussian_nll(z, mean, scale_tril):
-    """Mean negative log-likelihood of the rows `z [n, D]` under `N(mean, L L^T)`, in nats, without the `D/2 log 2 pi`
-    term."""
-    r = torch.linalg.solve_triangular(scale_tril, (z - mean).T, upper=False)
-    return float(0.5 * r.pow(2).sum(0).mean() + scale_tril.diagonal().log().sum())
+    "Mean negative log-likelihood of the rows `z [n, D]` under `N(mean, L L^T)`, in nats, without `D/2 log 2 pi`."
+    from torch.distributions import MultivariateNormal
+    log_p = MultivariateNormal(mean, scale_tril=scale_tril).log_prob(z)
+    return float(-log_p.mean() - 0.5 * z.shape[1] * math.log(2 * math.pi))
 
 # %% ../nbs/20g_meanflow_noise.ipynb #82af5591
 def conditional_gaussian(z, f, groups, prior_rows: int, ridges=NOISE_RIDGES, holdout: int = 5):

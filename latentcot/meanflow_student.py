@@ -50,7 +50,7 @@ class NoisePosterior(nn.Module):
         mu, logvar = self.net[3](self.features(embeds)).float().chunk(2, -1)
         return mu, logvar
 
-# %% ../nbs/20d_meanflow_student.ipynb #07408d00
+# %% ../nbs/20d_meanflow_student.ipynb #f5e7767f
 class SoftPrompt(nn.Module):
     """MLP(emb(r), emb(t) [, z]) -> K/V prefixes `[B, num_layers, 2, num_kv_heads, prompt_length, head_dim]`, plus
     per-layer gates."""
@@ -74,7 +74,7 @@ class SoftPrompt(nn.Module):
             time_scale,
         )
         self.mlp = nn.Sequential(nn.Linear(2 * time_dim, hidden), nn.SiLU(), nn.Linear(hidden, math.prod(self.shape)))
-        # optional noise input (see "A noise input" below): z [B, noise_dim] is added to the first layer's pre-
+        # optional noise input (`meanflow_noise`): z [B, noise_dim] is added to the first layer's pre-
         # activation
         self.noise_dim = noise_dim
         self.noise = nn.Linear(noise_dim, hidden, bias=False) if noise_dim else None

@@ -26,7 +26,7 @@ from .meanflow_noise import NoisePrior, fit_noise_prior, pick_noise, posterior_n
 __all__ = ['meanflow_step', 'warmup_schedule', 'meanflow_lightning_module', 'distill_batches', 'check_run_dir', 'train_meanflow',
            'train_meanflow_lightning', 'save_student', 'load_student']
 
-# %% ../nbs/20h_meanflow_train.ipynb #bf5b6782
+# %% ../nbs/20h_meanflow_train.ipynb #b6e90431
 def meanflow_step(student: MeanFlowStudent, x0, prompt_mask, cfg: MeanFlowConfig, generator=None):
     """One MeanFlow distillation step (seed 003 §4; `cfg.target` picks the target): `(loss, logs)`; gradients reach
     only the soft prompt."""
@@ -38,7 +38,7 @@ def meanflow_step(student: MeanFlowStudent, x0, prompt_mask, cfg: MeanFlowConfig
     with torch.no_grad():
         emb = bb.embed(xt)
         v = student.teacher(emb)
-        if cfg.target == "integral":  # the identity's solution by Euler steps of the teacher (defined below), no JVP
+        if cfg.target == "integral":  # the identity's solution by Euler steps of the teacher (`meanflow_loss`), no JVP
             u_tgt, w = v.float().clone(), r < t  # rows with r = t: the target is v, no teacher calls needed
             if w.any():
                 u_tgt[w] = meanflow_fixed_point(
