@@ -513,7 +513,8 @@ def format_table(out: dict) -> str:
             )
             if syn:
                 s += f"{r['validity']:>7.3f}{r['fully_valid']:>6.2f}"
-            s += f"{r['nll_bound']:>7.3f}{r['entropy_bits']:>8.2f}{r['distinct_2']:>7.3f}{r['distinct_4']:>7.3f}{r['unique_lines']:>6.2f}"
+            s += f"{r['nll_bound']:>7.3f}{r['entropy_bits']:>8.2f}{r['distinct_2']:>7.3f}"
+            s += f"{r['distinct_4']:>7.3f}{r['unique_lines']:>6.2f}"
             if syn:
                 f = r["facts"]
                 s += f"  {f['malformed']:.2f}/{f['arithmetic']:.2f}/{f['chain']:.2f}"

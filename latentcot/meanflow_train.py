@@ -23,8 +23,9 @@ from .meanflow_sampling import teacher_samples
 from .meanflow_noise import NoisePrior, fit_noise_prior, pick_noise, posterior_noise
 
 # %% auto #0
-__all__ = ['meanflow_step', 'warmup_schedule', 'meanflow_lightning_module', 'distill_batches', 'check_run_dir', 'train_meanflow',
-           'train_meanflow_lightning', 'save_student', 'load_student']
+__all__ = ['meanflow_step', 'warmup_schedule', 'meanflow_lightning_module', 'distill_batches', 'check_run_dir', 'record_run',
+           'sync_gradients', 'check_equal_prompts', 'progress_line', 'train_meanflow', 'train_meanflow_lightning',
+           'save_student', 'load_student']
 
 # %% ../nbs/20h_meanflow_train.ipynb #b6e90431
 def meanflow_step(student: MeanFlowStudent, x0, prompt_mask, cfg: MeanFlowConfig, generator=None):
@@ -177,143 +178,123 @@ def check_run_dir(out: Path, run: dict) -> None:
             + "); pass the same settings to resume it, or use another output directory"
         )
 
-# %% ../nbs/20h_meanflow_train.ipynb #aa8abc10
-def train_meanflow(
-    student: MeanFlowStudent,
-    sets: dict,
-    cfg: MeanFlowConfig,
-    accelerator=None,
-    log: Callable | None = print,
-    log_every: int = 50,
-    out_dir=None,
-    save_every: int = 0,
-    resume: bool = True,
-    run_meta: dict | None = None,
-) -> list[dict]:
-    """Train `student.prompt` for `cfg.steps` steps with accelerate, using `meanflow_step`; return the metrics of the
-    steps run. With `out_dir`: `metrics.jsonl`, a checkpoint every `save_every` steps and at the end, and the sampler's
-    teacher samples are written there, and a rerun resumes from the newest complete checkpoint (`resume=False`: start
-    again). Each metrics record's `seconds` is the run's wall time so far, summed over the segments of a resumed run.
-    """
+# %% ../nbs/20h_meanflow_train.ipynb #8162edb0
+def record_run(acc, out: Path, run: dict, resuming: bool) -> None:
+    "Check a resumed run directory's settings (`check_run_dir`), then record `run` in `meanflow_run.json`."
+    if resuming:
+        check_run_dir(out, run)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "meanflow_run.json", lambda f: Path(f).write_text(json.dumps(run)))
+
+# %% ../nbs/20h_meanflow_train.ipynb #2a854079
+def sync_gradients(acc, params, logs: dict) -> dict:
+    "All-reduce (mean) the gradients of `params` and the `logs` across processes: a JVP cannot see through DDP."
+    if acc.num_processes == 1:
+        return logs
+    for p in params:
+        if p.grad is not None:
+            p.grad = acc.reduce(p.grad, reduction="mean")
+    return dict(zip(logs, acc.reduce(torch.stack([v.float() for v in logs.values()]), reduction="mean")))
+
+# %% ../nbs/20h_meanflow_train.ipynb #32a26bad
+def check_equal_prompts(acc, prompt) -> None:
+    "Refuse a run whose processes ended with different soft prompts (the saved prompt is rank 0's)."
+    if acc.num_processes == 1:
+        return
+    flat = torch.cat([p.detach().flatten() for p in prompt.parameters()])
+    spread = float((acc.gather(flat[None]) - flat[None]).abs().max())
+    if spread > 0:
+        raise RuntimeError(f"the soft prompts of the {acc.num_processes} processes differ by up to {spread:.3g}")
+
+# %% ../nbs/20h_meanflow_train.ipynb #a5ac6229
+def progress_line(step: int, hist: list[dict], every: int, seconds: float) -> str:
+    "One log line: the step, the mean loss (and KL) over the last `every` steps, the gate, the time."
+    m = hist[-every:]
+    kl = f"kl {sum(h['kl'] for h in m) / len(m):.2f}  " if "kl" in hist[-1] else ""
+    loss = sum(h["loss"] for h in m) / len(m)
+    return f"meanflow step {step:5d}  loss {loss:.4f}  gate {hist[-1]['gate']:.3f}  {kl}{seconds:.0f}s"
+
+# %% ../nbs/20h_meanflow_train.ipynb #48304c4c
+def train_meanflow(student: MeanFlowStudent, sets: dict, cfg: MeanFlowConfig, accelerator=None,
+                   log: Callable | None = print, log_every: int = 50, out_dir=None, save_every: int = 0,
+                   resume: bool = True, run_meta: dict | None = None) -> list[dict]:
+    """Train `student.prompt` for `cfg.steps` steps with accelerate and `meanflow_step`; return each step's metrics.
+    With `out_dir`: metrics, checkpoints (every `save_every` steps and at the end) and teacher samples go there, and a
+    rerun resumes from the newest complete checkpoint (`resume=False`: start again); `seconds` sums the segments."""
     from accelerate import Accelerator
     from safetensors.torch import load_file, save_file
 
     t_start = time.time()  # the segment's clock starts before the teacher samples are drawn: they are part of its cost
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
-    main = acc.is_main_process
-    torch.manual_seed(cfg.seed + acc.process_index)
+    main, rank = acc.is_main_process, acc.process_index
+    torch.manual_seed(cfg.seed + rank)
     student.prompt.to(acc.device)
     student.backbone.to(acc.device)
     out = Path(out_dir) if out_dir is not None else None
     ck = latest_checkpoint(out) if out is not None and resume else None
     if out is not None:
-        run = {
-            "config": asdict(cfg),
-            **(run_meta or {}),
-            "num_processes": acc.num_processes,
-            "mixed_precision": str(acc.mixed_precision),
-        }
-        if ck is not None:
-            check_run_dir(out, run)
-        acc.wait_for_everyone()
-        if main:
-            out.mkdir(parents=True, exist_ok=True)
-            atomic_write(out / "meanflow_run.json", lambda f: Path(f).write_text(json.dumps(run)))
+        run = {"config": asdict(cfg), **(run_meta or {}), "num_processes": acc.num_processes,
+               "mixed_precision": str(acc.mixed_precision)}
+        record_run(acc, out, run, ck is not None)
     # every process draws its own rows (seed + rank) and runs `cfg.steps` steps on them: `batch` is per process
-    pool = out / f"teacher_samples.rank{acc.process_index}.safetensors" if out is not None else None
-    data = distill_batches(
-        sets,
-        cfg,
-        cfg.steps,
-        torch.Generator().manual_seed(cfg.seed + acc.process_index),
-        backbone=student.backbone,
-        progress=bool(log) and main,
-        pool_path=pool,
-        log=log if main else None,
-    )
+    pool = out / f"teacher_samples.rank{rank}.safetensors" if out is not None else None
+    g = torch.Generator().manual_seed(cfg.seed + rank)
+    data = distill_batches(sets, cfg, cfg.steps, g, backbone=student.backbone, progress=bool(log) and main,
+                           pool_path=pool, log=log if main else None)
     opt = acc.prepare(torch.optim.AdamW(student.prompt.parameters(), lr=cfg.lr, weight_decay=0.0))
     sched = warmup_schedule(opt)
     # the loader's iterator draws its base seed from the global RNG: make it before the checkpoint restores that RNG
     batches = iter(torch.utils.data.DataLoader(data, batch_size=cfg.batch, shuffle=False))
-    start = 0
+    start, before = 0, 0.0
     if ck is not None:  # optimizer, scheduler, every rank's RNG (the step's times and masks), then the prompt
         start = load_checkpoint(acc, sched, ck).global_step
         student.prompt.load_state_dict(load_file(ck / "soft_prompt.safetensors"))
         if log and main:
             log(f"resuming from {ck} (step {start})")
     metrics = MetricsLog(out / "metrics.jsonl", resume_step=start, enabled=main) if out is not None else None
-    # a resumed run's clock goes on from the kept records (time between the last record and the kill is lost)
-    before = (
-        (read_metrics(out / "metrics.jsonl")[-1:] or [{}])[0].get("seconds", 0.0) if ck is not None and main else 0.0
-    )
+    if ck is not None and main:  # the clock goes on from the kept records (the time after the last one is lost)
+        before = (read_metrics(out / "metrics.jsonl")[-1:] or [{}])[0].get("seconds", 0.0)
 
     def save(step):
         state = {k: v.detach().cpu().contiguous() for k, v in student.prompt.state_dict().items()}
-        save_checkpoint(
-            acc,
-            TrainState(global_step=step, batch_in_epoch=step),
-            sched,
-            out,
-            extra=lambda d: save_file(state, d / "soft_prompt.safetensors"),
-        )
+        save_checkpoint(acc, TrainState(global_step=step, batch_in_epoch=step), sched, out,
+                        extra=lambda d: save_file(state, d / "soft_prompt.safetensors"))
 
     student.train()
     hist, t0 = [], time.time()
     for step, (x0, pm) in enumerate(itertools.islice(batches, start, None), start):
-        # `accelerate launch --mixed_precision bf16`: the frozen base computes in bf16, the prompt's weights stay fp32
-        with acc.autocast():
+        with acc.autocast():  # `--mixed_precision bf16`: the frozen base computes in bf16, the prompt stays fp32
             loss, logs = meanflow_step(student, x0.to(acc.device), pm.to(acc.device), cfg)
         acc.backward(loss)
-        if acc.num_processes > 1:
-            for p in student.prompt.parameters():
-                if p.grad is not None:
-                    p.grad = acc.reduce(p.grad, reduction="mean")
-            logs = dict(zip(logs, acc.reduce(torch.stack([v.float() for v in logs.values()]), reduction="mean")))
+        logs = sync_gradients(acc, student.prompt.parameters(), logs)
         acc.clip_grad_norm_(student.prompt.parameters(), 1.0)  # unscales first under fp16's gradient scaler
         opt.step()
         sched.step()
         opt.zero_grad()
         hist.append({k: float(v) for k, v in logs.items()})
         if metrics is not None:
-            metrics.write(
-                {
-                    "step": step + 1,
-                    **hist[-1],
-                    "lr": sched.get_last_lr()[0],
-                    "seconds": round(before + time.time() - t_start, 3),
-                }
-            )
+            secs = round(before + time.time() - t_start, 3)
+            metrics.write({"step": step + 1, **hist[-1], "lr": sched.get_last_lr()[0], "seconds": secs})
         if log and main and (step % log_every == 0 or step == cfg.steps - 1):
-            m = hist[-log_every:]
-            log(
-                f"meanflow step {step:5d}  loss {sum(h['loss'] for h in m) / len(m):.4f}  "
-                f"gate {hist[-1]['gate']:.3f}  "
-                + (f"kl {sum(h['kl'] for h in m) / len(m):.2f}  " if "kl" in hist[-1] else "")
-                + f"{time.time() - t0:.0f}s"
-            )
+            log(progress_line(step, hist, log_every, time.time() - t0))
         if out is not None and save_every and (step + 1) % save_every == 0 and step + 1 < cfg.steps:
             save(step + 1)
     if out is not None and hist:
         save(cfg.steps)
-    # the same averaged gradients on every rank keep the prompts equal; check before trusting rank 0's
-    if acc.num_processes > 1:
-        flat = torch.cat([p.detach().flatten() for p in student.prompt.parameters()])
-        spread = float((acc.gather(flat[None]) - flat[None]).abs().max())
-        if spread > 0:
-            raise RuntimeError(f"the soft prompts of the {acc.num_processes} processes differ by up to {spread:.3g}")
-    # generation draws z from the posterior's fitted prior, not N(0, I) ("A fitted prior"); with several processes each
-    # fits its own rows, and rank 0's prior is the one saved
+    check_equal_prompts(acc, student.prompt)
+    # generation draws z from the posterior's fitted prior, not N(0, I); with several processes each fits its own rows,
+    # and rank 0's prior is the one saved
     if student.prompt.posterior is not None:
         p = fit_noise_prior(student, *data.tensors, generator=torch.Generator().manual_seed(cfg.seed))
         if log and main:
-            log(
-                f"noise prior: {len(p.kinds)} kinds of canvas, ridge per kind "
-                + ", ".join(f"{r:g}" for r in p.cond["ridge"].tolist())
-            )
+            ridges = ", ".join(f"{r:g}" for r in p.cond["ridge"].tolist())
+            log(f"noise prior: {len(p.kinds)} kinds of canvas, ridge per kind {ridges}")
     student.eval()
     return hist
 
-# %% ../nbs/20h_meanflow_train.ipynb #9b0f82c8
+# %% ../nbs/20h_meanflow_train.ipynb #ec0c8f8d
 def train_meanflow_lightning(student: MeanFlowStudent, sets: dict, cfg: MeanFlowConfig, **trainer_kw) -> list[dict]:
     "Train `student.prompt` with Lightning's `Trainer` on `train_meanflow`'s rows and seed; return each step's logs."
     import lightning.pytorch as pl
@@ -330,7 +311,7 @@ def train_meanflow_lightning(student: MeanFlowStudent, sets: dict, cfg: MeanFlow
     student.eval()
     return module.history
 
-# %% ../nbs/20h_meanflow_train.ipynb #f8120d36
+# %% ../nbs/20h_meanflow_train.ipynb #a707adb9
 def save_student(student: MeanFlowStudent, out_dir, cfg: MeanFlowConfig, extra: dict | None = None) -> Path:
     "Save the soft prompt (safetensors) and its config atomically into `out_dir`."
     from safetensors.torch import save_file
@@ -367,7 +348,7 @@ def save_student(student: MeanFlowStudent, out_dir, cfg: MeanFlowConfig, extra: 
         atomic_write(out / name, write)
     return out
 
-# %% ../nbs/20h_meanflow_train.ipynb #288540db
+# %% ../nbs/20h_meanflow_train.ipynb #fb5a4114
 def load_student(backbone, path) -> MeanFlowStudent:
     "A `MeanFlowStudent` on `backbone` with the soft prompt saved in `path`."
     from safetensors.torch import load_file
