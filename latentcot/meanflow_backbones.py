@@ -96,7 +96,7 @@ class LlamaBackbone(nn.Module):
         return self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, past_key_values=cache,
                           use_cache=False, prefix_len=P, prefix_gate=gate).logits
 
-# %% ../nbs/20b_meanflow_backbones.ipynb #ffacdf04
+# %% ../nbs/20b_meanflow_backbones.ipynb #5a397dde
 LLADA_MASK_ID = 126336
 
 class LLaDABackbone(nn.Module):
@@ -146,7 +146,7 @@ class LLaDABackbone(nn.Module):
         logits = F.linear(x, tr.wte.weight) if c.weight_tying else tr.ff_out(x)
         return logits / math.sqrt(c.d_model) if c.scale_logits else logits
 
-# %% ../nbs/20b_meanflow_backbones.ipynb #976add3a
+# %% ../nbs/20b_meanflow_backbones.ipynb #eb8eacda
 def llada_loadable(cls):
     """`cls` (LLaDA's remote-code `LLaDAModelLM`), made loadable by transformers 5's `from_pretrained` if it needs to
     be."""
@@ -162,7 +162,7 @@ def llada_loadable(cls):
     return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__,
                                        "tie_weights": lambda self, *a, **k: cls.tie_weights(self)})
 
-# %% ../nbs/20b_meanflow_backbones.ipynb #227d2b56
+# %% ../nbs/20b_meanflow_backbones.ipynb #f6495db6
 def load_llada(
     name: str = "GSAI-ML/LLaDA-8B-Base",
     trust_remote_code: bool = False,
