@@ -52,7 +52,7 @@ def likelihood_bound(logits_fn: Callable, x0, prompt_mask, mask_id: int, n_mc: i
     tot = sum(llada_loss(logits_fn, x0, prompt_mask, mask_id, generator=generator, per_row=True) for _ in range(n_mc))
     return tot / n_mc / (~prompt_mask).sum(1)
 
-# %% ../nbs/20c_meanflow_teacher.ipynb #d3581019
+# %% ../nbs/20c_meanflow_teacher.ipynb #bb3717cd
 @dataclass(frozen=True)
 class TeacherRecipe:
     "Architecture and training schedule of the tiny LLaDA-style teacher."
@@ -73,7 +73,7 @@ class TeacherRecipe:
         parts = [asdict(self), data_sha, code] + ([kernels] if kernels else [])
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
-# %% ../nbs/20c_meanflow_teacher.ipynb #d647ec9a
+# %% ../nbs/20c_meanflow_teacher.ipynb #fc10bf60
 def tiny_llada(tok, recipe: TeacherRecipe):
     "A randomly initialised `LlamaForCausalLM` with LLaDA's architecture at the recipe's size."
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -94,7 +94,7 @@ def tiny_llada(tok, recipe: TeacherRecipe):
     cfg.mask_token_id = tok.mask_token_id
     return LlamaForCausalLM(cfg)
 
-# %% ../nbs/20c_meanflow_teacher.ipynb #da93f9f7
+# %% ../nbs/20c_meanflow_teacher.ipynb #805b0dec
 def mixed_batches(sets: dict, batch: int, synthetic_frac: float, full_prompt_frac: float, generator):
     "Endless `(x0, prompt_mask)` batches mixing both training sets; a row keeps its full prompt or only its tag."
     (xs, ps), (xe, pe) = sets["synthetic_train"], sets["english_train"]
@@ -106,7 +106,7 @@ def mixed_batches(sets: dict, batch: int, synthetic_frac: float, full_prompt_fra
         keep = torch.rand(batch, generator=generator) < full_prompt_frac
         yield x0, prompt_mask_of(torch.where(keep, plen, torch.ones_like(plen)), x0.shape[1])
 
-# %% ../nbs/20c_meanflow_teacher.ipynb #7e27fd99
+# %% ../nbs/20c_meanflow_teacher.ipynb #9895858c
 def train_teacher(tok, recipe: TeacherRecipe, sets: dict, log: Callable | None = print):
     "Train the tiny teacher with `llada_loss`; return `(backbone, losses)`."
     torch.manual_seed(recipe.seed)
@@ -133,7 +133,7 @@ def train_teacher(tok, recipe: TeacherRecipe, sets: dict, log: Callable | None =
             log(f"teacher step {step:5d}  loss {sum(losses[-50:]) / len(losses[-50:]):.3f}  {time.time() - t0:.0f}s")
     return bb.eval().requires_grad_(False), losses
 
-# %% ../nbs/20c_meanflow_teacher.ipynb #2cb29a41
+# %% ../nbs/20c_meanflow_teacher.ipynb #f9a1d610
 def load_teacher(path):
     "A saved teacher directory as `(LlamaBackbone, tokenizer, info)`."
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
@@ -144,7 +144,7 @@ def load_teacher(path):
     info = json.loads((p / "teacher.json").read_text())
     return LlamaBackbone(model, tok.mask_token_id).eval().requires_grad_(False), tok, info
 
-# %% ../nbs/20c_meanflow_teacher.ipynb #c3322d52
+# %% ../nbs/20c_meanflow_teacher.ipynb #bbfe3932
 def teacher_code_version() -> str:
     "Hash of the exported code that trains the tiny teacher: a cache entry is reused only by the code that made it."
     import inspect
@@ -153,12 +153,12 @@ def teacher_code_version() -> str:
              mt.llada_loss, mt.TeacherRecipe, mt.tiny_llada, mt.mixed_batches, mt.train_teacher, mb.LlamaBackbone)
     return hashlib.sha256("\n".join(inspect.getsource(p) for p in parts).encode()).hexdigest()[:16]
 
-# %% ../nbs/20c_meanflow_teacher.ipynb #9593ce31
+# %% ../nbs/20c_meanflow_teacher.ipynb #8e1e8c86
 def cpu_kernels() -> str:
     "The vector kernels torch uses on this CPU (`AVX2`, `AVX512`, ...): they change the trained teacher's weights."
     return torch.backends.cpu.get_cpu_capability()
 
-# %% ../nbs/20c_meanflow_teacher.ipynb #91ea7f5a
+# %% ../nbs/20c_meanflow_teacher.ipynb #3d7f09b0
 def get_teacher(recipe: TeacherRecipe = TeacherRecipe(), cache_dir=None, log: Callable | None = print):
     "The tiny teacher of `recipe`: loaded from the cache, or trained, saved with `save_pretrained` and cached."
     tok = char_tokenizer()
@@ -195,7 +195,7 @@ def get_teacher(recipe: TeacherRecipe = TeacherRecipe(), cache_dir=None, log: Ca
                 shutil.rmtree(tmp)
     return load_teacher(final)
 
-# %% ../nbs/20c_meanflow_teacher.ipynb #b8950ea8
+# %% ../nbs/20c_meanflow_teacher.ipynb #36d46b7d
 def teacher_fingerprint(backbone) -> str:
     """16 hex digits that tell two teachers' weights apart: a hash of 64 rows of the embedding (cheap even for an 8B
     vocabulary)."""
