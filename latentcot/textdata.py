@@ -1,4 +1,4 @@
-"""Small, deterministic text sets for the LLaDA-MeanFlow track (seed 003): English prose from Python's own docs, and a synthetic arithmetic set whose validity is checked exactly.
+"""Small deterministic text sets for the LLaDA-MeanFlow track (seed 003): English prose and checked arithmetic.
 
 Docs: https://latentcot.github.io/latentcot/textdata.html.md"""
 
@@ -93,7 +93,8 @@ def _atomic_write(path: Path, data: bytes):
     atomic_write(path, lambda f: Path(f).write_bytes(data))
 
 def text_sets(seed: int = 0, width: int = 60, heldout_frac: float = 0.1, n_synthetic: int = 4000,
-              n_synthetic_heldout: int = 400, max_value: int = 9, max_english_chars: int = 240_000) -> dict[str, list[str]]:
+              n_synthetic_heldout: int = 400, max_value: int = 9,
+              max_english_chars: int = 240_000) -> dict[str, list[str]]:
     "The four line lists of `TEXT_FILES`, deterministically from `seed`."
     rng = random.Random(seed)
     train, held, total = [], [], 0
