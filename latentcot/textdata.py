@@ -119,7 +119,8 @@ def write_text_sets(out_dir, seed: int = 0, **kw) -> dict[str, Path]:
         _atomic_write(out / name, data); paths[name] = out / name
         files[name] = {"lines": len(sets[name]), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     man = {"generator": "latentcot.textdata.write_text_sets", "seed": seed, "options": kw,
-           "english_source": f"pydoc_data.topics of Python {sys.version_info[0]}.{sys.version_info[1]}", "files": files}
+           "english_source": f"pydoc_data.topics of Python {sys.version_info[0]}.{sys.version_info[1]}",
+           "files": files}
     _atomic_write(out / "manifest.json", (json.dumps(man, indent=1, sort_keys=True) + "\n").encode())
     paths["manifest.json"] = out / "manifest.json"
     return paths
@@ -132,6 +133,7 @@ def read_lines(path, max_len: int | None = None) -> list[str]:
     for i, l in enumerate(p.read_bytes().decode("utf-8").split("\n")[:-1], 1):
         bad = next((c for c in l if not " " <= c <= "~"), None)
         if bad is not None: raise ValueError(f"{p}:{i}: character {bad!r} is not printable ASCII")
-        if max_len is not None and len(l) > max_len: raise ValueError(f"{p}:{i}: line has {len(l)} characters, limit {max_len}")
+        if max_len is not None and len(l) > max_len:
+            raise ValueError(f"{p}:{i}: line has {len(l)} characters, limit {max_len}")
         out.append(l)
     return out
