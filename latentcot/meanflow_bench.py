@@ -1,4 +1,4 @@
-"""`latentcot bench meanflow`: the one-step student against the teacher at 1 to 64 steps, at equal batch size: wall time, exact validity, the teacher's likelihood bound, entropy and distinct-n.
+"""`latentcot bench meanflow`: the one-step student against the teacher at 1 to 64 steps, and the track's findings.
 
 Docs: https://latentcot.github.io/latentcot/meanflow_bench.html.md"""
 
@@ -14,51 +14,68 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .meanflow import (MeanFlowConfig, MeanFlowStudent, TeacherRecipe, add_config_arguments,
-                                add_llada_arguments, cache_root, canvas, config_from_args, decode_canvas, generate,
-                                get_teacher, likelihood_bound, llada_info, load_llada, load_student, load_text_sets,
-                                make_student, meanflow_fixed_point, optimum_fn, prompt_mask_of, sampler_filter,
-                                sample_noise, save_student, student_fn, teacher_fn, teacher_fingerprint, train_meanflow)
-from .textdata import check_synthetic
+from .config import cache_root
+from .meanflow_text import decode_canvas, load_text_sets
+from .meanflow_teacher import TeacherRecipe, get_teacher, likelihood_bound, prompt_mask_of, teacher_fingerprint
+from .meanflow_student import MeanFlowStudent
+from .meanflow_loss import MeanFlowConfig, meanflow_fixed_point, optimum_fn
+from .meanflow_sampling import canvas, generate, sampler_filter, student_fn, teacher_fn
+from .meanflow_noise import make_student, sample_noise
+from .meanflow_train import load_student, save_student, train_meanflow
+from .meanflow import add_config_arguments, add_llada_arguments, config_from_args, llada_info, load_llada
+from .textdata import atomic_write, check_synthetic
 from .trainer import read_metrics
 
 # %% auto #0
-__all__ = ['NOISE_TEMPERATURES', 'BENCH_SETTINGS', 'fact_errors', 'sample_entropy', 'distinct_n', 'quality', 'run_generation',
-           'heldout_canvas', 'meanflow_code_version', 'student_key', 'student_for', 'saved_student', 'optimum_gap',
-           'draw_from_marginals', 'marginal_ceiling', 'bench_meanflow', 'noise_sweep', 'diversity_matched', 'goals',
-           'format_table', 'plot_bench', 'bench_parser', 'bench_meanflow_main']
+__all__ = ['MEANFLOW_MODULES', 'NOISE_TEMPERATURES', 'BENCH_SETTINGS', 'fact_errors', 'sample_entropy', 'distinct_n', 'quality',
+           'run_generation', 'heldout_canvas', 'meanflow_code_version', 'student_key', 'student_for', 'saved_student',
+           'optimum_gap', 'draw_from_marginals', 'marginal_ceiling', 'bench_meanflow', 'noise_sweep',
+           'diversity_matched', 'goals', 'format_table', 'plot_bench', 'bench_parser', 'bench_meanflow_main']
 
-# %% ../nbs/21_meanflow_bench.ipynb #64a873f0
+# %% ../nbs/21_meanflow_bench.ipynb #26bc55cb
 _FACT = re.compile(r"(\d{1,3})([+-])(\d{1,3})=(\d{1,3})")
+
 
 def fact_errors(line: str, max_value: int = 9) -> Counter:
     "Counts of `ok`, `malformed`, `arithmetic` and `chain` facts in a synthetic line (the tail counts as a fact)."
     parts = line.split(";")
     out, prev = Counter(), None
     for i, f in enumerate(parts):
-        if i == len(parts) - 1 and f == "": break
+        if i == len(parts) - 1 and f == "":
+            break
         m = _FACT.fullmatch(f) if i < len(parts) - 1 else None
-        if m is None: out["malformed"] += 1; prev = None; continue
+        if m is None:
+            out["malformed"] += 1
+            prev = None
+            continue
         a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
-        if (a + b if op == "+" else a - b) != c or max(a, b, c) > max_value or any(str(int(g)) != g for g in m.groups()[::2]):
+        if (
+            (a + b if op == "+" else a - b) != c
+            or max(a, b, c) > max_value
+            or any(str(int(g)) != g for g in m.groups()[::2])
+        ):
             out["arithmetic"] += 1
-        elif prev is not None and a != prev: out["chain"] += 1
-        else: out["ok"] += 1
+        elif prev is not None and a != prev:
+            out["chain"] += 1
+        else:
+            out["ok"] += 1
         prev = c
     return out
 
+# %% ../nbs/21_meanflow_bench.ipynb #6548e61a
 def sample_entropy(line: str) -> float:
     "Entropy in bits of the character distribution within one line (0 for an empty line)."
     if not line: return 0.0
     n = len(line)
     return -sum(c / n * math.log2(c / n) for c in Counter(line).values())
 
+# %% ../nbs/21_meanflow_bench.ipynb #dd319c9a
 def distinct_n(lines: list[str], n: int) -> float:
     "Distinct character n-grams over all n-grams of `lines` (1 = no repetition across the batch)."
     grams = [l[i:i + n] for l in lines for i in range(len(l) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
 
-# %% ../nbs/21_meanflow_bench.ipynb #f0df7118
+# %% ../nbs/21_meanflow_bench.ipynb #fec51bb7
 def quality(lines: list[str], kind: str, nll=None) -> dict:
     "Quality of a batch of generated lines: validity (synthetic), likelihood bound, entropy, distinct-n, unique lines."
     q = {"entropy_bits": sum(map(sample_entropy, lines)) / len(lines), "distinct_2": distinct_n(lines, 2),
@@ -75,19 +92,39 @@ def quality(lines: list[str], kind: str, nll=None) -> dict:
         q["facts"] = {k: errs[k] / tot for k in ("ok", "malformed", "arithmetic", "chain")}
     return q
 
-# %% ../nbs/21_meanflow_bench.ipynb #6397e06f
-def run_generation(logits_fn, x, tok, steps: int, kind: str, teacher, temperature: float = 1.0,
-                   remasking: str = "low_confidence", seed: int = 0, n_mc: int = 4) -> dict:
+# %% ../nbs/21_meanflow_bench.ipynb #b53496b8
+def run_generation(
+    logits_fn,
+    x,
+    tok,
+    steps: int,
+    kind: str,
+    teacher,
+    temperature: float = 1.0,
+    remasking: str = "low_confidence",
+    seed: int = 0,
+    n_mc: int = 4,
+) -> dict:
     "Generate from canvas `x` in `steps` calls, time it, and score it (the teacher's likelihood bound included)."
     g, mask = torch.Generator(device=x.device).manual_seed(seed), teacher.mask_id
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)  # a GPU's clock: wait for its queued kernels
-    sync(); t0 = time.perf_counter()
+    sync()
+    t0 = time.perf_counter()
     y = generate(logits_fn, x, mask, steps, temperature, remasking, generator=g, logits_filter=sampler_filter(teacher))
-    sync(); secs = time.perf_counter() - t0
+    sync()
+    secs = time.perf_counter() - t0
     lines = decode_canvas(tok, y.cpu())
-    nll = likelihood_bound(teacher_fn(teacher), y, x != mask, mask, n_mc=n_mc, generator=torch.Generator(device=x.device).manual_seed(seed + 1))
+    nll = likelihood_bound(
+        teacher_fn(teacher),
+        y,
+        x != mask,
+        mask,
+        n_mc=n_mc,
+        generator=torch.Generator(device=x.device).manual_seed(seed + 1),
+    )
     return {"steps": steps, "seconds": secs, **quality(lines, kind, nll), "examples": lines[:4]}
 
+# %% ../nbs/21_meanflow_bench.ipynb #49136729
 def heldout_canvas(sets, kind: str, n: int, prompted: bool, mask_id: int):
     """The first `n` heldout rows of `kind` with all but their prompt (`prompted`) or their first token (free) masked:
     `(canvas, prompt_mask)`, in the sets' own tokens (any tokenizer)."""
@@ -96,35 +133,52 @@ def heldout_canvas(sets, kind: str, n: int, prompted: bool, mask_id: int):
     pm = prompt_mask_of(plen[:n] if prompted else torch.ones(n, dtype=torch.long), x.shape[1])
     return torch.where(pm, x[:n], mask_id), pm
 
-# %% ../nbs/21_meanflow_bench.ipynb #0eff8a82
-def meanflow_code_version() -> str:
-    "Hash of `latentcot/meanflow.py`: a cached student is reused only by the code that trained it."
-    import latentcot.meanflow as mf
-    return hashlib.sha256(Path(mf.__file__).read_bytes()).hexdigest()[:16]
+# %% ../nbs/21_meanflow_bench.ipynb #9ad96107
+MEANFLOW_MODULES = ("meanflow_text", "meanflow_backbones", "meanflow_teacher", "meanflow_student", "meanflow_loss",
+                    "meanflow_sampling", "meanflow_noise", "meanflow_train")
 
+def meanflow_code_version() -> str:
+    "Hash of the track's component modules: a cached student is reused only by the code that trained it."
+    import importlib
+    h = hashlib.sha256()
+    for m in MEANFLOW_MODULES: h.update(Path(importlib.import_module(f"latentcot.{m}").__file__).read_bytes())
+    return h.hexdigest()[:16]
+
+# %% ../nbs/21_meanflow_bench.ipynb #bdff7ec1
 def student_key(info, cfg: MeanFlowConfig, code: str | None = None) -> str:
     "Cache key of a distilled student: the teacher's recipe and data, the config, and the training code's version."
     code = code or meanflow_code_version()
-    return hashlib.sha256(json.dumps([info["recipe"], info["data_sha256"], asdict(cfg), code], sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(
+        json.dumps([info["recipe"], info["data_sha256"], asdict(cfg), code], sort_keys=True).encode()
+    ).hexdigest()[:16]
 
+# %% ../nbs/21_meanflow_bench.ipynb #78a6a6ec
 def student_for(teacher, info, sets, cfg: MeanFlowConfig, cache_dir=None, log=print):
     "The distilled student for `(teacher, cfg)`: from the cache, or trained with `train_meanflow` and cached."
     key = student_key(info, cfg)
     d = Path(cache_dir or cache_root()) / f"meanflow-student-{key}"
-    if (d / "meanflow.json").is_file(): return load_student(teacher, d), json.loads((d / "meanflow.json").read_text())
+    if (d / "meanflow.json").is_file():
+        return load_student(teacher, d), json.loads((d / "meanflow.json").read_text())
     student = make_student(teacher, cfg, sets)  # the same config, the same student
-    run = d.with_name(d.name + ".run")  # checkpoints and teacher samples: a distillation killed midway resumes from here
+    # checkpoints and teacher samples: a distillation killed midway resumes from here
+    run = d.with_name(d.name + ".run")
     train_meanflow(student, sets, cfg, log=log, out_dir=run, save_every=50)
     hist = read_metrics(run / "metrics.jsonl")
     # the distillation's wall time summed over its segments, if it was killed and resumed (the metrics' clock)
-    meta = {"train_seconds": hist[-1]["seconds"], "losses": [h["loss"] for h in hist], "gates": student.prompt.gate.tolist(),
-            "code_version": meanflow_code_version()}
+    meta = {
+        "train_seconds": hist[-1]["seconds"],
+        "losses": [h["loss"] for h in hist],
+        "gates": student.prompt.gate.tolist(),
+        "code_version": meanflow_code_version(),
+    }
     save_student(student, d, cfg, meta)
     shutil.rmtree(run)
     return student, json.loads((d / "meanflow.json").read_text())
 
+# %% ../nbs/21_meanflow_bench.ipynb #857867e1
 def saved_student(teacher, info, path):
-    "A student saved by `python -m latentcot.meanflow` (or `save_student`), checked against the teacher it will run on."
+    """A student saved by `python -m latentcot.meanflow` (or `save_student`), checked against the teacher it will run
+    on."""
     p = Path(path)
     student = load_student(teacher, p)
     meta = json.loads((p / "meanflow.json").read_text())
@@ -133,6 +187,7 @@ def saved_student(teacher, info, path):
                          f"the benchmark's teacher is {info['recipe']}")
     return student, meta
 
+# %% ../nbs/21_meanflow_bench.ipynb #5c91a096
 @torch.no_grad()
 def optimum_gap(teacher, student: MeanFlowStudent, x, n_steps: int = 32, sign: float = 1.0) -> dict:
     "KL from the loss's optimum to the teacher and to the student at `r=0, t=1` (nats per masked position)."
@@ -146,107 +201,184 @@ def optimum_gap(teacher, student: MeanFlowStudent, x, n_steps: int = 32, sign: f
     kt, ks = kl(teacher.logits(e)), kl(student(e, r, t))
     return {"kl_optimum_teacher": kt, "kl_optimum_student": ks, "gap_closed": 1 - ks / kt if kt > 0 else float("nan")}
 
+# %% ../nbs/21_meanflow_bench.ipynb #df96a8f0
 def draw_from_marginals(y, k: int, generator=None):
-    "`k` draws per row from the per-position marginals of `y` (`k` samples per row, consecutive): each position independently."
+    """`k` draws per row from the per-position marginals of `y` (`k` samples per row, consecutive): each position
+    independently."""
     # the empirical marginal at a position puts 1/k on each sample's token there, so a draw picks one of the k samples
     # per position: [n * k, L] indices, no [n, L, vocab] table (which an 8B vocabulary of 126k tokens could not afford)
     n, L = y.shape[0] // k, y.shape[1]
     pick = torch.randint(k, (n, k, L), generator=generator, device=y.device)
     return y.view(n, k, L).gather(1, pick).flatten(0, 1)
 
+# %% ../nbs/21_meanflow_bench.ipynb #f824fbee
 @torch.no_grad()
-def marginal_ceiling(teacher, tok, x, kind: str, k: int, steps: int = 64, temperature: float = 1.0, seed: int = 0) -> dict:
-    "Quality of sampling every position independently from the per-position marginals of `k` `steps`-step teacher samples per row: what a one-step student that matched those marginals exactly would generate."
+def marginal_ceiling(
+    teacher, tok, x, kind: str, k: int, steps: int = 64, temperature: float = 1.0, seed: int = 0
+) -> dict:
+    """Quality of sampling every position independently from the per-position marginals of `k` `steps`-step teacher
+    samples per row: what a one-step student that matched those marginals exactly would generate."""
     g = torch.Generator(device=x.device).manual_seed(seed)
-    y = generate(teacher_fn(teacher), x.repeat_interleave(k, 0), teacher.mask_id, steps, temperature, generator=g,
-                 logits_filter=sampler_filter(teacher))  # k samples per row
-    ys = draw_from_marginals(y, k, g)                                                              # k draws per row
+    y = generate(
+        teacher_fn(teacher),
+        x.repeat_interleave(k, 0),
+        teacher.mask_id,
+        steps,
+        temperature,
+        generator=g,
+        logits_filter=sampler_filter(teacher),
+    )  # k samples per row
+    ys = draw_from_marginals(y, k, g)  # k draws per row
     xr = x.repeat_interleave(k, 0)
     ys = torch.where(xr == teacher.mask_id, ys, xr).cpu()  # the prompt stays as given
     y = y.cpu()
     q = quality(decode_canvas(tok, ys), kind)
-    return {"steps": steps, "samples_per_row": k, "source_validity": quality(decode_canvas(tok, y), kind).get("validity"),
-            **q, "examples": decode_canvas(tok, ys[::k][:4])}
+    return {
+        "steps": steps,
+        "samples_per_row": k,
+        "source_validity": quality(decode_canvas(tok, y), kind).get("validity"),
+        **q,
+        "examples": decode_canvas(tok, ys[::k][:4]),
+    }
 
+# %% ../nbs/21_meanflow_bench.ipynb #d546e829
 # a fine grid: the diversity-matched criterion takes the most valid temperature whose diversity reaches the teacher's,
 # so a coarse grid would read it off a point well past the crossing
 NOISE_TEMPERATURES = tuple(round(0.1 * i, 1) for i in range(1, 10))
 
-def bench_meanflow(recipe: TeacherRecipe = TeacherRecipe(), cfg: MeanFlowConfig = MeanFlowConfig(),
-                   n: int = 64, steps=(1, 2, 4, 8, 16, 64), student_steps=(1, 2, 4), temperature: float = 1.0,
-                   settings=(("synthetic", "free"), ("synthetic", "prompted"), ("english", "free"), ("english", "prompted")),
-                   seed: int = 0, cache_dir=None, optimum_steps: int = 32, student_dir=None, marginal_samples: int = 0,
-                   noise_temperatures=NOISE_TEMPERATURES, noise_prior: str = "fitted", teacher=None, log=print) -> dict:
-    """Run every generator on every setting at batch size `n`; return the metrics (JSON-ready).
-    `student_dir`: a saved student instead of distilling one. `marginal_samples` > 0: add `marginal_ceiling` (synthetic settings).
-    `noise_temperatures`: a noise student also runs one step at these temperatures given `z` (`student-z` runs), between its
-    argmax (0) and its per-position sampling (the `student` run at `temperature`). `noise_prior`: "fitted" draws a noise
-    student's `z` from its fitted prior given each canvas if it has one (`sample_noise`), "kind" from that prior's
-    Gaussian for the canvas's kind only (`conditional=False`), "standard" from `N(0, I)` whatever it has.
+
+def bench_meanflow(
+    recipe: TeacherRecipe = TeacherRecipe(),
+    cfg: MeanFlowConfig = MeanFlowConfig(),
+    n: int = 64,
+    steps=(1, 2, 4, 8, 16, 64),
+    student_steps=(1, 2, 4),
+    temperature: float = 1.0,
+    settings=(("synthetic", "free"), ("synthetic", "prompted"), ("english", "free"), ("english", "prompted")),
+    seed: int = 0,
+    cache_dir=None,
+    optimum_steps: int = 32,
+    student_dir=None,
+    marginal_samples: int = 0,
+    noise_temperatures=NOISE_TEMPERATURES,
+    noise_prior: str = "fitted",
+    teacher=None,
+    log=print,
+) -> dict:
+    """Run every generator on every setting at batch size `n`; return the metrics (JSON-ready). `student_dir`: a saved
+    student instead of distilling one. `marginal_samples` > 0: add `marginal_ceiling` (synthetic settings).
+    `noise_temperatures`: a noise student also runs one step at these temperatures given `z` (`student-z` runs),
+    between its argmax (0) and its per-position sampling (the `student` run at `temperature`). `noise_prior`: "fitted"
+    draws a noise student's `z` from its fitted prior given each canvas if it has one (`sample_noise`), "kind" from
+    that prior's Gaussian for the canvas's kind only (`conditional=False`), "standard" from `N(0, I)` whatever it has.
     `teacher`: a `(backbone, tokenizer, info)` to benchmark instead of the tiny teacher of `recipe` (a real LLaDA from
     `load_llada`, with `info = llada_info(name, canvas)`); the run happens on the backbone's device."""
-    if any(not T > 0 for T in noise_temperatures):  # generate() takes any T <= 0 as argmax: refuse rather than rerun it silently
-        raise ValueError(f"noise_temperatures must all be > 0 (argmax, temperature 0, always runs as student-argmax), got {list(noise_temperatures)}")
-    if noise_prior not in ("fitted", "kind", "standard"): raise ValueError(f"noise_prior must be fitted, kind or standard, got {noise_prior!r}")
+    # generate() takes any T <= 0 as argmax: refuse rather than rerun it silently
+    if any(not T > 0 for T in noise_temperatures):
+        raise ValueError(
+            "noise_temperatures must all be > 0 (argmax, temperature 0, always runs as student-argmax), got"
+            f" {list(noise_temperatures)}"
+        )
+    if noise_prior not in ("fitted", "kind", "standard"):
+        raise ValueError(f"noise_prior must be fitted, kind or standard, got {noise_prior!r}")
     t_start = time.time()
     teacher, tok, info = teacher or get_teacher(recipe, cache_dir=cache_dir, log=log)
     sets = load_text_sets(tok, info["recipe"]["canvas"])
     info = {**info, "data_sha256": info.get("data_sha256") or sets["sha256"]}
     dev = teacher.embedding_weight.device
-    if student_dir is None: student, smeta = student_for(teacher, info, sets, cfg, cache_dir, log)
+    if student_dir is None:
+        student, smeta = student_for(teacher, info, sets, cfg, cache_dir, log)
     else:
         student, smeta = saved_student(teacher, info, student_dir)
         cfg = MeanFlowConfig(**smeta["config"])  # the optimum follows the student's own tangent sign
-    out = {"recipe": info["recipe"], "config": asdict(cfg), "n": n, "temperature": temperature, "device": str(dev),
-           "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-           "teacher_fingerprint": teacher_fingerprint(teacher), "teacher_train_seconds": info.get("train_seconds"),
-           "student_train_seconds": smeta.get("train_seconds"), "student_gates": smeta.get("gates"),
-           "optimum_steps": optimum_steps, "student_dir": None if student_dir is None else str(student_dir),
-           "marginal_samples": marginal_samples, "noise_temperatures": list(noise_temperatures) if student.noise_dim else [], "settings": {}}
+    out = {
+        "recipe": info["recipe"],
+        "config": asdict(cfg),
+        "n": n,
+        "temperature": temperature,
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "teacher_fingerprint": teacher_fingerprint(teacher),
+        "teacher_train_seconds": info.get("train_seconds"),
+        "student_train_seconds": smeta.get("train_seconds"),
+        "student_gates": smeta.get("gates"),
+        "optimum_steps": optimum_steps,
+        "student_dir": None if student_dir is None else str(student_dir),
+        "marginal_samples": marginal_samples,
+        "noise_temperatures": list(noise_temperatures) if student.noise_dim else [],
+        "settings": {},
+    }
     use_fitted = noise_prior != "standard" and student.noise_prior is not None
     given = noise_prior == "fitted" and use_fitted and student.noise_prior.cond is not None
     if student.noise_dim:
-        out["noise_prior"] = (f"the fitted prior {'given the canvas' if given else 'by kind'} ({len(student.noise_prior.kinds)} kinds of canvas)"
-                              if use_fitted else "N(0, I)")
+        out["noise_prior"] = (
+            f"the fitted prior {'given the canvas' if given else 'by kind'} ({len(student.noise_prior.kinds)} kinds of"
+            " canvas)"
+            if use_fitted
+            else "N(0, I)"
+        )
     optimum = optimum_fn(teacher, optimum_steps, cfg.tangent_sign)
     for kind, mode in settings:
         x, ref_pm = heldout_canvas(sets, kind, n, mode == "prompted", teacher.mask_id)
         x, ref_pm, ref_x = x.to(dev), ref_pm.to(dev), sets[f"{kind}_heldout"][0][:n]
-        nll = likelihood_bound(teacher_fn(teacher), ref_x.to(dev), ref_pm, teacher.mask_id, n_mc=4,
-                               generator=torch.Generator(device=dev).manual_seed(seed))
-        res = {"data": quality(decode_canvas(tok, ref_x), kind, nll), "runs": {},
-               "optimum_gap": optimum_gap(teacher, student, x, optimum_steps, cfg.tangent_sign)}
+        nll = likelihood_bound(
+            teacher_fn(teacher),
+            ref_x.to(dev),
+            ref_pm,
+            teacher.mask_id,
+            n_mc=4,
+            generator=torch.Generator(device=dev).manual_seed(seed),
+        )
+        res = {
+            "data": quality(decode_canvas(tok, ref_x), kind, nll),
+            "runs": {},
+            "optimum_gap": optimum_gap(teacher, student, x, optimum_steps, cfg.tangent_sign),
+        }
         # a noise student's randomness is z, one vector per row, the same for every step and seed of the run
         z = None
         if student.noise_dim:
             g = torch.Generator().manual_seed(seed)
-            z = (sample_noise(student, x.cpu(), g, conditional=given) if use_fitted else torch.randn(n, student.noise_dim, generator=g)).to(dev)
+            z = (
+                sample_noise(student, x.cpu(), g, conditional=given)
+                if use_fitted
+                else torch.randn(n, student.noise_dim, generator=g)
+            ).to(dev)
         generate(teacher_fn(teacher), x[:2], teacher.mask_id, 2)  # warm-up, so the first timed run is not penalised
-        for name, fn, stp, temp, rem in ([("teacher-lc", teacher_fn(teacher), s, temperature, "low_confidence") for s in steps]
-                                         + [("teacher-rand", teacher_fn(teacher), s, temperature, "random") for s in steps]
-                                         + [("student", student_fn(student, z), s, temperature, "low_confidence") for s in student_steps]
-                                         + [("teacher-argmax", teacher_fn(teacher), s, 0.0, "low_confidence") for s in sorted({1, max(steps)})]
-                                         + [("student-argmax", student_fn(student, z), 1, 0.0, "low_confidence"),
-                                            ("mf-optimum", optimum, 1, temperature, "low_confidence"),
-                                            ("mf-optimum-argmax", optimum, 1, 0.0, "low_confidence")]
-                                         + [("student-z", student_fn(student, z), 1, T, "low_confidence") for T in out["noise_temperatures"]]):
+        for name, fn, stp, temp, rem in (
+            [("teacher-lc", teacher_fn(teacher), s, temperature, "low_confidence") for s in steps]
+            + [("teacher-rand", teacher_fn(teacher), s, temperature, "random") for s in steps]
+            + [("student", student_fn(student, z), s, temperature, "low_confidence") for s in student_steps]
+            + [("teacher-argmax", teacher_fn(teacher), s, 0.0, "low_confidence") for s in sorted({1, max(steps)})]
+            + [
+                ("student-argmax", student_fn(student, z), 1, 0.0, "low_confidence"),
+                ("mf-optimum", optimum, 1, temperature, "low_confidence"),
+                ("mf-optimum-argmax", optimum, 1, 0.0, "low_confidence"),
+            ]
+            + [("student-z", student_fn(student, z), 1, T, "low_confidence") for T in out["noise_temperatures"]]
+        ):
             r = run_generation(fn, x, tok, stp, kind, teacher, temp, rem, seed)
             res["runs"].setdefault(name, []).append({**r, "temperature": temp})
         if marginal_samples > 0 and kind == "synthetic":
-            res["marginal_ceiling"] = marginal_ceiling(teacher, tok, x, kind, marginal_samples, max(steps), temperature, seed)
+            res["marginal_ceiling"] = marginal_ceiling(
+                teacher, tok, x, kind, marginal_samples, max(steps), temperature, seed
+            )
         out["settings"][f"{kind}/{mode}"] = res
-        if log: log(f"bench: {kind}/{mode} done ({time.time() - t_start:.0f}s)")
+        if log:
+            log(f"bench: {kind}/{mode} done ({time.time() - t_start:.0f}s)")
     out["goals"] = goals(out)
     out["total_seconds"] = time.time() - t_start
     return out
 
-# %% ../nbs/21_meanflow_bench.ipynb #3a6dcd08
+# %% ../nbs/21_meanflow_bench.ipynb #0da9ada5
 def _run(res, name, steps):
     "The run `name` at `steps` in one setting's results (or None)."
     return next((r for r in res["runs"].get(name, []) if r["steps"] == steps), None)
 
+# %% ../nbs/21_meanflow_bench.ipynb #23b820a7
 def _versus(s, t1, tmax) -> dict:
-    "Validity of run `s` against the teacher's runs `t1` (one step) and `tmax`: the gap's SE, beats `t1` by > 2 SE, ratio, >= 80%."
+    """Validity of run `s` against the teacher's runs `t1` (one step) and `tmax`: the gap's SE, beats `t1` by > 2 SE,
+    ratio, >= 80%."""
     # "clearly": the gap must exceed twice its standard error (lines scored independently)
     se = (s["validity_se"] ** 2 + t1["validity_se"] ** 2) ** 0.5
     return {"student_1": s["validity"], "teacher_1": t1["validity"], "teacher_max": tmax["validity"], "gap_se": se,
@@ -254,237 +386,449 @@ def _versus(s, t1, tmax) -> dict:
             "ratio_to_max": s["validity"] / tmax["validity"] if tmax["validity"] else float("nan"),
             "reaches_80pct": tmax["validity"] > 0 and s["validity"] >= 0.8 * tmax["validity"]}
 
+# %% ../nbs/21_meanflow_bench.ipynb #e79c824e
 def noise_sweep(out: dict, res: dict) -> list[tuple[float, dict]]:
-    "A noise student's one-step runs given `z` in one setting, as `(temperature, run)` from argmax (0) to per-position sampling."
-    runs = [(0.0, r) for r in res["runs"].get("student-argmax", [])] + [(r["temperature"], r) for r in res["runs"].get("student-z", [])]
+    """A noise student's one-step runs given `z` in one setting, as `(temperature, run)` from argmax (0) to
+    per-position sampling."""
+    runs = [(0.0, r) for r in res["runs"].get("student-argmax", [])] + [
+        (r["temperature"], r) for r in res["runs"].get("student-z", [])
+    ]
     s1 = _run(res, "student", 1)
-    if s1: runs.append((s1.get("temperature", out.get("temperature", 1.0)), s1))
+    if s1:
+        runs.append((s1.get("temperature", out.get("temperature", 1.0)), s1))
     return sorted(runs, key=lambda tr: tr[0])
 
+# %% ../nbs/21_meanflow_bench.ipynb #33ab1207
 def diversity_matched(sweep, t1, tmax) -> dict:
-    "The most valid run of `sweep` that is at least as diverse as `tmax` (unique lines and distinct-4 both), against `t1` and `tmax`."
+    """The most valid run of `sweep` that is at least as diverse as `tmax` (unique lines and distinct-4 both), against
+    `t1` and `tmax`."""
     keys = ("validity", "unique_lines", "distinct_4")
-    d = {"sweep": [{"temperature": T, **{k: r[k] for k in keys}} for T, r in sweep],
-         "teacher_max_diversity": {k: tmax[k] for k in keys[1:]}, "temperature": None}
-    ok = [(T, r) for T, r in sweep if r["unique_lines"] >= tmax["unique_lines"] and r["distinct_4"] >= tmax["distinct_4"]]
-    if not ok: return d
+    d = {
+        "sweep": [{"temperature": T, **{k: r[k] for k in keys}} for T, r in sweep],
+        "teacher_max_diversity": {k: tmax[k] for k in keys[1:]},
+        "temperature": None,
+    }
+    ok = [
+        (T, r) for T, r in sweep if r["unique_lines"] >= tmax["unique_lines"] and r["distinct_4"] >= tmax["distinct_4"]
+    ]
+    if not ok:
+        return d
     T, best = max(ok, key=lambda tr: tr[1]["validity"])
     return {**d, "temperature": T, **_versus(best, t1, tmax)}
 
+# %% ../nbs/21_meanflow_bench.ipynb #831f288d
 def goals(out: dict) -> dict:
     "PASS/FAIL of the issue's three goals in every synthetic setting, with the measured ratios and the loss's ceiling."
     g = {}
     for key, res in out["settings"].items():
         s1, t1, tmax = _run(res, "student", 1), _run(res, "teacher-lc", 1), None
         lc = res["runs"].get("teacher-lc", [])
-        if lc: tmax = max(lc, key=lambda r: r["steps"])
-        if not (s1 and t1 and tmax): continue
-        e = {"speedup_vs_max_steps": tmax["seconds"] / s1["seconds"], "max_steps": tmax["steps"],
-             "faster_30x": tmax["seconds"] / s1["seconds"] >= 30}
+        if lc:
+            tmax = max(lc, key=lambda r: r["steps"])
+        if not (s1 and t1 and tmax):
+            continue
+        e = {
+            "speedup_vs_max_steps": tmax["seconds"] / s1["seconds"],
+            "max_steps": tmax["steps"],
+            "faster_30x": tmax["seconds"] / s1["seconds"] >= 30,
+        }
         if "validity" in s1:
             e.update(_versus(s1, t1, tmax))
             o1 = _run(res, "mf-optimum", 1)
-            if o1: e.update({"optimum_1": o1["validity"], "optimum_ratio_to_max": o1["validity"] / tmax["validity"] if tmax["validity"] else float("nan")})
-            sa, ta1, tam = _run(res, "student-argmax", 1), _run(res, "teacher-argmax", 1), _run(res, "teacher-argmax", tmax["steps"])
-            if sa and ta1 and tam:  # temperature 0 on both sides; unique lines beside, since argmax collapses free rows
+            if o1:
+                e.update(
+                    {
+                        "optimum_1": o1["validity"],
+                        "optimum_ratio_to_max": (
+                            o1["validity"] / tmax["validity"] if tmax["validity"] else float("nan")
+                        ),
+                    }
+                )
+            sa, ta1, tam = (
+                _run(res, "student-argmax", 1),
+                _run(res, "teacher-argmax", 1),
+                _run(res, "teacher-argmax", tmax["steps"]),
+            )
+            # temperature 0 on both sides; unique lines beside, since argmax collapses free rows
+            if sa and ta1 and tam:
                 a = _versus(sa, ta1, tam)
-                if a["gap_se"] == 0: a["beats_teacher_1"] = None  # no spread (every row the same line, as argmax of free rows): no verdict
-                e["argmax"] = {**a, "unique_lines": {"student_1": sa["unique_lines"], "teacher_max": tam["unique_lines"]}}
-            if sa and out.get("config", {}).get("noise_dim"):  # a noise student samples through z: argmax given z is its generator
-                e["noise"] = {**_versus(sa, t1, tmax), "speedup_vs_max_steps": tmax["seconds"] / sa["seconds"],
-                              # diversity beside validity: a generator that repeats a few good lines scores well too
-                              **{m: {"student_1": sa.get(m), "teacher_max": tmax.get(m)} for m in ("unique_lines", "distinct_4", "nll_bound")}}
+                # no spread (every row the same line, as argmax of free rows): no verdict
+                if a["gap_se"] == 0:
+                    a["beats_teacher_1"] = None
+                e["argmax"] = {
+                    **a,
+                    "unique_lines": {"student_1": sa["unique_lines"], "teacher_max": tam["unique_lines"]},
+                }
+            # a noise student samples through z: argmax given z is its generator
+            if sa and out.get("config", {}).get("noise_dim"):
+                e["noise"] = {
+                    **_versus(sa, t1, tmax),
+                    "speedup_vs_max_steps": tmax["seconds"] / sa["seconds"],
+                    # diversity beside validity: a generator that repeats a few good lines scores well too
+                    **{
+                        m: {"student_1": sa.get(m), "teacher_max": tmax.get(m)}
+                        for m in ("unique_lines", "distinct_4", "nll_bound")
+                    },
+                }
                 # the same goal at the teacher's diversity: its temperature given z trades validity for varied lines
                 sweep = noise_sweep(out, res)
                 if all(m in r for _, r in sweep for m in ("unique_lines", "distinct_4")) and "distinct_4" in tmax:
                     e["noise_matched"] = diversity_matched(sweep, t1, tmax)
             mc = res.get("marginal_ceiling")
             if mc and mc["source_validity"]:
-                e.update({"marginals_1": mc["validity"], "marginals_source": mc["source_validity"],
-                          "marginals_ratio_to_source": mc["validity"] / mc["source_validity"]})
+                e.update(
+                    {
+                        "marginals_1": mc["validity"],
+                        "marginals_source": mc["source_validity"],
+                        "marginals_ratio_to_source": mc["validity"] / mc["source_validity"],
+                    }
+                )
         g[key] = e
     return g
 
-# %% ../nbs/21_meanflow_bench.ipynb #799c034a
+# %% ../nbs/21_meanflow_bench.ipynb #2c5d23fc
 def format_table(out: dict) -> str:
     "A plain-text table of every run, setting by setting, and the goals."
     lines = []
     for key, res in out["settings"].items():
         syn = key.startswith("synthetic")
-        lines.append(f"\n== {key}  (n={out['n']}, temperature={out['temperature']}, threads={out['threads']}, "
-                     f"CPU kernels {out.get('cpu_capability', '?')}, teacher {out.get('teacher_fingerprint', '?')})")
-        hdr = f"{'run':<18}{'steps':>6}{'seconds':>9}{'x faster':>9}" + (f"{'valid':>7}{'full':>6}" if syn else "") + \
-              f"{'nll':>7}{'entropy':>8}{'dist-2':>7}{'dist-4':>7}{'uniq':>6}" + ("  malformed/arith/chain" if syn else "")
+        lines.append(
+            f"\n== {key}  (n={out['n']}, temperature={out['temperature']}, threads={out['threads']}, "
+            f"CPU kernels {out.get('cpu_capability', '?')}, teacher {out.get('teacher_fingerprint', '?')})"
+        )
+        hdr = (
+            f"{'run':<18}{'steps':>6}{'seconds':>9}{'x faster':>9}"
+            + (f"{'valid':>7}{'full':>6}" if syn else "")
+            + f"{'nll':>7}{'entropy':>8}{'dist-2':>7}{'dist-4':>7}{'uniq':>6}"
+            + ("  malformed/arith/chain" if syn else "")
+        )
         lines.append(hdr)
         tmax = max(res["runs"]["teacher-lc"], key=lambda r: r["steps"])["seconds"]
         rows = [("data", res["data"])] + [(name, r) for name, rs in res["runs"].items() for r in rs]
         for name, r in rows:
-            if name == "student-z": name = f"student-z T{r['temperature']:g}"
-            s = f"{name:<18}{r.get('steps', ''):>6}" + (f"{r['seconds']:>9.3f}{tmax / r['seconds']:>9.1f}" if "seconds" in r else f"{'':>18}")
-            if syn: s += f"{r['validity']:>7.3f}{r['fully_valid']:>6.2f}"
-            s += f"{r['nll_bound']:>7.3f}{r['entropy_bits']:>8.2f}{r['distinct_2']:>7.3f}{r['distinct_4']:>7.3f}{r['unique_lines']:>6.2f}"
-            if syn: f = r["facts"]; s += f"  {f['malformed']:.2f}/{f['arithmetic']:.2f}/{f['chain']:.2f}"
+            if name == "student-z":
+                name = f"student-z T{r['temperature']:g}"
+            s = f"{name:<18}{r.get('steps', ''):>6}" + (
+                f"{r['seconds']:>9.3f}{tmax / r['seconds']:>9.1f}" if "seconds" in r else f"{'':>18}"
+            )
+            if syn:
+                s += f"{r['validity']:>7.3f}{r['fully_valid']:>6.2f}"
+            s += f"{r['nll_bound']:>7.3f}{r['entropy_bits']:>8.2f}{r['distinct_2']:>7.3f}"
+            s += f"{r['distinct_4']:>7.3f}{r['unique_lines']:>6.2f}"
+            if syn:
+                f = r["facts"]
+                s += f"  {f['malformed']:.2f}/{f['arithmetic']:.2f}/{f['chain']:.2f}"
             lines.append(s)
         if "optimum_gap" in res:
             og = res["optimum_gap"]
-            lines.append(f"KL(loss optimum || model) per masked position at r=0, t=1: teacher {og['kl_optimum_teacher']:.4f}, "
-                         f"student {og['kl_optimum_student']:.4f} (the student went {og['gap_closed']:.0%} of the way)")
+            lines.append(
+                f"KL(loss optimum || model) per masked position at r=0, t=1: teacher {og['kl_optimum_teacher']:.4f}, "
+                f"student {og['kl_optimum_student']:.4f} (the student went {og['gap_closed']:.0%} of the way)"
+            )
     lines.append("\n== goals (student 1 step, sampled; teacher with low-confidence remasking)")
     for key, e in out["goals"].items():
-        s = f"{key:<20} speed-up vs {e['max_steps']} steps {e['speedup_vs_max_steps']:6.1f}x [{'PASS' if e['faster_30x'] else 'FAIL'} >= 30x]"
+        s = (
+            f"{key:<20} speed-up vs {e['max_steps']} steps {e['speedup_vs_max_steps']:6.1f}x"
+            f" [{'PASS' if e['faster_30x'] else 'FAIL'} >= 30x]"
+        )
         if "student_1" in e:
-            s += (f"  validity student-1 {e['student_1']:.3f} vs teacher-1 {e['teacher_1']:.3f} "
-                  f"[{'PASS' if e['beats_teacher_1'] else 'FAIL'} beats by > 2 SE = {2 * e['gap_se']:.3f}]  vs teacher-{e['max_steps']} {e['teacher_max']:.3f} "
-                  f"= {e['ratio_to_max']:.0%} [{'PASS' if e['reaches_80pct'] else 'FAIL'} >= 80%]")
+            s += (
+                f"  validity student-1 {e['student_1']:.3f} vs teacher-1 {e['teacher_1']:.3f}"
+                f" [{'PASS' if e['beats_teacher_1'] else 'FAIL'} beats by > 2 SE = {2 * e['gap_se']:.3f}]  vs"
+                f" teacher-{e['max_steps']} {e['teacher_max']:.3f} = {e['ratio_to_max']:.0%}"
+                f" [{'PASS' if e['reaches_80pct'] else 'FAIL'} >= 80%]"
+            )
         if "optimum_1" in e:
-            s += f"\n{'':<20} ceiling of the loss (mf-optimum, {out.get('optimum_steps')} teacher calls): {e['optimum_1']:.3f} = {e['optimum_ratio_to_max']:.0%} of teacher-{e['max_steps']}"
+            s += (
+                f"\n{'':<20} ceiling of the loss (mf-optimum, {out.get('optimum_steps')} teacher calls):"
+                f" {e['optimum_1']:.3f} = {e['optimum_ratio_to_max']:.0%} of teacher-{e['max_steps']}"
+            )
         if "argmax" in e:
             a = e["argmax"]
-            s += (f"\n{'':<20} argmax (temperature 0): student-1 {a['student_1']:.3f} vs teacher-1 {a['teacher_1']:.3f} "
-                  + (f"[no verdict: no spread across rows]" if a["beats_teacher_1"] is None else
-                     f"[{'beats' if a['beats_teacher_1'] else 'does not beat'} by > 2 SE = {2 * a['gap_se']:.3f}]")
-                  + f", vs teacher-{e['max_steps']} "
-                  f"{a['teacher_max']:.3f} = {a['ratio_to_max']:.0%} [{'>=' if a['reaches_80pct'] else '<'} 80%]; unique lines student "
-                  f"{a['unique_lines']['student_1']:.2f}, teacher-{e['max_steps']} {a['unique_lines']['teacher_max']:.2f} (argmax of free rows repeats one line)")
+            s += (
+                f"\n{'':<20} argmax (temperature 0): student-1 {a['student_1']:.3f} vs teacher-1 {a['teacher_1']:.3f} "
+                + (
+                    f"[no verdict: no spread across rows]"
+                    if a["beats_teacher_1"] is None
+                    else f"[{'beats' if a['beats_teacher_1'] else 'does not beat'} by > 2 SE = {2 * a['gap_se']:.3f}]"
+                )
+                + f", vs teacher-{e['max_steps']} {a['teacher_max']:.3f} = {a['ratio_to_max']:.0%}"
+                f" [{'>=' if a['reaches_80pct'] else '<'} 80%]; unique lines student"
+                f" {a['unique_lines']['student_1']:.2f}, teacher-{e['max_steps']}"
+                f" {a['unique_lines']['teacher_max']:.2f} (argmax of free rows repeats one line)"
+            )
         if "noise" in e:
             z = e["noise"]
-            s += (f"\n{'':<20} noise student (z ~ {out.get('noise_prior', 'N(0, I)')} per row, then argmax): student-1 {z['student_1']:.3f} vs teacher-1 sampled "
-                  f"{z['teacher_1']:.3f} [{'PASS' if z['beats_teacher_1'] else 'FAIL'} beats by > 2 SE = {2 * z['gap_se']:.3f}], vs teacher-{e['max_steps']} "
-                  f"sampled {z['teacher_max']:.3f} = {z['ratio_to_max']:.0%} [{'PASS' if z['reaches_80pct'] else 'FAIL'} >= 80%], "
-                  f"{z['speedup_vs_max_steps']:.0f}x faster; unique lines {z['unique_lines']['student_1']:.2f} vs {z['unique_lines']['teacher_max']:.2f}, "
-                  f"distinct-4 {z['distinct_4']['student_1']:.3f} vs {z['distinct_4']['teacher_max']:.3f}")
+            s += (
+                f"\n{'':<20} noise student (z ~ {out.get('noise_prior', 'N(0, I)')} per row, then argmax): student-1"
+                f" {z['student_1']:.3f} vs teacher-1 sampled {z['teacher_1']:.3f}"
+                f" [{'PASS' if z['beats_teacher_1'] else 'FAIL'} beats by > 2 SE = {2 * z['gap_se']:.3f}], vs"
+                f" teacher-{e['max_steps']} sampled {z['teacher_max']:.3f} = {z['ratio_to_max']:.0%}"
+                f" [{'PASS' if z['reaches_80pct'] else 'FAIL'} >= 80%], {z['speedup_vs_max_steps']:.0f}x faster;"
+                f" unique lines {z['unique_lines']['student_1']:.2f} vs {z['unique_lines']['teacher_max']:.2f},"
+                f" distinct-4 {z['distinct_4']['student_1']:.3f} vs {z['distinct_4']['teacher_max']:.3f}"
+            )
         if "noise_matched" in e:
             z, dv = e["noise_matched"], e["noise_matched"]["teacher_max_diversity"]
-            sw = ", ".join(f"T{r['temperature']:g} {r['validity']:.3f}/{r['unique_lines']:.2f}/{r['distinct_4']:.3f}" for r in z["sweep"])
-            s += f"\n{'':<20} noise student at the teacher-{e['max_steps']}'s diversity (unique lines >= {dv['unique_lines']:.2f}, distinct-4 >= {dv['distinct_4']:.3f}): "
-            s += ("no temperature of the sweep gets there" if z["temperature"] is None else
-                  f"T{z['temperature']:g} {z['student_1']:.3f} vs teacher-1 {z['teacher_1']:.3f} [{'PASS' if z['beats_teacher_1'] else 'FAIL'} beats by > 2 SE], "
-                  f"= {z['ratio_to_max']:.0%} of teacher-{e['max_steps']} [{'PASS' if z['reaches_80pct'] else 'FAIL'} >= 80%]")
+            sw = ", ".join(
+                f"T{r['temperature']:g} {r['validity']:.3f}/{r['unique_lines']:.2f}/{r['distinct_4']:.3f}"
+                for r in z["sweep"]
+            )
+            s += (
+                f"\n{'':<20} noise student at the teacher-{e['max_steps']}'s diversity (unique lines >="
+                f" {dv['unique_lines']:.2f}, distinct-4 >= {dv['distinct_4']:.3f}): "
+            )
+            s += (
+                "no temperature of the sweep gets there"
+                if z["temperature"] is None
+                else (
+                    f"T{z['temperature']:g} {z['student_1']:.3f} vs teacher-1 {z['teacher_1']:.3f}"
+                    f" [{'PASS' if z['beats_teacher_1'] else 'FAIL'} beats by > 2 SE], = {z['ratio_to_max']:.0%} of"
+                    f" teacher-{e['max_steps']} [{'PASS' if z['reaches_80pct'] else 'FAIL'} >= 80%]"
+                )
+            )
             s += f"\n{'':<20}   sweep given z, temperature validity/unique/distinct-4: {sw}"
         if "marginals_1" in e:
-            s += (f"\n{'':<20} a one-step student matching the teacher-{e['max_steps']} per-position marginals exactly "
-                  f"({out.get('marginal_samples')} samples per row): {e['marginals_1']:.3f} = {e['marginals_ratio_to_source']:.0%} "
-                  f"of those samples' {e['marginals_source']:.3f}")
+            s += (
+                f"\n{'':<20} a one-step student matching the teacher-{e['max_steps']} per-position marginals exactly"
+                f" ({out.get('marginal_samples')} samples per row): {e['marginals_1']:.3f} ="
+                f" {e['marginals_ratio_to_source']:.0%} of those samples' {e['marginals_source']:.3f}"
+            )
         lines.append(s)
     return "\n".join(lines)
 
+# %% ../nbs/21_meanflow_bench.ipynb #5e839ea1
 def plot_bench(out: dict, out_dir) -> list[Path]:
     "PNG plots (quality and time against steps, one figure per setting) written into `out_dir`."
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     out_dir, paths = Path(out_dir), []
     for key, res in out["settings"].items():
-        metrics = (["validity"] if key.startswith("synthetic") else []) + ["nll_bound", "entropy_bits", "distinct_4", "seconds"]
+        metrics = (["validity"] if key.startswith("synthetic") else []) + [
+            "nll_bound",
+            "entropy_bits",
+            "distinct_4",
+            "seconds",
+        ]
         fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.2))
         for ax, m in zip(axes, metrics):
-            for name, style in (("teacher-lc", "o-"), ("teacher-rand", "s--"), ("student", "D-"), ("teacher-argmax", "x:")):
+            for name, style in (
+                ("teacher-lc", "o-"),
+                ("teacher-rand", "s--"),
+                ("student", "D-"),
+                ("teacher-argmax", "x:"),
+            ):
                 rs = res["runs"].get(name, [])
-                if rs: ax.plot([r["steps"] for r in rs], [r[m] for r in rs], style, label=name)
+                if rs:
+                    ax.plot([r["steps"] for r in rs], [r[m] for r in rs], style, label=name)
             for name, mk in (("student-argmax", "*"), ("mf-optimum", "P"), ("mf-optimum-argmax", "p")):
-                if name not in res["runs"]: continue
+                if name not in res["runs"]:
+                    continue
                 r = res["runs"][name][0]
-                calls = out.get("optimum_steps", 1) if name.startswith("mf-optimum") else r["steps"]  # plotted at its teacher calls
+                # plotted at its teacher calls
+                calls = out.get("optimum_steps", 1) if name.startswith("mf-optimum") else r["steps"]
                 ax.plot([calls], [r[m]], mk, ms=11, label=name + (f" ({calls} calls)" if calls != r["steps"] else ""))
-            if m in res["data"]: ax.axhline(res["data"][m], color="gray", ls=":", label="heldout data")
-            ax.set_xscale("log", base=2); ax.set_xlabel("model calls (steps)"); ax.set_title(m)
-            if m == "seconds": ax.set_yscale("log")
+            if m in res["data"]:
+                ax.axhline(res["data"][m], color="gray", ls=":", label="heldout data")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("model calls (steps)")
+            ax.set_title(m)
+            if m == "seconds":
+                ax.set_yscale("log")
         axes[0].legend(fontsize=7)
-        fig.suptitle(f"LLaDA-MeanFlow: {key}"); fig.tight_layout()
+        fig.suptitle(f"LLaDA-MeanFlow: {key}")
+        fig.tight_layout()
         p = out_dir / f"meanflow_{key.replace('/', '_')}.png"
-        fig.savefig(p, dpi=90); plt.close(fig); paths.append(p)
+        fig.savefig(p, dpi=90)
+        plt.close(fig)
+        paths.append(p)
         sweep, lc = noise_sweep(out, res), res["runs"].get("teacher-lc", [])
         if key.startswith("synthetic") and len(sweep) > 1 and lc:
             paths.append(_plot_diversity(plt, key, sweep, lc, out_dir))
     return paths
 
+# %% ../nbs/21_meanflow_bench.ipynb #d11cfadc
 def _plot_diversity(plt, key, sweep, lc, out_dir) -> Path:
-    "Validity against unique lines and distinct-4: the teacher by steps, the noise student by temperature (up and right is better)."
+    """Validity against unique lines and distinct-4: the teacher by steps, the noise student by temperature (up and
+    right is better)."""
     tmax = max(lc, key=lambda r: r["steps"])
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
     for ax, m in zip(axes, ("unique_lines", "distinct_4")):
         ax.plot([r[m] for r in lc], [r["validity"] for r in lc], "o-", label="teacher-lc (label: steps)")
-        for r in lc: ax.annotate(str(r["steps"]), (r[m], r["validity"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.plot([r[m] for _, r in sweep], [r["validity"] for _, r in sweep], "D-", label="noise student, 1 step (label: temperature)")
-        for T, r in sweep: ax.annotate(f"T{T:g}", (r[m], r["validity"]), fontsize=7, xytext=(3, -9), textcoords="offset points")
+        for r in lc:
+            ax.annotate(str(r["steps"]), (r[m], r["validity"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.plot(
+            [r[m] for _, r in sweep],
+            [r["validity"] for _, r in sweep],
+            "D-",
+            label="noise student, 1 step (label: temperature)",
+        )
+        for T, r in sweep:
+            ax.annotate(f"T{T:g}", (r[m], r["validity"]), fontsize=7, xytext=(3, -9), textcoords="offset points")
         ax.axhline(0.8 * tmax["validity"], color="gray", ls=":", label=f"80% of teacher-{tmax['steps']} validity")
         ax.axvline(tmax[m], color="gray", ls="--", label=f"teacher-{tmax['steps']} {m}")
-        ax.set_xlabel(m); ax.set_ylabel("validity")
+        ax.set_xlabel(m)
+        ax.set_ylabel("validity")
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"LLaDA-MeanFlow: validity against diversity, {key}"); fig.tight_layout()
+    fig.suptitle(f"LLaDA-MeanFlow: validity against diversity, {key}")
+    fig.tight_layout()
     p = Path(out_dir) / f"meanflow_{key.replace('/', '_')}_diversity.png"
-    fig.savefig(p, dpi=90); plt.close(fig)
+    fig.savefig(p, dpi=90)
+    plt.close(fig)
     return p
 
-# %% ../nbs/21_meanflow_bench.ipynb #734fb398
+# %% ../nbs/21_meanflow_bench.ipynb #f7c463ba
 BENCH_SETTINGS = ("synthetic/free", "synthetic/prompted", "english/free", "english/prompted")
+
 
 def bench_parser() -> argparse.ArgumentParser:
     "Arguments of `latentcot bench meanflow`."
-    p = argparse.ArgumentParser(prog="latentcot bench meanflow", description="LLaDA-MeanFlow: one-step student vs multi-step teacher.")
+    p = argparse.ArgumentParser(
+        prog="latentcot bench meanflow", description="LLaDA-MeanFlow: one-step student vs multi-step teacher."
+    )
     p.add_argument("--out", default="meanflow-bench", help="directory for metrics.json and the PNG plots")
     p.add_argument("--n", type=int, default=64, help="batch size of every generation run")
     p.add_argument("--steps", dest="teacher_steps", default="1,2,4,8,16,64", help="teacher step counts")
     p.add_argument("--student-steps", default="1,2,4", help="student step counts")
     p.add_argument("--temperature", type=float, default=1.0, help="temperature of every sampled run (0: argmax)")
-    p.add_argument("--settings", default=",".join(BENCH_SETTINGS),
-                   help="comma-separated KIND/MODE settings to run (KIND synthetic or english, MODE free or prompted)")
-    p.add_argument("--noise-temperatures", default=",".join(map(str, NOISE_TEMPERATURES)),
-                   help="a noise student also runs one step at these temperatures given z (between argmax and --temperature)")
-    p.add_argument("--noise-prior", choices=("fitted", "kind", "standard"), default="fitted",
-                   help="a noise student's z: from its fitted prior given the canvas if it has one (posterior students), "
-                        "from that prior by kind of canvas only, or N(0, I)")
-    p.add_argument("--student", help="benchmark this saved student (python -m latentcot.meanflow --out DIR) instead of distilling one")
-    p.add_argument("--marginal-samples", type=int, default=0,
-                   help="K > 0: also sample independently from the per-position marginals of K teacher samples per row (slow)")
+    p.add_argument(
+        "--settings",
+        default=",".join(BENCH_SETTINGS),
+        help="comma-separated KIND/MODE settings to run (KIND synthetic or english, MODE free or prompted)",
+    )
+    p.add_argument(
+        "--noise-temperatures",
+        default=",".join(map(str, NOISE_TEMPERATURES)),
+        help="a noise student also runs one step at these temperatures given z (between argmax and --temperature)",
+    )
+    p.add_argument(
+        "--noise-prior",
+        choices=("fitted", "kind", "standard"),
+        default="fitted",
+        help=(
+            "a noise student's z: from its fitted prior given the canvas if it has one (posterior students), "
+            "from that prior by kind of canvas only, or N(0, I)"
+        ),
+    )
+    p.add_argument(
+        "--student",
+        help="benchmark this saved student (python -m latentcot.meanflow --out DIR) instead of distilling one",
+    )
+    p.add_argument(
+        "--marginal-samples",
+        type=int,
+        default=0,
+        help="K > 0: also sample independently from the per-position marginals of K teacher samples per row (slow)",
+    )
     p.add_argument("--optimum-steps", type=int, default=32, help="Euler steps of the loss's optimum (mf-optimum runs)")
     add_llada_arguments(p)
-    p.add_argument("--device", help="--llada: where to run it (default: cuda if available, else cpu); the tiny teacher runs on cpu")
-    p.add_argument("--seed", type=int, default=0, help="seed of the distillation (when there is no --student) and of every generation run")
-    p.add_argument("--quick", action="store_true", help="a tiny teacher and a few steps: a smoke test, not a measurement")
+    p.add_argument(
+        "--device",
+        help="--llada: where to run it (default: cuda if available, else cpu); the tiny teacher runs on cpu",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the distillation (when there is no --student) and of every generation run",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="a tiny teacher and a few steps: a smoke test, not a measurement"
+    )
     p.add_argument("--cache", help="cache directory (default $LATENTCOT_CACHE or ~/.cache/latentcot)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch threads for the whole run (0: torch's default); 1 is fastest for this tiny model on a busy machine")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help=(
+            "torch threads for the whole run (0: torch's default); 1 is fastest for this tiny model on a busy machine"
+        ),
+    )
     # the bench's --steps are the teacher's and its --seed serves the distillation too; config_flags: field -> flag
-    p.set_defaults(config_flags=add_config_arguments(
-        p.add_argument_group("distillation of the student (MeanFlowConfig; not with --student, which brings its own)"),
-        rename={"steps": "--distill-steps"}, skip=("seed",)))
+    p.set_defaults(
+        config_flags=add_config_arguments(
+            p.add_argument_group(
+                "distillation of the student (MeanFlowConfig; not with --student, which brings its own)"
+            ),
+            rename={"steps": "--distill-steps"},
+            skip=("seed",),
+        )
+    )
     return p
 
+# %% ../nbs/21_meanflow_bench.ipynb #e2ea0957
 def bench_meanflow_main(argv: list[str] | None = None) -> int:
     "`latentcot bench meanflow`: run the benchmark, print the table, write metrics.json and PNG plots into --out."
     a = bench_parser().parse_args(argv)
     settings = [s.strip() for s in a.settings.split(",") if s.strip()]
     bad = [s for s in settings if s not in BENCH_SETTINGS]
     if bad or not settings:
-        raise ValueError(f"--settings {a.settings!r}: {', '.join(map(repr, bad)) or 'nothing'} is not one of {', '.join(BENCH_SETTINGS)}")
+        raise ValueError(
+            f"--settings {a.settings!r}: {', '.join(map(repr, bad)) or 'nothing'} is not one of"
+            f" {', '.join(BENCH_SETTINGS)}"
+        )
     twice = sorted({s for s in settings if settings.count(s) > 1})
-    if twice: raise ValueError(f"--settings {a.settings!r}: {', '.join(twice)} given twice (its second run would replace the first)")
-    if a.threads: torch.set_num_threads(a.threads)
-    recipe = TeacherRecipe(hidden=32, layers=2, heads=2, intermediate=64, steps=30, batch=16) if a.quick else TeacherRecipe()
+    if twice:
+        raise ValueError(
+            f"--settings {a.settings!r}: {', '.join(twice)} given twice (its second run would replace the first)"
+        )
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    recipe = (
+        TeacherRecipe(hidden=32, layers=2, heads=2, intermediate=64, steps=30, batch=16)
+        if a.quick
+        else TeacherRecipe()
+    )
     if a.student:  # its settings are in its meanflow.json: a distillation flag beside it would be silently ignored
         given = [flag for name, flag in a.config_flags.items() if getattr(a, name) != getattr(MeanFlowConfig(), name)]
-        if given: raise ValueError(f"--student {a.student} brings its own settings (its meanflow.json); "
-                                   f"{', '.join(given)} would be ignored: drop them, or leave out --student to distil a new student")
-    cfg = config_from_args(a, **({"steps": 4, "batch": 8, "sampler_steps": min(a.sampler_steps, 4),
-                                  "sampler_rows": min(a.sampler_rows, 16)} if a.quick else {}))
+        if given:
+            raise ValueError(
+                f"--student {a.student} brings its own settings (its meanflow.json); "
+                f"{', '.join(given)} would be ignored: drop them, or leave out --student to distil a new student"
+            )
+    cfg = config_from_args(
+        a,
+        **(
+            {"steps": 4, "batch": 8, "sampler_steps": min(a.sampler_steps, 4), "sampler_rows": min(a.sampler_rows, 16)}
+            if a.quick
+            else {}
+        ),
+    )
     steps = tuple(int(s) for s in a.teacher_steps.split(","))
     teacher = None
     if a.llada:
         bb, tok = load_llada(a.llada, a.trust_remote_code, local_files_only=a.local_files_only)
-        teacher = (bb.to(a.device or ("cuda" if torch.cuda.is_available() else "cpu")), tok, llada_info(a.llada, a.canvas))
-    elif a.device is not None: raise ValueError("--device applies to --llada only: the tiny teacher runs on cpu")
-    out = bench_meanflow(recipe, cfg, n=8 if a.quick else a.n, steps=steps,
-                         student_steps=tuple(int(s) for s in a.student_steps.split(",")), temperature=a.temperature,
-                         seed=a.seed, cache_dir=a.cache, optimum_steps=4 if a.quick else a.optimum_steps,
-                         student_dir=a.student, noise_prior=a.noise_prior, noise_temperatures=tuple(float(T) for T in a.noise_temperatures.split(",") if T),
-                         marginal_samples=min(a.marginal_samples, 2) if a.quick else a.marginal_samples, teacher=teacher,
-                         settings=tuple(tuple(s.split("/")) for s in settings))
-    d = Path(a.out); d.mkdir(parents=True, exist_ok=True)
+        teacher = (
+            bb.to(a.device or ("cuda" if torch.cuda.is_available() else "cpu")),
+            tok,
+            llada_info(a.llada, a.canvas),
+        )
+    elif a.device is not None:
+        raise ValueError("--device applies to --llada only: the tiny teacher runs on cpu")
+    out = bench_meanflow(
+        recipe,
+        cfg,
+        n=8 if a.quick else a.n,
+        steps=steps,
+        student_steps=tuple(int(s) for s in a.student_steps.split(",")),
+        temperature=a.temperature,
+        seed=a.seed,
+        cache_dir=a.cache,
+        optimum_steps=4 if a.quick else a.optimum_steps,
+        student_dir=a.student,
+        noise_prior=a.noise_prior,
+        noise_temperatures=tuple(float(T) for T in a.noise_temperatures.split(",") if T),
+        marginal_samples=min(a.marginal_samples, 2) if a.quick else a.marginal_samples,
+        teacher=teacher,
+        settings=tuple(tuple(s.split("/")) for s in settings),
+    )
+    d = Path(a.out)
+    d.mkdir(parents=True, exist_ok=True)
     out["plots"] = [p.name for p in plot_bench(out, d)]
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".metrics.")
-    with os.fdopen(fd, "w") as f: json.dump(out, f, indent=1)
-    os.replace(tmp, d / "metrics.json")
+    atomic_write(d / "metrics.json", lambda f: Path(f).write_text(json.dumps(out, indent=1)))
     print(format_table(out))
     print(f"\nwrote {d / 'metrics.json'} and {len(out['plots'])} plots; total {out['total_seconds']:.0f}s")
     return 0

@@ -1,4 +1,4 @@
-"""Small, deterministic text sets for the LLaDA-MeanFlow track (seed 003): English prose from Python's own docs, and a synthetic arithmetic set whose validity is checked exactly.
+"""Small deterministic text sets for the LLaDA-MeanFlow track (seed 003): English prose and checked arithmetic.
 
 Docs: https://latentcot.github.io/latentcot/textdata.html.md"""
 
@@ -8,10 +8,11 @@ Docs: https://latentcot.github.io/latentcot/textdata.html.md"""
 from __future__ import annotations
 import hashlib, json, os, random, re, sys, tempfile, textwrap
 from pathlib import Path
+from typing import Callable
 
 # %% auto #0
-__all__ = ['TEXT_FILES', 'to_ascii', 'english_paragraphs', 'synthetic_line', 'check_synthetic', 'text_sets', 'write_text_sets',
-           'read_lines']
+__all__ = ['TEXT_FILES', 'to_ascii', 'english_paragraphs', 'synthetic_line', 'check_synthetic', 'atomic_write', 'text_sets',
+           'write_text_sets', 'read_lines']
 
 # %% ../nbs/19_textdata.ipynb #e0891a93
 _ASCII_MAP = {"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"', "\u2014": "--", "\u2013": "-",
@@ -75,18 +76,25 @@ def check_synthetic(line: str, max_value: int = 9) -> float:
 # %% ../nbs/19_textdata.ipynb #4653fafd
 TEXT_FILES = ("english_train.txt", "english_heldout.txt", "synthetic_train.txt", "synthetic_heldout.txt")
 
-def _atomic_write(path: Path, data: bytes):
-    "Write `data` to `path` through a temporary file and `os.replace`."
+def atomic_write(path, write: Callable):
+    "Call `write(tmp)` on a temporary file beside `path`, then `os.replace` it there: no reader sees half a file."
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f: f.write(data)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp): os.unlink(tmp)
         raise
 
+def _atomic_write(path: Path, data: bytes):
+    "Write `data` to `path` atomically."
+    atomic_write(path, lambda f: Path(f).write_bytes(data))
+
 def text_sets(seed: int = 0, width: int = 60, heldout_frac: float = 0.1, n_synthetic: int = 4000,
-              n_synthetic_heldout: int = 400, max_value: int = 9, max_english_chars: int = 240_000) -> dict[str, list[str]]:
+              n_synthetic_heldout: int = 400, max_value: int = 9,
+              max_english_chars: int = 240_000) -> dict[str, list[str]]:
     "The four line lists of `TEXT_FILES`, deterministically from `seed`."
     rng = random.Random(seed)
     train, held, total = [], [], 0
@@ -111,7 +119,8 @@ def write_text_sets(out_dir, seed: int = 0, **kw) -> dict[str, Path]:
         _atomic_write(out / name, data); paths[name] = out / name
         files[name] = {"lines": len(sets[name]), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     man = {"generator": "latentcot.textdata.write_text_sets", "seed": seed, "options": kw,
-           "english_source": f"pydoc_data.topics of Python {sys.version_info[0]}.{sys.version_info[1]}", "files": files}
+           "english_source": f"pydoc_data.topics of Python {sys.version_info[0]}.{sys.version_info[1]}",
+           "files": files}
     _atomic_write(out / "manifest.json", (json.dumps(man, indent=1, sort_keys=True) + "\n").encode())
     paths["manifest.json"] = out / "manifest.json"
     return paths
@@ -124,6 +133,7 @@ def read_lines(path, max_len: int | None = None) -> list[str]:
     for i, l in enumerate(p.read_bytes().decode("utf-8").split("\n")[:-1], 1):
         bad = next((c for c in l if not " " <= c <= "~"), None)
         if bad is not None: raise ValueError(f"{p}:{i}: character {bad!r} is not printable ASCII")
-        if max_len is not None and len(l) > max_len: raise ValueError(f"{p}:{i}: line has {len(l)} characters, limit {max_len}")
+        if max_len is not None and len(l) > max_len:
+            raise ValueError(f"{p}:{i}: line has {len(l)} characters, limit {max_len}")
         out.append(l)
     return out

@@ -13,7 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import json
+
 import latentcot.meanflow as mf
+import latentcot.meanflow_backbones as mfb
 
 LLADA_CODE = os.environ.get("LATENTCOT_LLADA_CODE")
 pytestmark = pytest.mark.skipif(not LLADA_CODE, reason="set LATENTCOT_LLADA_CODE to a directory holding LLaDA's "
@@ -41,7 +44,7 @@ def build_checkpoint(out: Path, **over) -> Path:
     cfg = {**BASE, **over, "model_type": "llada", "vocab_size": len(tok), "embedding_size": len(tok),
            "mask_token_id": tok.mask_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
            "auto_map": {"AutoConfig": "configuration_llada.LLaDAConfig", "AutoModel": "modeling_llada.LLaDAModelLM"}}
-    (src / "config.json").write_text(mf.json.dumps(cfg))
+    (src / "config.json").write_text(json.dumps(cfg))
     config = AutoConfig.from_pretrained(src, trust_remote_code=True, local_files_only=True)
     cls = get_class_from_dynamic_module(config.auto_map["AutoModel"], src, local_files_only=True)
     torch.manual_seed(0)
@@ -138,7 +141,7 @@ def test_jvp_matches_finite_differences(checkpoints):
 
 def test_a_drifted_adapter_is_refused_at_load(checkpoints, monkeypatch):
     "If the adapter stops matching the hub code (here: causal attention), load_llada stops before any training."
-    monkeypatch.setattr(mf, "gated_prefix_attention", lambda q, k, v, *a, **kw: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    monkeypatch.setattr(mfb, "gated_prefix_attention", lambda q, k, v, *a, **kw: F.scaled_dot_product_attention(q, k, v, is_causal=True))
     with pytest.raises(RuntimeError, match="differ from LLaDA's own forward"):
         mf.load_llada(str(checkpoints["llada8b_like"]), trust_remote_code=True, local_files_only=True)
 
@@ -168,7 +171,7 @@ def test_cli_trains_resumes_and_saves_on_llada(checkpoints, tmp_path, target):
     assert [m["step"] for m in mf.read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4]
     bb, _ = mf.load_llada(str(checkpoints["gqa_tied_groups"]), trust_remote_code=True, local_files_only=True)
     s = mf.load_student(bb, out)
-    assert mf.json.loads((out / "meanflow.json").read_text())["teacher"]["llada"] == str(checkpoints["gqa_tied_groups"])
+    assert json.loads((out / "meanflow.json").read_text())["teacher"]["llada"] == str(checkpoints["gqa_tied_groups"])
     assert s.prompt.gate.abs().sum() > 0  # trained: the gates left zero
     assert bb.banned_ids == (bb.mask_id,)  # its sampler (the teacher samples of --target sampler) bans only the mask
     if target:
@@ -182,7 +185,7 @@ def test_cli_trains_resumes_and_saves_on_llada(checkpoints, tmp_path, target):
                         "--student-steps", "1", "--out", str(bench)], capture_output=True, text=True, timeout=600,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
-    m = mf.json.loads((bench / "metrics.json").read_text())
+    m = json.loads((bench / "metrics.json").read_text())
     assert m["recipe"] == {"llada": str(checkpoints["gqa_tied_groups"]), "canvas": 64} and m["device"] == "cpu"
     assert sorted(m["settings"]) == ["english/free", "english/prompted", "synthetic/free", "synthetic/prompted"]
     runs = m["settings"]["synthetic/prompted"]["runs"]

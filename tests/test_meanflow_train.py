@@ -1,12 +1,13 @@
 """LLaDA-MeanFlow drivers (seed 003): Lightning's Trainer (fast_dev_run) and the accelerate entry point share
 `meanflow_step`; `python -m latentcot.meanflow` trains and saves a soft prompt."""
-import os, subprocess, sys
+import json, math, os, subprocess, sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import latentcot.meanflow as mf
+import latentcot.meanflow_train as mft
 
 QUICK = mf.TeacherRecipe(hidden=32, layers=2, heads=2, intermediate=64, steps=5, batch=8)
 
@@ -27,11 +28,11 @@ def _cli(cache, **env):
 @pytest.fixture
 def count_steps(monkeypatch):
     calls = []
-    real = mf.meanflow_step
+    real = mft.meanflow_step
     def counted(*a, **k):
         calls.append(1)
         return real(*a, **k)
-    monkeypatch.setattr(mf, "meanflow_step", counted)
+    monkeypatch.setattr(mft, "meanflow_step", counted)  # where both drivers look it up
     return calls
 
 
@@ -74,6 +75,24 @@ def test_accelerate_loop_uses_the_same_step(kit, count_steps):
     assert student.prompt.gate.abs().sum() > 0
 
 
+@pytest.mark.parametrize("target", ["jvp", "sampler"])
+def test_lightning_and_accelerate_train_alike(kit, target):
+    """The Lightning driver and the accelerate loop give the same losses for the same seed over 20 steps (the same
+    rows, times and masks, warm-up, clipping and optimiser), and end with the same soft prompt."""
+    teacher, tok, sets, _ = kit
+    extra = {"target": "sampler", "sampler_rows": 8, "sampler_steps": 2} if target == "sampler" else {}
+    cfg = mf.MeanFlowConfig(steps=20, batch=4, prompt_length=3, **extra)
+    a, b = mf.make_student(teacher, cfg, sets), mf.make_student(teacher, cfg, sets)
+    ha = mf.train_meanflow(a, sets, cfg, log=None)
+    hb = mf.train_meanflow_lightning(b, sets, cfg)
+    assert len(ha) == len(hb) == 20
+    for s, (x, y) in enumerate(zip(ha, hb), 1):
+        assert abs(x["loss"] - y["loss"]) <= 1e-6 * max(1.0, abs(x["loss"])), f"step {s}: accelerate {x['loss']} vs Lightning {y['loss']}"
+    assert len({round(h["loss"], 6) for h in ha}) > 1  # the losses move: the comparison is not between constants
+    assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(a.prompt.parameters(), b.prompt.parameters()))
+    assert a.prompt.gate.abs().sum() > 0
+
+
 def test_cli_help():
     r = subprocess.run([sys.executable, "-m", "latentcot.meanflow", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "--tangent-sign" in r.stdout and "--trust-remote-code" in r.stdout
@@ -91,9 +110,9 @@ def test_cli_mixed_precision(kit, tmp_path):
                         "--out", str(out), "--steps", "2", "--batch", "4", "--prompt-length", "3"],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert mf.json.loads((out / "meanflow_run.json").read_text())["mixed_precision"] == "bf16"
+    assert json.loads((out / "meanflow_run.json").read_text())["mixed_precision"] == "bf16"
     assert {v.dtype for v in load_file(out / "soft_prompt.safetensors").values()} == {torch.float32}
-    assert all(mf.math.isfinite(m["loss"]) for m in mf.read_metrics(out / "metrics.jsonl"))
+    assert all(math.isfinite(m["loss"]) for m in mf.read_metrics(out / "metrics.jsonl"))
 
 
 def test_cli_train_and_save(kit, tmp_path):
@@ -114,7 +133,7 @@ def test_cli_sampler_target(kit, tmp_path):
                         "--batch", "4", "--prompt-length", "3", "--target", "sampler", "--sampler-rows", "4", "--sampler-steps", "2"],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    meta = mf.json.loads((tmp_path / "s" / "meanflow.json").read_text())
+    meta = json.loads((tmp_path / "s" / "meanflow.json").read_text())
     assert (meta["config"]["target"], meta["config"]["sampler_rows"], meta["config"]["sampler_steps"]) == ("sampler", 4, 2)
     r = subprocess.run([sys.executable, "-m", "latentcot.meanflow", "--teacher", str(tdir), "--out", str(tmp_path / "m"),
                         "--target", "sampler", "--loss", "mse"], capture_output=True, text=True, env=env, timeout=300)
@@ -131,7 +150,7 @@ def test_cli_posterior_noise(kit, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     s = mf.load_student(teacher, tmp_path / "s")
     assert s.noise_dim == 3 and s.prompt.posterior.length == QUICK.canvas + 1
-    meta = mf.json.loads((tmp_path / "s" / "meanflow.json").read_text())
+    meta = json.loads((tmp_path / "s" / "meanflow.json").read_text())
     assert (meta["config"]["noise_fit"], meta["config"]["noise_beta"], meta["posterior_len"]) == ("posterior", 0.5, QUICK.canvas + 1)
     from latentcot.trainer import read_metrics
     assert all(rec["kl"] >= 0 for rec in read_metrics(tmp_path / "s" / "metrics.jsonl"))
@@ -181,7 +200,7 @@ def test_cli_killed_run_resumes_to_the_same_losses(kit, tmp_path, kill_after_fir
     from latentcot.trainer import read_metrics
     secs = [r["seconds"] for r in read_metrics(crash / "metrics.jsonl")]
     assert all(0 < a <= b for a, b in zip(secs, secs[1:]))  # the clock goes on across the kill: it sums both segments
-    assert mf.json.loads((crash / "meanflow.json").read_text())["train_seconds"] == secs[-1]
+    assert json.loads((crash / "meanflow.json").read_text())["train_seconds"] == secs[-1]
     for s in range(1, 41):
         assert abs(got[s] - want[s]) < 1e-6, f"step {s}: resumed {got[s]} vs uninterrupted {want[s]}"
     a, b = mf.load_student(teacher, ref), mf.load_student(teacher, crash)
@@ -212,7 +231,7 @@ def test_two_processes_train_and_resume(kit, tmp_path, fit, port):
     assert x0.shape == x1.shape == (8, 65) and not torch.equal(x0, x1)  # each rank drew its own rows
     ckpt = out / "checkpoints" / "step_0000006"
     assert {"random_states_0.pkl", "random_states_1.pkl", "soft_prompt.safetensors"} <= {p.name for p in ckpt.iterdir()}
-    assert mf.json.loads((out / "meanflow_run.json").read_text())["num_processes"] == 2
+    assert json.loads((out / "meanflow_run.json").read_text())["num_processes"] == 2
     want = _losses(out)
     final = load_file(out / "soft_prompt.safetensors")
 
