@@ -207,7 +207,7 @@ def slot_index(out) -> torch.Tensor:
         for s, e, _ in segs: idx[b, s:e] = torch.arange(e - s)
     return idx[out.latent_mask.cpu()]
 
-# %% ../nbs/07_latent_forward.ipynb #74186e48
+# %% ../nbs/07_latent_forward.ipynb #4b18aa97
 def _plan(attention_mask, segments, last_step: bool):
     "Per sample: the real positions pass 1 runs (up to the last latent pad, or through it) and `{pad: (segment, k)}`."
     valid = attention_mask.bool().tolist()
@@ -220,6 +220,7 @@ def _plan(attention_mask, segments, last_step: bool):
         items.append(run); lat.append(at)
     return items, lat
 
+# %% ../nbs/07_latent_forward.ipynb #6bd3210a
 def _next_chunk(items, cur, lat, dropped):
     "Real positions from `cur` up to the next active latent pad (a latent may only open a chunk), and the new cursor."
     chunk = []
@@ -230,6 +231,7 @@ def _next_chunk(items, cur, lat, dropped):
         chunk.append(p); cur += 1
     return chunk, cur
 
+# %% ../nbs/07_latent_forward.ipynb #3b4fe184
 def _prepare(model, batch, segments):
     "Segments (checked), position ids, 4D mask and prefix embeddings of a batch."
     ids, am = batch["input_ids"], batch["attention_mask"]
@@ -239,11 +241,13 @@ def _prepare(model, batch, segments):
     check_segments(ids, am, segs, latent_id)
     return segs, rope_position_ids(model, batch), batch_mask_4d(batch), prefix_embeddings(model, batch)
 
+# %% ../nbs/07_latent_forward.ipynb #17667b53
 def _halt(stop_threshold, prob, k, seg) -> bool:
     "Stop after step `k` when `p_stop >= threshold` (the last step ends the segment anyway)."
     s, e, _ = seg
     return stop_threshold is not None and prob >= stop_threshold and k < e - s - 1
 
+# %% ../nbs/07_latent_forward.ipynb #fd382c61
 def _record_stop(logits, used, dropped, lat_b, segs_b, b, p, logit, prob, stop_threshold):
     "Keep the stop logit of the step at pad `p`; when it halts, mark the rest of its segment inactive."
     j, k = lat_b[p]
@@ -253,6 +257,7 @@ def _record_stop(logits, used, dropped, lat_b, segs_b, b, p, logit, prob, stop_t
         used[b][j] = k + 1
         dropped[b].update(range(s + k + 1, e))
 
+# %% ../nbs/07_latent_forward.ipynb #2d8f6d67
 def _finish(segs, pos, M, emb, vals, logits, dropped, used, n_calls, lat, pending) -> Rollout:
     "Pack the per-position results into a `Rollout`."
     B, L, H = emb.shape
