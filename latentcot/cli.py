@@ -17,6 +17,7 @@ COMMANDS = {
     "datagen": ("latentcot.datagen:main", "regenerate data_samples/ deterministically"),
     "bench masks": ("latentcot.masks:bench_masks_main", "vectorised 4D mask builder vs per-sample reference"),
     "bench rollout": ("latentcot.latent_forward:bench_rollout_main", "batched latent rollout vs per-sample reference"),
+    "run mmdit": ("latentcot.mmdit:run_main", "the MMDiT job: Qwen-Image kit, generator on multi-turn latents, evaluation table"),
     "bench meanflow": ("latentcot.meanflow_bench:bench_meanflow_main", "MeanFlow one-step student vs multi-step teacher"),
 }
 
