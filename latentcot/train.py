@@ -83,9 +83,12 @@ def make_step_fn(stage: str, cfg: LatentCoTConfig, ids=None, teacher_latent_dir=
     if stage == "multiturn":
         from latentcot.multiturn import make_multiturn_step
         return make_multiturn_step(cfg, teacher_latent_dir, samples, processor, model, ids)
+    if stage == "unified":
+        from latentcot.unified import unified_step
+        return unified_step
     raise ValueError(f"stage {stage!r} has no step function yet; available: {sorted(STAGES)}")
 
-STAGES = ("stage1", "stage2", "stage3", "multiturn")
+STAGES = ("stage1", "stage2", "stage3", "multiturn", "unified")
 
 # %% ../nbs/14_train.ipynb #a9a8909f
 def apply_lora(model: LatentCoTModel, r: int = 16, alpha: int = 32, dropout: float = 0.0) -> LatentCoTModel:
@@ -104,7 +107,7 @@ STAGE_ALIASES = {"sft_stage1": "stage1", "sft_stage2": "stage2", "sft_stage3": "
 @dataclass
 class TrainArgs:
     "The flags of `latentcot.train` besides the config: what to train, from which model and data, into where."
-    stage: Literal["stage1", "stage2", "stage3", "multiturn", "sft_stage1", "sft_stage2", "sft_stage3"] = field(
+    stage: Literal["stage1", "stage2", "stage3", "multiturn", "unified", "sft_stage1", "sft_stage2", "sft_stage3"] = field(
         metadata={"help": "the stage to train (sft_stage1/2/3: seed 000's names for stage1/2/3)"})
     output_dir: str = field(metadata={"aliases": ["--save_model_path"], "help": "checkpoints, metrics.jsonl, TensorBoard logs and final/"})
     model_name_or_path: str | None = field(default=None, metadata={"aliases": ["--load_model_path"],
@@ -193,6 +196,9 @@ def run(args: argparse.Namespace, cfg: LatentCoTConfig | None = None):
     args.stage = STAGE_ALIASES.get(args.stage, args.stage)
     if getattr(args, "data", None): args.data = str(data_file(args.data))
     cfg = cfg or config_from_args(args)
+    if args.stage == "unified":              # seed 004: its own model and collator (latentcot.unified)
+        from latentcot.unified import run_unified_training
+        return run_unified_training(args, cfg)
     from accelerate import PartialState
     from accelerate.utils import DistributedType
     sharded = any(os.environ.get(f"ACCELERATE_USE_{k}", "false").lower() in ("1", "true") for k in ("FSDP", "DEEPSPEED"))
