@@ -20,6 +20,7 @@ COMMANDS = {
     "run mmdit": ("latentcot.mmdit:run_main", "the MMDiT job: Qwen-Image kit, generator on multi-turn latents, evaluation table"),
     "run unified": ("latentcot.unified:run_main", "seed 004: train the unified model (it decides when to draw), evaluate, report"),
     "unified": ("latentcot.unified:unified_main", "seed 004: text and images from a unified model for one prompt (+ image)"),
+    "bench unified": ("latentcot.unified:bench_unified_main", "seed 004: KV-cached vs recompute, seconds per image, flow steps vs accuracy"),
     "bench meanflow": ("latentcot.meanflow_bench:bench_meanflow_main", "MeanFlow one-step student vs multi-step teacher"),
 }
 
