@@ -19,12 +19,14 @@ from PIL import Image
 from .mmdit_kit import check_kit_configs, images_to_tensor, load_mmdit_kit, read_grid
 
 # %% auto #0
-__all__ = ['QWEN_IMAGE_PROMPT_TEMPLATE', 'CONDITIONS', 'MMDiTBridge', 'project_to_mmdit', 'template_prefix_length',
-           'qwen_prompt_embeds', 'check_image_size', 'encode_images', 'decode_latents', 'pack', 'unpack', 'velocity',
-           'sample_sigmas', 'compute_flow_matching_loss', 'generation_pipeline', 'LatentToImageGenerator',
-           'multiturn_latents', 'pad_latents', 'training_examples', 'train_generator', 'grid_scores',
-           'condition_inputs', 'evaluate_conditions', 'summarize', 'results_table', 'inference_with_latent_cot',
-           'comparison_grid', 'text_states', 'run_mmdit', 'main', 'run_main']
+__all__ = ['QWEN_IMAGE_PROMPT_TEMPLATE', 'CONDITIONS', 'LORA_TARGETS_MMDIT', 'MMDiTBridge', 'project_to_mmdit',
+           'template_prefix_length', 'qwen_prompt_embeds', 'check_image_size', 'encode_images', 'decode_latents',
+           'pack', 'unpack', 'velocity', 'sample_sigmas', 'compute_flow_matching_loss', 'generation_pipeline',
+           'LatentToImageGenerator', 'multiturn_latents', 'pad_latents', 'training_examples', 'train_generator',
+           'grid_scores', 'condition_inputs', 'evaluate_conditions', 'summarize', 'results_table',
+           'inference_with_latent_cot', 'comparison_grid', 'text_states', 'run_mmdit', 'main', 'run_main',
+           'check_edit_images', 'check_bridge', 'MMDiTTrainee', 'add_mmdit_lora', 'collate_pairs', 'mmdit_pairs',
+           'mmdit_step', 'save_generator', 'run_mmdit_stage']
 
 # %% ../nbs/22_mmdit.ipynb #bb7f02f9
 class MMDiTBridge(nn.Module):
@@ -190,8 +192,9 @@ class LatentToImageGenerator(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, latent_dim: int | None = None, bridge_path=None, **kw):
-        "Load transformer/vae/scheduler from a Qwen-Image-layout folder (and a saved bridge if `bridge_path`)."
+        "Load transformer/vae/scheduler from a Qwen-Image-layout folder, and its `bridge/` (or `bridge_path`) if there."
         g = cls(**load_mmdit_kit(path), latent_dim=latent_dim, **kw)
+        if bridge_path is None and (Path(path) / "bridge" / "bridge.json").is_file(): bridge_path = Path(path) / "bridge"
         if bridge_path is not None: g.load_bridge(bridge_path)
         return g
 
@@ -496,3 +499,138 @@ def run_main(argv: list[str] | None = None) -> int:
     return main(["run", *(argv or [])])
 
 if __name__ == "__main__" and not hasattr(__builtins__, "__IPYTHON__"): raise SystemExit(main())
+
+# %% ../nbs/22_mmdit.ipynb #c811f079
+def check_edit_images(records, vae) -> tuple[int, int]:
+    "Raise before training unless every image of the edit `records` has one size that fits the VAE/patch factors."
+    sizes = {}
+    for rec in records:
+        for k in ("img0", "img1", "img2"):
+            if not rec.get(k): raise ValueError(f"record {rec.get('sample_id')!r} has no {k} (its target/reference image)")
+            with Image.open(rec[k]) as im: sizes.setdefault(im.size, (rec.get("sample_id"), k, rec[k]))
+    for (w, h), (sid, k, p) in sizes.items():
+        try: check_image_size(h, w, vae)
+        except ValueError as e: raise ValueError(f"record {sid!r} {k} ({p}): {e}") from None
+    if len(sizes) > 1:   # the pipelines generate one size per batch
+        raise ValueError("edit images of different sizes: " + "; ".join(f"{w}x{h} first in {sid!r} {k} ({p})" for (w, h), (sid, k, p) in sizes.items()))
+    return next(iter(sizes))[::-1]
+
+def check_bridge(bridge: MMDiTBridge, transformer, latent_dim: int | None = None) -> None:
+    "Raise before training unless the bridge reads `latent_dim`-wide Z and writes the DiT's `joint_attention_dim`."
+    d = transformer.config.joint_attention_dim
+    if bridge.joint_attention_dim != d:
+        raise ValueError(f"bridge width {bridge.joint_attention_dim} != the DiT's joint_attention_dim {d}")
+    if latent_dim is not None and bridge.latent_dim != latent_dim:
+        raise ValueError(f"bridge reads {bridge.latent_dim}-wide latents, the latent model's hidden size is {latent_dim}")
+
+
+# %% ../nbs/22_mmdit.ipynb #9c9708d8
+LORA_TARGETS_MMDIT = ["to_q", "to_k", "to_v", "to_out.0"]
+
+class MMDiTTrainee(nn.Module):
+    "The trainable half of the generator for `train_loop`: bridge + DiT; `forward(batch)` is the flow-matching loss."
+    def __init__(self, bridge: MMDiTBridge, transformer, scheduler):
+        super().__init__()
+        self.bridge, self.transformer = bridge, transformer
+        self.__dict__["scheduler"] = scheduler   # not a module: kept out of the state dict
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        emb, m = project_to_mmdit(self.bridge, batch["z"], batch["z_mask"], self.transformer)
+        return compute_flow_matching_loss(self.transformer, emb, m, batch["x0"], self.scheduler, batch["ref"])
+
+def add_mmdit_lora(transformer, r: int = 16, alpha: int | None = None):
+    "peft LoRA on the DiT's attention projections (`to_q/to_k/to_v/to_out.0`); the base weights are frozen."
+    from peft import LoraConfig
+    transformer.requires_grad_(False)
+    transformer.add_adapter(LoraConfig(r=r, lora_alpha=alpha or r, init_lora_weights="gaussian", target_modules=LORA_TARGETS_MMDIT))
+    return transformer
+
+def collate_pairs(items: list[dict]) -> dict:
+    "A batch of (Z, target, img0) pairs: Z right-padded with its mask, normalised target and reference latents."
+    z, m = pad_latents([it["z"] for it in items])
+    return {"z": z, "z_mask": m, "x0": torch.stack([it["x0"] for it in items]), "ref": torch.stack([it["ref"] for it in items]),
+            "sample_ids": [f"{it['sample_id']}/round{it['round']}/{it['source']}" for it in items]}
+
+def mmdit_pairs(records, latents: dict, vae, sources=("teacher", "student")) -> list[dict]:
+    "(Z_r, img_{r+1}, img0) pairs of the multi-turn stage's `latents`, images encoded once with the frozen VAE."
+    ex = []
+    for rec in records:
+        sid = rec["sample_id"]
+        if sid not in latents: raise ValueError(f"record {sid!r} has no latents")
+        for src in sources:
+            for r in (0, 1): ex.append(dict(z=latents[sid][src][r], target=rec[f"img{r + 1}"], ref=rec["img0"], sample_id=sid,
+                                            round=r + 1, source=src))
+    paths = sorted({e[k] for e in ex for k in ("target", "ref")})
+    lat = dict(zip(paths, torch.cat([encode_images(vae, paths[i:i + 64]) for i in range(0, len(paths), 64)])))
+    return [{**e, "x0": lat[e.pop("target")], "ref": lat[e["ref"]]} for e in ex]
+
+def mmdit_step(model, batch, state):
+    "The `--stage mmdit` step: the flow-matching loss of the DiT conditioned on `bridge(Z)`, logged as the term `flow`."
+    from latentcot.trainer import StepResult
+    loss = model(batch)
+    return StepResult(loss=loss, terms={"flow": loss.detach()}, stats={}, n_tokens=int(batch["x0"][0, 0].numel() // 4 * len(batch["x0"])))
+
+def save_generator(out_dir, trainee: MMDiTTrainee, vae, scheduler) -> Path:
+    "A Qwen-Image-layout folder (`transformer/` with LoRA fused, `vae/`, `scheduler/`, `bridge/`), written atomically."
+    import shutil
+    out = Path(out_dir); tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists(): shutil.rmtree(tmp)
+    dit = trainee.transformer
+    if getattr(dit, "_hf_peft_config_loaded", False):
+        from peft.utils import get_peft_model_state_dict
+        from safetensors.torch import save_file
+        (tmp / "adapter").mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(dit).items()}, tmp / "adapter" / "adapter.safetensors")
+        dit.fuse_lora(); dit.unload_lora()
+    dit.save_pretrained(tmp / "transformer"); vae.save_pretrained(tmp / "vae"); scheduler.save_pretrained(tmp / "scheduler")
+    g = LatentToImageGenerator.__new__(LatentToImageGenerator); nn.Module.__init__(g); g.bridge = trainee.bridge
+    LatentToImageGenerator.save_bridge(g, tmp / "bridge")
+    if out.exists(): shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+def run_mmdit_stage(args, cfg) -> Path:
+    "`python -m latentcot.train --stage mmdit`: Z of the multi-turn stage -> pairs -> `train_loop` -> `final/` (Qwen-Image layout)."
+    from accelerate import PartialState
+    from latentcot.demo import default_data_dir
+    from latentcot.datagen import load_edit_records
+    from latentcot.multiturn import load_multiturn_samples
+    from latentcot.tiny import calibrated_kit_path
+    from latentcot.tokens import load_latent_model
+    from latentcot.train import run_info
+    from latentcot.trainer import train_loop
+    from latentcot.mmdit_kit import mmdit_kit_path
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+    data = Path(args.data) if args.data else default_data_dir() / "edit" / "train.jsonl"
+    recs, samples = load_edit_records(data), load_multiturn_samples(data)
+    if args.limit is not None: recs, samples = recs[: args.limit], samples[: args.limit]
+    kit = Path(args.mmdit_name_or_path) if getattr(args, "mmdit_name_or_path", None) else mmdit_kit_path()
+    parts = load_mmdit_kit(kit)
+    check_edit_images(recs, parts["vae"])                    # before any latent is computed
+    vlm_path = args.model_name_or_path or calibrated_kit_path()
+    vlm, processor, _ = load_latent_model(vlm_path); vlm.eval()
+    H = vlm.config.get_text_config().hidden_size
+    with torch.random.fork_rng(devices=[]):                  # the bridge's initial weights follow --seed
+        torch.manual_seed(cfg.seed); bridge = MMDiTBridge(H, parts["transformer"].config.joint_attention_dim)
+    if (kit / "bridge" / "bridge.json").is_file():           # continue from a trained generator
+        g = LatentToImageGenerator(**parts); g.load_bridge(kit / "bridge"); bridge = g.bridge
+    check_bridge(bridge, parts["transformer"], H)
+    k = cfg.latent_size if cfg.latent_size_mode == "fixed" else 3
+    lat = multiturn_latents(vlm, processor, samples, k, progress=not args.quiet)
+    del vlm
+    pairs = mmdit_pairs(recs, lat, parts["vae"])
+    if args.lora: add_mmdit_lora(parts["transformer"], r=args.lora_r)
+    trainee = MMDiTTrainee(bridge, parts["transformer"], type(parts["scheduler"]).from_config(parts["scheduler"].config))
+    info = {**run_info(args), "model_name_or_path": str(vlm_path), "mmdit_name_or_path": str(kit), "latent_size": k}
+    trackers = () if args.report_to == "none" else (args.report_to,)
+    trainee, state = train_loop(trainee, pairs, collate_pairs, mmdit_step, cfg, args.output_dir, max_steps=args.max_steps,
+                                save_every=args.save_every, resume=not args.no_resume, trackers=trackers,
+                                run_name=getattr(args, "wandb_name", None) or "mmdit", shuffle=getattr(args, "shuffle_train", True),
+                                progress=not args.quiet, allow_rng_loss=getattr(args, "allow_rng_loss", False), run_info=info)
+    final = Path(args.output_dir) / "final"
+    if PartialState().is_main_process: save_generator(final, trainee, parts["vae"], parts["scheduler"])
+    PartialState().wait_for_everyone()
+    return final
+

@@ -77,15 +77,18 @@ def make_latent_step(cfg: LatentCoTConfig, ids=None, teacher_latent_dir=None, sa
 
 def make_step_fn(stage: str, cfg: LatentCoTConfig, ids=None, teacher_latent_dir=None, samples=None, processor=None,
                  model=None):
-    "The step function of `stage` (`stage1`, `stage2`, `stage3`, `multiturn`)."
+    "The step function of `stage` (`stage1`, `stage2`, `stage3`, `multiturn`, `mmdit`)."
     if stage == "stage1": return stage1_step
     if stage in ("stage2", "stage3"): return make_latent_step(cfg, ids, teacher_latent_dir, samples, processor, model)
+    if stage == "mmdit":
+        from latentcot.mmdit import mmdit_step
+        return mmdit_step
     if stage == "multiturn":
         from latentcot.multiturn import make_multiturn_step
         return make_multiturn_step(cfg, teacher_latent_dir, samples, processor, model, ids)
     raise ValueError(f"stage {stage!r} has no step function yet; available: {sorted(STAGES)}")
 
-STAGES = ("stage1", "stage2", "stage3", "multiturn")
+STAGES = ("stage1", "stage2", "stage3", "multiturn", "mmdit")
 
 # %% ../nbs/14_train.ipynb #a9a8909f
 def apply_lora(model: LatentCoTModel, r: int = 16, alpha: int = 32, dropout: float = 0.0) -> LatentCoTModel:
@@ -104,7 +107,7 @@ STAGE_ALIASES = {"sft_stage1": "stage1", "sft_stage2": "stage2", "sft_stage3": "
 @dataclass
 class TrainArgs:
     "The flags of `latentcot.train` besides the config: what to train, from which model and data, into where."
-    stage: Literal["stage1", "stage2", "stage3", "multiturn", "sft_stage1", "sft_stage2", "sft_stage3"] = field(
+    stage: Literal["stage1", "stage2", "stage3", "multiturn", "mmdit", "sft_stage1", "sft_stage2", "sft_stage3"] = field(
         metadata={"help": "the stage to train (sft_stage1/2/3: seed 000's names for stage1/2/3)"})
     output_dir: str = field(metadata={"aliases": ["--save_model_path"], "help": "checkpoints, metrics.jsonl, TensorBoard logs and final/"})
     model_name_or_path: str | None = field(default=None, metadata={"aliases": ["--load_model_path"],
@@ -125,6 +128,8 @@ class TrainArgs:
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     attn_implementation: Literal["sdpa", "eager"] = field(default="sdpa", metadata={"help": "text attention"})
     quiet: bool = field(default=False, metadata={"help": "no progress bars"})
+    mmdit_name_or_path: str | None = field(default=None, metadata={"help": "Qwen-Image-layout folder (transformer/, vae/, "
+        "scheduler/; default: the tiny kit): trained by --stage mmdit (--lora: adapters on its attention)"})
     wandb_name: str | None = field(default=None, metadata={"help": "the run's name in the tracker (seed 000); with "
                                                            "report_to tensorboard (the default, offline) the TensorBoard run"})
     shuffle_train: bool = field(default=True, metadata={"help": "shuffle the samples every epoch (seed 000's flag; on by "
@@ -193,6 +198,9 @@ def run(args: argparse.Namespace, cfg: LatentCoTConfig | None = None):
     args.stage = STAGE_ALIASES.get(args.stage, args.stage)
     if getattr(args, "data", None): args.data = str(data_file(args.data))
     cfg = cfg or config_from_args(args)
+    if args.stage == "mmdit":                 # the generator: its own data and model (latentcot.mmdit)
+        from latentcot.mmdit import run_mmdit_stage
+        return run_mmdit_stage(args, cfg)
     from accelerate import PartialState
     from accelerate.utils import DistributedType
     sharded = any(os.environ.get(f"ACCELERATE_USE_{k}", "false").lower() in ("1", "true") for k in ("FSDP", "DEEPSPEED"))
