@@ -26,7 +26,8 @@ __all__ = ['QWEN_IMAGE_PROMPT_TEMPLATE', 'CONDITIONS', 'LORA_TARGETS_MMDIT', 'MM
            'grid_scores', 'condition_inputs', 'evaluate_conditions', 'summarize', 'results_table',
            'inference_with_latent_cot', 'comparison_grid', 'text_states', 'run_mmdit', 'main', 'run_main',
            'check_edit_images', 'check_bridge', 'MMDiTTrainee', 'add_mmdit_lora', 'collate_pairs', 'mmdit_pairs',
-           'mmdit_step', 'save_generator', 'run_mmdit_stage']
+           'mmdit_step', 'save_generator', 'run_mmdit_stage', 'fitting_size', 'GenerationLoss',
+           'attach_generation_loss']
 
 # %% ../nbs/22_mmdit.ipynb #bb7f02f9
 class MMDiTBridge(nn.Module):
@@ -633,4 +634,65 @@ def run_mmdit_stage(args, cfg) -> Path:
     if PartialState().is_main_process: save_generator(final, trainee, parts["vae"], parts["scheduler"])
     PartialState().wait_for_everyone()
     return final
+
+
+# %% ../nbs/22_mmdit.ipynb #40fa74cd
+def fitting_size(width: int, height: int, vae) -> tuple[int, int]:
+    "`(width, height)` rounded down to multiples of the VAE factor x 2 (the size a target image is resized to)."
+    f = 2 ** len(vae.temperal_downsample) * 2
+    if width < f or height < f: raise ValueError(f"image {width}x{height} is smaller than the VAE/patch factor {f}")
+    return width // f * f, height // f * f
+
+class GenerationLoss:
+    "Seed 000's generation loss: a frozen generator's flow loss of the student's Z on each segment's target image."
+    def __init__(self, generator: LatentToImageGenerator, samples, edit: bool):
+        generator.transformer.requires_grad_(False); generator.bridge.requires_grad_(False)
+        self.generator, self.edit, self._lat = generator, edit, {}
+        self.targets = {s.sample_id: ([str(p) for p in s.thought_images], str(s.question_images[0]) if edit else None) for s in samples}
+        if edit and any(not s.question_images for s in samples): raise ValueError("edit mode needs img0 (a question image) in every sample")
+        self.resized = {}
+
+    def _encode(self, path: str) -> torch.Tensor:
+        "Normalised VAE latents of one image (cached), resized down to a fitting size if its sides do not fit (logged)."
+        if path not in self._lat:
+            im = Image.open(path).convert("RGB")
+            size = fitting_size(*im.size, self.generator.vae)
+            if size != im.size: self.resized[path] = (im.size, size); im = im.resize(size, Image.NEAREST)
+            self._lat[path] = encode_images(self.generator.vae, [im])[0]
+        return self._lat[path]
+
+    def __call__(self, latents: torch.Tensor, batch: dict, round: int = 0) -> torch.Tensor:
+        "Mean flow loss over the batch's latent segments; segment j of round `round` draws thought image `round + j`."
+        g = self.generator
+        if next(g.transformer.parameters()).device != latents.device: g.to(latents.device)
+        rows = latents.reshape(-1, latents.shape[-1])
+        lens = [[e - s for s, e, *_ in segs] for segs in batch["latent_segments"]]
+        if sum(map(sum, lens)) != len(rows): raise ValueError(f"{len(rows)} latent rows but the segments hold {sum(map(sum, lens))}")
+        items, i = [], 0
+        for sid, ls in zip(batch["sample_ids"], lens):
+            if sid not in self.targets: raise ValueError(f"sample {sid!r} has no target images for the generation loss")
+            imgs, ref = self.targets[sid]
+            for j, n in enumerate(ls):
+                if round + j >= len(imgs): raise ValueError(f"sample {sid!r}: latent segment {round + j} has no target image ({len(imgs)} thought images)")
+                items.append((rows[i:i + n], self._encode(imgs[round + j]), self._encode(ref) if ref else None)); i += n
+        groups = {}
+        for it in items: groups.setdefault(tuple(it[1].shape), []).append(it)   # one DiT call per image size
+        total = 0.0
+        for its in groups.values():
+            z, m = pad_latents([it[0] for it in its])
+            emb, m = g.prompt_embeds(z.to(latents.dtype), m.to(latents.device))
+            x0 = torch.stack([it[1] for it in its]).to(latents.device)
+            ref = torch.stack([it[2] for it in its]).to(latents.device) if self.edit else None
+            total = total + len(its) * compute_flow_matching_loss(g.transformer, emb, m, x0, g.train_scheduler, ref)
+        return total / len(items)
+
+def attach_generation_loss(model, stage: str, samples, mmdit_name_or_path=None) -> GenerationLoss:
+    "Load the generator (a `--stage mmdit` `final/`, default the tiny kit), frozen, as `model.generation_loss`."
+    from latentcot.mmdit_kit import mmdit_kit_path
+    if stage not in ("stage3", "multiturn"): raise ValueError(f"--generation_loss_weight applies to stage3 and multiturn, not {stage}")
+    H = model.config.get_text_config().hidden_size
+    gen = LatentToImageGenerator.from_pretrained(mmdit_name_or_path or mmdit_kit_path(), latent_dim=H)
+    check_bridge(gen.bridge, gen.transformer, H)
+    model.generation_loss = GenerationLoss(gen, samples, edit=stage == "multiturn")
+    return model.generation_loss
 

@@ -242,6 +242,9 @@ def run(args: argparse.Namespace, cfg: LatentCoTConfig | None = None):
                   "per-image budgets do not differ in this run")
     step = make_step_fn(args.stage, cfg, ids=ids, teacher_latent_dir=args.teacher_latent_dir, samples=samples,
                         processor=processor, model=model)
+    if cfg.generation_loss_weight > 0:       # seed 000: the flow loss of Z through a frozen MMDiT
+        from latentcot.mmdit import attach_generation_loss
+        attach_generation_loss(model, args.stage, samples, getattr(args, "mmdit_name_or_path", None))
     if args.lora: model = apply_lora(model, r=args.lora_r)
     trackers = () if args.report_to == "none" else (args.report_to,)
     run_name = getattr(args, "wandb_name", None) or args.stage
