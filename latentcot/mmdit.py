@@ -8,6 +8,8 @@ Docs: https://latentcot.github.io/latentcot/mmdit.html.md"""
 from __future__ import annotations
 import json, math, os
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Literal
 from pathlib import Path
 from unittest import mock
 
@@ -19,15 +21,16 @@ from PIL import Image
 from .mmdit_kit import check_kit_configs, images_to_tensor, load_mmdit_kit, read_grid
 
 # %% auto #0
-__all__ = ['QWEN_IMAGE_PROMPT_TEMPLATE', 'CONDITIONS', 'LORA_TARGETS_MMDIT', 'MMDiTBridge', 'project_to_mmdit',
+__all__ = ['QWEN_IMAGE_PROMPT_TEMPLATE', 'CONDITIONS', 'LORA_TARGETS_MMDIT', 'MMDIT_COMMANDS', 'MMDiTBridge', 'project_to_mmdit',
            'template_prefix_length', 'qwen_prompt_embeds', 'check_image_size', 'encode_images', 'decode_latents',
            'pack', 'unpack', 'velocity', 'sample_sigmas', 'compute_flow_matching_loss', 'generation_pipeline',
            'LatentToImageGenerator', 'multiturn_latents', 'pad_latents', 'training_examples', 'train_generator',
            'grid_scores', 'condition_inputs', 'evaluate_conditions', 'summarize', 'results_table',
-           'inference_with_latent_cot', 'comparison_grid', 'text_states', 'run_mmdit', 'main', 'run_main',
+           'inference_with_latent_cot', 'comparison_grid', 'text_states', 'run_mmdit', 'MMDiTRunArgs', 'run_main',
            'check_edit_images', 'check_bridge', 'MMDiTTrainee', 'add_mmdit_lora', 'collate_pairs', 'mmdit_pairs',
            'mmdit_step', 'save_generator', 'run_mmdit_stage', 'fitting_size', 'GenerationLoss',
-           'attach_generation_loss']
+           'attach_generation_loss', 'GenerateArgs', 'read_prompts', 'generate_images', 'generate_main',
+           'schedule_is_finite', 'bench_mmdit', 'BenchMMDiTArgs', 'bench_mmdit_main', 'main']
 
 # %% ../nbs/22_mmdit.ipynb #bb7f02f9
 class MMDiTBridge(nn.Module):
@@ -387,8 +390,11 @@ def results_table(summary: dict) -> str:
 
 # %% ../nbs/22_mmdit.ipynb #2123b346
 def inference_with_latent_cot(model, processor, generator: LatentToImageGenerator, records, budget: int = 3,
-                              max_new_tokens: int = 64, num_inference_steps: int = 20, cfg=None, seed: int = 0):
-    "`[(image or None, text)]` per editing record: routed decoding decides the latents Z, then Z + img0 -> the MMDiT."
+                              max_new_tokens: int = 64, num_inference_steps: int = 20, cfg=None, seed: int = 0,
+                              think: str = "auto"):
+    """`[(image or None, text)]` per editing record: routed decoding decides the latents Z, then Z + img0 -> the MMDiT.
+    `think="always"` starts every answer with `<abs_vis_token>` (latent mode from the first step) instead of letting
+    the model decide."""
     from latentcot.config import load_config
     from latentcot.halting import routed_generate
     from latentcot.multiturn import edit_record_to_sample, round_sample
@@ -397,14 +403,20 @@ def inference_with_latent_cot(model, processor, generator: LatentToImageGenerato
     cfg = cfg if cfg is not None else load_config()
     ids = SpecialIds.from_tokenizer(processor.tokenizer)
     samples = [round_sample(edit_record_to_sample(r, "<records>", i + 1), 1) for i, r in enumerate(records)]
-    batch = prompt_batch(model, processor, samples, cfg)
+    if think not in ("auto", "always"): raise ValueError(f"think must be 'auto' or 'always', got {think!r}")
+    if think == "always":       # the prompts are left-padded: the tag ends every row, so routed decoding starts in latent mode
+        tag, template = processor.tokenizer.convert_ids_to_tokens(ids.latent_start), processor.apply_chat_template
+        with mock.patch.object(processor, "apply_chat_template", lambda *a, **k: template(*a, **k) + tag):
+            batch = prompt_batch(model, processor, samples, cfg)
+    else: batch = prompt_batch(model, processor, samples, cfg)
     out = routed_generate(model, batch, budget=budget, max_new_tokens=max_new_tokens, eos_token_id=ids.im_end)
     texts = [processor.tokenizer.decode([t for t in seq if t != ids.latent_pad]) for seq in out.sequences]
     results = [(None, t) for t in texts]
     thought = [b for b, z in enumerate(out.latents) if len(z)]
     if thought:
         z, m = pad_latents([torch.stack(out.latents[b]).float() for b in thought])
-        ims = generator.generate(z, m, ref_images=[records[b]["img0"] for b in thought], num_inference_steps=num_inference_steps,
+        w, h = Image.open(records[thought[0]]["img0"]).size
+        ims = generator.generate(z, m, height=h, width=w, ref_images=[records[b]["img0"] for b in thought], num_inference_steps=num_inference_steps,
                                  generator=torch.Generator().manual_seed(seed))
         for b, im in zip(thought, ims): results[b] = (im, texts[b])
     return results
@@ -476,30 +488,32 @@ def run_mmdit(out_dir, latent_model=None, latent_size: int = 3, steps: int = 600
                   f"triplets; mean [95% bootstrap interval]\n\n{table}\n")
     return metrics
 
-def main(argv: list[str] | None = None) -> int:
-    "`python -m latentcot.mmdit run --out DIR [...]`: the MMDiT job (kit, training, evaluation table)."
-    import argparse
-    ap = argparse.ArgumentParser(prog="latentcot.mmdit", description="Train the MMDiT on multi-turn latents and evaluate it.")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="kit + latents + training + evaluation table into --out")
-    r.add_argument("--out", required=True); r.add_argument("--latent_model", default=None)
-    r.add_argument("--mmdit_name_or_path", default=None, help="Qwen-Image-layout folder (default: the tiny kit)")
-    r.add_argument("--latent_size", type=int, default=3); r.add_argument("--steps", type=int, default=600)
-    r.add_argument("--batch_size", type=int, default=16); r.add_argument("--lr", type=float, default=1e-3)
-    r.add_argument("--sample_steps", type=int, default=20); r.add_argument("--limit_heldout", type=int, default=None)
-    r.add_argument("--limit_train", type=int, default=None)
-    r.add_argument("--seed", type=int, default=0); r.add_argument("--quiet", action="store_true")
-    a = ap.parse_args(argv)
+@dataclass
+class MMDiTRunArgs:
+    "Flags of `latentcot run mmdit` / `python -m latentcot.mmdit run`."
+    out: str = field(metadata={"help": "report folder (table.md, metrics.json, grid.png, the trained generator)"})
+    latent_model: str | None = field(default=None, metadata={"help": "latent CoT checkpoint (default: the calibrated tiny kit)"})
+    mmdit_name_or_path: str | None = field(default=None, metadata={"help": "Qwen-Image-layout folder (default: the tiny kit)"})
+    latent_size: int = field(default=3, metadata={"help": "latents per thought (fixed segments)"})
+    steps: int = field(default=600, metadata={"help": "generator training steps"})
+    batch_size: int = field(default=16, metadata={"help": "generator training batch"})
+    lr: float = field(default=1e-3, metadata={"help": "generator learning rate"})
+    sample_steps: int = field(default=20, metadata={"help": "flow sampling steps in the evaluation"})
+    limit_heldout: int | None = field(default=None, metadata={"help": "use only the first N held-out triplets"})
+    limit_train: int | None = field(default=None, metadata={"help": "use only the first N training triplets"})
+    seed: int = field(default=0, metadata={"help": "seed of training and sampling"})
+    quiet: bool = field(default=False, metadata={"help": "no progress bars"})
+
+def run_main(argv: list[str] | None = None) -> int:
+    "`latentcot run mmdit --out DIR [...]` (= `python -m latentcot.mmdit run`): kit, latents, training, evaluation table."
+    from latentcot.config import cli_parser
+    (a,) = cli_parser(MMDiTRunArgs, config=False, prog="latentcot run mmdit",
+                      description="Train the MMDiT on multi-turn latents and evaluate it.").parse_args_into_dataclasses(argv)
     m = run_mmdit(a.out, a.latent_model, a.latent_size, a.steps, a.batch_size, a.lr, a.sample_steps, a.limit_heldout,
                   a.limit_train, a.seed, kit=a.mmdit_name_or_path, progress=not a.quiet)
     print((Path(a.out) / "table.md").read_text()); print(f"seconds: {m['seconds']}")
     return 0
 
-def run_main(argv: list[str] | None = None) -> int:
-    "`latentcot run mmdit --out DIR [...]`: the same job as `python -m latentcot.mmdit run`."
-    return main(["run", *(argv or [])])
-
-if __name__ == "__main__" and not hasattr(__builtins__, "__IPYTHON__"): raise SystemExit(main())
 
 # %% ../nbs/22_mmdit.ipynb #c811f079
 def check_edit_images(records, vae) -> tuple[int, int]:
@@ -695,4 +709,174 @@ def attach_generation_loss(model, stage: str, samples, mmdit_name_or_path=None) 
     check_bridge(gen.bridge, gen.transformer, H)
     model.generation_loss = GenerationLoss(gen, samples, edit=stage == "multiturn")
     return model.generation_loss
+
+
+# %% ../nbs/22_mmdit.ipynb #2de69767
+@dataclass
+class GenerateArgs:
+    "Flags of `latentcot generate`: prompt(s) + img0 -> routed latent CoT -> Z -> the MMDiT -> image(s)."
+    prompt: str | None = field(default=None, metadata={"help": "the edit instruction (with --image and --out)"})
+    image: str | None = field(default=None, metadata={"help": "img0, the picture to edit"})
+    out: str | None = field(default=None, metadata={"help": "output PNG (--prompt) or folder (--prompts; results.jsonl there)"})
+    prompts: str | None = field(default=None, metadata={"help": "JSONL, one {\"prompt\": ..., \"image\": ...} per line (paths "
+                                                                "relative to the file), generated in batches"})
+    latent_model: str | None = field(default=None, metadata={"help": "latent CoT checkpoint (default: the calibrated tiny kit)"})
+    mmdit_name_or_path: str | None = field(default=None, metadata={"help": "Qwen-Image-layout folder, e.g. a --stage mmdit "
+                                                                           "final/ (default: the tiny kit)"})
+    think: Literal["always", "auto"] = field(default="always", metadata={"help": "always: every answer starts in latent mode "
+        "(seed 000's latent-mode Z); auto: the model decides to open <abs_vis_token> (no image when it does not)"})
+    budget: int = field(default=3, metadata={"help": "latents per thought"})
+    num_inference_steps: int = field(default=20, metadata={"help": "flow sampling steps"})
+    max_new_tokens: int = field(default=64, metadata={"help": "text tokens after the thought"})
+    batch_size: int = field(default=8, metadata={"help": "prompts per batch"})
+    seed: int = field(default=0, metadata={"help": "sampling noise seed"})
+
+def read_prompts(path) -> list[dict]:
+    "The records of a prompts JSONL (`prompt`, `image`, optional `out`), image paths resolved; errors name file and line."
+    path, out = Path(path), []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip(): continue
+        try: rec = json.loads(line)
+        except json.JSONDecodeError as e: raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not rec["prompt"].strip() or not rec.get("image"):
+            raise ValueError(f"{path}:{n}: needs a non-empty \"prompt\" and an \"image\", got {line[:120]!r}")
+        img = (path.parent / rec["image"]).resolve()
+        if not img.is_file(): raise ValueError(f"{path}:{n}: image not found: {img}")
+        out.append({**rec, "image": str(img)})
+    if not out: raise ValueError(f"{path}: no prompts")
+    return out
+
+def generate_images(prompts: list[dict], latent_model=None, mmdit_name_or_path=None, think: str = "always", budget: int = 3,
+                    num_inference_steps: int = 20, max_new_tokens: int = 64, batch_size: int = 8, seed: int = 0,
+                    progress: bool = True) -> list[tuple]:
+    "`[(image or None, text)]` of `[{'prompt', 'image'}]` through `inference_with_latent_cot`, in batches."
+    from tqdm.auto import tqdm
+    from latentcot.mmdit_kit import mmdit_kit_path
+    from latentcot.tiny import calibrated_kit_path
+    from latentcot.tokens import load_latent_model
+    vlm, processor, _ = load_latent_model(latent_model or calibrated_kit_path()); vlm.eval()
+    gen = LatentToImageGenerator.from_pretrained(mmdit_name_or_path or mmdit_kit_path(), latent_dim=vlm.config.get_text_config().hidden_size)
+    check_bridge(gen.bridge, gen.transformer, vlm.config.get_text_config().hidden_size)
+    recs = [dict(sample_id=f"prompt-{i}", prompt=p["prompt"], img0=p["image"], img1=p["image"], img2=p["image"],
+                 reflection1="-", reflection2="-") for i, p in enumerate(prompts)]
+    check_edit_images(recs, gen.vae)
+    res = []
+    for i in tqdm(range(0, len(recs), batch_size), desc="generate", disable=not progress):
+        res += inference_with_latent_cot(vlm, processor, gen, recs[i:i + batch_size], budget, max_new_tokens, num_inference_steps,
+                                         seed=seed + i, think=think)
+    return res
+
+def generate_main(argv: list[str] | None = None) -> int:
+    "`latentcot generate --prompt ... --image img0.png --out out.png` (or `--prompts FILE.jsonl --out DIR`)."
+    from latentcot.config import cli_parser
+    (a,) = cli_parser(GenerateArgs, config=False, prog="latentcot generate", description=GenerateArgs.__doc__).parse_args_into_dataclasses(argv)
+    if (a.prompt is None) == (a.prompts is None): raise SystemExit("latentcot generate: give --prompt (with --image) or --prompts, not both")
+    if a.out is None: raise SystemExit("latentcot generate: --out is required")
+    if a.prompt is not None and a.image is None: raise SystemExit("latentcot generate: --prompt needs --image (img0)")
+    try: prompts = read_prompts(a.prompts) if a.prompts else [{"prompt": a.prompt, "image": str(Path(a.image).resolve())}]
+    except ValueError as e: raise SystemExit(f"latentcot generate: {e}") from None
+    if a.prompt is not None and not Path(a.image).is_file(): raise SystemExit(f"latentcot generate: --image {a.image}: no such file")
+    res = generate_images(prompts, a.latent_model, a.mmdit_name_or_path, a.think, a.budget, a.num_inference_steps,
+                          a.max_new_tokens, a.batch_size, a.seed)
+    out = Path(a.out)
+    if a.prompts: out.mkdir(parents=True, exist_ok=True)
+    else: out.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, (p, (im, text)) in enumerate(zip(prompts, res)):
+        dst = (out / p.get("out", f"{i:04d}.png")) if a.prompts else out
+        if im is not None:
+            tmp = dst.with_name(f".{dst.name}.tmp.png"); im.save(tmp); os.replace(tmp, dst)
+        else: print(f"prompt {i}: the model did not open <abs_vis_token>: no image (--think always forces latent mode)")
+        rows.append({"prompt": p["prompt"], "image": p["image"], "out": str(dst) if im is not None else None, "text": text})
+    if a.prompts: _atomic_write(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    for r in rows: print(f"{r['out']}\t{r['text']!r}")
+    return 0
+
+
+# %% ../nbs/22_mmdit.ipynb #0e674a36
+def schedule_is_finite(scheduler, num_inference_steps: int) -> bool:
+    "Are the sampling sigmas of `num_inference_steps` finite? (Qwen-Image's `shift_terminal` stretch divides by 0 at 1 step.)"
+    sch = type(scheduler).from_config(scheduler.config)
+    s = num_inference_steps
+    sch.set_timesteps(sigmas=np.linspace(1.0, 1 / s, s).tolist(), mu=0.5 if sch.config.use_dynamic_shifting else None)
+    return bool(torch.isfinite(sch.sigmas).all())
+
+def bench_mmdit(kit=None, latent_model=None, n: int = 8, steps=(1, 2, 4, 8, 16, 50), latent_size: int = 3, seed: int = 0,
+                verbose: bool = True) -> dict:
+    "Changed-cell accuracy and seconds per image at each number of sampling steps, batched vs one image at a time."
+    import time
+    from latentcot.datagen import load_edit_records
+    from latentcot.demo import default_data_dir
+    from latentcot.mmdit_kit import mmdit_kit_path
+    from latentcot.multiturn import load_multiturn_samples
+    from latentcot.tiny import calibrated_kit_path
+    from latentcot.tokens import load_latent_model
+    edit = default_data_dir() / "edit" / "heldout.jsonl"
+    recs, samples = load_edit_records(edit)[:n], load_multiturn_samples(edit)[:n]
+    vlm, processor, _ = load_latent_model(latent_model or calibrated_kit_path()); vlm.eval()
+    lat = multiturn_latents(vlm, processor, samples, latent_size, progress=False)
+    gen = LatentToImageGenerator.from_pretrained(kit or mmdit_kit_path(), latent_dim=vlm.config.get_text_config().hidden_size)
+    z, m = pad_latents([lat[r["sample_id"]]["student"][0] for r in recs])           # Z0 -> img1
+    refs = [r["img0"] for r in recs]
+    rows = []
+    for s in steps:
+        t0 = time.perf_counter()
+        ims = gen.generate(z, m, ref_images=refs, num_inference_steps=s, generator=torch.Generator().manual_seed(seed))
+        batched = (time.perf_counter() - t0) / n
+        t0 = time.perf_counter()
+        for i in range(n): gen.generate(z[i:i + 1], m[i:i + 1], ref_images=refs[i:i + 1], num_inference_steps=s,
+                                        generator=torch.Generator().manual_seed(seed))
+        single = (time.perf_counter() - t0) / n
+        sc = [grid_scores(im, r["img1"], r["img0"]) for im, r in zip(ims, recs)]
+        ch = [x["changed"] for x in sc if x["changed"] is not None]
+        rows.append(dict(steps=s, finite_schedule=schedule_is_finite(gen.scheduler, s), changed=sum(ch) / max(1, len(ch)), all=sum(x["all"] for x in sc) / n,
+                         s_per_image_batched=batched, s_per_image_single=single, single_over_batched=single / batched))
+    res = {"images": n, "threads": torch.get_num_threads(), "rows": rows}
+    if verbose:
+        print(f"MMDiT bench: {n} held-out img1 from student Z0 ({res['threads']} torch thread(s)); kit {kit or 'tiny (untrained DiT)'}")
+        print("| steps | changed cells % | all cells % | s/image batched | s/image one at a time | one-at-a-time / batched |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for r in rows:
+            print(f"| {r['steps']} | {100 * r['changed']:.1f} | {100 * r['all']:.1f} | {r['s_per_image_batched']:.4f} | "
+                  f"{r['s_per_image_single']:.4f} | {r['single_over_batched']:.2f}x |" + ("" if r["finite_schedule"] else
+                  " NaN sigmas: diffusers' shift_terminal stretch divides by zero at this step count, images are blank"))
+        base = rows[-1]["s_per_image_batched"]
+        print("batched time per image relative to the most steps: " + ", ".join(f"{r['steps']}: {r['s_per_image_batched'] / base:.2f}" for r in rows))
+    return res
+
+@dataclass
+class BenchMMDiTArgs:
+    "Flags of `latentcot bench mmdit`."
+    mmdit_name_or_path: str | None = field(default=None, metadata={"help": "Qwen-Image-layout folder, e.g. a --stage mmdit final/ (default: the tiny kit)"})
+    latent_model: str | None = field(default=None, metadata={"help": "latent CoT checkpoint (default: the calibrated tiny kit)"})
+    n: int = field(default=8, metadata={"help": "held-out triplets (img1 from Z0)"})
+    steps: str = field(default="1,2,4,8,16,50", metadata={"help": "comma-separated sampling step counts"})
+    threads: int = field(default=1, metadata={"help": "torch threads (0: torch's default)"})
+    seed: int = field(default=0, metadata={"help": "sampling noise seed"})
+
+def bench_mmdit_main(argv: list[str] | None = None) -> int:
+    "`latentcot bench mmdit [--mmdit_name_or_path DIR] [--n 8] [--steps 1,2,4,8,16,50]`."
+    from latentcot.config import cli_parser
+    (a,) = cli_parser(BenchMMDiTArgs, config=False, prog="latentcot bench mmdit", description=bench_mmdit.__doc__).parse_args_into_dataclasses(argv)
+    try: steps = tuple(int(s) for s in a.steps.split(","))
+    except ValueError: raise SystemExit(f"latentcot bench mmdit: --steps {a.steps!r}: expected comma-separated integers") from None
+    if a.threads: torch.set_num_threads(a.threads)
+    bench_mmdit(a.mmdit_name_or_path, a.latent_model, a.n, steps, seed=a.seed)
+    return 0
+
+
+# %% ../nbs/22_mmdit.ipynb #eb7fb9b0
+MMDIT_COMMANDS = {"run": "run_main", "generate": "generate_main", "bench": "bench_mmdit_main"}
+
+def main(argv: list[str] | None = None) -> int:
+    "`python -m latentcot.mmdit {run,generate,bench} [...]`: the same commands as `latentcot run mmdit`, `generate`, `bench mmdit`."
+    import sys
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in MMDIT_COMMANDS:
+        print(f"usage: python -m latentcot.mmdit {{{','.join(MMDIT_COMMANDS)}}} [...]\nlatentcot.mmdit: error: invalid choice: "
+              f"{argv[0] if argv else ''!r} (choose from {', '.join(MMDIT_COMMANDS)})", file=sys.stderr)
+        return 2
+    return globals()[MMDIT_COMMANDS[argv[0]]](argv[1:])
+
+if __name__ == "__main__" and not hasattr(__builtins__, "__IPYTHON__"): raise SystemExit(main())
 
