@@ -26,7 +26,8 @@ __all__ = ['QWEN_IMAGE_PROMPT_TEMPLATE', 'CONDITIONS', 'LORA_TARGETS_MMDIT', 'MM
            'pack', 'unpack', 'velocity', 'sample_sigmas', 'compute_flow_matching_loss', 'generation_pipeline',
            'LatentToImageGenerator', 'multiturn_latents', 'pad_latents', 'training_examples', 'train_generator',
            'grid_scores', 'condition_inputs', 'evaluate_conditions', 'summarize', 'results_table',
-           'inference_with_latent_cot', 'comparison_grid', 'text_states', 'run_mmdit', 'MMDiTRunArgs', 'run_main',
+           'inference_with_latent_cot', 'save_condition_images', 'load_condition_images', 'GenerationExplorer',
+           'generation_explorer', 'comparison_grid', 'text_states', 'run_mmdit', 'MMDiTRunArgs', 'run_main',
            'check_edit_images', 'check_bridge', 'MMDiTTrainee', 'add_mmdit_lora', 'collate_pairs', 'mmdit_pairs',
            'mmdit_step', 'save_generator', 'run_mmdit_stage', 'fitting_size', 'GenerationLoss',
            'attach_generation_loss', 'GenerateArgs', 'read_prompts', 'generate_images', 'generate_main',
@@ -421,6 +422,72 @@ def inference_with_latent_cot(model, processor, generator: LatentToImageGenerato
         for b, im in zip(thought, ims): results[b] = (im, texts[b])
     return results
 
+# %% ../nbs/22_mmdit.ipynb #2eb233f9
+def save_condition_images(out_dir, images: dict) -> None:
+    "Write `{condition: {(sample_id, round): PIL}}` as `out_dir/<condition>/<sample_id>_img<round>.png`."
+    for cond, ims in images.items():
+        d = Path(out_dir) / cond; d.mkdir(parents=True, exist_ok=True)
+        for (sid, r), im in ims.items():
+            tmp = d / f".{sid}_img{r}.tmp.png"; im.save(tmp); os.replace(tmp, d / f"{sid}_img{r}.png")
+
+def load_condition_images(report_dir, records, conditions) -> dict:
+    "The images `save_condition_images` wrote for `records` (a missing file is an error naming it)."
+    out = {}
+    for cond in conditions:
+        out[cond] = {}
+        for rec in records:
+            for r in (1, 2):
+                p = Path(report_dir) / "images" / cond / f"{rec['sample_id']}_img{r}.png"
+                if not p.is_file(): raise FileNotFoundError(f"{p}: missing (a report of an older latentcot, or cut short?)")
+                out[cond][(rec["sample_id"], r)] = Image.open(p).convert("RGB")
+    return out
+
+class GenerationExplorer:
+    "Held-out sample slider; per round img0, the truth, then each condition's generated image, with its grid scores."
+    def __init__(self, report_dir, sample: int = 0, data_dir=None, scale: int = 3):
+        import ipywidgets as W
+        from latentcot.datagen import load_edit_records
+        from latentcot.demo import default_data_dir
+        self.metrics = json.loads((Path(report_dir) / "metrics.json").read_text())
+        self.conditions = list(self.metrics["summary"])
+        recs = load_edit_records(Path(data_dir or default_data_dir()) / "edit" / "heldout.jsonl")
+        self.records = recs[: self.metrics["heldout"]]
+        self.images, self.scale = load_condition_images(report_dir, self.records, self.conditions), scale
+        self.sample_selector = W.IntSlider(min=0, max=len(self.records) - 1, value=sample, description="held-out")
+        self.header = W.HTML()
+        self.image = W.Image(format="png")
+        self.scores = W.HTML()
+        self.sample_selector.observe(lambda _: self.update(), names="value")
+        self.widget = W.VBox([self.sample_selector, self.header, self.image, self.scores])
+        self.update()
+
+    @property
+    def sample(self) -> int: return self.sample_selector.value
+
+    def update(self):
+        "Show the selected held-out triplet."
+        import io
+        rec = self.records[self.sample]
+        self.header.value = (f"<b>{rec['sample_id']}</b>: {rec['prompt']}<br>columns: img0 | truth | "
+                             + " | ".join(self.conditions) + "; rows: img1 (from Z0), img2 (from Z1)")
+        buf = io.BytesIO()
+        comparison_grid([rec], self.images, self.conditions, n=1, scale=self.scale).save(buf, format="png")
+        self.image.value = buf.getvalue()
+        sc = {(c, s["round"]): s for c, rows in self.metrics["scores"].items() for s in rows if s["sample_id"] == rec["sample_id"]}
+        fmt = lambda s: "-" if s is None or s.get("changed") is None else f"{100 * s['changed']:.0f}% / {100 * s['all']:.0f}%"
+        self.scores.value = ("<table><tr><th>changed / all cells</th>" + "".join(f"<th>{c}</th>" for c in self.conditions) + "</tr>"
+                             + "".join(f"<tr><td>img{r}</td>" + "".join(f"<td>{fmt(sc.get((c, r)))}</td>" for c in self.conditions)
+                                       + "</tr>" for r in (1, 2)) + "</table>")
+
+    def _ipython_display_(self):
+        from IPython.display import display
+        display(self.widget)
+
+def generation_explorer(report_dir, sample: int = 0, **kw) -> GenerationExplorer:
+    "Explore a `run_mmdit` report: held-out slider, img0 -> generated img1/img2 per condition beside the truth."
+    return GenerationExplorer(report_dir, sample, **kw)
+
+
 # %% ../nbs/22_mmdit.ipynb #9b00b364
 def _atomic_write(path: Path, text: str):
     tmp = path.with_name(f".{path.name}.tmp")
@@ -478,6 +545,7 @@ def run_mmdit(out_dir, latent_model=None, latent_size: int = 3, steps: int = 600
     summary = summarize(scores)
     table = results_table(summary)
     comparison_grid(recs["heldout"], images, CONDITIONS).save(out / "grid.png")
+    save_condition_images(out / "images", images)
     metrics = dict(summary=summary, scores=scores, pairing="Z0 -> img1, Z1 -> img2, edit mode with img0 as reference",
                    latent_model=str(latent_model), kit=str(kit), latent_size=latent_size, steps=steps, batch_size=batch_size,
                    lr=lr, sample_steps=sample_steps, heldout=len(recs["heldout"]), final_loss=float(np.mean(losses[-50:])),

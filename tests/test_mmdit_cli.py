@@ -13,7 +13,7 @@ def test_mmdit_run_writes_the_report(tmp_path):
                         "--sample_steps", "1", "--limit_heldout", "2", "--limit_train", "2", "--quiet"],
                        capture_output=True, text=True, env=ENV, timeout=900, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert {p.name for p in out.iterdir()} == {"bridge", "grid.png", "losses.json", "metrics.json", "table.md", "transformer"}
+    assert {p.name for p in out.iterdir()} == {"bridge", "grid.png", "images", "losses.json", "metrics.json", "table.md", "transformer"}
     m = json.loads((out / "metrics.json").read_text())
     assert set(m["summary"]) == {"teacher", "student", "zeroed", "shuffled", "text", "copy_img0"}
     assert m["summary"]["copy_img0"]["changed"]["mean"] == 0.0
