@@ -24,8 +24,8 @@ from .mmdit_kit import check_kit_configs, images_to_tensor, load_mmdit_kit, read
 __all__ = ['QWEN_IMAGE_PROMPT_TEMPLATE', 'CONDITIONS', 'LORA_TARGETS_MMDIT', 'MMDIT_COMMANDS', 'MMDiTBridge', 'project_to_mmdit',
            'template_prefix_length', 'qwen_prompt_embeds', 'check_image_size', 'encode_images', 'decode_latents',
            'pack', 'unpack', 'velocity', 'sample_sigmas', 'compute_flow_matching_loss', 'generation_pipeline',
-           'LatentToImageGenerator', 'multiturn_latents', 'pad_latents', 'training_examples', 'train_generator',
-           'grid_scores', 'condition_inputs', 'evaluate_conditions', 'summarize', 'results_table',
+           'write_bridge', 'LatentToImageGenerator', 'multiturn_latents', 'pad_latents', 'training_examples',
+           'train_generator', 'grid_scores', 'condition_inputs', 'evaluate_conditions', 'summarize', 'results_table',
            'inference_with_latent_cot', 'save_condition_images', 'load_condition_images', 'GenerationExplorer',
            'generation_explorer', 'comparison_grid', 'text_states', 'run_mmdit', 'MMDiTRunArgs', 'run_main',
            'check_edit_images', 'check_bridge', 'MMDiTTrainee', 'add_mmdit_lora', 'collate_pairs', 'mmdit_pairs',
@@ -182,6 +182,14 @@ def _keep_reference_size(height: int, width: int):
     with mock.patch.object(edit_mod, "calculate_dimensions", lambda area, ratio: (width, height, None)):
         yield
 
+def write_bridge(bridge: MMDiTBridge, path) -> None:
+    "`path/bridge.safetensors` + `path/bridge.json` (its widths and mode), read back by `LatentToImageGenerator.load_bridge`."
+    from safetensors.torch import save_file
+    path = Path(path); path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in bridge.state_dict().items()}, path / "bridge.safetensors")
+    (path / "bridge.json").write_text(json.dumps(dict(latent_dim=bridge.latent_dim, mode=bridge.mode,
+                                                      joint_attention_dim=bridge.joint_attention_dim)))
+
 class LatentToImageGenerator(nn.Module):
     "Seed 000's generator: latents Z -> `project_to_mmdit` -> Qwen-Image flow sampling -> `vae.decode`."
     def __init__(self, transformer, vae, scheduler, bridge: MMDiTBridge | None = None, latent_dim: int | None = None,
@@ -205,11 +213,7 @@ class LatentToImageGenerator(nn.Module):
 
     def save_bridge(self, path):
         "Write the bridge weights (safetensors) and its widths next to them."
-        from safetensors.torch import save_file
-        path = Path(path); path.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.bridge.state_dict().items()}, path / "bridge.safetensors")
-        (path / "bridge.json").write_text(json.dumps(dict(latent_dim=self.bridge.latent_dim, mode=self.bridge.mode,
-                                                          joint_attention_dim=self.bridge.joint_attention_dim)))
+        write_bridge(self.bridge, path)
 
     def load_bridge(self, path):
         "Read a bridge written by `save_bridge`; its widths must match this generator's."
@@ -666,8 +670,7 @@ def save_generator(out_dir, trainee: MMDiTTrainee, vae, scheduler) -> Path:
         save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(dit).items()}, tmp / "adapter" / "adapter.safetensors")
         dit.fuse_lora(); dit.unload_lora()
     dit.save_pretrained(tmp / "transformer"); vae.save_pretrained(tmp / "vae"); scheduler.save_pretrained(tmp / "scheduler")
-    g = LatentToImageGenerator.__new__(LatentToImageGenerator); nn.Module.__init__(g); g.bridge = trainee.bridge
-    LatentToImageGenerator.save_bridge(g, tmp / "bridge")
+    write_bridge(trainee.bridge, tmp / "bridge")
     if out.exists(): shutil.rmtree(out)
     os.replace(tmp, out)
     return out
