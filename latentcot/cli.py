@@ -19,7 +19,7 @@ COMMANDS = {
     "bench rollout": ("latentcot.latent_forward:bench_rollout_main", "batched latent rollout vs per-sample reference"),
     "run mmdit": ("latentcot.mmdit:run_main", "the MMDiT job: Qwen-Image kit, generator on multi-turn latents, evaluation table"),
     "generate": ("latentcot.mmdit:generate_main", "prompt(s) + img0 -> latent CoT -> Qwen-Image MMDiT -> image(s)"),
-    "bench mmdit": ("latentcot.mmdit:bench_mmdit_main", "MMDiT accuracy and s/image per sampling steps, batched vs one at a time"),
+    "bench mmdit": ("latentcot.mmdit:bench_mmdit_main", "MMDiT accuracy, s/image per sampling steps, batched vs 1"),
     "bench meanflow": ("latentcot.meanflow_bench:bench_meanflow_main", "MeanFlow one-step student vs multi-step teacher"),
 }
 

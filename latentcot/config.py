@@ -50,7 +50,8 @@ class LatentCoTConfig:
     loss_type: str = field(default="ce alignment", metadata={"help": "loss terms, e.g. 'ce alignment' (also --loss_type ce alignment)", "nargs": "+"})
     alignment_weight: float = field(default=1.0, metadata={"help": "weight of the 1 - cos alignment", "aliases": ["--align_weight"]})
     alignment_layer: str = field(default="last", metadata={"help": "aligned states: 'last', 'all' or comma-separated layer ids"})
-    generation_loss_weight: float = field(default=0.0, metadata={"help": "seed 000: weight of the flow-matching loss of "
+    generation_loss_weight: float = field(default=0.0, metadata={"help": "seed 000: weight of the flow-matching loss "
+        "of "
         "the student's Z on the target image through a frozen MMDiT (--mmdit_name_or_path); stage 3 and multiturn"})
     ce_emphasize_factor: float = field(default=1.0, metadata={"help": "CE weight of observation tokens"})
     emphasize_latent_weight: float = field(default=1.0, metadata={"help": "stage 2: scale of the latent-only alignment gradient"})

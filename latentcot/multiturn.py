@@ -266,8 +266,9 @@ def round_terms(out, batch: dict, cfg: LatentCoTConfig, teacher=None) -> dict:
         terms["alignment"] = latent_alignment(cfg, teacher, out.latents, out.hidden_states, batch["alignment_positions"], out.latent_mask)
     return terms
 
-def multiturn_loss(out: MultiTurnOutput, batch: dict, cfg: LatentCoTConfig, teacher=(None, None), generation=None) -> tuple[torch.Tensor, dict]:
-    "Seed 000: `(CE_1 + w*align(Z0, z0)) + (CE_2 + w*align(Z1, z1))` (+ `generation(Z_r, round batch, r)`), every term as a float."
+def multiturn_loss(out: MultiTurnOutput, batch: dict, cfg: LatentCoTConfig, teacher=(None, None),
+                   generation=None) -> tuple[torch.Tensor, dict]:
+    "Seed 000: `(CE_1 + w*align(Z0, z0)) + (CE_2 + w*align(Z1, z1))` (+ w_g * `generation(Z_r, batch_r, r)`); floats."
     from latentcot.losses import total_loss
     loss, logs = 0.0, {}
     for r, (o, b, t) in enumerate(zip((out.round1, out.round2), (batch["round1"], batch["round2"]), teacher)):

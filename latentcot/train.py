@@ -107,7 +107,8 @@ STAGE_ALIASES = {"sft_stage1": "stage1", "sft_stage2": "stage2", "sft_stage3": "
 @dataclass
 class TrainArgs:
     "The flags of `latentcot.train` besides the config: what to train, from which model and data, into where."
-    stage: Literal["stage1", "stage2", "stage3", "multiturn", "mmdit", "sft_stage1", "sft_stage2", "sft_stage3"] = field(
+    stage: Literal["stage1", "stage2", "stage3", "multiturn", "mmdit",
+                   "sft_stage1", "sft_stage2", "sft_stage3"] = field(
         metadata={"help": "the stage to train (sft_stage1/2/3: seed 000's names for stage1/2/3)"})
     output_dir: str = field(metadata={"aliases": ["--save_model_path"], "help": "checkpoints, metrics.jsonl, TensorBoard logs and final/"})
     model_name_or_path: str | None = field(default=None, metadata={"aliases": ["--load_model_path"],
@@ -128,7 +129,8 @@ class TrainArgs:
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     attn_implementation: Literal["sdpa", "eager"] = field(default="sdpa", metadata={"help": "text attention"})
     quiet: bool = field(default=False, metadata={"help": "no progress bars"})
-    mmdit_name_or_path: str | None = field(default=None, metadata={"help": "Qwen-Image-layout folder (transformer/, vae/, "
+    mmdit_name_or_path: str | None = field(default=None, metadata={"help": "Qwen-Image-layout folder (transformer/, "
+        "vae/, "
         "scheduler/; default: the tiny kit): trained by --stage mmdit (--lora: adapters on its attention)"})
     wandb_name: str | None = field(default=None, metadata={"help": "the run's name in the tracker (seed 000); with "
                                                            "report_to tensorboard (the default, offline) the TensorBoard run"})
