@@ -28,10 +28,10 @@ __all__ = ['QWEN_IMAGE_PROMPT_TEMPLATE', 'CONDITIONS', 'LORA_TARGETS_MMDIT', 'MM
            'train_generator', 'grid_scores', 'condition_inputs', 'evaluate_conditions', 'summarize', 'results_table',
            'inference_with_latent_cot', 'save_condition_images', 'load_condition_images', 'GenerationExplorer',
            'generation_explorer', 'comparison_grid', 'text_states', 'run_mmdit', 'MMDiTRunArgs', 'run_main',
-           'check_edit_images', 'check_bridge', 'MMDiTTrainee', 'add_mmdit_lora', 'collate_pairs', 'mmdit_pairs',
-           'mmdit_step', 'save_generator', 'run_mmdit_stage', 'fitting_size', 'GenerationLoss',
-           'attach_generation_loss', 'GenerateArgs', 'read_prompts', 'generate_images', 'generate_main',
-           'schedule_is_finite', 'bench_mmdit', 'BenchMMDiTArgs', 'bench_mmdit_main', 'main']
+           'check_edit_images', 'check_bridge', 'MMDiTTrainee', 'freeze_discarded_text_stream', 'add_mmdit_lora',
+           'collate_pairs', 'mmdit_pairs', 'mmdit_step', 'save_generator', 'run_mmdit_stage', 'fitting_size',
+           'GenerationLoss', 'attach_generation_loss', 'GenerateArgs', 'read_prompts', 'generate_images',
+           'generate_main', 'schedule_is_finite', 'bench_mmdit', 'BenchMMDiTArgs', 'bench_mmdit_main', 'main']
 
 # %% ../nbs/22_mmdit.ipynb #bb7f02f9
 class MMDiTBridge(nn.Module):
@@ -668,6 +668,14 @@ class MMDiTTrainee(nn.Module):
         return compute_flow_matching_loss(self.transformer, emb, m, batch["x0"], self.scheduler, batch["ref"])
 
 
+def freeze_discarded_text_stream(transformer):
+    "Freeze the last block's text-stream output layers: the DiT discards that output, so they never get a gradient."
+    # DDP requires a gradient for every trainable parameter; these would stop a multi-process run
+    last = transformer.transformer_blocks[-1]
+    for m in (last.attn.to_add_out, last.txt_mlp): m.requires_grad_(False)
+    return transformer
+
+
 def add_mmdit_lora(transformer, r: int = 16, alpha: int | None = None):
     "peft LoRA on the DiT's attention projections (`to_q/to_k/to_v/to_out.0`); the base weights are frozen."
     from peft import LoraConfig
@@ -799,6 +807,8 @@ def run_mmdit_stage(args, cfg) -> Path:
     pairs = mmdit_pairs(recs, lat, parts["vae"])
     if args.lora:
         add_mmdit_lora(parts["transformer"], r=args.lora_r)
+    else:
+        freeze_discarded_text_stream(parts["transformer"])
     trainee = MMDiTTrainee(
         bridge, parts["transformer"], type(parts["scheduler"]).from_config(parts["scheduler"].config)
     )
