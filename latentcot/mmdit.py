@@ -572,7 +572,8 @@ def run_mmdit(out_dir, latent_model=None, latent_size: int = 3, steps: int = 600
     text = text_states(model, processor, recs["train"] + recs["heldout"])
     t_lat = time.time()
     gen = LatentToImageGenerator.from_pretrained(kit, latent_dim=model.config.get_text_config().hidden_size)
-    losses = train_generator(gen, training_examples(recs["train"], lat, text), steps, batch_size, lr, seed, progress)
+    # steps 0: evaluate the generator as loaded (e.g. the final/ of `latentcot train --stage mmdit`, bridge included)
+    losses = train_generator(gen, training_examples(recs["train"], lat, text), steps, batch_size, lr, seed, progress) if steps else []
     t_train = time.time()
     gen.transformer.save_pretrained(out / "transformer"); gen.save_bridge(out / "bridge")
     scores, images = evaluate_conditions(gen, recs["heldout"], lat, text, CONDITIONS, sample_steps, seed, progress=progress)
@@ -582,7 +583,7 @@ def run_mmdit(out_dir, latent_model=None, latent_size: int = 3, steps: int = 600
     save_condition_images(out / "images", images)
     metrics = dict(summary=summary, scores=scores, pairing="Z0 -> img1, Z1 -> img2, edit mode with img0 as reference",
                    latent_model=str(latent_model), kit=str(kit), latent_size=latent_size, steps=steps, batch_size=batch_size,
-                   lr=lr, sample_steps=sample_steps, heldout=len(recs["heldout"]), final_loss=float(np.mean(losses[-50:])),
+                   lr=lr, sample_steps=sample_steps, heldout=len(recs["heldout"]), final_loss=float(np.mean(losses[-50:])) if losses else None,
                    seconds=dict(latents=t_lat - t0, train=t_train - t_lat, evaluate=time.time() - t_train))
     _atomic_write(out / "metrics.json", json.dumps(metrics, indent=1, default=str))
     _atomic_write(out / "losses.json", json.dumps(losses))
@@ -597,7 +598,7 @@ class MMDiTRunArgs:
     latent_model: str | None = field(default=None, metadata={"help": "latent CoT checkpoint (default: tiny kit)"})
     mmdit_name_or_path: str | None = field(default=None, metadata={"help": "Qwen-Image folder (default: tiny kit)"})
     latent_size: int = field(default=3, metadata={"help": "latents per thought (fixed segments)"})
-    steps: int = field(default=600, metadata={"help": "generator training steps"})
+    steps: int = field(default=600, metadata={"help": "generator training steps (0: evaluate --mmdit_name_or_path as is)"})
     batch_size: int = field(default=16, metadata={"help": "generator training batch"})
     lr: float = field(default=1e-3, metadata={"help": "generator learning rate"})
     sample_steps: int = field(default=20, metadata={"help": "flow sampling steps in the evaluation"})
