@@ -187,6 +187,7 @@ def run_info(args: argparse.Namespace) -> dict:
     "What a resume must keep besides the config (recorded with every checkpoint): stage, model, data, limit, teacher, LoRA."
     info = {k: getattr(args, k, None) for k in ("stage", "model_name_or_path", "data", "limit", "teacher_latent_dir", "lora", "lora_r", "lenient")}
     if getattr(args, "shuffle_train", True) is False: info["shuffle_train"] = False     # the data order a resume must keep
+    if getattr(args, "mmdit_name_or_path", None): info["mmdit_name_or_path"] = args.mmdit_name_or_path   # the generator
     return info
 
 def run(args: argparse.Namespace, cfg: LatentCoTConfig | None = None):
