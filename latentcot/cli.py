@@ -18,6 +18,8 @@ COMMANDS = {
     "bench masks": ("latentcot.masks:bench_masks_main", "vectorised 4D mask builder vs per-sample reference"),
     "bench rollout": ("latentcot.latent_forward:bench_rollout_main", "batched latent rollout vs per-sample reference"),
     "run mmdit": ("latentcot.mmdit:run_main", "the MMDiT job: Qwen-Image kit, generator on multi-turn latents, evaluation table"),
+    "generate": ("latentcot.mmdit:generate_main", "prompt(s) + img0 -> latent CoT -> Qwen-Image MMDiT -> image(s)"),
+    "bench mmdit": ("latentcot.mmdit:bench_mmdit_main", "MMDiT accuracy, s/image per sampling steps, batched vs 1"),
     "run unified": ("latentcot.unified:run_main", "seed 004: train the unified model (it decides when to draw), evaluate, report"),
     "unified": ("latentcot.unified:unified_main", "seed 004: text and images from a unified model for one prompt (+ image)"),
     "bench unified": ("latentcot.unified:bench_unified_main", "seed 004: KV-cached vs recompute, seconds per image, flow steps vs accuracy"),

@@ -50,6 +50,9 @@ class LatentCoTConfig:
     loss_type: str = field(default="ce alignment", metadata={"help": "loss terms, e.g. 'ce alignment' (also --loss_type ce alignment)", "nargs": "+"})
     alignment_weight: float = field(default=1.0, metadata={"help": "weight of the 1 - cos alignment", "aliases": ["--align_weight"]})
     alignment_layer: str = field(default="last", metadata={"help": "aligned states: 'last', 'all' or comma-separated layer ids"})
+    generation_loss_weight: float = field(default=0.0, metadata={"help": "seed 000: weight of the flow-matching loss "
+        "of "
+        "the student's Z on the target image through a frozen MMDiT (--mmdit_name_or_path); stage 3 and multiturn"})
     ce_emphasize_factor: float = field(default=1.0, metadata={"help": "CE weight of observation tokens"})
     emphasize_latent_weight: float = field(default=1.0, metadata={"help": "stage 2: scale of the latent-only alignment gradient"})
     only_predict_obs: bool = field(default=False, metadata={"help": "CE on observation tokens only (stages 2/3)"})
@@ -136,6 +139,7 @@ def check_config(cfg: LatentCoTConfig, source: str = "<config>"):
     if cfg.latent_budget_min < 0: bad("latent_budget_min", "must be >= 0")
     if cfg.latent_budget_max < max(1, cfg.latent_budget_min): bad("latent_budget_max", "must be >= latent_budget_min and >= 1")
     if cfg.latent_budget_alpha <= 0: bad("latent_budget_alpha", "must be > 0")
+    if cfg.generation_loss_weight < 0: bad("generation_loss_weight", "must be >= 0")
     if cfg.latent_budget_gamma <= 0: bad("latent_budget_gamma", "must be > 0")
     for k in ("latent_stop_threshold", "latent_stop_threshold_start", "latent_stop_rho", "latent_null_scale"):
         if not 0 <= getattr(cfg, k) <= 1: bad(k, "must lie in [0, 1]")

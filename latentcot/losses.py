@@ -229,13 +229,14 @@ def cost_term(out, batch: dict) -> torch.Tensor:
     return cost_loss(out.latent_used_lens, segment_budgets(batch, out.segments))
 
 # %% ../nbs/08_losses.ipynb #e67944e2
-TERMS = ("ce", "alignment", "stop", "cost")
+TERMS = ("ce", "alignment", "stop", "cost", "generation")   # generation: seed 000's flow loss of Z (latentcot.mmdit)
 
 def term_weights(cfg: LatentCoTConfig) -> dict:
     "Weight of each loss term under `cfg` (0 = off)."
     on, c = set(cfg.loss_terms), cfg.latent_mode_stage == "C"
     return {"ce": 1.0 if "ce" in on else 0.0, "alignment": cfg.alignment_weight if "alignment" in on else 0.0,
-            "stop": cfg.latent_stop_loss_weight if c else 0.0, "cost": cfg.latent_cost_weight if c else 0.0}
+            "stop": cfg.latent_stop_loss_weight if c else 0.0, "cost": cfg.latent_cost_weight if c else 0.0,
+            "generation": cfg.generation_loss_weight}
 
 def total_loss(terms: dict, cfg: LatentCoTConfig) -> tuple[torch.Tensor, dict]:
     "`ce + w_align*align + w_stop*stop + w_cost*cost` over the active terms, and every given term as a float."

@@ -8,6 +8,8 @@ Docs: https://latentcot.github.io/latentcot/mmdit.html.md"""
 from __future__ import annotations
 import json, math, os
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Literal
 from pathlib import Path
 from unittest import mock
 
@@ -19,12 +21,17 @@ from PIL import Image
 from .mmdit_kit import check_kit_configs, images_to_tensor, load_mmdit_kit, read_grid
 
 # %% auto #0
-__all__ = ['QWEN_IMAGE_PROMPT_TEMPLATE', 'CONDITIONS', 'MMDiTBridge', 'project_to_mmdit', 'template_prefix_length',
-           'qwen_prompt_embeds', 'check_image_size', 'encode_images', 'decode_latents', 'pack', 'unpack', 'velocity',
-           'sample_sigmas', 'compute_flow_matching_loss', 'generation_pipeline', 'LatentToImageGenerator',
-           'multiturn_latents', 'pad_latents', 'training_examples', 'train_generator', 'grid_scores',
-           'condition_inputs', 'evaluate_conditions', 'summarize', 'results_table', 'inference_with_latent_cot',
-           'comparison_grid', 'text_states', 'run_mmdit', 'main', 'run_main']
+__all__ = ['QWEN_IMAGE_PROMPT_TEMPLATE', 'CONDITIONS', 'LORA_TARGETS_MMDIT', 'MMDIT_COMMANDS', 'MMDiTBridge', 'project_to_mmdit',
+           'template_prefix_length', 'qwen_prompt_embeds', 'check_image_size', 'encode_images', 'decode_latents',
+           'pack', 'unpack', 'velocity', 'sample_sigmas', 'compute_flow_matching_loss', 'generation_pipeline',
+           'write_bridge', 'LatentToImageGenerator', 'multiturn_latents', 'pad_latents', 'training_examples',
+           'train_generator', 'grid_scores', 'condition_inputs', 'evaluate_conditions', 'summarize', 'results_table',
+           'inference_with_latent_cot', 'save_condition_images', 'load_condition_images', 'GenerationExplorer',
+           'generation_explorer', 'comparison_grid', 'text_states', 'run_mmdit', 'MMDiTRunArgs', 'run_main',
+           'check_edit_images', 'check_bridge', 'MMDiTTrainee', 'freeze_discarded_text_stream', 'add_mmdit_lora',
+           'collate_pairs', 'mmdit_pairs', 'mmdit_step', 'save_generator', 'run_mmdit_stage', 'fitting_size',
+           'GenerationLoss', 'attach_generation_loss', 'GenerateArgs', 'read_prompts', 'generate_images',
+           'generate_main', 'schedule_is_finite', 'bench_mmdit', 'BenchMMDiTArgs', 'bench_mmdit_main', 'main']
 
 # %% ../nbs/22_mmdit.ipynb #bb7f02f9
 class MMDiTBridge(nn.Module):
@@ -175,6 +182,14 @@ def _keep_reference_size(height: int, width: int):
     with mock.patch.object(edit_mod, "calculate_dimensions", lambda area, ratio: (width, height, None)):
         yield
 
+def write_bridge(bridge: MMDiTBridge, path) -> None:
+    "`path/bridge.safetensors` + `path/bridge.json` (widths and mode), read by `LatentToImageGenerator.load_bridge`."
+    from safetensors.torch import save_file
+    path = Path(path); path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in bridge.state_dict().items()}, path / "bridge.safetensors")
+    (path / "bridge.json").write_text(json.dumps(dict(latent_dim=bridge.latent_dim, mode=bridge.mode,
+                                                      joint_attention_dim=bridge.joint_attention_dim)))
+
 class LatentToImageGenerator(nn.Module):
     "Seed 000's generator: latents Z -> `project_to_mmdit` -> Qwen-Image flow sampling -> `vae.decode`."
     def __init__(self, transformer, vae, scheduler, bridge: MMDiTBridge | None = None, latent_dim: int | None = None,
@@ -190,18 +205,16 @@ class LatentToImageGenerator(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, latent_dim: int | None = None, bridge_path=None, **kw):
-        "Load transformer/vae/scheduler from a Qwen-Image-layout folder (and a saved bridge if `bridge_path`)."
+        "Load transformer/vae/scheduler from a Qwen-Image-layout folder, and its `bridge/` (or `bridge_path`)."
         g = cls(**load_mmdit_kit(path), latent_dim=latent_dim, **kw)
+        if bridge_path is None and (Path(path) / "bridge" / "bridge.json").is_file():
+            bridge_path = Path(path) / "bridge"
         if bridge_path is not None: g.load_bridge(bridge_path)
         return g
 
     def save_bridge(self, path):
         "Write the bridge weights (safetensors) and its widths next to them."
-        from safetensors.torch import save_file
-        path = Path(path); path.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.bridge.state_dict().items()}, path / "bridge.safetensors")
-        (path / "bridge.json").write_text(json.dumps(dict(latent_dim=self.bridge.latent_dim, mode=self.bridge.mode,
-                                                          joint_attention_dim=self.bridge.joint_attention_dim)))
+        write_bridge(self.bridge, path)
 
     def load_bridge(self, path):
         "Read a bridge written by `save_bridge`; its widths must match this generator's."
@@ -383,8 +396,11 @@ def results_table(summary: dict) -> str:
 
 # %% ../nbs/22_mmdit.ipynb #2123b346
 def inference_with_latent_cot(model, processor, generator: LatentToImageGenerator, records, budget: int = 3,
-                              max_new_tokens: int = 64, num_inference_steps: int = 20, cfg=None, seed: int = 0):
-    "`[(image or None, text)]` per editing record: routed decoding decides the latents Z, then Z + img0 -> the MMDiT."
+                              max_new_tokens: int = 64, num_inference_steps: int = 20, cfg=None, seed: int = 0,
+                              think: str = "auto"):
+    """`[(image or None, text)]` per editing record: routed decoding decides the latents Z, then Z + img0 -> the MMDiT.
+    `think="always"` starts every answer with `<abs_vis_token>` (latent mode from the first step) instead of letting
+    the model decide."""
     from latentcot.config import load_config
     from latentcot.halting import routed_generate
     from latentcot.multiturn import edit_record_to_sample, round_sample
@@ -393,17 +409,118 @@ def inference_with_latent_cot(model, processor, generator: LatentToImageGenerato
     cfg = cfg if cfg is not None else load_config()
     ids = SpecialIds.from_tokenizer(processor.tokenizer)
     samples = [round_sample(edit_record_to_sample(r, "<records>", i + 1), 1) for i, r in enumerate(records)]
-    batch = prompt_batch(model, processor, samples, cfg)
+    if think not in ("auto", "always"): raise ValueError(f"think must be 'auto' or 'always', got {think!r}")
+    if think == "always":       # prompts are left-padded: the tag ends every row, routed decoding starts in latent mode
+        tag, template = processor.tokenizer.convert_ids_to_tokens(ids.latent_start), processor.apply_chat_template
+        with mock.patch.object(processor, "apply_chat_template", lambda *a, **k: template(*a, **k) + tag):
+            batch = prompt_batch(model, processor, samples, cfg)
+    else: batch = prompt_batch(model, processor, samples, cfg)
     out = routed_generate(model, batch, budget=budget, max_new_tokens=max_new_tokens, eos_token_id=ids.im_end)
     texts = [processor.tokenizer.decode([t for t in seq if t != ids.latent_pad]) for seq in out.sequences]
     results = [(None, t) for t in texts]
     thought = [b for b, z in enumerate(out.latents) if len(z)]
     if thought:
         z, m = pad_latents([torch.stack(out.latents[b]).float() for b in thought])
-        ims = generator.generate(z, m, ref_images=[records[b]["img0"] for b in thought], num_inference_steps=num_inference_steps,
+        w, h = Image.open(records[thought[0]]["img0"]).size
+        ims = generator.generate(z, m, height=h, width=w, ref_images=[records[b]["img0"] for b in thought],
+                                 num_inference_steps=num_inference_steps,
                                  generator=torch.Generator().manual_seed(seed))
         for b, im in zip(thought, ims): results[b] = (im, texts[b])
     return results
+
+# %% ../nbs/22_mmdit.ipynb #2eb233f9
+def save_condition_images(out_dir, images: dict) -> None:
+    "Write `{condition: {(sample_id, round): PIL}}` as `out_dir/<condition>/<sample_id>_img<round>.png`."
+    for cond, ims in images.items():
+        d = Path(out_dir) / cond
+        d.mkdir(parents=True, exist_ok=True)
+        for (sid, r), im in ims.items():
+            tmp = d / f".{sid}_img{r}.tmp.png"
+            im.save(tmp)
+            os.replace(tmp, d / f"{sid}_img{r}.png")
+
+
+def load_condition_images(report_dir, records, conditions) -> dict:
+    "The images `save_condition_images` wrote for `records` (a missing file is an error naming it)."
+    out = {}
+    for cond in conditions:
+        out[cond] = {}
+        for rec in records:
+            for r in (1, 2):
+                p = Path(report_dir) / "images" / cond / f"{rec['sample_id']}_img{r}.png"
+                if not p.is_file():
+                    raise FileNotFoundError(f"{p}: missing (a report of an older latentcot, or cut short?)")
+                out[cond][(rec["sample_id"], r)] = Image.open(p).convert("RGB")
+    return out
+
+
+class GenerationExplorer:
+    "Held-out sample slider; per round img0, the truth, then each condition's generated image, with its grid scores."
+
+    def __init__(self, report_dir, sample: int = 0, data_dir=None, scale: int = 3):
+        import ipywidgets as W
+        from latentcot.datagen import load_edit_records
+        from latentcot.demo import default_data_dir
+
+        self.metrics = json.loads((Path(report_dir) / "metrics.json").read_text())
+        self.conditions = list(self.metrics["summary"])
+        recs = load_edit_records(Path(data_dir or default_data_dir()) / "edit" / "heldout.jsonl")
+        self.records = recs[: self.metrics["heldout"]]
+        self.images, self.scale = load_condition_images(report_dir, self.records, self.conditions), scale
+        self.sample_selector = W.IntSlider(min=0, max=len(self.records) - 1, value=sample, description="held-out")
+        self.header = W.HTML()
+        self.image = W.Image(format="png")
+        self.scores = W.HTML()
+        self.sample_selector.observe(lambda _: self.update(), names="value")
+        self.widget = W.VBox([self.sample_selector, self.header, self.image, self.scores])
+        self.update()
+
+    @property
+    def sample(self) -> int:
+        return self.sample_selector.value
+
+    def update(self):
+        "Show the selected held-out triplet."
+        import io
+
+        rec = self.records[self.sample]
+        self.header.value = (
+            f"<b>{rec['sample_id']}</b>: {rec['prompt']}<br>columns: img0 | truth | "
+            + " | ".join(self.conditions)
+            + "; rows: img1 (from Z0), img2 (from Z1)"
+        )
+        buf = io.BytesIO()
+        comparison_grid([rec], self.images, self.conditions, n=1, scale=self.scale).save(buf, format="png")
+        self.image.value = buf.getvalue()
+        sc = {
+            (c, s["round"]): s
+            for c, rows in self.metrics["scores"].items()
+            for s in rows
+            if s["sample_id"] == rec["sample_id"]
+        }
+        fmt = lambda s: (
+            "-" if s is None or s.get("changed") is None else f"{100 * s['changed']:.0f}% / {100 * s['all']:.0f}%"
+        )
+        self.scores.value = (
+            "<table><tr><th>changed / all cells</th>"
+            + "".join(f"<th>{c}</th>" for c in self.conditions)
+            + "</tr>"
+            + "".join(
+                f"<tr><td>img{r}</td>" + "".join(f"<td>{fmt(sc.get((c, r)))}</td>" for c in self.conditions) + "</tr>"
+                for r in (1, 2)
+            )
+            + "</table>"
+        )
+
+    def _ipython_display_(self):
+        from IPython.display import display
+
+        display(self.widget)
+
+
+def generation_explorer(report_dir, sample: int = 0, **kw) -> GenerationExplorer:
+    "Explore a `run_mmdit` report: held-out slider, img0 -> generated img1/img2 per condition beside the truth."
+    return GenerationExplorer(report_dir, sample, **kw)
 
 # %% ../nbs/22_mmdit.ipynb #9b00b364
 def _atomic_write(path: Path, text: str):
@@ -455,16 +572,18 @@ def run_mmdit(out_dir, latent_model=None, latent_size: int = 3, steps: int = 600
     text = text_states(model, processor, recs["train"] + recs["heldout"])
     t_lat = time.time()
     gen = LatentToImageGenerator.from_pretrained(kit, latent_dim=model.config.get_text_config().hidden_size)
-    losses = train_generator(gen, training_examples(recs["train"], lat, text), steps, batch_size, lr, seed, progress)
+    # steps 0: evaluate the generator as loaded (e.g. the final/ of `latentcot train --stage mmdit`, bridge included)
+    losses = train_generator(gen, training_examples(recs["train"], lat, text), steps, batch_size, lr, seed, progress) if steps else []
     t_train = time.time()
     gen.transformer.save_pretrained(out / "transformer"); gen.save_bridge(out / "bridge")
     scores, images = evaluate_conditions(gen, recs["heldout"], lat, text, CONDITIONS, sample_steps, seed, progress=progress)
     summary = summarize(scores)
     table = results_table(summary)
     comparison_grid(recs["heldout"], images, CONDITIONS).save(out / "grid.png")
+    save_condition_images(out / "images", images)
     metrics = dict(summary=summary, scores=scores, pairing="Z0 -> img1, Z1 -> img2, edit mode with img0 as reference",
                    latent_model=str(latent_model), kit=str(kit), latent_size=latent_size, steps=steps, batch_size=batch_size,
-                   lr=lr, sample_steps=sample_steps, heldout=len(recs["heldout"]), final_loss=float(np.mean(losses[-50:])),
+                   lr=lr, sample_steps=sample_steps, heldout=len(recs["heldout"]), final_loss=float(np.mean(losses[-50:])) if losses else None,
                    seconds=dict(latents=t_lat - t0, train=t_train - t_lat, evaluate=time.time() - t_train))
     _atomic_write(out / "metrics.json", json.dumps(metrics, indent=1, default=str))
     _atomic_write(out / "losses.json", json.dumps(losses))
@@ -472,27 +591,653 @@ def run_mmdit(out_dir, latent_model=None, latent_size: int = 3, steps: int = 600
                   f"triplets; mean [95% bootstrap interval]\n\n{table}\n")
     return metrics
 
-def main(argv: list[str] | None = None) -> int:
-    "`python -m latentcot.mmdit run --out DIR [...]`: the MMDiT job (kit, training, evaluation table)."
-    import argparse
-    ap = argparse.ArgumentParser(prog="latentcot.mmdit", description="Train the MMDiT on multi-turn latents and evaluate it.")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="kit + latents + training + evaluation table into --out")
-    r.add_argument("--out", required=True); r.add_argument("--latent_model", default=None)
-    r.add_argument("--mmdit_name_or_path", default=None, help="Qwen-Image-layout folder (default: the tiny kit)")
-    r.add_argument("--latent_size", type=int, default=3); r.add_argument("--steps", type=int, default=600)
-    r.add_argument("--batch_size", type=int, default=16); r.add_argument("--lr", type=float, default=1e-3)
-    r.add_argument("--sample_steps", type=int, default=20); r.add_argument("--limit_heldout", type=int, default=None)
-    r.add_argument("--limit_train", type=int, default=None)
-    r.add_argument("--seed", type=int, default=0); r.add_argument("--quiet", action="store_true")
-    a = ap.parse_args(argv)
+@dataclass
+class MMDiTRunArgs:
+    "Flags of `latentcot run mmdit` / `python -m latentcot.mmdit run`."
+    out: str = field(metadata={"help": "report folder (table.md, metrics.json, grid.png, the trained generator)"})
+    latent_model: str | None = field(default=None, metadata={"help": "latent CoT checkpoint (default: tiny kit)"})
+    mmdit_name_or_path: str | None = field(default=None, metadata={"help": "Qwen-Image folder (default: tiny kit)"})
+    latent_size: int = field(default=3, metadata={"help": "latents per thought (fixed segments)"})
+    steps: int = field(default=600, metadata={"help": "generator training steps (0: evaluate --mmdit_name_or_path as is)"})
+    batch_size: int = field(default=16, metadata={"help": "generator training batch"})
+    lr: float = field(default=1e-3, metadata={"help": "generator learning rate"})
+    sample_steps: int = field(default=20, metadata={"help": "flow sampling steps in the evaluation"})
+    limit_heldout: int | None = field(default=None, metadata={"help": "use only the first N held-out triplets"})
+    limit_train: int | None = field(default=None, metadata={"help": "use only the first N training triplets"})
+    seed: int = field(default=0, metadata={"help": "seed of training and sampling"})
+    quiet: bool = field(default=False, metadata={"help": "no progress bars"})
+
+def run_main(argv: list[str] | None = None) -> int:
+    "`latentcot run mmdit --out DIR` (= `python -m latentcot.mmdit run`): kit, latents, training, evaluation table."
+    from latentcot.config import cli_parser
+    p = cli_parser(MMDiTRunArgs, config=False, prog="latentcot run mmdit",
+                   description="Train the MMDiT on multi-turn latents and evaluate it.")
+    (a,) = p.parse_args_into_dataclasses(argv)
     m = run_mmdit(a.out, a.latent_model, a.latent_size, a.steps, a.batch_size, a.lr, a.sample_steps, a.limit_heldout,
                   a.limit_train, a.seed, kit=a.mmdit_name_or_path, progress=not a.quiet)
     print((Path(a.out) / "table.md").read_text()); print(f"seconds: {m['seconds']}")
     return 0
 
-def run_main(argv: list[str] | None = None) -> int:
-    "`latentcot run mmdit --out DIR [...]`: the same job as `python -m latentcot.mmdit run`."
-    return main(["run", *(argv or [])])
 
-if __name__ == "__main__" and not hasattr(__builtins__, "__IPYTHON__"): raise SystemExit(main())
+# %% ../nbs/22_mmdit.ipynb #c811f079
+def check_edit_images(records, vae) -> tuple[int, int]:
+    "Raise before training unless every image of the edit `records` has one size that fits the VAE/patch factors."
+    sizes = {}
+    for rec in records:
+        for k in ("img0", "img1", "img2"):
+            if not rec.get(k):
+                raise ValueError(f"record {rec.get('sample_id')!r} has no {k} (its target/reference image)")
+            with Image.open(rec[k]) as im:
+                sizes.setdefault(im.size, (rec.get("sample_id"), k, rec[k]))
+    for (w, h), (sid, k, p) in sizes.items():
+        try:
+            check_image_size(h, w, vae)
+        except ValueError as e:
+            raise ValueError(f"record {sid!r} {k} ({p}): {e}") from None
+    if len(sizes) > 1:  # the pipelines generate one size per batch
+        raise ValueError(
+            "edit images of different sizes: "
+            + "; ".join(f"{w}x{h} first in {sid!r} {k} ({p})" for (w, h), (sid, k, p) in sizes.items())
+        )
+    return next(iter(sizes))[::-1]
+
+
+def check_bridge(bridge: MMDiTBridge, transformer, latent_dim: int | None = None) -> None:
+    "Raise before training unless the bridge reads `latent_dim`-wide Z and writes the DiT's `joint_attention_dim`."
+    d = transformer.config.joint_attention_dim
+    if bridge.joint_attention_dim != d:
+        raise ValueError(f"bridge width {bridge.joint_attention_dim} != the DiT's joint_attention_dim {d}")
+    if latent_dim is not None and bridge.latent_dim != latent_dim:
+        raise ValueError(
+            f"bridge reads {bridge.latent_dim}-wide latents, the latent model's hidden size is {latent_dim}"
+        )
+
+# %% ../nbs/22_mmdit.ipynb #9c9708d8
+LORA_TARGETS_MMDIT = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+class MMDiTTrainee(nn.Module):
+    "The trainable half of the generator for `train_loop`: bridge + DiT; `forward(batch)` is the flow-matching loss."
+
+    def __init__(self, bridge: MMDiTBridge, transformer, scheduler):
+        super().__init__()
+        self.bridge, self.transformer = bridge, transformer
+        self.__dict__["scheduler"] = scheduler  # not a module: kept out of the state dict
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        emb, m = project_to_mmdit(self.bridge, batch["z"], batch["z_mask"], self.transformer)
+        return compute_flow_matching_loss(self.transformer, emb, m, batch["x0"], self.scheduler, batch["ref"])
+
+
+def freeze_discarded_text_stream(transformer):
+    "Freeze the last block's text-stream output layers: the DiT discards that output, so they never get a gradient."
+    # DDP requires a gradient for every trainable parameter; these would stop a multi-process run
+    last = transformer.transformer_blocks[-1]
+    for m in (last.attn.to_add_out, last.txt_mlp): m.requires_grad_(False)
+    return transformer
+
+
+def add_mmdit_lora(transformer, r: int = 16, alpha: int | None = None):
+    "peft LoRA on the DiT's attention projections (`to_q/to_k/to_v/to_out.0`); the base weights are frozen."
+    from peft import LoraConfig
+
+    transformer.requires_grad_(False)
+    transformer.add_adapter(
+        LoraConfig(r=r, lora_alpha=alpha or r, init_lora_weights="gaussian", target_modules=LORA_TARGETS_MMDIT)
+    )
+    return transformer
+
+
+def collate_pairs(items: list[dict]) -> dict:
+    "A batch of (Z, target, img0) pairs: Z right-padded with its mask, normalised target and reference latents."
+    z, m = pad_latents([it["z"] for it in items])
+    return {
+        "z": z,
+        "z_mask": m,
+        "x0": torch.stack([it["x0"] for it in items]),
+        "ref": torch.stack([it["ref"] for it in items]),
+        "sample_ids": [f"{it['sample_id']}/round{it['round']}/{it['source']}" for it in items],
+    }
+
+
+def mmdit_pairs(records, latents: dict, vae, sources=("teacher", "student")) -> list[dict]:
+    "(Z_r, img_{r+1}, img0) pairs of the multi-turn stage's `latents`, images encoded once with the frozen VAE."
+    ex = []
+    for rec in records:
+        sid = rec["sample_id"]
+        if sid not in latents:
+            raise ValueError(f"record {sid!r} has no latents")
+        for src in sources:
+            for r in (0, 1):
+                ex.append(
+                    dict(
+                        z=latents[sid][src][r],
+                        target=rec[f"img{r + 1}"],
+                        ref=rec["img0"],
+                        sample_id=sid,
+                        round=r + 1,
+                        source=src,
+                    )
+                )
+    paths = sorted({e[k] for e in ex for k in ("target", "ref")})
+    lat = dict(zip(paths, torch.cat([encode_images(vae, paths[i : i + 64]) for i in range(0, len(paths), 64)])))
+    return [{**e, "x0": lat[e.pop("target")], "ref": lat[e["ref"]]} for e in ex]
+
+
+def mmdit_step(model, batch, state):
+    "The `--stage mmdit` step: the DiT's flow-matching loss conditioned on `bridge(Z)`, logged as the term `flow`."
+    from latentcot.trainer import StepResult
+
+    loss = model(batch)
+    return StepResult(
+        loss=loss,
+        terms={"flow": loss.detach()},
+        stats={},
+        n_tokens=int(batch["x0"][0, 0].numel() // 4 * len(batch["x0"])),
+    )
+
+
+def save_generator(out_dir, trainee: MMDiTTrainee, vae, scheduler) -> Path:
+    "A Qwen-Image-layout folder (`transformer/` with LoRA fused, `vae/`, `scheduler/`, `bridge/`), written atomically."
+    import shutil
+
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    dit = trainee.transformer
+    if getattr(dit, "_hf_peft_config_loaded", False):
+        from peft.utils import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        (tmp / "adapter").mkdir(parents=True)
+        save_file(
+            {k: v.contiguous() for k, v in get_peft_model_state_dict(dit).items()},
+            tmp / "adapter" / "adapter.safetensors",
+        )
+        dit.fuse_lora()
+        dit.unload_lora()
+    dit.save_pretrained(tmp / "transformer")
+    vae.save_pretrained(tmp / "vae")
+    scheduler.save_pretrained(tmp / "scheduler")
+    write_bridge(trainee.bridge, tmp / "bridge")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def run_mmdit_stage(args, cfg) -> Path:
+    "`latentcot.train --stage mmdit`: multi-turn Z -> pairs -> `train_loop` -> `final/` (Qwen-Image layout)."
+    from accelerate import PartialState
+    from latentcot.demo import default_data_dir
+    from latentcot.datagen import load_edit_records
+    from latentcot.multiturn import load_multiturn_samples
+    from latentcot.tiny import calibrated_kit_path
+    from latentcot.tokens import load_latent_model
+    from latentcot.train import run_info
+    from latentcot.trainer import train_loop
+    from latentcot.mmdit_kit import mmdit_kit_path
+
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    data = Path(args.data) if args.data else default_data_dir() / "edit" / "train.jsonl"
+    recs, samples = load_edit_records(data), load_multiturn_samples(data)
+    if args.limit is not None:
+        recs, samples = recs[: args.limit], samples[: args.limit]
+    kit = Path(args.mmdit_name_or_path) if getattr(args, "mmdit_name_or_path", None) else mmdit_kit_path()
+    parts = load_mmdit_kit(kit)
+    check_edit_images(recs, parts["vae"])  # before any latent is computed
+    vlm_path = args.model_name_or_path or calibrated_kit_path()
+    vlm, processor, _ = load_latent_model(vlm_path)
+    vlm.eval()
+    H = vlm.config.get_text_config().hidden_size
+    with torch.random.fork_rng(devices=[]):  # the bridge's initial weights follow --seed
+        torch.manual_seed(cfg.seed)
+        bridge = MMDiTBridge(H, parts["transformer"].config.joint_attention_dim)
+    if (kit / "bridge" / "bridge.json").is_file():  # continue from a trained generator
+        g = LatentToImageGenerator(**parts)
+        g.load_bridge(kit / "bridge")
+        bridge = g.bridge
+    check_bridge(bridge, parts["transformer"], H)
+    k = cfg.latent_size if cfg.latent_size_mode == "fixed" else 3
+    lat = multiturn_latents(vlm, processor, samples, k, progress=not args.quiet)
+    del vlm
+    pairs = mmdit_pairs(recs, lat, parts["vae"])
+    if args.lora:
+        add_mmdit_lora(parts["transformer"], r=args.lora_r)
+    else:
+        freeze_discarded_text_stream(parts["transformer"])
+    trainee = MMDiTTrainee(
+        bridge, parts["transformer"], type(parts["scheduler"]).from_config(parts["scheduler"].config)
+    )
+    info = {**run_info(args), "model_name_or_path": str(vlm_path), "mmdit_name_or_path": str(kit), "latent_size": k}
+    trackers = () if args.report_to == "none" else (args.report_to,)
+    trainee, state = train_loop(
+        trainee,
+        pairs,
+        collate_pairs,
+        mmdit_step,
+        cfg,
+        args.output_dir,
+        max_steps=args.max_steps,
+        save_every=args.save_every,
+        resume=not args.no_resume,
+        trackers=trackers,
+        run_name=getattr(args, "wandb_name", None) or "mmdit",
+        shuffle=getattr(args, "shuffle_train", True),
+        progress=not args.quiet,
+        allow_rng_loss=getattr(args, "allow_rng_loss", False),
+        run_info=info,
+    )
+    final = Path(args.output_dir) / "final"
+    if PartialState().is_main_process:
+        save_generator(final, trainee, parts["vae"], parts["scheduler"])
+    PartialState().wait_for_everyone()
+    return final
+
+# %% ../nbs/22_mmdit.ipynb #40fa74cd
+def fitting_size(width: int, height: int, vae) -> tuple[int, int]:
+    "`(width, height)` rounded down to multiples of the VAE factor x 2 (the size a target image is resized to)."
+    f = 2 ** len(vae.temperal_downsample) * 2
+    if width < f or height < f:
+        raise ValueError(f"image {width}x{height} is smaller than the VAE/patch factor {f}")
+    return width // f * f, height // f * f
+
+
+class GenerationLoss:
+    "Seed 000's generation loss: a frozen generator's flow loss of the student's Z on each segment's target image."
+
+    def __init__(self, generator: LatentToImageGenerator, samples, edit: bool):
+        generator.transformer.requires_grad_(False)
+        generator.bridge.requires_grad_(False)
+        self.generator, self.edit, self._lat = generator, edit, {}
+        self.targets = {
+            s.sample_id: ([str(p) for p in s.thought_images], str(s.question_images[0]) if edit else None)
+            for s in samples
+        }
+        if edit and any(not s.question_images for s in samples):
+            raise ValueError("edit mode needs img0 (a question image) in every sample")
+        self.resized = {}
+
+    def _encode(self, path: str) -> torch.Tensor:
+        "Normalised VAE latents of one image (cached), resized down to fitting sides if they do not fit (logged)."
+        if path not in self._lat:
+            im = Image.open(path).convert("RGB")
+            size = fitting_size(*im.size, self.generator.vae)
+            if size != im.size:
+                self.resized[path] = (im.size, size)
+                im = im.resize(size, Image.NEAREST)
+            self._lat[path] = encode_images(self.generator.vae, [im])[0]
+        return self._lat[path]
+
+    def __call__(self, latents: torch.Tensor, batch: dict, round: int = 0) -> torch.Tensor:
+        "Mean flow loss over the batch's latent segments; segment j of round `round` draws thought image `round + j`."
+        g = self.generator
+        if next(g.transformer.parameters()).device != latents.device:
+            g.to(latents.device)
+        rows = latents.reshape(-1, latents.shape[-1])
+        lens = [[e - s for s, e, *_ in segs] for segs in batch["latent_segments"]]
+        if sum(map(sum, lens)) != len(rows):
+            raise ValueError(f"{len(rows)} latent rows but the segments hold {sum(map(sum, lens))}")
+        items, i = [], 0
+        for sid, ls in zip(batch["sample_ids"], lens):
+            if sid not in self.targets:
+                raise ValueError(f"sample {sid!r} has no target images for the generation loss")
+            imgs, ref = self.targets[sid]
+            for j, n in enumerate(ls):
+                if round + j >= len(imgs):
+                    raise ValueError(
+                        f"sample {sid!r}: latent segment {round + j} has no target image ({len(imgs)} thought images)"
+                    )
+                items.append((rows[i : i + n], self._encode(imgs[round + j]), self._encode(ref) if ref else None))
+                i += n
+        groups = {}
+        for it in items:
+            groups.setdefault(tuple(it[1].shape), []).append(it)  # one DiT call per image size
+        total = 0.0
+        for its in groups.values():
+            z, m = pad_latents([it[0] for it in its])
+            emb, m = g.prompt_embeds(z.to(latents.dtype), m.to(latents.device))
+            x0 = torch.stack([it[1] for it in its]).to(latents.device)
+            ref = torch.stack([it[2] for it in its]).to(latents.device) if self.edit else None
+            total = total + len(its) * compute_flow_matching_loss(g.transformer, emb, m, x0, g.train_scheduler, ref)
+        return total / len(items)
+
+
+def attach_generation_loss(model, stage: str, samples, mmdit_name_or_path=None) -> GenerationLoss:
+    "Load the generator (a `--stage mmdit` `final/`, default the tiny kit), frozen, as `model.generation_loss`."
+    from latentcot.mmdit_kit import mmdit_kit_path
+
+    if stage not in ("stage3", "multiturn"):
+        raise ValueError(f"--generation_loss_weight applies to stage3 and multiturn, not {stage}")
+    H = model.config.get_text_config().hidden_size
+    gen = LatentToImageGenerator.from_pretrained(mmdit_name_or_path or mmdit_kit_path(), latent_dim=H)
+    check_bridge(gen.bridge, gen.transformer, H)
+    model.generation_loss = GenerationLoss(gen, samples, edit=stage == "multiturn")
+    return model.generation_loss
+
+# %% ../nbs/22_mmdit.ipynb #2de69767
+@dataclass
+class GenerateArgs:
+    "Flags of `latentcot generate`: prompt(s) + img0 -> routed latent CoT -> Z -> the MMDiT -> image(s)."
+
+    prompt: str | None = field(default=None, metadata={"help": "the edit instruction (with --image and --out)"})
+    image: str | None = field(default=None, metadata={"help": "img0, the picture to edit"})
+    out: str | None = field(
+        default=None, metadata={"help": "output PNG (--prompt) or folder (--prompts; results.jsonl there)"}
+    )
+    prompts: str | None = field(
+        default=None,
+        metadata={
+            "help": 'JSONL, one {"prompt": ..., "image": ...} per line (paths '
+            "relative to the file), generated in batches"
+        },
+    )
+    latent_model: str | None = field(
+        default=None, metadata={"help": "latent CoT checkpoint (default: the calibrated tiny kit)"}
+    )
+    mmdit_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Qwen-Image-layout folder, e.g. a --stage mmdit " "final/ (default: the tiny kit)"},
+    )
+    think: Literal["always", "auto"] = field(
+        default="always",
+        metadata={
+            "help": "always: every answer starts in latent mode "
+            "(seed 000's latent-mode Z); auto: the model decides to open <abs_vis_token> (no image when it does not)"
+        },
+    )
+    budget: int = field(default=3, metadata={"help": "latents per thought"})
+    num_inference_steps: int = field(default=20, metadata={"help": "flow sampling steps"})
+    max_new_tokens: int = field(default=64, metadata={"help": "text tokens after the thought"})
+    batch_size: int = field(default=8, metadata={"help": "prompts per batch"})
+    seed: int = field(default=0, metadata={"help": "sampling noise seed"})
+
+
+def read_prompts(path) -> list[dict]:
+    "Records of a prompts JSONL (`prompt`, `image`, optional `out`), image paths resolved; errors name file and line."
+    path, out = Path(path), []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if (
+            not isinstance(rec, dict)
+            or not isinstance(rec.get("prompt"), str)
+            or not rec["prompt"].strip()
+            or not rec.get("image")
+        ):
+            raise ValueError(f'{path}:{n}: needs a non-empty "prompt" and an "image", got {line[:120]!r}')
+        img = (path.parent / rec["image"]).resolve()
+        if not img.is_file():
+            raise ValueError(f"{path}:{n}: image not found: {img}")
+        out.append({**rec, "image": str(img)})
+    if not out:
+        raise ValueError(f"{path}: no prompts")
+    return out
+
+
+def generate_images(
+    prompts: list[dict],
+    latent_model=None,
+    mmdit_name_or_path=None,
+    think: str = "always",
+    budget: int = 3,
+    num_inference_steps: int = 20,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[tuple]:
+    "`[(image or None, text)]` of `[{'prompt', 'image'}]` through `inference_with_latent_cot`, in batches."
+    from tqdm.auto import tqdm
+    from latentcot.mmdit_kit import mmdit_kit_path
+    from latentcot.tiny import calibrated_kit_path
+    from latentcot.tokens import load_latent_model
+
+    vlm, processor, _ = load_latent_model(latent_model or calibrated_kit_path())
+    vlm.eval()
+    gen = LatentToImageGenerator.from_pretrained(
+        mmdit_name_or_path or mmdit_kit_path(), latent_dim=vlm.config.get_text_config().hidden_size
+    )
+    check_bridge(gen.bridge, gen.transformer, vlm.config.get_text_config().hidden_size)
+    recs = [
+        dict(
+            sample_id=f"prompt-{i}",
+            prompt=p["prompt"],
+            img0=p["image"],
+            img1=p["image"],
+            img2=p["image"],
+            reflection1="-",
+            reflection2="-",
+        )
+        for i, p in enumerate(prompts)
+    ]
+    check_edit_images(recs, gen.vae)
+    res = []
+    for i in tqdm(range(0, len(recs), batch_size), desc="generate", disable=not progress):
+        res += inference_with_latent_cot(
+            vlm,
+            processor,
+            gen,
+            recs[i : i + batch_size],
+            budget,
+            max_new_tokens,
+            num_inference_steps,
+            seed=seed + i,
+            think=think,
+        )
+    return res
+
+
+def generate_main(argv: list[str] | None = None) -> int:
+    "`latentcot generate --prompt ... --image img0.png --out out.png` (or `--prompts FILE.jsonl --out DIR`)."
+    from latentcot.config import cli_parser
+
+    (a,) = cli_parser(
+        GenerateArgs, config=False, prog="latentcot generate", description=GenerateArgs.__doc__
+    ).parse_args_into_dataclasses(argv)
+    if (a.prompt is None) == (a.prompts is None):
+        raise SystemExit("latentcot generate: give --prompt (with --image) or --prompts, not both")
+    if a.out is None:
+        raise SystemExit("latentcot generate: --out is required")
+    if a.prompt is not None and a.image is None:
+        raise SystemExit("latentcot generate: --prompt needs --image (img0)")
+    try:
+        prompts = (
+            read_prompts(a.prompts) if a.prompts else [{"prompt": a.prompt, "image": str(Path(a.image).resolve())}]
+        )
+    except ValueError as e:
+        raise SystemExit(f"latentcot generate: {e}") from None
+    if a.prompt is not None and not Path(a.image).is_file():
+        raise SystemExit(f"latentcot generate: --image {a.image}: no such file")
+    res = generate_images(
+        prompts,
+        a.latent_model,
+        a.mmdit_name_or_path,
+        a.think,
+        a.budget,
+        a.num_inference_steps,
+        a.max_new_tokens,
+        a.batch_size,
+        a.seed,
+    )
+    out = Path(a.out)
+    if a.prompts:
+        out.mkdir(parents=True, exist_ok=True)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, (p, (im, text)) in enumerate(zip(prompts, res)):
+        dst = (out / p.get("out", f"{i:04d}.png")) if a.prompts else out
+        if im is not None:
+            tmp = dst.with_name(f".{dst.name}.tmp.png")
+            im.save(tmp)
+            os.replace(tmp, dst)
+        else:
+            print(f"prompt {i}: the model did not open <abs_vis_token>: no image (--think always forces latent mode)")
+        rows.append(
+            {"prompt": p["prompt"], "image": p["image"], "out": str(dst) if im is not None else None, "text": text}
+        )
+    if a.prompts:
+        _atomic_write(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    for r in rows:
+        print(f"{r['out']}\t{r['text']!r}")
+    return 0
+
+# %% ../nbs/22_mmdit.ipynb #0e674a36
+def schedule_is_finite(scheduler, num_inference_steps: int) -> bool:
+    "Are the sampling sigmas of `num_inference_steps` finite? (Qwen-Image's `shift_terminal` fails at 1 step.)"
+    sch = type(scheduler).from_config(scheduler.config)
+    s = num_inference_steps
+    sch.set_timesteps(sigmas=np.linspace(1.0, 1 / s, s).tolist(), mu=0.5 if sch.config.use_dynamic_shifting else None)
+    return bool(torch.isfinite(sch.sigmas).all())
+
+
+def bench_mmdit(
+    kit=None,
+    latent_model=None,
+    n: int = 8,
+    steps=(1, 2, 4, 8, 16, 50),
+    latent_size: int = 3,
+    seed: int = 0,
+    verbose: bool = True,
+) -> dict:
+    "Changed-cell accuracy and seconds per image at each number of sampling steps, batched vs one image at a time."
+    import time
+    from latentcot.datagen import load_edit_records
+    from latentcot.demo import default_data_dir
+    from latentcot.mmdit_kit import mmdit_kit_path
+    from latentcot.multiturn import load_multiturn_samples
+    from latentcot.tiny import calibrated_kit_path
+    from latentcot.tokens import load_latent_model
+
+    edit = default_data_dir() / "edit" / "heldout.jsonl"
+    recs, samples = load_edit_records(edit)[:n], load_multiturn_samples(edit)[:n]
+    vlm, processor, _ = load_latent_model(latent_model or calibrated_kit_path())
+    vlm.eval()
+    lat = multiturn_latents(vlm, processor, samples, latent_size, progress=False)
+    gen = LatentToImageGenerator.from_pretrained(
+        kit or mmdit_kit_path(), latent_dim=vlm.config.get_text_config().hidden_size
+    )
+    z, m = pad_latents([lat[r["sample_id"]]["student"][0] for r in recs])  # Z0 -> img1
+    refs = [r["img0"] for r in recs]
+    rows = []
+    for s in steps:
+        t0 = time.perf_counter()
+        ims = gen.generate(z, m, ref_images=refs, num_inference_steps=s, generator=torch.Generator().manual_seed(seed))
+        batched = (time.perf_counter() - t0) / n
+        t0 = time.perf_counter()
+        for i in range(n):
+            gen.generate(
+                z[i : i + 1],
+                m[i : i + 1],
+                ref_images=refs[i : i + 1],
+                num_inference_steps=s,
+                generator=torch.Generator().manual_seed(seed),
+            )
+        single = (time.perf_counter() - t0) / n
+        sc = [grid_scores(im, r["img1"], r["img0"]) for im, r in zip(ims, recs)]
+        ch = [x["changed"] for x in sc if x["changed"] is not None]
+        rows.append(
+            dict(
+                steps=s,
+                finite_schedule=schedule_is_finite(gen.scheduler, s),
+                changed=sum(ch) / max(1, len(ch)),
+                all=sum(x["all"] for x in sc) / n,
+                s_per_image_batched=batched,
+                s_per_image_single=single,
+                single_over_batched=single / batched,
+            )
+        )
+    res = {"images": n, "threads": torch.get_num_threads(), "rows": rows}
+    if verbose:
+        print(
+            f"MMDiT bench: {n} held-out img1 from student Z0 ({res['threads']} torch thread(s)); "
+                f"kit {kit or 'tiny (untrained DiT)'}"
+        )
+        print(
+            "| steps | changed cells % | all cells % | s/image batched | s/image one at a time "
+            "| one-at-a-time / batched |"
+        )
+        print("| --- | --- | --- | --- | --- | --- |")
+        for r in rows:
+            print(
+                f"| {r['steps']} | {100 * r['changed']:.1f} | {100 * r['all']:.1f} | {r['s_per_image_batched']:.4f} | "
+                f"{r['s_per_image_single']:.4f} | {r['single_over_batched']:.2f}x |"
+                + (
+                    ""
+                    if r["finite_schedule"]
+                    else " NaN sigmas: diffusers' shift_terminal stretch divides by zero at this step count, "
+                    "images are blank"
+                )
+            )
+        base = rows[-1]["s_per_image_batched"]
+        print(
+            "batched time per image relative to the most steps: "
+            + ", ".join(f"{r['steps']}: {r['s_per_image_batched'] / base:.2f}" for r in rows)
+        )
+    return res
+
+
+@dataclass
+class BenchMMDiTArgs:
+    "Flags of `latentcot bench mmdit`."
+
+    mmdit_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Qwen-Image-layout folder, e.g. a --stage mmdit final/ (default: the tiny kit)"},
+    )
+    latent_model: str | None = field(
+        default=None, metadata={"help": "latent CoT checkpoint (default: the calibrated tiny kit)"}
+    )
+    n: int = field(default=8, metadata={"help": "held-out triplets (img1 from Z0)"})
+    steps: str = field(default="1,2,4,8,16,50", metadata={"help": "comma-separated sampling step counts"})
+    threads: int = field(default=1, metadata={"help": "torch threads (0: torch's default)"})
+    seed: int = field(default=0, metadata={"help": "sampling noise seed"})
+
+
+def bench_mmdit_main(argv: list[str] | None = None) -> int:
+    "`latentcot bench mmdit [--mmdit_name_or_path DIR] [--n 8] [--steps 1,2,4,8,16,50]`."
+    from latentcot.config import cli_parser
+
+    (a,) = cli_parser(
+        BenchMMDiTArgs, config=False, prog="latentcot bench mmdit", description=bench_mmdit.__doc__
+    ).parse_args_into_dataclasses(argv)
+    try:
+        steps = tuple(int(s) for s in a.steps.split(","))
+    except ValueError:
+        raise SystemExit(f"latentcot bench mmdit: --steps {a.steps!r}: expected comma-separated integers") from None
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    bench_mmdit(a.mmdit_name_or_path, a.latent_model, a.n, steps, seed=a.seed)
+    return 0
+
+# %% ../nbs/22_mmdit.ipynb #eb7fb9b0
+MMDIT_COMMANDS = {"run": "run_main", "generate": "generate_main", "bench": "bench_mmdit_main"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    "`python -m latentcot.mmdit {run,generate,bench}`: as `latentcot run mmdit`, `generate`, `bench mmdit`."
+    import sys
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in MMDIT_COMMANDS:
+        print(
+            f"usage: python -m latentcot.mmdit {{{','.join(MMDIT_COMMANDS)}}} [...]\n"
+            f"latentcot.mmdit: error: invalid choice: "
+            f"{argv[0] if argv else ''!r} (choose from {', '.join(MMDIT_COMMANDS)})",
+            file=sys.stderr,
+        )
+        return 2
+    return globals()[MMDIT_COMMANDS[argv[0]]](argv[1:])
+
+
+if __name__ == "__main__" and not hasattr(__builtins__, "__IPYTHON__"):
+    raise SystemExit(main())

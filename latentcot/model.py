@@ -109,6 +109,9 @@ class LatentCoTModel(nn.Module):
         if self.stop_head is not None:
             enable_latent_gating(vlm)
         self.__dict__["_peft"] = None  # the peft wrapper, kept out of the module tree (it wraps `vlm` itself)
+        # seed 000's generation loss: `fn(latents, round_batch, round)` -> flow loss (`latentcot.mmdit.GenerationLoss`),
+        # a frozen MMDiT kept out of the module tree (not trained, not saved)
+        self.__dict__["generation_loss"] = None
 
     @property
     def config(self):
@@ -147,6 +150,8 @@ class LatentCoTModel(nn.Module):
         lat = t.latents.to(dev) if t.latents is not None else None
         obs = t.observations.to(dev) if t.observations is not None else None
         terms = latent_terms(out, batch, cfg, lat, obs if at_obs else None)
+        if self.generation_loss is not None:
+            terms["generation"] = self.generation_loss(out.latents, batch, 0)
         loss, logs = total_loss(terms, cfg)
         cos_teacher = lat if cfg.alignment_layer.strip() == "last" else None
         if cos_teacher is not None and not bool(out.latent_mask.all()):  # mode C: the teacher rows of active latents
@@ -174,7 +179,7 @@ class LatentCoTModel(nn.Module):
         out = multiturn_forward(self.vlm, batch, cfg.latent_grad, detach_z0, output_hidden_states=not last)
         dev = out.round2.logits.device
         teacher = tuple(x.to(dev) if x is not None else None for x in teacher)
-        loss, logs = multiturn_loss(out, batch, cfg, teacher)
+        loss, logs = multiturn_loss(out, batch, cfg, teacher, self.generation_loss)
         stats = {**cos_per_round(out, teacher), "lm_calls": out.round1.n_calls + out.round2.n_calls}
         return LatentCoTOutput(loss, logs, out.round2.logits, out.z1, out, stats)
 

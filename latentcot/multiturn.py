@@ -266,15 +266,18 @@ def round_terms(out, batch: dict, cfg: LatentCoTConfig, teacher=None) -> dict:
         terms["alignment"] = latent_alignment(cfg, teacher, out.latents, out.hidden_states, batch["alignment_positions"], out.latent_mask)
     return terms
 
-def multiturn_loss(out: MultiTurnOutput, batch: dict, cfg: LatentCoTConfig, teacher=(None, None)) -> tuple[torch.Tensor, dict]:
-    "Seed 000: `(CE_1 + w*align(Z0, z0)) + (CE_2 + w*align(Z1, z1))`, and every term as a float."
+def multiturn_loss(out: MultiTurnOutput, batch: dict, cfg: LatentCoTConfig, teacher=(None, None),
+                   generation=None) -> tuple[torch.Tensor, dict]:
+    "Seed 000: `(CE_1 + w*align(Z0, z0)) + (CE_2 + w*align(Z1, z1))` (+ w_g * `generation(Z_r, batch_r, r)`); floats."
     from latentcot.losses import total_loss
     loss, logs = 0.0, {}
     for r, (o, b, t) in enumerate(zip((out.round1, out.round2), (batch["round1"], batch["round2"]), teacher)):
-        l, rep = total_loss(round_terms(o, b, cfg, t), cfg)
+        terms = round_terms(o, b, cfg, t)
+        if generation is not None: terms["generation"] = generation(o.latents, b, r)
+        l, rep = total_loss(terms, cfg)
         loss = loss + l
         logs.update({f"{k}_round{r + 1}": v for k, v in rep.items()})
-    for k in ("ce", "alignment"):
+    for k in ("ce", "alignment", "generation"):
         if f"{k}_round1" in logs: logs[k] = logs[f"{k}_round1"] + logs[f"{k}_round2"]
     return loss, logs
 

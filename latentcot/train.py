@@ -77,9 +77,12 @@ def make_latent_step(cfg: LatentCoTConfig, ids=None, teacher_latent_dir=None, sa
 
 def make_step_fn(stage: str, cfg: LatentCoTConfig, ids=None, teacher_latent_dir=None, samples=None, processor=None,
                  model=None):
-    "The step function of `stage` (`stage1`, `stage2`, `stage3`, `multiturn`)."
+    "The step function of `stage` (`stage1`, `stage2`, `stage3`, `multiturn`, `mmdit`)."
     if stage == "stage1": return stage1_step
     if stage in ("stage2", "stage3"): return make_latent_step(cfg, ids, teacher_latent_dir, samples, processor, model)
+    if stage == "mmdit":
+        from latentcot.mmdit import mmdit_step
+        return mmdit_step
     if stage == "multiturn":
         from latentcot.multiturn import make_multiturn_step
         return make_multiturn_step(cfg, teacher_latent_dir, samples, processor, model, ids)
@@ -88,7 +91,7 @@ def make_step_fn(stage: str, cfg: LatentCoTConfig, ids=None, teacher_latent_dir=
         return unified_step
     raise ValueError(f"stage {stage!r} has no step function yet; available: {sorted(STAGES)}")
 
-STAGES = ("stage1", "stage2", "stage3", "multiturn", "unified")
+STAGES = ("stage1", "stage2", "stage3", "multiturn", "mmdit", "unified")
 
 # %% ../nbs/14_train.ipynb #a9a8909f
 def apply_lora(model: LatentCoTModel, r: int = 16, alpha: int = 32, dropout: float = 0.0) -> LatentCoTModel:
@@ -107,7 +110,8 @@ STAGE_ALIASES = {"sft_stage1": "stage1", "sft_stage2": "stage2", "sft_stage3": "
 @dataclass
 class TrainArgs:
     "The flags of `latentcot.train` besides the config: what to train, from which model and data, into where."
-    stage: Literal["stage1", "stage2", "stage3", "multiturn", "unified", "sft_stage1", "sft_stage2", "sft_stage3"] = field(
+    stage: Literal["stage1", "stage2", "stage3", "multiturn", "mmdit", "unified",
+                   "sft_stage1", "sft_stage2", "sft_stage3"] = field(
         metadata={"help": "the stage to train (sft_stage1/2/3: seed 000's names for stage1/2/3)"})
     output_dir: str = field(metadata={"aliases": ["--save_model_path"], "help": "checkpoints, metrics.jsonl, TensorBoard logs and final/"})
     model_name_or_path: str | None = field(default=None, metadata={"aliases": ["--load_model_path"],
@@ -128,6 +132,9 @@ class TrainArgs:
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     attn_implementation: Literal["sdpa", "eager"] = field(default="sdpa", metadata={"help": "text attention"})
     quiet: bool = field(default=False, metadata={"help": "no progress bars"})
+    mmdit_name_or_path: str | None = field(default=None, metadata={"help": "Qwen-Image-layout folder (transformer/, "
+        "vae/, "
+        "scheduler/; default: the tiny kit): trained by --stage mmdit (--lora: adapters on its attention)"})
     wandb_name: str | None = field(default=None, metadata={"help": "the run's name in the tracker (seed 000); with "
                                                            "report_to tensorboard (the default, offline) the TensorBoard run"})
     shuffle_train: bool = field(default=True, metadata={"help": "shuffle the samples every epoch (seed 000's flag; on by "
@@ -183,6 +190,7 @@ def run_info(args: argparse.Namespace) -> dict:
     "What a resume must keep besides the config (recorded with every checkpoint): stage, model, data, limit, teacher, LoRA."
     info = {k: getattr(args, k, None) for k in ("stage", "model_name_or_path", "data", "limit", "teacher_latent_dir", "lora", "lora_r", "lenient")}
     if getattr(args, "shuffle_train", True) is False: info["shuffle_train"] = False     # the data order a resume must keep
+    if getattr(args, "mmdit_name_or_path", None): info["mmdit_name_or_path"] = args.mmdit_name_or_path   # the generator
     return info
 
 def run(args: argparse.Namespace, cfg: LatentCoTConfig | None = None):
@@ -196,6 +204,9 @@ def run(args: argparse.Namespace, cfg: LatentCoTConfig | None = None):
     args.stage = STAGE_ALIASES.get(args.stage, args.stage)
     if getattr(args, "data", None): args.data = str(data_file(args.data))
     cfg = cfg or config_from_args(args)
+    if args.stage == "mmdit":                 # the generator: its own data and model (latentcot.mmdit)
+        from latentcot.mmdit import run_mmdit_stage
+        return run_mmdit_stage(args, cfg)
     if args.stage == "unified":              # seed 004: its own model and collator (latentcot.unified)
         from latentcot.unified import run_unified_training
         return run_unified_training(args, cfg)
@@ -240,6 +251,9 @@ def run(args: argparse.Namespace, cfg: LatentCoTConfig | None = None):
                   "per-image budgets do not differ in this run")
     step = make_step_fn(args.stage, cfg, ids=ids, teacher_latent_dir=args.teacher_latent_dir, samples=samples,
                         processor=processor, model=model)
+    if cfg.generation_loss_weight > 0:       # seed 000: the flow loss of Z through a frozen MMDiT
+        from latentcot.mmdit import attach_generation_loss
+        attach_generation_loss(model, args.stage, samples, getattr(args, "mmdit_name_or_path", None))
     if args.lora: model = apply_lora(model, r=args.lora_r)
     trackers = () if args.report_to == "none" else (args.report_to,)
     run_name = getattr(args, "wandb_name", None) or args.stage

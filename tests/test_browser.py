@@ -128,6 +128,22 @@ def test_docs_mask_explorer_renders(browser, site_url):
     assert not problems, problems
 
 
+def test_docs_generation_explorer_renders(browser, site_url):
+    page, problems = offline_page(browser, site_url)
+    page.goto(site_url + "mmdit.html")
+    assert wait_for_widgets(page), "mmdit.html has no saved widget view"
+    box = page.locator(".jupyter-widgets.widget-vbox", has=page.locator("img.widget-image")).first
+    box.scroll_into_view_if_needed()
+    image = box.locator("img.widget-image").first
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=image.element_handle())
+    assert box.locator(".widget-slider").count() >= 1, "the generation explorer shows no held-out slider"
+    text = box.inner_text()
+    assert "edit-heldout-" in text and "copy_img0" in text, text[:500]
+    ARTIFACTS.mkdir(exist_ok=True)
+    box.screenshot(path=str(ARTIFACTS / "docs_generation_explorer.png"))
+    assert not problems, problems
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -13,7 +13,7 @@ def test_mmdit_run_writes_the_report(tmp_path):
                         "--sample_steps", "1", "--limit_heldout", "2", "--limit_train", "2", "--quiet"],
                        capture_output=True, text=True, env=ENV, timeout=900, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert {p.name for p in out.iterdir()} == {"bridge", "grid.png", "losses.json", "metrics.json", "table.md", "transformer"}
+    assert {p.name for p in out.iterdir()} == {"bridge", "grid.png", "images", "losses.json", "metrics.json", "table.md", "transformer"}
     m = json.loads((out / "metrics.json").read_text())
     assert set(m["summary"]) == {"teacher", "student", "zeroed", "shuffled", "text", "copy_img0"}
     assert m["summary"]["copy_img0"]["changed"]["mean"] == 0.0
@@ -28,3 +28,38 @@ def test_mmdit_run_writes_the_report(tmp_path):
 def test_mmdit_cli_rejects_unknown_command():
     r = subprocess.run([sys.executable, "-m", "latentcot.mmdit", "bogus"], capture_output=True, text=True, env=ENV, timeout=120)
     assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_generate_cli_round_trip(tmp_path):
+    from PIL import Image
+    from latentcot.datagen import load_edit_records
+    recs = load_edit_records(ROOT / "data_samples" / "edit" / "heldout.jsonl")[:3]
+    one = tmp_path / "one.png"
+    r = subprocess.run([sys.executable, "-m", "latentcot.cli", "generate", "--prompt", recs[0]["prompt"], "--image", recs[0]["img0"],
+                        "--out", str(one), "--num_inference_steps", "2", "--max_new_tokens", "4"],
+                       capture_output=True, text=True, env=ENV, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert Image.open(one).size == (64, 64) and str(one) in r.stdout
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": x["prompt"], "image": x["img0"]}) + "\n" for x in recs))
+    r = subprocess.run([sys.executable, "-m", "latentcot.cli", "generate", "--prompts", str(prompts), "--out", str(tmp_path / "many"),
+                        "--num_inference_steps", "2", "--max_new_tokens", "4", "--batch_size", "2"],
+                       capture_output=True, text=True, env=ENV, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(l) for l in (tmp_path / "many" / "results.jsonl").read_text().splitlines()]
+    assert [x["prompt"] for x in rows] == [x["prompt"] for x in recs]
+    assert all(Image.open(x["out"]).size == (64, 64) and isinstance(x["text"], str) for x in rows)
+    bad = tmp_path / "bad.jsonl"; bad.write_text(json.dumps({"prompt": "x", "image": "nope.png"}) + "\n")
+    r = subprocess.run([sys.executable, "-m", "latentcot.cli", "generate", "--prompts", str(bad), "--out", str(tmp_path / "x")],
+                       capture_output=True, text=True, env=ENV, timeout=120)
+    assert r.returncode != 0 and "bad.jsonl:1: image not found" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "latentcot.cli", "generate", "--prompt", "x", "--out", str(one)],
+                       capture_output=True, text=True, env=ENV, timeout=120)
+    assert r.returncode != 0 and "--prompt needs --image" in r.stderr
+
+
+def test_bench_mmdit_prints_ratios():
+    r = subprocess.run([sys.executable, "-m", "latentcot.cli", "bench", "mmdit", "--n", "2", "--steps", "2,4"],
+                       capture_output=True, text=True, env=ENV, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| 2 |" in r.stdout and "| 4 |" in r.stdout and "one-at-a-time / batched" in r.stdout
