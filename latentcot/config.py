@@ -14,8 +14,8 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 # %% auto #0
 __all__ = ['MASK_FLAGS', 'ALIASES', 'TRAINING_ONLY', 'FAULT_ENV', 'ConfigError', 'LatentCoTConfig', 'parse_value', 'check_config',
            'find_settings', 'read_settings', 'from_mapping', 'load_config', 'SettingsArgs', 'cli_parser',
-           'add_config_args', 'parse_cli', 'config_from_args', 'save_config', 'load_config_json', 'cache_root',
-           'positive_int', 'fault_point']
+           'add_config_args', 'flag_view', 'parse_cli', 'config_from_args', 'save_config', 'load_config_json',
+           'cache_root', 'positive_int', 'fault_point']
 
 # %% ../nbs/00_config.ipynb #364b7187
 class ConfigError(ValueError):
@@ -249,11 +249,29 @@ def _typed(t, f):
     g.name, g.type = f.name, get_type_hints(t)[f.name]
     return g
 
-def parse_cli(parser, argv=None, arg_types=()) -> tuple:
-    "Parse `argv`: one instance per command dataclass in `arg_types`, then the `LatentCoTConfig` (flags over settings.ini)."
+def flag_view(cls, rename: dict[str, str] | None = None, skip=(), name: str | None = None):
+    """A dataclass of `cls`'s fields for a command whose own flags already use some of their names: `rename` maps a
+    field to another flag name, `skip` leaves fields to the command. `.build(**fields)` on its instance gives `cls`."""
+    rename, hints = rename or {}, get_type_hints(cls)
+    def spec(f):
+        kw = {"default": f.default} if f.default is not dataclasses.MISSING else {"default_factory": f.default_factory}
+        return rename.get(f.name, f.name), hints[f.name], dataclasses.field(metadata=f.metadata, **kw)
+    back = {v: k for k, v in rename.items()}
+    def build(self, **extra):
+        "The `cls` these flags stand for, with the fields the command sets itself or overrides (`extra`)."
+        return cls(**{**{back.get(f.name, f.name): getattr(self, f.name) for f in fields(self)}, **extra})
+    return dataclasses.make_dataclass(name or f"{cls.__name__}Flags",
+                                      [spec(f) for f in fields(cls) if f.init and f.name not in skip],
+                                      namespace={"build": build, "__doc__": f"Flags of `{cls.__name__}`."})
+
+def parse_cli(parser, argv=None, arg_types=None) -> tuple:
+    """Parse `argv` (unknown flags and values a dataclass refuses are usage errors): one instance per command dataclass (`arg_types`, default: the
+    parser's own), then, if the parser has them, the `LatentCoTConfig` (flags over settings.ini)."""
     ns = parser.parse_args(argv)
-    outs = [t(**{f.name: getattr(ns, f.name) for f in fields(t) if f.init}) for t in arg_types]
-    return (*outs, config_from_args(ns))
+    types = [t for t in parser.dataclass_types if t not in (SettingsArgs, LatentCoTConfig)] if arg_types is None else arg_types
+    try: outs = [t(**{f.name: getattr(ns, f.name) for f in fields(t) if f.init}) for t in types]
+    except ValueError as e: parser.error(str(e))  # a dataclass's own check (e.g. MeanFlowConfig's), as a usage error
+    return (*outs, config_from_args(ns)) if LatentCoTConfig in parser.dataclass_types else tuple(outs)
 
 def config_from_args(args) -> LatentCoTConfig:
     "The config from `--settings` (or the default file) overridden by the flags actually given."
