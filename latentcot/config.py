@@ -67,7 +67,7 @@ class LatentCoTConfig:
     max_img_tokens: int = field(default=1280, metadata={"help": "most merged tokens per image"})
     sft_stage1_img_tokens: int = field(default=1280, metadata={"help": "image-token budget of a stage-1 sample"})
     sft_stage2_img_tokens: int = field(default=1280, metadata={"help": "image-token budget of a stage-2 (teacher) sample; stage 3 sizes as stage 2"})
-    sft_stage3_img_tokens: int = field(default=1280, metadata={"help": "caps the question images of every stage (student and teacher see the same question pixels)"})
+    sft_stage3_img_tokens: int = field(default=0, metadata={"help": "seed 001's key, refused unless 0 or equal to sft_stage2_img_tokens: stage 3 sizes its images as the teacher (stage 2) does, so both see the same question pixels"})
     # training
     epochs: int = field(default=1, metadata={"help": "passes over the data (unless --max_steps)"})
     bsz: int = field(default=1, metadata={"help": "samples per micro-batch per process"})
@@ -140,8 +140,12 @@ def check_config(cfg: LatentCoTConfig, source: str = "<config>"):
     for k in ("latent_stop_threshold", "latent_stop_threshold_start", "latent_stop_rho", "latent_null_scale"):
         if not 0 <= getattr(cfg, k) <= 1: bad(k, "must lie in [0, 1]")
     for k in ("latent_size", "k_max", "epochs", "bsz", "grad_accum_steps", "max_length", "max_img_tokens",
-              "sft_stage1_img_tokens", "sft_stage2_img_tokens", "sft_stage3_img_tokens"):
+              "sft_stage1_img_tokens", "sft_stage2_img_tokens"):
         if getattr(cfg, k) < 1: bad(k, "must be >= 1")
+    if cfg.sft_stage3_img_tokens not in (0, cfg.sft_stage2_img_tokens):
+        bad("sft_stage3_img_tokens", "stage 3 has no image budget of its own: its latents are aligned to the teacher's, "
+            "so it sizes its question images as the teacher (stage 2 / precompute) does and both see the same pixels; "
+            "set sft_stage2_img_tokens, which stage 3 follows (0 or that value here)")
     for k in ("latent_stop_loss_weight", "latent_cost_weight", "alignment_weight", "ce_emphasize_factor",
               "emphasize_latent_weight", "learning_rate", "weight_decay", "warmup_steps", "latent_stop_threshold_steps"):
         if getattr(cfg, k) < 0: bad(k, "must be >= 0")
