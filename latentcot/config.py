@@ -67,7 +67,9 @@ class LatentCoTConfig:
     max_img_tokens: int = field(default=1280, metadata={"help": "most merged tokens per image"})
     sft_stage1_img_tokens: int = field(default=1280, metadata={"help": "image-token budget of a stage-1 sample"})
     sft_stage2_img_tokens: int = field(default=1280, metadata={"help": "image-token budget of a stage-2 (teacher) sample; stage 3 sizes as stage 2"})
-    sft_stage3_img_tokens: int = field(default=0, metadata={"help": "seed 001's key, refused unless 0 or equal to sft_stage2_img_tokens: stage 3 sizes its images as the teacher (stage 2) does, so both see the same question pixels"})
+    sft_stage3_img_tokens: int = field(default=0, metadata={
+        "help": "seed 001's key, refused unless 0 or equal to sft_stage2_img_tokens: stage 3 sizes its images as the "
+                "teacher (stage 2) does, so both see the same question pixels"})
     # training
     epochs: int = field(default=1, metadata={"help": "passes over the data (unless --max_steps)"})
     bsz: int = field(default=1, metadata={"help": "samples per micro-batch per process"})
@@ -143,7 +145,8 @@ def check_config(cfg: LatentCoTConfig, source: str = "<config>"):
               "sft_stage1_img_tokens", "sft_stage2_img_tokens"):
         if getattr(cfg, k) < 1: bad(k, "must be >= 1")
     if cfg.sft_stage3_img_tokens not in (0, cfg.sft_stage2_img_tokens):
-        bad("sft_stage3_img_tokens", "stage 3 has no image budget of its own: its latents are aligned to the teacher's, "
+        bad("sft_stage3_img_tokens", "stage 3 has no image budget of its own: its latents are aligned to the "
+            "teacher's, "
             "so it sizes its question images as the teacher (stage 2 / precompute) does and both see the same pixels; "
             "set sft_stage2_img_tokens, which stage 3 follows (0 or that value here)")
     for k in ("latent_stop_loss_weight", "latent_cost_weight", "alignment_weight", "ce_emphasize_factor",
@@ -269,10 +272,11 @@ def flag_view(cls, rename: dict[str, str] | None = None, skip=(), name: str | No
                                       namespace={"build": build, "__doc__": f"Flags of `{cls.__name__}`."})
 
 def parse_cli(parser, argv=None, arg_types=None) -> tuple:
-    """Parse `argv` (unknown flags and values a dataclass refuses are usage errors): one instance per command dataclass (`arg_types`, default: the
-    parser's own), then, if the parser has them, the `LatentCoTConfig` (flags over settings.ini)."""
+    """Parse `argv` (unknown flags and values a dataclass refuses are usage errors): one instance per command
+    dataclass (`arg_types`, default: the parser's own), then, if the parser has them, the `LatentCoTConfig`."""
     ns = parser.parse_args(argv)
-    types = [t for t in parser.dataclass_types if t not in (SettingsArgs, LatentCoTConfig)] if arg_types is None else arg_types
+    own = [t for t in parser.dataclass_types if t not in (SettingsArgs, LatentCoTConfig)]
+    types = own if arg_types is None else arg_types
     try: outs = [t(**{f.name: getattr(ns, f.name) for f in fields(t) if f.init}) for t in types]
     except ValueError as e: parser.error(str(e))  # a dataclass's own check (e.g. MeanFlowConfig's), as a usage error
     return (*outs, config_from_args(ns)) if LatentCoTConfig in parser.dataclass_types else tuple(outs)

@@ -400,9 +400,11 @@ class DatagenArgs:
     out: str = field(default="data_samples", metadata={"help": "output directory"})
     seed: int = field(default=0, metadata={"help": "seed of every scene, question and edit"})
     n_train: int = field(default=160, metadata={"help": "visual/chat training samples"})
-    n_heldout: int = field(default=200, metadata={"help": "visual/chat held-out samples (200: the main job reports 95%% intervals on them)"})
+    n_heldout: int = field(default=200, metadata={
+        "help": "visual/chat held-out samples (200: the main job reports 95%% intervals on them)"})
     text: bool = field(default=True, metadata={"help": "also write the text sets of latentcot.textdata (--no-text: do not)"})
-    max_kinds: int = field(default=3, metadata={"help": "ask at most this many kinds per question (a variant)", "choices": (1, 2, 3)})
+    max_kinds: int = field(default=3, metadata={
+        "help": "ask at most this many kinds per question (a variant)", "choices": (1, 2, 3)})
     canonical_thoughts: bool = field(default=False, metadata={
         "help": "thought images draw the count plainly (the kind's objects in the first cells; a variant)"})
 

@@ -52,8 +52,10 @@ def run_demo(model_name_or_path: str | None = None, data: str | Path | None = No
 @dataclass
 class DemoArgs:
     "Flags of `latentcot demo`."
-    model_name_or_path: str | None = field(default=None, metadata={"help": "model dir or hub id (default: the tiny offline kit)"})
-    data: str | None = field(default=None, metadata={"help": "JSONL (seed 001) or chat JSON (seed 000); default data_samples/visual/train.jsonl"})
+    model_name_or_path: str | None = field(default=None, metadata={
+        "help": "model dir or hub id (default: the tiny offline kit)"})
+    data: str | None = field(default=None, metadata={
+        "help": "JSONL (seed 001) or chat JSON (seed 000); default data_samples/visual/train.jsonl"})
     bsz: int = field(default=4, metadata={"help": "samples in the one batch"})
 
 def demo_main(argv: list[str] | None = None) -> int:

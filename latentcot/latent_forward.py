@@ -132,7 +132,7 @@ def _padded_mask(M, attention_mask):
     return Mx
 
 def _block_mask(Mx, q, k):
-    "Mask `[B,1,W,C]` of queries `q` `[B,W]` over keys `k` `[B,C]` (original positions, `L` = padding) of `_padded_mask`."
+    "Mask `[B,1,W,C]` of queries `q` `[B,W]` over keys `k` `[B,C]` (original positions, `L` = padding) from `Mx`."
     B, W = q.shape
     C = k.shape[1]
     m = Mx.gather(1, q[:, :, None].expand(B, W, Mx.shape[-1])).gather(2, k[:, None, :].expand(B, W, C))
@@ -312,11 +312,11 @@ def latent_rollout(model, batch, latent_grad: str = "detach", stop_head=None, st
             W = max(map(len, chunks))
             if W == 0: break
             opens = [b for b, c in enumerate(chunks) if c and c[0] in lat[b]]
-            qa = torch.tensor([[[L] * (W - len(c)) + c for c in chunks],                    # original positions (L: padding)
+            qa = torch.tensor([[[L] * (W - len(c)) + c for c in chunks],                   # original positions, L: pad
                                [[0] * (W - len(c)) + ([int(b in opens)] + [0] * (len(c) - 1) if c else []) for b, c in enumerate(chunks)]],
                               dtype=torch.long, device=dev)                                   # the opening latent's column
             q, at = qa[0], qa[1].bool()
-            qc = q.clamp(max=L - 1)   # padding columns read position L-1's embedding and position: they are invisible anyway
+            qc = q.clamp(max=L - 1)   # padding columns read position L-1's embedding and position: invisible anyway
             x = emb.gather(1, qc[..., None].expand(B, W, H))
             if opens:                                  # the pending latent goes into the chunk's first column
                 zs.append(pending)

@@ -30,10 +30,15 @@ __all__ = ['LLaDAArgs', 'llada_info', 'MeanFlowArgs', 'meanflow_parser', 'main']
 @dataclass
 class LLaDAArgs:
     "The `--llada` flags shared by training and the benchmark."
-    llada: str | None = field(default=None, metadata={"help": "a real LLaDA checkpoint (hub id or local dir) instead of the tiny teacher; needs --trust-remote-code"})
-    trust_remote_code: bool = field(default=False, metadata={"help": "--llada: allow LLaDA's hub modeling code to run"})
-    local_files_only: bool = field(default=False, metadata={"help": "--llada: do not contact the hub, use local files only"})
-    canvas: int = field(default=64, metadata={"help": "--llada: canvas length in tokens (the tiny teacher uses its recipe's)"})
+    llada: str | None = field(default=None, metadata={
+        "help": "a real LLaDA checkpoint (hub id or local dir) instead of the tiny teacher; needs "
+                "--trust-remote-code"})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "--llada: allow LLaDA's hub modeling code to run"})
+    local_files_only: bool = field(default=False, metadata={
+        "help": "--llada: do not contact the hub, use local files only"})
+    canvas: int = field(default=64, metadata={
+        "help": "--llada: canvas length in tokens (the tiny teacher uses its recipe's)"})
 
 # %% ../nbs/20i_meanflow.ipynb #68a099b2
 def llada_info(name: str, canvas: int = 64) -> dict:
@@ -44,11 +49,14 @@ def llada_info(name: str, canvas: int = 64) -> dict:
 @dataclass
 class MeanFlowArgs:
     "Flags of `python -m latentcot.meanflow` besides the `--llada` ones and the `MeanFlowConfig` fields."
-    out: str = field(metadata={"help": "directory for soft_prompt.safetensors + meanflow.json, and the run's metrics.jsonl "
+    out: str = field(metadata={"help": "directory for soft_prompt.safetensors + meanflow.json, and the run's "
+                                       "metrics.jsonl "
                                        "and checkpoints (a rerun resumes from the newest checkpoint)"})
     save_every: int = field(default=100, metadata={"help": "checkpoint every N steps (0: only at the end)"})
-    resume: bool = field(default=True, metadata={"help": "continue from the newest checkpoint in --out (--no-resume: start again)"})
-    teacher: str | None = field(default=None, metadata={"help": "a saved teacher directory (default: the cached tiny teacher, trained if missing)"})
+    resume: bool = field(default=True, metadata={
+        "help": "continue from the newest checkpoint in --out (--no-resume: start again)"})
+    teacher: str | None = field(default=None, metadata={
+        "help": "a saved teacher directory (default: the cached tiny teacher, trained if missing)"})
 
 def meanflow_parser():
     "Arguments of `python -m latentcot.meanflow`: `MeanFlowArgs`, `LLaDAArgs` and every `MeanFlowConfig` field."

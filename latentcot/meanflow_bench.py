@@ -691,7 +691,8 @@ class BenchMeanFlowArgs:
     "Flags of `latentcot bench meanflow` (its `--steps` are the teacher's; the distillation's are `--distill-steps`)."
     out: str = field(default="meanflow-bench", metadata={"help": "directory for metrics.json and the PNG plots"})
     n: int = field(default=64, metadata={"help": "batch size of every generation run"})
-    teacher_steps: str = field(default="1,2,4,8,16,64", metadata={"help": "teacher step counts", "aliases": ["--steps"]})
+    teacher_steps: str = field(default="1,2,4,8,16,64", metadata={
+        "help": "teacher step counts", "aliases": ["--steps"]})
     student_steps: str = field(default="1,2,4", metadata={"help": "student step counts"})
     temperature: float = field(default=1.0, metadata={"help": "temperature of every sampled run (0: argmax)"})
     settings: str = field(default=",".join(BENCH_SETTINGS), metadata={
@@ -704,19 +705,24 @@ class BenchMeanFlowArgs:
     student: str | None = field(default=None, metadata={
         "help": "benchmark this saved student (python -m latentcot.meanflow --out DIR) instead of distilling one"})
     marginal_samples: int = field(default=0, metadata={
-        "help": "K > 0: also sample independently from the per-position marginals of K teacher samples per row (slow)"})
+        "help": "K > 0: also sample independently from the per-position marginals of K teacher samples per row "
+                "(slow)"})
     optimum_steps: int = field(default=32, metadata={"help": "Euler steps of the loss's optimum (mf-optimum runs)"})
     device: str | None = field(default=None, metadata={
         "help": "--llada: where to run it (default: cuda if available, else cpu); the tiny teacher runs on cpu"})
-    seed: int = field(default=0, metadata={"help": "seed of the distillation (when there is no --student) and of every generation run"})
-    quick: bool = field(default=False, metadata={"help": "a tiny teacher and a few steps: a smoke test, not a measurement"})
-    cache: str | None = field(default=None, metadata={"help": "cache directory (default $LATENTCOT_CACHE or ~/.cache/latentcot)"})
+    seed: int = field(default=0, metadata={
+        "help": "seed of the distillation (when there is no --student) and of every generation run"})
+    quick: bool = field(default=False, metadata={
+        "help": "a tiny teacher and a few steps: a smoke test, not a measurement"})
+    cache: str | None = field(default=None, metadata={
+        "help": "cache directory (default $LATENTCOT_CACHE or ~/.cache/latentcot)"})
     threads: int = field(default=0, metadata={
-        "help": "torch threads for the whole run (0: torch's default); 1 is fastest for this tiny model on a busy machine"})
+        "help": "torch threads for the whole run (0: torch's default); 1 is fastest for this tiny model on a busy "
+                "machine"})
 
-# the distillation's settings, minus the ones the bench names itself (its --seed serves both; --steps are the teacher's)
+# the distillation's settings minus those the bench names itself (its --seed serves both; --steps are the teacher's)
 DistillFlags = flag_view(MeanFlowConfig, rename={"steps": "distill_steps"}, skip=("seed",), name="DistillFlags")
-DistillFlags._argument_group_name = "distillation of the student (MeanFlowConfig; not with --student, which brings its own)"
+DistillFlags._argument_group_name = "distillation (MeanFlowConfig; not with --student, which brings its own)"
 
 def bench_parser():
     "Arguments of `latentcot bench meanflow`: `BenchMeanFlowArgs`, `LLaDAArgs` and the distillation's `DistillFlags`."

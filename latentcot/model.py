@@ -196,7 +196,7 @@ class LatentCoTModel(nn.Module):
 
     def generate(self, batch: dict, budget=8, max_new_tokens: int = 32, stop_threshold: float | None = None,
                  eos_token_id=None, text_hidden=None):
-        "Greedy routed decoding of a left-padded prompt batch (`routed_generate`): latents where the model opens a segment."
+        "Greedy routed decoding of a left-padded prompt batch (`routed_generate`): latents where the model opens one."
         thr = self._threshold(stop_threshold)
         return routed_generate(self.vlm, batch, budget, max_new_tokens, thr, eos_token_id, text_hidden,
                                self.stop_head if thr is not None else None)

@@ -48,7 +48,8 @@ def _swap_latents(rollout, latents):
     import dataclasses
     return dataclasses.replace(rollout, latents=latents)
 
-def evaluate(model, processor, ids, samples, teacher_dir=None, bsz: int = 8, seed: int = 0, conditions=CONDITIONS) -> dict:
+def evaluate(model, processor, ids, samples, teacher_dir=None, bsz: int = 8, seed: int = 0,
+             conditions=CONDITIONS) -> dict:
     """Held-out greedy exact match per latent condition (per-sample `hits`), latent usage and the latents themselves,
     of a `LatentCoTModel` (its config: budgets, masks, mode; mode C halts with its stop head)."""
     from latentcot.collators import LatentCollator
@@ -161,8 +162,8 @@ def prompt_batch(model, processor, samples, cfg: LatentCoTConfig) -> dict:
     return batch
 
 def free_generation(model, processor, ids, samples, bsz: int = 8, max_new_tokens: int = 96) -> dict:
-    """The routed path as a user runs a `LatentCoTModel` (`model.generate`): it decides `<abs_vis_token>`, thinks (halts
-    in mode C), answers; scored after `####`."""
+    """The routed path as a user runs a `LatentCoTModel` (`model.generate`): it decides `<abs_vis_token>`, thinks
+    (halts in mode C), answers; scored after `####`."""
     from latentcot.collators import LatentCollator
     from latentcot.datagen import score_answer
     cfg = model.cfg

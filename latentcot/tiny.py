@@ -277,7 +277,8 @@ def calibrated_kit_path(cache_dir=None) -> Path:
 @dataclass
 class KitArgs:
     "Flags of `latentcot kit`."
-    cache_dir: str | None = field(default=None, metadata={"help": "cache root (default $LATENTCOT_CACHE or ~/.cache/latentcot)"})
+    cache_dir: str | None = field(default=None, metadata={
+        "help": "cache root (default $LATENTCOT_CACHE or ~/.cache/latentcot)"})
     out: str | None = field(default=None, metadata={"help": "build into this directory instead of the cache"})
     seed: int = field(default=0, metadata={"help": "weight seed (only with --out; the cached kit uses 0)"})
     force: bool = field(default=False, metadata={"help": "rebuild even if a matching kit exists"})
@@ -285,7 +286,8 @@ class KitArgs:
 def kit_main(argv: list[str] | None = None) -> int:
     "CLI `latentcot kit [--cache-dir D] [--out DIR] [--seed N] [--force]`: build or find the tiny kit, print its path."
     from latentcot.config import cli_parser, parse_cli
-    ap = cli_parser(KitArgs, config=False, prog="latentcot kit", description="Build (or find) the offline tiny Qwen2.5-VL kit.")
+    ap = cli_parser(KitArgs, config=False, prog="latentcot kit",
+                    description="Build (or find) the offline tiny Qwen2.5-VL kit.")
     (a,) = parse_cli(ap, argv)
     if a.out: path = build_tiny_kit(a.out, seed=a.seed, force=a.force)
     elif a.seed: ap.error("--seed needs --out: the cached kit always uses seed 0")
