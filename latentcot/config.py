@@ -279,7 +279,9 @@ def parse_cli(parser, argv=None, arg_types=None) -> tuple:
     types = own if arg_types is None else arg_types
     try: outs = [t(**{f.name: getattr(ns, f.name) for f in fields(t) if f.init}) for t in types]
     except ValueError as e: parser.error(str(e))  # a dataclass's own check (e.g. MeanFlowConfig's), as a usage error
-    return (*outs, config_from_args(ns)) if LatentCoTConfig in parser.dataclass_types else tuple(outs)
+    if LatentCoTConfig not in parser.dataclass_types: return tuple(outs)
+    try: return (*outs, config_from_args(ns))
+    except ConfigError as e: parser.error(str(e))  # a bad flag or settings value: a usage error naming where it came from
 
 def config_from_args(args) -> LatentCoTConfig:
     "The config from `--settings` (or the default file) overridden by the flags actually given."
