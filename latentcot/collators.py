@@ -119,12 +119,12 @@ def fit_tokens(sizes, budget: int, cap: int, ip) -> list[tuple[int, int]]:
 def stage_img_tokens(cfg: LatentCoTConfig, stage: str) -> int:
     "The per-sample image-token budget of `stage`."
     return {"stage1": cfg.sft_stage1_img_tokens, "precompute": cfg.sft_stage2_img_tokens,
-            "stage2": cfg.sft_stage2_img_tokens, "stage3": cfg.sft_stage3_img_tokens}[stage]
+            "stage2": cfg.sft_stage2_img_tokens, "stage3": cfg.sft_stage2_img_tokens}[stage]
 
 def question_image_sizes(sizes, cfg: LatentCoTConfig, ip) -> list[tuple[int, int]]:
     "Target sizes of a sample's question images: depends on the images and the config only, never on the stage."
     if cfg.image_resize == "clear_question_img": return fit_tokens(sizes, cfg.max_img_tokens * len(sizes), cfg.max_img_tokens, ip)
-    shared = min(cfg.max_img_tokens, cfg.sft_stage1_img_tokens, cfg.sft_stage2_img_tokens, cfg.sft_stage3_img_tokens)
+    shared = min(cfg.max_img_tokens, cfg.sft_stage1_img_tokens, cfg.sft_stage2_img_tokens)
     return fit_tokens(sizes, shared, cfg.max_img_tokens, ip)
 
 def thought_image_sizes(sizes, question_tokens: int, cfg: LatentCoTConfig, ip, stage: str) -> list[tuple[int, int]]:

@@ -14,8 +14,8 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 # %% auto #0
 __all__ = ['MASK_FLAGS', 'ALIASES', 'TRAINING_ONLY', 'FAULT_ENV', 'ConfigError', 'LatentCoTConfig', 'parse_value', 'check_config',
            'find_settings', 'read_settings', 'from_mapping', 'load_config', 'SettingsArgs', 'cli_parser',
-           'add_config_args', 'parse_cli', 'config_from_args', 'save_config', 'load_config_json', 'cache_root',
-           'positive_int', 'fault_point']
+           'add_config_args', 'flag_view', 'parse_cli', 'config_from_args', 'save_config', 'load_config_json',
+           'cache_root', 'positive_int', 'fault_point']
 
 # %% ../nbs/00_config.ipynb #364b7187
 class ConfigError(ValueError):
@@ -70,7 +70,9 @@ class LatentCoTConfig:
     max_img_tokens: int = field(default=1280, metadata={"help": "most merged tokens per image"})
     sft_stage1_img_tokens: int = field(default=1280, metadata={"help": "image-token budget of a stage-1 sample"})
     sft_stage2_img_tokens: int = field(default=1280, metadata={"help": "image-token budget of a stage-2 (teacher) sample; stage 3 sizes as stage 2"})
-    sft_stage3_img_tokens: int = field(default=1280, metadata={"help": "caps the question images of every stage (student and teacher see the same question pixels)"})
+    sft_stage3_img_tokens: int = field(default=0, metadata={
+        "help": "seed 001's key, refused unless 0 or equal to sft_stage2_img_tokens: stage 3 sizes its images as the "
+                "teacher (stage 2) does, so both see the same question pixels"})
     # training
     epochs: int = field(default=1, metadata={"help": "passes over the data (unless --max_steps)"})
     bsz: int = field(default=1, metadata={"help": "samples per micro-batch per process"})
@@ -144,8 +146,13 @@ def check_config(cfg: LatentCoTConfig, source: str = "<config>"):
     for k in ("latent_stop_threshold", "latent_stop_threshold_start", "latent_stop_rho", "latent_null_scale"):
         if not 0 <= getattr(cfg, k) <= 1: bad(k, "must lie in [0, 1]")
     for k in ("latent_size", "k_max", "epochs", "bsz", "grad_accum_steps", "max_length", "max_img_tokens",
-              "sft_stage1_img_tokens", "sft_stage2_img_tokens", "sft_stage3_img_tokens"):
+              "sft_stage1_img_tokens", "sft_stage2_img_tokens"):
         if getattr(cfg, k) < 1: bad(k, "must be >= 1")
+    if cfg.sft_stage3_img_tokens not in (0, cfg.sft_stage2_img_tokens):
+        bad("sft_stage3_img_tokens", "stage 3 has no image budget of its own: its latents are aligned to the "
+            "teacher's, "
+            "so it sizes its question images as the teacher (stage 2 / precompute) does and both see the same pixels; "
+            "set sft_stage2_img_tokens, which stage 3 follows (0 or that value here)")
     for k in ("latent_stop_loss_weight", "latent_cost_weight", "alignment_weight", "ce_emphasize_factor",
               "emphasize_latent_weight", "learning_rate", "weight_decay", "warmup_steps", "latent_stop_threshold_steps"):
         if getattr(cfg, k) < 0: bad(k, "must be >= 0")
@@ -253,11 +260,32 @@ def _typed(t, f):
     g.name, g.type = f.name, get_type_hints(t)[f.name]
     return g
 
-def parse_cli(parser, argv=None, arg_types=()) -> tuple:
-    "Parse `argv`: one instance per command dataclass in `arg_types`, then the `LatentCoTConfig` (flags over settings.ini)."
+def flag_view(cls, rename: dict[str, str] | None = None, skip=(), name: str | None = None):
+    """A dataclass of `cls`'s fields for a command whose own flags already use some of their names: `rename` maps a
+    field to another flag name, `skip` leaves fields to the command. `.build(**fields)` on its instance gives `cls`."""
+    rename, hints = rename or {}, get_type_hints(cls)
+    def spec(f):
+        kw = {"default": f.default} if f.default is not dataclasses.MISSING else {"default_factory": f.default_factory}
+        return rename.get(f.name, f.name), hints[f.name], dataclasses.field(metadata=f.metadata, **kw)
+    back = {v: k for k, v in rename.items()}
+    def build(self, **extra):
+        "The `cls` these flags stand for, with the fields the command sets itself or overrides (`extra`)."
+        return cls(**{**{back.get(f.name, f.name): getattr(self, f.name) for f in fields(self)}, **extra})
+    return dataclasses.make_dataclass(name or f"{cls.__name__}Flags",
+                                      [spec(f) for f in fields(cls) if f.init and f.name not in skip],
+                                      namespace={"build": build, "__doc__": f"Flags of `{cls.__name__}`."})
+
+def parse_cli(parser, argv=None, arg_types=None) -> tuple:
+    """Parse `argv` (unknown flags and values a dataclass refuses are usage errors): one instance per command
+    dataclass (`arg_types`, default: the parser's own), then, if the parser has them, the `LatentCoTConfig`."""
     ns = parser.parse_args(argv)
-    outs = [t(**{f.name: getattr(ns, f.name) for f in fields(t) if f.init}) for t in arg_types]
-    return (*outs, config_from_args(ns))
+    own = [t for t in parser.dataclass_types if t not in (SettingsArgs, LatentCoTConfig)]
+    types = own if arg_types is None else arg_types
+    try: outs = [t(**{f.name: getattr(ns, f.name) for f in fields(t) if f.init}) for t in types]
+    except ValueError as e: parser.error(str(e))  # a dataclass's own check (e.g. MeanFlowConfig's), as a usage error
+    if LatentCoTConfig not in parser.dataclass_types: return tuple(outs)
+    try: return (*outs, config_from_args(ns))
+    except ConfigError as e: parser.error(str(e))  # a bad flag or settings value: a usage error naming where it came from
 
 def config_from_args(args) -> LatentCoTConfig:
     "The config from `--settings` (or the default file) overridden by the flags actually given."

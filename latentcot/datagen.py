@@ -6,7 +6,7 @@ Docs: https://latentcot.github.io/latentcot/datagen.html.md"""
 
 # %% ../nbs/04_datagen.ipynb #41891fae
 from __future__ import annotations
-import argparse, json, os, random, re, shutil, tempfile
+import json, os, random, re, shutil, tempfile
 from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
@@ -18,7 +18,7 @@ __all__ = ['COLORS', 'SHAPES', 'KINDS', 'GRID', 'QUESTION_SIZE', 'THOUGHT_SIZES'
            'make_answer', 'sample_scene', 'canonical_thought', 'make_visual_split', 'visual_to_chat', 'visual_counts',
            'thought_counts', 'verify_visual', 'answer_from_output', 'score_answer', 'apply_edit', 'edit_phrase',
            'make_prompt', 'make_reflections', 'make_edit_split', 'parse_edit_prompt', 'verify_edit',
-           'load_edit_records', 'write_triplet_parquet', 'generate_all', 'main']
+           'load_edit_records', 'write_triplet_parquet', 'generate_all', 'DatagenArgs', 'main']
 
 # %% ../nbs/04_datagen.ipynb #7d11506a
 COLORS = {"red": (220, 50, 47), "green": (40, 160, 60), "blue": (38, 98, 214)}
@@ -391,21 +391,30 @@ def generate_all(out_dir, seed: int = 0, n_train: int = 160, n_heldout: int = 20
         else: write_text_sets(out / "text", seed); counts["text"] = "latentcot.textdata"
     return counts
 
+# %% ../nbs/04_datagen.ipynb #datagenargs
+from dataclasses import dataclass, field
+
+@dataclass
+class DatagenArgs:
+    "Flags of `latentcot datagen`."
+    out: str = field(default="data_samples", metadata={"help": "output directory"})
+    seed: int = field(default=0, metadata={"help": "seed of every scene, question and edit"})
+    n_train: int = field(default=160, metadata={"help": "visual/chat training samples"})
+    n_heldout: int = field(default=200, metadata={
+        "help": "visual/chat held-out samples (200: the main job reports 95%% intervals on them)"})
+    text: bool = field(default=True, metadata={"help": "also write the text sets of latentcot.textdata (--no-text: do not)"})
+    max_kinds: int = field(default=3, metadata={
+        "help": "ask at most this many kinds per question (a variant)", "choices": (1, 2, 3)})
+    canonical_thoughts: bool = field(default=False, metadata={
+        "help": "thought images draw the count plainly (the kind's objects in the first cells; a variant)"})
+
 # %% ../nbs/04_datagen.ipynb #f31064af
 def main(argv: list[str] | None = None) -> int:
     "CLI: regenerate `data_samples/` deterministically."
-    ap = argparse.ArgumentParser(prog="latentcot datagen", description="Regenerate data_samples/ deterministically.")
-    ap.add_argument("--out", default="data_samples", help="output directory (default: data_samples)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--n-train", type=int, default=160)
-    ap.add_argument("--n-heldout", type=int, default=200, help="visual/chat held-out samples (200: the main job reports 95%% intervals on them)")
-    ap.add_argument("--no-text", action="store_true", help="do not call latentcot.textdata")
-    ap.add_argument("--max-kinds", type=int, default=3, choices=(1, 2, 3),
-                    help="ask at most this many kinds per question (a variant; default 3)")
-    ap.add_argument("--canonical-thoughts", action="store_true",
-                    help="thought images draw the count plainly (the kind's objects in the first cells; a variant)")
-    a = ap.parse_args(argv)
-    counts = generate_all(a.out, a.seed, a.n_train, a.n_heldout, text=not a.no_text, max_kinds=a.max_kinds,
+    from latentcot.config import cli_parser, parse_cli
+    (a,) = parse_cli(cli_parser(DatagenArgs, config=False, prog="latentcot datagen",
+                                description="Regenerate data_samples/ deterministically."), argv)
+    counts = generate_all(a.out, a.seed, a.n_train, a.n_heldout, text=a.text, max_kinds=a.max_kinds,
                           canonical_thoughts=a.canonical_thoughts)
     print(f"wrote {a.out}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
     return 0

@@ -6,11 +6,12 @@ Docs: https://latentcot.github.io/latentcot/demo.html.md"""
 
 # %% ../nbs/10_demo.ipynb #b91b4e81
 from __future__ import annotations
-import argparse, time
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['default_data_dir', 'demo_batch', 'run_demo', 'demo_main']
+__all__ = ['default_data_dir', 'demo_batch', 'run_demo', 'DemoArgs', 'demo_main']
 
 # %% ../nbs/10_demo.ipynb #bf9c38a8
 def default_data_dir() -> Path:
@@ -48,13 +49,19 @@ def run_demo(model_name_or_path: str | None = None, data: str | Path | None = No
                 loss=float(out.loss), finite=bool(torch.isfinite(out.logits).all()),
                 latent_token_id=model.config.latent_token_id, seconds=time.perf_counter() - t0)
 
+@dataclass
+class DemoArgs:
+    "Flags of `latentcot demo`."
+    model_name_or_path: str | None = field(default=None, metadata={
+        "help": "model dir or hub id (default: the tiny offline kit)"})
+    data: str | None = field(default=None, metadata={
+        "help": "JSONL (seed 001) or chat JSON (seed 000); default data_samples/visual/train.jsonl"})
+    bsz: int = field(default=4, metadata={"help": "samples in the one batch"})
+
 def demo_main(argv: list[str] | None = None) -> int:
     "CLI `latentcot demo [--model_name_or_path P] [--data F] [--bsz N]`."
-    ap = argparse.ArgumentParser(prog="latentcot demo", description=__doc__)
-    ap.add_argument("--model_name_or_path", default=None, help="model dir or hub id (default: the tiny offline kit)")
-    ap.add_argument("--data", default=None, help="JSONL (seed 001) or chat JSON (seed 000); default data_samples/visual/train.jsonl")
-    ap.add_argument("--bsz", type=int, default=4)
-    a = ap.parse_args(argv)
+    from latentcot.config import cli_parser, parse_cli
+    (a,) = parse_cli(cli_parser(DemoArgs, config=False, prog="latentcot demo", description=__doc__), argv)
     s = run_demo(a.model_name_or_path, a.data, a.bsz)
     w = max(map(len, s))
     print("latentcot demo\n" + "\n".join(f"  {k:<{w}}  {v:.4f}" if isinstance(v, float) else f"  {k:<{w}}  {v}" for k, v in s.items()))

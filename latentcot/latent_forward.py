@@ -122,18 +122,22 @@ def for_backend(model, mask, dtype, impl: str | None = None):
     if "flash" in impl: raise ValueError(f"attention '{impl}' cannot take a custom 4D mask: load the model with sdpa or eager")
     return {"full_attention": to_additive(mask, dtype) if impl == "eager" else mask}
 
-def _block_mask(M, q, k, k_valid):
-    "Mask `[B,1,W,C]` of queries `q` `[B,W]` over keys `k` `[B,C]` (original positions, -1 = padding; `k_valid = k >= 0`)."
+def _padded_mask(M, attention_mask):
+    """The 4D mask as bool `[B,L+1,L+1]` whose extra last row and column are all False: a padding query or key (index
+    `L`) gathers an invisible entry, so each call's block is two gathers (built once per rollout, not per call)."""
+    if M is None: M = causal_padding_mask(attention_mask)
+    B, _, L, _ = M.shape
+    Mx = torch.zeros(B, L + 1, L + 1, dtype=torch.bool, device=M.device)
+    Mx[:, :L, :L] = M[:, 0]
+    return Mx
+
+def _block_mask(Mx, q, k):
+    "Mask `[B,1,W,C]` of queries `q` `[B,W]` over keys `k` `[B,C]` (original positions, `L` = padding) from `Mx`."
     B, W = q.shape
     C = k.shape[1]
-    if M is None: m = k[:, None, :] <= q[:, :, None]                       # causal + padding over original positions
-    else:
-        m = M[:, 0].gather(1, q.clamp(min=0)[:, :, None].expand(B, W, M.shape[-1]))
-        m = m.gather(2, k.clamp(min=0)[:, None, :].expand(B, W, C))
-    m &= k_valid[:, None, :]
-    pad_q = q < 0
+    m = Mx.gather(1, q[:, :, None].expand(B, W, Mx.shape[-1])).gather(2, k[:, None, :].expand(B, W, C))
+    pad_q = q == Mx.shape[-1] - 1
     if pad_q.any():                                                        # a padding query sees itself only: no NaN rows
-        m &= ~pad_q[:, :, None]
         ar = torch.arange(W, device=q.device)
         m[:, ar, C - W + ar] |= pad_q
     return m[:, None]
@@ -297,7 +301,7 @@ def latent_rollout(model, batch, latent_grad: str = "detach", stop_head=None, st
     pending = emb.new_zeros(B, H)               # last hidden state of each sample: the input of its next latent
     zs, where, logits, n_calls = [], {}, {}, 0   # latents live in zs[step][b]; where[(b, pad)] = step
     keys = torch.empty(B, 0, dtype=torch.long, device=dev)                 # original position of every cache column
-    k_valid = torch.empty(B, 0, dtype=torch.bool, device=dev)
+    Mx = _padded_mask(M, batch["attention_mask"])                          # L = padding
     cache = DynamicCache(config=lm.config)
     with no_gradient_checkpointing(lm):
         while True:
@@ -308,24 +312,24 @@ def latent_rollout(model, batch, latent_grad: str = "detach", stop_head=None, st
             W = max(map(len, chunks))
             if W == 0: break
             opens = [b for b, c in enumerate(chunks) if c and c[0] in lat[b]]
-            qa = torch.tensor([[[-1] * (W - len(c)) + c for c in chunks],                   # original positions
+            qa = torch.tensor([[[L] * (W - len(c)) + c for c in chunks],                   # original positions, L: pad
                                [[0] * (W - len(c)) + ([int(b in opens)] + [0] * (len(c) - 1) if c else []) for b, c in enumerate(chunks)]],
                               dtype=torch.long, device=dev)                                   # the opening latent's column
             q, at = qa[0], qa[1].bool()
-            qc = q.clamp(min=0)       # padding columns read position 0's embedding and position: they are invisible anyway
+            qc = q.clamp(max=L - 1)   # padding columns read position L-1's embedding and position: invisible anyway
             x = emb.gather(1, qc[..., None].expand(B, W, H))
             if opens:                                  # the pending latent goes into the chunk's first column
                 zs.append(pending)
                 for b in opens: where[(b, chunks[b][0])] = len(zs) - 1
                 x = torch.where(at[..., None], (pending.detach() if latent_grad == "detach" else pending)[:, None], x)
-            keys, k_valid = torch.cat([keys, q], 1), torch.cat([k_valid, q >= 0], 1)
+            keys = torch.cat([keys, q], 1)
             out = lm(inputs_embeds=x, position_ids=pos.gather(2, qc[None].expand(3, B, W)),
-                     attention_mask=for_backend(model, _block_mask(M, q, keys, k_valid), x.dtype, impl),
+                     attention_mask=for_backend(model, _block_mask(Mx, q, keys), x.dtype, impl),
                      past_key_values=cache, use_cache=True)
             n_calls += 1
             h = out.last_hidden_state
             if all(chunks): pending = h[:, -1]                                # right-aligned: the last column produces
-            else: pending = torch.where((q[:, -1] >= 0)[:, None], h[:, -1], pending)
+            else: pending = torch.where((q[:, -1] < L)[:, None], h[:, -1], pending)
             if opens and stop_head is not None:
                 lg = stop_head(h[at]).squeeze(-1)                              # one row per opening sample, in order
                 for b, l, p in zip(opens, lg.unbind(0), torch.sigmoid(lg.float()).tolist()):

@@ -6,11 +6,13 @@ Docs: https://latentcot.github.io/latentcot/meanflow.html.md"""
 
 # %% ../nbs/20i_meanflow.ipynb #eaf297b3
 from __future__ import annotations
-import argparse, dataclasses, sys
+import dataclasses, sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .config import cli_parser, parse_cli
 from .trainer import read_metrics
 from .meanflow_text import *
 from .meanflow_backbones import *
@@ -22,95 +24,58 @@ from .meanflow_noise import *
 from .meanflow_train import *
 
 # %% auto #0
-__all__ = ['add_llada_arguments', 'llada_info', 'add_config_arguments', 'config_from_args', 'meanflow_parser', 'main']
+__all__ = ['LLaDAArgs', 'llada_info', 'MeanFlowArgs', 'meanflow_parser', 'main']
 
 # %% ../nbs/20i_meanflow.ipynb #efa7591a
-def add_llada_arguments(p: argparse.ArgumentParser) -> None:
-    "The `--llada` options shared by training and the benchmark."
-    p.add_argument(
-        "--llada",
-        help="a real LLaDA checkpoint (hub id or local dir) instead of the tiny teacher; needs --trust-remote-code",
-    )
-    p.add_argument("--trust-remote-code", action="store_true", help="--llada: allow LLaDA's hub modeling code to run")
-    p.add_argument(
-        "--local-files-only", action="store_true", help="--llada: do not contact the hub, use local files only"
-    )
-    p.add_argument(
-        "--canvas", type=int, default=64, help="--llada: canvas length in tokens (the tiny teacher uses its recipe's)"
-    )
+@dataclass
+class LLaDAArgs:
+    "The `--llada` flags shared by training and the benchmark."
+    llada: str | None = field(default=None, metadata={
+        "help": "a real LLaDA checkpoint (hub id or local dir) instead of the tiny teacher; needs "
+                "--trust-remote-code"})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "--llada: allow LLaDA's hub modeling code to run"})
+    local_files_only: bool = field(default=False, metadata={
+        "help": "--llada: do not contact the hub, use local files only"})
+    canvas: int = field(default=64, metadata={
+        "help": "--llada: canvas length in tokens (the tiny teacher uses its recipe's)"})
 
 # %% ../nbs/20i_meanflow.ipynb #68a099b2
 def llada_info(name: str, canvas: int = 64) -> dict:
     "The teacher `info` of a real LLaDA: its recipe is what a student distilled from it records as its teacher."
     return {"recipe": {"llada": name, "canvas": canvas}, "train_seconds": None}
 
-# %% ../nbs/20i_meanflow.ipynb #8be229e1
-def add_config_arguments(p: argparse.ArgumentParser, rename: dict[str, str] | None = None, skip=()) -> dict[str, str]:
-    """Every `MeanFlowConfig` field but `skip` as `--field-name` (or `rename[field]`) with its help and choices;
-    returns field -> flag."""
-    flags = {}
-    for f in dataclasses.fields(MeanFlowConfig):
-        if f.name in skip:
-            continue
-        flags[f.name] = (rename or {}).get(f.name, "--" + f.name.replace("_", "-"))
-        p.add_argument(
-            flags[f.name],
-            dest=f.name,
-            type=type(f.default),
-            default=f.default,
-            choices=f.metadata.get("choices"),
-            help=f.metadata.get("help", "") + " (default: %(default)s)",
-        )
-    return flags
-
-# %% ../nbs/20i_meanflow.ipynb #0271e803
-def config_from_args(a: argparse.Namespace, **override) -> MeanFlowConfig:
-    "The `MeanFlowConfig` of parsed arguments (the fields `add_config_arguments` added), `override` on top."
-    return MeanFlowConfig(
-        **{
-            **{f.name: getattr(a, f.name) for f in dataclasses.fields(MeanFlowConfig) if hasattr(a, f.name)},
-            **override,
-        }
-    )
-
 # %% ../nbs/20i_meanflow.ipynb #8e467cf3
-def meanflow_parser() -> argparse.ArgumentParser:
-    "Arguments of `python -m latentcot.meanflow`."
-    p = argparse.ArgumentParser(
-        prog="python -m latentcot.meanflow",
-        description="LLaDA-MeanFlow: distil a masked diffusion LM into a one-step student (seed 003).",
-    )
-    p.add_argument(
-        "--out",
-        required=True,
-        help=(
-            "directory for soft_prompt.safetensors + meanflow.json, and the run's "
-            "metrics.jsonl and checkpoints (a rerun resumes from the newest checkpoint)"
-        ),
-    )
-    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: only at the end)")
-    p.add_argument("--no-resume", action="store_true", help="ignore the checkpoints in --out and start again")
-    p.add_argument(
-        "--teacher", help="a saved teacher directory (default: the cached tiny teacher, trained if missing)"
-    )
-    add_llada_arguments(p)
-    add_config_arguments(p.add_argument_group("distillation (MeanFlowConfig)"))
-    return p
+@dataclass
+class MeanFlowArgs:
+    "Flags of `python -m latentcot.meanflow` besides the `--llada` ones and the `MeanFlowConfig` fields."
+    out: str = field(metadata={"help": "directory for soft_prompt.safetensors + meanflow.json, and the run's "
+                                       "metrics.jsonl "
+                                       "and checkpoints (a rerun resumes from the newest checkpoint)"})
+    save_every: int = field(default=100, metadata={"help": "checkpoint every N steps (0: only at the end)"})
+    resume: bool = field(default=True, metadata={
+        "help": "continue from the newest checkpoint in --out (--no-resume: start again)"})
+    teacher: str | None = field(default=None, metadata={
+        "help": "a saved teacher directory (default: the cached tiny teacher, trained if missing)"})
+
+def meanflow_parser():
+    "Arguments of `python -m latentcot.meanflow`: `MeanFlowArgs`, `LLaDAArgs` and every `MeanFlowConfig` field."
+    return cli_parser(MeanFlowArgs, LLaDAArgs, MeanFlowConfig, config=False, prog="python -m latentcot.meanflow",
+                      description="LLaDA-MeanFlow: distil a masked diffusion LM into a one-step student (seed 003).")
 
 # %% ../nbs/20i_meanflow.ipynb #99910298
 def main(argv: list[str] | None = None) -> int:
     "Entry point of `python -m latentcot.meanflow`: train the soft prompt and save it."
-    a = meanflow_parser().parse_args(argv)
-    cfg = config_from_args(a)
-    if a.llada:  # the same text sets, in LLaDA's tokens (rows start with its BOS)
-        teacher, tok = load_llada(a.llada, a.trust_remote_code, local_files_only=a.local_files_only)
-        info = llada_info(a.llada, a.canvas)
+    a, ll, cfg = parse_cli(meanflow_parser(), argv)
+    if ll.llada:  # the same text sets, in LLaDA's tokens (rows start with its BOS)
+        teacher, tok = load_llada(ll.llada, ll.trust_remote_code, local_files_only=ll.local_files_only)
+        info = llada_info(ll.llada, ll.canvas)
     else: teacher, tok, info = load_teacher(a.teacher) if a.teacher else get_teacher()
     sets = load_text_sets(tok, info["recipe"]["canvas"])
     from accelerate import Accelerator
     acc = Accelerator(cpu=not torch.cuda.is_available())
     student = make_student(teacher, cfg, sets)
-    train_meanflow(student, sets, cfg, acc, out_dir=a.out, save_every=a.save_every, resume=not a.no_resume,
+    train_meanflow(student, sets, cfg, acc, out_dir=a.out, save_every=a.save_every, resume=a.resume,
                    run_meta={"teacher": info["recipe"]})
     if acc.is_main_process:
         hist = read_metrics(Path(a.out) / "metrics.jsonl")

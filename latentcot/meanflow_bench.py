@@ -6,9 +6,10 @@ Docs: https://latentcot.github.io/latentcot/meanflow_bench.html.md"""
 
 # %% ../nbs/21_meanflow_bench.ipynb #2dacf0ae
 from __future__ import annotations
-import argparse, hashlib, json, math, os, re, shutil, tempfile, time
+import hashlib, json, math, os, re, shutil, tempfile, time
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field, fields
+from typing import Literal
 from pathlib import Path
 
 import torch
@@ -22,15 +23,17 @@ from .meanflow_loss import MeanFlowConfig, meanflow_fixed_point, optimum_fn
 from .meanflow_sampling import canvas, generate, sampler_filter, student_fn, teacher_fn
 from .meanflow_noise import make_student, sample_noise
 from .meanflow_train import load_student, save_student, train_meanflow
-from .meanflow import add_config_arguments, add_llada_arguments, config_from_args, llada_info, load_llada
+from .meanflow import LLaDAArgs, llada_info, load_llada
+from .config import cli_parser, flag_view, parse_cli
 from .textdata import atomic_write, check_synthetic
 from .trainer import read_metrics
 
 # %% auto #0
-__all__ = ['MEANFLOW_MODULES', 'NOISE_TEMPERATURES', 'BENCH_SETTINGS', 'fact_errors', 'sample_entropy', 'distinct_n', 'quality',
-           'run_generation', 'heldout_canvas', 'meanflow_code_version', 'student_key', 'student_for', 'saved_student',
-           'optimum_gap', 'draw_from_marginals', 'marginal_ceiling', 'bench_meanflow', 'noise_sweep',
-           'diversity_matched', 'goals', 'format_table', 'plot_bench', 'bench_parser', 'bench_meanflow_main']
+__all__ = ['MEANFLOW_MODULES', 'NOISE_TEMPERATURES', 'BENCH_SETTINGS', 'DistillFlags', 'fact_errors', 'sample_entropy',
+           'distinct_n', 'quality', 'run_generation', 'heldout_canvas', 'meanflow_code_version', 'student_key',
+           'student_for', 'saved_student', 'optimum_gap', 'draw_from_marginals', 'marginal_ceiling', 'bench_meanflow',
+           'noise_sweep', 'diversity_matched', 'goals', 'format_table', 'plot_bench', 'BenchMeanFlowArgs',
+           'bench_parser', 'bench_meanflow_main']
 
 # %% ../nbs/21_meanflow_bench.ipynb #26bc55cb
 _FACT = re.compile(r"(\d{1,3})([+-])(\d{1,3})=(\d{1,3})")
@@ -683,86 +686,53 @@ def _plot_diversity(plt, key, sweep, lc, out_dir) -> Path:
 # %% ../nbs/21_meanflow_bench.ipynb #f7c463ba
 BENCH_SETTINGS = ("synthetic/free", "synthetic/prompted", "english/free", "english/prompted")
 
+@dataclass
+class BenchMeanFlowArgs:
+    "Flags of `latentcot bench meanflow` (its `--steps` are the teacher's; the distillation's are `--distill-steps`)."
+    out: str = field(default="meanflow-bench", metadata={"help": "directory for metrics.json and the PNG plots"})
+    n: int = field(default=64, metadata={"help": "batch size of every generation run"})
+    teacher_steps: str = field(default="1,2,4,8,16,64", metadata={
+        "help": "teacher step counts", "aliases": ["--steps"]})
+    student_steps: str = field(default="1,2,4", metadata={"help": "student step counts"})
+    temperature: float = field(default=1.0, metadata={"help": "temperature of every sampled run (0: argmax)"})
+    settings: str = field(default=",".join(BENCH_SETTINGS), metadata={
+        "help": "comma-separated KIND/MODE settings to run (KIND synthetic or english, MODE free or prompted)"})
+    noise_temperatures: str = field(default=",".join(map(str, NOISE_TEMPERATURES)), metadata={
+        "help": "a noise student also runs one step at these temperatures given z (between argmax and --temperature)"})
+    noise_prior: Literal["fitted", "kind", "standard"] = field(default="fitted", metadata={
+        "help": "a noise student's z: from its fitted prior given the canvas if it has one (posterior students), "
+                "from that prior by kind of canvas only, or N(0, I)"})
+    student: str | None = field(default=None, metadata={
+        "help": "benchmark this saved student (python -m latentcot.meanflow --out DIR) instead of distilling one"})
+    marginal_samples: int = field(default=0, metadata={
+        "help": "K > 0: also sample independently from the per-position marginals of K teacher samples per row "
+                "(slow)"})
+    optimum_steps: int = field(default=32, metadata={"help": "Euler steps of the loss's optimum (mf-optimum runs)"})
+    device: str | None = field(default=None, metadata={
+        "help": "--llada: where to run it (default: cuda if available, else cpu); the tiny teacher runs on cpu"})
+    seed: int = field(default=0, metadata={
+        "help": "seed of the distillation (when there is no --student) and of every generation run"})
+    quick: bool = field(default=False, metadata={
+        "help": "a tiny teacher and a few steps: a smoke test, not a measurement"})
+    cache: str | None = field(default=None, metadata={
+        "help": "cache directory (default $LATENTCOT_CACHE or ~/.cache/latentcot)"})
+    threads: int = field(default=0, metadata={
+        "help": "torch threads for the whole run (0: torch's default); 1 is fastest for this tiny model on a busy "
+                "machine"})
 
-def bench_parser() -> argparse.ArgumentParser:
-    "Arguments of `latentcot bench meanflow`."
-    p = argparse.ArgumentParser(
-        prog="latentcot bench meanflow", description="LLaDA-MeanFlow: one-step student vs multi-step teacher."
-    )
-    p.add_argument("--out", default="meanflow-bench", help="directory for metrics.json and the PNG plots")
-    p.add_argument("--n", type=int, default=64, help="batch size of every generation run")
-    p.add_argument("--steps", dest="teacher_steps", default="1,2,4,8,16,64", help="teacher step counts")
-    p.add_argument("--student-steps", default="1,2,4", help="student step counts")
-    p.add_argument("--temperature", type=float, default=1.0, help="temperature of every sampled run (0: argmax)")
-    p.add_argument(
-        "--settings",
-        default=",".join(BENCH_SETTINGS),
-        help="comma-separated KIND/MODE settings to run (KIND synthetic or english, MODE free or prompted)",
-    )
-    p.add_argument(
-        "--noise-temperatures",
-        default=",".join(map(str, NOISE_TEMPERATURES)),
-        help="a noise student also runs one step at these temperatures given z (between argmax and --temperature)",
-    )
-    p.add_argument(
-        "--noise-prior",
-        choices=("fitted", "kind", "standard"),
-        default="fitted",
-        help=(
-            "a noise student's z: from its fitted prior given the canvas if it has one (posterior students), "
-            "from that prior by kind of canvas only, or N(0, I)"
-        ),
-    )
-    p.add_argument(
-        "--student",
-        help="benchmark this saved student (python -m latentcot.meanflow --out DIR) instead of distilling one",
-    )
-    p.add_argument(
-        "--marginal-samples",
-        type=int,
-        default=0,
-        help="K > 0: also sample independently from the per-position marginals of K teacher samples per row (slow)",
-    )
-    p.add_argument("--optimum-steps", type=int, default=32, help="Euler steps of the loss's optimum (mf-optimum runs)")
-    add_llada_arguments(p)
-    p.add_argument(
-        "--device",
-        help="--llada: where to run it (default: cuda if available, else cpu); the tiny teacher runs on cpu",
-    )
-    p.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="seed of the distillation (when there is no --student) and of every generation run",
-    )
-    p.add_argument(
-        "--quick", action="store_true", help="a tiny teacher and a few steps: a smoke test, not a measurement"
-    )
-    p.add_argument("--cache", help="cache directory (default $LATENTCOT_CACHE or ~/.cache/latentcot)")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=0,
-        help=(
-            "torch threads for the whole run (0: torch's default); 1 is fastest for this tiny model on a busy machine"
-        ),
-    )
-    # the bench's --steps are the teacher's and its --seed serves the distillation too; config_flags: field -> flag
-    p.set_defaults(
-        config_flags=add_config_arguments(
-            p.add_argument_group(
-                "distillation of the student (MeanFlowConfig; not with --student, which brings its own)"
-            ),
-            rename={"steps": "--distill-steps"},
-            skip=("seed",),
-        )
-    )
-    return p
+# the distillation's settings minus those the bench names itself (its --seed serves both; --steps are the teacher's)
+DistillFlags = flag_view(MeanFlowConfig, rename={"steps": "distill_steps"}, skip=("seed",), name="DistillFlags")
+DistillFlags._argument_group_name = "distillation (MeanFlowConfig; not with --student, which brings its own)"
+
+def bench_parser():
+    "Arguments of `latentcot bench meanflow`: `BenchMeanFlowArgs`, `LLaDAArgs` and the distillation's `DistillFlags`."
+    return cli_parser(BenchMeanFlowArgs, LLaDAArgs, DistillFlags, config=False, prog="latentcot bench meanflow",
+                      description="LLaDA-MeanFlow: one-step student vs multi-step teacher.")
 
 # %% ../nbs/21_meanflow_bench.ipynb #e2ea0957
 def bench_meanflow_main(argv: list[str] | None = None) -> int:
     "`latentcot bench meanflow`: run the benchmark, print the table, write metrics.json and PNG plots into --out."
-    a = bench_parser().parse_args(argv)
+    a, ll, distill = parse_cli(bench_parser(), argv)
     settings = [s.strip() for s in a.settings.split(",") if s.strip()]
     bad = [s for s in settings if s not in BENCH_SETTINGS]
     if bad or not settings:
@@ -783,28 +753,23 @@ def bench_meanflow_main(argv: list[str] | None = None) -> int:
         else TeacherRecipe()
     )
     if a.student:  # its settings are in its meanflow.json: a distillation flag beside it would be silently ignored
-        given = [flag for name, flag in a.config_flags.items() if getattr(a, name) != getattr(MeanFlowConfig(), name)]
+        given = [f"--{f.name.replace('_', '-')}" for f in fields(distill) if getattr(distill, f.name) != f.default]
         if given:
             raise ValueError(
                 f"--student {a.student} brings its own settings (its meanflow.json); "
                 f"{', '.join(given)} would be ignored: drop them, or leave out --student to distil a new student"
             )
-    cfg = config_from_args(
-        a,
-        **(
-            {"steps": 4, "batch": 8, "sampler_steps": min(a.sampler_steps, 4), "sampler_rows": min(a.sampler_rows, 16)}
-            if a.quick
-            else {}
-        ),
-    )
+    quick = {"steps": 4, "batch": 8, "sampler_steps": min(distill.sampler_steps, 4),
+             "sampler_rows": min(distill.sampler_rows, 16)}
+    cfg = distill.build(seed=a.seed, **(quick if a.quick else {}))
     steps = tuple(int(s) for s in a.teacher_steps.split(","))
     teacher = None
-    if a.llada:
-        bb, tok = load_llada(a.llada, a.trust_remote_code, local_files_only=a.local_files_only)
+    if ll.llada:
+        bb, tok = load_llada(ll.llada, ll.trust_remote_code, local_files_only=ll.local_files_only)
         teacher = (
             bb.to(a.device or ("cuda" if torch.cuda.is_available() else "cpu")),
             tok,
-            llada_info(a.llada, a.canvas),
+            llada_info(ll.llada, ll.canvas),
         )
     elif a.device is not None:
         raise ValueError("--device applies to --llada only: the tiny teacher runs on cpu")

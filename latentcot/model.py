@@ -20,9 +20,10 @@ from latentcot.halting import (
     has_stop_head,
     load_stop_head,
     new_stop_head,
+    routed_generate,
     save_stop_head,
 )
-from .latent_forward import latent_stage_forward, slot_index
+from .latent_forward import latent_rollout, latent_stage_forward, slot_index, teacher_forced_forward
 from .losses import active_rows, alignment_cos, ce_loss, latent_terms, total_loss
 
 # %% auto #0
@@ -182,6 +183,28 @@ class LatentCoTModel(nn.Module):
         loss, logs = multiturn_loss(out, batch, cfg, teacher, self.generation_loss)
         stats = {**cos_per_round(out, teacher), "lm_calls": out.round1.n_calls + out.round2.n_calls}
         return LatentCoTOutput(loss, logs, out.round2.logits, out.z1, out, stats)
+
+    def _threshold(self, stop_threshold):
+        "Mode C halts at `stop_threshold` (default: the config's); mode A uses every budgeted latent."
+        if self.cfg.latent_mode_stage != "C": return None
+        if self.stop_head is None: raise ValueError("mode C needs a stop head: build the model with halting=True")
+        return self.cfg.latent_stop_threshold if stop_threshold is None else stop_threshold
+
+    def rollout(self, batch: dict, stop_threshold: float | None = None):
+        "Pass 1 alone (evaluation): the latents of a collated batch, halting in mode C; a `Rollout`."
+        thr = self._threshold(stop_threshold)
+        return latent_rollout(self.vlm, batch, self.cfg.latent_grad, self.stop_head if thr is not None else None, thr)
+
+    def teacher_forced(self, batch: dict, rollout, output_hidden_states: bool = False):
+        "Pass 2 alone: the stock forward with `rollout`'s latents in place (a control may have swapped them)."
+        return teacher_forced_forward(self.vlm, batch, rollout, output_hidden_states, self.cfg.latent_null_scale)
+
+    def generate(self, batch: dict, budget=8, max_new_tokens: int = 32, stop_threshold: float | None = None,
+                 eos_token_id=None, text_hidden=None):
+        "Greedy routed decoding of a left-padded prompt batch (`routed_generate`): latents where the model opens one."
+        thr = self._threshold(stop_threshold)
+        return routed_generate(self.vlm, batch, budget, max_new_tokens, thr, eos_token_id, text_hidden,
+                               self.stop_head if thr is not None else None)
 
     def add_lora(
         self, r: int = 16, alpha: int = 32, dropout: float = 0.0, targets: str | None = None

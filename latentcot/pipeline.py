@@ -48,19 +48,19 @@ def _swap_latents(rollout, latents):
     import dataclasses
     return dataclasses.replace(rollout, latents=latents)
 
-def evaluate(model, processor, ids, samples, cfg: LatentCoTConfig, teacher_dir=None, bsz: int = 8, seed: int = 0,
-             conditions=CONDITIONS, stop_head=None) -> dict:
-    "Held-out greedy exact match per latent condition (per-sample `hits`), latent usage and the latents themselves."
+def evaluate(model, processor, ids, samples, teacher_dir=None, bsz: int = 8, seed: int = 0,
+             conditions=CONDITIONS) -> dict:
+    """Held-out greedy exact match per latent condition (per-sample `hits`), latent usage and the latents themselves,
+    of a `LatentCoTModel` (its config: budgets, masks, mode; mode C halts with its stop head)."""
     from latentcot.collators import LatentCollator
-    from latentcot.latent_forward import latent_rollout, slot_index, teacher_forced_forward
+    from latentcot.latent_forward import slot_index
     from latentcot.halting import enable_latent_gating
     from latentcot.teacher_latents import TeacherLatentStore, sample_index_map, teacher_targets
-    enable_latent_gating(model)   # the `none` condition gates latents off
-    collate = LatentCollator(processor, stage="stage3", cfg=cfg, rope_index=model)
+    cfg = model.cfg
+    enable_latent_gating(model.vlm)   # the `none` condition gates latents off
+    collate = LatentCollator(processor, stage="stage3", cfg=cfg, rope_index=model.vlm)
     store = TeacherLatentStore(teacher_dir) if teacher_dir else None
     index_of = sample_index_map(samples) if store is not None else None
-    head = (stop_head if stop_head is not None else getattr(model, "latent_stop_head", None)) if cfg.latent_mode_stage == "C" else None
-    thr = cfg.latent_stop_threshold if head is not None else None
     g = torch.Generator().manual_seed(seed)
     hits = {c: [] for c in conditions if c != "teacher" or store is not None}
     used, budget, lat, tlat, slot = [], [], [], [], []
@@ -68,7 +68,7 @@ def evaluate(model, processor, ids, samples, cfg: LatentCoTConfig, teacher_dir=N
     with torch.no_grad():
         for i in range(0, len(samples), bsz):
             batch = collate(samples[i:i + bsz])
-            r = latent_rollout(model, batch, stop_head=head, stop_threshold=thr)
+            r = model.rollout(batch)
             used += [u for row in r.used_lens for u in row]
             budget += [e - s for segs in r.segments for s, e, _ in segs]
             lat.append(r.latents.float().cpu()); slot.append(slot_index(r))
@@ -86,7 +86,7 @@ def evaluate(model, processor, ids, samples, cfg: LatentCoTConfig, teacher_dir=N
                     segment = (batch["input_ids"] == ids.latent_pad) | (batch["input_ids"] == ids.latent_start)
                     rc = dataclasses.replace(r, latent_kv_mask=r.latent_kv_mask & ~segment)   # pads and opening tags
                 elif c == "teacher": rc = _swap_latents(r, tlat[-1].to(r.latents))
-                out = teacher_forced_forward(model, batch, rc, null_scale=cfg.latent_null_scale)
+                out = model.teacher_forced(batch, rc)
                 hits[c] += [int(h) for h in exact_match(out.logits, batch, ids)]
     n = len(samples)
     res = {f"acc_{c}": sum(h) / n for c, h in hits.items()}
@@ -161,14 +161,12 @@ def prompt_batch(model, processor, samples, cfg: LatentCoTConfig) -> dict:
                                                        SpecialIds.from_tokenizer(processor.tokenizer), **cfg.mask_flags)
     return batch
 
-def free_generation(model, processor, ids, samples, cfg: LatentCoTConfig, bsz: int = 8, max_new_tokens: int = 96,
-                    stop_head=None) -> dict:
-    "The routed path as a user runs it: the model decides `<abs_vis_token>`, thinks (halts in mode C), answers; scored after `####`."
+def free_generation(model, processor, ids, samples, bsz: int = 8, max_new_tokens: int = 96) -> dict:
+    """The routed path as a user runs a `LatentCoTModel` (`model.generate`): it decides `<abs_vis_token>`, thinks
+    (halts in mode C), answers; scored after `####`."""
     from latentcot.collators import LatentCollator
     from latentcot.datagen import score_answer
-    from latentcot.halting import routed_generate
-    head = (stop_head if stop_head is not None else getattr(model, "latent_stop_head", None)) if cfg.latent_mode_stage == "C" else None
-    thr = cfg.latent_stop_threshold if head is not None else None
+    cfg = model.cfg
     plan = LatentCollator(processor, stage="stage3", cfg=cfg)         # the budgets the teacher-forced evaluation uses
     from latentcot.masks import Role, token_layout
     hits, entered, texts = [], [], []
@@ -176,12 +174,12 @@ def free_generation(model, processor, ids, samples, cfg: LatentCoTConfig, bsz: i
     for i in range(0, len(samples), bsz):
         chunk = samples[i:i + bsz]
         budgets = [max(plan.prepare(s).lengths or [1]) for s in chunk]
-        batch = prompt_batch(model, processor, chunk, cfg)
+        batch = prompt_batch(model.vlm, processor, chunk, cfg)
         hidden = None
         if cfg.mask_question_image:                      # generated text may not see the question images either
             hidden = token_layout(batch["input_ids"], batch["attention_mask"], ids).roles == Role.QUESTION_IMAGE
-        out = routed_generate(model, batch, budget=budgets, max_new_tokens=max_new_tokens, stop_threshold=thr, stop_head=head,
-                              eos_token_id=ids.im_end, text_hidden=hidden)
+        out = model.generate(batch, budget=budgets, max_new_tokens=max_new_tokens, eos_token_id=ids.im_end,
+                             text_hidden=hidden)
         for s, seq, u in zip(chunk, out.sequences, out.used_lens):
             text = processor.tokenizer.decode([t for t in seq if t != ids.latent_pad])
             texts.append(text); hits.append(int(score_answer(text, s))); entered.append(len(u))
@@ -245,8 +243,8 @@ def run_pipeline(out_dir, data_dir=None, model_name_or_path=None, steps=MAIN_STE
         for name, ck, mode in (("stage3_A", s3a, "A"), ("stage3_C", s3c, "C")):
             cfg = load_config(latent_budget_alpha=latent_budget_alpha, latent_mode_stage=mode, **over)
             lm, proc, ids = LatentCoTModel.from_pretrained(ck, cfg)       # mode C: the trained stop head, or an error
-            results[name] = evaluate(lm.vlm, proc, ids, held, cfg, teacher_dir=out / "teacher_heldout", bsz=bsz, stop_head=lm.stop_head)
-            if free: results[name]["free"] = free_generation(lm.vlm, proc, ids, held, cfg, bsz=bsz, stop_head=lm.stop_head)
+            results[name] = evaluate(lm, proc, ids, held, teacher_dir=out / "teacher_heldout", bsz=bsz)
+            if free: results[name]["free"] = free_generation(lm, proc, ids, held, bsz=bsz)
     timed("evaluation", _eval)
     diagnosis = None
     if diagnose and all(s.metadata.get("counts") for s in held[:1]):       # the probes need per-image counts

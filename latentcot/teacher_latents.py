@@ -173,7 +173,7 @@ def model_fingerprint(model, processor=None, n_tensors: int = 6, n_values: int =
 # %% ../nbs/12_teacher_latents.ipynb #22fd009a
 _K_KEYS = {"budget": ("latent_budget_alpha", "latent_budget_gamma", "latent_budget_min", "latent_budget_max"),
            "fixed": ("latent_size",), "random": ("k_max",)}
-_IMAGE_KEYS = ("image_resize", "max_img_tokens", "sft_stage1_img_tokens", "sft_stage2_img_tokens", "sft_stage3_img_tokens")
+_IMAGE_KEYS = ("image_resize", "max_img_tokens", "sft_stage1_img_tokens", "sft_stage2_img_tokens")  # stage 3 = stage 2
 
 def k_settings(cfg: LatentCoTConfig) -> dict:
     "The config fields that fix the latent segment lengths (K) in `cfg.latent_size_mode`."

@@ -7,6 +7,7 @@ Docs: https://latentcot.github.io/latentcot/tiny.html.md"""
 # %% ../nbs/01_tiny.ipynb #dbebdd6c
 from __future__ import annotations
 import hashlib, json, os, shutil, tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ __all__ = ['QWEN_ADDED_TOKENS', 'N_SPECIAL', 'QWEN25VL_CHAT_TEMPLATE', 'BPE_VOCA
            'KIT_VERSION', 'training_corpus', 'train_bpe', 'build_tokenizer', 'qwen_config_token_ids',
            'tiny_qwen25vl_config', 'ImageOnlyQwen2_5_VLProcessor', 'build_processor', 'load_processor', 'kit_recipe',
            'build_tiny_kit', 'tiny_kit_path', 'load_model_and_processor', 'calibrate_merger', 'calibration_images',
-           'build_calibrated_kit', 'calibrated_kit_path', 'kit_main']
+           'build_calibrated_kit', 'calibrated_kit_path', 'KitArgs', 'kit_main']
 
 # %% ../nbs/01_tiny.ipynb #678cbad4
 QWEN_ADDED_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
@@ -273,15 +274,21 @@ def calibrated_kit_path(cache_dir=None) -> Path:
 
 
 # %% ../nbs/01_tiny.ipynb #ad4b1afb
+@dataclass
+class KitArgs:
+    "Flags of `latentcot kit`."
+    cache_dir: str | None = field(default=None, metadata={
+        "help": "cache root (default $LATENTCOT_CACHE or ~/.cache/latentcot)"})
+    out: str | None = field(default=None, metadata={"help": "build into this directory instead of the cache"})
+    seed: int = field(default=0, metadata={"help": "weight seed (only with --out; the cached kit uses 0)"})
+    force: bool = field(default=False, metadata={"help": "rebuild even if a matching kit exists"})
+
 def kit_main(argv: list[str] | None = None) -> int:
     "CLI `latentcot kit [--cache-dir D] [--out DIR] [--seed N] [--force]`: build or find the tiny kit, print its path."
-    import argparse
-    ap = argparse.ArgumentParser(prog="latentcot kit", description="Build (or find) the offline tiny Qwen2.5-VL kit.")
-    ap.add_argument("--cache-dir", help="cache root (default $LATENTCOT_CACHE or ~/.cache/latentcot)")
-    ap.add_argument("--out", help="build into this directory instead of the cache")
-    ap.add_argument("--seed", type=int, default=0, help="weight seed (only with --out; the cached kit uses 0)")
-    ap.add_argument("--force", action="store_true", help="rebuild even if a matching kit exists")
-    a = ap.parse_args(argv)
+    from latentcot.config import cli_parser, parse_cli
+    ap = cli_parser(KitArgs, config=False, prog="latentcot kit",
+                    description="Build (or find) the offline tiny Qwen2.5-VL kit.")
+    (a,) = parse_cli(ap, argv)
     if a.out: path = build_tiny_kit(a.out, seed=a.seed, force=a.force)
     elif a.seed: ap.error("--seed needs --out: the cached kit always uses seed 0")
     elif a.force: path = build_tiny_kit(_cached_kit_dir(a.cache_dir), force=True)
