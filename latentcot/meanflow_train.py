@@ -6,7 +6,7 @@ Docs: https://latentcot.github.io/latentcot/meanflow_train.html.md"""
 
 # %% ../nbs/20h_meanflow_train.ipynb #251fda70
 from __future__ import annotations
-import itertools, json, time
+import itertools, json, time, warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
@@ -23,9 +23,9 @@ from .meanflow_sampling import teacher_samples
 from .meanflow_noise import NoisePrior, fit_noise_prior, pick_noise, posterior_noise
 
 # %% auto #0
-__all__ = ['meanflow_step', 'warmup_schedule', 'meanflow_lightning_module', 'distill_batches', 'check_run_dir', 'record_run',
-           'sync_gradients', 'check_equal_prompts', 'progress_line', 'train_meanflow', 'train_meanflow_lightning',
-           'save_student', 'load_student']
+__all__ = ['meanflow_step', 'warmup_schedule', 'meanflow_lightning_module', 'StepLoader', 'distill_batches', 'check_run_dir',
+           'record_run', 'sync_gradients', 'check_equal_prompts', 'progress_line', 'train_meanflow',
+           'lightning_checkpoints', 'train_meanflow_lightning', 'save_student', 'load_student']
 
 # %% ../nbs/20h_meanflow_train.ipynb #b6e90431
 def meanflow_step(student: MeanFlowStudent, x0, prompt_mask, cfg: MeanFlowConfig, generator=None):
@@ -96,10 +96,11 @@ def _lightning_class():
 
     class MeanFlowLightning(pl.LightningModule):
         """LightningModule of the distillation: `meanflow_step`, with `train_meanflow`'s optimiser, warm-up and
-        clipping."""
+        clipping; its checkpoints hold the soft prompt (not the frozen base) and the RNG of the step's draws."""
         def __init__(self, student: MeanFlowStudent, cfg: MeanFlowConfig):
             super().__init__()
-            self.student, self.cfg, self.history = student, cfg, []
+            self.student, self.cfg, self.history, self._rng = student, cfg, [], None
+            self.strict_loading = False  # the checkpoint leaves the frozen base out; on_load_checkpoint checks the rest
 
         def training_step(self, batch, batch_idx):
             x0, pm = batch
@@ -115,12 +116,60 @@ def _lightning_class():
         def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
             self.clip_gradients(optimizer, gradient_clip_val=1.0, gradient_clip_algorithm="norm")  # as train_meanflow
 
+        def on_save_checkpoint(self, checkpoint):
+            sd = checkpoint["state_dict"]
+            checkpoint["state_dict"] = {k: v for k, v in sd.items() if k.startswith("student.prompt.")}
+            # Lightning keeps no RNG state, and the step draws its times and masks from the global RNG
+            checkpoint["rng"] = {"cpu": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+
+        def on_load_checkpoint(self, checkpoint):
+            want = {k for k in self.state_dict() if k.startswith("student.prompt.")}
+            got = set(checkpoint["state_dict"])
+            if got != want:
+                raise ValueError(f"the checkpoint's soft prompt is not this student's: missing {sorted(want - got)[:4]}, "
+                                 f"unexpected {sorted(got - want)[:4]}")
+            self._rng = checkpoint["rng"]
+
+        def on_train_start(self):
+            # restored only now: Lightning made the loader's iterator, which draws its seed from the global RNG
+            if self._rng is not None:
+                torch.set_rng_state(self._rng["cpu"])
+                if "cuda" in self._rng:
+                    torch.cuda.set_rng_state_all(self._rng["cuda"])
+                self._rng = None
+
     return MeanFlowLightning
 
 # %% ../nbs/20h_meanflow_train.ipynb #eaaab402
 def meanflow_lightning_module(student: MeanFlowStudent, cfg: MeanFlowConfig):
     "A Lightning `LightningModule` that trains `student`'s soft prompt with `meanflow_step`."
     return _lightning_class()(student, cfg)
+
+# %% ../nbs/20h_meanflow_train.ipynb #steploader
+class StepLoader(torch.utils.data.DataLoader):
+    "In-order batches of `data` whose position Lightning's checkpoints keep (`state_dict`: batches handed out)."
+
+    def __init__(self, data, batch_size: int):
+        super().__init__(data, batch_size=batch_size, shuffle=False)
+        self.served, self._skip = 0, 0
+
+    def __iter__(self):
+        # the base iterator is made now, as a plain loader makes it: it draws its seed from the global RNG here
+        it, skip, self._skip = super().__iter__(), self._skip, 0
+        self.served = skip
+        return map(self._count, itertools.islice(it, skip, None))
+
+    def _count(self, batch):
+        self.served += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"served": self.served}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._skip = state["served"]
 
 # %% ../nbs/20h_meanflow_train.ipynb #88d96127
 def distill_batches(
@@ -180,11 +229,13 @@ def check_run_dir(out: Path, run: dict) -> None:
 
 # %% ../nbs/20h_meanflow_train.ipynb #8162edb0
 def record_run(acc, out: Path, run: dict, resuming: bool) -> None:
-    "Check a resumed run directory's settings (`check_run_dir`), then record `run` in `meanflow_run.json`."
+    """Check a resumed run directory's settings (`check_run_dir`), then record `run` in `meanflow_run.json` (`acc=None`:
+    one process)."""
     if resuming:
         check_run_dir(out, run)
-    acc.wait_for_everyone()
-    if acc.is_main_process:
+    if acc is not None:
+        acc.wait_for_everyone()
+    if acc is None or acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "meanflow_run.json", lambda f: Path(f).write_text(json.dumps(run)))
 
@@ -222,9 +273,9 @@ def train_meanflow(student: MeanFlowStudent, sets: dict, cfg: MeanFlowConfig, ac
                    resume: bool = True, run_meta: dict | None = None) -> list[dict]:
     """Train `student.prompt` for `cfg.steps` steps with accelerate and `meanflow_step`; return each step's metrics.
     With `out_dir`: metrics, checkpoints (every `save_every` steps and at the end) and teacher samples go there, and a
-    rerun resumes from the newest complete checkpoint (`resume=False`: start again); `seconds` sums the segments."""
+    rerun resumes from the newest complete checkpoint (`resume=False`: start again); `seconds` sums the segments.
+    A passed `accelerator` must be fresh: the run registers its scheduler and prompt with it."""
     from accelerate import Accelerator
-    from safetensors.torch import load_file, save_file
 
     t_start = time.time()  # the segment's clock starts before the teacher samples are drawn: they are part of its cost
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
@@ -245,12 +296,13 @@ def train_meanflow(student: MeanFlowStudent, sets: dict, cfg: MeanFlowConfig, ac
                            pool_path=pool, log=log if main else None)
     opt = acc.prepare(torch.optim.AdamW(student.prompt.parameters(), lr=cfg.lr, weight_decay=0.0))
     sched = warmup_schedule(opt)
+    # a checkpoint holds them with the optimiser and every rank's RNG (the step's times and masks)
+    acc.register_for_checkpointing(sched, student.prompt)
     # the loader's iterator draws its base seed from the global RNG: make it before the checkpoint restores that RNG
-    batches = iter(torch.utils.data.DataLoader(data, batch_size=cfg.batch, shuffle=False))
+    batches = iter(StepLoader(data, cfg.batch))
     start, before = 0, 0.0
-    if ck is not None:  # optimizer, scheduler, every rank's RNG (the step's times and masks), then the prompt
-        start = load_checkpoint(acc, sched, ck).global_step
-        student.prompt.load_state_dict(load_file(ck / "soft_prompt.safetensors"))
+    if ck is not None:
+        start = load_checkpoint(acc, None, ck).global_step
         if log and main:
             log(f"resuming from {ck} (step {start})")
     metrics = MetricsLog(out / "metrics.jsonl", resume_step=start, enabled=main) if out is not None else None
@@ -258,9 +310,7 @@ def train_meanflow(student: MeanFlowStudent, sets: dict, cfg: MeanFlowConfig, ac
         before = (read_metrics(out / "metrics.jsonl")[-1:] or [{}])[0].get("seconds", 0.0)
 
     def save(step):
-        state = {k: v.detach().cpu().contiguous() for k, v in student.prompt.state_dict().items()}
-        save_checkpoint(acc, TrainState(global_step=step, batch_in_epoch=step), sched, out,
-                        extra=lambda d: save_file(state, d / "soft_prompt.safetensors"))
+        save_checkpoint(acc, TrainState(global_step=step, batch_in_epoch=step), None, out)
 
     student.train()
     hist, t0 = [], time.time()
@@ -295,17 +345,40 @@ def train_meanflow(student: MeanFlowStudent, sets: dict, cfg: MeanFlowConfig, ac
     return hist
 
 # %% ../nbs/20h_meanflow_train.ipynb #ec0c8f8d
-def train_meanflow_lightning(student: MeanFlowStudent, sets: dict, cfg: MeanFlowConfig, **trainer_kw) -> list[dict]:
-    "Train `student.prompt` with Lightning's `Trainer` on `train_meanflow`'s rows and seed; return each step's logs."
+def lightning_checkpoints(dirpath, every: int):
+    "Lightning's `ModelCheckpoint` as the drivers use it: every `every` steps, the newest two and `last.ckpt` kept."
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    return ModelCheckpoint(dirpath=dirpath, filename="{step:07d}", every_n_train_steps=every, save_top_k=2,
+                           monitor="step", mode="max", save_last=True)
+
+# %% ../nbs/20h_meanflow_train.ipynb #trainlightning
+def train_meanflow_lightning(student: MeanFlowStudent, sets: dict, cfg: MeanFlowConfig, out_dir=None,
+                             save_every: int = 0, resume: bool = True, **trainer_kw) -> list[dict]:
+    """Train `student.prompt` with Lightning's `Trainer` on `train_meanflow`'s rows and seed; return this run's logs,
+    one per step. With `out_dir`: checkpoints in `out_dir/lightning` (`lightning_checkpoints`, every `save_every`
+    steps, else at the end), and a rerun resumes from `last.ckpt` (`resume=False`: start again)."""
     import lightning.pytorch as pl
     # the step's times and masks come from the global RNG, seeded as train_meanflow seeds it
     torch.manual_seed(cfg.seed)
-    data = distill_batches(sets, cfg, cfg.steps, torch.Generator().manual_seed(cfg.seed), backbone=student.backbone)
+    out = Path(out_dir) if out_dir is not None else None
+    pool = out / "teacher_samples.rank0.safetensors" if out is not None else None
+    data = distill_batches(sets, cfg, cfg.steps, torch.Generator().manual_seed(cfg.seed), backbone=student.backbone,
+                           pool_path=pool, log=None)
     module = meanflow_lightning_module(student, cfg)
     kw = dict(max_steps=cfg.steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
               enable_progress_bar=False, enable_model_summary=False)
+    last = out / "lightning" / "last.ckpt" if out is not None else None
+    ckpt = str(last) if last is not None and resume and last.is_file() else None
+    if out is not None:
+        record_run(None, out, {"config": asdict(cfg), "num_processes": 1, "mixed_precision": "no"}, ckpt is not None)
+        kw.update(enable_checkpointing=True, default_root_dir=str(out),
+                  callbacks=[lightning_checkpoints(out / "lightning", save_every or cfg.steps)])
     trainer = pl.Trainer(**{**kw, **trainer_kw})
-    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=cfg.batch, shuffle=False))
+    with warnings.catch_warnings():
+        # the callbacks are those of the run that wrote the checkpoint, whose directory a resume reuses on purpose
+        warnings.filterwarnings("ignore", message=".*callbacks used to create the checkpoint")
+        warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+        trainer.fit(module, StepLoader(data, cfg.batch), ckpt_path=ckpt, weights_only=True)
     if student.prompt.posterior is not None:  # as train_meanflow: generation draws z from the fitted prior
         fit_noise_prior(student, *data.tensors, generator=torch.Generator().manual_seed(cfg.seed))
     student.eval()
