@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from .textdata import atomic_write
+from .fileio import atomic_write
 from .meanflow_text import SET_TAGS
 from .meanflow_teacher import mixed_batches, teacher_fingerprint
 from .meanflow_student import MeanFlowStudent

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from .textdata import atomic_write
+from .fileio import atomic_write
 from .trainer import MetricsLog, TrainState, latest_checkpoint, load_checkpoint, read_metrics, save_checkpoint
 from .meanflow_teacher import mask_tokens, mixed_batches
 from .meanflow_student import MeanFlowStudent

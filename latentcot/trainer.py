@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .config import LatentCoTConfig, fault_point, save_config
+from .fileio import atomic_write
 
 # %% auto #0
 __all__ = ['STATE_NAME', 'HASH_MAX_BYTES', 'RESUMABLE_SETTINGS', 'StepResult', 'TrainState', 'MetricsError', 'MetricsLog',
@@ -69,8 +70,7 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():   # a fresh run (resume_step 0) keeps nothing, and need not parse the old file
             keep = [r for r in _read_jsonl(self.path) if r.get("step", 0) <= resume_step] if resume_step > 0 else []
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in keep)); os.replace(tmp, self.path)
+            atomic_write(self.path, lambda f: Path(f).write_text("".join(json.dumps(r) + "\n" for r in keep)))
 
     def write(self, rec: dict):
         if not self.enabled: return
