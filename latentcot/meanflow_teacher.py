@@ -161,7 +161,7 @@ def cpu_kernels() -> str:
 
 # %% ../nbs/20c_meanflow_teacher.ipynb #teacherdir
 def teacher_dir(recipe: TeacherRecipe, data_sha: str, cache_dir=None) -> Path:
-    "The cache directory of `recipe`'s teacher, keyed by the recipe, the data, the training code and the CPU's kernels."
+    "The cache directory of `recipe`'s teacher, keyed by the recipe, the data, the training code and the CPU kernels."
     root = Path(cache_dir) if cache_dir is not None else cache_root()
     # an edit to the teacher's training code trains a new teacher, never reuses a stale one; AVX2 and AVX-512 kernels
     # round differently and train different teachers: a cache moved between machines must not hand one CPU's teacher

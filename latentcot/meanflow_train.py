@@ -23,15 +23,57 @@ from .meanflow_sampling import teacher_samples
 from .meanflow_noise import NoisePrior, fit_noise_prior, pick_noise, posterior_noise
 
 # %% auto #0
-__all__ = ['meanflow_step', 'warmup_schedule', 'meanflow_lightning_module', 'StepLoader', 'distill_batches', 'check_run_dir',
-           'record_run', 'sync_gradients', 'check_equal_prompts', 'progress_line', 'train_meanflow',
-           'lightning_checkpoints', 'train_meanflow_lightning', 'save_student', 'load_student']
+__all__ = ['meanflow_target', 'step_logs', 'meanflow_step', 'warmup_schedule', 'meanflow_lightning_module', 'StepLoader',
+           'distill_batches', 'check_run_dir', 'record_run', 'sync_gradients', 'check_equal_prompts', 'progress_line',
+           'open_run', 'accelerate_step', 'fit_final_prior', 'train_meanflow', 'lightning_checkpoints',
+           'train_meanflow_lightning', 'save_student', 'load_student']
+
+# %% ../nbs/20h_meanflow_train.ipynb #mftarget
+@torch.no_grad()
+def meanflow_target(student: MeanFlowStudent, x0, emb, v, masked, r, t, cfg: MeanFlowConfig, generator=None):
+    """The step's target logits `u_tgt` for `cfg.target` given the teacher's `v` at `emb`, and an IMLE student's chosen
+    `z` (else None); no gradients."""
+    bb, z = student.backbone, None
+    if cfg.target == "integral":  # the identity's solution by Euler steps of the teacher (`meanflow_loss`), no JVP
+        u_tgt, w = v.float().clone(), r < t  # rows with r = t: the target is v, no teacher calls needed
+        if w.any():
+            u_tgt[w] = meanflow_fixed_point(
+                bb, emb[w], masked[w], r[w], t[w], cfg.integral_steps, cfg.tangent_sign, v0=v[w]
+            )
+    elif cfg.target == "sampler":  # one-hot logits of x0 (finite, so KL = CE exactly); rows with r = t keep v
+        hard = torch.full(v.shape, -1e4, device=v.device).scatter_(-1, x0[..., None], 0.0)
+        u_tgt = torch.where((r < t)[:, None, None], hard, v.float())
+        if student.noise_dim and cfg.noise_fit == "imle":
+            z = pick_noise(student, emb, r, t, x0, masked & (r < t)[:, None], cfg.noise_candidates, generator)
+    else:
+        tangent = embedding_tangent(v, emb, bb.embedding_weight, masked, cfg.tangent_sign)
+        u_tgt = v.float() - (t - r)[:, None, None] * jvp_dudt(student, emb, r, t, tangent).float()
+    return u_tgt, z
+
+# %% ../nbs/20h_meanflow_train.ipynb #steplogs
+@torch.no_grad()
+def step_logs(student: MeanFlowStudent, x0, u, v, u_tgt, masked, r, t, kl, cfg: MeanFlowConfig) -> dict:
+    """A step's logs beside its loss: the gate, the agreement with the teacher on masked tokens, and the label's
+    disagreement with the teacher (sampler, with the posterior's KL) or the target's shift from `v` (otherwise)."""
+    agree = ((u.argmax(-1) == v.argmax(-1)) & masked).sum() / masked.sum().clamp(min=1)
+    logs = {"gate": student.prompt.gate.detach().abs().mean(), "agree_teacher": agree}
+    if cfg.target == "sampler":  # how often the label is not what the teacher's one step would pick
+        lab = masked & (r < t)[:, None]
+        logs["label_disagree"] = ((x0 != v.argmax(-1)) & lab).sum() / lab.sum().clamp(min=1)
+        # nats per row that reads the posterior
+        if kl is not None:
+            logs["kl"] = kl.sum() / (kl > 0).sum().clamp(min=1)
+    else:
+        logs["target_shift"] = (
+            ((u_tgt - v.float()).abs() * masked[..., None]).sum() / masked.sum().clamp(min=1) / v.shape[-1]
+        )
+    return logs
 
 # %% ../nbs/20h_meanflow_train.ipynb #b6e90431
 def meanflow_step(student: MeanFlowStudent, x0, prompt_mask, cfg: MeanFlowConfig, generator=None):
     """One MeanFlow distillation step (seed 003 §4; `cfg.target` picks the target): `(loss, logs)`; gradients reach
     only the soft prompt."""
-    bb, z, kl = student.backbone, None, None
+    bb, kl = student.backbone, None
     r, t = sample_times(x0.shape[0], cfg, generator, x0.device)
     if cfg.target == "sampler":
         r = torch.where(r < t, torch.zeros_like(r), r)  # hard labels are the sampler's end point: r = 0
@@ -39,20 +81,7 @@ def meanflow_step(student: MeanFlowStudent, x0, prompt_mask, cfg: MeanFlowConfig
     with torch.no_grad():
         emb = bb.embed(xt)
         v = student.teacher(emb)
-        if cfg.target == "integral":  # the identity's solution by Euler steps of the teacher (`meanflow_loss`), no JVP
-            u_tgt, w = v.float().clone(), r < t  # rows with r = t: the target is v, no teacher calls needed
-            if w.any():
-                u_tgt[w] = meanflow_fixed_point(
-                    bb, emb[w], masked[w], r[w], t[w], cfg.integral_steps, cfg.tangent_sign, v0=v[w]
-                )
-        elif cfg.target == "sampler":  # one-hot logits of x0 (finite, so KL = CE exactly); rows with r = t keep v
-            hard = torch.full(v.shape, -1e4, device=v.device).scatter_(-1, x0[..., None], 0.0)
-            u_tgt = torch.where((r < t)[:, None, None], hard, v.float())
-            if student.noise_dim and cfg.noise_fit == "imle":
-                z = pick_noise(student, emb, r, t, x0, masked & (r < t)[:, None], cfg.noise_candidates, generator)
-        else:
-            tangent = embedding_tangent(v, emb, bb.embedding_weight, masked, cfg.tangent_sign)
-            u_tgt = v.float() - (t - r)[:, None, None] * jvp_dudt(student, emb, r, t, tangent).float()
+    u_tgt, z = meanflow_target(student, x0, emb, v, masked, r, t, cfg, generator)
     # z from q(z | x0), with gradients (the reparameterisation)
     if cfg.target == "sampler" and cfg.noise_fit == "posterior":
         z, kl = posterior_noise(student, bb.embed(x0), (r < t) & masked.any(1), generator)
@@ -61,20 +90,7 @@ def meanflow_step(student: MeanFlowStudent, x0, prompt_mask, cfg: MeanFlowConfig
     # the ELBO, per masked token
     if kl is not None:
         loss = loss + cfg.noise_beta * (kl / masked.sum(1).clamp(min=1)).mean()
-    with torch.no_grad():
-        agree = ((u.argmax(-1) == v.argmax(-1)) & masked).sum() / masked.sum().clamp(min=1)
-        logs = {"loss": loss.detach(), "gate": student.prompt.gate.detach().abs().mean(), "agree_teacher": agree}
-        if cfg.target == "sampler":  # how often the label is not what the teacher's one step would pick
-            lab = masked & (r < t)[:, None]
-            logs["label_disagree"] = ((x0 != v.argmax(-1)) & lab).sum() / lab.sum().clamp(min=1)
-            # nats per row that reads the posterior
-            if kl is not None:
-                logs["kl"] = kl.sum() / (kl > 0).sum().clamp(min=1)
-        else:
-            logs["target_shift"] = (
-                ((u_tgt - v.float()).abs() * masked[..., None]).sum() / masked.sum().clamp(min=1) / v.shape[-1]
-            )
-    return loss, logs
+    return loss, {"loss": loss.detach(), **step_logs(student, x0, u, v, u_tgt, masked, r, t, kl, cfg)}
 
 # %% ../nbs/20h_meanflow_train.ipynb #1f961df8
 def warmup_schedule(opt, warmup: int = 20):
@@ -100,7 +116,7 @@ def _lightning_class():
         def __init__(self, student: MeanFlowStudent, cfg: MeanFlowConfig):
             super().__init__()
             self.student, self.cfg, self.history, self._rng = student, cfg, [], None
-            self.strict_loading = False  # the checkpoint leaves the frozen base out; on_load_checkpoint checks the rest
+            self.strict_loading = False  # the checkpoint leaves the frozen base out; on_load_checkpoint checks it
 
         def training_step(self, batch, batch_idx):
             x0, pm = batch
@@ -128,8 +144,9 @@ def _lightning_class():
             want = {k for k in self.state_dict() if k.startswith("student.prompt.")}
             got = set(checkpoint["state_dict"])
             if got != want:
-                raise ValueError(f"the checkpoint's soft prompt is not this student's: missing {sorted(want - got)[:4]}, "
-                                 f"unexpected {sorted(got - want)[:4]}")
+                missing, unexpected = sorted(want - got)[:4], sorted(got - want)[:4]
+                raise ValueError(f"the checkpoint's soft prompt is not this student's: missing {missing}, "
+                                 f"unexpected {unexpected}")
             self._rng = checkpoint["rng"]
 
         def on_train_start(self):
@@ -229,8 +246,8 @@ def check_run_dir(out: Path, run: dict) -> None:
 
 # %% ../nbs/20h_meanflow_train.ipynb #8162edb0
 def record_run(acc, out: Path, run: dict, resuming: bool) -> None:
-    """Check a resumed run directory's settings (`check_run_dir`), then record `run` in `meanflow_run.json` (`acc=None`:
-    one process)."""
+    """Check a resumed run directory's settings (`check_run_dir`), then record `run` in `meanflow_run.json`
+    (`acc=None`: one process)."""
     if resuming:
         check_run_dir(out, run)
     if acc is not None:
@@ -267,6 +284,40 @@ def progress_line(step: int, hist: list[dict], every: int, seconds: float) -> st
     loss = sum(h["loss"] for h in m) / len(m)
     return f"meanflow step {step:5d}  loss {loss:.4f}  gate {hist[-1]['gate']:.3f}  {kl}{seconds:.0f}s"
 
+# %% ../nbs/20h_meanflow_train.ipynb #openrun
+def open_run(acc, out: Path, cfg: MeanFlowConfig, resume: bool = True, run_meta: dict | None = None) -> Path | None:
+    "The newest complete checkpoint of run directory `out` to resume from (None: start), after recording the run."
+    ck = latest_checkpoint(out) if resume else None
+    run = {"config": asdict(cfg), **(run_meta or {}), "num_processes": acc.num_processes,
+           "mixed_precision": str(acc.mixed_precision)}
+    record_run(acc, out, run, ck is not None)
+    return ck
+
+# %% ../nbs/20h_meanflow_train.ipynb #accstep
+def accelerate_step(acc, student: MeanFlowStudent, x0, prompt_mask, cfg: MeanFlowConfig, opt, sched) -> dict:
+    "One optimiser step of the accelerate loop: `meanflow_step` under autocast, all-reduced gradients, clipping."
+    with acc.autocast():  # `--mixed_precision bf16`: the frozen base computes in bf16, the prompt stays fp32
+        loss, logs = meanflow_step(student, x0.to(acc.device), prompt_mask.to(acc.device), cfg)
+    acc.backward(loss)
+    logs = sync_gradients(acc, student.prompt.parameters(), logs)
+    acc.clip_grad_norm_(student.prompt.parameters(), 1.0)  # unscales first under fp16's gradient scaler
+    opt.step()
+    sched.step()
+    opt.zero_grad()
+    return {k: float(v) for k, v in logs.items()}
+
+# %% ../nbs/20h_meanflow_train.ipynb #finalprior
+def fit_final_prior(student: MeanFlowStudent, data, cfg: MeanFlowConfig, log: Callable | None = None):
+    """A posterior student's noise prior, fitted on the run's rows `data` when training ends (generation draws `z` from
+    it, not N(0, I)); None for other students."""
+    if student.prompt.posterior is None:
+        return None
+    p = fit_noise_prior(student, *data.tensors, generator=torch.Generator().manual_seed(cfg.seed))
+    if log:
+        ridges = ", ".join(f"{r:g}" for r in p.cond["ridge"].tolist())
+        log(f"noise prior: {len(p.kinds)} kinds of canvas, ridge per kind {ridges}")
+    return p
+
 # %% ../nbs/20h_meanflow_train.ipynb #48304c4c
 def train_meanflow(student: MeanFlowStudent, sets: dict, cfg: MeanFlowConfig, accelerator=None,
                    log: Callable | None = print, log_every: int = 50, out_dir=None, save_every: int = 0,
@@ -284,11 +335,7 @@ def train_meanflow(student: MeanFlowStudent, sets: dict, cfg: MeanFlowConfig, ac
     student.prompt.to(acc.device)
     student.backbone.to(acc.device)
     out = Path(out_dir) if out_dir is not None else None
-    ck = latest_checkpoint(out) if out is not None and resume else None
-    if out is not None:
-        run = {"config": asdict(cfg), **(run_meta or {}), "num_processes": acc.num_processes,
-               "mixed_precision": str(acc.mixed_precision)}
-        record_run(acc, out, run, ck is not None)
+    ck = open_run(acc, out, cfg, resume, run_meta) if out is not None else None
     # every process draws its own rows (seed + rank) and runs `cfg.steps` steps on them: `batch` is per process
     pool = out / f"teacher_samples.rank{rank}.safetensors" if out is not None else None
     g = torch.Generator().manual_seed(cfg.seed + rank)
@@ -308,22 +355,11 @@ def train_meanflow(student: MeanFlowStudent, sets: dict, cfg: MeanFlowConfig, ac
     metrics = MetricsLog(out / "metrics.jsonl", resume_step=start, enabled=main) if out is not None else None
     if ck is not None and main:  # the clock goes on from the kept records (the time after the last one is lost)
         before = (read_metrics(out / "metrics.jsonl")[-1:] or [{}])[0].get("seconds", 0.0)
-
-    def save(step):
-        save_checkpoint(acc, TrainState(global_step=step, batch_in_epoch=step), None, out)
-
+    save = lambda step: save_checkpoint(acc, TrainState(global_step=step, batch_in_epoch=step), None, out)
     student.train()
     hist, t0 = [], time.time()
     for step, (x0, pm) in enumerate(itertools.islice(batches, start, None), start):
-        with acc.autocast():  # `--mixed_precision bf16`: the frozen base computes in bf16, the prompt stays fp32
-            loss, logs = meanflow_step(student, x0.to(acc.device), pm.to(acc.device), cfg)
-        acc.backward(loss)
-        logs = sync_gradients(acc, student.prompt.parameters(), logs)
-        acc.clip_grad_norm_(student.prompt.parameters(), 1.0)  # unscales first under fp16's gradient scaler
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        hist.append({k: float(v) for k, v in logs.items()})
+        hist.append(accelerate_step(acc, student, x0, pm, cfg, opt, sched))
         if metrics is not None:
             secs = round(before + time.time() - t_start, 3)
             metrics.write({"step": step + 1, **hist[-1], "lr": sched.get_last_lr()[0], "seconds": secs})
@@ -334,13 +370,7 @@ def train_meanflow(student: MeanFlowStudent, sets: dict, cfg: MeanFlowConfig, ac
     if out is not None and hist:
         save(cfg.steps)
     check_equal_prompts(acc, student.prompt)
-    # generation draws z from the posterior's fitted prior, not N(0, I); with several processes each fits its own rows,
-    # and rank 0's prior is the one saved
-    if student.prompt.posterior is not None:
-        p = fit_noise_prior(student, *data.tensors, generator=torch.Generator().manual_seed(cfg.seed))
-        if log and main:
-            ridges = ", ".join(f"{r:g}" for r in p.cond["ridge"].tolist())
-            log(f"noise prior: {len(p.kinds)} kinds of canvas, ridge per kind {ridges}")
+    fit_final_prior(student, data, cfg, log if main else None)  # several processes: rank 0's prior is the one saved
     student.eval()
     return hist
 
@@ -379,8 +409,7 @@ def train_meanflow_lightning(student: MeanFlowStudent, sets: dict, cfg: MeanFlow
         warnings.filterwarnings("ignore", message=".*callbacks used to create the checkpoint")
         warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
         trainer.fit(module, StepLoader(data, cfg.batch), ckpt_path=ckpt, weights_only=True)
-    if student.prompt.posterior is not None:  # as train_meanflow: generation draws z from the fitted prior
-        fit_noise_prior(student, *data.tensors, generator=torch.Generator().manual_seed(cfg.seed))
+    fit_final_prior(student, data, cfg)
     student.eval()
     return module.history
 

@@ -190,7 +190,8 @@ def clean_checkpoints(output_dir) -> list[str]:
 def save_checkpoint(acc, state: TrainState, sched, output_dir, keep: int = 2, extra: Callable | None = None,
                     settings: dict | None = None):
     """Save accelerator state + scheduler + data position atomically; keep the newest `keep` checkpoints.
-    `sched=None`: the scheduler is in the accelerator's state (`acc.register_for_checkpointing`). `extra(dir)` (main process) writes more files into the checkpoint before it is renamed into place; `settings` is
+    `sched=None`: the scheduler is in the accelerator's state (`acc.register_for_checkpointing`). `extra(dir)` (main
+    process) writes more files into the checkpoint before it is renamed into place; `settings` is
     recorded so that a resume can refuse other settings. `trainer_state.json` (with every file's size and sha256) is
     written last, and old checkpoints are renamed away before they are deleted: a kill never leaves a checkpoint that
     looks complete but is not."""
@@ -237,7 +238,8 @@ def _custom_state_errors(ckpt: Path) -> list[str]:
     out = []
     for f in sorted(ckpt.glob("custom_checkpoint_*.pkl")):
         try: load(f, weights_only=True)
-        except Exception as e: out.append(f"{f}: cannot load with weights_only=True: {type(e).__name__}: {str(e)[:200]}")
+        except Exception as e:
+            out.append(f"{f}: cannot load with weights_only=True: {type(e).__name__}: {str(e)[:200]}")
     return out
 
 def load_checkpoint(acc, sched, ckpt: Path, allow_rng_loss: bool = False) -> TrainState:
