@@ -400,7 +400,8 @@ def train_meanflow_lightning(student: MeanFlowStudent, sets: dict, cfg: MeanFlow
     last = out / "lightning" / "last.ckpt" if out is not None else None
     ckpt = str(last) if last is not None and resume and last.is_file() else None
     if out is not None:
-        record_run(None, out, {"config": asdict(cfg), "num_processes": 1, "mixed_precision": "no"}, ckpt is not None)
+        run = {"config": asdict(cfg), "num_processes": 1, "mixed_precision": str(trainer_kw.get("precision", "no"))}
+        record_run(None, out, run, ckpt is not None)
         kw.update(enable_checkpointing=True, default_root_dir=str(out),
                   callbacks=[lightning_checkpoints(out / "lightning", save_every or cfg.steps)])
     trainer = pl.Trainer(**{**kw, **trainer_kw})

@@ -136,6 +136,8 @@ def test_lightning_resume_refuses_another_student_or_settings(kit, tmp_path):
     with pytest.raises(ValueError, match="config.lr: 0.003 there, 0.1 now"):
         mf.train_meanflow_lightning(mf.make_student(teacher, cfg, sets), sets, mf.MeanFlowConfig(steps=2, batch=4, prompt_length=3, lr=0.1),
                                     out_dir=tmp_path)
+    with pytest.raises(ValueError, match="mixed_precision: 'no' there, 'bf16-mixed' now"):
+        mf.train_meanflow_lightning(mf.make_student(teacher, cfg, sets), sets, cfg, out_dir=tmp_path, precision="bf16-mixed")
     other = mf.MeanFlowStudent(teacher, prompt_length=3, noise_dim=2)
     with pytest.raises(ValueError, match="not this student's: missing \\['student.prompt.noise"):
         mf.train_meanflow_lightning(other, sets, mf.MeanFlowConfig(steps=3, batch=4, prompt_length=3), out_dir=tmp_path)
