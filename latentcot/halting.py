@@ -49,15 +49,12 @@ def attach_stop_head(model, prior: float = 0.05) -> nn.Linear:
 def save_stop_head(model, path, head: nn.Module | None = None) -> Path:
     "Write the stop head (`head`, else `model.latent_stop_head`) to `path/latent_stop_head.safetensors`, atomically."
     from safetensors.torch import save_file
+    from latentcot.fileio import atomic_write
     head = head if head is not None else getattr(model, "latent_stop_head", None)
     if head is None: raise ValueError("model has no latent_stop_head (call attach_stop_head(model) first)")
     path = Path(path); path.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path, prefix=".stop_head.", suffix=".tmp"); os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}, tmp)
-        os.replace(tmp, path / STOP_HEAD_FILE)
-    finally:
-        if os.path.exists(tmp): os.unlink(tmp)
+    state = {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}
+    atomic_write(path / STOP_HEAD_FILE, lambda f: save_file(state, f))
     return path / STOP_HEAD_FILE
 
 def _stop_head_tensors(path: Path) -> dict | None:

@@ -162,10 +162,8 @@ def toy_latent_batch(model, processor, specs, padding_side: str = "right", seed:
         for _ in range(sp.get("images", 0)):
             h, w = rng.choice([56, 84, 112]), rng.choice([56, 84, 112])
             images.append(Image.frombytes("RGB", (w, h), bytes(rng.randrange(256) for _ in range(h * w * 3))))
-    tok = processor.tokenizer
-    old, tok.padding_side = tok.padding_side, padding_side
-    try: batch = dict(processor(text=texts, images=images or None, return_tensors="pt", padding=True))
-    finally: tok.padding_side = old
+    batch = dict(processor(text=texts, images=images or None, return_tensors="pt", padding=True,
+                           padding_side=padding_side))
     ii, am = batch["input_ids"], batch["attention_mask"]
     segs = latent_segments_from_ids(ii, am, ids.latent_pad)
     labels = ii.masked_fill(~am.bool(), -100)

@@ -421,25 +421,21 @@ def random_batch(B: int, L: int, ids, seed=0, padding="right", words=ChatWords()
 def bench_masks(B=8, L=2048, repeats=3, seed=0, ids=None, threads: int | None = 1, verbose=True, **flags) -> dict:
     "Time the vectorised mask against the per-token reference on a random batch: `equal`, both times, `speedup`."
     ids = ids if ids is not None else qwen_special_ids()
+    from torch.utils.benchmark import Timer
     input_ids, attention_mask = random_batch(B, L, ids, seed=seed, padding="mixed")
-    n_threads = torch.get_num_threads()
-    if threads: torch.set_num_threads(threads)
-    try:
-        build_4d_mask(token_layout(input_ids, attention_mask, ids), attention_mask, **flags)      # warm-up, not timed
-        times = []
-        for _ in range(max(repeats, 1)):
-            t0 = time.perf_counter()
-            fast = build_4d_mask(token_layout(input_ids, attention_mask, ids), attention_mask, **flags)
-            times.append(time.perf_counter() - t0)
-    finally: torch.set_num_threads(n_threads)
-    t0 = time.perf_counter()
+    n_threads = threads or torch.get_num_threads()
+    build = lambda: build_4d_mask(token_layout(input_ids, attention_mask, ids), attention_mask, **flags)
+    # Timer runs its own warm-up, and sets the thread count for the measurement only
+    t_fast = Timer("build()", globals={"build": build}, num_threads=n_threads).timeit(max(repeats, 1)).mean
+    fast = build()
+    t0 = time.perf_counter()  # once, by hand: the reference takes seconds to minutes, and Timer would run it 3 times
     ref = build_4d_mask_reference(token_layout_reference(input_ids, attention_mask, ids), attention_mask, **flags)
-    t_ref, t_fast = time.perf_counter() - t0, sorted(times)[len(times) // 2]
-    res = dict(B=B, L=L, threads=threads or n_threads, equal=bool(torch.equal(fast, ref)), vectorised_s=t_fast,
+    t_ref = time.perf_counter() - t0
+    res = dict(B=B, L=L, threads=n_threads, equal=bool(torch.equal(fast, ref)), vectorised_s=t_fast,
                reference_s=t_ref, speedup=t_ref / t_fast)
     if verbose:
-        print(f"masks B={B} L={L}: vectorised {t_fast * 1e3:.1f} ms (median of {len(times)}, "
-              f"{threads or n_threads} thread{'s' if (threads or n_threads) > 1 else ''}), reference {t_ref:.2f} s, "
+        print(f"masks B={B} L={L}: vectorised {t_fast * 1e3:.1f} ms (mean of {max(repeats, 1)}, "
+              f"{n_threads} thread{'s' if n_threads > 1 else ''}), reference {t_ref:.2f} s, "
               f"speedup {res['speedup']:.0f}x, equal={res['equal']}")
     return res
 

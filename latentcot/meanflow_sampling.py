@@ -11,15 +11,15 @@ from typing import Callable
 
 import torch
 
-from .textdata import atomic_write
+from .fileio import atomic_write
 from .meanflow_text import SET_TAGS
 from .meanflow_teacher import mixed_batches, teacher_fingerprint
 from .meanflow_student import MeanFlowStudent
 from .meanflow_loss import MeanFlowConfig
 
 # %% auto #0
-__all__ = ['ban_tokens', 'sampler_filter', 'generate', 'teacher_fn', 'student_fn', 'canvas', 'teacher_samples_meta',
-           'save_teacher_samples', 'load_teacher_samples', 'teacher_samples']
+__all__ = ['ban_tokens', 'sampler_filter', 'resolve_filter', 'random_commit', 'generate', 'teacher_fn', 'student_fn', 'canvas',
+           'teacher_samples_meta', 'save_teacher_samples', 'load_teacher_samples', 'teacher_samples']
 
 # %% ../nbs/20f_meanflow_sampling.ipynb #201ac08c
 def ban_tokens(logits, ids):
@@ -32,6 +32,36 @@ def ban_tokens(logits, ids):
 def sampler_filter(backbone) -> Callable:
     "`logits_filter` for `generate` with `backbone`: its `banned_ids` made impossible."
     return lambda logits: ban_tokens(logits, backbone.banned_ids)
+
+# %% ../nbs/20f_meanflow_sampling.ipynb #resolvefilter
+def resolve_filter(logits_fn: Callable, logits_filter: Callable | None | str = "banned_ids") -> Callable | None:
+    "`generate`'s `logits_filter`; `\"banned_ids\"`: a filter that bans the `banned_ids` `logits_fn` carries."
+    if not isinstance(logits_filter, str):
+        return logits_filter
+    if logits_filter != "banned_ids":
+        raise ValueError(f"logits_filter must be a callable, None or 'banned_ids', got {logits_filter!r}")
+    # which tokens a sampler may write depends on the backbone's tokenizer: read it from the function, never assume one
+    ids = getattr(logits_fn, "banned_ids", None)
+    if ids is None:
+        raise ValueError(
+            "generate: logits_fn carries no banned_ids (teacher_fn and student_fn set them); pass "
+            "logits_filter=sampler_filter(backbone), or None to let it write any token"
+        )
+    return lambda logits: ban_tokens(logits, ids)
+
+# %% ../nbs/20f_meanflow_sampling.ipynb #randomcommit
+def random_commit(logits, x, mask_id: int, k: int, temperature: float = 1.0, generator=None):
+    """One step of random remasking: sample every position from `logits` (argmax at `temperature=0`), then commit `k`
+    random masked positions of each row."""
+    if temperature > 0:
+        probs = torch.softmax(logits / temperature, -1)
+        tokens = torch.multinomial(probs.view(-1, probs.shape[-1]), 1, generator=generator).view(x.shape)
+    else:
+        tokens = logits.argmax(-1)
+    score = torch.rand(x.shape, generator=generator, device=x.device).masked_fill(x != mask_id, -1.0)
+    idx = score.topk(min(k, x.shape[1]), -1).indices
+    commit = torch.zeros_like(x, dtype=torch.bool).scatter_(1, idx, True) & (x == mask_id)
+    return torch.where(commit, tokens, x)
 
 # %% ../nbs/20f_meanflow_sampling.ipynb #2a56bace
 @torch.no_grad()
@@ -50,18 +80,7 @@ def generate(
     """
     from diffusers import BlockRefinementScheduler
 
-    if isinstance(logits_filter, str):
-        if logits_filter != "banned_ids":
-            raise ValueError(f"logits_filter must be a callable, None or 'banned_ids', got {logits_filter!r}")
-        # which tokens a sampler may write depends on the backbone's tokenizer: read it from the function, never assume
-        # one
-        ids = getattr(logits_fn, "banned_ids", None)
-        if ids is None:
-            raise ValueError(
-                "generate: logits_fn carries no banned_ids (teacher_fn and student_fn set them); pass "
-                "logits_filter=sampler_filter(backbone), or None to let it write any token"
-            )
-        logits_filter = lambda logits: ban_tokens(logits, ids)
+    logits_filter = resolve_filter(logits_fn, logits_filter)
     if remasking not in ("low_confidence", "random"):
         raise ValueError(f"remasking must be low_confidence or random, got {remasking!r}")
     x = x.clone()
@@ -80,16 +99,7 @@ def generate(
         if logits_filter is not None:
             logits = logits_filter(logits)
         if remasking == "random":  # random commit order: confidence replaced by noise
-            if temperature > 0:
-                probs = torch.softmax(logits / temperature, -1)
-                tokens = torch.multinomial(probs.view(-1, probs.shape[-1]), 1, generator=generator).view(x.shape)
-            else:
-                tokens = logits.argmax(-1)
-            k = int(quota[i])
-            score = torch.rand(x.shape, generator=generator, device=x.device).masked_fill(x != mask_id, -1.0)
-            idx = score.topk(min(k, x.shape[1]), -1).indices
-            commit = torch.zeros_like(x, dtype=torch.bool).scatter_(1, idx, True) & (x == mask_id)
-            x = torch.where(commit, tokens, x)
+            x = random_commit(logits, x, mask_id, int(quota[i]), temperature, generator)
         else:
             x = sched.step(
                 logits,

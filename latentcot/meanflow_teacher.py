@@ -20,7 +20,8 @@ from .meanflow_backbones import LlamaBackbone
 
 # %% auto #0
 __all__ = ['mask_tokens', 'prompt_mask_of', 'llada_loss', 'likelihood_bound', 'TeacherRecipe', 'tiny_llada', 'mixed_batches',
-           'train_teacher', 'load_teacher', 'teacher_code_version', 'cpu_kernels', 'get_teacher', 'teacher_fingerprint']
+           'train_teacher', 'load_teacher', 'teacher_code_version', 'cpu_kernels', 'teacher_dir', 'get_teacher',
+           'teacher_fingerprint']
 
 # %% ../nbs/20c_meanflow_teacher.ipynb #e7fce6fc
 def mask_tokens(x0, t, prompt_mask, mask_id: int, generator=None):
@@ -158,17 +159,22 @@ def cpu_kernels() -> str:
     "The vector kernels torch uses on this CPU (`AVX2`, `AVX512`, ...): they change the trained teacher's weights."
     return torch.backends.cpu.get_cpu_capability()
 
+# %% ../nbs/20c_meanflow_teacher.ipynb #teacherdir
+def teacher_dir(recipe: TeacherRecipe, data_sha: str, cache_dir=None) -> Path:
+    "The cache directory of `recipe`'s teacher, keyed by the recipe, the data, the training code and the CPU kernels."
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    # an edit to the teacher's training code trains a new teacher, never reuses a stale one; AVX2 and AVX-512 kernels
+    # round differently and train different teachers: a cache moved between machines must not hand one CPU's teacher
+    # to another
+    return root / f"meanflow-teacher-{recipe.key(data_sha, teacher_code_version(), cpu_kernels())}"
+
 # %% ../nbs/20c_meanflow_teacher.ipynb #3d7f09b0
 def get_teacher(recipe: TeacherRecipe = TeacherRecipe(), cache_dir=None, log: Callable | None = print):
     "The tiny teacher of `recipe`: loaded from the cache, or trained, saved with `save_pretrained` and cached."
     tok = char_tokenizer()
     sets = load_text_sets(tok, recipe.canvas)
-    root = Path(cache_dir) if cache_dir is not None else cache_root()
-    # an edit to the teacher's training code trains a new teacher, never reuses a stale one
-    code = teacher_code_version()
-    # AVX2 and AVX-512 kernels round differently and train different teachers: a cache moved between machines must
-    # not hand one CPU's teacher to another
-    final = root / f"meanflow-teacher-{recipe.key(sets['sha256'], code, cpu_kernels())}"
+    final = teacher_dir(recipe, sets["sha256"], cache_dir)
+    root, code = final.parent, teacher_code_version()
     if not (final / "teacher.json").is_file():
         t0 = time.time()
         bb, losses = train_teacher(tok, recipe, sets, log)

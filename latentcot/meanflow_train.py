@@ -6,14 +6,14 @@ Docs: https://latentcot.github.io/latentcot/meanflow_train.html.md"""
 
 # %% ../nbs/20h_meanflow_train.ipynb #251fda70
 from __future__ import annotations
-import itertools, json, time
+import itertools, json, time, warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .textdata import atomic_write
+from .fileio import atomic_write
 from .trainer import MetricsLog, TrainState, latest_checkpoint, load_checkpoint, read_metrics, save_checkpoint
 from .meanflow_teacher import mask_tokens, mixed_batches
 from .meanflow_student import MeanFlowStudent
@@ -23,15 +23,57 @@ from .meanflow_sampling import teacher_samples
 from .meanflow_noise import NoisePrior, fit_noise_prior, pick_noise, posterior_noise
 
 # %% auto #0
-__all__ = ['meanflow_step', 'warmup_schedule', 'meanflow_lightning_module', 'distill_batches', 'check_run_dir', 'record_run',
-           'sync_gradients', 'check_equal_prompts', 'progress_line', 'train_meanflow', 'train_meanflow_lightning',
-           'save_student', 'load_student']
+__all__ = ['meanflow_target', 'step_logs', 'meanflow_step', 'warmup_schedule', 'meanflow_lightning_module', 'StepLoader',
+           'distill_batches', 'check_run_dir', 'record_run', 'sync_gradients', 'check_equal_prompts', 'progress_line',
+           'open_run', 'accelerate_step', 'fit_final_prior', 'train_meanflow', 'lightning_checkpoints',
+           'train_meanflow_lightning', 'save_student', 'load_student']
+
+# %% ../nbs/20h_meanflow_train.ipynb #mftarget
+@torch.no_grad()
+def meanflow_target(student: MeanFlowStudent, x0, emb, v, masked, r, t, cfg: MeanFlowConfig, generator=None):
+    """The step's target logits `u_tgt` for `cfg.target` given the teacher's `v` at `emb`, and an IMLE student's chosen
+    `z` (else None); no gradients."""
+    bb, z = student.backbone, None
+    if cfg.target == "integral":  # the identity's solution by Euler steps of the teacher (`meanflow_loss`), no JVP
+        u_tgt, w = v.float().clone(), r < t  # rows with r = t: the target is v, no teacher calls needed
+        if w.any():
+            u_tgt[w] = meanflow_fixed_point(
+                bb, emb[w], masked[w], r[w], t[w], cfg.integral_steps, cfg.tangent_sign, v0=v[w]
+            )
+    elif cfg.target == "sampler":  # one-hot logits of x0 (finite, so KL = CE exactly); rows with r = t keep v
+        hard = torch.full(v.shape, -1e4, device=v.device).scatter_(-1, x0[..., None], 0.0)
+        u_tgt = torch.where((r < t)[:, None, None], hard, v.float())
+        if student.noise_dim and cfg.noise_fit == "imle":
+            z = pick_noise(student, emb, r, t, x0, masked & (r < t)[:, None], cfg.noise_candidates, generator)
+    else:
+        tangent = embedding_tangent(v, emb, bb.embedding_weight, masked, cfg.tangent_sign)
+        u_tgt = v.float() - (t - r)[:, None, None] * jvp_dudt(student, emb, r, t, tangent).float()
+    return u_tgt, z
+
+# %% ../nbs/20h_meanflow_train.ipynb #steplogs
+@torch.no_grad()
+def step_logs(student: MeanFlowStudent, x0, u, v, u_tgt, masked, r, t, kl, cfg: MeanFlowConfig) -> dict:
+    """A step's logs beside its loss: the gate, the agreement with the teacher on masked tokens, and the label's
+    disagreement with the teacher (sampler, with the posterior's KL) or the target's shift from `v` (otherwise)."""
+    agree = ((u.argmax(-1) == v.argmax(-1)) & masked).sum() / masked.sum().clamp(min=1)
+    logs = {"gate": student.prompt.gate.detach().abs().mean(), "agree_teacher": agree}
+    if cfg.target == "sampler":  # how often the label is not what the teacher's one step would pick
+        lab = masked & (r < t)[:, None]
+        logs["label_disagree"] = ((x0 != v.argmax(-1)) & lab).sum() / lab.sum().clamp(min=1)
+        # nats per row that reads the posterior
+        if kl is not None:
+            logs["kl"] = kl.sum() / (kl > 0).sum().clamp(min=1)
+    else:
+        logs["target_shift"] = (
+            ((u_tgt - v.float()).abs() * masked[..., None]).sum() / masked.sum().clamp(min=1) / v.shape[-1]
+        )
+    return logs
 
 # %% ../nbs/20h_meanflow_train.ipynb #b6e90431
 def meanflow_step(student: MeanFlowStudent, x0, prompt_mask, cfg: MeanFlowConfig, generator=None):
     """One MeanFlow distillation step (seed 003 §4; `cfg.target` picks the target): `(loss, logs)`; gradients reach
     only the soft prompt."""
-    bb, z, kl = student.backbone, None, None
+    bb, kl = student.backbone, None
     r, t = sample_times(x0.shape[0], cfg, generator, x0.device)
     if cfg.target == "sampler":
         r = torch.where(r < t, torch.zeros_like(r), r)  # hard labels are the sampler's end point: r = 0
@@ -39,20 +81,7 @@ def meanflow_step(student: MeanFlowStudent, x0, prompt_mask, cfg: MeanFlowConfig
     with torch.no_grad():
         emb = bb.embed(xt)
         v = student.teacher(emb)
-        if cfg.target == "integral":  # the identity's solution by Euler steps of the teacher (`meanflow_loss`), no JVP
-            u_tgt, w = v.float().clone(), r < t  # rows with r = t: the target is v, no teacher calls needed
-            if w.any():
-                u_tgt[w] = meanflow_fixed_point(
-                    bb, emb[w], masked[w], r[w], t[w], cfg.integral_steps, cfg.tangent_sign, v0=v[w]
-                )
-        elif cfg.target == "sampler":  # one-hot logits of x0 (finite, so KL = CE exactly); rows with r = t keep v
-            hard = torch.full(v.shape, -1e4, device=v.device).scatter_(-1, x0[..., None], 0.0)
-            u_tgt = torch.where((r < t)[:, None, None], hard, v.float())
-            if student.noise_dim and cfg.noise_fit == "imle":
-                z = pick_noise(student, emb, r, t, x0, masked & (r < t)[:, None], cfg.noise_candidates, generator)
-        else:
-            tangent = embedding_tangent(v, emb, bb.embedding_weight, masked, cfg.tangent_sign)
-            u_tgt = v.float() - (t - r)[:, None, None] * jvp_dudt(student, emb, r, t, tangent).float()
+    u_tgt, z = meanflow_target(student, x0, emb, v, masked, r, t, cfg, generator)
     # z from q(z | x0), with gradients (the reparameterisation)
     if cfg.target == "sampler" and cfg.noise_fit == "posterior":
         z, kl = posterior_noise(student, bb.embed(x0), (r < t) & masked.any(1), generator)
@@ -61,20 +90,7 @@ def meanflow_step(student: MeanFlowStudent, x0, prompt_mask, cfg: MeanFlowConfig
     # the ELBO, per masked token
     if kl is not None:
         loss = loss + cfg.noise_beta * (kl / masked.sum(1).clamp(min=1)).mean()
-    with torch.no_grad():
-        agree = ((u.argmax(-1) == v.argmax(-1)) & masked).sum() / masked.sum().clamp(min=1)
-        logs = {"loss": loss.detach(), "gate": student.prompt.gate.detach().abs().mean(), "agree_teacher": agree}
-        if cfg.target == "sampler":  # how often the label is not what the teacher's one step would pick
-            lab = masked & (r < t)[:, None]
-            logs["label_disagree"] = ((x0 != v.argmax(-1)) & lab).sum() / lab.sum().clamp(min=1)
-            # nats per row that reads the posterior
-            if kl is not None:
-                logs["kl"] = kl.sum() / (kl > 0).sum().clamp(min=1)
-        else:
-            logs["target_shift"] = (
-                ((u_tgt - v.float()).abs() * masked[..., None]).sum() / masked.sum().clamp(min=1) / v.shape[-1]
-            )
-    return loss, logs
+    return loss, {"loss": loss.detach(), **step_logs(student, x0, u, v, u_tgt, masked, r, t, kl, cfg)}
 
 # %% ../nbs/20h_meanflow_train.ipynb #1f961df8
 def warmup_schedule(opt, warmup: int = 20):
@@ -96,10 +112,11 @@ def _lightning_class():
 
     class MeanFlowLightning(pl.LightningModule):
         """LightningModule of the distillation: `meanflow_step`, with `train_meanflow`'s optimiser, warm-up and
-        clipping."""
+        clipping; its checkpoints hold the soft prompt (not the frozen base) and the RNG of the step's draws."""
         def __init__(self, student: MeanFlowStudent, cfg: MeanFlowConfig):
             super().__init__()
-            self.student, self.cfg, self.history = student, cfg, []
+            self.student, self.cfg, self.history, self._rng = student, cfg, [], None
+            self.strict_loading = False  # the checkpoint leaves the frozen base out; on_load_checkpoint checks it
 
         def training_step(self, batch, batch_idx):
             x0, pm = batch
@@ -115,12 +132,61 @@ def _lightning_class():
         def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
             self.clip_gradients(optimizer, gradient_clip_val=1.0, gradient_clip_algorithm="norm")  # as train_meanflow
 
+        def on_save_checkpoint(self, checkpoint):
+            sd = checkpoint["state_dict"]
+            checkpoint["state_dict"] = {k: v for k, v in sd.items() if k.startswith("student.prompt.")}
+            # Lightning keeps no RNG state, and the step draws its times and masks from the global RNG
+            checkpoint["rng"] = {"cpu": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+
+        def on_load_checkpoint(self, checkpoint):
+            want = {k for k in self.state_dict() if k.startswith("student.prompt.")}
+            got = set(checkpoint["state_dict"])
+            if got != want:
+                missing, unexpected = sorted(want - got)[:4], sorted(got - want)[:4]
+                raise ValueError(f"the checkpoint's soft prompt is not this student's: missing {missing}, "
+                                 f"unexpected {unexpected}")
+            self._rng = checkpoint["rng"]
+
+        def on_train_start(self):
+            # restored only now: Lightning made the loader's iterator, which draws its seed from the global RNG
+            if self._rng is not None:
+                torch.set_rng_state(self._rng["cpu"])
+                if "cuda" in self._rng:
+                    torch.cuda.set_rng_state_all(self._rng["cuda"])
+                self._rng = None
+
     return MeanFlowLightning
 
 # %% ../nbs/20h_meanflow_train.ipynb #eaaab402
 def meanflow_lightning_module(student: MeanFlowStudent, cfg: MeanFlowConfig):
     "A Lightning `LightningModule` that trains `student`'s soft prompt with `meanflow_step`."
     return _lightning_class()(student, cfg)
+
+# %% ../nbs/20h_meanflow_train.ipynb #steploader
+class StepLoader(torch.utils.data.DataLoader):
+    "In-order batches of `data` whose position Lightning's checkpoints keep (`state_dict`: batches handed out)."
+
+    def __init__(self, data, batch_size: int):
+        super().__init__(data, batch_size=batch_size, shuffle=False)
+        self.served, self._skip = 0, 0
+
+    def __iter__(self):
+        # the base iterator is made now, as a plain loader makes it: it draws its seed from the global RNG here
+        it, skip, self._skip = super().__iter__(), self._skip, 0
+        self.served = skip
+        return map(self._count, itertools.islice(it, skip, None))
+
+    def _count(self, batch):
+        self.served += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"served": self.served}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._skip = state["served"]
 
 # %% ../nbs/20h_meanflow_train.ipynb #88d96127
 def distill_batches(
@@ -180,11 +246,13 @@ def check_run_dir(out: Path, run: dict) -> None:
 
 # %% ../nbs/20h_meanflow_train.ipynb #8162edb0
 def record_run(acc, out: Path, run: dict, resuming: bool) -> None:
-    "Check a resumed run directory's settings (`check_run_dir`), then record `run` in `meanflow_run.json`."
+    """Check a resumed run directory's settings (`check_run_dir`), then record `run` in `meanflow_run.json`
+    (`acc=None`: one process)."""
     if resuming:
         check_run_dir(out, run)
-    acc.wait_for_everyone()
-    if acc.is_main_process:
+    if acc is not None:
+        acc.wait_for_everyone()
+    if acc is None or acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "meanflow_run.json", lambda f: Path(f).write_text(json.dumps(run)))
 
@@ -216,15 +284,49 @@ def progress_line(step: int, hist: list[dict], every: int, seconds: float) -> st
     loss = sum(h["loss"] for h in m) / len(m)
     return f"meanflow step {step:5d}  loss {loss:.4f}  gate {hist[-1]['gate']:.3f}  {kl}{seconds:.0f}s"
 
+# %% ../nbs/20h_meanflow_train.ipynb #openrun
+def open_run(acc, out: Path, cfg: MeanFlowConfig, resume: bool = True, run_meta: dict | None = None) -> Path | None:
+    "The newest complete checkpoint of run directory `out` to resume from (None: start), after recording the run."
+    ck = latest_checkpoint(out) if resume else None
+    run = {"config": asdict(cfg), **(run_meta or {}), "num_processes": acc.num_processes,
+           "mixed_precision": str(acc.mixed_precision)}
+    record_run(acc, out, run, ck is not None)
+    return ck
+
+# %% ../nbs/20h_meanflow_train.ipynb #accstep
+def accelerate_step(acc, student: MeanFlowStudent, x0, prompt_mask, cfg: MeanFlowConfig, opt, sched) -> dict:
+    "One optimiser step of the accelerate loop: `meanflow_step` under autocast, all-reduced gradients, clipping."
+    with acc.autocast():  # `--mixed_precision bf16`: the frozen base computes in bf16, the prompt stays fp32
+        loss, logs = meanflow_step(student, x0.to(acc.device), prompt_mask.to(acc.device), cfg)
+    acc.backward(loss)
+    logs = sync_gradients(acc, student.prompt.parameters(), logs)
+    acc.clip_grad_norm_(student.prompt.parameters(), 1.0)  # unscales first under fp16's gradient scaler
+    opt.step()
+    sched.step()
+    opt.zero_grad()
+    return {k: float(v) for k, v in logs.items()}
+
+# %% ../nbs/20h_meanflow_train.ipynb #finalprior
+def fit_final_prior(student: MeanFlowStudent, data, cfg: MeanFlowConfig, log: Callable | None = None):
+    """A posterior student's noise prior, fitted on the run's rows `data` when training ends (generation draws `z` from
+    it, not N(0, I)); None for other students."""
+    if student.prompt.posterior is None:
+        return None
+    p = fit_noise_prior(student, *data.tensors, generator=torch.Generator().manual_seed(cfg.seed))
+    if log:
+        ridges = ", ".join(f"{r:g}" for r in p.cond["ridge"].tolist())
+        log(f"noise prior: {len(p.kinds)} kinds of canvas, ridge per kind {ridges}")
+    return p
+
 # %% ../nbs/20h_meanflow_train.ipynb #48304c4c
 def train_meanflow(student: MeanFlowStudent, sets: dict, cfg: MeanFlowConfig, accelerator=None,
                    log: Callable | None = print, log_every: int = 50, out_dir=None, save_every: int = 0,
                    resume: bool = True, run_meta: dict | None = None) -> list[dict]:
     """Train `student.prompt` for `cfg.steps` steps with accelerate and `meanflow_step`; return each step's metrics.
     With `out_dir`: metrics, checkpoints (every `save_every` steps and at the end) and teacher samples go there, and a
-    rerun resumes from the newest complete checkpoint (`resume=False`: start again); `seconds` sums the segments."""
+    rerun resumes from the newest complete checkpoint (`resume=False`: start again); `seconds` sums the segments.
+    A passed `accelerator` must be fresh: the run registers its scheduler and prompt with it."""
     from accelerate import Accelerator
-    from safetensors.torch import load_file, save_file
 
     t_start = time.time()  # the segment's clock starts before the teacher samples are drawn: they are part of its cost
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
@@ -233,11 +335,7 @@ def train_meanflow(student: MeanFlowStudent, sets: dict, cfg: MeanFlowConfig, ac
     student.prompt.to(acc.device)
     student.backbone.to(acc.device)
     out = Path(out_dir) if out_dir is not None else None
-    ck = latest_checkpoint(out) if out is not None and resume else None
-    if out is not None:
-        run = {"config": asdict(cfg), **(run_meta or {}), "num_processes": acc.num_processes,
-               "mixed_precision": str(acc.mixed_precision)}
-        record_run(acc, out, run, ck is not None)
+    ck = open_run(acc, out, cfg, resume, run_meta) if out is not None else None
     # every process draws its own rows (seed + rank) and runs `cfg.steps` steps on them: `batch` is per process
     pool = out / f"teacher_samples.rank{rank}.safetensors" if out is not None else None
     g = torch.Generator().manual_seed(cfg.seed + rank)
@@ -245,35 +343,23 @@ def train_meanflow(student: MeanFlowStudent, sets: dict, cfg: MeanFlowConfig, ac
                            pool_path=pool, log=log if main else None)
     opt = acc.prepare(torch.optim.AdamW(student.prompt.parameters(), lr=cfg.lr, weight_decay=0.0))
     sched = warmup_schedule(opt)
+    # a checkpoint holds them with the optimiser and every rank's RNG (the step's times and masks)
+    acc.register_for_checkpointing(sched, student.prompt)
     # the loader's iterator draws its base seed from the global RNG: make it before the checkpoint restores that RNG
-    batches = iter(torch.utils.data.DataLoader(data, batch_size=cfg.batch, shuffle=False))
+    batches = iter(StepLoader(data, cfg.batch))
     start, before = 0, 0.0
-    if ck is not None:  # optimizer, scheduler, every rank's RNG (the step's times and masks), then the prompt
-        start = load_checkpoint(acc, sched, ck).global_step
-        student.prompt.load_state_dict(load_file(ck / "soft_prompt.safetensors"))
+    if ck is not None:
+        start = load_checkpoint(acc, None, ck).global_step
         if log and main:
             log(f"resuming from {ck} (step {start})")
     metrics = MetricsLog(out / "metrics.jsonl", resume_step=start, enabled=main) if out is not None else None
     if ck is not None and main:  # the clock goes on from the kept records (the time after the last one is lost)
         before = (read_metrics(out / "metrics.jsonl")[-1:] or [{}])[0].get("seconds", 0.0)
-
-    def save(step):
-        state = {k: v.detach().cpu().contiguous() for k, v in student.prompt.state_dict().items()}
-        save_checkpoint(acc, TrainState(global_step=step, batch_in_epoch=step), sched, out,
-                        extra=lambda d: save_file(state, d / "soft_prompt.safetensors"))
-
+    save = lambda step: save_checkpoint(acc, TrainState(global_step=step, batch_in_epoch=step), None, out)
     student.train()
     hist, t0 = [], time.time()
     for step, (x0, pm) in enumerate(itertools.islice(batches, start, None), start):
-        with acc.autocast():  # `--mixed_precision bf16`: the frozen base computes in bf16, the prompt stays fp32
-            loss, logs = meanflow_step(student, x0.to(acc.device), pm.to(acc.device), cfg)
-        acc.backward(loss)
-        logs = sync_gradients(acc, student.prompt.parameters(), logs)
-        acc.clip_grad_norm_(student.prompt.parameters(), 1.0)  # unscales first under fp16's gradient scaler
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        hist.append({k: float(v) for k, v in logs.items()})
+        hist.append(accelerate_step(acc, student, x0, pm, cfg, opt, sched))
         if metrics is not None:
             secs = round(before + time.time() - t_start, 3)
             metrics.write({"step": step + 1, **hist[-1], "lr": sched.get_last_lr()[0], "seconds": secs})
@@ -284,30 +370,47 @@ def train_meanflow(student: MeanFlowStudent, sets: dict, cfg: MeanFlowConfig, ac
     if out is not None and hist:
         save(cfg.steps)
     check_equal_prompts(acc, student.prompt)
-    # generation draws z from the posterior's fitted prior, not N(0, I); with several processes each fits its own rows,
-    # and rank 0's prior is the one saved
-    if student.prompt.posterior is not None:
-        p = fit_noise_prior(student, *data.tensors, generator=torch.Generator().manual_seed(cfg.seed))
-        if log and main:
-            ridges = ", ".join(f"{r:g}" for r in p.cond["ridge"].tolist())
-            log(f"noise prior: {len(p.kinds)} kinds of canvas, ridge per kind {ridges}")
+    fit_final_prior(student, data, cfg, log if main else None)  # several processes: rank 0's prior is the one saved
     student.eval()
     return hist
 
 # %% ../nbs/20h_meanflow_train.ipynb #ec0c8f8d
-def train_meanflow_lightning(student: MeanFlowStudent, sets: dict, cfg: MeanFlowConfig, **trainer_kw) -> list[dict]:
-    "Train `student.prompt` with Lightning's `Trainer` on `train_meanflow`'s rows and seed; return each step's logs."
+def lightning_checkpoints(dirpath, every: int):
+    "Lightning's `ModelCheckpoint` as the drivers use it: every `every` steps, the newest two and `last.ckpt` kept."
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    return ModelCheckpoint(dirpath=dirpath, filename="{step:07d}", every_n_train_steps=every, save_top_k=2,
+                           monitor="step", mode="max", save_last=True)
+
+# %% ../nbs/20h_meanflow_train.ipynb #trainlightning
+def train_meanflow_lightning(student: MeanFlowStudent, sets: dict, cfg: MeanFlowConfig, out_dir=None,
+                             save_every: int = 0, resume: bool = True, **trainer_kw) -> list[dict]:
+    """Train `student.prompt` with Lightning's `Trainer` on `train_meanflow`'s rows and seed; return this run's logs,
+    one per step. With `out_dir`: checkpoints in `out_dir/lightning` (`lightning_checkpoints`, every `save_every`
+    steps, else at the end), and a rerun resumes from `last.ckpt` (`resume=False`: start again)."""
     import lightning.pytorch as pl
     # the step's times and masks come from the global RNG, seeded as train_meanflow seeds it
     torch.manual_seed(cfg.seed)
-    data = distill_batches(sets, cfg, cfg.steps, torch.Generator().manual_seed(cfg.seed), backbone=student.backbone)
+    out = Path(out_dir) if out_dir is not None else None
+    pool = out / "teacher_samples.rank0.safetensors" if out is not None else None
+    data = distill_batches(sets, cfg, cfg.steps, torch.Generator().manual_seed(cfg.seed), backbone=student.backbone,
+                           pool_path=pool, log=None)
     module = meanflow_lightning_module(student, cfg)
     kw = dict(max_steps=cfg.steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
               enable_progress_bar=False, enable_model_summary=False)
+    last = out / "lightning" / "last.ckpt" if out is not None else None
+    ckpt = str(last) if last is not None and resume and last.is_file() else None
+    if out is not None:
+        run = {"config": asdict(cfg), "num_processes": 1, "mixed_precision": str(trainer_kw.get("precision", "no"))}
+        record_run(None, out, run, ckpt is not None)
+        kw.update(enable_checkpointing=True, default_root_dir=str(out),
+                  callbacks=[lightning_checkpoints(out / "lightning", save_every or cfg.steps)])
     trainer = pl.Trainer(**{**kw, **trainer_kw})
-    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=cfg.batch, shuffle=False))
-    if student.prompt.posterior is not None:  # as train_meanflow: generation draws z from the fitted prior
-        fit_noise_prior(student, *data.tensors, generator=torch.Generator().manual_seed(cfg.seed))
+    with warnings.catch_warnings():
+        # the callbacks are those of the run that wrote the checkpoint, whose directory a resume reuses on purpose
+        warnings.filterwarnings("ignore", message=".*callbacks used to create the checkpoint")
+        warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+        trainer.fit(module, StepLoader(data, cfg.batch), ckpt_path=ckpt, weights_only=True)
+    fit_final_prior(student, data, cfg)
     student.eval()
     return module.history
 

@@ -94,10 +94,11 @@ def triplet_image(value, path: Path, line: int, sid, key: str) -> str:
         except Exception as e:
             raise DataError(path, line, sid, "undecodable_image", f"{key}: embedded bytes are not an image ({e})"[:200]) from None
         from latentcot.config import cache_root
+        from latentcot.fileio import atomic_write
         out = cache_root() / "triplet_images" / f"{hashlib.sha256(data).hexdigest()[:32]}.{fmt}"
         if not out.is_file():
             out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(out.name + f".{os.getpid()}.tmp"); tmp.write_bytes(data); os.replace(tmp, out)
+            atomic_write(out, lambda f: Path(f).write_bytes(data))
         return str(out)
     p = value.get("path") if isinstance(value, dict) else value
     if not isinstance(p, str) or not p:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json, os
 from pathlib import Path
 
+from .fileio import atomic_write
 from .trainer import read_metrics
 
 COS_KEY, STOP_KEY = "cos_per_latent", "stop_prob_per_step"
@@ -27,8 +28,7 @@ def _figure(ncols=1, w=5.0, h=3.4):
 
 def _save(fig, path) -> Path:
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp); os.replace(tmp, path)
+    atomic_write(path, lambda f: fig.savefig(f, format=path.suffix[1:] or "png"))
     return path
 
 def plot_losses(runs: dict[str, list[dict]], path=None):
@@ -95,6 +95,6 @@ def format_table(rows: list[dict], cols: list[str] | None = None) -> str:
 
 def write_json(obj, path) -> Path:
     "Write JSON atomically."
-    path = Path(path); tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True)); os.replace(tmp, path)
+    path = Path(path)
+    atomic_write(path, lambda f: Path(f).write_text(json.dumps(obj, indent=2, sort_keys=True)))
     return path

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from .config import LatentCoTConfig, fault_point, load_config
+from .fileio import atomic_write
 
 # %% auto #0
 __all__ = ['FORMAT_VERSION', 'MANIFEST_NAME', 'LAYERS', 'FILE_PATTERNS', 'log', 'CHECKSUM_SUFFIX', 'TeacherLatentError',
@@ -101,9 +102,9 @@ def atomic_torch_save(obj, path, checksum: bool = False) -> Path:
     return path
 
 def atomic_write_json(obj, path) -> Path:
-    "Write `obj` as JSON to `path` through a temp file and a rename."
-    path = Path(path); tmp = _tmp(path)
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n"); os.replace(tmp, path)
+    "Write `obj` as JSON to `path` through a temp file and a rename (`atomic_write`)."
+    path = Path(path)
+    atomic_write(path, lambda f: Path(f).write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n"))
     return path
 
 def checksum_problem(path, data: bytes | None = None) -> str | None:

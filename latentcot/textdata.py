@@ -10,9 +10,11 @@ import hashlib, json, os, random, re, sys, tempfile, textwrap
 from pathlib import Path
 from typing import Callable
 
+from .fileio import atomic_write  # re-exported: older code imports it from here
+
 # %% auto #0
-__all__ = ['TEXT_FILES', 'to_ascii', 'english_paragraphs', 'synthetic_line', 'check_synthetic', 'atomic_write', 'text_sets',
-           'write_text_sets', 'read_lines']
+__all__ = ['TEXT_FILES', 'to_ascii', 'english_paragraphs', 'synthetic_line', 'check_synthetic', 'text_sets', 'write_text_sets',
+           'read_lines']
 
 # %% ../nbs/19_textdata.ipynb #e0891a93
 _ASCII_MAP = {"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"', "\u2014": "--", "\u2013": "-",
@@ -75,18 +77,6 @@ def check_synthetic(line: str, max_value: int = 9) -> float:
 
 # %% ../nbs/19_textdata.ipynb #4653fafd
 TEXT_FILES = ("english_train.txt", "english_heldout.txt", "synthetic_train.txt", "synthetic_heldout.txt")
-
-def atomic_write(path, write: Callable):
-    "Call `write(tmp)` on a temporary file beside `path`, then `os.replace` it there: no reader sees half a file."
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp): os.unlink(tmp)
-        raise
 
 def _atomic_write(path: Path, data: bytes):
     "Write `data` to `path` atomically."

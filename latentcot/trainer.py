@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .config import LatentCoTConfig, fault_point, save_config
+from .fileio import atomic_write
 
 # %% auto #0
 __all__ = ['STATE_NAME', 'HASH_MAX_BYTES', 'RESUMABLE_SETTINGS', 'StepResult', 'TrainState', 'MetricsError', 'MetricsLog',
@@ -69,8 +70,7 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():   # a fresh run (resume_step 0) keeps nothing, and need not parse the old file
             keep = [r for r in _read_jsonl(self.path) if r.get("step", 0) <= resume_step] if resume_step > 0 else []
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in keep)); os.replace(tmp, self.path)
+            atomic_write(self.path, lambda f: Path(f).write_text("".join(json.dumps(r) + "\n" for r in keep)))
 
     def write(self, rec: dict):
         if not self.enabled: return
@@ -190,7 +190,8 @@ def clean_checkpoints(output_dir) -> list[str]:
 def save_checkpoint(acc, state: TrainState, sched, output_dir, keep: int = 2, extra: Callable | None = None,
                     settings: dict | None = None):
     """Save accelerator state + scheduler + data position atomically; keep the newest `keep` checkpoints.
-    `extra(dir)` (main process) writes more files into the checkpoint before it is renamed into place; `settings` is
+    `sched=None`: the scheduler is in the accelerator's state (`acc.register_for_checkpointing`). `extra(dir)` (main
+    process) writes more files into the checkpoint before it is renamed into place; `settings` is
     recorded so that a resume can refuse other settings. `trainer_state.json` (with every file's size and sha256) is
     written last, and old checkpoints are renamed away before they are deleted: a kill never leaves a checkpoint that
     looks complete but is not."""
@@ -202,7 +203,7 @@ def save_checkpoint(acc, state: TrainState, sched, output_dir, keep: int = 2, ex
         acc.save_state(str(tmp))
         acc.wait_for_everyone()  # every rank writes its own RNG state into tmp: rename only once all have
         if acc.is_main_process:
-            torch.save(sched.state_dict(), tmp / "scheduler_manual.pt")
+            if sched is not None: torch.save(sched.state_dict(), tmp / "scheduler_manual.pt")
             if extra is not None: extra(tmp)
             fault_point("ckpt_write")
             st = {**state.to_json(), "settings": settings, "files": _file_table(tmp)}
@@ -231,10 +232,21 @@ def _rng_error(ckpt: Path, rank: int) -> str | None:
         return f"{f}: not an accelerate RNG state (keys {sorted(st) if isinstance(st, dict) else type(st).__name__})"
     return None
 
+def _custom_state_errors(ckpt: Path) -> list[str]:
+    "Objects saved by `acc.register_for_checkpointing` that do not load with weights_only=True."
+    from accelerate.utils import load
+    out = []
+    for f in sorted(ckpt.glob("custom_checkpoint_*.pkl")):
+        try: load(f, weights_only=True)
+        except Exception as e:
+            out.append(f"{f}: cannot load with weights_only=True: {type(e).__name__}: {str(e)[:200]}")
+    return out
+
 def load_checkpoint(acc, sched, ckpt: Path, allow_rng_loss: bool = False) -> TrainState:
     """Restore what `save_checkpoint` wrote; returns the data position. Files whose size or sha256 differ from when they
     were written, and an RNG-state file that does not load, are a `CheckpointError` (`allow_rng_loss`: a warning, and
-    the RNG is not restored)."""
+    the RNG is not restored); so is an object of `acc.register_for_checkpointing` that does not load with
+    weights_only=True (accelerate itself unpickles those with weights_only=False). `sched=None`: registered too."""
     ckpt = Path(ckpt)
     probs = checkpoint_problems(ckpt, content=True, allow_rng_loss=allow_rng_loss)
     if probs: raise CheckpointError(f"{ckpt}: damaged checkpoint: " + "; ".join(probs) +
@@ -244,10 +256,11 @@ def load_checkpoint(acc, sched, ckpt: Path, allow_rng_loss: bool = False) -> Tra
             raise CheckpointError(f"{why}: the RNG cannot be restored, so the resumed run would not repeat the uninterrupted "
                                   "one; pass --allow_rng_loss (allow_rng_loss=True) to resume anyway")
         warnings.warn(f"{why}: resuming WITHOUT restoring the RNG state (--allow_rng_loss)")
+    if bad := _custom_state_errors(ckpt): raise CheckpointError("; ".join(bad) + ": refused (it could run code)")
     try: acc.load_state(str(ckpt))
     except FileNotFoundError as e:   # an older checkpoint half deleted by the old rotation
         raise CheckpointError(f"{ckpt}: incomplete checkpoint ({e}); delete it to resume from an earlier one") from None
-    sched.load_state_dict(torch.load(ckpt / "scheduler_manual.pt", weights_only=True))
+    if sched is not None: sched.load_state_dict(torch.load(ckpt / "scheduler_manual.pt", weights_only=True))
     st = _read_state(ckpt)
     return TrainState(**{k: st[k] for k in ("global_step", "epoch", "batch_in_epoch")})
 

@@ -75,10 +75,23 @@ def test_accelerate_loop_uses_the_same_step(kit, count_steps):
     assert student.prompt.gate.abs().sum() > 0
 
 
+def _stopped_and_resumed(train, teacher, sets, cfg, out, stop):
+    """`train` (a driver with `out_dir`) stopped after step `stop` and run again on a fresh student: the losses of the
+    resumed segment and the student it ends with."""
+    first = train(mf.make_student(teacher, cfg, sets), out, stop)
+    assert len(first) == stop
+    resumed = mf.make_student(teacher, cfg, sets)  # its soft prompt comes from the checkpoint
+    return train(resumed, out, None), resumed
+
+
 @pytest.mark.parametrize("target", ["jvp", "sampler"])
-def test_lightning_and_accelerate_train_alike(kit, target):
+def test_lightning_and_accelerate_train_alike(kit, tmp_path, target):
     """The Lightning driver and the accelerate loop give the same losses for the same seed over 20 steps (the same
-    rows, times and masks, warm-up, clipping and optimiser), and end with the same soft prompt."""
+    rows, times and masks, warm-up, clipping and optimiser), and end with the same soft prompt. Each, stopped at step
+    10 and resumed from its checkpoint (Lightning: `ModelCheckpoint` and `fit(ckpt_path=...)`; accelerate:
+    `save_state` with the scheduler and prompt registered for checkpointing), logs the same losses at steps 11-20 as
+    its uninterrupted run."""
+    import shutil
     teacher, tok, sets, _ = kit
     extra = {"target": "sampler", "sampler_rows": 8, "sampler_steps": 2} if target == "sampler" else {}
     cfg = mf.MeanFlowConfig(steps=20, batch=4, prompt_length=3, **extra)
@@ -86,11 +99,48 @@ def test_lightning_and_accelerate_train_alike(kit, target):
     ha = mf.train_meanflow(a, sets, cfg, log=None)
     hb = mf.train_meanflow_lightning(b, sets, cfg)
     assert len(ha) == len(hb) == 20
-    for s, (x, y) in enumerate(zip(ha, hb), 1):
-        assert abs(x["loss"] - y["loss"]) <= 1e-6 * max(1.0, abs(x["loss"])), f"step {s}: accelerate {x['loss']} vs Lightning {y['loss']}"
-    assert len({round(h["loss"], 6) for h in ha}) > 1  # the losses move: the comparison is not between constants
+    for s, (x, y) in enumerate(zip(ha, hb), 1):  # relative: the jvp target's losses are ~1e-5
+        assert abs(x["loss"] - y["loss"]) <= 1e-6 * abs(x["loss"]), f"step {s}: accelerate {x['loss']} vs Lightning {y['loss']}"
+    assert len({round(h["loss"], 9) for h in ha}) > 1  # the losses move: the comparison is not between constants
     assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(a.prompt.parameters(), b.prompt.parameters()))
     assert a.prompt.gate.abs().sum() > 0
+
+    def accelerate_run(student, out, stop):
+        hist = mf.train_meanflow(student, sets, cfg, log=None, out_dir=out, save_every=10)
+        if stop:  # stopped after step 10's checkpoint: its step-20 checkpoint never written
+            shutil.rmtree(out / "checkpoints" / "step_0000020")
+            return hist[:stop]
+        return hist
+
+    def lightning_run(student, out, stop):
+        return mf.train_meanflow_lightning(student, sets, cfg, out_dir=out, save_every=10,
+                                           **({"max_steps": stop} if stop else {}))
+
+    for name, train, whole in (("accelerate", accelerate_run, ha), ("Lightning", lightning_run, hb)):
+        rest, resumed = _stopped_and_resumed(train, teacher, sets, cfg, tmp_path / name, 10)
+        assert [h["loss"] for h in rest] == [h["loss"] for h in whole[10:]], name  # bit for bit
+        whole_prompt = (a if whole is ha else b).prompt.state_dict()
+        assert all(torch.equal(whole_prompt[k], v) for k, v in resumed.prompt.state_dict().items()), name
+    ck = tmp_path / "accelerate" / "checkpoints" / "step_0000020"
+    assert {"custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl"} <= {p.name for p in ck.iterdir()}
+    assert not (ck / "scheduler_manual.pt").exists()
+    saved = torch.load(tmp_path / "Lightning" / "lightning" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 20 and all(k.startswith("student.prompt.") for k in saved["state_dict"])
+
+
+def test_lightning_resume_refuses_another_student_or_settings(kit, tmp_path):
+    "A Lightning run directory resumes only the same run: other settings, or a prompt of another shape, are refused."
+    teacher, tok, sets, _ = kit
+    cfg = mf.MeanFlowConfig(steps=2, batch=4, prompt_length=3)
+    mf.train_meanflow_lightning(mf.make_student(teacher, cfg, sets), sets, cfg, out_dir=tmp_path)
+    with pytest.raises(ValueError, match="config.lr: 0.003 there, 0.1 now"):
+        mf.train_meanflow_lightning(mf.make_student(teacher, cfg, sets), sets, mf.MeanFlowConfig(steps=2, batch=4, prompt_length=3, lr=0.1),
+                                    out_dir=tmp_path)
+    with pytest.raises(ValueError, match="mixed_precision: 'no' there, 'bf16-mixed' now"):
+        mf.train_meanflow_lightning(mf.make_student(teacher, cfg, sets), sets, cfg, out_dir=tmp_path, precision="bf16-mixed")
+    other = mf.MeanFlowStudent(teacher, prompt_length=3, noise_dim=2)
+    with pytest.raises(ValueError, match="not this student's: missing \\['student.prompt.noise"):
+        mf.train_meanflow_lightning(other, sets, mf.MeanFlowConfig(steps=3, batch=4, prompt_length=3), out_dir=tmp_path)
 
 
 def test_cli_help():
@@ -230,7 +280,8 @@ def test_two_processes_train_and_resume(kit, tmp_path, fit, port):
     x0, x1 = (load_file(p)["x0"] for p in pools)
     assert x0.shape == x1.shape == (8, 65) and not torch.equal(x0, x1)  # each rank drew its own rows
     ckpt = out / "checkpoints" / "step_0000006"
-    assert {"random_states_0.pkl", "random_states_1.pkl", "soft_prompt.safetensors"} <= {p.name for p in ckpt.iterdir()}
+    # every rank's RNG; the scheduler and the prompt (registered for checkpointing)
+    assert {"random_states_0.pkl", "random_states_1.pkl", "custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl"} <= {p.name for p in ckpt.iterdir()}
     assert json.loads((out / "meanflow_run.json").read_text())["num_processes"] == 2
     want = _losses(out)
     final = load_file(out / "soft_prompt.safetensors")
