@@ -113,14 +113,20 @@ def test_docs_navigation_search_and_api_reference(browser, site_url):
     assert not problems, problems
 
 
-def test_docs_mask_explorer_renders(browser, site_url):
+def widget_with_image(browser, site_url, page_name: str):
+    "The docs page's first saved widget box that shows an image, once the image has loaded; and the page's problems."
     page, problems = offline_page(browser, site_url)
-    page.goto(site_url + "masks.html")
-    assert wait_for_widgets(page), "masks.html has no saved widget view"
+    page.goto(site_url + page_name)
+    assert wait_for_widgets(page), f"{page_name} has no saved widget view"
     box = page.locator(".jupyter-widgets.widget-vbox", has=page.locator("img.widget-image")).first
     box.scroll_into_view_if_needed()
     image = box.locator("img.widget-image").first
     page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=image.element_handle())
+    return box, problems
+
+
+def test_docs_mask_explorer_renders(browser, site_url):
+    box, problems = widget_with_image(browser, site_url, "masks.html")
     assert box.locator(".widget-slider").count() >= 1, "the mask explorer shows no slider"
     assert box.locator(".widget-toggle-button").count() >= 1, "the mask explorer shows no flag toggles"
     ARTIFACTS.mkdir(exist_ok=True)
@@ -129,13 +135,7 @@ def test_docs_mask_explorer_renders(browser, site_url):
 
 
 def test_docs_generation_explorer_renders(browser, site_url):
-    page, problems = offline_page(browser, site_url)
-    page.goto(site_url + "mmdit.html")
-    assert wait_for_widgets(page), "mmdit.html has no saved widget view"
-    box = page.locator(".jupyter-widgets.widget-vbox", has=page.locator("img.widget-image")).first
-    box.scroll_into_view_if_needed()
-    image = box.locator("img.widget-image").first
-    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=image.element_handle())
+    box, problems = widget_with_image(browser, site_url, "mmdit.html")
     assert box.locator(".widget-slider").count() >= 1, "the generation explorer shows no held-out slider"
     text = box.inner_text()
     assert "edit-heldout-" in text and "copy_img0" in text, text[:500]
