@@ -9,26 +9,51 @@ from __future__ import annotations
 import importlib, sys
 
 COMMANDS = {
-    "run": ("latentcot.pipeline:run_main", "the main job: stages 1-3 (A, C), teacher latents, evaluation with controls, report"),
+    "run": (
+        "latentcot.pipeline:run_main",
+        "the main job: stages 1-3 (A, C), teacher latents, evaluation with controls, report",
+    ),
     "train": ("latentcot.train:main", "train one stage (same flags as python -m latentcot.train)"),
     "precompute-teacher": ("latentcot.precompute_teacher_latents:main", "precompute teacher latents (seed 001 flags)"),
-    "demo": ("latentcot.demo:demo_main", "quick smoke run: tiny kit + data_samples, one collated batch through the model"),
+    "demo": (
+        "latentcot.demo:demo_main",
+        "quick smoke run: tiny kit + data_samples, one collated batch through the model",
+    ),
     "kit": ("latentcot.tiny:kit_main", "build (or find) the offline tiny Qwen2.5-VL kit and print its path"),
     "datagen": ("latentcot.datagen:main", "regenerate data_samples/ deterministically"),
     "bench masks": ("latentcot.masks:bench_masks_main", "vectorised 4D mask builder vs per-sample reference"),
     "bench rollout": ("latentcot.latent_forward:bench_rollout_main", "batched latent rollout vs per-sample reference"),
-    "run mmdit": ("latentcot.mmdit:run_main", "the MMDiT job: Qwen-Image kit, generator on multi-turn latents, evaluation table"),
+    "run mmdit": (
+        "latentcot.mmdit:run_main",
+        "the MMDiT job: Qwen-Image kit, generator on multi-turn latents, evaluation table",
+    ),
     "generate": ("latentcot.mmdit:generate_main", "prompt(s) + img0 -> latent CoT -> Qwen-Image MMDiT -> image(s)"),
     "bench mmdit": ("latentcot.mmdit:bench_mmdit_main", "MMDiT accuracy, s/image per sampling steps, batched vs 1"),
-    "run unified": ("latentcot.unified:run_main", "seed 004: train the unified model (it decides when to draw), evaluate, report"),
-    "unified": ("latentcot.unified:unified_main", "seed 004: text and images from a unified model for one prompt (+ image)"),
-    "bench unified": ("latentcot.unified:bench_unified_main", "seed 004: KV-cached vs recompute, seconds per image, flow steps vs accuracy"),
-    "bench meanflow": ("latentcot.meanflow_bench:bench_meanflow_main", "MeanFlow one-step student vs multi-step teacher"),
+    "run unified": (
+        "latentcot.unified:run_main",
+        "seed 004: train the unified model (it decides when to draw), evaluate, report",
+    ),
+    "unified": (
+        "latentcot.unified:unified_main",
+        "seed 004: text and images from a unified model for one prompt (+ image)",
+    ),
+    "bench unified": (
+        "latentcot.unified:bench_unified_main",
+        "seed 004: KV-cached vs recompute, seconds per image, flow steps vs accuracy",
+    ),
+    "bench meanflow": (
+        "latentcot.meanflow_bench:bench_meanflow_main",
+        "MeanFlow one-step student vs multi-step teacher",
+    ),
 }
+
 
 def _usage() -> str:
     w = max(map(len, COMMANDS))
-    return "usage: latentcot COMMAND [ARGS]\n\ncommands:\n" + "\n".join(f"  {k:<{w}}  {h}" for k, (_, h) in COMMANDS.items())
+    return "usage: latentcot COMMAND [ARGS]\n\ncommands:\n" + "\n".join(
+        f"  {k:<{w}}  {h}" for k, (_, h) in COMMANDS.items()
+    )
+
 
 def resolve(argv: list[str]):
     "Find the command named by the first one or two words of `argv`: `(function, remaining argv)`."
@@ -39,16 +64,23 @@ def resolve(argv: list[str]):
             return getattr(importlib.import_module(mod), fn), argv[n:]
     raise ValueError(f"latentcot: unknown command {' '.join(argv[:2])!r}")
 
+
 def main(argv: list[str] | None = None):
     "Entry point of the `latentcot` console script."
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ("-h", "--help"): print(_usage()); return 0
-    try: fn, rest = resolve(argv)
-    except ValueError as e: print(f"{e}\n\n{_usage()}", file=sys.stderr); return 2
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    try:
+        fn, rest = resolve(argv)
+    except ValueError as e:
+        print(f"{e}\n\n{_usage()}", file=sys.stderr)
+        return 2
     return fn(rest)
 
 # %% auto #0
 __all__ = ['COMMANDS', 'resolve', 'main']
 
 # %% ../nbs/90_cli.ipynb #447d1755
-if __name__ == "__main__" and not hasattr(__builtins__, "__IPYTHON__"): sys.exit(main())
+if __name__ == "__main__" and not hasattr(__builtins__, "__IPYTHON__"):
+    sys.exit(main())

@@ -28,12 +28,15 @@ __all__ = ['STAGES', 'log', 'CollateError', 'image_token_count', 'latent_budget'
 # %% ../nbs/05_collators.ipynb #836d1445
 STAGES = ("stage1", "precompute", "stage2", "stage3")
 
+
 class CollateError(ValueError):
     "A sample the collator cannot lay out: names the sample, its source, a reason code and what is wrong."
+
     def __init__(self, sample_id: str | None, source: str, reason: str, detail: str):
         self.sample_id, self.source, self.reason, self.detail = sample_id, source, reason, detail
         where = f" ({source})" if source else ""
         super().__init__(f"sample {sample_id!r}{where}: {reason}: {detail}")
+
 
 def _fail(sample: Sample, reason: str, detail: str):
     raise CollateError(sample.sample_id, sample.source, reason, detail)
@@ -42,47 +45,67 @@ def _fail(sample: Sample, reason: str, detail: str):
 def image_token_count(grid_thw, merge_size: int) -> int:
     "Merged visual tokens `N = t*h*w // merge_size**2` of one image grid `(t, h, w)`."
     t, h, w = (int(x) for x in grid_thw)
-    return t * h * w // merge_size ** 2
+    return t * h * w // merge_size**2
+
 
 def latent_budget(n_tokens: int, alpha: float, gamma: float, lo: int, hi: int) -> int:
     "Seed 002 budget `clip(ceil(alpha * n_tokens**gamma), lo, hi)`."
-    return int(min(max(math.ceil(alpha * n_tokens ** gamma), lo), hi))
+    return int(min(max(math.ceil(alpha * n_tokens**gamma), lo), hi))
+
 
 def budgets_from_grids(grids, merge_size: int, cfg: LatentCoTConfig) -> list[int]:
     "The budget of each thought image from its grid `(t, h, w)`, with the config's alpha, gamma, min and max."
-    return [latent_budget(image_token_count(g, merge_size), cfg.latent_budget_alpha, cfg.latent_budget_gamma,
-                          cfg.latent_budget_min, cfg.latent_budget_max) for g in grids]
+    return [
+        latent_budget(
+            image_token_count(g, merge_size),
+            cfg.latent_budget_alpha,
+            cfg.latent_budget_gamma,
+            cfg.latent_budget_min,
+            cfg.latent_budget_max,
+        )
+        for g in grids
+    ]
 
 # %% ../nbs/05_collators.ipynb #81efa612
 def _smart_resize():
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize  # works without torchvision
+
     return smart_resize
+
 
 def _ip_value(ip, key):
     size = ip.size
     return size[key] if isinstance(size, dict) else getattr(size, key)
 
-def _factor(ip) -> int: return ip.patch_size * ip.merge_size
+
+def _factor(ip) -> int:
+    return ip.patch_size * ip.merge_size
+
 
 def processor_size(h: int, w: int, ip) -> tuple[int, int]:
     "The `(height, width)` the image processor `ip` resizes an `h` x `w` image to."
     return _smart_resize()(h, w, _factor(ip), _ip_value(ip, "shortest_edge"), _ip_value(ip, "longest_edge"))
+
 
 def image_grid(h: int, w: int, ip) -> tuple[int, int, int]:
     "The `image_grid_thw` row the processor gives an `h` x `w` image."
     H, W = processor_size(h, w, ip)
     return (1, H // ip.patch_size, W // ip.patch_size)
 
+
 def image_tokens(h: int, w: int, ip) -> int:
     "Merged visual tokens of an `h` x `w` image after the processor's resize."
     return image_token_count(image_grid(h, w, ip), ip.merge_size)
 
+
 def _shrink(h, w, max_tokens, ip):
     "Size of at most `max_tokens` tokens (aspect kept) that the processor leaves unchanged."
     f = _factor(ip)
-    if image_tokens(h, w, ip) <= max_tokens: return processor_size(h, w, ip)
+    if image_tokens(h, w, ip) <= max_tokens:
+        return processor_size(h, w, ip)
     lo = _ip_value(ip, "shortest_edge")
     return processor_size(*_smart_resize()(h, w, f, lo, min(max_tokens * f * f, _ip_value(ip, "longest_edge"))), ip)
+
 
 def _choices(h, w, cap, ip) -> dict:
     "Every token count (at most `cap`) an `h` x `w` image can be shrunk to, with the size giving it."
@@ -92,13 +115,16 @@ def _choices(h, w, cap, ip) -> dict:
         out.setdefault(image_tokens(*hw, ip), hw)
     return {t: hw for t, hw in out.items() if t <= cap}
 
+
 def fit_tokens(sizes, budget: int, cap: int, ip) -> list[tuple[int, int]]:
     "Target `(h, w)` per image: each at most `cap` tokens, all together at most `budget`, aspect ratios kept."
     f, lo = _factor(ip), _ip_value(ip, "shortest_edge")
     least = math.ceil(lo / (f * f))  # the processor never goes below min_pixels
     if sizes and (cap < least or budget < least * len(sizes)):
-        raise ValueError(f"a budget of {budget} tokens (at most {cap} per image) cannot hold {len(sizes)} image(s) "
-                         f"of at least {least} tokens each (the processor's min_pixels)")
+        raise ValueError(
+            f"a budget of {budget} tokens (at most {cap} per image) cannot hold {len(sizes)} image(s) "
+            f"of at least {least} tokens each (the processor's min_pixels)"
+        )
     out = [_shrink(h, w, cap, ip) for h, w in sizes]
     toks = [image_tokens(h, w, ip) for h, w in out]
     if sum(toks) > budget:  # one shared ratio, floored per image
@@ -108,24 +134,37 @@ def fit_tokens(sizes, budget: int, cap: int, ip) -> list[tuple[int, int]]:
     while sum(toks) > budget or max(toks, default=0) > cap:
         # rounding (and min_pixels for thin images) can overshoot: the largest image that can shrink takes its next size
         for i in sorted(range(len(out)), key=lambda i: -toks[i]):
-            if i not in choices: choices[i] = _choices(*sizes[i], cap, ip)
+            if i not in choices:
+                choices[i] = _choices(*sizes[i], cap, ip)
             smaller = [t for t in choices[i] if t < toks[i]]
-            if smaller: break
-        else: raise ValueError(f"cannot fit {len(sizes)} image(s) of sizes {list(sizes)} into {budget} tokens (at most {cap} per image)")
-        toks[i] = max(smaller); out[i] = choices[i][toks[i]]
+            if smaller:
+                break
+        else:
+            raise ValueError(
+                f"cannot fit {len(sizes)} image(s) of sizes {list(sizes)} into {budget} tokens (at most {cap} per image)"
+            )
+        toks[i] = max(smaller)
+        out[i] = choices[i][toks[i]]
     return out
 
 # %% ../nbs/05_collators.ipynb #7b032ab7
 def stage_img_tokens(cfg: LatentCoTConfig, stage: str) -> int:
     "The per-sample image-token budget of `stage`."
-    return {"stage1": cfg.sft_stage1_img_tokens, "precompute": cfg.sft_stage2_img_tokens,
-            "stage2": cfg.sft_stage2_img_tokens, "stage3": cfg.sft_stage2_img_tokens}[stage]
+    return {
+        "stage1": cfg.sft_stage1_img_tokens,
+        "precompute": cfg.sft_stage2_img_tokens,
+        "stage2": cfg.sft_stage2_img_tokens,
+        "stage3": cfg.sft_stage2_img_tokens,
+    }[stage]
+
 
 def question_image_sizes(sizes, cfg: LatentCoTConfig, ip) -> list[tuple[int, int]]:
     "Target sizes of a sample's question images: depends on the images and the config only, never on the stage."
-    if cfg.image_resize == "clear_question_img": return fit_tokens(sizes, cfg.max_img_tokens * len(sizes), cfg.max_img_tokens, ip)
+    if cfg.image_resize == "clear_question_img":
+        return fit_tokens(sizes, cfg.max_img_tokens * len(sizes), cfg.max_img_tokens, ip)
     shared = min(cfg.max_img_tokens, cfg.sft_stage1_img_tokens, cfg.sft_stage2_img_tokens)
     return fit_tokens(sizes, shared, cfg.max_img_tokens, ip)
+
 
 def thought_image_sizes(sizes, question_tokens: int, cfg: LatentCoTConfig, ip, stage: str) -> list[tuple[int, int]]:
     "Target sizes of a sample's thought images in `stage` (stage 3 sizes them as the teacher does)."
@@ -138,8 +177,16 @@ def latent_text(n: int) -> str:
     "A latent segment of `n` pads: `<abs_vis_token>` + n x `<abs_vis_token_pad>` + `</abs_vis_token>`."
     return LATENT_START + LATENT_PAD * n + LATENT_END
 
+
 def _images(messages, assistant: bool) -> list:
-    return [p["image"] for m in messages if (m["role"] == "assistant") == assistant for p in m["content"] if p["type"] == "image"]
+    return [
+        p["image"]
+        for m in messages
+        if (m["role"] == "assistant") == assistant
+        for p in m["content"]
+        if p["type"] == "image"
+    ]
+
 
 def check_sample(sample: Sample):
     "Raise `CollateError` unless placeholders, assistant images and the sample's image lists agree."
@@ -147,17 +194,33 @@ def check_sample(sample: Sample):
         text = "".join(p["text"] for p in m["content"] if p["type"] == "text")
         if m["role"] != "assistant":
             for t in (LATENT_START, LATENT_END, LATENT_PAD, "<observation>", "</observation>"):
-                if t in text: _fail(sample, "latent_token_outside_assistant", f"{t} in the {m['role']} turn (message {i})")
+                if t in text:
+                    _fail(sample, "latent_token_outside_assistant", f"{t} in the {m['role']} turn (message {i})")
             continue
         n_ph, n_img = text.count(PLACEHOLDER), sum(p["type"] == "image" for p in m["content"])
         if n_ph != n_img:
-            _fail(sample, "image_count_mismatch", f"{n_ph} {PLACEHOLDER} placeholder(s) but {n_img} image(s) in assistant message {i}")
+            _fail(
+                sample,
+                "image_count_mismatch",
+                f"{n_ph} {PLACEHOLDER} placeholder(s) but {n_img} image(s) in assistant message {i}",
+            )
         if LATENT_PAD in text or text.count(LATENT_START) != n_ph or text.count(LATENT_END) != n_ph:
-            _fail(sample, "stray_latent_token", f"latent tokens outside empty {PLACEHOLDER} placeholders in assistant message {i}")
-    for kind, listed, found in (("question", sample.question_images, _images(sample.messages, False)),
-                                ("thought", sample.thought_images, _images(sample.messages, True))):
+            _fail(
+                sample,
+                "stray_latent_token",
+                f"latent tokens outside empty {PLACEHOLDER} placeholders in assistant message {i}",
+            )
+    for kind, listed, found in (
+        ("question", sample.question_images, _images(sample.messages, False)),
+        ("thought", sample.thought_images, _images(sample.messages, True)),
+    ):
         if len(listed) != len(found):
-            _fail(sample, "image_count_mismatch", f"{len(listed)} {kind} image(s) listed but {len(found)} in the messages")
+            _fail(
+                sample,
+                "image_count_mismatch",
+                f"{len(listed)} {kind} image(s) listed but {len(found)} in the messages",
+            )
+
 
 def stage_messages(sample: Sample, stage: str, lengths=()) -> list[dict]:
     "The sample's messages as `stage` shows them; `lengths[i]` is the segment length of thought image i."
@@ -165,19 +228,27 @@ def stage_messages(sample: Sample, stage: str, lengths=()) -> list[dict]:
     out, k = [], 0
     for i, m in enumerate(sample.messages):
         if m["role"] != "assistant":
-            out.append(m); continue
+            out.append(m)
+            continue
         parts = []
         for p in m["content"]:
             if p["type"] != "image":
-                parts.append(dict(p)); continue
+                parts.append(dict(p))
+                continue
             prev = parts[-1] if parts else None
             if prev is None or prev["type"] != "text" or not prev["text"].endswith(PLACEHOLDER):
-                _fail(sample, "image_count_mismatch", f"assistant image {p['image']} (message {i}) is not right after a {PLACEHOLDER} placeholder")
-            prev["text"] = prev["text"][:-len(PLACEHOLDER)]
+                _fail(
+                    sample,
+                    "image_count_mismatch",
+                    f"assistant image {p['image']} (message {i}) is not right after a {PLACEHOLDER} placeholder",
+                )
+            prev["text"] = prev["text"][: -len(PLACEHOLDER)]
             seg = latent_text(lengths[k]) if stage != "stage1" else ""
             k += 1
-            if stage == "stage3": prev["text"] += seg
-            else: parts += [dict(p)] + ([{"type": "text", "text": seg}] if seg else [])
+            if stage == "stage3":
+                prev["text"] += seg
+            else:
+                parts += [dict(p)] + ([{"type": "text", "text": seg}] if seg else [])
         out.append({"role": "assistant", "content": [p for p in parts if p["type"] == "image" or p["text"]]})
     return out
 
@@ -187,29 +258,38 @@ def assistant_reply_mask(input_ids, attention_mask, header: list[int], newline: 
     B, L = input_ids.shape
     out = torch.zeros(B, L, dtype=torch.bool)
     n = len(header)
-    if L < n: return out
+    if L < n:
+        return out
     hits = (input_ids.unfold(1, n, 1) == torch.tensor(header, device=input_ids.device)).all(-1).nonzero().tolist()
     for b, p in hits:
         s = p + n + int(p + n < L and input_ids[b, p + n] == newline)
         ends = (input_ids[b, s:] == im_end).nonzero()
-        out[b, s:s + (int(ends[0]) + 1 if len(ends) else L)] = True
+        out[b, s : s + (int(ends[0]) + 1 if len(ends) else L)] = True
     return out & attention_mask.bool().cpu()
 
-def _isin(x, ids): return torch.isin(x, torch.tensor(list(ids), device=x.device))
+
+def _isin(x, ids):
+    return torch.isin(x, torch.tensor(list(ids), device=x.device))
+
 
 def observation_mask(input_ids, attention_mask, ids):
     "Bool `[B,L]`: real tokens strictly inside `<observation>`…`</observation>`."
     opened = (input_ids == ids.obs_start).long().cumsum(1) - (input_ids == ids.obs_end).long().cumsum(1)
     return (opened > 0) & (input_ids != ids.obs_start) & attention_mask.bool()
 
+
 def stage_labels(input_ids, attention_mask, ids, stage: str, reply_mask, only_predict_obs: bool = False):
     "Labels `[B,L]` of `stage` (-100 = ignored): assistant replies minus the tokens the stage ignores."
     vision = (ids.vision_start, ids.vision_end, ids.image_pad, ids.video_pad)
-    if stage == "stage1": ignored = vision + (ids.endoftext, ids.obs_start, ids.obs_end)
-    else: ignored = vision + (ids.endoftext, ids.latent_pad, ids.latent_end)
+    if stage == "stage1":
+        ignored = vision + (ids.endoftext, ids.obs_start, ids.obs_end)
+    else:
+        ignored = vision + (ids.endoftext, ids.latent_pad, ids.latent_end)
     keep = reply_mask & ~_isin(input_ids, ignored)
-    if only_predict_obs and stage != "stage1": keep &= observation_mask(input_ids, attention_mask, ids)
+    if only_predict_obs and stage != "stage1":
+        keep &= observation_mask(input_ids, attention_mask, ids)
     return torch.where(keep, input_ids, -100)
+
 
 def latent_segments(input_ids, attention_mask, ids) -> list[list[tuple[int, int, int]]]:
     "Per sample, `(start, end, img_idx)` of each `<abs_vis_token>`…`</abs_vis_token>` segment (pads only inside)."
@@ -218,24 +298,36 @@ def latent_segments(input_ids, attention_mask, ids) -> list[list[tuple[int, int,
         row, real = input_ids[b], attention_mask[b].bool()
         starts = ((row == ids.latent_start) & real).nonzero().flatten().tolist()
         ends = ((row == ids.latent_end) & real).nonzero().flatten().tolist()
-        if len(starts) != len(ends) or any(e <= s for s, e in zip(starts, ends)) or any(s < e for s, e in zip(starts[1:], ends)):
+        if (
+            len(starts) != len(ends)
+            or any(e <= s for s, e in zip(starts, ends))
+            or any(s < e for s, e in zip(starts[1:], ends))
+        ):
             raise ValueError(f"sample {b}: unpaired <abs_vis_token>/</abs_vis_token> tags at {starts} / {ends}")
         segs = [(s + 1, e, i) for i, (s, e) in enumerate(zip(starts, ends))]
         n_pads = int(((row == ids.latent_pad) & real).sum())
         if any((row[s:e] != ids.latent_pad).any() for s, e, _ in segs) or n_pads != sum(e - s for s, e, _ in segs):
-            raise ValueError(f"sample {b}: latent pads outside <abs_vis_token>…</abs_vis_token> or other tokens inside")
+            raise ValueError(
+                f"sample {b}: latent pads outside <abs_vis_token>…</abs_vis_token> or other tokens inside"
+            )
         out.append(segs)
     return out
 
-def _positions(mask) -> list[list[int]]: return [row.nonzero().flatten().tolist() for row in mask]
+
+def _positions(mask) -> list[list[int]]:
+    return [row.nonzero().flatten().tolist() for row in mask]
+
 
 def _spans(positions: list[int]) -> list[tuple[int, int]]:
     "Maximal runs of consecutive positions as `(start, end)`."
     out = []
     for p in positions:
-        if out and out[-1][1] == p: out[-1] = (out[-1][0], p + 1)
-        else: out.append((p, p + 1))
+        if out and out[-1][1] == p:
+            out[-1] = (out[-1][0], p + 1)
+        else:
+            out.append((p, p + 1))
     return out
+
 
 def compact_decode(ids_row, tokenizer, attention_mask=None) -> str:
     "Decode one row, showing a run of one repeated special token as `<tok>*n` (padding dropped)."
@@ -243,10 +335,13 @@ def compact_decode(ids_row, tokenizer, attention_mask=None) -> str:
     special, out, buf, i = set(tokenizer.added_tokens_decoder), [], [], 0
     while i < len(toks):
         j = i
-        while j < len(toks) and toks[j] == toks[i]: j += 1
+        while j < len(toks) and toks[j] == toks[i]:
+            j += 1
         if toks[i] in special and j - i > 1:
-            out += [tokenizer.decode(buf), f"{tokenizer.convert_ids_to_tokens(toks[i])}*{j - i}"]; buf = []
-        else: buf += toks[i:j]
+            out += [tokenizer.decode(buf), f"{tokenizer.convert_ids_to_tokens(toks[i])}*{j - i}"]
+            buf = []
+        else:
+            buf += toks[i:j]
         i = j
     return "".join(out + [tokenizer.decode(buf)])
 
@@ -255,52 +350,79 @@ def check_latent_sizes(cfg: LatentCoTConfig, source: str = "<config>") -> Latent
     "Raise `ConfigError` when the segment-length settings break `latent_budget_max`; return `cfg`."
     for mode, key in (("fixed", "latent_size"), ("random", "k_max")):
         if cfg.latent_size_mode == mode and getattr(cfg, key) > cfg.latent_budget_max:
-            raise ConfigError(f"{source}: bad value {getattr(cfg, key)!r} for {key!r}: latent_size_mode={mode} needs "
-                              f"{key} <= latent_budget_max ({cfg.latent_budget_max})")
+            raise ConfigError(
+                f"{source}: bad value {getattr(cfg, key)!r} for {key!r}: latent_size_mode={mode} needs "
+                f"{key} <= latent_budget_max ({cfg.latent_budget_max})"
+            )
     return cfg
 
-def segment_lengths(sample_id: str, thought_grids, merge_size: int, cfg: LatentCoTConfig, stage: str, epoch: int = 0) -> list[int]:
+
+def segment_lengths(
+    sample_id: str, thought_grids, merge_size: int, cfg: LatentCoTConfig, stage: str, epoch: int = 0
+) -> list[int]:
     "Latent segment length of each thought image of one sample in `stage`."
     m = len(thought_grids)
-    if cfg.latent_size_mode == "budget": return budgets_from_grids(thought_grids, merge_size, cfg)
-    if cfg.latent_size_mode == "fixed": return [cfg.latent_size] * m
-    if stage != "stage3": return [cfg.k_max] * m       # teacher layouts hold the longest segment
+    if cfg.latent_size_mode == "budget":
+        return budgets_from_grids(thought_grids, merge_size, cfg)
+    if cfg.latent_size_mode == "fixed":
+        return [cfg.latent_size] * m
+    if stage != "stage3":
+        return [cfg.k_max] * m  # teacher layouts hold the longest segment
     return [random.Random(f"{cfg.seed}:{epoch}:{sample_id}").randint(1, cfg.k_max)] * m
 
 # %% ../nbs/05_collators.ipynb #2a9bc240
 log = logging.getLogger("latentcot.collators")
 
-_STUDENT_FLAGS = dict(mask_question_image=False, observation_tokens_cannot_see_question_image=False,
-                      observation_tokens_only_see_question_and_latent=False, mask_latent=False,
-                      latent_can_see_all_previous=True)
+_STUDENT_FLAGS = dict(
+    mask_question_image=False,
+    observation_tokens_cannot_see_question_image=False,
+    observation_tokens_only_see_question_and_latent=False,
+    mask_latent=False,
+    latent_can_see_all_previous=True,
+)
+
 
 def rope_index_fn(model_or_fn) -> Callable | None:
     "The `get_rope_index` of a Qwen2.5-VL model (or of its `.model`), or `model_or_fn` itself if it is a callable."
-    if model_or_fn is None: return None
+    if model_or_fn is None:
+        return None
     for obj in (model_or_fn, getattr(model_or_fn, "model", None)):
         fn = getattr(obj, "get_rope_index", None)
-        if callable(fn): return fn
-    if callable(model_or_fn): return model_or_fn
+        if callable(fn):
+            return fn
+    if callable(model_or_fn):
+        return model_or_fn
     raise TypeError(f"rope_index must be a Qwen2.5-VL model or a callable, not {type(model_or_fn).__name__}")
+
 
 def add_position_ids(batch: dict, rope_index) -> dict:
     "Set `batch['position_ids']` `[3,B,L]` from the full layout with `get_rope_index` (a model or a callable)."
-    pos, _ = rope_index_fn(rope_index)(batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
-                                       image_grid_thw=batch["image_grid_thw"], attention_mask=batch["attention_mask"])
+    pos, _ = rope_index_fn(rope_index)(
+        batch["input_ids"],
+        mm_token_type_ids=batch["mm_token_type_ids"],
+        image_grid_thw=batch["image_grid_thw"],
+        attention_mask=batch["attention_mask"],
+    )
     batch["position_ids"] = pos
     return batch
+
 
 class _Prepared(NamedTuple):
     sample: Sample
     text: str
-    images: list      # PIL images in text order, at their target sizes
-    grids: list       # the image_grid_thw rows they must get
-    lengths: list     # latent segment length per thought image (empty in stage 1)
+    images: list  # PIL images in text order, at their target sizes
+    grids: list  # the image_grid_thw rows they must get
+    lengths: list  # latent segment length per thought image (empty in stage 1)
+
 
 def _open(ref, sample: Sample):
-    if isinstance(ref, Image.Image): return ref
-    try: return Image.open(str(ref).removeprefix("file://"))
-    except (OSError, ValueError) as e: _fail(sample, "unreadable_image", f"cannot open image {ref}: {type(e).__name__}: {e}")
+    if isinstance(ref, Image.Image):
+        return ref
+    try:
+        return Image.open(str(ref).removeprefix("file://"))
+    except (OSError, ValueError) as e:
+        _fail(sample, "unreadable_image", f"cannot open image {ref}: {type(e).__name__}: {e}")
+
 
 def _at_size(im, hw, ip):
     "`im` as RGB at `hw`; left to the processor when its own resize gives `hw` anyway."
@@ -311,22 +433,25 @@ def _at_size(im, hw, ip):
 @dataclass
 class LatentCollator:
     "Callable on a list of `Sample`s: the batch dict (see DEVELOPERS.md) of one training stage."
+
     processor: object = field(repr=False)
     stage: str = "stage2"
-    cfg: LatentCoTConfig | None = None      # default: `load_config()`
+    cfg: LatentCoTConfig | None = None  # default: `load_config()`
     rope_index: object = field(default=None, repr=False)  # a model or a `get_rope_index`-like callable
-    ids: object = field(default=None, repr=False)         # `SpecialIds` (default: read from the processor's tokenizer)
-    strict: bool = True                     # False: drop bad samples and count them in `dropped`
-    mask_4d: bool | None = None             # None: the stage's default (see above)
-    epoch: int = 0                          # seeds the stage 3 random K
-    dropped: Counter = field(default_factory=Counter, init=False)   # dropped samples by reason (lenient mode)
-    truncated: int = field(default=0, init=False)                   # samples cut at max_length after their last segment
+    ids: object = field(default=None, repr=False)  # `SpecialIds` (default: read from the processor's tokenizer)
+    strict: bool = True  # False: drop bad samples and count them in `dropped`
+    mask_4d: bool | None = None  # None: the stage's default (see above)
+    epoch: int = 0  # seeds the stage 3 random K
+    dropped: Counter = field(default_factory=Counter, init=False)  # dropped samples by reason (lenient mode)
+    truncated: int = field(default=0, init=False)  # samples cut at max_length after their last segment
 
     def __post_init__(self):
-        if self.stage not in STAGES: raise ValueError(f"unknown stage {self.stage!r}; expected one of {list(STAGES)}")
+        if self.stage not in STAGES:
+            raise ValueError(f"unknown stage {self.stage!r}; expected one of {list(STAGES)}")
         self.cfg = check_latent_sizes(self.cfg if self.cfg is not None else load_config())
         if self.ids is None:
             from latentcot.tokens import SpecialIds
+
             self.ids = SpecialIds.from_tokenizer(self.processor.tokenizer)
         tok = self.processor.tokenizer
         self._header = tok("<|im_start|>assistant", add_special_tokens=False)["input_ids"]
@@ -334,7 +459,8 @@ class LatentCollator:
         self._rope = rope_index_fn(self.rope_index)
 
     @property
-    def image_processor(self): return self.processor.image_processor
+    def image_processor(self):
+        return self.processor.image_processor
 
     def prepare(self, sample: Sample) -> _Prepared:
         "Check `sample`, size its images, fix its segment lengths and render its text for this stage."
@@ -343,66 +469,129 @@ class LatentCollator:
         q_imgs = [_open(r, sample) for r in _images(sample.messages, False)]
         t_imgs = [_open(r, sample) for r in _images(sample.messages, True)]
         if stage in ("precompute", "stage2") and not t_imgs:
-            _fail(sample, "no_thought_images", f"stage {stage} needs thought images (the teacher looks at them), this sample has none")
+            _fail(
+                sample,
+                "no_thought_images",
+                f"stage {stage} needs thought images (the teacher looks at them), this sample has none",
+            )
         try:
             q_hw = question_image_sizes([(im.height, im.width) for im in q_imgs], cfg, ip)
-            t_hw = thought_image_sizes([(im.height, im.width) for im in t_imgs],
-                                       sum(image_tokens(h, w, ip) for h, w in q_hw), cfg, ip, stage)
-        except ValueError as e: _fail(sample, "image_budget", f"{e} (image_resize={cfg.image_resize}, stage {stage})")
+            t_hw = thought_image_sizes(
+                [(im.height, im.width) for im in t_imgs], sum(image_tokens(h, w, ip) for h, w in q_hw), cfg, ip, stage
+            )
+        except ValueError as e:
+            _fail(sample, "image_budget", f"{e} (image_resize={cfg.image_resize}, stage {stage})")
         t_grids = [image_grid(h, w, ip) for h, w in t_hw]
-        lengths = [] if stage == "stage1" else segment_lengths(sample.sample_id, t_grids, ip.merge_size, cfg, stage, self.epoch)
+        lengths = (
+            []
+            if stage == "stage1"
+            else segment_lengths(sample.sample_id, t_grids, ip.merge_size, cfg, stage, self.epoch)
+        )
         msgs = stage_messages(sample, stage, lengths)
         q = iter(zip(q_imgs, q_hw))
         t = iter(zip(t_imgs, t_hw)) if stage != "stage3" else iter(())
-        shown = [next(t) if m["role"] == "assistant" else next(q) for m in msgs for p in m["content"] if p["type"] == "image"]
+        shown = [
+            next(t) if m["role"] == "assistant" else next(q)
+            for m in msgs
+            for p in m["content"]
+            if p["type"] == "image"
+        ]
         for im, _ in zip(t_imgs, t_hw) if stage == "stage3" else ():
-            if hasattr(im, "close"): im.close()    # stage 3 only needed the thought images' sizes
-        return _Prepared(sample, self.processor.apply_chat_template(msgs, tokenize=False),
-                         [_at_size(im, hw, ip) for im, hw in shown], [image_grid(*hw, ip) for _, hw in shown], lengths)
+            if hasattr(im, "close"):
+                im.close()  # stage 3 only needed the thought images' sizes
+        return _Prepared(
+            sample,
+            self.processor.apply_chat_template(msgs, tokenize=False),
+            [_at_size(im, hw, ip) for im, hw in shown],
+            [image_grid(*hw, ip) for _, hw in shown],
+            lengths,
+        )
 
     def _encode(self, prepared: list[_Prepared]):
         "Run the processor on the batch; return the encoding and the samples it must reject."
         images = [im for p in prepared for im in p.images]
-        enc = self.processor(text=[p.text for p in prepared], images=images or None, return_tensors="pt",
-                             padding=True, padding_side="right")
+        enc = self.processor(
+            text=[p.text for p in prepared],
+            images=images or None,
+            return_tensors="pt",
+            padding=True,
+            padding_side="right",
+        )
         got = enc["image_grid_thw"].tolist() if images else []
         k, bad = 0, []
         for p in prepared:
             n = len(p.grids)
-            if [tuple(g) for g in got[k:k + n]] != [tuple(g) for g in p.grids]:
-                bad.append(CollateError(p.sample.sample_id, p.sample.source, "image_grid_mismatch",
-                                        f"the processor gave grids {got[k:k + n]}, expected {p.grids}"))
+            if [tuple(g) for g in got[k : k + n]] != [tuple(g) for g in p.grids]:
+                bad.append(
+                    CollateError(
+                        p.sample.sample_id,
+                        p.sample.source,
+                        "image_grid_mismatch",
+                        f"the processor gave grids {got[k:k + n]}, expected {p.grids}",
+                    )
+                )
             k += n
         ids, M = self.ids, self.cfg.max_length
-        protected = _isin(enc["input_ids"], (ids.vision_start, ids.image_pad, ids.vision_end, ids.video_pad,
-                                             ids.latent_start, ids.latent_pad, ids.latent_end)) & enc["attention_mask"].bool()
+        protected = (
+            _isin(
+                enc["input_ids"],
+                (
+                    ids.vision_start,
+                    ids.image_pad,
+                    ids.vision_end,
+                    ids.video_pad,
+                    ids.latent_start,
+                    ids.latent_pad,
+                    ids.latent_end,
+                ),
+            )
+            & enc["attention_mask"].bool()
+        )
         for b, p in enumerate(prepared):
             n = int(enc["attention_mask"][b].sum())
-            if n <= M: continue
+            if n <= M:
+                continue
             last = int(protected[b].nonzero().max()) if protected[b].any() else -1
             if last >= M:
-                bad.append(CollateError(p.sample.sample_id, p.sample.source, "too_long",
-                                        f"{n} tokens > max_length {M}, and the cut would split or drop an image or a "
-                                        f"latent segment (the last one ends at token {last})"))
+                bad.append(
+                    CollateError(
+                        p.sample.sample_id,
+                        p.sample.source,
+                        "too_long",
+                        f"{n} tokens > max_length {M}, and the cut would split or drop an image or a "
+                        f"latent segment (the last one ends at token {last})",
+                    )
+                )
         return enc, bad
 
     def __call__(self, samples: list[Sample]) -> dict:
         "The batch dict of `samples` for this stage."
         prepared = []
         for s in samples:
-            try: prepared.append(self.prepare(s))
-            except CollateError as e: self._reject(e)
+            try:
+                prepared.append(self.prepare(s))
+            except CollateError as e:
+                self._reject(e)
         while True:
-            if not prepared: raise CollateError(None, "", "empty_batch", f"all {len(samples)} sample(s) of the batch were dropped: {dict(self.dropped)}")
+            if not prepared:
+                raise CollateError(
+                    None,
+                    "",
+                    "empty_batch",
+                    f"all {len(samples)} sample(s) of the batch were dropped: {dict(self.dropped)}",
+                )
             enc, bad = self._encode(prepared)
-            if not bad: break
-            for e in bad: self._reject(e)
+            if not bad:
+                break
+            for e in bad:
+                self._reject(e)
             gone = {e.sample_id for e in bad}
             prepared = [p for p in prepared if p.sample.sample_id not in gone]
         return self._assemble(prepared, enc)
 
     def _reject(self, e: CollateError):
-        if self.strict: raise e
+        if self.strict:
+            raise e
         self.dropped[e.reason] += 1
         log.warning("dropped %s", e)
 
@@ -412,32 +601,53 @@ class LatentCollator:
         lens = enc["attention_mask"].sum(1)
         if (lens > L).any():
             self.truncated += int((lens > L).sum())
-            log.warning("truncated %d sample(s) to max_length %d (text after the last latent segment)", int((lens > L).sum()), L)
+            log.warning(
+                "truncated %d sample(s) to max_length %d (text after the last latent segment)",
+                int((lens > L).sum()),
+                L,
+            )
         input_ids, attention_mask, mm = (enc[k][:, :L] for k in ("input_ids", "attention_mask", "mm_token_type_ids"))
         reply = assistant_reply_mask(input_ids, attention_mask, self._header, self._newline, ids.im_end)
         only_obs = self.cfg.only_predict_obs and stage in ("stage2", "stage3")
         labels = stage_labels(input_ids, attention_mask, ids, stage, reply, only_obs)
         segs = latent_segments(input_ids, attention_mask, ids)
         for p, s in zip(prepared, segs):
-            if [e - b for b, e, _ in s] != list(p.lengths):   # the layout must be exactly what was planned
-                raise RuntimeError(f"sample {p.sample.sample_id!r}: latent segments {s} do not match the planned lengths {p.lengths}")
-        batch = dict(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm, labels=labels,
-                     pixel_values=enc.get("pixel_values"), image_grid_thw=enc.get("image_grid_thw"), position_ids=None,
-                     attention_mask_4d=None, latent_segments=segs, latent_budgets=[list(p.lengths) for p in prepared],
-                     latent_image_counts=[len(p.lengths) for p in prepared],
-                     latent_budget_total=[sum(p.lengths) for p in prepared],
-                     alignment_positions=[[i for b, e, _ in s for i in range(b, e)] for s in segs],
-                     observation_positions=(obs := _positions(observation_mask(input_ids, attention_mask, ids))),
-                     observation_spans=[_spans(o) for o in obs],
-                     sample_ids=[p.sample.sample_id for p in prepared], stage=stage)
-        if self._rope is not None: add_position_ids(batch, self._rope)
+            if [e - b for b, e, _ in s] != list(p.lengths):  # the layout must be exactly what was planned
+                raise RuntimeError(
+                    f"sample {p.sample.sample_id!r}: latent segments {s} do not match the planned lengths {p.lengths}"
+                )
+        batch = dict(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            mm_token_type_ids=mm,
+            labels=labels,
+            pixel_values=enc.get("pixel_values"),
+            image_grid_thw=enc.get("image_grid_thw"),
+            position_ids=None,
+            attention_mask_4d=None,
+            latent_segments=segs,
+            latent_budgets=[list(p.lengths) for p in prepared],
+            latent_image_counts=[len(p.lengths) for p in prepared],
+            latent_budget_total=[sum(p.lengths) for p in prepared],
+            alignment_positions=[[i for b, e, _ in s for i in range(b, e)] for s in segs],
+            observation_positions=(obs := _positions(observation_mask(input_ids, attention_mask, ids))),
+            observation_spans=[_spans(o) for o in obs],
+            sample_ids=[p.sample.sample_id for p in prepared],
+            stage=stage,
+        )
+        if self._rope is not None:
+            add_position_ids(batch, self._rope)
         if self._wants_4d():
             from latentcot.masks import attention_mask_4d
+
             batch["attention_mask_4d"] = attention_mask_4d(input_ids, attention_mask, ids, **self.cfg.mask_flags)
         return batch
 
     def _wants_4d(self) -> bool:
-        if self.cfg.not_use_4d: return False
-        if self.mask_4d is not None: return self.mask_4d
-        if self.stage == "stage3": return any(getattr(self.cfg, k) != v for k, v in _STUDENT_FLAGS.items())
+        if self.cfg.not_use_4d:
+            return False
+        if self.mask_4d is not None:
+            return self.mask_4d
+        if self.stage == "stage3":
+            return any(getattr(self.cfg, k) != v for k, v in _STUDENT_FLAGS.items())
         return self.stage in ("precompute", "stage2")

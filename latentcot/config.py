@@ -22,57 +22,123 @@ class ConfigError(ValueError):
     "A bad key or value in a latentcot config, with the file and key it came from."
 
 # %% ../nbs/00_config.ipynb #e51d36e5
-MASK_FLAGS = ("not_use_4d", "mask_question_image", "observation_tokens_cannot_see_question_image",
-              "observation_tokens_only_see_question_and_latent", "latent_can_see_all_previous",
-              "not_mask_image", "mask_latent")
+MASK_FLAGS = (
+    "not_use_4d",
+    "mask_question_image",
+    "observation_tokens_cannot_see_question_image",
+    "observation_tokens_only_see_question_and_latent",
+    "latent_can_see_all_previous",
+    "not_mask_image",
+    "mask_latent",
+)
+
 
 @dataclass
 class LatentCoTConfig:
     "Run configuration of latentcot; field names follow the seeds."
+
     # budget (seed 002 §1, §3)
-    latent_budget_alpha: float = field(default=0.02, metadata={"help": "seed 002: latents per thought image grow as alpha * image_tokens ** gamma"})
+    latent_budget_alpha: float = field(
+        default=0.02, metadata={"help": "seed 002: latents per thought image grow as alpha * image_tokens ** gamma"}
+    )
     latent_budget_gamma: float = field(default=0.5, metadata={"help": "seed 002: exponent of the budget formula"})
     latent_budget_min: int = field(default=1, metadata={"help": "seed 002: smallest budget"})
     latent_budget_max: int = field(default=32, metadata={"help": "seed 002: largest budget"})
-    latent_size_mode: Literal["budget", "fixed", "random"] = field(default="budget", metadata={"help": "segment lengths: 'budget' (seed 002 formula), 'fixed' (latent_size), 'random' (stage 3: 1..k_max)"})
-    latent_size: int = field(default=10, metadata={"help": "seed 001: latents per thought image when latent_size_mode is 'fixed' (given alone, it switches to fixed)"})
+    latent_size_mode: Literal["budget", "fixed", "random"] = field(
+        default="budget",
+        metadata={
+            "help": "segment lengths: 'budget' (seed 002 formula), 'fixed' (latent_size), 'random' (stage 3: 1..k_max)"
+        },
+    )
+    latent_size: int = field(
+        default=10,
+        metadata={
+            "help": "seed 001: latents per thought image when latent_size_mode is 'fixed' (given alone, it switches to fixed)"
+        },
+    )
     k_max: int = field(default=32, metadata={"help": "longest segment when latent_size_mode is 'random'"})
     # halting (seed 002 §5-7)
-    latent_mode_stage: Literal["A", "C"] = field(default="A", metadata={"help": "seed 002: 'A' uses the full budget, 'C' learns to halt (stop head, K/V gating)"})
+    latent_mode_stage: Literal["A", "C"] = field(
+        default="A",
+        metadata={"help": "seed 002: 'A' uses the full budget, 'C' learns to halt (stop head, K/V gating)"},
+    )
     latent_stop_loss_weight: float = field(default=1.0, metadata={"help": "weight of the stop BCE (mode C)"})
     latent_cost_weight: float = field(default=1e-3, metadata={"help": "weight of the used-latents cost (mode C)"})
     latent_stop_threshold: float = field(default=0.5, metadata={"help": "p_stop at which a segment halts (mode C)"})
-    latent_null_scale: float = field(default=0.0, metadata={"help": "scale of the K/V of inactive latents (0: removed)"})
-    latent_stop_rho: float = field(default=0.7, metadata={"help": "stop pseudo-label: halt after round(rho * budget) latents"})
-    latent_stop_threshold_start: float = field(default=0.9, metadata={"help": "training threshold at the A -> C switch, moved to latent_stop_threshold"})
-    latent_stop_threshold_steps: int = field(default=0, metadata={"help": "optimizer steps over which the threshold moves (0: fixed)"})
+    latent_null_scale: float = field(
+        default=0.0, metadata={"help": "scale of the K/V of inactive latents (0: removed)"}
+    )
+    latent_stop_rho: float = field(
+        default=0.7, metadata={"help": "stop pseudo-label: halt after round(rho * budget) latents"}
+    )
+    latent_stop_threshold_start: float = field(
+        default=0.9, metadata={"help": "training threshold at the A -> C switch, moved to latent_stop_threshold"}
+    )
+    latent_stop_threshold_steps: int = field(
+        default=0, metadata={"help": "optimizer steps over which the threshold moves (0: fixed)"}
+    )
     # losses (seed 000 §6)
-    loss_type: str = field(default="ce alignment", metadata={"help": "loss terms, e.g. 'ce alignment' (also --loss_type ce alignment)", "nargs": "+"})
-    alignment_weight: float = field(default=1.0, metadata={"help": "weight of the 1 - cos alignment", "aliases": ["--align_weight"]})
-    alignment_layer: str = field(default="last", metadata={"help": "aligned states: 'last', 'all' or comma-separated layer ids"})
-    generation_loss_weight: float = field(default=0.0, metadata={"help": "seed 000: weight of the flow-matching loss "
-        "of "
-        "the student's Z on the target image through a frozen MMDiT (--mmdit_name_or_path); stage 3 and multiturn"})
+    loss_type: str = field(
+        default="ce alignment",
+        metadata={"help": "loss terms, e.g. 'ce alignment' (also --loss_type ce alignment)", "nargs": "+"},
+    )
+    alignment_weight: float = field(
+        default=1.0, metadata={"help": "weight of the 1 - cos alignment", "aliases": ["--align_weight"]}
+    )
+    alignment_layer: str = field(
+        default="last", metadata={"help": "aligned states: 'last', 'all' or comma-separated layer ids"}
+    )
+    generation_loss_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "seed 000: weight of the flow-matching loss "
+            "of "
+            "the student's Z on the target image through a frozen MMDiT (--mmdit_name_or_path); stage 3 and multiturn"
+        },
+    )
     ce_emphasize_factor: float = field(default=1.0, metadata={"help": "CE weight of observation tokens"})
-    emphasize_latent_weight: float = field(default=1.0, metadata={"help": "stage 2: scale of the latent-only alignment gradient"})
+    emphasize_latent_weight: float = field(
+        default=1.0, metadata={"help": "stage 2: scale of the latent-only alignment gradient"}
+    )
     only_predict_obs: bool = field(default=False, metadata={"help": "CE on observation tokens only (stages 2/3)"})
-    latent_grad: Literal["detach", "full"] = field(default="detach", metadata={"help": "'detach' latents between steps, or 'full' backprop through the rollout"})
+    latent_grad: Literal["detach", "full"] = field(
+        default="detach", metadata={"help": "'detach' latents between steps, or 'full' backprop through the rollout"}
+    )
     # 4D mask flags (seed 000 §4)
     not_use_4d: bool = field(default=False, metadata={"help": "seed 000: no 4D mask (plain causal)"})
-    mask_question_image: bool = field(default=False, metadata={"help": "seed 000: text after the question may not see the question images"})
-    observation_tokens_cannot_see_question_image: bool = field(default=False, metadata={"help": "seed 000: observation tokens do not see question images"})
-    observation_tokens_only_see_question_and_latent: bool = field(default=False, metadata={"help": "seed 000: observation tokens see only the question and the latents"})
-    latent_can_see_all_previous: bool = field(default=True, metadata={"help": "seed 000: latents see everything before them"})
+    mask_question_image: bool = field(
+        default=False, metadata={"help": "seed 000: text after the question may not see the question images"}
+    )
+    observation_tokens_cannot_see_question_image: bool = field(
+        default=False, metadata={"help": "seed 000: observation tokens do not see question images"}
+    )
+    observation_tokens_only_see_question_and_latent: bool = field(
+        default=False, metadata={"help": "seed 000: observation tokens see only the question and the latents"}
+    )
+    latent_can_see_all_previous: bool = field(
+        default=True, metadata={"help": "seed 000: latents see everything before them"}
+    )
     not_mask_image: bool = field(default=False, metadata={"help": "seed 000: answers may see thought images"})
     mask_latent: bool = field(default=False, metadata={"help": "seed 000: text may not see the latents"})
     # images (seed 000 §7)
-    image_resize: Literal["global", "clear_question_img"] = field(default="global", metadata={"help": "'global' (one token budget per sample) or 'clear_question_img' (question images keep max_img_tokens)"})
+    image_resize: Literal["global", "clear_question_img"] = field(
+        default="global",
+        metadata={
+            "help": "'global' (one token budget per sample) or 'clear_question_img' (question images keep max_img_tokens)"
+        },
+    )
     max_img_tokens: int = field(default=1280, metadata={"help": "most merged tokens per image"})
     sft_stage1_img_tokens: int = field(default=1280, metadata={"help": "image-token budget of a stage-1 sample"})
-    sft_stage2_img_tokens: int = field(default=1280, metadata={"help": "image-token budget of a stage-2 (teacher) sample; stage 3 sizes as stage 2"})
-    sft_stage3_img_tokens: int = field(default=0, metadata={
-        "help": "seed 001's key, refused unless 0 or equal to sft_stage2_img_tokens: stage 3 sizes its images as the "
-                "teacher (stage 2) does, so both see the same question pixels"})
+    sft_stage2_img_tokens: int = field(
+        default=1280, metadata={"help": "image-token budget of a stage-2 (teacher) sample; stage 3 sizes as stage 2"}
+    )
+    sft_stage3_img_tokens: int = field(
+        default=0,
+        metadata={
+            "help": "seed 001's key, refused unless 0 or equal to sft_stage2_img_tokens: stage 3 sizes its images as the "
+            "teacher (stage 2) does, so both see the same question pixels"
+        },
+    )
     # training
     epochs: int = field(default=1, metadata={"help": "passes over the data (unless --max_steps)"})
     bsz: int = field(default=1, metadata={"help": "samples per micro-batch per process"})
@@ -80,12 +146,19 @@ class LatentCoTConfig:
     learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate", "aliases": ["--lr"]})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
-    max_length: int = field(default=4096, metadata={"help": "longest sample in tokens (longer ones are an error, never truncated)"})
+    max_length: int = field(
+        default=4096, metadata={"help": "longest sample in tokens (longer ones are an error, never truncated)"}
+    )
     seed: int = field(default=42, metadata={"help": "seed of weights, data order and sampling"})
-    mixed_precision: Literal["no", "fp16", "bf16"] = field(default="no", metadata={"help": "'no', 'fp16' or 'bf16' (accelerate)"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "checkpoint pass 2 and stage 1 (the rollout runs without it)"})
+    mixed_precision: Literal["no", "fp16", "bf16"] = field(
+        default="no", metadata={"help": "'no', 'fp16' or 'bf16' (accelerate)"}
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "checkpoint pass 2 and stage 1 (the rollout runs without it)"}
+    )
 
-    def __post_init__(self): check_config(self)
+    def __post_init__(self):
+        check_config(self)
 
     @property
     def mask_flags(self) -> dict:
@@ -104,64 +177,111 @@ class LatentCoTConfig:
 # %% ../nbs/00_config.ipynb #4a38d599
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
-def _hints(): return get_type_hints(LatentCoTConfig)
+
+def _hints():
+    return get_type_hints(LatentCoTConfig)
+
 
 def parse_value(key: str, raw: Any, source: str = "<config>"):
     "Convert `raw` to the type of config field `key`; errors name `key` and `source`."
     hints = _hints()
-    if key not in hints: raise ConfigError(f"{source}: unknown config key {key!r}")
+    if key not in hints:
+        raise ConfigError(f"{source}: unknown config key {key!r}")
     tp = hints[key]
     try:
         if get_origin(tp) is Literal:
             opts = get_args(tp)
             v = str(raw).strip() if not isinstance(raw, bool) else raw
-            if v not in opts: raise ValueError(f"expected one of {list(opts)}")
+            if v not in opts:
+                raise ValueError(f"expected one of {list(opts)}")
             return v
         if tp is bool:
-            if isinstance(raw, bool): return raw
+            if isinstance(raw, bool):
+                return raw
             s = str(raw).strip().lower()
-            if s in _TRUE: return True
-            if s in _FALSE: return False
+            if s in _TRUE:
+                return True
+            if s in _FALSE:
+                return False
             raise ValueError("expected a boolean (true/false)")
         if tp is int:
-            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()): raise ValueError("expected an integer")
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise ValueError("expected an integer")
             return int(str(raw).strip()) if not isinstance(raw, (int, float)) else int(raw)
         if tp is float:
-            if isinstance(raw, bool): raise ValueError("expected a number")
+            if isinstance(raw, bool):
+                raise ValueError("expected a number")
             v = float(str(raw).strip())
-            if not math.isfinite(v): raise ValueError("expected a finite number")
+            if not math.isfinite(v):
+                raise ValueError("expected a finite number")
             return v
         return str(raw)
-    except ValueError as e: raise ConfigError(f"{source}: bad value {raw!r} for {key!r}: {e}") from None
+    except ValueError as e:
+        raise ConfigError(f"{source}: bad value {raw!r} for {key!r}: {e}") from None
 
 # %% ../nbs/00_config.ipynb #43e66d4d
 def check_config(cfg: LatentCoTConfig, source: str = "<config>"):
     "Raise `ConfigError` when fields are inconsistent; return `cfg`."
-    def bad(key, why): raise ConfigError(f"{source}: bad value {getattr(cfg, key)!r} for {key!r}: {why}")
-    if cfg.latent_budget_min < 0: bad("latent_budget_min", "must be >= 0")
-    if cfg.latent_budget_max < max(1, cfg.latent_budget_min): bad("latent_budget_max", "must be >= latent_budget_min and >= 1")
-    if cfg.latent_budget_alpha <= 0: bad("latent_budget_alpha", "must be > 0")
-    if cfg.generation_loss_weight < 0: bad("generation_loss_weight", "must be >= 0")
-    if cfg.latent_budget_gamma <= 0: bad("latent_budget_gamma", "must be > 0")
+
+    def bad(key, why):
+        raise ConfigError(f"{source}: bad value {getattr(cfg, key)!r} for {key!r}: {why}")
+
+    if cfg.latent_budget_min < 0:
+        bad("latent_budget_min", "must be >= 0")
+    if cfg.latent_budget_max < max(1, cfg.latent_budget_min):
+        bad("latent_budget_max", "must be >= latent_budget_min and >= 1")
+    if cfg.latent_budget_alpha <= 0:
+        bad("latent_budget_alpha", "must be > 0")
+    if cfg.generation_loss_weight < 0:
+        bad("generation_loss_weight", "must be >= 0")
+    if cfg.latent_budget_gamma <= 0:
+        bad("latent_budget_gamma", "must be > 0")
     for k in ("latent_stop_threshold", "latent_stop_threshold_start", "latent_stop_rho", "latent_null_scale"):
-        if not 0 <= getattr(cfg, k) <= 1: bad(k, "must lie in [0, 1]")
-    for k in ("latent_size", "k_max", "epochs", "bsz", "grad_accum_steps", "max_length", "max_img_tokens",
-              "sft_stage1_img_tokens", "sft_stage2_img_tokens"):
-        if getattr(cfg, k) < 1: bad(k, "must be >= 1")
+        if not 0 <= getattr(cfg, k) <= 1:
+            bad(k, "must lie in [0, 1]")
+    for k in (
+        "latent_size",
+        "k_max",
+        "epochs",
+        "bsz",
+        "grad_accum_steps",
+        "max_length",
+        "max_img_tokens",
+        "sft_stage1_img_tokens",
+        "sft_stage2_img_tokens",
+    ):
+        if getattr(cfg, k) < 1:
+            bad(k, "must be >= 1")
     if cfg.sft_stage3_img_tokens not in (0, cfg.sft_stage2_img_tokens):
-        bad("sft_stage3_img_tokens", "stage 3 has no image budget of its own: its latents are aligned to the "
+        bad(
+            "sft_stage3_img_tokens",
+            "stage 3 has no image budget of its own: its latents are aligned to the "
             "teacher's, "
             "so it sizes its question images as the teacher (stage 2 / precompute) does and both see the same pixels; "
-            "set sft_stage2_img_tokens, which stage 3 follows (0 or that value here)")
-    for k in ("latent_stop_loss_weight", "latent_cost_weight", "alignment_weight", "ce_emphasize_factor",
-              "emphasize_latent_weight", "learning_rate", "weight_decay", "warmup_steps", "latent_stop_threshold_steps"):
-        if getattr(cfg, k) < 0: bad(k, "must be >= 0")
+            "set sft_stage2_img_tokens, which stage 3 follows (0 or that value here)",
+        )
+    for k in (
+        "latent_stop_loss_weight",
+        "latent_cost_weight",
+        "alignment_weight",
+        "ce_emphasize_factor",
+        "emphasize_latent_weight",
+        "learning_rate",
+        "weight_decay",
+        "warmup_steps",
+        "latent_stop_threshold_steps",
+    ):
+        if getattr(cfg, k) < 0:
+            bad(k, "must be >= 0")
     unknown = set(cfg.loss_terms) - {"ce", "alignment", "stop", "cost"}
-    if unknown or not cfg.loss_terms: bad("loss_type", f"terms must be among ce, alignment, stop, cost (got {sorted(unknown) or 'nothing'})")
+    if unknown or not cfg.loss_terms:
+        bad("loss_type", f"terms must be among ce, alignment, stop, cost (got {sorted(unknown) or 'nothing'})")
     al = cfg.alignment_layer.strip()
     if al not in ("last", "all"):
-        try: [int(x) for x in al.split(",")]
-        except ValueError: bad("alignment_layer", "expected 'last', 'all' or comma-separated layer indices")
+        try:
+            [int(x) for x in al.split(",")]
+        except ValueError:
+            bad("alignment_layer", "expected 'last', 'all' or comma-separated layer indices")
     return cfg
 
 # %% ../nbs/00_config.ipynb #e44c5e0f
@@ -169,33 +289,43 @@ def find_settings(path: str | os.PathLike | None = None) -> Path | None:
     "The settings file to read: `path`, `$LATENTCOT_SETTINGS`, or the nearest `settings.ini` upwards from cwd."
     if path is not None:
         p = Path(path)
-        if not p.is_file(): raise ConfigError(f"{p}: settings file not found")
+        if not p.is_file():
+            raise ConfigError(f"{p}: settings file not found")
         return p
-    if os.environ.get("LATENTCOT_SETTINGS"): return find_settings(os.environ["LATENTCOT_SETTINGS"])
+    if os.environ.get("LATENTCOT_SETTINGS"):
+        return find_settings(os.environ["LATENTCOT_SETTINGS"])
     for d in [Path.cwd(), *Path.cwd().parents]:
-        if (d / "settings.ini").is_file() and (d / "pyproject.toml").is_file(): return d / "settings.ini"
+        if (d / "settings.ini").is_file() and (d / "pyproject.toml").is_file():
+            return d / "settings.ini"
     return None
+
 
 def read_settings(path: str | os.PathLike) -> dict:
     "Parse a settings file into `{key: typed value}`; errors name the file and key."
     path = Path(path)
     cp = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"))
-    try: cp.read_string(path.read_text(), source=str(path))
-    except configparser.Error as e: raise ConfigError(f"{path}: cannot parse settings: {e}") from None
+    try:
+        cp.read_string(path.read_text(), source=str(path))
+    except configparser.Error as e:
+        raise ConfigError(f"{path}: cannot parse settings: {e}") from None
     out, seen = {}, {}
     for sec in cp.sections():
         for key, raw in cp.items(sec):
-            if key in seen: raise ConfigError(f"{path}: key {key!r} appears in [{seen[key]}] and [{sec}]")
+            if key in seen:
+                raise ConfigError(f"{path}: key {key!r} appears in [{seen[key]}] and [{sec}]")
             seen[key] = sec
             out[key] = parse_value(key, raw, source=f"{path} [{sec}]")
     return out
+
 
 def from_mapping(d: dict, source: str = "<config>") -> LatentCoTConfig:
     "Build a validated config from a dict of (possibly string) values."
     typed = {k: parse_value(k, v, source) for k, v in d.items()}
     cfg = object.__new__(LatentCoTConfig)  # skip __post_init__ so errors name `source`
-    for f in fields(LatentCoTConfig): setattr(cfg, f.name, typed.get(f.name, f.default))
+    for f in fields(LatentCoTConfig):
+        setattr(cfg, f.name, typed.get(f.name, f.default))
     return check_config(cfg, source)
+
 
 def load_config(path: str | os.PathLike | None = None, **overrides) -> LatentCoTConfig:
     "Defaults, then the settings file (see `find_settings`), then `overrides`."
@@ -208,51 +338,82 @@ def load_config(path: str | os.PathLike | None = None, **overrides) -> LatentCoT
 # %% ../nbs/00_config.ipynb #4751fbde
 ALIASES = {"align_weight": "alignment_weight", "lr": "learning_rate"}
 
+
 @dataclass
 class SettingsArgs:
     "The flag every command shares: which settings.ini is the defaults layer."
-    settings: str | None = field(default=None, metadata={"help": "settings.ini to read (default: $LATENTCOT_SETTINGS or the project's)"})
 
-TRAINING_ONLY = ("latent_stop_loss_weight", "latent_cost_weight", "latent_stop_rho", "latent_stop_threshold_start",
-                 "latent_stop_threshold_steps", "loss_type", "alignment_weight", "ce_emphasize_factor",
-                 "emphasize_latent_weight", "only_predict_obs", "latent_grad", "epochs", "grad_accum_steps", "learning_rate",
-                 "weight_decay", "warmup_steps", "mixed_precision", "gradient_checkpointing")
+    settings: str | None = field(
+        default=None, metadata={"help": "settings.ini to read (default: $LATENTCOT_SETTINGS or the project's)"}
+    )
+
+
+TRAINING_ONLY = (
+    "latent_stop_loss_weight",
+    "latent_cost_weight",
+    "latent_stop_rho",
+    "latent_stop_threshold_start",
+    "latent_stop_threshold_steps",
+    "loss_type",
+    "alignment_weight",
+    "ce_emphasize_factor",
+    "emphasize_latent_weight",
+    "only_predict_obs",
+    "latent_grad",
+    "epochs",
+    "grad_accum_steps",
+    "learning_rate",
+    "weight_decay",
+    "warmup_steps",
+    "mixed_precision",
+    "gradient_checkpointing",
+)
+
 
 def cli_parser(*arg_types, config: bool = True, hide=(), **kw):
     """One `transformers.HfArgumentParser` for a command: its own dataclass(es) of flags, `--settings` and every
     `LatentCoTConfig` field (`--a_b` and `--a-b`, `--no_flag`/`--no-flag` for booleans, the seeds' aliases). Config
     flags default to "not given", so `config_from_args` layers them over `settings.ini`; unknown flags are refused."""
     from transformers import HfArgumentParser
+
     types = [*arg_types, *((SettingsArgs, LatentCoTConfig) if config else ())]
     p = HfArgumentParser(types, **kw)
-    for t in types:                            # HfArgumentParser keeps the annotation's type: apply a field's own parser
+    for t in types:  # HfArgumentParser keeps the annotation's type: apply a field's own parser
         for f in fields(t):
             for k in ("type", "nargs", "metavar"):  # ... and its own nargs / metavar
-                if k in f.metadata: setattr(p._option_string_actions[f"--{f.name}"], k, f.metadata[k])
+                if k in f.metadata:
+                    setattr(p._option_string_actions[f"--{f.name}"], k, f.metadata[k])
     if config:
         for f in fields(LatentCoTConfig):
-            if _hints()[f.name] is bool:       # a --no- form for every boolean, whatever its default
+            if _hints()[f.name] is bool:  # a --no- form for every boolean, whatever its default
                 names = [n for n in (f"--no_{f.name}", f"--no-{f.name}") if n not in p._option_string_actions]
-                if names: p.add_argument(*names, dest=f.name, action="store_false")
+                if names:
+                    p.add_argument(*names, dest=f.name, action="store_false")
         p.set_defaults(**{f.name: None for f in fields(LatentCoTConfig)})
         names = {f.name for f in fields(LatentCoTConfig)}
-        for a in p._actions:                   # hidden ones are accepted (a shared settings line still parses), not listed
-            if a.dest in hide: a.help = argparse.SUPPRESS
+        for a in p._actions:  # hidden ones are accepted (a shared settings line still parses), not listed
+            if a.dest in hide:
+                a.help = argparse.SUPPRESS
             elif a.dest in names and a.help and a.help is not argparse.SUPPRESS:
                 a.help += " (default: settings.ini)%(default).0s"
     return p
 
+
 def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     "Add `--settings` and one flag per config field (default: not given) to a plain argparse `parser`."
     from transformers import HfArgumentParser
+
     for t in (SettingsArgs, LatentCoTConfig):
-        for f in fields(t): HfArgumentParser._parse_dataclass_field(parser, _typed(t, f))
+        for f in fields(t):
+            HfArgumentParser._parse_dataclass_field(parser, _typed(t, f))
     for f in fields(LatentCoTConfig):
         if _hints()[f.name] is bool:
             names = [n for n in (f"--no_{f.name}", f"--no-{f.name}") if n not in parser._option_string_actions]
-            if names: parser.add_argument(*names, dest=f.name, action="store_false")
+            if names:
+                parser.add_argument(*names, dest=f.name, action="store_false")
     parser.set_defaults(**{f.name: None for f in fields(LatentCoTConfig)})
     return parser
+
 
 def _typed(t, f):
     "A copy of field `f` of dataclass `t` with its annotation resolved (HfArgumentParser needs real types)."
@@ -260,20 +421,28 @@ def _typed(t, f):
     g.name, g.type = f.name, get_type_hints(t)[f.name]
     return g
 
+
 def flag_view(cls, rename: dict[str, str] | None = None, skip=(), name: str | None = None):
     """A dataclass of `cls`'s fields for a command whose own flags already use some of their names: `rename` maps a
     field to another flag name, `skip` leaves fields to the command. `.build(**fields)` on its instance gives `cls`."""
     rename, hints = rename or {}, get_type_hints(cls)
+
     def spec(f):
         kw = {"default": f.default} if f.default is not dataclasses.MISSING else {"default_factory": f.default_factory}
         return rename.get(f.name, f.name), hints[f.name], dataclasses.field(metadata=f.metadata, **kw)
+
     back = {v: k for k, v in rename.items()}
+
     def build(self, **extra):
         "The `cls` these flags stand for, with the fields the command sets itself or overrides (`extra`)."
         return cls(**{**{back.get(f.name, f.name): getattr(self, f.name) for f in fields(self)}, **extra})
-    return dataclasses.make_dataclass(name or f"{cls.__name__}Flags",
-                                      [spec(f) for f in fields(cls) if f.init and f.name not in skip],
-                                      namespace={"build": build, "__doc__": f"Flags of `{cls.__name__}`."})
+
+    return dataclasses.make_dataclass(
+        name or f"{cls.__name__}Flags",
+        [spec(f) for f in fields(cls) if f.init and f.name not in skip],
+        namespace={"build": build, "__doc__": f"Flags of `{cls.__name__}`."},
+    )
+
 
 def parse_cli(parser, argv=None, arg_types=None) -> tuple:
     """Parse `argv` (unknown flags and values a dataclass refuses are usage errors): one instance per command
@@ -281,38 +450,56 @@ def parse_cli(parser, argv=None, arg_types=None) -> tuple:
     ns = parser.parse_args(argv)
     own = [t for t in parser.dataclass_types if t not in (SettingsArgs, LatentCoTConfig)]
     types = own if arg_types is None else arg_types
-    try: outs = [t(**{f.name: getattr(ns, f.name) for f in fields(t) if f.init}) for t in types]
-    except ValueError as e: parser.error(str(e))  # a dataclass's own check (e.g. MeanFlowConfig's), as a usage error
-    if LatentCoTConfig not in parser.dataclass_types: return tuple(outs)
-    try: return (*outs, config_from_args(ns))
-    except ConfigError as e: parser.error(str(e))  # a bad flag or settings value: a usage error naming where it came from
+    try:
+        outs = [t(**{f.name: getattr(ns, f.name) for f in fields(t) if f.init}) for t in types]
+    except ValueError as e:
+        parser.error(str(e))  # a dataclass's own check (e.g. MeanFlowConfig's), as a usage error
+    if LatentCoTConfig not in parser.dataclass_types:
+        return tuple(outs)
+    try:
+        return (*outs, config_from_args(ns))
+    except ConfigError as e:
+        parser.error(str(e))  # a bad flag or settings value: a usage error naming where it came from
+
 
 def config_from_args(args) -> LatentCoTConfig:
     "The config from `--settings` (or the default file) overridden by the flags actually given."
     given = {f.name: getattr(args, f.name) for f in fields(LatentCoTConfig) if getattr(args, f.name, None) is not None}
-    if isinstance(given.get("loss_type"), list): given["loss_type"] = " ".join(given["loss_type"])
+    if isinstance(given.get("loss_type"), list):
+        given["loss_type"] = " ".join(given["loss_type"])
     cfg = load_config(getattr(args, "settings", None))
     if "latent_size" in given and "latent_size_mode" not in given and cfg.latent_size_mode != "fixed":
         # seed 001's --latent_size means a fixed segment length; under the budget mode it would be silently ignored
-        print(f"note: --latent_size {given['latent_size']} sets fixed-length segments: latent_size_mode becomes 'fixed' "
-              f"(it was {cfg.latent_size_mode!r}; pass --latent_size_mode to choose otherwise)", file=sys.stderr)
+        print(
+            f"note: --latent_size {given['latent_size']} sets fixed-length segments: latent_size_mode becomes 'fixed' "
+            f"(it was {cfg.latent_size_mode!r}; pass --latent_size_mode to choose otherwise)",
+            file=sys.stderr,
+        )
         given["latent_size_mode"] = "fixed"
-    try: return cfg.replace(**given)
-    except ConfigError as e: raise ConfigError(str(e).replace("replace()", "command line")) from None
+    try:
+        return cfg.replace(**given)
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("replace()", "command line")) from None
 
 # %% ../nbs/00_config.ipynb #2993189f
 import json
 
+
 def save_config(cfg: LatentCoTConfig, path: str | os.PathLike):
     "Write `cfg` as JSON, atomically."
-    path = Path(path); tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(asdict(cfg), indent=2, sort_keys=True)); os.replace(tmp, path)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(asdict(cfg), indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
 
 def load_config_json(path: str | os.PathLike) -> LatentCoTConfig:
     "Read a config written by `save_config`; unknown keys and bad values are errors naming the file."
     path = Path(path)
-    try: d = json.loads(path.read_text())
-    except json.JSONDecodeError as e: raise ConfigError(f"{path}: not valid JSON: {e}") from None
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON: {e}") from None
     return from_mapping(d, source=str(path))
 
 # %% ../nbs/00_config.ipynb #cache-root-00
@@ -320,23 +507,29 @@ def cache_root(cache_dir=None) -> Path:
     "Where latentcot caches what it builds (tiny kit, MeanFlow teacher): `cache_dir`, `$LATENTCOT_CACHE` or `~/.cache/latentcot`."
     return Path(cache_dir or os.environ.get("LATENTCOT_CACHE") or "~/.cache/latentcot").expanduser()
 
-
 # %% ../nbs/00_config.ipynb #guards-00
 import signal
 
 FAULT_ENV = "LATENTCOT_FAULT"
 
+
 def positive_int(raw) -> int:
     "argparse type: an integer >= 1 (a count such as `--limit` or `--max_steps`)."
-    try: v = int(str(raw).strip())
-    except ValueError: raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {raw!r}") from None
-    if v < 1: raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    try:
+        v = int(str(raw).strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {raw!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
     return v
+
 
 def fault_point(name: str) -> None:
     "Test hook: SIGKILL this process when `$LATENTCOT_FAULT` (comma separated) names `name`; `name:raise` raises instead."
     for w in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
         n, _, how = w.strip().partition(":")
-        if n != name: continue
-        if how == "raise": raise RuntimeError(f"[enforce fail at inline_container.cc:672] . unexpected pos (injected fault {name!r})")
+        if n != name:
+            continue
+        if how == "raise":
+            raise RuntimeError(f"[enforce fail at inline_container.cc:672] . unexpected pos (injected fault {name!r})")
         os.kill(os.getpid(), signal.SIGKILL)

@@ -26,26 +26,29 @@ SYSTEM_PROMPT = "You are a helpful assistant."
 # %% ../nbs/03_data.ipynb #d528091f
 class DataError(ValueError):
     "A bad record: names the file, line, sample id, a reason code and what is wrong."
+
     def __init__(self, path, line: int | None, sample_id: str | None, reason: str, detail: str):
         self.path, self.line, self.sample_id, self.reason, self.detail = str(path), line, sample_id, reason, detail
         sid = f" sample {sample_id!r}:" if sample_id is not None else ""
         super().__init__(f"{self.source}:{sid} {reason}: {detail}")
 
     @property
-    def source(self) -> str: return f"{self.path}:{self.line}" if self.line is not None else self.path
+    def source(self) -> str:
+        return f"{self.path}:{self.line}" if self.line is not None else self.path
 
 # %% ../nbs/03_data.ipynb #361dad45
 @dataclass
 class Sample:
     "One training / eval example in the Qwen2.5-VL chat format, whatever file it came from."
+
     sample_id: str
-    messages: list[dict]          # [{"role", "content": [{"type": "image", "image": abs path} | {"type": "text", "text"}]}]
-    question_images: list[Path]   # images of user turns, in order
-    thought_images: list[Path]    # images of assistant turns, in order (one latent segment each)
-    answer: str | None = None     # full answer text (GSM8K reasoning, or the assistant text of a chat record)
+    messages: list[dict]  # [{"role", "content": [{"type": "image", "image": abs path} | {"type": "text", "text"}]}]
+    question_images: list[Path]  # images of user turns, in order
+    thought_images: list[Path]  # images of assistant turns, in order (one latent segment each)
+    answer: str | None = None  # full answer text (GSM8K reasoning, or the assistant text of a chat record)
     final_answer: str | None = None
-    source: str = ""              # "file:line"
-    format: str = ""              # "jsonl" (seed 001) or "chat" (seed 000)
+    source: str = ""  # "file:line"
+    format: str = ""  # "jsonl" (seed 001) or "chat" (seed 000)
     metadata: dict = field(default_factory=dict)
 
     @property
@@ -58,10 +61,14 @@ class Sample:
         "Text of the assistant turns (placeholders and observation spans included), images left out."
         return "".join(_texts(m) for m in self.messages if m["role"] == "assistant")
 
-def _texts(msg: dict) -> str: return "".join(p["text"] for p in msg["content"] if p["type"] == "text")
+
+def _texts(msg: dict) -> str:
+    return "".join(p["text"] for p in msg["content"] if p["type"] == "text")
 
 # %% ../nbs/03_data.ipynb #4ed43838
-def _fail(ctx, reason, detail): raise DataError(ctx[0], ctx[1], ctx[2], reason, detail)
+def _fail(ctx, reason, detail):
+    raise DataError(ctx[0], ctx[1], ctx[2], reason, detail)
+
 
 def _check_messages(messages: list[dict], ctx):
     "Check latent tokens, placeholders and observation spans of canonical `messages`."
@@ -69,46 +76,75 @@ def _check_messages(messages: list[dict], ctx):
         text = _texts(m)
         if m["role"] != "assistant":
             for t in LATENT_TOKENS + (OBS_START, OBS_END):
-                if t in text: _fail(ctx, "latent_token_outside_assistant",
-                                    f"{t} in the {m['role']} turn (message {i}); latent and observation tokens belong to the assistant turn")
+                if t in text:
+                    _fail(
+                        ctx,
+                        "latent_token_outside_assistant",
+                        f"{t} in the {m['role']} turn (message {i}); latent and observation tokens belong to the assistant turn",
+                    )
             continue
-        if LATENT_PAD in text: _fail(ctx, "stray_latent_token", f"{LATENT_PAD} in raw data (message {i}); collators insert pads")
+        if LATENT_PAD in text:
+            _fail(ctx, "stray_latent_token", f"{LATENT_PAD} in raw data (message {i}); collators insert pads")
         n_ph, n_img = text.count(PLACEHOLDER), sum(p["type"] == "image" for p in m["content"])
-        if n_ph != n_img: _fail(ctx, "placeholder_mismatch",
-                                f"{n_ph} {PLACEHOLDER} placeholder(s) but {n_img} assistant image(s) in message {i}")
+        if n_ph != n_img:
+            _fail(
+                ctx,
+                "placeholder_mismatch",
+                f"{n_ph} {PLACEHOLDER} placeholder(s) but {n_img} assistant image(s) in message {i}",
+            )
         if text.count(LATENT_START) != n_ph or text.count(LATENT_END) != n_ph:
-            _fail(ctx, "stray_latent_token", f"{LATENT_START}/{LATENT_END} outside an empty {PLACEHOLDER} pair in message {i}")
+            _fail(
+                ctx,
+                "stray_latent_token",
+                f"{LATENT_START}/{LATENT_END} outside an empty {PLACEHOLDER} pair in message {i}",
+            )
         prev = ""
         for p in m["content"]:
-            if p["type"] == "image" and not prev.endswith(PLACEHOLDER):   # collators rely on placeholder + image being adjacent
-                _fail(ctx, "placeholder_mismatch", f"assistant image {p['image']} is not immediately after {PLACEHOLDER} (message {i})")
+            if p["type"] == "image" and not prev.endswith(
+                PLACEHOLDER
+            ):  # collators rely on placeholder + image being adjacent
+                _fail(
+                    ctx,
+                    "placeholder_mismatch",
+                    f"assistant image {p['image']} is not immediately after {PLACEHOLDER} (message {i})",
+                )
             prev = p["text"] if p["type"] == "text" else ""
         tags = re.findall(r"</?observation>", text)
         if tags != [OBS_START, OBS_END] * (len(tags) // 2):
             _fail(ctx, "unbalanced_observation", f"unbalanced or nested {OBS_START}...{OBS_END} in message {i}")
 
+
 def _check_image(p: Path, ctx, cache: dict):
     "Raise unless `p` exists and decodes as an image (result cached per path)."
     if p in cache:
-        if cache[p]: _fail(ctx, *cache[p])
+        if cache[p]:
+            _fail(ctx, *cache[p])
         return
     from PIL import Image
+
     err = None
-    if not p.is_file(): err = ("missing_image", f"image not found: {p}")
+    if not p.is_file():
+        err = ("missing_image", f"image not found: {p}")
     else:
         try:
-            with Image.open(p) as im: im.verify()
-        except Exception as e: err = ("unreadable_image", f"cannot read image {p}: {type(e).__name__}: {e}")
+            with Image.open(p) as im:
+                im.verify()
+        except Exception as e:
+            err = ("unreadable_image", f"cannot read image {p}: {type(e).__name__}: {e}")
     cache[p] = err
-    if err: _fail(ctx, *err)
+    if err:
+        _fail(ctx, *err)
 
 # %% ../nbs/03_data.ipynb #24a950ea
 def extract_final_answer(text: str, require_hash: bool = True) -> str | None:
     "Final answer of `text`: after the last `####`, else (unless `require_hash`) the last `\\boxed{}`, else the last line after the observations."
-    if "####" in text: return text.rsplit("####", 1)[1].strip() or None
-    if require_hash: return None
+    if "####" in text:
+        return text.rsplit("####", 1)[1].strip() or None
+    if require_hash:
+        return None
     boxed = re.findall(r"\\boxed\{([^{}]*)\}", text)
-    if boxed: return boxed[-1].strip() or None
+    if boxed:
+        return boxed[-1].strip() or None
     text = re.sub(r"<observation>.*?</observation>", "", text, flags=re.S).replace(PLACEHOLDER, "")
     lines = [l.strip() for l in text.splitlines() if l.strip()]
     return lines[-1] if lines else None
@@ -116,23 +152,32 @@ def extract_final_answer(text: str, require_hash: bool = True) -> str | None:
 # %% ../nbs/03_data.ipynb #3f96cd43
 JSONL_KEYS = {"question": str, "answer": str, "question_image_paths": list, "thought_image_paths": list}
 
+
 def _img_path(p, base: Path, ctx) -> Path:
-    if not isinstance(p, str) or not p: _fail(ctx, "bad_type", f"image path must be a non-empty string, got {p!r}")
+    if not isinstance(p, str) or not p:
+        _fail(ctx, "bad_type", f"image path must be a non-empty string, got {p!r}")
     p = Path(p.removeprefix("file://"))
     return p if p.is_absolute() else (base / p).resolve()
 
-def _system(): return {"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]}
+
+def _system():
+    return {"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]}
+
 
 def jsonl_record_to_sample(rec: dict, base: Path, ctx, extract: bool = True) -> Sample:
     "Convert one seed 001 record to a `Sample` (raises `DataError`)."
-    if not isinstance(rec, dict): _fail(ctx, "bad_type", f"record must be a JSON object, got {type(rec).__name__}")
+    if not isinstance(rec, dict):
+        _fail(ctx, "bad_type", f"record must be a JSON object, got {type(rec).__name__}")
     missing = [k for k in JSONL_KEYS if k not in rec]
-    if missing: _fail(ctx, "missing_key", f"missing key(s) {missing}; seed 001 records need {list(JSONL_KEYS)}")
+    if missing:
+        _fail(ctx, "missing_key", f"missing key(s) {missing}; seed 001 records need {list(JSONL_KEYS)}")
     for k, t in JSONL_KEYS.items():
-        if not isinstance(rec[k], t): _fail(ctx, "bad_type", f"{k!r} must be {t.__name__}, got {type(rec[k]).__name__}")
+        if not isinstance(rec[k], t):
+            _fail(ctx, "bad_type", f"{k!r} must be {t.__name__}, got {type(rec[k]).__name__}")
     answer = rec["answer"]
     final = extract_final_answer(answer) if extract else answer.strip()
-    if final is None: _fail(ctx, "missing_final_answer", f"no '####' final answer in answer {answer[-60:]!r}")
+    if final is None:
+        _fail(ctx, "missing_final_answer", f"no '####' final answer in answer {answer[-60:]!r}")
     q_imgs = [_img_path(p, base, ctx) for p in rec["question_image_paths"]]
     t_imgs = [_img_path(p, base, ctx) for p in rec["thought_image_paths"]]
     user = [{"type": "image", "image": str(p)} for p in q_imgs] + [{"type": "text", "text": rec["question"]}]
@@ -145,21 +190,36 @@ def jsonl_record_to_sample(rec: dict, base: Path, ctx, extract: bool = True) -> 
 # %% ../nbs/03_data.ipynb #7b518ffb
 ROLES = ("system", "user", "assistant")
 
+
 def _norm_content(content, base, ctx, i):
-    if isinstance(content, str): return [{"type": "text", "text": content}]
-    if not isinstance(content, list): _fail(ctx, "bad_type", f"message {i} content must be a string or a list of parts")
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list):
+        _fail(ctx, "bad_type", f"message {i} content must be a string or a list of parts")
     out = []
     for j, p in enumerate(content):
         kind = p.get("type") if isinstance(p, dict) else None
-        if kind == "text" and isinstance(p.get("text"), str): out.append({"type": "text", "text": p["text"]})
-        elif kind == "image" and "image" in p: out.append({**p, "image": str(_img_path(p["image"], base, ctx))})  # keeps e.g. max_pixels
-        else: _fail(ctx, "missing_key", f"message {i} part {j} must be {{'type': 'text', 'text': ...}} or {{'type': 'image', 'image': ...}}, got {p!r}"[:300])
+        if kind == "text" and isinstance(p.get("text"), str):
+            out.append({"type": "text", "text": p["text"]})
+        elif kind == "image" and "image" in p:
+            out.append({**p, "image": str(_img_path(p["image"], base, ctx))})  # keeps e.g. max_pixels
+        else:
+            _fail(
+                ctx,
+                "missing_key",
+                f"message {i} part {j} must be {{'type': 'text', 'text': ...}} or {{'type': 'image', 'image': ...}}, got {p!r}"[
+                    :300
+                ],
+            )
     return out
+
 
 def chat_record_to_sample(rec: dict, base: Path, ctx, extract: bool | None = None) -> Sample:
     "Convert one seed 000 chat record `{'data': [...], 'metadata': {...}}` to a `Sample` (raises `DataError`)."
-    if not isinstance(rec, dict): _fail(ctx, "bad_type", f"record must be a JSON object, got {type(rec).__name__}")
-    if "data" not in rec: _fail(ctx, "missing_key", "missing key 'data' (the list of chat messages)")
+    if not isinstance(rec, dict):
+        _fail(ctx, "bad_type", f"record must be a JSON object, got {type(rec).__name__}")
+    if "data" not in rec:
+        _fail(ctx, "missing_key", "missing key 'data' (the list of chat messages)")
     meta = rec.get("metadata", {})
     if not isinstance(rec["data"], list) or not isinstance(meta, dict):
         _fail(ctx, "bad_type", "'data' must be a list of messages and 'metadata' an object")
@@ -167,16 +227,33 @@ def chat_record_to_sample(rec: dict, base: Path, ctx, extract: bool | None = Non
     for i, m in enumerate(rec["data"]):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             _fail(ctx, "missing_key", f"message {i} needs 'role' and 'content'")
-        if m["role"] not in ROLES: _fail(ctx, "bad_type", f"message {i} has unknown role {m['role']!r}")
+        if m["role"] not in ROLES:
+            _fail(ctx, "bad_type", f"message {i} has unknown role {m['role']!r}")
         messages.append({"role": m["role"], "content": _norm_content(m["content"], base, ctx, i)})
     roles = [m["role"] for m in messages]
-    if "user" not in roles or "assistant" not in roles: _fail(ctx, "missing_key", f"needs a user and an assistant turn, got roles {roles}")
-    imgs = lambda asst: [Path(p["image"]) for m in messages if (m["role"] == "assistant") == asst for p in m["content"] if p["type"] == "image"]
+    if "user" not in roles or "assistant" not in roles:
+        _fail(ctx, "missing_key", f"needs a user and an assistant turn, got roles {roles}")
+    imgs = lambda asst: [
+        Path(p["image"])
+        for m in messages
+        if (m["role"] == "assistant") == asst
+        for p in m["content"]
+        if p["type"] == "image"
+    ]
     answer = "".join(_texts(m) for m in messages if m["role"] == "assistant")
     final = None
-    if extract is not False:      # turns on lines of their own: the last line is the last turn's, not all text run together
-        final = extract_final_answer("\n".join(_texts(m) for m in messages if m["role"] == "assistant"), require_hash=bool(extract))
-        if final is None: _fail(ctx, "missing_final_answer", f"no {'####' if extract else 'final'} answer in assistant text {answer[-60:]!r}")
+    if (
+        extract is not False
+    ):  # turns on lines of their own: the last line is the last turn's, not all text run together
+        final = extract_final_answer(
+            "\n".join(_texts(m) for m in messages if m["role"] == "assistant"), require_hash=bool(extract)
+        )
+        if final is None:
+            _fail(
+                ctx,
+                "missing_final_answer",
+                f"no {'####' if extract else 'final'} answer in assistant text {answer[-60:]!r}",
+            )
     return Sample(ctx[2], messages, imgs(False), imgs(True), answer, final, f"{ctx[0]}:{ctx[1]}", "chat", dict(meta))
 
 # %% ../nbs/03_data.ipynb #8c6f1406
@@ -184,36 +261,50 @@ def _iter_jsonl(path: Path):
     "Yield `(line, record | DataError)` for each non-blank line."
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
-            if not line.strip(): continue
-            try: yield n, json.loads(line)
-            except json.JSONDecodeError as e: yield n, DataError(path, n, None, "malformed_json", f"{e.msg} at column {e.pos + 1}")
+            if not line.strip():
+                continue
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield n, DataError(path, n, None, "malformed_json", f"{e.msg} at column {e.pos + 1}")
+
 
 def _iter_json_list(path: Path):
     "Yield `(line, record)` for each element of a top-level JSON list."
     text, dec = path.read_text(encoding="utf-8"), json.JSONDecoder()
+
     def err(pos, msg):
         line = text.count("\n", 0, pos) + 1
         return DataError(path, line, None, "malformed_json", f"{msg} (column {pos - text.rfind(chr(10), 0, pos)})")
+
     ws = re.compile(r"\s*")
     i = ws.match(text, 0).end()
-    if text[i:i+1] != "[": raise err(i, "a .json data file must hold a JSON list of chat records")
+    if text[i : i + 1] != "[":
+        raise err(i, "a .json data file must hold a JSON list of chat records")
     i = ws.match(text, i + 1).end()
-    if text[i:i+1] == "]": return
+    if text[i : i + 1] == "]":
+        return
     while True:
-        try: rec, j = dec.raw_decode(text, i)
-        except json.JSONDecodeError as e: raise err(e.pos, e.msg) from None
+        try:
+            rec, j = dec.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            raise err(e.pos, e.msg) from None
         yield text.count("\n", 0, i) + 1, rec
         i = ws.match(text, j).end()
-        if text[i:i+1] == "]": return
-        if text[i:i+1] != ",": raise err(i, "expected ',' or ']' between records")
+        if text[i : i + 1] == "]":
+            return
+        if text[i : i + 1] != ",":
+            raise err(i, "expected ',' or ']' between records")
         i = ws.match(text, i + 1).end()
 
 # %% ../nbs/03_data.ipynb #05891c3c
 log = logging.getLogger("latentcot.data")
 
+
 @dataclass
 class LoadReport:
     "What `load_samples` read: format, totals and every skipped record with its reason."
+
     path: str
     format: str
     n_records: int = 0
@@ -221,69 +312,102 @@ class LoadReport:
     errors: list[DataError] = field(default_factory=list)
 
     @property
-    def counts(self) -> dict[str, int]: return dict(Counter(e.reason for e in self.errors))
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(e.reason for e in self.errors))
+
     @property
-    def skipped(self) -> list[tuple[str, str]]: return [(e.source, e.reason) for e in self.errors]
+    def skipped(self) -> list[tuple[str, str]]:
+        return [(e.source, e.reason) for e in self.errors]
 
     def __str__(self):
         head = f"{self.path} ({self.format}): loaded {self.n_loaded}/{self.n_records} records"
-        if not self.errors: return head
+        if not self.errors:
+            return head
         counts = ", ".join(f"{k}={v}" for k, v in sorted(self.counts.items()))
         return "\n".join([f"{head}; skipped {len(self.errors)} ({counts})"] + [f"  {e}" for e in self.errors])
+
 
 def detect_format(path) -> str:
     "'jsonl' (seed 001) or 'chat' for a data file, from its suffix and first record."
     path = Path(path)
-    if path.suffix == ".json": return "chat"
+    if path.suffix == ".json":
+        return "chat"
     for _, rec in _iter_jsonl(path):
-        if isinstance(rec, dict): return "chat" if "data" in rec else "jsonl"
+        if isinstance(rec, dict):
+            return "chat" if "data" in rec else "jsonl"
     return "jsonl"
 
-def load_samples(path, strict: bool = True, extract_final_answer: bool | None = None,
-                 check_images: bool = True, fmt: str = "auto") -> tuple[list[Sample], LoadReport]:
+
+def load_samples(
+    path, strict: bool = True, extract_final_answer: bool | None = None, check_images: bool = True, fmt: str = "auto"
+) -> tuple[list[Sample], LoadReport]:
     "Load and validate a seed 001 JSONL or seed 000 chat file: `(samples, report)`."
     path = Path(path)
-    if not path.is_file(): raise DataError(path, None, None, "missing_file", "data file not found")
+    if not path.is_file():
+        raise DataError(path, None, None, "missing_file", "data file not found")
     fmt = detect_format(path) if fmt == "auto" else fmt
-    if fmt not in ("jsonl", "chat"): raise ValueError(f"unknown format {fmt!r}; use 'auto', 'jsonl' or 'chat'")
+    if fmt not in ("jsonl", "chat"):
+        raise ValueError(f"unknown format {fmt!r}; use 'auto', 'jsonl' or 'chat'")
     records = _iter_json_list(path) if path.suffix == ".json" else _iter_jsonl(path)
     base, report, samples, seen, img_cache = path.parent.resolve(), LoadReport(str(path), fmt), [], {}, {}
     for idx, (line, rec) in enumerate(records):
         report.n_records += 1
         try:
-            if isinstance(rec, DataError): raise rec
+            if isinstance(rec, DataError):
+                raise rec
             sid = _sample_id(rec, fmt, path, idx)
             ctx = (path, line, sid)
-            if fmt == "jsonl": s = jsonl_record_to_sample(rec, base, ctx, True if extract_final_answer is None else extract_final_answer)
-            else: s = chat_record_to_sample(rec, base, ctx, extract_final_answer)
+            if fmt == "jsonl":
+                s = jsonl_record_to_sample(
+                    rec, base, ctx, True if extract_final_answer is None else extract_final_answer
+                )
+            else:
+                s = chat_record_to_sample(rec, base, ctx, extract_final_answer)
             _check_messages(s.messages, ctx)
             if check_images:
-                for p in s.question_images + s.thought_images: _check_image(p, ctx, img_cache)
-            if sid in seen: _fail(ctx, "duplicate_sample_id", f"sample id already used at line {seen[sid]}")
+                for p in s.question_images + s.thought_images:
+                    _check_image(p, ctx, img_cache)
+            if sid in seen:
+                _fail(ctx, "duplicate_sample_id", f"sample id already used at line {seen[sid]}")
             seen[sid] = line
             samples.append(s)
         except DataError as e:
-            if strict: raise
+            if strict:
+                raise
             report.errors.append(e)
     report.n_loaded = len(samples)
-    if report.n_records == 0: raise DataError(path, None, None, "empty_file", "no records in data file")
-    if report.errors: log.warning("%s", report)
+    if report.n_records == 0:
+        raise DataError(path, None, None, "empty_file", "no records in data file")
+    if report.errors:
+        log.warning("%s", report)
     return samples, report
+
 
 def _sample_id(rec, fmt, path, idx) -> str:
     "The record's own id (`sample_id`, or chat `metadata.sample_id`), else `{file stem}_{index:06d}`."
     sid = None
     if isinstance(rec, dict):
-        sid = rec.get("sample_id") if fmt == "jsonl" else (rec.get("metadata") or {}).get("sample_id") if isinstance(rec.get("metadata"), dict) else None
+        sid = (
+            rec.get("sample_id")
+            if fmt == "jsonl"
+            else (rec.get("metadata") or {}).get("sample_id") if isinstance(rec.get("metadata"), dict) else None
+        )
     return str(sid) if sid is not None else f"{path.stem}_{idx:06d}"
 
 # %% ../nbs/03_data.ipynb #f3686ff2
 class SampleDataset:
     "Map-style dataset over `Sample`s (usable by `torch.utils.data.DataLoader`)."
-    def __init__(self, samples: list[Sample]): self.samples = list(samples)
+
+    def __init__(self, samples: list[Sample]):
+        self.samples = list(samples)
+
     @classmethod
     def from_file(cls, path, **kw):
         "Load `path` with `load_samples(path, **kw)`."
         return cls(load_samples(path, **kw)[0])
-    def __len__(self): return len(self.samples)
-    def __getitem__(self, i) -> Sample: return self.samples[i]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i) -> Sample:
+        return self.samples[i]

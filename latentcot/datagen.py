@@ -30,6 +30,7 @@ THOUGHT_SIZES = ((56, 56), (112, 84), (168, 140))
 EDIT_SIZE = (64, 64)
 BACKGROUND = (255, 255, 255)
 
+
 def _box(row, col, size, grid):
     "Pixel box of the shape in cell (row, col): square, centred, with a margin."
     cw, ch = size[0] // grid, size[1] // grid
@@ -38,6 +39,7 @@ def _box(row, col, size, grid):
     x0, y0 = col * cw + (cw - s) // 2, row * ch + (ch - s) // 2
     return x0, y0, x0 + s - 1, y0 + s - 1
 
+
 def render_scene(objects: list[dict], size=QUESTION_SIZE, grid: int = GRID) -> Image.Image:
     "Draw `objects` on a white RGB image of `size` (w, h)."
     im = Image.new("RGB", size, BACKGROUND)
@@ -45,15 +47,20 @@ def render_scene(objects: list[dict], size=QUESTION_SIZE, grid: int = GRID) -> I
     for o in objects:
         x0, y0, x1, y1 = box = _box(o["row"], o["col"], size, grid)
         col = COLORS[o["color"]]
-        if o["shape"] == "square": d.rectangle(box, fill=col)
-        elif o["shape"] == "circle": d.ellipse(box, fill=col)
-        else: d.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=col)
+        if o["shape"] == "square":
+            d.rectangle(box, fill=col)
+        elif o["shape"] == "circle":
+            d.ellipse(box, fill=col)
+        else:
+            d.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=col)
     return im
+
 
 def _shape_of(mask: np.ndarray) -> str:
     ys, xs = np.nonzero(mask)
     fill = mask.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
     return "square" if fill > 0.9 else "circle" if fill > 0.65 else "triangle"
+
 
 def read_scene(img, grid: int = GRID) -> list[dict]:
     "Recover the objects of an image drawn by `render_scene` from its pixels (row-major order)."
@@ -62,30 +69,37 @@ def read_scene(img, grid: int = GRID) -> list[dict]:
     out = []
     for r in range(grid):
         for c in range(grid):
-            cell = a[r * ch:(r + 1) * ch, c * cw:(c + 1) * cw]
+            cell = a[r * ch : (r + 1) * ch, c * cw : (c + 1) * cw]
             counts = {name: (cell == rgb).all(-1) for name, rgb in COLORS.items()}
             name, mask = max(counts.items(), key=lambda kv: kv[1].sum())
-            if mask.sum() == 0: continue
+            if mask.sum() == 0:
+                continue
             out.append({"row": r, "col": c, "color": name, "shape": _shape_of(mask)})
     return out
 
 # %% ../nbs/04_datagen.ipynb #092fc31a
-def _plural(n, color, shape): return f"{n} {color} {shape}{'' if n == 1 else 's'}"
+def _plural(n, color, shape):
+    return f"{n} {color} {shape}{'' if n == 1 else 's'}"
+
 
 def make_question(query) -> str:
     "Question text for a list of (color, shape) kinds."
     return "How many " + " plus ".join(f"{c} {s}s" for c, s in query) + " are in the picture?"
 
+
 def parse_query(question: str) -> list[tuple[str, str]]:
     "The (color, shape) kinds a visual question asks about, in order."
     return re.findall(rf"({'|'.join(COLORS)}) ({'|'.join(SHAPES)})s", question)
+
 
 def make_answer(query, counts) -> str:
     "GSM8K-style answer: one sentence per kind, the sum, then `#### total`."
     said = " ".join(f"There {'is' if n == 1 else 'are'} {_plural(n, c, s)}." for (c, s), n in zip(query, counts))
     total = sum(counts)
-    if len(counts) > 1: said += f" {' + '.join(map(str, counts))} = {total}."
+    if len(counts) > 1:
+        said += f" {' + '.join(map(str, counts))} = {total}."
     return f"{said}\n#### {total}"
+
 
 def sample_scene(rng: random.Random) -> tuple[list[dict], list[tuple[str, str]]]:
     "A random scene and the 1-3 kinds its question asks about."
@@ -103,20 +117,30 @@ def _save_png(im: Image.Image, path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     im.save(path, format="PNG", compress_level=9)
 
+
 def canonical_thought(kind, count: int, size) -> Image.Image:
     "A thought image that draws the count plainly: `count` objects of `kind` in the first cells, row-major."
     cells = [{"row": i // GRID, "col": i % GRID, "color": kind[0], "shape": kind[1]} for i in range(count)]
     return render_scene(cells, size)
 
-def make_visual_split(root: Path, split: str, n: int, seed: int, avoid: set | None = None, max_kinds: int = 3,
-                      canonical_thoughts: bool = False) -> list[dict]:
+
+def make_visual_split(
+    root: Path,
+    split: str,
+    n: int,
+    seed: int,
+    avoid: set | None = None,
+    max_kinds: int = 3,
+    canonical_thoughts: bool = False,
+) -> list[dict]:
     "Generate `n` visual samples into `root` (images under `images/<split>/`); return the seed 001 records."
     rng, seen, recs = random.Random(f"latentcot-visual-{seed}-{split}"), avoid if avoid is not None else set(), []
     while len(recs) < n:
         objects, query = sample_scene(rng)
         query = query[:max_kinds]  # the default 3 keeps every query (1-3 kinds): the committed data does not change
         key = json.dumps([objects, query])
-        if key in seen: continue   # no sample repeats within or across splits
+        if key in seen:
+            continue  # no sample repeats within or across splits
         seen.add(key)
         i, sizes = len(recs), rng.sample(THOUGHT_SIZES, len(query))
         sid = f"visual-{split}-{i:04d}"
@@ -129,9 +153,17 @@ def make_visual_split(root: Path, split: str, n: int, seed: int, avoid: set | No
             mine = [o for o in objects if (o["color"], o["shape"]) == k]
             im = canonical_thought(k, len(mine), size) if canonical_thoughts else render_scene(mine, size)
             _save_png(im, root / t_rels[-1])
-        recs.append({"sample_id": sid, "question": make_question(query), "answer": make_answer(query, counts),
-                     "question_image_paths": [q_rel], "thought_image_paths": t_rels,
-                     "query": [list(k) for k in query], "counts": counts})
+        recs.append(
+            {
+                "sample_id": sid,
+                "question": make_question(query),
+                "answer": make_answer(query, counts),
+                "question_image_paths": [q_rel],
+                "thought_image_paths": t_rels,
+                "query": [list(k) for k in query],
+                "counts": counts,
+            }
+        )
     return recs
 
 # %% ../nbs/04_datagen.ipynb #644e13b7
@@ -143,11 +175,23 @@ def visual_to_chat(rec: dict, prefix: str = "../visual/") -> dict:
         pending = f"<observation>{_plural(n, c, s)}</observation>"
     final = extract_final_answer(rec["answer"])
     asst.append({"type": "text", "text": f"{pending}\n{final}"})
-    user = [{"type": "image", "image": prefix + p} for p in rec["question_image_paths"]] + [{"type": "text", "text": rec["question"]}]
-    return {"data": [{"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]},
-                     {"role": "user", "content": user}, {"role": "assistant", "content": asst}],
-            "metadata": {"sample_id": rec["sample_id"], "query": rec["query"], "counts": rec["counts"],
-                         "answer": rec["answer"], "final_answer": final}}
+    user = [{"type": "image", "image": prefix + p} for p in rec["question_image_paths"]] + [
+        {"type": "text", "text": rec["question"]}
+    ]
+    return {
+        "data": [
+            {"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]},
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": asst},
+        ],
+        "metadata": {
+            "sample_id": rec["sample_id"],
+            "query": rec["query"],
+            "counts": rec["counts"],
+            "answer": rec["answer"],
+            "final_answer": final,
+        },
+    }
 
 # %% ../nbs/04_datagen.ipynb #3602a334
 def visual_counts(sample: Sample) -> list[int]:
@@ -155,13 +199,16 @@ def visual_counts(sample: Sample) -> list[int]:
     scene = read_scene(sample.question_images[0])
     return [sum((o["color"], o["shape"]) == k for o in scene) for k in parse_query(sample.question)]
 
+
 def thought_counts(sample: Sample) -> list[int]:
     "Number of objects in each thought image (each shows one queried kind)."
     return [len(read_scene(p)) for p in sample.thought_images]
 
+
 def verify_visual(sample: Sample) -> str:
     "The true final answer of a visual sample, recomputed from its question and question image."
     return str(sum(visual_counts(sample)))
+
 
 def answer_from_output(text: str) -> str | None:
     "The final answer in a model output: after `####`, else the last integer of the last non-empty line."
@@ -169,6 +216,7 @@ def answer_from_output(text: str) -> str | None:
     final = extract_final_answer(text, require_hash=False)
     nums = re.findall(r"-?\d+", final or "")
     return nums[-1] if nums else (final or None)
+
 
 def score_answer(pred_text: str, sample) -> bool:
     "True when the final answer in `pred_text` equals the sample's (a `Sample` or the answer string)."
@@ -179,46 +227,71 @@ def score_answer(pred_text: str, sample) -> bool:
 # %% ../nbs/04_datagen.ipynb #15174753
 DIRS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
 
+
 def apply_edit(obj: dict, edit: dict) -> dict:
     "The object after one edit."
     o = dict(obj)
-    if edit["op"] == "recolor": o["color"] = edit["color"]
-    elif edit["op"] == "reshape": o["shape"] = edit["shape"]
-    else: dr, dc = DIRS[edit["dir"]]; o["row"] += dr; o["col"] += dc
+    if edit["op"] == "recolor":
+        o["color"] = edit["color"]
+    elif edit["op"] == "reshape":
+        o["shape"] = edit["shape"]
+    else:
+        dr, dc = DIRS[edit["dir"]]
+        o["row"] += dr
+        o["col"] += dc
     return o
+
 
 def edit_phrase(edit: dict, ref: str = "it") -> str:
     "Instruction words for one edit applied to `ref`."
-    if edit["op"] == "recolor": return f"make {ref} {edit['color']}"
-    if edit["op"] == "reshape": return f"turn {ref} into a {edit['shape']}"
+    if edit["op"] == "recolor":
+        return f"make {ref} {edit['color']}"
+    if edit["op"] == "reshape":
+        return f"turn {ref} into a {edit['shape']}"
     return f"move {ref} one cell {edit['dir']}"
+
 
 def make_prompt(target: dict, edits: list[dict]) -> str:
     "The editing instruction: the first edit names the target, the second refers to it as 'it'."
     s = edit_phrase(edits[0], f"the {target['color']} {target['shape']}") + ", then " + edit_phrase(edits[1])
     return s[0].upper() + s[1:] + "."
 
-def _where(o): return f"a {o['color']} {o['shape']} at row {o['row'] + 1}, column {o['col'] + 1}"
+
+def _where(o):
+    return f"a {o['color']} {o['shape']} at row {o['row'] + 1}, column {o['col'] + 1}"
+
 
 def make_reflections(target: dict, edits: list[dict]) -> tuple[str, str]:
     "Reflection after step 1 (what changed, what remains) and after step 2."
-    o1 = apply_edit(target, edits[0]); o2 = apply_edit(o1, edits[1])
+    o1 = apply_edit(target, edits[0])
+    o2 = apply_edit(o1, edits[1])
     r1 = f"The target was {_where(target)}. Step 1 ({edit_phrase(edits[0])}) is done: it is now {_where(o1)}. Remaining: {edit_phrase(edits[1])}."
     r2 = f"Step 2 ({edit_phrase(edits[1])}) is done: it is now {_where(o2)}. Remaining: nothing, the goal is reached."
     return r1, r2
 
-def _replace(objects, old, new): return sorted([new if o == old else o for o in objects], key=lambda o: (o["row"], o["col"]))
+
+def _replace(objects, old, new):
+    return sorted([new if o == old else o for o in objects], key=lambda o: (o["row"], o["col"]))
+
 
 def _random_edit(rng, op, obj, objects):
     "A valid edit of type `op` for `obj`, or None (moves stay on the grid and into free cells; kinds stay unique)."
     kinds = {(o["color"], o["shape"]) for o in objects if o != obj}
-    if op == "recolor": opts = [{"op": op, "color": c} for c in COLORS if c != obj["color"] and (c, obj["shape"]) not in kinds]
-    elif op == "reshape": opts = [{"op": op, "shape": s} for s in SHAPES if s != obj["shape"] and (obj["color"], s) not in kinds]
+    if op == "recolor":
+        opts = [{"op": op, "color": c} for c in COLORS if c != obj["color"] and (c, obj["shape"]) not in kinds]
+    elif op == "reshape":
+        opts = [{"op": op, "shape": s} for s in SHAPES if s != obj["shape"] and (obj["color"], s) not in kinds]
     else:
         taken = {(o["row"], o["col"]) for o in objects}
-        opts = [{"op": op, "dir": d} for d, (dr, dc) in DIRS.items()
-                if 0 <= obj["row"] + dr < GRID and 0 <= obj["col"] + dc < GRID and (obj["row"] + dr, obj["col"] + dc) not in taken]
+        opts = [
+            {"op": op, "dir": d}
+            for d, (dr, dc) in DIRS.items()
+            if 0 <= obj["row"] + dr < GRID
+            and 0 <= obj["col"] + dc < GRID
+            and (obj["row"] + dr, obj["col"] + dc) not in taken
+        ]
     return rng.choice(opts) if opts else None
+
 
 def make_edit_split(root: Path, split: str, n: int, seed: int, avoid: set | None = None) -> list[dict]:
     "Generate `n` editing triplets into `root` (images under `images/<split>/`); return the records."
@@ -231,33 +304,57 @@ def make_edit_split(root: Path, split: str, n: int, seed: int, avoid: set | None
         edits, cur, scenes = [], target, [objects]
         for op in rng.sample(["recolor", "move", "reshape"], 2):
             e = _random_edit(rng, op, cur, scenes[-1])
-            if e is None: break
-            edits.append(e); new = apply_edit(cur, e); scenes.append(_replace(scenes[-1], cur, new)); cur = new
+            if e is None:
+                break
+            edits.append(e)
+            new = apply_edit(cur, e)
+            scenes.append(_replace(scenes[-1], cur, new))
+            cur = new
         key = json.dumps([objects, target, edits])
-        if len(edits) < 2 or key in seen: continue
+        if len(edits) < 2 or key in seen:
+            continue
         seen.add(key)
         i = len(recs)
         paths = [f"images/{split}/{i:04d}_{k}.png" for k in range(3)]
-        for sc, p in zip(scenes, paths): _save_png(render_scene(sc, EDIT_SIZE), root / p)
+        for sc, p in zip(scenes, paths):
+            _save_png(render_scene(sc, EDIT_SIZE), root / p)
         r1, r2 = make_reflections(target, edits)
-        recs.append({"sample_id": f"edit-{split}-{i:04d}", "prompt": make_prompt(target, edits),
-                     "img0": paths[0], "img1": paths[1], "img2": paths[2], "reflection1": r1, "reflection2": r2,
-                     "target": target, "edits": edits})
+        recs.append(
+            {
+                "sample_id": f"edit-{split}-{i:04d}",
+                "prompt": make_prompt(target, edits),
+                "img0": paths[0],
+                "img1": paths[1],
+                "img2": paths[2],
+                "reflection1": r1,
+                "reflection2": r2,
+                "target": target,
+                "edits": edits,
+            }
+        )
     return recs
 
 # %% ../nbs/04_datagen.ipynb #46da31b4
-EDIT_CLAUSE = re.compile(rf"(make|turn|move) (?:the ({'|'.join(COLORS)}) ({'|'.join(SHAPES)})|it) ?(?:one cell |into a )?(\w+)")
+EDIT_CLAUSE = re.compile(
+    rf"(make|turn|move) (?:the ({'|'.join(COLORS)}) ({'|'.join(SHAPES)})|it) ?(?:one cell |into a )?(\w+)"
+)
+
 
 def parse_edit_prompt(prompt: str) -> tuple[tuple[str, str], list[dict]]:
     "The target kind (color, shape) and the edits of an editing instruction."
     clauses = [EDIT_CLAUSE.fullmatch(c.strip().rstrip(".").lower()) for c in prompt.split(", then ")]
-    if len(clauses) != 2 or not all(clauses): raise ValueError(f"cannot parse editing instruction {prompt!r}")
+    if len(clauses) != 2 or not all(clauses):
+        raise ValueError(f"cannot parse editing instruction {prompt!r}")
     edits = []
     for m in clauses:
         verb, arg = m[1], m[4]
-        edits.append({"op": "recolor", "color": arg} if verb == "make" else {"op": "reshape", "shape": arg} if verb == "turn"
-                     else {"op": "move", "dir": arg})
+        edits.append(
+            {"op": "recolor", "color": arg}
+            if verb == "make"
+            else {"op": "reshape", "shape": arg} if verb == "turn" else {"op": "move", "dir": arg}
+        )
     return (clauses[0][2], clauses[0][3]), edits
+
 
 def verify_edit(record: dict, root=None) -> bool:
     "True when img1 / img2 are img0 with the prompt's first / both edits applied, and the reflections agree."
@@ -266,30 +363,41 @@ def verify_edit(record: dict, root=None) -> bool:
     (color, shape), edits = parse_edit_prompt(record["prompt"])
     scene0 = read_scene(img("img0"))
     targets = [o for o in scene0 if (o["color"], o["shape"]) == (color, shape)]
-    if len(targets) != 1: return False
-    t0 = targets[0]; t1 = apply_edit(t0, edits[0]); t2 = apply_edit(t1, edits[1])
-    scene1 = _replace(scene0, t0, t1); scene2 = _replace(scene1, t1, t2)
+    if len(targets) != 1:
+        return False
+    t0 = targets[0]
+    t1 = apply_edit(t0, edits[0])
+    t2 = apply_edit(t1, edits[1])
+    scene1 = _replace(scene0, t0, t1)
+    scene2 = _replace(scene1, t1, t2)
     for k, sc in (("img1", scene1), ("img2", scene2)):
         im = img(k)
-        if read_scene(im) != sc or not np.array_equal(np.asarray(im), np.asarray(render_scene(sc, im.size))): return False
+        if read_scene(im) != sc or not np.array_equal(np.asarray(im), np.asarray(render_scene(sc, im.size))):
+            return False
     return (record["reflection1"], record["reflection2"]) == make_reflections(t0, edits)
 
 # %% ../nbs/04_datagen.ipynb #9706283c
 EDIT_KEYS = ("sample_id", "prompt", "img0", "img1", "img2", "reflection1", "reflection2")
 
+
 def load_edit_records(path) -> list[dict]:
     "Read an editing JSONL; image paths become absolute. Raises `DataError` naming file, line and sample."
     path, out = Path(path), []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip(): continue
-        try: rec = json.loads(line)
-        except json.JSONDecodeError as e: raise DataError(path, n, None, "malformed_json", f"{e.msg} at column {e.pos + 1}") from None
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(path, n, None, "malformed_json", f"{e.msg} at column {e.pos + 1}") from None
         sid = rec.get("sample_id") if isinstance(rec, dict) else None
         missing = [k for k in EDIT_KEYS if not isinstance(rec, dict) or k not in rec]
-        if missing: raise DataError(path, n, sid, "missing_key", f"missing key(s) {missing}")
+        if missing:
+            raise DataError(path, n, sid, "missing_key", f"missing key(s) {missing}")
         for k in ("img0", "img1", "img2"):
             p = (path.parent / rec[k]).resolve()
-            if not p.is_file(): raise DataError(path, n, sid, "missing_image", f"image not found: {p}")
+            if not p.is_file():
+                raise DataError(path, n, sid, "missing_image", f"image not found: {p}")
             rec[k] = str(p)
         out.append(rec)
     return out
@@ -298,18 +406,28 @@ def load_edit_records(path) -> list[dict]:
 def _write_text(path: Path, text: str):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8"); os.replace(tmp, path)
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
-def _jsonl(recs): return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)
-def _json_list(recs): return "[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in recs) + "\n]\n"  # one record per line
+
+def _jsonl(recs):
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)
+
+
+def _json_list(recs):
+    return "[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in recs) + "\n]\n"  # one record per line
+
 
 def _publish(staged: Path, dest: Path):
     "Swap directory `staged` in as `dest`, then delete the old `dest`."
     old = dest.with_name(f".{dest.name}.old")
-    if old.exists(): shutil.rmtree(old)
-    if dest.exists(): os.replace(dest, old)
+    if old.exists():
+        shutil.rmtree(old)
+    if dest.exists():
+        os.replace(dest, old)
     os.replace(staged, dest)
-    if old.exists(): shutil.rmtree(old)
+    if old.exists():
+        shutil.rmtree(old)
 
 # %% ../nbs/04_datagen.ipynb #c69194d2
 README = """# data_samples
@@ -350,26 +468,45 @@ prompt and img0's pixels (use `load_edit_records(path)` for absolute paths).
 Written by `latentcot.textdata.write_text_sets` (diffusion-LM track) when that module is present; see its notebook.
 """
 
+
 def write_triplet_parquet(src_jsonl, out, n: int = 8) -> Path:
     "A parquet copy of the first `n` triplets in seed 000 §4's form: images embedded as `{'bytes': ...}`, reflections wrapped."
     import pyarrow as pa, pyarrow.parquet as pq
+
     src, out = Path(src_jsonl), Path(out)
     rows = []
     for line in src.read_text(encoding="utf-8").splitlines()[:n]:
         r = json.loads(line)
-        rows.append({**r, **{k: {"bytes": (src.parent / r[k]).read_bytes()} for k in ("img0", "img1", "img2")},
-                     **{k: f"<|reflection_start|>{r[k]}<|reflection_end|>" for k in ("reflection1", "reflection2")}})
+        rows.append(
+            {
+                **r,
+                **{k: {"bytes": (src.parent / r[k]).read_bytes()} for k in ("img0", "img1", "img2")},
+                **{k: f"<|reflection_start|>{r[k]}<|reflection_end|>" for k in ("reflection1", "reflection2")},
+            }
+        )
     tmp = out.with_name(out.name + ".tmp")
     pq.write_table(pa.Table.from_pylist(rows), tmp)
     os.replace(tmp, out)
     return out
 
-def generate_all(out_dir, seed: int = 0, n_train: int = 160, n_heldout: int = 200,
-                 n_edit_train: int | None = None, n_edit_heldout: int | None = None, text: bool = True,
-                 max_kinds: int = 3, canonical_thoughts: bool = False) -> dict:
+
+def generate_all(
+    out_dir,
+    seed: int = 0,
+    n_train: int = 160,
+    n_heldout: int = 200,
+    n_edit_train: int | None = None,
+    n_edit_heldout: int | None = None,
+    text: bool = True,
+    max_kinds: int = 3,
+    canonical_thoughts: bool = False,
+) -> dict:
     "Write the visual, chat and edit sets (and `text/` via `latentcot.textdata` when `text`) into `out_dir`."
-    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
-    n_et, n_eh = n_edit_train if n_edit_train is not None else n_train, n_edit_heldout if n_edit_heldout is not None else min(n_heldout, 40)   # the editing split keeps 40
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n_et, n_eh = n_edit_train if n_edit_train is not None else n_train, (
+        n_edit_heldout if n_edit_heldout is not None else min(n_heldout, 40)
+    )  # the editing split keeps 40
     stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
     try:
         vis_seen, edit_seen, counts = set(), set(), {}
@@ -377,47 +514,91 @@ def generate_all(out_dir, seed: int = 0, n_train: int = 160, n_heldout: int = 20
             recs = make_visual_split(stage / "visual", split, n, seed, vis_seen, max_kinds, canonical_thoughts)
             _write_text(stage / "visual" / f"{split}.jsonl", _jsonl(recs))
             _write_text(stage / "chat" / f"{split}.json", _json_list([visual_to_chat(r) for r in recs]))
-            _write_text(stage / "edit" / f"{split}.jsonl", _jsonl(make_edit_split(stage / "edit", split, ne, seed, edit_seen)))
-            counts[f"visual/{split}"] = counts[f"chat/{split}"] = n; counts[f"edit/{split}"] = ne
+            _write_text(
+                stage / "edit" / f"{split}.jsonl", _jsonl(make_edit_split(stage / "edit", split, ne, seed, edit_seen))
+            )
+            counts[f"visual/{split}"] = counts[f"chat/{split}"] = n
+            counts[f"edit/{split}"] = ne
         write_triplet_parquet(stage / "edit" / "heldout.jsonl", stage / "edit" / "heldout_triplets.parquet")
-        for name in ("visual", "chat", "edit"): _publish(stage / name, out / name)
-        _write_text(out / "README.md", README.format(seed=seed, n_train=n_train, n_heldout=n_heldout, n_edit_train=n_et,
-                    n_edit_heldout=n_eh, q="x".join(map(str, QUESTION_SIZE)), e="x".join(map(str, EDIT_SIZE)),
-                    t=", ".join("x".join(map(str, s)) for s in THOUGHT_SIZES)))
-    finally: shutil.rmtree(stage, ignore_errors=True)
+        for name in ("visual", "chat", "edit"):
+            _publish(stage / name, out / name)
+        _write_text(
+            out / "README.md",
+            README.format(
+                seed=seed,
+                n_train=n_train,
+                n_heldout=n_heldout,
+                n_edit_train=n_et,
+                n_edit_heldout=n_eh,
+                q="x".join(map(str, QUESTION_SIZE)),
+                e="x".join(map(str, EDIT_SIZE)),
+                t=", ".join("x".join(map(str, s)) for s in THOUGHT_SIZES),
+            ),
+        )
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     if text:
-        try: from latentcot.textdata import write_text_sets
-        except ImportError as e: print(f"datagen: skipping text/ ({e})")
-        else: write_text_sets(out / "text", seed); counts["text"] = "latentcot.textdata"
+        try:
+            from latentcot.textdata import write_text_sets
+        except ImportError as e:
+            print(f"datagen: skipping text/ ({e})")
+        else:
+            write_text_sets(out / "text", seed)
+            counts["text"] = "latentcot.textdata"
     return counts
 
 # %% ../nbs/04_datagen.ipynb #datagenargs
 from dataclasses import dataclass, field
 
+
 @dataclass
 class DatagenArgs:
     "Flags of `latentcot datagen`."
+
     out: str = field(default="data_samples", metadata={"help": "output directory"})
     seed: int = field(default=0, metadata={"help": "seed of every scene, question and edit"})
     n_train: int = field(default=160, metadata={"help": "visual/chat training samples"})
-    n_heldout: int = field(default=200, metadata={
-        "help": "visual/chat held-out samples (200: the main job reports 95%% intervals on them)"})
-    text: bool = field(default=True, metadata={"help": "also write the text sets of latentcot.textdata (--no-text: do not)"})
-    max_kinds: int = field(default=3, metadata={
-        "help": "ask at most this many kinds per question (a variant)", "choices": (1, 2, 3)})
-    canonical_thoughts: bool = field(default=False, metadata={
-        "help": "thought images draw the count plainly (the kind's objects in the first cells; a variant)"})
+    n_heldout: int = field(
+        default=200,
+        metadata={"help": "visual/chat held-out samples (200: the main job reports 95%% intervals on them)"},
+    )
+    text: bool = field(
+        default=True, metadata={"help": "also write the text sets of latentcot.textdata (--no-text: do not)"}
+    )
+    max_kinds: int = field(
+        default=3, metadata={"help": "ask at most this many kinds per question (a variant)", "choices": (1, 2, 3)}
+    )
+    canonical_thoughts: bool = field(
+        default=False,
+        metadata={"help": "thought images draw the count plainly (the kind's objects in the first cells; a variant)"},
+    )
 
 # %% ../nbs/04_datagen.ipynb #f31064af
 def main(argv: list[str] | None = None) -> int:
     "CLI: regenerate `data_samples/` deterministically."
     from latentcot.config import cli_parser, parse_cli
-    (a,) = parse_cli(cli_parser(DatagenArgs, config=False, prog="latentcot datagen",
-                                description="Regenerate data_samples/ deterministically."), argv)
-    counts = generate_all(a.out, a.seed, a.n_train, a.n_heldout, text=a.text, max_kinds=a.max_kinds,
-                          canonical_thoughts=a.canonical_thoughts)
+
+    (a,) = parse_cli(
+        cli_parser(
+            DatagenArgs,
+            config=False,
+            prog="latentcot datagen",
+            description="Regenerate data_samples/ deterministically.",
+        ),
+        argv,
+    )
+    counts = generate_all(
+        a.out,
+        a.seed,
+        a.n_train,
+        a.n_heldout,
+        text=a.text,
+        max_kinds=a.max_kinds,
+        canonical_thoughts=a.canonical_thoughts,
+    )
     print(f"wrote {a.out}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
     return 0
 
 # %% ../nbs/04_datagen.ipynb #c0854a95
-if __name__ == "__main__": raise SystemExit(main())
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -17,14 +17,18 @@ __all__ = ['default_data_dir', 'demo_batch', 'run_demo', 'DemoArgs', 'demo_main'
 def default_data_dir() -> Path:
     "`data_samples/` of this checkout (the embedded default)."
     import latentcot
+
     return Path(latentcot.__file__).resolve().parents[1] / "data_samples"
+
 
 def demo_batch(samples, processor):
     "Render `samples` with the chat template and run the processor on text + images (thought images included)."
     from transformers.image_utils import load_image
+
     texts = [processor.apply_chat_template(s.messages, tokenize=False) for s in samples]
     images = [load_image(str(p)) for s in samples for p in (*s.question_images, *s.thought_images)]
     return processor(text=texts, images=images, return_tensors="pt", padding=True)
+
 
 def run_demo(model_name_or_path: str | None = None, data: str | Path | None = None, bsz: int = 4) -> dict:
     "Load model + data, collate one batch with images, run a forward pass with labels; return a summary dict."
@@ -32,6 +36,7 @@ def run_demo(model_name_or_path: str | None = None, data: str | Path | None = No
     from latentcot.tiny import tiny_kit_path
     from latentcot.tokens import load_latent_model
     from latentcot.data import load_samples
+
     t0 = time.perf_counter()
     path = model_name_or_path or tiny_kit_path()
     model, processor, ids = load_latent_model(path)
@@ -40,29 +45,49 @@ def run_demo(model_name_or_path: str | None = None, data: str | Path | None = No
     batch = demo_batch(samples[:bsz], processor)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     model.eval()
-    with torch.no_grad(): out = model(**batch, labels=labels)
+    with torch.no_grad():
+        out = model(**batch, labels=labels)
     n_img = (batch["input_ids"] == ids.image_pad).sum(1).tolist()
-    return dict(model=str(path), n_params=sum(p.numel() for p in model.parameters()),
-                data=str(data), n_samples=len(samples), skipped=len(report.errors),
-                batch_shape=tuple(batch["input_ids"].shape), n_images=int(batch["image_grid_thw"].shape[0]),
-                image_tokens_per_sample=n_img, logits_shape=tuple(out.logits.shape),
-                loss=float(out.loss), finite=bool(torch.isfinite(out.logits).all()),
-                latent_token_id=model.config.latent_token_id, seconds=time.perf_counter() - t0)
+    return dict(
+        model=str(path),
+        n_params=sum(p.numel() for p in model.parameters()),
+        data=str(data),
+        n_samples=len(samples),
+        skipped=len(report.errors),
+        batch_shape=tuple(batch["input_ids"].shape),
+        n_images=int(batch["image_grid_thw"].shape[0]),
+        image_tokens_per_sample=n_img,
+        logits_shape=tuple(out.logits.shape),
+        loss=float(out.loss),
+        finite=bool(torch.isfinite(out.logits).all()),
+        latent_token_id=model.config.latent_token_id,
+        seconds=time.perf_counter() - t0,
+    )
+
 
 @dataclass
 class DemoArgs:
     "Flags of `latentcot demo`."
-    model_name_or_path: str | None = field(default=None, metadata={
-        "help": "model dir or hub id (default: the tiny offline kit)"})
-    data: str | None = field(default=None, metadata={
-        "help": "JSONL (seed 001) or chat JSON (seed 000); default data_samples/visual/train.jsonl"})
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "model dir or hub id (default: the tiny offline kit)"}
+    )
+    data: str | None = field(
+        default=None,
+        metadata={"help": "JSONL (seed 001) or chat JSON (seed 000); default data_samples/visual/train.jsonl"},
+    )
     bsz: int = field(default=4, metadata={"help": "samples in the one batch"})
+
 
 def demo_main(argv: list[str] | None = None) -> int:
     "CLI `latentcot demo [--model_name_or_path P] [--data F] [--bsz N]`."
     from latentcot.config import cli_parser, parse_cli
+
     (a,) = parse_cli(cli_parser(DemoArgs, config=False, prog="latentcot demo", description=__doc__), argv)
     s = run_demo(a.model_name_or_path, a.data, a.bsz)
     w = max(map(len, s))
-    print("latentcot demo\n" + "\n".join(f"  {k:<{w}}  {v:.4f}" if isinstance(v, float) else f"  {k:<{w}}  {v}" for k, v in s.items()))
+    print(
+        "latentcot demo\n"
+        + "\n".join(f"  {k:<{w}}  {v:.4f}" if isinstance(v, float) else f"  {k:<{w}}  {v}" for k, v in s.items())
+    )
     return 0 if s["finite"] else 1

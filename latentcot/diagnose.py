@@ -23,22 +23,29 @@ def thought_counts(sample) -> list[int]:
         raise ValueError(f"sample {sample.sample_id!r}: needs `counts` with one entry per thought image, got {c!r}")
     return list(c)
 
+
 def thought_kinds(sample) -> list[int]:
     "Index in `datagen.KINDS` of the kind each thought image shows."
     from latentcot.datagen import KINDS
+
     return [KINDS.index(tuple(k)) for k in sample.metadata["query"]]
+
 
 def with_thought_images(sample, images: list):
     "`sample` with its thought images replaced by `images` (PIL images, in order)."
     s = copy.deepcopy(sample)
     refs = [p for m in s.messages if m["role"] == "assistant" for p in m["content"] if p["type"] == "image"]
-    if len(refs) != len(images): raise ValueError(f"sample {s.sample_id!r}: {len(refs)} thought images, {len(images)} given")
-    for p, im in zip(refs, images): p["image"] = im
+    if len(refs) != len(images):
+        raise ValueError(f"sample {s.sample_id!r}: {len(refs)} thought images, {len(images)} given")
+    for p, im in zip(refs, images):
+        p["image"] = im
     return s
+
 
 def blank_thoughts(sample):
     "`sample` with every thought image replaced by a white image of the same size."
     from PIL import Image
+
     sizes = [Image.open(p).size for p in sample.thought_images]
     return with_thought_images(sample, [Image.new("RGB", wh, (255, 255, 255)) for wh in sizes])
 
@@ -46,30 +53,52 @@ def blank_thoughts(sample):
 def _design(x: torch.Tensor, kind: torch.Tensor | None, n_kinds: int) -> torch.Tensor:
     "Features with a bias column; with `kind`, one weight vector and bias per kind (a per-kind linear probe)."
     x = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64)], 1)
-    if kind is None: return x
+    if kind is None:
+        return x
     onehot = torch.nn.functional.one_hot(kind, n_kinds).double()
     return (onehot[:, :, None] * x[:, None, :]).flatten(1)
 
+
 def ridge_fit(X: torch.Tensor, y: torch.Tensor, lam: float) -> torch.Tensor:
     "Weights minimising `|Xw - y|^2 + lam |w|^2`, solved as least squares on rows augmented with `sqrt(lam) I`."
-    A = torch.cat([X, lam ** 0.5 * torch.eye(X.shape[1], dtype=X.dtype)])
+    A = torch.cat([X, lam**0.5 * torch.eye(X.shape[1], dtype=X.dtype)])
     b = torch.cat([y, torch.zeros(X.shape[1], dtype=y.dtype)])
     return torch.linalg.lstsq(A, b[:, None]).solution[:, 0]
 
-def linear_probe(train_x, train_y, test_x, test_y, train_kind=None, test_kind=None, n_kinds: int = 9,
-                 lams=(1e-2, 1e-1, 1, 10, 100), folds: int = 5) -> dict:
+
+def linear_probe(
+    train_x,
+    train_y,
+    test_x,
+    test_y,
+    train_kind=None,
+    test_kind=None,
+    n_kinds: int = 9,
+    lams=(1e-2, 1e-1, 1, 10, 100),
+    folds: int = 5,
+) -> dict:
     "Ridge probe from features to counts (penalty by k-fold CV on train); held-out exact-count accuracy and R^2."
-    mu, sd = train_x.double().mean(0), train_x.double().std(0).clamp_min(1e-6)   # standardise on train only
+    mu, sd = train_x.double().mean(0), train_x.double().std(0).clamp_min(1e-6)  # standardise on train only
     Xtr, Xte = _design((train_x - mu) / sd, train_kind, n_kinds), _design((test_x - mu) / sd, test_kind, n_kinds)
     ytr, yte = train_y.double(), test_y.double()
     fold = torch.arange(len(ytr)) % folds
+
     def cv(lam):
-        return sum(float(((Xtr[fold == f] @ ridge_fit(Xtr[fold != f], ytr[fold != f], lam)) - ytr[fold == f]).pow(2).sum())
-                   for f in range(folds))
+        return sum(
+            float(((Xtr[fold == f] @ ridge_fit(Xtr[fold != f], ytr[fold != f], lam)) - ytr[fold == f]).pow(2).sum())
+            for f in range(folds)
+        )
+
     lam = min(lams, key=cv)
     pred = Xte @ ridge_fit(Xtr, ytr, lam)
     r2 = 1 - float((pred - yte).pow(2).sum() / (yte - ytr.mean()).pow(2).sum())
-    return {"acc": float((pred.round() == yte).double().mean()), "r2": r2, "lam": lam, "n_train": len(ytr), "n_test": len(yte)}
+    return {
+        "acc": float((pred.round() == yte).double().mean()),
+        "r2": r2,
+        "lam": lam,
+        "n_train": len(ytr),
+        "n_test": len(yte),
+    }
 
 # %% ../nbs/24_diagnose.ipynb #8ba0b40e
 @torch.no_grad()
@@ -78,12 +107,13 @@ def segment_features(model, processor, samples, cfg, stage: str = "stage3", bsz:
     from latentcot.collators import LatentCollator
     from latentcot.latent_forward import latent_rollout, teacher_forced_forward
     from latentcot.masks import Role, token_layout
+
     collate = LatentCollator(processor, stage=stage, cfg=cfg, rope_index=model)
     ids = collate.ids
     lat, qstate, kinds, counts = [], [], [], []
     model.eval()
     for i in range(0, len(samples), bsz):
-        chunk = samples[i:i + bsz]
+        chunk = samples[i : i + bsz]
         batch = collate(chunk)
         r = latent_rollout(model, batch)
         h = teacher_forced_forward(model, batch, r, output_hidden_states=True).hidden_states[-1].float()
@@ -93,9 +123,16 @@ def segment_features(model, processor, samples, cfg, stage: str = "stage3", bsz:
             q = question[b] & (batch["input_ids"][b] == ids.image_pad)
             for (st, e, _), k, c in zip(segs, thought_kinds(s), thought_counts(s)):
                 rows = ((b_of == b) & (p_of >= st) & (p_of < e)).nonzero().flatten()
-                lat.append(r.latents[rows].float().mean(0)); qstate.append(h[b, q].mean(0)); kinds.append(k); counts.append(c)
-    return {"latents": torch.stack(lat), "question_state": torch.stack(qstate), "kind": torch.tensor(kinds),
-            "count": torch.tensor(counts, dtype=torch.float64)}
+                lat.append(r.latents[rows].float().mean(0))
+                qstate.append(h[b, q].mean(0))
+                kinds.append(k)
+                counts.append(c)
+    return {
+        "latents": torch.stack(lat),
+        "question_state": torch.stack(qstate),
+        "kind": torch.tensor(kinds),
+        "count": torch.tensor(counts, dtype=torch.float64),
+    }
 
 # %% ../nbs/24_diagnose.ipynb #d931e68c
 @torch.no_grad()
@@ -104,56 +141,83 @@ def thought_image_effect(model, processor, samples, cfg, bsz: int = 8) -> dict:
     from latentcot.collators import LatentCollator
     from latentcot.latent_forward import latent_rollout, teacher_forced_forward
     from latentcot.pipeline import exact_match
+
     collate = LatentCollator(processor, stage="stage2", cfg=cfg, rope_index=model)
     hits = {"visible": [], "blank": []}
     model.eval()
     for i in range(0, len(samples), bsz):
-        chunk = samples[i:i + bsz]
+        chunk = samples[i : i + bsz]
         for name, ss in (("visible", chunk), ("blank", [blank_thoughts(s) for s in chunk])):
             batch = collate(ss)
             out = teacher_forced_forward(model, batch, latent_rollout(model, batch))
             hits[name] += [int(h) for h in exact_match(out.logits, batch, collate.ids)]
     return hits
 
+
 @torch.no_grad()
 def vision_features(model, processor, samples) -> dict:
     "Per thought image: the frozen vision tower's output (mean over its merged tokens), with kind and count."
     from PIL import Image
+
     feats, kinds, counts = [], [], []
     for s in samples:
         for p, k, c in zip(s.thought_images, thought_kinds(s), thought_counts(s)):
             enc = processor.image_processor(images=[Image.open(p).convert("RGB")], return_tensors="pt")
-            f = model.model.get_image_features(enc["pixel_values"], enc["image_grid_thw"], return_dict=True).pooler_output
-            feats.append(torch.cat(f).float().mean(0)); kinds.append(k); counts.append(c)
-    return {"features": torch.stack(feats), "kind": torch.tensor(kinds), "count": torch.tensor(counts, dtype=torch.float64)}
+            f = model.model.get_image_features(
+                enc["pixel_values"], enc["image_grid_thw"], return_dict=True
+            ).pooler_output
+            feats.append(torch.cat(f).float().mean(0))
+            kinds.append(k)
+            counts.append(c)
+    return {
+        "features": torch.stack(feats),
+        "kind": torch.tensor(kinds),
+        "count": torch.tensor(counts, dtype=torch.float64),
+    }
 
 # %% ../nbs/24_diagnose.ipynb #bd2d25dc
-def diagnose_run(run_dir, train_samples, heldout_samples, latent_budget_alpha: float = 0.5, bsz: int = 8,
-                 overrides: dict | None = None) -> dict:
+def diagnose_run(
+    run_dir,
+    train_samples,
+    heldout_samples,
+    latent_budget_alpha: float = 0.5,
+    bsz: int = 8,
+    overrides: dict | None = None,
+) -> dict:
     "The three questions on a finished `latentcot run` folder: probes, thought images visible vs blank in stage 2, the vision tower."
     from latentcot.config import load_config
     from latentcot.pipeline import bootstrap_ci, paired_diff_ci
     from latentcot.tokens import load_latent_model
+
     run = Path(run_dir)
     cfg = load_config(latent_budget_alpha=latent_budget_alpha, **(overrides or {}))
+
     def load(stage):
         model, proc, _ = load_latent_model(run / stage / "final")
         return model, proc
+
     out = {}
-    m1, proc = load("stage1")                                       # the teacher: it computed the stored teacher latents
+    m1, proc = load("stage1")  # the teacher: it computed the stored teacher latents
     tr_t, ho_t = (segment_features(m1, proc, s, cfg, "precompute", bsz) for s in (train_samples, heldout_samples))
     tr_v, ho_v = (vision_features(m1, proc, s) for s in (train_samples, heldout_samples))
     m3, proc = load("stage3_A")
     tr_s, ho_s = (segment_features(m3, proc, s, cfg, "stage3", bsz) for s in (train_samples, heldout_samples))
-    probe = lambda a, b, key, per_kind=False: linear_probe(a[key], a["count"], b[key], b["count"],
-                                                           a["kind"] if per_kind else None, b["kind"] if per_kind else None)
+    probe = lambda a, b, key, per_kind=False: linear_probe(
+        a[key], a["count"], b[key], b["count"], a["kind"] if per_kind else None, b["kind"] if per_kind else None
+    )
     zeros = lambda d: {**d, "none": torch.zeros(len(d["count"]), 1)}
-    out["probe"] = {"teacher_latents": probe(tr_t, ho_t, "latents"), "student_latents": probe(tr_s, ho_s, "latents"),
-                    "question_state_per_kind": probe(tr_s, ho_s, "question_state", True),
-                    "vision_tower_thought_image": probe(tr_v, ho_v, "features"),
-                    "per_kind_mean_only": probe(zeros(tr_s), zeros(ho_s), "none", True)}
+    out["probe"] = {
+        "teacher_latents": probe(tr_t, ho_t, "latents"),
+        "student_latents": probe(tr_s, ho_s, "latents"),
+        "question_state_per_kind": probe(tr_s, ho_s, "question_state", True),
+        "vision_tower_thought_image": probe(tr_v, ho_v, "features"),
+        "per_kind_mean_only": probe(zeros(tr_s), zeros(ho_s), "none", True),
+    }
     m2, proc = load("stage2")
     hits = thought_image_effect(m2, proc, heldout_samples, cfg, bsz)
-    out["stage2_thought_images"] = {"visible": bootstrap_ci(hits["visible"]), "blank": bootstrap_ci(hits["blank"]),
-                                    "visible_minus_blank": paired_diff_ci(hits["visible"], hits["blank"])}
+    out["stage2_thought_images"] = {
+        "visible": bootstrap_ci(hits["visible"]),
+        "blank": bootstrap_ci(hits["blank"]),
+        "visible_minus_blank": paired_diff_ci(hits["visible"], hits["blank"]),
+    }
     return out

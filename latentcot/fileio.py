@@ -23,5 +23,6 @@ def atomic_write(path, write: Callable):
         write(tmp)
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp): os.unlink(tmp)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
         raise

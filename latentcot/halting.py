@@ -17,9 +17,19 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import eager_attention_forward
 
 from .masks import causal_padding_mask, to_additive
-from .latent_forward import (GATED_ATTENTION, Rollout, batch_mask_4d, for_backend, is_gated, latent_rollout,
-                                      latent_stage_forward, patch_latents, prefix_embeddings, rope_position_ids,
-                                      text_attn_implementation)
+from latentcot.latent_forward import (
+    GATED_ATTENTION,
+    Rollout,
+    batch_mask_4d,
+    for_backend,
+    is_gated,
+    latent_rollout,
+    latent_stage_forward,
+    patch_latents,
+    prefix_embeddings,
+    rope_position_ids,
+    text_attn_implementation,
+)
 
 # %% auto #0
 __all__ = ['STOP_HEAD_FILE', 'GATED', 'new_stop_head', 'attach_stop_head', 'save_stop_head', 'has_stop_head', 'load_stop_head',
@@ -30,13 +40,16 @@ __all__ = ['STOP_HEAD_FILE', 'GATED', 'new_stop_head', 'attach_stop_head', 'save
 # %% ../nbs/09_halting.ipynb #b44f1364
 STOP_HEAD_FILE = "latent_stop_head.safetensors"
 
+
 def new_stop_head(model, prior: float = 0.05) -> nn.Linear:
     "A fresh `nn.Linear(hidden, 1)` on `model`'s device and dtype that says `p_stop = prior` everywhere."
     w = model.get_input_embeddings().weight
     head = nn.Linear(model.config.get_text_config().hidden_size, 1, bias=True, device=w.device, dtype=w.dtype)
     with torch.no_grad():
-        head.weight.zero_(); head.bias.fill_(math.log(prior / (1 - prior)))
+        head.weight.zero_()
+        head.bias.fill_(math.log(prior / (1 - prior)))
     return head
+
 
 def attach_stop_head(model, prior: float = 0.05) -> nn.Linear:
     "Give `model` a `latent_stop_head` (once), for working with the stock model alone; `LatentCoTModel` owns its own."
@@ -46,104 +59,141 @@ def attach_stop_head(model, prior: float = 0.05) -> nn.Linear:
         model.add_module("latent_stop_head", head)
     return head
 
+
 def save_stop_head(model, path, head: nn.Module | None = None) -> Path:
     "Write the stop head (`head`, else `model.latent_stop_head`) to `path/latent_stop_head.safetensors`, atomically."
     from safetensors.torch import save_file
     from latentcot.fileio import atomic_write
+
     head = head if head is not None else getattr(model, "latent_stop_head", None)
-    if head is None: raise ValueError("model has no latent_stop_head (call attach_stop_head(model) first)")
-    path = Path(path); path.mkdir(parents=True, exist_ok=True)
+    if head is None:
+        raise ValueError("model has no latent_stop_head (call attach_stop_head(model) first)")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}
     atomic_write(path / STOP_HEAD_FILE, lambda f: save_file(state, f))
     return path / STOP_HEAD_FILE
 
+
 def _stop_head_tensors(path: Path) -> dict | None:
     "The head's tensors from `latent_stop_head.safetensors`, else from the checkpoint's safetensors, else `None`."
     from safetensors import safe_open
-    if (path / STOP_HEAD_FILE).is_file(): files, prefix = [path / STOP_HEAD_FILE], ""
+
+    if (path / STOP_HEAD_FILE).is_file():
+        files, prefix = [path / STOP_HEAD_FILE], ""
     elif (path / "model.safetensors.index.json").is_file():
         wm = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
-        files, prefix = sorted({path / f for k, f in wm.items() if k.startswith("latent_stop_head.")}), "latent_stop_head."
-    else: files, prefix = [path / "model.safetensors"], "latent_stop_head."
+        files, prefix = (
+            sorted({path / f for k, f in wm.items() if k.startswith("latent_stop_head.")}),
+            "latent_stop_head.",
+        )
+    else:
+        files, prefix = [path / "model.safetensors"], "latent_stop_head."
     out = {}
     for f in files:
-        if not f.is_file(): continue
+        if not f.is_file():
+            continue
         with safe_open(str(f), "pt") as st:
-            out.update({k[len(prefix):]: st.get_tensor(k) for k in st.keys() if k.startswith(prefix)})
+            out.update({k[len(prefix) :]: st.get_tensor(k) for k in st.keys() if k.startswith(prefix)})
     return out or None
+
 
 def has_stop_head(path) -> bool:
     "Does the checkpoint directory `path` hold a stop head (its own file, or `latent_stop_head.*` weights)?"
     return _stop_head_tensors(Path(path)) is not None
 
+
 def load_stop_head(model, path, head: nn.Module | None = None) -> nn.Linear:
     "Load the stop head from the checkpoint directory `path` into `head` (else attach one to `model`)."
     path = Path(path)
     sd = _stop_head_tensors(path)
-    if sd is None: raise FileNotFoundError(f"{path}: no {STOP_HEAD_FILE} and no latent_stop_head.* in its safetensors")
+    if sd is None:
+        raise FileNotFoundError(f"{path}: no {STOP_HEAD_FILE} and no latent_stop_head.* in its safetensors")
     head = head if head is not None else attach_stop_head(model)
     want = {k: tuple(v.shape) for k, v in head.state_dict().items()}
     if {k: tuple(v.shape) for k, v in sd.items()} != want:
-        raise ValueError(f"{path}: stop head tensors {({k: tuple(v.shape) for k, v in sd.items()})} do not match {want}")
+        raise ValueError(
+            f"{path}: stop head tensors {({k: tuple(v.shape) for k, v in sd.items()})} do not match {want}"
+        )
     head.load_state_dict({k: v.to(head.weight.dtype) for k, v in sd.items()})
     return head
 
 # %% ../nbs/09_halting.ipynb #05902c8e
 _KV_GATE = contextvars.ContextVar("latent_kv_gate", default=None)
 
+
 @contextlib.contextmanager
 def latent_kv_gate(latent_kv_mask, null_scale: float = 0.0):
     "Gate latent K/V in every gated attention call inside the block (for `generate`, which rejects unknown keywords)."
     tok = _KV_GATE.set((latent_kv_mask, null_scale))
-    try: yield
-    finally: _KV_GATE.reset(tok)
+    try:
+        yield
+    finally:
+        _KV_GATE.reset(tok)
+
 
 def _gate(query, key, value, attention_mask, kwargs):
     "Scale the K/V of inactive latents by the null scale and mask their key columns; keyword first, then the context."
     kv, scale = kwargs.pop("latent_kv_mask", None), kwargs.pop("latent_null_scale", None)
-    if kv is None and _KV_GATE.get() is not None: kv, scale = _KV_GATE.get()
-    if kv is None: return key, value, attention_mask
+    if kv is None and _KV_GATE.get() is not None:
+        kv, scale = _KV_GATE.get()
+    if kv is None:
+        return key, value, attention_mask
     B, _, S, _ = key.shape
     kv = kv.to(key.device, torch.bool)
     if kv.dim() != 2 or kv.shape[0] != B or kv.shape[1] > S:
         raise ValueError(f"latent_kv_mask {tuple(kv.shape)} does not fit keys of batch {B} and length {S}")
-    if kv.shape[1] < S: kv = torch.cat([kv, kv.new_ones(B, S - kv.shape[1])], 1)
+    if kv.shape[1] < S:
+        kv = torch.cat([kv, kv.new_ones(B, S - kv.shape[1])], 1)
     f = torch.where(kv, 1.0, float(scale or 0.0)).to(key.dtype)[:, None, :, None]
     key, value = key * f, value * f
     col = kv[:, None, None, :]
-    if attention_mask is None:                                    # the causal fast path had no mask: build it
+    if attention_mask is None:  # the causal fast path had no mask: build it
         Q = query.shape[2]
         causal = torch.arange(S, device=key.device)[None, :] <= torch.arange(S - Q, S, device=key.device)[:, None]
         attention_mask = causal[None, None] & col
-    elif attention_mask.dtype == torch.bool: attention_mask = attention_mask & col
-    else: attention_mask = attention_mask.masked_fill(~col, torch.finfo(attention_mask.dtype).min)
+    elif attention_mask.dtype == torch.bool:
+        attention_mask = attention_mask & col
+    else:
+        attention_mask = attention_mask.masked_fill(~col, torch.finfo(attention_mask.dtype).min)
     return key, value, attention_mask
+
 
 def latent_gated_sdpa(module, query, key, value, attention_mask, **kwargs):
     "The stock `sdpa` attention with latent K/V gating."
     key, value, attention_mask = _gate(query, key, value, attention_mask, kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
+
 def latent_gated_eager(module, query, key, value, attention_mask, **kwargs):
     "The stock `eager` attention with latent K/V gating (a bool mask becomes additive)."
     key, value, attention_mask = _gate(query, key, value, attention_mask, kwargs)
-    if attention_mask is not None and attention_mask.dtype == torch.bool: attention_mask = to_additive(attention_mask, query.dtype)
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        attention_mask = to_additive(attention_mask, query.dtype)
     return eager_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
 
 GATED = GATED_ATTENTION
 
+
 def register_latent_gating():
     "Register the gated attention functions (and their mask builders) with transformers; idempotent."
-    for name, fn, mask in ((GATED["sdpa"], latent_gated_sdpa, sdpa_mask), (GATED["eager"], latent_gated_eager, eager_mask)):
+    for name, fn, mask in (
+        (GATED["sdpa"], latent_gated_sdpa, sdpa_mask),
+        (GATED["eager"], latent_gated_eager, eager_mask),
+    ):
         AttentionInterface.register(name, fn)
-        AttentionMaskInterface.register(name, mask)               # else the stock 2D path drops the padding mask
+        AttentionMaskInterface.register(name, mask)  # else the stock 2D path drops the padding mask
+
 
 def enable_latent_gating(model):
     "Switch the language model's attention to its gated twin (sdpa -> latent_gated_sdpa, eager -> latent_gated_eager)."
-    register_latent_gating()                                      # when a model is prepared, not at import
+    register_latent_gating()  # when a model is prepared, not at import
     impl = text_attn_implementation(model)
-    if impl in GATED.values(): return model
-    if impl not in GATED: raise ValueError(f"no latent-gated variant of attention '{impl}' (use sdpa or eager)")
+    if impl in GATED.values():
+        return model
+    if impl not in GATED:
+        raise ValueError(f"no latent-gated variant of attention '{impl}' (use sdpa or eager)")
     model.set_attn_implementation({"text_config": GATED[impl]})
     return model
 
@@ -151,83 +201,119 @@ def enable_latent_gating(model):
 def stop_threshold_at(step: int, cfg) -> float:
     "Threshold at training `step` after the A -> C switch: linear from `latent_stop_threshold_start` to `latent_stop_threshold`."
     n = cfg.latent_stop_threshold_steps
-    if n <= 0 or step >= n: return cfg.latent_stop_threshold
+    if n <= 0 or step >= n:
+        return cfg.latent_stop_threshold
     return cfg.latent_stop_threshold_start + (cfg.latent_stop_threshold - cfg.latent_stop_threshold_start) * step / n
-
-
 
 # %% ../nbs/09_halting.ipynb #2c39c640
 def latent_prefill(model, batch, stop_threshold: float | None = None, stop_head=None) -> Rollout:
     "Inference step 1 (seed 002 §9): the rollout decides the latents and `used_len` (mode C with a threshold)."
     head = None
-    if stop_threshold is not None: head = stop_head if stop_head is not None else getattr(model, "latent_stop_head", None)
-    if stop_threshold is not None and head is None: raise ValueError("a stop threshold needs model.latent_stop_head")
-    with torch.no_grad(): return latent_rollout(model, batch, stop_head=head, stop_threshold=stop_threshold)
+    if stop_threshold is not None:
+        head = stop_head if stop_head is not None else getattr(model, "latent_stop_head", None)
+    if stop_threshold is not None and head is None:
+        raise ValueError("a stop threshold needs model.latent_stop_head")
+    with torch.no_grad():
+        return latent_rollout(model, batch, stop_head=head, stop_threshold=stop_threshold)
+
 
 def generate_with_latents(model, batch, rollout: Rollout, null_scale: float = 0.0, **generate_kwargs):
     "Inference step 2: HF `generate` on the prompt embeddings with the latents patched in and inactive latents gated."
     am = batch["attention_mask"]
-    if not bool(am[:, -1].all()): raise ValueError("generate_with_latents needs a left-padded prompt (padding_side='left')")
+    if not bool(am[:, -1].all()):
+        raise ValueError("generate_with_latents needs a left-padded prompt (padding_side='left')")
     if rollout.attention_mask_4d is not None and not torch.equal(rollout.attention_mask_4d, causal_padding_mask(am)):
         raise ValueError("generate attends causally with padding: prefill without a custom attention_mask_4d")
     gated = not bool(rollout.latent_kv_mask.all())
-    if gated and not is_gated(model): raise ValueError("inactive latents need K/V gating: call enable_latent_gating(model)")
+    if gated and not is_gated(model):
+        raise ValueError("inactive latents need K/V gating: call enable_latent_gating(model)")
     emb = patch_latents(rollout.inputs_embeds, rollout.latent_mask, rollout.latents)
     kw = {k: batch[k] for k in ("mm_token_type_ids", "image_grid_thw") if batch.get(k) is not None}
     ctx = latent_kv_gate(rollout.latent_kv_mask, null_scale) if gated else contextlib.nullcontext()
     with torch.no_grad(), ctx:
-        return model.generate(input_ids=batch["input_ids"], inputs_embeds=emb, attention_mask=am, **kw, **generate_kwargs)
+        return model.generate(
+            input_ids=batch["input_ids"], inputs_embeds=emb, attention_mask=am, **kw, **generate_kwargs
+        )
+
 
 @dataclass
 class RoutedOutput:
     "Results of `routed_generate`, per sample; `sequences` follow the training layout (a stopped segment keeps its pads)."
-    sequences: list      # [B][new ids]: text, <abs_vis_token>, latent pads (inactive ones as placeholders), </abs_vis_token>
-    latents: list        # [B][latents fed], each [H]
-    used_lens: list      # [B][latent segments entered]
-    stop_probs: list     # [B][latent steps], when a threshold is given
-    n_calls: int         # language-model calls (1 for the prompt + 1 per step)
+
+    sequences: (
+        list  # [B][new ids]: text, <abs_vis_token>, latent pads (inactive ones as placeholders), </abs_vis_token>
+    )
+    latents: list  # [B][latents fed], each [H]
+    used_lens: list  # [B][latent segments entered]
+    stop_probs: list  # [B][latent steps], when a threshold is given
+    n_calls: int  # language-model calls (1 for the prompt + 1 per step)
 
 # %% ../nbs/09_halting.ipynb #038ef454
 @torch.no_grad()
-def routed_generate(model, batch, budget=8, max_new_tokens: int = 32, stop_threshold: float | None = None,
-                    eos_token_id=None, text_hidden=None, stop_head=None) -> RoutedOutput:
+def routed_generate(
+    model,
+    batch,
+    budget=8,
+    max_new_tokens: int = 32,
+    stop_threshold: float | None = None,
+    eos_token_id=None,
+    text_hidden=None,
+    stop_head=None,
+) -> RoutedOutput:
     "Greedy decoding in which each sample that emits `<abs_vis_token>` alone thinks in latents, then gets `</abs_vis_token>`."
     # text_hidden: bool [B, L] prompt columns that generated text may not see (e.g. question images under
     # mask_question_image); latent steps and the opening tag still see them, as in the training mask
     tc = model.config.get_text_config()
     pad_id, start_id, end_id = tc.latent_token_id, tc.latent_start_id, tc.latent_end_id
     head = stop_head if stop_head is not None else getattr(model, "latent_stop_head", None)
-    if stop_threshold is not None and head is None: raise ValueError("a stop threshold needs model.latent_stop_head")
+    if stop_threshold is not None and head is None:
+        raise ValueError("a stop threshold needs model.latent_stop_head")
     eos = eos_token_id if eos_token_id is not None else model.generation_config.eos_token_id
     eos = set([eos] if isinstance(eos, int) else (eos or []))
     ids, am = batch["input_ids"], batch["attention_mask"].bool()
     B, L = ids.shape
     budgets = [budget] * B if isinstance(budget, int) else list(budget)
     emb, pos, M = prefix_embeddings(model, batch), rope_position_ids(model, batch), batch_mask_4d(batch)
-    lm, dev, impl, embed = model.model.language_model, emb.device, text_attn_implementation(model), model.get_input_embeddings()
+    lm, dev, impl, embed = (
+        model.model.language_model,
+        emb.device,
+        text_attn_implementation(model),
+        model.get_input_embeddings(),
+    )
     cache = DynamicCache(config=lm.config)
-    out = lm(inputs_embeds=emb, position_ids=pos, past_key_values=cache, use_cache=True,
-             attention_mask=for_backend(model, M if M is not None else causal_padding_mask(am), emb.dtype, impl))
+    out = lm(
+        inputs_embeds=emb,
+        position_ids=pos,
+        past_key_values=cache,
+        use_cache=True,
+        attention_mask=for_backend(model, M if M is not None else causal_padding_mask(am), emb.dtype, impl),
+    )
     n_calls = 1
-    last = L - 1 - am.flip(1).int().argmax(1)                                 # last real prompt token of each sample
+    last = L - 1 - am.flip(1).int().argmax(1)  # last real prompt token of each sample
     h = out.last_hidden_state[torch.arange(B, device=dev), last]
     next_pos = (pos.masked_fill(~am[None], -1).amax(dim=(0, 2)) + 1).tolist()
-    keys = am.clone()                                                         # which cache columns each sample sees
+    keys = am.clone()  # which cache columns each sample sees
     mode = ["latent" if ids[b, last[b]] == start_id else "text" for b in range(B)]
     k, done = [0] * B, [False] * B
     seqs, lats, used, probs = ([[] for _ in range(B)] for _ in range(4))
     for _ in range(max_new_tokens):
-        if all(done): break
+        if all(done):
+            break
         logits = model.lm_head(h)
         greedy = logits.argmax(-1).tolist()
         toks, fed, stepping = [pad_id] * B, [not d for d in done], []
         for b in range(B):
-            if done[b]: continue
-            if mode[b] == "latent":                                           # the previous hidden state is the input
-                lats[b].append(h[b]); seqs[b].append(pad_id); k[b] += 1; stepping.append(b)
+            if done[b]:
+                continue
+            if mode[b] == "latent":  # the previous hidden state is the input
+                lats[b].append(h[b])
+                seqs[b].append(pad_id)
+                k[b] += 1
+                stepping.append(b)
             else:
                 tok = end_id if mode[b] == "close" else greedy[b]
-                seqs[b].append(tok); toks[b] = tok
+                seqs[b].append(tok)
+                toks[b] = tok
                 mode[b], k[b] = ("latent" if tok == start_id else "text"), 0
                 done[b] = tok in eos
         thinking = torch.zeros(B, 1, dtype=torch.bool, device=dev)
@@ -237,21 +323,28 @@ def routed_generate(model, batch, budget=8, max_new_tokens: int = 32, stop_thres
         next_pos = [n + f for n, f in zip(next_pos, fed)]
         keys = torch.cat([keys, torch.tensor(fed, device=dev)[:, None]], 1)
         m = keys.clone()
-        if text_hidden is not None:                                           # text queries: not a latent step, not the tag
+        if text_hidden is not None:  # text queries: not a latent step, not the tag
             text_q = torch.tensor([not (b in stepping or toks[b] == start_id) for b in range(B)], device=dev)
             m[:, :L] &= ~(text_hidden.to(dev) & text_q[:, None])
-        m[:, -1] = True                                                       # a finished row still sees itself
-        out = lm(inputs_embeds=x[:, None], position_ids=p[None, :, None].expand(3, B, 1), past_key_values=cache,
-                 use_cache=True, attention_mask=for_backend(model, m[:, None, None, :], emb.dtype, impl))
+        m[:, -1] = True  # a finished row still sees itself
+        out = lm(
+            inputs_embeds=x[:, None],
+            position_ids=p[None, :, None].expand(3, B, 1),
+            past_key_values=cache,
+            use_cache=True,
+            attention_mask=for_backend(model, m[:, None, None, :], emb.dtype, impl),
+        )
         n_calls += 1
         h = out.last_hidden_state[:, 0]
         for b in stepping:
             stop = False
             if stop_threshold is not None:
                 pb = float(torch.sigmoid(head(h[b]).float()))
-                probs[b].append(pb); stop = pb >= stop_threshold
-            if stop or k[b] >= budgets[b]:                                    # leave latent mode: force </abs_vis_token>
+                probs[b].append(pb)
+                stop = pb >= stop_threshold
+            if stop or k[b] >= budgets[b]:  # leave latent mode: force </abs_vis_token>
                 used[b].append(k[b])
-                seqs[b] += [pad_id] * (budgets[b] - k[b]); next_pos[b] += budgets[b] - k[b]
+                seqs[b] += [pad_id] * (budgets[b] - k[b])
+                next_pos[b] += budgets[b] - k[b]
                 mode[b] = "close"
     return RoutedOutput(seqs, lats, used, probs, n_calls)

@@ -26,28 +26,34 @@ __all__ = ['GATED_ATTENTION', 'latent_segments_from_ids', 'check_segments', 'mm_
 def latent_segments_from_ids(input_ids, attention_mask, latent_id: int) -> list[list[tuple[int, int, int]]]:
     "Maximal runs of real latent pads per sample, as `(start, end, img_idx)` with `img_idx` the run number."
     x = ((input_ids == latent_id) & attention_mask.bool()).long()
-    edges = torch.diff(torch.nn.functional.pad(x, (1, 1)), dim=1)       # +1 where a run starts, -1 after it ends
+    edges = torch.diff(torch.nn.functional.pad(x, (1, 1)), dim=1)  # +1 where a run starts, -1 after it ends
     out = []
     for row in edges:
         starts, ends = (row == 1).nonzero().flatten().tolist(), (row == -1).nonzero().flatten().tolist()
         out.append([(s, e, i) for i, (s, e) in enumerate(zip(starts, ends))])
     return out
 
+
 def check_segments(input_ids, attention_mask, segments, latent_id: int, budgets=None, stage: str | None = None):
     "Segments cover exactly the real latent pads, `img_idx` fits `budgets`, no segment exceeds its budget, mode A uses it all."
     B, L = input_ids.shape
-    if len(segments) != B: raise ValueError(f"latent_segments has {len(segments)} samples, the batch has {B}")
-    if budgets is not None and len(budgets) != B: raise ValueError(f"latent_budgets has {len(budgets)} samples, the batch has {B}")
+    if len(segments) != B:
+        raise ValueError(f"latent_segments has {len(segments)} samples, the batch has {B}")
+    if budgets is not None and len(budgets) != B:
+        raise ValueError(f"latent_budgets has {len(budgets)} samples, the batch has {B}")
     is_lat = (input_ids == latent_id) & attention_mask.bool()
     covered = torch.zeros_like(is_lat)
     for b, segs in enumerate(segments):
         prev_end = 0
         for j, seg in enumerate(segs):
-            if len(seg) != 3: raise ValueError(f"sample {b}, segment {j}: expected (start, end, img_idx), got {seg!r}")
+            if len(seg) != 3:
+                raise ValueError(f"sample {b}, segment {j}: expected (start, end, img_idx), got {seg!r}")
             s, e, i = seg
             where = f"sample {b}, segment {j} [{s}, {e})"
-            if not 0 <= s <= e <= L: raise ValueError(f"{where}: outside the sequence of length {L}")
-            if s < prev_end: raise ValueError(f"{where}: overlaps or precedes the previous segment (ends at {prev_end})")
+            if not 0 <= s <= e <= L:
+                raise ValueError(f"{where}: outside the sequence of length {L}")
+            if s < prev_end:
+                raise ValueError(f"{where}: overlaps or precedes the previous segment (ends at {prev_end})")
             if not bool(is_lat[b, s:e].all()):
                 t = s + int((~is_lat[b, s:e]).nonzero()[0])
                 raise ValueError(f"{where}: position {t} is not a real latent pad (id {latent_id})")
@@ -56,7 +62,8 @@ def check_segments(input_ids, attention_mask, segments, latent_id: int, budgets=
                     raise ValueError(f"{where}: img_idx {i} outside latent_budgets[{b}] (length {len(budgets[b])})")
                 if stage == "A" and e - s != budgets[b][i]:
                     raise ValueError(f"{where}: mode A needs length == budget, got {e - s} != {budgets[b][i]}")
-                if e - s > budgets[b][i]: raise ValueError(f"{where}: length {e - s} exceeds its budget {budgets[b][i]}")
+                if e - s > budgets[b][i]:
+                    raise ValueError(f"{where}: length {e - s} exceeds its budget {budgets[b][i]}")
             covered[b, s:e] = True
             prev_end = e
     stray = is_lat & ~covered
@@ -72,22 +79,33 @@ def mm_token_types(input_ids, config):
     t[input_ids == config.video_token_id] = 2
     return t
 
+
 def rope_position_ids(model, batch):
     "mRoPE ids `[3,B,L]`: `batch['position_ids']`, else `get_rope_index` once on the full layout."
-    if batch.get("position_ids") is not None: return batch["position_ids"]
+    if batch.get("position_ids") is not None:
+        return batch["position_ids"]
     ids = batch["input_ids"]
     mm = batch.get("mm_token_type_ids")
-    pos, _ = model.model.get_rope_index(ids, mm_token_type_ids=mm if mm is not None else mm_token_types(ids, model.config),
-                                        image_grid_thw=batch.get("image_grid_thw"), attention_mask=batch["attention_mask"])
+    pos, _ = model.model.get_rope_index(
+        ids,
+        mm_token_type_ids=mm if mm is not None else mm_token_types(ids, model.config),
+        image_grid_thw=batch.get("image_grid_thw"),
+        attention_mask=batch["attention_mask"],
+    )
     return pos
+
 
 def prefix_embeddings(model, batch):
     "Input embeddings `[B,L,H]` with the image features scattered in as the stock forward does (latent pads untouched)."
-    if batch.get("inputs_embeds") is not None: return batch["inputs_embeds"]
+    if batch.get("inputs_embeds") is not None:
+        return batch["inputs_embeds"]
     ids = batch["input_ids"]
     emb = model.get_input_embeddings()(ids)
-    if batch.get("pixel_values") is None: return emb
-    feats = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"], return_dict=True).pooler_output
+    if batch.get("pixel_values") is None:
+        return emb
+    feats = model.model.get_image_features(
+        batch["pixel_values"], batch["image_grid_thw"], return_dict=True
+    ).pooler_output
     feats = torch.cat(feats).to(emb.device, emb.dtype)
     image_mask, _ = model.model.get_placeholder_mask(ids, inputs_embeds=emb, image_features=feats)
     return emb.masked_scatter(image_mask, feats)
@@ -96,40 +114,54 @@ def prefix_embeddings(model, batch):
 def batch_mask_4d(batch):
     "The batch's 4D mask as bool `[B,1,L,L]` (True = attend) or `None`; checks shape, self-visibility and causality."
     m = batch.get("attention_mask_4d")
-    if isinstance(m, dict): m = m["full_attention"]
-    if m is None: return None
+    if isinstance(m, dict):
+        m = m["full_attention"]
+    if m is None:
+        return None
     B, L = batch["input_ids"].shape
-    if tuple(m.shape) != (B, 1, L, L): raise ValueError(f"attention_mask_4d has shape {tuple(m.shape)}, expected {(B, 1, L, L)}")
-    if m.dtype != torch.bool: m = m == 0                                   # additive form: 0 = attend
+    if tuple(m.shape) != (B, 1, L, L):
+        raise ValueError(f"attention_mask_4d has shape {tuple(m.shape)}, expected {(B, 1, L, L)}")
+    if m.dtype != torch.bool:
+        m = m == 0  # additive form: 0 = attend
     valid = batch["attention_mask"].bool()
     no_self = valid & ~m[:, 0].diagonal(dim1=1, dim2=2)
     if no_self.any():
         b, t = no_self.nonzero()[0].tolist()
         raise ValueError(f"attention_mask_4d: sample {b}, position {t} cannot attend to itself")
-    future = m[:, 0] & torch.ones(L, L, dtype=torch.bool, device=m.device).triu(1) & valid[:, :, None] & valid[:, None, :]
+    future = (
+        m[:, 0] & torch.ones(L, L, dtype=torch.bool, device=m.device).triu(1) & valid[:, :, None] & valid[:, None, :]
+    )
     if future.any():
         b, i, j = future.nonzero()[0].tolist()
-        raise ValueError(f"attention_mask_4d: sample {b}, query {i} attends to the later key {j}; the mask must be causal")
+        raise ValueError(
+            f"attention_mask_4d: sample {b}, query {i} attends to the later key {j}; the mask must be causal"
+        )
     return m
+
 
 def text_attn_implementation(model) -> str:
     "The attention implementation of the language model."
     return model.config.get_text_config()._attn_implementation
 
+
 def for_backend(model, mask, dtype, impl: str | None = None):
     "A bool 4D mask as the language model's attention wants it: `{'full_attention': mask}`, additive for `eager`."
     impl = (impl or text_attn_implementation(model)) or "eager"
-    if "flash" in impl: raise ValueError(f"attention '{impl}' cannot take a custom 4D mask: load the model with sdpa or eager")
+    if "flash" in impl:
+        raise ValueError(f"attention '{impl}' cannot take a custom 4D mask: load the model with sdpa or eager")
     return {"full_attention": to_additive(mask, dtype) if impl == "eager" else mask}
+
 
 def _padded_mask(M, attention_mask):
     """The 4D mask as bool `[B,L+1,L+1]` whose extra last row and column are all False: a padding query or key (index
     `L`) gathers an invisible entry, so each call's block is two gathers (built once per rollout, not per call)."""
-    if M is None: M = causal_padding_mask(attention_mask)
+    if M is None:
+        M = causal_padding_mask(attention_mask)
     B, _, L, _ = M.shape
     Mx = torch.zeros(B, L + 1, L + 1, dtype=torch.bool, device=M.device)
     Mx[:, :L, :L] = M[:, 0]
     return Mx
+
 
 def _block_mask(Mx, q, k):
     "Mask `[B,1,W,C]` of queries `q` `[B,W]` over keys `k` `[B,C]` (original positions, `L` = padding) from `Mx`."
@@ -137,7 +169,7 @@ def _block_mask(Mx, q, k):
     C = k.shape[1]
     m = Mx.gather(1, q[:, :, None].expand(B, W, Mx.shape[-1])).gather(2, k[:, None, :].expand(B, W, C))
     pad_q = q == Mx.shape[-1] - 1
-    if pad_q.any():                                                        # a padding query sees itself only: no NaN rows
+    if pad_q.any():  # a padding query sees itself only: no NaN rows
         ar = torch.arange(W, device=q.device)
         m[:, ar, C - W + ar] |= pad_q
     return m[:, None]
@@ -145,33 +177,53 @@ def _block_mask(Mx, q, k):
 # %% ../nbs/07_latent_forward.ipynb #40eeadb1
 _WORDS = "How many red circles are in the picture ? There is a blue square left of the green star".split()
 
+
 def toy_latent_batch(model, processor, specs, padding_side: str = "right", seed: int = 0, **mask_flags) -> dict:
     "A batch following the batch contract, built by hand: `specs` = one dict per sample (`images`, `segments`, `words`)."
     from PIL import Image
     from latentcot.tokens import SpecialIds
+
     rng = random.Random(seed)
     ids = SpecialIds.from_tokenizer(processor)
     texts, images = [], []
     for sp in specs:
         q = " ".join(rng.choice(_WORDS) for _ in range(sp.get("words", 6)))
-        t = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-             + "<|vision_start|><|image_pad|><|vision_end|>" * sp.get("images", 0) + q + "<|im_end|>\n<|im_start|>assistant\n")
+        t = (
+            "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+            + "<|vision_start|><|image_pad|><|vision_end|>" * sp.get("images", 0)
+            + q
+            + "<|im_end|>\n<|im_start|>assistant\n"
+        )
         for k in sp.get("segments", []):
-            t += "<abs_vis_token>" + "<abs_vis_token_pad>" * k + "</abs_vis_token><observation>" + rng.choice(_WORDS) + "</observation>"
+            t += (
+                "<abs_vis_token>"
+                + "<abs_vis_token_pad>" * k
+                + "</abs_vis_token><observation>"
+                + rng.choice(_WORDS)
+                + "</observation>"
+            )
         texts.append(t + "Answer: " + str(rng.randint(0, 9)) + "<|im_end|>")
         for _ in range(sp.get("images", 0)):
             h, w = rng.choice([56, 84, 112]), rng.choice([56, 84, 112])
             images.append(Image.frombytes("RGB", (w, h), bytes(rng.randrange(256) for _ in range(h * w * 3))))
-    batch = dict(processor(text=texts, images=images or None, return_tensors="pt", padding=True,
-                           padding_side=padding_side))
+    batch = dict(
+        processor(text=texts, images=images or None, return_tensors="pt", padding=True, padding_side=padding_side)
+    )
     ii, am = batch["input_ids"], batch["attention_mask"]
     segs = latent_segments_from_ids(ii, am, ids.latent_pad)
     labels = ii.masked_fill(~am.bool(), -100)
-    for t in (ids.latent_pad, ids.image_pad, ids.vision_start, ids.vision_end): labels = labels.masked_fill(ii == t, -100)
-    batch.update(labels=labels, latent_segments=segs, latent_budgets=[[e - s for s, e, _ in sg] for sg in segs],
-                 latent_image_counts=[len(sg) for sg in segs], latent_budget_total=[sum(e - s for s, e, _ in sg) for sg in segs],
-                 attention_mask_4d=attention_mask_4d(ii, am, ids, **mask_flags),
-                 sample_ids=[f"toy-{i}" for i in range(len(specs))], alignment_positions=[[t for s, e, _ in sg for t in range(s, e)] for sg in segs])
+    for t in (ids.latent_pad, ids.image_pad, ids.vision_start, ids.vision_end):
+        labels = labels.masked_fill(ii == t, -100)
+    batch.update(
+        labels=labels,
+        latent_segments=segs,
+        latent_budgets=[[e - s for s, e, _ in sg] for sg in segs],
+        latent_image_counts=[len(sg) for sg in segs],
+        latent_budget_total=[sum(e - s for s, e, _ in sg) for sg in segs],
+        attention_mask_4d=attention_mask_4d(ii, am, ids, **mask_flags),
+        sample_ids=[f"toy-{i}" for i in range(len(specs))],
+        alignment_positions=[[t for s, e, _ in sg for t in range(s, e)] for sg in segs],
+    )
     batch["position_ids"] = rope_position_ids(model, batch)
     return batch
 
@@ -180,25 +232,32 @@ def toy_latent_batch(model, processor, specs, padding_side: str = "right", seed:
 def no_gradient_checkpointing(module):
     "Switch gradient checkpointing off in `module` for the block (transformers drops the KV cache under it), then restore."
     on = [m for m in module.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
-    for m in on: m.gradient_checkpointing = False
-    try: yield
+    for m in on:
+        m.gradient_checkpointing = False
+    try:
+        yield
     finally:
-        for m in on: m.gradient_checkpointing = True
+        for m in on:
+            m.gradient_checkpointing = True
+
 
 @dataclass
 class Rollout:
     "Pass 1: the latents and halting decisions; every `[B,L]` tensor indexes the original layout."
-    latents: torch.Tensor             # [N,H] active latents in the row-major order of latent_mask; not detached
-    latent_mask: torch.Tensor         # [B,L] bool: latent pads that receive a latent (the active ones)
-    latent_kv_mask: torch.Tensor      # [B,L] bool: False at inactive latent pads (mode C), True elsewhere
-    stop_logits: torch.Tensor | None  # [B,L] stop logit of every latent step that ran (0 elsewhere); None without a head
-    step_mask: torch.Tensor           # [B,L] bool: latent pads whose step ran with a stop head
-    used_lens: list                   # [B][segment] latents used per segment (its length in mode A)
-    stop_probs: list                  # [B][step] sigmoid of each stop logit, in position order
-    n_calls: int                      # language-model calls
-    segments: list                    # the latent_segments used
-    inputs_embeds: torch.Tensor       # [B,L,H] text + image embeddings, latent pads not patched
-    position_ids: torch.Tensor        # [3,B,L]
+
+    latents: torch.Tensor  # [N,H] active latents in the row-major order of latent_mask; not detached
+    latent_mask: torch.Tensor  # [B,L] bool: latent pads that receive a latent (the active ones)
+    latent_kv_mask: torch.Tensor  # [B,L] bool: False at inactive latent pads (mode C), True elsewhere
+    stop_logits: (
+        torch.Tensor | None
+    )  # [B,L] stop logit of every latent step that ran (0 elsewhere); None without a head
+    step_mask: torch.Tensor  # [B,L] bool: latent pads whose step ran with a stop head
+    used_lens: list  # [B][segment] latents used per segment (its length in mode A)
+    stop_probs: list  # [B][step] sigmoid of each stop logit, in position order
+    n_calls: int  # language-model calls
+    segments: list  # the latent_segments used
+    inputs_embeds: torch.Tensor  # [B,L,H] text + image embeddings, latent pads not patched
+    position_ids: torch.Tensor  # [3,B,L]
     attention_mask_4d: torch.Tensor | None
 
 # %% ../nbs/07_latent_forward.ipynb #6b5d2dd7
@@ -206,7 +265,8 @@ def slot_index(out) -> torch.Tensor:
     "Index within its segment of every active latent, in the row order of `out.latents` (a `Rollout` or a forward output)."
     idx = torch.full(out.latent_mask.shape, -1, dtype=torch.long)
     for b, segs in enumerate(out.segments):
-        for s, e, _ in segs: idx[b, s:e] = torch.arange(e - s)
+        for s, e, _ in segs:
+            idx[b, s:e] = torch.arange(e - s)
     return idx[out.latent_mask.cpu()]
 
 # %% ../nbs/07_latent_forward.ipynb #4b18aa97
@@ -218,8 +278,10 @@ def _plan(attention_mask, segments, last_step: bool):
         at = {p: (j, p - s) for j, (s, e, _) in enumerate(segs) for p in range(s, e)}
         stop = (max(at) + (1 if last_step else 0)) if at else 0
         run = [t for t in range(stop) if valid[b][t]]
-        if at and run and run[0] in at: raise ValueError(f"sample {b}: latent pad at position {run[0]} has no previous token")
-        items.append(run); lat.append(at)
+        if at and run and run[0] in at:
+            raise ValueError(f"sample {b}: latent pad at position {run[0]} has no previous token")
+        items.append(run)
+        lat.append(at)
     return items, lat
 
 # %% ../nbs/07_latent_forward.ipynb #6bd3210a
@@ -228,9 +290,13 @@ def _next_chunk(items, cur, lat, dropped):
     chunk = []
     while cur < len(items):
         p = items[cur]
-        if p in dropped: cur += 1; continue
-        if p in lat and chunk: break
-        chunk.append(p); cur += 1
+        if p in dropped:
+            cur += 1
+            continue
+        if p in lat and chunk:
+            break
+        chunk.append(p)
+        cur += 1
     return chunk, cur
 
 # %% ../nbs/07_latent_forward.ipynb #3b4fe184
@@ -239,7 +305,8 @@ def _prepare(model, batch, segments):
     ids, am = batch["input_ids"], batch["attention_mask"]
     latent_id = model.config.get_text_config().latent_token_id
     segs = segments if segments is not None else batch.get("latent_segments")
-    if segs is None: segs = latent_segments_from_ids(ids, am, latent_id)
+    if segs is None:
+        segs = latent_segments_from_ids(ids, am, latent_id)
     check_segments(ids, am, segs, latent_id)
     return segs, rope_position_ids(model, batch), batch_mask_4d(batch), prefix_embeddings(model, batch)
 
@@ -264,16 +331,19 @@ def _finish(segs, pos, M, emb, vals, logits, dropped, used, n_calls, lat, pendin
     "Pack the per-position results into a `Rollout`."
     B, L, H = emb.shape
     dev = emb.device
-    for b in range(B):                                     # the last latent's input came from the last call; it never ran
+    for b in range(B):  # the last latent's input came from the last call; it never ran
         if lat[b]:
             p = max(lat[b])
-            if (b, p) not in vals and p not in dropped[b]: vals[(b, p)] = pending[b]
+            if (b, p) not in vals and p not in dropped[b]:
+                vals[(b, p)] = pending[b]
     latent_mask = torch.zeros(B, L, dtype=torch.bool, device=dev)
     kv, step = torch.ones_like(latent_mask), torch.zeros_like(latent_mask)
     keys = sorted(vals)
-    if keys: latent_mask[tuple(torch.tensor(keys, device=dev).T)] = True
+    if keys:
+        latent_mask[tuple(torch.tensor(keys, device=dev).T)] = True
     for b, d in enumerate(dropped):
-        if d: kv[b, sorted(d)] = False
+        if d:
+            kv[b, sorted(d)] = False
     stop_logits, probs = None, [[] for _ in range(B)]
     if logits:
         lkeys = sorted(logits)
@@ -281,25 +351,28 @@ def _finish(segs, pos, M, emb, vals, logits, dropped, used, n_calls, lat, pendin
         step[idx] = True
         v = torch.stack([logits[k] for k in lkeys]).float()
         stop_logits = torch.zeros(B, L, device=dev).index_put(idx, v)
-        for (b, _), p in zip(lkeys, torch.sigmoid(v).tolist()): probs[b].append(p)
+        for (b, _), p in zip(lkeys, torch.sigmoid(v).tolist()):
+            probs[b].append(p)
     latents = torch.stack([vals[k] for k in keys]) if keys else emb.new_zeros(0, H)
     return Rollout(latents, latent_mask, kv, stop_logits, step, used, probs, n_calls, segs, emb, pos, M)
 
 # %% ../nbs/07_latent_forward.ipynb #143a2d55
-def latent_rollout(model, batch, latent_grad: str = "detach", stop_head=None, stop_threshold: float | None = None,
-                   segments=None) -> Rollout:
+def latent_rollout(
+    model, batch, latent_grad: str = "detach", stop_head=None, stop_threshold: float | None = None, segments=None
+) -> Rollout:
     "Pass 1, batched: each language-model call computes the next chunk of every sample on one shared KV cache."
-    if latent_grad not in ("detach", "full"): raise ValueError(f"latent_grad must be 'detach' or 'full', not {latent_grad!r}")
+    if latent_grad not in ("detach", "full"):
+        raise ValueError(f"latent_grad must be 'detach' or 'full', not {latent_grad!r}")
     segs, pos, M, emb = _prepare(model, batch, segments)
     B, L, H = emb.shape
     dev, lm, impl = emb.device, model.model.language_model, text_attn_implementation(model)
     items, lat = _plan(batch["attention_mask"], segs, stop_head is not None)
     cur, dropped = [0] * B, [set() for _ in range(B)]
     used = [[e - s for s, e, _ in sg] for sg in segs]
-    pending = emb.new_zeros(B, H)               # last hidden state of each sample: the input of its next latent
-    zs, where, logits, n_calls = [], {}, {}, 0   # latents live in zs[step][b]; where[(b, pad)] = step
-    keys = torch.empty(B, 0, dtype=torch.long, device=dev)                 # original position of every cache column
-    Mx = _padded_mask(M, batch["attention_mask"])                          # L = padding
+    pending = emb.new_zeros(B, H)  # last hidden state of each sample: the input of its next latent
+    zs, where, logits, n_calls = [], {}, {}, 0  # latents live in zs[step][b]; where[(b, pad)] = step
+    keys = torch.empty(B, 0, dtype=torch.long, device=dev)  # original position of every cache column
+    Mx = _padded_mask(M, batch["attention_mask"])  # L = padding
     cache = DynamicCache(config=lm.config)
     with no_gradient_checkpointing(lm):
         while True:
@@ -308,48 +381,67 @@ def latent_rollout(model, batch, latent_grad: str = "detach", stop_head=None, st
                 c, cur[b] = _next_chunk(items[b], cur[b], lat[b], dropped[b])
                 chunks.append(c)
             W = max(map(len, chunks))
-            if W == 0: break
+            if W == 0:
+                break
             opens = [b for b, c in enumerate(chunks) if c and c[0] in lat[b]]
-            qa = torch.tensor([[[L] * (W - len(c)) + c for c in chunks],                   # original positions, L: pad
-                               [[0] * (W - len(c)) + ([int(b in opens)] + [0] * (len(c) - 1) if c else []) for b, c in enumerate(chunks)]],
-                              dtype=torch.long, device=dev)                                   # the opening latent's column
+            qa = torch.tensor(
+                [
+                    [[L] * (W - len(c)) + c for c in chunks],  # original positions, L: pad
+                    [
+                        [0] * (W - len(c)) + ([int(b in opens)] + [0] * (len(c) - 1) if c else [])
+                        for b, c in enumerate(chunks)
+                    ],
+                ],
+                dtype=torch.long,
+                device=dev,
+            )  # the opening latent's column
             q, at = qa[0], qa[1].bool()
-            qc = q.clamp(max=L - 1)   # padding columns read position L-1's embedding and position: invisible anyway
+            qc = q.clamp(max=L - 1)  # padding columns read position L-1's embedding and position: invisible anyway
             x = emb.gather(1, qc[..., None].expand(B, W, H))
-            if opens:                                  # the pending latent goes into the chunk's first column
+            if opens:  # the pending latent goes into the chunk's first column
                 zs.append(pending)
-                for b in opens: where[(b, chunks[b][0])] = len(zs) - 1
+                for b in opens:
+                    where[(b, chunks[b][0])] = len(zs) - 1
                 x = torch.where(at[..., None], (pending.detach() if latent_grad == "detach" else pending)[:, None], x)
             keys = torch.cat([keys, q], 1)
-            out = lm(inputs_embeds=x, position_ids=pos.gather(2, qc[None].expand(3, B, W)),
-                     attention_mask=for_backend(model, _block_mask(Mx, q, keys), x.dtype, impl),
-                     past_key_values=cache, use_cache=True)
+            out = lm(
+                inputs_embeds=x,
+                position_ids=pos.gather(2, qc[None].expand(3, B, W)),
+                attention_mask=for_backend(model, _block_mask(Mx, q, keys), x.dtype, impl),
+                past_key_values=cache,
+                use_cache=True,
+            )
             n_calls += 1
             h = out.last_hidden_state
-            if all(chunks): pending = h[:, -1]                                # right-aligned: the last column produces
-            else: pending = torch.where((q[:, -1] < L)[:, None], h[:, -1], pending)
+            if all(chunks):
+                pending = h[:, -1]  # right-aligned: the last column produces
+            else:
+                pending = torch.where((q[:, -1] < L)[:, None], h[:, -1], pending)
             if opens and stop_head is not None:
-                lg = stop_head(h[at]).squeeze(-1)                              # one row per opening sample, in order
+                lg = stop_head(h[at]).squeeze(-1)  # one row per opening sample, in order
                 for b, l, p in zip(opens, lg.unbind(0), torch.sigmoid(lg.float()).tolist()):
                     _record_stop(logits, used, dropped, lat[b], segs[b], b, chunks[b][0], l, p, stop_threshold)
     zs.append(pending)
-    for b in range(B):                                     # the last latent's input came from the last call; it never ran
+    for b in range(B):  # the last latent's input came from the last call; it never ran
         if lat[b]:
             p = max(lat[b])
-            if (b, p) not in where and p not in dropped[b]: where[(b, p)] = len(zs) - 1
+            if (b, p) not in where and p not in dropped[b]:
+                where[(b, p)] = len(zs) - 1
     keys_ = sorted(where)
     Z = torch.stack(zs)
     vals = dict(zip(keys_, Z[[where[k] for k in keys_], [b for b, _ in keys_]].unbind(0))) if keys_ else {}
     return _finish(segs, pos, M, emb, vals, logits, dropped, used, n_calls, lat, [None] * B)
 
 # %% ../nbs/07_latent_forward.ipynb #5fcc28e9
-def latent_rollout_reference(model, batch, latent_grad: str = "detach", stop_head=None, stop_threshold: float | None = None,
-                             segments=None) -> Rollout:
+def latent_rollout_reference(
+    model, batch, latent_grad: str = "detach", stop_head=None, stop_threshold: float | None = None, segments=None
+) -> Rollout:
     "Pass 1 as seed 000 writes it: one sample at a time, one call per text chunk and one per latent (the test oracle)."
-    if latent_grad not in ("detach", "full"): raise ValueError(f"latent_grad must be 'detach' or 'full', not {latent_grad!r}")
+    if latent_grad not in ("detach", "full"):
+        raise ValueError(f"latent_grad must be 'detach' or 'full', not {latent_grad!r}")
     segs, pos, M, emb = _prepare(model, batch, segments)
     B, lm, impl = emb.shape[0], model.model.language_model, text_attn_implementation(model)
-    items, lat = _plan(batch["attention_mask"], segs, last_step=True)      # seed 000 feeds the last latent too
+    items, lat = _plan(batch["attention_mask"], segs, last_step=True)  # seed 000 feeds the last latent too
     used = [[e - s for s, e, _ in sg] for sg in segs]
     vals, logits, dropped, last, n_calls = {}, {}, [set() for _ in range(B)], [None] * B, 0
     with no_gradient_checkpointing(lm):
@@ -357,24 +449,46 @@ def latent_rollout_reference(model, batch, latent_grad: str = "detach", stop_hea
             cache, done, h_last, i = DynamicCache(config=lm.config), [], None, 0
             while i < len(items[b]):
                 p = items[b][i]
-                if p in dropped[b]: i += 1; continue
-                if p in lat[b]:                                            # a latent: the previous hidden state is its input
+                if p in dropped[b]:
+                    i += 1
+                    continue
+                if p in lat[b]:  # a latent: the previous hidden state is its input
                     vals[(b, p)] = h_last
                     Q, x, i = [p], (h_last.detach() if latent_grad == "detach" else h_last)[None, None], i + 1
-                else:                                                      # a text chunk: everything up to the next latent
+                else:  # a text chunk: everything up to the next latent
                     Q = []
-                    while i < len(items[b]) and items[b][i] not in lat[b]: Q.append(items[b][i]); i += 1
+                    while i < len(items[b]) and items[b][i] not in lat[b]:
+                        Q.append(items[b][i])
+                        i += 1
                     x = emb[b, Q][None]
                 done += Q
-                if M is None: m = torch.ones(len(Q), len(done), dtype=torch.bool).tril(len(done) - len(Q))
-                else: m = M[b, 0][Q][:, done]
-                out = lm(inputs_embeds=x, position_ids=pos[:, b:b + 1, Q], past_key_values=cache, use_cache=True,
-                         attention_mask=for_backend(model, m[None, None].to(x.device), x.dtype, impl))
+                if M is None:
+                    m = torch.ones(len(Q), len(done), dtype=torch.bool).tril(len(done) - len(Q))
+                else:
+                    m = M[b, 0][Q][:, done]
+                out = lm(
+                    inputs_embeds=x,
+                    position_ids=pos[:, b : b + 1, Q],
+                    past_key_values=cache,
+                    use_cache=True,
+                    attention_mask=for_backend(model, m[None, None].to(x.device), x.dtype, impl),
+                )
                 n_calls += 1
                 h_last = out.last_hidden_state[0, -1]
                 if p in lat[b] and stop_head is not None:
                     l = stop_head(h_last).squeeze(-1)
-                    _record_stop(logits, used, dropped, lat[b], segs[b], b, p, l, torch.sigmoid(l.float()).item(), stop_threshold)
+                    _record_stop(
+                        logits,
+                        used,
+                        dropped,
+                        lat[b],
+                        segs[b],
+                        b,
+                        p,
+                        l,
+                        torch.sigmoid(l.float()).item(),
+                        stop_threshold,
+                    )
             last[b] = h_last
     return _finish(segs, pos, M, emb, vals, logits, dropped, used, n_calls, lat, last)
 
@@ -386,74 +500,131 @@ def patch_latents(inputs_embeds, latent_mask, latents):
         raise ValueError(f"{latents.shape[0]} latents for {idx[0].numel()} active latent pads")
     return inputs_embeds.index_put(idx, latents.to(inputs_embeds.dtype))
 
-GATED_ATTENTION = {"sdpa": "latent_gated_sdpa", "eager": "latent_gated_eager"}   # registered by latentcot.halting
+
+GATED_ATTENTION = {"sdpa": "latent_gated_sdpa", "eager": "latent_gated_eager"}  # registered by latentcot.halting
+
 
 def is_gated(model) -> bool:
     "Does the language model's attention read `latent_kv_mask` (see `latentcot.halting.enable_latent_gating`)?"
     impl = text_attn_implementation(model)
     return impl in GATED_ATTENTION.values() and impl in ALL_ATTENTION_FUNCTIONS
 
+
 @dataclass
 class LatentForwardOutput:
     "Pass 2's outputs next to pass 1's latents and halting decisions: what the losses read."
-    logits: torch.Tensor                  # [B,L,V]
-    hidden_states: tuple | None           # (embeddings, layer 1, ..., post-norm last) each [B,L,H], when asked
-    latents: torch.Tensor                 # [N,H] in the row-major order of latent_mask, not detached
-    latent_mask: torch.Tensor             # [B,L] active latent pads
-    latent_kv_mask: torch.Tensor          # [B,L] False at inactive latent pads
+
+    logits: torch.Tensor  # [B,L,V]
+    hidden_states: tuple | None  # (embeddings, layer 1, ..., post-norm last) each [B,L,H], when asked
+    latents: torch.Tensor  # [N,H] in the row-major order of latent_mask, not detached
+    latent_mask: torch.Tensor  # [B,L] active latent pads
+    latent_kv_mask: torch.Tensor  # [B,L] False at inactive latent pads
     latent_stop_logits: torch.Tensor | None  # [B,L] pass-1 stop logits at latent_step_mask
-    latent_step_mask: torch.Tensor        # [B,L]
-    latent_stop_probs: list               # [B][step]
-    latent_used_lens: list                # [B][segment]
-    n_calls: int                          # pass-1 language-model calls
-    inputs_embeds: torch.Tensor           # [B,L,H] as fed to pass 2
-    position_ids: torch.Tensor            # [3,B,L]
+    latent_step_mask: torch.Tensor  # [B,L]
+    latent_stop_probs: list  # [B][step]
+    latent_used_lens: list  # [B][segment]
+    n_calls: int  # pass-1 language-model calls
+    inputs_embeds: torch.Tensor  # [B,L,H] as fed to pass 2
+    position_ids: torch.Tensor  # [3,B,L]
     segments: list
 
-def teacher_forced_forward(model, batch, rollout: Rollout, output_hidden_states: bool = False,
-                           null_scale: float = 0.0) -> LatentForwardOutput:
+
+def teacher_forced_forward(
+    model, batch, rollout: Rollout, output_hidden_states: bool = False, null_scale: float = 0.0
+) -> LatentForwardOutput:
     "Pass 2: the stock forward once on the full layout, active latents patched in, inactive ones gated."
     emb = patch_latents(rollout.inputs_embeds, rollout.latent_mask, rollout.latents)
-    M = rollout.attention_mask_4d if rollout.attention_mask_4d is not None else causal_padding_mask(batch["attention_mask"])
+    M = (
+        rollout.attention_mask_4d
+        if rollout.attention_mask_4d is not None
+        else causal_padding_mask(batch["attention_mask"])
+    )
     gate = {}
     if not bool(rollout.latent_kv_mask.all()):
         if not is_gated(model):
-            raise ValueError("inactive latents need K/V gating: call latentcot.halting.enable_latent_gating(model) first "
-                             f"(the text attention is '{text_attn_implementation(model)}')")
+            raise ValueError(
+                "inactive latents need K/V gating: call latentcot.halting.enable_latent_gating(model) first "
+                f"(the text attention is '{text_attn_implementation(model)}')"
+            )
         gate = dict(latent_kv_mask=rollout.latent_kv_mask, latent_null_scale=null_scale)
-    out = model(inputs_embeds=emb, position_ids=rollout.position_ids, attention_mask=for_backend(model, M, emb.dtype),
-                use_cache=False, output_hidden_states=output_hidden_states, **gate)
+    out = model(
+        inputs_embeds=emb,
+        position_ids=rollout.position_ids,
+        attention_mask=for_backend(model, M, emb.dtype),
+        use_cache=False,
+        output_hidden_states=output_hidden_states,
+        **gate,
+    )
     r = rollout
-    return LatentForwardOutput(out.logits, out.hidden_states, r.latents, r.latent_mask, r.latent_kv_mask, r.stop_logits,
-                               r.step_mask, r.stop_probs, r.used_lens, r.n_calls, emb, r.position_ids, r.segments)
+    return LatentForwardOutput(
+        out.logits,
+        out.hidden_states,
+        r.latents,
+        r.latent_mask,
+        r.latent_kv_mask,
+        r.stop_logits,
+        r.step_mask,
+        r.stop_probs,
+        r.used_lens,
+        r.n_calls,
+        emb,
+        r.position_ids,
+        r.segments,
+    )
 
-def latent_forward(model, batch, latent_grad: str = "detach", stop_head=None, stop_threshold: float | None = None,
-                   output_hidden_states: bool = False, null_scale: float = 0.0) -> LatentForwardOutput:
+
+def latent_forward(
+    model,
+    batch,
+    latent_grad: str = "detach",
+    stop_head=None,
+    stop_threshold: float | None = None,
+    output_hidden_states: bool = False,
+    null_scale: float = 0.0,
+) -> LatentForwardOutput:
     "Both passes: the batched rollout, then the teacher-forced forward."
     r = latent_rollout(model, batch, latent_grad, stop_head, stop_threshold)
     return teacher_forced_forward(model, batch, r, output_hidden_states, null_scale)
 
-def latent_stage_forward(model, batch, stage: str | None = None, stop_threshold: float | None = None,
-                         null_scale: float | None = None, latent_grad: str | None = None,
-                         output_hidden_states: bool = False, cfg=None, stop_head=None) -> LatentForwardOutput:
+
+def latent_stage_forward(
+    model,
+    batch,
+    stage: str | None = None,
+    stop_threshold: float | None = None,
+    null_scale: float | None = None,
+    latent_grad: str | None = None,
+    output_hidden_states: bool = False,
+    cfg=None,
+    stop_head=None,
+) -> LatentForwardOutput:
     "Seed 002 mode A (full budget) or C (learned halting) through both passes; unset arguments come from `cfg`."
     from latentcot.config import LatentCoTConfig
+
     cfg = cfg if cfg is not None else LatentCoTConfig()
     stage = stage or cfg.latent_mode_stage
-    if stage not in ("A", "C"): raise ValueError(f"latent_mode_stage must be 'A' or 'C', not {stage!r}")
+    if stage not in ("A", "C"):
+        raise ValueError(f"latent_mode_stage must be 'A' or 'C', not {stage!r}")
     ids, am = batch["input_ids"], batch["attention_mask"]
     latent_id = model.config.get_text_config().latent_token_id
     segs = batch.get("latent_segments")
-    if segs is None: segs = latent_segments_from_ids(ids, am, latent_id)
+    if segs is None:
+        segs = latent_segments_from_ids(ids, am, latent_id)
     check_segments(ids, am, segs, latent_id, batch.get("latent_budgets"), stage)
     head, thr = None, None
     if stage == "C":
         head = stop_head if stop_head is not None else getattr(model, "latent_stop_head", None)
-        if head is None: raise ValueError("mode C needs a stop head: pass stop_head= (LatentCoTModel does), or attach_stop_head(model)")
-        if not is_gated(model): raise ValueError("mode C needs K/V gating: call enable_latent_gating(model)")
+        if head is None:
+            raise ValueError(
+                "mode C needs a stop head: pass stop_head= (LatentCoTModel does), or attach_stop_head(model)"
+            )
+        if not is_gated(model):
+            raise ValueError("mode C needs K/V gating: call enable_latent_gating(model)")
         thr = cfg.latent_stop_threshold if stop_threshold is None else stop_threshold
     r = latent_rollout(model, batch, latent_grad or cfg.latent_grad, head, thr, segs)
-    return teacher_forced_forward(model, batch, r, output_hidden_states, cfg.latent_null_scale if null_scale is None else null_scale)
+    return teacher_forced_forward(
+        model, batch, r, output_hidden_states, cfg.latent_null_scale if null_scale is None else null_scale
+    )
 
 # %% ../nbs/07_latent_forward.ipynb #d9153997
 def _best_times(fns, repeats):
@@ -461,24 +632,35 @@ def _best_times(fns, repeats):
     ts = [[] for _ in fns]
     for _ in range(repeats):
         for i, f in enumerate(fns):
-            t0 = time.perf_counter(); f(); ts[i].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            f()
+            ts[i].append(time.perf_counter() - t0)
     return [min(t) for t in ts]
+
 
 def _ce(logits, labels):
     return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
 
-def bench_rollout(B: int = 8, K: int = 8, repeats: int = 7, seed: int = 0, threads: int | None = 1, verbose: bool = True) -> dict:
+
+def bench_rollout(
+    B: int = 8, K: int = 8, repeats: int = 7, seed: int = 0, threads: int | None = 1, verbose: bool = True
+) -> dict:
     "Calls and time ratios of the batched rollout vs the reference, and of a latent training step vs an SFT step."
     from latentcot.tiny import tiny_kit_path
     from latentcot.tokens import load_latent_model
+
     n_threads = torch.get_num_threads()
-    if threads: torch.set_num_threads(threads)
+    if threads:
+        torch.set_num_threads(threads)
     try:
         torch.manual_seed(seed)
         model, processor, _ = load_latent_model(tiny_kit_path())
         model.train()
-        batch = toy_latent_batch(model, processor, [dict(images=1, segments=[K], words=4 + 3 * i) for i in range(B)], seed=seed)
-        with torch.no_grad(): pre = {**batch, "inputs_embeds": prefix_embeddings(model, batch)}
+        batch = toy_latent_batch(
+            model, processor, [dict(images=1, segments=[K], words=4 + 3 * i) for i in range(B)], seed=seed
+        )
+        with torch.no_grad():
+            pre = {**batch, "inputs_embeds": prefix_embeddings(model, batch)}
         calls = latent_rollout(model, pre).n_calls, latent_rollout_reference(model, pre).n_calls
 
         def latent_step():
@@ -487,39 +669,71 @@ def bench_rollout(B: int = 8, K: int = 8, repeats: int = 7, seed: int = 0, threa
             model.zero_grad(set_to_none=True)
 
         def sft_step():
-            out = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
-                        position_ids=batch["position_ids"], attention_mask={"full_attention": batch["attention_mask_4d"]})
+            out = model(
+                input_ids=batch["input_ids"],
+                pixel_values=batch["pixel_values"],
+                image_grid_thw=batch["image_grid_thw"],
+                position_ids=batch["position_ids"],
+                attention_mask={"full_attention": batch["attention_mask_4d"]},
+            )
             _ce(out.logits, batch["labels"]).backward()
             model.zero_grad(set_to_none=True)
 
-        fns = [lambda: latent_rollout(model, pre), lambda: latent_rollout_reference(model, pre),
-               lambda: latent_rollout(model, batch), lambda: latent_rollout_reference(model, batch), latent_step, sft_step]
-        for f in fns: f()                                                     # warm-up
+        fns = [
+            lambda: latent_rollout(model, pre),
+            lambda: latent_rollout_reference(model, pre),
+            lambda: latent_rollout(model, batch),
+            lambda: latent_rollout_reference(model, batch),
+            latent_step,
+            sft_step,
+        ]
+        for f in fns:
+            f()  # warm-up
         t = _best_times(fns, repeats)
-    finally: torch.set_num_threads(n_threads)
-    res = dict(B=B, K=K, threads=threads or n_threads, calls_batched=calls[0], calls_reference=calls[1],
-               rollout_speedup=t[1] / t[0], rollout_speedup_with_vision=t[3] / t[2], latent_step_over_sft=t[4] / t[5])
+    finally:
+        torch.set_num_threads(n_threads)
+    res = dict(
+        B=B,
+        K=K,
+        threads=threads or n_threads,
+        calls_batched=calls[0],
+        calls_reference=calls[1],
+        rollout_speedup=t[1] / t[0],
+        rollout_speedup_with_vision=t[3] / t[2],
+        latent_step_over_sft=t[4] / t[5],
+    )
     if verbose:
-        print(f"rollout B={B} K={K} ({res['threads']} torch thread{'s' if res['threads'] > 1 else ''}): "
-              f"LM calls per batch {calls[0]} batched vs {calls[1]} reference")
-        print(f"wall ratio reference/batched: {res['rollout_speedup']:.1f}x (goal >= 6x); "
-              f"with the vision tower in both: {res['rollout_speedup_with_vision']:.1f}x")
-        print(f"latent training step (both passes + backward) / SFT step: {res['latent_step_over_sft']:.2f}x (goal <= 3x)")
+        print(
+            f"rollout B={B} K={K} ({res['threads']} torch thread{'s' if res['threads'] > 1 else ''}): "
+            f"LM calls per batch {calls[0]} batched vs {calls[1]} reference"
+        )
+        print(
+            f"wall ratio reference/batched: {res['rollout_speedup']:.1f}x (goal >= 6x); "
+            f"with the vision tower in both: {res['rollout_speedup_with_vision']:.1f}x"
+        )
+        print(
+            f"latent training step (both passes + backward) / SFT step: {res['latent_step_over_sft']:.2f}x (goal <= 3x)"
+        )
     return res
+
 
 @dataclass
 class BenchRolloutArgs:
     "Flags of `latentcot bench rollout`."
+
     B: int = field(default=8, metadata={"help": "batch size"})
     K: int = field(default=8, metadata={"help": "latents per sample"})
     repeats: int = field(default=7, metadata={"help": "timed runs of each variant (best of)"})
     seed: int = field(default=0, metadata={"help": "seed of the toy batch and the weights"})
     threads: int = field(default=1, metadata={"help": "torch threads for every variant (0: torch's default)"})
 
+
 def bench_rollout_main(argv=None) -> int:
     "CLI `latentcot bench rollout [--B 8] [--K 8] [--repeats 7] [--seed 0] [--threads 1]`."
     from latentcot.config import cli_parser
-    (a,) = cli_parser(BenchRolloutArgs, config=False, prog="latentcot bench rollout",
-                      description=bench_rollout.__doc__).parse_args_into_dataclasses(argv)
+
+    (a,) = cli_parser(
+        BenchRolloutArgs, config=False, prog="latentcot bench rollout", description=bench_rollout.__doc__
+    ).parse_args_into_dataclasses(argv)
     bench_rollout(a.B, a.K, a.repeats, a.seed, threads=a.threads)
     return 0

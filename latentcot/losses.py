@@ -22,18 +22,23 @@ __all__ = ['TERMS', 'positions_mask', 'gather_positions', 'ce_loss', 'ce_term', 
 
 # %% ../nbs/08_losses.ipynb #0ad9b79e
 def _check_positions(positions, B: int, L: int, what: str):
-    if len(positions) != B: raise ValueError(f"{what}: {len(positions)} position lists for a batch of {B}")
+    if len(positions) != B:
+        raise ValueError(f"{what}: {len(positions)} position lists for a batch of {B}")
     for b, pos in enumerate(positions):
         bad = [p for p in pos if not 0 <= p < L]
-        if bad: raise ValueError(f"{what}: sample {b} has positions {bad[:5]} outside [0, {L})")
+        if bad:
+            raise ValueError(f"{what}: sample {b} has positions {bad[:5]} outside [0, {L})")
+
 
 def positions_mask(positions: Sequence[Sequence[int]], shape, device=None) -> torch.Tensor:
     "Bool `[B,L]` mask, True at `positions[b]` of row `b`."
     B, L = shape
     _check_positions(positions, B, L, "positions_mask")
     mask = torch.zeros(B, L, dtype=torch.bool, device=device)
-    for b, pos in enumerate(positions): mask[b, list(pos)] = True
+    for b, pos in enumerate(positions):
+        mask[b, list(pos)] = True
     return mask
+
 
 def gather_positions(hidden: torch.Tensor, positions: Sequence[Sequence[int]]) -> torch.Tensor:
     "Rows of `hidden` (`[B,L,D]` or `[n,B,L,D]`) at `positions`, samples concatenated in order: `[N,D]` or `[n,N,D]`."
@@ -44,18 +49,22 @@ def gather_positions(hidden: torch.Tensor, positions: Sequence[Sequence[int]]) -
     return hidden[..., b, p, :]
 
 # %% ../nbs/08_losses.ipynb #db6d6b6b
-def ce_loss(logits: torch.Tensor, labels: torch.Tensor, emphasize_mask: torch.Tensor | None = None,
-            factor: float = 1.0) -> torch.Tensor:
+def ce_loss(
+    logits: torch.Tensor, labels: torch.Tensor, emphasize_mask: torch.Tensor | None = None, factor: float = 1.0
+) -> torch.Tensor:
     "Shifted next-token CE, weighted mean over target tokens; targets in `emphasize_mask` weigh `factor`."
     if logits.shape[:2] != labels.shape:
         raise ValueError(f"ce_loss: logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)}")
     logits, target = logits[:, :-1].float(), labels[:, 1:]
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
-                         reduction="none").view_as(target)
+    ce = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="none"
+    ).view_as(target)
     w = (target != -100).float()
     if emphasize_mask is not None and factor != 1.0:
         if emphasize_mask.shape != labels.shape:
-            raise ValueError(f"ce_loss: emphasize_mask {tuple(emphasize_mask.shape)} does not match labels {tuple(labels.shape)}")
+            raise ValueError(
+                f"ce_loss: emphasize_mask {tuple(emphasize_mask.shape)} does not match labels {tuple(labels.shape)}"
+            )
         w = w * torch.where(emphasize_mask[:, 1:].to(w.device), float(factor), 1.0)
     return (ce * w).sum() / w.sum().clamp_min(1e-12) if w.sum() > 0 else logits.sum() * 0.0
 
@@ -64,15 +73,19 @@ def ce_term(logits: torch.Tensor, batch: dict, cfg: LatentCoTConfig) -> torch.Te
     "CE of a collated batch with the config's `ce_emphasize_factor` and `only_predict_obs`."
     labels = batch["labels"].to(logits.device)
     obs = positions_mask(batch["observation_positions"], labels.shape, labels.device)
-    if cfg.only_predict_obs and batch.get("stage") != "stage1": labels = torch.where(obs, labels, -100)
+    if cfg.only_predict_obs and batch.get("stage") != "stage1":
+        labels = torch.where(obs, labels, -100)
     return ce_loss(logits, labels, obs, cfg.ce_emphasize_factor)
 
 # %% ../nbs/08_losses.ipynb #7352a44f
 def alignment_cos(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     "Cosine similarity of each student row with its (detached) teacher row: shape `student.shape[:-1]`."
     if student.shape != teacher.shape:
-        raise ValueError(f"alignment: student {tuple(student.shape)} and teacher {tuple(teacher.shape)} differ in shape")
+        raise ValueError(
+            f"alignment: student {tuple(student.shape)} and teacher {tuple(teacher.shape)} differ in shape"
+        )
     return F.cosine_similarity(student.float(), teacher.detach().to(student.device).float(), dim=-1)
+
 
 def alignment_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     "Mean `1 - cos` between student and detached teacher rows (`[D]`, `[N,D]` or `[layers,N,D]`)."
@@ -83,34 +96,52 @@ def alignment_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor
 def layer_indices(spec: str, n: int) -> list[int]:
     "Indices into `n` hidden-state entries chosen by `spec` ('last', 'all' or comma-separated ints, negatives allowed)."
     spec = str(spec).strip()
-    if spec == "last": return [n - 1]
-    if spec == "all": return list(range(n))
-    try: idx = [int(x) for x in spec.split(",")]
-    except ValueError: raise ValueError(f"alignment_layer {spec!r}: expected 'last', 'all' or comma-separated integers") from None
+    if spec == "last":
+        return [n - 1]
+    if spec == "all":
+        return list(range(n))
+    try:
+        idx = [int(x) for x in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"alignment_layer {spec!r}: expected 'last', 'all' or comma-separated integers") from None
     bad = [i for i in idx if not -n <= i < n]
-    if bad: raise ValueError(f"alignment_layer {spec!r}: layers {bad} out of range for {n} hidden-state entries (0..{n - 1})")
+    if bad:
+        raise ValueError(
+            f"alignment_layer {spec!r}: layers {bad} out of range for {n} hidden-state entries (0..{n - 1})"
+        )
     out = [i % n for i in idx]
-    if len(set(out)) != len(out): raise ValueError(f"alignment_layer {spec!r}: a layer is chosen twice")
+    if len(set(out)) != len(out):
+        raise ValueError(f"alignment_layer {spec!r}: a layer is chosen twice")
     return out
+
 
 def select_layers(hidden_states, spec: str) -> torch.Tensor:
     "The hidden states chosen by `spec`, stacked: `[n_chosen, ...]`, from a tuple of tensors or a stacked tensor."
     return torch.stack([hidden_states[i] for i in layer_indices(spec, len(hidden_states))])
 
+
 def gather_layers(hidden_states, spec: str, positions: Sequence[Sequence[int]]) -> torch.Tensor:
     "`gather_positions(select_layers(hidden_states, spec), positions)` without stacking whole layers: `[n_chosen, N, D]`."
-    return torch.stack([gather_positions(hidden_states[i], positions) for i in layer_indices(spec, len(hidden_states))])
+    return torch.stack(
+        [gather_positions(hidden_states[i], positions) for i in layer_indices(spec, len(hidden_states))]
+    )
 
 # %% ../nbs/08_losses.ipynb #a774c9ec
 def _teacher_layers(teacher: torch.Tensor, spec: str, n_all: int, n_chosen: int) -> torch.Tensor:
-    if teacher.dim() == 3 and teacher.shape[0] == n_all: return select_layers(teacher, spec)
-    if teacher.dim() == 3 and teacher.shape[0] == n_chosen: return teacher
-    raise ValueError(f"alignment: teacher {tuple(teacher.shape)} must hold all {n_all} hidden-state entries or the "
-                     f"{n_chosen} chosen by alignment_layer={spec!r}, as [layers, N, D]")
+    if teacher.dim() == 3 and teacher.shape[0] == n_all:
+        return select_layers(teacher, spec)
+    if teacher.dim() == 3 and teacher.shape[0] == n_chosen:
+        return teacher
+    raise ValueError(
+        f"alignment: teacher {tuple(teacher.shape)} must hold all {n_all} hidden-state entries or the "
+        f"{n_chosen} chosen by alignment_layer={spec!r}, as [layers, N, D]"
+    )
+
 
 def rows(x) -> torch.Tensor:
     "A tensor as is; a per-sample list of `[N_b,D]` (or `[n,N_b,D]`) tensors concatenated along the rows."
     return x if torch.is_tensor(x) else torch.cat(list(x), dim=-2)
+
 
 def active_rows(positions, latent_mask):
     "Per sample, the positions whose latent is active, and the indices of their rows among all `positions`."
@@ -120,19 +151,30 @@ def active_rows(positions, latent_mask):
     keep = [i for i, (b, p) in enumerate(flat) if m[b][p]]
     return [[p for p in pos if m[b][p]] for b, pos in enumerate(positions)], keep
 
-def latent_alignment(cfg: LatentCoTConfig, teacher, latents=None, hidden_states=None,
-                     positions: Sequence[Sequence[int]] | None = None, latent_mask: torch.Tensor | None = None) -> torch.Tensor:
+
+def latent_alignment(
+    cfg: LatentCoTConfig,
+    teacher,
+    latents=None,
+    hidden_states=None,
+    positions: Sequence[Sequence[int]] | None = None,
+    latent_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     "Stage-3 alignment at the latent pads: the latents (`'last'`) or chosen layers at `positions`, vs the teacher."
     teacher, last = rows(teacher), cfg.alignment_layer.strip() == "last"
-    if latent_mask is not None:                              # mode C: inactive latents are not aligned
-        if positions is None: raise ValueError("latent_alignment: `latent_mask` needs the `positions` the teacher rows follow")
+    if latent_mask is not None:  # mode C: inactive latents are not aligned
+        if positions is None:
+            raise ValueError("latent_alignment: `latent_mask` needs the `positions` the teacher rows follow")
         positions, keep = active_rows(positions, latent_mask)
         teacher = teacher[..., torch.tensor(keep, dtype=torch.long, device=teacher.device), :]
     if last:
-        if latents is None: raise ValueError("latent_alignment: alignment_layer='last' aligns the latents; pass `latents` [N, D]")
+        if latents is None:
+            raise ValueError("latent_alignment: alignment_layer='last' aligns the latents; pass `latents` [N, D]")
         return alignment_loss(rows(latents), teacher)
     if hidden_states is None or positions is None:
-        raise ValueError(f"latent_alignment: alignment_layer={cfg.alignment_layer!r} needs `hidden_states` and `positions`")
+        raise ValueError(
+            f"latent_alignment: alignment_layer={cfg.alignment_layer!r} needs `hidden_states` and `positions`"
+        )
     student = gather_layers(hidden_states, cfg.alignment_layer, positions)
     return alignment_loss(student, _teacher_layers(teacher, cfg.alignment_layer, len(hidden_states), student.shape[0]))
 
@@ -140,19 +182,28 @@ def latent_alignment(cfg: LatentCoTConfig, teacher, latents=None, hidden_states=
 def latent_only(loss: torch.Tensor, latents, weight: float = 1.0) -> torch.Tensor:
     "`loss`'s value, with `weight` times only the gradient that reaches the parameters through `latents`."
     vs = [v for v in ([latents] if torch.is_tensor(latents) else list(latents)) if v.requires_grad]
-    if not loss.requires_grad or not vs or weight == 0: return loss.detach()
+    if not loss.requires_grad or not vs or weight == 0:
+        return loss.detach()
     grads = torch.autograd.grad(loss, vs, retain_graph=True, allow_unused=True)  # keeps pass 2 for the CE backward
     if all(g is None for g in grads):
-        raise ValueError("latent_only: the loss does not depend on `latents`; pass the very tensor written into pass 2's inputs")
+        raise ValueError(
+            "latent_only: the loss does not depend on `latents`; pass the very tensor written into pass 2's inputs"
+        )
     sur = sum((v * g.detach()).sum() for v, g in zip(vs, grads) if g is not None)
     return loss.detach() + weight * (sur - sur.detach())
 
-def observation_alignment(cfg: LatentCoTConfig, hidden_states, positions: Sequence[Sequence[int]],
-                          teacher: torch.Tensor, latents) -> torch.Tensor:
+
+def observation_alignment(
+    cfg: LatentCoTConfig, hidden_states, positions: Sequence[Sequence[int]], teacher: torch.Tensor, latents
+) -> torch.Tensor:
     "Stage-2 alignment at observation `positions`, backpropagated only through `latents` (x `emphasize_latent_weight`)."
     student = gather_layers(hidden_states, cfg.alignment_layer, positions)
     teacher = rows(teacher)
-    teacher = teacher[None] if teacher.dim() == 2 else _teacher_layers(teacher, cfg.alignment_layer, len(hidden_states), student.shape[0])
+    teacher = (
+        teacher[None]
+        if teacher.dim() == 2
+        else _teacher_layers(teacher, cfg.alignment_layer, len(hidden_states), student.shape[0])
+    )
     return latent_only(alignment_loss(student, teacher), latents, cfg.emphasize_latent_weight)
 
 # %% ../nbs/08_losses.ipynb #093363da
@@ -160,20 +211,26 @@ def stop_target(budget: int, rho: float) -> int:
     "The pseudo-label length of a segment: `max(1, round(rho * budget))`, rounding half up."
     return max(1, math.floor(rho * budget + 0.5))
 
+
 def stop_labels(n_steps: int, budget: int, rho: float) -> torch.Tensor:
     "Float labels of the first `n_steps` latent steps: 0 before step `target-1`, 1 from it on."
     return (torch.arange(n_steps) >= stop_target(budget, rho) - 1).float()
 
+
 def stop_loss(stop_logits, budgets: Sequence[Sequence[int]], rho: float) -> torch.Tensor:
     "BCE of the stop logits (`[b][segment] -> [steps]`) against the pseudo-labels, averaged per step."
-    if len(stop_logits) != len(budgets): raise ValueError(f"stop_loss: {len(stop_logits)} samples of logits, {len(budgets)} of budgets")
+    if len(stop_logits) != len(budgets):
+        raise ValueError(f"stop_loss: {len(stop_logits)} samples of logits, {len(budgets)} of budgets")
     xs, ys = [], []
     for b, (segs, buds) in enumerate(zip(stop_logits, budgets)):
-        if len(segs) != len(buds): raise ValueError(f"stop_loss: sample {b} has {len(segs)} segments of logits and {len(buds)} budgets")
+        if len(segs) != len(buds):
+            raise ValueError(f"stop_loss: sample {b} has {len(segs)} segments of logits and {len(buds)} budgets")
         for m, (x, bud) in enumerate(zip(segs, buds)):
             x = x.reshape(-1)
-            if x.numel() > bud: raise ValueError(f"stop_loss: sample {b} segment {m} has {x.numel()} stop logits for budget {bud}")
-            xs.append(x); ys.append(stop_labels(x.numel(), bud, rho).to(x.device))
+            if x.numel() > bud:
+                raise ValueError(f"stop_loss: sample {b} segment {m} has {x.numel()} stop logits for budget {bud}")
+            xs.append(x)
+            ys.append(stop_labels(x.numel(), bud, rho).to(x.device))
     if not xs or sum(x.numel() for x in xs) == 0:
         raise ValueError("stop_loss: no latent steps in the batch")
     return F.binary_cross_entropy_with_logits(torch.cat(xs).float(), torch.cat(ys))
@@ -183,11 +240,15 @@ def cost_loss(used_lens: Sequence[Sequence[int]], budgets: Sequence[Sequence[int
     "Mean over samples of `sum(used_len)` (integer lengths, no gradient); checks `0 <= used_len <= budget`."
     for b, lens in enumerate(used_lens):
         buds = budgets[b] if budgets is not None else [None] * len(lens)
-        if len(buds) != len(lens): raise ValueError(f"cost_loss: sample {b} has {len(lens)} used lengths and {len(buds)} budgets")
+        if len(buds) != len(lens):
+            raise ValueError(f"cost_loss: sample {b} has {len(lens)} used lengths and {len(buds)} budgets")
         for m, (n, bud) in enumerate(zip(lens, buds)):
             if int(n) != n or n < 0 or (bud is not None and n > bud):
-                raise ValueError(f"cost_loss: sample {b} segment {m} used_len {n} is not an integer in [0, {bud if bud is not None else 'budget'}]")
-    if not used_lens: raise ValueError("cost_loss: empty batch")
+                raise ValueError(
+                    f"cost_loss: sample {b} segment {m} used_len {n} is not an integer in [0, {bud if bud is not None else 'budget'}]"
+                )
+    if not used_lens:
+        raise ValueError("cost_loss: empty batch")
     return torch.tensor([float(sum(int(n) for n in lens)) for lens in used_lens]).mean()
 
 # %% ../nbs/08_losses.ipynb #e455495b
@@ -198,9 +259,12 @@ def segment_budgets(batch: dict, segments) -> list[list[int]]:
         buds = batch["latent_budgets"][b]
         for m, (s, e, i) in enumerate(segs):
             if not 0 <= i < len(buds) or buds[i] != e - s:
-                raise ValueError(f"sample {b} segment {m} [{s}, {e}) of image {i}: length {e - s} does not match latent_budgets[{b}] = {buds}")
+                raise ValueError(
+                    f"sample {b} segment {m} [{s}, {e}) of image {i}: length {e - s} does not match latent_budgets[{b}] = {buds}"
+                )
         out.append([buds[i] for _, _, i in segs])
     return out
+
 
 def segment_stop_logits(stop_logits: torch.Tensor, step_mask: torch.Tensor, segments) -> list[list[torch.Tensor]]:
     "Per sample and segment, the stop logits of the latent steps that ran (a prefix of the segment)."
@@ -211,11 +275,16 @@ def segment_stop_logits(stop_logits: torch.Tensor, step_mask: torch.Tensor, segm
             ran = step_mask[b, s:e]
             n = int(ran.sum())
             if not bool(ran[:n].all()):
-                raise ValueError(f"sample {b} segment {m} [{s}, {e}): the latent steps that ran are not a prefix: {ran.int().tolist()}")
-            row.append(stop_logits[b, s:s + n]); n_seen += n
+                raise ValueError(
+                    f"sample {b} segment {m} [{s}, {e}): the latent steps that ran are not a prefix: {ran.int().tolist()}"
+                )
+            row.append(stop_logits[b, s : s + n])
+            n_seen += n
         out.append(row)
-    if n_seen != int(step_mask.sum()): raise ValueError(f"{int(step_mask.sum()) - n_seen} latent steps lie outside every segment")
+    if n_seen != int(step_mask.sum()):
+        raise ValueError(f"{int(step_mask.sum()) - n_seen} latent steps lie outside every segment")
     return out
+
 
 def stop_term(out, batch: dict, cfg: LatentCoTConfig) -> torch.Tensor:
     "`stop_loss` of a latent-engine output (mode C: the rollout ran with a stop head)."
@@ -224,35 +293,48 @@ def stop_term(out, batch: dict, cfg: LatentCoTConfig) -> torch.Tensor:
     logits = segment_stop_logits(out.latent_stop_logits, out.latent_step_mask, out.segments)
     return stop_loss(logits, segment_budgets(batch, out.segments), cfg.latent_stop_rho)
 
+
 def cost_term(out, batch: dict) -> torch.Tensor:
     "`cost_loss` of a latent-engine output's `latent_used_lens`, checked against the budgets."
     return cost_loss(out.latent_used_lens, segment_budgets(batch, out.segments))
 
 # %% ../nbs/08_losses.ipynb #e67944e2
-TERMS = ("ce", "alignment", "stop", "cost", "generation")   # generation: seed 000's flow loss of Z (latentcot.mmdit)
+TERMS = ("ce", "alignment", "stop", "cost", "generation")  # generation: seed 000's flow loss of Z (latentcot.mmdit)
+
 
 def term_weights(cfg: LatentCoTConfig) -> dict:
     "Weight of each loss term under `cfg` (0 = off)."
     on, c = set(cfg.loss_terms), cfg.latent_mode_stage == "C"
-    return {"ce": 1.0 if "ce" in on else 0.0, "alignment": cfg.alignment_weight if "alignment" in on else 0.0,
-            "stop": cfg.latent_stop_loss_weight if c else 0.0, "cost": cfg.latent_cost_weight if c else 0.0,
-            "generation": cfg.generation_loss_weight}
+    return {
+        "ce": 1.0 if "ce" in on else 0.0,
+        "alignment": cfg.alignment_weight if "alignment" in on else 0.0,
+        "stop": cfg.latent_stop_loss_weight if c else 0.0,
+        "cost": cfg.latent_cost_weight if c else 0.0,
+        "generation": cfg.generation_loss_weight,
+    }
+
 
 def total_loss(terms: dict, cfg: LatentCoTConfig) -> tuple[torch.Tensor, dict]:
     "`ce + w_align*align + w_stop*stop + w_cost*cost` over the active terms, and every given term as a float."
     unknown = set(terms) - set(TERMS)
-    if unknown: raise ValueError(f"total_loss: unknown terms {sorted(unknown)}; expected among {list(TERMS)}")
+    if unknown:
+        raise ValueError(f"total_loss: unknown terms {sorted(unknown)}; expected among {list(TERMS)}")
     weights, loss, report = term_weights(cfg), None, {}
     for name in TERMS:
         w = weights[name]
         if w and name not in terms:
-            raise ValueError(f"total_loss: term {name!r} is on (weight {w} under loss_type={cfg.loss_type!r}, "
-                             f"latent_mode_stage={cfg.latent_mode_stage!r}) but missing; pass None if this step does not compute it")
+            raise ValueError(
+                f"total_loss: term {name!r} is on (weight {w} under loss_type={cfg.loss_type!r}, "
+                f"latent_mode_stage={cfg.latent_mode_stage!r}) but missing; pass None if this step does not compute it"
+            )
         v = terms.get(name)
-        if v is None: continue
+        if v is None:
+            continue
         report[name] = float(v.detach().float()) if torch.is_tensor(v) else float(v)
-        if w: loss = w * v if loss is None else loss + w * v
-    if loss is None: raise ValueError(f"total_loss: no active term among {sorted(k for k, v in terms.items() if v is not None)}")
+        if w:
+            loss = w * v if loss is None else loss + w * v
+    if loss is None:
+        raise ValueError(f"total_loss: no active term among {sorted(k for k, v in terms.items() if v is not None)}")
     return loss, report
 
 # %% ../nbs/08_losses.ipynb #c1c38cf9
@@ -262,15 +344,21 @@ def latent_terms(out, batch: dict, cfg: LatentCoTConfig, teacher=None, teacher_o
     terms = {"ce": ce_term(out.logits, batch, cfg), "alignment": None}
     at_obs = stage == "stage2" and teacher_observations is not None
     if "alignment" in cfg.loss_terms and stage in ("stage2", "stage3"):
-        if teacher is None and not at_obs: raise ValueError(f"latent_terms: loss_type has alignment but no teacher was given ({stage})")
+        if teacher is None and not at_obs:
+            raise ValueError(f"latent_terms: loss_type has alignment but no teacher was given ({stage})")
         needs_hidden = at_obs or cfg.alignment_layer.strip() != "last"
         if needs_hidden and out.hidden_states is None:
-            raise ValueError(f"latent_terms: {stage} alignment on layers {cfg.alignment_layer!r} needs the latent forward's hidden states (output_hidden_states=True)")
-        if at_obs:      # seed 000 stage 2: at the observation tokens, gradient only through the latents
-            terms["alignment"] = observation_alignment(cfg, out.hidden_states, batch["observation_positions"],
-                                                       teacher_observations, out.latents)
-        else:           # seed 001 (no observation states) and stage 3: at the latent pads
-            terms["alignment"] = latent_alignment(cfg, teacher, out.latents, out.hidden_states, batch["alignment_positions"], out.latent_mask)
+            raise ValueError(
+                f"latent_terms: {stage} alignment on layers {cfg.alignment_layer!r} needs the latent forward's hidden states (output_hidden_states=True)"
+            )
+        if at_obs:  # seed 000 stage 2: at the observation tokens, gradient only through the latents
+            terms["alignment"] = observation_alignment(
+                cfg, out.hidden_states, batch["observation_positions"], teacher_observations, out.latents
+            )
+        else:  # seed 001 (no observation states) and stage 3: at the latent pads
+            terms["alignment"] = latent_alignment(
+                cfg, teacher, out.latents, out.hidden_states, batch["alignment_positions"], out.latent_mask
+            )
     if cfg.latent_mode_stage == "C":
         terms.update(stop=stop_term(out, batch, cfg), cost=cost_term(out, batch))
     return terms

@@ -21,6 +21,7 @@ __all__ = ['QWEN25VL_SPECIAL', 'MASK_FLAG_DEFAULTS', 'ROLE_COLORS', 'Role', 'Tok
 # %% ../nbs/06_masks.ipynb #54822302
 class Role(enum.IntEnum):
     "What a token is, for the attention rules."
+
     PAD = 0
     TEXT = 1
     QUESTION_IMAGE = 2
@@ -30,10 +31,13 @@ class Role(enum.IntEnum):
     OBSERVATION = 6
     ANSWER = 7
 
+
 class TokenLayout(NamedTuple):
     "Role (`Role` values) and group (image / latent segment / observation block number, else -1) per token, `[B,L]` long."
+
     roles: torch.Tensor
     groups: torch.Tensor
+
 
 _GROUPED = (Role.QUESTION_IMAGE, Role.THOUGHT_IMAGE, Role.LATENT, Role.OBSERVATION)
 
@@ -43,25 +47,30 @@ def _last_at_or_before(flag):
     ar = torch.arange(flag.shape[1], device=flag.device).expand_as(flag)
     return torch.where(flag, ar, -1).cummax(1).values
 
+
 def _prev_real(valid):
     "Index of the previous real token before each position (-1 if none)."
     last = _last_at_or_before(valid)
     return torch.cat([last.new_full((last.shape[0], 1), -1), last[:, :-1]], 1)
+
 
 def _next_real(valid):
     "Index of the next real token after each position (-1 if none)."
     p = _prev_real(valid.flip(1)).flip(1)
     return torch.where(p >= 0, valid.shape[1] - 1 - p, -1)
 
+
 def _gather(x, idx):
     "`x[b, idx[b, t]]`, and -1 where `idx` is -1."
     return torch.where(idx >= 0, x.gather(1, idx.clamp(min=0)), -1)
+
 
 def _first_error(bad, what):
     "Raise `ValueError` naming the first (sample, position) where `bad` holds."
     if bad.any():
         b, t = bad.nonzero()[0].tolist()
         raise ValueError(f"sample {b}, position {t}: {what}")
+
 
 def _span(opened, closed, name_open, name_close):
     "Tokens from an opening tag to its closing tag, both included; nesting or a stray close is an error."
@@ -70,10 +79,12 @@ def _span(opened, closed, name_open, name_close):
     _first_error(depth > 1, f"nested {name_open}")
     return (depth > 0) | closed
 
+
 def _is(x, valid, *toks):
     "Real tokens equal to any of `toks`."
     m = torch.zeros_like(valid)
-    for t in toks: m |= x == t
+    for t in toks:
+        m |= x == t
     return m & valid
 
 # %% ../nbs/06_masks.ipynb #e8fe72f1
@@ -81,108 +92,159 @@ def assistant_turns(input_ids, attention_mask, im_start: int, assistant_id: int 
     "Bool `[B,L]`: real tokens of assistant turns (see the rule above)."
     valid = attention_mask.bool()
     ims = (input_ids == im_start) & valid
-    word = _gather(input_ids, _next_real(valid))          # the token after each position (-1 at the end)
-    turn = _last_at_or_before(ims)                        # the <|im_start|> of each token's turn
-    if assistant_id is None: asst = _gather(word, turn[:, -1:])
-    else: asst = torch.full_like(input_ids[:, :1], assistant_id)
+    word = _gather(input_ids, _next_real(valid))  # the token after each position (-1 at the end)
+    turn = _last_at_or_before(ims)  # the <|im_start|> of each token's turn
+    if assistant_id is None:
+        asst = _gather(word, turn[:, -1:])
+    else:
+        asst = torch.full_like(input_ids[:, :1], assistant_id)
     return (_gather((ims & (word == asst)).long(), turn) == 1) & valid
 
 # %% ../nbs/06_masks.ipynb #6e76c6fb
 def token_layout(input_ids, attention_mask, ids, assistant_id: int | None = None) -> TokenLayout:
     "Role and group of every token, vectorised over batch and sequence; `ids` is a `SpecialIds`."
     if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
-        raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)}: "
-                         "expected two [B, L] tensors of the same shape")
+        raise ValueError(
+            f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)}: "
+            "expected two [B, L] tensors of the same shape"
+        )
     x, valid = input_ids, attention_mask.bool()
     asst = assistant_turns(x, attention_mask, ids.im_start, assistant_id)
     vs, ve = _is(x, valid, ids.vision_start), _is(x, valid, ids.vision_end)
     img = _span(vs, ve, "<|vision_start|>", "<|vision_end|>") & valid
-    _first_error(_is(x, valid, ids.image_pad, ids.video_pad) & ~img, "image/video pad outside <|vision_start|>..<|vision_end|>")
+    _first_error(
+        _is(x, valid, ids.image_pad, ids.video_pad) & ~img, "image/video pad outside <|vision_start|>..<|vision_end|>"
+    )
     os_, oe = _is(x, valid, ids.obs_start), _is(x, valid, ids.obs_end)
     obs = _span(os_, oe, "<observation>", "</observation>") & valid
     lat, tag = _is(x, valid, ids.latent_pad), _is(x, valid, ids.latent_start, ids.latent_end)
     roles = torch.where(asst, int(Role.ANSWER), int(Role.TEXT))
-    for m, r in ((obs, Role.OBSERVATION), (tag, Role.LATENT_TAG), (lat, Role.LATENT)): roles = roles.masked_fill(m, int(r))
+    for m, r in ((obs, Role.OBSERVATION), (tag, Role.LATENT_TAG), (lat, Role.LATENT)):
+        roles = roles.masked_fill(m, int(r))
     roles = torch.where(img, torch.where(asst, int(Role.THOUGHT_IMAGE), int(Role.QUESTION_IMAGE)), roles)
     roles = roles.masked_fill(~valid, int(Role.PAD))
     seg_open = lat & (_gather(lat.long(), _prev_real(valid)) != 1)
     groups = torch.full_like(x, -1)
-    for m, opens in ((obs, os_), (lat, seg_open), (img, vs)): groups = torch.where(m, opens.long().cumsum(1) - 1, groups)
+    for m, opens in ((obs, os_), (lat, seg_open), (img, vs)):
+        groups = torch.where(m, opens.long().cumsum(1) - 1, groups)
     return TokenLayout(roles, groups.masked_fill(~valid, -1))
+
 
 def token_roles(input_ids, attention_mask, ids, assistant_id: int | None = None):
     "The `Role` of every token, `[B,L]` long (the `roles` of `token_layout`)."
     return token_layout(input_ids, attention_mask, ids, assistant_id).roles
 
 # %% ../nbs/06_masks.ipynb #f0b3695d
-QWEN25VL_SPECIAL = dict(latent_pad=151665, latent_start=151666, latent_end=151667, obs_start=151668, obs_end=151669,
-                        image_pad=151655, video_pad=151656, vision_start=151652, vision_end=151653,
-                        im_start=151644, im_end=151645, endoftext=151643)
+QWEN25VL_SPECIAL = dict(
+    latent_pad=151665,
+    latent_start=151666,
+    latent_end=151667,
+    obs_start=151668,
+    obs_end=151669,
+    image_pad=151655,
+    video_pad=151656,
+    vision_start=151652,
+    vision_end=151653,
+    im_start=151644,
+    im_end=151645,
+    endoftext=151643,
+)
+
 
 @dataclass(frozen=True)
 class ChatWords:
     "Ids of the role words after `<|im_start|>` (Qwen2.5 vocabulary by default)."
+
     system: int = 8948
     user: int = 872
     assistant: int = 77091
 
+
 def qwen_special_ids():
     "`SpecialIds` with the ids of Qwen2.5-VL-7B and its five latent tokens."
     from latentcot.tokens import SpecialIds
+
     return SpecialIds(**QWEN25VL_SPECIAL)
 
 # %% ../nbs/06_masks.ipynb #53e334b6
-MASK_FLAG_DEFAULTS = dict(not_use_4d=False, mask_question_image=False,
-                          observation_tokens_cannot_see_question_image=False,
-                          observation_tokens_only_see_question_and_latent=False,
-                          latent_can_see_all_previous=True, not_mask_image=False, mask_latent=False)
+MASK_FLAG_DEFAULTS = dict(
+    not_use_4d=False,
+    mask_question_image=False,
+    observation_tokens_cannot_see_question_image=False,
+    observation_tokens_only_see_question_and_latent=False,
+    latent_can_see_all_previous=True,
+    not_mask_image=False,
+    mask_latent=False,
+)
+
 
 def mask_flags(**flags) -> dict:
     "All seven mask flags, defaults filled in; an unknown flag is an error."
     bad = sorted(set(flags) - set(MASK_FLAG_DEFAULTS))
-    if bad: raise TypeError(f"unknown mask flag(s) {bad}; known: {list(MASK_FLAG_DEFAULTS)}")
+    if bad:
+        raise TypeError(f"unknown mask flag(s) {bad}; known: {list(MASK_FLAG_DEFAULTS)}")
     return {**MASK_FLAG_DEFAULTS, **{k: bool(v) for k, v in flags.items()}}
 
 # %% ../nbs/06_masks.ipynb #1e36284c
 _ALL = sum(1 << r for r in Role if r != Role.PAD)
-def _bits(*roles): return sum(1 << r for r in roles)
+
+
+def _bits(*roles):
+    return sum(1 << r for r in roles)
+
 
 def rule_table(**flags) -> tuple[list[int], list[int], bool]:
     "Per query role: bitmask of key roles always visible, of key roles visible within the same group, and `own`."
     f = mask_flags(**flags)
     always, same = [0] * len(Role), [0] * len(Role)
+
     def restrict(rq, keep, keep_if_same=0):
         "From now on a key must have a role in `keep`, or in `keep_if_same` and the query's group."
-        always[rq], same[rq] = always[rq] & keep, (same[rq] & (keep | keep_if_same)) | (always[rq] & keep_if_same & ~keep)
+        always[rq], same[rq] = always[rq] & keep, (same[rq] & (keep | keep_if_same)) | (
+            always[rq] & keep_if_same & ~keep
+        )
+
     for rq in Role:
-        if rq == Role.PAD: continue
+        if rq == Role.PAD:
+            continue
         if rq == Role.LATENT:
-            if f["latent_can_see_all_previous"]: always[rq] = _ALL
+            if f["latent_can_see_all_previous"]:
+                always[rq] = _ALL
             else:
-                always[rq] = _bits(Role.TEXT, Role.QUESTION_IMAGE) | (_bits(Role.THOUGHT_IMAGE) if f["not_mask_image"] else 0)
+                always[rq] = _bits(Role.TEXT, Role.QUESTION_IMAGE) | (
+                    _bits(Role.THOUGHT_IMAGE) if f["not_mask_image"] else 0
+                )
                 same[rq] = _bits(Role.LATENT)
             continue
         always[rq] = _ALL if f["not_mask_image"] else _ALL & ~_bits(Role.THOUGHT_IMAGE)
-        if rq == Role.THOUGHT_IMAGE and not f["not_mask_image"]: same[rq] = _bits(Role.THOUGHT_IMAGE)
+        if rq == Role.THOUGHT_IMAGE and not f["not_mask_image"]:
+            same[rq] = _bits(Role.THOUGHT_IMAGE)
         if f["mask_question_image"]:
-            restrict(rq, _ALL & ~_bits(Role.QUESTION_IMAGE), _bits(Role.QUESTION_IMAGE) if rq == Role.QUESTION_IMAGE else 0)
+            restrict(
+                rq, _ALL & ~_bits(Role.QUESTION_IMAGE), _bits(Role.QUESTION_IMAGE) if rq == Role.QUESTION_IMAGE else 0
+            )
         if rq == Role.OBSERVATION and f["observation_tokens_cannot_see_question_image"]:
             restrict(rq, _ALL & ~_bits(Role.QUESTION_IMAGE))
         if rq == Role.OBSERVATION and f["observation_tokens_only_see_question_and_latent"]:
             restrict(rq, _bits(Role.TEXT, Role.LATENT), _bits(Role.OBSERVATION))
-        if f["mask_latent"]: restrict(rq, _ALL & ~_bits(Role.LATENT))
+        if f["mask_latent"]:
+            restrict(rq, _ALL & ~_bits(Role.LATENT))
     assert all(s & ~(1 << r) == 0 for r, s in enumerate(same)), "a group rule must compare tokens of one role"
     return always, same, not f["latent_can_see_all_previous"] and not f["not_mask_image"]
+
 
 def describe_rules(**flags) -> str:
     "The rule table as text: `x` always visible, `g` within the query's group, `o` own thought image, `.` never."
     always, same, own = rule_table(**flags)
     names = [r.name[:8] for r in Role]
     lines = ["query \\ key".ljust(16) + " ".join(n.ljust(8) for n in names)]
-    owns = lambda rq: (own and rq == Role.LATENT) or rq == Role.LATENT_TAG    # the opening tag sees the image it follows
+    owns = lambda rq: (own and rq == Role.LATENT) or rq == Role.LATENT_TAG  # the opening tag sees the image it follows
     for rq in Role:
-        cell = lambda rk: ("x" if always[rq] >> rk & 1 else "g" if same[rq] >> rk & 1
-                           else "o" if owns(rq) and rk == Role.THOUGHT_IMAGE else ".")
+        cell = lambda rk: (
+            "x"
+            if always[rq] >> rk & 1
+            else "g" if same[rq] >> rk & 1 else "o" if owns(rq) and rk == Role.THOUGHT_IMAGE else "."
+        )
         lines.append(rq.name.ljust(16) + " ".join(cell(rk).ljust(8) for rk in Role))
     return "\n".join(lines)
 
@@ -192,12 +254,15 @@ def groups_from_roles(roles, attention_mask):
     valid = attention_mask.bool()
     g = (valid & (roles != _gather(roles, _prev_real(valid)))).long().cumsum(1) - 1
     grouped = torch.zeros_like(valid)
-    for r in _GROUPED: grouped |= roles == r
+    for r in _GROUPED:
+        grouped |= roles == r
     return torch.where(grouped & valid, g, -1)
+
 
 def _owner_image(roles, groups):
     "Group of the last thought-image token at or before each position (-1 if none)."
     return _gather(groups, _last_at_or_before(roles == Role.THOUGHT_IMAGE))
+
 
 def _group_first(roles, groups):
     "Position of the first token of each token's group (same role and group number); -1 for ungrouped tokens."
@@ -208,6 +273,7 @@ def _group_first(roles, groups):
     first.scatter_reduce_(1, key, torch.arange(L, device=roles.device).expand(B, L), "amin")
     return torch.where(grouped, first.gather(1, key), -1)
 
+
 def _window_pairs(b, i, lo, hi):
     "Every `(b, i, j)` with `lo <= j <= hi`, one window per entry, and the entry each pair came from."
     n = (hi - lo + 1).clamp(min=0)
@@ -215,18 +281,24 @@ def _window_pairs(b, i, lo, hi):
     j = lo[row] + torch.arange(int(n.sum()), device=n.device) - (n.cumsum(0) - n)[row]
     return b[row], i[row], j, row
 
+
 def _check_layout(roles, attention_mask, groups):
     if roles.dim() != 2 or roles.shape != attention_mask.shape or (groups is not None and groups.shape != roles.shape):
-        raise ValueError(f"roles {tuple(roles.shape)}, attention_mask {tuple(attention_mask.shape)}"
-                         f"{'' if groups is None else f', groups {tuple(groups.shape)}'}: expected [B, L] tensors of one shape")
+        raise ValueError(
+            f"roles {tuple(roles.shape)}, attention_mask {tuple(attention_mask.shape)}"
+            f"{'' if groups is None else f', groups {tuple(groups.shape)}'}: expected [B, L] tensors of one shape"
+        )
     _first_error((roles < 0) | (roles >= len(Role)), f"role outside 0..{len(Role) - 1}")
-    if groups is not None: _first_error(groups >= roles.shape[1], "group number >= sequence length")
+    if groups is not None:
+        _first_error(groups >= roles.shape[1], "group number >= sequence length")
 
 # %% ../nbs/06_masks.ipynb #ca209d86
 def build_4d_mask(roles, attention_mask, groups=None, **flags):
     "Bool `[B,1,L,L]` attention mask (True = may attend) with causality and padding; `None` if `not_use_4d`."
-    if mask_flags(**flags)["not_use_4d"]: return None
-    if isinstance(roles, TokenLayout): roles, groups = roles
+    if mask_flags(**flags)["not_use_4d"]:
+        return None
+    if isinstance(roles, TokenLayout):
+        roles, groups = roles
     _check_layout(roles, attention_mask, groups)
     roles = roles.long()
     groups = groups_from_roles(roles, attention_mask) if groups is None else groups.long()
@@ -234,22 +306,22 @@ def build_4d_mask(roles, attention_mask, groups=None, **flags):
     roles, groups = roles.masked_fill(~valid, int(Role.PAD)), groups.masked_fill(~valid, -1)
     always, same, own = rule_table(**flags)
     dev, (B, L), nR = roles.device, roles.shape, len(Role)
-    pattern = (torch.tensor(always, device=dev)[None, :, None] & (1 << roles)[:, None, :]) != 0    # [B, role, L]
+    pattern = (torch.tensor(always, device=dev)[None, :, None] & (1 << roles)[:, None, :]) != 0  # [B, role, L]
     row_of = roles + nR * torch.arange(B, device=dev)[:, None]
     m = pattern.view(B * nR, L).index_select(0, row_of.view(-1)).view(B, L, L).tril_()
     first = _group_first(roles, groups)
     b, i = ((torch.tensor(same, device=dev)[roles] != 0) & (groups >= 0)).nonzero(as_tuple=True)
-    windows = [(b, i, first[b, i], i, b * L + i)]               # own group, from its first token up to the query
+    windows = [(b, i, first[b, i], i, b * L + i)]  # own group, from its first token up to the query
     if own:
         last_ti = _last_at_or_before(roles == Role.THOUGHT_IMAGE)
         b, i = ((roles == Role.LATENT) & (last_ti >= 0)).nonzero(as_tuple=True)
         p = last_ti[b, i]
-        windows.append((b, i, first[b, p], p, b * L + p))       # the latent's own thought image
+        windows.append((b, i, first[b, p], p, b * L + p))  # the latent's own thought image
     prev = _prev_real(valid)
-    opener = (roles == Role.LATENT_TAG) & (_gather(roles, _next_real(valid)) == Role.LATENT)    # opens a segment
+    opener = (roles == Role.LATENT_TAG) & (_gather(roles, _next_real(valid)) == Role.LATENT)  # opens a segment
     b, i = (opener & (_gather(roles, prev) == Role.THOUGHT_IMAGE)).nonzero(as_tuple=True)
     p = prev[b, i]
-    windows.append((b, i, first[b, p], p, b * L + p))           # the opening tag sees the image right before it
+    windows.append((b, i, first[b, p], p, b * L + p))  # the opening tag sees the image right before it
     flat_roles, flat_groups, flat_m = roles.view(-1), groups.view(-1), m.view(-1)
     for b, i, lo, hi, ref in windows:
         bb, ii, jj, row = _window_pairs(b, i, lo, hi)
@@ -258,9 +330,14 @@ def build_4d_mask(roles, attention_mask, groups=None, **flags):
         cell = (bb * L + ii) * L + jj
         flat_m[cell] = flat_m[cell] | keep
     f = mask_flags(**flags)
-    if f["mask_question_image"]:                                # the opening tag sees question images as its pads do
-        m |= opener[:, :, None] & (roles == Role.QUESTION_IMAGE)[:, None, :] & torch.ones(L, L, dtype=torch.bool, device=dev).tril()
-    if f["mask_latent"]: m &= ~(opener[:, None, :] & (roles != Role.LATENT)[:, :, None])
+    if f["mask_question_image"]:  # the opening tag sees question images as its pads do
+        m |= (
+            opener[:, :, None]
+            & (roles == Role.QUESTION_IMAGE)[:, None, :]
+            & torch.ones(L, L, dtype=torch.bool, device=dev).tril()
+        )
+    if f["mask_latent"]:
+        m &= ~(opener[:, None, :] & (roles != Role.LATENT)[:, :, None])
     m.diagonal(dim1=1, dim2=2).fill_(True)
     return m[:, None]
 
@@ -273,14 +350,18 @@ def causal_padding_mask(attention_mask):
     m.diagonal(dim1=1, dim2=2).fill_(True)
     return m[:, None]
 
+
 def to_additive(mask, dtype=torch.float32):
     "Additive form of a bool mask for eager attention: 0 where allowed, `finfo(dtype).min` elsewhere."
-    if mask is None: return None
+    if mask is None:
+        return None
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+
 
 def attention_mask_4d(input_ids, attention_mask, ids, assistant_id: int | None = None, **flags):
     "One call for collators: roles from the ids, then `build_4d_mask` (`None` if `not_use_4d`)."
-    if mask_flags(**flags)["not_use_4d"]: return None
+    if mask_flags(**flags)["not_use_4d"]:
+        return None
     return build_4d_mask(token_layout(input_ids, attention_mask, ids, assistant_id), attention_mask, **flags)
 
 # %% ../nbs/06_masks.ipynb #b50f90aa
@@ -290,77 +371,110 @@ def token_layout_reference(input_ids, attention_mask, ids, assistant_id: int | N
     roles, groups = torch.zeros(B, L, dtype=torch.long), torch.full((B, L), -1, dtype=torch.long)
     for b in range(B):
         toks, real = input_ids[b].tolist(), [t for t in range(L) if attention_mask[b, t]]
-        word = lambda i: toks[real[i + 1]] if i + 1 < len(real) else -1          # the token after real token i
+        word = lambda i: toks[real[i + 1]] if i + 1 < len(real) else -1  # the token after real token i
         starts = [i for i, t in enumerate(real) if toks[t] == ids.im_start]
         asst = assistant_id if assistant_id is not None else (word(starts[-1]) if starts else None)
         in_asst = in_img = in_obs = prev_lat = False
         n_img = n_obs = n_seg = -1
         for i, t in enumerate(real):
             tok = toks[t]
-            if tok == ids.im_start: in_asst = word(i) == asst
-            if tok == ids.vision_start: in_img, n_img = True, n_img + 1
-            if tok == ids.obs_start: in_obs, n_obs = True, n_obs + 1
-            if tok == ids.latent_pad and not prev_lat: n_seg += 1
-            if in_img: role, grp = (Role.THOUGHT_IMAGE if in_asst else Role.QUESTION_IMAGE), n_img
-            elif tok == ids.latent_pad: role, grp = Role.LATENT, n_seg
-            elif tok in (ids.latent_start, ids.latent_end): role, grp = Role.LATENT_TAG, -1
-            elif in_obs: role, grp = Role.OBSERVATION, n_obs
-            else: role, grp = (Role.ANSWER if in_asst else Role.TEXT), -1
+            if tok == ids.im_start:
+                in_asst = word(i) == asst
+            if tok == ids.vision_start:
+                in_img, n_img = True, n_img + 1
+            if tok == ids.obs_start:
+                in_obs, n_obs = True, n_obs + 1
+            if tok == ids.latent_pad and not prev_lat:
+                n_seg += 1
+            if in_img:
+                role, grp = (Role.THOUGHT_IMAGE if in_asst else Role.QUESTION_IMAGE), n_img
+            elif tok == ids.latent_pad:
+                role, grp = Role.LATENT, n_seg
+            elif tok in (ids.latent_start, ids.latent_end):
+                role, grp = Role.LATENT_TAG, -1
+            elif in_obs:
+                role, grp = Role.OBSERVATION, n_obs
+            else:
+                role, grp = (Role.ANSWER if in_asst else Role.TEXT), -1
             roles[b, t], groups[b, t] = int(role), grp
-            if tok == ids.vision_end: in_img = False
-            if tok == ids.obs_end: in_obs = False
+            if tok == ids.vision_end:
+                in_img = False
+            if tok == ids.obs_end:
+                in_obs = False
             prev_lat = tok == ids.latent_pad
     return TokenLayout(roles, groups)
+
 
 def _runs_reference(R, V):
     "Groups of one sample as runs of one role over real tokens (the loop form of `groups_from_roles`)."
     G, g, prev = [-1] * len(R), -1, None
     for t, (r, v) in enumerate(zip(R, V)):
-        if not v: continue
-        if r != prev: g += 1
-        if r in _GROUPED: G[t] = g
+        if not v:
+            continue
+        if r != prev:
+            g += 1
+        if r in _GROUPED:
+            G[t] = g
         prev = r
     return G
 
 # %% ../nbs/06_masks.ipynb #8cb93112
 def may_attend(i, j, R, G, own, V, f) -> bool:
     "The rules as they read: may query `i` attend to key `j`? (roles `R`, groups `G`, own images, validity `V`, flags `f`)"
-    if i == j: return True                                    # every row keeps its diagonal
-    if j > i or not V[i] or not V[j]: return False            # causality and padding
+    if i == j:
+        return True  # every row keeps its diagonal
+    if j > i or not V[i] or not V[j]:
+        return False  # causality and padding
     rq, rk, same = R[i], R[j], G[i] == G[j]
     if rq == Role.LATENT:
-        if f["latent_can_see_all_previous"]: ok = True
-        elif rk in (Role.TEXT, Role.QUESTION_IMAGE): ok = True
-        elif rk == Role.THOUGHT_IMAGE: ok = own[i] == G[j] or f["not_mask_image"]
-        elif rk == Role.LATENT: ok = same
-        else: ok = False
+        if f["latent_can_see_all_previous"]:
+            ok = True
+        elif rk in (Role.TEXT, Role.QUESTION_IMAGE):
+            ok = True
+        elif rk == Role.THOUGHT_IMAGE:
+            ok = own[i] == G[j] or f["not_mask_image"]
+        elif rk == Role.LATENT:
+            ok = same
+        else:
+            ok = False
     elif rk == Role.THOUGHT_IMAGE:
-        ok = f["not_mask_image"] or (rq == Role.THOUGHT_IMAGE and same) or (_opener(i, R, V) and _image_before(i, R, G, V) == G[j])
-    else: ok = True
+        ok = (
+            f["not_mask_image"]
+            or (rq == Role.THOUGHT_IMAGE and same)
+            or (_opener(i, R, V) and _image_before(i, R, G, V) == G[j])
+        )
+    else:
+        ok = True
     if f["mask_question_image"] and rk == Role.QUESTION_IMAGE and rq != Role.LATENT and not _opener(i, R, V):
         ok = ok and rq == Role.QUESTION_IMAGE and same
     if f["observation_tokens_cannot_see_question_image"] and rq == Role.OBSERVATION and rk == Role.QUESTION_IMAGE:
         ok = False
     if f["observation_tokens_only_see_question_and_latent"] and rq == Role.OBSERVATION:
         ok = ok and (rk in (Role.TEXT, Role.LATENT) or (rk == Role.OBSERVATION and same))
-    if f["mask_latent"] and rq != Role.LATENT and (rk == Role.LATENT or _opener(j, R, V)): ok = False
+    if f["mask_latent"] and rq != Role.LATENT and (rk == Role.LATENT or _opener(j, R, V)):
+        ok = False
     return ok
+
 
 def _opener(i, R, V) -> bool:
     "Is token `i` a segment's opening tag (a latent tag whose next real token is a latent pad)?"
     after = [k for k in range(i + 1, len(R)) if V[k]][:1]
     return R[i] == Role.LATENT_TAG and bool(after) and R[after[0]] == Role.LATENT
 
+
 def _image_before(i, R, G, V):
     "The group of the thought image right before token `i`, else `None`."
     before = [k for k in range(i) if V[k]][-1:]
     return G[before[0]] if before and R[before[0]] == Role.THOUGHT_IMAGE else None
 
+
 def build_4d_mask_reference(roles, attention_mask, groups=None, **flags):
     "Loop over samples, queries and keys calling `may_attend`: the oracle and baseline of `build_4d_mask`."
     f = mask_flags(**flags)
-    if f["not_use_4d"]: return None
-    if isinstance(roles, TokenLayout): roles, groups = roles
+    if f["not_use_4d"]:
+        return None
+    if isinstance(roles, TokenLayout):
+        roles, groups = roles
     B, L = roles.shape
     out = torch.zeros(B, 1, L, L, dtype=torch.bool)
     for b in range(B):
@@ -369,10 +483,12 @@ def build_4d_mask_reference(roles, attention_mask, groups=None, **flags):
         G = groups[b].tolist() if groups is not None else _runs_reference(Rb, V)
         own, last = [], -1
         for r, g in zip(Rb, G):
-            if r == Role.THOUGHT_IMAGE: last = g
+            if r == Role.THOUGHT_IMAGE:
+                last = g
             own.append(last)
         rows = bytearray()
-        for i in range(L): rows += bytes(may_attend(i, j, Rb, G, own, V, f) for j in range(L))
+        for i in range(L):
+            rows += bytes(may_attend(i, j, Rb, G, own, V, f) for j in range(L))
         out[b, 0] = torch.frombuffer(rows, dtype=torch.bool).view(L, L)
     return out
 
@@ -385,21 +501,32 @@ def random_sample_tokens(rng: random.Random, L: int, ids, words=ChatWords(), mul
     seq = [ids.im_start, words.system] + text(rng.randint(1, 2 * u)) + [ids.im_end] + text(1)
     for turn in range(rng.randint(1, 2) if multi_turn else 1):
         seq += [ids.im_start, words.user]
-        for _ in range(rng.randint(0 if turn else 1, 2)): seq += image()
-        seq += text(rng.randint(1, 3 * u)) + [ids.im_end] + text(1) + [ids.im_start, words.assistant] + text(rng.randint(0, 2))
+        for _ in range(rng.randint(0 if turn else 1, 2)):
+            seq += image()
+        seq += (
+            text(rng.randint(1, 3 * u))
+            + [ids.im_end]
+            + text(1)
+            + [ids.im_start, words.assistant]
+            + text(rng.randint(0, 2))
+        )
         student, tags = rng.random() < 0.2, rng.random() < 0.8
         for _ in range(rng.randint(1, 3)):
-            if not student: seq += image()
+            if not student:
+                seq += image()
             lat = [ids.latent_pad] * rng.randint(1, 2 * u)
             seq += [ids.latent_start] + lat + [ids.latent_end] if tags else lat
-            if rng.random() < 0.7: seq += [ids.obs_start] + text(rng.randint(1, 2 * u)) + [ids.obs_end]
+            if rng.random() < 0.7:
+                seq += [ids.obs_start] + text(rng.randint(1, 2 * u)) + [ids.obs_end]
             seq += text(rng.randint(0, u))
         seq += text(rng.randint(1, 2 * u)) + [ids.im_end]
     return seq
 
+
 def random_batch(B: int, L: int, ids, seed=0, padding="right", words=ChatWords(), multi_turn=False, inner_pad=True):
     "A batch `(input_ids, attention_mask)` `[B,L]` of random chats; `padding` is 'left', 'right' or 'mixed'."
-    if padding not in ("left", "right", "mixed"): raise ValueError(f"padding must be left, right or mixed, not {padding!r}")
+    if padding not in ("left", "right", "mixed"):
+        raise ValueError(f"padding must be left, right or mixed, not {padding!r}")
     rng = random.Random(seed)
     input_ids = torch.full((B, L), ids.endoftext, dtype=torch.long)
     attention_mask = torch.zeros(B, L, dtype=torch.long)
@@ -409,12 +536,15 @@ def random_batch(B: int, L: int, ids, seed=0, padding="right", words=ChatWords()
             mask = [1] * len(toks)
             for _ in range(rng.randint(0, 3) if inner_pad else 0):
                 p, n = rng.randrange(1, len(toks) + 1), rng.randint(1, max(L // 128, 1))
-                toks[p:p] = [ids.endoftext] * n; mask[p:p] = [0] * n
-            if len(toks) <= L: break
-        else: raise ValueError(f"random_batch: no sample fits into L={L}")
+                toks[p:p] = [ids.endoftext] * n
+                mask[p:p] = [0] * n
+            if len(toks) <= L:
+                break
+        else:
+            raise ValueError(f"random_batch: no sample fits into L={L}")
         side = padding if padding != "mixed" else rng.choice(["left", "right"])
         s = L - len(toks) if side == "left" else 0
-        input_ids[b, s:s + len(toks)], attention_mask[b, s:s + len(toks)] = torch.tensor(toks), torch.tensor(mask)
+        input_ids[b, s : s + len(toks)], attention_mask[b, s : s + len(toks)] = torch.tensor(toks), torch.tensor(mask)
     return input_ids, attention_mask
 
 # %% ../nbs/06_masks.ipynb #8b419044
@@ -422,6 +552,7 @@ def bench_masks(B=8, L=2048, repeats=3, seed=0, ids=None, threads: int | None = 
     "Time the vectorised mask against the per-token reference on a random batch: `equal`, both times, `speedup`."
     ids = ids if ids is not None else qwen_special_ids()
     from torch.utils.benchmark import Timer
+
     input_ids, attention_mask = random_batch(B, L, ids, seed=seed, padding="mixed")
     n_threads = threads or torch.get_num_threads()
     build = lambda: build_4d_mask(token_layout(input_ids, attention_mask, ids), attention_mask, **flags)
@@ -431,39 +562,63 @@ def bench_masks(B=8, L=2048, repeats=3, seed=0, ids=None, threads: int | None = 
     t0 = time.perf_counter()  # once, by hand: the reference takes seconds to minutes, and Timer would run it 3 times
     ref = build_4d_mask_reference(token_layout_reference(input_ids, attention_mask, ids), attention_mask, **flags)
     t_ref = time.perf_counter() - t0
-    res = dict(B=B, L=L, threads=n_threads, equal=bool(torch.equal(fast, ref)), vectorised_s=t_fast,
-               reference_s=t_ref, speedup=t_ref / t_fast)
+    res = dict(
+        B=B,
+        L=L,
+        threads=n_threads,
+        equal=bool(torch.equal(fast, ref)),
+        vectorised_s=t_fast,
+        reference_s=t_ref,
+        speedup=t_ref / t_fast,
+    )
     if verbose:
-        print(f"masks B={B} L={L}: vectorised {t_fast * 1e3:.1f} ms (mean of {max(repeats, 1)}, "
-              f"{n_threads} thread{'s' if n_threads > 1 else ''}), reference {t_ref:.2f} s, "
-              f"speedup {res['speedup']:.0f}x, equal={res['equal']}")
+        print(
+            f"masks B={B} L={L}: vectorised {t_fast * 1e3:.1f} ms (mean of {max(repeats, 1)}, "
+            f"{n_threads} thread{'s' if n_threads > 1 else ''}), reference {t_ref:.2f} s, "
+            f"speedup {res['speedup']:.0f}x, equal={res['equal']}"
+        )
     return res
+
 
 @dataclass
 class BenchMasksArgs:
     "Flags of `latentcot bench masks`."
+
     B: int = field(default=8, metadata={"help": "batch size"})
     L: int = field(default=2048, metadata={"help": "sequence length"})
     repeats: int = field(default=3, metadata={"help": "timed runs of the vectorised builder"})
     seed: int = field(default=0, metadata={"help": "seed of the random layouts"})
     threads: int = field(default=1, metadata={"help": "torch threads for the vectorised builder (0: torch's default)"})
 
+
 def bench_masks_main(argv=None) -> int:
     "CLI `latentcot bench masks [--B 8] [--L 2048] [--repeats 3] [--seed 0] [--threads 1]`; exit 1 if the masks differ."
     from latentcot.config import cli_parser
-    (a,) = cli_parser(BenchMasksArgs, config=False, prog="latentcot bench masks",
-                      description=bench_masks.__doc__).parse_args_into_dataclasses(argv)
+
+    (a,) = cli_parser(
+        BenchMasksArgs, config=False, prog="latentcot bench masks", description=bench_masks.__doc__
+    ).parse_args_into_dataclasses(argv)
     return 0 if bench_masks(a.B, a.L, a.repeats, a.seed, threads=a.threads)["equal"] else 1
 
 # %% ../nbs/06_masks.ipynb #34e32419
-ROLE_COLORS = {Role.PAD: "#e0e0e0", Role.TEXT: "#4c72b0", Role.QUESTION_IMAGE: "#55a868", Role.THOUGHT_IMAGE: "#c44e52",
-               Role.LATENT: "#8172b2", Role.LATENT_TAG: "#c9b3e6", Role.OBSERVATION: "#e6a23c", Role.ANSWER: "#64b5cd"}
+ROLE_COLORS = {
+    Role.PAD: "#e0e0e0",
+    Role.TEXT: "#4c72b0",
+    Role.QUESTION_IMAGE: "#55a868",
+    Role.THOUGHT_IMAGE: "#c44e52",
+    Role.LATENT: "#8172b2",
+    Role.LATENT_TAG: "#c9b3e6",
+    Role.OBSERVATION: "#e6a23c",
+    Role.ANSWER: "#64b5cd",
+}
+
 
 def plot_mask(mask, roles, fig=None, title=""):
     "Draw an `[L,L]` mask with role-coloured strips along both axes into a matplotlib figure (created if `None`)."
     from matplotlib.figure import Figure
     from matplotlib.colors import ListedColormap, to_rgb
     from matplotlib.patches import Patch
+
     fig = fig if fig is not None else Figure(figsize=(7, 6.5))
     fig.clear()
     gs = fig.add_gridspec(2, 2, width_ratios=[1, 30], height_ratios=[1, 30], wspace=0.02, hspace=0.02)
@@ -471,62 +626,103 @@ def plot_mask(mask, roles, fig=None, title=""):
     top, left, ax = fig.add_subplot(gs[0, 1]), fig.add_subplot(gs[1, 0]), fig.add_subplot(gs[1, 1])
     top.imshow(colors[None].numpy(), aspect="auto", interpolation="nearest")
     left.imshow(colors[:, None].numpy(), aspect="auto", interpolation="nearest")
-    ax.imshow(mask.numpy(), cmap=ListedColormap(["#ffffff", "#202020"]), vmin=0, vmax=1, interpolation="nearest", aspect="auto")
-    for a in (top, left): a.set_xticks([]); a.set_yticks([])
-    ax.set_yticks([]); ax.set_xlabel("key position"); left.set_ylabel("query position")
+    ax.imshow(
+        mask.numpy(),
+        cmap=ListedColormap(["#ffffff", "#202020"]),
+        vmin=0,
+        vmax=1,
+        interpolation="nearest",
+        aspect="auto",
+    )
+    for a in (top, left):
+        a.set_xticks([])
+        a.set_yticks([])
+    ax.set_yticks([])
+    ax.set_xlabel("key position")
+    left.set_ylabel("query position")
     top.set_title(title, fontsize=9)
     present = [r for r in Role if (roles == r).any()]
-    fig.legend(handles=[Patch(color=ROLE_COLORS[r], label=r.name.lower()) for r in present], loc="lower center",
-               ncol=min(len(present), 4), fontsize=8, frameon=False)
+    fig.legend(
+        handles=[Patch(color=ROLE_COLORS[r], label=r.name.lower()) for r in present],
+        loc="lower center",
+        ncol=min(len(present), 4),
+        fontsize=8,
+        frameon=False,
+    )
     fig.subplots_adjust(bottom=0.14, top=0.93, left=0.06, right=0.98)
     return fig
 
 # %% ../nbs/06_masks.ipynb #9482ef66
 class MaskExplorer:
     "A mask heatmap for one sample, a toggle per flag and a sample selector; `.widget`, `.fig`, `.mask`, `.flags`."
+
     def __init__(self, layout: TokenLayout, attention_mask, sample=0, **flags):
         import ipywidgets as W
         from matplotlib.figure import Figure
+
         self.layout, self.attention_mask = layout, attention_mask
-        self.toggles = {k: W.ToggleButton(value=v, description=k, tooltip=k, layout=W.Layout(width="auto"))
-                        for k, v in mask_flags(**flags).items()}
-        self.sample_selector = W.IntSlider(min=0, max=max(0, attention_mask.shape[0] - 1), value=sample, description="sample")
+        self.toggles = {
+            k: W.ToggleButton(value=v, description=k, tooltip=k, layout=W.Layout(width="auto"))
+            for k, v in mask_flags(**flags).items()
+        }
+        self.sample_selector = W.IntSlider(
+            min=0, max=max(0, attention_mask.shape[0] - 1), value=sample, description="sample"
+        )
         self.image = W.Image(format="png")
-        for w in (*self.toggles.values(), self.sample_selector): w.observe(lambda _: self.update(), names="value")
+        for w in (*self.toggles.values(), self.sample_selector):
+            w.observe(lambda _: self.update(), names="value")
         self.fig = Figure(figsize=(7, 6.5))
-        self.widget = W.VBox([self.sample_selector, W.HBox(list(self.toggles.values()), layout=W.Layout(flex_flow="row wrap")),
-                              self.image])
+        self.widget = W.VBox(
+            [
+                self.sample_selector,
+                W.HBox(list(self.toggles.values()), layout=W.Layout(flex_flow="row wrap")),
+                self.image,
+            ]
+        )
         self.update()
 
     @property
-    def flags(self) -> dict: return {k: t.value for k, t in self.toggles.items()}
+    def flags(self) -> dict:
+        return {k: t.value for k, t in self.toggles.items()}
+
     @property
-    def sample(self) -> int: return self.sample_selector.value
+    def sample(self) -> int:
+        return self.sample_selector.value
 
     def update(self):
         "Rebuild the shown sample's mask from the current flags and redraw."
         b, f = self.sample, self.flags
-        roles, groups = (t[b:b + 1] for t in self.layout)
-        am = self.attention_mask[b:b + 1]
+        roles, groups = (t[b : b + 1] for t in self.layout)
+        am = self.attention_mask[b : b + 1]
         m = build_4d_mask(roles, am, groups, **f)
         self.mask = (m if m is not None else causal_padding_mask(am))[0, 0]
         on = [k for k, v in f.items() if v != MASK_FLAG_DEFAULTS[k]]
-        plot_mask(self.mask, roles[0], self.fig, f"sample {b}: " + (", ".join(f"{k}={f[k]}" for k in on) or "default flags"))
+        plot_mask(
+            self.mask, roles[0], self.fig, f"sample {b}: " + (", ".join(f"{k}={f[k]}" for k in on) or "default flags")
+        )
         buf = io.BytesIO()
         self.fig.savefig(buf, format="png", dpi=80)
         self.image.value = buf.getvalue()
 
     def _ipython_display_(self):
         from IPython.display import display
+
         display(self.widget)
+
 
 def mask_explorer(batch_or_roles, attention_mask=None, sample=0, ids=None, groups=None, **flags) -> MaskExplorer:
     "Explore masks of a batch dict (needs `ids`), a `TokenLayout`, or a roles tensor (+ `attention_mask`, `groups`)."
     if isinstance(batch_or_roles, dict):
-        if ids is None: raise ValueError("mask_explorer: pass ids=SpecialIds to derive roles from a batch")
+        if ids is None:
+            raise ValueError("mask_explorer: pass ids=SpecialIds to derive roles from a batch")
         attention_mask = batch_or_roles["attention_mask"] if attention_mask is None else attention_mask
         layout = token_layout(batch_or_roles["input_ids"], attention_mask, ids)
-    elif isinstance(batch_or_roles, TokenLayout): layout = batch_or_roles
-    else: layout = TokenLayout(batch_or_roles, groups if groups is not None else groups_from_roles(batch_or_roles, attention_mask))
-    if attention_mask is None: raise ValueError("mask_explorer: attention_mask is required with roles or a TokenLayout")
+    elif isinstance(batch_or_roles, TokenLayout):
+        layout = batch_or_roles
+    else:
+        layout = TokenLayout(
+            batch_or_roles, groups if groups is not None else groups_from_roles(batch_or_roles, attention_mask)
+        )
+    if attention_mask is None:
+        raise ValueError("mask_explorer: attention_mask is required with roles or a TokenLayout")
     return MaskExplorer(layout, attention_mask, sample, **flags)

@@ -30,15 +30,23 @@ __all__ = ['LLaDAArgs', 'llada_info', 'MeanFlowArgs', 'meanflow_parser', 'main']
 @dataclass
 class LLaDAArgs:
     "The `--llada` flags shared by training and the benchmark."
-    llada: str | None = field(default=None, metadata={
-        "help": "a real LLaDA checkpoint (hub id or local dir) instead of the tiny teacher; needs "
-                "--trust-remote-code"})
-    trust_remote_code: bool = field(default=False, metadata={
-        "help": "--llada: allow LLaDA's hub modeling code to run"})
-    local_files_only: bool = field(default=False, metadata={
-        "help": "--llada: do not contact the hub, use local files only"})
-    canvas: int = field(default=64, metadata={
-        "help": "--llada: canvas length in tokens (the tiny teacher uses its recipe's)"})
+
+    llada: str | None = field(
+        default=None,
+        metadata={
+            "help": "a real LLaDA checkpoint (hub id or local dir) instead of the tiny teacher; needs "
+            "--trust-remote-code"
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "--llada: allow LLaDA's hub modeling code to run"}
+    )
+    local_files_only: bool = field(
+        default=False, metadata={"help": "--llada: do not contact the hub, use local files only"}
+    )
+    canvas: int = field(
+        default=64, metadata={"help": "--llada: canvas length in tokens (the tiny teacher uses its recipe's)"}
+    )
 
 # %% ../nbs/20i_meanflow.ipynb #68a099b2
 def llada_info(name: str, canvas: int = 64) -> dict:
@@ -49,19 +57,34 @@ def llada_info(name: str, canvas: int = 64) -> dict:
 @dataclass
 class MeanFlowArgs:
     "Flags of `python -m latentcot.meanflow` besides the `--llada` ones and the `MeanFlowConfig` fields."
-    out: str = field(metadata={"help": "directory for soft_prompt.safetensors + meanflow.json, and the run's "
-                                       "metrics.jsonl "
-                                       "and checkpoints (a rerun resumes from the newest checkpoint)"})
+
+    out: str = field(
+        metadata={
+            "help": "directory for soft_prompt.safetensors + meanflow.json, and the run's "
+            "metrics.jsonl "
+            "and checkpoints (a rerun resumes from the newest checkpoint)"
+        }
+    )
     save_every: int = field(default=100, metadata={"help": "checkpoint every N steps (0: only at the end)"})
-    resume: bool = field(default=True, metadata={
-        "help": "continue from the newest checkpoint in --out (--no-resume: start again)"})
-    teacher: str | None = field(default=None, metadata={
-        "help": "a saved teacher directory (default: the cached tiny teacher, trained if missing)"})
+    resume: bool = field(
+        default=True, metadata={"help": "continue from the newest checkpoint in --out (--no-resume: start again)"}
+    )
+    teacher: str | None = field(
+        default=None,
+        metadata={"help": "a saved teacher directory (default: the cached tiny teacher, trained if missing)"},
+    )
+
 
 def meanflow_parser():
     "Arguments of `python -m latentcot.meanflow`: `MeanFlowArgs`, `LLaDAArgs` and every `MeanFlowConfig` field."
-    return cli_parser(MeanFlowArgs, LLaDAArgs, MeanFlowConfig, config=False, prog="python -m latentcot.meanflow",
-                      description="LLaDA-MeanFlow: distil a masked diffusion LM into a one-step student (seed 003).")
+    return cli_parser(
+        MeanFlowArgs,
+        LLaDAArgs,
+        MeanFlowConfig,
+        config=False,
+        prog="python -m latentcot.meanflow",
+        description="LLaDA-MeanFlow: distil a masked diffusion LM into a one-step student (seed 003).",
+    )
 
 # %% ../nbs/20i_meanflow.ipynb #99910298
 def main(argv: list[str] | None = None) -> int:
@@ -70,20 +93,35 @@ def main(argv: list[str] | None = None) -> int:
     if ll.llada:  # the same text sets, in LLaDA's tokens (rows start with its BOS)
         teacher, tok = load_llada(ll.llada, ll.trust_remote_code, local_files_only=ll.local_files_only)
         info = llada_info(ll.llada, ll.canvas)
-    else: teacher, tok, info = load_teacher(a.teacher) if a.teacher else get_teacher()
+    else:
+        teacher, tok, info = load_teacher(a.teacher) if a.teacher else get_teacher()
     sets = load_text_sets(tok, info["recipe"]["canvas"])
     from accelerate import Accelerator
+
     acc = Accelerator(cpu=not torch.cuda.is_available())
     student = make_student(teacher, cfg, sets)
-    train_meanflow(student, sets, cfg, acc, out_dir=a.out, save_every=a.save_every, resume=a.resume,
-                   run_meta={"teacher": info["recipe"]})
+    train_meanflow(
+        student,
+        sets,
+        cfg,
+        acc,
+        out_dir=a.out,
+        save_every=a.save_every,
+        resume=a.resume,
+        run_meta={"teacher": info["recipe"]},
+    )
     if acc.is_main_process:
         hist = read_metrics(Path(a.out) / "metrics.jsonl")
-        out = save_student(student, a.out, cfg, {"teacher": info["recipe"], "final_loss": hist[-1]["loss"],
-                                                 "train_seconds": hist[-1].get("seconds")})
+        out = save_student(
+            student,
+            a.out,
+            cfg,
+            {"teacher": info["recipe"], "final_loss": hist[-1]["loss"], "train_seconds": hist[-1].get("seconds")},
+        )
         print(f"saved {out}")
     acc.wait_for_everyone()
     return 0
 
 # %% ../nbs/20i_meanflow.ipynb #a696e004
-if __name__ == "__main__" and sys.argv[0].endswith("meanflow.py"): sys.exit(main())
+if __name__ == "__main__" and sys.argv[0].endswith("meanflow.py"):
+    sys.exit(main())

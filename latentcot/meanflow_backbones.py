@@ -23,10 +23,12 @@ def gated_prefix_attention(q, k, v, mask=None, prefix_k=None, prefix_v=None, gat
     """Attention of `q` over `k, v` (`[B, H, L, D]`, GQA heads repeated) plus `gate *` a separate attention over the
     prefix."""
     rep = q.shape[1] // k.shape[1]
-    if rep > 1: k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     if prefix_k is not None:
-        if rep > 1: prefix_k, prefix_v = prefix_k.repeat_interleave(rep, 1), prefix_v.repeat_interleave(rep, 1)
+        if rep > 1:
+            prefix_k, prefix_v = prefix_k.repeat_interleave(rep, 1), prefix_v.repeat_interleave(rep, 1)
         out = out + gate * F.scaled_dot_product_attention(q, prefix_k, prefix_v, scale=scale)
     return out
 
@@ -62,13 +64,16 @@ def _prefix_attention_forward(
 def register_prefix_attention():
     "Register the prefix-gated attention with transformers' `AttentionInterface` under `ATTN_NAME`."
     from transformers import AttentionInterface
+
     AttentionInterface.register(ATTN_NAME, _prefix_attention_forward)
 
 # %% ../nbs/20b_meanflow_backbones.ipynb #2f85c9f2
 class LlamaBackbone(nn.Module):
     "A transformers Llama used as a masked diffusion LM: all-True 4D mask, K/V prefix through a fresh `DynamicCache`."
+
     # tokens its sampler never writes: the specials of `char_tokenizer` (the tiny teacher's) but EOS
     banned_ids = tuple(i for i, s in enumerate(SPECIAL_TOKENS) if s != "[EOS]")
+
     def __init__(self, model, mask_id: int):
         super().__init__()
         register_prefix_attention()
@@ -79,28 +84,42 @@ class LlamaBackbone(nn.Module):
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         self.vocab_size = c.vocab_size
 
-    def embed(self, ids): return self.model.get_input_embeddings()(ids)
+    def embed(self, ids):
+        return self.model.get_input_embeddings()(ids)
+
     @property
-    def embedding_weight(self): return self.model.get_input_embeddings().weight
+    def embedding_weight(self):
+        return self.model.get_input_embeddings().weight
 
     def logits(self, embeds, prefix=None, gate=None):
         "Logits `[B, L, V]` of the bidirectional model on `embeds`, with the gated K/V `prefix` if given."
         from transformers import DynamicCache
+
         B, L, _ = embeds.shape
         P, cache = 0, None
         if prefix is not None:
             P, cache = prefix.shape[-2], DynamicCache(config=self.model.config)
-            for i in range(self.num_layers): cache.update(prefix[:, i, 0], prefix[:, i, 1], i)
+            for i in range(self.num_layers):
+                cache.update(prefix[:, i, 0], prefix[:, i, 1], i)
         mask = torch.ones(B, 1, L, P + L, dtype=torch.bool, device=embeds.device)
         pos = torch.arange(L, device=embeds.device).expand(B, L)
-        return self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                          use_cache=False, prefix_len=P, prefix_gate=gate).logits
+        return self.model(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=pos,
+            past_key_values=cache,
+            use_cache=False,
+            prefix_len=P,
+            prefix_gate=gate,
+        ).logits
 
 # %% ../nbs/20b_meanflow_backbones.ipynb #5a397dde
 LLADA_MASK_ID = 126336
 
+
 class LLaDABackbone(nn.Module):
     "Drives the blocks of a remote-code `LLaDAModelLM` with prefix-gated bidirectional attention."
+
     def __init__(self, model, mask_id: int = LLADA_MASK_ID):
         super().__init__()
         self.model, self.mask_id, c = model, mask_id, model.config
@@ -119,20 +138,24 @@ class LLaDABackbone(nn.Module):
         own = self.model(input_ids=ids, use_cache=False, return_dict=True).logits.float()
         return float((own - self.logits(self.embed(ids)).float()).abs().max()), float(own.abs().max())
 
-    def embed(self, ids): return self.model.model.transformer.wte(ids)
+    def embed(self, ids):
+        return self.model.model.transformer.wte(ids)
+
     @property
-    def embedding_weight(self): return self.model.model.transformer.wte.weight
+    def embedding_weight(self):
+        return self.model.model.transformer.wte.weight
 
     def logits(self, embeds, prefix=None, gate=None):
         "Logits of LLaDA on `embeds`, re-running its blocks with the gated K/V `prefix` if given."
         c, tr = self.model.config, self.model.model.transformer
-        x = embeds * c.d_model ** 0.5 if c.input_emb_norm else embeds
+        x = embeds * c.d_model**0.5 if c.input_emb_norm else embeds
         x = tr.emb_drop(x)
         B, L, C = x.shape
         for i, blk in enumerate(self.blocks):
             h = blk.attn_norm(x)
             q, k, v = blk.q_proj(h), blk.k_proj(h), blk.v_proj(h)
-            if blk.q_norm is not None: q, k = blk.q_norm(q).to(k.dtype), blk.k_norm(k).to(k.dtype)
+            if blk.q_norm is not None:
+                q, k = blk.q_norm(q).to(k.dtype), blk.k_norm(k).to(k.dtype)
             q = q.view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
             k = k.view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
             v = v.view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -154,13 +177,25 @@ def llada_loadable(cls):
     # `tie_weights()` takes no arguments, so loading fails (ML-GSAI/LLaDA#130). Its weight tying needs no tied keys:
     # its forward reads `wte` itself. The subclass changes nothing else.
     import inspect
+
     ps = inspect.signature(cls.tie_weights).parameters.values()
-    if any(p.kind is p.VAR_KEYWORD or p.name == "missing_keys" for p in ps): return cls
+    if any(p.kind is p.VAR_KEYWORD or p.name == "missing_keys" for p in ps):
+        return cls
+
     def __init__(self, *a, **k):
         cls.__init__(self, *a, **k)
-        if "all_tied_weights_keys" not in self.__dict__: self.all_tied_weights_keys = {}
-    return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__,
-                                       "tie_weights": lambda self, *a, **k: cls.tie_weights(self)})
+        if "all_tied_weights_keys" not in self.__dict__:
+            self.all_tied_weights_keys = {}
+
+    return type(
+        cls.__name__,
+        (cls,),
+        {
+            "__init__": __init__,
+            "__module__": cls.__module__,
+            "tie_weights": lambda self, *a, **k: cls.tie_weights(self),
+        },
+    )
 
 # %% ../nbs/20b_meanflow_backbones.ipynb #f6495db6
 def load_llada(

@@ -17,7 +17,13 @@ import torch.nn.functional as F
 
 from .config import cache_root
 from .meanflow_text import decode_canvas, load_text_sets
-from .meanflow_teacher import TeacherRecipe, get_teacher, likelihood_bound, prompt_mask_of, teacher_fingerprint
+from latentcot.meanflow_teacher import (
+    TeacherRecipe,
+    get_teacher,
+    likelihood_bound,
+    prompt_mask_of,
+    teacher_fingerprint,
+)
 from .meanflow_student import MeanFlowStudent
 from .meanflow_loss import MeanFlowConfig, meanflow_fixed_point, optimum_fn
 from .meanflow_sampling import canvas, generate, sampler_filter, student_fn, teacher_fn
@@ -68,23 +74,29 @@ def fact_errors(line: str, max_value: int = 9) -> Counter:
 # %% ../nbs/21_meanflow_bench.ipynb #6548e61a
 def sample_entropy(line: str) -> float:
     "Entropy in bits of the character distribution within one line (0 for an empty line)."
-    if not line: return 0.0
+    if not line:
+        return 0.0
     n = len(line)
     return -sum(c / n * math.log2(c / n) for c in Counter(line).values())
 
 # %% ../nbs/21_meanflow_bench.ipynb #dd319c9a
 def distinct_n(lines: list[str], n: int) -> float:
     "Distinct character n-grams over all n-grams of `lines` (1 = no repetition across the batch)."
-    grams = [l[i:i + n] for l in lines for i in range(len(l) - n + 1)]
+    grams = [l[i : i + n] for l in lines for i in range(len(l) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
 
 # %% ../nbs/21_meanflow_bench.ipynb #fec51bb7
 def quality(lines: list[str], kind: str, nll=None) -> dict:
     "Quality of a batch of generated lines: validity (synthetic), likelihood bound, entropy, distinct-n, unique lines."
-    q = {"entropy_bits": sum(map(sample_entropy, lines)) / len(lines), "distinct_2": distinct_n(lines, 2),
-         "distinct_4": distinct_n(lines, 4), "unique_lines": len(set(lines)) / len(lines),
-         "mean_length": sum(map(len, lines)) / len(lines)}
-    if nll is not None: q["nll_bound"] = float(nll.mean())
+    q = {
+        "entropy_bits": sum(map(sample_entropy, lines)) / len(lines),
+        "distinct_2": distinct_n(lines, 2),
+        "distinct_4": distinct_n(lines, 4),
+        "unique_lines": len(set(lines)) / len(lines),
+        "mean_length": sum(map(len, lines)) / len(lines),
+    }
+    if nll is not None:
+        q["nll_bound"] = float(nll.mean())
     if kind == "synthetic":
         per_line = torch.tensor([check_synthetic(l) for l in lines], dtype=torch.float64)
         q["validity"] = per_line.mean().item()
@@ -132,19 +144,31 @@ def heldout_canvas(sets, kind: str, n: int, prompted: bool, mask_id: int):
     """The first `n` heldout rows of `kind` with all but their prompt (`prompted`) or their first token (free) masked:
     `(canvas, prompt_mask)`, in the sets' own tokens (any tokenizer)."""
     x, plen = sets[f"{kind}_heldout"]
-    if n > len(x): raise ValueError(f"n={n}: the {kind} heldout set has {len(x)} rows; use --n {len(x)} or less")
+    if n > len(x):
+        raise ValueError(f"n={n}: the {kind} heldout set has {len(x)} rows; use --n {len(x)} or less")
     pm = prompt_mask_of(plen[:n] if prompted else torch.ones(n, dtype=torch.long), x.shape[1])
     return torch.where(pm, x[:n], mask_id), pm
 
 # %% ../nbs/21_meanflow_bench.ipynb #9ad96107
-MEANFLOW_MODULES = ("meanflow_text", "meanflow_backbones", "meanflow_teacher", "meanflow_student", "meanflow_loss",
-                    "meanflow_sampling", "meanflow_noise", "meanflow_train")
+MEANFLOW_MODULES = (
+    "meanflow_text",
+    "meanflow_backbones",
+    "meanflow_teacher",
+    "meanflow_student",
+    "meanflow_loss",
+    "meanflow_sampling",
+    "meanflow_noise",
+    "meanflow_train",
+)
+
 
 def meanflow_code_version() -> str:
     "Hash of the track's component modules: a cached student is reused only by the code that trained it."
     import importlib
+
     h = hashlib.sha256()
-    for m in MEANFLOW_MODULES: h.update(Path(importlib.import_module(f"latentcot.{m}").__file__).read_bytes())
+    for m in MEANFLOW_MODULES:
+        h.update(Path(importlib.import_module(f"latentcot.{m}").__file__).read_bytes())
     return h.hexdigest()[:16]
 
 # %% ../nbs/21_meanflow_bench.ipynb #bdff7ec1
@@ -186,8 +210,10 @@ def saved_student(teacher, info, path):
     student = load_student(teacher, p)
     meta = json.loads((p / "meanflow.json").read_text())
     if meta.get("teacher") is not None and meta["teacher"] != info["recipe"]:
-        raise ValueError(f"{p / 'meanflow.json'}: the student was distilled from teacher recipe {meta['teacher']}, "
-                         f"the benchmark's teacher is {info['recipe']}")
+        raise ValueError(
+            f"{p / 'meanflow.json'}: the student was distilled from teacher recipe {meta['teacher']}, "
+            f"the benchmark's teacher is {info['recipe']}"
+        )
     return student, meta
 
 # %% ../nbs/21_meanflow_bench.ipynb #5c91a096
@@ -198,9 +224,11 @@ def optimum_gap(teacher, student: MeanFlowStudent, x, n_steps: int = 32, sign: f
     r, t = torch.zeros(n, device=x.device), torch.ones(n, device=x.device)
     ban = sampler_filter(teacher)
     target = torch.log_softmax(ban(meanflow_fixed_point(teacher, e, m, r, t, n_steps, sign)), -1)
+
     def kl(logits):
         logq = torch.log_softmax(ban(logits.float()), -1)
         return float(((target.exp() * (target - logq)).sum(-1) * m).sum() / m.sum())
+
     kt, ks = kl(teacher.logits(e)), kl(student(e, r, t))
     return {"kl_optimum_teacher": kt, "kl_optimum_student": ks, "gap_closed": 1 - ks / kt if kt > 0 else float("nan")}
 
@@ -384,10 +412,15 @@ def _versus(s, t1, tmax) -> dict:
     ratio, >= 80%."""
     # "clearly": the gap must exceed twice its standard error (lines scored independently)
     se = (s["validity_se"] ** 2 + t1["validity_se"] ** 2) ** 0.5
-    return {"student_1": s["validity"], "teacher_1": t1["validity"], "teacher_max": tmax["validity"], "gap_se": se,
-            "beats_teacher_1": s["validity"] - t1["validity"] > 2 * se,
-            "ratio_to_max": s["validity"] / tmax["validity"] if tmax["validity"] else float("nan"),
-            "reaches_80pct": tmax["validity"] > 0 and s["validity"] >= 0.8 * tmax["validity"]}
+    return {
+        "student_1": s["validity"],
+        "teacher_1": t1["validity"],
+        "teacher_max": tmax["validity"],
+        "gap_se": se,
+        "beats_teacher_1": s["validity"] - t1["validity"] > 2 * se,
+        "ratio_to_max": s["validity"] / tmax["validity"] if tmax["validity"] else float("nan"),
+        "reaches_80pct": tmax["validity"] > 0 and s["validity"] >= 0.8 * tmax["validity"],
+    }
 
 # %% ../nbs/21_meanflow_bench.ipynb #e79c824e
 def noise_sweep(out: dict, res: dict) -> list[tuple[float, dict]]:
@@ -686,48 +719,91 @@ def _plot_diversity(plt, key, sweep, lc, out_dir) -> Path:
 # %% ../nbs/21_meanflow_bench.ipynb #f7c463ba
 BENCH_SETTINGS = ("synthetic/free", "synthetic/prompted", "english/free", "english/prompted")
 
+
 @dataclass
 class BenchMeanFlowArgs:
     "Flags of `latentcot bench meanflow` (its `--steps` are the teacher's; the distillation's are `--distill-steps`)."
+
     out: str = field(default="meanflow-bench", metadata={"help": "directory for metrics.json and the PNG plots"})
     n: int = field(default=64, metadata={"help": "batch size of every generation run"})
-    teacher_steps: str = field(default="1,2,4,8,16,64", metadata={
-        "help": "teacher step counts", "aliases": ["--steps"]})
+    teacher_steps: str = field(
+        default="1,2,4,8,16,64", metadata={"help": "teacher step counts", "aliases": ["--steps"]}
+    )
     student_steps: str = field(default="1,2,4", metadata={"help": "student step counts"})
     temperature: float = field(default=1.0, metadata={"help": "temperature of every sampled run (0: argmax)"})
-    settings: str = field(default=",".join(BENCH_SETTINGS), metadata={
-        "help": "comma-separated KIND/MODE settings to run (KIND synthetic or english, MODE free or prompted)"})
-    noise_temperatures: str = field(default=",".join(map(str, NOISE_TEMPERATURES)), metadata={
-        "help": "a noise student also runs one step at these temperatures given z (between argmax and --temperature)"})
-    noise_prior: Literal["fitted", "kind", "standard"] = field(default="fitted", metadata={
-        "help": "a noise student's z: from its fitted prior given the canvas if it has one (posterior students), "
-                "from that prior by kind of canvas only, or N(0, I)"})
-    student: str | None = field(default=None, metadata={
-        "help": "benchmark this saved student (python -m latentcot.meanflow --out DIR) instead of distilling one"})
-    marginal_samples: int = field(default=0, metadata={
-        "help": "K > 0: also sample independently from the per-position marginals of K teacher samples per row "
-                "(slow)"})
+    settings: str = field(
+        default=",".join(BENCH_SETTINGS),
+        metadata={
+            "help": "comma-separated KIND/MODE settings to run (KIND synthetic or english, MODE free or prompted)"
+        },
+    )
+    noise_temperatures: str = field(
+        default=",".join(map(str, NOISE_TEMPERATURES)),
+        metadata={
+            "help": "a noise student also runs one step at these temperatures given z (between argmax and --temperature)"
+        },
+    )
+    noise_prior: Literal["fitted", "kind", "standard"] = field(
+        default="fitted",
+        metadata={
+            "help": "a noise student's z: from its fitted prior given the canvas if it has one (posterior students), "
+            "from that prior by kind of canvas only, or N(0, I)"
+        },
+    )
+    student: str | None = field(
+        default=None,
+        metadata={
+            "help": "benchmark this saved student (python -m latentcot.meanflow --out DIR) instead of distilling one"
+        },
+    )
+    marginal_samples: int = field(
+        default=0,
+        metadata={
+            "help": "K > 0: also sample independently from the per-position marginals of K teacher samples per row "
+            "(slow)"
+        },
+    )
     optimum_steps: int = field(default=32, metadata={"help": "Euler steps of the loss's optimum (mf-optimum runs)"})
-    device: str | None = field(default=None, metadata={
-        "help": "--llada: where to run it (default: cuda if available, else cpu); the tiny teacher runs on cpu"})
-    seed: int = field(default=0, metadata={
-        "help": "seed of the distillation (when there is no --student) and of every generation run"})
-    quick: bool = field(default=False, metadata={
-        "help": "a tiny teacher and a few steps: a smoke test, not a measurement"})
-    cache: str | None = field(default=None, metadata={
-        "help": "cache directory (default $LATENTCOT_CACHE or ~/.cache/latentcot)"})
-    threads: int = field(default=0, metadata={
-        "help": "torch threads for the whole run (0: torch's default); 1 is fastest for this tiny model on a busy "
-                "machine"})
+    device: str | None = field(
+        default=None,
+        metadata={
+            "help": "--llada: where to run it (default: cuda if available, else cpu); the tiny teacher runs on cpu"
+        },
+    )
+    seed: int = field(
+        default=0,
+        metadata={"help": "seed of the distillation (when there is no --student) and of every generation run"},
+    )
+    quick: bool = field(
+        default=False, metadata={"help": "a tiny teacher and a few steps: a smoke test, not a measurement"}
+    )
+    cache: str | None = field(
+        default=None, metadata={"help": "cache directory (default $LATENTCOT_CACHE or ~/.cache/latentcot)"}
+    )
+    threads: int = field(
+        default=0,
+        metadata={
+            "help": "torch threads for the whole run (0: torch's default); 1 is fastest for this tiny model on a busy "
+            "machine"
+        },
+    )
+
 
 # the distillation's settings minus those the bench names itself (its --seed serves both; --steps are the teacher's)
 DistillFlags = flag_view(MeanFlowConfig, rename={"steps": "distill_steps"}, skip=("seed",), name="DistillFlags")
 DistillFlags._argument_group_name = "distillation (MeanFlowConfig; not with --student, which brings its own)"
 
+
 def bench_parser():
     "Arguments of `latentcot bench meanflow`: `BenchMeanFlowArgs`, `LLaDAArgs` and the distillation's `DistillFlags`."
-    return cli_parser(BenchMeanFlowArgs, LLaDAArgs, DistillFlags, config=False, prog="latentcot bench meanflow",
-                      description="LLaDA-MeanFlow: one-step student vs multi-step teacher.")
+    return cli_parser(
+        BenchMeanFlowArgs,
+        LLaDAArgs,
+        DistillFlags,
+        config=False,
+        prog="latentcot bench meanflow",
+        description="LLaDA-MeanFlow: one-step student vs multi-step teacher.",
+    )
 
 # %% ../nbs/21_meanflow_bench.ipynb #e2ea0957
 def bench_meanflow_main(argv: list[str] | None = None) -> int:
@@ -759,8 +835,12 @@ def bench_meanflow_main(argv: list[str] | None = None) -> int:
                 f"--student {a.student} brings its own settings (its meanflow.json); "
                 f"{', '.join(given)} would be ignored: drop them, or leave out --student to distil a new student"
             )
-    quick = {"steps": 4, "batch": 8, "sampler_steps": min(distill.sampler_steps, 4),
-             "sampler_rows": min(distill.sampler_rows, 16)}
+    quick = {
+        "steps": 4,
+        "batch": 8,
+        "sampler_steps": min(distill.sampler_steps, 4),
+        "sampler_rows": min(distill.sampler_rows, 16),
+    }
     cfg = distill.build(seed=a.seed, **(quick if a.quick else {}))
     steps = tuple(int(s) for s in a.teacher_steps.split(","))
     teacher = None

@@ -131,6 +131,7 @@ def embedding_tangent(v, embeds, E, masked, sign: float = 1.0):
 def jvp_dudt(student: MeanFlowStudent, embeds, r, t, tangent):
     "`du/dt = (du/de) tangent + du/dt` by forward-mode AD (no graph; math SDPA: fused kernels lack forward AD)."
     from torch.nn.attention import sdpa_kernel, SDPBackend
+
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         _, d = torch.func.jvp(lambda e, tt: student(e, r, tt), (embeds, t), (tangent, torch.ones_like(t)))
     return d
@@ -140,11 +141,13 @@ def meanflow_loss(u, u_tgt, masked, cfg: MeanFlowConfig):
     "Per-row loss on masked positions (KL / soft CE / MSE), adaptive weighting, mean over rows: `(loss, rows)`."
     u, u_tgt = u.float(), u_tgt.float()
     logq = torch.log_softmax(u, -1)
-    if cfg.loss == "mse": pos = (u - u_tgt).pow(2).mean(-1)
+    if cfg.loss == "mse":
+        pos = (u - u_tgt).pow(2).mean(-1)
     else:
         p = torch.softmax(u_tgt, -1)
         pos = -(p * logq).sum(-1)
-        if cfg.loss == "kl": pos = pos + (p * torch.log_softmax(u_tgt, -1)).sum(-1)
+        if cfg.loss == "kl":
+            pos = pos + (p * torch.log_softmax(u_tgt, -1)).sum(-1)
     n = masked.sum(1)
     rows = (pos * masked).sum(1) / n.clamp(min=1)
     w = 1 / (rows.detach() + cfg.adaptive_c) ** cfg.adaptive_p if cfg.adaptive_p > 0 else torch.ones_like(rows)
@@ -168,7 +171,8 @@ def meanflow_fixed_point(backbone, embeds, masked, r, t, n_steps: int = 32, sign
 def optimum_fn(backbone, n_steps: int = 32, sign: float = 1.0) -> Callable:
     """`logits_fn` that returns `meanflow_fixed_point` (what a perfectly distilled student would output), for
     `generate`."""
-    fn = lambda x, r, t: meanflow_fixed_point(backbone, backbone.embed(x), x == backbone.mask_id, r.to(x.device),
-                                              t.to(x.device), n_steps, sign)
+    fn = lambda x, r, t: meanflow_fixed_point(
+        backbone, backbone.embed(x), x == backbone.mask_id, r.to(x.device), t.to(x.device), n_steps, sign
+    )
     fn.banned_ids = backbone.banned_ids
     return fn

@@ -46,6 +46,7 @@ def pick_noise(student: MeanFlowStudent, embeds, r, t, x0, masked, candidates: i
 def gaussian_kl(mu, logvar):
     "`KL(N(mu, exp(logvar)) || N(0, I))` per row, in nats (`torch.distributions`)."
     from torch.distributions import Normal, kl_divergence
+
     q = Normal(mu, (0.5 * logvar).exp())
     return kl_divergence(q, Normal(torch.zeros_like(mu), torch.ones_like(mu))).sum(-1)
 
@@ -85,6 +86,7 @@ def canvas_kinds(x, mask_id: int):
 # %% ../nbs/20g_meanflow_noise.ipynb #3f7c3451
 NOISE_RIDGES = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, math.inf)  # inf: no regression, the kind's own Gaussian
 
+
 def shrunk_gaussian(z, prior_rows: int):
     "Mean `[D]` and Cholesky factor `[D, D]` of the rows `z [n, D]` mixed with `N(0, I)` at weights `n : prior_rows`."
     n, D = z.shape
@@ -109,6 +111,7 @@ def ridge_fit(f, z, ridge: float):
 def gaussian_nll(z, mean, scale_tril):
     "Mean negative log-likelihood of the rows `z [n, D]` under `N(mean, L L^T)`, in nats, without `D/2 log 2 pi`."
     from torch.distributions import MultivariateNormal
+
     log_p = MultivariateNormal(mean, scale_tril=scale_tril).log_prob(z)
     return float(-log_p.mean() - 0.5 * z.shape[1] * math.log(2 * math.pi))
 
@@ -118,9 +121,11 @@ def conditional_gaussian(z, f, groups, prior_rows: int, ridges=NOISE_RIDGES, hol
     feature_mean) @ weight`. The ridge penalty is the one of `ridges` whose fit on the other rows best predicts the
     rows of every `holdout`-th group (`groups [n]`: rows of one label share a group, so none is on both sides);
     constant features get inf."""
+
     def fit(rows, ridge):
         fm, w = ridge_fit(f[rows], z[rows], ridge)
         return (*shrunk_gaussian(z[rows] - (f[rows] - fm) @ w, prior_rows), fm, w)
+
     held, best = groups % holdout == 0, math.inf
     if (f != f[:1]).any() and len(groups[held].unique()) > 1 and len(groups[~held].unique()) > 1:
         score = {}
@@ -272,8 +277,10 @@ def fit_noise_prior(
 def sample_noise(student: MeanFlowStudent, x, generator=None, conditional: bool = True):
     """`z [B, noise_dim]` (on the CPU) for the canvas rows `x`: from the student's fitted prior if it has one, given
     what the canvas holds unless `conditional=False`; else `N(0, I)`."""
-    if not student.noise_dim: raise ValueError("this student reads no noise (noise_dim=0)")
+    if not student.noise_dim:
+        raise ValueError("this student reads no noise (noise_dim=0)")
     p = student.noise_prior
-    if p is None: return torch.randn(x.shape[0], student.noise_dim, generator=generator)
+    if p is None:
+        return torch.randn(x.shape[0], student.noise_dim, generator=generator)
     f = canvas_features(student, x).cpu() if conditional and p.cond is not None else None
     return p.sample(canvas_kinds(x, student.backbone.mask_id), generator, f)

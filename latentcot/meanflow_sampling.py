@@ -35,7 +35,7 @@ def sampler_filter(backbone) -> Callable:
 
 # %% ../nbs/20f_meanflow_sampling.ipynb #resolvefilter
 def resolve_filter(logits_fn: Callable, logits_filter: Callable | None | str = "banned_ids") -> Callable | None:
-    "`generate`'s `logits_filter`; `\"banned_ids\"`: a filter that bans the `banned_ids` `logits_fn` carries."
+    '`generate`\'s `logits_filter`; `"banned_ids"`: a filter that bans the `banned_ids` `logits_fn` carries.'
     if not isinstance(logits_filter, str):
         return logits_filter
     if logits_filter != "banned_ids":
@@ -143,18 +143,25 @@ def canvas(tok, n: int, kind: str = "synthetic", length: int = 64, prompts: list
     x[:, 0] = tok.convert_tokens_to_ids(SET_TAGS[kind])
     for i, p in enumerate(prompts or []):
         ids = tok(p, add_special_tokens=False).input_ids
-        x[i, 1:1 + len(ids)] = torch.tensor(ids)
+        x[i, 1 : 1 + len(ids)] = torch.tensor(ids)
     return x
 
 # %% ../nbs/20f_meanflow_sampling.ipynb #d6b73d0e
 def teacher_samples_meta(backbone, sets: dict, cfg: MeanFlowConfig, seed: int) -> dict[str, str]:
     """What a pool of teacher samples depends on, as safetensors metadata: sampler, rows, data and a teacher
     fingerprint."""
-    return {"format": "latentcot.teacher_samples.v1", "seed": str(seed), "sampler_steps": str(cfg.sampler_steps),
-            "sampler_rows": str(cfg.sampler_rows), "synthetic_frac": repr(cfg.synthetic_frac),
-            "full_prompt_frac": repr(cfg.full_prompt_frac), "canvas": str(sets["synthetic_train"][0].shape[1]),
-            "data_sha256": str(sets.get("sha256", "")), "mask_id": str(backbone.mask_id),
-            "teacher": teacher_fingerprint(backbone)}
+    return {
+        "format": "latentcot.teacher_samples.v1",
+        "seed": str(seed),
+        "sampler_steps": str(cfg.sampler_steps),
+        "sampler_rows": str(cfg.sampler_rows),
+        "synthetic_frac": repr(cfg.synthetic_frac),
+        "full_prompt_frac": repr(cfg.full_prompt_frac),
+        "canvas": str(sets["synthetic_train"][0].shape[1]),
+        "data_sha256": str(sets.get("sha256", "")),
+        "mask_id": str(backbone.mask_id),
+        "teacher": teacher_fingerprint(backbone),
+    }
 
 # %% ../nbs/20f_meanflow_sampling.ipynb #435f29cb
 def save_teacher_samples(pool, path, meta: dict[str, str]) -> Path:

@@ -57,6 +57,7 @@ def likelihood_bound(logits_fn: Callable, x0, prompt_mask, mask_id: int, n_mc: i
 @dataclass(frozen=True)
 class TeacherRecipe:
     "Architecture and training schedule of the tiny LLaDA-style teacher."
+
     hidden: int = 96
     layers: int = 3
     heads: int = 4
@@ -138,8 +139,10 @@ def train_teacher(tok, recipe: TeacherRecipe, sets: dict, log: Callable | None =
 def load_teacher(path):
     "A saved teacher directory as `(LlamaBackbone, tokenizer, info)`."
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
     p = Path(path)
-    if not (p / "config.json").is_file(): raise FileNotFoundError(f"no teacher in {p} (config.json missing)")
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"no teacher in {p} (config.json missing)")
     tok = PreTrainedTokenizerFast.from_pretrained(p)
     model = LlamaForCausalLM.from_pretrained(p)
     info = json.loads((p / "teacher.json").read_text())
@@ -150,8 +153,21 @@ def teacher_code_version() -> str:
     "Hash of the exported code that trains the tiny teacher: a cache entry is reused only by the code that made it."
     import inspect
     import latentcot.meanflow_backbones as mb, latentcot.meanflow_teacher as mt, latentcot.meanflow_text as mx
-    parts = (mx.char_tokenizer, mx.row_start_id, mx.encode_lines, mx.load_text_sets, mt.mask_tokens, mt.prompt_mask_of,
-             mt.llada_loss, mt.TeacherRecipe, mt.tiny_llada, mt.mixed_batches, mt.train_teacher, mb.LlamaBackbone)
+
+    parts = (
+        mx.char_tokenizer,
+        mx.row_start_id,
+        mx.encode_lines,
+        mx.load_text_sets,
+        mt.mask_tokens,
+        mt.prompt_mask_of,
+        mt.llada_loss,
+        mt.TeacherRecipe,
+        mt.tiny_llada,
+        mt.mixed_batches,
+        mt.train_teacher,
+        mb.LlamaBackbone,
+    )
     return hashlib.sha256("\n".join(inspect.getsource(p) for p in parts).encode()).hexdigest()[:16]
 
 # %% ../nbs/20c_meanflow_teacher.ipynb #8e1e8c86

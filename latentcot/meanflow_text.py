@@ -19,25 +19,35 @@ __all__ = ['SPECIAL_TOKENS', 'SET_TAGS', 'char_tokenizer', 'row_start_id', 'enco
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[EOS]", "[MASK]", "<arith>", "<text>")
 SET_TAGS = {"synthetic": "<arith>", "english": "<text>"}
 
+
 def char_tokenizer():
     "A character-level `PreTrainedTokenizerFast`: the special tokens, then printable ASCII, one id per character."
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders, Regex
     from transformers import PreTrainedTokenizerFast
+
     vocab = {s: i for i, s in enumerate(list(SPECIAL_TOKENS) + [chr(c) for c in range(32, 127)])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens(list(SPECIAL_TOKENS))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]",
-                                   mask_token="[MASK]", extra_special_tokens=list(SPECIAL_TOKENS[4:]))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        eos_token="[EOS]",
+        mask_token="[MASK]",
+        extra_special_tokens=list(SPECIAL_TOKENS[4:]),
+    )
 
 # %% ../nbs/20a_meanflow_text.ipynb #0797769a
 def row_start_id(tok, kind: str) -> int:
     """First token of a canvas row: the set's tag if the tokenizer has it (the tiny teacher's), else its BOS (a real
     LLaDA's)."""
     tag = tok.convert_tokens_to_ids(SET_TAGS[kind])
-    if tag is not None and tag != tok.unk_token_id: return tag
-    if tok.bos_token_id is not None: return tok.bos_token_id
+    if tag is not None and tag != tok.unk_token_id:
+        return tag
+    if tok.bos_token_id is not None:
+        return tok.bos_token_id
     raise ValueError(f"the tokenizer has neither the {SET_TAGS[kind]} tag nor a BOS token to start a canvas row with")
 
 # %% ../nbs/20a_meanflow_text.ipynb #bfc576ad
@@ -82,20 +92,25 @@ def decode_canvas(tok, ids: torch.Tensor, start: int = 1) -> list[str]:
 # %% ../nbs/20a_meanflow_text.ipynb #1849def8
 from .config import cache_root  # `$LATENTCOT_CACHE` or `~/.cache/latentcot`, shared with the tiny kit
 
+
 def text_dir() -> Path:
     "The directory of the text sets: the repository's `data_samples/text`, or a copy written into the cache."
     import latentcot
     from latentcot.textdata import TEXT_FILES, write_text_sets
+
     repo = Path(latentcot.__file__).resolve().parents[1] / "data_samples" / "text"
-    if all((repo / f).is_file() for f in TEXT_FILES): return repo
+    if all((repo / f).is_file() for f in TEXT_FILES):
+        return repo
     d = cache_root() / "text-seed0"
-    if not all((d / f).is_file() for f in TEXT_FILES): write_text_sets(d, seed=0)
+    if not all((d / f).is_file() for f in TEXT_FILES):
+        write_text_sets(d, seed=0)
     return d
 
 # %% ../nbs/20a_meanflow_text.ipynb #5c1a1696
 def load_text_sets(tok, canvas: int = 64, directory=None) -> dict:
     "Encoded train and heldout sets: `{'synthetic_train': (ids, prompt_len), ...}` plus `'sha256'` of the files."
     from latentcot.textdata import TEXT_FILES, read_lines
+
     d = Path(directory) if directory is not None else text_dir()
     out, h = {}, hashlib.sha256()
     for f in TEXT_FILES:

@@ -17,8 +17,14 @@ from .fileio import atomic_write
 from .trainer import MetricsLog, TrainState, latest_checkpoint, load_checkpoint, read_metrics, save_checkpoint
 from .meanflow_teacher import mask_tokens, mixed_batches
 from .meanflow_student import MeanFlowStudent
-from .meanflow_loss import (MeanFlowConfig, embedding_tangent, jvp_dudt, meanflow_fixed_point, meanflow_loss,
-                                     sample_times)
+from latentcot.meanflow_loss import (
+    MeanFlowConfig,
+    embedding_tangent,
+    jvp_dudt,
+    meanflow_fixed_point,
+    meanflow_loss,
+    sample_times,
+)
 from .meanflow_sampling import teacher_samples
 from .meanflow_noise import NoisePrior, fit_noise_prior, pick_noise, posterior_noise
 
@@ -98,6 +104,7 @@ def warmup_schedule(opt, warmup: int = 20):
     warmup`."""
     import warnings
     from transformers import get_constant_schedule_with_warmup
+
     sched = get_constant_schedule_with_warmup(opt, warmup)
     # stepped before the first optimizer step on purpose: the first step must not be at 0
     with warnings.catch_warnings():
@@ -113,6 +120,7 @@ def _lightning_class():
     class MeanFlowLightning(pl.LightningModule):
         """LightningModule of the distillation: `meanflow_step`, with `train_meanflow`'s optimiser, warm-up and
         clipping; its checkpoints hold the soft prompt (not the frozen base) and the RNG of the step's draws."""
+
         def __init__(self, student: MeanFlowStudent, cfg: MeanFlowConfig):
             super().__init__()
             self.student, self.cfg, self.history, self._rng = student, cfg, [], None
@@ -145,8 +153,10 @@ def _lightning_class():
             got = set(checkpoint["state_dict"])
             if got != want:
                 missing, unexpected = sorted(want - got)[:4], sorted(got - want)[:4]
-                raise ValueError(f"the checkpoint's soft prompt is not this student's: missing {missing}, "
-                                 f"unexpected {unexpected}")
+                raise ValueError(
+                    f"the checkpoint's soft prompt is not this student's: missing {missing}, "
+                    f"unexpected {unexpected}"
+                )
             self._rng = checkpoint["rng"]
 
         def on_train_start(self):
@@ -288,8 +298,12 @@ def progress_line(step: int, hist: list[dict], every: int, seconds: float) -> st
 def open_run(acc, out: Path, cfg: MeanFlowConfig, resume: bool = True, run_meta: dict | None = None) -> Path | None:
     "The newest complete checkpoint of run directory `out` to resume from (None: start), after recording the run."
     ck = latest_checkpoint(out) if resume else None
-    run = {"config": asdict(cfg), **(run_meta or {}), "num_processes": acc.num_processes,
-           "mixed_precision": str(acc.mixed_precision)}
+    run = {
+        "config": asdict(cfg),
+        **(run_meta or {}),
+        "num_processes": acc.num_processes,
+        "mixed_precision": str(acc.mixed_precision),
+    }
     record_run(acc, out, run, ck is not None)
     return ck
 
@@ -319,9 +333,18 @@ def fit_final_prior(student: MeanFlowStudent, data, cfg: MeanFlowConfig, log: Ca
     return p
 
 # %% ../nbs/20h_meanflow_train.ipynb #48304c4c
-def train_meanflow(student: MeanFlowStudent, sets: dict, cfg: MeanFlowConfig, accelerator=None,
-                   log: Callable | None = print, log_every: int = 50, out_dir=None, save_every: int = 0,
-                   resume: bool = True, run_meta: dict | None = None) -> list[dict]:
+def train_meanflow(
+    student: MeanFlowStudent,
+    sets: dict,
+    cfg: MeanFlowConfig,
+    accelerator=None,
+    log: Callable | None = print,
+    log_every: int = 50,
+    out_dir=None,
+    save_every: int = 0,
+    resume: bool = True,
+    run_meta: dict | None = None,
+) -> list[dict]:
     """Train `student.prompt` for `cfg.steps` steps with accelerate and `meanflow_step`; return each step's metrics.
     With `out_dir`: metrics, checkpoints (every `save_every` steps and at the end) and teacher samples go there, and a
     rerun resumes from the newest complete checkpoint (`resume=False`: start again); `seconds` sums the segments.
@@ -339,8 +362,16 @@ def train_meanflow(student: MeanFlowStudent, sets: dict, cfg: MeanFlowConfig, ac
     # every process draws its own rows (seed + rank) and runs `cfg.steps` steps on them: `batch` is per process
     pool = out / f"teacher_samples.rank{rank}.safetensors" if out is not None else None
     g = torch.Generator().manual_seed(cfg.seed + rank)
-    data = distill_batches(sets, cfg, cfg.steps, g, backbone=student.backbone, progress=bool(log) and main,
-                           pool_path=pool, log=log if main else None)
+    data = distill_batches(
+        sets,
+        cfg,
+        cfg.steps,
+        g,
+        backbone=student.backbone,
+        progress=bool(log) and main,
+        pool_path=pool,
+        log=log if main else None,
+    )
     opt = acc.prepare(torch.optim.AdamW(student.prompt.parameters(), lr=cfg.lr, weight_decay=0.0))
     sched = warmup_schedule(opt)
     # a checkpoint holds them with the optimiser and every rank's RNG (the step's times and masks)
@@ -378,32 +409,65 @@ def train_meanflow(student: MeanFlowStudent, sets: dict, cfg: MeanFlowConfig, ac
 def lightning_checkpoints(dirpath, every: int):
     "Lightning's `ModelCheckpoint` as the drivers use it: every `every` steps, the newest two and `last.ckpt` kept."
     from lightning.pytorch.callbacks import ModelCheckpoint
-    return ModelCheckpoint(dirpath=dirpath, filename="{step:07d}", every_n_train_steps=every, save_top_k=2,
-                           monitor="step", mode="max", save_last=True)
+
+    return ModelCheckpoint(
+        dirpath=dirpath,
+        filename="{step:07d}",
+        every_n_train_steps=every,
+        save_top_k=2,
+        monitor="step",
+        mode="max",
+        save_last=True,
+    )
 
 # %% ../nbs/20h_meanflow_train.ipynb #trainlightning
-def train_meanflow_lightning(student: MeanFlowStudent, sets: dict, cfg: MeanFlowConfig, out_dir=None,
-                             save_every: int = 0, resume: bool = True, **trainer_kw) -> list[dict]:
+def train_meanflow_lightning(
+    student: MeanFlowStudent,
+    sets: dict,
+    cfg: MeanFlowConfig,
+    out_dir=None,
+    save_every: int = 0,
+    resume: bool = True,
+    **trainer_kw
+) -> list[dict]:
     """Train `student.prompt` with Lightning's `Trainer` on `train_meanflow`'s rows and seed; return this run's logs,
     one per step. With `out_dir`: checkpoints in `out_dir/lightning` (`lightning_checkpoints`, every `save_every`
     steps, else at the end), and a rerun resumes from `last.ckpt` (`resume=False`: start again)."""
     import lightning.pytorch as pl
+
     # the step's times and masks come from the global RNG, seeded as train_meanflow seeds it
     torch.manual_seed(cfg.seed)
     out = Path(out_dir) if out_dir is not None else None
     pool = out / "teacher_samples.rank0.safetensors" if out is not None else None
-    data = distill_batches(sets, cfg, cfg.steps, torch.Generator().manual_seed(cfg.seed), backbone=student.backbone,
-                           pool_path=pool, log=None)
+    data = distill_batches(
+        sets,
+        cfg,
+        cfg.steps,
+        torch.Generator().manual_seed(cfg.seed),
+        backbone=student.backbone,
+        pool_path=pool,
+        log=None,
+    )
     module = meanflow_lightning_module(student, cfg)
-    kw = dict(max_steps=cfg.steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-              enable_progress_bar=False, enable_model_summary=False)
+    kw = dict(
+        max_steps=cfg.steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     last = out / "lightning" / "last.ckpt" if out is not None else None
     ckpt = str(last) if last is not None and resume and last.is_file() else None
     if out is not None:
         run = {"config": asdict(cfg), "num_processes": 1, "mixed_precision": str(trainer_kw.get("precision", "no"))}
         record_run(None, out, run, ckpt is not None)
-        kw.update(enable_checkpointing=True, default_root_dir=str(out),
-                  callbacks=[lightning_checkpoints(out / "lightning", save_every or cfg.steps)])
+        kw.update(
+            enable_checkpointing=True,
+            default_root_dir=str(out),
+            callbacks=[lightning_checkpoints(out / "lightning", save_every or cfg.steps)],
+        )
     trainer = pl.Trainer(**{**kw, **trainer_kw})
     with warnings.catch_warnings():
         # the callbacks are those of the run that wrote the checkpoint, whose directory a resume reuses on purpose

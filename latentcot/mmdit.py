@@ -36,18 +36,27 @@ __all__ = ['QWEN_IMAGE_PROMPT_TEMPLATE', 'CONDITIONS', 'LORA_TARGETS_MMDIT', 'MM
 # %% ../nbs/22_mmdit.ipynb #bb7f02f9
 class MMDiTBridge(nn.Module):
     "Z `[B,K,H]` -> prompt embeds `[B,K,D]`: identity (H == D) or Linear (H != D), plus a zero-init residual MLP."
+
     def __init__(self, latent_dim: int, joint_attention_dim: int, mode: str = "auto", mlp_ratio: int = 2):
         super().__init__()
-        if mode not in ("auto", "identity", "linear"): raise ValueError(f"bridge mode must be auto, identity or linear, got {mode!r}")
+        if mode not in ("auto", "identity", "linear"):
+            raise ValueError(f"bridge mode must be auto, identity or linear, got {mode!r}")
         if mode == "identity" and latent_dim != joint_attention_dim:
-            raise ValueError(f"identity bridge needs the latent width ({latent_dim}) to equal the DiT's joint_attention_dim "
-                             f"({joint_attention_dim}); use mode='linear' (a trained projection) for another VLM")
+            raise ValueError(
+                f"identity bridge needs the latent width ({latent_dim}) to equal the DiT's joint_attention_dim "
+                f"({joint_attention_dim}); use mode='linear' (a trained projection) for another VLM"
+            )
         self.latent_dim, self.joint_attention_dim = latent_dim, joint_attention_dim
-        self.mode = "identity" if mode == "auto" and latent_dim == joint_attention_dim else ("linear" if mode == "auto" else mode)
+        self.mode = (
+            "identity"
+            if mode == "auto" and latent_dim == joint_attention_dim
+            else ("linear" if mode == "auto" else mode)
+        )
         self.proj = nn.Identity() if self.mode == "identity" else nn.Linear(latent_dim, joint_attention_dim)
         d = joint_attention_dim
         self.mlp = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, mlp_ratio * d), nn.GELU(), nn.Linear(mlp_ratio * d, d))
-        nn.init.zeros_(self.mlp[-1].weight); nn.init.zeros_(self.mlp[-1].bias)
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         if z.dim() != 3 or z.shape[-1] != self.latent_dim:
@@ -55,25 +64,35 @@ class MMDiTBridge(nn.Module):
         h = self.proj(z)
         return h + self.mlp(h)
 
+
 def project_to_mmdit(bridge: MMDiTBridge, z: torch.Tensor, mask: torch.Tensor | None = None, transformer=None):
     "Seed 000's `project_to_mmdit`: `(prompt_embeds [B,K,D], prompt_embeds_mask [B,K] long)` of latents Z `[B,K,H]`."
     if transformer is not None and transformer.config.joint_attention_dim != bridge.joint_attention_dim:
-        raise ValueError(f"bridge outputs {bridge.joint_attention_dim}-wide embeds, the DiT's joint_attention_dim is "
-                         f"{transformer.config.joint_attention_dim}")
+        raise ValueError(
+            f"bridge outputs {bridge.joint_attention_dim}-wide embeds, the DiT's joint_attention_dim is "
+            f"{transformer.config.joint_attention_dim}"
+        )
     emb = bridge(z)
-    if mask is None: mask = torch.ones(z.shape[:2], dtype=torch.long, device=z.device)
-    if mask.shape != z.shape[:2]: raise ValueError(f"mask {tuple(mask.shape)} does not match Z {tuple(z.shape[:2])}")
-    if (mask.sum(1) == 0).any(): raise ValueError(f"samples {torch.nonzero(mask.sum(1) == 0).flatten().tolist()} have no latents")
+    if mask is None:
+        mask = torch.ones(z.shape[:2], dtype=torch.long, device=z.device)
+    if mask.shape != z.shape[:2]:
+        raise ValueError(f"mask {tuple(mask.shape)} does not match Z {tuple(z.shape[:2])}")
+    if (mask.sum(1) == 0).any():
+        raise ValueError(f"samples {torch.nonzero(mask.sum(1) == 0).flatten().tolist()} have no latents")
     return emb * mask[..., None].to(emb.dtype), mask.long()
 
 # %% ../nbs/22_mmdit.ipynb #bd6a7cdb
-QWEN_IMAGE_PROMPT_TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
-                              "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
-                              "<|im_start|>assistant\n")
+QWEN_IMAGE_PROMPT_TEMPLATE = (
+    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
+    "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+
 
 def template_prefix_length(tokenizer, template: str = QWEN_IMAGE_PROMPT_TEMPLATE) -> int:
     "Tokens of the template before the prompt (what `_get_qwen_prompt_embeds` drops; 34 for Qwen2.5's tokenizer)."
     return len(tokenizer(template.split("{}")[0], add_special_tokens=False)["input_ids"])
+
 
 @torch.no_grad()
 def qwen_prompt_embeds(model, tokenizer, prompts: list[str], template: str = QWEN_IMAGE_PROMPT_TEMPLATE):
@@ -81,7 +100,9 @@ def qwen_prompt_embeds(model, tokenizer, prompts: list[str], template: str = QWE
     drop = template_prefix_length(tokenizer, template)
     tok = tokenizer([template.format(p) for p in prompts], padding=True, return_tensors="pt")
     dev = model.get_input_embeddings().weight.device
-    out = model(input_ids=tok["input_ids"].to(dev), attention_mask=tok["attention_mask"].to(dev), output_hidden_states=True)
+    out = model(
+        input_ids=tok["input_ids"].to(dev), attention_mask=tok["attention_mask"].to(dev), output_hidden_states=True
+    )
     rows = [h[m.bool()][drop:] for h, m in zip(out.hidden_states[-1], tok["attention_mask"].to(dev))]
     n = max(len(r) for r in rows)
     emb = torch.stack([torch.cat([r, r.new_zeros(n - len(r), r.shape[1])]) for r in rows])
@@ -93,8 +114,11 @@ def check_image_size(height: int, width: int, vae) -> None:
     "Raise unless both sides are multiples of 2x the VAE factor (the VAE's downsampling times the DiT's 2x2 packing)."
     f = 2 ** len(vae.temperal_downsample) * 2
     if height % f or width % f or height <= 0 or width <= 0:
-        raise ValueError(f"image size {height}x{width} does not fit the VAE/patch factors: both sides must be positive "
-                         f"multiples of {f} (VAE factor {f // 2} x 2x2 packing)")
+        raise ValueError(
+            f"image size {height}x{width} does not fit the VAE/patch factors: both sides must be positive "
+            f"multiples of {f} (VAE factor {f // 2} x 2x2 packing)"
+        )
+
 
 def _stats(vae, like: torch.Tensor):
     c = vae.config
@@ -103,15 +127,17 @@ def _stats(vae, like: torch.Tensor):
     view = lambda v: torch.tensor(v, dtype=like.dtype, device=like.device).view(1, c.z_dim, 1, 1, 1)
     return view(c.latents_mean), view(c.latents_std)
 
+
 @torch.no_grad()
 def encode_images(vae, images) -> torch.Tensor:
     "Normalised VAE latents `[B,C,1,h,w]` of images (PIL/paths or a `[B,3,1,H,W]` tensor in [-1, 1]), as the pipelines do."
     x = images if torch.is_tensor(images) else images_to_tensor(images)
     check_image_size(x.shape[-2], x.shape[-1], vae)
     x = x.to(vae.device, vae.dtype)
-    z = vae.encode(x).latent_dist.mode()   # the edit pipeline's sample_mode="argmax"
+    z = vae.encode(x).latent_dist.mode()  # the edit pipeline's sample_mode="argmax"
     mean, std = _stats(vae, z)
     return (z - mean) / std
+
 
 @torch.no_grad()
 def decode_latents(vae, x0: torch.Tensor) -> torch.Tensor:
@@ -119,44 +145,77 @@ def decode_latents(vae, x0: torch.Tensor) -> torch.Tensor:
     mean, std = _stats(vae, x0)
     return vae.decode(x0 * std + mean).sample
 
+
 def pack(x: torch.Tensor) -> torch.Tensor:
     "`[B,C,1,h,w]` latents -> the DiT's `[B,(h/2)(w/2),4C]` tokens (`QwenImagePipeline._pack_latents`)."
     from diffusers import QwenImagePipeline
+
     B, C, _, h, w = x.shape
     return QwenImagePipeline._pack_latents(x, B, C, h, w)
+
 
 def unpack(tokens: torch.Tensor, height: int, width: int, vae) -> torch.Tensor:
     "Inverse of `pack` for images of `height x width` pixels (`QwenImagePipeline._unpack_latents`)."
     from diffusers import QwenImagePipeline
+
     return QwenImagePipeline._unpack_latents(tokens, height, width, 2 ** len(vae.temperal_downsample))
 
 # %% ../nbs/22_mmdit.ipynb #9bc87345
-def velocity(transformer, x_t: torch.Tensor, sigma: torch.Tensor, prompt_embeds, prompt_mask, ref: torch.Tensor | None = None):
+def velocity(
+    transformer, x_t: torch.Tensor, sigma: torch.Tensor, prompt_embeds, prompt_mask, ref: torch.Tensor | None = None
+):
     "The DiT's prediction (ε - x0 direction) for noisy normalised latents `x_t` `[B,C,1,h,w]` at `sigma` `[B]`."
     B, C, _, h, w = x_t.shape
     tokens, shapes = pack(x_t), [(1, h // 2, w // 2)]
     n = tokens.shape[1]
     if ref is not None:
-        if ref.shape[0] != B or ref.shape[1] != C: raise ValueError(f"reference latents {tuple(ref.shape)} do not match {tuple(x_t.shape)}")
+        if ref.shape[0] != B or ref.shape[1] != C:
+            raise ValueError(f"reference latents {tuple(ref.shape)} do not match {tuple(x_t.shape)}")
         tokens = torch.cat([tokens, pack(ref)], 1)
         shapes = shapes + [(1, ref.shape[-2] // 2, ref.shape[-1] // 2)]
-    out = transformer(hidden_states=tokens, encoder_hidden_states=prompt_embeds, encoder_hidden_states_mask=prompt_mask,
-                      timestep=sigma.to(tokens.dtype), img_shapes=[shapes] * B, return_dict=False)[0]
+    out = transformer(
+        hidden_states=tokens,
+        encoder_hidden_states=prompt_embeds,
+        encoder_hidden_states_mask=prompt_mask,
+        timestep=sigma.to(tokens.dtype),
+        img_shapes=[shapes] * B,
+        return_dict=False,
+    )[0]
     out = out[:, :n]
     return out.view(B, h // 2, w // 2, C, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, C, 1, h, w)  # = _unpack_latents
 
-def sample_sigmas(scheduler, batch_size: int, weighting_scheme: str = "none", generator=None, device="cpu", **density_kw):
+
+def sample_sigmas(
+    scheduler, batch_size: int, weighting_scheme: str = "none", generator=None, device="cpu", **density_kw
+):
     "σ `[B]` as the Qwen-Image training script draws them: density sample u -> index into the scheduler's sigmas."
     from diffusers.training_utils import compute_density_for_timestep_sampling
-    u = compute_density_for_timestep_sampling(weighting_scheme=weighting_scheme, batch_size=batch_size, generator=generator,
-                                              **({"logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29} | density_kw))
+
+    u = compute_density_for_timestep_sampling(
+        weighting_scheme=weighting_scheme,
+        batch_size=batch_size,
+        generator=generator,
+        **({"logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29} | density_kw),
+    )
     idx = (u * scheduler.config.num_train_timesteps).long().clamp(max=len(scheduler.sigmas) - 2)
     return scheduler.sigmas[idx].to(device)
 
-def compute_flow_matching_loss(transformer, prompt_embeds, prompt_mask, x0: torch.Tensor, scheduler, ref=None,
-                               weighting_scheme: str = "none", generator=None, noise=None, sigmas=None) -> torch.Tensor:
+
+def compute_flow_matching_loss(
+    transformer,
+    prompt_embeds,
+    prompt_mask,
+    x0: torch.Tensor,
+    scheduler,
+    ref=None,
+    weighting_scheme: str = "none",
+    generator=None,
+    noise=None,
+    sigmas=None,
+) -> torch.Tensor:
     "Seed 000's flow loss on normalised target latents `x0`: x_t=(1-σ)x0+σε, target ε-x0, SD3 weighting, mean over batch."
     from diffusers.training_utils import compute_loss_weighting_for_sd3
+
     B = x0.shape[0]
     noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device) if noise is None else noise
     sigmas = sample_sigmas(scheduler, B, weighting_scheme, generator, x0.device) if sigmas is None else sigmas
@@ -170,8 +229,12 @@ def compute_flow_matching_loss(transformer, prompt_embeds, prompt_mask, x0: torc
 def generation_pipeline(transformer, vae, scheduler, edit: bool = False):
     "`QwenImagePipeline` (or `QwenImageEditPipeline` with `edit`) without text encoder/tokenizer: it runs from prompt embeds."
     from diffusers import QwenImageEditPipeline, QwenImagePipeline
-    sched = type(scheduler).from_config(scheduler.config)   # its own copy: set_timesteps rewrites the sigmas
-    if edit: return QwenImageEditPipeline(scheduler=sched, vae=vae, text_encoder=None, tokenizer=None, processor=None, transformer=transformer)
+
+    sched = type(scheduler).from_config(scheduler.config)  # its own copy: set_timesteps rewrites the sigmas
+    if edit:
+        return QwenImageEditPipeline(
+            scheduler=sched, vae=vae, text_encoder=None, tokenizer=None, processor=None, transformer=transformer
+        )
     return QwenImagePipeline(scheduler=sched, vae=vae, text_encoder=None, tokenizer=None, transformer=transformer)
 
 # %% ../nbs/22_mmdit.ipynb #db973777
@@ -179,21 +242,38 @@ def generation_pipeline(transformer, vae, scheduler, edit: bool = False):
 def _keep_reference_size(height: int, width: int):
     "Make `QwenImageEditPipeline` keep the reference image at `height x width` instead of ~1024²."
     import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit as edit_mod
+
     with mock.patch.object(edit_mod, "calculate_dimensions", lambda area, ratio: (width, height, None)):
         yield
+
 
 def write_bridge(bridge: MMDiTBridge, path) -> None:
     "`path/bridge.safetensors` + `path/bridge.json` (widths and mode), read by `LatentToImageGenerator.load_bridge`."
     from safetensors.torch import save_file
-    path = Path(path); path.mkdir(parents=True, exist_ok=True)
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in bridge.state_dict().items()}, path / "bridge.safetensors")
-    (path / "bridge.json").write_text(json.dumps(dict(latent_dim=bridge.latent_dim, mode=bridge.mode,
-                                                      joint_attention_dim=bridge.joint_attention_dim)))
+    (path / "bridge.json").write_text(
+        json.dumps(
+            dict(latent_dim=bridge.latent_dim, mode=bridge.mode, joint_attention_dim=bridge.joint_attention_dim)
+        )
+    )
+
 
 class LatentToImageGenerator(nn.Module):
     "Seed 000's generator: latents Z -> `project_to_mmdit` -> Qwen-Image flow sampling -> `vae.decode`."
-    def __init__(self, transformer, vae, scheduler, bridge: MMDiTBridge | None = None, latent_dim: int | None = None,
-                 llm_model=None, processor=None):
+
+    def __init__(
+        self,
+        transformer,
+        vae,
+        scheduler,
+        bridge: MMDiTBridge | None = None,
+        latent_dim: int | None = None,
+        llm_model=None,
+        processor=None,
+    ):
         super().__init__()
         check_kit_configs(transformer.config, vae.config)
         self.transformer, self.vae, self.scheduler = transformer, vae, scheduler
@@ -201,7 +281,7 @@ class LatentToImageGenerator(nn.Module):
         d = transformer.config.joint_attention_dim
         self.bridge = bridge if bridge is not None else MMDiTBridge(latent_dim or d, d)
         self.llm_model, self.processor = llm_model, processor
-        self.vae.requires_grad_(False)   # the VAE is frozen (as in Qwen-Image training)
+        self.vae.requires_grad_(False)  # the VAE is frozen (as in Qwen-Image training)
 
     @classmethod
     def from_pretrained(cls, path, latent_dim: int | None = None, bridge_path=None, **kw):
@@ -209,7 +289,8 @@ class LatentToImageGenerator(nn.Module):
         g = cls(**load_mmdit_kit(path), latent_dim=latent_dim, **kw)
         if bridge_path is None and (Path(path) / "bridge" / "bridge.json").is_file():
             bridge_path = Path(path) / "bridge"
-        if bridge_path is not None: g.load_bridge(bridge_path)
+        if bridge_path is not None:
+            g.load_bridge(bridge_path)
         return g
 
     def save_bridge(self, path):
@@ -219,17 +300,21 @@ class LatentToImageGenerator(nn.Module):
     def load_bridge(self, path):
         "Read a bridge written by `save_bridge`; its widths must match this generator's."
         from safetensors.torch import load_file
+
         meta = json.loads((Path(path) / "bridge.json").read_text())
         if meta["joint_attention_dim"] != self.transformer.config.joint_attention_dim:
-            raise ValueError(f"{path}: bridge for joint_attention_dim {meta['joint_attention_dim']}, the DiT has {self.transformer.config.joint_attention_dim}")
+            raise ValueError(
+                f"{path}: bridge for joint_attention_dim {meta['joint_attention_dim']}, the DiT has {self.transformer.config.joint_attention_dim}"
+            )
         self.bridge = MMDiTBridge(meta["latent_dim"], meta["joint_attention_dim"], meta["mode"])
         self.bridge.load_state_dict(load_file(Path(path) / "bridge.safetensors"))
 
     def prompt_embeds(self, z, z_mask=None):
         return project_to_mmdit(self.bridge, z, z_mask, self.transformer)
 
-    def compute_flow_matching_loss(self, z_final, target_images, ref_images=None, z_mask=None, generator=None,
-                                   weighting_scheme: str = "none") -> torch.Tensor:
+    def compute_flow_matching_loss(
+        self, z_final, target_images, ref_images=None, z_mask=None, generator=None, weighting_scheme: str = "none"
+    ) -> torch.Tensor:
         "Flow-matching loss of the DiT conditioned on `bridge(z_final)` on `target_images` (optionally editing `ref_images`)."
         if len(target_images) != z_final.shape[0]:
             raise ValueError(f"{z_final.shape[0]} latent rows but {len(target_images)} target images")
@@ -237,26 +322,51 @@ class LatentToImageGenerator(nn.Module):
             x0 = encode_images(self.vae, target_images)
             ref = encode_images(self.vae, ref_images) if ref_images is not None else None
         emb, m = self.prompt_embeds(z_final, z_mask)
-        return compute_flow_matching_loss(self.transformer, emb, m, x0, self.train_scheduler, ref, weighting_scheme, generator)
+        return compute_flow_matching_loss(
+            self.transformer, emb, m, x0, self.train_scheduler, ref, weighting_scheme, generator
+        )
 
     @torch.no_grad()
-    def generate(self, z, z_mask=None, height: int = 64, width: int = 64, ref_images=None, num_inference_steps: int = 20,
-                 generator=None, output_type: str = "pil", prompt_embeds=None, prompt_embeds_mask=None):
+    def generate(
+        self,
+        z,
+        z_mask=None,
+        height: int = 64,
+        width: int = 64,
+        ref_images=None,
+        num_inference_steps: int = 20,
+        generator=None,
+        output_type: str = "pil",
+        prompt_embeds=None,
+        prompt_embeds_mask=None,
+    ):
         "Images from latents Z (or from given prompt embeds) through Qwen-Image's pipelines."
         check_image_size(height, width, self.vae)
-        if prompt_embeds is None: prompt_embeds, prompt_embeds_mask = self.prompt_embeds(z, z_mask)
-        kw = dict(prompt_embeds=prompt_embeds, prompt_embeds_mask=prompt_embeds_mask, height=height, width=width,
-                  num_inference_steps=num_inference_steps, true_cfg_scale=1.0, generator=generator, output_type=output_type)
+        if prompt_embeds is None:
+            prompt_embeds, prompt_embeds_mask = self.prompt_embeds(z, z_mask)
+        kw = dict(
+            prompt_embeds=prompt_embeds,
+            prompt_embeds_mask=prompt_embeds_mask,
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            true_cfg_scale=1.0,
+            generator=generator,
+            output_type=output_type,
+        )
         if ref_images is None:
             pipe = generation_pipeline(self.transformer, self.vae, self.scheduler)
             pipe.set_progress_bar_config(disable=True)
             return pipe(**kw).images
         refs = [Image.open(p).convert("RGB") if isinstance(p, (str, Path)) else p for p in ref_images]
-        if len(refs) != prompt_embeds.shape[0]: raise ValueError(f"{prompt_embeds.shape[0]} latent rows but {len(refs)} reference images")
-        if any(r.size != (width, height) for r in refs): raise ValueError(f"reference images must be {width}x{height}, got {sorted({r.size for r in refs})}")
+        if len(refs) != prompt_embeds.shape[0]:
+            raise ValueError(f"{prompt_embeds.shape[0]} latent rows but {len(refs)} reference images")
+        if any(r.size != (width, height) for r in refs):
+            raise ValueError(f"reference images must be {width}x{height}, got {sorted({r.size for r in refs})}")
         pipe = generation_pipeline(self.transformer, self.vae, self.scheduler, edit=True)
         pipe.set_progress_bar_config(disable=True)
-        with _keep_reference_size(height, width): return pipe(image=refs, **kw).images
+        with _keep_reference_size(height, width):
+            return pipe(image=refs, **kw).images
 
     def forward(self, z, z_mask=None, **kw):
         "`generate(z, ...)`: the seed's `forward` with Z given (see `inference_with_latent_cot` for Z from a prompt)."
@@ -264,24 +374,29 @@ class LatentToImageGenerator(nn.Module):
 
 # %% ../nbs/22_mmdit.ipynb #aa6497a3
 @torch.no_grad()
-def multiturn_latents(model, processor, samples, latent_size: int = 3, batch_size: int = 8, progress: bool = True) -> dict:
+def multiturn_latents(
+    model, processor, samples, latent_size: int = 3, batch_size: int = 8, progress: bool = True
+) -> dict:
     "`{sample_id: {'teacher': [2,K,H], 'student': [2,K,H]}}`: z0/z1 and Z0/Z1 of the multi-turn stage on `samples`."
     from tqdm.auto import tqdm
     from latentcot.config import load_config
     from latentcot.multiturn import MultiTurnCollator, multiturn_forward, online_teacher, round_targets
+
     cfg = load_config().replace(latent_size_mode="fixed", latent_size=latent_size)
     collate = MultiTurnCollator(processor, cfg, rope_index=model, teacher=True)
     H, out = model.config.get_text_config().hidden_size, {}
     for i in tqdm(range(0, len(samples), batch_size), desc="multi-turn latents", disable=not progress):
-        batch = collate(samples[i:i + batch_size])
+        batch = collate(samples[i : i + batch_size])
         B = len(batch["sample_ids"])
         mt = multiturn_forward(model, batch)
         entries = online_teacher(model, batch["teacher"])
         t = [round_targets(entries, batch["round2"]["latent_budgets"], r) for r in (0, 1)]
         student = torch.stack([mt.z0.view(B, latent_size, H), mt.z1.view(B, latent_size, H)], 1)
         teacher = torch.stack([x.view(B, latent_size, H) for x in t], 1)
-        for b, sid in enumerate(batch["sample_ids"]): out[sid] = {"teacher": teacher[b].float(), "student": student[b].float()}
+        for b, sid in enumerate(batch["sample_ids"]):
+            out[sid] = {"teacher": teacher[b].float(), "student": student[b].float()}
     return out
+
 
 def pad_latents(zs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     "Right-pad `[K_i,H]` rows to `[B,K,H]` with a `[B,K]` mask (text-path states have different lengths)."
@@ -294,34 +409,60 @@ def training_examples(records, latents: dict, text: dict | None = None, sources=
     "Flow-matching examples: Z_r -> img_{r+1} (ref img0) per source, and text states -> img2 if `text` is given."
     ex = []
     for rec in records:
-        if rec["sample_id"] not in latents: raise ValueError(f"record {rec['sample_id']!r} has no latents")
+        if rec["sample_id"] not in latents:
+            raise ValueError(f"record {rec['sample_id']!r} has no latents")
         for src in sources:
-            for r in (0, 1): ex.append(dict(z=latents[rec["sample_id"]][src][r], target=rec[f"img{r + 1}"], ref=rec["img0"], source=src))
-        if text is not None: ex.append(dict(z=text[rec["sample_id"]], target=rec["img2"], ref=rec["img0"], source="text"))
+            for r in (0, 1):
+                ex.append(
+                    dict(z=latents[rec["sample_id"]][src][r], target=rec[f"img{r + 1}"], ref=rec["img0"], source=src)
+                )
+        if text is not None:
+            ex.append(dict(z=text[rec["sample_id"]], target=rec["img2"], ref=rec["img0"], source="text"))
     return ex
 
-def train_generator(gen: LatentToImageGenerator, examples: list[dict], steps: int = 600, batch_size: int = 16,
-                    lr: float = 1e-3, seed: int = 0, progress: bool = True) -> list[float]:
+
+def train_generator(
+    gen: LatentToImageGenerator,
+    examples: list[dict],
+    steps: int = 600,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[float]:
     "Train the bridge and the DiT on `examples` with the flow-matching loss; returns the loss per step."
     from tqdm.auto import tqdm
-    if not examples: raise ValueError("train_generator: no examples")
+
+    if not examples:
+        raise ValueError("train_generator: no examples")
     params = [p for p in list(gen.bridge.parameters()) + list(gen.transformer.parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     g = torch.Generator().manual_seed(seed)
     # the VAE is frozen: encode every image once
     paths = sorted({e[k] for e in examples for k in ("target", "ref")})
-    with torch.no_grad(): lat = dict(zip(paths, torch.cat([encode_images(gen.vae, paths[i:i + 64]) for i in range(0, len(paths), 64)])))
-    gen.transformer.train(); gen.bridge.train(); losses = []
+    with torch.no_grad():
+        lat = dict(
+            zip(paths, torch.cat([encode_images(gen.vae, paths[i : i + 64]) for i in range(0, len(paths), 64)]))
+        )
+    gen.transformer.train()
+    gen.bridge.train()
+    losses = []
     for _ in tqdm(range(steps), desc="mmdit", disable=not progress):
         idx = torch.randint(len(examples), (batch_size,), generator=g).tolist()
         z, m = pad_latents([examples[i]["z"] for i in idx])
-        x0 = torch.stack([lat[examples[i]["target"]] for i in idx]); ref = torch.stack([lat[examples[i]["ref"]] for i in idx])
+        x0 = torch.stack([lat[examples[i]["target"]] for i in idx])
+        ref = torch.stack([lat[examples[i]["ref"]] for i in idx])
         emb, m = gen.prompt_embeds(z, m)
         loss = compute_flow_matching_loss(gen.transformer, emb, m, x0, gen.train_scheduler, ref, generator=g)
-        opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step(); sched.step()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
         losses.append(loss.item())
-    gen.transformer.eval(); gen.bridge.eval()
+    gen.transformer.eval()
+    gen.bridge.eval()
     return losses
 
 # %% ../nbs/22_mmdit.ipynb #2d567ab1
@@ -330,46 +471,72 @@ def grid_scores(generated, target, img0) -> dict:
     g, t, o = read_grid(generated), read_grid(target), read_grid(img0)
     changed = [i for i in range(len(t)) if t[i] != o[i]]
     hits = [a == b for a, b in zip(g, t)]
-    return {"changed": sum(hits[i] for i in changed) / len(changed) if changed else None,
-            "all": sum(hits) / len(hits), "exact": float(all(hits))}
+    return {
+        "changed": sum(hits[i] for i in changed) / len(changed) if changed else None,
+        "all": sum(hits) / len(hits),
+        "exact": float(all(hits)),
+    }
 
 # %% ../nbs/22_mmdit.ipynb #3c855d89
 CONDITIONS = ("teacher", "student", "zeroed", "shuffled", "text", "copy_img0")
 
+
 def condition_inputs(cond: str, records, latents: dict, text: dict, r: int):
     "Z rows (list of `[K,H]`) of held-out `records` for round `r` under condition `cond`."
     sids = [rec["sample_id"] for rec in records]
-    if cond in ("teacher", "student"): return [latents[s][cond][r] for s in sids]
-    if cond == "zeroed": return [torch.zeros_like(latents[s]["student"][r]) for s in sids]
-    if cond == "shuffled":   # another sample's student Z (a fixed derangement: each sample gets its neighbour's)
+    if cond in ("teacher", "student"):
+        return [latents[s][cond][r] for s in sids]
+    if cond == "zeroed":
+        return [torch.zeros_like(latents[s]["student"][r]) for s in sids]
+    if cond == "shuffled":  # another sample's student Z (a fixed derangement: each sample gets its neighbour's)
         return [latents[sids[(i + 1) % len(sids)]]["student"][r] for i in range(len(sids))]
-    if cond == "text": return [text[s] for s in sids]
+    if cond == "text":
+        return [text[s] for s in sids]
     raise ValueError(f"unknown condition {cond!r}; expected one of {CONDITIONS}")
 
-def evaluate_conditions(gen: LatentToImageGenerator, records, latents: dict, text: dict, conditions=CONDITIONS,
-                        num_inference_steps: int = 20, seed: int = 0, batch_size: int = 40, progress: bool = True):
+
+def evaluate_conditions(
+    gen: LatentToImageGenerator,
+    records,
+    latents: dict,
+    text: dict,
+    conditions=CONDITIONS,
+    num_inference_steps: int = 20,
+    seed: int = 0,
+    batch_size: int = 40,
+    progress: bool = True,
+):
     "Generate img1 (from Z0) and img2 (from Z1) of every held-out record per condition; per-item scores and images."
     from tqdm.auto import tqdm
+
     scores, images = {}, {}
     for cond in tqdm(conditions, desc="conditions", disable=not progress):
         scores[cond], images[cond] = [], {}
         for r in (0, 1):
             for i in range(0, len(records), batch_size):
-                chunk = records[i:i + batch_size]
-                if cond == "copy_img0": gen_ims = [Image.open(rec["img0"]).convert("RGB") for rec in chunk]
+                chunk = records[i : i + batch_size]
+                if cond == "copy_img0":
+                    gen_ims = [Image.open(rec["img0"]).convert("RGB") for rec in chunk]
                 else:
                     z, m = pad_latents(condition_inputs(cond, chunk, latents, text, r))
-                    gen_ims = gen.generate(z, m, ref_images=[rec["img0"] for rec in chunk], num_inference_steps=num_inference_steps,
-                                           generator=torch.Generator().manual_seed(seed + 1000 * r + i))
+                    gen_ims = gen.generate(
+                        z,
+                        m,
+                        ref_images=[rec["img0"] for rec in chunk],
+                        num_inference_steps=num_inference_steps,
+                        generator=torch.Generator().manual_seed(seed + 1000 * r + i),
+                    )
                 for rec, im in zip(chunk, gen_ims):
                     s = grid_scores(im, rec[f"img{r + 1}"], rec["img0"])
                     scores[cond].append({"sample_id": rec["sample_id"], "round": r + 1, **s})
                     images[cond][(rec["sample_id"], r + 1)] = im
     return scores, images
 
+
 def summarize(scores: dict, n_boot: int = 2000) -> dict:
     "Mean and 95% bootstrap interval of each metric per condition, and student minus each control (paired)."
     from latentcot.pipeline import bootstrap_ci, paired_diff_ci
+
     out = {}
     for cond, rows in scores.items():
         out[cond] = {"items": len(rows)}
@@ -380,24 +547,43 @@ def summarize(scores: dict, n_boot: int = 2000) -> dict:
         key = lambda rows: {(r["sample_id"], r["round"]): r["changed"] for r in rows if r["changed"] is not None}
         st = key(scores["student"])
         for cond in scores:
-            if cond == "student": continue
-            other = key(scores[cond]); common = sorted(set(st) & set(other))
-            out["student"][f"changed_minus_{cond}"] = dict(zip(("mean", "low", "high"),
-                                                               paired_diff_ci([st[k] for k in common], [other[k] for k in common], n_boot=n_boot)))
+            if cond == "student":
+                continue
+            other = key(scores[cond])
+            common = sorted(set(st) & set(other))
+            out["student"][f"changed_minus_{cond}"] = dict(
+                zip(
+                    ("mean", "low", "high"),
+                    paired_diff_ci([st[k] for k in common], [other[k] for k in common], n_boot=n_boot),
+                )
+            )
     return out
+
 
 def results_table(summary: dict) -> str:
     "A markdown table: per condition, changed-cell / all-cell accuracy and exact-grid rate with 95% intervals."
     f = lambda d: f"{100 * d['mean']:.1f} [{100 * d['low']:.1f}, {100 * d['high']:.1f}]"
-    lines = ["| condition | changed cells % | all cells % | exact grids % | items |", "| --- | --- | --- | --- | --- |"]
+    lines = [
+        "| condition | changed cells % | all cells % | exact grids % | items |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for cond, s in summary.items():
         lines.append(f"| {cond} | {f(s['changed'])} | {f(s['all'])} | {f(s['exact'])} | {s['items']} |")
     return "\n".join(lines)
 
 # %% ../nbs/22_mmdit.ipynb #2123b346
-def inference_with_latent_cot(model, processor, generator: LatentToImageGenerator, records, budget: int = 3,
-                              max_new_tokens: int = 64, num_inference_steps: int = 20, cfg=None, seed: int = 0,
-                              think: str = "auto"):
+def inference_with_latent_cot(
+    model,
+    processor,
+    generator: LatentToImageGenerator,
+    records,
+    budget: int = 3,
+    max_new_tokens: int = 64,
+    num_inference_steps: int = 20,
+    cfg=None,
+    seed: int = 0,
+    think: str = "auto",
+):
     """`[(image or None, text)]` per editing record: routed decoding decides the latents Z, then Z + img0 -> the MMDiT.
     `think="always"` starts every answer with `<abs_vis_token>` (latent mode from the first step) instead of letting
     the model decide."""
@@ -406,15 +592,18 @@ def inference_with_latent_cot(model, processor, generator: LatentToImageGenerato
     from latentcot.multiturn import edit_record_to_sample, round_sample
     from latentcot.pipeline import prompt_batch
     from latentcot.tokens import SpecialIds
+
     cfg = cfg if cfg is not None else load_config()
     ids = SpecialIds.from_tokenizer(processor.tokenizer)
     samples = [round_sample(edit_record_to_sample(r, "<records>", i + 1), 1) for i, r in enumerate(records)]
-    if think not in ("auto", "always"): raise ValueError(f"think must be 'auto' or 'always', got {think!r}")
-    if think == "always":       # prompts are left-padded: the tag ends every row, routed decoding starts in latent mode
+    if think not in ("auto", "always"):
+        raise ValueError(f"think must be 'auto' or 'always', got {think!r}")
+    if think == "always":  # prompts are left-padded: the tag ends every row, routed decoding starts in latent mode
         tag, template = processor.tokenizer.convert_ids_to_tokens(ids.latent_start), processor.apply_chat_template
         with mock.patch.object(processor, "apply_chat_template", lambda *a, **k: template(*a, **k) + tag):
             batch = prompt_batch(model, processor, samples, cfg)
-    else: batch = prompt_batch(model, processor, samples, cfg)
+    else:
+        batch = prompt_batch(model, processor, samples, cfg)
     out = routed_generate(model, batch, budget=budget, max_new_tokens=max_new_tokens, eos_token_id=ids.im_end)
     texts = [processor.tokenizer.decode([t for t in seq if t != ids.latent_pad]) for seq in out.sequences]
     results = [(None, t) for t in texts]
@@ -422,10 +611,17 @@ def inference_with_latent_cot(model, processor, generator: LatentToImageGenerato
     if thought:
         z, m = pad_latents([torch.stack(out.latents[b]).float() for b in thought])
         w, h = Image.open(records[thought[0]]["img0"]).size
-        ims = generator.generate(z, m, height=h, width=w, ref_images=[records[b]["img0"] for b in thought],
-                                 num_inference_steps=num_inference_steps,
-                                 generator=torch.Generator().manual_seed(seed))
-        for b, im in zip(thought, ims): results[b] = (im, texts[b])
+        ims = generator.generate(
+            z,
+            m,
+            height=h,
+            width=w,
+            ref_images=[records[b]["img0"] for b in thought],
+            num_inference_steps=num_inference_steps,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        for b, im in zip(thought, ims):
+            results[b] = (im, texts[b])
     return results
 
 # %% ../nbs/22_mmdit.ipynb #2eb233f9
@@ -525,7 +721,9 @@ def generation_explorer(report_dir, sample: int = 0, **kw) -> GenerationExplorer
 # %% ../nbs/22_mmdit.ipynb #9b00b364
 def _atomic_write(path: Path, text: str):
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text); os.replace(tmp, path)
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
 
 def comparison_grid(records, images: dict, conditions, n: int = 6, scale: int = 2) -> Image.Image:
     "One row per (triplet, round): img0, truth, then each condition's image; `scale`x nearest-neighbour."
@@ -534,22 +732,39 @@ def comparison_grid(records, images: dict, conditions, n: int = 6, scale: int = 
         for r in (1, 2):
             ims = [Image.open(rec["img0"]).convert("RGB"), Image.open(rec[f"img{r}"]).convert("RGB")]
             ims += [images[c][(rec["sample_id"], r)].convert("RGB") for c in conditions]
-            rows.append(np.concatenate([np.pad(np.asarray(i), ((2, 2), (2, 2), (0, 0)), constant_values=128) for i in ims], 1))
+            rows.append(
+                np.concatenate([np.pad(np.asarray(i), ((2, 2), (2, 2), (0, 0)), constant_values=128) for i in ims], 1)
+            )
     im = Image.fromarray(np.concatenate(rows, 0))
     return im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+
 
 def text_states(model, processor, records, batch_size: int = 16) -> dict:
     "`{sample_id: [S,H]}`: Qwen-Image's text path (template, final-norm states, prefix dropped) on each prompt."
     out = {}
     for i in range(0, len(records), batch_size):
-        chunk = records[i:i + batch_size]
+        chunk = records[i : i + batch_size]
         emb, m = qwen_prompt_embeds(model, processor.tokenizer, [r["prompt"] for r in chunk])
-        for rec, e, mm in zip(chunk, emb, m): out[rec["sample_id"]] = e[mm.bool()].float()
+        for rec, e, mm in zip(chunk, emb, m):
+            out[rec["sample_id"]] = e[mm.bool()].float()
     return out
 
-def run_mmdit(out_dir, latent_model=None, latent_size: int = 3, steps: int = 600, batch_size: int = 16, lr: float = 1e-3,
-              sample_steps: int = 20, limit_heldout: int | None = None, limit_train: int | None = None, seed: int = 0, data_dir=None, kit=None,
-              progress: bool = True) -> dict:
+
+def run_mmdit(
+    out_dir,
+    latent_model=None,
+    latent_size: int = 3,
+    steps: int = 600,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    sample_steps: int = 20,
+    limit_heldout: int | None = None,
+    limit_train: int | None = None,
+    seed: int = 0,
+    data_dir=None,
+    kit=None,
+    progress: bool = True,
+) -> dict:
     "Kit, multi-turn latents, generator training and the evaluation table; writes the report into `out_dir`."
     import time
     from latentcot.datagen import load_edit_records
@@ -558,47 +773,76 @@ def run_mmdit(out_dir, latent_model=None, latent_size: int = 3, steps: int = 600
     from latentcot.multiturn import load_multiturn_samples
     from latentcot.tiny import calibrated_kit_path
     from latentcot.tokens import load_latent_model
-    t0, out = time.time(), Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+
+    t0, out = time.time(), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     edit = Path(data_dir or default_data_dir()) / "edit"
     kit = Path(kit) if kit is not None else mmdit_kit_path()
     latent_model = Path(latent_model) if latent_model is not None else calibrated_kit_path()
-    model, processor, _ = load_latent_model(latent_model); model.eval()
+    model, processor, _ = load_latent_model(latent_model)
+    model.eval()
     recs = {s: load_edit_records(edit / f"{s}.jsonl") for s in ("train", "heldout")}
     samples = {s: load_multiturn_samples(edit / f"{s}.jsonl") for s in ("train", "heldout")}
     for split, n in (("heldout", limit_heldout), ("train", limit_train)):
-        if n is not None: recs[split], samples[split] = recs[split][:n], samples[split][:n]
+        if n is not None:
+            recs[split], samples[split] = recs[split][:n], samples[split][:n]
     lat = multiturn_latents(model, processor, samples["train"] + samples["heldout"], latent_size, progress=progress)
     text = text_states(model, processor, recs["train"] + recs["heldout"])
     t_lat = time.time()
     gen = LatentToImageGenerator.from_pretrained(kit, latent_dim=model.config.get_text_config().hidden_size)
     # steps 0: evaluate the generator as loaded (e.g. the final/ of `latentcot train --stage mmdit`, bridge included)
-    losses = train_generator(gen, training_examples(recs["train"], lat, text), steps, batch_size, lr, seed, progress) if steps else []
+    losses = (
+        train_generator(gen, training_examples(recs["train"], lat, text), steps, batch_size, lr, seed, progress)
+        if steps
+        else []
+    )
     t_train = time.time()
-    gen.transformer.save_pretrained(out / "transformer"); gen.save_bridge(out / "bridge")
-    scores, images = evaluate_conditions(gen, recs["heldout"], lat, text, CONDITIONS, sample_steps, seed, progress=progress)
+    gen.transformer.save_pretrained(out / "transformer")
+    gen.save_bridge(out / "bridge")
+    scores, images = evaluate_conditions(
+        gen, recs["heldout"], lat, text, CONDITIONS, sample_steps, seed, progress=progress
+    )
     summary = summarize(scores)
     table = results_table(summary)
     comparison_grid(recs["heldout"], images, CONDITIONS).save(out / "grid.png")
     save_condition_images(out / "images", images)
-    metrics = dict(summary=summary, scores=scores, pairing="Z0 -> img1, Z1 -> img2, edit mode with img0 as reference",
-                   latent_model=str(latent_model), kit=str(kit), latent_size=latent_size, steps=steps, batch_size=batch_size,
-                   lr=lr, sample_steps=sample_steps, heldout=len(recs["heldout"]), final_loss=float(np.mean(losses[-50:])) if losses else None,
-                   seconds=dict(latents=t_lat - t0, train=t_train - t_lat, evaluate=time.time() - t_train))
+    metrics = dict(
+        summary=summary,
+        scores=scores,
+        pairing="Z0 -> img1, Z1 -> img2, edit mode with img0 as reference",
+        latent_model=str(latent_model),
+        kit=str(kit),
+        latent_size=latent_size,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        sample_steps=sample_steps,
+        heldout=len(recs["heldout"]),
+        final_loss=float(np.mean(losses[-50:])) if losses else None,
+        seconds=dict(latents=t_lat - t0, train=t_train - t_lat, evaluate=time.time() - t_train),
+    )
     _atomic_write(out / "metrics.json", json.dumps(metrics, indent=1, default=str))
     _atomic_write(out / "losses.json", json.dumps(losses))
-    _atomic_write(out / "table.md", f"Generated img1 (from Z0) and img2 (from Z1) of {len(recs['heldout'])} held-out "
-                  f"triplets; mean [95% bootstrap interval]\n\n{table}\n")
+    _atomic_write(
+        out / "table.md",
+        f"Generated img1 (from Z0) and img2 (from Z1) of {len(recs['heldout'])} held-out "
+        f"triplets; mean [95% bootstrap interval]\n\n{table}\n",
+    )
     return metrics
+
 
 @dataclass
 class MMDiTRunArgs:
     "Flags of `latentcot run mmdit` / `python -m latentcot.mmdit run`."
+
     out: str = field(metadata={"help": "report folder (table.md, metrics.json, grid.png, the trained generator)"})
     latent_model: str | None = field(default=None, metadata={"help": "latent CoT checkpoint (default: tiny kit)"})
     mmdit_name_or_path: str | None = field(default=None, metadata={"help": "Qwen-Image folder (default: tiny kit)"})
     latent_size: int = field(default=3, metadata={"help": "latents per thought (fixed segments)"})
-    steps: int = field(default=600, metadata={"help": "generator training steps (0: evaluate --mmdit_name_or_path as is)"})
+    steps: int = field(
+        default=600, metadata={"help": "generator training steps (0: evaluate --mmdit_name_or_path as is)"}
+    )
     batch_size: int = field(default=16, metadata={"help": "generator training batch"})
     lr: float = field(default=1e-3, metadata={"help": "generator learning rate"})
     sample_steps: int = field(default=20, metadata={"help": "flow sampling steps in the evaluation"})
@@ -607,17 +851,35 @@ class MMDiTRunArgs:
     seed: int = field(default=0, metadata={"help": "seed of training and sampling"})
     quiet: bool = field(default=False, metadata={"help": "no progress bars"})
 
+
 def run_main(argv: list[str] | None = None) -> int:
     "`latentcot run mmdit --out DIR` (= `python -m latentcot.mmdit run`): kit, latents, training, evaluation table."
     from latentcot.config import cli_parser
-    p = cli_parser(MMDiTRunArgs, config=False, prog="latentcot run mmdit",
-                   description="Train the MMDiT on multi-turn latents and evaluate it.")
-    (a,) = p.parse_args_into_dataclasses(argv)
-    m = run_mmdit(a.out, a.latent_model, a.latent_size, a.steps, a.batch_size, a.lr, a.sample_steps, a.limit_heldout,
-                  a.limit_train, a.seed, kit=a.mmdit_name_or_path, progress=not a.quiet)
-    print((Path(a.out) / "table.md").read_text()); print(f"seconds: {m['seconds']}")
-    return 0
 
+    p = cli_parser(
+        MMDiTRunArgs,
+        config=False,
+        prog="latentcot run mmdit",
+        description="Train the MMDiT on multi-turn latents and evaluate it.",
+    )
+    (a,) = p.parse_args_into_dataclasses(argv)
+    m = run_mmdit(
+        a.out,
+        a.latent_model,
+        a.latent_size,
+        a.steps,
+        a.batch_size,
+        a.lr,
+        a.sample_steps,
+        a.limit_heldout,
+        a.limit_train,
+        a.seed,
+        kit=a.mmdit_name_or_path,
+        progress=not a.quiet,
+    )
+    print((Path(a.out) / "table.md").read_text())
+    print(f"seconds: {m['seconds']}")
+    return 0
 
 # %% ../nbs/22_mmdit.ipynb #c811f079
 def check_edit_images(records, vae) -> tuple[int, int]:
@@ -673,7 +935,8 @@ def freeze_discarded_text_stream(transformer):
     "Freeze the last block's text-stream output layers: the DiT discards that output, so they never get a gradient."
     # DDP requires a gradient for every trainable parameter; these would stop a multi-process run
     last = transformer.transformer_blocks[-1]
-    for m in (last.attn.to_add_out, last.txt_mlp): m.requires_grad_(False)
+    for m in (last.attn.to_add_out, last.txt_mlp):
+        m.requires_grad_(False)
     return transformer
 
 
@@ -1160,7 +1423,7 @@ def bench_mmdit(
     if verbose:
         print(
             f"MMDiT bench: {n} held-out img1 from student Z0 ({res['threads']} torch thread(s)); "
-                f"kit {kit or 'tiny (untrained DiT)'}"
+            f"kit {kit or 'tiny (untrained DiT)'}"
         )
         print(
             "| steps | changed cells % | all cells % | s/image batched | s/image one at a time "

@@ -24,22 +24,32 @@ __all__ = ['PALETTE', 'QWEN_IMAGE_SCHEDULER_CONFIG', 'MMDIT_KIT_VERSION', 'snap_
 # %% ../nbs/22_mmdit_kit.ipynb #774d3da1
 PALETTE = np.array([BACKGROUND, *COLORS.values()], dtype=np.int64)
 
+
 def snap_to_palette(img) -> Image.Image:
     "`img` (PIL or uint8 `[H,W,3]`) with every pixel replaced by the nearest palette colour (white, red, green, blue)."
     a = np.asarray(img.convert("RGB") if isinstance(img, Image.Image) else img).astype(np.int64)
-    if a.ndim != 3 or a.shape[-1] != 3: raise ValueError(f"snap_to_palette: expected an RGB image, got shape {a.shape}")
+    if a.ndim != 3 or a.shape[-1] != 3:
+        raise ValueError(f"snap_to_palette: expected an RGB image, got shape {a.shape}")
     d = ((a[..., None, :] - PALETTE) ** 2).sum(-1)
     return Image.fromarray(PALETTE[d.argmin(-1)].astype(np.uint8))
+
 
 def _templates(size, grid: int) -> dict:
     "Boolean masks `{shape: [H,W]}` of each shape drawn in cell (0, 0) by the datagen renderer, cropped to the cell."
     h, w = size[1] // grid, size[0] // grid
-    return {sh: (np.asarray(render_scene([{"row": 0, "col": 0, "color": "red", "shape": sh}], size, grid))[:h, :w]
-                 != BACKGROUND).any(-1) for sh in SHAPES}
+    return {
+        sh: (
+            np.asarray(render_scene([{"row": 0, "col": 0, "color": "red", "shape": sh}], size, grid))[:h, :w]
+            != BACKGROUND
+        ).any(-1)
+        for sh in SHAPES
+    }
+
 
 def read_grid(img, grid: int = GRID) -> list:
     "The `grid x grid` cells (row-major) of a scene image: `None` or `(color, shape)`; tolerant to decoding noise."
-    if isinstance(img, (str, Path)): img = Image.open(img)
+    if isinstance(img, (str, Path)):
+        img = Image.open(img)
     a = np.asarray(snap_to_palette(img))
     tpl = _templates((a.shape[1], a.shape[0]), grid)
     min_area = min(t.sum() for t in tpl.values())
@@ -47,9 +57,11 @@ def read_grid(img, grid: int = GRID) -> list:
     cells = []
     for r in range(grid):
         for c in range(grid):
-            cell = a[r * ch:(r + 1) * ch, c * cw:(c + 1) * cw]
+            cell = a[r * ch : (r + 1) * ch, c * cw : (c + 1) * cw]
             masks = {name: (cell == rgb).all(-1) for name, rgb in COLORS.items()}
-            if sum(m.sum() for m in masks.values()) < min_area / 2: cells.append(None); continue
+            if sum(m.sum() for m in masks.values()) < min_area / 2:
+                cells.append(None)
+                continue
             color, m = max(masks.items(), key=lambda kv: kv[1].sum())
             iou = {sh: (m & t).sum() / (m | t).sum() for sh, t in tpl.items()}
             cells.append((color, max(iou, key=iou.get)))
@@ -60,9 +72,11 @@ def images_to_tensor(images) -> torch.Tensor:
     "PIL images or paths (same size) -> `[B,3,1,H,W]` float in [-1, 1], the VAE's input."
     ims = [Image.open(p) if isinstance(p, (str, Path)) else p for p in images]
     sizes = {im.size for im in ims}
-    if len(sizes) != 1: raise ValueError(f"images_to_tensor: images of different sizes {sorted(sizes)}")
+    if len(sizes) != 1:
+        raise ValueError(f"images_to_tensor: images of different sizes {sorted(sizes)}")
     a = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in ims])
     return torch.from_numpy(a).permute(0, 3, 1, 2).div(127.5).sub(1).unsqueeze(2)
+
 
 def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
     "`[B,3,1,H,W]` or `[B,3,H,W]` in [-1, 1] -> PIL images."
@@ -72,56 +86,106 @@ def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
 
 # %% ../nbs/22_mmdit_kit.ipynb #f3f63b54
 # Qwen-Image's scheduler/scheduler_config.json (FlowMatchEulerDiscreteScheduler with dynamic shifting)
-QWEN_IMAGE_SCHEDULER_CONFIG = dict(base_image_seq_len=256, base_shift=0.5, invert_sigmas=False, max_image_seq_len=8192,
-                                   max_shift=0.9, num_train_timesteps=1000, shift=1.0, shift_terminal=0.02,
-                                   stochastic_sampling=False, time_shift_type="exponential", use_beta_sigmas=False,
-                                   use_dynamic_shifting=True, use_exponential_sigmas=False, use_karras_sigmas=False)
+QWEN_IMAGE_SCHEDULER_CONFIG = dict(
+    base_image_seq_len=256,
+    base_shift=0.5,
+    invert_sigmas=False,
+    max_image_seq_len=8192,
+    max_shift=0.9,
+    num_train_timesteps=1000,
+    shift=1.0,
+    shift_terminal=0.02,
+    stochastic_sampling=False,
+    time_shift_type="exponential",
+    use_beta_sigmas=False,
+    use_dynamic_shifting=True,
+    use_exponential_sigmas=False,
+    use_karras_sigmas=False,
+)
+
 
 def tiny_vae_config(z_dim: int = 4, **kw) -> dict:
     "A small `AutoencoderKLQwenImage` config: 4x downsampling (`2 ** len(temperal_downsample)`), `z_dim` channels."
-    return dict(base_dim=8, z_dim=z_dim, dim_mult=[1, 2, 2], num_res_blocks=1, attn_scales=[],
-                temperal_downsample=[False, True], dropout=0.0, latents_mean=[0.0] * z_dim, latents_std=[1.0] * z_dim) | kw
+    return (
+        dict(
+            base_dim=8,
+            z_dim=z_dim,
+            dim_mult=[1, 2, 2],
+            num_res_blocks=1,
+            attn_scales=[],
+            temperal_downsample=[False, True],
+            dropout=0.0,
+            latents_mean=[0.0] * z_dim,
+            latents_std=[1.0] * z_dim,
+        )
+        | kw
+    )
+
 
 def tiny_transformer_config(joint_attention_dim: int = 64, z_dim: int = 4, **kw) -> dict:
     "A small `QwenImageTransformer2DModel` config conditioned on `joint_attention_dim`-wide states."
-    return dict(patch_size=2, in_channels=4 * z_dim, out_channels=z_dim, num_layers=2, attention_head_dim=16,
-                num_attention_heads=4, joint_attention_dim=joint_attention_dim, axes_dims_rope=(8, 4, 4)) | kw
+    return (
+        dict(
+            patch_size=2,
+            in_channels=4 * z_dim,
+            out_channels=z_dim,
+            num_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=4,
+            joint_attention_dim=joint_attention_dim,
+            axes_dims_rope=(8, 4, 4),
+        )
+        | kw
+    )
+
 
 def check_kit_configs(transformer_config, vae_config):
     "Raise a clear error when the DiT and VAE configs cannot run together (diffusers fails later without saying why)."
     t, v = dict(transformer_config), dict(vae_config)
     if sum(t["axes_dims_rope"]) != t["attention_head_dim"]:
-        raise ValueError(f"transformer: sum(axes_dims_rope)={sum(t['axes_dims_rope'])} must equal attention_head_dim={t['attention_head_dim']}")
+        raise ValueError(
+            f"transformer: sum(axes_dims_rope)={sum(t['axes_dims_rope'])} must equal attention_head_dim={t['attention_head_dim']}"
+        )
     if t["in_channels"] != 4 * v["z_dim"]:
-        raise ValueError(f"transformer in_channels={t['in_channels']} must be 4 * vae z_dim={4 * v['z_dim']} (2x2 packing)")
+        raise ValueError(
+            f"transformer in_channels={t['in_channels']} must be 4 * vae z_dim={4 * v['z_dim']} (2x2 packing)"
+        )
     if (t.get("out_channels") or t["in_channels"]) != v["z_dim"]:
         raise ValueError(f"transformer out_channels={t.get('out_channels')} must equal vae z_dim={v['z_dim']}")
     for k in ("latents_mean", "latents_std"):
         if len(v.get(k) or []) != v["z_dim"]:
-            raise ValueError(f"vae {k} has {len(v.get(k) or [])} entries, z_dim={v['z_dim']}: set per-channel stats measured on data")
+            raise ValueError(
+                f"vae {k} has {len(v.get(k) or [])} entries, z_dim={v['z_dim']}: set per-channel stats measured on data"
+            )
 
 # %% ../nbs/22_mmdit_kit.ipynb #5de77aaf
 @torch.no_grad()
 def encode_raw(vae, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
     "Posterior-mode VAE latents (not normalised) of `[N,3,1,H,W]` images."
-    return torch.cat([vae.encode(images[i:i + batch_size]).latent_dist.mode() for i in range(0, len(images), batch_size)])
+    return torch.cat(
+        [vae.encode(images[i : i + batch_size]).latent_dist.mode() for i in range(0, len(images), batch_size)]
+    )
+
 
 def measure_latent_stats(vae, images: torch.Tensor) -> tuple[list[float], list[float]]:
     "Per-channel mean and std of the VAE's latents of `images`: the config's `latents_mean` / `latents_std`."
     z = encode_raw(vae, images)
     return z.mean((0, 2, 3, 4)).tolist(), z.std((0, 2, 3, 4)).clamp_min(1e-6).tolist()
 
+
 @torch.no_grad()
 def reconstruction_grid_accuracy(vae, paths, batch_size: int = 32) -> dict:
     "Share of grid cells read back right from the VAE's reconstructions of `paths` (and of whole grids)."
     ok = exact = 0
     for i in range(0, len(paths), batch_size):
-        chunk = paths[i:i + batch_size]
+        chunk = paths[i : i + batch_size]
         x = images_to_tensor(chunk)
         rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
         for p, im in zip(chunk, tensor_to_images(rec)):
             got, want = read_grid(im), read_grid(p)
-            hits = sum(a == b for a, b in zip(got, want)); ok += hits; exact += hits == len(want)
+            hits = sum(a == b for a, b in zip(got, want))
+            ok += hits
+            exact += hits == len(want)
     n = len(paths)
     return {"cell_accuracy": ok / (n * GRID * GRID), "exact_grid": exact / n, "images": n}
 
@@ -130,21 +194,35 @@ def _unclamped_decode(vae, z: torch.Tensor) -> torch.Tensor:
     "`vae.decode(z)` before its final clamp (read from `vae.decoder` with a forward hook)."
     seen = {}
     h = vae.decoder.register_forward_hook(lambda m, i, o: seen.__setitem__("out", o))
-    try: vae.decode(z)
-    finally: h.remove()
+    try:
+        vae.decode(z)
+    finally:
+        h.remove()
     return seen["out"]
+
 
 def palette_ce(rec: torch.Tensor, x: torch.Tensor, tau: float = 0.05) -> torch.Tensor:
     "Per-pixel cross-entropy `[B,H,W]` of the reconstruction's distances to the palette against each pixel's true colour."
-    pal = torch.tensor(PALETTE, dtype=rec.dtype, device=rec.device) / 127.5 - 1                       # [P,3]
-    dist = lambda im: ((im[:, :, 0].permute(0, 2, 3, 1)[..., None, :] - pal) ** 2).sum(-1)        # [B,H,W,P]
-    return torch.nn.functional.cross_entropy((-dist(rec) / tau).permute(0, 3, 1, 2), dist(x).argmin(-1), reduction="none")
+    pal = torch.tensor(PALETTE, dtype=rec.dtype, device=rec.device) / 127.5 - 1  # [P,3]
+    dist = lambda im: ((im[:, :, 0].permute(0, 2, 3, 1)[..., None, :] - pal) ** 2).sum(-1)  # [B,H,W,P]
+    return torch.nn.functional.cross_entropy(
+        (-dist(rec) / tau).permute(0, 3, 1, 2), dist(x).argmin(-1), reduction="none"
+    )
 
-def train_tiny_vae(images: torch.Tensor, steps: int = 600, batch_size: int = 8, lr: float = 2e-3, seed: int = 0,
-                   config: dict | None = None, progress: bool = True):
+
+def train_tiny_vae(
+    images: torch.Tensor,
+    steps: int = 600,
+    batch_size: int = 8,
+    lr: float = 2e-3,
+    seed: int = 0,
+    config: dict | None = None,
+    progress: bool = True,
+):
     "Train an `AutoencoderKLQwenImage` of `config` on `images` (`[N,3,1,H,W]` in [-1, 1]); returns it in eval mode."
     from diffusers import AutoencoderKLQwenImage
     from tqdm.auto import tqdm
+
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -160,34 +238,57 @@ def train_tiny_vae(images: torch.Tensor, steps: int = 600, batch_size: int = 8, 
         w = 1 + 9 * (x < 0.99).any(1, keepdim=True).float()
         loss = (w * (rec - x).abs()).mean() + (w * (rec - x) ** 2).mean() + 1e-6 * post.kl().mean()
         loss = loss + (palette_ce(rec, x) * w[:, 0, 0]).mean()
-        opt.zero_grad(); loss.backward(); opt.step(); sched.step()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
     return vae.eval()
 
 # %% ../nbs/22_mmdit_kit.ipynb #15e1bfbb
 MMDIT_KIT_VERSION = 2  # bump on any change to how the kit is built that the recipe does not capture
 
+
 def edit_image_paths(data_dir=None, split: str = "train") -> list[Path]:
     "The edit triplets' images of `split` (img0, img1, img2 of every record) under `data_samples/edit`."
     from latentcot.demo import default_data_dir
     from latentcot.datagen import load_edit_records
+
     recs = load_edit_records(Path(data_dir or default_data_dir()) / "edit" / f"{split}.jsonl")
     return [Path(r[k]) for r in recs for k in ("img0", "img1", "img2")]
+
 
 def mmdit_kit_recipe(joint_attention_dim: int = 64, vae_steps: int = 600, seed: int = 0, data_dir=None) -> dict:
     "Everything the kit's bytes depend on."
     import diffusers
-    h = hashlib.sha256()
-    for p in edit_image_paths(data_dir): h.update(p.name.encode()); h.update(p.read_bytes())
-    return dict(version=MMDIT_KIT_VERSION, diffusers=diffusers.__version__, torch=torch.__version__.split("+")[0],
-                seed=seed, vae_steps=vae_steps, vae=tiny_vae_config(), transformer=tiny_transformer_config(joint_attention_dim),
-                scheduler=QWEN_IMAGE_SCHEDULER_CONFIG, train_images_sha256=h.hexdigest()[:16])
 
-def _hash(recipe: dict) -> str: return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    h = hashlib.sha256()
+    for p in edit_image_paths(data_dir):
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return dict(
+        version=MMDIT_KIT_VERSION,
+        diffusers=diffusers.__version__,
+        torch=torch.__version__.split("+")[0],
+        seed=seed,
+        vae_steps=vae_steps,
+        vae=tiny_vae_config(),
+        transformer=tiny_transformer_config(joint_attention_dim),
+        scheduler=QWEN_IMAGE_SCHEDULER_CONFIG,
+        train_images_sha256=h.hexdigest()[:16],
+    )
+
+
+def _hash(recipe: dict) -> str:
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
 
 def _write_mmdit_kit(dst: Path, recipe: dict, data_dir=None, progress: bool = True):
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+
     train = images_to_tensor(edit_image_paths(data_dir, "train"))
-    vae = train_tiny_vae(train, steps=recipe["vae_steps"], seed=recipe["seed"], config=recipe["vae"], progress=progress)
+    vae = train_tiny_vae(
+        train, steps=recipe["vae_steps"], seed=recipe["seed"], config=recipe["vae"], progress=progress
+    )
     mean, std = measure_latent_stats(vae, train)
     vae.register_to_config(latents_mean=mean, latents_std=std)
     check_kit_configs(recipe["transformer"], vae.config)
@@ -195,9 +296,13 @@ def _write_mmdit_kit(dst: Path, recipe: dict, data_dir=None, progress: bool = Tr
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe["seed"])
         dit = QwenImageTransformer2DModel(**recipe["transformer"])
-    vae.save_pretrained(dst / "vae"); dit.save_pretrained(dst / "transformer")
+    vae.save_pretrained(dst / "vae")
+    dit.save_pretrained(dst / "transformer")
     FlowMatchEulerDiscreteScheduler(**recipe["scheduler"]).save_pretrained(dst / "scheduler")
-    (dst / "kit.json").write_text(json.dumps({**recipe, "heldout_reconstruction": acc}, indent=1, sort_keys=True, default=str))
+    (dst / "kit.json").write_text(
+        json.dumps({**recipe, "heldout_reconstruction": acc}, indent=1, sort_keys=True, default=str)
+    )
+
 
 def build_mmdit_kit(out_dir, force: bool = False, data_dir=None, progress: bool = True, **recipe_kw) -> Path:
     "Build the Qwen-Image kit into `out_dir` atomically; reuse a kit of the same recipe already there unless `force`."
@@ -205,7 +310,8 @@ def build_mmdit_kit(out_dir, force: bool = False, data_dir=None, progress: bool 
     recipe = mmdit_kit_recipe(data_dir=data_dir, **recipe_kw)
     if out.exists() and not force:
         kit = out / "kit.json"
-        if not kit.is_file(): raise FileExistsError(f"{out} exists and is not a latentcot Qwen-Image kit (no kit.json)")
+        if not kit.is_file():
+            raise FileExistsError(f"{out} exists and is not a latentcot Qwen-Image kit (no kit.json)")
         have = {k: v for k, v in json.loads(kit.read_text()).items() if k != "heldout_reconstruction"}
         if _hash(have) != _hash(json.loads(json.dumps(recipe, default=str))):
             raise FileExistsError(f"{out} holds a Qwen-Image kit of another recipe; pass force=True to rebuild it")
@@ -216,26 +322,38 @@ def build_mmdit_kit(out_dir, force: bool = False, data_dir=None, progress: bool 
         _write_mmdit_kit(tmp, recipe, data_dir, progress)
         if force and out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, old / "kit"); shutil.rmtree(old, ignore_errors=True)
-        try: os.replace(tmp, out)
+            os.replace(out, old / "kit")
+            shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.replace(tmp, out)
         except OSError:  # another process renamed its (identical) kit into place first
-            if not (out / "kit.json").is_file(): raise
+            if not (out / "kit.json").is_file():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
+
 def mmdit_kit_path(cache_dir=None, **recipe_kw) -> Path:
     "The cached Qwen-Image kit (`$LATENTCOT_CACHE` or `~/.cache/latentcot`), built on first use."
     from latentcot.config import cache_root
-    path = cache_root(cache_dir) / f"tiny-qwenimage-{_hash(json.loads(json.dumps(mmdit_kit_recipe(**recipe_kw), default=str)))}"
+
+    path = (
+        cache_root(cache_dir)
+        / f"tiny-qwenimage-{_hash(json.loads(json.dumps(mmdit_kit_recipe(**recipe_kw), default=str)))}"
+    )
     return path if (path / "kit.json").is_file() else build_mmdit_kit(path, **recipe_kw)
+
 
 def load_mmdit_kit(path, dtype=torch.float32) -> dict:
     "`{'transformer', 'vae', 'scheduler'}` from a Qwen-Image-layout folder (this kit or `Qwen/Qwen-Image`), checked."
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+
     path = Path(path)
-    parts = dict(transformer=QwenImageTransformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype),
-                 vae=AutoencoderKLQwenImage.from_pretrained(path, subfolder="vae", torch_dtype=dtype),
-                 scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler"))
+    parts = dict(
+        transformer=QwenImageTransformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype),
+        vae=AutoencoderKLQwenImage.from_pretrained(path, subfolder="vae", torch_dtype=dtype),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler"),
+    )
     check_kit_configs(parts["transformer"].config, parts["vae"].config)
     return parts

@@ -186,8 +186,10 @@ class LatentCoTModel(nn.Module):
 
     def _threshold(self, stop_threshold):
         "Mode C halts at `stop_threshold` (default: the config's); mode A uses every budgeted latent."
-        if self.cfg.latent_mode_stage != "C": return None
-        if self.stop_head is None: raise ValueError("mode C needs a stop head: build the model with halting=True")
+        if self.cfg.latent_mode_stage != "C":
+            return None
+        if self.stop_head is None:
+            raise ValueError("mode C needs a stop head: build the model with halting=True")
         return self.cfg.latent_stop_threshold if stop_threshold is None else stop_threshold
 
     def rollout(self, batch: dict, stop_threshold: float | None = None):
@@ -199,12 +201,27 @@ class LatentCoTModel(nn.Module):
         "Pass 2 alone: the stock forward with `rollout`'s latents in place (a control may have swapped them)."
         return teacher_forced_forward(self.vlm, batch, rollout, output_hidden_states, self.cfg.latent_null_scale)
 
-    def generate(self, batch: dict, budget=8, max_new_tokens: int = 32, stop_threshold: float | None = None,
-                 eos_token_id=None, text_hidden=None):
+    def generate(
+        self,
+        batch: dict,
+        budget=8,
+        max_new_tokens: int = 32,
+        stop_threshold: float | None = None,
+        eos_token_id=None,
+        text_hidden=None,
+    ):
         "Greedy routed decoding of a left-padded prompt batch (`routed_generate`): latents where the model opens one."
         thr = self._threshold(stop_threshold)
-        return routed_generate(self.vlm, batch, budget, max_new_tokens, thr, eos_token_id, text_hidden,
-                               self.stop_head if thr is not None else None)
+        return routed_generate(
+            self.vlm,
+            batch,
+            budget,
+            max_new_tokens,
+            thr,
+            eos_token_id,
+            text_hidden,
+            self.stop_head if thr is not None else None,
+        )
 
     def add_lora(
         self, r: int = 16, alpha: int = 32, dropout: float = 0.0, targets: str | None = None

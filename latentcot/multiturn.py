@@ -26,35 +26,60 @@ __all__ = ['log', 'SYSTEMPROMPT1', 'SYSTEMPROMPT2', 'REFLECTION_TOKENS', 'edit_m
            'round_terms', 'multiturn_loss', 'cos_per_round', 'make_multiturn_step']
 
 # %% ../nbs/18_multiturn.ipynb #5854cefe
-SYSTEMPROMPT1 = "Based on the image and the editing goal, analyze what needs to be changed and provide editing instructions."
+SYSTEMPROMPT1 = (
+    "Based on the image and the editing goal, analyze what needs to be changed and provide editing instructions."
+)
 SYSTEMPROMPT2 = "Based on the original image, your previous edit result, analyze if the edit achieved the goal and provide further instructions."
 
-def _text(t): return {"type": "text", "text": t}
-def _image(p): return {"type": "image", "image": str(p)}
+
+def _text(t):
+    return {"type": "text", "text": t}
+
+
+def _image(p):
+    return {"type": "image", "image": str(p)}
+
 
 def edit_messages(rec: dict) -> list[dict]:
     "The two-round chat of one editing triplet: goal + img0, [img1] reflection 1, follow-up, [img2] reflection 2."
-    return [{"role": "system", "content": [_text(SYSTEM_PROMPT)]},
-            {"role": "user", "content": [_image(rec["img0"]), _text(f"Goal: {rec['prompt']}\n{SYSTEMPROMPT1}")]},
-            {"role": "assistant", "content": [_text(PLACEHOLDER), _image(rec["img1"]), _text(OBS_START + rec["reflection1"] + OBS_END)]},
-            {"role": "user", "content": [_text(SYSTEMPROMPT2)]},
-            {"role": "assistant", "content": [_text(PLACEHOLDER), _image(rec["img2"]), _text(OBS_START + rec["reflection2"] + OBS_END)]}]
+    return [
+        {"role": "system", "content": [_text(SYSTEM_PROMPT)]},
+        {"role": "user", "content": [_image(rec["img0"]), _text(f"Goal: {rec['prompt']}\n{SYSTEMPROMPT1}")]},
+        {
+            "role": "assistant",
+            "content": [_text(PLACEHOLDER), _image(rec["img1"]), _text(OBS_START + rec["reflection1"] + OBS_END)],
+        },
+        {"role": "user", "content": [_text(SYSTEMPROMPT2)]},
+        {
+            "role": "assistant",
+            "content": [_text(PLACEHOLDER), _image(rec["img2"]), _text(OBS_START + rec["reflection2"] + OBS_END)],
+        },
+    ]
 
 # %% ../nbs/18_multiturn.ipynb #34e44d18
 _TEXT_KEYS = ("sample_id", "prompt", "reflection1", "reflection2")
 _SPECIAL = ("<abs_vis_token", "</abs_vis_token>", OBS_START, OBS_END, "<|")
 
-REFLECTION_TOKENS = ("<|reflection_start|>", "<|reflection_end|>")   # seed 000 §4's wrapper, special tokens when used
+REFLECTION_TOKENS = ("<|reflection_start|>", "<|reflection_end|>")  # seed 000 §4's wrapper, special tokens when used
+
 
 def reflection_wrapped(text: str, path, line: int, sid, key: str) -> bool:
     "Is `text` wrapped in `<|reflection_start|>` ... `<|reflection_end|>`? A wrapper that is not one balanced pair is an error."
     a, b = (text.count(t) for t in REFLECTION_TOKENS)
-    if (a, b) == (0, 0): return False
+    if (a, b) == (0, 0):
+        return False
     s = text.strip()
     if (a, b) != (1, 1) or not (s.startswith(REFLECTION_TOKENS[0]) and s.endswith(REFLECTION_TOKENS[1])):
-        raise DataError(path, line, sid, "unbalanced_reflection", f"{key!r} must be wrapped in one "
-                        f"{REFLECTION_TOKENS[0]} ... {REFLECTION_TOKENS[1]} pair or none: {text[:80]!r}")
+        raise DataError(
+            path,
+            line,
+            sid,
+            "unbalanced_reflection",
+            f"{key!r} must be wrapped in one "
+            f"{REFLECTION_TOKENS[0]} ... {REFLECTION_TOKENS[1]} pair or none: {text[:80]!r}",
+        )
     return True
+
 
 def edit_record_to_sample(rec: dict, path, line: int) -> Sample:
     "A checked two-round `Sample` of one editing record (image paths absolute); a bad record raises `DataError`."
@@ -65,36 +90,58 @@ def edit_record_to_sample(rec: dict, path, line: int) -> Sample:
             raise DataError(path, line, sid, "bad_type", f"{k!r} must be a non-empty string, got {rec.get(k)!r}"[:200])
         text = rec[k]
         if k.startswith("reflection") and reflection_wrapped(text, path, line, sid, k):
-            wrapped.append(k); text = text.replace(REFLECTION_TOKENS[0], "").replace(REFLECTION_TOKENS[1], "")
+            wrapped.append(k)
+            text = text.replace(REFLECTION_TOKENS[0], "").replace(REFLECTION_TOKENS[1], "")
         if any(t in text for t in _SPECIAL):
             raise DataError(path, line, sid, "special_token_in_text", f"{k!r} holds a special token: {rec[k][:80]!r}")
     meta = {k: v for k, v in rec.items() if k not in _TEXT_KEYS}
-    return Sample(sid, edit_messages(rec), [Path(rec["img0"])], [Path(rec["img1"]), Path(rec["img2"])],
-                  answer=rec["reflection2"], final_answer=rec["reflection2"], source=f"{path}:{line}", format="edit",
-                  metadata={**meta, "reflection_wrapped": bool(wrapped)})
+    return Sample(
+        sid,
+        edit_messages(rec),
+        [Path(rec["img0"])],
+        [Path(rec["img1"]), Path(rec["img2"])],
+        answer=rec["reflection2"],
+        final_answer=rec["reflection2"],
+        source=f"{path}:{line}",
+        format="edit",
+        metadata={**meta, "reflection_wrapped": bool(wrapped)},
+    )
+
 
 def _image_bytes(v):
     "The bytes of an embedded image: raw bytes, or base64 text (how JSON carries them)."
     import base64, binascii
-    if isinstance(v, (bytes, bytearray)): return bytes(v)
+
+    if isinstance(v, (bytes, bytearray)):
+        return bytes(v)
     if isinstance(v, str):
-        try: return base64.b64decode(v, validate=True)
-        except binascii.Error: return None
+        try:
+            return base64.b64decode(v, validate=True)
+        except binascii.Error:
+            return None
     return None
+
 
 def triplet_image(value, path: Path, line: int, sid, key: str) -> str:
     "An image of a triplet as a file path: a path (relative to the data file), `{'path': ...}`, or `{'bytes': ...}` (cached once)."
     import hashlib, io, os
     from PIL import Image
+
     if isinstance(value, dict) and value.get("bytes") is not None:
         data = _image_bytes(value["bytes"])
         try:
-            if data is None: raise ValueError("not bytes or base64")
-            with Image.open(io.BytesIO(data)) as im: im.load(); fmt = (im.format or "png").lower()
+            if data is None:
+                raise ValueError("not bytes or base64")
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+                fmt = (im.format or "png").lower()
         except Exception as e:
-            raise DataError(path, line, sid, "undecodable_image", f"{key}: embedded bytes are not an image ({e})"[:200]) from None
+            raise DataError(
+                path, line, sid, "undecodable_image", f"{key}: embedded bytes are not an image ({e})"[:200]
+            ) from None
         from latentcot.config import cache_root
         from latentcot.fileio import atomic_write
+
         out = cache_root() / "triplet_images" / f"{hashlib.sha256(data).hexdigest()[:32]}.{fmt}"
         if not out.is_file():
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -102,33 +149,49 @@ def triplet_image(value, path: Path, line: int, sid, key: str) -> str:
         return str(out)
     p = value.get("path") if isinstance(value, dict) else value
     if not isinstance(p, str) or not p:
-        raise DataError(path, line, sid, "bad_type", f"{key} must be a path, {{'path': ...}} or {{'bytes': ...}}, got {str(value)[:60]!r}")
+        raise DataError(
+            path,
+            line,
+            sid,
+            "bad_type",
+            f"{key} must be a path, {{'path': ...}} or {{'bytes': ...}}, got {str(value)[:60]!r}",
+        )
     p = (path.parent / p).resolve()
-    if not p.is_file(): raise DataError(path, line, sid, "missing_image", f"image not found: {p}")
+    if not p.is_file():
+        raise DataError(path, line, sid, "missing_image", f"image not found: {p}")
     return str(p)
+
 
 def read_triplet_records(path) -> list[tuple[int, dict]]:
     "`(line or row, record)` of a JSONL or parquet file of COT triplets, images as file paths; `DataError` names file and line."
     import json
     from latentcot.datagen import EDIT_KEYS
+
     path = Path(path)
-    if not path.is_file(): raise DataError(path, None, None, "missing_file", "data file not found")
+    if not path.is_file():
+        raise DataError(path, None, None, "missing_file", "data file not found")
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
+
         rows = list(enumerate(pq.read_table(path).to_pylist(), 1))
     else:
         rows = []
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip(): continue
-            try: rows.append((n, json.loads(line)))
-            except json.JSONDecodeError as e: raise DataError(path, n, None, "malformed_json", f"{e.msg} at column {e.pos + 1}") from None
+            if not line.strip():
+                continue
+            try:
+                rows.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise DataError(path, n, None, "malformed_json", f"{e.msg} at column {e.pos + 1}") from None
     out = []
     for n, rec in rows:
         sid = rec.get("sample_id") if isinstance(rec, dict) else None
         missing = [k for k in EDIT_KEYS if not isinstance(rec, dict) or k not in rec]
-        if missing: raise DataError(path, n, sid, "missing_key", f"missing key(s) {missing}")
+        if missing:
+            raise DataError(path, n, sid, "missing_key", f"missing key(s) {missing}")
         out.append((n, {**rec, **{k: triplet_image(rec[k], path, n, sid, k) for k in ("img0", "img1", "img2")}}))
     return out
+
 
 def load_multiturn_samples(path) -> list[Sample]:
     "The COT triplets of a JSONL or parquet file as two-round `Sample`s; bad records raise `DataError` (file, line, sample)."
@@ -136,22 +199,37 @@ def load_multiturn_samples(path) -> list[Sample]:
     out, seen = [], {}
     for n, rec in read_triplet_records(path):
         s = edit_record_to_sample(rec, path, n)
-        if s.sample_id in seen: raise DataError(path, n, s.sample_id, "duplicate_id", f"sample id already used on line {seen[s.sample_id]}")
+        if s.sample_id in seen:
+            raise DataError(
+                path, n, s.sample_id, "duplicate_id", f"sample id already used on line {seen[s.sample_id]}"
+            )
         seen[s.sample_id] = n
         out.append(s)
     return out
 
+
 def round_sample(sample: Sample, r: int) -> Sample:
     "`sample` cut after its `r`-th assistant turn (round `r`, 1-based), with the thought images shown so far."
     asst = [i for i, m in enumerate(sample.messages) if m["role"] == "assistant"]
-    if not 1 <= r <= len(asst): raise ValueError(f"sample {sample.sample_id!r}: no round {r} (it has {len(asst)})")
-    return Sample(sample.sample_id, sample.messages[:asst[r - 1] + 1], sample.question_images, sample.thought_images[:r],
-                  sample.answer, sample.final_answer, sample.source, sample.format, sample.metadata)
+    if not 1 <= r <= len(asst):
+        raise ValueError(f"sample {sample.sample_id!r}: no round {r} (it has {len(asst)})")
+    return Sample(
+        sample.sample_id,
+        sample.messages[: asst[r - 1] + 1],
+        sample.question_images,
+        sample.thought_images[:r],
+        sample.answer,
+        sample.final_answer,
+        sample.source,
+        sample.format,
+        sample.metadata,
+    )
 
 # %% ../nbs/18_multiturn.ipynb #d57ba064
 def history_lengths(round1: dict) -> list[int]:
     "Real tokens of each round-1 sequence: where its round-2 continuation starts."
     return round1["attention_mask"].sum(1).tolist()
+
 
 def check_prefix(round1: dict, round2: dict):
     "Raise unless every round-1 sequence is the exact prefix (ids and mRoPE positions) of its round-2 sequence."
@@ -159,28 +237,42 @@ def check_prefix(round1: dict, round2: dict):
         same = bool((round2["input_ids"][b, :n] == round1["input_ids"][b, :n]).all())
         if same and round1.get("position_ids") is not None:
             same = bool((round2["position_ids"][:, b, :n] == round1["position_ids"][:, b, :n]).all())
-        if not same: raise ValueError(f"sample {round1['sample_ids'][b]!r}: the round-1 layout is not a prefix of the round-2 layout")
+        if not same:
+            raise ValueError(
+                f"sample {round1['sample_ids'][b]!r}: the round-1 layout is not a prefix of the round-2 layout"
+            )
+
 
 def round2_only(round2: dict, n1: list[int]) -> dict:
     "The round-2 batch without the round-1 history in labels, latent segments, alignment and observation positions."
     labels = round2["labels"].clone()
-    for b, n in enumerate(n1): labels[b, :n] = -100
+    for b, n in enumerate(n1):
+        labels[b, :n] = -100
     after = lambda rows: [[p for p in row if p >= n] for row, n in zip(rows, n1)]
     segs = [[sg for sg in row if sg[0] >= n] for row, n in zip(round2["latent_segments"], n1)]
-    return {**round2, "labels": labels, "latent_segments": segs, "alignment_positions": after(round2["alignment_positions"]),
-            "observation_positions": after(round2["observation_positions"]), "history_lengths": list(n1)}
+    return {
+        **round2,
+        "labels": labels,
+        "latent_segments": segs,
+        "alignment_positions": after(round2["alignment_positions"]),
+        "observation_positions": after(round2["observation_positions"]),
+        "history_lengths": list(n1),
+    }
+
 
 @dataclass
 class MultiTurnCollator:
     "Callable on two-round `Sample`s: the student's round-1 and round-2 batches (+ the teacher layout if `teacher`)."
+
     processor: object = field(repr=False)
     cfg: LatentCoTConfig | None = None
-    rope_index: object = field(default=None, repr=False)   # the model (for mRoPE position ids)
+    rope_index: object = field(default=None, repr=False)  # the model (for mRoPE position ids)
     teacher: bool = False
     epoch: int = 0
 
     def __post_init__(self):
         from latentcot.collators import LatentCollator
+
         self.cfg = self.cfg if self.cfg is not None else load_config()
         make = lambda stage: LatentCollator(self.processor, stage, self.cfg, self.rope_index, epoch=self.epoch)
         self.student, self.teacher_collate = make("stage3"), make("precompute")
@@ -190,41 +282,55 @@ class MultiTurnCollator:
         r1 = self.student([round_sample(s, 1) for s in samples])
         r2 = self.student([round_sample(s, 2) for s in samples])
         check_prefix(r1, r2)
-        return dict(round1=r1, round2=round2_only(r2, history_lengths(r1)),
-                    teacher=self.teacher_collate(samples) if self.teacher else None, sample_ids=r1["sample_ids"])
+        return dict(
+            round1=r1,
+            round2=round2_only(r2, history_lengths(r1)),
+            teacher=self.teacher_collate(samples) if self.teacher else None,
+            sample_ids=r1["sample_ids"],
+        )
 
 # %% ../nbs/18_multiturn.ipynb #8cb1297f
 def _pad_to(mask: torch.Tensor, L: int) -> torch.Tensor:
     return torch.nn.functional.pad(mask, (0, L - mask.shape[1]))
 
+
 def with_given_latents(model, round2: dict, given_mask: torch.Tensor, z0: torch.Tensor) -> dict:
     "`round2` with `z0` written at `given_mask` as input embeddings; those pads become plain inputs for the rollout."
     from latentcot.latent_forward import prefix_embeddings, patch_latents
+
     emb = patch_latents(prefix_embeddings(model, round2), given_mask, z0)
     # the engine reads input_ids only to find the latent pads to compute: the given ones must not count
     ids = round2["input_ids"].masked_fill(given_mask, model.config.get_text_config().latent_start_id)
     return {**round2, "inputs_embeds": emb, "input_ids": ids}
 
+
 @dataclass
 class MultiTurnOutput:
     "Both rounds of the student: each round's latent-engine output, and where round 2 received Z0."
-    round1: object          # LatentForwardOutput of the round-1 layout (latents = Z0)
-    round2: object          # LatentForwardOutput of the round-2 layout (latents = Z1)
-    z0_mask: torch.Tensor   # [B,L2] bool: the Z0 pads of the round-2 layout
+
+    round1: object  # LatentForwardOutput of the round-1 layout (latents = Z0)
+    round2: object  # LatentForwardOutput of the round-2 layout (latents = Z1)
+    z0_mask: torch.Tensor  # [B,L2] bool: the Z0 pads of the round-2 layout
 
     @property
-    def z0(self) -> torch.Tensor: return self.round1.latents
-    @property
-    def z1(self) -> torch.Tensor: return self.round2.latents
+    def z0(self) -> torch.Tensor:
+        return self.round1.latents
 
-def multiturn_forward(model, batch: dict, latent_grad: str = "detach", detach_z0: bool = False,
-                      output_hidden_states: bool = False) -> MultiTurnOutput:
+    @property
+    def z1(self) -> torch.Tensor:
+        return self.round2.latents
+
+
+def multiturn_forward(
+    model, batch: dict, latent_grad: str = "detach", detach_z0: bool = False, output_hidden_states: bool = False
+) -> MultiTurnOutput:
     "Round 1 rolls out Z0 from the prompt; round 2 reads that Z0 and reflection 1 and rolls out Z1."
     from latentcot.latent_forward import latent_rollout, teacher_forced_forward
+
     b1, b2 = batch["round1"], batch["round2"]
     r1 = latent_rollout(model, b1, latent_grad)
     o1 = teacher_forced_forward(model, b1, r1, output_hidden_states)
-    z0_mask = _pad_to(r1.latent_mask, b2["input_ids"].shape[1])        # same positions: round 1 is a prefix
+    z0_mask = _pad_to(r1.latent_mask, b2["input_ids"].shape[1])  # same positions: round 1 is a prefix
     view = with_given_latents(model, b2, z0_mask, r1.latents.detach() if detach_z0 else r1.latents)
     r2 = latent_rollout(model, view, latent_grad, segments=b2["latent_segments"])
     return MultiTurnOutput(o1, teacher_forced_forward(model, view, r2, output_hidden_states), z0_mask)
@@ -233,87 +339,136 @@ def multiturn_forward(model, batch: dict, latent_grad: str = "detach", detach_z0
 def _offsets(lengths: list[int]) -> list[list[int]]:
     "`[[0, l0], [l0, l0 + l1], ...]`: where each segment's rows sit in a sample's latents."
     out, at = [], 0
-    for n in lengths: out.append([at, at + n]); at += n
+    for n in lengths:
+        out.append([at, at + n])
+        at += n
     return out
+
 
 def online_teacher(model, teacher_batch: dict, layers: str = "last") -> list[dict]:
     "Teacher entries (store format) from `model` on the teacher layout, without gradients."
     from latentcot.teacher_latents import teacher_compute_fn
-    with torch.no_grad(): outs = teacher_compute_fn(model, teacher_batch, layers)
-    return [{**o, "sample_id": sid, "segments": _offsets([e - s for s, e, _ in o["segments"]])}
-            for o, sid in zip(outs, teacher_batch["sample_ids"])]
+
+    with torch.no_grad():
+        outs = teacher_compute_fn(model, teacher_batch, layers)
+    return [
+        {**o, "sample_id": sid, "segments": _offsets([e - s for s, e, _ in o["segments"]])}
+        for o, sid in zip(outs, teacher_batch["sample_ids"])
+    ]
+
 
 def precompute_multiturn_teacher(model, processor, samples, out_dir, cfg: LatentCoTConfig | None = None, **kw):
     "Store z0/z1 of `samples` with `latentcot.teacher_latents.precompute` on the two-round teacher layout."
     from latentcot.collators import LatentCollator
     from latentcot.teacher_latents import precompute
+
     cfg = cfg if cfg is not None else load_config()
     collate = LatentCollator(processor, "precompute", cfg, rope_index=model)
     return precompute(model, processor, samples, collate, None, out_dir, cfg, **kw)
 
+
 def round_targets(entries: list[dict], lens, r: int, key: str = "latents") -> torch.Tensor:
     "Teacher rows of round `r` (0: z0, 1: z1): segment `r` of each entry, its first `lens[b][r]` rows."
     from latentcot.teacher_latents import teacher_targets
+
     for e in entries:
-        if len(e["segments"]) != 2: raise ValueError(f"sample {e.get('sample_id')!r}: the teacher has {len(e['segments'])} latent segments, multi-turn needs 2")
+        if len(e["segments"]) != 2:
+            raise ValueError(
+                f"sample {e.get('sample_id')!r}: the teacher has {len(e['segments'])} latent segments, multi-turn needs 2"
+            )
     return teacher_targets([{**e, "segments": [e["segments"][r]]} for e in entries], [[row[r]] for row in lens], key)
 
 # %% ../nbs/18_multiturn.ipynb #8d8a7ede
 def round_terms(out, batch: dict, cfg: LatentCoTConfig, teacher=None) -> dict:
     "CE of one round's labels and alignment of its latents with the teacher rows (`None` without a teacher)."
     from latentcot.losses import ce_term, latent_alignment
+
     terms = {"ce": ce_term(out.logits, batch, cfg), "alignment": None}
     if teacher is not None and "alignment" in cfg.loss_terms:
-        terms["alignment"] = latent_alignment(cfg, teacher, out.latents, out.hidden_states, batch["alignment_positions"], out.latent_mask)
+        terms["alignment"] = latent_alignment(
+            cfg, teacher, out.latents, out.hidden_states, batch["alignment_positions"], out.latent_mask
+        )
     return terms
 
-def multiturn_loss(out: MultiTurnOutput, batch: dict, cfg: LatentCoTConfig, teacher=(None, None),
-                   generation=None) -> tuple[torch.Tensor, dict]:
+
+def multiturn_loss(
+    out: MultiTurnOutput, batch: dict, cfg: LatentCoTConfig, teacher=(None, None), generation=None
+) -> tuple[torch.Tensor, dict]:
     "Seed 000: `(CE_1 + w*align(Z0, z0)) + (CE_2 + w*align(Z1, z1))` (+ w_g * `generation(Z_r, batch_r, r)`); floats."
     from latentcot.losses import total_loss
+
     loss, logs = 0.0, {}
     for r, (o, b, t) in enumerate(zip((out.round1, out.round2), (batch["round1"], batch["round2"]), teacher)):
         terms = round_terms(o, b, cfg, t)
-        if generation is not None: terms["generation"] = generation(o.latents, b, r)
+        if generation is not None:
+            terms["generation"] = generation(o.latents, b, r)
         l, rep = total_loss(terms, cfg)
         loss = loss + l
         logs.update({f"{k}_round{r + 1}": v for k, v in rep.items()})
     for k in ("ce", "alignment", "generation"):
-        if f"{k}_round1" in logs: logs[k] = logs[f"{k}_round1"] + logs[f"{k}_round2"]
+        if f"{k}_round1" in logs:
+            logs[k] = logs[f"{k}_round1"] + logs[f"{k}_round2"]
     return loss, logs
 
 # %% ../nbs/18_multiturn.ipynb #73692319
 def cos_per_round(out: MultiTurnOutput, teacher) -> dict:
     "Mean cosine of Z0 with z0 and of Z1 with z1 (last-layer teachers)."
     from latentcot.losses import alignment_cos
-    return {f"cos_z{r}": float(alignment_cos(z.detach(), t).mean())
-            for r, (z, t) in enumerate(zip((out.z0, out.z1), teacher)) if t is not None and t.shape == z.shape}
+
+    return {
+        f"cos_z{r}": float(alignment_cos(z.detach(), t).mean())
+        for r, (z, t) in enumerate(zip((out.z0, out.z1), teacher))
+        if t is not None and t.shape == z.shape
+    }
+
 
 def _teacher_source(cfg, teacher_latent_dir, samples, processor, model, online: bool, layers: str):
     "The teacher store and `{sample_id: file index}`, precomputed first if the directory is new; `(None, None)` online."
     from latentcot.teacher_latents import MANIFEST_NAME, TeacherLatentStore, run_expectation, sample_index_map
-    if "alignment" not in cfg.loss_terms or online: return None, None
+
+    if "alignment" not in cfg.loss_terms or online:
+        return None, None
     if teacher_latent_dir is None:
-        raise ValueError("multi-turn alignment needs teacher latents: pass teacher_latent_dir (precomputed there if new) or online=True")
+        raise ValueError(
+            "multi-turn alignment needs teacher latents: pass teacher_latent_dir (precomputed there if new) or online=True"
+        )
     if not (Path(teacher_latent_dir) / MANIFEST_NAME).exists():
-        if model is None or samples is None: raise ValueError(f"{teacher_latent_dir}: no teacher latents yet; pass model and samples to precompute them")
+        if model is None or samples is None:
+            raise ValueError(
+                f"{teacher_latent_dir}: no teacher latents yet; pass model and samples to precompute them"
+            )
         log.info("precomputing multi-turn teacher latents into %s", teacher_latent_dir)
         precompute_multiturn_teacher(model, processor, samples, teacher_latent_dir, cfg, layers=layers, progress=False)
     return TeacherLatentStore(teacher_latent_dir, expect=run_expectation(cfg, processor)), sample_index_map(samples)
 
-def make_multiturn_step(cfg: LatentCoTConfig, teacher_latent_dir=None, samples=None, processor=None, model=None, ids=None,
-                        online: bool = False, detach_z0: bool = False):
+
+def make_multiturn_step(
+    cfg: LatentCoTConfig,
+    teacher_latent_dir=None,
+    samples=None,
+    processor=None,
+    model=None,
+    ids=None,
+    online: bool = False,
+    detach_z0: bool = False,
+):
     "The multi-turn step for `train_loop`: a `LatentCoTModel`'s forward on both rounds, teacher z0/z1 from the store."
-    if cfg.latent_mode_stage != "A": raise ValueError("the multi-turn stage runs in mode A (latent_mode_stage=A)")
+    if cfg.latent_mode_stage != "A":
+        raise ValueError("the multi-turn stage runs in mode A (latent_mode_stage=A)")
     last = cfg.alignment_layer.strip() == "last"
     key, layers = ("latents", "last") if last else ("hidden_states", "all")
-    store, index_of = _teacher_source(cfg, teacher_latent_dir, samples, processor, getattr(model, "vlm", model), online, layers)
+    store, index_of = _teacher_source(
+        cfg, teacher_latent_dir, samples, processor, getattr(model, "vlm", model), online, layers
+    )
 
     def teacher_rows(batch):
-        if "alignment" not in cfg.loss_terms: return None
-        if store is None:                  # online: the model's forward computes z0/z1 from the batch's teacher layout
+        if "alignment" not in cfg.loss_terms:
+            return None
+        if store is None:  # online: the model's forward computes z0/z1 from the batch's teacher layout
             if batch.get("teacher") is None:
-                raise ValueError("online=True needs the teacher layout: collate with MultiTurnCollator(..., teacher=True)")
+                raise ValueError(
+                    "online=True needs the teacher layout: collate with MultiTurnCollator(..., teacher=True)"
+                )
             return None
         b2 = batch["round2"]
         entries = store.for_batch(b2, index_of, ids)
@@ -323,4 +478,5 @@ def make_multiturn_step(cfg: LatentCoTConfig, teacher_latent_dir=None, samples=N
         out = model(batch, teacher=teacher_rows(batch), detach_z0=detach_z0)
         n = int(batch["round1"]["attention_mask"].sum() + batch["round2"]["attention_mask"].sum())
         return StepResult(loss=out.loss, terms=out.terms, stats=out.stats, n_tokens=n)
+
     return multiturn_step

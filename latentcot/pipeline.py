@@ -18,8 +18,13 @@ from .report import format_table, plot_latent_cosine, plot_losses, plot_stop_pro
 from .trainer import read_metrics
 
 CONDITIONS = ("student", "teacher", "none", "zeroed", "shuffled")
-MAIN_STEPS = (300, 200, 300, 100)  # stage 1, stage 2, stage 3 mode A, stage 3 mode C (the findings of nbs/24 used these)
-MAIN_OVERRIDES = {}                # config settings of the main job (every stage and the evaluation)
+MAIN_STEPS = (
+    300,
+    200,
+    300,
+    100,
+)  # stage 1, stage 2, stage 3 mode A, stage 3 mode C (the findings of nbs/24 used these)
+MAIN_OVERRIDES = {}  # config settings of the main job (every stage and the evaluation)
 
 # %% auto #0
 __all__ = ['CONDITIONS', 'MAIN_STEPS', 'MAIN_OVERRIDES', 'CONTROLS', 'RUN_DEFAULTS', 'answer_positions', 'exact_match',
@@ -36,6 +41,7 @@ def answer_positions(batch, ids) -> torch.Tensor:
     text = (x != ids.im_end) & (x != ids.latent_start) & (x != ids.latent_end) & (x != ids.latent_pad)
     return (pos > first_end) & text & (lab != -100) & batch["attention_mask"].bool()
 
+
 def exact_match(logits, batch, ids) -> torch.Tensor:
     "Bool `[B]`: the greedy next token is right at every answer position."
     pred = logits[:, :-1].argmax(-1)
@@ -46,18 +52,22 @@ def exact_match(logits, batch, ids) -> torch.Tensor:
 # %% ../nbs/15_pipeline.ipynb #737dfe10
 def _swap_latents(rollout, latents):
     import dataclasses
+
     return dataclasses.replace(rollout, latents=latents)
 
-def evaluate(model, processor, ids, samples, teacher_dir=None, bsz: int = 8, seed: int = 0,
-             conditions=CONDITIONS) -> dict:
+
+def evaluate(
+    model, processor, ids, samples, teacher_dir=None, bsz: int = 8, seed: int = 0, conditions=CONDITIONS
+) -> dict:
     """Held-out greedy exact match per latent condition (per-sample `hits`), latent usage and the latents themselves,
     of a `LatentCoTModel` (its config: budgets, masks, mode; mode C halts with its stop head)."""
     from latentcot.collators import LatentCollator
     from latentcot.latent_forward import slot_index
     from latentcot.halting import enable_latent_gating
     from latentcot.teacher_latents import TeacherLatentStore, sample_index_map, teacher_targets
+
     cfg = model.cfg
-    enable_latent_gating(model.vlm)   # the `none` condition gates latents off
+    enable_latent_gating(model.vlm)  # the `none` condition gates latents off
     collate = LatentCollator(processor, stage="stage3", cfg=cfg, rope_index=model.vlm)
     store = TeacherLatentStore(teacher_dir) if teacher_dir else None
     index_of = sample_index_map(samples) if store is not None else None
@@ -67,200 +77,332 @@ def evaluate(model, processor, ids, samples, teacher_dir=None, bsz: int = 8, see
     model.eval()
     with torch.no_grad():
         for i in range(0, len(samples), bsz):
-            batch = collate(samples[i:i + bsz])
+            batch = collate(samples[i : i + bsz])
             r = model.rollout(batch)
             used += [u for row in r.used_lens for u in row]
             budget += [e - s for segs in r.segments for s, e, _ in segs]
-            lat.append(r.latents.float().cpu()); slot.append(slot_index(r))
+            lat.append(r.latents.float().cpu())
+            slot.append(slot_index(r))
             if store is not None:
                 ent = store.for_batch(batch, index_of, ids)
                 t = teacher_targets(ent, [[e - s for s, e, _ in segs] for segs in r.segments])
-                keep = r.latent_mask[(batch["input_ids"] == ids.latent_pad)]   # active rows among all pads, row-major
+                keep = r.latent_mask[(batch["input_ids"] == ids.latent_pad)]  # active rows among all pads, row-major
                 tlat.append(t[keep.cpu()].float())
             for c in hits:
                 rc = r
-                if c == "zeroed": rc = _swap_latents(r, torch.zeros_like(r.latents))
-                elif c == "shuffled": rc = _swap_latents(r, r.latents[torch.randperm(r.latents.shape[0], generator=g)])
+                if c == "zeroed":
+                    rc = _swap_latents(r, torch.zeros_like(r.latents))
+                elif c == "shuffled":
+                    rc = _swap_latents(r, r.latents[torch.randperm(r.latents.shape[0], generator=g)])
                 elif c == "none":
                     import dataclasses
+
                     segment = (batch["input_ids"] == ids.latent_pad) | (batch["input_ids"] == ids.latent_start)
-                    rc = dataclasses.replace(r, latent_kv_mask=r.latent_kv_mask & ~segment)   # pads and opening tags
-                elif c == "teacher": rc = _swap_latents(r, tlat[-1].to(r.latents))
+                    rc = dataclasses.replace(r, latent_kv_mask=r.latent_kv_mask & ~segment)  # pads and opening tags
+                elif c == "teacher":
+                    rc = _swap_latents(r, tlat[-1].to(r.latents))
                 out = model.teacher_forced(batch, rc)
                 hits[c] += [int(h) for h in exact_match(out.logits, batch, ids)]
     n = len(samples)
     res = {f"acc_{c}": sum(h) / n for c, h in hits.items()}
-    res.update(n_heldout=n, used_len_mean=sum(used) / max(1, len(used)), budget_mean=sum(budget) / max(1, len(budget)),
-               used_over_budget=sum(used) / max(1, sum(budget)), budgets=dict(sorted(Counter(budget).items())),
-               hits=hits, latents=torch.cat(lat), slots=torch.cat(slot), teacher_latents=torch.cat(tlat) if tlat else None)
+    res.update(
+        n_heldout=n,
+        used_len_mean=sum(used) / max(1, len(used)),
+        budget_mean=sum(budget) / max(1, len(budget)),
+        used_over_budget=sum(used) / max(1, sum(budget)),
+        budgets=dict(sorted(Counter(budget).items())),
+        hits=hits,
+        latents=torch.cat(lat),
+        slots=torch.cat(slot),
+        teacher_latents=torch.cat(tlat) if tlat else None,
+    )
     return res
+
 
 def majority_accuracy(train_samples, heldout_samples) -> float:
     "Accuracy of always answering the most frequent training final answer."
     top = Counter(s.final_answer for s in train_samples).most_common(1)[0][0]
     return sum(s.final_answer == top for s in heldout_samples) / len(heldout_samples)
 
-
 # %% ../nbs/15_pipeline.ipynb #7df4c0fa
 def bootstrap_ci(values, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
     "Mean of per-sample `values` and its percentile bootstrap interval: `(mean, low, high)`."
     x = torch.as_tensor(values, dtype=torch.float64).flatten()
-    if x.numel() == 0: raise ValueError("bootstrap_ci: no values")
+    if x.numel() == 0:
+        raise ValueError("bootstrap_ci: no values")
     idx = torch.randint(len(x), (n_boot, len(x)), generator=torch.Generator().manual_seed(seed))
     q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
     lo, hi = torch.quantile(x[idx].mean(1), q).tolist()
     return float(x.mean()), lo, hi
 
+
 def paired_diff_ci(a, b, **kw) -> tuple[float, float, float]:
     "Mean of `a - b` over the same samples and its bootstrap interval (samples resampled in pairs)."
     a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
-    if a.shape != b.shape: raise ValueError(f"paired_diff_ci: {tuple(a.shape)} vs {tuple(b.shape)} values")
+    if a.shape != b.shape:
+        raise ValueError(f"paired_diff_ci: {tuple(a.shape)} vs {tuple(b.shape)} values")
     return bootstrap_ci(a - b, **kw)
-
 
 # %% ../nbs/15_pipeline.ipynb #4f84ef7f
 def _mean_pairwise_cos(x: torch.Tensor) -> float | None:
     "Mean cosine over distinct pairs of rows of `x` (`None` with fewer than two rows)."
-    if len(x) < 2: return None
+    if len(x) < 2:
+        return None
     u = torch.nn.functional.normalize(x.double(), dim=-1)
     g = u @ u.T
     return float((g.sum() - g.diagonal().sum()) / (len(x) * (len(x) - 1)))
 
+
 def latent_geometry(latents: torch.Tensor, slots: torch.Tensor, teacher: torch.Tensor | None = None) -> dict:
     "Diversity of the latents across samples (mean pairwise cosine, overall and per slot) and cosine to the teacher per slot."
     K = int(slots.max()) + 1 if len(slots) else 0
-    out = {"pairwise_cos": _mean_pairwise_cos(latents),
-           "pairwise_cos_per_slot": [_mean_pairwise_cos(latents[slots == k]) for k in range(K)]}
+    out = {
+        "pairwise_cos": _mean_pairwise_cos(latents),
+        "pairwise_cos_per_slot": [_mean_pairwise_cos(latents[slots == k]) for k in range(K)],
+    }
     if teacher is not None:
         cos = torch.nn.functional.cosine_similarity(latents.double(), teacher.double(), dim=-1)
-        out.update(teacher_pairwise_cos=_mean_pairwise_cos(teacher),
-                   cos_to_teacher_per_slot=[float(cos[slots == k].mean()) for k in range(K)],
-                   n_per_slot=[int((slots == k).sum()) for k in range(K)])
+        out.update(
+            teacher_pairwise_cos=_mean_pairwise_cos(teacher),
+            cos_to_teacher_per_slot=[float(cos[slots == k].mean()) for k in range(K)],
+            n_per_slot=[int((slots == k).sum()) for k in range(K)],
+        )
     return out
-
 
 # %% ../nbs/15_pipeline.ipynb #d38a344f
 def prompt_batch(model, processor, samples, cfg: LatentCoTConfig) -> dict:
     "Left-padded prompts (the turns before the assistant's, then its header), question images sized as in training."
     from PIL import Image
     from latentcot.collators import question_image_sizes
+
     texts, images = [], []
     for s in samples:
         msgs = [m for m in s.messages if m["role"] != "assistant"]
         texts.append(processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
         ims = [Image.open(p).convert("RGB") for p in s.question_images]
         sizes = question_image_sizes([(im.height, im.width) for im in ims], cfg, processor.image_processor)
-        images += [im.resize((w, h), Image.BICUBIC) if (im.height, im.width) != (h, w) else im for im, (h, w) in zip(ims, sizes)]
+        images += [
+            im.resize((w, h), Image.BICUBIC) if (im.height, im.width) != (h, w) else im
+            for im, (h, w) in zip(ims, sizes)
+        ]
     batch = dict(processor(text=texts, images=images or None, return_tensors="pt", padding=True, padding_side="left"))
     from latentcot.latent_forward import rope_position_ids
     from latentcot.masks import MASK_FLAG_DEFAULTS, attention_mask_4d
+
     batch["position_ids"] = rope_position_ids(model, batch)
-    if cfg.mask_flags != MASK_FLAG_DEFAULTS:         # the prompt under the training rules (e.g. mask_question_image)
+    if cfg.mask_flags != MASK_FLAG_DEFAULTS:  # the prompt under the training rules (e.g. mask_question_image)
         from latentcot.tokens import SpecialIds
-        batch["attention_mask_4d"] = attention_mask_4d(batch["input_ids"], batch["attention_mask"],
-                                                       SpecialIds.from_tokenizer(processor.tokenizer), **cfg.mask_flags)
+
+        batch["attention_mask_4d"] = attention_mask_4d(
+            batch["input_ids"],
+            batch["attention_mask"],
+            SpecialIds.from_tokenizer(processor.tokenizer),
+            **cfg.mask_flags
+        )
     return batch
+
 
 def free_generation(model, processor, ids, samples, bsz: int = 8, max_new_tokens: int = 96) -> dict:
     """The routed path as a user runs a `LatentCoTModel` (`model.generate`): it decides `<abs_vis_token>`, thinks
     (halts in mode C), answers; scored after `####`."""
     from latentcot.collators import LatentCollator
     from latentcot.datagen import score_answer
+
     cfg = model.cfg
-    plan = LatentCollator(processor, stage="stage3", cfg=cfg)         # the budgets the teacher-forced evaluation uses
+    plan = LatentCollator(processor, stage="stage3", cfg=cfg)  # the budgets the teacher-forced evaluation uses
     from latentcot.masks import Role, token_layout
+
     hits, entered, texts = [], [], []
     model.eval()
     for i in range(0, len(samples), bsz):
-        chunk = samples[i:i + bsz]
+        chunk = samples[i : i + bsz]
         budgets = [max(plan.prepare(s).lengths or [1]) for s in chunk]
         batch = prompt_batch(model.vlm, processor, chunk, cfg)
         hidden = None
-        if cfg.mask_question_image:                      # generated text may not see the question images either
+        if cfg.mask_question_image:  # generated text may not see the question images either
             hidden = token_layout(batch["input_ids"], batch["attention_mask"], ids).roles == Role.QUESTION_IMAGE
-        out = model.generate(batch, budget=budgets, max_new_tokens=max_new_tokens, eos_token_id=ids.im_end,
-                             text_hidden=hidden)
+        out = model.generate(
+            batch, budget=budgets, max_new_tokens=max_new_tokens, eos_token_id=ids.im_end, text_hidden=hidden
+        )
         for s, seq, u in zip(chunk, out.sequences, out.used_lens):
             text = processor.tokenizer.decode([t for t in seq if t != ids.latent_pad])
-            texts.append(text); hits.append(int(score_answer(text, s))); entered.append(len(u))
+            texts.append(text)
+            hits.append(int(score_answer(text, s)))
+            entered.append(len(u))
     n = len(samples)
-    return {"acc_free": sum(hits) / n, "hits": hits, "segments_entered_mean": sum(entered) / n,
-            "segments_expected_mean": sum(len(s.thought_images) for s in samples) / n, "examples": texts[:3]}
-
+    return {
+        "acc_free": sum(hits) / n,
+        "hits": hits,
+        "segments_entered_mean": sum(entered) / n,
+        "segments_expected_mean": sum(len(s.thought_images) for s in samples) / n,
+        "examples": texts[:3],
+    }
 
 # %% ../nbs/15_pipeline.ipynb #06cdac63
 def split_files(data: Path) -> tuple[str, str]:
     "`train` and `heldout` files of a data folder: seed 001 JSONL or seed 000 chat JSON."
     for ext in (".jsonl", ".json"):
         tr, ho = data / f"train{ext}", data / f"heldout{ext}"
-        if tr.is_file() and ho.is_file(): return str(tr), str(ho)
-    raise FileNotFoundError(f"{data}: needs train.jsonl + heldout.jsonl (seed 001) or train.json + heldout.json (seed 000)")
+        if tr.is_file() and ho.is_file():
+            return str(tr), str(ho)
+    raise FileNotFoundError(
+        f"{data}: needs train.jsonl + heldout.jsonl (seed 001) or train.json + heldout.json (seed 000)"
+    )
 
-def run_pipeline(out_dir, data_dir=None, model_name_or_path=None, steps=MAIN_STEPS, bsz: int = 8,
-                 learning_rate: float = 3e-3, latent_budget_alpha: float = 0.5, limit: int | None = None,
-                 quiet: bool = False, overrides: dict | None = None, diagnose: bool = True, free: bool = True) -> dict:
+
+def run_pipeline(
+    out_dir,
+    data_dir=None,
+    model_name_or_path=None,
+    steps=MAIN_STEPS,
+    bsz: int = 8,
+    learning_rate: float = 3e-3,
+    latent_budget_alpha: float = 0.5,
+    limit: int | None = None,
+    quiet: bool = False,
+    overrides: dict | None = None,
+    diagnose: bool = True,
+    free: bool = True,
+) -> dict:
     "Stage 1 -> teacher precompute -> stage 2 -> stage 3 (A) -> stage 3 (C) -> evaluation -> diagnosis -> report folder."
     from latentcot import train, precompute_teacher_latents as ptl
     from latentcot.data import load_samples
     from latentcot.demo import default_data_dir
     from latentcot.model import LatentCoTModel
-    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     data = Path(data_dir) if data_dir else default_data_dir() / "visual"
     tr, ho = split_files(data)
-    if model_name_or_path is None:               # the embedded default: the tiny kit with a readable vision tower (nb 01)
+    if model_name_or_path is None:  # the embedded default: the tiny kit with a readable vision tower (nb 01)
         from latentcot.tiny import calibrated_kit_path
+
         model_name_or_path = str(calibrated_kit_path())
     base, over = model_name_or_path, dict(overrides or {})
     n1, n2, n3a, n3c = steps
     # config objects, not argv: one config for every stage (stage 3 C adds its halting schedule)
-    cfg = load_config(bsz=bsz, grad_accum_steps=1, learning_rate=learning_rate, latent_budget_alpha=latent_budget_alpha, **over)
-    def stage(name, **kw): return train.TrainArgs(stage=name, report_to="tensorboard", quiet=quiet, limit=limit, **kw)
+    cfg = load_config(
+        bsz=bsz, grad_accum_steps=1, learning_rate=learning_rate, latent_budget_alpha=latent_budget_alpha, **over
+    )
+
+    def stage(name, **kw):
+        return train.TrainArgs(stage=name, report_to="tensorboard", quiet=quiet, limit=limit, **kw)
+
     def precompute(src, dest):
-        return ptl.run(ptl.PrecomputeArgs(output_dir=str(out / dest), model_name_or_path=str(s1), data=src, batch_size=bsz,
-                                          quiet=quiet, limit=limit), cfg)
+        return ptl.run(
+            ptl.PrecomputeArgs(
+                output_dir=str(out / dest),
+                model_name_or_path=str(s1),
+                data=src,
+                batch_size=bsz,
+                quiet=quiet,
+                limit=limit,
+            ),
+            cfg,
+        )
+
     t0, times = time.perf_counter(), {}
+
     def timed(name, fn):
-        s = time.perf_counter(); r = fn(); times[name] = time.perf_counter() - s
-        if not quiet: print(f"[latentcot] {name} done in {times[name]:.1f}s")
+        s = time.perf_counter()
+        r = fn()
+        times[name] = time.perf_counter() - s
+        if not quiet:
+            print(f"[latentcot] {name} done in {times[name]:.1f}s")
         return r
+
     teacher = str(out / "teacher_train")
-    s1 = timed("stage1", lambda: train.run(stage("stage1", model_name_or_path=base, data=tr, output_dir=str(out / "stage1"),
-                                                 max_steps=n1), cfg))
+    s1 = timed(
+        "stage1",
+        lambda: train.run(
+            stage("stage1", model_name_or_path=base, data=tr, output_dir=str(out / "stage1"), max_steps=n1), cfg
+        ),
+    )
     timed("precompute", lambda: [precompute(f, d) for f, d in ((tr, "teacher_train"), (ho, "teacher_heldout"))])
-    s2 = timed("stage2", lambda: train.run(stage("stage2", model_name_or_path=str(s1), data=tr, teacher_latent_dir=teacher,
-                                                 output_dir=str(out / "stage2"), max_steps=n2), cfg))
-    s3a = timed("stage3_A", lambda: train.run(stage("stage3", model_name_or_path=str(s2), data=tr, teacher_latent_dir=teacher,
-                                                    output_dir=str(out / "stage3_A"), max_steps=n3a),
-                                              cfg.replace(latent_mode_stage="A")))
-    s3c = timed("stage3_C", lambda: train.run(stage("stage3", model_name_or_path=str(s3a), data=tr, teacher_latent_dir=teacher,
-                                                    output_dir=str(out / "stage3_C"), max_steps=n3c),
-                                              cfg.replace(latent_mode_stage="C", latent_stop_threshold_start=0.9,
-                                                          latent_stop_threshold_steps=max(1, n3c // 2))))
-    train_s, _ = load_samples(tr); held, _ = load_samples(ho)
-    if limit: train_s, held = train_s[:limit], held[:limit]
+    s2 = timed(
+        "stage2",
+        lambda: train.run(
+            stage(
+                "stage2",
+                model_name_or_path=str(s1),
+                data=tr,
+                teacher_latent_dir=teacher,
+                output_dir=str(out / "stage2"),
+                max_steps=n2,
+            ),
+            cfg,
+        ),
+    )
+    s3a = timed(
+        "stage3_A",
+        lambda: train.run(
+            stage(
+                "stage3",
+                model_name_or_path=str(s2),
+                data=tr,
+                teacher_latent_dir=teacher,
+                output_dir=str(out / "stage3_A"),
+                max_steps=n3a,
+            ),
+            cfg.replace(latent_mode_stage="A"),
+        ),
+    )
+    s3c = timed(
+        "stage3_C",
+        lambda: train.run(
+            stage(
+                "stage3",
+                model_name_or_path=str(s3a),
+                data=tr,
+                teacher_latent_dir=teacher,
+                output_dir=str(out / "stage3_C"),
+                max_steps=n3c,
+            ),
+            cfg.replace(
+                latent_mode_stage="C", latent_stop_threshold_start=0.9, latent_stop_threshold_steps=max(1, n3c // 2)
+            ),
+        ),
+    )
+    train_s, _ = load_samples(tr)
+    held, _ = load_samples(ho)
+    if limit:
+        train_s, held = train_s[:limit], held[:limit]
     results = {}
+
     def _eval():
         for name, ck, mode in (("stage3_A", s3a, "A"), ("stage3_C", s3c, "C")):
             cfg = load_config(latent_budget_alpha=latent_budget_alpha, latent_mode_stage=mode, **over)
-            lm, proc, ids = LatentCoTModel.from_pretrained(ck, cfg)       # mode C: the trained stop head, or an error
+            lm, proc, ids = LatentCoTModel.from_pretrained(ck, cfg)  # mode C: the trained stop head, or an error
             results[name] = evaluate(lm, proc, ids, held, teacher_dir=out / "teacher_heldout", bsz=bsz)
-            if free: results[name]["free"] = free_generation(lm, proc, ids, held, bsz=bsz)
+            if free:
+                results[name]["free"] = free_generation(lm, proc, ids, held, bsz=bsz)
+
     timed("evaluation", _eval)
     diagnosis = None
-    if diagnose and all(s.metadata.get("counts") for s in held[:1]):       # the probes need per-image counts
+    if diagnose and all(s.metadata.get("counts") for s in held[:1]):  # the probes need per-image counts
         from latentcot.diagnose import diagnose_run
-        diagnosis = timed("diagnosis", lambda: diagnose_run(out, train_s, held, latent_budget_alpha, bsz, overrides=over))
+
+        diagnosis = timed(
+            "diagnosis", lambda: diagnose_run(out, train_s, held, latent_budget_alpha, bsz, overrides=over)
+        )
     majority = majority_accuracy(train_s, held)
     report = write_report(out, results, majority, times, diagnosis)
     report["seconds_total"] = time.perf_counter() - t0
-    report["settings"] = dict(steps=list(steps), bsz=bsz, learning_rate=learning_rate, latent_budget_alpha=latent_budget_alpha,
-                              limit=limit, overrides=over, data=str(data))
+    report["settings"] = dict(
+        steps=list(steps),
+        bsz=bsz,
+        learning_rate=learning_rate,
+        latent_budget_alpha=latent_budget_alpha,
+        limit=limit,
+        overrides=over,
+        data=str(data),
+    )
     write_json(report, out / "report" / "metrics.json")
     return report
 
-
 # %% ../nbs/15_pipeline.ipynb #40cac5f8
 CONTROLS = ("none", "zeroed", "shuffled")
+
 
 def verdict(hits: dict, controls=CONTROLS) -> str:
     "'helps', 'hurts' or 'no measurable effect', from the paired 95% interval of student minus the best control."
@@ -269,11 +411,13 @@ def verdict(hits: dict, controls=CONTROLS) -> str:
     word = "help" if lo > 0 else "hurt" if hi < 0 else "have no measurable effect"
     return f"student latents {word}: student - {ctrl} (best control) = {d:+.3f}, 95% CI [{lo:+.3f}, {hi:+.3f}]"
 
+
 def channel_sentence(hits: dict) -> str:
     "Whether the teacher's latents carry information the answer reads: teacher minus none, with its interval."
     d, lo, hi = paired_diff_ci(hits["teacher"], hits["none"])
     word = "carries information" if lo > 0 else "makes answers worse" if hi < 0 else "shows no measurable effect"
     return f"the latent channel {word}: teacher - none = {d:+.3f}, 95% CI [{lo:+.3f}, {hi:+.3f}]"
+
 
 def goal_rows(results: dict, seconds: float) -> list[dict]:
     "The issue's goals, each with what was measured and whether it is met (a missed goal stays in the report)."
@@ -283,111 +427,212 @@ def goal_rows(results: dict, seconds: float) -> list[dict]:
     rows.append(dict(goal="held-out samples >= 200", measured=f"{n}", met=n >= 200))
     if "teacher" in hA:
         d, lo, hi = paired_diff_ci(hA["teacher"], hA["none"])
-        rows.append(dict(goal="teacher - none >= 0.25 (mode A)", measured=f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]", met=d >= 0.25))
+        rows.append(
+            dict(goal="teacher - none >= 0.25 (mode A)", measured=f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]", met=d >= 0.25)
+        )
     ctrl = max(CONTROLS, key=lambda c: sum(hA[c]))
     d, _, _ = paired_diff_ci(hA["student"], hA[ctrl])
     (_, slo, _), (_, _, chi) = bootstrap_ci(hA["student"]), bootstrap_ci(hA[ctrl])
-    rows.append(dict(goal="student - best control >= 0.10, intervals apart (mode A)",
-                     measured=f"{d:+.3f} vs {ctrl}; student low {slo:.3f}, {ctrl} high {chi:.3f}", met=d >= 0.10 and slo > chi))
+    rows.append(
+        dict(
+            goal="student - best control >= 0.10, intervals apart (mode A)",
+            measured=f"{d:+.3f} vs {ctrl}; student low {slo:.3f}, {ctrl} high {chi:.3f}",
+            met=d >= 0.10 and slo > chi,
+        )
+    )
     gap = C["acc_student"] - A["acc_student"]
-    rows.append(dict(goal="mode C: used/budget <= 0.75, accuracy within 0.02 of mode A",
-                     measured=f"used/budget {C['used_over_budget']:.2f}, C - A {gap:+.3f}",
-                     met=C["used_over_budget"] <= 0.75 and abs(gap) <= 0.02))
+    rows.append(
+        dict(
+            goal="mode C: used/budget <= 0.75, accuracy within 0.02 of mode A",
+            measured=f"used/budget {C['used_over_budget']:.2f}, C - A {gap:+.3f}",
+            met=C["used_over_budget"] <= 0.75 and abs(gap) <= 0.02,
+        )
+    )
     rows.append(dict(goal="latentcot run <= 600 s", measured=f"{seconds:.0f} s", met=seconds <= 600))
     return rows
+
 
 def _ci_row(model, cond, hits) -> dict:
     m, lo, hi = bootstrap_ci(hits)
     return {"model": model, "condition": cond, "accuracy": round(m, 3), "95% CI": f"[{lo:.3f}, {hi:.3f}]"}
 
+
 def write_report(out, results: dict, majority: float, times: dict, diagnosis: dict | None = None) -> dict:
     "PNG plots, metrics.json and a printed summary (accuracies with intervals, verdicts, goals, latent geometry) into `out/report`."
-    out = Path(out); rep = out / "report"; rep.mkdir(parents=True, exist_ok=True)
+    out = Path(out)
+    rep = out / "report"
+    rep.mkdir(parents=True, exist_ok=True)
     stages = ["stage1", "stage2", "stage3_A", "stage3_C"]
     logs = {s: read_metrics(out / s / "metrics.jsonl") for s in stages}
     plot_losses(logs, rep / "losses.png")
-    plot_latent_cosine(logs["stage3_A"], rep / "latent_cosine_stage3_A.png", "stage 3 (mode A): cosine to teacher per latent index")
+    plot_latent_cosine(
+        logs["stage3_A"], rep / "latent_cosine_stage3_A.png", "stage 3 (mode A): cosine to teacher per latent index"
+    )
     plot_latent_cosine(logs["stage2"], rep / "latent_cosine_stage2.png", "stage 2: cosine to teacher per latent index")
     thr = load_config().latent_stop_threshold
     plot_stop_probs(logs["stage3_C"], thr, rep / "stop_probs_stage3_C.png")
     rows, summary = [], {}
     for name, r in results.items():
         rows += [_ci_row(name, c, h) for c, h in r["hits"].items()]
-        if "free" in r: rows.append(_ci_row(name, "free generation", r["free"]["hits"]))
+        if "free" in r:
+            rows.append(_ci_row(name, "free generation", r["free"]["hits"]))
         geo = latent_geometry(r["latents"], r["slots"], r.get("teacher_latents"))
-        summary[name] = {**{k: v for k, v in r.items() if k not in ("latents", "slots", "teacher_latents")},
-                         "ci": {c: bootstrap_ci(h)[1:] for c, h in r["hits"].items()}, "geometry": geo,
-                         "verdict": verdict(r["hits"]), **({"channel": channel_sentence(r["hits"])} if "teacher" in r["hits"] else {})}
+        summary[name] = {
+            **{k: v for k, v in r.items() if k not in ("latents", "slots", "teacher_latents")},
+            "ci": {c: bootstrap_ci(h)[1:] for c, h in r["hits"].items()},
+            "geometry": geo,
+            "verdict": verdict(r["hits"]),
+            **({"channel": channel_sentence(r["hits"])} if "teacher" in r["hits"] else {}),
+        }
     rows.append({"model": "-", "condition": "majority", "accuracy": round(majority, 3), "95% CI": ""})
     n = next(iter(results.values()))["n_heldout"]
-    halting = {name: {"used_len_mean": r["used_len_mean"], "budget_mean": r["budget_mean"],
-                      "used/budget": r["used_over_budget"], "budgets": r["budgets"]} for name, r in results.items()}
-    final_losses = {s: {k: v for k, v in (logs[s][-1] if logs[s] else {}).items() if k in ("loss", "ce", "alignment", "stop", "cost")} for s in stages}
+    halting = {
+        name: {
+            "used_len_mean": r["used_len_mean"],
+            "budget_mean": r["budget_mean"],
+            "used/budget": r["used_over_budget"],
+            "budgets": r["budgets"],
+        }
+        for name, r in results.items()
+    }
+    final_losses = {
+        s: {
+            k: v
+            for k, v in (logs[s][-1] if logs[s] else {}).items()
+            if k in ("loss", "ce", "alignment", "stop", "cost")
+        }
+        for s in stages
+    }
     seconds = sum(times.values())
     goals = goal_rows(results, seconds) if {"stage3_A", "stage3_C"} <= set(results) else []
     fmt = lambda v: "-" if v is None else f"{v:.3f}"
-    geo_rows = [{"model": k, "student pairwise cos": fmt(v["geometry"]["pairwise_cos"]),
-                 "teacher pairwise cos": fmt(v["geometry"].get("teacher_pairwise_cos")),
-                 "cos to teacher per slot": " ".join(fmt(c) for c in v["geometry"].get("cos_to_teacher_per_slot", []))}
-                for k, v in summary.items()]
-    print(f"\nlatentcot main job: held-out answer accuracy (greedy exact match, n={n}, 95% bootstrap intervals)\n"
-          f"{format_table(rows, ['model', 'condition', 'accuracy', '95% CI'])}\n\nlatent usage\n"
-          f"{format_table([{'model': k, **{a: (f'{b:.3f}' if isinstance(b, float) else b) for a, b in v.items()}} for k, v in halting.items()])}\n\n"
-          f"latent geometry (mean pairwise cosine across held-out samples; near 1 = collapse)\n{format_table(geo_rows)}\n")
+    geo_rows = [
+        {
+            "model": k,
+            "student pairwise cos": fmt(v["geometry"]["pairwise_cos"]),
+            "teacher pairwise cos": fmt(v["geometry"].get("teacher_pairwise_cos")),
+            "cos to teacher per slot": " ".join(fmt(c) for c in v["geometry"].get("cos_to_teacher_per_slot", [])),
+        }
+        for k, v in summary.items()
+    ]
+    print(
+        f"\nlatentcot main job: held-out answer accuracy (greedy exact match, n={n}, 95% bootstrap intervals)\n"
+        f"{format_table(rows, ['model', 'condition', 'accuracy', '95% CI'])}\n\nlatent usage\n"
+        f"{format_table([{'model': k, **{a: (f'{b:.3f}' if isinstance(b, float) else b) for a, b in v.items()}} for k, v in halting.items()])}\n\n"
+        f"latent geometry (mean pairwise cosine across held-out samples; near 1 = collapse)\n{format_table(geo_rows)}\n"
+    )
     for k, v in summary.items():
         print(f"{k}: {v['verdict']}" + (f"; {v['channel']}" if "channel" in v else ""))
-    if goals: print(f"\ngoals\n{format_table([{**g, 'met': 'yes' if g['met'] else 'NO'} for g in goals])}")
-    if diagnosis: print(f"\ndiagnosis\n{format_diagnosis(diagnosis)}")
+    if goals:
+        print(f"\ngoals\n{format_table([{**g, 'met': 'yes' if g['met'] else 'NO'} for g in goals])}")
+    if diagnosis:
+        print(f"\ndiagnosis\n{format_diagnosis(diagnosis)}")
     print(f"\nreport: {rep}")
-    return {"accuracy": summary, "majority": majority, "verdicts": {k: v["verdict"] for k, v in summary.items()},
-            "halting": halting, "goals": goals, "diagnosis": diagnosis, "final_losses": final_losses, "seconds": times}
+    return {
+        "accuracy": summary,
+        "majority": majority,
+        "verdicts": {k: v["verdict"] for k, v in summary.items()},
+        "halting": halting,
+        "goals": goals,
+        "diagnosis": diagnosis,
+        "final_losses": final_losses,
+        "seconds": times,
+    }
+
 
 def format_diagnosis(d: dict) -> str:
     "The diagnosis as two small tables: probes, and stage 2 with thought images visible vs blank."
-    probes = [{"features": k, "count acc": f"{v['acc']:.3f}", "R2": f"{v['r2']:.3f}", "n test": v["n_test"]}
-              for k, v in d["probe"].items()]
-    s2 = [{"stage 2 thought images": k, "accuracy / difference": f"{m:+.3f}" if "minus" in k else f"{m:.3f}",
-           "95% CI": f"[{lo:.3f}, {hi:.3f}]"} for k, (m, lo, hi) in d["stage2_thought_images"].items()]
+    probes = [
+        {"features": k, "count acc": f"{v['acc']:.3f}", "R2": f"{v['r2']:.3f}", "n test": v["n_test"]}
+        for k, v in d["probe"].items()
+    ]
+    s2 = [
+        {
+            "stage 2 thought images": k,
+            "accuracy / difference": f"{m:+.3f}" if "minus" in k else f"{m:.3f}",
+            "95% CI": f"[{lo:.3f}, {hi:.3f}]",
+        }
+        for k, (m, lo, hi) in d["stage2_thought_images"].items()
+    ]
     return format_table(probes) + "\n\n" + format_table(s2)
-
 
 # %% ../nbs/15_pipeline.ipynb #0e491e27
 def _override(kv: str) -> tuple[str, object]:
     "`KEY=VALUE` of `--set` (true/false become booleans)."
-    if "=" not in kv: raise ValueError(f"--set {kv!r}: expected KEY=VALUE")
+    if "=" not in kv:
+        raise ValueError(f"--set {kv!r}: expected KEY=VALUE")
     k, v = kv.split("=", 1)
     return k.strip(), {"true": True, "false": False}.get(v.strip().lower(), v.strip())
 
-RUN_DEFAULTS = dict(bsz=8, learning_rate=3e-3, latent_budget_alpha=0.5)   # the main job's own: budgets differ per image
+
+RUN_DEFAULTS = dict(bsz=8, learning_rate=3e-3, latent_budget_alpha=0.5)  # the main job's own: budgets differ per image
+
 
 @dataclass
 class RunArgs:
     "Flags of `latentcot run` besides the config flags (any config flag given applies to every stage and the evaluation)."
-    output_dir: str = field(default="runs/main", metadata={"help": "the run folder (stages, teacher latents, report/)"})
-    data_dir: str | None = field(default=None, metadata={"help": "folder with train/heldout .jsonl (seed 001) or .json "
-                                                         "(seed 000) (default: data_samples/visual)"})
-    model_name_or_path: str | None = field(default=None, metadata={"help": "base checkpoint (default: the calibrated tiny kit)"})
-    steps: list[int] = field(default_factory=lambda: list(MAIN_STEPS), metadata={
-        "nargs": 4, "metavar": "N", "help": "optimizer steps of stage 1, 2, 3 (mode A) and 3 (mode C)"})
-    limit: int | None = field(default=None, metadata={"type": positive_int, "help": "use only the first N samples of each split"})
+
+    output_dir: str = field(
+        default="runs/main", metadata={"help": "the run folder (stages, teacher latents, report/)"}
+    )
+    data_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "folder with train/heldout .jsonl (seed 001) or .json " "(seed 000) (default: data_samples/visual)"
+        },
+    )
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "base checkpoint (default: the calibrated tiny kit)"}
+    )
+    steps: list[int] = field(
+        default_factory=lambda: list(MAIN_STEPS),
+        metadata={"nargs": 4, "metavar": "N", "help": "optimizer steps of stage 1, 2, 3 (mode A) and 3 (mode C)"},
+    )
+    limit: int | None = field(
+        default=None, metadata={"type": positive_int, "help": "use only the first N samples of each split"}
+    )
     no_diagnosis: bool = field(default=False, metadata={"help": "skip the probes and the stage-2 thought-image check"})
     quiet: bool = field(default=False, metadata={"help": "no progress bars"})
 
+
 def run_main(argv: list[str] | None = None) -> int:
     "CLI `latentcot run`: the whole pipeline on the embedded default (or your data and model)."
-    p = cli_parser(RunArgs, prog="latentcot run", description="Main job: stages 1-3 (A, C), teacher latents, evaluation, "
-                   f"report. Its own defaults: {RUN_DEFAULTS} (the seed's alpha 0.02 gives every tiny image budget 1).")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="a config setting as KEY=VALUE, repeatable (the same as its config flag), e.g. --set mask_question_image=false")
+    p = cli_parser(
+        RunArgs,
+        prog="latentcot run",
+        description="Main job: stages 1-3 (A, C), teacher latents, evaluation, "
+        f"report. Its own defaults: {RUN_DEFAULTS} (the seed's alpha 0.02 gives every tiny image budget 1).",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config setting as KEY=VALUE, repeatable (the same as its config flag), e.g. --set mask_question_image=false",
+    )
     ns = p.parse_args(argv)
     a = RunArgs(**{f.name: getattr(ns, f.name) for f in fields(RunArgs)})
     given = {f.name: getattr(ns, f.name) for f in fields(LatentCoTConfig) if getattr(ns, f.name) is not None}
-    if isinstance(given.get("loss_type"), list): given["loss_type"] = " ".join(given["loss_type"])
+    if isinstance(given.get("loss_type"), list):
+        given["loss_type"] = " ".join(given["loss_type"])
     over = {**MAIN_OVERRIDES, **dict(_override(kv) for kv in ns.overrides), **given}
-    try: load_config(getattr(ns, "settings", None), **over)         # refuses unknown keys and bad values up front
-    except ConfigError as e: raise ConfigError(str(e).replace("replace()", "latentcot run")) from None
+    try:
+        load_config(getattr(ns, "settings", None), **over)  # refuses unknown keys and bad values up front
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("replace()", "latentcot run")) from None
     main = {k: over.pop(k, v) for k, v in RUN_DEFAULTS.items()}
-    run_pipeline(a.output_dir, a.data_dir, a.model_name_or_path, tuple(a.steps), main["bsz"], main["learning_rate"],
-                 main["latent_budget_alpha"], a.limit, a.quiet, over, diagnose=not a.no_diagnosis)
+    run_pipeline(
+        a.output_dir,
+        a.data_dir,
+        a.model_name_or_path,
+        tuple(a.steps),
+        main["bsz"],
+        main["learning_rate"],
+        main["latent_budget_alpha"],
+        a.limit,
+        a.quiet,
+        over,
+        diagnose=not a.no_diagnosis,
+    )
     return 0
-

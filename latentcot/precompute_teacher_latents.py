@@ -19,34 +19,64 @@ __all__ = ['SOURCE_NAME', 'teacher_source', 'PrecomputeArgs', 'build_parser', 'r
 # %% ../nbs/13_precompute_teacher_latents.ipynb #6419bdb5
 SOURCE_NAME = "source.json"
 
+
 def teacher_source(teacher_dir) -> dict | None:
     "The data file (and `--limit`) a teacher-latent directory was computed from, when it says."
     import json
+
     p = Path(teacher_dir) / SOURCE_NAME
     return json.loads(p.read_text()) if p.is_file() else None
+
 
 @dataclass
 class PrecomputeArgs:
     "The flags of `latentcot.precompute_teacher_latents` besides the config."
+
     output_dir: str = field(metadata={"help": "the teacher_latent_dir of stages 2 and 3"})
-    model_name_or_path: str | None = field(default=None, metadata={"help": "teacher checkpoint, e.g. stage 1's final/ (default: the tiny offline kit)"})
-    data: str | None = field(default=None, metadata={"aliases": ["--train_jsonl", "--data_path"], "help":
-        "seed 001 JSONL or seed 000 chat JSON (default: data_samples/visual/train.jsonl)"})
-    layers: Literal["last", "all"] = field(default="last", metadata={"help": "'all' also stores every layer's hidden states "
-                                                                       "at the latent pads (alignment_layer other than 'last')"})
-    batch_size: int | None = field(default=None, metadata={"type": positive_int, "help": "samples per teacher rollout (default: --bsz)"})
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "teacher checkpoint, e.g. stage 1's final/ (default: the tiny offline kit)"}
+    )
+    data: str | None = field(
+        default=None,
+        metadata={
+            "aliases": ["--train_jsonl", "--data_path"],
+            "help": "seed 001 JSONL or seed 000 chat JSON (default: data_samples/visual/train.jsonl)",
+        },
+    )
+    layers: Literal["last", "all"] = field(
+        default="last",
+        metadata={
+            "help": "'all' also stores every layer's hidden states "
+            "at the latent pads (alignment_layer other than 'last')"
+        },
+    )
+    batch_size: int | None = field(
+        default=None, metadata={"type": positive_int, "help": "samples per teacher rollout (default: --bsz)"}
+    )
     no_resume: bool = field(default=False, metadata={"help": "recompute files that already exist"})
-    limit: int | None = field(default=None, metadata={"type": positive_int, "help": "use only the first N samples (N >= 1)"})
-    lenient: bool = field(default=False, metadata={"help": "skip bad samples (counted and reported) instead of stopping"})
-    dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={"help": "model dtype (files are bf16 anyway)"})
+    limit: int | None = field(
+        default=None, metadata={"type": positive_int, "help": "use only the first N samples (N >= 1)"}
+    )
+    lenient: bool = field(
+        default=False, metadata={"help": "skip bad samples (counted and reported) instead of stopping"}
+    )
+    dtype: Literal["float32", "bfloat16"] = field(
+        default="float32", metadata={"help": "model dtype (files are bf16 anyway)"}
+    )
     device: str | None = field(default=None, metadata={"help": "default: cuda if available, else cpu"})
     attn_implementation: Literal["sdpa", "eager"] = field(default="sdpa", metadata={"help": "text attention"})
     quiet: bool = field(default=False, metadata={"help": "no progress bars"})
 
+
 def build_parser():
     "Flags of `latentcot.precompute_teacher_latents` (seed 001's names): `PrecomputeArgs`, `--settings`, every config field."
-    return cli_parser(PrecomputeArgs, hide=TRAINING_ONLY, prog="latentcot.precompute_teacher_latents",
-                      description="Compute the teacher's latents once, one bf16 file per sample (resumable).")
+    return cli_parser(
+        PrecomputeArgs,
+        hide=TRAINING_ONLY,
+        prog="latentcot.precompute_teacher_latents",
+        description="Compute the teacher's latents once, one bf16 file per sample (resumable).",
+    )
+
 
 def run(args: argparse.Namespace, cfg: LatentCoTConfig | None = None):
     "Precompute the teacher latents `args` describe; returns the `PrecomputeReport`."
@@ -57,32 +87,59 @@ def run(args: argparse.Namespace, cfg: LatentCoTConfig | None = None):
     from latentcot.collators import LatentCollator
     from latentcot.demo import default_data_dir
     from latentcot.teacher_latents import precompute
+
     cfg = cfg or config_from_args(args)
-    if getattr(args, "k_max", None) is not None and getattr(args, "latent_size_mode", None) is None \
-            and getattr(args, "latent_size", None) is None and cfg.latent_size_mode == "budget":
+    if (
+        getattr(args, "k_max", None) is not None
+        and getattr(args, "latent_size_mode", None) is None
+        and getattr(args, "latent_size", None) is None
+        and cfg.latent_size_mode == "budget"
+    ):
         # seed 001: the teacher stores K_max latents per image, the length stages 2/3 then use with --latent_size K_max
         cfg = cfg.replace(latent_size_mode="fixed", latent_size=cfg.k_max)
-        print(f"note: --k_max {cfg.k_max} sets the teacher's segments to {cfg.k_max} latents (latent_size_mode 'fixed', "
-              f"as seed 001's stages 2/3 with --latent_size {cfg.k_max}); pass --latent_size_mode to choose otherwise",
-              file=sys.stderr)
+        print(
+            f"note: --k_max {cfg.k_max} sets the teacher's segments to {cfg.k_max} latents (latent_size_mode 'fixed', "
+            f"as seed 001's stages 2/3 with --latent_size {cfg.k_max}); pass --latent_size_mode to choose otherwise",
+            file=sys.stderr,
+        )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     from latentcot.model import checkpoint_path
-    model, processor, _ = load_latent_model(checkpoint_path(args.model_name_or_path or tiny_kit_path()), dtype=getattr(torch, args.dtype),
-                                            attn_implementation=args.attn_implementation)
+
+    model, processor, _ = load_latent_model(
+        checkpoint_path(args.model_name_or_path or tiny_kit_path()),
+        dtype=getattr(torch, args.dtype),
+        attn_implementation=args.attn_implementation,
+    )
     model.to(device)
     from latentcot.train import data_file
+
     data = data_file(args.data) if args.data else default_data_dir() / "visual" / "train.jsonl"
     samples, report = load_samples(data, strict=not args.lenient)
-    if report.errors: print(report, file=sys.stderr)
+    if report.errors:
+        print(report, file=sys.stderr)
     samples = samples[: args.limit] if args.limit is not None else samples
     collate = LatentCollator(processor, "precompute", cfg, rope_index=model, strict=not args.lenient)
-    rep = precompute(model, processor, samples, collate, None, args.output_dir, cfg, batch_size=args.batch_size or cfg.bsz,
-                     layers=args.layers, resume=not args.no_resume, progress=not args.quiet)
-    if collate.dropped: print(f"collator dropped: {dict(collate.dropped)}", file=sys.stderr)
+    rep = precompute(
+        model,
+        processor,
+        samples,
+        collate,
+        None,
+        args.output_dir,
+        cfg,
+        batch_size=args.batch_size or cfg.bsz,
+        layers=args.layers,
+        resume=not args.no_resume,
+        progress=not args.quiet,
+    )
+    if collate.dropped:
+        print(f"collator dropped: {dict(collate.dropped)}", file=sys.stderr)
     from latentcot.teacher_latents import atomic_write_json
+
     # which data the files belong to: stages 2/3 default to it (and refuse another file) instead of failing at a step
     atomic_write_json({"data": str(data.resolve()), "limit": args.limit}, Path(args.output_dir) / SOURCE_NAME)
     return rep
+
 
 def main(argv: list[str] | None = None) -> int:
     "CLI entry point: `python -m latentcot.precompute_teacher_latents ...`."
@@ -90,5 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 # %% ../nbs/13_precompute_teacher_latents.ipynb #3b0b0627
-if __name__ == "__main__" and not hasattr(__builtins__, "__IPYTHON__"):   # run as a script, not when a notebook runs this cell
+if __name__ == "__main__" and not hasattr(
+    __builtins__, "__IPYTHON__"
+):  # run as a script, not when a notebook runs this cell
     sys.exit(main())

@@ -23,13 +23,17 @@ __all__ = ['COS_KEY', 'STOP_KEY', 'LOSS_TERMS', 'plot_losses', 'plot_latent_cosi
 def _figure(ncols=1, w=5.0, h=3.4):
     import matplotlib
     from matplotlib.figure import Figure
+
     fig = Figure(figsize=(w * ncols, h), dpi=100)
     return fig, [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
 
+
 def _save(fig, path) -> Path:
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: fig.savefig(f, format=path.suffix[1:] or "png"))
     return path
+
 
 def plot_losses(runs: dict[str, list[dict]], path=None):
     "One panel per loss term present, one line per run (e.g. per stage); returns the figure (saved to `path` if given)."
@@ -38,49 +42,72 @@ def plot_losses(runs: dict[str, list[dict]], path=None):
     for ax, t in zip(axs, terms):
         for name, recs in runs.items():
             pts = [(r["step"], r[t]) for r in recs if t in r]
-            if pts: ax.plot(*zip(*pts), label=name, marker="." if len(pts) < 30 else None)
-        ax.set_title(t); ax.set_xlabel("step"); ax.grid(alpha=.3)
-    if terms: axs[0].legend(fontsize=7)
+            if pts:
+                ax.plot(*zip(*pts), label=name, marker="." if len(pts) < 30 else None)
+        ax.set_title(t)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    if terms:
+        axs[0].legend(fontsize=7)
     fig.tight_layout()
-    if path: _save(fig, path)
+    if path:
+        _save(fig, path)
     return fig
+
 
 def _curves(recs, key, every=None):
     "(step, list) pairs of `key`, thinned to about 6 curves."
     rows = [(r["step"], r[key]) for r in recs if isinstance(r.get(key), list) and r[key]]
-    if not rows: return []
+    if not rows:
+        return []
     every = every or max(1, len(rows) // 6)
     keep = rows[::every]
     return keep if keep[-1] is rows[-1] else keep + [rows[-1]]
 
+
 def plot_latent_cosine(recs: list[dict], path=None, title="cosine to teacher per latent index"):
     "Cosine between student and teacher latents against latent index, one curve per (thinned) training step."
     import matplotlib.cm as cm
+
     fig, (ax,) = _figure()
     rows = _curves(recs, COS_KEY)
     for i, (step, ys) in enumerate(rows):
         ax.plot(range(len(ys)), ys, color=cm.viridis(i / max(1, len(rows) - 1)), label=f"step {step}", marker=".")
-    ax.set_xlabel("latent index"); ax.set_ylabel("cosine"); ax.set_title(title); ax.grid(alpha=.3)
-    if rows: ax.legend(fontsize=7)
-    else: ax.text(0.5, 0.5, "no cosine statistics logged", ha="center", transform=ax.transAxes)
+    ax.set_xlabel("latent index")
+    ax.set_ylabel("cosine")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if rows:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no cosine statistics logged", ha="center", transform=ax.transAxes)
     fig.tight_layout()
-    if path: _save(fig, path)
+    if path:
+        _save(fig, path)
     return fig
+
 
 def plot_stop_probs(recs: list[dict], threshold: float = 0.5, path=None):
     "Mean stop probability per latent step, one curve per (thinned) training step, with the threshold line."
     import matplotlib.cm as cm
+
     fig, (ax,) = _figure()
     rows = _curves(recs, STOP_KEY)
     for i, (step, ys) in enumerate(rows):
         ax.plot(range(1, len(ys) + 1), ys, color=cm.magma(i / max(1, len(rows))), label=f"step {step}", marker=".")
     ax.axhline(threshold, color="k", ls="--", lw=1, label="threshold")
     used = [r["used_len"] for r in recs if "used_len" in r]
-    if used: ax.axvline(used[-1], color="tab:red", lw=1, label=f"mean used_len (last) {used[-1]:.2f}")
-    ax.set_ylim(0, 1); ax.set_xlabel("latent step in segment"); ax.set_ylabel("p_stop"); ax.set_title("stop probabilities")
-    ax.grid(alpha=.3); ax.legend(fontsize=7)
+    if used:
+        ax.axvline(used[-1], color="tab:red", lw=1, label=f"mean used_len (last) {used[-1]:.2f}")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("latent step in segment")
+    ax.set_ylabel("p_stop")
+    ax.set_title("stop probabilities")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
-    if path: _save(fig, path)
+    if path:
+        _save(fig, path)
     return fig
 
 # %% ../nbs/16_report.ipynb #5ae283e5
@@ -92,6 +119,7 @@ def format_table(rows: list[dict], cols: list[str] | None = None) -> str:
     w = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(cols)]
     line = lambda xs: "  ".join(x.ljust(n) for x, n in zip(xs, w))
     return "\n".join([line(cols), line(["-" * n for n in w]), *map(line, cells)])
+
 
 def write_json(obj, path) -> Path:
     "Write JSON atomically."

@@ -35,17 +35,23 @@ _FILE_RE = re.compile(r"^latent_(last_layer|all_layers)_jsonl_(\d{6,})\.pt$")
 
 log = logging.getLogger("latentcot.teacher_latents")
 
+
 class TeacherLatentError(ValueError):
     "A teacher-latent file or directory that does not fit the run: names the file and what differs."
 
+
 def _check_layers(layers: str) -> str:
-    if layers not in LAYERS: raise ValueError(f"layers must be one of {list(LAYERS)}, got {layers!r}")
+    if layers not in LAYERS:
+        raise ValueError(f"layers must be one of {list(LAYERS)}, got {layers!r}")
     return layers
+
 
 def latent_file_name(idx: int, layers: str = "last") -> str:
     "Seed 001 name of the file of sample `idx`; `layers='all'` gives the all-layers variant."
-    if isinstance(idx, bool) or not isinstance(idx, int) or idx < 0: raise ValueError(f"file index must be an int >= 0, got {idx!r}")
+    if isinstance(idx, bool) or not isinstance(idx, int) or idx < 0:
+        raise ValueError(f"file index must be an int >= 0, got {idx!r}")
     return FILE_PATTERNS[_check_layers(layers)].format(idx=idx)
+
 
 def parse_latent_file_name(name: str) -> tuple[int, str] | None:
     "`(idx, layers)` of a latent file name; `None` for anything else (temp files, the manifest)."
@@ -58,48 +64,72 @@ def sample_index(sample) -> int:
     src = getattr(sample, "source", "") or ""
     path, _, line = src.rpartition(":")
     if not path or not line.isdigit() or int(line) < 1:
-        raise ValueError(f"sample {getattr(sample, 'sample_id', None)!r}: source {src!r} has no line number; "
-                         "pass the file indices explicitly (indices=...)")
+        raise ValueError(
+            f"sample {getattr(sample, 'sample_id', None)!r}: source {src!r} has no line number; "
+            "pass the file indices explicitly (indices=...)"
+        )
     return int(line) - 1
+
 
 def sample_index_map(samples, indices=None) -> dict[str, int]:
     "`{sample_id: file index}` (default: `sample_index`); two samples on one index, or two data files, are errors."
     samples = list(samples)
     if indices is None:
         files = sorted({(s.source or "").rpartition(":")[0] for s in samples})
-        if len(files) > 1: raise ValueError(f"samples come from {len(files)} data files {files}: line indices would collide; "
-                                            "use one teacher-latent directory per data file, or pass indices=")
+        if len(files) > 1:
+            raise ValueError(
+                f"samples come from {len(files)} data files {files}: line indices would collide; "
+                "use one teacher-latent directory per data file, or pass indices="
+            )
         indices = [sample_index(s) for s in samples]
     indices = [int(i) for i in indices]
-    if len(indices) != len(samples): raise ValueError(f"{len(indices)} indices for {len(samples)} samples")
+    if len(indices) != len(samples):
+        raise ValueError(f"{len(indices)} indices for {len(samples)} samples")
     out, owner = {}, {}
     for s, i in zip(samples, indices):
-        if i < 0: raise ValueError(f"sample {s.sample_id!r}: file index {i} < 0")
-        if i in owner: raise ValueError(f"samples {owner[i]!r} and {s.sample_id!r} both map to file index {i}")
-        if s.sample_id in out: raise ValueError(f"sample id {s.sample_id!r} appears twice")
+        if i < 0:
+            raise ValueError(f"sample {s.sample_id!r}: file index {i} < 0")
+        if i in owner:
+            raise ValueError(f"samples {owner[i]!r} and {s.sample_id!r} both map to file index {i}")
+        if s.sample_id in out:
+            raise ValueError(f"sample id {s.sample_id!r} appears twice")
         owner[i], out[s.sample_id] = s.sample_id, i
     return out
 
 # %% ../nbs/12_teacher_latents.ipynb #10422d5e
 CHECKSUM_SUFFIX = ".sha256"
 
-def _tmp(path: Path) -> Path: return path.with_name(path.name + ".tmp")
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")
+
+
 def checksum_path(path) -> Path:
     "The file beside `path` that holds the sha256 of its content."
     return Path(path).with_name(Path(path).name + CHECKSUM_SUFFIX)
 
+
 def atomic_torch_save(obj, path, checksum: bool = False) -> Path:
     """`torch.save` to `path.tmp`, flushed to disk, then renamed to `path` (never a half-written `path`). `checksum`:
     first write the content's sha256 to `path.sha256`, so that a finished `path` always has its checksum beside it."""
-    path = Path(path); tmp = _tmp(path)
-    buf = io.BytesIO(); torch.save(obj, buf); data = buf.getvalue()
+    path = Path(path)
+    tmp = _tmp(path)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    data = buf.getvalue()
     with open(tmp, "wb") as f:
-        f.write(data); f.flush(); os.fsync(f.fileno())
-    if checksum:     # a checksum without its file (or of an older one) only makes the file count as not done
-        with open(checksum_path(path), "w") as f: f.write(hashlib.sha256(data).hexdigest() + "\n"); f.flush(); os.fsync(f.fileno())
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    if checksum:  # a checksum without its file (or of an older one) only makes the file count as not done
+        with open(checksum_path(path), "w") as f:
+            f.write(hashlib.sha256(data).hexdigest() + "\n")
+            f.flush()
+            os.fsync(f.fileno())
     fault_point("latent_write")
     os.replace(tmp, path)
     return path
+
 
 def atomic_write_json(obj, path) -> Path:
     "Write `obj` as JSON to `path` through a temp file and a rename (`atomic_write`)."
@@ -107,53 +137,93 @@ def atomic_write_json(obj, path) -> Path:
     atomic_write(path, lambda f: Path(f).write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n"))
     return path
 
+
 def checksum_problem(path, data: bytes | None = None) -> str | None:
     "Why `path` does not match its recorded sha256 (None: it does); `'no checksum'` for files written before checksums."
     path, c = Path(path), checksum_path(path)
-    if not path.is_file(): return f"{path}: missing"
-    if not c.is_file(): return "no checksum"
+    if not path.is_file():
+        return f"{path}: missing"
+    if not c.is_file():
+        return "no checksum"
     want = c.read_text().strip()
     got = hashlib.sha256(path.read_bytes() if data is None else data).hexdigest()
-    return None if got == want else f"{path}: content differs from its checksum {c.name} (damaged or changed after it was written)"
+    return (
+        None
+        if got == want
+        else f"{path}: content differs from its checksum {c.name} (damaged or changed after it was written)"
+    )
+
 
 def load_latent_file(path, verify: bool = True) -> dict:
     """Load one latent file with `torch.load(weights_only=True)` on CPU; a bad file is a `TeacherLatentError` naming it.
     `verify`: the bytes must match the sha256 beside the file (when there is one)."""
     path = Path(path)
-    try: data = path.read_bytes()
-    except FileNotFoundError: raise TeacherLatentError(f"{path}: file not found") from None
-    if verify and (why := checksum_problem(path, data)) not in (None, "no checksum"): raise TeacherLatentError(why)
-    try: rec = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise TeacherLatentError(f"{path}: file not found") from None
+    if verify and (why := checksum_problem(path, data)) not in (None, "no checksum"):
+        raise TeacherLatentError(why)
+    try:
+        rec = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise TeacherLatentError(f"{path}: cannot load with torch.load(weights_only=True): {type(e).__name__}: {str(e)[:300]}") from None
-    if not isinstance(rec, dict): raise TeacherLatentError(f"{path}: expected a dict, found {type(rec).__name__}")
+        raise TeacherLatentError(
+            f"{path}: cannot load with torch.load(weights_only=True): {type(e).__name__}: {str(e)[:300]}"
+        ) from None
+    if not isinstance(rec, dict):
+        raise TeacherLatentError(f"{path}: expected a dict, found {type(rec).__name__}")
     return rec
 
 # %% ../nbs/12_teacher_latents.ipynb #3181e101
-_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "output_hidden_states", "output_attentions",
-                         "return_dict", "use_cache", "_attn_implementation", "_attn_implementation_autoset"}
+_VOLATILE_CONFIG_KEYS = {
+    "_name_or_path",
+    "transformers_version",
+    "output_hidden_states",
+    "output_attentions",
+    "return_dict",
+    "use_cache",
+    "_attn_implementation",
+    "_attn_implementation_autoset",
+}
+
 
 def _stable_config(d):
-    if isinstance(d, dict): return {k: _stable_config(v) for k, v in d.items() if k not in _VOLATILE_CONFIG_KEYS}
-    if isinstance(d, (list, tuple)): return [_stable_config(v) for v in d]
+    if isinstance(d, dict):
+        return {k: _stable_config(v) for k, v in d.items() if k not in _VOLATILE_CONFIG_KEYS}
+    if isinstance(d, (list, tuple)):
+        return [_stable_config(v) for v in d]
     return d
 
-def _sha(obj) -> str: return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+def _sha(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
 
 def _strided(t: torch.Tensor, n: int) -> torch.Tensor:
     flat = t.detach().reshape(-1)
     return flat[:: max(1, flat.numel() // n)][:n].to("cpu", torch.float32).contiguous()
 
+
 def latent_ids_of(model=None, processor=None) -> dict:
     "The latent token ids: from the processor's tokenizer if given, else from `model.config`."
     if processor is not None:
         from latentcot.tokens import SpecialIds
+
         ids = SpecialIds.from_tokenizer(processor)
-        return dict(latent_pad=ids.latent_pad, latent_start=ids.latent_start, latent_end=ids.latent_end,
-                    obs_start=ids.obs_start, obs_end=ids.obs_end)
+        return dict(
+            latent_pad=ids.latent_pad,
+            latent_start=ids.latent_start,
+            latent_end=ids.latent_end,
+            obs_start=ids.obs_start,
+            obs_end=ids.obs_end,
+        )
     c = model.config
-    return dict(latent_pad=getattr(c, "latent_token_id", None), latent_start=getattr(c, "latent_start_id", None),
-                latent_end=getattr(c, "latent_end_id", None))
+    return dict(
+        latent_pad=getattr(c, "latent_token_id", None),
+        latent_start=getattr(c, "latent_start_id", None),
+        latent_end=getattr(c, "latent_end_id", None),
+    )
+
 
 def model_fingerprint(model, processor=None, n_tensors: int = 6, n_values: int = 4096) -> dict:
     "Cheap identity of a model: config hash, checksum of a few parameter tensors, tokenizer size and latent ids."
@@ -162,80 +232,132 @@ def model_fingerprint(model, processor=None, n_tensors: int = 6, n_values: int =
     h = hashlib.sha256()
     for i in picks:
         name, p = named[i]
-        h.update(name.encode()); h.update(str(tuple(p.shape)).encode()); h.update(_strided(p, n_values).numpy().tobytes())
+        h.update(name.encode())
+        h.update(str(tuple(p.shape)).encode())
+        h.update(_strided(p, n_values).numpy().tobytes())
     lat = latent_ids_of(model, processor)
     rows = sorted(v for v in lat.values() if v is not None)
     emb = model.get_input_embeddings().weight
-    if rows and max(rows) < emb.shape[0]: h.update(emb.detach()[rows].to("cpu", torch.float32).contiguous().numpy().tobytes())
-    fp = dict(config_sha256=_sha(_stable_config(model.config.to_dict()))[:16], param_checksum=h.hexdigest()[:16],
-              vocab_size=len(processor.tokenizer) if processor is not None else None, latent_ids=lat)
+    if rows and max(rows) < emb.shape[0]:
+        h.update(emb.detach()[rows].to("cpu", torch.float32).contiguous().numpy().tobytes())
+    fp = dict(
+        config_sha256=_sha(_stable_config(model.config.to_dict()))[:16],
+        param_checksum=h.hexdigest()[:16],
+        vocab_size=len(processor.tokenizer) if processor is not None else None,
+        latent_ids=lat,
+    )
     return dict(hash=_sha(fp)[:16], **fp)
 
 # %% ../nbs/12_teacher_latents.ipynb #22fd009a
-_K_KEYS = {"budget": ("latent_budget_alpha", "latent_budget_gamma", "latent_budget_min", "latent_budget_max"),
-           "fixed": ("latent_size",), "random": ("k_max",)}
+_K_KEYS = {
+    "budget": ("latent_budget_alpha", "latent_budget_gamma", "latent_budget_min", "latent_budget_max"),
+    "fixed": ("latent_size",),
+    "random": ("k_max",),
+}
 _IMAGE_KEYS = ("image_resize", "max_img_tokens", "sft_stage1_img_tokens", "sft_stage2_img_tokens")  # stage 3 = stage 2
+
 
 def k_settings(cfg: LatentCoTConfig) -> dict:
     "The config fields that fix the latent segment lengths (K) in `cfg.latent_size_mode`."
     return {"latent_size_mode": cfg.latent_size_mode, **{k: getattr(cfg, k) for k in _K_KEYS[cfg.latent_size_mode]}}
+
 
 def image_settings(cfg: LatentCoTConfig, processor=None) -> dict:
     "The image token budgets of `cfg`, and the processor's patch/merge sizes and pixel limits."
     out = {k: getattr(cfg, k) for k in _IMAGE_KEYS}
     ip = getattr(processor, "image_processor", None)
     if ip is not None:
-        size = ip.size if isinstance(ip.size, dict) else dict(shortest_edge=ip.size.shortest_edge, longest_edge=ip.size.longest_edge)
-        out.update(patch_size=int(ip.patch_size), merge_size=int(ip.merge_size), temporal_patch_size=int(ip.temporal_patch_size),
-                   min_pixels=int(size["shortest_edge"]), max_pixels=int(size["longest_edge"]))
+        size = (
+            ip.size
+            if isinstance(ip.size, dict)
+            else dict(shortest_edge=ip.size.shortest_edge, longest_edge=ip.size.longest_edge)
+        )
+        out.update(
+            patch_size=int(ip.patch_size),
+            merge_size=int(ip.merge_size),
+            temporal_patch_size=int(ip.temporal_patch_size),
+            min_pixels=int(size["shortest_edge"]),
+            max_pixels=int(size["longest_edge"]),
+        )
     return out
 
-def _text_config(model): return model.config.get_text_config()
+
+def _text_config(model):
+    return model.config.get_text_config()
+
 
 def tokenizer_info(processor) -> dict:
     "Tokenizer size and latent ids (what stage 3 must share with the teacher even when the weights differ)."
     return dict(vocab_size=len(processor.tokenizer), latent_ids=latent_ids_of(processor=processor))
 
+
 def teacher_manifest(model, processor, cfg: LatentCoTConfig, layers: str = "last", info: dict | None = None) -> dict:
     "The manifest of teacher latents computed by `model` under `cfg`."
     tc = _text_config(model)
-    return {"format": FORMAT_VERSION, "kind": "latentcot.teacher_latents", "layers": _check_layers(layers),
-            "file_pattern": FILE_PATTERNS[layers], "dtype": "bfloat16", "hidden_size": int(tc.hidden_size),
-            "n_hidden_states": int(tc.num_hidden_layers) + 1, "fingerprint": model_fingerprint(model, processor),
-            "tokenizer": tokenizer_info(processor) if processor is not None else None,
-            "k": k_settings(cfg), "image": image_settings(cfg, processor), "mask": dict(cfg.mask_flags),
-            "info": dict(info or {})}
+    return {
+        "format": FORMAT_VERSION,
+        "kind": "latentcot.teacher_latents",
+        "layers": _check_layers(layers),
+        "file_pattern": FILE_PATTERNS[layers],
+        "dtype": "bfloat16",
+        "hidden_size": int(tc.hidden_size),
+        "n_hidden_states": int(tc.num_hidden_layers) + 1,
+        "fingerprint": model_fingerprint(model, processor),
+        "tokenizer": tokenizer_info(processor) if processor is not None else None,
+        "k": k_settings(cfg),
+        "image": image_settings(cfg, processor),
+        "mask": dict(cfg.mask_flags),
+        "info": dict(info or {}),
+    }
+
 
 def manifest_id(manifest: dict) -> str:
     "Hash of a manifest's identity (everything but `info` and its own `checksum`); every file carries the id of its manifest."
     return _sha({k: v for k, v in manifest.items() if k not in ("info", "checksum")})[:16]
 
+
 def check_manifest_checksum(stored: dict, path) -> None:
     "Raise `TeacherLatentError` when a manifest was edited after precompute wrote it (its `checksum` is its `manifest_id`)."
     if "checksum" in stored and stored["checksum"] != manifest_id(stored):
-        raise TeacherLatentError(f"{path}: edited after precompute wrote it: its content hashes to {manifest_id(stored)}, it "
-                                 f"recorded {stored['checksum']} (the files were written under that one); restore the "
-                                 "manifest or recompute the teacher latents")
+        raise TeacherLatentError(
+            f"{path}: edited after precompute wrote it: its content hashes to {manifest_id(stored)}, it "
+            f"recorded {stored['checksum']} (the files were written under that one); restore the "
+            "manifest or recompute the teacher latents"
+        )
+
 
 def manifest_diff(stored: dict, expected: dict, prefix: str = "") -> list[str]:
     "What differs between a stored manifest and an expected subset, one `key.path: stored X, expected Y` per leaf."
     out = []
-    for k, want in json.loads(json.dumps(expected)).items():    # JSON round trip: tuples compare as lists
+    for k, want in json.loads(json.dumps(expected)).items():  # JSON round trip: tuples compare as lists
         key = f"{prefix}{k}"
-        if k not in stored: out.append(f"{key}: missing from the stored manifest (expected {want!r})")
-        elif isinstance(want, dict) and isinstance(stored[k], dict): out += manifest_diff(stored[k], want, key + ".")
-        elif stored[k] != want: out.append(f"{key}: stored {stored[k]!r}, expected {want!r}")
+        if k not in stored:
+            out.append(f"{key}: missing from the stored manifest (expected {want!r})")
+        elif isinstance(want, dict) and isinstance(stored[k], dict):
+            out += manifest_diff(stored[k], want, key + ".")
+        elif stored[k] != want:
+            out.append(f"{key}: stored {stored[k]!r}, expected {want!r}")
     return out
 
-def run_expectation(cfg: LatentCoTConfig | None = None, processor=None, model=None, layers: str | None = None,
-                    teacher=None) -> dict:
+
+def run_expectation(
+    cfg: LatentCoTConfig | None = None, processor=None, model=None, layers: str | None = None, teacher=None
+) -> dict:
     "The manifest subset a run can check: K and image budget (`cfg`), tokenizer + image processor, model width, layers, teacher fingerprint."
     exp = {}
-    if cfg is not None: exp.update(k=k_settings(cfg), image=image_settings(cfg, processor))
-    if processor is not None: exp["tokenizer"] = tokenizer_info(processor)
-    if model is not None: exp.update(hidden_size=int(_text_config(model).hidden_size), n_hidden_states=int(_text_config(model).num_hidden_layers) + 1)
-    if layers is not None: exp["layers"] = _check_layers(layers)
-    if teacher is not None: exp["fingerprint"] = model_fingerprint(teacher, processor)
+    if cfg is not None:
+        exp.update(k=k_settings(cfg), image=image_settings(cfg, processor))
+    if processor is not None:
+        exp["tokenizer"] = tokenizer_info(processor)
+    if model is not None:
+        exp.update(
+            hidden_size=int(_text_config(model).hidden_size),
+            n_hidden_states=int(_text_config(model).num_hidden_layers) + 1,
+        )
+    if layers is not None:
+        exp["layers"] = _check_layers(layers)
+    if teacher is not None:
+        exp["fingerprint"] = model_fingerprint(teacher, processor)
     return exp
 
 # %% ../nbs/12_teacher_latents.ipynb #a676dd94
@@ -243,24 +365,30 @@ def open_manifest(out_dir, manifest: dict) -> dict:
     "Write `manifest` into a fresh `out_dir`, or check it equals the one there (the stored manifest is returned)."
     path = Path(out_dir) / MANIFEST_NAME
     if not path.exists():
-        atomic_write_json({**manifest, "checksum": manifest_id(manifest)}, path); return manifest
-    try: stored = json.loads(path.read_text())
-    except json.JSONDecodeError as e: raise TeacherLatentError(f"{path}: not valid JSON: {e}") from None
+        atomic_write_json({**manifest, "checksum": manifest_id(manifest)}, path)
+        return manifest
+    try:
+        stored = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise TeacherLatentError(f"{path}: not valid JSON: {e}") from None
     check_manifest_checksum(stored, path)
     diffs = manifest_diff(stored, {k: v for k, v in manifest.items() if k not in ("info", "checksum")})
     if diffs:
-        raise TeacherLatentError(f"{path}: this directory holds teacher latents of another run; use another output "
-                                 f"directory or delete it. Differences: " + "; ".join(diffs))
+        raise TeacherLatentError(
+            f"{path}: this directory holds teacher latents of another run; use another output "
+            f"directory or delete it. Differences: " + "; ".join(diffs)
+        )
     return stored
 
 # %% ../nbs/12_teacher_latents.ipynb #52e4aa0d
 def batch_image_grids(batch: dict, ids) -> list[dict]:
     "Per sample `{'question': [[t,h,w], ...], 'thought': [...]}`: the `image_grid_thw` rows of its images by role."
     from latentcot.masks import Role, token_layout
+
     x, am = batch["input_ids"], batch["attention_mask"]
     rows = batch["image_grid_thw"].tolist() if batch.get("image_grid_thw") is not None else []
     roles = token_layout(x, am, ids).roles
-    starts = ((x == ids.vision_start) & am.bool()).nonzero().tolist()   # row-major: batch order, then text order
+    starts = ((x == ids.vision_start) & am.bool()).nonzero().tolist()  # row-major: batch order, then text order
     if len(starts) != len(rows):
         raise ValueError(f"the batch has {len(starts)} images (<|vision_start|>) but {len(rows)} image_grid_thw rows")
     out = [{"question": [], "thought": []} for _ in range(x.shape[0])]
@@ -268,206 +396,335 @@ def batch_image_grids(batch: dict, ids) -> list[dict]:
         out[b]["thought" if int(roles[b, p]) == Role.THOUGHT_IMAGE else "question"].append([int(v) for v in g])
     return out
 
+
 def _segment_lengths(segments) -> list[int]:
     return [int(s[1]) - int(s[0]) for s in segments]
 
+
 def _offsets(budgets) -> list[list[int]]:
     out, a = [], 0
-    for n in budgets: out.append([a, a + n]); a += n
+    for n in budgets:
+        out.append([a, a + n])
+        a += n
     return out
+
 
 def _obs_shape(manifest: dict, n: int) -> tuple:
     "Shape of the stored observation states of `n` observation tokens: `(n, D)`, or `(n_hidden_states, n, D)` for 'all'."
     D, H = manifest["hidden_size"], manifest["n_hidden_states"]
     return (H, n, D) if manifest["layers"] == "all" else (n, D)
 
+
 def non_finite(rec: dict) -> str | None:
     "Which tensors of a record hold NaN or Inf (None: all finite)."
-    bad = [f"{k} hold {int((~torch.isfinite(rec[k])).sum())} non-finite value(s) (NaN/Inf)"
-           for k in ("latents", "hidden_states", "observations") if torch.is_tensor(rec.get(k)) and not bool(torch.isfinite(rec[k]).all())]
+    bad = [
+        f"{k} hold {int((~torch.isfinite(rec[k])).sum())} non-finite value(s) (NaN/Inf)"
+        for k in ("latents", "hidden_states", "observations")
+        if torch.is_tensor(rec.get(k)) and not bool(torch.isfinite(rec[k]).all())
+    ]
     return "; ".join(bad) or None
 
-def make_record(out: dict, idx: int, sample_id: str, manifest: dict, grids: dict | None = None,
-                batch_budgets=None, image_budget: int | None = None, max_img_tokens: int | None = None,
-                n_observations: int | None = None) -> dict:
+
+def make_record(
+    out: dict,
+    idx: int,
+    sample_id: str,
+    manifest: dict,
+    grids: dict | None = None,
+    batch_budgets=None,
+    image_budget: int | None = None,
+    max_img_tokens: int | None = None,
+    n_observations: int | None = None,
+) -> dict:
     "Check one `compute_fn` output against the manifest and build the bf16 dict stored for sample `idx`."
     who = f"sample {sample_id!r} (file index {idx})"
-    if not isinstance(out, dict) or "latents" not in out: raise TeacherLatentError(f"{who}: compute_fn must return a dict with 'latents'")
+    if not isinstance(out, dict) or "latents" not in out:
+        raise TeacherLatentError(f"{who}: compute_fn must return a dict with 'latents'")
     lat = out["latents"]
     D, H = manifest["hidden_size"], manifest["n_hidden_states"]
     segs = out.get("segments")
     budgets = _segment_lengths(segs) if segs is not None else [int(lat.shape[0])]
     if batch_budgets is not None and list(batch_budgets) != budgets:
-        raise TeacherLatentError(f"{who}: compute_fn segments have lengths {budgets}, the batch planned {list(batch_budgets)}")
+        raise TeacherLatentError(
+            f"{who}: compute_fn segments have lengths {budgets}, the batch planned {list(batch_budgets)}"
+        )
     n = sum(budgets)
     if lat.dim() != 2 or tuple(lat.shape) != (n, D):
-        raise TeacherLatentError(f"{who}: latents have shape {tuple(lat.shape)}, expected ({n}, {D}) (segments {budgets}, hidden size {D})")
+        raise TeacherLatentError(
+            f"{who}: latents have shape {tuple(lat.shape)}, expected ({n}, {D}) (segments {budgets}, hidden size {D})"
+        )
     # .clone(): a row slice of a batch tensor would otherwise save the whole batch's storage
-    rec = dict(format=FORMAT_VERSION, index=int(idx), sample_id=str(sample_id), manifest_id=manifest_id(manifest),
-               layers=manifest["layers"], latents=lat.detach().to("cpu", torch.bfloat16).clone(), budgets=budgets,
-               segments=_offsets(budgets), question_grids=(grids or {}).get("question"), thought_grids=(grids or {}).get("thought"),
-               image_budget=image_budget, max_img_tokens=max_img_tokens)
+    rec = dict(
+        format=FORMAT_VERSION,
+        index=int(idx),
+        sample_id=str(sample_id),
+        manifest_id=manifest_id(manifest),
+        layers=manifest["layers"],
+        latents=lat.detach().to("cpu", torch.bfloat16).clone(),
+        budgets=budgets,
+        segments=_offsets(budgets),
+        question_grids=(grids or {}).get("question"),
+        thought_grids=(grids or {}).get("thought"),
+        image_budget=image_budget,
+        max_img_tokens=max_img_tokens,
+    )
     if manifest["layers"] == "all":
         hs = out.get("hidden_states")
-        if hs is None: raise TeacherLatentError(f"{who}: layers='all' needs 'hidden_states' from compute_fn")
+        if hs is None:
+            raise TeacherLatentError(f"{who}: layers='all' needs 'hidden_states' from compute_fn")
         if tuple(hs.shape) != (H, n, D):
             raise TeacherLatentError(f"{who}: hidden_states have shape {tuple(hs.shape)}, expected ({H}, {n}, {D})")
         rec["hidden_states"] = hs.detach().to("cpu", torch.bfloat16).clone()
     obs = out.get("observations")
-    if obs is not None:                   # seed 000: the teacher's states at its observation tokens, in text order
+    if obs is not None:  # seed 000: the teacher's states at its observation tokens, in text order
         m = int(obs.shape[-2]) if n_observations is None else int(n_observations)
         if tuple(obs.shape) != _obs_shape(manifest, m):
-            raise TeacherLatentError(f"{who}: observations have shape {tuple(obs.shape)}, expected {_obs_shape(manifest, m)} "
-                                     f"({m} observation tokens in the batch, layers={manifest['layers']!r})")
-        if m: rec.update(observations=obs.detach().to("cpu", torch.bfloat16).clone(), n_observations=m)
-    if bad := non_finite(rec): raise TeacherLatentError(f"{who}: the teacher's {bad}: not written (a diverged or broken teacher model?)")
+            raise TeacherLatentError(
+                f"{who}: observations have shape {tuple(obs.shape)}, expected {_obs_shape(manifest, m)} "
+                f"({m} observation tokens in the batch, layers={manifest['layers']!r})"
+            )
+        if m:
+            rec.update(observations=obs.detach().to("cpu", torch.bfloat16).clone(), n_observations=m)
+    if bad := non_finite(rec):
+        raise TeacherLatentError(f"{who}: the teacher's {bad}: not written (a diverged or broken teacher model?)")
     return rec
 
 # %% ../nbs/12_teacher_latents.ipynb #2ed401c7
-def check_record(rec: dict, manifest: dict, path, idx: int | None = None, sample_id: str | None = None,
-                 budgets=None, allow_shorter: bool = False) -> dict:
+def check_record(
+    rec: dict,
+    manifest: dict,
+    path,
+    idx: int | None = None,
+    sample_id: str | None = None,
+    budgets=None,
+    allow_shorter: bool = False,
+) -> dict:
     "Raise `TeacherLatentError` (naming `path`) unless `rec` fits `manifest`, its own lengths and the caller's expectations."
-    def bad(what): raise TeacherLatentError(f"{path}: {what}")
-    need = ["format", "index", "sample_id", "manifest_id", "latents", "budgets", "segments"] + (["hidden_states"] if manifest["layers"] == "all" else [])
+
+    def bad(what):
+        raise TeacherLatentError(f"{path}: {what}")
+
+    need = ["format", "index", "sample_id", "manifest_id", "latents", "budgets", "segments"] + (
+        ["hidden_states"] if manifest["layers"] == "all" else []
+    )
     missing = [k for k in need if k not in rec]
-    if missing: bad(f"missing key(s) {missing}")
-    if rec["format"] != FORMAT_VERSION: bad(f"format {rec['format']}, this code reads format {FORMAT_VERSION}")
+    if missing:
+        bad(f"missing key(s) {missing}")
+    if rec["format"] != FORMAT_VERSION:
+        bad(f"format {rec['format']}, this code reads format {FORMAT_VERSION}")
     if rec["manifest_id"] != manifest_id(manifest):
-        bad(f"written under manifest {rec['manifest_id']}, but this directory's manifest is {manifest_id(manifest)} "
-            "(a file of another run copied in?)")
-    if idx is not None and rec["index"] != idx: bad(f"holds file index {rec['index']}, expected {idx}")
-    if sample_id is not None and rec["sample_id"] != sample_id: bad(f"holds sample {rec['sample_id']!r}, expected {sample_id!r}")
+        bad(
+            f"written under manifest {rec['manifest_id']}, but this directory's manifest is {manifest_id(manifest)} "
+            "(a file of another run copied in?)"
+        )
+    if idx is not None and rec["index"] != idx:
+        bad(f"holds file index {rec['index']}, expected {idx}")
+    if sample_id is not None and rec["sample_id"] != sample_id:
+        bad(f"holds sample {rec['sample_id']!r}, expected {sample_id!r}")
     lat, b, D, H = rec["latents"], list(rec["budgets"]), manifest["hidden_size"], manifest["n_hidden_states"]
-    if not torch.is_tensor(lat) or lat.dtype != torch.bfloat16: bad(f"latents must be a bf16 tensor, found {getattr(lat, 'dtype', type(lat).__name__)}")
-    if tuple(lat.shape) != (sum(b), D): bad(f"latents have shape {tuple(lat.shape)}, expected ({sum(b)}, {D}) (budgets {b}, hidden size {D})")
-    if rec["segments"] != _offsets(b): bad(f"segments {rec['segments']} do not match budgets {b}")
+    if not torch.is_tensor(lat) or lat.dtype != torch.bfloat16:
+        bad(f"latents must be a bf16 tensor, found {getattr(lat, 'dtype', type(lat).__name__)}")
+    if tuple(lat.shape) != (sum(b), D):
+        bad(f"latents have shape {tuple(lat.shape)}, expected ({sum(b)}, {D}) (budgets {b}, hidden size {D})")
+    if rec["segments"] != _offsets(b):
+        bad(f"segments {rec['segments']} do not match budgets {b}")
     if manifest["layers"] == "all":
         hs = rec["hidden_states"]
         if not torch.is_tensor(hs) or tuple(hs.shape) != (H, sum(b), D):
             bad(f"hidden_states have shape {tuple(getattr(hs, 'shape', ()))}, expected ({H}, {sum(b)}, {D})")
     if "observations" in rec:
         obs, m = rec["observations"], rec.get("n_observations")
-        if isinstance(m, bool) or not isinstance(m, int) or m < 1: bad(f"observations need 'n_observations' >= 1, found {m!r}")
-        if not torch.is_tensor(obs) or obs.dtype != torch.bfloat16: bad(f"observations must be a bf16 tensor, found {getattr(obs, 'dtype', type(obs).__name__)}")
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            bad(f"observations need 'n_observations' >= 1, found {m!r}")
+        if not torch.is_tensor(obs) or obs.dtype != torch.bfloat16:
+            bad(f"observations must be a bf16 tensor, found {getattr(obs, 'dtype', type(obs).__name__)}")
         if tuple(obs.shape) != _obs_shape(manifest, m):
-            bad(f"observations have shape {tuple(obs.shape)}, expected {_obs_shape(manifest, m)} ({m} observation tokens, "
-                f"layers={manifest['layers']!r}, hidden size {D})")
+            bad(
+                f"observations have shape {tuple(obs.shape)}, expected {_obs_shape(manifest, m)} ({m} observation tokens, "
+                f"layers={manifest['layers']!r}, hidden size {D})"
+            )
     if budgets is not None:
         want = [int(v) for v in budgets]
         ok = len(want) == len(b) and all((w <= s) if allow_shorter else (w == s) for w, s in zip(want, b))
         if not ok:
             rel = "at most" if allow_shorter else "exactly"
-            bad(f"teacher segment lengths {b}, but the run lays out {want} (needs {rel} the teacher's per thought image)")
-    if why := non_finite(rec): bad(why)
+            bad(
+                f"teacher segment lengths {b}, but the run lays out {want} (needs {rel} the teacher's per thought image)"
+            )
+    if why := non_finite(rec):
+        bad(why)
     return rec
 
 # %% ../nbs/12_teacher_latents.ipynb #3d618b70
 @dataclass
 class PrecomputeReport:
     "What `precompute` did: files written, files already there, samples the collator dropped, compute calls."
+
     out_dir: Path
     written: list[int] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
-    redone: list[int] = field(default_factory=list)     # finished files that failed their re-check (recomputed)
+    redone: list[int] = field(default_factory=list)  # finished files that failed their re-check (recomputed)
     dropped: list[str] = field(default_factory=list)
     compute_calls: int = 0
     seconds: float = 0.0
 
     def __str__(self):
-        return (f"{self.out_dir}: wrote {len(self.written)} file(s) ({len(self.redone)} of them damaged before), {len(self.skipped)} already done, "
-                f"{len(self.dropped)} dropped by the collator, {self.compute_calls} compute call(s) in {self.seconds:.1f}s")
+        return (
+            f"{self.out_dir}: wrote {len(self.written)} file(s) ({len(self.redone)} of them damaged before), {len(self.skipped)} already done, "
+            f"{len(self.dropped)} dropped by the collator, {self.compute_calls} compute call(s) in {self.seconds:.1f}s"
+        )
+
 
 def _check_collator(collate_fn, cfg: LatentCoTConfig):
     "A collator that carries its own config must lay out what the manifest records, and show the teacher its images."
     ccfg, stage = getattr(collate_fn, "cfg", None), getattr(collate_fn, "stage", None)
-    if stage in ("stage1", "stage3"): raise ValueError(f"the teacher needs the 'precompute' layout (thought images + latent segments), the collator is {stage!r}")
+    if stage in ("stage1", "stage3"):
+        raise ValueError(
+            f"the teacher needs the 'precompute' layout (thought images + latent segments), the collator is {stage!r}"
+        )
     if isinstance(ccfg, LatentCoTConfig):
-        d = manifest_diff({"k": k_settings(ccfg), "image": image_settings(ccfg)}, {"k": k_settings(cfg), "image": image_settings(cfg)})
-        if d: raise ValueError("the collator's config differs from the manifest's: " + "; ".join(d))
+        d = manifest_diff(
+            {"k": k_settings(ccfg), "image": image_settings(ccfg)},
+            {"k": k_settings(cfg), "image": image_settings(cfg)},
+        )
+        if d:
+            raise ValueError("the collator's config differs from the manifest's: " + "; ".join(d))
+
 
 def _finished_problem(path: Path, manifest: dict, idx: int, sample_id: str) -> str | None:
     "Why `path` is not a finished, intact file of this sample (None: it is). A file from before checksums is loaded and checked, then gets one."
     why = checksum_problem(path)
-    if why != "no checksum": return why
-    try: check_record(load_latent_file(path), manifest, path, idx, sample_id)
-    except TeacherLatentError as e: return str(e)
+    if why != "no checksum":
+        return why
+    try:
+        check_record(load_latent_file(path), manifest, path, idx, sample_id)
+    except TeacherLatentError as e:
+        return str(e)
     data = path.read_bytes()
-    with open(checksum_path(path), "w") as f: f.write(hashlib.sha256(data).hexdigest() + "\n")
+    with open(checksum_path(path), "w") as f:
+        f.write(hashlib.sha256(data).hexdigest() + "\n")
     return None
 
-def precompute(model, processor, samples, collate_fn: Callable, compute_fn: Callable | None, out_dir,
-               cfg: LatentCoTConfig | None = None, batch_size: int = 1, layers: str = "last", resume: bool = True,
-               progress: bool = True, indices=None) -> PrecomputeReport:
+
+def precompute(
+    model,
+    processor,
+    samples,
+    collate_fn: Callable,
+    compute_fn: Callable | None,
+    out_dir,
+    cfg: LatentCoTConfig | None = None,
+    batch_size: int = 1,
+    layers: str = "last",
+    resume: bool = True,
+    progress: bool = True,
+    indices=None,
+) -> PrecomputeReport:
     """Compute and store the teacher latents of `samples` in `out_dir`, one atomic bf16 file per sample with its sha256
     beside it; resumable: finished files are re-verified (checksum) and recomputed when damaged."""
     from latentcot.collators import stage_img_tokens
     from latentcot.tokens import SpecialIds
+
     t0, cfg, out = time.time(), cfg or load_config(), Path(out_dir)
-    if compute_fn is None: compute_fn = lambda m, b: teacher_compute_fn(m, b, layers)
-    if batch_size < 1: raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if compute_fn is None:
+        compute_fn = lambda m, b: teacher_compute_fn(m, b, layers)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     _check_collator(collate_fn, cfg)
     samples = list(samples)
     idx_of = sample_index_map(samples, indices)
     out.mkdir(parents=True, exist_ok=True)
     files = sorted({(s.source or "").rpartition(":")[0] for s in samples})
-    manifest = open_manifest(out, teacher_manifest(model, processor, cfg, layers, info=dict(
-        data_files=files, created=time.strftime("%Y-%m-%dT%H:%M:%S"), torch=torch.__version__.split("+")[0])))
+    manifest = open_manifest(
+        out,
+        teacher_manifest(
+            model,
+            processor,
+            cfg,
+            layers,
+            info=dict(
+                data_files=files, created=time.strftime("%Y-%m-%dT%H:%M:%S"), torch=torch.__version__.split("+")[0]
+            ),
+        ),
+    )
     ids = SpecialIds.from_tokenizer(processor) if processor is not None else None
     rep = PrecomputeReport(out)
     todo = []
     for s in samples:
         i = idx_of[s.sample_id]
         why = _finished_problem(out / latent_file_name(i, layers), manifest, i, s.sample_id) if resume else "no resume"
-        if why is None: rep.skipped.append(i); continue
+        if why is None:
+            rep.skipped.append(i)
+            continue
         if resume and not why.endswith(": missing"):
-            log.warning("%s; recomputing it", why); rep.redone.append(i)
+            log.warning("%s; recomputing it", why)
+            rep.redone.append(i)
         todo.append(s)
     from tqdm.auto import tqdm
+
     bar = tqdm(total=len(todo), desc="teacher latents", disable=not progress, unit="sample")
     was_training = model.training
     model.eval()
     try:
         for start in range(0, len(todo), batch_size):
-            chunk = todo[start:start + batch_size]
+            chunk = todo[start : start + batch_size]
             batch = collate_fn(chunk)
-            with torch.inference_mode(): outs = compute_fn(model, batch)
+            with torch.inference_mode():
+                outs = compute_fn(model, batch)
             rep.compute_calls += 1
             sids = list(batch.get("sample_ids") or [s.sample_id for s in chunk])
-            if len(outs) != len(sids): raise TeacherLatentError(f"compute_fn returned {len(outs)} results for a batch of {len(sids)} samples {sids}")
+            if len(outs) != len(sids):
+                raise TeacherLatentError(
+                    f"compute_fn returned {len(outs)} results for a batch of {len(sids)} samples {sids}"
+                )
             grids = batch_image_grids(batch, ids) if ids is not None and "input_ids" in batch else [None] * len(sids)
             planned = batch.get("latent_budgets") or [None] * len(sids)
-            n_obs = [len(p) for p in batch["observation_positions"]] if batch.get("observation_positions") is not None else [None] * len(sids)
+            n_obs = (
+                [len(p) for p in batch["observation_positions"]]
+                if batch.get("observation_positions") is not None
+                else [None] * len(sids)
+            )
             for sid, o, g, plan, m in zip(sids, outs, grids, planned, n_obs):
                 o = dict(o)
                 if o.get("segments") is None and batch.get("latent_segments") is not None:
                     o["segments"] = batch["latent_segments"][sids.index(sid)]
-                rec = make_record(o, idx_of[sid], sid, manifest, g, plan, stage_img_tokens(cfg, "precompute"), cfg.max_img_tokens, m)
+                rec = make_record(
+                    o, idx_of[sid], sid, manifest, g, plan, stage_img_tokens(cfg, "precompute"), cfg.max_img_tokens, m
+                )
                 atomic_torch_save(rec, out / latent_file_name(idx_of[sid], layers), checksum=True)
                 rep.written.append(idx_of[sid])
             gone = [s.sample_id for s in chunk if s.sample_id not in set(sids)]
-            if gone: log.warning("collator dropped %d sample(s) %s: no teacher latents for them", len(gone), gone)
+            if gone:
+                log.warning("collator dropped %d sample(s) %s: no teacher latents for them", len(gone), gone)
             rep.dropped += gone
             bar.update(len(chunk))
     finally:
-        model.train(was_training); bar.close()
+        model.train(was_training)
+        bar.close()
     rep.seconds = time.time() - t0
     return rep
 
 # %% ../nbs/12_teacher_latents.ipynb #8799eeca
 class TeacherLatentStore:
     "Read-only, checked view of a teacher-latent directory; `store[idx]` is the entry of file index `idx`."
+
     def __init__(self, root, expect: dict | None = None, dtype: torch.dtype | None = torch.float32, device="cpu"):
         self.root, self.dtype, self.device = Path(root), dtype, device
         path = self.root / MANIFEST_NAME
         if not path.is_file():
-            raise TeacherLatentError(f"{path}: no manifest (not a teacher-latent directory, or precompute never started)")
-        try: self.manifest = json.loads(path.read_text())
-        except json.JSONDecodeError as e: raise TeacherLatentError(f"{path}: not valid JSON: {e}") from None
+            raise TeacherLatentError(
+                f"{path}: no manifest (not a teacher-latent directory, or precompute never started)"
+            )
+        try:
+            self.manifest = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise TeacherLatentError(f"{path}: not valid JSON: {e}") from None
         if self.manifest.get("kind") != "latentcot.teacher_latents" or self.manifest.get("format") != FORMAT_VERSION:
             raise TeacherLatentError(f"{path}: not a format-{FORMAT_VERSION} latentcot teacher-latent manifest")
         check_manifest_checksum(self.manifest, path)
         diffs = manifest_diff(self.manifest, expect or {})
-        if diffs: raise TeacherLatentError(f"{path}: teacher latents do not match this run: " + "; ".join(diffs))
+        if diffs:
+            raise TeacherLatentError(f"{path}: teacher latents do not match this run: " + "; ".join(diffs))
         self.layers = self.manifest["layers"]
 
     def path(self, idx: int) -> Path:
@@ -480,7 +737,8 @@ class TeacherLatentStore:
 
     def verify(self, indices=None, sample_ids: dict | None = None, limit: int = 20) -> int:
         """Check up front that the files of `indices` (default: all) exist and match their sha256 (a file written before
-        checksums is loaded and checked instead); raise one `TeacherLatentError` naming every bad file. Returns the count."""
+        checksums is loaded and checked instead); raise one `TeacherLatentError` naming every bad file. Returns the count.
+        """
         idxs = self.indices() if indices is None else sorted({int(i) for i in indices})
         sid = {v: k for k, v in (sample_ids or {}).items()}
         bad, old = [], 0
@@ -489,43 +747,72 @@ class TeacherLatentStore:
             why = checksum_problem(p)
             if why == "no checksum":
                 old += 1
-                try: check_record(load_latent_file(p), self.manifest, p, i, sid.get(i)); why = None
-                except TeacherLatentError as e: why = str(e)
-            if why is not None: bad.append(why + (f" (sample {sid[i]!r})" if i in sid else ""))
-        if old: log.warning("%s: %d file(s) carry no checksum (written by an older latentcot): loaded and checked instead", self.root, old)
+                try:
+                    check_record(load_latent_file(p), self.manifest, p, i, sid.get(i))
+                    why = None
+                except TeacherLatentError as e:
+                    why = str(e)
+            if why is not None:
+                bad.append(why + (f" (sample {sid[i]!r})" if i in sid else ""))
+        if old:
+            log.warning(
+                "%s: %d file(s) carry no checksum (written by an older latentcot): loaded and checked instead",
+                self.root,
+                old,
+            )
         if bad:
             more = f"; ... and {len(bad) - limit} more" if len(bad) > limit else ""
-            raise TeacherLatentError(f"{self.root}: {len(bad)} of {len(idxs)} teacher-latent file(s) are missing or damaged: "
-                                     + "; ".join(bad[:limit]) + more + "; rerun precompute on this directory to recompute them")
+            raise TeacherLatentError(
+                f"{self.root}: {len(bad)} of {len(idxs)} teacher-latent file(s) are missing or damaged: "
+                + "; ".join(bad[:limit])
+                + more
+                + "; rerun precompute on this directory to recompute them"
+            )
         return len(idxs)
 
-    def __len__(self): return len(self.indices())
-    def __contains__(self, idx): return self.path(idx).is_file()
-    def __getitem__(self, idx: int) -> dict: return self.get(idx)
-    def __repr__(self): return f"TeacherLatentStore({str(self.root)!r}, layers={self.layers!r}, files={len(self)})"
+    def __len__(self):
+        return len(self.indices())
+
+    def __contains__(self, idx):
+        return self.path(idx).is_file()
+
+    def __getitem__(self, idx: int) -> dict:
+        return self.get(idx)
+
+    def __repr__(self):
+        return f"TeacherLatentStore({str(self.root)!r}, layers={self.layers!r}, files={len(self)})"
 
     def get(self, idx: int, sample_id: str | None = None, budgets=None, allow_shorter: bool = False) -> dict:
         "The checked entry of file `idx`: `latents` (+ `hidden_states`) as `dtype`, lengths, grids, ids."
         p = self.path(idx)
-        if not p.is_file(): raise TeacherLatentError(f"{p}: missing: no teacher latents for file index {idx}")
+        if not p.is_file():
+            raise TeacherLatentError(f"{p}: missing: no teacher latents for file index {idx}")
         rec = check_record(load_latent_file(p), self.manifest, p, idx, sample_id, budgets, allow_shorter)
         cast = lambda t: t.to(self.device, self.dtype) if self.dtype is not None else t.to(self.device)
         rec["latents"] = cast(rec["latents"])
         for k in ("hidden_states", "observations"):
-            if k in rec: rec[k] = cast(rec[k])
+            if k in rec:
+                rec[k] = cast(rec[k])
         return rec
 
     def for_batch(self, batch: dict, indices, ids=None, allow_shorter: bool | None = None) -> list[dict]:
         "Checked entries of a batch's samples; `indices`: file indices in batch order, or `{sample_id: index}`."
-        if allow_shorter is None: allow_shorter = self.manifest["k"]["latent_size_mode"] == "random"   # seed 001: K <= k_max
+        if allow_shorter is None:
+            allow_shorter = self.manifest["k"]["latent_size_mode"] == "random"  # seed 001: K <= k_max
         sids, plans = batch.get("sample_ids"), batch.get("latent_budgets")
         if isinstance(indices, dict):
             missing = [s for s in sids if s not in indices]
-            if missing: raise TeacherLatentError(f"{self.root}: no file index for sample(s) {missing}")
+            if missing:
+                raise TeacherLatentError(f"{self.root}: no file index for sample(s) {missing}")
             indices = [indices[s] for s in sids]
-        entries = [self.get(int(i), sids[b] if sids else None, plans[b] if plans else None, allow_shorter) for b, i in enumerate(indices)]
-        if ids is not None: check_question_grids(entries, batch, ids, self.root)
+        entries = [
+            self.get(int(i), sids[b] if sids else None, plans[b] if plans else None, allow_shorter)
+            for b, i in enumerate(indices)
+        ]
+        if ids is not None:
+            check_question_grids(entries, batch, ids, self.root)
         return entries
+
 
 def teacher_targets(entries: list[dict], budgets=None, key: str = "latents") -> torch.Tensor:
     "Teacher rows in the student's latent order (sample, segment, step): `[N, D]` (`key='hidden_states'`: `[n_hs, N, D]`)."
@@ -534,24 +821,34 @@ def teacher_targets(entries: list[dict], budgets=None, key: str = "latents") -> 
         t = e[key]
         for j, (s, end) in enumerate(e["segments"]):
             n = end - s if budgets is None else int(budgets[b][j])
-            if n > end - s: raise TeacherLatentError(f"sample {e['sample_id']!r}, segment {j}: {n} student latents, the teacher stored {end - s}")
-            parts.append(t[..., s:s + n, :])   # seed 001 stage 3: K <= k_max, the first K of each segment
-    if not parts: raise ValueError("no teacher rows: the entries hold no latent segments")
+            if n > end - s:
+                raise TeacherLatentError(
+                    f"sample {e['sample_id']!r}, segment {j}: {n} student latents, the teacher stored {end - s}"
+                )
+            parts.append(t[..., s : s + n, :])  # seed 001 stage 3: K <= k_max, the first K of each segment
+    if not parts:
+        raise ValueError("no teacher rows: the entries hold no latent segments")
     return torch.cat(parts, dim=-2)
+
 
 def has_observations(entries: list[dict], positions) -> bool:
     "Do the batch's observation tokens all come with the teacher's `observations`? (False when no file has any.)"
     with_obs = [(e, "observations" in e) for e, p in zip(entries, positions) if p]
-    if not with_obs or not any(h for _, h in with_obs): return False
+    if not with_obs or not any(h for _, h in with_obs):
+        return False
     if missing := [e for e, h in with_obs if not h]:  # half the batch aligned one way, half another: refuse
         e = missing[0]
-        raise TeacherLatentError(f"sample {e['sample_id']!r} (file index {e['index']}) has observation tokens but its teacher "
-                                 "file stores no observation states, while others in the batch do: recompute the teacher latents")
+        raise TeacherLatentError(
+            f"sample {e['sample_id']!r} (file index {e['index']}) has observation tokens but its teacher "
+            "file stores no observation states, while others in the batch do: recompute the teacher latents"
+        )
     return True
+
 
 def observation_targets(entries: list[dict], positions, where="") -> torch.Tensor:
     "Teacher states at observation tokens in the student's order, `[N, D]` (or `[n_hs, N, D]`); the k-th token of a sample to the teacher's k-th."
-    if len(entries) != len(positions): raise ValueError(f"{len(entries)} teacher entries for {len(positions)} samples")
+    if len(entries) != len(positions):
+        raise ValueError(f"{len(entries)} teacher entries for {len(positions)} samples")
     parts = []
     for e, p in zip(entries, positions):
         n = int(e.get("n_observations", 0)) if "observations" in e else 0
@@ -559,9 +856,12 @@ def observation_targets(entries: list[dict], positions, where="") -> torch.Tenso
             raise TeacherLatentError(
                 f"{Path(where) / latent_file_name(e['index'], e['layers'])}: sample {e['sample_id']!r}: the teacher stored "
                 f"{n} observation-token state(s), this batch has {len(p)} observation token(s); the k-th observation token "
-                "of the student is aligned with the k-th of the teacher, so the counts must match (same text, same tokenizer)")
-        if n: parts.append(e["observations"])
-    if not parts: raise ValueError("no observation rows: the batch has no observation tokens")
+                "of the student is aligned with the k-th of the teacher, so the counts must match (same text, same tokenizer)"
+            )
+        if n:
+            parts.append(e["observations"])
+    if not parts:
+        raise ValueError("no observation rows: the batch has no observation tokens")
     return torch.cat(parts, dim=-2)
 
 # %% ../nbs/12_teacher_latents.ipynb #c8bfedc3
@@ -569,36 +869,47 @@ def check_question_grids(entries: list[dict], batch: dict, ids, where="") -> Non
     "Raise `TeacherLatentError` unless each sample's question-image grids in `batch` equal the teacher's recorded ones."
     got = batch_image_grids(batch, ids)
     for b, (e, g) in enumerate(zip(entries, got)):
-        if e.get("question_grids") is None: continue
+        if e.get("question_grids") is None:
+            continue
         if e["question_grids"] != g["question"]:
             raise TeacherLatentError(
                 f"{Path(where) / latent_file_name(e['index'], e['layers'])}: sample {e['sample_id']!r}: the teacher saw "
                 f"question image grid(s) {e['question_grids']}, this batch has {g['question']} (image budget differs? "
-                f"teacher: image_budget {e.get('image_budget')}, max_img_tokens {e.get('max_img_tokens')})")
+                f"teacher: image_budget {e.get('image_budget')}, max_img_tokens {e.get('max_img_tokens')})"
+            )
 
 # %% ../nbs/12_teacher_latents.ipynb #d356dfc8
 def batch_to(batch: dict, device) -> dict:
     "The batch with every tensor (also inside dicts, e.g. `{'full_attention': mask}`) moved to `device`."
-    mv = lambda v: v.to(device) if torch.is_tensor(v) else {k: mv(x) for k, x in v.items()} if isinstance(v, dict) else v
+    mv = lambda v: (
+        v.to(device) if torch.is_tensor(v) else {k: mv(x) for k, x in v.items()} if isinstance(v, dict) else v
+    )
     return {k: mv(v) for k, v in batch.items()}
+
 
 def teacher_compute_fn(model, batch: dict, layers: str = "last") -> list[dict]:
     "Per sample of a precompute batch: the teacher's latents from the latent engine's rollout (+ all hidden states at the pads, + its states at the observation tokens)."
     from latentcot.latent_forward import latent_rollout, teacher_forced_forward
+
     batch = batch_to(batch, model.get_input_embeddings().weight.device)
     r = latent_rollout(model, batch)
     B = r.latent_mask.shape[0]
     counts = r.latent_mask.sum(1).tolist()
     want = [sum(e - s for s, e, _ in sg) for sg in r.segments]
-    if counts != want: raise RuntimeError(f"the rollout filled {counts} latent pads per sample, the segments hold {want}")
+    if counts != want:
+        raise RuntimeError(f"the rollout filled {counts} latent pads per sample, the segments hold {want}")
     lat = r.latents.split(counts)
     hs, obs = [None] * B, [None] * B
     opos = batch.get("observation_positions") or [[] for _ in range(B)]
     if _check_layers(layers) == "all" or any(opos):
         o = teacher_forced_forward(model, batch, r, output_hidden_states=True)
         if layers == "all":
-            hs = torch.stack([h[r.latent_mask] for h in o.hidden_states]).split(counts, dim=1)   # [n_hs, N, D] -> per sample
+            hs = torch.stack([h[r.latent_mask] for h in o.hidden_states]).split(
+                counts, dim=1
+            )  # [n_hs, N, D] -> per sample
         chosen = o.hidden_states if layers == "all" else o.hidden_states[-1:]
-        obs = [(torch.stack([h[b, p] for h in chosen]) if layers == "all" else chosen[0][b, p]) if p else None
-               for b, p in enumerate(opos)]                  # [n_obs, D] ('last') or [n_hs, n_obs, D] ('all')
+        obs = [
+            (torch.stack([h[b, p] for h in chosen]) if layers == "all" else chosen[0][b, p]) if p else None
+            for b, p in enumerate(opos)
+        ]  # [n_obs, D] ('last') or [n_hs, n_obs, D] ('all')
     return [dict(latents=lat[b], hidden_states=hs[b], observations=obs[b], segments=r.segments[b]) for b in range(B)]

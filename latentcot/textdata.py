@@ -17,57 +17,83 @@ __all__ = ['TEXT_FILES', 'to_ascii', 'english_paragraphs', 'synthetic_line', 'ch
            'read_lines']
 
 # %% ../nbs/19_textdata.ipynb #e0891a93
-_ASCII_MAP = {"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"', "\u2014": "--", "\u2013": "-",
-              "\u2026": "...", "\u00a0": " "}
+_ASCII_MAP = {
+    "\u2019": "'",
+    "\u2018": "'",
+    "\u201c": '"',
+    "\u201d": '"',
+    "\u2014": "--",
+    "\u2013": "-",
+    "\u2026": "...",
+    "\u00a0": " ",
+}
+
 
 def to_ascii(s: str) -> str:
     "Map typographic quotes and dashes to ASCII and drop any other non-printable or non-ASCII character."
     s = "".join(_ASCII_MAP.get(c, c) for c in s)
     return "".join(c for c in s if " " <= c <= "~")
 
+
 def _is_prose(par: list[str]) -> bool:
     "A paragraph of running text: not indented (code, grammar), not a heading underline, mostly words."
-    if any(l.startswith(" ") for l in par): return False
-    if len(par) >= 2 and re.fullmatch(r"[*=\-^~]+", par[1].strip()): return False
+    if any(l.startswith(" ") for l in par):
+        return False
+    if len(par) >= 2 and re.fullmatch(r"[*=\-^~]+", par[1].strip()):
+        return False
     text = " ".join(par)
-    if re.fullmatch(r"[*=\-^~ ]+", text): return False
+    if re.fullmatch(r"[*=\-^~ ]+", text):
+        return False
     return len(text.split()) >= 6 and sum(c.isalpha() for c in text) > 0.6 * len(text)
+
 
 def english_paragraphs() -> list[str]:
     "The prose paragraphs of `pydoc_data.topics`, in sorted topic order, whitespace-collapsed ASCII."
     from pydoc_data.topics import topics
+
     out, seen = [], set()
     for key in sorted(topics):
         for block in re.split(r"\n\s*\n", topics[key]):
             par = [l.rstrip() for l in block.split("\n") if l.strip()]
-            if not par or not _is_prose(par): continue
+            if not par or not _is_prose(par):
+                continue
             text = " ".join(to_ascii(" ".join(par)).split())
-            if text and text not in seen: seen.add(text); out.append(text)
+            if text and text not in seen:
+                seen.add(text)
+                out.append(text)
     return out
 
 # %% ../nbs/19_textdata.ipynb #ae05d2e9
 _FACT = re.compile(r"(\d{1,3})([+-])(\d{1,3})=(\d{1,3})")
 
+
 def synthetic_line(rng: random.Random, max_value: int = 9, min_facts: int = 3, max_facts: int = 8) -> str:
     "One chain of `a+b=c;`/`a-b=c;` facts with every number in `0..max_value`, each fact starting at the last result."
     a, facts = rng.randint(0, max_value), []
     for _ in range(rng.randint(min_facts, max_facts)):
-        if rng.random() < 0.5: op, b = "+", rng.randint(0, max_value - a)
-        else: op, b = "-", rng.randint(0, a)
+        if rng.random() < 0.5:
+            op, b = "+", rng.randint(0, max_value - a)
+        else:
+            op, b = "-", rng.randint(0, a)
         c = a + b if op == "+" else a - b
-        facts.append(f"{a}{op}{b}={c};"); a = c
+        facts.append(f"{a}{op}{b}={c};")
+        a = c
     return "".join(facts)
+
 
 def check_synthetic(line: str, max_value: int = 9) -> float:
     "Fraction of the `;`-terminated facts in `line` that are well formed, right, in range and continue the chain."
     parts = line.split(";")
     facts, tail = parts[:-1], parts[-1]
     n = len(facts) + (tail != "")  # an unterminated tail counts as one invalid fact
-    if n == 0: return 0.0
+    if n == 0:
+        return 0.0
     ok, prev = 0, None
     for f in facts:
         m = _FACT.fullmatch(f)
-        if m is None: prev = None; continue
+        if m is None:
+            prev = None
+            continue
         a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
         canon = all(str(int(g)) == g for g in (m[1], m[3], m[4]))  # no leading zeros: one spelling per fact
         right = (a + b if op == "+" else a - b) == c and max(a, b, c) <= max_value and canon
@@ -78,13 +104,21 @@ def check_synthetic(line: str, max_value: int = 9) -> float:
 # %% ../nbs/19_textdata.ipynb #4653fafd
 TEXT_FILES = ("english_train.txt", "english_heldout.txt", "synthetic_train.txt", "synthetic_heldout.txt")
 
+
 def _atomic_write(path: Path, data: bytes):
     "Write `data` to `path` atomically."
     atomic_write(path, lambda f: Path(f).write_bytes(data))
 
-def text_sets(seed: int = 0, width: int = 60, heldout_frac: float = 0.1, n_synthetic: int = 4000,
-              n_synthetic_heldout: int = 400, max_value: int = 9,
-              max_english_chars: int = 240_000) -> dict[str, list[str]]:
+
+def text_sets(
+    seed: int = 0,
+    width: int = 60,
+    heldout_frac: float = 0.1,
+    n_synthetic: int = 4000,
+    n_synthetic_heldout: int = 400,
+    max_value: int = 9,
+    max_english_chars: int = 240_000,
+) -> dict[str, list[str]]:
     "The four line lists of `TEXT_FILES`, deterministically from `seed`."
     rng = random.Random(seed)
     train, held, total = [], [], 0
@@ -92,37 +126,54 @@ def text_sets(seed: int = 0, width: int = 60, heldout_frac: float = 0.1, n_synth
         lines = textwrap.wrap(p, width=width, break_long_words=True, break_on_hyphens=False)
         (held if rng.random() < heldout_frac else train).extend(lines)
         total += len(p)
-        if total >= max_english_chars: break
+        if total >= max_english_chars:
+            break
     syn, seen = [], set()
     while len(syn) < n_synthetic + n_synthetic_heldout:
         l = synthetic_line(rng, max_value=max_value)
-        if l not in seen: seen.add(l); syn.append(l)
-    return {"english_train.txt": train, "english_heldout.txt": held,
-            "synthetic_train.txt": syn[:n_synthetic], "synthetic_heldout.txt": syn[n_synthetic:]}
+        if l not in seen:
+            seen.add(l)
+            syn.append(l)
+    return {
+        "english_train.txt": train,
+        "english_heldout.txt": held,
+        "synthetic_train.txt": syn[:n_synthetic],
+        "synthetic_heldout.txt": syn[n_synthetic:],
+    }
+
 
 def write_text_sets(out_dir, seed: int = 0, **kw) -> dict[str, Path]:
     "Write `TEXT_FILES` and `manifest.json` into `out_dir` (atomically, same seed => same bytes); return their paths."
-    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     sets, paths, files = text_sets(seed, **kw), {}, {}
     for name in TEXT_FILES:
         data = "".join(l + "\n" for l in sets[name]).encode("ascii")
-        _atomic_write(out / name, data); paths[name] = out / name
+        _atomic_write(out / name, data)
+        paths[name] = out / name
         files[name] = {"lines": len(sets[name]), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    man = {"generator": "latentcot.textdata.write_text_sets", "seed": seed, "options": kw,
-           "english_source": f"pydoc_data.topics of Python {sys.version_info[0]}.{sys.version_info[1]}",
-           "files": files}
+    man = {
+        "generator": "latentcot.textdata.write_text_sets",
+        "seed": seed,
+        "options": kw,
+        "english_source": f"pydoc_data.topics of Python {sys.version_info[0]}.{sys.version_info[1]}",
+        "files": files,
+    }
     _atomic_write(out / "manifest.json", (json.dumps(man, indent=1, sort_keys=True) + "\n").encode())
     paths["manifest.json"] = out / "manifest.json"
     return paths
 
+
 def read_lines(path, max_len: int | None = None) -> list[str]:
     "Lines of a text-set file; a clear error for a missing file, non-ASCII text or an over-long line."
     p = Path(path)
-    if not p.is_file(): raise FileNotFoundError(f"text set {p} not found (write it with write_text_sets)")
+    if not p.is_file():
+        raise FileNotFoundError(f"text set {p} not found (write it with write_text_sets)")
     out = []
     for i, l in enumerate(p.read_bytes().decode("utf-8").split("\n")[:-1], 1):
         bad = next((c for c in l if not " " <= c <= "~"), None)
-        if bad is not None: raise ValueError(f"{p}:{i}: character {bad!r} is not printable ASCII")
+        if bad is not None:
+            raise ValueError(f"{p}:{i}: character {bad!r} is not printable ASCII")
         if max_len is not None and len(l) > max_len:
             raise ValueError(f"{p}:{i}: line has {len(l)} characters, limit {max_len}")
         out.append(l)

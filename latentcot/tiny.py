@@ -13,8 +13,14 @@ from pathlib import Path
 import torch
 import transformers, tokenizers
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import (AutoProcessor, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
-                          Qwen2_5_VLProcessor, Qwen2Tokenizer, GenerationConfig)
+from transformers import (
+    AutoProcessor,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2Tokenizer,
+    GenerationConfig,
+)
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 from transformers.utils import is_torchvision_available
 
@@ -26,10 +32,30 @@ __all__ = ['QWEN_ADDED_TOKENS', 'N_SPECIAL', 'QWEN25VL_CHAT_TEMPLATE', 'BPE_VOCA
            'build_calibrated_kit', 'calibrated_kit_path', 'KitArgs', 'kit_main']
 
 # %% ../nbs/01_tiny.ipynb #678cbad4
-QWEN_ADDED_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-                     "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-                     "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>",
-                     "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"]
+QWEN_ADDED_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+]
 N_SPECIAL = 14  # <|endoftext|> .. <|video_pad|> are special; the rest are plain added tokens
 
 # The Qwen2-VL / Qwen2.5-VL chat template (data, verbatim): a default system turn, image/video parts as
@@ -44,20 +70,25 @@ QWEN25VL_CHAT_TEMPLATE = (
     " or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video "
     "{{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}"
     "{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
-    "<|im_start|>assistant\n{% endif %}")
+    "<|im_start|>assistant\n{% endif %}"
+)
 
 # %% ../nbs/01_tiny.ipynb #81b315a8
 BPE_VOCAB_SIZE = 4000
-TASK_TEXT = ("0 1 2 3 4 5 6 7 8 9 10 11 12 + - = . , : ? #### Answer: answer red green blue yellow purple orange black "
-             "white gray circle circles square squares triangle triangles star row column cell left right up down "
-             "move make turn recolor reshape then it into one There is are How many plus in the picture Step done "
-             "Remaining nothing goal reached target was at now a an of and image images question observation "
-             "You are a helpful assistant. user assistant system\n1 + 2 = 3.\n#### 3\n")
+TASK_TEXT = (
+    "0 1 2 3 4 5 6 7 8 9 10 11 12 + - = . , : ? #### Answer: answer red green blue yellow purple orange black "
+    "white gray circle circles square squares triangle triangles star row column cell left right up down "
+    "move make turn recolor reshape then it into one There is are How many plus in the picture Step done "
+    "Remaining nothing goal reached target was at now a an of and image images question observation "
+    "You are a helpful assistant. user assistant system\n1 + 2 = 3.\n#### 3\n"
+)
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 280 * 280  # 4 .. 100 merged image tokens per image
+
 
 def training_corpus() -> list[str]:
     "The tokenizer's training texts: every `pydoc_data` topic (sorted) and the task words, in a fixed order."
     from pydoc_data.topics import topics
+
     return [topics[k] for k in sorted(topics)] + [TASK_TEXT] * 50
 
 # %% ../nbs/01_tiny.ipynb #a7962cfb
@@ -65,85 +96,153 @@ def train_bpe(texts: list[str], vocab_size: int = BPE_VOCAB_SIZE) -> Tokenizer:
     "A byte-level BPE with Qwen2's normalizer, pre-tokenizer and decoder, trained on `texts`."
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False, special_tokens=[],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        show_progress=False,
+        special_tokens=[],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     if tok.get_vocab_size() != vocab_size:
         raise ValueError(f"BPE training reached {tok.get_vocab_size()} entries, not {vocab_size}: corpus too small")
     return tok
 
+
 def build_tokenizer(vocab_size: int = BPE_VOCAB_SIZE) -> Qwen2Tokenizer:
     "A `Qwen2Tokenizer` on a freshly trained BPE, with the 22 Qwen2.5-VL added tokens right after its vocabulary."
     bpe = json.loads(train_bpe(training_corpus(), vocab_size).to_str())["model"]
     # eos/pad/unk None at construction: Qwen2Tokenizer would otherwise add them first, out of the real order
-    tok = Qwen2Tokenizer(vocab=bpe["vocab"], merges=[tuple(m) for m in bpe["merges"]],
-                         unk_token=None, eos_token=None, pad_token=None, model_max_length=131072)
+    tok = Qwen2Tokenizer(
+        vocab=bpe["vocab"],
+        merges=[tuple(m) for m in bpe["merges"]],
+        unk_token=None,
+        eos_token=None,
+        pad_token=None,
+        model_max_length=131072,
+    )
     tok.add_tokens([AddedToken(t, special=i < N_SPECIAL, normalized=False) for i, t in enumerate(QWEN_ADDED_TOKENS)])
-    tok.add_special_tokens({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-                            "extra_special_tokens": QWEN_ADDED_TOKENS[1:N_SPECIAL]})
+    tok.add_special_tokens(
+        {
+            "eos_token": "<|im_end|>",
+            "pad_token": "<|endoftext|>",
+            "extra_special_tokens": QWEN_ADDED_TOKENS[1:N_SPECIAL],
+        }
+    )
     return tok
 
 # %% ../nbs/01_tiny.ipynb #e09f23c8
 def qwen_config_token_ids(n_bpe: int = BPE_VOCAB_SIZE) -> dict:
     "The special-token ids a Qwen2.5-VL config names, for a tokenizer whose added tokens start at `n_bpe`."
     at = {t: n_bpe + i for i, t in enumerate(QWEN_ADDED_TOKENS)}
-    return dict(image_token_id=at["<|image_pad|>"], video_token_id=at["<|video_pad|>"],
-                vision_start_token_id=at["<|vision_start|>"], vision_end_token_id=at["<|vision_end|>"])
+    return dict(
+        image_token_id=at["<|image_pad|>"],
+        video_token_id=at["<|video_pad|>"],
+        vision_start_token_id=at["<|vision_start|>"],
+        vision_end_token_id=at["<|vision_end|>"],
+    )
+
 
 def tiny_qwen25vl_config(vocab_size: int, **overrides) -> Qwen2_5_VLConfig:
     "A tiny `Qwen2_5_VLConfig`; `text_config`/`vision_config` dicts in `overrides` update the defaults key by key."
     ids = qwen_config_token_ids()
-    text = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6,
-                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6},
-                bos_token_id=BPE_VOCAB_SIZE, eos_token_id=BPE_VOCAB_SIZE + 2)  # <|endoftext|>, <|im_end|>
-    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=text["hidden_size"],
-                  patch_size=14, temporal_patch_size=2, spatial_merge_size=2, window_size=112,
-                  fullatt_block_indexes=[1])
+    text = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6},
+        bos_token_id=BPE_VOCAB_SIZE,
+        eos_token_id=BPE_VOCAB_SIZE + 2,
+    )  # <|endoftext|>, <|im_end|>
+    vision = dict(
+        depth=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        out_hidden_size=text["hidden_size"],
+        patch_size=14,
+        temporal_patch_size=2,
+        spatial_merge_size=2,
+        window_size=112,
+        fullatt_block_indexes=[1],
+    )
     text.update(overrides.pop("text_config", {}))
     vision.update(overrides.pop("vision_config", {}))
     vision["out_hidden_size"] = text["hidden_size"]  # the merger must land in the LM's width
-    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **{"tie_word_embeddings": False, **ids, **overrides})
+    return Qwen2_5_VLConfig(
+        text_config=text, vision_config=vision, **{"tie_word_embeddings": False, **ids, **overrides}
+    )
 
 # %% ../nbs/01_tiny.ipynb #2592f88f
 class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
     "The stock `Qwen2_5_VLProcessor` without its video processor (which needs torchvision)."
+
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
+
 def _image_processor_class():
     from transformers import Qwen2VLImageProcessor, Qwen2VLImageProcessorPil
+
     return Qwen2VLImageProcessor if is_torchvision_available() else Qwen2VLImageProcessorPil
+
 
 def build_processor(tokenizer, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS) -> Qwen2_5_VLProcessor:
     "A Qwen2.5-VL processor: `tokenizer`, a small-image `Qwen2VLImageProcessor` and the real chat template."
     image_processor = _image_processor_class()(min_pixels=min_pixels, max_pixels=max_pixels)
     if is_torchvision_available():
         from transformers import Qwen2VLVideoProcessor
-        return Qwen2_5_VLProcessor(image_processor, tokenizer, Qwen2VLVideoProcessor(min_pixels=min_pixels,
-                                   max_pixels=max_pixels), chat_template=QWEN25VL_CHAT_TEMPLATE)
+
+        return Qwen2_5_VLProcessor(
+            image_processor,
+            tokenizer,
+            Qwen2VLVideoProcessor(min_pixels=min_pixels, max_pixels=max_pixels),
+            chat_template=QWEN25VL_CHAT_TEMPLATE,
+        )
     return ImageOnlyQwen2_5_VLProcessor(image_processor, tokenizer, chat_template=QWEN25VL_CHAT_TEMPLATE)
+
 
 def load_processor(path) -> Qwen2_5_VLProcessor:
     "Load a Qwen2.5-VL processor from `path` (`AutoProcessor`, or the image-only stock class without torchvision)."
-    if is_torchvision_available(): return AutoProcessor.from_pretrained(str(path))
+    if is_torchvision_available():
+        return AutoProcessor.from_pretrained(str(path))
     return ImageOnlyQwen2_5_VLProcessor.from_pretrained(str(path))
 
 # %% ../nbs/01_tiny.ipynb #7782a7d2
 KIT_VERSION = 3  # bump on any change to how the kit is built that the recipe below does not capture
 
+
 def kit_recipe(seed: int = 0) -> dict:
     "Everything the kit's bytes depend on."
     corpus = hashlib.sha256("\x00".join(training_corpus()).encode()).hexdigest()
-    return dict(kit_version=KIT_VERSION, seed=seed, transformers=transformers.__version__,
-                tokenizers=tokenizers.__version__, torch=torch.__version__.split("+")[0], corpus_sha256=corpus,
-                bpe_vocab_size=BPE_VOCAB_SIZE, added_tokens=QWEN_ADDED_TOKENS, chat_template=QWEN25VL_CHAT_TEMPLATE,
-                min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, torchvision=is_torchvision_available(),
-                config=tiny_qwen25vl_config(BPE_VOCAB_SIZE + len(QWEN_ADDED_TOKENS)).to_diff_dict())
+    return dict(
+        kit_version=KIT_VERSION,
+        seed=seed,
+        transformers=transformers.__version__,
+        tokenizers=tokenizers.__version__,
+        torch=torch.__version__.split("+")[0],
+        corpus_sha256=corpus,
+        bpe_vocab_size=BPE_VOCAB_SIZE,
+        added_tokens=QWEN_ADDED_TOKENS,
+        chat_template=QWEN25VL_CHAT_TEMPLATE,
+        min_pixels=MIN_PIXELS,
+        max_pixels=MAX_PIXELS,
+        torchvision=is_torchvision_available(),
+        config=tiny_qwen25vl_config(BPE_VOCAB_SIZE + len(QWEN_ADDED_TOKENS)).to_diff_dict(),
+    )
+
 
 def _recipe_hash(recipe: dict) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -159,49 +258,64 @@ def _write_kit(dst: Path, seed: int):
     processor.image_processor.save_pretrained(dst)
     if not is_torchvision_available():  # record the stock class, so AutoProcessor loads it where torchvision exists
         cfg_file = dst / "processor_config.json"
-        cfg = json.loads(cfg_file.read_text()); cfg["processor_class"] = "Qwen2_5_VLProcessor"
+        cfg = json.loads(cfg_file.read_text())
+        cfg["processor_class"] = "Qwen2_5_VLProcessor"
         cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen2_5_VLForConditionalGeneration(tiny_qwen25vl_config(len(tok)))
     eos, pad = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
-    model.generation_config = GenerationConfig(bos_token_id=pad, eos_token_id=[eos, pad], pad_token_id=pad,
-                                               do_sample=False)
+    model.generation_config = GenerationConfig(
+        bos_token_id=pad, eos_token_id=[eos, pad], pad_token_id=pad, do_sample=False
+    )
     model.save_pretrained(dst)
     (dst / "kit.json").write_text(json.dumps(kit_recipe(seed), indent=1, sort_keys=True, default=str))
 
-def _is_kit(path: Path) -> bool: return (path / "kit.json").is_file()
+
+def _is_kit(path: Path) -> bool:
+    return (path / "kit.json").is_file()
+
 
 def build_tiny_kit(out_dir, seed: int = 0, force: bool = False) -> Path:
     "Build the tiny kit into `out_dir` (atomically); reuse a matching kit already there unless `force`."
     out = Path(out_dir).expanduser().resolve()
     want = _recipe_hash(kit_recipe(seed))
     if out.exists() and not force:
-        if not _is_kit(out): raise FileExistsError(f"{out} exists and is not a latentcot tiny kit (no kit.json)")
+        if not _is_kit(out):
+            raise FileExistsError(f"{out} exists and is not a latentcot tiny kit (no kit.json)")
         have = _recipe_hash(json.loads((out / "kit.json").read_text()))
-        if have != want: raise FileExistsError(f"{out} holds a tiny kit of another recipe ({have} != {want}); "
-                                               "pass force=True to rebuild it")
+        if have != want:
+            raise FileExistsError(
+                f"{out} holds a tiny kit of another recipe ({have} != {want}); " "pass force=True to rebuild it"
+            )
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    umask = os.umask(0); os.umask(umask)
+    umask = os.umask(0)
+    os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a shared cache should be readable like any new directory
     try:
         _write_kit(tmp, seed)
         if force and out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, old / "kit"); shutil.rmtree(old, ignore_errors=True)
-        try: os.replace(tmp, out)
+            os.replace(out, old / "kit")
+            shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.replace(tmp, out)
         except OSError:  # another process renamed its (identical) kit into place first
-            if not _is_kit(out): raise
+            if not _is_kit(out):
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
+
 from .config import cache_root
+
 
 def _cached_kit_dir(cache_dir=None) -> Path:
     return cache_root(cache_dir) / f"tiny-qwen25vl-{_recipe_hash(kit_recipe())}"
+
 
 def tiny_kit_path(cache_dir=None) -> Path:
     "The cached tiny kit (`$LATENTCOT_CACHE` or `~/.cache/latentcot`), built on first use."
@@ -211,8 +325,9 @@ def tiny_kit_path(cache_dir=None) -> Path:
 # %% ../nbs/01_tiny.ipynb #f35d8565
 def load_model_and_processor(path, dtype=torch.float32, attn_implementation: str = "sdpa"):
     "Load a `Qwen2_5_VLForConditionalGeneration` and its processor from `path` (tiny kit or a 7B checkpoint)."
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(path), dtype=dtype,
-                                                               attn_implementation=attn_implementation)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        str(path), dtype=dtype, attn_implementation=attn_implementation
+    )
     return model, load_processor(path)
 
 # %% ../nbs/01_tiny.ipynb #6c930081
@@ -231,18 +346,23 @@ def calibrate_merger(model, processor, images) -> dict:
         lin.bias.copy_(((lin.bias.double() - mu) / sd).to(lin.bias.dtype))
     return {"mean": mu.float(), "std": sd.float(), "n_tokens": len(f)}
 
+
 def calibration_images(data_dir=None) -> list[Path]:
     "The images the calibration reads: every PNG of `data_samples/visual/images/train`, sorted."
     if data_dir is None:
         import latentcot
+
         data_dir = Path(latentcot.__file__).resolve().parents[1] / "data_samples"
     paths = sorted((Path(data_dir) / "visual" / "images" / "train").glob("*.png"))
-    if not paths: raise FileNotFoundError(f"{data_dir}/visual/images/train: no PNG images to calibrate the vision merger on")
+    if not paths:
+        raise FileNotFoundError(f"{data_dir}/visual/images/train: no PNG images to calibrate the vision merger on")
     return paths
+
 
 def build_calibrated_kit(out_dir, kit=None, images=None) -> Path:
     "The tiny kit with its vision merger calibrated on `images` (default: the training images), saved atomically."
     from PIL import Image
+
     out, kit = Path(out_dir).expanduser().resolve(), Path(kit or tiny_kit_path())
     paths = list(images) if images is not None else calibration_images()
     model, processor = load_model_and_processor(kit)
@@ -250,48 +370,74 @@ def build_calibrated_kit(out_dir, kit=None, images=None) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        shutil.copytree(kit, tmp, dirs_exist_ok=True)           # tokenizer, processor, kit.json
+        shutil.copytree(kit, tmp, dirs_exist_ok=True)  # tokenizer, processor, kit.json
         model.save_pretrained(tmp)
-        (tmp / "calibration.json").write_text(json.dumps({"kit": str(kit), "images": len(paths), "n_tokens": stats["n_tokens"],
-            "images_sha256": _files_hash(paths)}, indent=1, sort_keys=True))
-        try: os.replace(tmp, out)
+        (tmp / "calibration.json").write_text(
+            json.dumps(
+                {
+                    "kit": str(kit),
+                    "images": len(paths),
+                    "n_tokens": stats["n_tokens"],
+                    "images_sha256": _files_hash(paths),
+                },
+                indent=1,
+                sort_keys=True,
+            )
+        )
+        try:
+            os.replace(tmp, out)
         except OSError:
-            if not (out / "calibration.json").is_file(): raise
+            if not (out / "calibration.json").is_file():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
+
 def _files_hash(paths) -> str:
     h = hashlib.sha256()
-    for p in paths: h.update(Path(p).name.encode()); h.update(Path(p).read_bytes())
+    for p in paths:
+        h.update(Path(p).name.encode())
+        h.update(Path(p).read_bytes())
     return h.hexdigest()[:16]
+
 
 def calibrated_kit_path(cache_dir=None) -> Path:
     "The cached tiny kit with a calibrated vision merger (built on first use): the main job's default base model."
     paths = calibration_images()
     path = cache_root(cache_dir) / f"{_cached_kit_dir(cache_dir).name}-calibrated-{_files_hash(paths)}"
-    return path if (path / "calibration.json").is_file() else build_calibrated_kit(path, tiny_kit_path(cache_dir), paths)
-
+    return (
+        path if (path / "calibration.json").is_file() else build_calibrated_kit(path, tiny_kit_path(cache_dir), paths)
+    )
 
 # %% ../nbs/01_tiny.ipynb #ad4b1afb
 @dataclass
 class KitArgs:
     "Flags of `latentcot kit`."
-    cache_dir: str | None = field(default=None, metadata={
-        "help": "cache root (default $LATENTCOT_CACHE or ~/.cache/latentcot)"})
+
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "cache root (default $LATENTCOT_CACHE or ~/.cache/latentcot)"}
+    )
     out: str | None = field(default=None, metadata={"help": "build into this directory instead of the cache"})
     seed: int = field(default=0, metadata={"help": "weight seed (only with --out; the cached kit uses 0)"})
     force: bool = field(default=False, metadata={"help": "rebuild even if a matching kit exists"})
 
+
 def kit_main(argv: list[str] | None = None) -> int:
     "CLI `latentcot kit [--cache-dir D] [--out DIR] [--seed N] [--force]`: build or find the tiny kit, print its path."
     from latentcot.config import cli_parser, parse_cli
-    ap = cli_parser(KitArgs, config=False, prog="latentcot kit",
-                    description="Build (or find) the offline tiny Qwen2.5-VL kit.")
+
+    ap = cli_parser(
+        KitArgs, config=False, prog="latentcot kit", description="Build (or find) the offline tiny Qwen2.5-VL kit."
+    )
     (a,) = parse_cli(ap, argv)
-    if a.out: path = build_tiny_kit(a.out, seed=a.seed, force=a.force)
-    elif a.seed: ap.error("--seed needs --out: the cached kit always uses seed 0")
-    elif a.force: path = build_tiny_kit(_cached_kit_dir(a.cache_dir), force=True)
-    else: path = tiny_kit_path(a.cache_dir)
+    if a.out:
+        path = build_tiny_kit(a.out, seed=a.seed, force=a.force)
+    elif a.seed:
+        ap.error("--seed needs --out: the cached kit always uses seed 0")
+    elif a.force:
+        path = build_tiny_kit(_cached_kit_dir(a.cache_dir), force=True)
+    else:
+        path = tiny_kit_path(a.cache_dir)
     print(path)
     return 0

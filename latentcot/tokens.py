@@ -20,17 +20,30 @@ LATENT_TOKENS = ["<abs_vis_token_pad>", "<abs_vis_token>", "</abs_vis_token>", "
 ANSWER_START_PATTERN = "<|im_start|>assistant"
 
 # %% ../nbs/02_tokens.ipynb #50f04b62
-_TOKEN_OF = dict(latent_pad="<abs_vis_token_pad>", latent_start="<abs_vis_token>", latent_end="</abs_vis_token>",
-                 obs_start="<observation>", obs_end="</observation>", image_pad="<|image_pad|>",
-                 video_pad="<|video_pad|>", vision_start="<|vision_start|>", vision_end="<|vision_end|>",
-                 im_start="<|im_start|>", im_end="<|im_end|>", endoftext="<|endoftext|>")
+_TOKEN_OF = dict(
+    latent_pad="<abs_vis_token_pad>",
+    latent_start="<abs_vis_token>",
+    latent_end="</abs_vis_token>",
+    obs_start="<observation>",
+    obs_end="</observation>",
+    image_pad="<|image_pad|>",
+    video_pad="<|video_pad|>",
+    vision_start="<|vision_start|>",
+    vision_end="<|vision_end|>",
+    im_start="<|im_start|>",
+    im_end="<|im_end|>",
+    endoftext="<|endoftext|>",
+)
+
 
 def _tokenizer_of(tok_or_processor):
     return getattr(tok_or_processor, "tokenizer", tok_or_processor)
 
+
 @dataclass(frozen=True)
 class SpecialIds:
     "Ids of the latent, vision and chat special tokens of one tokenizer."
+
     latent_pad: int
     latent_start: int
     latent_end: int
@@ -50,8 +63,11 @@ class SpecialIds:
         vocab = _tokenizer_of(tok).get_vocab()
         missing = [f"{t} ({name})" for name, t in _TOKEN_OF.items() if t not in vocab]
         if missing:
-            hint = " (call add_latent_tokens(model, processor) first)" if any("abs_vis" in m or "observation" in m
-                                                                               for m in missing) else ""
+            hint = (
+                " (call add_latent_tokens(model, processor) first)"
+                if any("abs_vis" in m or "observation" in m for m in missing)
+                else ""
+            )
             raise ValueError(f"tokenizer lacks special token(s) {', '.join(missing)}{hint}")
         return cls(**{name: vocab[t] for name, t in _TOKEN_OF.items()})
 
@@ -62,21 +78,30 @@ class SpecialIds:
 # %% ../nbs/02_tokens.ipynb #6033a76b
 def _init_rows(weight: torch.Tensor, rows: list[int], n_trained: int):
     "Set `rows` of an embedding-like weight to the mean of its first `n_trained` rows."
-    if not rows: return
+    if not rows:
+        return
     with torch.no_grad():
         mean = weight[:n_trained].float().mean(0)
         weight[torch.tensor(rows, device=weight.device)] = mean.to(weight.dtype)
 
+
 def freeze_vision(model):
     "Stop gradients into the vision tower (patch embed, blocks, merger): only the language path trains."
-    for p in model.model.visual.parameters(): p.requires_grad_(False)
+    for p in model.model.visual.parameters():
+        p.requires_grad_(False)
+
 
 def register_latent_config(model, ids: SpecialIds):
     "Write the latent ids and answer pattern onto `model.config` and `model.config.text_config`."
-    vals = dict(latent_token_id=ids.latent_pad, latent_start_id=ids.latent_start, latent_end_id=ids.latent_end,
-                answer_start_pattern=ANSWER_START_PATTERN)
+    vals = dict(
+        latent_token_id=ids.latent_pad,
+        latent_start_id=ids.latent_start,
+        latent_end_id=ids.latent_end,
+        answer_start_pattern=ANSWER_START_PATTERN,
+    )
     for cfg in (model.config, model.config.get_text_config()):
-        for k, v in vals.items(): setattr(cfg, k, v)
+        for k, v in vals.items():
+            setattr(cfg, k, v)
 
 # %% ../nbs/02_tokens.ipynb #53aa68ad
 def add_latent_tokens(model, processor, extra=()) -> SpecialIds:
@@ -84,7 +109,8 @@ def add_latent_tokens(model, processor, extra=()) -> SpecialIds:
     tok = _tokenizer_of(processor)
     n_before, vocab = len(tok), tok.get_vocab()
     new = [t for t in [*LATENT_TOKENS, *extra] if t not in vocab]
-    if new: tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in new], special_tokens=True)
+    if new:
+        tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in new], special_tokens=True)
     new_ids = tok.convert_tokens_to_ids(new)
     emb = model.get_input_embeddings()
     n_rows = emb.weight.shape[0]
@@ -107,5 +133,6 @@ def add_latent_tokens(model, processor, extra=()) -> SpecialIds:
 def load_latent_model(path, dtype=torch.float32, attn_implementation: str = "sdpa"):
     "Load a Qwen2.5-VL model and processor from `path` and apply `add_latent_tokens`: `(model, processor, ids)`."
     from latentcot.tiny import load_model_and_processor  # lazy: SpecialIds users need not import transformers
+
     model, processor = load_model_and_processor(path, dtype=dtype, attn_implementation=attn_implementation)
     return model, processor, add_latent_tokens(model, processor)

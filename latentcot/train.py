@@ -26,70 +26,102 @@ def step_result(out: LatentCoTOutput, batch: dict) -> StepResult:
     "What the trainer logs of a model output: the loss, its named terms, the statistics, the tokens of the batch."
     return StepResult(loss=out.loss, terms=out.terms, stats=out.stats, n_tokens=int(batch["attention_mask"].sum()))
 
+
 def stage1_step(model, batch, state):
     "Warm-up: next-token CE on the real thought images (labels from the stage-1 collator), through the model's forward."
     return step_result(model(batch), batch)
 
 # %% ../nbs/14_train.ipynb #f263362e
-def make_latent_step(cfg: LatentCoTConfig, ids=None, teacher_latent_dir=None, samples=None, processor=None, model=None):
+def make_latent_step(
+    cfg: LatentCoTConfig, ids=None, teacher_latent_dir=None, samples=None, processor=None, model=None
+):
     "The stage-2/3 step: teacher rows from the store, then the model's forward (mode A or C) and its loss."
     from latentcot.halting import stop_threshold_at
-    from latentcot.teacher_latents import (TeacherLatentStore, run_expectation, sample_index_map, teacher_targets,
-                                           has_observations, observation_targets)
+    from latentcot.teacher_latents import (
+        TeacherLatentStore,
+        run_expectation,
+        sample_index_map,
+        teacher_targets,
+        has_observations,
+        observation_targets,
+    )
+
     align = "alignment" in cfg.loss_terms
     if align and not teacher_latent_dir:
-        raise ValueError("loss_type includes alignment: pass --teacher_latent_dir (from python -m latentcot.precompute_teacher_latents)")
+        raise ValueError(
+            "loss_type includes alignment: pass --teacher_latent_dir (from python -m latentcot.precompute_teacher_latents)"
+        )
     layers = cfg.alignment_layer.strip()
     key = "latents" if layers == "last" else "hidden_states"
     expect = run_expectation(cfg, processor)
     vlm = getattr(model, "vlm", model)
-    if vlm is not None:   # the student's width (and, aligning hidden states, its depth) must be the teacher's
+    if vlm is not None:  # the student's width (and, aligning hidden states, its depth) must be the teacher's
         w = run_expectation(model=vlm)
-        expect.update(hidden_size=w["hidden_size"], **({"n_hidden_states": w["n_hidden_states"]} if key == "hidden_states" else {}))
+        expect.update(
+            hidden_size=w["hidden_size"],
+            **({"n_hidden_states": w["n_hidden_states"]} if key == "hidden_states" else {}),
+        )
     store = TeacherLatentStore(teacher_latent_dir, expect=expect) if teacher_latent_dir else None
     index_of = sample_index_map(samples) if store is not None else None
-    if store is not None: store.verify(index_of.values(), sample_ids=index_of)   # up front: every file this run draws
+    if store is not None:
+        store.verify(index_of.values(), sample_ids=index_of)  # up front: every file this run draws
     if store is not None and key == "hidden_states" and store.layers != "all":
         raise ValueError(f"alignment_layer={layers!r} needs teacher hidden states: precompute with --layers all")
 
     warned = []
+
     def teacher_of(batch) -> tuple[TeacherTargets | None, bool]:
-        if store is None: return None, False
+        if store is None:
+            return None, False
         entries = store.for_batch(batch, index_of, ids)
         obs_pos = batch.get("observation_positions") or []
         # seed 000 stage 2: align at the observation tokens when the teacher stored its states there (chat data)
         at_obs = align and batch.get("stage") == "stage2" and has_observations(entries, obs_pos)
         if align and batch.get("stage") == "stage2" and any(obs_pos) and not at_obs and not warned:
             warned.append(1)  # said once per run; the metric align_at_observations records it at every step
-            warnings.warn(f"{store.root}: the data has observation tokens but the teacher files store no observation "
-                          "states (precomputed by an older latentcot?): stage 2 aligns at the latent pads instead; "
-                          "recompute the teacher latents to align at the observations")
+            warnings.warn(
+                f"{store.root}: the data has observation tokens but the teacher files store no observation "
+                "states (precomputed by an older latentcot?): stage 2 aligns at the latent pads instead; "
+                "recompute the teacher latents to align at the observations"
+            )
         lens = [[e - s for s, e, _ in segs] for segs in batch["latent_segments"]]
         obs = observation_targets(entries, obs_pos, store.root) if at_obs else None
         return TeacherTargets(teacher_targets(entries, lens, key=key), obs), at_obs
 
     def latent_step(model, batch, state):
         teacher, at_obs = teacher_of(batch)
-        res = step_result(model(batch, teacher=teacher, stop_threshold=stop_threshold_at(state.global_step, cfg)), batch)
-        if align and store is not None: res.stats["align_at_observations"] = int(at_obs)
+        res = step_result(
+            model(batch, teacher=teacher, stop_threshold=stop_threshold_at(state.global_step, cfg)), batch
+        )
+        if align and store is not None:
+            res.stats["align_at_observations"] = int(at_obs)
         return res
+
     return latent_step
 
-def make_step_fn(stage: str, cfg: LatentCoTConfig, ids=None, teacher_latent_dir=None, samples=None, processor=None,
-                 model=None):
+
+def make_step_fn(
+    stage: str, cfg: LatentCoTConfig, ids=None, teacher_latent_dir=None, samples=None, processor=None, model=None
+):
     "The step function of `stage` (`stage1`, `stage2`, `stage3`, `multiturn`, `mmdit`)."
-    if stage == "stage1": return stage1_step
-    if stage in ("stage2", "stage3"): return make_latent_step(cfg, ids, teacher_latent_dir, samples, processor, model)
+    if stage == "stage1":
+        return stage1_step
+    if stage in ("stage2", "stage3"):
+        return make_latent_step(cfg, ids, teacher_latent_dir, samples, processor, model)
     if stage == "mmdit":
         from latentcot.mmdit import mmdit_step
+
         return mmdit_step
     if stage == "multiturn":
         from latentcot.multiturn import make_multiturn_step
+
         return make_multiturn_step(cfg, teacher_latent_dir, samples, processor, model, ids)
     if stage == "unified":
         from latentcot.unified import unified_step
+
         return unified_step
     raise ValueError(f"stage {stage!r} has no step function yet; available: {sorted(STAGES)}")
+
 
 STAGES = ("stage1", "stage2", "stage3", "multiturn", "mmdit", "unified")
 
@@ -99,99 +131,181 @@ def apply_lora(model: LatentCoTModel, r: int = 16, alpha: int = 32, dropout: flo
     return model.add_lora(r=r, alpha=alpha, dropout=dropout)
 
 # %% ../nbs/14_train.ipynb #7efa9ac7
-def save_final(model: LatentCoTModel, processor, cfg: LatentCoTConfig, out_dir, state_dict: dict | None = None) -> Path:
+def save_final(
+    model: LatentCoTModel, processor, cfg: LatentCoTConfig, out_dir, state_dict: dict | None = None
+) -> Path:
     "Save model (safetensors) + stop head + processor + latentcot config into `out_dir` atomically; `state_dict`: gathered full weights (FSDP / DeepSpeed)."
     model.cfg = cfg
     return model.save_pretrained(out_dir, processor, state_dict=state_dict)
 
 # %% ../nbs/14_train.ipynb #e98b68a9
-STAGE_ALIASES = {"sft_stage1": "stage1", "sft_stage2": "stage2", "sft_stage3": "stage3"}   # seed 000 / Monet names
+STAGE_ALIASES = {"sft_stage1": "stage1", "sft_stage2": "stage2", "sft_stage3": "stage3"}  # seed 000 / Monet names
+
 
 @dataclass
 class TrainArgs:
     "The flags of `latentcot.train` besides the config: what to train, from which model and data, into where."
-    stage: Literal["stage1", "stage2", "stage3", "multiturn", "mmdit", "unified",
-                   "sft_stage1", "sft_stage2", "sft_stage3"] = field(
-        metadata={"help": "the stage to train (sft_stage1/2/3: seed 000's names for stage1/2/3)"})
-    output_dir: str = field(metadata={"aliases": ["--save_model_path"], "help": "checkpoints, metrics.jsonl, TensorBoard logs and final/"})
-    model_name_or_path: str | None = field(default=None, metadata={"aliases": ["--load_model_path"],
-                                                                  "help": "checkpoint dir or hub id (default: the tiny offline kit)"})
-    data: str | None = field(default=None, metadata={"aliases": ["--train_jsonl", "--data_path"], "help":
-        "seed 001 JSONL or seed 000 chat JSON, or a folder holding train.jsonl / train.json (default: "
-        "data_samples/visual/train.jsonl); multiturn: editing triplets (default: data_samples/edit/train.jsonl)"})
-    teacher_latent_dir: str | None = field(default=None, metadata={"help": "teacher latents (latentcot.precompute_teacher_latents)"})
-    max_steps: int | None = field(default=None, metadata={"type": positive_int, "help": "stop after this many optimizer steps (default: epochs)"})
+
+    stage: Literal[
+        "stage1", "stage2", "stage3", "multiturn", "mmdit", "unified", "sft_stage1", "sft_stage2", "sft_stage3"
+    ] = field(metadata={"help": "the stage to train (sft_stage1/2/3: seed 000's names for stage1/2/3)"})
+    output_dir: str = field(
+        metadata={"aliases": ["--save_model_path"], "help": "checkpoints, metrics.jsonl, TensorBoard logs and final/"}
+    )
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "aliases": ["--load_model_path"],
+            "help": "checkpoint dir or hub id (default: the tiny offline kit)",
+        },
+    )
+    data: str | None = field(
+        default=None,
+        metadata={
+            "aliases": ["--train_jsonl", "--data_path"],
+            "help": "seed 001 JSONL or seed 000 chat JSON, or a folder holding train.jsonl / train.json (default: "
+            "data_samples/visual/train.jsonl); multiturn: editing triplets (default: data_samples/edit/train.jsonl)",
+        },
+    )
+    teacher_latent_dir: str | None = field(
+        default=None, metadata={"help": "teacher latents (latentcot.precompute_teacher_latents)"}
+    )
+    max_steps: int | None = field(
+        default=None, metadata={"type": positive_int, "help": "stop after this many optimizer steps (default: epochs)"}
+    )
     save_every: int = field(default=0, metadata={"help": "checkpoint every N optimizer steps (0: only at the end)"})
     no_resume: bool = field(default=False, metadata={"help": "ignore checkpoints in output_dir"})
-    allow_rng_loss: bool = field(default=False, metadata={"help": "resume even when the checkpoint's RNG-state file does not "
-                                                          "load (logged; the run then differs from an uninterrupted one)"})
-    report_to: Literal["tensorboard", "wandb", "none"] = field(default="tensorboard", metadata={"help": "metrics tracker"})
-    lenient: bool = field(default=False, metadata={"help": "skip bad samples (counted and reported) instead of stopping"})
-    limit: int | None = field(default=None, metadata={"type": positive_int, "help": "use only the first N samples (N >= 1)"})
+    allow_rng_loss: bool = field(
+        default=False,
+        metadata={
+            "help": "resume even when the checkpoint's RNG-state file does not "
+            "load (logged; the run then differs from an uninterrupted one)"
+        },
+    )
+    report_to: Literal["tensorboard", "wandb", "none"] = field(
+        default="tensorboard", metadata={"help": "metrics tracker"}
+    )
+    lenient: bool = field(
+        default=False, metadata={"help": "skip bad samples (counted and reported) instead of stopping"}
+    )
+    limit: int | None = field(
+        default=None, metadata={"type": positive_int, "help": "use only the first N samples (N >= 1)"}
+    )
     lora: bool = field(default=False, metadata={"help": "train peft LoRA adapters (and the stop head) only"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     attn_implementation: Literal["sdpa", "eager"] = field(default="sdpa", metadata={"help": "text attention"})
     quiet: bool = field(default=False, metadata={"help": "no progress bars"})
-    mmdit_name_or_path: str | None = field(default=None, metadata={"help": "Qwen-Image-layout folder (transformer/, "
-        "vae/, "
-        "scheduler/; default: the tiny kit): trained by --stage mmdit (--lora: adapters on its attention)"})
-    wandb_name: str | None = field(default=None, metadata={"help": "the run's name in the tracker (seed 000); with "
-                                                           "report_to tensorboard (the default, offline) the TensorBoard run"})
-    shuffle_train: bool = field(default=True, metadata={"help": "shuffle the samples every epoch (seed 000's flag; on by "
-                                                        "default, --no_shuffle_train keeps the file order)"})
-    deepspeed: str | None = field(default=None, metadata={"help": "a DeepSpeed JSON config (seed 000): used through "
-                                                          "accelerate's DeepSpeed plugin when deepspeed is installed"})
+    mmdit_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Qwen-Image-layout folder (transformer/, "
+            "vae/, "
+            "scheduler/; default: the tiny kit): trained by --stage mmdit (--lora: adapters on its attention)"
+        },
+    )
+    wandb_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "the run's name in the tracker (seed 000); with "
+            "report_to tensorboard (the default, offline) the TensorBoard run"
+        },
+    )
+    shuffle_train: bool = field(
+        default=True,
+        metadata={
+            "help": "shuffle the samples every epoch (seed 000's flag; on by "
+            "default, --no_shuffle_train keeps the file order)"
+        },
+    )
+    deepspeed: str | None = field(
+        default=None,
+        metadata={
+            "help": "a DeepSpeed JSON config (seed 000): used through "
+            "accelerate's DeepSpeed plugin when deepspeed is installed"
+        },
+    )
 
-    def __post_init__(self): self.stage = STAGE_ALIASES.get(self.stage, self.stage)
+    def __post_init__(self):
+        self.stage = STAGE_ALIASES.get(self.stage, self.stage)
+
 
 def data_file(path, multiturn: bool = False) -> Path:
     "A data file as given, or the training file inside a folder (`train.jsonl`, else `train.json`): seed 000 passes folders."
     p = Path(path)
-    if not p.is_dir(): return p
+    if not p.is_dir():
+        return p
     for name in ("train.jsonl", "train.json"):
-        if (p / name).is_file(): return p / name
-    raise FileNotFoundError(f"{p}: a data folder needs train.jsonl (seed 001, or editing triplets) or train.json (seed 000 chat)")
+        if (p / name).is_file():
+            return p / name
+    raise FileNotFoundError(
+        f"{p}: a data folder needs train.jsonl (seed 001, or editing triplets) or train.json (seed 000 chat)"
+    )
+
 
 def deepspeed_env(config_file, argv) -> None:
     "Route `--deepspeed FILE` through accelerate's DeepSpeed plugin, or stop with the accelerate command to use instead."
     import importlib.util
-    if not Path(config_file).is_file(): raise SystemExit(f"--deepspeed {config_file}: no such file")
+
+    if not Path(config_file).is_file():
+        raise SystemExit(f"--deepspeed {config_file}: no such file")
     if importlib.util.find_spec("deepspeed") is None:
         rest, skip = [], False
         for a in argv:
-            if skip: skip = False; continue
-            if a == "--deepspeed": skip = True; continue
-            if not a.startswith("--deepspeed="): rest.append(a)
-        raise SystemExit(f"--deepspeed {config_file}: DeepSpeed is not installed here. Use accelerate's DeepSpeed config "
-                         "instead (or install deepspeed):\n  accelerate launch --config_file "
-                         f"configs/accelerate/deepspeed_zero2_8gpu.yaml -m latentcot.train {' '.join(rest)}")
-    os.environ.setdefault("ACCELERATE_USE_DEEPSPEED", "true")          # read by the Accelerator the trainer makes
+            if skip:
+                skip = False
+                continue
+            if a == "--deepspeed":
+                skip = True
+                continue
+            if not a.startswith("--deepspeed="):
+                rest.append(a)
+        raise SystemExit(
+            f"--deepspeed {config_file}: DeepSpeed is not installed here. Use accelerate's DeepSpeed config "
+            "instead (or install deepspeed):\n  accelerate launch --config_file "
+            f"configs/accelerate/deepspeed_zero2_8gpu.yaml -m latentcot.train {' '.join(rest)}"
+        )
+    os.environ.setdefault("ACCELERATE_USE_DEEPSPEED", "true")  # read by the Accelerator the trainer makes
     os.environ.setdefault("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(config_file))
+
 
 def build_parser():
     "Flags of `latentcot.train` (the seeds' names): `TrainArgs`, `--settings` and every config field."
     return cli_parser(TrainArgs, prog="latentcot.train", description="Train one latentcot stage.")
 
+
 def _teacher_data(args, data: Path) -> Path:
     "The data file of a latent stage: the teacher directory's own when none is given; another file given is refused."
     from latentcot.precompute_teacher_latents import teacher_source
+
     src = teacher_source(args.teacher_latent_dir)
-    if src is None: return data
+    if src is None:
+        return data
     theirs = Path(src["data"])
     if not args.data:
-        print(f"note: --train_jsonl not given: using {theirs}, the file the teacher latents in {args.teacher_latent_dir} were computed from")
+        print(
+            f"note: --train_jsonl not given: using {theirs}, the file the teacher latents in {args.teacher_latent_dir} were computed from"
+        )
         return theirs
     if data.resolve() != theirs.resolve():
-        raise ValueError(f"--train_jsonl {data} is not the file the teacher latents in {args.teacher_latent_dir} were "
-                         f"computed from ({theirs}): pass that file, or precompute teacher latents for this one")
+        raise ValueError(
+            f"--train_jsonl {data} is not the file the teacher latents in {args.teacher_latent_dir} were "
+            f"computed from ({theirs}): pass that file, or precompute teacher latents for this one"
+        )
     return data
+
 
 def run_info(args: argparse.Namespace) -> dict:
     "What a resume must keep besides the config (recorded with every checkpoint): stage, model, data, limit, teacher, LoRA."
-    info = {k: getattr(args, k, None) for k in ("stage", "model_name_or_path", "data", "limit", "teacher_latent_dir", "lora", "lora_r", "lenient")}
-    if getattr(args, "shuffle_train", True) is False: info["shuffle_train"] = False     # the data order a resume must keep
-    if getattr(args, "mmdit_name_or_path", None): info["mmdit_name_or_path"] = args.mmdit_name_or_path   # the generator
+    info = {
+        k: getattr(args, k, None)
+        for k in ("stage", "model_name_or_path", "data", "limit", "teacher_latent_dir", "lora", "lora_r", "lenient")
+    }
+    if getattr(args, "shuffle_train", True) is False:
+        info["shuffle_train"] = False  # the data order a resume must keep
+    if getattr(args, "mmdit_name_or_path", None):
+        info["mmdit_name_or_path"] = args.mmdit_name_or_path  # the generator
     return info
+
 
 def run(args: argparse.Namespace, cfg: LatentCoTConfig | None = None):
     """Train the stage `args` describe; returns the final checkpoint folder. A resume with other settings, a damaged
@@ -200,86 +314,142 @@ def run(args: argparse.Namespace, cfg: LatentCoTConfig | None = None):
     from latentcot.data import load_samples, SampleDataset
     from latentcot.collators import LatentCollator
     from latentcot.demo import default_data_dir
-    if getattr(args, "limit", None) is not None and args.limit < 1: raise ValueError(f"--limit must be >= 1, got {args.limit}")
+
+    if getattr(args, "limit", None) is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
     args.stage = STAGE_ALIASES.get(args.stage, args.stage)
-    if getattr(args, "data", None): args.data = str(data_file(args.data))
+    if getattr(args, "data", None):
+        args.data = str(data_file(args.data))
     cfg = cfg or config_from_args(args)
-    if args.stage == "mmdit":                 # the generator: its own data and model (latentcot.mmdit)
+    if args.stage == "mmdit":  # the generator: its own data and model (latentcot.mmdit)
         from latentcot.mmdit import run_mmdit_stage
+
         return run_mmdit_stage(args, cfg)
-    if args.stage == "unified":              # seed 004: its own model and collator (latentcot.unified)
+    if args.stage == "unified":  # seed 004: its own model and collator (latentcot.unified)
         from latentcot.unified import run_unified_training
+
         return run_unified_training(args, cfg)
     from accelerate import PartialState
     from accelerate.utils import DistributedType
-    sharded = any(os.environ.get(f"ACCELERATE_USE_{k}", "false").lower() in ("1", "true") for k in ("FSDP", "DEEPSPEED"))
-    if args.lora and sharded:    # read from the launcher's environment: a PartialState now would settle the process group
+
+    sharded = any(
+        os.environ.get(f"ACCELERATE_USE_{k}", "false").lower() in ("1", "true") for k in ("FSDP", "DEEPSPEED")
+    )
+    if (
+        args.lora and sharded
+    ):  # read from the launcher's environment: a PartialState now would settle the process group
         # refused before training, not at the end: merging the adapter needs the whole model on one process
-        raise ValueError("--lora with FSDP or DeepSpeed is not supported (save_final merges the adapter on one process); use DDP or one GPU")
+        raise ValueError(
+            "--lora with FSDP or DeepSpeed is not supported (save_final merges the adapter on one process); use DDP or one GPU"
+        )
     path = args.model_name_or_path or tiny_kit_path()
-    if args.quiet:                            # no weight-loading or shard-writing bars either
+    if args.quiet:  # no weight-loading or shard-writing bars either
         from transformers.utils import logging as hf_logging
+
         hf_logging.disable_progress_bar()
-    model, processor, ids = LatentCoTModel.from_pretrained(path, cfg, stop_head="auto", halting=False if args.stage == "stage1" else None,
-                                                           attn_implementation=args.attn_implementation)
-    if cfg.gradient_checkpointing: model.vlm.gradient_checkpointing_enable()
+    model, processor, ids = LatentCoTModel.from_pretrained(
+        path,
+        cfg,
+        stop_head="auto",
+        halting=False if args.stage == "stage1" else None,
+        attn_implementation=args.attn_implementation,
+    )
+    if cfg.gradient_checkpointing:
+        model.vlm.gradient_checkpointing_enable()
     if args.stage == "multiturn":
         from latentcot.multiturn import load_multiturn_samples, MultiTurnCollator
+
         samples = load_multiturn_samples(Path(args.data) if args.data else default_data_dir() / "edit" / "train.jsonl")
         samples = samples[: args.limit] if args.limit is not None else samples
-        if any(s.metadata.get("reflection_wrapped") for s in samples):   # seed 000 §4's wrapper: two special tokens
+        if any(s.metadata.get("reflection_wrapped") for s in samples):  # seed 000 §4's wrapper: two special tokens
             from latentcot.multiturn import REFLECTION_TOKENS
             from latentcot.tokens import add_latent_tokens
+
             add_latent_tokens(model.vlm, processor, extra=REFLECTION_TOKENS)
         collate = MultiTurnCollator(processor, cfg, rope_index=model.vlm)
     else:
         data = Path(args.data) if args.data else default_data_dir() / "visual" / "train.jsonl"
         if args.stage in ("stage2", "stage3") and args.teacher_latent_dir:
             data = _teacher_data(args, data)
-        samples, report = load_samples(data, strict=not args.lenient)   # a skip report is logged there, once
+        samples, report = load_samples(data, strict=not args.lenient)  # a skip report is logged there, once
         if not samples:
-            raise ValueError(f"{data}: none of its {report.n_records} record(s) is usable ({len(report.errors)} skipped "
-                             f"under --lenient, first: {report.errors[0] if report.errors else '-'}); nothing to train on")
+            raise ValueError(
+                f"{data}: none of its {report.n_records} record(s) is usable ({len(report.errors)} skipped "
+                f"under --lenient, first: {report.errors[0] if report.errors else '-'}); nothing to train on"
+            )
         samples = samples[: args.limit] if args.limit is not None else samples
         collate = LatentCollator(processor, stage=args.stage, cfg=cfg, rope_index=model.vlm, strict=not args.lenient)
     # rank from the launcher's environment: a PartialState made before the Accelerator would settle the process group
     if args.stage in ("stage2", "stage3") and cfg.latent_size_mode == "budget" and os.environ.get("RANK", "0") == "0":
         lens = {n for s in samples[:256] for n in collate.prepare(s).lengths}
-        if len(lens) == 1:                    # e.g. seed 002's alpha 0.02: every budget is 1 up to 2,500 image tokens
-            print(f"note: every thought image of the first {min(256, len(samples))} samples gets the same latent budget "
-                  f"{lens.pop()} (latent_budget_alpha={cfg.latent_budget_alpha}, gamma={cfg.latent_budget_gamma}): "
-                  "per-image budgets do not differ in this run")
-    step = make_step_fn(args.stage, cfg, ids=ids, teacher_latent_dir=args.teacher_latent_dir, samples=samples,
-                        processor=processor, model=model)
-    if cfg.generation_loss_weight > 0:       # seed 000: the flow loss of Z through a frozen MMDiT
+        if len(lens) == 1:  # e.g. seed 002's alpha 0.02: every budget is 1 up to 2,500 image tokens
+            print(
+                f"note: every thought image of the first {min(256, len(samples))} samples gets the same latent budget "
+                f"{lens.pop()} (latent_budget_alpha={cfg.latent_budget_alpha}, gamma={cfg.latent_budget_gamma}): "
+                "per-image budgets do not differ in this run"
+            )
+    step = make_step_fn(
+        args.stage,
+        cfg,
+        ids=ids,
+        teacher_latent_dir=args.teacher_latent_dir,
+        samples=samples,
+        processor=processor,
+        model=model,
+    )
+    if cfg.generation_loss_weight > 0:  # seed 000: the flow loss of Z through a frozen MMDiT
         from latentcot.mmdit import attach_generation_loss
+
         attach_generation_loss(model, args.stage, samples, getattr(args, "mmdit_name_or_path", None))
-    if args.lora: model = apply_lora(model, r=args.lora_r)
+    if args.lora:
+        model = apply_lora(model, r=args.lora_r)
     trackers = () if args.report_to == "none" else (args.report_to,)
     run_name = getattr(args, "wandb_name", None) or args.stage
     if getattr(args, "wandb_name", None) and args.report_to != "wandb" and os.environ.get("RANK", "0") == "0":
-        print(f"note: --wandb_name {run_name}: report_to is {args.report_to!r}, so this names the "
-              f"{'TensorBoard run' if args.report_to == 'tensorboard' else 'run'} ({Path(args.output_dir) / 'tb' / run_name}); "
-              "pass --report_to wandb for Weights & Biases")
-    model, state = train_loop(model, SampleDataset(samples), collate, step, cfg, args.output_dir, max_steps=args.max_steps,
-                              save_every=args.save_every, resume=not args.no_resume, trackers=trackers,
-                              run_name=run_name, shuffle=getattr(args, "shuffle_train", True), progress=not args.quiet, allow_rng_loss=getattr(args, "allow_rng_loss", False),
-                              run_info=run_info(args))
+        print(
+            f"note: --wandb_name {run_name}: report_to is {args.report_to!r}, so this names the "
+            f"{'TensorBoard run' if args.report_to == 'tensorboard' else 'run'} ({Path(args.output_dir) / 'tb' / run_name}); "
+            "pass --report_to wandb for Weights & Biases"
+        )
+    model, state = train_loop(
+        model,
+        SampleDataset(samples),
+        collate,
+        step,
+        cfg,
+        args.output_dir,
+        max_steps=args.max_steps,
+        save_every=args.save_every,
+        resume=not args.no_resume,
+        trackers=trackers,
+        run_name=run_name,
+        shuffle=getattr(args, "shuffle_train", True),
+        progress=not args.quiet,
+        allow_rng_loss=getattr(args, "allow_rng_loss", False),
+        run_info=run_info(args),
+    )
     final = Path(args.output_dir) / "final"
-    if PartialState().is_main_process: save_final(model, processor, cfg, final, state_dict=state.final_state_dict)
+    if PartialState().is_main_process:
+        save_final(model, processor, cfg, final, state_dict=state.final_state_dict)
     PartialState().wait_for_everyone()
     return final
+
 
 def main(argv: list[str] | None = None) -> int:
     "CLI entry point (`python -m latentcot.train`, `accelerate launch -m latentcot.train`, `latentcot train`)."
     import sys
+
     args, cfg = parse_cli(build_parser(), argv, (TrainArgs,))
-    if args.deepspeed: deepspeed_env(args.deepspeed, sys.argv[1:] if argv is None else argv)
+    if args.deepspeed:
+        deepspeed_env(args.deepspeed, sys.argv[1:] if argv is None else argv)
     print(run(args, cfg))
     from accelerate import PartialState
-    PartialState().destroy_process_group()          # after the final save and barrier; a no-op with one process
+
+    PartialState().destroy_process_group()  # after the final save and barrier; a no-op with one process
     return 0
 
 # %% ../nbs/14_train.ipynb #817a455f
 if __name__ == "__main__" and not hasattr(__builtins__, "__IPYTHON__"):
-    import sys; sys.exit(main())
+    import sys
+
+    sys.exit(main())

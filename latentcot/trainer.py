@@ -27,54 +27,75 @@ __all__ = ['STATE_NAME', 'HASH_MAX_BYTES', 'RESUMABLE_SETTINGS', 'StepResult', '
 @dataclass
 class StepResult:
     "What a step function returns: the loss to backprop, its terms, and statistics to log."
+
     loss: torch.Tensor
-    terms: dict = field(default_factory=dict)   # name -> float or 0-d tensor, each loss term separately
-    stats: dict = field(default_factory=dict)   # name -> float or list of floats (e.g. cosine per latent index)
-    n_tokens: int = 0                           # tokens processed, for tokens/s
+    terms: dict = field(default_factory=dict)  # name -> float or 0-d tensor, each loss term separately
+    stats: dict = field(default_factory=dict)  # name -> float or list of floats (e.g. cosine per latent index)
+    n_tokens: int = 0  # tokens processed, for tokens/s
+
 
 @dataclass
 class TrainState:
     "Where training is; saved with every checkpoint."
-    global_step: int = 0      # optimizer steps done
-    epoch: int = 0
-    batch_in_epoch: int = 0   # micro-batches of this epoch already consumed (this process)
-    cfg: LatentCoTConfig | None = None
-    final_state_dict: dict | None = field(default=None, repr=False)  # FSDP / DeepSpeed: full weights gathered at the end
 
-    def to_json(self): return {"global_step": self.global_step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+    global_step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of this epoch already consumed (this process)
+    cfg: LatentCoTConfig | None = None
+    final_state_dict: dict | None = field(
+        default=None, repr=False
+    )  # FSDP / DeepSpeed: full weights gathered at the end
+
+    def to_json(self):
+        return {"global_step": self.global_step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
 
 # %% ../nbs/11_trainer.ipynb #18817036
 class MetricsError(ValueError):
     "A `metrics.jsonl` that cannot be read: names the file and line."
+
 
 def _read_jsonl(path: Path) -> list[dict]:
     "Records of a JSONL file; a torn last line (a kill or a full disk mid-append) is dropped with a warning naming the file."
     lines = path.read_bytes().decode("utf-8", errors="replace").split("\n")
     out, last = [], max((i for i, l in enumerate(lines) if l.strip()), default=-1)
     for i, l in enumerate(lines):
-        if not l.strip(): continue
-        try: rec = json.loads(l)
+        if not l.strip():
+            continue
+        try:
+            rec = json.loads(l)
         except json.JSONDecodeError as e:
             if i == last:
-                warnings.warn(f"{path}:{i + 1}: dropping a torn last line (not valid JSON: {e}; {l[:80]!r})"); continue
-            raise MetricsError(f"{path}:{i + 1}: not valid JSON ({e}): {l[:120]!r}; only a torn last line is repaired") from None
-        if not isinstance(rec, dict): raise MetricsError(f"{path}:{i + 1}: expected a JSON object, found {type(rec).__name__}")
+                warnings.warn(f"{path}:{i + 1}: dropping a torn last line (not valid JSON: {e}; {l[:80]!r})")
+                continue
+            raise MetricsError(
+                f"{path}:{i + 1}: not valid JSON ({e}): {l[:120]!r}; only a torn last line is repaired"
+            ) from None
+        if not isinstance(rec, dict):
+            raise MetricsError(f"{path}:{i + 1}: expected a JSON object, found {type(rec).__name__}")
         out.append(rec)
     return out
 
+
 class MetricsLog:
     "Append-only JSONL of per-step metrics that stays consistent across resumes."
+
     def __init__(self, path, resume_step: int = 0, enabled: bool = True):
         self.path, self.enabled = Path(path), enabled
-        if not enabled: return
+        if not enabled:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():   # a fresh run (resume_step 0) keeps nothing, and need not parse the old file
+        if self.path.exists():  # a fresh run (resume_step 0) keeps nothing, and need not parse the old file
             keep = [r for r in _read_jsonl(self.path) if r.get("step", 0) <= resume_step] if resume_step > 0 else []
             atomic_write(self.path, lambda f: Path(f).write_text("".join(json.dumps(r) + "\n" for r in keep)))
 
     def write(self, rec: dict):
-        if not self.enabled: return
-        with open(self.path, "a") as f: f.write(json.dumps(rec) + "\n"); f.flush(); os.fsync(f.fileno())
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
 
 def read_metrics(path) -> list[dict]:
     "All records of a `metrics.jsonl` (a torn last line is dropped with a warning)."
@@ -82,27 +103,37 @@ def read_metrics(path) -> list[dict]:
     return _read_jsonl(p) if p.exists() else []
 
 # %% ../nbs/11_trainer.ipynb #5194eed4
-STATE_NAME = "trainer_state.json"       # written last into a checkpoint: its file table makes the checkpoint complete
-HASH_MAX_BYTES = 64 << 20               # files up to this size (RNG states, scheduler, small weights) carry a sha256
-RESUMABLE_SETTINGS = ("config.epochs",)  # may change on resume (like --max_steps and --save_every, which are not recorded)
+STATE_NAME = "trainer_state.json"  # written last into a checkpoint: its file table makes the checkpoint complete
+HASH_MAX_BYTES = 64 << 20  # files up to this size (RNG states, scheduler, small weights) carry a sha256
+RESUMABLE_SETTINGS = (
+    "config.epochs",
+)  # may change on resume (like --max_steps and --save_every, which are not recorded)
+
 
 class CheckpointError(RuntimeError):
     "A checkpoint that cannot be written or trusted: names the directory, the file and what is wrong."
 
+
 class SettingsChanged(ValueError):
     "Resuming a run with other settings than it was started with (lists old vs new)."
 
-def _ckpt_dir(output_dir, step): return Path(output_dir) / "checkpoints" / f"step_{step:07d}"
+
+def _ckpt_dir(output_dir, step):
+    return Path(output_dir) / "checkpoints" / f"step_{step:07d}"
+
 
 def _step_of(p: Path) -> int | None:
     m = re.fullmatch(r"step_(\d+)", p.name)
     return int(m.group(1)) if m else None
 
+
 def _sha256_file(p: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(p, "rb") as f:
-        while b := f.read(chunk): h.update(b)
+        while b := f.read(chunk):
+            h.update(b)
     return h.hexdigest()
+
 
 def _file_table(d: Path) -> dict:
     "`{relative path: {size, sha256}}` of every file under `d` (sha256 only up to `HASH_MAX_BYTES`)."
@@ -113,32 +144,47 @@ def _file_table(d: Path) -> dict:
             out[p.relative_to(d).as_posix()] = {"size": n, "sha256": _sha256_file(p) if n <= HASH_MAX_BYTES else None}
     return out
 
+
 def _read_state(p: Path) -> dict | None:
     "The parsed `trainer_state.json` of checkpoint dir `p`, or None when it is missing or torn (never finished)."
-    try: st = json.loads((p / STATE_NAME).read_text())
-    except (OSError, ValueError): return None
+    try:
+        st = json.loads((p / STATE_NAME).read_text())
+    except (OSError, ValueError):
+        return None
     return st if isinstance(st, dict) and "global_step" in st else None
 
-def _is_rng(name: str) -> bool: return re.fullmatch(r"random_states_\d+\.pkl", name) is not None
+
+def _is_rng(name: str) -> bool:
+    return re.fullmatch(r"random_states_\d+\.pkl", name) is not None
+
 
 def checkpoint_problems(p, content: bool = False, allow_rng_loss: bool = False) -> list[str]:
     """What is wrong with checkpoint dir `p` (empty: complete). Without `content` only existence and sizes are checked
     (cheap); with it the recorded sha256 too. A checkpoint written before file tables existed must hold its scheduler
     and RNG state (an old rotation deleted `trainer_state.json` last, leaving half-deleted ones behind)."""
-    p = Path(p); st = _read_state(p)
-    if st is None: return [f"{p / STATE_NAME}: missing or not valid JSON (the checkpoint was never finished)"]
+    p = Path(p)
+    st = _read_state(p)
+    if st is None:
+        return [f"{p / STATE_NAME}: missing or not valid JSON (the checkpoint was never finished)"]
     files = st.get("files")
-    if files is None:   # older format
+    if files is None:  # older format
         need = ["scheduler_manual.pt"] + ([] if allow_rng_loss else ["random_states_0.pkl"])
         return [f"{p / n}: missing" for n in need if not (p / n).is_file()]
     out = []
     for rel, meta in files.items():
         f = p / rel
-        if allow_rng_loss and _is_rng(f.name): continue
-        if not f.is_file(): out.append(f"{f}: missing"); continue
-        if f.stat().st_size != meta["size"]: out.append(f"{f}: {f.stat().st_size} bytes, {meta['size']} when written"); continue
-        if content and meta.get("sha256") and _sha256_file(f) != meta["sha256"]: out.append(f"{f}: content differs from when it was written (sha256)")
+        if allow_rng_loss and _is_rng(f.name):
+            continue
+        if not f.is_file():
+            out.append(f"{f}: missing")
+            continue
+        if f.stat().st_size != meta["size"]:
+            out.append(f"{f}: {f.stat().st_size} bytes, {meta['size']} when written")
+            continue
+        if content and meta.get("sha256") and _sha256_file(f) != meta["sha256"]:
+            out.append(f"{f}: content differs from when it was written (sha256)")
     return out
+
 
 def _checkpoints(root, warn: bool = False, allow_rng_loss: bool = False) -> list[Path]:
     "The complete checkpoints under `root`, oldest first (see `checkpoint_problems`); `warn`: say which ones are skipped."
@@ -148,47 +194,73 @@ def _checkpoints(root, warn: bool = False, allow_rng_loss: bool = False) -> list
     out = []
     for p in dirs:
         probs = checkpoint_problems(p, allow_rng_loss=allow_rng_loss)
-        if not probs: out.append(p)
-        elif warn and _read_state(p) is not None: warnings.warn(f"{p}: incomplete checkpoint skipped: " + "; ".join(probs))
+        if not probs:
+            out.append(p)
+        elif warn and _read_state(p) is not None:
+            warnings.warn(f"{p}: incomplete checkpoint skipped: " + "; ".join(probs))
     return out
+
 
 def latest_checkpoint(output_dir, warn: bool = False, allow_rng_loss: bool = False) -> Path | None:
     "The newest complete checkpoint under `output_dir/checkpoints` (falls back past incomplete or half-deleted ones)."
     done = _checkpoints(Path(output_dir) / "checkpoints", warn, allow_rng_loss)
     return done[-1] if done else None
 
+
 def _trash(p: Path) -> Path:
     "Rename `p` out of the checkpoint namespace (one atomic rename): a kill while it is deleted leaves only a `.trash` dir."
     t = p.with_name(f"{p.name}.trash.{os.getpid()}.{time.time_ns()}")
-    os.replace(p, t); return t
+    os.replace(p, t)
+    return t
+
 
 def _delete(p: Path):
     t = _trash(p)
     first = next((f for f in sorted(t.rglob("*")) if f.is_file()), None)
-    if first is not None: first.unlink()
-    fault_point("ckpt_rotate")        # tests: killed with the old checkpoint half deleted
+    if first is not None:
+        first.unlink()
+    fault_point("ckpt_rotate")  # tests: killed with the old checkpoint half deleted
     shutil.rmtree(t)
+
 
 def clean_checkpoints(output_dir) -> list[str]:
     """Tidy `output_dir/checkpoints` after a crash: delete `.trash` dirs, unfinished or half-deleted `step_*` dirs, and
     staging dirs, except a complete `step_N.tmp` whose `step_N` is gone (killed between the two renames): it is renamed
     into place. Returns what it did. Damaged checkpoints that were once complete are left for the user."""
     root, did = Path(output_dir) / "checkpoints", []
-    if not root.exists(): return did
+    if not root.exists():
+        return did
     for p in sorted(root.iterdir()):
-        if not p.is_dir(): continue
-        if ".trash." in p.name: shutil.rmtree(p, ignore_errors=True); did.append(f"deleted {p.name}")
+        if not p.is_dir():
+            continue
+        if ".trash." in p.name:
+            shutil.rmtree(p, ignore_errors=True)
+            did.append(f"deleted {p.name}")
         elif p.name.endswith(".tmp") and _step_of(p.with_name(p.name[:-4])) is not None:
             final = p.with_name(p.name[:-4])
-            if not final.exists() and not checkpoint_problems(p): os.replace(p, final); did.append(f"completed {final.name}")
-            else: shutil.rmtree(p, ignore_errors=True); did.append(f"deleted {p.name}")
+            if not final.exists() and not checkpoint_problems(p):
+                os.replace(p, final)
+                did.append(f"completed {final.name}")
+            else:
+                shutil.rmtree(p, ignore_errors=True)
+                did.append(f"deleted {p.name}")
         elif _step_of(p) is not None:
             st = _read_state(p)
-            if st is None or (st.get("files") is None and checkpoint_problems(p)): _delete(p); did.append(f"deleted {p.name}")
+            if st is None or (st.get("files") is None and checkpoint_problems(p)):
+                _delete(p)
+                did.append(f"deleted {p.name}")
     return did
 
-def save_checkpoint(acc, state: TrainState, sched, output_dir, keep: int = 2, extra: Callable | None = None,
-                    settings: dict | None = None):
+
+def save_checkpoint(
+    acc,
+    state: TrainState,
+    sched,
+    output_dir,
+    keep: int = 2,
+    extra: Callable | None = None,
+    settings: dict | None = None,
+):
     """Save accelerator state + scheduler + data position atomically; keep the newest `keep` checkpoints.
     `sched=None`: the scheduler is in the accelerator's state (`acc.register_for_checkpointing`). `extra(dir)` (main
     process) writes more files into the checkpoint before it is renamed into place; `settings` is
@@ -197,50 +269,70 @@ def save_checkpoint(acc, state: TrainState, sched, output_dir, keep: int = 2, ex
     looks complete but is not."""
     final = _ckpt_dir(output_dir, state.global_step)
     tmp = final.with_name(final.name + ".tmp")
-    if acc.is_main_process and tmp.exists(): shutil.rmtree(tmp)
+    if acc.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
     acc.wait_for_everyone()
     try:
         acc.save_state(str(tmp))
         acc.wait_for_everyone()  # every rank writes its own RNG state into tmp: rename only once all have
         if acc.is_main_process:
-            if sched is not None: torch.save(sched.state_dict(), tmp / "scheduler_manual.pt")
-            if extra is not None: extra(tmp)
+            if sched is not None:
+                torch.save(sched.state_dict(), tmp / "scheduler_manual.pt")
+            if extra is not None:
+                extra(tmp)
             fault_point("ckpt_write")
             st = {**state.to_json(), "settings": settings, "files": _file_table(tmp)}
-            with open(tmp / STATE_NAME, "w") as f: f.write(json.dumps(st)); f.flush(); os.fsync(f.fileno())
+            with open(tmp / STATE_NAME, "w") as f:
+                f.write(json.dumps(st))
+                f.flush()
+                os.fsync(f.fileno())
     except (RuntimeError, OSError) as e:
-        if acc.is_main_process: shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"{tmp}: writing the checkpoint of step {state.global_step} failed (disk full?): "
-                              f"{type(e).__name__}: {e}; the earlier checkpoints are untouched") from e
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"{tmp}: writing the checkpoint of step {state.global_step} failed (disk full?): "
+            f"{type(e).__name__}: {e}; the earlier checkpoints are untouched"
+        ) from e
     if acc.is_main_process:
         old = _trash(final) if final.exists() else None
-        fault_point("ckpt_replace")   # tests: killed between the two renames (clean_checkpoints completes the .tmp)
+        fault_point("ckpt_replace")  # tests: killed between the two renames (clean_checkpoints completes the .tmp)
         os.replace(tmp, final)
-        if old is not None: shutil.rmtree(old)
-        for o in _checkpoints(final.parent)[:-keep]: _delete(o)  # only complete ones count toward `keep`
+        if old is not None:
+            shutil.rmtree(old)
+        for o in _checkpoints(final.parent)[:-keep]:
+            _delete(o)  # only complete ones count toward `keep`
     acc.wait_for_everyone()
     return final
+
 
 def _rng_error(ckpt: Path, rank: int) -> str | None:
     "Why this rank's RNG-state file of `ckpt` cannot be restored (None: it can); accelerate itself only logs this."
     from accelerate.utils import load
+
     f = ckpt / f"random_states_{rank}.pkl"
-    if not f.is_file(): return f"{f}: missing"
-    try: st = load(f)
-    except Exception as e: return f"{f}: cannot load with weights_only=True: {type(e).__name__}: {str(e)[:200]}"
+    if not f.is_file():
+        return f"{f}: missing"
+    try:
+        st = load(f)
+    except Exception as e:
+        return f"{f}: cannot load with weights_only=True: {type(e).__name__}: {str(e)[:200]}"
     if not isinstance(st, dict) or not {"random_state", "numpy_random_seed", "torch_manual_seed"} <= set(st):
         return f"{f}: not an accelerate RNG state (keys {sorted(st) if isinstance(st, dict) else type(st).__name__})"
     return None
 
+
 def _custom_state_errors(ckpt: Path) -> list[str]:
     "Objects saved by `acc.register_for_checkpointing` that do not load with weights_only=True."
     from accelerate.utils import load
+
     out = []
     for f in sorted(ckpt.glob("custom_checkpoint_*.pkl")):
-        try: load(f, weights_only=True)
+        try:
+            load(f, weights_only=True)
         except Exception as e:
             out.append(f"{f}: cannot load with weights_only=True: {type(e).__name__}: {str(e)[:200]}")
     return out
+
 
 def load_checkpoint(acc, sched, ckpt: Path, allow_rng_loss: bool = False) -> TrainState:
     """Restore what `save_checkpoint` wrote; returns the data position. Files whose size or sha256 differ from when they
@@ -249,33 +341,52 @@ def load_checkpoint(acc, sched, ckpt: Path, allow_rng_loss: bool = False) -> Tra
     weights_only=True (accelerate itself unpickles those with weights_only=False). `sched=None`: registered too."""
     ckpt = Path(ckpt)
     probs = checkpoint_problems(ckpt, content=True, allow_rng_loss=allow_rng_loss)
-    if probs: raise CheckpointError(f"{ckpt}: damaged checkpoint: " + "; ".join(probs) +
-                                    f"; delete {ckpt} to resume from an earlier one, or start over with --no_resume")
+    if probs:
+        raise CheckpointError(
+            f"{ckpt}: damaged checkpoint: "
+            + "; ".join(probs)
+            + f"; delete {ckpt} to resume from an earlier one, or start over with --no_resume"
+        )
     if (why := _rng_error(ckpt, acc.process_index)) is not None:
         if not allow_rng_loss:
-            raise CheckpointError(f"{why}: the RNG cannot be restored, so the resumed run would not repeat the uninterrupted "
-                                  "one; pass --allow_rng_loss (allow_rng_loss=True) to resume anyway")
+            raise CheckpointError(
+                f"{why}: the RNG cannot be restored, so the resumed run would not repeat the uninterrupted "
+                "one; pass --allow_rng_loss (allow_rng_loss=True) to resume anyway"
+            )
         warnings.warn(f"{why}: resuming WITHOUT restoring the RNG state (--allow_rng_loss)")
-    if bad := _custom_state_errors(ckpt): raise CheckpointError("; ".join(bad) + ": refused (it could run code)")
-    try: acc.load_state(str(ckpt))
-    except FileNotFoundError as e:   # an older checkpoint half deleted by the old rotation
-        raise CheckpointError(f"{ckpt}: incomplete checkpoint ({e}); delete it to resume from an earlier one") from None
-    if sched is not None: sched.load_state_dict(torch.load(ckpt / "scheduler_manual.pt", weights_only=True))
+    if bad := _custom_state_errors(ckpt):
+        raise CheckpointError("; ".join(bad) + ": refused (it could run code)")
+    try:
+        acc.load_state(str(ckpt))
+    except FileNotFoundError as e:  # an older checkpoint half deleted by the old rotation
+        raise CheckpointError(
+            f"{ckpt}: incomplete checkpoint ({e}); delete it to resume from an earlier one"
+        ) from None
+    if sched is not None:
+        sched.load_state_dict(torch.load(ckpt / "scheduler_manual.pt", weights_only=True))
     st = _read_state(ckpt)
     return TrainState(**{k: st[k] for k in ("global_step", "epoch", "batch_in_epoch")})
+
 
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
-        if isinstance(v, dict): out.update(_flat(v, f"{prefix}{k}."))
-        else: out[f"{prefix}{k}"] = v
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
     return out
+
 
 def settings_diff(old: dict, new: dict, resumable=RESUMABLE_SETTINGS) -> list[str]:
     "`key: old X, now Y` for every recorded setting that differs (keys in `resumable` may change)."
     a, b = _flat(json.loads(json.dumps(old))), _flat(json.loads(json.dumps(new)))
-    return [f"{k}: {a.get(k)!r} there, {b.get(k)!r} now" for k in sorted(a.keys() | b.keys())
-            if k not in resumable and a.get(k) != b.get(k)]
+    return [
+        f"{k}: {a.get(k)!r} there, {b.get(k)!r} now"
+        for k in sorted(a.keys() | b.keys())
+        if k not in resumable and a.get(k) != b.get(k)
+    ]
+
 
 def check_resume_settings(ckpt: Path, settings: dict, output_dir=None) -> None:
     "Raise `SettingsChanged` unless `settings` equal those recorded with `ckpt` (an older checkpoint: the run's config JSON)."
@@ -283,17 +394,22 @@ def check_resume_settings(ckpt: Path, settings: dict, output_dir=None) -> None:
     where = Path(ckpt) / STATE_NAME
     if old is None:
         f = Path(output_dir or Path(ckpt).parents[1]) / "latentcot_config.json"
-        if not f.is_file(): return
+        if not f.is_file():
+            return
         old, where, settings = {"config": json.loads(f.read_text())}, f, {"config": settings.get("config", {})}
     diff = settings_diff(old, settings)
     if diff:
-        raise SettingsChanged(f"{where}: this run was started with other settings ({'; '.join(diff)}); resume with the same "
-                              f"settings (may change: --max_steps, --save_every, --report_to, "
-                              f"{', '.join('--' + k.split('.')[-1] for k in RESUMABLE_SETTINGS)}), start over with "
-                              "--no_resume, or use another --output_dir")
+        raise SettingsChanged(
+            f"{where}: this run was started with other settings ({'; '.join(diff)}); resume with the same "
+            f"settings (may change: --max_steps, --save_every, --report_to, "
+            f"{', '.join('--' + k.split('.')[-1] for k in RESUMABLE_SETTINGS)}), start over with "
+            "--no_resume, or use another --output_dir"
+        )
 
 # %% ../nbs/11_trainer.ipynb #19ed5765
-def _scalar(v): return float(v.detach().float().mean()) if torch.is_tensor(v) else float(v)
+def _scalar(v):
+    return float(v.detach().float().mean()) if torch.is_tensor(v) else float(v)
+
 
 def _mean_records(recs: list[dict]) -> dict:
     "Average scalar entries and element-wise average list entries (lists may differ in length) over micro-batches."
@@ -303,114 +419,192 @@ def _mean_records(recs: list[dict]) -> dict:
         if isinstance(vals[0], (list, tuple)):
             n = max(len(v) for v in vals)
             out[k] = [sum(v[i] for v in vals if i < len(v)) / max(1, sum(i < len(v) for v in vals)) for i in range(n)]
-        else: out[k] = sum(map(float, vals)) / len(vals)
+        else:
+            out[k] = sum(map(float, vals)) / len(vals)
     return out
+
 
 def reduce_metrics(acc, scal: dict, tokens: float) -> tuple[dict, float]:
     "Each metric averaged over the processes that logged it (by name: ranks may log other keys), tokens summed."
-    if acc.num_processes == 1: return dict(scal), tokens
+    if acc.num_processes == 1:
+        return dict(scal), tokens
     from accelerate.utils import gather_object
+
     recs = gather_object([{**scal, "__tokens__": tokens}])
     keys = sorted(set().union(*recs) - {"__tokens__"})
-    return ({k: sum(r[k] for r in recs if k in r) / sum(k in r for r in recs) for k in keys},
-            sum(r["__tokens__"] for r in recs))
+    return (
+        {k: sum(r[k] for r in recs if k in r) / sum(k in r for r in recs) for k in keys},
+        sum(r["__tokens__"] for r in recs),
+    )
+
 
 def rng_neutral(batches):
     "Iterate `batches` without moving the global torch RNG: a DataLoader iterator draws its base seed from it."
     state = torch.get_rng_state()
     it = iter(batches)  # a plain DataLoader draws here, a prepared one at its first batch
-    try: first = next(it)
-    except StopIteration: return
-    finally: torch.set_rng_state(state)  # a resumed run restores the RNG first, then makes its iterator
+    try:
+        first = next(it)
+    except StopIteration:
+        return
+    finally:
+        torch.set_rng_state(state)  # a resumed run restores the RNG first, then makes its iterator
     yield first
     yield from it
+
 
 def gather_full_state_dict(acc, model) -> dict | None:
     "The unsharded state dict under FSDP or DeepSpeed (a collective: every rank must call it); None otherwise."
     from accelerate.utils import DistributedType
-    if acc.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED): return None
+
+    if acc.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return None
     return acc.get_state_dict(model)
+
 
 def make_accelerator(cfg: LatentCoTConfig, output_dir, trackers=("tensorboard",), cpu: bool | None = None):
     "An `Accelerator` set up from the config: accumulation, precision, seedable sampler, trackers under `output_dir`."
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
     kw = {} if cpu is None else {"cpu": cpu}
-    return Accelerator(gradient_accumulation_steps=cfg.grad_accum_steps, mixed_precision=cfg.mixed_precision,
-                       log_with=list(trackers) or None,
-                       project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(Path(output_dir) / "tb")),
-                       dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed), **kw)
+    return Accelerator(
+        gradient_accumulation_steps=cfg.grad_accum_steps,
+        mixed_precision=cfg.mixed_precision,
+        log_with=list(trackers) or None,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(Path(output_dir) / "tb")),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        **kw,
+    )
+
 
 class NonFiniteLoss(FloatingPointError):
     "A NaN or infinite loss: names the step, the samples and the loss terms."
 
+
 def _check_finite(acc, res: StepResult, batch, state: TrainState, output_dir):
     "Stop (on every process) when any process's loss is not finite, before it reaches the weights."
     bad = torch.tensor(0.0 if bool(torch.isfinite(res.loss.detach()).all()) else 1.0, device=acc.device)
-    if acc.num_processes > 1: bad = acc.reduce(bad, reduction="sum")
-    if bad.item() == 0: return
+    if acc.num_processes > 1:
+        bad = acc.reduce(bad, reduction="sum")
+    if bad.item() == 0:
+        return
     sids = batch.get("sample_ids") if isinstance(batch, dict) else None
     terms = {k: _scalar(v) for k, v in res.terms.items() if v is not None}
-    raise NonFiniteLoss(f"step {state.global_step + 1} (epoch {state.epoch}, micro-batch {state.batch_in_epoch}, process "
-                        f"{acc.process_index}): loss {_scalar(res.loss)} on sample(s) {sids}, terms {terms}; nothing of "
-                        f"this step was applied or saved, no final/ is written; last checkpoint: {latest_checkpoint(output_dir)}")
+    raise NonFiniteLoss(
+        f"step {state.global_step + 1} (epoch {state.epoch}, micro-batch {state.batch_in_epoch}, process "
+        f"{acc.process_index}): loss {_scalar(res.loss)} on sample(s) {sids}, terms {terms}; nothing of "
+        f"this step was applied or saved, no final/ is written; last checkpoint: {latest_checkpoint(output_dir)}"
+    )
 
-def train_loop(model, dataset, collate_fn: Callable, step_fn: Callable, cfg: LatentCoTConfig, output_dir,
-               max_steps: int | None = None, save_every: int = 0, resume: bool = True, accelerator=None,
-               trackers=("tensorboard",), run_name: str = "latentcot", progress: bool = True, on_step: Callable | None = None,
-               run_info: dict | None = None, allow_rng_loss: bool = False, shuffle: bool = True):
+
+def train_loop(
+    model,
+    dataset,
+    collate_fn: Callable,
+    step_fn: Callable,
+    cfg: LatentCoTConfig,
+    output_dir,
+    max_steps: int | None = None,
+    save_every: int = 0,
+    resume: bool = True,
+    accelerator=None,
+    trackers=("tensorboard",),
+    run_name: str = "latentcot",
+    progress: bool = True,
+    on_step: Callable | None = None,
+    run_info: dict | None = None,
+    allow_rng_loss: bool = False,
+    shuffle: bool = True,
+):
     """Train `model` with `step_fn` on `dataset`; returns `(model, state)`; checkpoints and metrics go to `output_dir`.
     A resume refuses other settings (the config, `run_info`, the number of samples and processes) than the run started
     with; a non-finite loss stops the run with `NonFiniteLoss`."""
-    if max_steps is not None and (isinstance(max_steps, bool) or max_steps < 1): raise ValueError(f"max_steps must be >= 1, got {max_steps!r}")
-    if save_every < 0: raise ValueError(f"save_every must be >= 0, got {save_every!r}")
+    if max_steps is not None and (isinstance(max_steps, bool) or max_steps < 1):
+        raise ValueError(f"max_steps must be >= 1, got {max_steps!r}")
+    if save_every < 0:
+        raise ValueError(f"save_every must be >= 0, got {save_every!r}")
     from accelerate.utils import set_seed
     from transformers import get_constant_schedule_with_warmup
     from tqdm.auto import tqdm
-    output_dir = Path(output_dir); output_dir.mkdir(parents=True, exist_ok=True)
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
     acc = accelerator or make_accelerator(cfg, output_dir, trackers)
     set_seed(cfg.seed)
     dl = DataLoader(dataset, batch_size=cfg.bsz, shuffle=shuffle, collate_fn=collate_fn, drop_last=False)
     params = [p for p in model.parameters() if p.requires_grad]
-    if not params: raise ValueError("train_loop: the model has no trainable parameters")
+    if not params:
+        raise ValueError("train_loop: the model has no trainable parameters")
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     sched = get_constant_schedule_with_warmup(opt, cfg.warmup_steps)
     model, opt, dl = acc.prepare(model, opt, dl)
     steps_per_epoch = max(1, math.ceil(len(dl) / cfg.grad_accum_steps))
     total = max_steps if max_steps is not None else cfg.epochs * steps_per_epoch
     state = TrainState(cfg=cfg)
-    settings = {"config": asdict(cfg), "run": dict(run_info or {}), "n_samples": len(dataset), "num_processes": acc.num_processes}
+    settings = {
+        "config": asdict(cfg),
+        "run": dict(run_info or {}),
+        "n_samples": len(dataset),
+        "num_processes": acc.num_processes,
+    }
     if acc.is_main_process:
-        for what in clean_checkpoints(output_dir): print(f"checkpoints: {what} (left by an interrupted run)")
+        for what in clean_checkpoints(output_dir):
+            print(f"checkpoints: {what} (left by an interrupted run)")
     acc.wait_for_everyone()
     ck = latest_checkpoint(output_dir, warn=acc.is_main_process, allow_rng_loss=allow_rng_loss) if resume else None
-    if resume and ck is None and (bad := [p for p in (output_dir / "checkpoints").glob("step_*") if _step_of(p) is not None]):
-        raise CheckpointError(f"{output_dir / 'checkpoints'}: no intact checkpoint to resume from, damaged: "
-                              + "; ".join(q for p in bad for q in checkpoint_problems(p)) + "; start over with --no_resume")
+    if (
+        resume
+        and ck is None
+        and (bad := [p for p in (output_dir / "checkpoints").glob("step_*") if _step_of(p) is not None])
+    ):
+        raise CheckpointError(
+            f"{output_dir / 'checkpoints'}: no intact checkpoint to resume from, damaged: "
+            + "; ".join(q for p in bad for q in checkpoint_problems(p))
+            + "; start over with --no_resume"
+        )
     if ck is not None:
         check_resume_settings(ck, settings, output_dir)
-        st = load_checkpoint(acc, sched, ck, allow_rng_loss); state.global_step, state.epoch, state.batch_in_epoch = st.global_step, st.epoch, st.batch_in_epoch
-        if acc.is_main_process: print(f"resuming from {ck} (step {state.global_step}, epoch {state.epoch}, batch {state.batch_in_epoch})")
-    if acc.is_main_process: save_config(cfg, output_dir / "latentcot_config.json")
+        st = load_checkpoint(acc, sched, ck, allow_rng_loss)
+        state.global_step, state.epoch, state.batch_in_epoch = st.global_step, st.epoch, st.batch_in_epoch
+        if acc.is_main_process:
+            print(f"resuming from {ck} (step {state.global_step}, epoch {state.epoch}, batch {state.batch_in_epoch})")
+    if acc.is_main_process:
+        save_config(cfg, output_dir / "latentcot_config.json")
     log = MetricsLog(output_dir / "metrics.jsonl", resume_step=state.global_step, enabled=acc.is_main_process)
-    if trackers: acc.init_trackers(run_name)
-    bar = tqdm(total=total, initial=state.global_step, disable=not (progress and acc.is_local_main_process), desc=run_name)
+    if trackers:
+        acc.init_trackers(run_name)
+    bar = tqdm(
+        total=total, initial=state.global_step, disable=not (progress and acc.is_local_main_process), desc=run_name
+    )
     recs, toks, t0 = [], 0, time.perf_counter()
     model.train()
     while state.global_step < total:
         dl.set_epoch(state.epoch)
-        if hasattr(collate_fn, "epoch"): collate_fn.epoch = state.epoch   # e.g. stage 3's random K, new every epoch
+        if hasattr(collate_fn, "epoch"):
+            collate_fn.epoch = state.epoch  # e.g. stage 3's random K, new every epoch
         it = acc.skip_first_batches(dl, state.batch_in_epoch) if state.batch_in_epoch else dl
-        for batch in rng_neutral(it):  # steps that draw (dropout, random masks) then see the same numbers after a resume
+        for batch in rng_neutral(
+            it
+        ):  # steps that draw (dropout, random masks) then see the same numbers after a resume
             with acc.accumulate(model):
                 res = step_fn(model, batch, state)
                 _check_finite(acc, res, batch, state, output_dir)
                 acc.backward(res.loss)
                 if acc.sync_gradients:
-                    opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+                    opt.step()
+                    sched.step()
+                    opt.zero_grad(set_to_none=True)
             state.batch_in_epoch += 1
-            recs.append({"loss": _scalar(res.loss), **{k: _scalar(v) for k, v in res.terms.items()},
-                         **{k: (list(map(float, v)) if isinstance(v, (list, tuple)) else _scalar(v)) for k, v in res.stats.items()}})
+            recs.append(
+                {
+                    "loss": _scalar(res.loss),
+                    **{k: _scalar(v) for k, v in res.terms.items()},
+                    **{
+                        k: (list(map(float, v)) if isinstance(v, (list, tuple)) else _scalar(v))
+                        for k, v in res.stats.items()
+                    },
+                }
+            )
             toks += res.n_tokens
             if acc.sync_gradients:
                 state.global_step += 1
@@ -418,23 +612,34 @@ def train_loop(model, dataset, collate_fn: Callable, step_fn: Callable, cfg: Lat
                 scal = {k: v for k, v in rec.items() if not isinstance(v, list)}
                 scal, ntok = reduce_metrics(acc, scal, float(toks))
                 dt = time.perf_counter() - t0
-                out = {"step": state.global_step, "epoch": state.epoch, **scal, "lr": sched.get_last_lr()[0],
-                       "tokens_per_s": ntok / dt if dt > 0 else 0.0,
-                       **{k: v for k, v in rec.items() if isinstance(v, list)}}
+                out = {
+                    "step": state.global_step,
+                    "epoch": state.epoch,
+                    **scal,
+                    "lr": sched.get_last_lr()[0],
+                    "tokens_per_s": ntok / dt if dt > 0 else 0.0,
+                    **{k: v for k, v in rec.items() if isinstance(v, list)},
+                }
                 log.write(out)
-                if trackers: acc.log({k: v for k, v in out.items() if not isinstance(v, list)}, step=state.global_step)
-                bar.update(1); bar.set_postfix(loss=f"{out['loss']:.4f}")
-                if on_step is not None: on_step(out)
+                if trackers:
+                    acc.log({k: v for k, v in out.items() if not isinstance(v, list)}, step=state.global_step)
+                bar.update(1)
+                bar.set_postfix(loss=f"{out['loss']:.4f}")
+                if on_step is not None:
+                    on_step(out)
                 recs, toks, t0 = [], 0, time.perf_counter()
                 if save_every and state.global_step % save_every == 0 and state.global_step < total:
                     save_checkpoint(acc, state, sched, output_dir, settings=settings)
-                if state.global_step >= total: break
+                if state.global_step >= total:
+                    break
         else:
-            state.epoch += 1; state.batch_in_epoch = 0
+            state.epoch += 1
+            state.batch_in_epoch = 0
     bar.close()
     save_checkpoint(acc, state, sched, output_dir, settings=settings)
     # with sharded parameters one process alone cannot write the final weights; gather them on every rank here
     state.final_state_dict = gather_full_state_dict(acc, model)
     # not acc.end_training(): it also destroys the process group, which the caller still needs (final save, barrier)
-    for t in acc.trackers: t.finish()
+    for t in acc.trackers:
+        t.finish()
     return acc.unwrap_model(model), state

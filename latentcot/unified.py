@@ -34,18 +34,35 @@ __all__ = ['SYSTEM_PROMPT', 'UNIFIED_VERSION', 'UnifiedConfig', 'UnifiedIds', 'v
 @dataclass
 class UnifiedConfig:
     "Settings of the unified model (saved with it): head size, loss weights, inference defaults."
+
     patch_dim: int = field(default=16, metadata={"help": "values per patch: 4 * VAE z_dim (a 2x2 block of latents)"})
     head_width: int = field(default=256, metadata={"help": "width of the AdaLN-MLP flow head"})
     head_depth: int = field(default=3, metadata={"help": "residual AdaLN blocks of the flow head"})
-    special_token_weight: float = field(default=2.0, metadata={"help": "seed 004: CE weight of <|vision_start|> targets"})
-    fm_batch_mul: int = field(default=4, metadata={"help": "noise draws per patch and step (NextStep-1's fm_head_batch_mul)"})
+    special_token_weight: float = field(
+        default=2.0, metadata={"help": "seed 004: CE weight of <|vision_start|> targets"}
+    )
+    fm_batch_mul: int = field(
+        default=4, metadata={"help": "noise draws per patch and step (NextStep-1's fm_head_batch_mul)"}
+    )
     flow_weight: float = field(default=1.0, metadata={"help": "weight of the per-patch flow loss"})
-    input_vae_patches: bool = field(default=True, metadata={"help": "input images also enter as clean VAE patches (BAGEL)"})
-    patch_pos_emb: bool = field(default=True, metadata={"help": "learned (row, col) embeddings on patch inputs and the head's "
-                                                        "condition (False: the seed's head, conditioned on the hidden state only)"})
+    input_vae_patches: bool = field(
+        default=True, metadata={"help": "input images also enter as clean VAE patches (BAGEL)"}
+    )
+    patch_pos_emb: bool = field(
+        default=True,
+        metadata={
+            "help": "learned (row, col) embeddings on patch inputs and the head's "
+            "condition (False: the seed's head, conditioned on the hidden state only)"
+        },
+    )
     max_grid: int = field(default=64, metadata={"help": "largest patch rows/cols the position embeddings cover"})
-    input_noise: float = field(default=0.0, metadata={"help": "std of Gaussian noise on drawn patches fed back in training "
-                                                      "(against exposure bias); targets stay clean"})
+    input_noise: float = field(
+        default=0.0,
+        metadata={
+            "help": "std of Gaussian noise on drawn patches fed back in training "
+            "(against exposure bias); targets stay clean"
+        },
+    )
     num_timesteps: int = field(default=20, metadata={"help": "Euler steps per patch at inference"})
     draw_size: int = field(default=64, metadata={"help": "side of a drawn image when the prompt has no input image"})
 
@@ -53,13 +70,28 @@ class UnifiedConfig:
 @dataclass
 class UnifiedIds:
     "The Qwen2.5-VL token ids the unified model uses (all in the stock vocabulary)."
-    vision_start: int; vision_end: int; vision_pad: int; image_pad: int; video_pad: int; im_start: int; im_end: int; pad: int
+
+    vision_start: int
+    vision_end: int
+    vision_pad: int
+    image_pad: int
+    video_pad: int
+    im_start: int
+    im_end: int
+    pad: int
 
     @classmethod
     def from_tokenizer(cls, tok):
-        names = dict(vision_start="<|vision_start|>", vision_end="<|vision_end|>", vision_pad="<|vision_pad|>",
-                     image_pad="<|image_pad|>", video_pad="<|video_pad|>", im_start="<|im_start|>", im_end="<|im_end|>",
-                     pad="<|endoftext|>")
+        names = dict(
+            vision_start="<|vision_start|>",
+            vision_end="<|vision_end|>",
+            vision_pad="<|vision_pad|>",
+            image_pad="<|image_pad|>",
+            video_pad="<|video_pad|>",
+            im_start="<|im_start|>",
+            im_end="<|im_end|>",
+            pad="<|endoftext|>",
+        )
         ids = {}
         for k, t in names.items():
             i = tok.convert_tokens_to_ids(t)
@@ -78,26 +110,33 @@ def vae_factor(vae) -> int:
     "Pixels per patch side: the VAE's downsampling times the 2x2 packing."
     return 2 ** len(vae.temperal_downsample) * 2
 
+
 def patch_grid(height: int, width: int, vae) -> tuple[int, int]:
     "`(rows, cols)` of patches of an image; raises unless both sides are multiples of the patch size."
     check_image_size(height, width, vae)
     f = vae_factor(vae)
     return height // f, width // f
 
+
 def image_patches(vae, images) -> list[torch.Tensor]:
     "`[n,patch_dim]` patches (normalised latents, packed 2x2, row-major) of each image (PIL or path); same-size runs batch."
     ims = [Image.open(p).convert("RGB") if isinstance(p, (str, Path)) else p.convert("RGB") for p in images]
     for p, im in zip(images, ims):
-        try: patch_grid(im.height, im.width, vae)
-        except ValueError as e: raise ValueError(f"{p if isinstance(p, (str, Path)) else 'image'}: {e}") from None
+        try:
+            patch_grid(im.height, im.width, vae)
+        except ValueError as e:
+            raise ValueError(f"{p if isinstance(p, (str, Path)) else 'image'}: {e}") from None
     out = [None] * len(ims)
     by_size = {}
-    for i, im in enumerate(ims): by_size.setdefault(im.size, []).append(i)
+    for i, im in enumerate(ims):
+        by_size.setdefault(im.size, []).append(i)
     for idx in by_size.values():
         for j in range(0, len(idx), 32):
-            chunk = idx[j:j + 32]
-            for i, p in zip(chunk, pack(encode_images(vae, [ims[i] for i in chunk]))): out[i] = p
+            chunk = idx[j : j + 32]
+            for i, p in zip(chunk, pack(encode_images(vae, [ims[i] for i in chunk]))):
+                out[i] = p
     return out
+
 
 @torch.no_grad()
 def patches_to_images(vae, patches: torch.Tensor, rows: int, cols: int) -> list[Image.Image]:
@@ -107,23 +146,29 @@ def patches_to_images(vae, patches: torch.Tensor, rows: int, cols: int) -> list[
     return tensor_to_images(decode_latents(vae, x0))
 
 # %% ../nbs/23_unified.ipynb #3618c89d
-def _modulate(x, shift, scale): return x * (1 + scale) + shift
+def _modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
 
 class AdaLNBlock(nn.Module):
     "Residual MLP block with adaptive LayerNorm (shift, scale, gate from the condition)."
+
     def __init__(self, width: int):
         super().__init__()
         self.norm = nn.LayerNorm(width, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
-        nn.init.zeros_(self.ada[-1].weight); nn.init.zeros_(self.ada[-1].bias)
+        nn.init.zeros_(self.ada[-1].weight)
+        nn.init.zeros_(self.ada[-1].bias)
 
     def forward(self, x, c):
         shift, scale, gate = self.ada(c).chunk(3, -1)
         return x + gate * self.mlp(_modulate(self.norm(x), shift, scale))
 
+
 class FlowHead(nn.Module):
     "v(x_t, σ | h): the velocity (ε - x0) of one patch given the LM hidden state `h` before it."
+
     def __init__(self, patch_dim: int, cond_dim: int, width: int = 256, depth: int = 3):
         super().__init__()
         self.width = width
@@ -133,14 +178,20 @@ class FlowHead(nn.Module):
         self.final_norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
         self.out = nn.Linear(width, patch_dim)
-        for m in (self.final_ada[-1], self.out): nn.init.zeros_(m.weight); nn.init.zeros_(m.bias)
+        for m in (self.final_ada[-1], self.out):
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
 
     def forward(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         from diffusers.models.embeddings import get_timestep_embedding
-        t = get_timestep_embedding(sigma.reshape(-1).float() * 1000, self.width, flip_sin_to_cos=True, downscale_freq_shift=0)
+
+        t = get_timestep_embedding(
+            sigma.reshape(-1).float() * 1000, self.width, flip_sin_to_cos=True, downscale_freq_shift=0
+        )
         c = self.t_mlp(t.to(x_t.dtype)) + self.c_in(cond)
         x = self.x_in(x_t)
-        for b in self.blocks: x = b(x, c)
+        for b in self.blocks:
+            x = b(x, c)
         shift, scale = self.final_ada(c).chunk(2, -1)
         return self.out(_modulate(self.final_norm(x), shift, scale))
 
@@ -150,9 +201,11 @@ def flow_pair(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor):
     s = sigma.reshape(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
     return (1 - s) * x0 + s * noise, noise - x0
 
+
 def euler_sample(velocity, noise: torch.Tensor, num_timesteps: int) -> torch.Tensor:
     "Patches from `noise` (σ = 1) by `num_timesteps` Euler steps to σ = 0: `x_t = x_t - v·dt` (seed 004 l.98-114)."
-    if num_timesteps < 1: raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
+    if num_timesteps < 1:
+        raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
     sig = torch.linspace(1, 0, num_timesteps + 1, dtype=noise.dtype, device=noise.device)
     x = noise
     for i in range(num_timesteps):
@@ -163,37 +216,54 @@ def euler_sample(velocity, noise: torch.Tensor, num_timesteps: int) -> torch.Ten
 SYSTEM_PROMPT = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 _RESERVED = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 
+
 def edit_sample(rec: dict) -> dict:
     "An editing triplet as a unified sample: img0 + prompt -> reflection 1, img1, reflection 2, img2."
     answer = [("text", rec["reflection1"]), ("draw", rec["img1"]), ("text", rec["reflection2"]), ("draw", rec["img2"])]
     return dict(sample_id=rec["sample_id"], user=[("image", rec["img0"]), ("text", rec["prompt"])], assistant=answer)
 
+
 def qa_sample(s) -> dict:
     "A visual-QA `Sample` as a unified sample: question image(s) + question -> the answer text (no drawing)."
     user = next(m for m in s.messages if m["role"] == "user")
     question = " ".join(c["text"] for c in user["content"] if c.get("type") == "text")
-    return dict(sample_id=s.sample_id, user=[("image", p) for p in s.question_images] + [("text", question)],
-                assistant=[("text", s.answer)])
+    return dict(
+        sample_id=s.sample_id,
+        user=[("image", p) for p in s.question_images] + [("text", question)],
+        assistant=[("text", s.answer)],
+    )
+
 
 def _check_text(sample_id, text: str):
     for t in _RESERVED:
-        if t in text: raise ValueError(f"sample {sample_id!r}: its text contains the reserved token {t} "
-                                       "(images are given as image items, never as tokens in text)")
+        if t in text:
+            raise ValueError(
+                f"sample {sample_id!r}: its text contains the reserved token {t} "
+                "(images are given as image items, never as tokens in text)"
+            )
+
 
 def render_text(sample: dict, grid_of, input_vae_patches: bool = True, generation_prompt: bool = False) -> str:
     "The chat text of `sample`; `grid_of(path) -> (rows, cols)` sizes the patch runs; `generation_prompt`: the prompt (+ any answer prefix)."
+
     def part(kind, v):
-        if kind == "text": _check_text(sample["sample_id"], v); return v
+        if kind == "text":
+            _check_text(sample["sample_id"], v)
+            return v
         n = math.prod(grid_of(v))
         patches = "<|vision_start|>" + "<|vision_pad|>" * n + "<|vision_end|>"
-        if kind == "draw": return patches
-        if kind == "image": return "<|vision_start|><|image_pad|><|vision_end|>" + (patches if input_vae_patches else "")
+        if kind == "draw":
+            return patches
+        if kind == "image":
+            return "<|vision_start|><|image_pad|><|vision_end|>" + (patches if input_vae_patches else "")
         raise ValueError(f"sample {sample['sample_id']!r}: unknown item kind {kind!r} (text, image, draw)")
+
     user = "".join(part(*it) for it in sample["user"])
     if any(k == "draw" for k, _ in sample["user"]):
         raise ValueError(f"sample {sample['sample_id']!r}: a draw item in the user turn")
     text = f"{SYSTEM_PROMPT}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
-    if generation_prompt: return text + "".join(part(*it) for it in sample.get("assistant", []))   # a given answer prefix
+    if generation_prompt:
+        return text + "".join(part(*it) for it in sample.get("assistant", []))  # a given answer prefix
     if any(k == "image" for k, _ in sample["assistant"]):
         raise ValueError(f"sample {sample['sample_id']!r}: input image in the answer")
     return text + "".join(part(*it) for it in sample["assistant"]) + "<|im_end|>"
@@ -203,16 +273,20 @@ def patch_grid_thw(rows: int, cols: int, merge: int = 2) -> list[int]:
     "The `image_grid_thw` row of an input image whose merged grid is `rows x cols` (what the processor would report)."
     return [1, rows * merge, cols * merge]
 
+
 def image_block_offsets(rope_model, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
     "`(offsets [3,rows*cols], end [3])`: mRoPE positions of a patch block and its `<|vision_end|>`, minus `<|vision_start|>`'s."
     cfg = rope_model.config
     n, merge = rows * cols, cfg.vision_config.spatial_merge_size
     ids = torch.tensor([[cfg.vision_start_token_id] + [cfg.image_token_id] * n + [cfg.vision_end_token_id]])
-    mm = torch.zeros_like(ids); mm[0, 1:n + 1] = 1
+    mm = torch.zeros_like(ids)
+    mm[0, 1 : n + 1] = 1
     grid = torch.tensor([patch_grid_thw(rows, cols, merge)])
-    pos, _ = rope_model.model.get_rope_index(ids, mm_token_type_ids=mm, image_grid_thw=grid, attention_mask=torch.ones_like(ids))
+    pos, _ = rope_model.model.get_rope_index(
+        ids, mm_token_type_ids=mm, image_grid_thw=grid, attention_mask=torch.ones_like(ids)
+    )
     pos = pos[:, 0] - pos[:, 0, :1]
-    return pos[:, 1:n + 1], pos[:, n + 1]
+    return pos[:, 1 : n + 1], pos[:, n + 1]
 
 # %% ../nbs/23_unified.ipynb #c92b124e
 def _grid_rc(rows: int, cols: int) -> torch.Tensor:
@@ -220,8 +294,10 @@ def _grid_rc(rows: int, cols: int) -> torch.Tensor:
     r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
     return torch.stack([r.flatten(), c.flatten()], 1)
 
+
 class UnifiedCollator:
     "Samples -> a teacher-forced batch of the unified sequence (see above); raises on samples over `max_length`."
+
     def __init__(self, processor, vae, rope_model, cfg: UnifiedConfig | None = None, max_length: int = 2048):
         self.processor, self.vae, self.rope_model = processor, vae, rope_model
         self.cfg, self.max_length = cfg or UnifiedConfig(), max_length
@@ -236,17 +312,20 @@ class UnifiedCollator:
     def precompute(self, samples, progress: bool = False):
         "Encode every image of `samples` not cached yet (call once on a data set: encoding batches by size)."
         from tqdm.auto import tqdm
+
         todo = sorted(set(self._paths(samples)) - set(self.cache))
         for i in tqdm(range(0, len(todo), 64), desc="VAE patches", disable=not progress):
-            chunk = todo[i:i + 64]
-            for p, x in zip(chunk, image_patches(self.vae, chunk)): self.cache[p] = x
+            chunk = todo[i : i + 64]
+            for p, x in zip(chunk, image_patches(self.vae, chunk)):
+                self.cache[p] = x
         for p in todo:
             w, h = Image.open(p).size
             self.sizes[p] = patch_grid(h, w, self.vae)
 
     def grid_of(self, path) -> tuple[int, int]:
         p = str(path)
-        if p not in self.sizes: self.precompute([dict(user=[("image", p)])])
+        if p not in self.sizes:
+            self.precompute([dict(user=[("image", p)])])
         return self.sizes[p]
 
     def _vit_images(self, s):
@@ -257,13 +336,19 @@ class UnifiedCollator:
         self.precompute(samples)
         texts = [render_text(s, self.grid_of, self.cfg.input_vae_patches, generation_prompt) for s in samples]
         vit = [im for s in samples for im in self._vit_images(s)]
-        enc = self.processor(text=texts, images=vit or None, return_tensors="pt", padding=True, padding_side=padding_side)
+        enc = self.processor(
+            text=texts, images=vit or None, return_tensors="pt", padding=True, padding_side=padding_side
+        )
         ids, am = enc["input_ids"], enc["attention_mask"]
         long = (am.sum(1) > self.max_length).nonzero().flatten().tolist()
-        if long: raise ValueError(f"samples {[samples[b]['sample_id'] for b in long]} have {am.sum(1)[long].tolist()} tokens, "
-                                  f"over max_length={self.max_length}: nothing is truncated, raise max_length or shorten them")
+        if long:
+            raise ValueError(
+                f"samples {[samples[b]['sample_id'] for b in long]} have {am.sum(1)[long].tolist()} tokens, "
+                f"over max_length={self.max_length}: nothing is truncated, raise max_length or shorten them"
+            )
         is_patch = ids == self.ids.vision_pad
-        mm = enc["mm_token_type_ids"].clone(); mm[is_patch] = 1
+        mm = enc["mm_token_type_ids"].clone()
+        mm[is_patch] = 1
         vit_grids = list(enc.get("image_grid_thw", torch.zeros(0, 3, dtype=torch.long)))
         grids, patches, target, rc = [], [], [], []
         for s in samples:
@@ -271,19 +356,30 @@ class UnifiedCollator:
                 for k, v in s[turn]:
                     if k == "image":
                         grids.append(vit_grids.pop(0).tolist())
-                        if not self.cfg.input_vae_patches: continue
+                        if not self.cfg.input_vae_patches:
+                            continue
                     if k in ("image", "draw"):
-                        grids.append(patch_grid_thw(*self.grid_of(v))); patches.append(self.cache[str(v)])
+                        grids.append(patch_grid_thw(*self.grid_of(v)))
+                        patches.append(self.cache[str(v)])
                         rc.append(_grid_rc(*self.grid_of(v)))
                         target += [k == "draw"] * len(self.cache[str(v)])
-        pos, _ = self.rope_model.model.get_rope_index(ids, mm_token_type_ids=mm, attention_mask=am,
-                                                      image_grid_thw=torch.tensor(grids) if grids else None)
-        out = dict(input_ids=ids, attention_mask=am, mm_token_type_ids=mm, position_ids=pos,
-                   patches=torch.cat(patches) if patches else torch.zeros(0, self.cfg.patch_dim),
-                   patch_is_target=torch.tensor(target, dtype=torch.bool), sample_ids=[s["sample_id"] for s in samples],
-                   patch_rc=torch.cat(rc) if rc else torch.zeros(0, 2, dtype=torch.long))
-        if vit: out.update(pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"])
-        if len(out["patches"]) != int(is_patch.sum()): raise RuntimeError("patch count does not match the <|vision_pad|> tokens")
+        pos, _ = self.rope_model.model.get_rope_index(
+            ids, mm_token_type_ids=mm, attention_mask=am, image_grid_thw=torch.tensor(grids) if grids else None
+        )
+        out = dict(
+            input_ids=ids,
+            attention_mask=am,
+            mm_token_type_ids=mm,
+            position_ids=pos,
+            patches=torch.cat(patches) if patches else torch.zeros(0, self.cfg.patch_dim),
+            patch_is_target=torch.tensor(target, dtype=torch.bool),
+            sample_ids=[s["sample_id"] for s in samples],
+            patch_rc=torch.cat(rc) if rc else torch.zeros(0, 2, dtype=torch.long),
+        )
+        if vit:
+            out.update(pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"])
+        if len(out["patches"]) != int(is_patch.sum()):
+            raise RuntimeError("patch count does not match the <|vision_pad|> tokens")
         return out
 
     def __call__(self, samples) -> dict:
@@ -292,9 +388,9 @@ class UnifiedCollator:
         labels = torch.full_like(ids, -100)
         starts = []
         for b in range(len(ids)):
-            last = (ids[b] == self.ids.im_start).nonzero().flatten()[-1].item()   # the assistant header
+            last = (ids[b] == self.ids.im_start).nonzero().flatten()[-1].item()  # the assistant header
             starts.append(last + self.header)
-            labels[b, starts[-1]:] = ids[b, starts[-1]:]
+            labels[b, starts[-1] :] = ids[b, starts[-1] :]
         labels[am == 0] = -100
         batch.update(labels=labels, assistant_start=starts)
         return batch
@@ -303,45 +399,58 @@ class UnifiedCollator:
 @dataclass
 class UnifiedOutput:
     "Loss, its named terms and statistics (the trainer logs them), the hidden states and the logits at target positions."
+
     loss: torch.Tensor
     terms: dict
     stats: dict
     hidden: torch.Tensor | None = None
     logits: torch.Tensor | None = None
 
+
 UNIFIED_VERSION = 1
+
 
 class UnifiedModel(nn.Module):
     "Seed 004's unified model: stock Qwen2.5-VL + `patch_in` + per-patch flow head, frozen vision tower and VAE."
+
     def __init__(self, vlm, processor, vae, cfg: UnifiedConfig | None = None):
         super().__init__()
         self.cfg = cfg or UnifiedConfig(patch_dim=4 * vae.config.z_dim)
         if self.cfg.patch_dim != 4 * vae.config.z_dim:
-            raise ValueError(f"patch_dim={self.cfg.patch_dim} but the VAE's patches have 4 * z_dim = {4 * vae.config.z_dim} values")
+            raise ValueError(
+                f"patch_dim={self.cfg.patch_dim} but the VAE's patches have 4 * z_dim = {4 * vae.config.z_dim} values"
+            )
         self.vlm, self.vae, self.processor = vlm, vae, processor
         self.ids = UnifiedIds.from_tokenizer(processor.tokenizer)
         H = vlm.config.get_text_config().hidden_size
         self.patch_in = nn.Sequential(nn.Linear(self.cfg.patch_dim, H), nn.GELU(), nn.Linear(H, H))
         self.head = FlowHead(self.cfg.patch_dim, H, self.cfg.head_width, self.cfg.head_depth)
-        if self.cfg.patch_pos_emb:   # where a patch sits: on its input, and on the head's condition for the patch to draw
+        if (
+            self.cfg.patch_pos_emb
+        ):  # where a patch sits: on its input, and on the head's condition for the patch to draw
             self.row_emb, self.col_emb = nn.Embedding(self.cfg.max_grid, H), nn.Embedding(self.cfg.max_grid, H)
-            for e in (self.row_emb, self.col_emb): nn.init.normal_(e.weight, std=0.02)
-        vlm.model.visual.requires_grad_(False); vae.requires_grad_(False)
+            for e in (self.row_emb, self.col_emb):
+                nn.init.normal_(e.weight, std=0.02)
+        vlm.model.visual.requires_grad_(False)
+        vae.requires_grad_(False)
         self._offsets = {}
 
     @property
-    def lm(self): return self.vlm.model.language_model
+    def lm(self):
+        return self.vlm.model.language_model
 
     def collator(self, max_length: int = 2048) -> UnifiedCollator:
         return UnifiedCollator(self.processor, self.vae, self.vlm, self.cfg, max_length)
 
     def offsets(self, rows: int, cols: int):
-        if (rows, cols) not in self._offsets: self._offsets[(rows, cols)] = image_block_offsets(self.vlm, rows, cols)
+        if (rows, cols) not in self._offsets:
+            self._offsets[(rows, cols)] = image_block_offsets(self.vlm, rows, cols)
         return self._offsets[(rows, cols)]
 
     def pos(self, rc: torch.Tensor) -> torch.Tensor | float:
         "Embedding of patch positions `rc` `[N,2]` (row, col); 0 without `patch_pos_emb`."
-        if not self.cfg.patch_pos_emb: return 0.0
+        if not self.cfg.patch_pos_emb:
+            return 0.0
         if len(rc) and int(rc.max()) >= self.cfg.max_grid:
             raise ValueError(f"a patch grid of {int(rc.max()) + 1} rows/cols exceeds max_grid={self.cfg.max_grid}")
         return self.row_emb(rc[:, 0]) + self.col_emb(rc[:, 1])
@@ -355,15 +464,17 @@ class UnifiedModel(nn.Module):
         ids = batch["input_ids"]
         emb = self.vlm.get_input_embeddings()(ids)
         if batch.get("pixel_values") is not None:
-            with torch.no_grad():   # the vision tower is frozen
-                feats = self.vlm.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"], return_dict=True)
+            with torch.no_grad():  # the vision tower is frozen
+                feats = self.vlm.model.get_image_features(
+                    batch["pixel_values"], batch["image_grid_thw"], return_dict=True
+                )
                 feats = feats.pooler_output
             feats = torch.cat(feats).to(emb.dtype)
             emb = emb.masked_scatter((ids == self.ids.image_pad)[..., None].expand_as(emb), feats)
         is_patch = ids == self.ids.vision_pad
         if is_patch.any():
             p = batch["patches"].to(emb.dtype)
-            if self.training and self.cfg.input_noise > 0:   # inputs of drawn patches only: input images stay clean
+            if self.training and self.cfg.input_noise > 0:  # inputs of drawn patches only: input images stay clean
                 p = p + self.cfg.input_noise * torch.randn_like(p) * batch["patch_is_target"][:, None].to(p)
             x = self.patch_in(p) + self.pos(batch["patch_rc"])
             emb = emb.masked_scatter(is_patch[..., None].expand_as(emb), x)
@@ -371,8 +482,13 @@ class UnifiedModel(nn.Module):
 
     def hidden(self, inputs_embeds, attention_mask, position_ids, past_key_values=None, use_cache: bool = False):
         "The language model's last hidden states (explicit mRoPE positions, 2D padding mask)."
-        out = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                      past_key_values=past_key_values, use_cache=use_cache)
+        out = self.lm(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+        )
         return out.last_hidden_state, out.past_key_values
 
     def forward(self, batch: dict, generator: torch.Generator | None = None) -> UnifiedOutput:
@@ -380,7 +496,7 @@ class UnifiedModel(nn.Module):
         h, _ = self.hidden(self.embed(batch), batch["attention_mask"], batch["position_ids"])
         lab = batch["labels"][:, 1:]
         valid = lab != -100
-        logits = self.vlm.lm_head(h[:, :-1][valid])          # only where there is a target: [n_targets, V]
+        logits = self.vlm.lm_head(h[:, :-1][valid])  # only where there is a target: [n_targets, V]
         lab = lab[valid]
         ce = F.cross_entropy(logits.float(), lab, reduction="none")
         is_start = lab == self.ids.vision_start
@@ -401,19 +517,31 @@ class UnifiedModel(nn.Module):
         loss = ce_loss + self.cfg.flow_weight * flow
         special = (lab == self.ids.vision_pad) | (lab == self.ids.vision_end) | is_start
         txt = ~special
-        stats = dict(ce_text=(ce * txt).sum() / txt.sum().clamp_min(1),
-                     ce_vision_start=(ce * is_start).sum() / is_start.sum().clamp_min(1) if is_start.any() else 0.0,
-                     ce_continue_end=(ce * (special & ~is_start)).sum() / (special & ~is_start).sum().clamp_min(1),
-                     drawn_patches=float(len(b)))
-        return UnifiedOutput(loss=loss, terms=dict(ce=ce_loss.detach(), flow=flow.detach()), hidden=h, logits=logits,
-                             stats={k: torch.as_tensor(v).detach() for k, v in stats.items()})
+        stats = dict(
+            ce_text=(ce * txt).sum() / txt.sum().clamp_min(1),
+            ce_vision_start=(ce * is_start).sum() / is_start.sum().clamp_min(1) if is_start.any() else 0.0,
+            ce_continue_end=(ce * (special & ~is_start)).sum() / (special & ~is_start).sum().clamp_min(1),
+            drawn_patches=float(len(b)),
+        )
+        return UnifiedOutput(
+            loss=loss,
+            terms=dict(ce=ce_loss.detach(), flow=flow.detach()),
+            hidden=h,
+            logits=logits,
+            stats={k: torch.as_tensor(v).detach() for k, v in stats.items()},
+        )
 
     @classmethod
-    def from_kits(cls, vlm_path=None, vae_path=None, cfg: UnifiedConfig | None = None, seed: int = 0, attn_implementation="sdpa"):
+    def from_kits(
+        cls, vlm_path=None, vae_path=None, cfg: UnifiedConfig | None = None, seed: int = 0, attn_implementation="sdpa"
+    ):
         "A fresh unified model on a Qwen2.5-VL checkpoint (default: the calibrated tiny kit) and a Qwen-Image-layout VAE."
         from latentcot.tiny import calibrated_kit_path, load_model_and_processor
         from latentcot.mmdit_kit import load_mmdit_kit, mmdit_kit_path
-        vlm, processor = load_model_and_processor(vlm_path or calibrated_kit_path(), attn_implementation=attn_implementation)
+
+        vlm, processor = load_model_and_processor(
+            vlm_path or calibrated_kit_path(), attn_implementation=attn_implementation
+        )
         vae = load_mmdit_kit(vae_path or mmdit_kit_path())["vae"]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -424,17 +552,26 @@ def _own_modules(model) -> list[str]:
     "The unified model's own parts (saved in unified.safetensors)."
     return ["patch_in", "head"] + (["row_emb", "col_emb"] if model.cfg.patch_pos_emb else [])
 
+
 def _unified_meta(model) -> dict:
-    return dict(version=UNIFIED_VERSION, config=asdict(model.cfg), hidden_size=model.vlm.config.get_text_config().hidden_size,
-                z_dim=model.vae.config.z_dim)
+    return dict(
+        version=UNIFIED_VERSION,
+        config=asdict(model.cfg),
+        hidden_size=model.vlm.config.get_text_config().hidden_size,
+        z_dim=model.vae.config.z_dim,
+    )
+
 
 def save_unified(model: UnifiedModel, out_dir) -> Path:
     "Write `model` into `out_dir` atomically (`vlm/`, `vae/`, `unified.safetensors`, `unified.json`)."
     from safetensors.torch import save_file
-    out = Path(out_dir).expanduser().resolve(); out.parent.mkdir(parents=True, exist_ok=True)
+
+    out = Path(out_dir).expanduser().resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        model.vlm.save_pretrained(tmp / "vlm"); model.processor.save_pretrained(tmp / "vlm")
+        model.vlm.save_pretrained(tmp / "vlm")
+        model.processor.save_pretrained(tmp / "vlm")
         model.vae.save_pretrained(tmp / "vae")
         sd = {f"{name}.{k}": v for name in _own_modules(model) for k, v in getattr(model, name).state_dict().items()}
         save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, tmp / "unified.safetensors")
@@ -443,31 +580,39 @@ def save_unified(model: UnifiedModel, out_dir) -> Path:
             if not (out / "unified.json").is_file():
                 raise FileExistsError(f"{out} exists and is not a unified model (no unified.json)")
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, old / "m"); shutil.rmtree(old)
+            os.replace(out, old / "m")
+            shutil.rmtree(old)
         os.replace(tmp, out)
-    finally: shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
+
 
 def load_unified(path, attn_implementation: str = "sdpa") -> UnifiedModel:
     "A unified model written by `save_unified`; the checkpoint's widths must match its config."
     from diffusers import AutoencoderKLQwenImage
     from safetensors.torch import load_file
     from latentcot.tiny import load_model_and_processor
+
     path = Path(path)
-    if not (path / "unified.json").is_file(): raise FileNotFoundError(f"{path}: no unified.json (not a unified model folder)")
+    if not (path / "unified.json").is_file():
+        raise FileNotFoundError(f"{path}: no unified.json (not a unified model folder)")
     meta = json.loads((path / "unified.json").read_text())
     if meta.get("version") != UNIFIED_VERSION:
         raise ValueError(f"{path}: unified model version {meta.get('version')}, expected {UNIFIED_VERSION}")
     vlm, processor = load_model_and_processor(path / "vlm", attn_implementation=attn_implementation)
     vae = AutoencoderKLQwenImage.from_pretrained(path / "vae")
     if vlm.config.get_text_config().hidden_size != meta["hidden_size"] or vae.config.z_dim != meta["z_dim"]:
-        raise ValueError(f"{path}: unified.json says hidden {meta['hidden_size']}, z_dim {meta['z_dim']}; the saved parts differ")
+        raise ValueError(
+            f"{path}: unified.json says hidden {meta['hidden_size']}, z_dim {meta['z_dim']}; the saved parts differ"
+        )
     model = UnifiedModel(vlm, processor, vae, UnifiedConfig(**meta["config"]))
     sd = load_file(path / "unified.safetensors")
     for name in _own_modules(model):
-        own = {k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(name + ".")}
-        getattr(model, name).load_state_dict(own)   # strict: missing keys and shapes are checked
+        own = {k[len(name) + 1 :]: v for k, v in sd.items() if k.startswith(name + ".")}
+        getattr(model, name).load_state_dict(own)  # strict: missing keys and shapes are checked
     return model.eval()
+
 
 UnifiedModel.save_pretrained = save_unified
 UnifiedModel.from_pretrained = staticmethod(load_unified)
@@ -476,47 +621,71 @@ UnifiedModel.from_pretrained = staticmethod(load_unified)
 @dataclass
 class Generated:
     "One sample's interleaved output: text and image segments in order, and how the images ended."
+
     sample_id: str
-    segments: list = field(default_factory=list)      # ("text", str) | ("image", PIL.Image)
-    tokens: list = field(default_factory=list)        # generated ids; a patch is <|vision_pad|>
-    patches: list = field(default_factory=list)       # per image: [k, patch_dim]
-    grids: list = field(default_factory=list)         # per image: (rows, cols)
-    events: list = field(default_factory=list)        # ("token", id) | ("patch", image_index, k), in generation order
+    segments: list = field(default_factory=list)  # ("text", str) | ("image", PIL.Image)
+    tokens: list = field(default_factory=list)  # generated ids; a patch is <|vision_pad|>
+    patches: list = field(default_factory=list)  # per image: [k, patch_dim]
+    grids: list = field(default_factory=list)  # per image: (rows, cols)
+    events: list = field(default_factory=list)  # ("token", id) | ("patch", image_index, k), in generation order
     cap_hits: int = 0
     early_ends: int = 0
     hit_max_length: bool = False
 
     @property
-    def drew(self) -> bool: return bool(self.patches)
+    def drew(self) -> bool:
+        return bool(self.patches)
+
     @property
-    def texts(self) -> list[str]: return [v for k, v in self.segments if k == "text"]
+    def texts(self) -> list[str]:
+        return [v for k, v in self.segments if k == "text"]
+
     @property
-    def images(self) -> list: return [v for k, v in self.segments if k == "image"]
+    def images(self) -> list:
+        return [v for k, v in self.segments if k == "image"]
+
 
 def _choose(logits: torch.Tensor, do_sample: bool, temperature: float, gens) -> torch.Tensor:
     "Argmax, or one draw per row from its own generator."
-    if not do_sample: return logits.argmax(-1)
-    if temperature <= 0: raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    if not do_sample:
+        return logits.argmax(-1)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
     probs = torch.softmax(logits.float() / temperature, -1)
     return torch.stack([torch.multinomial(p, 1, generator=g)[0] for p, g in zip(probs, gens)])
+
 
 def prompt_sample(prompt: str, input_image=None, sample_id: str = "prompt") -> dict:
     "A generation prompt: the input image (if any) then the text, as the user turn."
     user = ([("image", input_image)] if input_image is not None else []) + [("text", prompt)]
     return dict(sample_id=sample_id, user=user, assistant=[])
 
+
 def _draw_grid(model, sample, coll) -> tuple[int, int]:
     "The grid of images the sample draws: its first input image's, else `draw_size` square."
     for k, v in sample["user"]:
-        if k == "image": return coll.grid_of(v)
+        if k == "image":
+            return coll.grid_of(v)
     return patch_grid(model.cfg.draw_size, model.cfg.draw_size, model.vae)
 
+
 @torch.no_grad()
-def generate(model: UnifiedModel, samples: list[dict], max_length: int = 500, do_sample: bool = False, temperature: float = 1.0,
-             num_timesteps: int | None = None, max_patches: int | None = None, force_image_generation: bool = False,
-             seed: int = 0, use_cache: bool = True, decode_images: bool = True) -> list[Generated]:
+def generate(
+    model: UnifiedModel,
+    samples: list[dict],
+    max_length: int = 500,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    num_timesteps: int | None = None,
+    max_patches: int | None = None,
+    force_image_generation: bool = False,
+    seed: int = 0,
+    use_cache: bool = True,
+    decode_images: bool = True,
+) -> list[Generated]:
     "Seed 004's unified loop on a batch of prompts (`prompt_sample`): text, model-decided images, text; see above."
     from transformers import DynamicCache
+
     T = num_timesteps or model.cfg.num_timesteps
     ids, dev = model.ids, model.vlm.device
     coll = model.collator(max_length)
@@ -537,188 +706,329 @@ def generate(model: UnifiedModel, samples: list[dict], max_length: int = 500, do
     mode, done, start, cur = ["text"] * B, [False] * B, [0] * B, [[] for _ in range(B)]
     eos = {ids.im_end, ids.pad}
     step = 0
+
     def close(b):
         out[b].patches.append(torch.stack(cur[b]) if cur[b] else torch.zeros(0, model.cfg.patch_dim))
         out[b].grids.append(grids[b])
         cur[b] = []
+
     while True:
         logits = model.vlm.lm_head(h).float()
-        lt = logits.clone(); lt[:, ids.not_text] = float("-inf")
+        lt = logits.clone()
+        lt[:, ids.not_text] = float("-inf")
         tok = _choose(lt, do_sample, temperature, gens).tolist()
         cont = (_choose(logits[:, [ids.vision_pad, ids.vision_end]], do_sample, temperature, gens) == 0).tolist()
         col_ids, col_pos, col_mask, draw = [ids.pad] * B, torch.zeros(3, B, dtype=torch.long), [0] * B, []
         for b in range(B):
-            if done[b]: continue
+            if done[b]:
+                continue
             if length[b] >= max_length:
                 done[b] = out[b].hit_max_length = True
-                if mode[b] == "image": close(b)
+                if mode[b] == "image":
+                    close(b)
                 continue
             if mode[b] == "text":
                 t = ids.vision_start if force_image_generation and step == 0 else tok[b]
-                out[b].tokens.append(t); out[b].events.append(("token", t))
-                if t in eos: done[b] = True; continue
-                col_pos[:, b] = next_pos[b]; next_pos[b] += 1
-                if t == ids.vision_start: mode[b], start[b] = "image", int(col_pos[0, b])
+                out[b].tokens.append(t)
+                out[b].events.append(("token", t))
+                if t in eos:
+                    done[b] = True
+                    continue
+                col_pos[:, b] = next_pos[b]
+                next_pos[b] += 1
+                if t == ids.vision_start:
+                    mode[b], start[b] = "image", int(col_pos[0, b])
                 col_ids[b] = t
             else:
                 k = len(cur[b])
                 offs, end = model.offsets(*grids[b])
                 if cont[b] and k < caps[b]:
-                    draw.append(b); col_ids[b] = ids.vision_pad; col_pos[:, b] = start[b] + offs[:, k]
-                    out[b].tokens.append(ids.vision_pad); out[b].events.append(("patch", len(out[b].patches), k))
+                    draw.append(b)
+                    col_ids[b] = ids.vision_pad
+                    col_pos[:, b] = start[b] + offs[:, k]
+                    out[b].tokens.append(ids.vision_pad)
+                    out[b].events.append(("patch", len(out[b].patches), k))
                 else:
-                    if cont[b]: out[b].cap_hits += 1
-                    elif k < n_of[b]: out[b].early_ends += 1
-                    close(b); mode[b] = "text"
-                    col_ids[b] = ids.vision_end; col_pos[:, b] = start[b] + end; next_pos[b] = int(start[b] + end[0]) + 1
-                    out[b].tokens.append(ids.vision_end); out[b].events.append(("token", ids.vision_end))
-            col_mask[b] = 1; length[b] += 1
-        if all(done): break
+                    if cont[b]:
+                        out[b].cap_hits += 1
+                    elif k < n_of[b]:
+                        out[b].early_ends += 1
+                    close(b)
+                    mode[b] = "text"
+                    col_ids[b] = ids.vision_end
+                    col_pos[:, b] = start[b] + end
+                    next_pos[b] = int(start[b] + end[0]) + 1
+                    out[b].tokens.append(ids.vision_end)
+                    out[b].events.append(("token", ids.vision_end))
+            col_mask[b] = 1
+            length[b] += 1
+        if all(done):
+            break
         col = model.vlm.get_input_embeddings()(torch.tensor(col_ids, device=dev))
         if draw:
             noise = torch.stack([torch.randn(model.cfg.patch_dim, generator=gens[b]) for b in draw]).to(dev, col.dtype)
             rc = torch.stack([_grid_rc(*grids[b])[len(cur[b])] for b in draw]).to(dev)
             cond = model.head_cond(h[draw], rc)
             x = euler_sample(lambda x, s: model.head(x, s, cond), noise, T)
-            col = col.clone(); col[draw] = model.patch_in(x) + model.pos(rc)
-            for i, b in enumerate(draw): cur[b].append(x[i].float().cpu())
+            col = col.clone()
+            col[draw] = model.patch_in(x) + model.pos(rc)
+            for i, b in enumerate(draw):
+                cur[b].append(x[i].float().cpu())
         am = torch.cat([am, torch.tensor(col_mask, device=dev)[:, None].to(am.dtype)], 1)
         col_pos = col_pos.to(dev)[:, :, None]
-        if use_cache: h, cache = model.hidden(col[:, None], am, col_pos, cache, True)
+        if use_cache:
+            h, cache = model.hidden(col[:, None], am, col_pos, cache, True)
         else:
             emb, pos = torch.cat([emb, col[:, None]], 1), torch.cat([pos, col_pos], 2)
             h, _ = model.hidden(emb, am, pos)
-        h = h[:, -1]; step += 1
-    for b in range(B): _segments(model, out[b], decode_images)
+        h = h[:, -1]
+        step += 1
+    for b in range(B):
+        _segments(model, out[b], decode_images)
     return out
+
 
 def _segments(model, g: Generated, decode_images: bool = True):
     "Fill `g.segments`: decoded text runs and images (missing patches of an early-ended image decode as 0)."
     tok, ids = model.processor.tokenizer, model.ids
     run, img = [], 0
     image = lambda i: _decode(model, g.patches[i], g.grids[i]) if decode_images else g.patches[i]
+
     def flush():
-        if run: g.segments.append(("text", tok.decode(run)))
+        if run:
+            g.segments.append(("text", tok.decode(run)))
         run.clear()
+
     for t in g.tokens:
-        if t == ids.vision_start: flush()
+        if t == ids.vision_start:
+            flush()
         elif t == ids.vision_end:
-            if img < len(g.patches): g.segments.append(("image", image(img))); img += 1
-        elif t not in (ids.vision_pad, ids.im_end, ids.pad): run.append(t)
+            if img < len(g.patches):
+                g.segments.append(("image", image(img)))
+                img += 1
+        elif t not in (ids.vision_pad, ids.im_end, ids.pad):
+            run.append(t)
     flush()
-    while img < len(g.patches):     # an image cut by max_length
-        g.segments.append(("image", image(img))); img += 1
+    while img < len(g.patches):  # an image cut by max_length
+        g.segments.append(("image", image(img)))
+        img += 1
+
 
 def _decode(model, patches: torch.Tensor, grid) -> Image.Image:
     full = torch.zeros(grid[0] * grid[1], model.cfg.patch_dim)
-    full[:len(patches)] = patches
+    full[: len(patches)] = patches
     return patches_to_images(model.vae, full[None], *grid)[0]
 
 # %% ../nbs/23_unified.ipynb #16b0d969
 class UnifiedImageEditingInference:
     "Seed 004's inference engine over a saved unified model (`save_unified`)."
-    def __init__(self, model_path, num_timesteps: int | None = None, max_patches: int | None = None, seed: int = 0, model=None):
+
+    def __init__(
+        self, model_path, num_timesteps: int | None = None, max_patches: int | None = None, seed: int = 0, model=None
+    ):
         self.model = (model if model is not None else load_unified(model_path)).eval()
         self.num_timesteps, self.max_patches, self.seed = num_timesteps, max_patches, seed
 
-    def autoregressive_multi_modal_generation(self, prompt: str, input_image=None, force_image_generation: bool = False,
-                                              max_length: int = 500, do_sample: bool = True, temperature: float = 0.8) -> Generated:
+    def autoregressive_multi_modal_generation(
+        self,
+        prompt: str,
+        input_image=None,
+        force_image_generation: bool = False,
+        max_length: int = 500,
+        do_sample: bool = True,
+        temperature: float = 0.8,
+    ) -> Generated:
         "Text and images for `prompt` (and an optional input image); `force_image_generation` starts with `<|vision_start|>`."
-        return generate(self.model, [prompt_sample(prompt, input_image)], max_length=max_length, do_sample=do_sample,
-                        temperature=temperature, num_timesteps=self.num_timesteps, max_patches=self.max_patches,
-                        force_image_generation=force_image_generation, seed=self.seed)[0]
+        return generate(
+            self.model,
+            [prompt_sample(prompt, input_image)],
+            max_length=max_length,
+            do_sample=do_sample,
+            temperature=temperature,
+            num_timesteps=self.num_timesteps,
+            max_patches=self.max_patches,
+            force_image_generation=force_image_generation,
+            seed=self.seed,
+        )[0]
 
-    def unified_edit_image(self, image_path, edit_prompt: str, use_autoregressive: bool = True, max_length: int = 500,
-                           do_sample: bool = True, temperature: float = 0.8) -> Generated:
+    def unified_edit_image(
+        self,
+        image_path,
+        edit_prompt: str,
+        use_autoregressive: bool = True,
+        max_length: int = 500,
+        do_sample: bool = True,
+        temperature: float = 0.8,
+    ) -> Generated:
         "Edit `image_path` by `edit_prompt`: the model writes, decides when to draw, draws patch by patch, and goes on."
         if not use_autoregressive:
-            raise ValueError("use_autoregressive=False (whole-image denoising, BAGEL's mode) is the MMDiT route: latentcot.mmdit")
-        return self.autoregressive_multi_modal_generation(edit_prompt, image_path, False, max_length, do_sample, temperature)
+            raise ValueError(
+                "use_autoregressive=False (whole-image denoising, BAGEL's mode) is the MMDiT route: latentcot.mmdit"
+            )
+        return self.autoregressive_multi_modal_generation(
+            edit_prompt, image_path, False, max_length, do_sample, temperature
+        )
 
 # %% ../nbs/23_unified.ipynb #84bfa5c5
-def unified_samples(edit_file=None, visual_file=None, limit: int | None = None, drop_second_image: float = 0.0,
-                    seed: int = 0) -> list[dict]:
+def unified_samples(
+    edit_file=None, visual_file=None, limit: int | None = None, drop_second_image: float = 0.0, seed: int = 0
+) -> list[dict]:
     "Editing triplets and visual-QA samples (drawing is wrong there), interleaved; `limit` caps each kind."
     import random
     from latentcot.data import load_samples
     from latentcot.datagen import load_edit_records
     from latentcot.demo import default_data_dir
+
     d = default_data_dir()
     edits = [edit_sample(r) for r in load_edit_records(edit_file or d / "edit" / "train.jsonl")]
     qa = [qa_sample(s) for s in load_samples(visual_file or d / "visual" / "train.jsonl")[0]]
-    if limit is not None: edits, qa = edits[:limit], qa[:limit]
+    if limit is not None:
+        edits, qa = edits[:limit], qa[:limit]
     rng = random.Random(seed)
     for e in edits:
-        if rng.random() < drop_second_image: e["assistant"] = e["assistant"][:3]    # reflection 1, img1, reflection 2, end
+        if rng.random() < drop_second_image:
+            e["assistant"] = e["assistant"][:3]  # reflection 1, img1, reflection 2, end
     out = []
-    for i in range(max(len(edits), len(qa))): out += ([edits[i]] if i < len(edits) else []) + ([qa[i]] if i < len(qa) else [])
+    for i in range(max(len(edits), len(qa))):
+        out += ([edits[i]] if i < len(edits) else []) + ([qa[i]] if i < len(qa) else [])
     return out
+
 
 def unified_step(model, batch, state):
     "The trainer's step: the unified model's teacher-forced loss and its terms."
     from latentcot.trainer import StepResult
+
     out = model(batch)
     return StepResult(loss=out.loss, terms=out.terms, stats=out.stats, n_tokens=int(batch["attention_mask"].sum()))
 
-def train_unified(model: UnifiedModel, samples: list[dict], cfg, output_dir, max_steps: int | None = None, save_every: int = 0,
-                  resume: bool = True, trackers=("tensorboard",), progress: bool = True, run_info: dict | None = None,
-                  max_length: int = 2048) -> Path:
+
+def train_unified(
+    model: UnifiedModel,
+    samples: list[dict],
+    cfg,
+    output_dir,
+    max_steps: int | None = None,
+    save_every: int = 0,
+    resume: bool = True,
+    trackers=("tensorboard",),
+    progress: bool = True,
+    run_info: dict | None = None,
+    max_length: int = 2048,
+) -> Path:
     "Train `model` on `samples` with the project's trainer into `output_dir`; writes and returns `output_dir/final`."
     from accelerate import PartialState
     from latentcot.trainer import train_loop
+
     coll = model.collator(max_length)
     coll.precompute(samples, progress=progress)
     info = dict(run_info or {}) | {"unified": asdict(model.cfg)}
-    model, state = train_loop(model, samples, coll, unified_step, cfg, output_dir, max_steps=max_steps, save_every=save_every,
-                              resume=resume, trackers=trackers, run_name="unified", progress=progress, run_info=info)
+    model, state = train_loop(
+        model,
+        samples,
+        coll,
+        unified_step,
+        cfg,
+        output_dir,
+        max_steps=max_steps,
+        save_every=save_every,
+        resume=resume,
+        trackers=trackers,
+        run_name="unified",
+        progress=progress,
+        run_info=info,
+    )
     final = Path(output_dir) / "final"
-    if PartialState().is_main_process: save_unified(model, final)
+    if PartialState().is_main_process:
+        save_unified(model, final)
     PartialState().wait_for_everyone()
     return final
+
 
 def run_unified_training(args, cfg) -> Path:
     "`python -m latentcot.train --stage unified`: `--data` editing triplets (default data_samples/edit), QA from data_samples/visual."
     from latentcot.train import data_file, run_info
+
     base = args.model_name_or_path
-    model = load_unified(base) if base and (Path(base) / "unified.json").is_file() else UnifiedModel.from_kits(base, seed=cfg.seed)
+    model = (
+        load_unified(base)
+        if base and (Path(base) / "unified.json").is_file()
+        else UnifiedModel.from_kits(base, seed=cfg.seed)
+    )
     samples = unified_samples(data_file(args.data) if args.data else None, limit=args.limit)
     trackers = () if args.report_to == "none" else (args.report_to,)
-    return train_unified(model, samples, cfg, args.output_dir, args.max_steps, args.save_every, not args.no_resume, trackers,
-                         not args.quiet, run_info(args))
+    return train_unified(
+        model,
+        samples,
+        cfg,
+        args.output_dir,
+        args.max_steps,
+        args.save_every,
+        not args.no_resume,
+        trackers,
+        not args.quiet,
+        run_info(args),
+    )
 
 # %% ../nbs/23_unified.ipynb #c91c22d2
 def prompt_of(sample: dict) -> dict:
     "The generation prompt of a training-form sample (its user turn)."
     return dict(sample_id=sample["sample_id"], user=sample["user"], assistant=[])
 
-def evaluate_unified(model: UnifiedModel, edit_recs: list[dict], qa: list, max_length: int = 500, batch_size: int = 20,
-                     num_timesteps: int | None = None, seed: int = 0, progress: bool = True) -> tuple[list[dict], dict]:
+
+def evaluate_unified(
+    model: UnifiedModel,
+    edit_recs: list[dict],
+    qa: list,
+    max_length: int = 500,
+    batch_size: int = 20,
+    num_timesteps: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[list[dict], dict]:
     "Greedy generation on held-out editing records and QA `Sample`s: per-item rows and the generated outputs."
     from tqdm.auto import tqdm
+
     items = [("edit", edit_sample(r), r) for r in edit_recs] + [("qa", qa_sample(s), None) for s in qa]
     rows, gens = [], {}
     for i in tqdm(range(0, len(items), batch_size), desc="unified eval", disable=not progress):
-        chunk = items[i:i + batch_size]
-        outs = generate(model, [prompt_of(s) for _, s, _ in chunk], max_length=max_length, num_timesteps=num_timesteps, seed=seed + i)
+        chunk = items[i : i + batch_size]
+        outs = generate(
+            model,
+            [prompt_of(s) for _, s, _ in chunk],
+            max_length=max_length,
+            num_timesteps=num_timesteps,
+            seed=seed + i,
+        )
         for (kind, s, rec), g in zip(chunk, outs):
-            row = dict(sample_id=s["sample_id"], kind=kind, drew=g.drew, images=len(g.images), patches=[len(p) for p in g.patches],
-                       cap_hits=g.cap_hits, early_ends=g.early_ends, hit_max_length=g.hit_max_length)
+            row = dict(
+                sample_id=s["sample_id"],
+                kind=kind,
+                drew=g.drew,
+                images=len(g.images),
+                patches=[len(p) for p in g.patches],
+                cap_hits=g.cap_hits,
+                early_ends=g.early_ends,
+                hit_max_length=g.hit_max_length,
+            )
             if kind == "edit":
                 for r in (1, 2):
                     sc = grid_scores(g.images[r - 1], rec[f"img{r}"], rec["img0"]) if len(g.images) >= r else None
                     row[f"img{r}"] = sc if sc is not None else dict(changed=0.0, all=0.0, exact=0.0, missing=True)
                 white = Image.new("RGB", Image.open(rec["img0"]).size, (255, 255, 255))
                 row["blank"] = [grid_scores(white, rec[f"img{r}"], rec["img0"]) for r in (1, 2)]
-            rows.append(row); gens[s["sample_id"]] = g
+            rows.append(row)
+            gens[s["sample_id"]] = g
     return rows, gens
 
+
 @torch.no_grad()
-def teacher_forced_scores(model: UnifiedModel, recs: list[dict], num_timesteps: int | None = None, seed: int = 0,
-                          batch_size: int = 10) -> list[dict]:
+def teacher_forced_scores(
+    model: UnifiedModel, recs: list[dict], num_timesteps: int | None = None, seed: int = 0, batch_size: int = 10
+) -> list[dict]:
     "Diagnostic: each drawn patch sampled from the head given the *true* sequence before it; scores of img1 and img2."
     coll, g, rows = model.collator(), torch.Generator().manual_seed(seed), []
     for i in range(0, len(recs), batch_size):
-        chunk = recs[i:i + batch_size]
+        chunk = recs[i : i + batch_size]
         batch = coll([edit_sample(r) for r in chunk])
         h, _ = model.hidden(model.embed(batch), batch["attention_mask"], batch["position_ids"])
         b, l = ((batch["input_ids"] == model.ids.vision_pad) & (batch["labels"] != -100)).nonzero(as_tuple=True)
@@ -729,9 +1039,15 @@ def teacher_forced_scores(model: UnifiedModel, recs: list[dict], num_timesteps: 
         for rec, xs in zip(chunk, x):
             rows_, cols_ = coll.grid_of(rec["img1"])
             ims = patches_to_images(model.vae, xs, rows_, cols_)
-            rows.append(dict(sample_id=rec["sample_id"], kind="edit", **{f"img{k}": grid_scores(ims[k - 1], rec[f"img{k}"], rec["img0"])
-                                                                           for k in (1, 2)}))
+            rows.append(
+                dict(
+                    sample_id=rec["sample_id"],
+                    kind="edit",
+                    **{f"img{k}": grid_scores(ims[k - 1], rec[f"img{k}"], rec["img0"]) for k in (1, 2)},
+                )
+            )
     return rows
+
 
 def _prf(y: np.ndarray, p: np.ndarray) -> tuple[float, float, float]:
     tp, fp, fn = int((y & p).sum()), int((~y & p).sum()), int((y & ~p).sum())
@@ -739,9 +1055,11 @@ def _prf(y: np.ndarray, p: np.ndarray) -> tuple[float, float, float]:
     rec = tp / (tp + fn) if tp + fn else 0.0
     return prec, rec, (2 * prec * rec / (prec + rec) if prec + rec else 0.0)
 
+
 def decision_metrics(rows: list[dict], n_boot: int = 2000, seed: int = 0) -> dict:
     "Precision, recall, F1 of drawing (positives: editing prompts) with 95% bootstrap intervals; counts."
-    y = np.array([r["kind"] == "edit" for r in rows]); p = np.array([r["drew"] for r in rows])
+    y = np.array([r["kind"] == "edit" for r in rows])
+    p = np.array([r["drew"] for r in rows])
     rng = np.random.default_rng(seed)
     pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
     boots = []
@@ -750,26 +1068,37 @@ def decision_metrics(rows: list[dict], n_boot: int = 2000, seed: int = 0) -> dic
         boots.append(_prf(y[idx], p[idx]))
     lo, hi = np.percentile(np.array(boots), [2.5, 97.5], axis=0)
     point = _prf(y, p)
-    out = {k: dict(mean=point[i], low=float(lo[i]), high=float(hi[i])) for i, k in enumerate(("precision", "recall", "f1"))}
-    return out | dict(edit_prompts=len(pos), qa_prompts=len(neg), edit_drew=int(p[pos].sum()), qa_drew=int(p[neg].sum()))
+    out = {
+        k: dict(mean=point[i], low=float(lo[i]), high=float(hi[i]))
+        for i, k in enumerate(("precision", "recall", "f1"))
+    }
+    return out | dict(
+        edit_prompts=len(pos), qa_prompts=len(neg), edit_drew=int(p[pos].sum()), qa_drew=int(p[neg].sum())
+    )
+
 
 def _ci(vals, n_boot: int) -> dict:
     "Mean and 95% bootstrap interval of the values that are not `None` (NaN when there are none)."
     from latentcot.pipeline import bootstrap_ci
+
     vals = [v for v in vals if v is not None]
     return dict(zip(("mean", "low", "high"), bootstrap_ci(vals, n_boot=n_boot) if vals else (float("nan"),) * 3))
+
 
 def image_metrics(rows: list[dict], n_boot: int = 2000) -> dict:
     "Changed-cell / all-cell accuracy and exact grids of the drawn img1 and img2 (missing images count 0), 95% intervals."
     from latentcot.pipeline import bootstrap_ci
+
     out = {}
     for name, rounds in (("img1", (1,)), ("img2", (2,)), ("both", (1, 2))):
         items = [r[f"img{k}"] for r in rows if r["kind"] == "edit" for k in rounds]
-        if not items: continue
+        if not items:
+            continue
         out[name] = {m: _ci([it[m] for it in items], n_boot) for m in ("changed", "all", "exact")}
-        out[name]["items"] = len(items); out[name]["missing"] = sum(bool(it.get("missing")) for it in items)
+        out[name]["items"] = len(items)
+        out[name]["missing"] = sum(bool(it.get("missing")) for it in items)
     blank = [r["blank"][k - 1] for r in rows if r["kind"] == "edit" and "blank" in r for k in (1, 2)]
-    if blank:   # an empty canvas already gets the cells an edit empties right: the floor to beat
+    if blank:  # an empty canvas already gets the cells an edit empties right: the floor to beat
         out["blank canvas (baseline)"] = {m: _ci([b[m] for b in blank], n_boot) for m in ("changed", "all", "exact")}
         out["blank canvas (baseline)"].update(items=len(blank), missing=0)
     return out
@@ -780,13 +1109,15 @@ def start_probability(model: UnifiedModel, samples: list[dict], which: int = 1, 
     "p(`<|vision_start|>`) teacher-forced where each sample's `which`-th drawn image starts (0: first, 1: second)."
     coll, ps = model.collator(), []
     for i in range(0, len(samples), batch_size):
-        batch = coll(samples[i:i + batch_size])
+        batch = coll(samples[i : i + batch_size])
         h, _ = model.hidden(model.embed(batch), batch["attention_mask"], batch["position_ids"])
         for b, st in enumerate(batch["assistant_start"]):
             at = (batch["input_ids"][b, st:] == model.ids.vision_start).nonzero().flatten() + st
-            if len(at) <= which: raise ValueError(f"sample {batch['sample_ids'][b]!r} draws {len(at)} image(s), needs {which + 1}")
+            if len(at) <= which:
+                raise ValueError(f"sample {batch['sample_ids'][b]!r} draws {len(at)} image(s), needs {which + 1}")
             ps.append(torch.softmax(model.vlm.lm_head(h[b, at[which] - 1]).float(), -1)[model.ids.vision_start].item())
     return ps
+
 
 def weighted_optimum(p: float, w: float) -> float:
     "Where weighted CE (weight `w` on the positive class) puts the probability of an event of frequency `p`."
@@ -796,29 +1127,40 @@ def weighted_optimum(p: float, w: float) -> float:
 @dataclass
 class RunUnifiedArgs:
     "Flags of `latentcot run unified`."
+
     out: str = field(default="runs/unified", metadata={"help": "report folder (training run in OUT/train)"})
     steps: int = field(default=300, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=8, metadata={"help": "samples per step (editing and QA interleaved)"})
     lr: float = field(default=2e-3, metadata={"help": "AdamW learning rate"})
-    special_token_weight: float = field(default=2.0, metadata={"help": "CE weight of <|vision_start|> (seed 004: 2.0)"})
+    special_token_weight: float = field(
+        default=2.0, metadata={"help": "CE weight of <|vision_start|> (seed 004: 2.0)"}
+    )
     fm_batch_mul: int = field(default=4, metadata={"help": "noise draws per patch per step"})
     head_width: int = field(default=256, metadata={"help": "flow head width"})
     input_noise: float = field(default=0.0, metadata={"help": "noise on fed-back drawn patches in training"})
     num_timesteps: int = field(default=10, metadata={"help": "Euler steps per patch at evaluation"})
-    limit_train: int | None = field(default=None, metadata={"help": "use only the first N editing and N QA training samples"})
+    limit_train: int | None = field(
+        default=None, metadata={"help": "use only the first N editing and N QA training samples"}
+    )
     limit_qa: int = field(default=80, metadata={"help": "held-out QA prompts evaluated"})
     limit_edits: int | None = field(default=None, metadata={"help": "held-out edits evaluated (default: all 40)"})
-    weight_study: bool = field(default=False, metadata={"help": "also measure the x2 weight against weight 1 (two short trainings)"})
+    weight_study: bool = field(
+        default=False, metadata={"help": "also measure the x2 weight against weight 1 (two short trainings)"}
+    )
     study_steps: int = field(default=100, metadata={"help": "optimizer steps of each weight-study training"})
     seed: int = field(default=0, metadata={"help": "seed of weights, data order and noise"})
     no_resume: bool = field(default=False, metadata={"help": "start the training over"})
     quiet: bool = field(default=False, metadata={"help": "no progress bars"})
 
+
 def _atomic_write(path: Path, data):
     tmp = path.with_name(f".{path.name}.tmp")
-    if isinstance(data, Image.Image): data.save(tmp, format="PNG")
-    else: tmp.write_text(data)
+    if isinstance(data, Image.Image):
+        data.save(tmp, format="PNG")
+    else:
+        tmp.write_text(data)
     os.replace(tmp, path)
+
 
 def unified_grid(recs: list[dict], gens: dict, n: int = 8, scale: int = 2) -> Image.Image:
     "Rows of img0, true img1, drawn img1, true img2, drawn img2 (grey: not drawn)."
@@ -827,46 +1169,78 @@ def unified_grid(recs: list[dict], gens: dict, n: int = 8, scale: int = 2) -> Im
         g = gens[rec["sample_id"]]
         size = Image.open(rec["img0"]).size
         drawn = lambda i: g.images[i] if len(g.images) > i else Image.new("RGB", size, (128, 128, 128))
-        ims = [Image.open(rec[k]).convert("RGB") for k in ("img0", "img1")] + [drawn(0), Image.open(rec["img2"]), drawn(1)]
+        ims = [Image.open(rec[k]).convert("RGB") for k in ("img0", "img1")] + [
+            drawn(0),
+            Image.open(rec["img2"]),
+            drawn(1),
+        ]
         pad = lambda i: np.pad(np.asarray(i.convert("RGB")), ((2, 2), (2, 2), (0, 0)), constant_values=200)
         rows.append(np.concatenate([pad(i) for i in ims], 1))
     im = Image.fromarray(np.concatenate(rows, 0))
     return im.resize((im.width * scale, im.height * scale), Image.NEAREST)
 
-def _fmt(d) -> str: return f"{100 * d['mean']:.1f} [{100 * d['low']:.1f}, {100 * d['high']:.1f}]"
+
+def _fmt(d) -> str:
+    return f"{100 * d['mean']:.1f} [{100 * d['low']:.1f}, {100 * d['high']:.1f}]"
+
 
 def unified_table(dec: dict, img: dict, study: dict | None = None) -> str:
     "The report's markdown: decision and image tables (95% intervals), the MMDiT route's numbers, the weight study."
     L = ["| decision (draw on edit, not on QA) | % [95% CI] |", "| --- | --- |"]
     L += [f"| {k} | {_fmt(dec[k])} |" for k in ("precision", "recall", "f1")]
-    L += [f"| drew on edit prompts | {dec['edit_drew']} / {dec['edit_prompts']} |",
-          f"| drew on QA prompts | {dec['qa_drew']} / {dec['qa_prompts']} |", "",
-          "| drawn image | changed cells % | all cells % | exact grids % | items | not drawn |", "| --- | --- | --- | --- | --- | --- |"]
+    L += [
+        f"| drew on edit prompts | {dec['edit_drew']} / {dec['edit_prompts']} |",
+        f"| drew on QA prompts | {dec['qa_drew']} / {dec['qa_prompts']} |",
+        "",
+        "| drawn image | changed cells % | all cells % | exact grids % | items | not drawn |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for k, v in img.items():
         name = k if k.startswith("blank") else f"unified, {k}"
-        L.append(f"| {name} | {_fmt(v['changed'])} | {_fmt(v['all'])} | {_fmt(v['exact'])} | {v['items']} | {v['missing']} |")
-    L += ["| MMDiT route, student Z (README, `latentcot run mmdit`) | 14 | - | - | 80 | - |",
-          "| copy img0 (by construction) | 0.0 | - | - | - | - |"]
+        L.append(
+            f"| {name} | {_fmt(v['changed'])} | {_fmt(v['all'])} | {_fmt(v['exact'])} | {v['items']} | {v['missing']} |"
+        )
+    L += [
+        "| MMDiT route, student Z (README, `latentcot run mmdit`) | 14 | - | - | 80 | - |",
+        "| copy img0 (by construction) | 0.0 | - | - | - | - |",
+    ]
     if study:
-        L += ["", f"x2 weight: p(<|vision_start|>) at the second decision point of held-out edits, trained where img2 is drawn in "
-              f"{100 * study['p_train']:.0f}% of the editing samples", "",
-              "| weight | measured p [95% CI] | weighted-CE optimum |", "| --- | --- | --- |"]
+        L += [
+            "",
+            f"x2 weight: p(<|vision_start|>) at the second decision point of held-out edits, trained where img2 is drawn in "
+            f"{100 * study['p_train']:.0f}% of the editing samples",
+            "",
+            "| weight | measured p [95% CI] | weighted-CE optimum |",
+            "| --- | --- | --- |",
+        ]
         L += [f"| {w} | {_fmt(v)} | {100 * study['optimum'][w]:.1f} |" for w, v in study["measured"].items()]
     return "\n".join(L)
 
-def weight_study(cfg, out: Path, steps: int, heldout: list[dict], seed: int = 0, progress: bool = True, limit_train=None) -> dict:
+
+def weight_study(
+    cfg, out: Path, steps: int, heldout: list[dict], seed: int = 0, progress: bool = True, limit_train=None
+) -> dict:
     "Train with weight 1 and 2 on the mix where half the edits stop before img2; p(<|vision_start|>) at that point."
     from latentcot.pipeline import bootstrap_ci
+
     samples = unified_samples(limit=limit_train, drop_second_image=0.5, seed=seed)
     edits = [s for s in samples if s["sample_id"].startswith("edit")]
     p_train = sum(sum(k == "draw" for k, _ in s["assistant"]) == 2 for s in edits) / len(edits)
     measured = {}
     for w in (1.0, 2.0):
-        m = UnifiedModel.from_kits(cfg=UnifiedConfig(special_token_weight=w, fm_batch_mul=1, head_width=64, head_depth=1), seed=seed)
+        m = UnifiedModel.from_kits(
+            cfg=UnifiedConfig(special_token_weight=w, fm_batch_mul=1, head_width=64, head_depth=1), seed=seed
+        )
         final = train_unified(m, samples, cfg, out / f"weight_{w:g}", steps, trackers=(), progress=progress)
         ps = start_probability(load_unified(final), [edit_sample(r) for r in heldout])
         measured[f"{w:g}"] = dict(zip(("mean", "low", "high"), bootstrap_ci(ps)))
-    return dict(p_train=p_train, measured=measured, optimum={f"{w:g}": weighted_optimum(p_train, w) for w in (1.0, 2.0)}, steps=steps)
+    return dict(
+        p_train=p_train,
+        measured=measured,
+        optimum={f"{w:g}": weighted_optimum(p_train, w) for w in (1.0, 2.0)},
+        steps=steps,
+    )
+
 
 def run_unified(a: RunUnifiedArgs) -> dict:
     "Train, evaluate on held-out data, write the report; returns the metrics."
@@ -874,43 +1248,85 @@ def run_unified(a: RunUnifiedArgs) -> dict:
     from latentcot.data import load_samples
     from latentcot.datagen import load_edit_records
     from latentcot.demo import default_data_dir
-    t0, out = time.time(), Path(a.out); out.mkdir(parents=True, exist_ok=True)
+
+    t0, out = time.time(), Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
     cfg = load_config().replace(bsz=a.batch_size, grad_accum_steps=1, learning_rate=a.lr, seed=a.seed, warmup_steps=10)
-    ucfg = UnifiedConfig(special_token_weight=a.special_token_weight, fm_batch_mul=a.fm_batch_mul, head_width=a.head_width,
-                         num_timesteps=a.num_timesteps, input_noise=a.input_noise)
+    ucfg = UnifiedConfig(
+        special_token_weight=a.special_token_weight,
+        fm_batch_mul=a.fm_batch_mul,
+        head_width=a.head_width,
+        num_timesteps=a.num_timesteps,
+        input_noise=a.input_noise,
+    )
     model = UnifiedModel.from_kits(cfg=ucfg, seed=a.seed)
-    final = train_unified(model, unified_samples(limit=a.limit_train), cfg, out / "train", a.steps, save_every=max(a.steps // 2, 1),
-                          resume=not a.no_resume, trackers=(), progress=not a.quiet)
+    final = train_unified(
+        model,
+        unified_samples(limit=a.limit_train),
+        cfg,
+        out / "train",
+        a.steps,
+        save_every=max(a.steps // 2, 1),
+        resume=not a.no_resume,
+        trackers=(),
+        progress=not a.quiet,
+    )
     t_train = time.time()
     model = load_unified(final)
     d = default_data_dir()
-    heldout = load_edit_records(d / "edit" / "heldout.jsonl")[:a.limit_edits]
-    qa = load_samples(d / "visual" / "heldout.jsonl")[0][:a.limit_qa]
+    heldout = load_edit_records(d / "edit" / "heldout.jsonl")[: a.limit_edits]
+    qa = load_samples(d / "visual" / "heldout.jsonl")[0][: a.limit_qa]
     rows, gens = evaluate_unified(model, heldout, qa, num_timesteps=a.num_timesteps, seed=a.seed, progress=not a.quiet)
     dec, img = decision_metrics(rows), image_metrics(rows)
     tf = image_metrics(teacher_forced_scores(model, heldout, a.num_timesteps, a.seed))["both"]
     img["both, teacher-forced patches (diagnostic)"] = tf
     t_eval = time.time()
-    study = weight_study(cfg, out, a.study_steps, heldout, a.seed, not a.quiet, a.limit_train) if a.weight_study else None
+    study = (
+        weight_study(cfg, out, a.study_steps, heldout, a.seed, not a.quiet, a.limit_train) if a.weight_study else None
+    )
     _atomic_write(out / "grid.png", unified_grid(heldout, gens))
-    caps = dict(cap_hits=sum(r["cap_hits"] for r in rows), early_ends=sum(r["early_ends"] for r in rows),
-                hit_max_length=sum(r["hit_max_length"] for r in rows), images=sum(r["images"] for r in rows))
-    seconds = dict(train=t_train - t0, evaluate=t_eval - t_train, weight_study=time.time() - t_eval, total=time.time() - t0)
-    metrics = dict(decision=dec, images=img, endings=caps, weight_study=study, args=asdict(a), seconds=seconds,
-                   load_average=os.getloadavg(), cpus=os.cpu_count(), torch_threads=torch.get_num_threads())
+    caps = dict(
+        cap_hits=sum(r["cap_hits"] for r in rows),
+        early_ends=sum(r["early_ends"] for r in rows),
+        hit_max_length=sum(r["hit_max_length"] for r in rows),
+        images=sum(r["images"] for r in rows),
+    )
+    seconds = dict(
+        train=t_train - t0, evaluate=t_eval - t_train, weight_study=time.time() - t_eval, total=time.time() - t0
+    )
+    metrics = dict(
+        decision=dec,
+        images=img,
+        endings=caps,
+        weight_study=study,
+        args=asdict(a),
+        seconds=seconds,
+        load_average=os.getloadavg(),
+        cpus=os.cpu_count(),
+        torch_threads=torch.get_num_threads(),
+    )
     _atomic_write(out / "metrics.json", json.dumps(metrics, indent=1, default=str))
     _atomic_write(out / "rows.jsonl", "".join(json.dumps(r, default=str) + "\n" for r in rows))
     table = unified_table(dec, img, study)
-    _atomic_write(out / "table.md", f"Unified model, {a.steps} steps; held-out: {len(heldout)} edits, {len(qa)} QA prompts; greedy; "
-                  f"{a.num_timesteps} Euler steps per patch. Mean [95% bootstrap interval].\n\n{table}\n\n"
-                  f"Image endings: {caps}\n\nSeconds: { {k: round(v) for k, v in seconds.items()} }\n")
+    _atomic_write(
+        out / "table.md",
+        f"Unified model, {a.steps} steps; held-out: {len(heldout)} edits, {len(qa)} QA prompts; greedy; "
+        f"{a.num_timesteps} Euler steps per patch. Mean [95% bootstrap interval].\n\n{table}\n\n"
+        f"Image endings: {caps}\n\nSeconds: { {k: round(v) for k, v in seconds.items()} }\n",
+    )
     return metrics
+
 
 def run_main(argv: list[str] | None = None) -> int:
     "`latentcot run unified [--out DIR] [...]`: train, evaluate, report."
     from latentcot.config import cli_parser
-    (a,) = cli_parser(RunUnifiedArgs, config=False, prog="latentcot run unified",
-                      description="Train the unified model and evaluate it on held-out data.").parse_args_into_dataclasses(args=argv)
+
+    (a,) = cli_parser(
+        RunUnifiedArgs,
+        config=False,
+        prog="latentcot run unified",
+        description="Train the unified model and evaluate it on held-out data.",
+    ).parse_args_into_dataclasses(args=argv)
     m = run_unified(a)
     print((Path(a.out) / "table.md").read_text())
     return 0
@@ -919,10 +1335,13 @@ def run_main(argv: list[str] | None = None) -> int:
 @dataclass
 class UnifiedCliArgs:
     "Flags of `latentcot unified`."
+
     prompt: str = field(metadata={"help": "the user's text (an edit instruction, a question)"})
     out: str = field(metadata={"help": "folder for the segments (segment_NN.txt / .png) and sequence.json"})
     image: str | None = field(default=None, metadata={"help": "input image (img0)"})
-    model: str = field(default="runs/unified/train/final", metadata={"help": "a unified model folder (latentcot run unified)"})
+    model: str = field(
+        default="runs/unified/train/final", metadata={"help": "a unified model folder (latentcot run unified)"}
+    )
     force_image_generation: bool = field(default=False, metadata={"help": "start the answer with <|vision_start|>"})
     max_length: int = field(default=500, metadata={"help": "longest sequence, prompt included"})
     do_sample: bool = field(default=True, metadata={"help": "sample text (--no_do_sample: argmax)"})
@@ -931,39 +1350,61 @@ class UnifiedCliArgs:
     max_patches: int | None = field(default=None, metadata={"help": "cap on patches per image (default: the grid)"})
     seed: int = field(default=0, metadata={"help": "noise and sampling seed"})
 
+
 def write_generated(g: Generated, out) -> dict:
     "Write `g`'s segments into `out` (segment_NN.txt / .png) and `sequence.json`; returns the manifest."
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     items = []
     for i, (k, v) in enumerate(g.segments):
         name = f"segment_{i:02d}." + ("txt" if k == "text" else "png")
-        _atomic_write(out / name, v); items.append(dict(kind=k, file=name))
-    man = dict(sample_id=g.sample_id, segments=items, patches=[len(p) for p in g.patches], cap_hits=g.cap_hits,
-               early_ends=g.early_ends, hit_max_length=g.hit_max_length)
+        _atomic_write(out / name, v)
+        items.append(dict(kind=k, file=name))
+    man = dict(
+        sample_id=g.sample_id,
+        segments=items,
+        patches=[len(p) for p in g.patches],
+        cap_hits=g.cap_hits,
+        early_ends=g.early_ends,
+        hit_max_length=g.hit_max_length,
+    )
     _atomic_write(out / "sequence.json", json.dumps(man, indent=1))
     return man
+
 
 def unified_main(argv: list[str] | None = None) -> int:
     "`latentcot unified --image img0.png --prompt ... --out DIR`: interleaved text and images from a unified model."
     from latentcot.config import cli_parser
-    (a,) = cli_parser(UnifiedCliArgs, config=False, prog="latentcot unified",
-                      description="Generate text and images, the model deciding when to draw.").parse_args_into_dataclasses(args=argv)
+
+    (a,) = cli_parser(
+        UnifiedCliArgs,
+        config=False,
+        prog="latentcot unified",
+        description="Generate text and images, the model deciding when to draw.",
+    ).parse_args_into_dataclasses(args=argv)
     if not (Path(a.model) / "unified.json").is_file():
-        raise SystemExit(f"--model {a.model}: not a unified model folder; train one with `latentcot run unified --out runs/unified`")
+        raise SystemExit(
+            f"--model {a.model}: not a unified model folder; train one with `latentcot run unified --out runs/unified`"
+        )
     eng = UnifiedImageEditingInference(a.model, a.num_timesteps, a.max_patches, a.seed)
-    g = eng.autoregressive_multi_modal_generation(a.prompt, a.image, a.force_image_generation, a.max_length, a.do_sample,
-                                                  a.temperature)
+    g = eng.autoregressive_multi_modal_generation(
+        a.prompt, a.image, a.force_image_generation, a.max_length, a.do_sample, a.temperature
+    )
     man = write_generated(g, a.out)
     for s, (k, v) in zip(man["segments"], g.segments):
         print(f"{s['file']}: " + (v if k == "text" else f"image {v.size[0]}x{v.size[1]}"))
-    print(f"images ended by the model early: {g.early_ends}, by the cap: {g.cap_hits}; max_length reached: {g.hit_max_length}")
+    print(
+        f"images ended by the model early: {g.early_ends}, by the cap: {g.cap_hits}; max_length reached: {g.hit_max_length}"
+    )
     return 0
 
 # %% ../nbs/23_unified.ipynb #a56c696b
 class SequenceStepper:
     "ipywidgets view of a `Generated` sequence: text so far and the current image filling in, one event per slider step."
+
     def __init__(self, model: UnifiedModel, g: Generated, scale: int = 4):
         import ipywidgets as W
+
         self.model, self.g, self.scale = model, g, scale
         self.slider = W.IntSlider(min=0, max=len(g.events), value=len(g.events), description="event")
         self.text, self.image, self.label = W.HTML(), W.Image(format="png"), W.Label()
@@ -976,21 +1417,30 @@ class SequenceStepper:
         ids, tok = self.model.ids, self.model.processor.tokenizer
         parts, run, img, k, n_img = [], [], None, 0, 0
         for ev in self.g.events[:n]:
-            if ev[0] == "patch": img, k = ev[1], ev[2] + 1; continue
+            if ev[0] == "patch":
+                img, k = ev[1], ev[2] + 1
+                continue
             t = ev[1]
             if t == ids.vision_start:
-                parts.append(tok.decode(run)); run = []; parts.append(f"[image {n_img}]"); img, k = n_img, 0; n_img += 1
-            elif t not in (ids.vision_end, ids.vision_pad, ids.im_end, ids.pad): run.append(t)
+                parts.append(tok.decode(run))
+                run = []
+                parts.append(f"[image {n_img}]")
+                img, k = n_img, 0
+                n_img += 1
+            elif t not in (ids.vision_end, ids.vision_pad, ids.im_end, ids.pad):
+                run.append(t)
         parts.append(tok.decode(run))
         return " ".join(p for p in parts if p), img, k
 
     def _draw(self):
         import html, io
+
         text, img, k = self.state(self.slider.value)
         self.text.value = f"<div style='max-width:420px;white-space:pre-wrap'>{html.escape(text)}</div>"
         if img is not None and img < len(self.g.patches):
             im = _decode(self.model, self.g.patches[img][:k], self.g.grids[img])
-            buf = io.BytesIO(); im.resize((im.width * self.scale, im.height * self.scale), Image.NEAREST).save(buf, format="PNG")
+            buf = io.BytesIO()
+            im.resize((im.width * self.scale, im.height * self.scale), Image.NEAREST).save(buf, format="PNG")
             self.image.value = buf.getvalue()
         where = f"; image {img}: {k} patch(es)" if img is not None else ""
         self.label.value = f"event {self.slider.value} of {len(self.g.events)}{where}"
@@ -999,7 +1449,10 @@ class SequenceStepper:
 @dataclass
 class BenchUnifiedArgs:
     "Flags of `latentcot bench unified`."
-    model: str = field(default="runs/unified/train/final", metadata={"help": "a unified model (an untrained one if missing)"})
+
+    model: str = field(
+        default="runs/unified/train/final", metadata={"help": "a unified model (an untrained one if missing)"}
+    )
     out: str | None = field(default=None, metadata={"help": "write bench.json here"})
     patches: int = field(default=16, metadata={"help": "patches of the cached-vs-recompute comparison"})
     repeats: int = field(default=3, metadata={"help": "timings per setting (median)"})
@@ -1007,30 +1460,46 @@ class BenchUnifiedArgs:
     limit_edits: int = field(default=20, metadata={"help": "held-out edits of the flow-steps sweep"})
     threads: int = field(default=1, metadata={"help": "torch threads"})
 
+
 def _median_time(fn, repeats: int) -> float:
     ts = []
     for _ in range(repeats):
-        t = time.perf_counter(); fn(); ts.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
     return float(np.median(ts))
+
 
 def bench_unified(a: BenchUnifiedArgs) -> dict:
     "Cached vs recompute ratio, seconds per image, flow steps vs changed-cell accuracy."
     from latentcot.datagen import load_edit_records
     from latentcot.demo import default_data_dir
+
     torch.set_num_threads(a.threads)
     trained = (Path(a.model) / "unified.json").is_file()
     model = (load_unified(a.model) if trained else UnifiedModel.from_kits()).eval()
     recs = load_edit_records(default_data_dir() / "edit" / "heldout.jsonl")
     p = [prompt_of(edit_sample(recs[0]))]
     n_prompt = int(model.collator().layout(p, generation_prompt=True)["attention_mask"].sum())
-    res = dict(model=a.model if trained else "untrained (no model at --model)", load_average=os.getloadavg(), threads=a.threads)
+    res = dict(
+        model=a.model if trained else "untrained (no model at --model)",
+        load_average=os.getloadavg(),
+        threads=a.threads,
+    )
     for T in (1, model.cfg.num_timesteps):
-        kw = dict(force_image_generation=True, max_patches=a.patches, max_length=n_prompt + a.patches + 1, num_timesteps=T,
-                  decode_images=False)
+        kw = dict(
+            force_image_generation=True,
+            max_patches=a.patches,
+            max_length=n_prompt + a.patches + 1,
+            num_timesteps=T,
+            decode_images=False,
+        )
         drawn = len(generate(model, p, **kw)[0].patches[0])
         tc = _median_time(lambda: generate(model, p, **kw), a.repeats)
         tr = _median_time(lambda: generate(model, p, use_cache=False, **kw), a.repeats)
-        res[f"cache_vs_recompute_T{T}"] = dict(patches=drawn, prompt_tokens=n_prompt, cached_s=tc, recompute_s=tr, ratio=tr / tc)
+        res[f"cache_vs_recompute_T{T}"] = dict(
+            patches=drawn, prompt_tokens=n_prompt, cached_s=tc, recompute_s=tr, ratio=tr / tc
+        )
     for bs in (1, 8):
         ps = [prompt_of(edit_sample(r)) for r in recs[:bs]]
         gs = []
@@ -1039,7 +1508,7 @@ def bench_unified(a: BenchUnifiedArgs) -> dict:
         res[f"seconds_per_image_batch{bs}"] = dict(seconds=t, images=n_img, per_image=t / max(n_img, 1))
     sweep = {}
     for T in [int(x) for x in a.flow_steps.split(",")]:
-        rows, _ = evaluate_unified(model, recs[:a.limit_edits], [], num_timesteps=T, progress=False)
+        rows, _ = evaluate_unified(model, recs[: a.limit_edits], [], num_timesteps=T, progress=False)
         sweep[T] = image_metrics(rows, n_boot=500)["both"]["changed"]
     res["flow_steps_vs_changed_cells"] = sweep
     if a.out:
@@ -1047,18 +1516,28 @@ def bench_unified(a: BenchUnifiedArgs) -> dict:
         _atomic_write(Path(a.out) / "bench.json", json.dumps(res, indent=1, default=str))
     return res
 
+
 def bench_unified_main(argv: list[str] | None = None) -> int:
     "`latentcot bench unified [--model DIR] [--out DIR]`."
     from latentcot.config import cli_parser
-    (a,) = cli_parser(BenchUnifiedArgs, config=False, prog="latentcot bench unified",
-                      description="KV-cached vs recompute, seconds per image, flow steps vs accuracy.").parse_args_into_dataclasses(args=argv)
+
+    (a,) = cli_parser(
+        BenchUnifiedArgs,
+        config=False,
+        prog="latentcot bench unified",
+        description="KV-cached vs recompute, seconds per image, flow steps vs accuracy.",
+    ).parse_args_into_dataclasses(args=argv)
     r = bench_unified(a)
     for T in sorted({1, 20} | {int(k.rsplit("T", 1)[1]) for k in r if k.startswith("cache_vs")}):
-        if (c := r.get(f"cache_vs_recompute_T{T}")):
-            print(f"{c['patches']} patches, {T} Euler step(s)/patch, prompt {c['prompt_tokens']} tokens: cached {c['cached_s']:.3f} s, "
-                  f"recompute {c['recompute_s']:.3f} s, ratio {c['ratio']:.1f}x")
+        if c := r.get(f"cache_vs_recompute_T{T}"):
+            print(
+                f"{c['patches']} patches, {T} Euler step(s)/patch, prompt {c['prompt_tokens']} tokens: cached {c['cached_s']:.3f} s, "
+                f"recompute {c['recompute_s']:.3f} s, ratio {c['ratio']:.1f}x"
+            )
     for bs in (1, 8):
-        s = r[f"seconds_per_image_batch{bs}"]; print(f"batch {bs}: {s['per_image']:.2f} s per drawn image ({s['images']} images)")
-    for T, v in r["flow_steps_vs_changed_cells"].items(): print(f"{T:>3} Euler steps/patch: changed cells {_fmt(v)} %")
+        s = r[f"seconds_per_image_batch{bs}"]
+        print(f"batch {bs}: {s['per_image']:.2f} s per drawn image ({s['images']} images)")
+    for T, v in r["flow_steps_vs_changed_cells"].items():
+        print(f"{T:>3} Euler steps/patch: changed cells {_fmt(v)} %")
     print(f"load average {r['load_average']}")
     return 0

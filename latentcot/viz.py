@@ -13,8 +13,11 @@ from .report import COS_KEY, STOP_KEY, plot_latent_cosine
 from .trainer import read_metrics
 from .masks import MaskExplorer, mask_explorer  # re-exported, so every widget is in latentcot.viz
 
+
 def _png(fig) -> bytes:
-    buf = io.BytesIO(); fig.savefig(buf, format="png"); return buf.getvalue()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
 
 # %% auto #0
 __all__ = ['CosineCurves', 'cosine_curves', 'StopProbs', 'stop_probs', 'nearest_tokens']
@@ -22,8 +25,10 @@ __all__ = ['CosineCurves', 'cosine_curves', 'StopProbs', 'stop_probs', 'nearest_
 # %% ../nbs/17_viz.ipynb #e3ebb1ea
 class CosineCurves:
     "Cosine to the teacher per latent index across training steps; `.refresh()` re-reads the log, `.on_step` appends live."
+
     def __init__(self, metrics_path=None, records: list[dict] | None = None):
         import ipywidgets as W
+
         self.path = Path(metrics_path) if metrics_path else None
         self.records = list(records or [])
         self.image = W.Image(format="png")
@@ -34,18 +39,21 @@ class CosineCurves:
 
     def refresh(self):
         "Re-read the metrics file (if any) and redraw."
-        if self.path is not None: self.records = read_metrics(self.path)
+        if self.path is not None:
+            self.records = read_metrics(self.path)
         self._draw()
 
     def on_step(self, rec: dict):
         "Trainer callback: add one step's record and redraw (cheap enough for a few hundred steps)."
-        self.records.append(rec); self._draw()
+        self.records.append(rec)
+        self._draw()
 
     def _draw(self):
         self.fig = plot_latent_cosine(self.records)
         self.image.value = _png(self.fig)
         n = sum(isinstance(r.get(COS_KEY), list) for r in self.records)
         self.status.value = f"{n} step(s) with cosine statistics"
+
 
 def cosine_curves(metrics_path=None, records=None) -> CosineCurves:
     "A live latent-cosine widget over a metrics log (or records)."
@@ -54,11 +62,14 @@ def cosine_curves(metrics_path=None, records=None) -> CosineCurves:
 # %% ../nbs/17_viz.ipynb #1cd5e0b5
 class StopProbs:
     "Stop probability per latent step at one training step (slider), with the threshold and the mean `used_len` marked."
+
     def __init__(self, metrics_path=None, records: list[dict] | None = None, threshold: float = 0.5):
         import ipywidgets as W
+
         recs = read_metrics(metrics_path) if metrics_path else list(records or [])
         self.records = [r for r in recs if isinstance(r.get(STOP_KEY), list)]
-        if not self.records: raise ValueError(f"no {STOP_KEY!r} statistics in {metrics_path or 'the records'} (a mode C run logs them)")
+        if not self.records:
+            raise ValueError(f"no {STOP_KEY!r} statistics in {metrics_path or 'the records'} (a mode C run logs them)")
         self.threshold = threshold
         self.slider = W.IntSlider(min=0, max=len(self.records) - 1, value=len(self.records) - 1, description="record")
         self.image, self.label = W.Image(format="png"), W.Label()
@@ -68,21 +79,32 @@ class StopProbs:
         self._draw()
 
     @property
-    def current(self) -> dict: return self.records[self.slider.value]
+    def current(self) -> dict:
+        return self.records[self.slider.value]
 
     def _draw(self):
         from matplotlib.figure import Figure
+
         r = self.current
-        fig = Figure(figsize=(5, 3.2), dpi=100); ax = fig.add_subplot()
+        fig = Figure(figsize=(5, 3.2), dpi=100)
+        ax = fig.add_subplot()
         ps = r[STOP_KEY]
-        ax.bar(range(1, len(ps) + 1), ps, color="tab:purple", alpha=.8, label="mean p_stop")
+        ax.bar(range(1, len(ps) + 1), ps, color="tab:purple", alpha=0.8, label="mean p_stop")
         ax.axhline(self.threshold, color="k", ls="--", lw=1, label=f"threshold {self.threshold}")
-        if "used_len" in r: ax.axvline(r["used_len"], color="tab:red", lw=1.5, label=f"mean used_len {r['used_len']:.2f}")
-        if "budget" in r: ax.axvline(r["budget"], color="tab:gray", lw=1, ls=":", label=f"mean budget {r['budget']:.2f}")
-        ax.set_ylim(0, 1); ax.set_xlabel("latent step in segment"); ax.set_ylabel("p_stop"); ax.legend(fontsize=7)
-        ax.set_title(f"step {r['step']}"); fig.tight_layout()
-        self.fig = fig; self.image.value = _png(fig)
+        if "used_len" in r:
+            ax.axvline(r["used_len"], color="tab:red", lw=1.5, label=f"mean used_len {r['used_len']:.2f}")
+        if "budget" in r:
+            ax.axvline(r["budget"], color="tab:gray", lw=1, ls=":", label=f"mean budget {r['budget']:.2f}")
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("latent step in segment")
+        ax.set_ylabel("p_stop")
+        ax.legend(fontsize=7)
+        ax.set_title(f"step {r['step']}")
+        fig.tight_layout()
+        self.fig = fig
+        self.image.value = _png(fig)
         self.label.value = f"training step {r['step']} of {self.records[-1]['step']}"
+
 
 def stop_probs(metrics_path=None, records=None, threshold: float = 0.5) -> StopProbs:
     "A stop-probability widget with a slider over the logged training steps."
@@ -92,8 +114,12 @@ def stop_probs(metrics_path=None, records=None, threshold: float = 0.5) -> StopP
 def nearest_tokens(latents, model, tokenizer, k: int = 5) -> list[list[tuple[str, float]]]:
     "For each latent `[N,H]`, the `k` vocabulary tokens whose input embeddings are most cosine-similar, with the cosine."
     import torch
+
     E = model.get_input_embeddings().weight.detach().float()
     z = torch.nn.functional.normalize(latents.detach().float().to(E.device), dim=-1)
     sims = z @ torch.nn.functional.normalize(E, dim=-1).T
     top = sims.topk(k, dim=-1)
-    return [[(tokenizer.convert_ids_to_tokens(int(i)), float(v)) for v, i in zip(vs, ix)] for vs, ix in zip(top.values, top.indices)]
+    return [
+        [(tokenizer.convert_ids_to_tokens(int(i)), float(v)) for v, i in zip(vs, ix)]
+        for vs, ix in zip(top.values, top.indices)
+    ]
