@@ -14,8 +14,8 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 # %% auto #0
 __all__ = ['MASK_FLAGS', 'ALIASES', 'TRAINING_ONLY', 'FAULT_ENV', 'ConfigError', 'LatentCoTConfig', 'parse_value', 'check_config',
            'find_settings', 'read_settings', 'from_mapping', 'load_config', 'SettingsArgs', 'cli_parser',
-           'add_config_args', 'flag_view', 'parse_cli', 'config_from_args', 'save_config', 'load_config_json',
-           'cache_root', 'positive_int', 'fault_point']
+           'add_config_args', 'flag_view', 'parse_cli', 'config_flags_given', 'config_from_args', 'save_config',
+           'load_config_json', 'cache_root', 'positive_int', 'fault_point']
 
 # %% ../nbs/00_config.ipynb #364b7187
 class ConfigError(ValueError):
@@ -462,9 +462,14 @@ def parse_cli(parser, argv=None, arg_types=None) -> tuple:
         parser.error(str(e))  # a bad flag or settings value: a usage error naming where it came from
 
 
+def config_flags_given(args) -> set[str]:
+    "The `LatentCoTConfig` fields a parsed command line `args` sets (the parser leaves the others None)."
+    return {f.name for f in fields(LatentCoTConfig) if getattr(args, f.name, None) is not None}
+
+
 def config_from_args(args) -> LatentCoTConfig:
     "The config from `--settings` (or the default file) overridden by the flags actually given."
-    given = {f.name: getattr(args, f.name) for f in fields(LatentCoTConfig) if getattr(args, f.name, None) is not None}
+    given = {k: getattr(args, k) for k in config_flags_given(args)}
     if isinstance(given.get("loss_type"), list):
         given["loss_type"] = " ".join(given["loss_type"])
     cfg = load_config(getattr(args, "settings", None))

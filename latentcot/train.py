@@ -13,7 +13,14 @@ import torch
 
 from dataclasses import dataclass, field
 from typing import Literal
-from .config import LatentCoTConfig, cli_parser, config_from_args, parse_cli, positive_int
+from latentcot.config import (
+    LatentCoTConfig,
+    cli_parser,
+    config_flags_given,
+    config_from_args,
+    parse_cli,
+    positive_int,
+)
 from .model import LatentCoTModel, LatentCoTOutput, TeacherTargets
 from .trainer import StepResult, train_loop
 
@@ -307,9 +314,10 @@ def run_info(args: argparse.Namespace) -> dict:
     return info
 
 
-def run(args: argparse.Namespace, cfg: LatentCoTConfig | None = None):
+def run(args: argparse.Namespace, cfg: LatentCoTConfig | None = None, given: set[str] | None = None):
     """Train the stage `args` describe; returns the final checkpoint folder. A resume with other settings, a damaged
-    checkpoint or teacher file, and a non-finite loss stop the run with an error, before `final/` is written."""
+    checkpoint or teacher file, and a non-finite loss stop the run with an error, before `final/` is written.
+    `given`: the config fields the command line set (a stage's own defaults fill the rest; None: `cfg` as it is)."""
     from latentcot.tiny import tiny_kit_path
     from latentcot.data import load_samples, SampleDataset
     from latentcot.collators import LatentCollator
@@ -320,7 +328,8 @@ def run(args: argparse.Namespace, cfg: LatentCoTConfig | None = None):
     args.stage = STAGE_ALIASES.get(args.stage, args.stage)
     if getattr(args, "data", None):
         args.data = str(data_file(args.data))
-    cfg = cfg or config_from_args(args)
+    if cfg is None:
+        cfg, given = config_from_args(args), config_flags_given(args)
     if args.stage == "mmdit":  # the generator: its own data and model (latentcot.mmdit)
         from latentcot.mmdit import run_mmdit_stage
 
@@ -328,7 +337,7 @@ def run(args: argparse.Namespace, cfg: LatentCoTConfig | None = None):
     if args.stage == "unified":  # seed 004: its own model and collator (latentcot.unified)
         from latentcot.unified import run_unified_training
 
-        return run_unified_training(args, cfg)
+        return run_unified_training(args, cfg, given)
     from accelerate import PartialState
     from accelerate.utils import DistributedType
 
@@ -439,10 +448,12 @@ def main(argv: list[str] | None = None) -> int:
     "CLI entry point (`python -m latentcot.train`, `accelerate launch -m latentcot.train`, `latentcot train`)."
     import sys
 
-    args, cfg = parse_cli(build_parser(), argv, (TrainArgs,))
+    parser = build_parser()
+    args, cfg = parse_cli(parser, argv, (TrainArgs,))
+    given = config_flags_given(parser.parse_args(argv))
     if args.deepspeed:
         deepspeed_env(args.deepspeed, sys.argv[1:] if argv is None else argv)
-    print(run(args, cfg))
+    print(run(args, cfg, given))
     from accelerate import PartialState
 
     PartialState().destroy_process_group()  # after the final save and barrier; a no-op with one process

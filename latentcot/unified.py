@@ -6,8 +6,8 @@ Docs: https://latentcot.github.io/latentcot/unified.html.md"""
 
 # %% ../nbs/23_unified.ipynb #33a24ce5
 from __future__ import annotations
-import json, math, os, shutil, tempfile, time
-from dataclasses import dataclass, field, asdict
+import json, math, os, shutil, sys, tempfile, time
+from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +20,12 @@ from .mmdit import check_image_size, decode_latents, encode_images, grid_scores,
 from .mmdit_kit import tensor_to_images
 
 # %% auto #0
-__all__ = ['SYSTEM_PROMPT', 'UNIFIED_VERSION', 'UnifiedConfig', 'UnifiedIds', 'vae_factor', 'patch_grid', 'image_patches',
-           'patches_to_images', 'AdaLNBlock', 'FlowHead', 'flow_pair', 'euler_sample', 'edit_sample', 'qa_sample',
-           'render_text', 'patch_grid_thw', 'image_block_offsets', 'UnifiedCollator', 'UnifiedOutput', 'UnifiedModel',
-           'save_unified', 'load_unified', 'Generated', 'prompt_sample', 'generate', 'UnifiedImageEditingInference',
-           'unified_samples', 'unified_step', 'train_unified', 'run_unified_training', 'prompt_of', 'evaluate_unified',
+__all__ = ['SYSTEM_PROMPT', 'UNIFIED_VERSION', 'UNIFIED_TRAIN_DEFAULTS', 'UNIFIED_STEPS', 'UnifiedConfig', 'UnifiedIds',
+           'vae_factor', 'patch_grid', 'image_patches', 'patches_to_images', 'AdaLNBlock', 'FlowHead', 'flow_pair',
+           'euler_sample', 'edit_sample', 'qa_sample', 'render_text', 'patch_grid_thw', 'image_block_offsets',
+           'UnifiedCollator', 'UnifiedOutput', 'UnifiedModel', 'save_unified', 'load_unified', 'Generated',
+           'prompt_sample', 'generate', 'UnifiedImageEditingInference', 'unified_train_settings', 'unified_samples',
+           'unified_step', 'train_unified', 'run_unified_training', 'prompt_of', 'evaluate_unified',
            'teacher_forced_scores', 'decision_metrics', 'image_metrics', 'start_probability', 'weighted_optimum',
            'RunUnifiedArgs', 'unified_grid', 'unified_table', 'weight_study', 'run_unified', 'run_main',
            'UnifiedCliArgs', 'write_generated', 'unified_main', 'SequenceStepper', 'BenchUnifiedArgs', 'bench_unified',
@@ -119,7 +120,8 @@ def patch_grid(height: int, width: int, vae) -> tuple[int, int]:
 
 
 def image_patches(vae, images) -> list[torch.Tensor]:
-    "`[n,patch_dim]` patches (normalised latents, packed 2x2, row-major) of each image (PIL or path); same-size runs batch."
+    """`[n,patch_dim]` patches (normalised latents, packed 2x2, row-major) of each image (PIL or path); same-size runs
+    batch."""
     ims = [Image.open(p).convert("RGB") if isinstance(p, (str, Path)) else p.convert("RGB") for p in images]
     for p, im in zip(images, ims):
         try:
@@ -244,7 +246,8 @@ def _check_text(sample_id, text: str):
 
 
 def render_text(sample: dict, grid_of, input_vae_patches: bool = True, generation_prompt: bool = False) -> str:
-    "The chat text of `sample`; `grid_of(path) -> (rows, cols)` sizes the patch runs; `generation_prompt`: the prompt (+ any answer prefix)."
+    """The chat text of `sample`; `grid_of(path) -> (rows, cols)` sizes the patch runs; `generation_prompt`: the prompt
+    (+ any answer prefix)."""
 
     def part(kind, v):
         if kind == "text":
@@ -275,7 +278,8 @@ def patch_grid_thw(rows: int, cols: int, merge: int = 2) -> list[int]:
 
 
 def image_block_offsets(rope_model, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    "`(offsets [3,rows*cols], end [3])`: mRoPE positions of a patch block and its `<|vision_end|>`, minus `<|vision_start|>`'s."
+    """`(offsets [3,rows*cols], end [3])`: mRoPE positions of a patch block and its `<|vision_end|>`, minus
+    `<|vision_start|>`'s."""
     cfg = rope_model.config
     n, merge = rows * cols, cfg.vision_config.spatial_merge_size
     ids = torch.tensor([[cfg.vision_start_token_id] + [cfg.image_token_id] * n + [cfg.vision_end_token_id]])
@@ -332,7 +336,8 @@ class UnifiedCollator:
         return [Image.open(v).convert("RGB") for k, v in s["user"] if k == "image"]
 
     def layout(self, samples, generation_prompt: bool = False, padding_side: str = "right") -> dict:
-        "Token ids, masks, vision inputs, patches and mRoPE positions of `samples` (prompts only with `generation_prompt`)."
+        """Token ids, masks, vision inputs, patches and mRoPE positions of `samples` (prompts only with
+        `generation_prompt`)."""
         self.precompute(samples)
         texts = [render_text(s, self.grid_of, self.cfg.input_vae_patches, generation_prompt) for s in samples]
         vit = [im for s in samples for im in self._vit_images(s)]
@@ -398,7 +403,8 @@ class UnifiedCollator:
 # %% ../nbs/23_unified.ipynb #6c3a2881
 @dataclass
 class UnifiedOutput:
-    "Loss, its named terms and statistics (the trainer logs them), the hidden states and the logits at target positions."
+    """Loss, its named terms and statistics (the trainer logs them), the hidden states and the logits at target
+    positions."""
 
     loss: torch.Tensor
     terms: dict
@@ -460,7 +466,8 @@ class UnifiedModel(nn.Module):
         return h + self.pos(rc)
 
     def embed(self, batch: dict) -> torch.Tensor:
-        "Input embeddings: token rows, vision-tower features at `<|image_pad|>`, `patch_in(patch)` at `<|vision_pad|>`."
+        """Input embeddings: token rows, vision-tower features at `<|image_pad|>`, `patch_in(patch)` at
+        `<|vision_pad|>`."""
         ids = batch["input_ids"]
         emb = self.vlm.get_input_embeddings()(ids)
         if batch.get("pixel_values") is not None:
@@ -492,7 +499,8 @@ class UnifiedModel(nn.Module):
         return out.last_hidden_state, out.past_key_values
 
     def forward(self, batch: dict, generator: torch.Generator | None = None) -> UnifiedOutput:
-        "Teacher-forced loss of a collated batch: weighted CE (text, `<|vision_start|>` x w, continue/end) + flow loss."
+        """Teacher-forced loss of a collated batch: weighted CE (text, `<|vision_start|>` x w, continue/end) + flow
+        loss."""
         h, _ = self.hidden(self.embed(batch), batch["attention_mask"], batch["position_ids"])
         lab = batch["labels"][:, 1:]
         valid = lab != -100
@@ -535,7 +543,8 @@ class UnifiedModel(nn.Module):
     def from_kits(
         cls, vlm_path=None, vae_path=None, cfg: UnifiedConfig | None = None, seed: int = 0, attn_implementation="sdpa"
     ):
-        "A fresh unified model on a Qwen2.5-VL checkpoint (default: the calibrated tiny kit) and a Qwen-Image-layout VAE."
+        """A fresh unified model on a Qwen2.5-VL checkpoint (default: the calibrated tiny kit) and a Qwen-Image-layout
+        VAE."""
         from latentcot.tiny import calibrated_kit_path, load_model_and_processor
         from latentcot.mmdit_kit import load_mmdit_kit, mmdit_kit_path
 
@@ -838,7 +847,8 @@ class UnifiedImageEditingInference:
         do_sample: bool = True,
         temperature: float = 0.8,
     ) -> Generated:
-        "Text and images for `prompt` (and an optional input image); `force_image_generation` starts with `<|vision_start|>`."
+        """Text and images for `prompt` (and an optional input image); `force_image_generation` starts with
+        `<|vision_start|>`."""
         return generate(
             self.model,
             [prompt_sample(prompt, input_image)],
@@ -860,7 +870,8 @@ class UnifiedImageEditingInference:
         do_sample: bool = True,
         temperature: float = 0.8,
     ) -> Generated:
-        "Edit `image_path` by `edit_prompt`: the model writes, decides when to draw, draws patch by patch, and goes on."
+        """Edit `image_path` by `edit_prompt`: the model writes, decides when to draw, draws patch by patch, and goes
+        on."""
         if not use_autoregressive:
             raise ValueError(
                 "use_autoregressive=False (whole-image denoising, BAGEL's mode) is the MMDiT route: latentcot.mmdit"
@@ -868,6 +879,21 @@ class UnifiedImageEditingInference:
         return self.autoregressive_multi_modal_generation(
             edit_prompt, image_path, False, max_length, do_sample, temperature
         )
+
+# %% ../nbs/23_unified.ipynb #unified-defaults
+UNIFIED_TRAIN_DEFAULTS = dict(bsz=8, grad_accum_steps=1, learning_rate=2e-3, warmup_steps=10)
+UNIFIED_STEPS = 300  # optimizer steps when neither --max_steps nor --epochs is given
+
+
+def unified_train_settings(args, cfg, given: set[str] | None = None) -> tuple:
+    """`(cfg, max_steps, applied)`: the stage's defaults on `cfg` for each setting not in `given` (the config fields
+    the command line set; None: all of them, `cfg` is used as it is) and `args.max_steps`."""
+    given = {f.name for f in fields(cfg)} if given is None else given
+    applied = {k: v for k, v in UNIFIED_TRAIN_DEFAULTS.items() if k not in given}
+    max_steps = args.max_steps
+    if max_steps is None and "epochs" not in given:
+        max_steps = applied["max_steps"] = UNIFIED_STEPS
+    return cfg.replace(**{k: v for k, v in applied.items() if k != "max_steps"}), max_steps, applied
 
 # %% ../nbs/23_unified.ipynb #84bfa5c5
 def unified_samples(
@@ -944,10 +970,14 @@ def train_unified(
     return final
 
 
-def run_unified_training(args, cfg) -> Path:
-    "`python -m latentcot.train --stage unified`: `--data` editing triplets (default data_samples/edit), QA from data_samples/visual."
+def run_unified_training(args, cfg, given: set[str] | None = None) -> Path:
+    """`python -m latentcot.train --stage unified`: `--data` editing triplets (default data_samples/edit), QA from
+    data_samples/visual; the stage's own optimisation defaults (`unified_train_settings`) where no flag is given."""
     from latentcot.train import data_file, run_info
 
+    cfg, max_steps, applied = unified_train_settings(args, cfg, given)
+    if applied and not args.quiet:
+        print(f"note: unified stage defaults {applied} (pass the flags to override)", file=sys.stderr)
     base = args.model_name_or_path
     model = (
         load_unified(base)
@@ -961,7 +991,7 @@ def run_unified_training(args, cfg) -> Path:
         samples,
         cfg,
         args.output_dir,
-        args.max_steps,
+        max_steps,
         args.save_every,
         not args.no_resume,
         trackers,
@@ -1086,7 +1116,8 @@ def _ci(vals, n_boot: int) -> dict:
 
 
 def image_metrics(rows: list[dict], n_boot: int = 2000) -> dict:
-    "Changed-cell / all-cell accuracy and exact grids of the drawn img1 and img2 (missing images count 0), 95% intervals."
+    """Changed-cell / all-cell accuracy and exact grids of the drawn img1 and img2 (missing images count 0), 95%
+    intervals."""
     from latentcot.pipeline import bootstrap_ci
 
     out = {}
@@ -1129,9 +1160,11 @@ class RunUnifiedArgs:
     "Flags of `latentcot run unified`."
 
     out: str = field(default="runs/unified", metadata={"help": "report folder (training run in OUT/train)"})
-    steps: int = field(default=300, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=8, metadata={"help": "samples per step (editing and QA interleaved)"})
-    lr: float = field(default=2e-3, metadata={"help": "AdamW learning rate"})
+    steps: int = field(default=UNIFIED_STEPS, metadata={"help": "optimizer steps"})
+    batch_size: int = field(
+        default=UNIFIED_TRAIN_DEFAULTS["bsz"], metadata={"help": "samples per step (editing and QA interleaved)"}
+    )
+    lr: float = field(default=UNIFIED_TRAIN_DEFAULTS["learning_rate"], metadata={"help": "AdamW learning rate"})
     special_token_weight: float = field(
         default=2.0, metadata={"help": "CE weight of <|vision_start|> (seed 004: 2.0)"}
     )
@@ -1154,12 +1187,13 @@ class RunUnifiedArgs:
 
 
 def _atomic_write(path: Path, data):
-    tmp = path.with_name(f".{path.name}.tmp")
+    "Write a PIL image (as PNG) or text to `path` atomically."
+    from latentcot.fileio import atomic_write
+
     if isinstance(data, Image.Image):
-        data.save(tmp, format="PNG")
+        atomic_write(path, lambda f: data.save(f, format="PNG"))
     else:
-        tmp.write_text(data)
-    os.replace(tmp, path)
+        atomic_write(path, lambda f: Path(f).write_text(data))
 
 
 def unified_grid(recs: list[dict], gens: dict, n: int = 8, scale: int = 2) -> Image.Image:
@@ -1207,7 +1241,8 @@ def unified_table(dec: dict, img: dict, study: dict | None = None) -> str:
     if study:
         L += [
             "",
-            f"x2 weight: p(<|vision_start|>) at the second decision point of held-out edits, trained where img2 is drawn in "
+            "x2 weight: p(<|vision_start|>) at the second decision point of held-out edits, "
+            "trained where img2 is drawn in "
             f"{100 * study['p_train']:.0f}% of the editing samples",
             "",
             "| weight | measured p [95% CI] | weighted-CE optimum |",
@@ -1251,7 +1286,7 @@ def run_unified(a: RunUnifiedArgs) -> dict:
 
     t0, out = time.time(), Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = load_config().replace(bsz=a.batch_size, grad_accum_steps=1, learning_rate=a.lr, seed=a.seed, warmup_steps=10)
+    cfg = load_config().replace(**UNIFIED_TRAIN_DEFAULTS | dict(bsz=a.batch_size, learning_rate=a.lr, seed=a.seed))
     ucfg = UnifiedConfig(
         special_token_weight=a.special_token_weight,
         fm_batch_mul=a.fm_batch_mul,
@@ -1394,13 +1429,15 @@ def unified_main(argv: list[str] | None = None) -> int:
     for s, (k, v) in zip(man["segments"], g.segments):
         print(f"{s['file']}: " + (v if k == "text" else f"image {v.size[0]}x{v.size[1]}"))
     print(
-        f"images ended by the model early: {g.early_ends}, by the cap: {g.cap_hits}; max_length reached: {g.hit_max_length}"
+        f"images ended by the model early: {g.early_ends}, by the cap: {g.cap_hits}; "
+        f"max_length reached: {g.hit_max_length}"
     )
     return 0
 
 # %% ../nbs/23_unified.ipynb #a56c696b
 class SequenceStepper:
-    "ipywidgets view of a `Generated` sequence: text so far and the current image filling in, one event per slider step."
+    """ipywidgets view of a `Generated` sequence: text so far and the current image filling in, one event per slider
+    step."""
 
     def __init__(self, model: UnifiedModel, g: Generated, scale: int = 4):
         import ipywidgets as W
@@ -1531,7 +1568,8 @@ def bench_unified_main(argv: list[str] | None = None) -> int:
     for T in sorted({1, 20} | {int(k.rsplit("T", 1)[1]) for k in r if k.startswith("cache_vs")}):
         if c := r.get(f"cache_vs_recompute_T{T}"):
             print(
-                f"{c['patches']} patches, {T} Euler step(s)/patch, prompt {c['prompt_tokens']} tokens: cached {c['cached_s']:.3f} s, "
+                f"{c['patches']} patches, {T} Euler step(s)/patch, prompt {c['prompt_tokens']} tokens: "
+                f"cached {c['cached_s']:.3f} s, "
                 f"recompute {c['recompute_s']:.3f} s, ratio {c['ratio']:.1f}x"
             )
     for bs in (1, 8):

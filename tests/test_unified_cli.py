@@ -43,3 +43,6 @@ def test_train_stage_unified_resumes(tmp_path):
     assert "resuming from" in r.stdout
     steps = [json.loads(l)["step"] for l in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2] and (tmp_path / "t" / "final" / "unified.json").is_file()
+    # flags given win; the settings no flag names take the unified stage's defaults, not the latent stages' (lr 1e-5)
+    cfg = json.loads((tmp_path / "t" / "latentcot_config.json").read_text())
+    assert (cfg["bsz"], cfg["grad_accum_steps"], cfg["learning_rate"], cfg["warmup_steps"]) == (2, 1, 1e-3, 10)
