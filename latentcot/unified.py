@@ -64,7 +64,18 @@ class UnifiedConfig:
             "(against exposure bias); targets stay clean"
         },
     )
+    self_feed: float = field(
+        default=0.0,
+        metadata={
+            "help": "scheduled sampling: share of drawn patches fed back in training as the head's own sample "
+            "(given the true sequence before it) instead of the true patch; targets stay true (0: the seed's)"
+        },
+    )
+    self_feed_steps: int = field(default=2, metadata={"help": "Euler steps of those self-fed samples"})
     num_timesteps: int = field(default=20, metadata={"help": "Euler steps per patch at inference"})
+    patch_temperature: float = field(
+        default=1.0, metadata={"help": "scale of the starting noise of each drawn patch (MAR's temperature; 0: no noise)"}
+    )
     draw_size: int = field(default=64, metadata={"help": "side of a drawn image when the prompt has no input image"})
 
 # %% ../nbs/23_unified.ipynb #c0b3afc4
@@ -498,10 +509,31 @@ class UnifiedModel(nn.Module):
         )
         return out.last_hidden_state, out.past_key_values
 
+    @torch.no_grad()
+    def self_fed_patches(self, batch: dict, share: float, steps: int, generator=None) -> torch.Tensor:
+        """`batch["patches"]` with a `share` of the drawn (target) patches replaced by the head's own samples, each
+        drawn given the true sequence before it; input-image patches stay."""
+        h, _ = self.hidden(self.embed(batch), batch["attention_mask"], batch["position_ids"])
+        drawn = (batch["input_ids"] == self.ids.vision_pad) & (batch["labels"] != -100)
+        b, l = drawn.nonzero(as_tuple=True)
+        is_t = batch["patch_is_target"]
+        cond = self.head_cond(h[b, l - 1], batch["patch_rc"][is_t])
+        noise = torch.randn(len(cond), self.cfg.patch_dim, generator=generator).to(h.device, h.dtype)
+        own = euler_sample(lambda x, s: self.head(x, s, cond), noise, steps)
+        take = torch.rand(len(cond), generator=generator).to(h.device) < share
+        p = batch["patches"].clone()
+        rows = is_t.nonzero().flatten()[take]
+        p[rows] = own[take].to(p.dtype)
+        return p
+
     def forward(self, batch: dict, generator: torch.Generator | None = None) -> UnifiedOutput:
         """Teacher-forced loss of a collated batch: weighted CE (text, `<|vision_start|>` x w, continue/end) + flow
-        loss."""
-        h, _ = self.hidden(self.embed(batch), batch["attention_mask"], batch["position_ids"])
+        loss; in training with `cfg.self_feed`, part of the fed-back patches are the head's own samples."""
+        if self.training and self.cfg.self_feed > 0 and batch["patch_is_target"].any():
+            fed = self.self_fed_patches(batch, self.cfg.self_feed, self.cfg.self_feed_steps, generator)
+            h, _ = self.hidden(self.embed(batch | {"patches": fed}), batch["attention_mask"], batch["position_ids"])
+        else:
+            h, _ = self.hidden(self.embed(batch), batch["attention_mask"], batch["position_ids"])
         lab = batch["labels"][:, 1:]
         valid = lab != -100
         logits = self.vlm.lm_head(h[:, :-1][valid])  # only where there is a target: [n_targets, V]
@@ -688,6 +720,7 @@ def generate(
     num_timesteps: int | None = None,
     max_patches: int | None = None,
     force_image_generation: bool = False,
+    patch_temperature: float | None = None,
     seed: int = 0,
     use_cache: bool = True,
     decode_images: bool = True,
@@ -696,6 +729,7 @@ def generate(
     from transformers import DynamicCache
 
     T = num_timesteps or model.cfg.num_timesteps
+    tau = model.cfg.patch_temperature if patch_temperature is None else patch_temperature
     ids, dev = model.ids, model.vlm.device
     coll = model.collator(max_length)
     lay = coll.layout(samples, generation_prompt=True, padding_side="left")
@@ -776,6 +810,7 @@ def generate(
         col = model.vlm.get_input_embeddings()(torch.tensor(col_ids, device=dev))
         if draw:
             noise = torch.stack([torch.randn(model.cfg.patch_dim, generator=gens[b]) for b in draw]).to(dev, col.dtype)
+            noise = noise * tau
             rc = torch.stack([_grid_rc(*grids[b])[len(cur[b])] for b in draw]).to(dev)
             cond = model.head_cond(h[draw], rc)
             x = euler_sample(lambda x, s: model.head(x, s, cond), noise, T)
@@ -1014,6 +1049,7 @@ def evaluate_unified(
     num_timesteps: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    patch_temperature: float | None = None,
 ) -> tuple[list[dict], dict]:
     "Greedy generation on held-out editing records and QA `Sample`s: per-item rows and the generated outputs."
     from tqdm.auto import tqdm
@@ -1028,6 +1064,7 @@ def evaluate_unified(
             max_length=max_length,
             num_timesteps=num_timesteps,
             seed=seed + i,
+            patch_temperature=patch_temperature,
         )
         for (kind, s, rec), g in zip(chunk, outs):
             row = dict(
@@ -1053,7 +1090,12 @@ def evaluate_unified(
 
 @torch.no_grad()
 def teacher_forced_scores(
-    model: UnifiedModel, recs: list[dict], num_timesteps: int | None = None, seed: int = 0, batch_size: int = 10
+    model: UnifiedModel,
+    recs: list[dict],
+    num_timesteps: int | None = None,
+    seed: int = 0,
+    batch_size: int = 10,
+    patch_temperature: float | None = None,
 ) -> list[dict]:
     "Diagnostic: each drawn patch sampled from the head given the *true* sequence before it; scores of img1 and img2."
     coll, g, rows = model.collator(), torch.Generator().manual_seed(seed), []
@@ -1064,6 +1106,7 @@ def teacher_forced_scores(
         b, l = ((batch["input_ids"] == model.ids.vision_pad) & (batch["labels"] != -100)).nonzero(as_tuple=True)
         cond = model.head_cond(h[b, l - 1], batch["patch_rc"][batch["patch_is_target"]])
         noise = torch.randn(len(cond), model.cfg.patch_dim, generator=g).to(cond)
+        noise = noise * (model.cfg.patch_temperature if patch_temperature is None else patch_temperature)
         x = euler_sample(lambda x, s: model.head(x, s, cond), noise, num_timesteps or model.cfg.num_timesteps)
         x = x.view(len(chunk), 2, -1, model.cfg.patch_dim)
         for rec, xs in zip(chunk, x):
@@ -1171,6 +1214,9 @@ class RunUnifiedArgs:
     fm_batch_mul: int = field(default=4, metadata={"help": "noise draws per patch per step"})
     head_width: int = field(default=256, metadata={"help": "flow head width"})
     input_noise: float = field(default=0.0, metadata={"help": "noise on fed-back drawn patches in training"})
+    self_feed: float = field(
+        default=0.0, metadata={"help": "scheduled sampling: share of fed-back drawn patches that are the head's own"}
+    )
     num_timesteps: int = field(default=10, metadata={"help": "Euler steps per patch at evaluation"})
     limit_train: int | None = field(
         default=None, metadata={"help": "use only the first N editing and N QA training samples"}
@@ -1293,6 +1339,7 @@ def run_unified(a: RunUnifiedArgs) -> dict:
         head_width=a.head_width,
         num_timesteps=a.num_timesteps,
         input_noise=a.input_noise,
+        self_feed=a.self_feed,
     )
     model = UnifiedModel.from_kits(cfg=ucfg, seed=a.seed)
     final = train_unified(
