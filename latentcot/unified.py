@@ -28,8 +28,8 @@ __all__ = ['SYSTEM_PROMPT', 'UNIFIED_VERSION', 'UNIFIED_TRAIN_DEFAULTS', 'UNIFIE
            'unified_step', 'train_unified', 'run_unified_training', 'prompt_of', 'evaluate_unified',
            'teacher_forced_scores', 'decision_metrics', 'image_metrics', 'start_probability', 'weighted_optimum',
            'RunUnifiedArgs', 'unified_grid', 'unified_table', 'weight_study', 'run_unified', 'run_main',
-           'UnifiedCliArgs', 'write_generated', 'unified_main', 'SequenceStepper', 'BenchUnifiedArgs', 'bench_unified',
-           'bench_unified_main']
+           'UnifiedCliArgs', 'write_generated', 'unified_main', 'SequenceStepper', 'BenchUnifiedArgs', 'sided_prompt',
+           'per_patch_seconds', 'bench_unified', 'bench_unified_main']
 
 # %% ../nbs/23_unified.ipynb #bb4d4fa7
 @dataclass
@@ -1543,6 +1543,10 @@ class BenchUnifiedArgs:
     flow_steps: str = field(default="1,2,5,10,20", metadata={"help": "Euler steps per patch to compare"})
     limit_edits: int = field(default=20, metadata={"help": "held-out edits of the flow-steps sweep"})
     threads: int = field(default=1, metadata={"help": "torch threads"})
+    prompt_sides: str = field(
+        default="64,128,256",
+        metadata={"help": "input-image sides (pixels) of the per-patch cached-vs-recompute sweep over prefix length"},
+    )
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -1552,6 +1556,24 @@ def _median_time(fn, repeats: int) -> float:
         fn()
         ts.append(time.perf_counter() - t)
     return float(np.median(ts))
+
+
+def sided_prompt(rec: dict, side: int, folder) -> dict:
+    "The edit prompt of `rec` with its input image resized to `side` pixels (nearest): a longer prefix, same task."
+    path = Path(folder) / f"{rec['sample_id']}_{side}.png"
+    Image.open(rec["img0"]).convert("RGB").resize((side, side), Image.NEAREST).save(path)
+    return prompt_sample(rec["prompt"], str(path), f"{rec['sample_id']}_{side}")
+
+
+def per_patch_seconds(model, prompts: list[dict], patches: int, repeats: int, use_cache: bool) -> float:
+    "Marginal seconds per drawn patch, `(t(patches) - t(1)) / (patches - 1)`: the prefill both loops share cancels."
+    n = int(model.collator().layout(prompts, generation_prompt=True)["attention_mask"].sum(1).max())
+    kw = dict(force_image_generation=True, num_timesteps=1, decode_images=False, use_cache=use_cache)
+    t = {
+        k: _median_time(lambda: generate(model, prompts, max_patches=k, max_length=n + k + 1, **kw), repeats)
+        for k in (1, patches)
+    }
+    return (t[patches] - t[1]) / (patches - 1)
 
 
 def bench_unified(a: BenchUnifiedArgs) -> dict:
@@ -1584,6 +1606,12 @@ def bench_unified(a: BenchUnifiedArgs) -> dict:
         res[f"cache_vs_recompute_T{T}"] = dict(
             patches=drawn, prompt_tokens=n_prompt, cached_s=tc, recompute_s=tr, ratio=tr / tc
         )
+    with tempfile.TemporaryDirectory() as tmp:
+        for side in [int(x) for x in a.prompt_sides.split(",") if x]:
+            ps = [sided_prompt(recs[0], side, tmp)]
+            n = int(model.collator().layout(ps, generation_prompt=True)["attention_mask"].sum())
+            c, r = (per_patch_seconds(model, ps, a.patches, a.repeats, u) for u in (True, False))
+            res[f"per_patch_side{side}"] = dict(prompt_tokens=n, cached_s=c, recompute_s=r, ratio=r / c)
     for bs in (1, 8):
         ps = [prompt_of(edit_sample(r)) for r in recs[:bs]]
         gs = []
@@ -1618,6 +1646,13 @@ def bench_unified_main(argv: list[str] | None = None) -> int:
                 f"{c['patches']} patches, {T} Euler step(s)/patch, prompt {c['prompt_tokens']} tokens: "
                 f"cached {c['cached_s']:.3f} s, "
                 f"recompute {c['recompute_s']:.3f} s, ratio {c['ratio']:.1f}x"
+            )
+    for k, c in r.items():
+        if k.startswith("per_patch_side"):
+            print(
+                f"input image {k[len('per_patch_side'):]} px, prompt {c['prompt_tokens']} tokens: per drawn patch "
+                f"cached {1000 * c['cached_s']:.1f} ms, recompute {1000 * c['recompute_s']:.1f} ms, "
+                f"ratio {c['ratio']:.1f}x"
             )
     for bs in (1, 8):
         s = r[f"seconds_per_image_batch{bs}"]
