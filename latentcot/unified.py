@@ -27,7 +27,7 @@ __all__ = ['SYSTEM_PROMPT', 'UNIFIED_VERSION', 'UNIFIED_TRAIN_DEFAULTS', 'UNIFIE
            'prompt_sample', 'generate', 'UnifiedImageEditingInference', 'unified_train_settings', 'unified_samples',
            'unified_step', 'train_unified', 'run_unified_training', 'prompt_of', 'evaluate_unified',
            'teacher_forced_scores', 'decision_metrics', 'image_metrics', 'start_probability', 'weighted_optimum',
-           'RunUnifiedArgs', 'unified_grid', 'unified_table', 'weight_study', 'run_unified', 'run_main',
+           'RunUnifiedArgs', 'unified_grid', 'mmdit_rows', 'unified_table', 'weight_study', 'run_unified', 'run_main',
            'UnifiedCliArgs', 'write_generated', 'unified_main', 'SequenceStepper', 'BenchUnifiedArgs', 'sided_prompt',
            'per_patch_seconds', 'bench_unified', 'bench_unified_main']
 
@@ -1223,6 +1223,10 @@ class RunUnifiedArgs:
     )
     limit_qa: int = field(default=80, metadata={"help": "held-out QA prompts evaluated"})
     limit_edits: int | None = field(default=None, metadata={"help": "held-out edits evaluated (default: all 40)"})
+    mmdit_report: str = field(
+        default="runs/mmdit",
+        metadata={"help": "a `latentcot run mmdit` report whose rows the table shows beside (read, not rerun)"},
+    )
     weight_study: bool = field(
         default=False, metadata={"help": "also measure the x2 weight against weight 1 (two short trainings)"}
     )
@@ -1264,8 +1268,22 @@ def _fmt(d) -> str:
     return f"{100 * d['mean']:.1f} [{100 * d['low']:.1f}, {100 * d['high']:.1f}]"
 
 
-def unified_table(dec: dict, img: dict, study: dict | None = None) -> str:
-    "The report's markdown: decision and image tables (95% intervals), the MMDiT route's numbers, the weight study."
+def mmdit_rows(report_dir) -> list[str]:
+    "Table rows of a `latentcot run mmdit` report (its metrics.json, same held-out triplets), or a row saying none."
+    f = Path(report_dir) / "metrics.json"
+    if not f.is_file():
+        return [f"| MMDiT route: no report at {report_dir} (`latentcot run mmdit --out {report_dir}`) | - | - | - | - | - |"]
+    m = json.loads(f.read_text())
+    return [
+        f"| MMDiT route, {cond} Z ({report_dir}) | {_fmt(v['changed'])} | {_fmt(v['all'])} | {_fmt(v['exact'])} "
+        f"| {v['items']} | - |"
+        for cond, v in m["summary"].items()
+    ]
+
+
+def unified_table(dec: dict, img: dict, study: dict | None = None, mmdit_report=None) -> str:
+    """The report's markdown: decision and image tables (95% intervals), the MMDiT route's rows read from its report
+    (`mmdit_report`), the weight study."""
     L = ["| decision (draw on edit, not on QA) | % [95% CI] |", "| --- | --- |"]
     L += [f"| {k} | {_fmt(dec[k])} |" for k in ("precision", "recall", "f1")]
     L += [
@@ -1281,7 +1299,7 @@ def unified_table(dec: dict, img: dict, study: dict | None = None) -> str:
             f"| {name} | {_fmt(v['changed'])} | {_fmt(v['all'])} | {_fmt(v['exact'])} | {v['items']} | {v['missing']} |"
         )
     L += [
-        "| MMDiT route, student Z (README, `latentcot run mmdit`) | 14 | - | - | 80 | - |",
+        *(mmdit_rows(mmdit_report) if mmdit_report else []),
         "| copy img0 (by construction) | 0.0 | - | - | - | - |",
     ]
     if study:
@@ -1389,7 +1407,7 @@ def run_unified(a: RunUnifiedArgs) -> dict:
     )
     _atomic_write(out / "metrics.json", json.dumps(metrics, indent=1, default=str))
     _atomic_write(out / "rows.jsonl", "".join(json.dumps(r, default=str) + "\n" for r in rows))
-    table = unified_table(dec, img, study)
+    table = unified_table(dec, img, study, a.mmdit_report)
     _atomic_write(
         out / "table.md",
         f"Unified model, {a.steps} steps; held-out: {len(heldout)} edits, {len(qa)} QA prompts; greedy; "
