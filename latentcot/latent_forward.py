@@ -153,7 +153,7 @@ def for_backend(model, mask, dtype, impl: str | None = None):
     if "flash" in impl:
         raise ValueError(f"attention '{impl}' cannot take a custom 4D mask: load the model with sdpa or eager")
     if mask.dtype == torch.bool:  # sdpa: -inf, what torch itself makes of a bool mask, but once, not in every layer
-        neg = torch.finfo(dtype).min if impl == "eager" else float("-inf")
+        neg = torch.finfo(dtype).min if "eager" in impl else float("-inf")  # eager and its gated twin: finite
         mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, neg)
     return {"full_attention": mask}
 
