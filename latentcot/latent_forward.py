@@ -6,14 +6,14 @@ Docs: https://latentcot.github.io/latentcot/latent_forward.html.md"""
 
 # %% ../nbs/07_latent_forward.ipynb #f93f54c1
 from __future__ import annotations
-import argparse, contextlib, random, time
+import argparse, contextlib, random, statistics
 from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .masks import attention_mask_4d, causal_padding_mask, to_additive
+from .masks import attention_mask_4d, causal_padding_mask
 
 # %% auto #0
 __all__ = ['GATED_ATTENTION', 'latent_segments_from_ids', 'check_segments', 'mm_token_types', 'rope_position_ids',
@@ -42,7 +42,7 @@ def check_segments(input_ids, attention_mask, segments, latent_id: int, budgets=
     if budgets is not None and len(budgets) != B:
         raise ValueError(f"latent_budgets has {len(budgets)} samples, the batch has {B}")
     is_lat = (input_ids == latent_id) & attention_mask.bool()
-    covered = torch.zeros_like(is_lat)
+    rows, n_covered = is_lat.tolist(), 0  # one host copy: the per-segment checks below are plain Python
     for b, segs in enumerate(segments):
         prev_end = 0
         for j, seg in enumerate(segs):
@@ -54,8 +54,8 @@ def check_segments(input_ids, attention_mask, segments, latent_id: int, budgets=
                 raise ValueError(f"{where}: outside the sequence of length {L}")
             if s < prev_end:
                 raise ValueError(f"{where}: overlaps or precedes the previous segment (ends at {prev_end})")
-            if not bool(is_lat[b, s:e].all()):
-                t = s + int((~is_lat[b, s:e]).nonzero()[0])
+            if not all(rows[b][s:e]):
+                t = s + rows[b][s:e].index(False)
                 raise ValueError(f"{where}: position {t} is not a real latent pad (id {latent_id})")
             if budgets is not None:
                 if not 0 <= i < len(budgets[b]):
@@ -64,11 +64,14 @@ def check_segments(input_ids, attention_mask, segments, latent_id: int, budgets=
                     raise ValueError(f"{where}: mode A needs length == budget, got {e - s} != {budgets[b][i]}")
                 if e - s > budgets[b][i]:
                     raise ValueError(f"{where}: length {e - s} exceeds its budget {budgets[b][i]}")
-            covered[b, s:e] = True
+            n_covered += e - s
             prev_end = e
-    stray = is_lat & ~covered
-    if stray.any():
-        b, t = stray.nonzero()[0].tolist()
+    if n_covered != sum(map(sum, rows)):  # disjoint segments of latent pads: a count mismatch means a stray pad
+        covered = torch.zeros_like(is_lat)
+        for b, segs in enumerate(segments):
+            for s, e, _ in segs:
+                covered[b, s:e] = True
+        b, t = (is_lat & ~covered).nonzero()[0].tolist()
         raise ValueError(f"sample {b}: latent pad at position {t} lies outside latent_segments")
 
 # %% ../nbs/07_latent_forward.ipynb #676d52aa
@@ -128,9 +131,9 @@ def batch_mask_4d(batch):
     if no_self.any():
         b, t = no_self.nonzero()[0].tolist()
         raise ValueError(f"attention_mask_4d: sample {b}, position {t} cannot attend to itself")
-    future = (
-        m[:, 0] & torch.ones(L, L, dtype=torch.bool, device=m.device).triu(1) & valid[:, :, None] & valid[:, None, :]
-    )
+    future = m[:, 0].triu(1)
+    if future.any():  # a later key is visible somewhere: an error unless query and key are not both real tokens
+        future &= valid[:, :, None] & valid[:, None, :]
     if future.any():
         b, i, j = future.nonzero()[0].tolist()
         raise ValueError(
@@ -145,34 +148,33 @@ def text_attn_implementation(model) -> str:
 
 
 def for_backend(model, mask, dtype, impl: str | None = None):
-    "A bool 4D mask as the language model's attention wants it: `{'full_attention': mask}`, additive for `eager`."
+    "A 4D mask as the language model's attention wants it: `{'full_attention': m}`, `m` additive (0 = attend)."
     impl = (impl or text_attn_implementation(model)) or "eager"
     if "flash" in impl:
         raise ValueError(f"attention '{impl}' cannot take a custom 4D mask: load the model with sdpa or eager")
-    return {"full_attention": to_additive(mask, dtype) if impl == "eager" else mask}
+    if mask.dtype == torch.bool:  # sdpa: -inf, what torch itself makes of a bool mask, but once, not in every layer
+        neg = torch.finfo(dtype).min if "eager" in impl else float("-inf")  # eager and its gated twin: finite
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, neg)
+    return {"full_attention": mask}
 
 
 def _padded_mask(M, attention_mask):
-    """The 4D mask as bool `[B,L+1,L+1]` whose extra last row and column are all False: a padding query or key (index
-    `L`) gathers an invisible entry, so each call's block is two gathers (built once per rollout, not per call)."""
+    """The 4D mask as bool `[B,L+1,L+1]` with an extra row and column for padding (index `L`), False except at
+    `[L, L]`: real tokens never see padding, a padding query sees padding only (no empty row, so no NaN). Built once
+    per rollout, so each call's block is one gather."""
     if M is None:
         M = causal_padding_mask(attention_mask)
     B, _, L, _ = M.shape
     Mx = torch.zeros(B, L + 1, L + 1, dtype=torch.bool, device=M.device)
     Mx[:, :L, :L] = M[:, 0]
+    Mx[:, L, L] = True
     return Mx
 
 
 def _block_mask(Mx, q, k):
     "Mask `[B,1,W,C]` of queries `q` `[B,W]` over keys `k` `[B,C]` (original positions, `L` = padding) from `Mx`."
-    B, W = q.shape
-    C = k.shape[1]
-    m = Mx.gather(1, q[:, :, None].expand(B, W, Mx.shape[-1])).gather(2, k[:, None, :].expand(B, W, C))
-    pad_q = q == Mx.shape[-1] - 1
-    if pad_q.any():  # a padding query sees itself only: no NaN rows
-        ar = torch.arange(W, device=q.device)
-        m[:, ar, C - W + ar] |= pad_q
-    return m[:, None]
+    (B, W), L1 = q.shape, Mx.shape[-1]
+    return Mx.view(B, -1).gather(1, ((q * L1)[:, :, None] + k[:, None, :]).view(B, -1)).view(B, 1, W, k.shape[1])
 
 # %% ../nbs/07_latent_forward.ipynb #40eeadb1
 _WORDS = "How many red circles are in the picture ? There is a blue square left of the green star".split()
@@ -285,19 +287,26 @@ def _plan(attention_mask, segments, last_step: bool):
     return items, lat
 
 # %% ../nbs/07_latent_forward.ipynb #6bd3210a
-def _next_chunk(items, cur, lat, dropped):
-    "Real positions from `cur` up to the next active latent pad (a latent may only open a chunk), and the new cursor."
-    chunk = []
-    while cur < len(items):
-        p = items[cur]
-        if p in dropped:
-            cur += 1
-            continue
-        if p in lat and chunk:
-            break
-        chunk.append(p)
-        cur += 1
-    return chunk, cur
+def _chunks(items, lat):
+    "A sample's real positions `items` split into chunks, each latent pad in `lat` opening a new one."
+    out = []
+    for p in items:
+        if p in lat or not out:
+            out.append([p])
+        else:
+            out[-1].append(p)
+    return out
+
+
+def _next_chunk(chunks, j, dropped):
+    "The first chunk from index `j` on that is non-empty without an inactive (dropped) opener, and the next index."
+    while j < len(chunks):
+        c, j = chunks[j], j + 1
+        if c[0] in dropped:
+            c = c[1:]
+        if c:
+            return c, j
+    return [], j
 
 # %% ../nbs/07_latent_forward.ipynb #3b4fe184
 def _prepare(model, batch, segments):
@@ -327,18 +336,12 @@ def _record_stop(logits, used, dropped, lat_b, segs_b, b, p, logit, prob, stop_t
         dropped[b].update(range(s + k + 1, e))
 
 # %% ../nbs/07_latent_forward.ipynb #2d8f6d67
-def _finish(segs, pos, M, emb, vals, logits, dropped, used, n_calls, lat, pending) -> Rollout:
-    "Pack the per-position results into a `Rollout`."
+def _finish(segs, pos, M, emb, keys, latents, logits, dropped, used, n_calls) -> Rollout:
+    "Pack the results into a `Rollout`: `latents` `[N,H]` are those of the pads `keys` (sorted `(b, p)` pairs)."
     B, L, H = emb.shape
     dev = emb.device
-    for b in range(B):  # the last latent's input came from the last call; it never ran
-        if lat[b]:
-            p = max(lat[b])
-            if (b, p) not in vals and p not in dropped[b]:
-                vals[(b, p)] = pending[b]
     latent_mask = torch.zeros(B, L, dtype=torch.bool, device=dev)
     kv, step = torch.ones_like(latent_mask), torch.zeros_like(latent_mask)
-    keys = sorted(vals)
     if keys:
         latent_mask[tuple(torch.tensor(keys, device=dev).T)] = True
     for b, d in enumerate(dropped):
@@ -353,7 +356,7 @@ def _finish(segs, pos, M, emb, vals, logits, dropped, used, n_calls, lat, pendin
         stop_logits = torch.zeros(B, L, device=dev).index_put(idx, v)
         for (b, _), p in zip(lkeys, torch.sigmoid(v).tolist()):
             probs[b].append(p)
-    latents = torch.stack([vals[k] for k in keys]) if keys else emb.new_zeros(0, H)
+    latents = latents if keys else emb.new_zeros(0, H)
     return Rollout(latents, latent_mask, kv, stop_logits, step, used, probs, n_calls, segs, emb, pos, M)
 
 # %% ../nbs/07_latent_forward.ipynb #143a2d55
@@ -367,47 +370,44 @@ def latent_rollout(
     B, L, H = emb.shape
     dev, lm, impl = emb.device, model.model.language_model, text_attn_implementation(model)
     items, lat = _plan(batch["attention_mask"], segs, stop_head is not None)
-    cur, dropped = [0] * B, [set() for _ in range(B)]
+    chunks_of = [_chunks(it, la) for it, la in zip(items, lat)]
+    nxt, dropped = [0] * B, [set() for _ in range(B)]
     used = [[e - s for s, e, _ in sg] for sg in segs]
     pending = emb.new_zeros(B, H)  # last hidden state of each sample: the input of its next latent
     zs, where, logits, n_calls = [], {}, {}, 0  # latents live in zs[step][b]; where[(b, pad)] = step
     keys = torch.empty(B, 0, dtype=torch.long, device=dev)  # original position of every cache column
-    Mx = _padded_mask(M, batch["attention_mask"])  # L = padding
+    Mx = for_backend(model, _padded_mask(M, batch["attention_mask"]), emb.dtype, impl)["full_attention"]  # L: pad
+    posx = torch.cat([pos, pos[:, :, -1:]], 2)  # a padding column's position: invisible anyway
     cache = DynamicCache(config=lm.config)
     with no_gradient_checkpointing(lm):
         while True:
             chunks = []
             for b in range(B):
-                c, cur[b] = _next_chunk(items[b], cur[b], lat[b], dropped[b])
+                c, nxt[b] = _next_chunk(chunks_of[b], nxt[b], dropped[b])
                 chunks.append(c)
             W = max(map(len, chunks))
             if W == 0:
                 break
             opens = [b for b, c in enumerate(chunks) if c and c[0] in lat[b]]
-            qa = torch.tensor(
-                [
-                    [[L] * (W - len(c)) + c for c in chunks],  # original positions, L: pad
-                    [
-                        [0] * (W - len(c)) + ([int(b in opens)] + [0] * (len(c) - 1) if c else [])
-                        for b, c in enumerate(chunks)
-                    ],
-                ],
-                dtype=torch.long,
-                device=dev,
-            )  # the opening latent's column
-            q, at = qa[0], qa[1].bool()
-            qc = q.clamp(max=L - 1)  # padding columns read position L-1's embedding and position: invisible anyway
-            x = emb.gather(1, qc[..., None].expand(B, W, H))
-            if opens:  # the pending latent goes into the chunk's first column
+            q = torch.tensor([[L] * (W - len(c)) + c for c in chunks], dtype=torch.long, device=dev)  # L: pad
+            z = pending.detach() if latent_grad == "detach" else pending
+            if opens:  # the pending latents go into the chunks' first columns
                 zs.append(pending)
                 for b in opens:
                     where[(b, chunks[b][0])] = len(zs) - 1
-                x = torch.where(at[..., None], (pending.detach() if latent_grad == "detach" else pending)[:, None], x)
+            if W == 1 and len(opens) == B:  # every sample runs one latent: the pending latents are the input
+                x, ob, oc = z[:, None], slice(None), 0
+            else:  # padding columns read position L-1's embedding: invisible anyway
+                x = emb.gather(1, q.clamp(max=L - 1)[..., None].expand(B, W, H))
+                if opens:
+                    ob = torch.tensor(opens, device=dev)
+                    oc = torch.tensor([W - len(chunks[b]) for b in opens], device=dev)
+                    x = x.index_put((ob, oc), z[ob])
             keys = torch.cat([keys, q], 1)
             out = lm(
                 inputs_embeds=x,
-                position_ids=pos.gather(2, qc[None].expand(3, B, W)),
-                attention_mask=for_backend(model, _block_mask(Mx, q, keys), x.dtype, impl),
+                position_ids=posx.gather(2, q[None].expand(3, B, W)),
+                attention_mask={"full_attention": _block_mask(Mx, q, keys)},  # additive already
                 past_key_values=cache,
                 use_cache=True,
             )
@@ -418,7 +418,7 @@ def latent_rollout(
             else:
                 pending = torch.where((q[:, -1] < L)[:, None], h[:, -1], pending)
             if opens and stop_head is not None:
-                lg = stop_head(h[at]).squeeze(-1)  # one row per opening sample, in order
+                lg = stop_head(h[ob, oc]).squeeze(-1)  # one row per opening sample, in order
                 for b, l, p in zip(opens, lg.unbind(0), torch.sigmoid(lg.float()).tolist()):
                     _record_stop(logits, used, dropped, lat[b], segs[b], b, chunks[b][0], l, p, stop_threshold)
     zs.append(pending)
@@ -427,10 +427,9 @@ def latent_rollout(
             p = max(lat[b])
             if (b, p) not in where and p not in dropped[b]:
                 where[(b, p)] = len(zs) - 1
-    keys_ = sorted(where)
-    Z = torch.stack(zs)
-    vals = dict(zip(keys_, Z[[where[k] for k in keys_], [b for b, _ in keys_]].unbind(0))) if keys_ else {}
-    return _finish(segs, pos, M, emb, vals, logits, dropped, used, n_calls, lat, [None] * B)
+    pads = sorted(where)
+    lats = torch.stack(zs)[[where[k] for k in pads], [b for b, _ in pads]] if pads else None
+    return _finish(segs, pos, M, emb, pads, lats, logits, dropped, used, n_calls)
 
 # %% ../nbs/07_latent_forward.ipynb #5fcc28e9
 def latent_rollout_reference(
@@ -443,7 +442,7 @@ def latent_rollout_reference(
     B, lm, impl = emb.shape[0], model.model.language_model, text_attn_implementation(model)
     items, lat = _plan(batch["attention_mask"], segs, last_step=True)  # seed 000 feeds the last latent too
     used = [[e - s for s, e, _ in sg] for sg in segs]
-    vals, logits, dropped, last, n_calls = {}, {}, [set() for _ in range(B)], [None] * B, 0
+    vals, logits, dropped, n_calls = {}, {}, [set() for _ in range(B)], 0
     with no_gradient_checkpointing(lm):
         for b in range(B):
             cache, done, h_last, i = DynamicCache(config=lm.config), [], None, 0
@@ -489,8 +488,9 @@ def latent_rollout_reference(
                         torch.sigmoid(l.float()).item(),
                         stop_threshold,
                     )
-            last[b] = h_last
-    return _finish(segs, pos, M, emb, vals, logits, dropped, used, n_calls, lat, last)
+    keys = sorted(vals)
+    lats = torch.stack([vals[k] for k in keys]) if keys else None
+    return _finish(segs, pos, M, emb, keys, lats, logits, dropped, used, n_calls)
 
 # %% ../nbs/07_latent_forward.ipynb #72b389bc
 def patch_latents(inputs_embeds, latent_mask, latents):
@@ -627,15 +627,18 @@ def latent_stage_forward(
     )
 
 # %% ../nbs/07_latent_forward.ipynb #d9153997
-def _best_times(fns, repeats):
-    "Best-of-`repeats` wall time of each function; runs interleaved so load changes hit all of them alike."
+def _block_times(fns, repeats, threads: int, block: float = 0.2):
+    """Per function, `repeats` wall times per run (s), each the mean of a block of runs of about `block` seconds
+    timed by `torch.utils.benchmark.Timer` on `threads` threads; blocks interleave so load changes hit all alike."""
+    from torch.utils.benchmark import Timer
+
+    timers = [Timer("f()", globals={"f": f}, num_threads=threads) for f in fns]
+    numbers = [max(1, round(block / t.timeit(1).mean)) for t in timers]  # also the warm-up
     ts = [[] for _ in fns]
     for _ in range(repeats):
-        for i, f in enumerate(fns):
-            t0 = time.perf_counter()
-            f()
-            ts[i].append(time.perf_counter() - t0)
-    return [min(t) for t in ts]
+        for i, (t, n) in enumerate(zip(timers, numbers)):
+            ts[i].append(t.timeit(n).mean)
+    return ts
 
 
 def _ce(logits, labels):
@@ -687,32 +690,44 @@ def bench_rollout(
             latent_step,
             sft_step,
         ]
-        for f in fns:
-            f()  # warm-up
-        t = _best_times(fns, repeats)
+        ts = _block_times(fns, repeats, threads or n_threads)
     finally:
         torch.set_num_threads(n_threads)
+    def ratio(i, j):  # median over the rounds of block i / block j of the same round
+        return statistics.median(a / b for a, b in zip(ts[i], ts[j]))
+
+    names = ["batched", "reference", "batched_vision", "reference_vision", "latent_step", "sft_step"]
     res = dict(
         B=B,
         K=K,
         threads=threads or n_threads,
         calls_batched=calls[0],
         calls_reference=calls[1],
-        rollout_speedup=t[1] / t[0],
-        rollout_speedup_with_vision=t[3] / t[2],
-        latent_step_over_sft=t[4] / t[5],
+        rollout_speedup=ratio(1, 0),
+        rollout_speedup_with_vision=ratio(3, 2),
+        latent_step_over_sft=ratio(4, 5),
+        ms={n: 1e3 * statistics.median(x) for n, x in zip(names, ts)},
+        ms_best={n: 1e3 * min(x) for n, x in zip(names, ts)},
     )
     if verbose:
+        ms, best = res["ms"], res["ms_best"]
         print(
-            f"rollout B={B} K={K} ({res['threads']} torch thread{'s' if res['threads'] > 1 else ''}): "
+            f"rollout B={B} K={K} ({res['threads']} torch thread{'s' if res['threads'] > 1 else ''}, "
+            f"medians of {repeats} rounds of interleaved Timer blocks): "
             f"LM calls per batch {calls[0]} batched vs {calls[1]} reference"
         )
         print(
-            f"wall ratio reference/batched: {res['rollout_speedup']:.1f}x (goal >= 6x); "
-            f"with the vision tower in both: {res['rollout_speedup_with_vision']:.1f}x"
+            f"batched {ms['batched']:.1f} ms, reference {ms['reference']:.1f} ms per rollout "
+            f"(best blocks {best['batched']:.1f} / {best['reference']:.1f} ms)"
         )
         print(
-            f"latent training step (both passes + backward) / SFT step: {res['latent_step_over_sft']:.2f}x (goal <= 3x)"
+            f"wall ratio reference/batched: {res['rollout_speedup']:.1f}x (goal >= 6x); "
+            f"with the vision tower in both: {res['rollout_speedup_with_vision']:.1f}x "
+            f"({ms['batched_vision']:.1f} / {ms['reference_vision']:.1f} ms)"
+        )
+        print(
+            f"latent training step (both passes + backward) / SFT step: {res['latent_step_over_sft']:.2f}x "
+            f"(goal <= 3x) ({ms['latent_step']:.1f} / {ms['sft_step']:.1f} ms)"
         )
     return res
 
@@ -723,7 +738,7 @@ class BenchRolloutArgs:
 
     B: int = field(default=8, metadata={"help": "batch size"})
     K: int = field(default=8, metadata={"help": "latents per sample"})
-    repeats: int = field(default=7, metadata={"help": "timed runs of each variant (best of)"})
+    repeats: int = field(default=7, metadata={"help": "rounds of interleaved ~0.2 s timed blocks per variant"})
     seed: int = field(default=0, metadata={"help": "seed of the toy batch and the weights"})
     threads: int = field(default=1, metadata={"help": "torch threads for every variant (0: torch's default)"})
 
