@@ -11,6 +11,8 @@ from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
+from .fileio import atomic_write
+
 # %% auto #0
 __all__ = ['MASK_FLAGS', 'ALIASES', 'TRAINING_ONLY', 'FAULT_ENV', 'ConfigError', 'LatentCoTConfig', 'parse_value', 'check_config',
            'find_settings', 'read_settings', 'from_mapping', 'load_config', 'SettingsArgs', 'cli_parser',
@@ -492,10 +494,8 @@ import json
 
 def save_config(cfg: LatentCoTConfig, path: str | os.PathLike):
     "Write `cfg` as JSON, atomically."
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(asdict(cfg), indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    text = json.dumps(asdict(cfg), indent=2, sort_keys=True)
+    atomic_write(path, lambda f: Path(f).write_text(text))
 
 
 def load_config_json(path: str | os.PathLike) -> LatentCoTConfig:
@@ -509,7 +509,7 @@ def load_config_json(path: str | os.PathLike) -> LatentCoTConfig:
 
 # %% ../nbs/00_config.ipynb #cache-root-00
 def cache_root(cache_dir=None) -> Path:
-    "Where latentcot caches what it builds (tiny kit, MeanFlow teacher): `cache_dir`, `$LATENTCOT_CACHE` or `~/.cache/latentcot`."
+    "Where latentcot caches what it builds (tiny kit, teachers): `cache_dir`, `$LATENTCOT_CACHE`, `~/.cache/latentcot`"
     return Path(cache_dir or os.environ.get("LATENTCOT_CACHE") or "~/.cache/latentcot").expanduser()
 
 # %% ../nbs/00_config.ipynb #guards-00
@@ -530,7 +530,7 @@ def positive_int(raw) -> int:
 
 
 def fault_point(name: str) -> None:
-    "Test hook: SIGKILL this process when `$LATENTCOT_FAULT` (comma separated) names `name`; `name:raise` raises instead."
+    "Test hook: SIGKILL this process if `$LATENTCOT_FAULT` (comma separated) names `name`; `name:raise` raises."
     for w in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
         n, _, how = w.strip().partition(":")
         if n != name:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 from .data import PLACEHOLDER, SYSTEM_PROMPT, DataError, Sample, extract_final_answer
+from .fileio import atomic_write
 
 # %% auto #0
 __all__ = ['COLORS', 'SHAPES', 'KINDS', 'GRID', 'QUESTION_SIZE', 'THOUGHT_SIZES', 'EDIT_SIZE', 'BACKGROUND', 'DIRS',
@@ -265,7 +266,10 @@ def make_reflections(target: dict, edits: list[dict]) -> tuple[str, str]:
     "Reflection after step 1 (what changed, what remains) and after step 2."
     o1 = apply_edit(target, edits[0])
     o2 = apply_edit(o1, edits[1])
-    r1 = f"The target was {_where(target)}. Step 1 ({edit_phrase(edits[0])}) is done: it is now {_where(o1)}. Remaining: {edit_phrase(edits[1])}."
+    r1 = (
+        f"The target was {_where(target)}. Step 1 ({edit_phrase(edits[0])}) is done: it is now {_where(o1)}. "
+        f"Remaining: {edit_phrase(edits[1])}."
+    )
     r2 = f"Step 2 ({edit_phrase(edits[1])}) is done: it is now {_where(o2)}. Remaining: nothing, the goal is reached."
     return r1, r2
 
@@ -405,9 +409,7 @@ def load_edit_records(path) -> list[dict]:
 # %% ../nbs/04_datagen.ipynb #5add2b2c
 def _write_text(path: Path, text: str):
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: Path(f).write_text(text, encoding="utf-8"))
 
 
 def _jsonl(recs):
@@ -420,6 +422,7 @@ def _json_list(recs):
 
 def _publish(staged: Path, dest: Path):
     "Swap directory `staged` in as `dest`, then delete the old `dest`."
+    # a whole directory (images and their JSONL) changes at once: atomic_write replaces one file, not a directory
     old = dest.with_name(f".{dest.name}.old")
     if old.exists():
         shutil.rmtree(old)
@@ -437,8 +440,9 @@ regenerate with
 
     python -m latentcot.datagen --out data_samples --seed {seed}
 
-(or `latentcot datagen --out data_samples`). The same seed gives the same files, byte for byte (with the same Pillow build); a test checks
-that the committed files equal a fresh generation. Load the visual sets with `latentcot.data.load_samples(path)`.
+(or `latentcot datagen --out data_samples`). The same seed gives the same files, byte for byte (with the same Pillow
+build); a test checks that the committed files equal a fresh generation. Load the visual sets with
+`latentcot.data.load_samples(path)`.
 
 ## visual/ (seed 001 JSONL): {n_train} train, {n_heldout} held-out
 `train.jsonl`, `heldout.jsonl`; one record per line with `question`, `answer` (GSM8K style, `#### N` at the end),
@@ -447,12 +451,14 @@ that the committed files equal a fresh generation. Load the visual sets with `la
 circles/squares/triangles; the question asks for the number of objects of 1-3 kinds ("How many red circles plus blue
 squares are in the picture?"). Thought image i shows only the objects of kind i at their grid positions, so the thought
 images carry the counts; a sample's thought images have different sizes ({t}, multiples of 28 px).
-Answers are small integers. Verify with `latentcot.datagen.verify_visual(sample)` (recounts from the question image's pixels).
+Answers are small integers. Verify with `latentcot.datagen.verify_visual(sample)` (recounts from the question
+image's pixels).
 
 ## chat/ (seed 000 / Monet chat JSON): the same samples
 `train.json`, `heldout.json`: a JSON list of `{{"data": [messages], "metadata": {{...}}}}` records with the same
 `sample_id`s and images (`../visual/images/...`). The assistant turn is, per thought image,
-`<abs_vis_token></abs_vis_token>` + the image + `<observation>2 red circles</observation>`, then `\\n` + the final answer.
+`<abs_vis_token></abs_vis_token>` + the image + `<observation>2 red circles</observation>`, then `\\n` + the final
+answer.
 
 ## edit/ (multi-turn editing triplets): {n_edit_train} train, {n_edit_heldout} held-out
 `train.jsonl`, `heldout.jsonl`: `sample_id`, `prompt` (two edits of one object, e.g. "Make the blue square red, then
@@ -470,7 +476,7 @@ Written by `latentcot.textdata.write_text_sets` (diffusion-LM track) when that m
 
 
 def write_triplet_parquet(src_jsonl, out, n: int = 8) -> Path:
-    "A parquet copy of the first `n` triplets in seed 000 §4's form: images embedded as `{'bytes': ...}`, reflections wrapped."
+    "The first `n` triplets as parquet, in seed 000 §4's form: images as `{'bytes': ...}`, reflections wrapped."
     import pyarrow as pa, pyarrow.parquet as pq
 
     src, out = Path(src_jsonl), Path(out)
@@ -484,9 +490,8 @@ def write_triplet_parquet(src_jsonl, out, n: int = 8) -> Path:
                 **{k: f"<|reflection_start|>{r[k]}<|reflection_end|>" for k in ("reflection1", "reflection2")},
             }
         )
-    tmp = out.with_name(out.name + ".tmp")
-    pq.write_table(pa.Table.from_pylist(rows), tmp)
-    os.replace(tmp, out)
+    table = pa.Table.from_pylist(rows)
+    atomic_write(out, lambda f: pq.write_table(table, f))
     return out
 
 

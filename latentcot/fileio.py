@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Callable
 
 # %% auto #0
-__all__ = ['atomic_write']
+__all__ = ['new_file_mode', 'atomic_write']
+
+# %% ../nbs/00a_fileio.ipynb #c6f46f7e
+def new_file_mode() -> int:
+    "The mode a new file gets from a plain `open(path, 'w')`: `0o666` less the umask."
+    umask = os.umask(0)  # the umask can only be read by setting it: put it back at once
+    os.umask(umask)
+    return 0o666 & ~umask
 
 # %% ../nbs/00a_fileio.ipynb #fio-atomic
 def atomic_write(path, write: Callable):
@@ -21,6 +28,7 @@ def atomic_write(path, write: Callable):
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, new_file_mode())  # mkstemp's 0600 would make the file private, unlike a plain write
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

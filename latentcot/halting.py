@@ -7,8 +7,9 @@ Docs: https://latentcot.github.io/latentcot/halting.html.md"""
 # %% ../nbs/09_halting.ipynb #880dca33
 from __future__ import annotations
 import contextlib, contextvars, json, math, os, tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 import torch
 from torch import nn
 from transformers import AttentionInterface, DynamicCache
@@ -35,6 +36,7 @@ from latentcot.latent_forward import (
 __all__ = ['STOP_HEAD_FILE', 'GATED', 'new_stop_head', 'attach_stop_head', 'save_stop_head', 'has_stop_head', 'load_stop_head',
            'latent_kv_gate', 'latent_gated_sdpa', 'latent_gated_eager', 'register_latent_gating',
            'enable_latent_gating', 'stop_threshold_at', 'latent_prefill', 'generate_with_latents', 'RoutedOutput',
+           'RoutedState', 'RoutedStep', 'route_tokens', 'step_mask', 'close_segments', 'routed_prefill', 'routed_step',
            'routed_generate']
 
 # %% ../nbs/09_halting.ipynb #b44f1364
@@ -199,13 +201,13 @@ def enable_latent_gating(model):
 
 # %% ../nbs/09_halting.ipynb #786343d8
 def stop_threshold_at(step: int, cfg) -> float:
-    "Threshold at training `step` after the A -> C switch: linear from `latent_stop_threshold_start` to `latent_stop_threshold`."
+    "Threshold at `step` after A -> C: linear from `latent_stop_threshold_start` to `latent_stop_threshold`."
     n = cfg.latent_stop_threshold_steps
     if n <= 0 or step >= n:
         return cfg.latent_stop_threshold
     return cfg.latent_stop_threshold_start + (cfg.latent_stop_threshold - cfg.latent_stop_threshold_start) * step / n
 
-# %% ../nbs/09_halting.ipynb #2c39c640
+# %% ../nbs/09_halting.ipynb #0e36db7b
 def latent_prefill(model, batch, stop_threshold: float | None = None, stop_head=None) -> Rollout:
     "Inference step 1 (seed 002 §9): the rollout decides the latents and `used_len` (mode C with a threshold)."
     head = None
@@ -216,7 +218,7 @@ def latent_prefill(model, batch, stop_threshold: float | None = None, stop_head=
     with torch.no_grad():
         return latent_rollout(model, batch, stop_head=head, stop_threshold=stop_threshold)
 
-
+# %% ../nbs/09_halting.ipynb #c782f888
 def generate_with_latents(model, batch, rollout: Rollout, null_scale: float = 0.0, **generate_kwargs):
     "Inference step 2: HF `generate` on the prompt embeddings with the latents patched in and inactive latents gated."
     am = batch["attention_mask"]
@@ -235,10 +237,10 @@ def generate_with_latents(model, batch, rollout: Rollout, null_scale: float = 0.
             input_ids=batch["input_ids"], inputs_embeds=emb, attention_mask=am, **kw, **generate_kwargs
         )
 
-
+# %% ../nbs/09_halting.ipynb #8570b835
 @dataclass
 class RoutedOutput:
-    "Results of `routed_generate`, per sample; `sequences` follow the training layout (a stopped segment keeps its pads)."
+    "Results of `routed_generate`, per sample; `sequences` follow the training layout (stopped segments keep pads)."
 
     sequences: (
         list  # [B][new ids]: text, <abs_vis_token>, latent pads (inactive ones as placeholders), </abs_vis_token>
@@ -248,7 +250,132 @@ class RoutedOutput:
     stop_probs: list  # [B][latent steps], when a threshold is given
     n_calls: int  # language-model calls (1 for the prompt + 1 per step)
 
-# %% ../nbs/09_halting.ipynb #038ef454
+# %% ../nbs/09_halting.ipynb #6362c863
+@dataclass
+class RoutedState:
+    "The decoding state of `routed_generate`: the batch's last hidden states and cache, each row's mode and output."
+
+    h: torch.Tensor  # [B, H] every row's last hidden state: its next latent, or what the head reads
+    cache: object  # the language model's KV cache
+    keys: torch.Tensor  # bool [B, columns]: which cache columns each row sees
+    next_pos: list  # [B] rope position of each row's next input
+    mode: list  # [B] "text", "latent" (its hidden state is its next input) or "close" (`</abs_vis_token>` next)
+    latent_ids: tuple  # (pad, start, end): the ids of the latent pad, `<abs_vis_token>` and `</abs_vis_token>`
+    eos: set = field(default_factory=set)  # a row that emits one of these is done
+    dtype: torch.dtype = torch.float32  # of the prompt's embeddings: the attention masks are built in it
+    n_calls: int = 1  # language-model calls so far (the prompt's prefill is the first)
+
+    def __post_init__(self):
+        B = len(self.mode)
+        self.k, self.done = [0] * B, [False] * B  # latent steps in the current segment; finished rows
+        self.seqs, self.lats, self.used, self.probs = ([[] for _ in range(B)] for _ in range(4))
+
+# %% ../nbs/09_halting.ipynb #d3eafdc6
+class RoutedStep(NamedTuple):
+    "One decoding step's inputs: tokens (`pad` where a row thinks), fed rows, thinking rows, their positions."
+
+    toks: list  # [B] token ids fed (thinking and finished rows: the pad id, unused)
+    fed: list  # [B] bool: the row takes part in this step (it was not done before it)
+    stepping: list  # rows that feed their hidden state (latent steps)
+    pos: list  # [B] rope position of this step's input
+
+
+def route_tokens(s: RoutedState, greedy: list) -> RoutedStep:
+    "Decide each unfinished row's next input (hidden state or token) from its mode and its greedy token; update `s`."
+    pad_id, start_id, end_id = s.latent_ids
+    B = len(s.mode)
+    toks, fed, stepping = [pad_id] * B, [not d for d in s.done], []
+    for b in range(B):
+        if s.done[b]:
+            continue
+        if s.mode[b] == "latent":  # the previous hidden state is the input
+            s.lats[b].append(s.h[b])
+            s.seqs[b].append(pad_id)
+            s.k[b] += 1
+            stepping.append(b)
+        else:
+            tok = end_id if s.mode[b] == "close" else greedy[b]
+            s.seqs[b].append(tok)
+            toks[b] = tok
+            s.mode[b], s.k[b] = ("latent" if tok == start_id else "text"), 0
+            s.done[b] = tok in s.eos
+    pos = s.next_pos
+    s.next_pos = [n + f for n, f in zip(pos, fed)]
+    return RoutedStep(toks, fed, stepping, pos)
+
+# %% ../nbs/09_halting.ipynb #111d3c40
+def step_mask(s: RoutedState, step: RoutedStep, text_hidden=None, prompt_len: int | None = None):
+    "Add the step's key column to `s.keys` and return the step's bool attention mask `[B, 1, 1, columns]`."
+    # text_hidden: bool [B, prompt_len] prompt columns that text queries may not see
+    start_id, dev, B = s.latent_ids[1], s.h.device, len(s.mode)
+    s.keys = torch.cat([s.keys, torch.tensor(step.fed, device=dev)[:, None]], 1)
+    m = s.keys.clone()
+    if text_hidden is not None:  # text queries: not a latent step, not the tag
+        L = text_hidden.shape[1] if prompt_len is None else prompt_len
+        text_q = torch.tensor([not (b in step.stepping or step.toks[b] == start_id) for b in range(B)], device=dev)
+        m[:, :L] &= ~(text_hidden.to(dev) & text_q[:, None])
+    m[:, -1] = True  # a finished row still sees itself
+    return m[:, None, None, :]
+
+# %% ../nbs/09_halting.ipynb #79458c38
+def close_segments(s: RoutedState, stepping: list, budgets: list, head=None, stop_threshold: float | None = None):
+    "End the latent segments of `stepping` rows whose stop head fires (mode C) or whose budget is spent."
+    pad_id = s.latent_ids[0]
+    for b in stepping:
+        stop = False
+        if stop_threshold is not None:
+            pb = float(torch.sigmoid(head(s.h[b]).float()))
+            s.probs[b].append(pb)
+            stop = pb >= stop_threshold
+        if stop or s.k[b] >= budgets[b]:  # leave latent mode: force </abs_vis_token>
+            s.used[b].append(s.k[b])
+            s.seqs[b] += [pad_id] * (budgets[b] - s.k[b])
+            s.next_pos[b] += budgets[b] - s.k[b]
+            s.mode[b] = "close"
+
+# %% ../nbs/09_halting.ipynb #f0365617
+def routed_prefill(model, batch, eos: set = frozenset()) -> RoutedState:
+    "Run the prompt through the language model once: the state holding the last real tokens' hidden states and cache."
+    tc = model.config.get_text_config()
+    ids, am = batch["input_ids"], batch["attention_mask"].bool()
+    B, L = ids.shape
+    emb, pos, M = prefix_embeddings(model, batch), rope_position_ids(model, batch), batch_mask_4d(batch)
+    lm, impl = model.model.language_model, text_attn_implementation(model)
+    cache = DynamicCache(config=lm.config)
+    out = lm(
+        inputs_embeds=emb,
+        position_ids=pos,
+        past_key_values=cache,
+        use_cache=True,
+        attention_mask=for_backend(model, M if M is not None else causal_padding_mask(am), emb.dtype, impl),
+    )
+    last = L - 1 - am.flip(1).int().argmax(1)  # last real prompt token of each sample
+    h = out.last_hidden_state[torch.arange(B, device=emb.device), last]
+    next_pos = (pos.masked_fill(~am[None], -1).amax(dim=(0, 2)) + 1).tolist()
+    mode = ["latent" if ids[b, last[b]] == tc.latent_start_id else "text" for b in range(B)]
+    latent_ids = (tc.latent_token_id, tc.latent_start_id, tc.latent_end_id)
+    return RoutedState(h, cache, am.clone(), next_pos, mode, latent_ids, set(eos), emb.dtype)
+
+# %% ../nbs/09_halting.ipynb #7fed7274
+def routed_step(model, s: RoutedState, step: RoutedStep, mask) -> RoutedState:
+    "Feed one column (hidden states of thinking rows, token embeddings of the others); `s.h` becomes its output."
+    dev, B = s.h.device, len(s.mode)
+    thinking = torch.zeros(B, 1, dtype=torch.bool, device=dev)
+    thinking[step.stepping] = True
+    x = torch.where(thinking, s.h, model.get_input_embeddings()(torch.tensor(step.toks, device=dev)))
+    p = torch.tensor(step.pos, device=dev)
+    out = model.model.language_model(
+        inputs_embeds=x[:, None],
+        position_ids=p[None, :, None].expand(3, B, 1),
+        past_key_values=s.cache,
+        use_cache=True,
+        attention_mask=for_backend(model, mask, s.dtype, text_attn_implementation(model)),
+    )
+    s.n_calls += 1
+    s.h = out.last_hidden_state[:, 0]
+    return s
+
+# %% ../nbs/09_halting.ipynb #a4804890
 @torch.no_grad()
 def routed_generate(
     model,
@@ -260,91 +387,20 @@ def routed_generate(
     text_hidden=None,
     stop_head=None,
 ) -> RoutedOutput:
-    "Greedy decoding in which each sample that emits `<abs_vis_token>` alone thinks in latents, then gets `</abs_vis_token>`."
+    "Greedy decoding where a row that emits `<abs_vis_token>` thinks in latents alone, then gets `</abs_vis_token>`."
     # text_hidden: bool [B, L] prompt columns that generated text may not see (e.g. question images under
     # mask_question_image); latent steps and the opening tag still see them, as in the training mask
-    tc = model.config.get_text_config()
-    pad_id, start_id, end_id = tc.latent_token_id, tc.latent_start_id, tc.latent_end_id
     head = stop_head if stop_head is not None else getattr(model, "latent_stop_head", None)
     if stop_threshold is not None and head is None:
         raise ValueError("a stop threshold needs model.latent_stop_head")
     eos = eos_token_id if eos_token_id is not None else model.generation_config.eos_token_id
-    eos = set([eos] if isinstance(eos, int) else (eos or []))
-    ids, am = batch["input_ids"], batch["attention_mask"].bool()
-    B, L = ids.shape
-    budgets = [budget] * B if isinstance(budget, int) else list(budget)
-    emb, pos, M = prefix_embeddings(model, batch), rope_position_ids(model, batch), batch_mask_4d(batch)
-    lm, dev, impl, embed = (
-        model.model.language_model,
-        emb.device,
-        text_attn_implementation(model),
-        model.get_input_embeddings(),
-    )
-    cache = DynamicCache(config=lm.config)
-    out = lm(
-        inputs_embeds=emb,
-        position_ids=pos,
-        past_key_values=cache,
-        use_cache=True,
-        attention_mask=for_backend(model, M if M is not None else causal_padding_mask(am), emb.dtype, impl),
-    )
-    n_calls = 1
-    last = L - 1 - am.flip(1).int().argmax(1)  # last real prompt token of each sample
-    h = out.last_hidden_state[torch.arange(B, device=dev), last]
-    next_pos = (pos.masked_fill(~am[None], -1).amax(dim=(0, 2)) + 1).tolist()
-    keys = am.clone()  # which cache columns each sample sees
-    mode = ["latent" if ids[b, last[b]] == start_id else "text" for b in range(B)]
-    k, done = [0] * B, [False] * B
-    seqs, lats, used, probs = ([[] for _ in range(B)] for _ in range(4))
+    s = routed_prefill(model, batch, set([eos] if isinstance(eos, int) else (eos or [])))
+    budgets = [budget] * len(s.mode) if isinstance(budget, int) else list(budget)
+    L = batch["input_ids"].shape[1]
     for _ in range(max_new_tokens):
-        if all(done):
+        if all(s.done):
             break
-        logits = model.lm_head(h)
-        greedy = logits.argmax(-1).tolist()
-        toks, fed, stepping = [pad_id] * B, [not d for d in done], []
-        for b in range(B):
-            if done[b]:
-                continue
-            if mode[b] == "latent":  # the previous hidden state is the input
-                lats[b].append(h[b])
-                seqs[b].append(pad_id)
-                k[b] += 1
-                stepping.append(b)
-            else:
-                tok = end_id if mode[b] == "close" else greedy[b]
-                seqs[b].append(tok)
-                toks[b] = tok
-                mode[b], k[b] = ("latent" if tok == start_id else "text"), 0
-                done[b] = tok in eos
-        thinking = torch.zeros(B, 1, dtype=torch.bool, device=dev)
-        thinking[stepping] = True
-        x = torch.where(thinking, h, embed(torch.tensor(toks, device=dev)))
-        p = torch.tensor(next_pos, device=dev)
-        next_pos = [n + f for n, f in zip(next_pos, fed)]
-        keys = torch.cat([keys, torch.tensor(fed, device=dev)[:, None]], 1)
-        m = keys.clone()
-        if text_hidden is not None:  # text queries: not a latent step, not the tag
-            text_q = torch.tensor([not (b in stepping or toks[b] == start_id) for b in range(B)], device=dev)
-            m[:, :L] &= ~(text_hidden.to(dev) & text_q[:, None])
-        m[:, -1] = True  # a finished row still sees itself
-        out = lm(
-            inputs_embeds=x[:, None],
-            position_ids=p[None, :, None].expand(3, B, 1),
-            past_key_values=cache,
-            use_cache=True,
-            attention_mask=for_backend(model, m[:, None, None, :], emb.dtype, impl),
-        )
-        n_calls += 1
-        h = out.last_hidden_state[:, 0]
-        for b in stepping:
-            stop = False
-            if stop_threshold is not None:
-                pb = float(torch.sigmoid(head(h[b]).float()))
-                probs[b].append(pb)
-                stop = pb >= stop_threshold
-            if stop or k[b] >= budgets[b]:  # leave latent mode: force </abs_vis_token>
-                used[b].append(k[b])
-                seqs[b] += [pad_id] * (budgets[b] - k[b])
-                next_pos[b] += budgets[b] - k[b]
-                mode[b] = "close"
-    return RoutedOutput(seqs, lats, used, probs, n_calls)
+        step = route_tokens(s, model.lm_head(s.h).argmax(-1).tolist())
+        routed_step(model, s, step, step_mask(s, step, text_hidden, L))
+        close_segments(s, step.stepping, budgets, head, stop_threshold)
+    return RoutedOutput(s.seqs, s.lats, s.used, s.probs, s.n_calls)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.benchmark import Timer
 
 from .config import cache_root
 from .meanflow_text import decode_canvas, load_text_sets
@@ -37,9 +38,9 @@ from .trainer import read_metrics
 # %% auto #0
 __all__ = ['MEANFLOW_MODULES', 'NOISE_TEMPERATURES', 'BENCH_SETTINGS', 'DistillFlags', 'fact_errors', 'sample_entropy',
            'distinct_n', 'quality', 'run_generation', 'heldout_canvas', 'meanflow_code_version', 'student_key',
-           'student_for', 'saved_student', 'optimum_gap', 'draw_from_marginals', 'marginal_ceiling', 'bench_meanflow',
-           'noise_sweep', 'diversity_matched', 'goals', 'format_table', 'plot_bench', 'BenchMeanFlowArgs',
-           'bench_parser', 'bench_meanflow_main']
+           'student_for', 'saved_student', 'optimum_gap', 'draw_from_marginals', 'marginal_ceiling', 'check_noise_args',
+           'noise_prior_use', 'bench_noise', 'bench_runs', 'bench_meanflow', 'noise_sweep', 'diversity_matched',
+           'goals', 'format_table', 'plot_bench', 'BenchMeanFlowArgs', 'bench_parser', 'bench_meanflow_main']
 
 # %% ../nbs/21_meanflow_bench.ipynb #26bc55cb
 _FACT = re.compile(r"(\d{1,3})([+-])(\d{1,3})=(\d{1,3})")
@@ -121,13 +122,20 @@ def run_generation(
     n_mc: int = 4,
 ) -> dict:
     "Generate from canvas `x` in `steps` calls, time it, and score it (the teacher's likelihood bound included)."
-    g, mask = torch.Generator(device=x.device).manual_seed(seed), teacher.mask_id
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)  # a GPU's clock: wait for its queued kernels
-    sync()
-    t0 = time.perf_counter()
-    y = generate(logits_fn, x, mask, steps, temperature, remasking, generator=g, logits_filter=sampler_filter(teacher))
-    sync()
-    secs = time.perf_counter() - t0
+    mask, ys = teacher.mask_id, []
+
+    def run():  # each call from the same seed: the same rows
+        g = torch.Generator(device=x.device).manual_seed(seed)
+        ys.append(
+            generate(
+                logits_fn, x, mask, steps, temperature, remasking, generator=g, logits_filter=sampler_filter(teacher)
+            )
+        )
+
+    # torch's Timer: two warm-up calls, then the timed one; it waits for an accelerator's queued kernels and runs at
+    # this process's thread count (restored afterwards)
+    secs = Timer("run()", globals={"run": run}, num_threads=torch.get_num_threads()).timeit(1).mean
+    y = ys[-1]
     lines = decode_canvas(tok, y.cpu())
     nll = likelihood_bound(
         teacher_fn(teacher),
@@ -272,6 +280,54 @@ def marginal_ceiling(
         "examples": decode_canvas(tok, ys[::k][:4]),
     }
 
+# %% ../nbs/21_meanflow_bench.ipynb #1753f098
+def check_noise_args(noise_temperatures, noise_prior: str):
+    "Refuse a noise temperature <= 0 (argmax runs anyway, as `student-argmax`) and an unknown `noise_prior`."
+    # generate() takes any T <= 0 as argmax: refuse rather than rerun it silently
+    if any(not T > 0 for T in noise_temperatures):
+        raise ValueError(
+            "noise_temperatures must all be > 0 (argmax, temperature 0, always runs as student-argmax), got"
+            f" {list(noise_temperatures)}"
+        )
+    if noise_prior not in ("fitted", "kind", "standard"):
+        raise ValueError(f"noise_prior must be fitted, kind or standard, got {noise_prior!r}")
+
+# %% ../nbs/21_meanflow_bench.ipynb #fd1c2663
+def noise_prior_use(student: MeanFlowStudent, noise_prior: str) -> tuple[bool, bool]:
+    "`(use_fitted, given)`: does a noise student's `z` come from its fitted prior, and given the canvas?"
+    use_fitted = noise_prior != "standard" and student.noise_prior is not None
+    given = noise_prior == "fitted" and use_fitted and student.noise_prior.cond is not None
+    return use_fitted, given
+
+# %% ../nbs/21_meanflow_bench.ipynb #a6fc3ab4
+def bench_noise(student: MeanFlowStudent, x, seed: int, use_fitted: bool, given: bool):
+    "A noise student's `z` for the canvas rows `x` (seeded; the same for every run of the setting), else `None`."
+    if not student.noise_dim:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    z = (
+        sample_noise(student, x.cpu(), g, conditional=given)
+        if use_fitted
+        else torch.randn(x.shape[0], student.noise_dim, generator=g)
+    )
+    return z.to(x.device)
+
+# %% ../nbs/21_meanflow_bench.ipynb #54b1fcc5
+def bench_runs(teacher, student, z, optimum, steps, student_steps, temperature: float, noise_temperatures) -> list:
+    "The runs of one setting, in the table's order: `(name, logits_fn, steps, temperature, remasking)`."
+    return (
+        [("teacher-lc", teacher_fn(teacher), s, temperature, "low_confidence") for s in steps]
+        + [("teacher-rand", teacher_fn(teacher), s, temperature, "random") for s in steps]
+        + [("student", student_fn(student, z), s, temperature, "low_confidence") for s in student_steps]
+        + [("teacher-argmax", teacher_fn(teacher), s, 0.0, "low_confidence") for s in sorted({1, max(steps)})]
+        + [
+            ("student-argmax", student_fn(student, z), 1, 0.0, "low_confidence"),
+            ("mf-optimum", optimum, 1, temperature, "low_confidence"),
+            ("mf-optimum-argmax", optimum, 1, 0.0, "low_confidence"),
+        ]
+        + [("student-z", student_fn(student, z), 1, T, "low_confidence") for T in noise_temperatures]
+    )
+
 # %% ../nbs/21_meanflow_bench.ipynb #d546e829
 # a fine grid: the diversity-matched criterion takes the most valid temperature whose diversity reaches the teacher's,
 # so a coarse grid would read it off a point well past the crossing
@@ -304,14 +360,7 @@ def bench_meanflow(
     that prior's Gaussian for the canvas's kind only (`conditional=False`), "standard" from `N(0, I)` whatever it has.
     `teacher`: a `(backbone, tokenizer, info)` to benchmark instead of the tiny teacher of `recipe` (a real LLaDA from
     `load_llada`, with `info = llada_info(name, canvas)`); the run happens on the backbone's device."""
-    # generate() takes any T <= 0 as argmax: refuse rather than rerun it silently
-    if any(not T > 0 for T in noise_temperatures):
-        raise ValueError(
-            "noise_temperatures must all be > 0 (argmax, temperature 0, always runs as student-argmax), got"
-            f" {list(noise_temperatures)}"
-        )
-    if noise_prior not in ("fitted", "kind", "standard"):
-        raise ValueError(f"noise_prior must be fitted, kind or standard, got {noise_prior!r}")
+    check_noise_args(noise_temperatures, noise_prior)
     t_start = time.time()
     teacher, tok, info = teacher or get_teacher(recipe, cache_dir=cache_dir, log=log)
     sets = load_text_sets(tok, info["recipe"]["canvas"])
@@ -340,8 +389,7 @@ def bench_meanflow(
         "noise_temperatures": list(noise_temperatures) if student.noise_dim else [],
         "settings": {},
     }
-    use_fitted = noise_prior != "standard" and student.noise_prior is not None
-    given = noise_prior == "fitted" and use_fitted and student.noise_prior.cond is not None
+    use_fitted, given = noise_prior_use(student, noise_prior)
     if student.noise_dim:
         out["noise_prior"] = (
             f"the fitted prior {'given the canvas' if given else 'by kind'} ({len(student.noise_prior.kinds)} kinds of"
@@ -366,28 +414,10 @@ def bench_meanflow(
             "runs": {},
             "optimum_gap": optimum_gap(teacher, student, x, optimum_steps, cfg.tangent_sign),
         }
-        # a noise student's randomness is z, one vector per row, the same for every step and seed of the run
-        z = None
-        if student.noise_dim:
-            g = torch.Generator().manual_seed(seed)
-            z = (
-                sample_noise(student, x.cpu(), g, conditional=given)
-                if use_fitted
-                else torch.randn(n, student.noise_dim, generator=g)
-            ).to(dev)
+        z = bench_noise(student, x, seed, use_fitted, given)
         generate(teacher_fn(teacher), x[:2], teacher.mask_id, 2)  # warm-up, so the first timed run is not penalised
-        for name, fn, stp, temp, rem in (
-            [("teacher-lc", teacher_fn(teacher), s, temperature, "low_confidence") for s in steps]
-            + [("teacher-rand", teacher_fn(teacher), s, temperature, "random") for s in steps]
-            + [("student", student_fn(student, z), s, temperature, "low_confidence") for s in student_steps]
-            + [("teacher-argmax", teacher_fn(teacher), s, 0.0, "low_confidence") for s in sorted({1, max(steps)})]
-            + [
-                ("student-argmax", student_fn(student, z), 1, 0.0, "low_confidence"),
-                ("mf-optimum", optimum, 1, temperature, "low_confidence"),
-                ("mf-optimum-argmax", optimum, 1, 0.0, "low_confidence"),
-            ]
-            + [("student-z", student_fn(student, z), 1, T, "low_confidence") for T in out["noise_temperatures"]]
-        ):
+        runs = bench_runs(teacher, student, z, optimum, steps, student_steps, temperature, out["noise_temperatures"])
+        for name, fn, stp, temp, rem in runs:
             r = run_generation(fn, x, tok, stp, kind, teacher, temp, rem, seed)
             res["runs"].setdefault(name, []).append({**r, "temperature": temp})
         if marginal_samples > 0 and kind == "synthetic":

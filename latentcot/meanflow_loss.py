@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from fastcore.basics import patch
+
 import torch
 
 from .meanflow_student import MeanFlowStudent
@@ -23,7 +25,7 @@ def knob(default, help: str, choices: tuple | None = None):
     same text."""
     return field(default=default, metadata={"help": help, "choices": choices})
 
-# %% ../nbs/20e_meanflow_loss.ipynb #6302769a
+# %% ../nbs/20e_meanflow_loss.ipynb #017cfa89
 @dataclass
 class MeanFlowConfig:
     "Knobs of the MeanFlow distillation (seed 003) and of its training loop."
@@ -79,39 +81,45 @@ class MeanFlowConfig:
     seed: int = knob(0, "seed of the prompt's initial weights, the batches, times and masks")
 
     def __post_init__(self):
-        if self.loss not in ("kl", "ce", "mse"):
-            raise ValueError(f"loss must be kl, ce or mse, got {self.loss!r}")
-        if self.target not in ("jvp", "integral", "sampler"):
-            raise ValueError(f"target must be jvp, integral or sampler, got {self.target!r}")
-        if self.integral_steps < 1:
-            raise ValueError(f"integral_steps must be >= 1, got {self.integral_steps}")
-        if self.target == "sampler" and self.loss == "mse":
-            raise ValueError("target='sampler' has hard labels: use loss kl or ce, not mse")
-        if self.sampler_steps < 1 or self.sampler_rows < 1:
-            raise ValueError(
-                f"sampler_steps and sampler_rows must be >= 1, got {self.sampler_steps} and {self.sampler_rows}"
-            )
-        if self.noise_dim < 0 or self.noise_candidates < 1:
-            raise ValueError(
-                f"noise_dim must be >= 0 and noise_candidates >= 1, got {self.noise_dim} and {self.noise_candidates}"
-            )
-        if self.noise_fit not in ("imle", "posterior"):
-            raise ValueError(f"noise_fit must be imle or posterior, got {self.noise_fit!r}")
-        if self.prompt_length < 1 or self.prompt_hidden < 1:
-            raise ValueError(
-                f"prompt_length and prompt_hidden must be >= 1, got {self.prompt_length} and {self.prompt_hidden}"
-            )
-        if self.noise_beta < 0:
-            raise ValueError(f"noise_beta must be >= 0, got {self.noise_beta}")
-        if self.noise_fit == "posterior" and not self.noise_dim:
-            raise ValueError("noise_fit='posterior' needs noise_dim > 0")
-        if self.noise_dim and self.target != "sampler":
-            raise ValueError(
-                "noise_dim > 0 needs target='sampler' (the noise is matched to the teacher's samples), got"
-                f" target={self.target!r}"
-            )
-        if not 0 <= self.ratio_r_neq_t <= 1:
-            raise ValueError(f"ratio_r_neq_t must be in [0, 1], got {self.ratio_r_neq_t}")
+        self.check()  # `MeanFlowConfig.check`, the next definition
+
+# %% ../nbs/20e_meanflow_loss.ipynb #c6a8c6cf
+@patch
+def check(self: MeanFlowConfig):
+    "Raise a `ValueError` naming the knob if a value is out of range or two knobs do not go together."
+    if self.loss not in ("kl", "ce", "mse"):
+        raise ValueError(f"loss must be kl, ce or mse, got {self.loss!r}")
+    if self.target not in ("jvp", "integral", "sampler"):
+        raise ValueError(f"target must be jvp, integral or sampler, got {self.target!r}")
+    if self.integral_steps < 1:
+        raise ValueError(f"integral_steps must be >= 1, got {self.integral_steps}")
+    if self.target == "sampler" and self.loss == "mse":
+        raise ValueError("target='sampler' has hard labels: use loss kl or ce, not mse")
+    if self.sampler_steps < 1 or self.sampler_rows < 1:
+        raise ValueError(
+            f"sampler_steps and sampler_rows must be >= 1, got {self.sampler_steps} and {self.sampler_rows}"
+        )
+    if self.noise_dim < 0 or self.noise_candidates < 1:
+        raise ValueError(
+            f"noise_dim must be >= 0 and noise_candidates >= 1, got {self.noise_dim} and {self.noise_candidates}"
+        )
+    if self.noise_fit not in ("imle", "posterior"):
+        raise ValueError(f"noise_fit must be imle or posterior, got {self.noise_fit!r}")
+    if self.prompt_length < 1 or self.prompt_hidden < 1:
+        raise ValueError(
+            f"prompt_length and prompt_hidden must be >= 1, got {self.prompt_length} and {self.prompt_hidden}"
+        )
+    if self.noise_beta < 0:
+        raise ValueError(f"noise_beta must be >= 0, got {self.noise_beta}")
+    if self.noise_fit == "posterior" and not self.noise_dim:
+        raise ValueError("noise_fit='posterior' needs noise_dim > 0")
+    if self.noise_dim and self.target != "sampler":
+        raise ValueError(
+            "noise_dim > 0 needs target='sampler' (the noise is matched to the teacher's samples), got"
+            f" target={self.target!r}"
+        )
+    if not 0 <= self.ratio_r_neq_t <= 1:
+        raise ValueError(f"ratio_r_neq_t must be in [0, 1], got {self.ratio_r_neq_t}")
 
 # %% ../nbs/20e_meanflow_loss.ipynb #8156aa23
 def sample_times(n: int, cfg: MeanFlowConfig, generator=None, device=None):

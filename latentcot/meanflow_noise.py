@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from fastcore.basics import patch
 
 from .meanflow_student import MeanFlowStudent
 from .meanflow_loss import MeanFlowConfig
@@ -135,7 +136,7 @@ def conditional_gaussian(z, f, groups, prior_rows: int, ridges=NOISE_RIDGES, hol
         best = min(score, key=score.get)
     return (*fit(torch.ones(len(z), dtype=torch.bool), best), best)
 
-# %% ../nbs/20g_meanflow_noise.ipynb #daf5ea69
+# %% ../nbs/20g_meanflow_noise.ipynb #dbba4589
 class NoisePrior:
     """One Gaussian over `z` per kind of canvas (`kinds [G, 2]`): `mean [G, D]` and `scale_tril [G, D, D]`, fitted to
     `rows` rows. Optionally `cond`, the same per kind given the canvas's features `[B, F]`: tensors `mean [G, D]`,
@@ -152,86 +153,100 @@ class NoisePrior:
         "How many canvas features the conditional prior reads (0: none, it has no conditional part)."
         return 0 if self.cond is None else self.cond["weight"].shape[1]
 
-    @classmethod
-    def fit(
-        cls, z, kinds, prior_rows: int | None = None, features=None, groups=None, ridges=NOISE_RIDGES, holdout: int = 5
-    ):
-        """Each kind's mean and covariance of `z [N, D]`, mixed with `N(0, I)` at weights `n : prior_rows` (default `D
-        + 1`); with `features [N, F]`, also each kind's `conditional_gaussian` (`groups [N]`: the label row of each,
-        default one each)."""
-        z, D = z.detach().float().cpu(), z.shape[1]
-        n0 = D + 1 if prior_rows is None else prior_rows
-        uk, inv = torch.unique(kinds.cpu(), dim=0, return_inverse=True)
+# %% ../nbs/20g_meanflow_noise.ipynb #0bdf383f
+@patch(cls_method=True)
+def fit(
+    cls: NoisePrior,
+    z,
+    kinds,
+    prior_rows: int | None = None,
+    features=None,
+    groups=None,
+    ridges=NOISE_RIDGES,
+    holdout: int = 5,
+):
+    """Each kind's mean and covariance of `z [N, D]`, mixed with `N(0, I)` at weights `n : prior_rows` (default `D
+    + 1`); with `features [N, F]`, also each kind's `conditional_gaussian` (`groups [N]`: the label row of each,
+    default one each)."""
+    z, D = z.detach().float().cpu(), z.shape[1]
+    n0 = D + 1 if prior_rows is None else prior_rows
+    uk, inv = torch.unique(kinds.cpu(), dim=0, return_inverse=True)
+    if features is not None:
+        features = features.detach().float().cpu()
+        groups = torch.arange(len(z)) if groups is None else groups.cpu()
+    marg, cond = [], []
+    for g in range(len(uk)):
+        rows = inv == g
+        marg.append(shrunk_gaussian(z[rows], n0))
         if features is not None:
-            features = features.detach().float().cpu()
-            groups = torch.arange(len(z)) if groups is None else groups.cpu()
-        marg, cond = [], []
-        for g in range(len(uk)):
-            rows = inv == g
-            marg.append(shrunk_gaussian(z[rows], n0))
-            if features is not None:
-                cond.append(conditional_gaussian(z[rows], features[rows], groups[rows], n0, ridges, holdout))
-        mean, tril = (torch.stack(t) for t in zip(*marg))
-        cond = (
-            None
-            if features is None
-            else {k: torch.stack(v) if k != "ridge" else torch.tensor(v) for k, v in zip(cls.COND, zip(*cond))}
-        )
-        return cls(uk, mean, tril, len(z), cond)
+            cond.append(conditional_gaussian(z[rows], features[rows], groups[rows], n0, ridges, holdout))
+    mean, tril = (torch.stack(t) for t in zip(*marg))
+    cond = (
+        None
+        if features is None
+        else {k: torch.stack(v) if k != "ridge" else torch.tensor(v) for k, v in zip(cls.COND, zip(*cond))}
+    )
+    return cls(uk, mean, tril, len(z), cond)
 
-    def sample(self, kinds, generator=None, features=None):
-        """One `z` per row of `kinds [B, 2]` from its kind's Gaussian, conditioned on `features [B, F]` if given (and
-        the prior has a conditional part); a kind with no rows in the fit draws from `N(0, I)`."""
-        hit = (kinds.cpu()[:, None, :] == self.kinds[None]).all(-1)
-        eps = torch.randn(len(kinds), self.mean.shape[1], generator=generator)
-        z = eps.clone()  # no rows of that kind: the shrinkage's n = 0 limit is the standard prior itself
-        seen = hit.any(1)
-        g = hit.float().argmax(1)[seen]
-        if features is None or self.cond is None:
-            mean, tril = self.mean[g], self.scale_tril[g]
-        else:
-            if features.shape != (len(kinds), self.features):
-                raise ValueError(
-                    f"the conditional prior reads {self.features} features per row, got features of shape"
-                    f" {tuple(features.shape)}"
-                )
-            c, f = self.cond, features.detach().float().cpu()[seen]
-            mean = c["mean"][g] + ((f - c["feature_mean"][g])[:, None, :] @ c["weight"][g])[:, 0]
-            tril = c["scale_tril"][g]
-        z[seen] = mean + (tril @ eps[seen][..., None])[..., 0]
-        return z
-
-    def tensors(self) -> dict:
-        t = {"kinds": self.kinds, "mean": self.mean, "scale_tril": self.scale_tril}
-        if self.cond is not None:
-            t.update({f"cond_{k}": v for k, v in self.cond.items()})
-        return {k: v.contiguous() for k, v in t.items()}
-
-    @classmethod
-    def load(cls, path, noise_dim: int, meta: dict):
-        """The prior saved at `path`, checked against the student's `noise_dim` and the `meta` its `meanflow.json`
-        holds."""
-        from safetensors.torch import load_file
-
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"{path} is missing: meanflow.json says the student has a fitted noise prior")
-        t, G, F_ = load_file(path), meta.get("kinds"), meta.get("features")
-        want = {"kinds": (G, 2), "mean": (G, noise_dim), "scale_tril": (G, noise_dim, noise_dim)}
-        if F_ is not None:  # priors saved before the conditional part existed have no "features" entry
-            want.update(
-                {
-                    "cond_mean": (G, noise_dim),
-                    "cond_scale_tril": (G, noise_dim, noise_dim),
-                    "cond_feature_mean": (G, F_),
-                    "cond_weight": (G, F_, noise_dim),
-                    "cond_ridge": (G,),
-                }
+# %% ../nbs/20g_meanflow_noise.ipynb #0d7fe4ad
+@patch
+def sample(self: NoisePrior, kinds, generator=None, features=None):
+    """One `z` per row of `kinds [B, 2]` from its kind's Gaussian, conditioned on `features [B, F]` if given (and
+    the prior has a conditional part); a kind with no rows in the fit draws from `N(0, I)`."""
+    hit = (kinds.cpu()[:, None, :] == self.kinds[None]).all(-1)
+    eps = torch.randn(len(kinds), self.mean.shape[1], generator=generator)
+    z = eps.clone()  # no rows of that kind: the shrinkage's n = 0 limit is the standard prior itself
+    seen = hit.any(1)
+    g = hit.float().argmax(1)[seen]
+    if features is None or self.cond is None:
+        mean, tril = self.mean[g], self.scale_tril[g]
+    else:
+        if features.shape != (len(kinds), self.features):
+            raise ValueError(
+                f"the conditional prior reads {self.features} features per row, got features of shape"
+                f" {tuple(features.shape)}"
             )
-        got = {k: tuple(v.shape) for k, v in t.items()}
-        if got != want:
-            raise ValueError(f"{path}: expected tensors {want} (noise_dim {noise_dim}), found {got}")
-        cond = {k: t[f"cond_{k}"] for k in cls.COND} if F_ is not None else None
-        return cls(t["kinds"], t["mean"], t["scale_tril"], meta["rows"], cond)
+        c, f = self.cond, features.detach().float().cpu()[seen]
+        mean = c["mean"][g] + ((f - c["feature_mean"][g])[:, None, :] @ c["weight"][g])[:, 0]
+        tril = c["scale_tril"][g]
+    z[seen] = mean + (tril @ eps[seen][..., None])[..., 0]
+    return z
+
+# %% ../nbs/20g_meanflow_noise.ipynb #24560407
+@patch
+def tensors(self: NoisePrior) -> dict:
+    "The tensors to save (`safetensors`): `kinds`, `mean`, `scale_tril` and the conditional part's `cond_*`."
+    t = {"kinds": self.kinds, "mean": self.mean, "scale_tril": self.scale_tril}
+    if self.cond is not None:
+        t.update({f"cond_{k}": v for k, v in self.cond.items()})
+    return {k: v.contiguous() for k, v in t.items()}
+
+# %% ../nbs/20g_meanflow_noise.ipynb #582e185c
+@patch(cls_method=True)
+def load(cls: NoisePrior, path, noise_dim: int, meta: dict):
+    """The prior saved at `path`, checked against the student's `noise_dim` and the `meta` its `meanflow.json`
+    holds."""
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} is missing: meanflow.json says the student has a fitted noise prior")
+    t, G, F_ = load_file(path), meta.get("kinds"), meta.get("features")
+    want = {"kinds": (G, 2), "mean": (G, noise_dim), "scale_tril": (G, noise_dim, noise_dim)}
+    if F_ is not None:  # priors saved before the conditional part existed have no "features" entry
+        want.update(
+            {
+                "cond_mean": (G, noise_dim),
+                "cond_scale_tril": (G, noise_dim, noise_dim),
+                "cond_feature_mean": (G, F_),
+                "cond_weight": (G, F_, noise_dim),
+                "cond_ridge": (G,),
+            }
+        )
+    got = {k: tuple(v.shape) for k, v in t.items()}
+    if got != want:
+        raise ValueError(f"{path}: expected tensors {want} (noise_dim {noise_dim}), found {got}")
+    cond = {k: t[f"cond_{k}"] for k in cls.COND} if F_ is not None else None
+    return cls(t["kinds"], t["mean"], t["scale_tril"], meta["rows"], cond)
 
 # %% ../nbs/20g_meanflow_noise.ipynb #c1fd705e
 def canvas_features(student: MeanFlowStudent, x):

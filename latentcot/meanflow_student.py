@@ -10,17 +10,20 @@ import math
 
 import torch
 import torch.nn as nn
+from diffusers.models.embeddings import get_timestep_embedding
 
 # %% auto #0
 __all__ = ['timestep_embedding', 'NoisePosterior', 'SoftPrompt', 'MeanFlowStudent']
 
 # %% ../nbs/20d_meanflow_student.ipynb #d725e671
 def timestep_embedding(t, dim: int, max_period: float = 10000.0, scale: float = 10.0):
-    "Sinusoidal encoding `[B, dim]` of times `t` in [0, 1], multiplied by `scale` first."
-    half, dt = dim // 2, t.dtype if t.dtype == torch.float64 else torch.float32
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=dt) / half)
-    a = scale * t.to(dt)[:, None] * freqs[None]
-    return torch.cat([a.cos(), a.sin()], -1)
+    "Sinusoidal encoding `[B, dim]` (cosines, then sines) of times `t` in [0, 1], multiplied by `scale` first."
+    # diffusers' DDPM embedding; `scale * t` goes in as the time (its `scale=` multiplies later, which rounds
+    # differently); it computes in float32 whatever the dtype of `t`
+    dt = torch.float64 if t.dtype == torch.float64 else torch.float32
+    return get_timestep_embedding(
+        scale * t.to(dt), dim, flip_sin_to_cos=True, downscale_freq_shift=0, max_period=max_period
+    )
 
 # %% ../nbs/20d_meanflow_student.ipynb #d2ee424a
 class NoisePosterior(nn.Module):

@@ -195,6 +195,8 @@ def get_teacher(recipe: TeacherRecipe = TeacherRecipe(), cache_dir=None, log: Ca
         t0 = time.time()
         bb, losses = train_teacher(tok, recipe, sets, log)
         root.mkdir(parents=True, exist_ok=True)
+        # a directory (weights, tokenizer, teacher.json), staged whole and renamed into place: atomic_write writes one
+        # file
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=".teacher-"))
         try:
             bb.model.save_pretrained(tmp)

@@ -29,10 +29,11 @@ from .meanflow_sampling import teacher_samples
 from .meanflow_noise import NoisePrior, fit_noise_prior, pick_noise, posterior_noise
 
 # %% auto #0
-__all__ = ['meanflow_target', 'step_logs', 'meanflow_step', 'warmup_schedule', 'meanflow_lightning_module', 'StepLoader',
-           'distill_batches', 'check_run_dir', 'record_run', 'sync_gradients', 'check_equal_prompts', 'progress_line',
-           'open_run', 'accelerate_step', 'fit_final_prior', 'train_meanflow', 'lightning_checkpoints',
-           'train_meanflow_lightning', 'save_student', 'load_student']
+__all__ = ['PROMPT_PREFIX', 'meanflow_target', 'step_logs', 'meanflow_step', 'warmup_schedule', 'prompt_checkpoint',
+           'checked_prompt_rng', 'restore_rng', 'meanflow_lightning_module', 'StepLoader', 'distill_batches',
+           'check_run_dir', 'record_run', 'sync_gradients', 'check_equal_prompts', 'progress_line', 'open_run',
+           'accelerate_step', 'fit_final_prior', 'train_meanflow', 'lightning_checkpoints', 'train_meanflow_lightning',
+           'save_student', 'load_student']
 
 # %% ../nbs/20h_meanflow_train.ipynb #mftarget
 @torch.no_grad()
@@ -112,7 +113,40 @@ def warmup_schedule(opt, warmup: int = 20):
         sched.step()
     return sched
 
-# %% ../nbs/20h_meanflow_train.ipynb #b9dae00c
+# %% ../nbs/20h_meanflow_train.ipynb #706bb385
+PROMPT_PREFIX = "student.prompt."  # the trained part of the module's state_dict
+
+
+def prompt_checkpoint(checkpoint: dict) -> dict:
+    "Keep only the soft prompt in a Lightning checkpoint's `state_dict`, and add the global RNG state as `rng`."
+    sd = checkpoint["state_dict"]
+    checkpoint["state_dict"] = {k: v for k, v in sd.items() if k.startswith(PROMPT_PREFIX)}
+    # Lightning keeps no RNG state, and the step draws its times and masks from the global RNG
+    checkpoint["rng"] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+    return checkpoint
+
+# %% ../nbs/20h_meanflow_train.ipynb #19e43326
+def checked_prompt_rng(checkpoint: dict, want: set) -> dict:
+    "The `rng` of a checkpoint whose soft prompt has exactly the keys `want`, else a `ValueError` naming the gap."
+    got = set(checkpoint["state_dict"])
+    if got != want:
+        missing, unexpected = sorted(want - got)[:4], sorted(got - want)[:4]
+        raise ValueError(
+            f"the checkpoint's soft prompt is not this student's: missing {missing}, " f"unexpected {unexpected}"
+        )
+    return checkpoint["rng"]
+
+# %% ../nbs/20h_meanflow_train.ipynb #e00a95a9
+def restore_rng(rng: dict | None):
+    "Set the global RNG (the CPU's, and CUDA's if it was saved) to a checkpoint's `rng`; `None` leaves it alone."
+    if rng is not None:
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng:
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+# %% ../nbs/20h_meanflow_train.ipynb #2b7ff459
 def _lightning_class():
     "The `MeanFlowLightning` class (lightning imported on first use)."
     import lightning.pytorch as pl
@@ -141,31 +175,16 @@ def _lightning_class():
             self.clip_gradients(optimizer, gradient_clip_val=1.0, gradient_clip_algorithm="norm")  # as train_meanflow
 
         def on_save_checkpoint(self, checkpoint):
-            sd = checkpoint["state_dict"]
-            checkpoint["state_dict"] = {k: v for k, v in sd.items() if k.startswith("student.prompt.")}
-            # Lightning keeps no RNG state, and the step draws its times and masks from the global RNG
-            checkpoint["rng"] = {"cpu": torch.get_rng_state()}
-            if torch.cuda.is_available():
-                checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+            prompt_checkpoint(checkpoint)
 
         def on_load_checkpoint(self, checkpoint):
-            want = {k for k in self.state_dict() if k.startswith("student.prompt.")}
-            got = set(checkpoint["state_dict"])
-            if got != want:
-                missing, unexpected = sorted(want - got)[:4], sorted(got - want)[:4]
-                raise ValueError(
-                    f"the checkpoint's soft prompt is not this student's: missing {missing}, "
-                    f"unexpected {unexpected}"
-                )
-            self._rng = checkpoint["rng"]
+            want = {k for k in self.state_dict() if k.startswith(PROMPT_PREFIX)}
+            self._rng = checked_prompt_rng(checkpoint, want)
 
         def on_train_start(self):
             # restored only now: Lightning made the loader's iterator, which draws its seed from the global RNG
-            if self._rng is not None:
-                torch.set_rng_state(self._rng["cpu"])
-                if "cuda" in self._rng:
-                    torch.cuda.set_rng_state_all(self._rng["cuda"])
-                self._rng = None
+            restore_rng(self._rng)
+            self._rng = None
 
     return MeanFlowLightning
 
