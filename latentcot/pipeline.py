@@ -250,6 +250,16 @@ def split_files(data: Path) -> tuple[str, str]:
     )
 
 
+def _link_stage1(out: Path, base) -> Path:
+    "`out/stage1/final` as a symbolic link to the given stage-1 checkpoint `base` (the diagnosis reads it there)."
+    link = out / "stage1" / "final"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink():
+        link.unlink()
+    link.symlink_to(Path(base).resolve(), target_is_directory=True)
+    return link
+
+
 def run_pipeline(
     out_dir,
     data_dir=None,
@@ -318,7 +328,7 @@ def run_pipeline(
 
     teacher = str(out / "teacher_train")
     s1 = (  # stage-1 steps 0: the base checkpoint is the stage-1 model (e.g. another run's stage1/final)
-        base
+        _link_stage1(out, base)
         if n1 == 0
         else timed(
             "stage1",
