@@ -148,6 +148,12 @@ class LatentCoTConfig:
     learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate", "aliases": ["--lr"]})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
+    lr_scheduler_type: Literal[
+        "constant_with_warmup", "constant", "linear", "cosine", "cosine_with_restarts", "polynomial", "inverse_sqrt"
+    ] = field(
+        default="constant_with_warmup",
+        metadata={"help": "transformers.get_scheduler name: the learning rate over a stage's optimizer steps"},
+    )
     max_length: int = field(
         default=4096, metadata={"help": "longest sample in tokens (longer ones are an error, never truncated)"}
     )
@@ -367,6 +373,7 @@ TRAINING_ONLY = (
     "learning_rate",
     "weight_decay",
     "warmup_steps",
+    "lr_scheduler_type",
     "mixed_precision",
     "gradient_checkpointing",
 )

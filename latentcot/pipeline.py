@@ -250,6 +250,16 @@ def split_files(data: Path) -> tuple[str, str]:
     )
 
 
+def _link_stage1(out: Path, base) -> Path:
+    "`out/stage1/final` as a symbolic link to the given stage-1 checkpoint `base` (the diagnosis reads it there)."
+    link = out / "stage1" / "final"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink():
+        link.unlink()
+    link.symlink_to(Path(base).resolve(), target_is_directory=True)
+    return link
+
+
 def run_pipeline(
     out_dir,
     data_dir=None,
@@ -274,6 +284,11 @@ def run_pipeline(
     out.mkdir(parents=True, exist_ok=True)
     data = Path(data_dir) if data_dir else default_data_dir() / "visual"
     tr, ho = split_files(data)
+    if min(steps[1:]) < 1 or steps[0] < 0 or (steps[0] == 0 and model_name_or_path is None):
+        raise ValueError(
+            f"steps {tuple(steps)}: stages 2, 3 A and 3 C need >= 1 step; stage 1 >= 1, or 0 with "
+            "--model_name_or_path a stage-1 checkpoint (then it is the stage-1 model)"
+        )
     if model_name_or_path is None:  # the embedded default: the tiny kit with a readable vision tower (nb 01)
         from latentcot.tiny import calibrated_kit_path
 
@@ -312,11 +327,15 @@ def run_pipeline(
         return r
 
     teacher = str(out / "teacher_train")
-    s1 = timed(
-        "stage1",
-        lambda: train.run(
-            stage("stage1", model_name_or_path=base, data=tr, output_dir=str(out / "stage1"), max_steps=n1), cfg
-        ),
+    s1 = (  # stage-1 steps 0: the base checkpoint is the stage-1 model (e.g. another run's stage1/final)
+        _link_stage1(out, base)
+        if n1 == 0
+        else timed(
+            "stage1",
+            lambda: train.run(
+                stage("stage1", model_name_or_path=base, data=tr, output_dir=str(out / "stage1"), max_steps=n1), cfg
+            ),
+        )
     )
     timed("precompute", lambda: [precompute(f, d) for f, d in ((tr, "teacher_train"), (ho, "teacher_heldout"))])
     s2 = timed(
@@ -586,7 +605,11 @@ class RunArgs:
     )
     steps: list[int] = field(
         default_factory=lambda: list(MAIN_STEPS),
-        metadata={"nargs": 4, "metavar": "N", "help": "optimizer steps of stage 1, 2, 3 (mode A) and 3 (mode C)"},
+        metadata={
+            "nargs": 4,
+            "metavar": "N",
+            "help": "optimizer steps of stage 1, 2, 3 (mode A) and 3 (mode C); stage 1 0: the base is the stage-1 model",
+        },
     )
     limit: int | None = field(
         default=None, metadata={"type": positive_int, "help": "use only the first N samples of each split"}

@@ -524,7 +524,7 @@ def train_loop(
     if save_every < 0:
         raise ValueError(f"save_every must be >= 0, got {save_every!r}")
     from accelerate.utils import set_seed
-    from transformers import get_constant_schedule_with_warmup
+    from transformers import get_scheduler
     from tqdm.auto import tqdm
 
     output_dir = Path(output_dir)
@@ -536,10 +536,12 @@ def train_loop(
     if not params:
         raise ValueError("train_loop: the model has no trainable parameters")
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    sched = get_constant_schedule_with_warmup(opt, cfg.warmup_steps)
+    raw_opt = opt
     model, opt, dl = acc.prepare(model, opt, dl)
     steps_per_epoch = max(1, math.ceil(len(dl) / cfg.grad_accum_steps))
     total = max_steps if max_steps is not None else cfg.epochs * steps_per_epoch
+    # the library's schedule over this run's optimizer steps (default constant_with_warmup: constant after warm-up)
+    sched = get_scheduler(cfg.lr_scheduler_type, raw_opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=total)
     state = TrainState(cfg=cfg)
     settings = {
         "config": asdict(cfg),
