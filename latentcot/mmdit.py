@@ -907,11 +907,7 @@ def run_mmdit(
         recs["train"], lat, text if "text" in train_sources else None, [s for s in train_sources if s != "text"]
     )
     # steps 0: evaluate the generator as loaded (e.g. the final/ of `latentcot train --stage mmdit`, bridge included)
-    losses = (
-        train_generator(gen, examples, steps, batch_size, lr, seed, progress)
-        if steps
-        else []
-    )
+    losses = train_generator(gen, examples, steps, batch_size, lr, seed, progress) if steps else []
     t_train = time.time()
     gen.transformer.save_pretrained(out / "transformer")
     gen.save_bridge(out / "bridge")
