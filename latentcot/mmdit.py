@@ -1,4 +1,4 @@
-"""Seed 000's generation half: the latents Z that the VLM thinks between `<abs_vis_token>` tags condition Qwen-Image's MMDiT, which draws the image; flow matching as diffusers trains Qwen-Image, generation through `QwenImagePipeline`.
+"""Seed 000's generation half: latents Z condition Qwen-Image's MMDiT (diffusers' classes), which draws the image.
 
 Docs: https://latentcot.github.io/latentcot/mmdit.html.md"""
 
@@ -18,20 +18,24 @@ import torch
 from torch import nn
 from PIL import Image
 
+from .datagen import BACKGROUND
+from .fileio import atomic_write
 from .mmdit_kit import check_kit_configs, images_to_tensor, load_mmdit_kit, read_grid
 
 # %% auto #0
-__all__ = ['QWEN_IMAGE_PROMPT_TEMPLATE', 'CONDITIONS', 'LORA_TARGETS_MMDIT', 'MMDIT_COMMANDS', 'MMDiTBridge', 'project_to_mmdit',
-           'template_prefix_length', 'qwen_prompt_embeds', 'check_image_size', 'encode_images', 'decode_latents',
-           'pack', 'unpack', 'velocity', 'sample_sigmas', 'compute_flow_matching_loss', 'generation_pipeline',
+__all__ = ['QWEN_IMAGE_PROMPT_TEMPLATE', 'CONDITIONS', 'EXTRA_CONDITIONS', 'ORACLES', 'TRAIN_SOURCES', 'LORA_TARGETS_MMDIT',
+           'MMDIT_COMMANDS', 'MMDiTBridge', 'project_to_mmdit', 'template_prefix_length', 'qwen_prompt_embeds',
+           'check_image_size', 'encode_images', 'decode_latents', 'pack', 'unpack', 'velocity', 'sample_sigmas',
+           'compute_flow_matching_loss', 'sampling_scheduler', 'schedule_is_finite', 'generation_pipeline',
            'write_bridge', 'LatentToImageGenerator', 'multiturn_latents', 'pad_latents', 'training_examples',
            'train_generator', 'grid_scores', 'condition_inputs', 'evaluate_conditions', 'summarize', 'results_table',
-           'inference_with_latent_cot', 'save_condition_images', 'load_condition_images', 'GenerationExplorer',
-           'generation_explorer', 'comparison_grid', 'text_states', 'run_mmdit', 'MMDiTRunArgs', 'run_main',
-           'check_edit_images', 'check_bridge', 'MMDiTTrainee', 'freeze_discarded_text_stream', 'add_mmdit_lora',
-           'collate_pairs', 'mmdit_pairs', 'mmdit_step', 'save_generator', 'run_mmdit_stage', 'fitting_size',
-           'GenerationLoss', 'attach_generation_loss', 'GenerateArgs', 'read_prompts', 'generate_images',
-           'generate_main', 'schedule_is_finite', 'bench_mmdit', 'BenchMMDiTArgs', 'bench_mmdit_main', 'main']
+           'oracle_latents', 'inference_with_latent_cot', 'save_condition_images', 'load_condition_images',
+           'rescore_report', 'GenerationExplorer', 'generation_explorer', 'run_choices', 'comparison_grid',
+           'text_states', 'run_mmdit', 'MMDiTRunArgs', 'run_main', 'check_edit_images', 'check_bridge', 'MMDiTTrainee',
+           'freeze_discarded_text_stream', 'add_mmdit_lora', 'collate_pairs', 'mmdit_pairs', 'mmdit_step',
+           'save_generator', 'run_mmdit_stage', 'fitting_size', 'GenerationLoss', 'attach_generation_loss',
+           'GenerateArgs', 'read_prompts', 'generate_images', 'generate_main', 'bench_mmdit', 'BenchMMDiTArgs',
+           'bench_mmdit_main', 'main']
 
 # %% ../nbs/22_mmdit.ipynb #bb7f02f9
 class MMDiTBridge(nn.Module):
@@ -130,7 +134,7 @@ def _stats(vae, like: torch.Tensor):
 
 @torch.no_grad()
 def encode_images(vae, images) -> torch.Tensor:
-    "Normalised VAE latents `[B,C,1,h,w]` of images (PIL/paths or a `[B,3,1,H,W]` tensor in [-1, 1]), as the pipelines do."
+    "Normalised VAE latents `[B,C,1,h,w]` of images (PIL/paths or `[B,3,1,H,W]` in [-1, 1]), as the pipelines do."
     x = images if torch.is_tensor(images) else images_to_tensor(images)
     check_image_size(x.shape[-2], x.shape[-1], vae)
     x = x.to(vae.device, vae.dtype)
@@ -213,7 +217,7 @@ def compute_flow_matching_loss(
     noise=None,
     sigmas=None,
 ) -> torch.Tensor:
-    "Seed 000's flow loss on normalised target latents `x0`: x_t=(1-σ)x0+σε, target ε-x0, SD3 weighting, mean over batch."
+    "Seed 000's flow loss on normalised target latents `x0`: x_t=(1-σ)x0+σε, target ε-x0, SD3 weighting, batch mean."
     from diffusers.training_utils import compute_loss_weighting_for_sd3
 
     B = x0.shape[0]
@@ -226,16 +230,36 @@ def compute_flow_matching_loss(
     return (w.float() * (pred.float() - (noise - x0).float()) ** 2).reshape(B, -1).mean(1).mean()
 
 # %% ../nbs/22_mmdit.ipynb #dccab5f4
-def generation_pipeline(transformer, vae, scheduler, edit: bool = False):
-    "`QwenImagePipeline` (or `QwenImageEditPipeline` with `edit`) without text encoder/tokenizer: it runs from prompt embeds."
+def sampling_scheduler(scheduler, num_inference_steps: int | None = None):
+    "A fresh copy of `scheduler` for sampling (`set_timesteps` rewrites it); at 1 step without `shift_terminal`."
+    # diffusers 0.42.1 stretches the sigmas so the last one equals shift_terminal: 1 - (1 - s) / ((1 - s[-1]) /
+    # (1 - shift_terminal)). The pipelines' sigmas start at 1.0, so with one step s = s[-1] = 1 and the stretch is
+    # 0 / 0 = NaN (and a single sigma < 1 becomes shift_terminal itself: one step from 0.02). One step: sigma 1 -> 0.
+    if num_inference_steps is not None and num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+    one_step = num_inference_steps == 1 and scheduler.config.get("shift_terminal")
+    return type(scheduler).from_config(scheduler.config, **({"shift_terminal": None} if one_step else {}))
+
+
+def schedule_is_finite(scheduler, num_inference_steps: int) -> bool:
+    "Are the sigmas of `num_inference_steps` finite? (Qwen-Image's config alone fails at 1: see `sampling_scheduler`.)"
+    sch = type(scheduler).from_config(scheduler.config)
+    s = num_inference_steps
+    sch.set_timesteps(sigmas=np.linspace(1.0, 1 / s, s).tolist(), mu=0.5 if sch.config.use_dynamic_shifting else None)
+    return bool(torch.isfinite(sch.sigmas).all())
+
+
+def generation_pipeline(transformer, vae, scheduler, edit: bool = False, num_inference_steps: int | None = None):
+    "`QwenImagePipeline` (`QwenImageEditPipeline` with `edit`) without text encoder/tokenizer: it runs from embeds."
     from diffusers import QwenImageEditPipeline, QwenImagePipeline
 
-    sched = type(scheduler).from_config(scheduler.config)  # its own copy: set_timesteps rewrites the sigmas
+    sched = sampling_scheduler(scheduler, num_inference_steps)
     if edit:
         return QwenImageEditPipeline(
             scheduler=sched, vae=vae, text_encoder=None, tokenizer=None, processor=None, transformer=transformer
         )
     return QwenImagePipeline(scheduler=sched, vae=vae, text_encoder=None, tokenizer=None, transformer=transformer)
+
 
 # %% ../nbs/22_mmdit.ipynb #db973777
 @contextmanager
@@ -253,12 +277,10 @@ def write_bridge(bridge: MMDiTBridge, path) -> None:
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in bridge.state_dict().items()}, path / "bridge.safetensors")
-    (path / "bridge.json").write_text(
-        json.dumps(
-            dict(latent_dim=bridge.latent_dim, mode=bridge.mode, joint_attention_dim=bridge.joint_attention_dim)
-        )
-    )
+    state = {k: v.contiguous() for k, v in bridge.state_dict().items()}
+    atomic_write(path / "bridge.safetensors", lambda tmp: save_file(state, tmp))
+    meta = dict(latent_dim=bridge.latent_dim, mode=bridge.mode, joint_attention_dim=bridge.joint_attention_dim)
+    atomic_write(path / "bridge.json", lambda tmp: Path(tmp).write_text(json.dumps(meta)))
 
 
 class LatentToImageGenerator(nn.Module):
@@ -304,7 +326,8 @@ class LatentToImageGenerator(nn.Module):
         meta = json.loads((Path(path) / "bridge.json").read_text())
         if meta["joint_attention_dim"] != self.transformer.config.joint_attention_dim:
             raise ValueError(
-                f"{path}: bridge for joint_attention_dim {meta['joint_attention_dim']}, the DiT has {self.transformer.config.joint_attention_dim}"
+                f"{path}: bridge for joint_attention_dim {meta['joint_attention_dim']}, "
+                f"the DiT has {self.transformer.config.joint_attention_dim}"
             )
         self.bridge = MMDiTBridge(meta["latent_dim"], meta["joint_attention_dim"], meta["mode"])
         self.bridge.load_state_dict(load_file(Path(path) / "bridge.safetensors"))
@@ -315,7 +338,7 @@ class LatentToImageGenerator(nn.Module):
     def compute_flow_matching_loss(
         self, z_final, target_images, ref_images=None, z_mask=None, generator=None, weighting_scheme: str = "none"
     ) -> torch.Tensor:
-        "Flow-matching loss of the DiT conditioned on `bridge(z_final)` on `target_images` (optionally editing `ref_images`)."
+        "Flow-matching loss of the DiT conditioned on `bridge(z_final)` on `target_images` (editing `ref_images`)."
         if len(target_images) != z_final.shape[0]:
             raise ValueError(f"{z_final.shape[0]} latent rows but {len(target_images)} target images")
         with torch.no_grad():
@@ -355,7 +378,7 @@ class LatentToImageGenerator(nn.Module):
             output_type=output_type,
         )
         if ref_images is None:
-            pipe = generation_pipeline(self.transformer, self.vae, self.scheduler)
+            pipe = generation_pipeline(self.transformer, self.vae, self.scheduler, False, num_inference_steps)
             pipe.set_progress_bar_config(disable=True)
             return pipe(**kw).images
         refs = [Image.open(p).convert("RGB") if isinstance(p, (str, Path)) else p for p in ref_images]
@@ -363,7 +386,7 @@ class LatentToImageGenerator(nn.Module):
             raise ValueError(f"{prompt_embeds.shape[0]} latent rows but {len(refs)} reference images")
         if any(r.size != (width, height) for r in refs):
             raise ValueError(f"reference images must be {width}x{height}, got {sorted({r.size for r in refs})}")
-        pipe = generation_pipeline(self.transformer, self.vae, self.scheduler, edit=True)
+        pipe = generation_pipeline(self.transformer, self.vae, self.scheduler, True, num_inference_steps)
         pipe.set_progress_bar_config(disable=True)
         with _keep_reference_size(height, width):
             return pipe(image=refs, **kw).images
@@ -467,24 +490,29 @@ def train_generator(
 
 # %% ../nbs/22_mmdit.ipynb #2d567ab1
 def grid_scores(generated, target, img0) -> dict:
-    "Changed-cell accuracy (`None` if the edit changes no cell), all-cell accuracy and exact match of one image."
+    "Accuracy on changed cells (`None` if none), on changed cells holding an object, on all cells; exact match."
     g, t, o = read_grid(generated), read_grid(target), read_grid(img0)
     changed = [i for i in range(len(t)) if t[i] != o[i]]
+    drawn = [i for i in changed if t[i] is not None]  # a blank image scores 0 here, as copying img0 does
     hits = [a == b for a, b in zip(g, t)]
     return {
         "changed": sum(hits[i] for i in changed) / len(changed) if changed else None,
+        "drawn": sum(hits[i] for i in drawn) / len(drawn) if drawn else None,
         "all": sum(hits) / len(hits),
         "exact": float(all(hits)),
     }
 
 # %% ../nbs/22_mmdit.ipynb #3c855d89
 CONDITIONS = ("teacher", "student", "zeroed", "shuffled", "text", "copy_img0")
+EXTRA_CONDITIONS = ("oracle", "blank")  # on request: the ceiling, and an empty canvas (what erasing alone scores)
 
 
 def condition_inputs(cond: str, records, latents: dict, text: dict, r: int):
     "Z rows (list of `[K,H]`) of held-out `records` for round `r` under condition `cond`."
     sids = [rec["sample_id"] for rec in records]
-    if cond in ("teacher", "student"):
+    if cond in ("teacher", "student", "oracle"):
+        if cond == "oracle" and any("oracle" not in latents[s] for s in sids):
+            raise ValueError("condition 'oracle' needs oracle latents: run_mmdit(oracle='grid' or 'vae'), or --oracle")
         return [latents[s][cond][r] for s in sids]
     if cond == "zeroed":
         return [torch.zeros_like(latents[s]["student"][r]) for s in sids]
@@ -492,7 +520,7 @@ def condition_inputs(cond: str, records, latents: dict, text: dict, r: int):
         return [latents[sids[(i + 1) % len(sids)]]["student"][r] for i in range(len(sids))]
     if cond == "text":
         return [text[s] for s in sids]
-    raise ValueError(f"unknown condition {cond!r}; expected one of {CONDITIONS}")
+    raise ValueError(f"unknown condition {cond!r}; expected one of {CONDITIONS + EXTRA_CONDITIONS}")
 
 
 def evaluate_conditions(
@@ -517,6 +545,8 @@ def evaluate_conditions(
                 chunk = records[i : i + batch_size]
                 if cond == "copy_img0":
                     gen_ims = [Image.open(rec["img0"]).convert("RGB") for rec in chunk]
+                elif cond == "blank":  # the background colour only
+                    gen_ims = [Image.new("RGB", Image.open(rec["img0"]).size, BACKGROUND) for rec in chunk]
                 else:
                     z, m = pad_latents(condition_inputs(cond, chunk, latents, text, r))
                     gen_ims = gen.generate(
@@ -540,9 +570,10 @@ def summarize(scores: dict, n_boot: int = 2000) -> dict:
     out = {}
     for cond, rows in scores.items():
         out[cond] = {"items": len(rows)}
-        for k in ("changed", "all", "exact"):
-            vals = [r[k] for r in rows if r[k] is not None]
-            out[cond][k] = dict(zip(("mean", "low", "high"), bootstrap_ci(vals, n_boot=n_boot)))
+        for k in ("changed", "drawn", "all", "exact"):
+            vals = [r[k] for r in rows if r.get(k) is not None]  # scores of an older latentcot have no "drawn"
+            if vals:
+                out[cond][k] = dict(zip(("mean", "low", "high"), bootstrap_ci(vals, n_boot=n_boot)))
     if "student" in scores:
         key = lambda rows: {(r["sample_id"], r["round"]): r["changed"] for r in rows if r["changed"] is not None}
         st = key(scores["student"])
@@ -561,15 +592,54 @@ def summarize(scores: dict, n_boot: int = 2000) -> dict:
 
 
 def results_table(summary: dict) -> str:
-    "A markdown table: per condition, changed-cell / all-cell accuracy and exact-grid rate with 95% intervals."
-    f = lambda d: f"{100 * d['mean']:.1f} [{100 * d['low']:.1f}, {100 * d['high']:.1f}]"
+    "A markdown table: per condition, changed cells (all, with an object), all cells, exact grids; 95% intervals."
+    f = lambda d: "-" if d is None else f"{100 * d['mean']:.1f} [{100 * d['low']:.1f}, {100 * d['high']:.1f}]"
     lines = [
-        "| condition | changed cells % | all cells % | exact grids % | items |",
-        "| --- | --- | --- | --- | --- |",
+        "| condition | changed cells % | changed cells with an object % | all cells % | exact grids % | items |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for cond, s in summary.items():
-        lines.append(f"| {cond} | {f(s['changed'])} | {f(s['all'])} | {f(s['exact'])} | {s['items']} |")
+        cols = " | ".join(f(s.get(k)) for k in ("changed", "drawn", "all", "exact"))
+        lines.append(f"| {cond} | {cols} | {s['items']} |")
     return "\n".join(lines)
+
+# %% ../nbs/22_mmdit.ipynb #orc27ex
+ORACLES = ("grid", "vae")
+
+
+def oracle_latents(records, kind: str, latent_dim: int, vae=None) -> dict:
+    "`{sample_id: [2,16,H]}`: conditioning built from the true img1/img2 (`grid` or `vae`), one token per grid cell."
+    from latentcot.datagen import COLORS, GRID, SHAPES
+
+    if kind not in ORACLES:
+        raise ValueError(f"unknown oracle {kind!r}; expected one of {ORACLES}")
+    G, out = GRID, {}
+    if kind == "grid":
+        classes = [None] + [(c, s) for c in COLORS for s in SHAPES]
+        if latent_dim < G * G + len(classes):
+            raise ValueError(
+                f"the grid oracle needs {G * G + len(classes)} latent dims, the latent width is {latent_dim}"
+            )
+        for rec in records:
+            z = torch.zeros(2, G * G, latent_dim)
+            for r in (0, 1):
+                for k, cell in enumerate(read_grid(rec[f"img{r + 1}"])):
+                    z[r, k, k] = z[r, k, G * G + classes.index(cell)] = 1.0
+            out[rec["sample_id"]] = z
+        return out
+    if vae is None:
+        raise ValueError("the vae oracle needs the VAE")
+    paths = [rec[f"img{r}"] for rec in records for r in (1, 2)]
+    x = torch.cat([encode_images(vae, paths[i : i + 64]) for i in range(0, len(paths), 64)])[:, :, 0].float()
+    N, C, h, w = x.shape
+    if h % G or w % G:
+        raise ValueError(f"latents {h}x{w} do not split into the {G}x{G} grid cells")
+    t = x.reshape(N, C, G, h // G, G, w // G).permute(0, 2, 4, 1, 3, 5).reshape(N, G * G, -1)
+    if t.shape[-1] > latent_dim:
+        raise ValueError(f"a cell's VAE latents have {t.shape[-1]} values, more than the latent width {latent_dim}")
+    t = torch.nn.functional.pad(t, (0, latent_dim - t.shape[-1])).view(len(records), 2, G * G, latent_dim)
+    return {rec["sample_id"]: t[i] for i, rec in enumerate(records)}
+
 
 # %% ../nbs/22_mmdit.ipynb #2123b346
 def inference_with_latent_cot(
@@ -631,9 +701,7 @@ def save_condition_images(out_dir, images: dict) -> None:
         d = Path(out_dir) / cond
         d.mkdir(parents=True, exist_ok=True)
         for (sid, r), im in ims.items():
-            tmp = d / f".{sid}_img{r}.tmp.png"
-            im.save(tmp)
-            os.replace(tmp, d / f"{sid}_img{r}.png")
+            atomic_write(d / f"{sid}_img{r}.png", lambda tmp, im=im: im.save(tmp, format="png"))
 
 
 def load_condition_images(report_dir, records, conditions) -> dict:
@@ -648,6 +716,26 @@ def load_condition_images(report_dir, records, conditions) -> dict:
                     raise FileNotFoundError(f"{p}: missing (a report of an older latentcot, or cut short?)")
                 out[cond][(rec["sample_id"], r)] = Image.open(p).convert("RGB")
     return out
+
+
+def rescore_report(report_dir, data_dir=None) -> dict:
+    "`{'scores', 'summary'}` of a `run_mmdit` report recomputed from its saved images (e.g. with a newer metric)."
+    from latentcot.datagen import load_edit_records
+    from latentcot.demo import default_data_dir
+
+    m = json.loads((Path(report_dir) / "metrics.json").read_text())
+    recs = load_edit_records(Path(data_dir or default_data_dir()) / "edit" / "heldout.jsonl")[: m["heldout"]]
+    images = load_condition_images(report_dir, recs, list(m["summary"]))
+    score = lambda im, rec, r: grid_scores(im, rec[f"img{r}"], rec["img0"])
+    scores = {
+        cond: [
+            {"sample_id": rec["sample_id"], "round": r, **score(ims[(rec["sample_id"], r)], rec, r)}
+            for r in (1, 2)
+            for rec in recs
+        ]
+        for cond, ims in images.items()
+    }
+    return {"scores": scores, "summary": summarize(scores)}
 
 
 class GenerationExplorer:
@@ -719,10 +807,27 @@ def generation_explorer(report_dir, sample: int = 0, **kw) -> GenerationExplorer
     return GenerationExplorer(report_dir, sample, **kw)
 
 # %% ../nbs/22_mmdit.ipynb #9b00b364
-def _atomic_write(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _write_text(path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+TRAIN_SOURCES = ("teacher", "student", "text", "oracle")
+
+
+def run_choices(oracle=None, train_sources=("teacher", "student", "text"), conditions=None) -> tuple[tuple, tuple]:
+    "Checked `(train_sources, conditions)` of `run_mmdit`; an `oracle` adds the oracle and blank conditions."
+    if oracle is not None and oracle not in ORACLES:
+        raise ValueError(f"unknown oracle {oracle!r}; expected one of {ORACLES}")
+    conditions = tuple(conditions) if conditions is not None else CONDITIONS + (EXTRA_CONDITIONS if oracle else ())
+    train_sources = tuple(train_sources)
+    checks = (("condition", conditions, CONDITIONS + EXTRA_CONDITIONS), ("train source", train_sources, TRAIN_SOURCES))
+    for what, got, ok in checks:
+        bad = [x for x in got if x not in ok]
+        if bad or not got:
+            raise ValueError(f"unknown or no {what}(s) {bad or list(got)}; expected some of {ok}")
+    if oracle is None and "oracle" in conditions + train_sources:
+        raise ValueError("the oracle condition or train source needs an oracle: oracle='grid' or 'vae' (--oracle)")
+    return train_sources, conditions
 
 
 def comparison_grid(records, images: dict, conditions, n: int = 6, scale: int = 2) -> Image.Image:
@@ -764,6 +869,9 @@ def run_mmdit(
     data_dir=None,
     kit=None,
     progress: bool = True,
+    oracle: str | None = None,
+    train_sources=("teacher", "student", "text"),
+    conditions=None,
 ) -> dict:
     "Kit, multi-turn latents, generator training and the evaluation table; writes the report into `out_dir`."
     import time
@@ -774,6 +882,7 @@ def run_mmdit(
     from latentcot.tiny import calibrated_kit_path
     from latentcot.tokens import load_latent_model
 
+    train_sources, conditions = run_choices(oracle, train_sources, conditions)  # before any work
     t0, out = time.time(), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -791,21 +900,24 @@ def run_mmdit(
     text = text_states(model, processor, recs["train"] + recs["heldout"])
     t_lat = time.time()
     gen = LatentToImageGenerator.from_pretrained(kit, latent_dim=model.config.get_text_config().hidden_size)
-    # steps 0: evaluate the generator as loaded (e.g. the final/ of `latentcot train --stage mmdit`, bridge included)
-    losses = (
-        train_generator(gen, training_examples(recs["train"], lat, text), steps, batch_size, lr, seed, progress)
-        if steps
-        else []
+    if oracle is not None:  # the ceiling: conditioning that certainly carries the target, one more source of Z
+        orc = oracle_latents(recs["train"] + recs["heldout"], oracle, gen.bridge.latent_dim, gen.vae)
+        lat = {sid: {**v, "oracle": orc[sid]} for sid, v in lat.items()}
+    examples = training_examples(
+        recs["train"], lat, text if "text" in train_sources else None, [s for s in train_sources if s != "text"]
     )
+    # steps 0: evaluate the generator as loaded (e.g. the final/ of `latentcot train --stage mmdit`, bridge included)
+    losses = train_generator(gen, examples, steps, batch_size, lr, seed, progress) if steps else []
     t_train = time.time()
     gen.transformer.save_pretrained(out / "transformer")
     gen.save_bridge(out / "bridge")
     scores, images = evaluate_conditions(
-        gen, recs["heldout"], lat, text, CONDITIONS, sample_steps, seed, progress=progress
+        gen, recs["heldout"], lat, text, conditions, sample_steps, seed, progress=progress
     )
     summary = summarize(scores)
     table = results_table(summary)
-    comparison_grid(recs["heldout"], images, CONDITIONS).save(out / "grid.png")
+    grid = comparison_grid(recs["heldout"], images, conditions)
+    atomic_write(out / "grid.png", lambda tmp: grid.save(tmp, format="png"))
     save_condition_images(out / "images", images)
     metrics = dict(
         summary=summary,
@@ -814,6 +926,9 @@ def run_mmdit(
         latent_model=str(latent_model),
         kit=str(kit),
         latent_size=latent_size,
+        oracle=oracle,
+        train_sources=list(train_sources),
+        conditions=list(conditions),
         steps=steps,
         batch_size=batch_size,
         lr=lr,
@@ -822,9 +937,9 @@ def run_mmdit(
         final_loss=float(np.mean(losses[-50:])) if losses else None,
         seconds=dict(latents=t_lat - t0, train=t_train - t_lat, evaluate=time.time() - t_train),
     )
-    _atomic_write(out / "metrics.json", json.dumps(metrics, indent=1, default=str))
-    _atomic_write(out / "losses.json", json.dumps(losses))
-    _atomic_write(
+    _write_text(out / "metrics.json", json.dumps(metrics, indent=1, default=str))
+    _write_text(out / "losses.json", json.dumps(losses))
+    _write_text(
         out / "table.md",
         f"Generated img1 (from Z0) and img2 (from Z1) of {len(recs['heldout'])} held-out "
         f"triplets; mean [95% bootstrap interval]\n\n{table}\n",
@@ -849,6 +964,21 @@ class MMDiTRunArgs:
     limit_heldout: int | None = field(default=None, metadata={"help": "use only the first N held-out triplets"})
     limit_train: int | None = field(default=None, metadata={"help": "use only the first N training triplets"})
     seed: int = field(default=0, metadata={"help": "seed of training and sampling"})
+    oracle: str | None = field(
+        default=None,
+        metadata={
+            "help": "ceiling diagnostic: add the condition 'oracle' built from the true target image: grid (one "
+            "token per cell: one-hot position + content) or vae (the target's VAE latents, one token per cell)"
+        },
+    )
+    train_sources: str = field(
+        default="teacher,student,text",
+        metadata={"help": "comma-separated sources the generator trains on (teacher, student, text, oracle)"},
+    )
+    conditions: str | None = field(
+        default=None,
+        metadata={"help": "comma-separated conditions to evaluate (default: all six, + oracle,blank with --oracle)"},
+    )
     quiet: bool = field(default=False, metadata={"help": "no progress bars"})
 
 
@@ -863,6 +993,12 @@ def run_main(argv: list[str] | None = None) -> int:
         description="Train the MMDiT on multi-turn latents and evaluate it.",
     )
     (a,) = p.parse_args_into_dataclasses(argv)
+    split = lambda s: tuple(x.strip() for x in s.split(",") if x.strip())
+    sources, conds = split(a.train_sources), split(a.conditions) if a.conditions else None
+    try:
+        run_choices(a.oracle, sources, conds)
+    except ValueError as e:
+        raise SystemExit(f"latentcot run mmdit: {e}") from None
     m = run_mmdit(
         a.out,
         a.latent_model,
@@ -876,6 +1012,9 @@ def run_main(argv: list[str] | None = None) -> int:
         a.seed,
         kit=a.mmdit_name_or_path,
         progress=not a.quiet,
+        oracle=a.oracle,
+        train_sources=sources,
+        conditions=conds,
     )
     print((Path(a.out) / "table.md").read_text())
     print(f"seconds: {m['seconds']}")
@@ -1340,29 +1479,19 @@ def generate_main(argv: list[str] | None = None) -> int:
     for i, (p, (im, text)) in enumerate(zip(prompts, res)):
         dst = (out / p.get("out", f"{i:04d}.png")) if a.prompts else out
         if im is not None:
-            tmp = dst.with_name(f".{dst.name}.tmp.png")
-            im.save(tmp)
-            os.replace(tmp, dst)
+            atomic_write(dst, lambda tmp, im=im: im.save(tmp, format="png"))
         else:
             print(f"prompt {i}: the model did not open <abs_vis_token>: no image (--think always forces latent mode)")
         rows.append(
             {"prompt": p["prompt"], "image": p["image"], "out": str(dst) if im is not None else None, "text": text}
         )
     if a.prompts:
-        _atomic_write(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        _write_text(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     for r in rows:
         print(f"{r['out']}\t{r['text']!r}")
     return 0
 
 # %% ../nbs/22_mmdit.ipynb #0e674a36
-def schedule_is_finite(scheduler, num_inference_steps: int) -> bool:
-    "Are the sampling sigmas of `num_inference_steps` finite? (Qwen-Image's `shift_terminal` fails at 1 step.)"
-    sch = type(scheduler).from_config(scheduler.config)
-    s = num_inference_steps
-    sch.set_timesteps(sigmas=np.linspace(1.0, 1 / s, s).tolist(), mu=0.5 if sch.config.use_dynamic_shifting else None)
-    return bool(torch.isfinite(sch.sigmas).all())
-
-
 def bench_mmdit(
     kit=None,
     latent_model=None,
@@ -1411,7 +1540,7 @@ def bench_mmdit(
         rows.append(
             dict(
                 steps=s,
-                finite_schedule=schedule_is_finite(gen.scheduler, s),
+                finite_schedule=schedule_is_finite(sampling_scheduler(gen.scheduler, s), s),
                 changed=sum(ch) / max(1, len(ch)),
                 all=sum(x["all"] for x in sc) / n,
                 s_per_image_batched=batched,

@@ -1,4 +1,4 @@
-"""A tiny `QwenImageTransformer2DModel`, a tiny `AutoencoderKLQwenImage` trained here on the synthetic images, and Qwen-Image's `FlowMatchEulerDiscreteScheduler`, saved in Qwen-Image's layout; plus the grid reader for generated pixels.
+"""Offline Qwen-Image kit: a tiny DiT, a tiny VAE trained here, Qwen-Image's scheduler; grid reader for pixels.
 
 Docs: https://latentcot.github.io/latentcot/mmdit_kit.html.md"""
 
@@ -144,7 +144,8 @@ def check_kit_configs(transformer_config, vae_config):
     t, v = dict(transformer_config), dict(vae_config)
     if sum(t["axes_dims_rope"]) != t["attention_head_dim"]:
         raise ValueError(
-            f"transformer: sum(axes_dims_rope)={sum(t['axes_dims_rope'])} must equal attention_head_dim={t['attention_head_dim']}"
+            f"transformer: sum(axes_dims_rope)={sum(t['axes_dims_rope'])} must equal "
+            f"attention_head_dim={t['attention_head_dim']}"
         )
     if t["in_channels"] != 4 * v["z_dim"]:
         raise ValueError(
@@ -155,7 +156,8 @@ def check_kit_configs(transformer_config, vae_config):
     for k in ("latents_mean", "latents_std"):
         if len(v.get(k) or []) != v["z_dim"]:
             raise ValueError(
-                f"vae {k} has {len(v.get(k) or [])} entries, z_dim={v['z_dim']}: set per-channel stats measured on data"
+                f"vae {k} has {len(v.get(k) or [])} entries, z_dim={v['z_dim']}: "
+                "set per-channel stats measured on data"
             )
 
 # %% ../nbs/22_mmdit_kit.ipynb #5de77aaf
@@ -202,7 +204,7 @@ def _unclamped_decode(vae, z: torch.Tensor) -> torch.Tensor:
 
 
 def palette_ce(rec: torch.Tensor, x: torch.Tensor, tau: float = 0.05) -> torch.Tensor:
-    "Per-pixel cross-entropy `[B,H,W]` of the reconstruction's distances to the palette against each pixel's true colour."
+    "Per-pixel cross-entropy `[B,H,W]` of the reconstruction's palette distances against each pixel's true colour."
     pal = torch.tensor(PALETTE, dtype=rec.dtype, device=rec.device) / 127.5 - 1  # [P,3]
     dist = lambda im: ((im[:, :, 0].permute(0, 2, 3, 1)[..., None, :] - pal) ** 2).sum(-1)  # [B,H,W,P]
     return torch.nn.functional.cross_entropy(

@@ -59,7 +59,24 @@ def test_generate_cli_round_trip(tmp_path):
 
 
 def test_bench_mmdit_prints_ratios():
-    r = subprocess.run([sys.executable, "-m", "latentcot.cli", "bench", "mmdit", "--n", "2", "--steps", "2,4"],
+    r = subprocess.run([sys.executable, "-m", "latentcot.cli", "bench", "mmdit", "--n", "2", "--steps", "1,2"],
                        capture_output=True, text=True, env=ENV, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "| 2 |" in r.stdout and "| 4 |" in r.stdout and "one-at-a-time / batched" in r.stdout
+    assert "| 1 |" in r.stdout and "| 2 |" in r.stdout and "one-at-a-time / batched" in r.stdout
+    assert "NaN" not in r.stdout          # one sampling step is finite (sampling_scheduler drops shift_terminal)
+
+
+def test_mmdit_run_oracle_condition(tmp_path):
+    out = tmp_path / "orc"
+    r = subprocess.run([sys.executable, "-m", "latentcot.mmdit", "run", "--out", str(out), "--steps", "2", "--batch_size", "2",
+                        "--sample_steps", "1", "--limit_heldout", "2", "--limit_train", "2", "--quiet", "--oracle", "grid",
+                        "--train_sources", "oracle", "--conditions", "oracle,zeroed,copy_img0"],
+                       capture_output=True, text=True, env=ENV, timeout=900, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert list(m["summary"]) == ["oracle", "zeroed", "copy_img0"] and m["oracle"] == "grid"
+    assert m["train_sources"] == ["oracle"] and all(len(v) == 4 for v in m["scores"].values())
+    assert "| oracle |" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "latentcot.mmdit", "run", "--out", str(tmp_path / "bad"), "--conditions", "oracle"],
+                       capture_output=True, text=True, env=ENV, timeout=120)
+    assert r.returncode != 0 and "needs an oracle" in r.stderr and not (tmp_path / "bad").exists()
