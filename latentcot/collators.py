@@ -254,7 +254,8 @@ def stage_messages(sample: Sample, stage: str, lengths=()) -> list[dict]:
 
 # %% ../nbs/05_collators.ipynb #779f9d15
 def assistant_reply_mask(input_ids, attention_mask, header: list[int], newline: int, im_end: int):
-    "Bool `[B,L]`: real tokens after each `header` (`<|im_start|>assistant`, then a newline) through the next `<|im_end|>`."
+    """Bool `[B,L]`: real tokens after each `header` (`<|im_start|>assistant`, then a newline) through the next
+    `<|im_end|>`."""
     B, L = input_ids.shape
     out = torch.zeros(B, L, dtype=torch.bool)
     n = len(header)

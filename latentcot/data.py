@@ -137,7 +137,8 @@ def _check_image(p: Path, ctx, cache: dict):
 
 # %% ../nbs/03_data.ipynb #24a950ea
 def extract_final_answer(text: str, require_hash: bool = True) -> str | None:
-    "Final answer of `text`: after the last `####`, else (unless `require_hash`) the last `\\boxed{}`, else the last line after the observations."
+    """Final answer of `text`: after the last `####`, else (unless `require_hash`) the last `\\boxed{}`, else the last
+    line after the observations."""
     if "####" in text:
         return text.rsplit("####", 1)[1].strip() or None
     if require_hash:

@@ -103,7 +103,8 @@ def linear_probe(
 # %% ../nbs/24_diagnose.ipynb #8ba0b40e
 @torch.no_grad()
 def segment_features(model, processor, samples, cfg, stage: str = "stage3", bsz: int = 8) -> dict:
-    "Per segment: the mean of its latents (rollout in `stage`'s layout), the mean state over the question image, and the kind and count."
+    """Per segment: the mean of its latents (rollout in `stage`'s layout), the mean state over the question image, and
+    the kind and count."""
     from latentcot.collators import LatentCollator
     from latentcot.latent_forward import latent_rollout, teacher_forced_forward
     from latentcot.masks import Role, token_layout
@@ -184,7 +185,8 @@ def diagnose_run(
     bsz: int = 8,
     overrides: dict | None = None,
 ) -> dict:
-    "The three questions on a finished `latentcot run` folder: probes, thought images visible vs blank in stage 2, the vision tower."
+    """The three questions on a finished `latentcot run` folder: probes, thought images visible vs blank in stage 2,
+    the vision tower."""
     from latentcot.config import load_config
     from latentcot.pipeline import bootstrap_ci, paired_diff_ci
     from latentcot.tokens import load_latent_model

@@ -35,7 +35,8 @@ def latent_segments_from_ids(input_ids, attention_mask, latent_id: int) -> list[
 
 
 def check_segments(input_ids, attention_mask, segments, latent_id: int, budgets=None, stage: str | None = None):
-    "Segments cover exactly the real latent pads, `img_idx` fits `budgets`, no segment exceeds its budget, mode A uses it all."
+    """Segments cover exactly the real latent pads, `img_idx` fits `budgets`, no segment exceeds its budget, mode A
+    uses it all."""
     B, L = input_ids.shape
     if len(segments) != B:
         raise ValueError(f"latent_segments has {len(segments)} samples, the batch has {B}")
@@ -99,7 +100,8 @@ def rope_position_ids(model, batch):
 
 
 def prefix_embeddings(model, batch):
-    "Input embeddings `[B,L,H]` with the image features scattered in as the stock forward does (latent pads untouched)."
+    """Input embeddings `[B,L,H]` with the image features scattered in as the stock forward does (latent pads
+    untouched)."""
     if batch.get("inputs_embeds") is not None:
         return batch["inputs_embeds"]
     ids = batch["input_ids"]
@@ -181,7 +183,8 @@ _WORDS = "How many red circles are in the picture ? There is a blue square left 
 
 
 def toy_latent_batch(model, processor, specs, padding_side: str = "right", seed: int = 0, **mask_flags) -> dict:
-    "A batch following the batch contract, built by hand: `specs` = one dict per sample (`images`, `segments`, `words`)."
+    """A batch following the batch contract, built by hand: `specs` = one dict per sample (`images`, `segments`,
+    `words`)."""
     from PIL import Image
     from latentcot.tokens import SpecialIds
 
@@ -232,7 +235,8 @@ def toy_latent_batch(model, processor, specs, padding_side: str = "right", seed:
 # %% ../nbs/07_latent_forward.ipynb #c0827ada
 @contextlib.contextmanager
 def no_gradient_checkpointing(module):
-    "Switch gradient checkpointing off in `module` for the block (transformers drops the KV cache under it), then restore."
+    """Switch gradient checkpointing off in `module` for the block (transformers drops the KV cache under it), then
+    restore."""
     on = [m for m in module.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
     for m in on:
         m.gradient_checkpointing = False
@@ -264,7 +268,8 @@ class Rollout:
 
 # %% ../nbs/07_latent_forward.ipynb #6b5d2dd7
 def slot_index(out) -> torch.Tensor:
-    "Index within its segment of every active latent, in the row order of `out.latents` (a `Rollout` or a forward output)."
+    """Index within its segment of every active latent, in the row order of `out.latents` (a `Rollout` or a forward
+    output)."""
     idx = torch.full(out.latent_mask.shape, -1, dtype=torch.long)
     for b, segs in enumerate(out.segments):
         for s, e, _ in segs:

@@ -94,7 +94,8 @@ def alignment_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor
 
 # %% ../nbs/08_losses.ipynb #67f73193
 def layer_indices(spec: str, n: int) -> list[int]:
-    "Indices into `n` hidden-state entries chosen by `spec` ('last', 'all' or comma-separated ints, negatives allowed)."
+    """Indices into `n` hidden-state entries chosen by `spec` ('last', 'all' or comma-separated ints, negatives
+    allowed)."""
     spec = str(spec).strip()
     if spec == "last":
         return [n - 1]
@@ -121,7 +122,8 @@ def select_layers(hidden_states, spec: str) -> torch.Tensor:
 
 
 def gather_layers(hidden_states, spec: str, positions: Sequence[Sequence[int]]) -> torch.Tensor:
-    "`gather_positions(select_layers(hidden_states, spec), positions)` without stacking whole layers: `[n_chosen, N, D]`."
+    """`gather_positions(select_layers(hidden_states, spec), positions)` without stacking whole layers: `[n_chosen, N,
+    D]`."""
     return torch.stack(
         [gather_positions(hidden_states[i], positions) for i in layer_indices(spec, len(hidden_states))]
     )
@@ -196,7 +198,8 @@ def latent_only(loss: torch.Tensor, latents, weight: float = 1.0) -> torch.Tenso
 def observation_alignment(
     cfg: LatentCoTConfig, hidden_states, positions: Sequence[Sequence[int]], teacher: torch.Tensor, latents
 ) -> torch.Tensor:
-    "Stage-2 alignment at observation `positions`, backpropagated only through `latents` (x `emphasize_latent_weight`)."
+    """Stage-2 alignment at observation `positions`, backpropagated only through `latents` (x
+    `emphasize_latent_weight`)."""
     student = gather_layers(hidden_states, cfg.alignment_layer, positions)
     teacher = rows(teacher)
     teacher = (

@@ -33,7 +33,8 @@ class Role(enum.IntEnum):
 
 
 class TokenLayout(NamedTuple):
-    "Role (`Role` values) and group (image / latent segment / observation block number, else -1) per token, `[B,L]` long."
+    """Role (`Role` values) and group (image / latent segment / observation block number, else -1) per token, `[B,L]`
+    long."""
 
     roles: torch.Tensor
     groups: torch.Tensor
@@ -420,7 +421,8 @@ def _runs_reference(R, V):
 
 # %% ../nbs/06_masks.ipynb #8cb93112
 def may_attend(i, j, R, G, own, V, f) -> bool:
-    "The rules as they read: may query `i` attend to key `j`? (roles `R`, groups `G`, own images, validity `V`, flags `f`)"
+    """The rules as they read: may query `i` attend to key `j`? (roles `R`, groups `G`, own images, validity `V`, flags
+    `f`)"""
     if i == j:
         return True  # every row keeps its diagonal
     if j > i or not V[i] or not V[j]:
@@ -592,7 +594,8 @@ class BenchMasksArgs:
 
 
 def bench_masks_main(argv=None) -> int:
-    "CLI `latentcot bench masks [--B 8] [--L 2048] [--repeats 3] [--seed 0] [--threads 1]`; exit 1 if the masks differ."
+    """CLI `latentcot bench masks [--B 8] [--L 2048] [--repeats 3] [--seed 0] [--threads 1]`; exit 1 if the masks
+    differ."""
     from latentcot.config import cli_parser
 
     (a,) = cli_parser(

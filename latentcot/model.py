@@ -97,7 +97,8 @@ def checkpoint_path(path):
 
 
 class LatentCoTModel(nn.Module):
-    "The stock Qwen2.5-VL (`vlm`) plus the seed-002 stop head; `forward(batch, teacher)` returns the loss and its terms."
+    """The stock Qwen2.5-VL (`vlm`) plus the seed-002 stop head; `forward(batch, teacher)` returns the loss and its
+    terms."""
 
     def __init__(
         self, vlm, cfg: LatentCoTConfig | None = None, stop_head: nn.Module | None = None, halting: bool | None = None
@@ -121,7 +122,8 @@ class LatentCoTModel(nn.Module):
     def forward(
         self, batch: dict, teacher=None, stop_threshold: float | None = None, detach_z0: bool = False
     ) -> LatentCoTOutput:
-        "One training/evaluation forward of a collated batch; `teacher`: `TeacherTargets` (a tensor = latents, a pair per round for multi-turn)."
+        """One training/evaluation forward of a collated batch; `teacher`: `TeacherTargets` (a tensor = latents, a pair
+        per round for multi-turn)."""
         if batch.get("round1") is not None:
             return self._multiturn(batch, teacher, detach_z0)
         if batch.get("stage") == "stage1":
@@ -162,7 +164,8 @@ class LatentCoTModel(nn.Module):
         return LatentCoTOutput(loss, logs, out.logits, out.latents, out, stats)
 
     def _multiturn(self, batch, teacher, detach_z0):
-        "Seed 000's two rounds: Z0 from the prompt, Z1 after reflection 1; teacher rows per round (online when the batch has the teacher layout)."
+        """Seed 000's two rounds: Z0 from the prompt, Z1 after reflection 1; teacher rows per round (online when the
+        batch has the teacher layout)."""
         from latentcot.multiturn import multiturn_forward, multiturn_loss, online_teacher, round_targets, cos_per_round
 
         cfg = self.cfg

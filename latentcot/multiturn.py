@@ -64,7 +64,8 @@ REFLECTION_TOKENS = ("<|reflection_start|>", "<|reflection_end|>")  # seed 000 Â
 
 
 def reflection_wrapped(text: str, path, line: int, sid, key: str) -> bool:
-    "Is `text` wrapped in `<|reflection_start|>` ... `<|reflection_end|>`? A wrapper that is not one balanced pair is an error."
+    """Is `text` wrapped in `<|reflection_start|>` ... `<|reflection_end|>`? A wrapper that is not one balanced pair is
+    an error."""
     a, b = (text.count(t) for t in REFLECTION_TOKENS)
     if (a, b) == (0, 0):
         return False
@@ -123,7 +124,8 @@ def _image_bytes(v):
 
 
 def triplet_image(value, path: Path, line: int, sid, key: str) -> str:
-    "An image of a triplet as a file path: a path (relative to the data file), `{'path': ...}`, or `{'bytes': ...}` (cached once)."
+    """An image of a triplet as a file path: a path (relative to the data file), `{'path': ...}`, or `{'bytes': ...}`
+    (cached once)."""
     import hashlib, io, os
     from PIL import Image
 
@@ -163,7 +165,8 @@ def triplet_image(value, path: Path, line: int, sid, key: str) -> str:
 
 
 def read_triplet_records(path) -> list[tuple[int, dict]]:
-    "`(line or row, record)` of a JSONL or parquet file of COT triplets, images as file paths; `DataError` names file and line."
+    """`(line or row, record)` of a JSONL or parquet file of COT triplets, images as file paths; `DataError` names file
+    and line."""
     import json
     from latentcot.datagen import EDIT_KEYS
 
@@ -194,7 +197,8 @@ def read_triplet_records(path) -> list[tuple[int, dict]]:
 
 
 def load_multiturn_samples(path) -> list[Sample]:
-    "The COT triplets of a JSONL or parquet file as two-round `Sample`s; bad records raise `DataError` (file, line, sample)."
+    """The COT triplets of a JSONL or parquet file as two-round `Sample`s; bad records raise `DataError` (file, line,
+    sample)."""
     path = Path(path)
     out, seen = [], {}
     for n, rec in read_triplet_records(path):
@@ -423,7 +427,8 @@ def cos_per_round(out: MultiTurnOutput, teacher) -> dict:
 
 
 def _teacher_source(cfg, teacher_latent_dir, samples, processor, model, online: bool, layers: str):
-    "The teacher store and `{sample_id: file index}`, precomputed first if the directory is new; `(None, None)` online."
+    """The teacher store and `{sample_id: file index}`, precomputed first if the directory is new; `(None, None)`
+    online."""
     from latentcot.teacher_latents import MANIFEST_NAME, TeacherLatentStore, run_expectation, sample_index_map
 
     if "alignment" not in cfg.loss_terms or online:

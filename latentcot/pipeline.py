@@ -34,7 +34,8 @@ __all__ = ['CONDITIONS', 'MAIN_STEPS', 'MAIN_OVERRIDES', 'CONTROLS', 'RUN_DEFAUL
 
 # %% ../nbs/15_pipeline.ipynb #32f8605a
 def answer_positions(batch, ids) -> torch.Tensor:
-    "Bool `[B,L]`: label positions after the first `</abs_vis_token>`, latent tags and `<|im_end|>` left out (observations + answer)."
+    """Bool `[B,L]`: label positions after the first `</abs_vis_token>`, latent tags and `<|im_end|>` left out
+    (observations + answer)."""
     x, lab = batch["input_ids"], batch["labels"]
     pos = torch.arange(x.shape[1], device=x.device)[None]
     first_end = torch.where(x == ids.latent_end, pos, x.shape[1]).min(1, keepdim=True).values
@@ -154,7 +155,8 @@ def _mean_pairwise_cos(x: torch.Tensor) -> float | None:
 
 
 def latent_geometry(latents: torch.Tensor, slots: torch.Tensor, teacher: torch.Tensor | None = None) -> dict:
-    "Diversity of the latents across samples (mean pairwise cosine, overall and per slot) and cosine to the teacher per slot."
+    """Diversity of the latents across samples (mean pairwise cosine, overall and per slot) and cosine to the teacher
+    per slot."""
     K = int(slots.max()) + 1 if len(slots) else 0
     out = {
         "pairwise_cos": _mean_pairwise_cos(latents),
@@ -274,7 +276,8 @@ def run_pipeline(
     diagnose: bool = True,
     free: bool = True,
 ) -> dict:
-    "Stage 1 -> teacher precompute -> stage 2 -> stage 3 (A) -> stage 3 (C) -> evaluation -> diagnosis -> report folder."
+    """Stage 1 -> teacher precompute -> stage 2 -> stage 3 (A) -> stage 3 (C) -> evaluation -> diagnosis -> report
+    folder."""
     from latentcot import train, precompute_teacher_latents as ptl
     from latentcot.data import load_samples
     from latentcot.demo import default_data_dir
@@ -477,7 +480,8 @@ def _ci_row(model, cond, hits) -> dict:
 
 
 def write_report(out, results: dict, majority: float, times: dict, diagnosis: dict | None = None) -> dict:
-    "PNG plots, metrics.json and a printed summary (accuracies with intervals, verdicts, goals, latent geometry) into `out/report`."
+    """PNG plots, metrics.json and a printed summary (accuracies with intervals, verdicts, goals, latent geometry) into
+    `out/report`."""
     out = Path(out)
     rep = out / "report"
     rep.mkdir(parents=True, exist_ok=True)
@@ -589,7 +593,8 @@ RUN_DEFAULTS = dict(bsz=8, learning_rate=3e-3, latent_budget_alpha=0.5)  # the m
 
 @dataclass
 class RunArgs:
-    "Flags of `latentcot run` besides the config flags (any config flag given applies to every stage and the evaluation)."
+    """Flags of `latentcot run` besides the config flags (any config flag given applies to every stage and the
+    evaluation)."""
 
     output_dir: str = field(
         default="runs/main", metadata={"help": "the run folder (stages, teacher latents, report/)"}

@@ -69,7 +69,8 @@ class PrecomputeArgs:
 
 
 def build_parser():
-    "Flags of `latentcot.precompute_teacher_latents` (seed 001's names): `PrecomputeArgs`, `--settings`, every config field."
+    """Flags of `latentcot.precompute_teacher_latents` (seed 001's names): `PrecomputeArgs`, `--settings`, every config
+    field."""
     return cli_parser(
         PrecomputeArgs,
         hide=TRAINING_ONLY,

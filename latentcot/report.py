@@ -36,7 +36,8 @@ def _save(fig, path) -> Path:
 
 
 def plot_losses(runs: dict[str, list[dict]], path=None):
-    "One panel per loss term present, one line per run (e.g. per stage); returns the figure (saved to `path` if given)."
+    """One panel per loss term present, one line per run (e.g. per stage); returns the figure (saved to `path` if
+    given)."""
     terms = [t for t in LOSS_TERMS if any(t in r for recs in runs.values() for r in recs)]
     fig, axs = _figure(max(1, len(terms)), w=3.6)
     for ax, t in zip(axs, terms):

@@ -139,7 +139,8 @@ def atomic_write_json(obj, path) -> Path:
 
 
 def checksum_problem(path, data: bytes | None = None) -> str | None:
-    "Why `path` does not match its recorded sha256 (None: it does); `'no checksum'` for files written before checksums."
+    """Why `path` does not match its recorded sha256 (None: it does); `'no checksum'` for files written before
+    checksums."""
     path, c = Path(path), checksum_path(path)
     if not path.is_file():
         return f"{path}: missing"
@@ -312,12 +313,14 @@ def teacher_manifest(model, processor, cfg: LatentCoTConfig, layers: str = "last
 
 
 def manifest_id(manifest: dict) -> str:
-    "Hash of a manifest's identity (everything but `info` and its own `checksum`); every file carries the id of its manifest."
+    """Hash of a manifest's identity (everything but `info` and its own `checksum`); every file carries the id of its
+    manifest."""
     return _sha({k: v for k, v in manifest.items() if k not in ("info", "checksum")})[:16]
 
 
 def check_manifest_checksum(stored: dict, path) -> None:
-    "Raise `TeacherLatentError` when a manifest was edited after precompute wrote it (its `checksum` is its `manifest_id`)."
+    """Raise `TeacherLatentError` when a manifest was edited after precompute wrote it (its `checksum` is its
+    `manifest_id`)."""
     if "checksum" in stored and stored["checksum"] != manifest_id(stored):
         raise TeacherLatentError(
             f"{path}: edited after precompute wrote it: its content hashes to {manifest_id(stored)}, it "
@@ -343,7 +346,8 @@ def manifest_diff(stored: dict, expected: dict, prefix: str = "") -> list[str]:
 def run_expectation(
     cfg: LatentCoTConfig | None = None, processor=None, model=None, layers: str | None = None, teacher=None
 ) -> dict:
-    "The manifest subset a run can check: K and image budget (`cfg`), tokenizer + image processor, model width, layers, teacher fingerprint."
+    """The manifest subset a run can check: K and image budget (`cfg`), tokenizer + image processor, model width,
+    layers, teacher fingerprint."""
     exp = {}
     if cfg is not None:
         exp.update(k=k_settings(cfg), image=image_settings(cfg, processor))
@@ -410,7 +414,8 @@ def _offsets(budgets) -> list[list[int]]:
 
 
 def _obs_shape(manifest: dict, n: int) -> tuple:
-    "Shape of the stored observation states of `n` observation tokens: `(n, D)`, or `(n_hidden_states, n, D)` for 'all'."
+    """Shape of the stored observation states of `n` observation tokens: `(n, D)`, or `(n_hidden_states, n, D)` for
+    'all'."""
     D, H = manifest["hidden_size"], manifest["n_hidden_states"]
     return (H, n, D) if manifest["layers"] == "all" else (n, D)
 
@@ -499,7 +504,8 @@ def check_record(
     budgets=None,
     allow_shorter: bool = False,
 ) -> dict:
-    "Raise `TeacherLatentError` (naming `path`) unless `rec` fits `manifest`, its own lengths and the caller's expectations."
+    """Raise `TeacherLatentError` (naming `path`) unless `rec` fits `manifest`, its own lengths and the caller's
+    expectations."""
 
     def bad(what):
         raise TeacherLatentError(f"{path}: {what}")
@@ -592,7 +598,8 @@ def _check_collator(collate_fn, cfg: LatentCoTConfig):
 
 
 def _finished_problem(path: Path, manifest: dict, idx: int, sample_id: str) -> str | None:
-    "Why `path` is not a finished, intact file of this sample (None: it is). A file from before checksums is loaded and checked, then gets one."
+    """Why `path` is not a finished, intact file of this sample (None: it is). A file from before checksums is loaded
+    and checked, then gets one."""
     why = checksum_problem(path)
     if why != "no checksum":
         return why
@@ -815,7 +822,8 @@ class TeacherLatentStore:
 
 
 def teacher_targets(entries: list[dict], budgets=None, key: str = "latents") -> torch.Tensor:
-    "Teacher rows in the student's latent order (sample, segment, step): `[N, D]` (`key='hidden_states'`: `[n_hs, N, D]`)."
+    """Teacher rows in the student's latent order (sample, segment, step): `[N, D]` (`key='hidden_states'`: `[n_hs, N,
+    D]`)."""
     parts = []
     for b, e in enumerate(entries):
         t = e[key]
@@ -846,7 +854,8 @@ def has_observations(entries: list[dict], positions) -> bool:
 
 
 def observation_targets(entries: list[dict], positions, where="") -> torch.Tensor:
-    "Teacher states at observation tokens in the student's order, `[N, D]` (or `[n_hs, N, D]`); the k-th token of a sample to the teacher's k-th."
+    """Teacher states at observation tokens in the student's order, `[N, D]` (or `[n_hs, N, D]`); the k-th token of a
+    sample to the teacher's k-th."""
     if len(entries) != len(positions):
         raise ValueError(f"{len(entries)} teacher entries for {len(positions)} samples")
     parts = []
@@ -866,7 +875,8 @@ def observation_targets(entries: list[dict], positions, where="") -> torch.Tenso
 
 # %% ../nbs/12_teacher_latents.ipynb #c8bfedc3
 def check_question_grids(entries: list[dict], batch: dict, ids, where="") -> None:
-    "Raise `TeacherLatentError` unless each sample's question-image grids in `batch` equal the teacher's recorded ones."
+    """Raise `TeacherLatentError` unless each sample's question-image grids in `batch` equal the teacher's recorded
+    ones."""
     got = batch_image_grids(batch, ids)
     for b, (e, g) in enumerate(zip(entries, got)):
         if e.get("question_grids") is None:
@@ -888,7 +898,8 @@ def batch_to(batch: dict, device) -> dict:
 
 
 def teacher_compute_fn(model, batch: dict, layers: str = "last") -> list[dict]:
-    "Per sample of a precompute batch: the teacher's latents from the latent engine's rollout (+ all hidden states at the pads, + its states at the observation tokens)."
+    """Per sample of a precompute batch: the teacher's latents from the latent engine's rollout (+ all hidden states at
+    the pads, + its states at the observation tokens)."""
     from latentcot.latent_forward import latent_rollout, teacher_forced_forward
 
     batch = batch_to(batch, model.get_input_embeddings().weight.device)

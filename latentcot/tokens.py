@@ -105,7 +105,8 @@ def register_latent_config(model, ids: SpecialIds):
 
 # %% ../nbs/02_tokens.ipynb #53aa68ad
 def add_latent_tokens(model, processor, extra=()) -> SpecialIds:
-    "Add the five latent tokens (and `extra` ones, e.g. reflection wrappers) if missing, with embedding rows; register the config, freeze vision."
+    """Add the five latent tokens (and `extra` ones, e.g. reflection wrappers) if missing, with embedding rows;
+    register the config, freeze vision."""
     tok = _tokenizer_of(processor)
     n_before, vocab = len(tok), tok.get_vocab()
     new = [t for t in [*LATENT_TOKENS, *extra] if t not in vocab]

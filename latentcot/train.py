@@ -35,7 +35,8 @@ def step_result(out: LatentCoTOutput, batch: dict) -> StepResult:
 
 
 def stage1_step(model, batch, state):
-    "Warm-up: next-token CE on the real thought images (labels from the stage-1 collator), through the model's forward."
+    """Warm-up: next-token CE on the real thought images (labels from the stage-1 collator), through the model's
+    forward."""
     return step_result(model(batch), batch)
 
 # %% ../nbs/14_train.ipynb #f263362e
@@ -141,7 +142,8 @@ def apply_lora(model: LatentCoTModel, r: int = 16, alpha: int = 32, dropout: flo
 def save_final(
     model: LatentCoTModel, processor, cfg: LatentCoTConfig, out_dir, state_dict: dict | None = None
 ) -> Path:
-    "Save model (safetensors) + stop head + processor + latentcot config into `out_dir` atomically; `state_dict`: gathered full weights (FSDP / DeepSpeed)."
+    """Save model (safetensors) + stop head + processor + latentcot config into `out_dir` atomically; `state_dict`:
+    gathered full weights (FSDP / DeepSpeed)."""
     model.cfg = cfg
     return model.save_pretrained(out_dir, processor, state_dict=state_dict)
 
@@ -237,7 +239,8 @@ class TrainArgs:
 
 
 def data_file(path, multiturn: bool = False) -> Path:
-    "A data file as given, or the training file inside a folder (`train.jsonl`, else `train.json`): seed 000 passes folders."
+    """A data file as given, or the training file inside a folder (`train.jsonl`, else `train.json`): seed 000 passes
+    folders."""
     p = Path(path)
     if not p.is_dir():
         return p
@@ -250,7 +253,8 @@ def data_file(path, multiturn: bool = False) -> Path:
 
 
 def deepspeed_env(config_file, argv) -> None:
-    "Route `--deepspeed FILE` through accelerate's DeepSpeed plugin, or stop with the accelerate command to use instead."
+    """Route `--deepspeed FILE` through accelerate's DeepSpeed plugin, or stop with the accelerate command to use
+    instead."""
     import importlib.util
 
     if not Path(config_file).is_file():
@@ -302,7 +306,8 @@ def _teacher_data(args, data: Path) -> Path:
 
 
 def run_info(args: argparse.Namespace) -> dict:
-    "What a resume must keep besides the config (recorded with every checkpoint): stage, model, data, limit, teacher, LoRA."
+    """What a resume must keep besides the config (recorded with every checkpoint): stage, model, data, limit, teacher,
+    LoRA."""
     info = {
         k: getattr(args, k, None)
         for k in ("stage", "model_name_or_path", "data", "limit", "teacher_latent_dir", "lora", "lora_r", "lenient")

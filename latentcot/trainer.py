@@ -55,7 +55,8 @@ class MetricsError(ValueError):
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    "Records of a JSONL file; a torn last line (a kill or a full disk mid-append) is dropped with a warning naming the file."
+    """Records of a JSONL file; a torn last line (a kill or a full disk mid-append) is dropped with a warning naming
+    the file."""
     lines = path.read_bytes().decode("utf-8", errors="replace").split("\n")
     out, last = [], max((i for i, l in enumerate(lines) if l.strip()), default=-1)
     for i, l in enumerate(lines):
@@ -187,7 +188,8 @@ def checkpoint_problems(p, content: bool = False, allow_rng_loss: bool = False) 
 
 
 def _checkpoints(root, warn: bool = False, allow_rng_loss: bool = False) -> list[Path]:
-    "The complete checkpoints under `root`, oldest first (see `checkpoint_problems`); `warn`: say which ones are skipped."
+    """The complete checkpoints under `root`, oldest first (see `checkpoint_problems`); `warn`: say which ones are
+    skipped."""
     root = Path(root)
     # a `step_NNNNNNN.tmp` staging dir, or a `.trash` one being deleted, is never one
     dirs = sorted((p for p in root.glob("step_*") if _step_of(p) is not None), key=_step_of) if root.exists() else []
@@ -208,7 +210,8 @@ def latest_checkpoint(output_dir, warn: bool = False, allow_rng_loss: bool = Fal
 
 
 def _trash(p: Path) -> Path:
-    "Rename `p` out of the checkpoint namespace (one atomic rename): a kill while it is deleted leaves only a `.trash` dir."
+    """Rename `p` out of the checkpoint namespace (one atomic rename): a kill while it is deleted leaves only a
+    `.trash` dir."""
     t = p.with_name(f"{p.name}.trash.{os.getpid()}.{time.time_ns()}")
     os.replace(p, t)
     return t
@@ -389,7 +392,8 @@ def settings_diff(old: dict, new: dict, resumable=RESUMABLE_SETTINGS) -> list[st
 
 
 def check_resume_settings(ckpt: Path, settings: dict, output_dir=None) -> None:
-    "Raise `SettingsChanged` unless `settings` equal those recorded with `ckpt` (an older checkpoint: the run's config JSON)."
+    """Raise `SettingsChanged` unless `settings` equal those recorded with `ckpt` (an older checkpoint: the run's
+    config JSON)."""
     old = (_read_state(Path(ckpt)) or {}).get("settings")
     where = Path(ckpt) / STATE_NAME
     if old is None:

@@ -24,7 +24,8 @@ __all__ = ['CosineCurves', 'cosine_curves', 'StopProbs', 'stop_probs', 'nearest_
 
 # %% ../nbs/17_viz.ipynb #e3ebb1ea
 class CosineCurves:
-    "Cosine to the teacher per latent index across training steps; `.refresh()` re-reads the log, `.on_step` appends live."
+    """Cosine to the teacher per latent index across training steps; `.refresh()` re-reads the log, `.on_step` appends
+    live."""
 
     def __init__(self, metrics_path=None, records: list[dict] | None = None):
         import ipywidgets as W
@@ -61,7 +62,8 @@ def cosine_curves(metrics_path=None, records=None) -> CosineCurves:
 
 # %% ../nbs/17_viz.ipynb #1cd5e0b5
 class StopProbs:
-    "Stop probability per latent step at one training step (slider), with the threshold and the mean `used_len` marked."
+    """Stop probability per latent step at one training step (slider), with the threshold and the mean `used_len`
+    marked."""
 
     def __init__(self, metrics_path=None, records: list[dict] | None = None, threshold: float = 0.5):
         import ipywidgets as W
@@ -112,7 +114,8 @@ def stop_probs(metrics_path=None, records=None, threshold: float = 0.5) -> StopP
 
 # %% ../nbs/17_viz.ipynb #4f5249ab
 def nearest_tokens(latents, model, tokenizer, k: int = 5) -> list[list[tuple[str, float]]]:
-    "For each latent `[N,H]`, the `k` vocabulary tokens whose input embeddings are most cosine-similar, with the cosine."
+    """For each latent `[N,H]`, the `k` vocabulary tokens whose input embeddings are most cosine-similar, with the
+    cosine."""
     import torch
 
     E = model.get_input_embeddings().weight.detach().float()
