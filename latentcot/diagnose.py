@@ -106,18 +106,18 @@ def segment_features(model, processor, samples, cfg, stage: str = "stage3", bsz:
     """Per segment: the mean of its latents (rollout in `stage`'s layout), the mean state over the question image, and
     the kind and count."""
     from latentcot.collators import LatentCollator
-    from latentcot.latent_forward import latent_rollout, teacher_forced_forward
     from latentcot.masks import Role, token_layout
+    from latentcot.model import as_latent_model
 
     collate = LatentCollator(processor, stage=stage, cfg=cfg, rope_index=model)
-    ids = collate.ids
+    ids, lm = collate.ids, as_latent_model(model)
     lat, qstate, kinds, counts = [], [], [], []
     model.eval()
     for i in range(0, len(samples), bsz):
         chunk = samples[i : i + bsz]
         batch = collate(chunk)
-        r = latent_rollout(model, batch)
-        h = teacher_forced_forward(model, batch, r, output_hidden_states=True).hidden_states[-1].float()
+        r = lm.rollout(batch)
+        h = lm.teacher_forced(batch, r, output_hidden_states=True).hidden_states[-1].float()
         b_of, p_of = r.latent_mask.nonzero(as_tuple=True)
         question = token_layout(batch["input_ids"], batch["attention_mask"], ids).roles == Role.QUESTION_IMAGE
         for b, (s, segs) in enumerate(zip(chunk, r.segments)):
@@ -140,17 +140,17 @@ def segment_features(model, processor, samples, cfg, stage: str = "stage3", bsz:
 def thought_image_effect(model, processor, samples, cfg, bsz: int = 8) -> dict:
     "Stage-2 layout, greedy exact match with the real thought images (seen only by the latent segment) vs white ones."
     from latentcot.collators import LatentCollator
-    from latentcot.latent_forward import latent_rollout, teacher_forced_forward
+    from latentcot.model import as_latent_model
     from latentcot.pipeline import exact_match
 
     collate = LatentCollator(processor, stage="stage2", cfg=cfg, rope_index=model)
-    hits = {"visible": [], "blank": []}
+    hits, lm = {"visible": [], "blank": []}, as_latent_model(model)
     model.eval()
     for i in range(0, len(samples), bsz):
         chunk = samples[i : i + bsz]
         for name, ss in (("visible", chunk), ("blank", [blank_thoughts(s) for s in chunk])):
             batch = collate(ss)
-            out = teacher_forced_forward(model, batch, latent_rollout(model, batch))
+            out = lm.teacher_forced(batch, lm.rollout(batch))
             hits[name] += [int(h) for h in exact_match(out.logits, batch, collate.ids)]
     return hits
 

@@ -658,12 +658,14 @@ def inference_with_latent_cot(
     `think="always"` starts every answer with `<abs_vis_token>` (latent mode from the first step) instead of letting
     the model decide."""
     from latentcot.config import load_config
-    from latentcot.halting import routed_generate
+    from latentcot.model import as_latent_model
     from latentcot.multiturn import edit_record_to_sample, round_sample
     from latentcot.pipeline import prompt_batch
     from latentcot.tokens import SpecialIds
 
     cfg = cfg if cfg is not None else load_config()
+    lm = as_latent_model(model)  # a stock model decodes in mode A; a LatentCoTModel with its own mode and stop head
+    model = lm.vlm
     ids = SpecialIds.from_tokenizer(processor.tokenizer)
     samples = [round_sample(edit_record_to_sample(r, "<records>", i + 1), 1) for i, r in enumerate(records)]
     if think not in ("auto", "always"):
@@ -674,7 +676,7 @@ def inference_with_latent_cot(
             batch = prompt_batch(model, processor, samples, cfg)
     else:
         batch = prompt_batch(model, processor, samples, cfg)
-    out = routed_generate(model, batch, budget=budget, max_new_tokens=max_new_tokens, eos_token_id=ids.im_end)
+    out = lm.generate(batch, budget=budget, max_new_tokens=max_new_tokens, eos_token_id=ids.im_end)
     texts = [processor.tokenizer.decode([t for t in seq if t != ids.latent_pad]) for seq in out.sequences]
     results = [(None, t) for t in texts]
     thought = [b for b, z in enumerate(out.latents) if len(z)]

@@ -28,7 +28,7 @@ from .losses import active_rows, alignment_cos, ce_loss, latent_terms, total_los
 
 # %% auto #0
 __all__ = ['MODEL_KEYS', 'LORA_TARGETS', 'model_inputs', 'TeacherTargets', 'LatentCoTOutput', 'latent_stats', 'checkpoint_path',
-           'LatentCoTModel']
+           'LatentCoTModel', 'as_latent_model']
 
 # %% ../nbs/09a_model.ipynb #6d9c98ec
 MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "position_ids", "mm_token_type_ids")
@@ -313,3 +313,10 @@ class LatentCoTModel(nn.Module):
             elif verbose:
                 print(f"{path}: no stop head in the checkpoint; mode C starts from a new one (p_stop = 0.05)")
         return model, processor, ids
+
+# %% ../nbs/09a_model.ipynb #1afd83fb
+def as_latent_model(model) -> LatentCoTModel:
+    "`model` if it is a `LatentCoTModel`, else the stock model in a mode-A one without a stop head (all latents used)."
+    if isinstance(model, LatentCoTModel):
+        return model
+    return LatentCoTModel(model, LatentCoTConfig(), halting=False)

@@ -106,6 +106,10 @@ def run(args: argparse.Namespace, cfg: LatentCoTConfig | None = None):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     from latentcot.model import checkpoint_path
 
+    if args.quiet:  # no weight-loading bar either
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     model, processor, _ = load_latent_model(
         checkpoint_path(args.model_name_or_path or tiny_kit_path()),
         dtype=getattr(torch, args.dtype),

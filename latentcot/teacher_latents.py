@@ -900,10 +900,11 @@ def batch_to(batch: dict, device) -> dict:
 def teacher_compute_fn(model, batch: dict, layers: str = "last") -> list[dict]:
     """Per sample of a precompute batch: the teacher's latents from the latent engine's rollout (+ all hidden states at
     the pads, + its states at the observation tokens)."""
-    from latentcot.latent_forward import latent_rollout, teacher_forced_forward
+    from latentcot.model import as_latent_model
 
-    batch = batch_to(batch, model.get_input_embeddings().weight.device)
-    r = latent_rollout(model, batch)
+    lm = as_latent_model(model)  # mode A: the teacher fills every budgeted latent
+    batch = batch_to(batch, lm.vlm.get_input_embeddings().weight.device)
+    r = lm.rollout(batch)
     B = r.latent_mask.shape[0]
     counts = r.latent_mask.sum(1).tolist()
     want = [sum(e - s for s, e, _ in sg) for sg in r.segments]
@@ -913,7 +914,7 @@ def teacher_compute_fn(model, batch: dict, layers: str = "last") -> list[dict]:
     hs, obs = [None] * B, [None] * B
     opos = batch.get("observation_positions") or [[] for _ in range(B)]
     if _check_layers(layers) == "all" or any(opos):
-        o = teacher_forced_forward(model, batch, r, output_hidden_states=True)
+        o = lm.teacher_forced(batch, r, output_hidden_states=True)
         if layers == "all":
             hs = torch.stack([h[r.latent_mask] for h in o.hidden_states]).split(
                 counts, dim=1

@@ -26,7 +26,8 @@ from .trainer import StepResult, train_loop
 
 # %% auto #0
 __all__ = ['STAGES', 'STAGE_ALIASES', 'step_result', 'stage1_step', 'make_latent_step', 'make_step_fn', 'apply_lora',
-           'save_final', 'TrainArgs', 'data_file', 'deepspeed_env', 'build_parser', 'run_info', 'run', 'main']
+           'save_final', 'TrainArgs', 'data_file', 'deepspeed_env', 'build_parser', 'equal_budget_note', 'run_info',
+           'run', 'main']
 
 # %% ../nbs/14_train.ipynb #e7b2cce3
 def step_result(out: LatentCoTOutput, batch: dict) -> StepResult:
@@ -284,24 +285,43 @@ def build_parser():
     return cli_parser(TrainArgs, prog="latentcot.train", description="Train one latentcot stage.")
 
 
+def equal_budget_note(samples, collate, cfg: LatentCoTConfig, n: int = 256) -> str | None:
+    "The note a budget-mode run prints once when every thought image of its first `n` samples gets the same budget."
+    if cfg.latent_size_mode != "budget":
+        return None
+    lens = {k for s in samples[:n] for k in collate.prepare(s).lengths}
+    if len(lens) != 1:
+        return None
+    return (  # e.g. seed 002's alpha 0.02: every budget is 1 up to 2,500 image tokens
+        f"note: every thought image of the first {min(n, len(samples))} samples gets the same latent budget "
+        f"{lens.pop()} (latent_budget_alpha={cfg.latent_budget_alpha}, gamma={cfg.latent_budget_gamma}): "
+        "per-image budgets do not differ in this run"
+    )
+
+
 def _teacher_data(args, data: Path) -> Path:
-    "The data file of a latent stage: the teacher directory's own when none is given; another file given is refused."
+    """The data file of a latent stage: the teacher directory's own when none is given (and its `--limit`, when none is
+    given); another file given is refused."""
     from latentcot.precompute_teacher_latents import teacher_source
 
     src = teacher_source(args.teacher_latent_dir)
     if src is None:
         return data
     theirs = Path(src["data"])
-    if not args.data:
-        print(
-            f"note: --train_jsonl not given: using {theirs}, the file the teacher latents in {args.teacher_latent_dir} were computed from"
-        )
-        return theirs
-    if data.resolve() != theirs.resolve():
+    if args.data and data.resolve() != theirs.resolve():
         raise ValueError(
             f"--train_jsonl {data} is not the file the teacher latents in {args.teacher_latent_dir} were "
             f"computed from ({theirs}): pass that file, or precompute teacher latents for this one"
         )
+    if not args.data:
+        print(
+            f"note: --train_jsonl not given: using {theirs}, the file the teacher latents in "
+            f"{args.teacher_latent_dir} were computed from"
+        )
+        data = theirs
+    if getattr(args, "limit", None) is None and src.get("limit") is not None:  # the teacher has files for those only
+        args.limit = src["limit"]
+        print(f"note: --limit not given: using {args.limit}, the teacher latents' own --limit")
     return data
 
 
@@ -394,14 +414,10 @@ def run(args: argparse.Namespace, cfg: LatentCoTConfig | None = None, given: set
         samples = samples[: args.limit] if args.limit is not None else samples
         collate = LatentCollator(processor, stage=args.stage, cfg=cfg, rope_index=model.vlm, strict=not args.lenient)
     # rank from the launcher's environment: a PartialState made before the Accelerator would settle the process group
-    if args.stage in ("stage2", "stage3") and cfg.latent_size_mode == "budget" and os.environ.get("RANK", "0") == "0":
-        lens = {n for s in samples[:256] for n in collate.prepare(s).lengths}
-        if len(lens) == 1:  # e.g. seed 002's alpha 0.02: every budget is 1 up to 2,500 image tokens
-            print(
-                f"note: every thought image of the first {min(256, len(samples))} samples gets the same latent budget "
-                f"{lens.pop()} (latent_budget_alpha={cfg.latent_budget_alpha}, gamma={cfg.latent_budget_gamma}): "
-                "per-image budgets do not differ in this run"
-            )
+    if args.stage in ("stage2", "stage3") and os.environ.get("RANK", "0") == "0":
+        note = equal_budget_note(samples, collate, cfg)
+        if note:
+            print(note)
     step = make_step_fn(
         args.stage,
         cfg,
