@@ -376,6 +376,12 @@ TRAINING_ONLY = (
     "lr_scheduler_type",
     "mixed_precision",
     "gradient_checkpointing",
+    # read by the student only: the teacher rolls out in mode A with every budgeted latent and no generation loss
+    "latent_mode_stage",
+    "latent_stop_threshold",
+    "latent_null_scale",
+    "alignment_layer",
+    "generation_loss_weight",
 )
 
 

@@ -698,6 +698,7 @@ def bench_rollout(
         ts = _block_times(fns, repeats, threads or n_threads)
     finally:
         torch.set_num_threads(n_threads)
+
     def ratio(i, j):  # median over the rounds of block i / block j of the same round
         return statistics.median(a / b for a, b in zip(ts[i], ts[j]))
 
@@ -750,10 +751,11 @@ class BenchRolloutArgs:
 
 def bench_rollout_main(argv=None) -> int:
     "CLI `latentcot bench rollout [--B 8] [--K 8] [--repeats 7] [--seed 0] [--threads 1]`."
-    from latentcot.config import cli_parser
+    from latentcot.config import cli_parser, parse_cli
 
-    (a,) = cli_parser(
-        BenchRolloutArgs, config=False, prog="latentcot bench rollout", description=bench_rollout.__doc__
-    ).parse_args_into_dataclasses(argv)
+    (a,) = parse_cli(
+        cli_parser(BenchRolloutArgs, config=False, prog="latentcot bench rollout", description=bench_rollout.__doc__),
+        argv,
+    )
     bench_rollout(a.B, a.K, a.repeats, a.seed, threads=a.threads)
     return 0

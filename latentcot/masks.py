@@ -596,11 +596,11 @@ class BenchMasksArgs:
 def bench_masks_main(argv=None) -> int:
     """CLI `latentcot bench masks [--B 8] [--L 2048] [--repeats 3] [--seed 0] [--threads 1]`; exit 1 if the masks
     differ."""
-    from latentcot.config import cli_parser
+    from latentcot.config import cli_parser, parse_cli
 
-    (a,) = cli_parser(
-        BenchMasksArgs, config=False, prog="latentcot bench masks", description=bench_masks.__doc__
-    ).parse_args_into_dataclasses(argv)
+    (a,) = parse_cli(
+        cli_parser(BenchMasksArgs, config=False, prog="latentcot bench masks", description=bench_masks.__doc__), argv
+    )
     return 0 if bench_masks(a.B, a.L, a.repeats, a.seed, threads=a.threads)["equal"] else 1
 
 # %% ../nbs/06_masks.ipynb #34e32419

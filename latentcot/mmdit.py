@@ -986,7 +986,7 @@ class MMDiTRunArgs:
 
 def run_main(argv: list[str] | None = None) -> int:
     "`latentcot run mmdit --out DIR` (= `python -m latentcot.mmdit run`): kit, latents, training, evaluation table."
-    from latentcot.config import cli_parser
+    from latentcot.config import cli_parser, parse_cli
 
     p = cli_parser(
         MMDiTRunArgs,
@@ -994,7 +994,7 @@ def run_main(argv: list[str] | None = None) -> int:
         prog="latentcot run mmdit",
         description="Train the MMDiT on multi-turn latents and evaluate it.",
     )
-    (a,) = p.parse_args_into_dataclasses(argv)
+    (a,) = parse_cli(p, argv)
     split = lambda s: tuple(x.strip() for x in s.split(",") if x.strip())
     sources, conds = split(a.train_sources), split(a.conditions) if a.conditions else None
     try:
@@ -1442,11 +1442,11 @@ def generate_images(
 
 def generate_main(argv: list[str] | None = None) -> int:
     "`latentcot generate --prompt ... --image img0.png --out out.png` (or `--prompts FILE.jsonl --out DIR`)."
-    from latentcot.config import cli_parser
+    from latentcot.config import cli_parser, parse_cli
 
-    (a,) = cli_parser(
-        GenerateArgs, config=False, prog="latentcot generate", description=GenerateArgs.__doc__
-    ).parse_args_into_dataclasses(argv)
+    (a,) = parse_cli(
+        cli_parser(GenerateArgs, config=False, prog="latentcot generate", description=GenerateArgs.__doc__), argv
+    )
     if (a.prompt is None) == (a.prompts is None):
         raise SystemExit("latentcot generate: give --prompt (with --image) or --prompts, not both")
     if a.out is None:
@@ -1599,11 +1599,11 @@ class BenchMMDiTArgs:
 
 def bench_mmdit_main(argv: list[str] | None = None) -> int:
     "`latentcot bench mmdit [--mmdit_name_or_path DIR] [--n 8] [--steps 1,2,4,8,16,50]`."
-    from latentcot.config import cli_parser
+    from latentcot.config import cli_parser, parse_cli
 
-    (a,) = cli_parser(
-        BenchMMDiTArgs, config=False, prog="latentcot bench mmdit", description=bench_mmdit.__doc__
-    ).parse_args_into_dataclasses(argv)
+    (a,) = parse_cli(
+        cli_parser(BenchMMDiTArgs, config=False, prog="latentcot bench mmdit", description=bench_mmdit.__doc__), argv
+    )
     try:
         steps = tuple(int(s) for s in a.steps.split(","))
     except ValueError:

@@ -1272,7 +1272,9 @@ def mmdit_rows(report_dir) -> list[str]:
     "Table rows of a `latentcot run mmdit` report (its metrics.json, same held-out triplets), or a row saying none."
     f = Path(report_dir) / "metrics.json"
     if not f.is_file():
-        return [f"| MMDiT route: no report at {report_dir} (`latentcot run mmdit --out {report_dir}`) | - | - | - | - | - |"]
+        return [
+            f"| MMDiT route: no report at {report_dir} (`latentcot run mmdit --out {report_dir}`) | - | - | - | - | - |"
+        ]
     m = json.loads(f.read_text())
     return [
         f"| MMDiT route, {cond} Z ({report_dir}) | {_fmt(v['changed'])} | {_fmt(v['all'])} | {_fmt(v['exact'])} "
@@ -1419,14 +1421,17 @@ def run_unified(a: RunUnifiedArgs) -> dict:
 
 def run_main(argv: list[str] | None = None) -> int:
     "`latentcot run unified [--out DIR] [...]`: train, evaluate, report."
-    from latentcot.config import cli_parser
+    from latentcot.config import cli_parser, parse_cli
 
-    (a,) = cli_parser(
-        RunUnifiedArgs,
-        config=False,
-        prog="latentcot run unified",
-        description="Train the unified model and evaluate it on held-out data.",
-    ).parse_args_into_dataclasses(args=argv)
+    (a,) = parse_cli(
+        cli_parser(
+            RunUnifiedArgs,
+            config=False,
+            prog="latentcot run unified",
+            description="Train the unified model and evaluate it on held-out data.",
+        ),
+        argv,
+    )
     m = run_unified(a)
     print((Path(a.out) / "table.md").read_text())
     return 0
@@ -1474,14 +1479,17 @@ def write_generated(g: Generated, out) -> dict:
 
 def unified_main(argv: list[str] | None = None) -> int:
     "`latentcot unified --image img0.png --prompt ... --out DIR`: interleaved text and images from a unified model."
-    from latentcot.config import cli_parser
+    from latentcot.config import cli_parser, parse_cli
 
-    (a,) = cli_parser(
-        UnifiedCliArgs,
-        config=False,
-        prog="latentcot unified",
-        description="Generate text and images, the model deciding when to draw.",
-    ).parse_args_into_dataclasses(args=argv)
+    (a,) = parse_cli(
+        cli_parser(
+            UnifiedCliArgs,
+            config=False,
+            prog="latentcot unified",
+            description="Generate text and images, the model deciding when to draw.",
+        ),
+        argv,
+    )
     if not (Path(a.model) / "unified.json").is_file():
         raise SystemExit(
             f"--model {a.model}: not a unified model folder; train one with `latentcot run unified --out runs/unified`"
@@ -1649,14 +1657,17 @@ def bench_unified(a: BenchUnifiedArgs) -> dict:
 
 def bench_unified_main(argv: list[str] | None = None) -> int:
     "`latentcot bench unified [--model DIR] [--out DIR]`."
-    from latentcot.config import cli_parser
+    from latentcot.config import cli_parser, parse_cli
 
-    (a,) = cli_parser(
-        BenchUnifiedArgs,
-        config=False,
-        prog="latentcot bench unified",
-        description="KV-cached vs recompute, seconds per image, flow steps vs accuracy.",
-    ).parse_args_into_dataclasses(args=argv)
+    (a,) = parse_cli(
+        cli_parser(
+            BenchUnifiedArgs,
+            config=False,
+            prog="latentcot bench unified",
+            description="KV-cached vs recompute, seconds per image, flow steps vs accuracy.",
+        ),
+        argv,
+    )
     r = bench_unified(a)
     for T in sorted({1, 20} | {int(k.rsplit("T", 1)[1]) for k in r if k.startswith("cache_vs")}):
         if c := r.get(f"cache_vs_recompute_T{T}"):
