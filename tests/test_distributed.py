@@ -109,3 +109,17 @@ def test_fsdp_run_stopped_midway_resumes_to_the_same_losses(teacher_dir, tmp_pat
     res = _run(_launch("fsdp", flags, cut, 29552), tmp_path, "FSDP resumed")
     assert "resuming from" in res.stdout + res.stderr
     _same_run(whole, cut, "FSDP resumed vs whole")
+
+
+@pytest.mark.slow
+def test_fsdp_run_killed_midway_resumes_to_the_same_losses(teacher_dir, tmp_path, kill_after_first_checkpoint):
+    "SIGKILL of the whole FSDP launch (launcher and both ranks) right after its first checkpoint; the rerun resumes."
+    flags = [*STAGE_FLAGS["stage3_C"], *LATENT_COMMON, "--teacher_latent_dir", str(teacher_dir), "--save_every", "1"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    _run(_launch("fsdp", flags, whole, 29560), tmp_path, "FSDP whole run")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    ckpt = kill_after_first_checkpoint(_launch("fsdp", flags, killed, 29561), killed, cwd=ROOT, env=env)
+    assert ckpt is not None and not (killed / "final").exists()
+    res = _run(_launch("fsdp", flags, killed, 29562), tmp_path, "FSDP resumed after the kill")
+    assert "resuming from" in res.stdout + res.stderr
+    _same_run(whole, killed, "FSDP killed and resumed vs whole")
