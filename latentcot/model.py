@@ -6,7 +6,7 @@ Docs: https://latentcot.github.io/latentcot/model.html.md"""
 
 # %% ../nbs/09a_model.ipynb #1be7ca90
 from __future__ import annotations
-import os, shutil
+import os, shutil, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -234,9 +234,12 @@ class LatentCoTModel(nn.Module):
 
         if self._peft is not None:
             raise ValueError("add_lora: this model already has LoRA adapters")
-        self.__dict__["_peft"] = get_peft_model(
-            self.vlm, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets or LORA_TARGETS)
-        )
+        with warnings.catch_warnings():  # peft reads transformers' deprecated `is_gradient_checkpointing`
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            self.__dict__["_peft"] = get_peft_model(
+                self.vlm,
+                LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets or LORA_TARGETS),
+            )
         return self
 
     def save_pretrained(self, out_dir, processor=None, state_dict: dict | None = None) -> Path:
