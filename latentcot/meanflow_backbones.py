@@ -11,12 +11,13 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fastcore.basics import patch
 
 from .meanflow_text import SPECIAL_TOKENS
 
 # %% auto #0
 __all__ = ['ATTN_NAME', 'LLADA_MASK_ID', 'gated_prefix_attention', 'register_prefix_attention', 'LlamaBackbone', 'LLaDABackbone',
-           'llada_loadable', 'load_llada']
+           'llada_loadable', 'check_loading_info', 'check_adapter', 'load_llada']
 
 # %% ../nbs/20b_meanflow_backbones.ipynb #7970e852
 def gated_prefix_attention(q, k, v, mask=None, prefix_k=None, prefix_v=None, gate=None, scale=None):
@@ -113,7 +114,7 @@ class LlamaBackbone(nn.Module):
             prefix_gate=gate,
         ).logits
 
-# %% ../nbs/20b_meanflow_backbones.ipynb #5a397dde
+# %% ../nbs/20b_meanflow_backbones.ipynb #129f4406
 LLADA_MASK_ID = 126336
 
 
@@ -145,29 +146,38 @@ class LLaDABackbone(nn.Module):
     def embedding_weight(self):
         return self.model.model.transformer.wte.weight
 
-    def logits(self, embeds, prefix=None, gate=None):
-        "Logits of LLaDA on `embeds`, re-running its blocks with the gated K/V `prefix` if given."
-        c, tr = self.model.config, self.model.model.transformer
-        x = embeds * c.d_model**0.5 if c.input_emb_norm else embeds
-        x = tr.emb_drop(x)
-        B, L, C = x.shape
-        for i, blk in enumerate(self.blocks):
-            h = blk.attn_norm(x)
-            q, k, v = blk.q_proj(h), blk.k_proj(h), blk.v_proj(h)
-            if blk.q_norm is not None:
-                q, k = blk.q_norm(q).to(k.dtype), blk.k_norm(k).to(k.dtype)
-            q = q.view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
-            k = k.view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            v = v.view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            q, k = blk.rotary_emb(q, k)
-            pk, pv, g = (prefix[:, i, 0], prefix[:, i, 1], gate[i]) if prefix is not None else (None, None, None)
-            att = gated_prefix_attention(q, k, v, None, pk, pv, g)
-            x = x + blk.dropout(blk.attn_out(att.transpose(1, 2).reshape(B, L, C)))
-            h = blk.ff_norm(x)
-            x = x + blk.dropout(blk.ff_out(blk.act(blk.ff_proj(h)) * blk.up_proj(h)))
-        x = tr.ln_f(x)
-        logits = F.linear(x, tr.wte.weight) if c.weight_tying else tr.ff_out(x)
-        return logits / math.sqrt(c.d_model) if c.scale_logits else logits
+# %% ../nbs/20b_meanflow_backbones.ipynb #cdd55b51
+@patch
+def _block(self: LLaDABackbone, blk, x, prefix=None, gate=None):
+    "One LLaDA llama block on `x [B, L, C]`, attending also to the gated K/V `prefix [B, 2, ...]` if given."
+    B, L, C = x.shape
+    h = blk.attn_norm(x)
+    q, k, v = blk.q_proj(h), blk.k_proj(h), blk.v_proj(h)
+    if blk.q_norm is not None:
+        q, k = blk.q_norm(q).to(k.dtype), blk.k_norm(k).to(k.dtype)
+    q = q.view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
+    k = k.view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
+    v = v.view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
+    q, k = blk.rotary_emb(q, k)
+    pk, pv = (prefix[:, 0], prefix[:, 1]) if prefix is not None else (None, None)
+    att = gated_prefix_attention(q, k, v, None, pk, pv, gate)
+    x = x + blk.dropout(blk.attn_out(att.transpose(1, 2).reshape(B, L, C)))
+    h = blk.ff_norm(x)
+    return x + blk.dropout(blk.ff_out(blk.act(blk.ff_proj(h)) * blk.up_proj(h)))
+
+# %% ../nbs/20b_meanflow_backbones.ipynb #e465d355
+@patch
+def logits(self: LLaDABackbone, embeds, prefix=None, gate=None):
+    "Logits of LLaDA on `embeds`, re-running its blocks with the gated K/V `prefix` if given."
+    c, tr = self.model.config, self.model.model.transformer
+    x = embeds * c.d_model**0.5 if c.input_emb_norm else embeds
+    x = tr.emb_drop(x)
+    for i, blk in enumerate(self.blocks):
+        p, g = (prefix[:, i], gate[i]) if prefix is not None else (None, None)
+        x = self._block(blk, x, p, g)
+    x = tr.ln_f(x)
+    logits = F.linear(x, tr.wte.weight) if c.weight_tying else tr.ff_out(x)
+    return logits / math.sqrt(c.d_model) if c.scale_logits else logits
 
 # %% ../nbs/20b_meanflow_backbones.ipynb #eb8eacda
 def llada_loadable(cls):
@@ -197,22 +207,10 @@ def llada_loadable(cls):
         },
     )
 
-# %% ../nbs/20b_meanflow_backbones.ipynb #f6495db6
-def load_llada(
-    name: str = "GSAI-ML/LLaDA-8B-Base",
-    trust_remote_code: bool = False,
-    local_files_only: bool = False,
-    dtype=torch.bfloat16,
-    check: bool = True,
-):
-    """Load a real LLaDA (remote code, only when `trust_remote_code=True`) as `(LLaDABackbone, tokenizer)`; refuse a
-    checkpoint with missing or unexpected weights, and (`check`) an adapter whose logits differ from LLaDA's own
-    forward."""
-    if not trust_remote_code:
-        raise ValueError(
-            f"{name}: LLaDA's modeling code lives in its hub repository; pass trust_remote_code=True "
-            "(CLI: --trust-remote-code) to run it, or use the offline tiny teacher"
-        )
+# %% ../nbs/20b_meanflow_backbones.ipynb #2a6b5ae0
+def _llada_parts(name: str, local_files_only: bool, dtype):
+    """`(model, loading_info, tokenizer)` of the remote-code LLaDA checkpoint `name`, with LLaDA's own classes; a
+    clear error where it cannot be loaded (there is no hub here)."""
     from transformers import AutoConfig, AutoTokenizer
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
@@ -231,6 +229,11 @@ def load_llada(
             f"cannot load LLaDA from {name!r}: {e}. There is no model hub here: download the "
             "checkpoint where the hub is reachable and pass its local directory"
         ) from e
+    return model, info, tok
+
+# %% ../nbs/20b_meanflow_backbones.ipynb #711dd6a0
+def check_loading_info(name: str, info: dict) -> None:
+    "Refuse a checkpoint whose weights do not match its config (missing, unexpected or mismatched keys)."
     bad = {
         k: sorted(map(str, v))[:5]
         for k, v in info.items()
@@ -238,14 +241,39 @@ def load_llada(
     }
     if bad:
         raise ValueError(f"{name}: the checkpoint's weights do not match its config ({bad})")
+
+# %% ../nbs/20b_meanflow_backbones.ipynb #664de584
+def check_adapter(bb, name: str) -> None:
+    """Refuse an adapter whose logits (`own_forward_error`, a few visible tokens and the rest masked) differ from
+    LLaDA's own forward by more than bf16 rounding: its modeling code is not the one the adapter follows."""
+    ids = torch.full((1, 16), bb.mask_id, device=bb.embedding_weight.device)
+    ids[0, :4] = (torch.arange(4) + 100) % bb.vocab_size  # a few visible tokens, the rest masked
+    err, scale = bb.own_forward_error(ids)
+    if err > 2e-2 * scale:  # bf16 rounding is ~1e-2 relative; a wrong block is O(1)
+        raise RuntimeError(
+            f"{name}: LLaDABackbone's logits differ from LLaDA's own forward by up to {err:.3g} "
+            f"(logits up to {scale:.3g}): its modeling code is not the one the adapter follows"
+        )
+
+# %% ../nbs/20b_meanflow_backbones.ipynb #59dfa6fc
+def load_llada(
+    name: str = "GSAI-ML/LLaDA-8B-Base",
+    trust_remote_code: bool = False,
+    local_files_only: bool = False,
+    dtype=torch.bfloat16,
+    check: bool = True,
+):
+    """Load a real LLaDA (remote code, only when `trust_remote_code=True`) as `(LLaDABackbone, tokenizer)`; refuse a
+    checkpoint with missing or unexpected weights, and (`check`) an adapter whose logits differ from LLaDA's own
+    forward."""
+    if not trust_remote_code:
+        raise ValueError(
+            f"{name}: LLaDA's modeling code lives in its hub repository; pass trust_remote_code=True "
+            "(CLI: --trust-remote-code) to run it, or use the offline tiny teacher"
+        )
+    model, info, tok = _llada_parts(name, local_files_only, dtype)
+    check_loading_info(name, info)
     bb = LLaDABackbone(model.eval().requires_grad_(False), getattr(tok, "mask_token_id", None) or LLADA_MASK_ID)
     if check:
-        ids = torch.full((1, 16), bb.mask_id, device=bb.embedding_weight.device)
-        ids[0, :4] = (torch.arange(4) + 100) % bb.vocab_size  # a few visible tokens, the rest masked
-        err, scale = bb.own_forward_error(ids)
-        if err > 2e-2 * scale:  # bf16 rounding is ~1e-2 relative; a wrong block is O(1)
-            raise RuntimeError(
-                f"{name}: LLaDABackbone's logits differ from LLaDA's own forward by up to {err:.3g} "
-                f"(logits up to {scale:.3g}): its modeling code is not the one the adapter follows"
-            )
+        check_adapter(bb, name)
     return bb, tok

@@ -36,11 +36,14 @@ from .textdata import atomic_write, check_synthetic
 from .trainer import read_metrics
 
 # %% auto #0
-__all__ = ['MEANFLOW_MODULES', 'NOISE_TEMPERATURES', 'BENCH_SETTINGS', 'DistillFlags', 'fact_errors', 'sample_entropy',
-           'distinct_n', 'quality', 'run_generation', 'heldout_canvas', 'meanflow_code_version', 'student_key',
-           'student_for', 'saved_student', 'optimum_gap', 'draw_from_marginals', 'marginal_ceiling', 'check_noise_args',
-           'noise_prior_use', 'bench_noise', 'bench_runs', 'bench_meanflow', 'noise_sweep', 'diversity_matched',
-           'goals', 'format_table', 'plot_bench', 'BenchMeanFlowArgs', 'bench_parser', 'bench_meanflow_main']
+__all__ = ['MEANFLOW_MODULES', 'NOISE_TEMPERATURES', 'BENCH_SETTINGS', 'DistillFlags', 'QUICK_RECIPE', 'fact_errors',
+           'sample_entropy', 'distinct_n', 'quality', 'run_generation', 'heldout_canvas', 'meanflow_code_version',
+           'student_key', 'student_for', 'saved_student', 'optimum_gap', 'draw_from_marginals', 'marginal_ceiling',
+           'check_noise_args', 'noise_prior_use', 'bench_noise', 'bench_runs', 'bench_student', 'bench_header',
+           'noise_prior_text', 'data_quality', 'bench_setting', 'bench_meanflow', 'noise_sweep', 'diversity_matched',
+           'setting_goals', 'goals', 'setting_table', 'goal_text', 'format_table', 'plot_bench', 'BenchMeanFlowArgs',
+           'bench_parser', 'check_settings', 'check_student_flags', 'bench_config', 'bench_teacher', 'write_bench',
+           'bench_meanflow_main']
 
 # %% ../nbs/21_meanflow_bench.ipynb #26bc55cb
 _FACT = re.compile(r"(\d{1,3})([+-])(\d{1,3})=(\d{1,3})")
@@ -328,7 +331,88 @@ def bench_runs(teacher, student, z, optimum, steps, student_steps, temperature: 
         + [("student-z", student_fn(student, z), 1, T, "low_confidence") for T in noise_temperatures]
     )
 
-# %% ../nbs/21_meanflow_bench.ipynb #d546e829
+# %% ../nbs/21_meanflow_bench.ipynb #477ebf8f
+def bench_student(teacher, info, sets, cfg: MeanFlowConfig, student_dir=None, cache_dir=None, log=print):
+    """`(student, meta, cfg)`: the student distilled for `cfg` (cached), or the one saved at `student_dir` with its own
+    config (the optimum follows the student's own tangent sign)."""
+    if student_dir is None:
+        return (*student_for(teacher, info, sets, cfg, cache_dir, log), cfg)
+    student, smeta = saved_student(teacher, info, student_dir)
+    return student, smeta, MeanFlowConfig(**smeta["config"])
+
+# %% ../nbs/21_meanflow_bench.ipynb #42749810
+def bench_header(
+    teacher, info, cfg: MeanFlowConfig, student, smeta: dict, device, *, n, temperature, optimum_steps, student_dir,
+    marginal_samples, noise_temperatures
+) -> dict:
+    "The metrics' header: what ran (teacher, student, machine, the run's settings), and empty `settings` to fill."
+    return {
+        "recipe": info["recipe"],
+        "config": asdict(cfg),
+        "n": n,
+        "temperature": temperature,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "teacher_fingerprint": teacher_fingerprint(teacher),
+        "teacher_train_seconds": info.get("train_seconds"),
+        "student_train_seconds": smeta.get("train_seconds"),
+        "student_gates": smeta.get("gates"),
+        "optimum_steps": optimum_steps,
+        "student_dir": None if student_dir is None else str(student_dir),
+        "marginal_samples": marginal_samples,
+        "noise_temperatures": list(noise_temperatures) if student.noise_dim else [],
+        "settings": {},
+    }
+
+# %% ../nbs/21_meanflow_bench.ipynb #15969344
+def noise_prior_text(student: MeanFlowStudent, use_fitted: bool, given: bool) -> str:
+    "Where a noise student's `z` comes from, as the metrics and the goals line say it (see `noise_prior_use`)."
+    if not use_fitted:
+        return "N(0, I)"
+    how = "given the canvas" if given else "by kind"
+    return f"the fitted prior {how} ({len(student.noise_prior.kinds)} kinds of canvas)"
+
+# %% ../nbs/21_meanflow_bench.ipynb #f6ba5937
+def data_quality(teacher, tok, ref_x, prompt_mask, kind: str, seed: int, device) -> dict:
+    "`quality` of the heldout rows `ref_x` themselves, with the teacher's likelihood bound given `prompt_mask`."
+    nll = likelihood_bound(
+        teacher_fn(teacher),
+        ref_x.to(device),
+        prompt_mask,
+        teacher.mask_id,
+        n_mc=4,
+        generator=torch.Generator(device=device).manual_seed(seed),
+    )
+    return quality(decode_canvas(tok, ref_x), kind, nll)
+
+# %% ../nbs/21_meanflow_bench.ipynb #a1abe271
+def bench_setting(
+    out: dict, teacher, tok, student, sets, optimum, kind: str, mode: str, *, steps, student_steps, seed: int, prior
+) -> dict:
+    """Every run of one setting on the first `out['n']` heldout canvases of `kind` (`mode`: free or prompted), with the
+    data's quality and the optimum's KL gap; the run's other settings come from the header `out`."""
+    dev = torch.device(out["device"])
+    x, ref_pm = heldout_canvas(sets, kind, out["n"], mode == "prompted", teacher.mask_id)
+    x, ref_pm = x.to(dev), ref_pm.to(dev)
+    res = {
+        "data": data_quality(teacher, tok, sets[f"{kind}_heldout"][0][: out["n"]], ref_pm, kind, seed, dev),
+        "runs": {},
+        "optimum_gap": optimum_gap(teacher, student, x, out["optimum_steps"], out["config"]["tangent_sign"]),
+    }
+    z = bench_noise(student, x, seed, *prior)
+    generate(teacher_fn(teacher), x[:2], teacher.mask_id, 2)  # warm-up, so the first timed run is not penalised
+    temperature = out["temperature"]
+    runs = bench_runs(teacher, student, z, optimum, steps, student_steps, temperature, out["noise_temperatures"])
+    for name, fn, stp, temp, rem in runs:
+        r = run_generation(fn, x, tok, stp, kind, teacher, temp, rem, seed)
+        res["runs"].setdefault(name, []).append({**r, "temperature": temp})
+    if out["marginal_samples"] > 0 and kind == "synthetic":
+        k = out["marginal_samples"]
+        res["marginal_ceiling"] = marginal_ceiling(teacher, tok, x, kind, k, max(steps), temperature, seed)
+    return res
+
+# %% ../nbs/21_meanflow_bench.ipynb #43723654
 # a fine grid: the diversity-matched criterion takes the most valid temperature whose diversity reaches the teacher's,
 # so a coarse grid would read it off a point well past the crossing
 NOISE_TEMPERATURES = tuple(round(0.1 * i, 1) for i in range(1, 10))
@@ -366,65 +450,21 @@ def bench_meanflow(
     sets = load_text_sets(tok, info["recipe"]["canvas"])
     info = {**info, "data_sha256": info.get("data_sha256") or sets["sha256"]}
     dev = teacher.embedding_weight.device
-    if student_dir is None:
-        student, smeta = student_for(teacher, info, sets, cfg, cache_dir, log)
-    else:
-        student, smeta = saved_student(teacher, info, student_dir)
-        cfg = MeanFlowConfig(**smeta["config"])  # the optimum follows the student's own tangent sign
-    out = {
-        "recipe": info["recipe"],
-        "config": asdict(cfg),
-        "n": n,
-        "temperature": temperature,
-        "device": str(dev),
-        "threads": torch.get_num_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "teacher_fingerprint": teacher_fingerprint(teacher),
-        "teacher_train_seconds": info.get("train_seconds"),
-        "student_train_seconds": smeta.get("train_seconds"),
-        "student_gates": smeta.get("gates"),
-        "optimum_steps": optimum_steps,
-        "student_dir": None if student_dir is None else str(student_dir),
-        "marginal_samples": marginal_samples,
-        "noise_temperatures": list(noise_temperatures) if student.noise_dim else [],
-        "settings": {},
-    }
-    use_fitted, given = noise_prior_use(student, noise_prior)
+    student, smeta, cfg = bench_student(teacher, info, sets, cfg, student_dir, cache_dir, log)
+    run = dict(n=n, temperature=temperature, optimum_steps=optimum_steps, student_dir=student_dir)
+    out = bench_header(
+        teacher, info, cfg, student, smeta, dev, **run, marginal_samples=marginal_samples,
+        noise_temperatures=noise_temperatures
+    )
+    prior = noise_prior_use(student, noise_prior)
     if student.noise_dim:
-        out["noise_prior"] = (
-            f"the fitted prior {'given the canvas' if given else 'by kind'} ({len(student.noise_prior.kinds)} kinds of"
-            " canvas)"
-            if use_fitted
-            else "N(0, I)"
-        )
+        out["noise_prior"] = noise_prior_text(student, *prior)
     optimum = optimum_fn(teacher, optimum_steps, cfg.tangent_sign)
     for kind, mode in settings:
-        x, ref_pm = heldout_canvas(sets, kind, n, mode == "prompted", teacher.mask_id)
-        x, ref_pm, ref_x = x.to(dev), ref_pm.to(dev), sets[f"{kind}_heldout"][0][:n]
-        nll = likelihood_bound(
-            teacher_fn(teacher),
-            ref_x.to(dev),
-            ref_pm,
-            teacher.mask_id,
-            n_mc=4,
-            generator=torch.Generator(device=dev).manual_seed(seed),
+        out["settings"][f"{kind}/{mode}"] = bench_setting(
+            out, teacher, tok, student, sets, optimum, kind, mode, steps=steps, student_steps=student_steps,
+            seed=seed, prior=prior
         )
-        res = {
-            "data": quality(decode_canvas(tok, ref_x), kind, nll),
-            "runs": {},
-            "optimum_gap": optimum_gap(teacher, student, x, optimum_steps, cfg.tangent_sign),
-        }
-        z = bench_noise(student, x, seed, use_fitted, given)
-        generate(teacher_fn(teacher), x[:2], teacher.mask_id, 2)  # warm-up, so the first timed run is not penalised
-        runs = bench_runs(teacher, student, z, optimum, steps, student_steps, temperature, out["noise_temperatures"])
-        for name, fn, stp, temp, rem in runs:
-            r = run_generation(fn, x, tok, stp, kind, teacher, temp, rem, seed)
-            res["runs"].setdefault(name, []).append({**r, "temperature": temp})
-        if marginal_samples > 0 and kind == "synthetic":
-            res["marginal_ceiling"] = marginal_ceiling(
-                teacher, tok, x, kind, marginal_samples, max(steps), temperature, seed
-            )
-        out["settings"][f"{kind}/{mode}"] = res
         if log:
             log(f"bench: {kind}/{mode} done ({time.time() - t_start:.0f}s)")
     out["goals"] = goals(out)
@@ -482,188 +522,294 @@ def diversity_matched(sweep, t1, tmax) -> dict:
     T, best = max(ok, key=lambda tr: tr[1]["validity"])
     return {**d, "temperature": T, **_versus(best, t1, tmax)}
 
-# %% ../nbs/21_meanflow_bench.ipynb #831f288d
+# %% ../nbs/21_meanflow_bench.ipynb #46000312
+def _goal_optimum(res, tmax) -> dict:
+    "The loss's optimum at one step as a share of the teacher's `tmax` validity (`{}` without an `mf-optimum` run)."
+    o1 = _run(res, "mf-optimum", 1)
+    if not o1:
+        return {}
+    ratio = o1["validity"] / tmax["validity"] if tmax["validity"] else float("nan")
+    return {"optimum_1": o1["validity"], "optimum_ratio_to_max": ratio}
+
+# %% ../nbs/21_meanflow_bench.ipynb #3ff6c36b
+def _goal_argmax(res, tmax) -> dict | None:
+    "Student against teacher at temperature 0, unique lines beside (`None` without the three argmax runs)."
+    sa, ta1 = _run(res, "student-argmax", 1), _run(res, "teacher-argmax", 1)
+    tam = _run(res, "teacher-argmax", tmax["steps"])
+    if not (sa and ta1 and tam):
+        return None
+    a = _versus(sa, ta1, tam)
+    if a["gap_se"] == 0:  # no spread (every row the same line, as argmax of free rows): no verdict
+        a["beats_teacher_1"] = None
+    return {**a, "unique_lines": {"student_1": sa["unique_lines"], "teacher_max": tam["unique_lines"]}}
+
+# %% ../nbs/21_meanflow_bench.ipynb #febee630
+def _goal_noise(out, res, t1, tmax) -> dict:
+    """A noise student's goals: its argmax given `z` against the sampled teacher (`noise`), and the same at the
+    teacher's diversity (`noise_matched`); `{}` for a student without noise."""
+    sa = _run(res, "student-argmax", 1)
+    if not (sa and out.get("config", {}).get("noise_dim")):
+        return {}
+    e = {
+        "noise": {
+            **_versus(sa, t1, tmax),
+            "speedup_vs_max_steps": tmax["seconds"] / sa["seconds"],
+            # diversity beside validity: a generator that repeats a few good lines scores well too
+            **{
+                m: {"student_1": sa.get(m), "teacher_max": tmax.get(m)}
+                for m in ("unique_lines", "distinct_4", "nll_bound")
+            },
+        }
+    }
+    # the same goal at the teacher's diversity: its temperature given z trades validity for varied lines
+    sweep = noise_sweep(out, res)
+    if all(m in r for _, r in sweep for m in ("unique_lines", "distinct_4")) and "distinct_4" in tmax:
+        e["noise_matched"] = diversity_matched(sweep, t1, tmax)
+    return e
+
+# %% ../nbs/21_meanflow_bench.ipynb #1dfbcad0
+def _goal_marginals(res) -> dict:
+    "The marginal ceiling's validity as a share of its source samples' (`{}` without one, or with invalid sources)."
+    mc = res.get("marginal_ceiling")
+    if not (mc and mc["source_validity"]):
+        return {}
+    return {
+        "marginals_1": mc["validity"],
+        "marginals_source": mc["source_validity"],
+        "marginals_ratio_to_source": mc["validity"] / mc["source_validity"],
+    }
+
+# %% ../nbs/21_meanflow_bench.ipynb #e2b7d259
+def setting_goals(out: dict, res: dict) -> dict | None:
+    """The goals of one setting: the speed-up, and for synthetic lines validity, the optimum, argmax, noise and
+    marginal goals (`None` without the student's and the teacher's runs)."""
+    s1, t1, lc = _run(res, "student", 1), _run(res, "teacher-lc", 1), res["runs"].get("teacher-lc", [])
+    tmax = max(lc, key=lambda r: r["steps"]) if lc else None
+    if not (s1 and t1 and tmax):
+        return None
+    speedup = tmax["seconds"] / s1["seconds"]
+    e = {"speedup_vs_max_steps": speedup, "max_steps": tmax["steps"], "faster_30x": speedup >= 30}
+    if "validity" in s1:
+        e.update({**_versus(s1, t1, tmax), **_goal_optimum(res, tmax)})
+        if (a := _goal_argmax(res, tmax)) is not None:
+            e["argmax"] = a
+        e.update({**_goal_noise(out, res, t1, tmax), **_goal_marginals(res)})
+    return e
+
+# %% ../nbs/21_meanflow_bench.ipynb #621deaf3
 def goals(out: dict) -> dict:
     "PASS/FAIL of the issue's three goals in every synthetic setting, with the measured ratios and the loss's ceiling."
-    g = {}
-    for key, res in out["settings"].items():
-        s1, t1, tmax = _run(res, "student", 1), _run(res, "teacher-lc", 1), None
-        lc = res["runs"].get("teacher-lc", [])
-        if lc:
-            tmax = max(lc, key=lambda r: r["steps"])
-        if not (s1 and t1 and tmax):
-            continue
-        e = {
-            "speedup_vs_max_steps": tmax["seconds"] / s1["seconds"],
-            "max_steps": tmax["steps"],
-            "faster_30x": tmax["seconds"] / s1["seconds"] >= 30,
-        }
-        if "validity" in s1:
-            e.update(_versus(s1, t1, tmax))
-            o1 = _run(res, "mf-optimum", 1)
-            if o1:
-                e.update(
-                    {
-                        "optimum_1": o1["validity"],
-                        "optimum_ratio_to_max": (
-                            o1["validity"] / tmax["validity"] if tmax["validity"] else float("nan")
-                        ),
-                    }
-                )
-            sa, ta1, tam = (
-                _run(res, "student-argmax", 1),
-                _run(res, "teacher-argmax", 1),
-                _run(res, "teacher-argmax", tmax["steps"]),
-            )
-            # temperature 0 on both sides; unique lines beside, since argmax collapses free rows
-            if sa and ta1 and tam:
-                a = _versus(sa, ta1, tam)
-                # no spread (every row the same line, as argmax of free rows): no verdict
-                if a["gap_se"] == 0:
-                    a["beats_teacher_1"] = None
-                e["argmax"] = {
-                    **a,
-                    "unique_lines": {"student_1": sa["unique_lines"], "teacher_max": tam["unique_lines"]},
-                }
-            # a noise student samples through z: argmax given z is its generator
-            if sa and out.get("config", {}).get("noise_dim"):
-                e["noise"] = {
-                    **_versus(sa, t1, tmax),
-                    "speedup_vs_max_steps": tmax["seconds"] / sa["seconds"],
-                    # diversity beside validity: a generator that repeats a few good lines scores well too
-                    **{
-                        m: {"student_1": sa.get(m), "teacher_max": tmax.get(m)}
-                        for m in ("unique_lines", "distinct_4", "nll_bound")
-                    },
-                }
-                # the same goal at the teacher's diversity: its temperature given z trades validity for varied lines
-                sweep = noise_sweep(out, res)
-                if all(m in r for _, r in sweep for m in ("unique_lines", "distinct_4")) and "distinct_4" in tmax:
-                    e["noise_matched"] = diversity_matched(sweep, t1, tmax)
-            mc = res.get("marginal_ceiling")
-            if mc and mc["source_validity"]:
-                e.update(
-                    {
-                        "marginals_1": mc["validity"],
-                        "marginals_source": mc["source_validity"],
-                        "marginals_ratio_to_source": mc["validity"] / mc["source_validity"],
-                    }
-                )
-        g[key] = e
-    return g
+    g = {key: setting_goals(out, res) for key, res in out["settings"].items()}
+    return {key: e for key, e in g.items() if e is not None}
 
-# %% ../nbs/21_meanflow_bench.ipynb #2c5d23fc
+# %% ../nbs/21_meanflow_bench.ipynb #9ea98e5d
+def _setting_title(key: str, out: dict) -> str:
+    "The title line of one setting's table: batch, temperature, threads, CPU kernels and the teacher's fingerprint."
+    return (
+        f"\n== {key}  (n={out['n']}, temperature={out['temperature']}, threads={out['threads']}, "
+        f"CPU kernels {out.get('cpu_capability', '?')}, teacher {out.get('teacher_fingerprint', '?')})"
+    )
+
+# %% ../nbs/21_meanflow_bench.ipynb #2ed27aa4
+def _table_header(syn: bool) -> str:
+    "The column names of a setting's table (`syn`: with the synthetic lines' validity and fact errors)."
+    return (
+        f"{'run':<18}{'steps':>6}{'seconds':>9}{'x faster':>9}"
+        + (f"{'valid':>7}{'full':>6}" if syn else "")
+        + f"{'nll':>7}{'entropy':>8}{'dist-2':>7}{'dist-4':>7}{'uniq':>6}"
+        + ("  malformed/arith/chain" if syn else "")
+    )
+
+# %% ../nbs/21_meanflow_bench.ipynb #9e7b7673
+def _table_row(name: str, r: dict, tmax: float, syn: bool) -> str:
+    "One row of a setting's table: a run (or the heldout data, without steps and time) and its measures."
+    if name == "student-z":
+        name = f"student-z T{r['temperature']:g}"
+    s = f"{name:<18}{r.get('steps', ''):>6}" + (
+        f"{r['seconds']:>9.3f}{tmax / r['seconds']:>9.1f}" if "seconds" in r else f"{'':>18}"
+    )
+    if syn:
+        s += f"{r['validity']:>7.3f}{r['fully_valid']:>6.2f}"
+    s += f"{r['nll_bound']:>7.3f}{r['entropy_bits']:>8.2f}{r['distinct_2']:>7.3f}"
+    s += f"{r['distinct_4']:>7.3f}{r['unique_lines']:>6.2f}"
+    if syn:
+        f = r["facts"]
+        s += f"  {f['malformed']:.2f}/{f['arithmetic']:.2f}/{f['chain']:.2f}"
+    return s
+
+# %% ../nbs/21_meanflow_bench.ipynb #a62ec454
+def setting_table(key: str, res: dict, out: dict) -> list[str]:
+    """The lines of one setting's table: title, header, the heldout data and every run (times against the teacher's
+    most steps), and the KL gap to the loss's optimum."""
+    syn = key.startswith("synthetic")
+    tmax = max(res["runs"]["teacher-lc"], key=lambda r: r["steps"])["seconds"]
+    rows = [("data", res["data"])] + [(name, r) for name, rs in res["runs"].items() for r in rs]
+    lines = [_setting_title(key, out), _table_header(syn)] + [_table_row(name, r, tmax, syn) for name, r in rows]
+    if "optimum_gap" in res:
+        og = res["optimum_gap"]
+        lines.append(
+            f"KL(loss optimum || model) per masked position at r=0, t=1: teacher {og['kl_optimum_teacher']:.4f}, "
+            f"student {og['kl_optimum_student']:.4f} (the student went {og['gap_closed']:.0%} of the way)"
+        )
+    return lines
+
+# %% ../nbs/21_meanflow_bench.ipynb #8e660044
+def _verdict(ok) -> str:
+    "PASS or FAIL."
+    return "PASS" if ok else "FAIL"
+
+
+_INDENT = f"\n{'':<20}"  # a goal's continued lines start under the first line's measures
+
+# %% ../nbs/21_meanflow_bench.ipynb #92499e5d
+def _goal_head(key: str, e: dict) -> str:
+    "A setting's first goal line: the speed-up, and the student's validity against the teacher's at 1 and most steps."
+    s = (
+        f"{key:<20} speed-up vs {e['max_steps']} steps {e['speedup_vs_max_steps']:6.1f}x"
+        f" [{_verdict(e['faster_30x'])} >= 30x]"
+    )
+    if "student_1" in e:
+        s += (
+            f"  validity student-1 {e['student_1']:.3f} vs teacher-1 {e['teacher_1']:.3f}"
+            f" [{_verdict(e['beats_teacher_1'])} beats by > 2 SE = {2 * e['gap_se']:.3f}]  vs"
+            f" teacher-{e['max_steps']} {e['teacher_max']:.3f} = {e['ratio_to_max']:.0%}"
+            f" [{_verdict(e['reaches_80pct'])} >= 80%]"
+        )
+    return s
+
+# %% ../nbs/21_meanflow_bench.ipynb #fa2a4c52
+def _goal_optimum_text(e: dict, out: dict) -> str:
+    "The loss's ceiling: the optimum's one-step validity as a share of the teacher's."
+    return (
+        f"{_INDENT} ceiling of the loss (mf-optimum, {out.get('optimum_steps')} teacher calls):"
+        f" {e['optimum_1']:.3f} = {e['optimum_ratio_to_max']:.0%} of teacher-{e['max_steps']}"
+    )
+
+# %% ../nbs/21_meanflow_bench.ipynb #75a7f6df
+def _goal_argmax_text(e: dict, out: dict) -> str:
+    "The argmax goal: student against teacher at temperature 0, unique lines beside."
+    a, T = e["argmax"], f"teacher-{e['max_steps']}"
+    verdict = (
+        "[no verdict: no spread across rows]"
+        if a["beats_teacher_1"] is None
+        else f"[{'beats' if a['beats_teacher_1'] else 'does not beat'} by > 2 SE = {2 * a['gap_se']:.3f}]"
+    )
+    return (
+        f"{_INDENT} argmax (temperature 0): student-1 {a['student_1']:.3f} vs teacher-1 {a['teacher_1']:.3f} {verdict}"
+        f", vs {T} {a['teacher_max']:.3f} = {a['ratio_to_max']:.0%} [{'>=' if a['reaches_80pct'] else '<'} 80%];"
+        f" unique lines student {a['unique_lines']['student_1']:.2f}, {T} {a['unique_lines']['teacher_max']:.2f}"
+        " (argmax of free rows repeats one line)"
+    )
+
+# %% ../nbs/21_meanflow_bench.ipynb #7cb58845
+def _goal_noise_text(e: dict, out: dict) -> str:
+    "The noise student's goal: its argmax given `z` against the sampled teacher, with speed and diversity."
+    z, T = e["noise"], f"teacher-{e['max_steps']}"
+    return (
+        f"{_INDENT} noise student (z ~ {out.get('noise_prior', 'N(0, I)')} per row, then argmax): student-1"
+        f" {z['student_1']:.3f} vs teacher-1 sampled {z['teacher_1']:.3f}"
+        f" [{_verdict(z['beats_teacher_1'])} beats by > 2 SE = {2 * z['gap_se']:.3f}], vs"
+        f" {T} sampled {z['teacher_max']:.3f} = {z['ratio_to_max']:.0%}"
+        f" [{_verdict(z['reaches_80pct'])} >= 80%], {z['speedup_vs_max_steps']:.0f}x faster;"
+        f" unique lines {z['unique_lines']['student_1']:.2f} vs {z['unique_lines']['teacher_max']:.2f},"
+        f" distinct-4 {z['distinct_4']['student_1']:.3f} vs {z['distinct_4']['teacher_max']:.3f}"
+    )
+
+# %% ../nbs/21_meanflow_bench.ipynb #e4146fb1
+def _goal_matched_text(e: dict, out: dict) -> str:
+    "The noise student's goal at the teacher's diversity, and the sweep of temperatures it was read from."
+    z, dv, T = e["noise_matched"], e["noise_matched"]["teacher_max_diversity"], f"teacher-{e['max_steps']}"
+    sw = ", ".join(
+        f"T{r['temperature']:g} {r['validity']:.3f}/{r['unique_lines']:.2f}/{r['distinct_4']:.3f}" for r in z["sweep"]
+    )
+    found = (
+        "no temperature of the sweep gets there"
+        if z["temperature"] is None
+        else (
+            f"T{z['temperature']:g} {z['student_1']:.3f} vs teacher-1 {z['teacher_1']:.3f}"
+            f" [{_verdict(z['beats_teacher_1'])} beats by > 2 SE], = {z['ratio_to_max']:.0%} of"
+            f" {T} [{_verdict(z['reaches_80pct'])} >= 80%]"
+        )
+    )
+    return (
+        f"{_INDENT} noise student at the {T}'s diversity (unique lines >="
+        f" {dv['unique_lines']:.2f}, distinct-4 >= {dv['distinct_4']:.3f}): {found}"
+        f"{_INDENT}   sweep given z, temperature validity/unique/distinct-4: {sw}"
+    )
+
+# %% ../nbs/21_meanflow_bench.ipynb #bf302eb6
+def _goal_marginals_text(e: dict, out: dict) -> str:
+    "The marginal ceiling: a one-step student matching the teacher's per-position marginals exactly."
+    return (
+        f"{_INDENT} a one-step student matching the teacher-{e['max_steps']} per-position marginals exactly"
+        f" ({out.get('marginal_samples')} samples per row): {e['marginals_1']:.3f} ="
+        f" {e['marginals_ratio_to_source']:.0%} of those samples' {e['marginals_source']:.3f}"
+    )
+
+# %% ../nbs/21_meanflow_bench.ipynb #883fa834
+_GOAL_TEXTS = (
+    ("optimum_1", _goal_optimum_text),
+    ("argmax", _goal_argmax_text),
+    ("noise", _goal_noise_text),
+    ("noise_matched", _goal_matched_text),
+    ("marginals_1", _goal_marginals_text),
+)
+
+
+def goal_text(key: str, e: dict, out: dict) -> str:
+    "The goal lines of one setting: its head, then a continued line for each goal `e` holds, in `_GOAL_TEXTS` order."
+    return _goal_head(key, e) + "".join(text(e, out) for k, text in _GOAL_TEXTS if k in e)
+
+# %% ../nbs/21_meanflow_bench.ipynb #6e823a43
 def format_table(out: dict) -> str:
     "A plain-text table of every run, setting by setting, and the goals."
-    lines = []
-    for key, res in out["settings"].items():
-        syn = key.startswith("synthetic")
-        lines.append(
-            f"\n== {key}  (n={out['n']}, temperature={out['temperature']}, threads={out['threads']}, "
-            f"CPU kernels {out.get('cpu_capability', '?')}, teacher {out.get('teacher_fingerprint', '?')})"
-        )
-        hdr = (
-            f"{'run':<18}{'steps':>6}{'seconds':>9}{'x faster':>9}"
-            + (f"{'valid':>7}{'full':>6}" if syn else "")
-            + f"{'nll':>7}{'entropy':>8}{'dist-2':>7}{'dist-4':>7}{'uniq':>6}"
-            + ("  malformed/arith/chain" if syn else "")
-        )
-        lines.append(hdr)
-        tmax = max(res["runs"]["teacher-lc"], key=lambda r: r["steps"])["seconds"]
-        rows = [("data", res["data"])] + [(name, r) for name, rs in res["runs"].items() for r in rs]
-        for name, r in rows:
-            if name == "student-z":
-                name = f"student-z T{r['temperature']:g}"
-            s = f"{name:<18}{r.get('steps', ''):>6}" + (
-                f"{r['seconds']:>9.3f}{tmax / r['seconds']:>9.1f}" if "seconds" in r else f"{'':>18}"
-            )
-            if syn:
-                s += f"{r['validity']:>7.3f}{r['fully_valid']:>6.2f}"
-            s += f"{r['nll_bound']:>7.3f}{r['entropy_bits']:>8.2f}{r['distinct_2']:>7.3f}"
-            s += f"{r['distinct_4']:>7.3f}{r['unique_lines']:>6.2f}"
-            if syn:
-                f = r["facts"]
-                s += f"  {f['malformed']:.2f}/{f['arithmetic']:.2f}/{f['chain']:.2f}"
-            lines.append(s)
-        if "optimum_gap" in res:
-            og = res["optimum_gap"]
-            lines.append(
-                f"KL(loss optimum || model) per masked position at r=0, t=1: teacher {og['kl_optimum_teacher']:.4f}, "
-                f"student {og['kl_optimum_student']:.4f} (the student went {og['gap_closed']:.0%} of the way)"
-            )
+    lines = [line for key, res in out["settings"].items() for line in setting_table(key, res, out)]
     lines.append("\n== goals (student 1 step, sampled; teacher with low-confidence remasking)")
-    for key, e in out["goals"].items():
-        s = (
-            f"{key:<20} speed-up vs {e['max_steps']} steps {e['speedup_vs_max_steps']:6.1f}x"
-            f" [{'PASS' if e['faster_30x'] else 'FAIL'} >= 30x]"
-        )
-        if "student_1" in e:
-            s += (
-                f"  validity student-1 {e['student_1']:.3f} vs teacher-1 {e['teacher_1']:.3f}"
-                f" [{'PASS' if e['beats_teacher_1'] else 'FAIL'} beats by > 2 SE = {2 * e['gap_se']:.3f}]  vs"
-                f" teacher-{e['max_steps']} {e['teacher_max']:.3f} = {e['ratio_to_max']:.0%}"
-                f" [{'PASS' if e['reaches_80pct'] else 'FAIL'} >= 80%]"
-            )
-        if "optimum_1" in e:
-            s += (
-                f"\n{'':<20} ceiling of the loss (mf-optimum, {out.get('optimum_steps')} teacher calls):"
-                f" {e['optimum_1']:.3f} = {e['optimum_ratio_to_max']:.0%} of teacher-{e['max_steps']}"
-            )
-        if "argmax" in e:
-            a = e["argmax"]
-            s += (
-                f"\n{'':<20} argmax (temperature 0): student-1 {a['student_1']:.3f} vs teacher-1 {a['teacher_1']:.3f} "
-                + (
-                    f"[no verdict: no spread across rows]"
-                    if a["beats_teacher_1"] is None
-                    else f"[{'beats' if a['beats_teacher_1'] else 'does not beat'} by > 2 SE = {2 * a['gap_se']:.3f}]"
-                )
-                + f", vs teacher-{e['max_steps']} {a['teacher_max']:.3f} = {a['ratio_to_max']:.0%}"
-                f" [{'>=' if a['reaches_80pct'] else '<'} 80%]; unique lines student"
-                f" {a['unique_lines']['student_1']:.2f}, teacher-{e['max_steps']}"
-                f" {a['unique_lines']['teacher_max']:.2f} (argmax of free rows repeats one line)"
-            )
-        if "noise" in e:
-            z = e["noise"]
-            s += (
-                f"\n{'':<20} noise student (z ~ {out.get('noise_prior', 'N(0, I)')} per row, then argmax): student-1"
-                f" {z['student_1']:.3f} vs teacher-1 sampled {z['teacher_1']:.3f}"
-                f" [{'PASS' if z['beats_teacher_1'] else 'FAIL'} beats by > 2 SE = {2 * z['gap_se']:.3f}], vs"
-                f" teacher-{e['max_steps']} sampled {z['teacher_max']:.3f} = {z['ratio_to_max']:.0%}"
-                f" [{'PASS' if z['reaches_80pct'] else 'FAIL'} >= 80%], {z['speedup_vs_max_steps']:.0f}x faster;"
-                f" unique lines {z['unique_lines']['student_1']:.2f} vs {z['unique_lines']['teacher_max']:.2f},"
-                f" distinct-4 {z['distinct_4']['student_1']:.3f} vs {z['distinct_4']['teacher_max']:.3f}"
-            )
-        if "noise_matched" in e:
-            z, dv = e["noise_matched"], e["noise_matched"]["teacher_max_diversity"]
-            sw = ", ".join(
-                f"T{r['temperature']:g} {r['validity']:.3f}/{r['unique_lines']:.2f}/{r['distinct_4']:.3f}"
-                for r in z["sweep"]
-            )
-            s += (
-                f"\n{'':<20} noise student at the teacher-{e['max_steps']}'s diversity (unique lines >="
-                f" {dv['unique_lines']:.2f}, distinct-4 >= {dv['distinct_4']:.3f}): "
-            )
-            s += (
-                "no temperature of the sweep gets there"
-                if z["temperature"] is None
-                else (
-                    f"T{z['temperature']:g} {z['student_1']:.3f} vs teacher-1 {z['teacher_1']:.3f}"
-                    f" [{'PASS' if z['beats_teacher_1'] else 'FAIL'} beats by > 2 SE], = {z['ratio_to_max']:.0%} of"
-                    f" teacher-{e['max_steps']} [{'PASS' if z['reaches_80pct'] else 'FAIL'} >= 80%]"
-                )
-            )
-            s += f"\n{'':<20}   sweep given z, temperature validity/unique/distinct-4: {sw}"
-        if "marginals_1" in e:
-            s += (
-                f"\n{'':<20} a one-step student matching the teacher-{e['max_steps']} per-position marginals exactly"
-                f" ({out.get('marginal_samples')} samples per row): {e['marginals_1']:.3f} ="
-                f" {e['marginals_ratio_to_source']:.0%} of those samples' {e['marginals_source']:.3f}"
-            )
-        lines.append(s)
-    return "\n".join(lines)
+    return "\n".join(lines + [goal_text(key, e, out) for key, e in out["goals"].items()])
 
-# %% ../nbs/21_meanflow_bench.ipynb #5e839ea1
+# %% ../nbs/21_meanflow_bench.ipynb #53103f07
+_LINES = (("teacher-lc", "o-"), ("teacher-rand", "s--"), ("student", "D-"), ("teacher-argmax", "x:"))
+_POINTS = (("student-argmax", "*"), ("mf-optimum", "P"), ("mf-optimum-argmax", "p"))
+
+
+def _plot_metric(ax, out: dict, res: dict, m: str):
+    """Measure `m` against model calls on `ax`: a line per multi-step generator, a point per one-step one (the
+    optimum's at its teacher calls), the heldout data's level."""
+    for name, style in _LINES:
+        rs = res["runs"].get(name, [])
+        if rs:
+            ax.plot([r["steps"] for r in rs], [r[m] for r in rs], style, label=name)
+    for name, mk in _POINTS:
+        if name not in res["runs"]:
+            continue
+        r = res["runs"][name][0]
+        calls = out.get("optimum_steps", 1) if name.startswith("mf-optimum") else r["steps"]
+        ax.plot([calls], [r[m]], mk, ms=11, label=name + (f" ({calls} calls)" if calls != r["steps"] else ""))
+    if m in res["data"]:
+        ax.axhline(res["data"][m], color="gray", ls=":", label="heldout data")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("model calls (steps)")
+    ax.set_title(m)
+    if m == "seconds":
+        ax.set_yscale("log")
+
+# %% ../nbs/21_meanflow_bench.ipynb #fe960789
+def _plot_setting(plt, key: str, out: dict, res: dict, out_dir) -> Path:
+    "One setting's figure (a panel per measure, validity first for synthetic lines), written as a PNG into `out_dir`."
+    measures = ["nll_bound", "entropy_bits", "distinct_4", "seconds"]
+    metrics = (["validity"] if key.startswith("synthetic") else []) + measures
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.2))
+    for ax, m in zip(axes, metrics):
+        _plot_metric(ax, out, res, m)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"LLaDA-MeanFlow: {key}")
+    fig.tight_layout()
+    p = Path(out_dir) / f"meanflow_{key.replace('/', '_')}.png"
+    fig.savefig(p, dpi=90)
+    plt.close(fig)
+    return p
+
+# %% ../nbs/21_meanflow_bench.ipynb #6921df3c
 def plot_bench(out: dict, out_dir) -> list[Path]:
     "PNG plots (quality and time against steps, one figure per setting) written into `out_dir`."
     import matplotlib
@@ -671,46 +817,9 @@ def plot_bench(out: dict, out_dir) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out_dir, paths = Path(out_dir), []
+    paths = []
     for key, res in out["settings"].items():
-        metrics = (["validity"] if key.startswith("synthetic") else []) + [
-            "nll_bound",
-            "entropy_bits",
-            "distinct_4",
-            "seconds",
-        ]
-        fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.2))
-        for ax, m in zip(axes, metrics):
-            for name, style in (
-                ("teacher-lc", "o-"),
-                ("teacher-rand", "s--"),
-                ("student", "D-"),
-                ("teacher-argmax", "x:"),
-            ):
-                rs = res["runs"].get(name, [])
-                if rs:
-                    ax.plot([r["steps"] for r in rs], [r[m] for r in rs], style, label=name)
-            for name, mk in (("student-argmax", "*"), ("mf-optimum", "P"), ("mf-optimum-argmax", "p")):
-                if name not in res["runs"]:
-                    continue
-                r = res["runs"][name][0]
-                # plotted at its teacher calls
-                calls = out.get("optimum_steps", 1) if name.startswith("mf-optimum") else r["steps"]
-                ax.plot([calls], [r[m]], mk, ms=11, label=name + (f" ({calls} calls)" if calls != r["steps"] else ""))
-            if m in res["data"]:
-                ax.axhline(res["data"][m], color="gray", ls=":", label="heldout data")
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("model calls (steps)")
-            ax.set_title(m)
-            if m == "seconds":
-                ax.set_yscale("log")
-        axes[0].legend(fontsize=7)
-        fig.suptitle(f"LLaDA-MeanFlow: {key}")
-        fig.tight_layout()
-        p = out_dir / f"meanflow_{key.replace('/', '_')}.png"
-        fig.savefig(p, dpi=90)
-        plt.close(fig)
-        paths.append(p)
+        paths.append(_plot_setting(plt, key, out, res, out_dir))
         sweep, lc = noise_sweep(out, res), res["runs"].get("teacher-lc", [])
         if key.startswith("synthetic") and len(sweep) > 1 and lc:
             paths.append(_plot_diversity(plt, key, sweep, lc, out_dir))
@@ -770,7 +879,8 @@ class BenchMeanFlowArgs:
     noise_temperatures: str = field(
         default=",".join(map(str, NOISE_TEMPERATURES)),
         metadata={
-            "help": "a noise student also runs one step at these temperatures given z (between argmax and --temperature)"
+            "help": "a noise student also runs one step at these temperatures given z (between argmax and "
+            "--temperature)"
         },
     )
     noise_prior: Literal["fitted", "kind", "standard"] = field(
@@ -835,54 +945,79 @@ def bench_parser():
         description="LLaDA-MeanFlow: one-step student vs multi-step teacher.",
     )
 
-# %% ../nbs/21_meanflow_bench.ipynb #e2ea0957
-def bench_meanflow_main(argv: list[str] | None = None) -> int:
-    "`latentcot bench meanflow`: run the benchmark, print the table, write metrics.json and PNG plots into --out."
-    a, ll, distill = parse_cli(bench_parser(), argv)
-    settings = [s.strip() for s in a.settings.split(",") if s.strip()]
+# %% ../nbs/21_meanflow_bench.ipynb #8f0af5f7
+def check_settings(text: str) -> list[str]:
+    "The `--settings` list, refused if empty, or if a setting is unknown or given twice."
+    settings = [s.strip() for s in text.split(",") if s.strip()]
     bad = [s for s in settings if s not in BENCH_SETTINGS]
     if bad or not settings:
         raise ValueError(
-            f"--settings {a.settings!r}: {', '.join(map(repr, bad)) or 'nothing'} is not one of"
+            f"--settings {text!r}: {', '.join(map(repr, bad)) or 'nothing'} is not one of"
             f" {', '.join(BENCH_SETTINGS)}"
         )
     twice = sorted({s for s in settings if settings.count(s) > 1})
     if twice:
         raise ValueError(
-            f"--settings {a.settings!r}: {', '.join(twice)} given twice (its second run would replace the first)"
+            f"--settings {text!r}: {', '.join(twice)} given twice (its second run would replace the first)"
         )
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    recipe = (
-        TeacherRecipe(hidden=32, layers=2, heads=2, intermediate=64, steps=30, batch=16)
-        if a.quick
-        else TeacherRecipe()
-    )
-    if a.student:  # its settings are in its meanflow.json: a distillation flag beside it would be silently ignored
-        given = [f"--{f.name.replace('_', '-')}" for f in fields(distill) if getattr(distill, f.name) != f.default]
-        if given:
-            raise ValueError(
-                f"--student {a.student} brings its own settings (its meanflow.json); "
-                f"{', '.join(given)} would be ignored: drop them, or leave out --student to distil a new student"
-            )
-    quick = {
+    return settings
+
+# %% ../nbs/21_meanflow_bench.ipynb #c2317265
+def check_student_flags(student: str, distill) -> None:
+    "Refuse distillation flags beside `--student`: its settings are in its meanflow.json, so they would be ignored."
+    given = [f"--{f.name.replace('_', '-')}" for f in fields(distill) if getattr(distill, f.name) != f.default]
+    if given:
+        raise ValueError(
+            f"--student {student} brings its own settings (its meanflow.json); "
+            f"{', '.join(given)} would be ignored: drop them, or leave out --student to distil a new student"
+        )
+
+# %% ../nbs/21_meanflow_bench.ipynb #acb28f1a
+QUICK_RECIPE = TeacherRecipe(hidden=32, layers=2, heads=2, intermediate=64, steps=30, batch=16)
+
+
+def bench_config(distill, seed: int, quick: bool) -> MeanFlowConfig:
+    "The distillation's config from its flags (`quick`: 4 steps of 8 rows, at most 4 sampler steps of 16 rows)."
+    small = {
         "steps": 4,
         "batch": 8,
         "sampler_steps": min(distill.sampler_steps, 4),
         "sampler_rows": min(distill.sampler_rows, 16),
     }
-    cfg = distill.build(seed=a.seed, **(quick if a.quick else {}))
-    steps = tuple(int(s) for s in a.teacher_steps.split(","))
-    teacher = None
+    return distill.build(seed=seed, **(small if quick else {}))
+
+# %% ../nbs/21_meanflow_bench.ipynb #866b5e32
+def bench_teacher(ll, device: str | None):
+    "`(backbone, tokenizer, info)` of `--llada` on `device` (default cuda if there is one), or None: the tiny teacher."
     if ll.llada:
         bb, tok = load_llada(ll.llada, ll.trust_remote_code, local_files_only=ll.local_files_only)
-        teacher = (
-            bb.to(a.device or ("cuda" if torch.cuda.is_available() else "cpu")),
-            tok,
-            llada_info(ll.llada, ll.canvas),
-        )
-    elif a.device is not None:
+        return bb.to(device or ("cuda" if torch.cuda.is_available() else "cpu")), tok, llada_info(ll.llada, ll.canvas)
+    if device is not None:
         raise ValueError("--device applies to --llada only: the tiny teacher runs on cpu")
+    return None
+
+# %% ../nbs/21_meanflow_bench.ipynb #5a0c7efe
+def write_bench(out: dict, out_dir) -> Path:
+    "Write the plots and then `metrics.json` (naming the plots) into `out_dir`; return the JSON's path."
+    d = Path(out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    out["plots"] = [p.name for p in plot_bench(out, d)]
+    atomic_write(d / "metrics.json", lambda f: Path(f).write_text(json.dumps(out, indent=1)))
+    return d / "metrics.json"
+
+# %% ../nbs/21_meanflow_bench.ipynb #67182b0a
+def bench_meanflow_main(argv: list[str] | None = None) -> int:
+    "`latentcot bench meanflow`: run the benchmark, print the table, write metrics.json and PNG plots into --out."
+    a, ll, distill = parse_cli(bench_parser(), argv)
+    settings = check_settings(a.settings)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    recipe = QUICK_RECIPE if a.quick else TeacherRecipe()
+    if a.student:
+        check_student_flags(a.student, distill)
+    cfg = bench_config(distill, a.seed, a.quick)
+    steps = tuple(int(s) for s in a.teacher_steps.split(","))
+    teacher = bench_teacher(ll, a.device)
     out = bench_meanflow(
         recipe,
         cfg,
@@ -900,10 +1035,7 @@ def bench_meanflow_main(argv: list[str] | None = None) -> int:
         teacher=teacher,
         settings=tuple(tuple(s.split("/")) for s in settings),
     )
-    d = Path(a.out)
-    d.mkdir(parents=True, exist_ok=True)
-    out["plots"] = [p.name for p in plot_bench(out, d)]
-    atomic_write(d / "metrics.json", lambda f: Path(f).write_text(json.dumps(out, indent=1)))
+    p = write_bench(out, a.out)
     print(format_table(out))
-    print(f"\nwrote {d / 'metrics.json'} and {len(out['plots'])} plots; total {out['total_seconds']:.0f}s")
+    print(f"\nwrote {p} and {len(out['plots'])} plots; total {out['total_seconds']:.0f}s")
     return 0

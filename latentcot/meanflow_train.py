@@ -32,7 +32,8 @@ from .meanflow_noise import NoisePrior, fit_noise_prior, pick_noise, posterior_n
 __all__ = ['PROMPT_PREFIX', 'meanflow_target', 'step_logs', 'meanflow_step', 'warmup_schedule', 'prompt_checkpoint',
            'checked_prompt_rng', 'restore_rng', 'meanflow_lightning_module', 'StepLoader', 'distill_batches',
            'check_run_dir', 'record_run', 'sync_gradients', 'check_equal_prompts', 'progress_line', 'open_run',
-           'accelerate_step', 'fit_final_prior', 'train_meanflow', 'lightning_checkpoints', 'train_meanflow_lightning',
+           'accelerate_step', 'fit_final_prior', 'driver_rows', 'accelerate_optimizer', 'resume_run', 'train_meanflow',
+           'lightning_checkpoints', 'lightning_trainer_kw', 'lightning_resume', 'train_meanflow_lightning',
            'save_student', 'load_student']
 
 # %% ../nbs/20h_meanflow_train.ipynb #mftarget
@@ -351,7 +352,40 @@ def fit_final_prior(student: MeanFlowStudent, data, cfg: MeanFlowConfig, log: Ca
         log(f"noise prior: {len(p.kinds)} kinds of canvas, ridge per kind {ridges}")
     return p
 
-# %% ../nbs/20h_meanflow_train.ipynb #48304c4c
+# %% ../nbs/20h_meanflow_train.ipynb #8dd178d0
+def driver_rows(student: MeanFlowStudent, sets: dict, cfg: MeanFlowConfig, out=None, rank: int = 0, log=None):
+    """The training rows of process `rank` (seed + rank) for `cfg.steps` steps, the sampler's labels kept in `out`
+    (`teacher_samples.rankK.safetensors`) if given; `log`: progress and messages."""
+    pool = out / f"teacher_samples.rank{rank}.safetensors" if out is not None else None
+    g = torch.Generator().manual_seed(cfg.seed + rank)
+    return distill_batches(
+        sets, cfg, cfg.steps, g, backbone=student.backbone, progress=bool(log), pool_path=pool, log=log
+    )
+
+# %% ../nbs/20h_meanflow_train.ipynb #b5aa5990
+def accelerate_optimizer(acc, student: MeanFlowStudent, cfg: MeanFlowConfig):
+    """`(opt, sched)`: AdamW on the soft prompt (prepared by `acc`) and `warmup_schedule`, registered with `acc` so a
+    checkpoint holds them with the optimiser and every rank's RNG (the step's times and masks)."""
+    opt = acc.prepare(torch.optim.AdamW(student.prompt.parameters(), lr=cfg.lr, weight_decay=0.0))
+    sched = warmup_schedule(opt)
+    acc.register_for_checkpointing(sched, student.prompt)
+    return opt, sched
+
+# %% ../nbs/20h_meanflow_train.ipynb #0941d6bd
+def resume_run(acc, ck, out, log=None):
+    """`(start, seconds_before, metrics)`: the step a run goes on from (checkpoint `ck` loaded, if any), the clock of
+    its kept records, and its metrics log in `out` (None without `out`)."""
+    main, start, before = acc.is_main_process, 0, 0.0
+    if ck is not None:
+        start = load_checkpoint(acc, None, ck).global_step
+        if log and main:
+            log(f"resuming from {ck} (step {start})")
+    metrics = MetricsLog(out / "metrics.jsonl", resume_step=start, enabled=main) if out is not None else None
+    if ck is not None and main:  # the clock goes on from the kept records (the time after the last one is lost)
+        before = (read_metrics(out / "metrics.jsonl")[-1:] or [{}])[0].get("seconds", 0.0)
+    return start, before, metrics
+
+# %% ../nbs/20h_meanflow_train.ipynb #79c8aa36
 def train_meanflow(
     student: MeanFlowStudent,
     sets: dict,
@@ -379,32 +413,11 @@ def train_meanflow(
     out = Path(out_dir) if out_dir is not None else None
     ck = open_run(acc, out, cfg, resume, run_meta) if out is not None else None
     # every process draws its own rows (seed + rank) and runs `cfg.steps` steps on them: `batch` is per process
-    pool = out / f"teacher_samples.rank{rank}.safetensors" if out is not None else None
-    g = torch.Generator().manual_seed(cfg.seed + rank)
-    data = distill_batches(
-        sets,
-        cfg,
-        cfg.steps,
-        g,
-        backbone=student.backbone,
-        progress=bool(log) and main,
-        pool_path=pool,
-        log=log if main else None,
-    )
-    opt = acc.prepare(torch.optim.AdamW(student.prompt.parameters(), lr=cfg.lr, weight_decay=0.0))
-    sched = warmup_schedule(opt)
-    # a checkpoint holds them with the optimiser and every rank's RNG (the step's times and masks)
-    acc.register_for_checkpointing(sched, student.prompt)
+    data = driver_rows(student, sets, cfg, out, rank, log if main else None)
+    opt, sched = accelerate_optimizer(acc, student, cfg)
     # the loader's iterator draws its base seed from the global RNG: make it before the checkpoint restores that RNG
     batches = iter(StepLoader(data, cfg.batch))
-    start, before = 0, 0.0
-    if ck is not None:
-        start = load_checkpoint(acc, None, ck).global_step
-        if log and main:
-            log(f"resuming from {ck} (step {start})")
-    metrics = MetricsLog(out / "metrics.jsonl", resume_step=start, enabled=main) if out is not None else None
-    if ck is not None and main:  # the clock goes on from the kept records (the time after the last one is lost)
-        before = (read_metrics(out / "metrics.jsonl")[-1:] or [{}])[0].get("seconds", 0.0)
+    start, before, metrics = resume_run(acc, ck, out, log)
     save = lambda step: save_checkpoint(acc, TrainState(global_step=step, batch_in_epoch=step), None, out)
     student.train()
     hist, t0 = [], time.time()
@@ -439,7 +452,40 @@ def lightning_checkpoints(dirpath, every: int):
         save_last=True,
     )
 
-# %% ../nbs/20h_meanflow_train.ipynb #trainlightning
+# %% ../nbs/20h_meanflow_train.ipynb #585c8e1f
+def lightning_trainer_kw(cfg: MeanFlowConfig, out=None, save_every: int = 0) -> dict:
+    """`Trainer` arguments of the driver: `cfg.steps` steps on one CPU, quiet; with `out`, checkpoints every
+    `save_every` steps (else at the end) into `out/lightning`."""
+    kw = dict(
+        max_steps=cfg.steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    if out is not None:
+        cb = lightning_checkpoints(out / "lightning", save_every or cfg.steps)
+        kw.update(enable_checkpointing=True, default_root_dir=str(out), callbacks=[cb])
+    return kw
+
+# %% ../nbs/20h_meanflow_train.ipynb #afb2f9e1
+def lightning_resume(out, resume: bool = True) -> str | None:
+    "The checkpoint a Lightning run resumes from: `out/lightning/last.ckpt` if asked for and there, else None."
+    last = out / "lightning" / "last.ckpt" if out is not None else None
+    return str(last) if last is not None and resume and last.is_file() else None
+
+# %% ../nbs/20h_meanflow_train.ipynb #72584edb
+def _fit(trainer, module, loader, ckpt):
+    "`trainer.fit` from `ckpt` (None: from the start), quiet about the resume reusing the run's own directory."
+    with warnings.catch_warnings():
+        # the callbacks are those of the run that wrote the checkpoint, whose directory a resume reuses on purpose
+        warnings.filterwarnings("ignore", message=".*callbacks used to create the checkpoint")
+        warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+        trainer.fit(module, loader, ckpt_path=ckpt, weights_only=True)
+
+# %% ../nbs/20h_meanflow_train.ipynb #9caec1f9
 def train_meanflow_lightning(
     student: MeanFlowStudent,
     sets: dict,
@@ -457,42 +503,14 @@ def train_meanflow_lightning(
     # the step's times and masks come from the global RNG, seeded as train_meanflow seeds it
     torch.manual_seed(cfg.seed)
     out = Path(out_dir) if out_dir is not None else None
-    pool = out / "teacher_samples.rank0.safetensors" if out is not None else None
-    data = distill_batches(
-        sets,
-        cfg,
-        cfg.steps,
-        torch.Generator().manual_seed(cfg.seed),
-        backbone=student.backbone,
-        pool_path=pool,
-        log=None,
-    )
+    data = driver_rows(student, sets, cfg, out)
     module = meanflow_lightning_module(student, cfg)
-    kw = dict(
-        max_steps=cfg.steps,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    last = out / "lightning" / "last.ckpt" if out is not None else None
-    ckpt = str(last) if last is not None and resume and last.is_file() else None
+    ckpt = lightning_resume(out, resume)
     if out is not None:
         run = {"config": asdict(cfg), "num_processes": 1, "mixed_precision": str(trainer_kw.get("precision", "no"))}
         record_run(None, out, run, ckpt is not None)
-        kw.update(
-            enable_checkpointing=True,
-            default_root_dir=str(out),
-            callbacks=[lightning_checkpoints(out / "lightning", save_every or cfg.steps)],
-        )
-    trainer = pl.Trainer(**{**kw, **trainer_kw})
-    with warnings.catch_warnings():
-        # the callbacks are those of the run that wrote the checkpoint, whose directory a resume reuses on purpose
-        warnings.filterwarnings("ignore", message=".*callbacks used to create the checkpoint")
-        warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
-        trainer.fit(module, StepLoader(data, cfg.batch), ckpt_path=ckpt, weights_only=True)
+    trainer = pl.Trainer(**{**lightning_trainer_kw(cfg, out, save_every), **trainer_kw})
+    _fit(trainer, module, StepLoader(data, cfg.batch), ckpt)
     fit_final_prior(student, data, cfg)
     student.eval()
     return module.history
