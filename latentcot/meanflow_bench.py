@@ -793,6 +793,36 @@ def _plot_metric(ax, out: dict, res: dict, m: str):
     if m == "seconds":
         ax.set_yscale("log")
 
+# %% ../nbs/21_meanflow_bench.ipynb #d11cfadc
+def _plot_diversity(plt, key, sweep, lc, out_dir) -> Path:
+    """Validity against unique lines and distinct-4: the teacher by steps, the noise student by temperature (up and
+    right is better)."""
+    tmax = max(lc, key=lambda r: r["steps"])
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+    for ax, m in zip(axes, ("unique_lines", "distinct_4")):
+        ax.plot([r[m] for r in lc], [r["validity"] for r in lc], "o-", label="teacher-lc (label: steps)")
+        for r in lc:
+            ax.annotate(str(r["steps"]), (r[m], r["validity"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.plot(
+            [r[m] for _, r in sweep],
+            [r["validity"] for _, r in sweep],
+            "D-",
+            label="noise student, 1 step (label: temperature)",
+        )
+        for T, r in sweep:
+            ax.annotate(f"T{T:g}", (r[m], r["validity"]), fontsize=7, xytext=(3, -9), textcoords="offset points")
+        ax.axhline(0.8 * tmax["validity"], color="gray", ls=":", label=f"80% of teacher-{tmax['steps']} validity")
+        ax.axvline(tmax[m], color="gray", ls="--", label=f"teacher-{tmax['steps']} {m}")
+        ax.set_xlabel(m)
+        ax.set_ylabel("validity")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"LLaDA-MeanFlow: validity against diversity, {key}")
+    fig.tight_layout()
+    p = Path(out_dir) / f"meanflow_{key.replace('/', '_')}_diversity.png"
+    fig.savefig(p, dpi=90)
+    plt.close(fig)
+    return p
+
 # %% ../nbs/21_meanflow_bench.ipynb #fe960789
 def _plot_setting(plt, key: str, out: dict, res: dict, out_dir) -> Path:
     "One setting's figure (a panel per measure, validity first for synthetic lines), written as a PNG into `out_dir`."
@@ -824,36 +854,6 @@ def plot_bench(out: dict, out_dir) -> list[Path]:
         if key.startswith("synthetic") and len(sweep) > 1 and lc:
             paths.append(_plot_diversity(plt, key, sweep, lc, out_dir))
     return paths
-
-# %% ../nbs/21_meanflow_bench.ipynb #d11cfadc
-def _plot_diversity(plt, key, sweep, lc, out_dir) -> Path:
-    """Validity against unique lines and distinct-4: the teacher by steps, the noise student by temperature (up and
-    right is better)."""
-    tmax = max(lc, key=lambda r: r["steps"])
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
-    for ax, m in zip(axes, ("unique_lines", "distinct_4")):
-        ax.plot([r[m] for r in lc], [r["validity"] for r in lc], "o-", label="teacher-lc (label: steps)")
-        for r in lc:
-            ax.annotate(str(r["steps"]), (r[m], r["validity"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.plot(
-            [r[m] for _, r in sweep],
-            [r["validity"] for _, r in sweep],
-            "D-",
-            label="noise student, 1 step (label: temperature)",
-        )
-        for T, r in sweep:
-            ax.annotate(f"T{T:g}", (r[m], r["validity"]), fontsize=7, xytext=(3, -9), textcoords="offset points")
-        ax.axhline(0.8 * tmax["validity"], color="gray", ls=":", label=f"80% of teacher-{tmax['steps']} validity")
-        ax.axvline(tmax[m], color="gray", ls="--", label=f"teacher-{tmax['steps']} {m}")
-        ax.set_xlabel(m)
-        ax.set_ylabel("validity")
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"LLaDA-MeanFlow: validity against diversity, {key}")
-    fig.tight_layout()
-    p = Path(out_dir) / f"meanflow_{key.replace('/', '_')}_diversity.png"
-    fig.savefig(p, dpi=90)
-    plt.close(fig)
-    return p
 
 # %% ../nbs/21_meanflow_bench.ipynb #f7c463ba
 BENCH_SETTINGS = ("synthetic/free", "synthetic/prompted", "english/free", "english/prompted")
