@@ -47,14 +47,17 @@ COMMANDS = {
     ),
 }
 
+# %% auto #0
+__all__ = ['COMMANDS', 'resolve', 'main']
 
+# %% ../nbs/90_cli.ipynb #265bef5e
 def _usage() -> str:
     w = max(map(len, COMMANDS))
     return "usage: latentcot COMMAND [ARGS]\n\ncommands:\n" + "\n".join(
         f"  {k:<{w}}  {h}" for k, (_, h) in COMMANDS.items()
     )
 
-
+# %% ../nbs/90_cli.ipynb #cbab5ce9
 def resolve(argv: list[str]):
     "Find the command named by the first one or two words of `argv`: `(function, remaining argv)`."
     for n in (2, 1):
@@ -64,7 +67,7 @@ def resolve(argv: list[str]):
             return getattr(importlib.import_module(mod), fn), argv[n:]
     raise ValueError(f"latentcot: unknown command {' '.join(argv[:2])!r}")
 
-
+# %% ../nbs/90_cli.ipynb #3edee713
 def main(argv: list[str] | None = None):
     "Entry point of the `latentcot` console script."
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -77,9 +80,6 @@ def main(argv: list[str] | None = None):
         print(f"{e}\n\n{_usage()}", file=sys.stderr)
         return 2
     return fn(rest)
-
-# %% auto #0
-__all__ = ['COMMANDS', 'resolve', 'main']
 
 # %% ../nbs/90_cli.ipynb #447d1755
 if __name__ == "__main__" and not hasattr(__builtins__, "__IPYTHON__"):

@@ -28,7 +28,7 @@ __all__ = ['STAGES', 'log', 'CollateError', 'image_token_count', 'latent_budget'
 # %% ../nbs/05_collators.ipynb #836d1445
 STAGES = ("stage1", "precompute", "stage2", "stage3")
 
-
+# %% ../nbs/05_collators.ipynb #4df54f2f
 class CollateError(ValueError):
     "A sample the collator cannot lay out: names the sample, its source, a reason code and what is wrong."
 
@@ -37,7 +37,7 @@ class CollateError(ValueError):
         where = f" ({source})" if source else ""
         super().__init__(f"sample {sample_id!r}{where}: {reason}: {detail}")
 
-
+# %% ../nbs/05_collators.ipynb #ae342613
 def _fail(sample: Sample, reason: str, detail: str):
     raise CollateError(sample.sample_id, sample.source, reason, detail)
 
@@ -47,12 +47,12 @@ def image_token_count(grid_thw, merge_size: int) -> int:
     t, h, w = (int(x) for x in grid_thw)
     return t * h * w // merge_size**2
 
-
+# %% ../nbs/05_collators.ipynb #0ede2feb
 def latent_budget(n_tokens: int, alpha: float, gamma: float, lo: int, hi: int) -> int:
     "Seed 002 budget `clip(ceil(alpha * n_tokens**gamma), lo, hi)`."
     return int(min(max(math.ceil(alpha * n_tokens**gamma), lo), hi))
 
-
+# %% ../nbs/05_collators.ipynb #7dbac69f
 def budgets_from_grids(grids, merge_size: int, cfg: LatentCoTConfig) -> list[int]:
     "The budget of each thought image from its grid `(t, h, w)`, with the config's alpha, gamma, min and max."
     return [
@@ -72,32 +72,32 @@ def _smart_resize():
 
     return smart_resize
 
-
+# %% ../nbs/05_collators.ipynb #3806a79d
 def _ip_value(ip, key):
     size = ip.size
     return size[key] if isinstance(size, dict) else getattr(size, key)
 
-
+# %% ../nbs/05_collators.ipynb #244629d8
 def _factor(ip) -> int:
     return ip.patch_size * ip.merge_size
 
-
+# %% ../nbs/05_collators.ipynb #c4aa4b02
 def processor_size(h: int, w: int, ip) -> tuple[int, int]:
     "The `(height, width)` the image processor `ip` resizes an `h` x `w` image to."
     return _smart_resize()(h, w, _factor(ip), _ip_value(ip, "shortest_edge"), _ip_value(ip, "longest_edge"))
 
-
+# %% ../nbs/05_collators.ipynb #9843bbbc
 def image_grid(h: int, w: int, ip) -> tuple[int, int, int]:
     "The `image_grid_thw` row the processor gives an `h` x `w` image."
     H, W = processor_size(h, w, ip)
     return (1, H // ip.patch_size, W // ip.patch_size)
 
-
+# %% ../nbs/05_collators.ipynb #79645a11
 def image_tokens(h: int, w: int, ip) -> int:
     "Merged visual tokens of an `h` x `w` image after the processor's resize."
     return image_token_count(image_grid(h, w, ip), ip.merge_size)
 
-
+# %% ../nbs/05_collators.ipynb #a5c03d1c
 def _shrink(h, w, max_tokens, ip):
     "Size of at most `max_tokens` tokens (aspect kept) that the processor leaves unchanged."
     f = _factor(ip)
@@ -106,7 +106,7 @@ def _shrink(h, w, max_tokens, ip):
     lo = _ip_value(ip, "shortest_edge")
     return processor_size(*_smart_resize()(h, w, f, lo, min(max_tokens * f * f, _ip_value(ip, "longest_edge"))), ip)
 
-
+# %% ../nbs/05_collators.ipynb #10980aa7
 def _choices(h, w, cap, ip) -> dict:
     "Every token count (at most `cap`) an `h` x `w` image can be shrunk to, with the size giving it."
     out = {}
@@ -115,7 +115,7 @@ def _choices(h, w, cap, ip) -> dict:
         out.setdefault(image_tokens(*hw, ip), hw)
     return {t: hw for t, hw in out.items() if t <= cap}
 
-
+# %% ../nbs/05_collators.ipynb #8fcb7b0e
 def fit_tokens(sizes, budget: int, cap: int, ip) -> list[tuple[int, int]]:
     "Target `(h, w)` per image: each at most `cap` tokens, all together at most `budget`, aspect ratios kept."
     f, lo = _factor(ip), _ip_value(ip, "shortest_edge")
@@ -157,7 +157,7 @@ def stage_img_tokens(cfg: LatentCoTConfig, stage: str) -> int:
         "stage3": cfg.sft_stage2_img_tokens,
     }[stage]
 
-
+# %% ../nbs/05_collators.ipynb #dd67dc3c
 def question_image_sizes(sizes, cfg: LatentCoTConfig, ip) -> list[tuple[int, int]]:
     "Target sizes of a sample's question images: depends on the images and the config only, never on the stage."
     if cfg.image_resize == "clear_question_img":
@@ -165,7 +165,7 @@ def question_image_sizes(sizes, cfg: LatentCoTConfig, ip) -> list[tuple[int, int
     shared = min(cfg.max_img_tokens, cfg.sft_stage1_img_tokens, cfg.sft_stage2_img_tokens)
     return fit_tokens(sizes, shared, cfg.max_img_tokens, ip)
 
-
+# %% ../nbs/05_collators.ipynb #1bb8a17e
 def thought_image_sizes(sizes, question_tokens: int, cfg: LatentCoTConfig, ip, stage: str) -> list[tuple[int, int]]:
     "Target sizes of a sample's thought images in `stage` (stage 3 sizes them as the teacher does)."
     stage = "stage2" if stage == "stage3" else stage
@@ -177,7 +177,7 @@ def latent_text(n: int) -> str:
     "A latent segment of `n` pads: `<abs_vis_token>` + n x `<abs_vis_token_pad>` + `</abs_vis_token>`."
     return LATENT_START + LATENT_PAD * n + LATENT_END
 
-
+# %% ../nbs/05_collators.ipynb #4116e5b1
 def _images(messages, assistant: bool) -> list:
     return [
         p["image"]
@@ -187,7 +187,7 @@ def _images(messages, assistant: bool) -> list:
         if p["type"] == "image"
     ]
 
-
+# %% ../nbs/05_collators.ipynb #4713c2dc
 def check_sample(sample: Sample):
     "Raise `CollateError` unless placeholders, assistant images and the sample's image lists agree."
     for i, m in enumerate(sample.messages):
@@ -221,7 +221,7 @@ def check_sample(sample: Sample):
                 f"{len(listed)} {kind} image(s) listed but {len(found)} in the messages",
             )
 
-
+# %% ../nbs/05_collators.ipynb #4defb115
 def stage_messages(sample: Sample, stage: str, lengths=()) -> list[dict]:
     "The sample's messages as `stage` shows them; `lengths[i]` is the segment length of thought image i."
     check_sample(sample)
@@ -268,17 +268,17 @@ def assistant_reply_mask(input_ids, attention_mask, header: list[int], newline: 
         out[b, s : s + (int(ends[0]) + 1 if len(ends) else L)] = True
     return out & attention_mask.bool().cpu()
 
-
+# %% ../nbs/05_collators.ipynb #be48036e
 def _isin(x, ids):
     return torch.isin(x, torch.tensor(list(ids), device=x.device))
 
-
+# %% ../nbs/05_collators.ipynb #a482cb55
 def observation_mask(input_ids, attention_mask, ids):
     "Bool `[B,L]`: real tokens strictly inside `<observation>`…`</observation>`."
     opened = (input_ids == ids.obs_start).long().cumsum(1) - (input_ids == ids.obs_end).long().cumsum(1)
     return (opened > 0) & (input_ids != ids.obs_start) & attention_mask.bool()
 
-
+# %% ../nbs/05_collators.ipynb #87793ad2
 def stage_labels(input_ids, attention_mask, ids, stage: str, reply_mask, only_predict_obs: bool = False):
     "Labels `[B,L]` of `stage` (-100 = ignored): assistant replies minus the tokens the stage ignores."
     vision = (ids.vision_start, ids.vision_end, ids.image_pad, ids.video_pad)
@@ -291,7 +291,7 @@ def stage_labels(input_ids, attention_mask, ids, stage: str, reply_mask, only_pr
         keep &= observation_mask(input_ids, attention_mask, ids)
     return torch.where(keep, input_ids, -100)
 
-
+# %% ../nbs/05_collators.ipynb #f377d12e
 def latent_segments(input_ids, attention_mask, ids) -> list[list[tuple[int, int, int]]]:
     "Per sample, `(start, end, img_idx)` of each `<abs_vis_token>`…`</abs_vis_token>` segment (pads only inside)."
     out = []
@@ -314,11 +314,11 @@ def latent_segments(input_ids, attention_mask, ids) -> list[list[tuple[int, int,
         out.append(segs)
     return out
 
-
+# %% ../nbs/05_collators.ipynb #fa35812b
 def _positions(mask) -> list[list[int]]:
     return [row.nonzero().flatten().tolist() for row in mask]
 
-
+# %% ../nbs/05_collators.ipynb #24f76c16
 def _spans(positions: list[int]) -> list[tuple[int, int]]:
     "Maximal runs of consecutive positions as `(start, end)`."
     out = []
@@ -329,7 +329,7 @@ def _spans(positions: list[int]) -> list[tuple[int, int]]:
             out.append((p, p + 1))
     return out
 
-
+# %% ../nbs/05_collators.ipynb #31e7e262
 def compact_decode(ids_row, tokenizer, attention_mask=None) -> str:
     "Decode one row, showing a run of one repeated special token as `<tok>*n` (padding dropped)."
     toks = [t for i, t in enumerate(ids_row.tolist()) if attention_mask is None or attention_mask[i]]
@@ -357,7 +357,7 @@ def check_latent_sizes(cfg: LatentCoTConfig, source: str = "<config>") -> Latent
             )
     return cfg
 
-
+# %% ../nbs/05_collators.ipynb #682d7362
 def segment_lengths(
     sample_id: str, thought_grids, merge_size: int, cfg: LatentCoTConfig, stage: str, epoch: int = 0
 ) -> list[int]:
@@ -382,7 +382,7 @@ _STUDENT_FLAGS = dict(
     latent_can_see_all_previous=True,
 )
 
-
+# %% ../nbs/05_collators.ipynb #87a58b3a
 def rope_index_fn(model_or_fn) -> Callable | None:
     "The `get_rope_index` of a Qwen2.5-VL model (or of its `.model`), or `model_or_fn` itself if it is a callable."
     if model_or_fn is None:
@@ -395,7 +395,7 @@ def rope_index_fn(model_or_fn) -> Callable | None:
         return model_or_fn
     raise TypeError(f"rope_index must be a Qwen2.5-VL model or a callable, not {type(model_or_fn).__name__}")
 
-
+# %% ../nbs/05_collators.ipynb #dba31a50
 def add_position_ids(batch: dict, rope_index) -> dict:
     "Set `batch['position_ids']` `[3,B,L]` from the full layout with `get_rope_index` (a model or a callable)."
     pos, _ = rope_index_fn(rope_index)(
@@ -407,7 +407,7 @@ def add_position_ids(batch: dict, rope_index) -> dict:
     batch["position_ids"] = pos
     return batch
 
-
+# %% ../nbs/05_collators.ipynb #34a85706
 class _Prepared(NamedTuple):
     sample: Sample
     text: str
@@ -415,7 +415,7 @@ class _Prepared(NamedTuple):
     grids: list  # the image_grid_thw rows they must get
     lengths: list  # latent segment length per thought image (empty in stage 1)
 
-
+# %% ../nbs/05_collators.ipynb #f564eb66
 def _open(ref, sample: Sample):
     if isinstance(ref, Image.Image):
         return ref
@@ -424,7 +424,7 @@ def _open(ref, sample: Sample):
     except (OSError, ValueError) as e:
         _fail(sample, "unreadable_image", f"cannot open image {ref}: {type(e).__name__}: {e}")
 
-
+# %% ../nbs/05_collators.ipynb #d91d0846
 def _at_size(im, hw, ip):
     "`im` as RGB at `hw`; left to the processor when its own resize gives `hw` anyway."
     im = im.convert("RGB")

@@ -61,7 +61,7 @@ class Sample:
         "Text of the assistant turns (placeholders and observation spans included), images left out."
         return "".join(_texts(m) for m in self.messages if m["role"] == "assistant")
 
-
+# %% ../nbs/03_data.ipynb #f7c00a6f
 def _texts(msg: dict) -> str:
     return "".join(p["text"] for p in msg["content"] if p["type"] == "text")
 
@@ -69,7 +69,7 @@ def _texts(msg: dict) -> str:
 def _fail(ctx, reason, detail):
     raise DataError(ctx[0], ctx[1], ctx[2], reason, detail)
 
-
+# %% ../nbs/03_data.ipynb #ec10a55f
 def _check_messages(messages: list[dict], ctx):
     "Check latent tokens, placeholders and observation spans of canonical `messages`."
     for i, m in enumerate(messages):
@@ -113,7 +113,7 @@ def _check_messages(messages: list[dict], ctx):
         if tags != [OBS_START, OBS_END] * (len(tags) // 2):
             _fail(ctx, "unbalanced_observation", f"unbalanced or nested {OBS_START}...{OBS_END} in message {i}")
 
-
+# %% ../nbs/03_data.ipynb #c4bdd172
 def _check_image(p: Path, ctx, cache: dict):
     "Raise unless `p` exists and decodes as an image (result cached per path)."
     if p in cache:
@@ -153,18 +153,18 @@ def extract_final_answer(text: str, require_hash: bool = True) -> str | None:
 # %% ../nbs/03_data.ipynb #3f96cd43
 JSONL_KEYS = {"question": str, "answer": str, "question_image_paths": list, "thought_image_paths": list}
 
-
+# %% ../nbs/03_data.ipynb #f1d751f2
 def _img_path(p, base: Path, ctx) -> Path:
     if not isinstance(p, str) or not p:
         _fail(ctx, "bad_type", f"image path must be a non-empty string, got {p!r}")
     p = Path(p.removeprefix("file://"))
     return p if p.is_absolute() else (base / p).resolve()
 
-
+# %% ../nbs/03_data.ipynb #0bb7c752
 def _system():
     return {"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]}
 
-
+# %% ../nbs/03_data.ipynb #cab53603
 def jsonl_record_to_sample(rec: dict, base: Path, ctx, extract: bool = True) -> Sample:
     "Convert one seed 001 record to a `Sample` (raises `DataError`)."
     if not isinstance(rec, dict):
@@ -191,7 +191,7 @@ def jsonl_record_to_sample(rec: dict, base: Path, ctx, extract: bool = True) -> 
 # %% ../nbs/03_data.ipynb #7b518ffb
 ROLES = ("system", "user", "assistant")
 
-
+# %% ../nbs/03_data.ipynb #4fd47b2e
 def _norm_content(content, base, ctx, i):
     if isinstance(content, str):
         return [{"type": "text", "text": content}]
@@ -214,7 +214,7 @@ def _norm_content(content, base, ctx, i):
             )
     return out
 
-
+# %% ../nbs/03_data.ipynb #9b4b4425
 def chat_record_to_sample(rec: dict, base: Path, ctx, extract: bool | None = None) -> Sample:
     "Convert one seed 000 chat record `{'data': [...], 'metadata': {...}}` to a `Sample` (raises `DataError`)."
     if not isinstance(rec, dict):
@@ -269,7 +269,7 @@ def _iter_jsonl(path: Path):
             except json.JSONDecodeError as e:
                 yield n, DataError(path, n, None, "malformed_json", f"{e.msg} at column {e.pos + 1}")
 
-
+# %% ../nbs/03_data.ipynb #12847d1e
 def _iter_json_list(path: Path):
     "Yield `(line, record)` for each element of a top-level JSON list."
     text, dec = path.read_text(encoding="utf-8"), json.JSONDecoder()
@@ -301,7 +301,7 @@ def _iter_json_list(path: Path):
 # %% ../nbs/03_data.ipynb #05891c3c
 log = logging.getLogger("latentcot.data")
 
-
+# %% ../nbs/03_data.ipynb #9816a468
 @dataclass
 class LoadReport:
     "What `load_samples` read: format, totals and every skipped record with its reason."
@@ -327,7 +327,7 @@ class LoadReport:
         counts = ", ".join(f"{k}={v}" for k, v in sorted(self.counts.items()))
         return "\n".join([f"{head}; skipped {len(self.errors)} ({counts})"] + [f"  {e}" for e in self.errors])
 
-
+# %% ../nbs/03_data.ipynb #83ff60b5
 def detect_format(path) -> str:
     "'jsonl' (seed 001) or 'chat' for a data file, from its suffix and first record."
     path = Path(path)
@@ -338,7 +338,7 @@ def detect_format(path) -> str:
             return "chat" if "data" in rec else "jsonl"
     return "jsonl"
 
-
+# %% ../nbs/03_data.ipynb #36d45687
 def load_samples(
     path, strict: bool = True, extract_final_answer: bool | None = None, check_images: bool = True, fmt: str = "auto"
 ) -> tuple[list[Sample], LoadReport]:
@@ -383,7 +383,7 @@ def load_samples(
         log.warning("%s", report)
     return samples, report
 
-
+# %% ../nbs/03_data.ipynb #d1498558
 def _sample_id(rec, fmt, path, idx) -> str:
     "The record's own id (`sample_id`, or chat `metadata.sample_id`), else `{file stem}_{index:06d}`."
     sid = None

@@ -31,7 +31,7 @@ THOUGHT_SIZES = ((56, 56), (112, 84), (168, 140))
 EDIT_SIZE = (64, 64)
 BACKGROUND = (255, 255, 255)
 
-
+# %% ../nbs/04_datagen.ipynb #e5a04567
 def _box(row, col, size, grid):
     "Pixel box of the shape in cell (row, col): square, centred, with a margin."
     cw, ch = size[0] // grid, size[1] // grid
@@ -40,7 +40,7 @@ def _box(row, col, size, grid):
     x0, y0 = col * cw + (cw - s) // 2, row * ch + (ch - s) // 2
     return x0, y0, x0 + s - 1, y0 + s - 1
 
-
+# %% ../nbs/04_datagen.ipynb #b7cc030c
 def render_scene(objects: list[dict], size=QUESTION_SIZE, grid: int = GRID) -> Image.Image:
     "Draw `objects` on a white RGB image of `size` (w, h)."
     im = Image.new("RGB", size, BACKGROUND)
@@ -56,13 +56,13 @@ def render_scene(objects: list[dict], size=QUESTION_SIZE, grid: int = GRID) -> I
             d.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=col)
     return im
 
-
+# %% ../nbs/04_datagen.ipynb #5b4cb402
 def _shape_of(mask: np.ndarray) -> str:
     ys, xs = np.nonzero(mask)
     fill = mask.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
     return "square" if fill > 0.9 else "circle" if fill > 0.65 else "triangle"
 
-
+# %% ../nbs/04_datagen.ipynb #81b89f35
 def read_scene(img, grid: int = GRID) -> list[dict]:
     "Recover the objects of an image drawn by `render_scene` from its pixels (row-major order)."
     a = np.asarray(Image.open(img).convert("RGB") if isinstance(img, (str, Path)) else img.convert("RGB"))
@@ -82,17 +82,17 @@ def read_scene(img, grid: int = GRID) -> list[dict]:
 def _plural(n, color, shape):
     return f"{n} {color} {shape}{'' if n == 1 else 's'}"
 
-
+# %% ../nbs/04_datagen.ipynb #c90c0627
 def make_question(query) -> str:
     "Question text for a list of (color, shape) kinds."
     return "How many " + " plus ".join(f"{c} {s}s" for c, s in query) + " are in the picture?"
 
-
+# %% ../nbs/04_datagen.ipynb #f0989c29
 def parse_query(question: str) -> list[tuple[str, str]]:
     "The (color, shape) kinds a visual question asks about, in order."
     return re.findall(rf"({'|'.join(COLORS)}) ({'|'.join(SHAPES)})s", question)
 
-
+# %% ../nbs/04_datagen.ipynb #b857f877
 def make_answer(query, counts) -> str:
     "GSM8K-style answer: one sentence per kind, the sum, then `#### total`."
     said = " ".join(f"There {'is' if n == 1 else 'are'} {_plural(n, c, s)}." for (c, s), n in zip(query, counts))
@@ -101,7 +101,7 @@ def make_answer(query, counts) -> str:
         said += f" {' + '.join(map(str, counts))} = {total}."
     return f"{said}\n#### {total}"
 
-
+# %% ../nbs/04_datagen.ipynb #0253fe99
 def sample_scene(rng: random.Random) -> tuple[list[dict], list[tuple[str, str]]]:
     "A random scene and the 1-3 kinds its question asks about."
     kinds = rng.sample(KINDS, rng.randint(3, 5))
@@ -118,13 +118,13 @@ def _save_png(im: Image.Image, path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     im.save(path, format="PNG", compress_level=9)
 
-
+# %% ../nbs/04_datagen.ipynb #8f94d36f
 def canonical_thought(kind, count: int, size) -> Image.Image:
     "A thought image that draws the count plainly: `count` objects of `kind` in the first cells, row-major."
     cells = [{"row": i // GRID, "col": i % GRID, "color": kind[0], "shape": kind[1]} for i in range(count)]
     return render_scene(cells, size)
 
-
+# %% ../nbs/04_datagen.ipynb #c68bca2b
 def make_visual_split(
     root: Path,
     split: str,
@@ -200,17 +200,17 @@ def visual_counts(sample: Sample) -> list[int]:
     scene = read_scene(sample.question_images[0])
     return [sum((o["color"], o["shape"]) == k for o in scene) for k in parse_query(sample.question)]
 
-
+# %% ../nbs/04_datagen.ipynb #67a4d065
 def thought_counts(sample: Sample) -> list[int]:
     "Number of objects in each thought image (each shows one queried kind)."
     return [len(read_scene(p)) for p in sample.thought_images]
 
-
+# %% ../nbs/04_datagen.ipynb #035731a8
 def verify_visual(sample: Sample) -> str:
     "The true final answer of a visual sample, recomputed from its question and question image."
     return str(sum(visual_counts(sample)))
 
-
+# %% ../nbs/04_datagen.ipynb #d742b6c2
 def answer_from_output(text: str) -> str | None:
     "The final answer in a model output: after `####`, else the last integer of the last non-empty line."
     text = re.sub(r"<\|[^|]*\|>", "", text)
@@ -218,7 +218,7 @@ def answer_from_output(text: str) -> str | None:
     nums = re.findall(r"-?\d+", final or "")
     return nums[-1] if nums else (final or None)
 
-
+# %% ../nbs/04_datagen.ipynb #7e3a5ac9
 def score_answer(pred_text: str, sample) -> bool:
     "True when the final answer in `pred_text` equals the sample's (a `Sample` or the answer string)."
     truth = sample.final_answer if isinstance(sample, Sample) else str(sample)
@@ -228,7 +228,7 @@ def score_answer(pred_text: str, sample) -> bool:
 # %% ../nbs/04_datagen.ipynb #15174753
 DIRS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
 
-
+# %% ../nbs/04_datagen.ipynb #857f7f81
 def apply_edit(obj: dict, edit: dict) -> dict:
     "The object after one edit."
     o = dict(obj)
@@ -242,7 +242,7 @@ def apply_edit(obj: dict, edit: dict) -> dict:
         o["col"] += dc
     return o
 
-
+# %% ../nbs/04_datagen.ipynb #45e6e764
 def edit_phrase(edit: dict, ref: str = "it") -> str:
     "Instruction words for one edit applied to `ref`."
     if edit["op"] == "recolor":
@@ -251,17 +251,17 @@ def edit_phrase(edit: dict, ref: str = "it") -> str:
         return f"turn {ref} into a {edit['shape']}"
     return f"move {ref} one cell {edit['dir']}"
 
-
+# %% ../nbs/04_datagen.ipynb #0902ae17
 def make_prompt(target: dict, edits: list[dict]) -> str:
     "The editing instruction: the first edit names the target, the second refers to it as 'it'."
     s = edit_phrase(edits[0], f"the {target['color']} {target['shape']}") + ", then " + edit_phrase(edits[1])
     return s[0].upper() + s[1:] + "."
 
-
+# %% ../nbs/04_datagen.ipynb #a58c667a
 def _where(o):
     return f"a {o['color']} {o['shape']} at row {o['row'] + 1}, column {o['col'] + 1}"
 
-
+# %% ../nbs/04_datagen.ipynb #821ce61c
 def make_reflections(target: dict, edits: list[dict]) -> tuple[str, str]:
     "Reflection after step 1 (what changed, what remains) and after step 2."
     o1 = apply_edit(target, edits[0])
@@ -273,11 +273,11 @@ def make_reflections(target: dict, edits: list[dict]) -> tuple[str, str]:
     r2 = f"Step 2 ({edit_phrase(edits[1])}) is done: it is now {_where(o2)}. Remaining: nothing, the goal is reached."
     return r1, r2
 
-
+# %% ../nbs/04_datagen.ipynb #68618d61
 def _replace(objects, old, new):
     return sorted([new if o == old else o for o in objects], key=lambda o: (o["row"], o["col"]))
 
-
+# %% ../nbs/04_datagen.ipynb #cd1059e4
 def _random_edit(rng, op, obj, objects):
     "A valid edit of type `op` for `obj`, or None (moves stay on the grid and into free cells; kinds stay unique)."
     kinds = {(o["color"], o["shape"]) for o in objects if o != obj}
@@ -296,7 +296,7 @@ def _random_edit(rng, op, obj, objects):
         ]
     return rng.choice(opts) if opts else None
 
-
+# %% ../nbs/04_datagen.ipynb #3a70bf0c
 def make_edit_split(root: Path, split: str, n: int, seed: int, avoid: set | None = None) -> list[dict]:
     "Generate `n` editing triplets into `root` (images under `images/<split>/`); return the records."
     rng, seen, recs = random.Random(f"latentcot-edit-{seed}-{split}"), avoid if avoid is not None else set(), []
@@ -343,7 +343,7 @@ EDIT_CLAUSE = re.compile(
     rf"(make|turn|move) (?:the ({'|'.join(COLORS)}) ({'|'.join(SHAPES)})|it) ?(?:one cell |into a )?(\w+)"
 )
 
-
+# %% ../nbs/04_datagen.ipynb #92e5c7c1
 def parse_edit_prompt(prompt: str) -> tuple[tuple[str, str], list[dict]]:
     "The target kind (color, shape) and the edits of an editing instruction."
     clauses = [EDIT_CLAUSE.fullmatch(c.strip().rstrip(".").lower()) for c in prompt.split(", then ")]
@@ -359,7 +359,7 @@ def parse_edit_prompt(prompt: str) -> tuple[tuple[str, str], list[dict]]:
         )
     return (clauses[0][2], clauses[0][3]), edits
 
-
+# %% ../nbs/04_datagen.ipynb #682818bc
 def verify_edit(record: dict, root=None) -> bool:
     "True when img1 / img2 are img0 with the prompt's first / both edits applied, and the reflections agree."
     root = Path(root or ".")
@@ -411,15 +411,15 @@ def _write_text(path: Path, text: str):
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: Path(f).write_text(text, encoding="utf-8"))
 
-
+# %% ../nbs/04_datagen.ipynb #40713e1e
 def _jsonl(recs):
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)
 
-
+# %% ../nbs/04_datagen.ipynb #5152a3c3
 def _json_list(recs):
     return "[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in recs) + "\n]\n"  # one record per line
 
-
+# %% ../nbs/04_datagen.ipynb #8c626533
 def _publish(staged: Path, dest: Path):
     "Swap directory `staged` in as `dest`, then delete the old `dest`."
     # a whole directory (images and their JSONL) changes at once: atomic_write replaces one file, not a directory
@@ -474,7 +474,7 @@ prompt and img0's pixels (use `load_edit_records(path)` for absolute paths).
 Written by `latentcot.textdata.write_text_sets` (diffusion-LM track) when that module is present; see its notebook.
 """
 
-
+# %% ../nbs/04_datagen.ipynb #57cdefe4
 def write_triplet_parquet(src_jsonl, out, n: int = 8) -> Path:
     "The first `n` triplets as parquet, in seed 000 §4's form: images as `{'bytes': ...}`, reflections wrapped."
     import pyarrow as pa, pyarrow.parquet as pq
@@ -494,7 +494,7 @@ def write_triplet_parquet(src_jsonl, out, n: int = 8) -> Path:
     atomic_write(out, lambda f: pq.write_table(table, f))
     return out
 
-
+# %% ../nbs/04_datagen.ipynb #71c7206e
 def generate_all(
     out_dir,
     seed: int = 0,

@@ -20,7 +20,7 @@ def default_data_dir() -> Path:
 
     return Path(latentcot.__file__).resolve().parents[1] / "data_samples"
 
-
+# %% ../nbs/10_demo.ipynb #183c0f5a
 def demo_batch(samples, processor):
     "Render `samples` with the chat template and run the processor on text + images (thought images included)."
     from transformers.image_utils import load_image
@@ -29,7 +29,7 @@ def demo_batch(samples, processor):
     images = [load_image(str(p)) for s in samples for p in (*s.question_images, *s.thought_images)]
     return processor(text=texts, images=images, return_tensors="pt", padding=True)
 
-
+# %% ../nbs/10_demo.ipynb #9e60b04e
 def run_demo(model_name_or_path: str | None = None, data: str | Path | None = None, bsz: int = 4) -> dict:
     "Load model + data, collate one batch with images, run a forward pass with labels; return a summary dict."
     import torch
@@ -64,7 +64,7 @@ def run_demo(model_name_or_path: str | None = None, data: str | Path | None = No
         seconds=time.perf_counter() - t0,
     )
 
-
+# %% ../nbs/10_demo.ipynb #fefd0a94
 @dataclass
 class DemoArgs:
     "Flags of `latentcot demo`."
@@ -78,7 +78,7 @@ class DemoArgs:
     )
     bsz: int = field(default=4, metadata={"help": "samples in the one batch"})
 
-
+# %% ../nbs/10_demo.ipynb #e7f2d049
 def demo_main(argv: list[str] | None = None) -> int:
     "CLI `latentcot demo [--model_name_or_path P] [--data F] [--bsz N]`."
     from latentcot.config import cli_parser, parse_cli

@@ -42,7 +42,7 @@ __all__ = ['STOP_HEAD_FILE', 'GATED', 'new_stop_head', 'attach_stop_head', 'save
 # %% ../nbs/09_halting.ipynb #b44f1364
 STOP_HEAD_FILE = "latent_stop_head.safetensors"
 
-
+# %% ../nbs/09_halting.ipynb #9d8627e3
 def new_stop_head(model, prior: float = 0.05) -> nn.Linear:
     "A fresh `nn.Linear(hidden, 1)` on `model`'s device and dtype that says `p_stop = prior` everywhere."
     w = model.get_input_embeddings().weight
@@ -52,7 +52,7 @@ def new_stop_head(model, prior: float = 0.05) -> nn.Linear:
         head.bias.fill_(math.log(prior / (1 - prior)))
     return head
 
-
+# %% ../nbs/09_halting.ipynb #db38d514
 def attach_stop_head(model, prior: float = 0.05) -> nn.Linear:
     "Give `model` a `latent_stop_head` (once), for working with the stock model alone; `LatentCoTModel` owns its own."
     head = getattr(model, "latent_stop_head", None)
@@ -61,7 +61,7 @@ def attach_stop_head(model, prior: float = 0.05) -> nn.Linear:
         model.add_module("latent_stop_head", head)
     return head
 
-
+# %% ../nbs/09_halting.ipynb #2df2ee8a
 def save_stop_head(model, path, head: nn.Module | None = None) -> Path:
     "Write the stop head (`head`, else `model.latent_stop_head`) to `path/latent_stop_head.safetensors`, atomically."
     from safetensors.torch import save_file
@@ -76,7 +76,7 @@ def save_stop_head(model, path, head: nn.Module | None = None) -> Path:
     atomic_write(path / STOP_HEAD_FILE, lambda f: save_file(state, f))
     return path / STOP_HEAD_FILE
 
-
+# %% ../nbs/09_halting.ipynb #9b7dc98e
 def _stop_head_tensors(path: Path) -> dict | None:
     "The head's tensors from `latent_stop_head.safetensors`, else from the checkpoint's safetensors, else `None`."
     from safetensors import safe_open
@@ -99,12 +99,12 @@ def _stop_head_tensors(path: Path) -> dict | None:
             out.update({k[len(prefix) :]: st.get_tensor(k) for k in st.keys() if k.startswith(prefix)})
     return out or None
 
-
+# %% ../nbs/09_halting.ipynb #d6a9dbf7
 def has_stop_head(path) -> bool:
     "Does the checkpoint directory `path` hold a stop head (its own file, or `latent_stop_head.*` weights)?"
     return _stop_head_tensors(Path(path)) is not None
 
-
+# %% ../nbs/09_halting.ipynb #1313ebdc
 def load_stop_head(model, path, head: nn.Module | None = None) -> nn.Linear:
     "Load the stop head from the checkpoint directory `path` into `head` (else attach one to `model`)."
     path = Path(path)
@@ -123,7 +123,7 @@ def load_stop_head(model, path, head: nn.Module | None = None) -> nn.Linear:
 # %% ../nbs/09_halting.ipynb #05902c8e
 _KV_GATE = contextvars.ContextVar("latent_kv_gate", default=None)
 
-
+# %% ../nbs/09_halting.ipynb #f321baf4
 @contextlib.contextmanager
 def latent_kv_gate(latent_kv_mask, null_scale: float = 0.0):
     "Gate latent K/V in every gated attention call inside the block (for `generate`, which rejects unknown keywords)."
@@ -133,7 +133,7 @@ def latent_kv_gate(latent_kv_mask, null_scale: float = 0.0):
     finally:
         _KV_GATE.reset(tok)
 
-
+# %% ../nbs/09_halting.ipynb #5c35affb
 def _gate(query, key, value, attention_mask, kwargs):
     "Scale the K/V of inactive latents by the null scale and mask their key columns; keyword first, then the context."
     kv, scale = kwargs.pop("latent_kv_mask", None), kwargs.pop("latent_null_scale", None)
@@ -160,13 +160,13 @@ def _gate(query, key, value, attention_mask, kwargs):
         attention_mask = attention_mask.masked_fill(~col, torch.finfo(attention_mask.dtype).min)
     return key, value, attention_mask
 
-
+# %% ../nbs/09_halting.ipynb #89d02865
 def latent_gated_sdpa(module, query, key, value, attention_mask, **kwargs):
     "The stock `sdpa` attention with latent K/V gating."
     key, value, attention_mask = _gate(query, key, value, attention_mask, kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
-
+# %% ../nbs/09_halting.ipynb #072aa673
 def latent_gated_eager(module, query, key, value, attention_mask, **kwargs):
     "The stock `eager` attention with latent K/V gating (a bool mask becomes additive)."
     key, value, attention_mask = _gate(query, key, value, attention_mask, kwargs)
@@ -177,7 +177,7 @@ def latent_gated_eager(module, query, key, value, attention_mask, **kwargs):
 
 GATED = GATED_ATTENTION
 
-
+# %% ../nbs/09_halting.ipynb #69e0b3ba
 def register_latent_gating():
     "Register the gated attention functions (and their mask builders) with transformers; idempotent."
     for name, fn, mask in (
@@ -187,7 +187,7 @@ def register_latent_gating():
         AttentionInterface.register(name, fn)
         AttentionMaskInterface.register(name, mask)  # else the stock 2D path drops the padding mask
 
-
+# %% ../nbs/09_halting.ipynb #224e38a9
 def enable_latent_gating(model):
     "Switch the language model's attention to its gated twin (sdpa -> latent_gated_sdpa, eager -> latent_gated_eager)."
     register_latent_gating()  # when a model is prepared, not at import
@@ -279,7 +279,7 @@ class RoutedStep(NamedTuple):
     stepping: list  # rows that feed their hidden state (latent steps)
     pos: list  # [B] rope position of this step's input
 
-
+# %% ../nbs/09_halting.ipynb #329ae196
 def route_tokens(s: RoutedState, greedy: list) -> RoutedStep:
     "Decide each unfinished row's next input (hidden state or token) from its mode and its greedy token; update `s`."
     pad_id, start_id, end_id = s.latent_ids

@@ -33,7 +33,7 @@ def latent_segments_from_ids(input_ids, attention_mask, latent_id: int) -> list[
         out.append([(s, e, i) for i, (s, e) in enumerate(zip(starts, ends))])
     return out
 
-
+# %% ../nbs/07_latent_forward.ipynb #d485f1e3
 def check_segments(input_ids, attention_mask, segments, latent_id: int, budgets=None, stage: str | None = None):
     """Segments cover exactly the real latent pads, `img_idx` fits `budgets`, no segment exceeds its budget, mode A
     uses it all."""
@@ -83,7 +83,7 @@ def mm_token_types(input_ids, config):
     t[input_ids == config.video_token_id] = 2
     return t
 
-
+# %% ../nbs/07_latent_forward.ipynb #d13c0129
 def rope_position_ids(model, batch):
     "mRoPE ids `[3,B,L]`: `batch['position_ids']`, else `get_rope_index` once on the full layout."
     if batch.get("position_ids") is not None:
@@ -98,7 +98,7 @@ def rope_position_ids(model, batch):
     )
     return pos
 
-
+# %% ../nbs/07_latent_forward.ipynb #dae089f0
 def prefix_embeddings(model, batch):
     """Input embeddings `[B,L,H]` with the image features scattered in as the stock forward does (latent pads
     untouched)."""
@@ -143,12 +143,12 @@ def batch_mask_4d(batch):
         )
     return m
 
-
+# %% ../nbs/07_latent_forward.ipynb #675abaf2
 def text_attn_implementation(model) -> str:
     "The attention implementation of the language model."
     return model.config.get_text_config()._attn_implementation
 
-
+# %% ../nbs/07_latent_forward.ipynb #8c219985
 def for_backend(model, mask, dtype, impl: str | None = None):
     "A 4D mask as the language model's attention wants it: `{'full_attention': m}`, `m` additive (0 = attend)."
     impl = (impl or text_attn_implementation(model)) or "eager"
@@ -159,7 +159,7 @@ def for_backend(model, mask, dtype, impl: str | None = None):
         mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, neg)
     return {"full_attention": mask}
 
-
+# %% ../nbs/07_latent_forward.ipynb #a4355257
 def _padded_mask(M, attention_mask):
     """The 4D mask as bool `[B,L+1,L+1]` with an extra row and column for padding (index `L`), False except at
     `[L, L]`: real tokens never see padding, a padding query sees padding only (no empty row, so no NaN). Built once
@@ -172,7 +172,7 @@ def _padded_mask(M, attention_mask):
     Mx[:, L, L] = True
     return Mx
 
-
+# %% ../nbs/07_latent_forward.ipynb #dbb0abd9
 def _block_mask(Mx, q, k):
     "Mask `[B,1,W,C]` of queries `q` `[B,W]` over keys `k` `[B,C]` (original positions, `L` = padding) from `Mx`."
     (B, W), L1 = q.shape, Mx.shape[-1]
@@ -246,7 +246,7 @@ def no_gradient_checkpointing(module):
         for m in on:
             m.gradient_checkpointing = True
 
-
+# %% ../nbs/07_latent_forward.ipynb #b1ad58ec
 @dataclass
 class Rollout:
     "Pass 1: the latents and halting decisions; every `[B,L]` tensor indexes the original layout."
@@ -302,7 +302,7 @@ def _chunks(items, lat):
             out[-1].append(p)
     return out
 
-
+# %% ../nbs/07_latent_forward.ipynb #444e7aa3
 def _next_chunk(chunks, j, dropped):
     "The first chunk from index `j` on that is non-empty without an inactive (dropped) opener, and the next index."
     while j < len(chunks):
@@ -508,13 +508,13 @@ def patch_latents(inputs_embeds, latent_mask, latents):
 
 GATED_ATTENTION = {"sdpa": "latent_gated_sdpa", "eager": "latent_gated_eager"}  # registered by latentcot.halting
 
-
+# %% ../nbs/07_latent_forward.ipynb #f8d1ade9
 def is_gated(model) -> bool:
     "Does the language model's attention read `latent_kv_mask` (see `latentcot.halting.enable_latent_gating`)?"
     impl = text_attn_implementation(model)
     return impl in GATED_ATTENTION.values() and impl in ALL_ATTENTION_FUNCTIONS
 
-
+# %% ../nbs/07_latent_forward.ipynb #ef702f52
 @dataclass
 class LatentForwardOutput:
     "Pass 2's outputs next to pass 1's latents and halting decisions: what the losses read."
@@ -533,7 +533,7 @@ class LatentForwardOutput:
     position_ids: torch.Tensor  # [3,B,L]
     segments: list
 
-
+# %% ../nbs/07_latent_forward.ipynb #c84bf944
 def teacher_forced_forward(
     model, batch, rollout: Rollout, output_hidden_states: bool = False, null_scale: float = 0.0
 ) -> LatentForwardOutput:
@@ -577,7 +577,7 @@ def teacher_forced_forward(
         r.segments,
     )
 
-
+# %% ../nbs/07_latent_forward.ipynb #4e06e0cb
 def latent_forward(
     model,
     batch,
@@ -591,7 +591,7 @@ def latent_forward(
     r = latent_rollout(model, batch, latent_grad, stop_head, stop_threshold)
     return teacher_forced_forward(model, batch, r, output_hidden_states, null_scale)
 
-
+# %% ../nbs/07_latent_forward.ipynb #9dc89694
 def latent_stage_forward(
     model,
     batch,
@@ -645,11 +645,11 @@ def _block_times(fns, repeats, threads: int, block: float = 0.2):
             ts[i].append(t.timeit(n).mean)
     return ts
 
-
+# %% ../nbs/07_latent_forward.ipynb #b78389ff
 def _ce(logits, labels):
     return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
 
-
+# %% ../nbs/07_latent_forward.ipynb #5c09707f
 def bench_rollout(
     B: int = 8, K: int = 8, repeats: int = 7, seed: int = 0, threads: int | None = 1, verbose: bool = True
 ) -> dict:
@@ -737,7 +737,7 @@ def bench_rollout(
         )
     return res
 
-
+# %% ../nbs/07_latent_forward.ipynb #00af0e94
 @dataclass
 class BenchRolloutArgs:
     "Flags of `latentcot bench rollout`."
@@ -748,7 +748,7 @@ class BenchRolloutArgs:
     seed: int = field(default=0, metadata={"help": "seed of the toy batch and the weights"})
     threads: int = field(default=1, metadata={"help": "torch threads for every variant (0: torch's default)"})
 
-
+# %% ../nbs/07_latent_forward.ipynb #52d45247
 def bench_rollout_main(argv=None) -> int:
     "CLI `latentcot bench rollout [--B 8] [--K 8] [--repeats 7] [--seed 0] [--threads 1]`."
     from latentcot.config import cli_parser, parse_cli

@@ -31,7 +31,7 @@ class Role(enum.IntEnum):
     OBSERVATION = 6
     ANSWER = 7
 
-
+# %% ../nbs/06_masks.ipynb #f90b61db
 class TokenLayout(NamedTuple):
     """Role (`Role` values) and group (image / latent segment / observation block number, else -1) per token, `[B,L]`
     long."""
@@ -48,31 +48,31 @@ def _last_at_or_before(flag):
     ar = torch.arange(flag.shape[1], device=flag.device).expand_as(flag)
     return torch.where(flag, ar, -1).cummax(1).values
 
-
+# %% ../nbs/06_masks.ipynb #545f36ff
 def _prev_real(valid):
     "Index of the previous real token before each position (-1 if none)."
     last = _last_at_or_before(valid)
     return torch.cat([last.new_full((last.shape[0], 1), -1), last[:, :-1]], 1)
 
-
+# %% ../nbs/06_masks.ipynb #ccec0746
 def _next_real(valid):
     "Index of the next real token after each position (-1 if none)."
     p = _prev_real(valid.flip(1)).flip(1)
     return torch.where(p >= 0, valid.shape[1] - 1 - p, -1)
 
-
+# %% ../nbs/06_masks.ipynb #c93545d4
 def _gather(x, idx):
     "`x[b, idx[b, t]]`, and -1 where `idx` is -1."
     return torch.where(idx >= 0, x.gather(1, idx.clamp(min=0)), -1)
 
-
+# %% ../nbs/06_masks.ipynb #809455b6
 def _first_error(bad, what):
     "Raise `ValueError` naming the first (sample, position) where `bad` holds."
     if bad.any():
         b, t = bad.nonzero()[0].tolist()
         raise ValueError(f"sample {b}, position {t}: {what}")
 
-
+# %% ../nbs/06_masks.ipynb #a2d66672
 def _span(opened, closed, name_open, name_close):
     "Tokens from an opening tag to its closing tag, both included; nesting or a stray close is an error."
     depth = opened.long().cumsum(1) - closed.long().cumsum(1)
@@ -80,7 +80,7 @@ def _span(opened, closed, name_open, name_close):
     _first_error(depth > 1, f"nested {name_open}")
     return (depth > 0) | closed
 
-
+# %% ../nbs/06_masks.ipynb #f1426690
 def _is(x, valid, *toks):
     "Real tokens equal to any of `toks`."
     m = torch.zeros_like(valid)
@@ -130,7 +130,7 @@ def token_layout(input_ids, attention_mask, ids, assistant_id: int | None = None
         groups = torch.where(m, opens.long().cumsum(1) - 1, groups)
     return TokenLayout(roles, groups.masked_fill(~valid, -1))
 
-
+# %% ../nbs/06_masks.ipynb #c969ce72
 def token_roles(input_ids, attention_mask, ids, assistant_id: int | None = None):
     "The `Role` of every token, `[B,L]` long (the `roles` of `token_layout`)."
     return token_layout(input_ids, attention_mask, ids, assistant_id).roles
@@ -151,7 +151,7 @@ QWEN25VL_SPECIAL = dict(
     endoftext=151643,
 )
 
-
+# %% ../nbs/06_masks.ipynb #6351dbf7
 @dataclass(frozen=True)
 class ChatWords:
     "Ids of the role words after `<|im_start|>` (Qwen2.5 vocabulary by default)."
@@ -160,7 +160,7 @@ class ChatWords:
     user: int = 872
     assistant: int = 77091
 
-
+# %% ../nbs/06_masks.ipynb #319810a9
 def qwen_special_ids():
     "`SpecialIds` with the ids of Qwen2.5-VL-7B and its five latent tokens."
     from latentcot.tokens import SpecialIds
@@ -189,11 +189,11 @@ def mask_flags(**flags) -> dict:
 # %% ../nbs/06_masks.ipynb #1e36284c
 _ALL = sum(1 << r for r in Role if r != Role.PAD)
 
-
+# %% ../nbs/06_masks.ipynb #f1dd191e
 def _bits(*roles):
     return sum(1 << r for r in roles)
 
-
+# %% ../nbs/06_masks.ipynb #75c66819
 def rule_table(**flags) -> tuple[list[int], list[int], bool]:
     "Per query role: bitmask of key roles always visible, of key roles visible within the same group, and `own`."
     f = mask_flags(**flags)
@@ -233,7 +233,7 @@ def rule_table(**flags) -> tuple[list[int], list[int], bool]:
     assert all(s & ~(1 << r) == 0 for r, s in enumerate(same)), "a group rule must compare tokens of one role"
     return always, same, not f["latent_can_see_all_previous"] and not f["not_mask_image"]
 
-
+# %% ../nbs/06_masks.ipynb #aa86c02c
 def describe_rules(**flags) -> str:
     "The rule table as text: `x` always visible, `g` within the query's group, `o` own thought image, `.` never."
     always, same, own = rule_table(**flags)
@@ -259,12 +259,12 @@ def groups_from_roles(roles, attention_mask):
         grouped |= roles == r
     return torch.where(grouped & valid, g, -1)
 
-
+# %% ../nbs/06_masks.ipynb #1175b80a
 def _owner_image(roles, groups):
     "Group of the last thought-image token at or before each position (-1 if none)."
     return _gather(groups, _last_at_or_before(roles == Role.THOUGHT_IMAGE))
 
-
+# %% ../nbs/06_masks.ipynb #e6948948
 def _group_first(roles, groups):
     "Position of the first token of each token's group (same role and group number); -1 for ungrouped tokens."
     B, L = roles.shape
@@ -274,7 +274,7 @@ def _group_first(roles, groups):
     first.scatter_reduce_(1, key, torch.arange(L, device=roles.device).expand(B, L), "amin")
     return torch.where(grouped, first.gather(1, key), -1)
 
-
+# %% ../nbs/06_masks.ipynb #0f025044
 def _window_pairs(b, i, lo, hi):
     "Every `(b, i, j)` with `lo <= j <= hi`, one window per entry, and the entry each pair came from."
     n = (hi - lo + 1).clamp(min=0)
@@ -282,7 +282,7 @@ def _window_pairs(b, i, lo, hi):
     j = lo[row] + torch.arange(int(n.sum()), device=n.device) - (n.cumsum(0) - n)[row]
     return b[row], i[row], j, row
 
-
+# %% ../nbs/06_masks.ipynb #ed3c0fc0
 def _check_layout(roles, attention_mask, groups):
     if roles.dim() != 2 or roles.shape != attention_mask.shape or (groups is not None and groups.shape != roles.shape):
         raise ValueError(
@@ -351,14 +351,14 @@ def causal_padding_mask(attention_mask):
     m.diagonal(dim1=1, dim2=2).fill_(True)
     return m[:, None]
 
-
+# %% ../nbs/06_masks.ipynb #9dbc7420
 def to_additive(mask, dtype=torch.float32):
     "Additive form of a bool mask for eager attention: 0 where allowed, `finfo(dtype).min` elsewhere."
     if mask is None:
         return None
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
 
-
+# %% ../nbs/06_masks.ipynb #c3ddc479
 def attention_mask_4d(input_ids, attention_mask, ids, assistant_id: int | None = None, **flags):
     "One call for collators: roles from the ids, then `build_4d_mask` (`None` if `not_use_4d`)."
     if mask_flags(**flags)["not_use_4d"]:
@@ -405,7 +405,7 @@ def token_layout_reference(input_ids, attention_mask, ids, assistant_id: int | N
             prev_lat = tok == ids.latent_pad
     return TokenLayout(roles, groups)
 
-
+# %% ../nbs/06_masks.ipynb #9d915edf
 def _runs_reference(R, V):
     "Groups of one sample as runs of one role over real tokens (the loop form of `groups_from_roles`)."
     G, g, prev = [-1] * len(R), -1, None
@@ -457,19 +457,19 @@ def may_attend(i, j, R, G, own, V, f) -> bool:
         ok = False
     return ok
 
-
+# %% ../nbs/06_masks.ipynb #cc6a65e2
 def _opener(i, R, V) -> bool:
     "Is token `i` a segment's opening tag (a latent tag whose next real token is a latent pad)?"
     after = [k for k in range(i + 1, len(R)) if V[k]][:1]
     return R[i] == Role.LATENT_TAG and bool(after) and R[after[0]] == Role.LATENT
 
-
+# %% ../nbs/06_masks.ipynb #c269adcb
 def _image_before(i, R, G, V):
     "The group of the thought image right before token `i`, else `None`."
     before = [k for k in range(i) if V[k]][-1:]
     return G[before[0]] if before and R[before[0]] == Role.THOUGHT_IMAGE else None
 
-
+# %% ../nbs/06_masks.ipynb #c5238d88
 def build_4d_mask_reference(roles, attention_mask, groups=None, **flags):
     "Loop over samples, queries and keys calling `may_attend`: the oracle and baseline of `build_4d_mask`."
     f = mask_flags(**flags)
@@ -524,7 +524,7 @@ def random_sample_tokens(rng: random.Random, L: int, ids, words=ChatWords(), mul
         seq += text(rng.randint(1, 2 * u)) + [ids.im_end]
     return seq
 
-
+# %% ../nbs/06_masks.ipynb #c4bdd230
 def random_batch(B: int, L: int, ids, seed=0, padding="right", words=ChatWords(), multi_turn=False, inner_pad=True):
     "A batch `(input_ids, attention_mask)` `[B,L]` of random chats; `padding` is 'left', 'right' or 'mixed'."
     if padding not in ("left", "right", "mixed"):
@@ -581,7 +581,7 @@ def bench_masks(B=8, L=2048, repeats=3, seed=0, ids=None, threads: int | None = 
         )
     return res
 
-
+# %% ../nbs/06_masks.ipynb #30ccd971
 @dataclass
 class BenchMasksArgs:
     "Flags of `latentcot bench masks`."
@@ -592,7 +592,7 @@ class BenchMasksArgs:
     seed: int = field(default=0, metadata={"help": "seed of the random layouts"})
     threads: int = field(default=1, metadata={"help": "torch threads for the vectorised builder (0: torch's default)"})
 
-
+# %% ../nbs/06_masks.ipynb #b3c5df8b
 def bench_masks_main(argv=None) -> int:
     """CLI `latentcot bench masks [--B 8] [--L 2048] [--repeats 3] [--seed 0] [--threads 1]`; exit 1 if the masks
     differ."""
@@ -712,7 +712,7 @@ class MaskExplorer:
 
         display(self.widget)
 
-
+# %% ../nbs/06_masks.ipynb #f21a3656
 def mask_explorer(batch_or_roles, attention_mask=None, sample=0, ids=None, groups=None, **flags) -> MaskExplorer:
     "Explore masks of a batch dict (needs `ids`), a `TokenLayout`, or a roles tensor (+ `attention_mask`, `groups`)."
     if isinstance(batch_or_roles, dict):

@@ -68,7 +68,7 @@ class MMDiTBridge(nn.Module):
         h = self.proj(z)
         return h + self.mlp(h)
 
-
+# %% ../nbs/22_mmdit.ipynb #16c6dacb
 def project_to_mmdit(bridge: MMDiTBridge, z: torch.Tensor, mask: torch.Tensor | None = None, transformer=None):
     "Seed 000's `project_to_mmdit`: `(prompt_embeds [B,K,D], prompt_embeds_mask [B,K] long)` of latents Z `[B,K,H]`."
     if transformer is not None and transformer.config.joint_attention_dim != bridge.joint_attention_dim:
@@ -92,12 +92,12 @@ QWEN_IMAGE_PROMPT_TEMPLATE = (
     "<|im_start|>assistant\n"
 )
 
-
+# %% ../nbs/22_mmdit.ipynb #49315309
 def template_prefix_length(tokenizer, template: str = QWEN_IMAGE_PROMPT_TEMPLATE) -> int:
     "Tokens of the template before the prompt (what `_get_qwen_prompt_embeds` drops; 34 for Qwen2.5's tokenizer)."
     return len(tokenizer(template.split("{}")[0], add_special_tokens=False)["input_ids"])
 
-
+# %% ../nbs/22_mmdit.ipynb #775d2949
 @torch.no_grad()
 def qwen_prompt_embeds(model, tokenizer, prompts: list[str], template: str = QWEN_IMAGE_PROMPT_TEMPLATE):
     "Qwen-Image's text conditioning from a Qwen2.5-VL `model`: `(embeds [B,S,H], mask [B,S])`, right zero-padded."
@@ -123,7 +123,7 @@ def check_image_size(height: int, width: int, vae) -> None:
             f"multiples of {f} (VAE factor {f // 2} x 2x2 packing)"
         )
 
-
+# %% ../nbs/22_mmdit.ipynb #c5fece53
 def _stats(vae, like: torch.Tensor):
     c = vae.config
     if c.latents_mean is None or len(c.latents_mean) != c.z_dim or len(c.latents_std or []) != c.z_dim:
@@ -131,7 +131,7 @@ def _stats(vae, like: torch.Tensor):
     view = lambda v: torch.tensor(v, dtype=like.dtype, device=like.device).view(1, c.z_dim, 1, 1, 1)
     return view(c.latents_mean), view(c.latents_std)
 
-
+# %% ../nbs/22_mmdit.ipynb #94b013b7
 @torch.no_grad()
 def encode_images(vae, images) -> torch.Tensor:
     "Normalised VAE latents `[B,C,1,h,w]` of images (PIL/paths or `[B,3,1,H,W]` in [-1, 1]), as the pipelines do."
@@ -142,14 +142,14 @@ def encode_images(vae, images) -> torch.Tensor:
     mean, std = _stats(vae, z)
     return (z - mean) / std
 
-
+# %% ../nbs/22_mmdit.ipynb #6ec4ce0b
 @torch.no_grad()
 def decode_latents(vae, x0: torch.Tensor) -> torch.Tensor:
     "Images `[B,3,1,H,W]` in [-1, 1] of normalised latents (the pipeline's de-normalisation, then `vae.decode`)."
     mean, std = _stats(vae, x0)
     return vae.decode(x0 * std + mean).sample
 
-
+# %% ../nbs/22_mmdit.ipynb #14696655
 def pack(x: torch.Tensor) -> torch.Tensor:
     "`[B,C,1,h,w]` latents -> the DiT's `[B,(h/2)(w/2),4C]` tokens (`QwenImagePipeline._pack_latents`)."
     from diffusers import QwenImagePipeline
@@ -157,7 +157,7 @@ def pack(x: torch.Tensor) -> torch.Tensor:
     B, C, _, h, w = x.shape
     return QwenImagePipeline._pack_latents(x, B, C, h, w)
 
-
+# %% ../nbs/22_mmdit.ipynb #435b56a8
 def unpack(tokens: torch.Tensor, height: int, width: int, vae) -> torch.Tensor:
     "Inverse of `pack` for images of `height x width` pixels (`QwenImagePipeline._unpack_latents`)."
     from diffusers import QwenImagePipeline
@@ -188,7 +188,7 @@ def velocity(
     out = out[:, :n]
     return out.view(B, h // 2, w // 2, C, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, C, 1, h, w)  # = _unpack_latents
 
-
+# %% ../nbs/22_mmdit.ipynb #dd72f8c6
 def sample_sigmas(
     scheduler, batch_size: int, weighting_scheme: str = "none", generator=None, device="cpu", **density_kw
 ):
@@ -204,7 +204,7 @@ def sample_sigmas(
     idx = (u * scheduler.config.num_train_timesteps).long().clamp(max=len(scheduler.sigmas) - 2)
     return scheduler.sigmas[idx].to(device)
 
-
+# %% ../nbs/22_mmdit.ipynb #79d46cc9
 def compute_flow_matching_loss(
     transformer,
     prompt_embeds,
@@ -240,7 +240,7 @@ def sampling_scheduler(scheduler, num_inference_steps: int | None = None):
     one_step = num_inference_steps == 1 and scheduler.config.get("shift_terminal")
     return type(scheduler).from_config(scheduler.config, **({"shift_terminal": None} if one_step else {}))
 
-
+# %% ../nbs/22_mmdit.ipynb #8b983eb9
 def schedule_is_finite(scheduler, num_inference_steps: int) -> bool:
     "Are the sigmas of `num_inference_steps` finite? (Qwen-Image's config alone fails at 1: see `sampling_scheduler`.)"
     sch = type(scheduler).from_config(scheduler.config)
@@ -248,7 +248,7 @@ def schedule_is_finite(scheduler, num_inference_steps: int) -> bool:
     sch.set_timesteps(sigmas=np.linspace(1.0, 1 / s, s).tolist(), mu=0.5 if sch.config.use_dynamic_shifting else None)
     return bool(torch.isfinite(sch.sigmas).all())
 
-
+# %% ../nbs/22_mmdit.ipynb #ed0737f8
 def generation_pipeline(transformer, vae, scheduler, edit: bool = False, num_inference_steps: int | None = None):
     "`QwenImagePipeline` (`QwenImageEditPipeline` with `edit`) without text encoder/tokenizer: it runs from embeds."
     from diffusers import QwenImageEditPipeline, QwenImagePipeline
@@ -260,7 +260,6 @@ def generation_pipeline(transformer, vae, scheduler, edit: bool = False, num_inf
         )
     return QwenImagePipeline(scheduler=sched, vae=vae, text_encoder=None, tokenizer=None, transformer=transformer)
 
-
 # %% ../nbs/22_mmdit.ipynb #db973777
 @contextmanager
 def _keep_reference_size(height: int, width: int):
@@ -270,7 +269,7 @@ def _keep_reference_size(height: int, width: int):
     with mock.patch.object(edit_mod, "calculate_dimensions", lambda area, ratio: (width, height, None)):
         yield
 
-
+# %% ../nbs/22_mmdit.ipynb #2a99fda0
 def write_bridge(bridge: MMDiTBridge, path) -> None:
     "`path/bridge.safetensors` + `path/bridge.json` (widths and mode), read by `LatentToImageGenerator.load_bridge`."
     from safetensors.torch import save_file
@@ -282,7 +281,7 @@ def write_bridge(bridge: MMDiTBridge, path) -> None:
     meta = dict(latent_dim=bridge.latent_dim, mode=bridge.mode, joint_attention_dim=bridge.joint_attention_dim)
     atomic_write(path / "bridge.json", lambda tmp: Path(tmp).write_text(json.dumps(meta)))
 
-
+# %% ../nbs/22_mmdit.ipynb #5400f156
 class LatentToImageGenerator(nn.Module):
     "Seed 000's generator: latents Z -> `project_to_mmdit` -> Qwen-Image flow sampling -> `vae.decode`."
 
@@ -420,7 +419,7 @@ def multiturn_latents(
             out[sid] = {"teacher": teacher[b].float(), "student": student[b].float()}
     return out
 
-
+# %% ../nbs/22_mmdit.ipynb #198f9861
 def pad_latents(zs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     "Right-pad `[K_i,H]` rows to `[B,K,H]` with a `[B,K]` mask (text-path states have different lengths)."
     K = max(len(z) for z in zs)
@@ -443,7 +442,7 @@ def training_examples(records, latents: dict, text: dict | None = None, sources=
             ex.append(dict(z=text[rec["sample_id"]], target=rec["img2"], ref=rec["img0"], source="text"))
     return ex
 
-
+# %% ../nbs/22_mmdit.ipynb #be6d72aa
 def train_generator(
     gen: LatentToImageGenerator,
     examples: list[dict],
@@ -506,7 +505,7 @@ def grid_scores(generated, target, img0) -> dict:
 CONDITIONS = ("teacher", "student", "zeroed", "shuffled", "text", "copy_img0")
 EXTRA_CONDITIONS = ("oracle", "blank")  # on request: the ceiling, and an empty canvas (what erasing alone scores)
 
-
+# %% ../nbs/22_mmdit.ipynb #6a6d0f66
 def condition_inputs(cond: str, records, latents: dict, text: dict, r: int):
     "Z rows (list of `[K,H]`) of held-out `records` for round `r` under condition `cond`."
     sids = [rec["sample_id"] for rec in records]
@@ -522,7 +521,7 @@ def condition_inputs(cond: str, records, latents: dict, text: dict, r: int):
         return [text[s] for s in sids]
     raise ValueError(f"unknown condition {cond!r}; expected one of {CONDITIONS + EXTRA_CONDITIONS}")
 
-
+# %% ../nbs/22_mmdit.ipynb #ba79f35b
 def evaluate_conditions(
     gen: LatentToImageGenerator,
     records,
@@ -562,7 +561,7 @@ def evaluate_conditions(
                     images[cond][(rec["sample_id"], r + 1)] = im
     return scores, images
 
-
+# %% ../nbs/22_mmdit.ipynb #f9aa0c8f
 def summarize(scores: dict, n_boot: int = 2000) -> dict:
     "Mean and 95% bootstrap interval of each metric per condition, and student minus each control (paired)."
     from latentcot.pipeline import bootstrap_ci, paired_diff_ci
@@ -590,7 +589,7 @@ def summarize(scores: dict, n_boot: int = 2000) -> dict:
             )
     return out
 
-
+# %% ../nbs/22_mmdit.ipynb #e1b27fac
 def results_table(summary: dict) -> str:
     "A markdown table: per condition, changed cells (all, with an object), all cells, exact grids; 95% intervals."
     f = lambda d: "-" if d is None else f"{100 * d['mean']:.1f} [{100 * d['low']:.1f}, {100 * d['high']:.1f}]"
@@ -705,7 +704,7 @@ def save_condition_images(out_dir, images: dict) -> None:
         for (sid, r), im in ims.items():
             atomic_write(d / f"{sid}_img{r}.png", lambda tmp, im=im: im.save(tmp, format="png"))
 
-
+# %% ../nbs/22_mmdit.ipynb #9c5edc1e
 def load_condition_images(report_dir, records, conditions) -> dict:
     "The images `save_condition_images` wrote for `records` (a missing file is an error naming it)."
     out = {}
@@ -719,7 +718,7 @@ def load_condition_images(report_dir, records, conditions) -> dict:
                 out[cond][(rec["sample_id"], r)] = Image.open(p).convert("RGB")
     return out
 
-
+# %% ../nbs/22_mmdit.ipynb #28ba4f5c
 def rescore_report(report_dir, data_dir=None) -> dict:
     "`{'scores', 'summary'}` of a `run_mmdit` report recomputed from its saved images (e.g. with a newer metric)."
     from latentcot.datagen import load_edit_records
@@ -739,7 +738,7 @@ def rescore_report(report_dir, data_dir=None) -> dict:
     }
     return {"scores": scores, "summary": summarize(scores)}
 
-
+# %% ../nbs/22_mmdit.ipynb #217447a6
 class GenerationExplorer:
     "Held-out sample slider; per round img0, the truth, then each condition's generated image, with its grid scores."
 
@@ -803,7 +802,7 @@ class GenerationExplorer:
 
         display(self.widget)
 
-
+# %% ../nbs/22_mmdit.ipynb #714eccf9
 def generation_explorer(report_dir, sample: int = 0, **kw) -> GenerationExplorer:
     "Explore a `run_mmdit` report: held-out slider, img0 -> generated img1/img2 per condition beside the truth."
     return GenerationExplorer(report_dir, sample, **kw)
@@ -815,7 +814,7 @@ def _write_text(path, text: str) -> None:
 
 TRAIN_SOURCES = ("teacher", "student", "text", "oracle")
 
-
+# %% ../nbs/22_mmdit.ipynb #86500e78
 def run_choices(oracle=None, train_sources=("teacher", "student", "text"), conditions=None) -> tuple[tuple, tuple]:
     "Checked `(train_sources, conditions)` of `run_mmdit`; an `oracle` adds the oracle and blank conditions."
     if oracle is not None and oracle not in ORACLES:
@@ -831,7 +830,7 @@ def run_choices(oracle=None, train_sources=("teacher", "student", "text"), condi
         raise ValueError("the oracle condition or train source needs an oracle: oracle='grid' or 'vae' (--oracle)")
     return train_sources, conditions
 
-
+# %% ../nbs/22_mmdit.ipynb #ab64ff2b
 def comparison_grid(records, images: dict, conditions, n: int = 6, scale: int = 2) -> Image.Image:
     "One row per (triplet, round): img0, truth, then each condition's image; `scale`x nearest-neighbour."
     rows = []
@@ -845,7 +844,7 @@ def comparison_grid(records, images: dict, conditions, n: int = 6, scale: int = 
     im = Image.fromarray(np.concatenate(rows, 0))
     return im.resize((im.width * scale, im.height * scale), Image.NEAREST)
 
-
+# %% ../nbs/22_mmdit.ipynb #cf816eee
 def text_states(model, processor, records, batch_size: int = 16) -> dict:
     "`{sample_id: [S,H]}`: Qwen-Image's text path (template, final-norm states, prefix dropped) on each prompt."
     out = {}
@@ -856,7 +855,7 @@ def text_states(model, processor, records, batch_size: int = 16) -> dict:
             out[rec["sample_id"]] = e[mm.bool()].float()
     return out
 
-
+# %% ../nbs/22_mmdit.ipynb #e579f3f4
 def run_mmdit(
     out_dir,
     latent_model=None,
@@ -948,7 +947,7 @@ def run_mmdit(
     )
     return metrics
 
-
+# %% ../nbs/22_mmdit.ipynb #08da4412
 @dataclass
 class MMDiTRunArgs:
     "Flags of `latentcot run mmdit` / `python -m latentcot.mmdit run`."
@@ -983,7 +982,7 @@ class MMDiTRunArgs:
     )
     quiet: bool = field(default=False, metadata={"help": "no progress bars"})
 
-
+# %% ../nbs/22_mmdit.ipynb #9c5c1739
 def run_main(argv: list[str] | None = None) -> int:
     "`latentcot run mmdit --out DIR` (= `python -m latentcot.mmdit run`): kit, latents, training, evaluation table."
     from latentcot.config import cli_parser, parse_cli
@@ -1044,7 +1043,7 @@ def check_edit_images(records, vae) -> tuple[int, int]:
         )
     return next(iter(sizes))[::-1]
 
-
+# %% ../nbs/22_mmdit.ipynb #1464e897
 def check_bridge(bridge: MMDiTBridge, transformer, latent_dim: int | None = None) -> None:
     "Raise before training unless the bridge reads `latent_dim`-wide Z and writes the DiT's `joint_attention_dim`."
     d = transformer.config.joint_attention_dim
@@ -1058,7 +1057,7 @@ def check_bridge(bridge: MMDiTBridge, transformer, latent_dim: int | None = None
 # %% ../nbs/22_mmdit.ipynb #9c9708d8
 LORA_TARGETS_MMDIT = ["to_q", "to_k", "to_v", "to_out.0"]
 
-
+# %% ../nbs/22_mmdit.ipynb #1123574d
 class MMDiTTrainee(nn.Module):
     "The trainable half of the generator for `train_loop`: bridge + DiT; `forward(batch)` is the flow-matching loss."
 
@@ -1071,7 +1070,7 @@ class MMDiTTrainee(nn.Module):
         emb, m = project_to_mmdit(self.bridge, batch["z"], batch["z_mask"], self.transformer)
         return compute_flow_matching_loss(self.transformer, emb, m, batch["x0"], self.scheduler, batch["ref"])
 
-
+# %% ../nbs/22_mmdit.ipynb #55b8f208
 def freeze_discarded_text_stream(transformer):
     "Freeze the last block's text-stream output layers: the DiT discards that output, so they never get a gradient."
     # DDP requires a gradient for every trainable parameter; these would stop a multi-process run
@@ -1080,7 +1079,7 @@ def freeze_discarded_text_stream(transformer):
         m.requires_grad_(False)
     return transformer
 
-
+# %% ../nbs/22_mmdit.ipynb #b396cdcb
 def add_mmdit_lora(transformer, r: int = 16, alpha: int | None = None):
     "peft LoRA on the DiT's attention projections (`to_q/to_k/to_v/to_out.0`); the base weights are frozen."
     from peft import LoraConfig
@@ -1091,7 +1090,7 @@ def add_mmdit_lora(transformer, r: int = 16, alpha: int | None = None):
     )
     return transformer
 
-
+# %% ../nbs/22_mmdit.ipynb #eded4153
 def collate_pairs(items: list[dict]) -> dict:
     "A batch of (Z, target, img0) pairs: Z right-padded with its mask, normalised target and reference latents."
     z, m = pad_latents([it["z"] for it in items])
@@ -1103,7 +1102,7 @@ def collate_pairs(items: list[dict]) -> dict:
         "sample_ids": [f"{it['sample_id']}/round{it['round']}/{it['source']}" for it in items],
     }
 
-
+# %% ../nbs/22_mmdit.ipynb #1edee99f
 def mmdit_pairs(records, latents: dict, vae, sources=("teacher", "student")) -> list[dict]:
     "(Z_r, img_{r+1}, img0) pairs of the multi-turn stage's `latents`, images encoded once with the frozen VAE."
     ex = []
@@ -1127,7 +1126,7 @@ def mmdit_pairs(records, latents: dict, vae, sources=("teacher", "student")) -> 
     lat = dict(zip(paths, torch.cat([encode_images(vae, paths[i : i + 64]) for i in range(0, len(paths), 64)])))
     return [{**e, "x0": lat[e.pop("target")], "ref": lat[e["ref"]]} for e in ex]
 
-
+# %% ../nbs/22_mmdit.ipynb #c6db361a
 def mmdit_step(model, batch, state):
     "The `--stage mmdit` step: the DiT's flow-matching loss conditioned on `bridge(Z)`, logged as the term `flow`."
     from latentcot.trainer import StepResult
@@ -1140,7 +1139,7 @@ def mmdit_step(model, batch, state):
         n_tokens=int(batch["x0"][0, 0].numel() // 4 * len(batch["x0"])),
     )
 
-
+# %% ../nbs/22_mmdit.ipynb #1345d96d
 def save_generator(out_dir, trainee: MMDiTTrainee, vae, scheduler) -> Path:
     "A Qwen-Image-layout folder (`transformer/` with LoRA fused, `vae/`, `scheduler/`, `bridge/`), written atomically."
     import shutil
@@ -1170,7 +1169,7 @@ def save_generator(out_dir, trainee: MMDiTTrainee, vae, scheduler) -> Path:
     os.replace(tmp, out)
     return out
 
-
+# %% ../nbs/22_mmdit.ipynb #898f321d
 def run_mmdit_stage(args, cfg) -> Path:
     "`latentcot.train --stage mmdit`: multi-turn Z -> pairs -> `train_loop` -> `final/` (Qwen-Image layout)."
     from accelerate import PartialState
@@ -1250,7 +1249,7 @@ def fitting_size(width: int, height: int, vae) -> tuple[int, int]:
         raise ValueError(f"image {width}x{height} is smaller than the VAE/patch factor {f}")
     return width // f * f, height // f * f
 
-
+# %% ../nbs/22_mmdit.ipynb #d7e49ec7
 class GenerationLoss:
     "Seed 000's generation loss: a frozen generator's flow loss of the student's Z on each segment's target image."
 
@@ -1310,7 +1309,7 @@ class GenerationLoss:
             total = total + len(its) * compute_flow_matching_loss(g.transformer, emb, m, x0, g.train_scheduler, ref)
         return total / len(items)
 
-
+# %% ../nbs/22_mmdit.ipynb #436258ee
 def attach_generation_loss(model, stage: str, samples, mmdit_name_or_path=None) -> GenerationLoss:
     "Load the generator (a `--stage mmdit` `final/`, default the tiny kit), frozen, as `model.generation_loss`."
     from latentcot.mmdit_kit import mmdit_kit_path
@@ -1360,7 +1359,7 @@ class GenerateArgs:
     batch_size: int = field(default=8, metadata={"help": "prompts per batch"})
     seed: int = field(default=0, metadata={"help": "sampling noise seed"})
 
-
+# %% ../nbs/22_mmdit.ipynb #351cd61c
 def read_prompts(path) -> list[dict]:
     "Records of a prompts JSONL (`prompt`, `image`, optional `out`), image paths resolved; errors name file and line."
     path, out = Path(path), []
@@ -1386,7 +1385,7 @@ def read_prompts(path) -> list[dict]:
         raise ValueError(f"{path}: no prompts")
     return out
 
-
+# %% ../nbs/22_mmdit.ipynb #28c3ecf3
 def generate_images(
     prompts: list[dict],
     latent_model=None,
@@ -1439,7 +1438,7 @@ def generate_images(
         )
     return res
 
-
+# %% ../nbs/22_mmdit.ipynb #213ae545
 def generate_main(argv: list[str] | None = None) -> int:
     "`latentcot generate --prompt ... --image img0.png --out out.png` (or `--prompts FILE.jsonl --out DIR`)."
     from latentcot.config import cli_parser, parse_cli
@@ -1579,7 +1578,7 @@ def bench_mmdit(
         )
     return res
 
-
+# %% ../nbs/22_mmdit.ipynb #85dc9e4b
 @dataclass
 class BenchMMDiTArgs:
     "Flags of `latentcot bench mmdit`."
@@ -1596,7 +1595,7 @@ class BenchMMDiTArgs:
     threads: int = field(default=1, metadata={"help": "torch threads (0: torch's default)"})
     seed: int = field(default=0, metadata={"help": "sampling noise seed"})
 
-
+# %% ../nbs/22_mmdit.ipynb #49996913
 def bench_mmdit_main(argv: list[str] | None = None) -> int:
     "`latentcot bench mmdit [--mmdit_name_or_path DIR] [--n 8] [--steps 1,2,4,8,16,50]`."
     from latentcot.config import cli_parser, parse_cli

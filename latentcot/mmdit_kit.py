@@ -24,7 +24,7 @@ __all__ = ['PALETTE', 'QWEN_IMAGE_SCHEDULER_CONFIG', 'MMDIT_KIT_VERSION', 'snap_
 # %% ../nbs/22_mmdit_kit.ipynb #774d3da1
 PALETTE = np.array([BACKGROUND, *COLORS.values()], dtype=np.int64)
 
-
+# %% ../nbs/22_mmdit_kit.ipynb #ffb0867f
 def snap_to_palette(img) -> Image.Image:
     "`img` (PIL or uint8 `[H,W,3]`) with every pixel replaced by the nearest palette colour (white, red, green, blue)."
     a = np.asarray(img.convert("RGB") if isinstance(img, Image.Image) else img).astype(np.int64)
@@ -33,7 +33,7 @@ def snap_to_palette(img) -> Image.Image:
     d = ((a[..., None, :] - PALETTE) ** 2).sum(-1)
     return Image.fromarray(PALETTE[d.argmin(-1)].astype(np.uint8))
 
-
+# %% ../nbs/22_mmdit_kit.ipynb #606e80fe
 def _templates(size, grid: int) -> dict:
     "Boolean masks `{shape: [H,W]}` of each shape drawn in cell (0, 0) by the datagen renderer, cropped to the cell."
     h, w = size[1] // grid, size[0] // grid
@@ -45,7 +45,7 @@ def _templates(size, grid: int) -> dict:
         for sh in SHAPES
     }
 
-
+# %% ../nbs/22_mmdit_kit.ipynb #11d5b108
 def read_grid(img, grid: int = GRID) -> list:
     "The `grid x grid` cells (row-major) of a scene image: `None` or `(color, shape)`; tolerant to decoding noise."
     if isinstance(img, (str, Path)):
@@ -77,7 +77,7 @@ def images_to_tensor(images) -> torch.Tensor:
     a = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in ims])
     return torch.from_numpy(a).permute(0, 3, 1, 2).div(127.5).sub(1).unsqueeze(2)
 
-
+# %% ../nbs/22_mmdit_kit.ipynb #48551fda
 def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
     "`[B,3,1,H,W]` or `[B,3,H,W]` in [-1, 1] -> PIL images."
     x = x[:, :, 0] if x.dim() == 5 else x
@@ -103,7 +103,7 @@ QWEN_IMAGE_SCHEDULER_CONFIG = dict(
     use_karras_sigmas=False,
 )
 
-
+# %% ../nbs/22_mmdit_kit.ipynb #ea13a9b2
 def tiny_vae_config(z_dim: int = 4, **kw) -> dict:
     "A small `AutoencoderKLQwenImage` config: 4x downsampling (`2 ** len(temperal_downsample)`), `z_dim` channels."
     return (
@@ -121,7 +121,7 @@ def tiny_vae_config(z_dim: int = 4, **kw) -> dict:
         | kw
     )
 
-
+# %% ../nbs/22_mmdit_kit.ipynb #0e640d65
 def tiny_transformer_config(joint_attention_dim: int = 64, z_dim: int = 4, **kw) -> dict:
     "A small `QwenImageTransformer2DModel` config conditioned on `joint_attention_dim`-wide states."
     return (
@@ -138,7 +138,7 @@ def tiny_transformer_config(joint_attention_dim: int = 64, z_dim: int = 4, **kw)
         | kw
     )
 
-
+# %% ../nbs/22_mmdit_kit.ipynb #4aea7bdd
 def check_kit_configs(transformer_config, vae_config):
     "Raise a clear error when the DiT and VAE configs cannot run together (diffusers fails later without saying why)."
     t, v = dict(transformer_config), dict(vae_config)
@@ -168,13 +168,13 @@ def encode_raw(vae, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
         [vae.encode(images[i : i + batch_size]).latent_dist.mode() for i in range(0, len(images), batch_size)]
     )
 
-
+# %% ../nbs/22_mmdit_kit.ipynb #ae1beb31
 def measure_latent_stats(vae, images: torch.Tensor) -> tuple[list[float], list[float]]:
     "Per-channel mean and std of the VAE's latents of `images`: the config's `latents_mean` / `latents_std`."
     z = encode_raw(vae, images)
     return z.mean((0, 2, 3, 4)).tolist(), z.std((0, 2, 3, 4)).clamp_min(1e-6).tolist()
 
-
+# %% ../nbs/22_mmdit_kit.ipynb #cddf8111
 @torch.no_grad()
 def reconstruction_grid_accuracy(vae, paths, batch_size: int = 32) -> dict:
     "Share of grid cells read back right from the VAE's reconstructions of `paths` (and of whole grids)."
@@ -202,7 +202,7 @@ def _unclamped_decode(vae, z: torch.Tensor) -> torch.Tensor:
         h.remove()
     return seen["out"]
 
-
+# %% ../nbs/22_mmdit_kit.ipynb #52366eb3
 def palette_ce(rec: torch.Tensor, x: torch.Tensor, tau: float = 0.05) -> torch.Tensor:
     "Per-pixel cross-entropy `[B,H,W]` of the reconstruction's palette distances against each pixel's true colour."
     pal = torch.tensor(PALETTE, dtype=rec.dtype, device=rec.device) / 127.5 - 1  # [P,3]
@@ -211,7 +211,7 @@ def palette_ce(rec: torch.Tensor, x: torch.Tensor, tau: float = 0.05) -> torch.T
         (-dist(rec) / tau).permute(0, 3, 1, 2), dist(x).argmin(-1), reduction="none"
     )
 
-
+# %% ../nbs/22_mmdit_kit.ipynb #dad440f4
 def train_tiny_vae(
     images: torch.Tensor,
     steps: int = 600,
@@ -249,7 +249,7 @@ def train_tiny_vae(
 # %% ../nbs/22_mmdit_kit.ipynb #15e1bfbb
 MMDIT_KIT_VERSION = 2  # bump on any change to how the kit is built that the recipe does not capture
 
-
+# %% ../nbs/22_mmdit_kit.ipynb #b249fc4b
 def edit_image_paths(data_dir=None, split: str = "train") -> list[Path]:
     "The edit triplets' images of `split` (img0, img1, img2 of every record) under `data_samples/edit`."
     from latentcot.demo import default_data_dir
@@ -258,7 +258,7 @@ def edit_image_paths(data_dir=None, split: str = "train") -> list[Path]:
     recs = load_edit_records(Path(data_dir or default_data_dir()) / "edit" / f"{split}.jsonl")
     return [Path(r[k]) for r in recs for k in ("img0", "img1", "img2")]
 
-
+# %% ../nbs/22_mmdit_kit.ipynb #86f59d56
 def mmdit_kit_recipe(joint_attention_dim: int = 64, vae_steps: int = 600, seed: int = 0, data_dir=None) -> dict:
     "Everything the kit's bytes depend on."
     import diffusers
@@ -279,11 +279,11 @@ def mmdit_kit_recipe(joint_attention_dim: int = 64, vae_steps: int = 600, seed: 
         train_images_sha256=h.hexdigest()[:16],
     )
 
-
+# %% ../nbs/22_mmdit_kit.ipynb #2fb50911
 def _hash(recipe: dict) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
-
+# %% ../nbs/22_mmdit_kit.ipynb #cf0e7511
 def _write_mmdit_kit(dst: Path, recipe: dict, data_dir=None, progress: bool = True):
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
 
@@ -305,7 +305,7 @@ def _write_mmdit_kit(dst: Path, recipe: dict, data_dir=None, progress: bool = Tr
         json.dumps({**recipe, "heldout_reconstruction": acc}, indent=1, sort_keys=True, default=str)
     )
 
-
+# %% ../nbs/22_mmdit_kit.ipynb #782c07da
 def build_mmdit_kit(out_dir, force: bool = False, data_dir=None, progress: bool = True, **recipe_kw) -> Path:
     "Build the Qwen-Image kit into `out_dir` atomically; reuse a kit of the same recipe already there unless `force`."
     out = Path(out_dir).expanduser().resolve()
@@ -335,7 +335,7 @@ def build_mmdit_kit(out_dir, force: bool = False, data_dir=None, progress: bool 
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
-
+# %% ../nbs/22_mmdit_kit.ipynb #3fd0c72b
 def mmdit_kit_path(cache_dir=None, **recipe_kw) -> Path:
     "The cached Qwen-Image kit (`$LATENTCOT_CACHE` or `~/.cache/latentcot`), built on first use."
     from latentcot.config import cache_root
@@ -346,7 +346,7 @@ def mmdit_kit_path(cache_dir=None, **recipe_kw) -> Path:
     )
     return path if (path / "kit.json").is_file() else build_mmdit_kit(path, **recipe_kw)
 
-
+# %% ../nbs/22_mmdit_kit.ipynb #4f1c526a
 def load_mmdit_kit(path, dtype=torch.float32) -> dict:
     "`{'transformer', 'vae', 'scheduler'}` from a Qwen-Image-layout folder (this kit or `Qwen/Qwen-Image`), checked."
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel

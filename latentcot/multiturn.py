@@ -31,15 +31,15 @@ SYSTEMPROMPT1 = (
 )
 SYSTEMPROMPT2 = "Based on the original image, your previous edit result, analyze if the edit achieved the goal and provide further instructions."
 
-
+# %% ../nbs/18_multiturn.ipynb #816e8d20
 def _text(t):
     return {"type": "text", "text": t}
 
-
+# %% ../nbs/18_multiturn.ipynb #b0b66446
 def _image(p):
     return {"type": "image", "image": str(p)}
 
-
+# %% ../nbs/18_multiturn.ipynb #4a96cf2d
 def edit_messages(rec: dict) -> list[dict]:
     "The two-round chat of one editing triplet: goal + img0, [img1] reflection 1, follow-up, [img2] reflection 2."
     return [
@@ -62,7 +62,7 @@ _SPECIAL = ("<abs_vis_token", "</abs_vis_token>", OBS_START, OBS_END, "<|")
 
 REFLECTION_TOKENS = ("<|reflection_start|>", "<|reflection_end|>")  # seed 000 §4's wrapper, special tokens when used
 
-
+# %% ../nbs/18_multiturn.ipynb #390474c8
 def reflection_wrapped(text: str, path, line: int, sid, key: str) -> bool:
     """Is `text` wrapped in `<|reflection_start|>` ... `<|reflection_end|>`? A wrapper that is not one balanced pair is
     an error."""
@@ -81,7 +81,7 @@ def reflection_wrapped(text: str, path, line: int, sid, key: str) -> bool:
         )
     return True
 
-
+# %% ../nbs/18_multiturn.ipynb #605e4351
 def edit_record_to_sample(rec: dict, path, line: int) -> Sample:
     "A checked two-round `Sample` of one editing record (image paths absolute); a bad record raises `DataError`."
     sid = rec.get("sample_id")
@@ -108,7 +108,7 @@ def edit_record_to_sample(rec: dict, path, line: int) -> Sample:
         metadata={**meta, "reflection_wrapped": bool(wrapped)},
     )
 
-
+# %% ../nbs/18_multiturn.ipynb #8567ed0e
 def _image_bytes(v):
     "The bytes of an embedded image: raw bytes, or base64 text (how JSON carries them)."
     import base64, binascii
@@ -122,7 +122,7 @@ def _image_bytes(v):
             return None
     return None
 
-
+# %% ../nbs/18_multiturn.ipynb #2c7fc818
 def triplet_image(value, path: Path, line: int, sid, key: str) -> str:
     """An image of a triplet as a file path: a path (relative to the data file), `{'path': ...}`, or `{'bytes': ...}`
     (cached once)."""
@@ -163,7 +163,7 @@ def triplet_image(value, path: Path, line: int, sid, key: str) -> str:
         raise DataError(path, line, sid, "missing_image", f"image not found: {p}")
     return str(p)
 
-
+# %% ../nbs/18_multiturn.ipynb #2a2c56d7
 def read_triplet_records(path) -> list[tuple[int, dict]]:
     """`(line or row, record)` of a JSONL or parquet file of COT triplets, images as file paths; `DataError` names file
     and line."""
@@ -195,7 +195,7 @@ def read_triplet_records(path) -> list[tuple[int, dict]]:
         out.append((n, {**rec, **{k: triplet_image(rec[k], path, n, sid, k) for k in ("img0", "img1", "img2")}}))
     return out
 
-
+# %% ../nbs/18_multiturn.ipynb #54864195
 def load_multiturn_samples(path) -> list[Sample]:
     """The COT triplets of a JSONL or parquet file as two-round `Sample`s; bad records raise `DataError` (file, line,
     sample)."""
@@ -211,7 +211,7 @@ def load_multiturn_samples(path) -> list[Sample]:
         out.append(s)
     return out
 
-
+# %% ../nbs/18_multiturn.ipynb #9e31030e
 def round_sample(sample: Sample, r: int) -> Sample:
     "`sample` cut after its `r`-th assistant turn (round `r`, 1-based), with the thought images shown so far."
     asst = [i for i, m in enumerate(sample.messages) if m["role"] == "assistant"]
@@ -234,7 +234,7 @@ def history_lengths(round1: dict) -> list[int]:
     "Real tokens of each round-1 sequence: where its round-2 continuation starts."
     return round1["attention_mask"].sum(1).tolist()
 
-
+# %% ../nbs/18_multiturn.ipynb #1619f1d8
 def check_prefix(round1: dict, round2: dict):
     "Raise unless every round-1 sequence is the exact prefix (ids and mRoPE positions) of its round-2 sequence."
     for b, n in enumerate(history_lengths(round1)):
@@ -246,7 +246,7 @@ def check_prefix(round1: dict, round2: dict):
                 f"sample {round1['sample_ids'][b]!r}: the round-1 layout is not a prefix of the round-2 layout"
             )
 
-
+# %% ../nbs/18_multiturn.ipynb #7a103f68
 def round2_only(round2: dict, n1: list[int]) -> dict:
     "The round-2 batch without the round-1 history in labels, latent segments, alignment and observation positions."
     labels = round2["labels"].clone()
@@ -263,7 +263,7 @@ def round2_only(round2: dict, n1: list[int]) -> dict:
         "history_lengths": list(n1),
     }
 
-
+# %% ../nbs/18_multiturn.ipynb #2b3c92f5
 @dataclass
 class MultiTurnCollator:
     "Callable on two-round `Sample`s: the student's round-1 and round-2 batches (+ the teacher layout if `teacher`)."
@@ -297,7 +297,7 @@ class MultiTurnCollator:
 def _pad_to(mask: torch.Tensor, L: int) -> torch.Tensor:
     return torch.nn.functional.pad(mask, (0, L - mask.shape[1]))
 
-
+# %% ../nbs/18_multiturn.ipynb #bcf6fa31
 def with_given_latents(model, round2: dict, given_mask: torch.Tensor, z0: torch.Tensor) -> dict:
     "`round2` with `z0` written at `given_mask` as input embeddings; those pads become plain inputs for the rollout."
     from latentcot.latent_forward import prefix_embeddings, patch_latents
@@ -307,7 +307,7 @@ def with_given_latents(model, round2: dict, given_mask: torch.Tensor, z0: torch.
     ids = round2["input_ids"].masked_fill(given_mask, model.config.get_text_config().latent_start_id)
     return {**round2, "inputs_embeds": emb, "input_ids": ids}
 
-
+# %% ../nbs/18_multiturn.ipynb #60280897
 @dataclass
 class MultiTurnOutput:
     "Both rounds of the student: each round's latent-engine output, and where round 2 received Z0."
@@ -324,7 +324,7 @@ class MultiTurnOutput:
     def z1(self) -> torch.Tensor:
         return self.round2.latents
 
-
+# %% ../nbs/18_multiturn.ipynb #a97c29bb
 def multiturn_forward(
     model, batch: dict, latent_grad: str = "detach", detach_z0: bool = False, output_hidden_states: bool = False
 ) -> MultiTurnOutput:
@@ -348,7 +348,7 @@ def _offsets(lengths: list[int]) -> list[list[int]]:
         at += n
     return out
 
-
+# %% ../nbs/18_multiturn.ipynb #a4266113
 def online_teacher(model, teacher_batch: dict, layers: str = "last") -> list[dict]:
     "Teacher entries (store format) from `model` on the teacher layout, without gradients."
     from latentcot.teacher_latents import teacher_compute_fn
@@ -360,7 +360,7 @@ def online_teacher(model, teacher_batch: dict, layers: str = "last") -> list[dic
         for o, sid in zip(outs, teacher_batch["sample_ids"])
     ]
 
-
+# %% ../nbs/18_multiturn.ipynb #1ee835f5
 def precompute_multiturn_teacher(model, processor, samples, out_dir, cfg: LatentCoTConfig | None = None, **kw):
     "Store z0/z1 of `samples` with `latentcot.teacher_latents.precompute` on the two-round teacher layout."
     from latentcot.collators import LatentCollator
@@ -370,7 +370,7 @@ def precompute_multiturn_teacher(model, processor, samples, out_dir, cfg: Latent
     collate = LatentCollator(processor, "precompute", cfg, rope_index=model)
     return precompute(model, processor, samples, collate, None, out_dir, cfg, **kw)
 
-
+# %% ../nbs/18_multiturn.ipynb #593d399e
 def round_targets(entries: list[dict], lens, r: int, key: str = "latents") -> torch.Tensor:
     "Teacher rows of round `r` (0: z0, 1: z1): segment `r` of each entry, its first `lens[b][r]` rows."
     from latentcot.teacher_latents import teacher_targets
@@ -394,7 +394,7 @@ def round_terms(out, batch: dict, cfg: LatentCoTConfig, teacher=None) -> dict:
         )
     return terms
 
-
+# %% ../nbs/18_multiturn.ipynb #2f617589
 def multiturn_loss(
     out: MultiTurnOutput, batch: dict, cfg: LatentCoTConfig, teacher=(None, None), generation=None
 ) -> tuple[torch.Tensor, dict]:
@@ -425,7 +425,7 @@ def cos_per_round(out: MultiTurnOutput, teacher) -> dict:
         if t is not None and t.shape == z.shape
     }
 
-
+# %% ../nbs/18_multiturn.ipynb #b978e83a
 def _teacher_source(cfg, teacher_latent_dir, samples, processor, model, online: bool, layers: str):
     """The teacher store and `{sample_id: file index}`, precomputed first if the directory is new; `(None, None)`
     online."""
@@ -446,7 +446,7 @@ def _teacher_source(cfg, teacher_latent_dir, samples, processor, model, online: 
         precompute_multiturn_teacher(model, processor, samples, teacher_latent_dir, cfg, layers=layers, progress=False)
     return TeacherLatentStore(teacher_latent_dir, expect=run_expectation(cfg, processor)), sample_index_map(samples)
 
-
+# %% ../nbs/18_multiturn.ipynb #845400db
 def make_multiturn_step(
     cfg: LatentCoTConfig,
     teacher_latent_dir=None,

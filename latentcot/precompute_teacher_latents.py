@@ -19,7 +19,7 @@ __all__ = ['SOURCE_NAME', 'teacher_source', 'PrecomputeArgs', 'build_parser', 'r
 # %% ../nbs/13_precompute_teacher_latents.ipynb #6419bdb5
 SOURCE_NAME = "source.json"
 
-
+# %% ../nbs/13_precompute_teacher_latents.ipynb #d69be09e
 def teacher_source(teacher_dir) -> dict | None:
     "The data file (and `--limit`) a teacher-latent directory was computed from, when it says."
     import json
@@ -27,7 +27,7 @@ def teacher_source(teacher_dir) -> dict | None:
     p = Path(teacher_dir) / SOURCE_NAME
     return json.loads(p.read_text()) if p.is_file() else None
 
-
+# %% ../nbs/13_precompute_teacher_latents.ipynb #57b43d94
 @dataclass
 class PrecomputeArgs:
     "The flags of `latentcot.precompute_teacher_latents` besides the config."
@@ -67,7 +67,7 @@ class PrecomputeArgs:
     attn_implementation: Literal["sdpa", "eager"] = field(default="sdpa", metadata={"help": "text attention"})
     quiet: bool = field(default=False, metadata={"help": "no progress bars"})
 
-
+# %% ../nbs/13_precompute_teacher_latents.ipynb #0a3094b4
 def build_parser():
     """Flags of `latentcot.precompute_teacher_latents` (seed 001's names): `PrecomputeArgs`, `--settings`, every config
     field."""
@@ -78,7 +78,7 @@ def build_parser():
         description="Compute the teacher's latents once, one bf16 file per sample (resumable).",
     )
 
-
+# %% ../nbs/13_precompute_teacher_latents.ipynb #0aac9962
 def run(args: argparse.Namespace, cfg: LatentCoTConfig | None = None):
     "Precompute the teacher latents `args` describe; returns the `PrecomputeReport`."
     import torch
@@ -145,7 +145,7 @@ def run(args: argparse.Namespace, cfg: LatentCoTConfig | None = None):
     atomic_write_json({"data": str(data.resolve()), "limit": args.limit}, Path(args.output_dir) / SOURCE_NAME)
     return rep
 
-
+# %% ../nbs/13_precompute_teacher_latents.ipynb #6de6b921
 def main(argv: list[str] | None = None) -> int:
     "CLI entry point: `python -m latentcot.precompute_teacher_latents ...`."
     print(run(build_parser().parse_args(argv)))

@@ -27,14 +27,14 @@ def _figure(ncols=1, w=5.0, h=3.4):
     fig = Figure(figsize=(w * ncols, h), dpi=100)
     return fig, [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
 
-
+# %% ../nbs/16_report.ipynb #b9cd696c
 def _save(fig, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: fig.savefig(f, format=path.suffix[1:] or "png"))
     return path
 
-
+# %% ../nbs/16_report.ipynb #ddca62d2
 def plot_losses(runs: dict[str, list[dict]], path=None):
     """One panel per loss term present, one line per run (e.g. per stage); returns the figure (saved to `path` if
     given)."""
@@ -55,7 +55,7 @@ def plot_losses(runs: dict[str, list[dict]], path=None):
         _save(fig, path)
     return fig
 
-
+# %% ../nbs/16_report.ipynb #0dfef4e2
 def _curves(recs, key, every=None):
     "(step, list) pairs of `key`, thinned to about 6 curves."
     rows = [(r["step"], r[key]) for r in recs if isinstance(r.get(key), list) and r[key]]
@@ -65,7 +65,7 @@ def _curves(recs, key, every=None):
     keep = rows[::every]
     return keep if keep[-1] is rows[-1] else keep + [rows[-1]]
 
-
+# %% ../nbs/16_report.ipynb #304d394b
 def plot_latent_cosine(recs: list[dict], path=None, title="cosine to teacher per latent index"):
     "Cosine between student and teacher latents against latent index, one curve per (thinned) training step."
     import matplotlib.cm as cm
@@ -87,7 +87,7 @@ def plot_latent_cosine(recs: list[dict], path=None, title="cosine to teacher per
         _save(fig, path)
     return fig
 
-
+# %% ../nbs/16_report.ipynb #b66d65da
 def plot_stop_probs(recs: list[dict], threshold: float = 0.5, path=None):
     "Mean stop probability per latent step, one curve per (thinned) training step, with the threshold line."
     import matplotlib.cm as cm
@@ -121,7 +121,7 @@ def format_table(rows: list[dict], cols: list[str] | None = None) -> str:
     line = lambda xs: "  ".join(x.ljust(n) for x, n in zip(xs, w))
     return "\n".join([line(cols), line(["-" * n for n in w]), *map(line, cells)])
 
-
+# %% ../nbs/16_report.ipynb #75157ef6
 def write_json(obj, path) -> Path:
     "Write JSON atomically."
     path = Path(path)

@@ -35,24 +35,24 @@ _FILE_RE = re.compile(r"^latent_(last_layer|all_layers)_jsonl_(\d{6,})\.pt$")
 
 log = logging.getLogger("latentcot.teacher_latents")
 
-
+# %% ../nbs/12_teacher_latents.ipynb #018fdb10
 class TeacherLatentError(ValueError):
     "A teacher-latent file or directory that does not fit the run: names the file and what differs."
 
-
+# %% ../nbs/12_teacher_latents.ipynb #428d489e
 def _check_layers(layers: str) -> str:
     if layers not in LAYERS:
         raise ValueError(f"layers must be one of {list(LAYERS)}, got {layers!r}")
     return layers
 
-
+# %% ../nbs/12_teacher_latents.ipynb #61c4a9ba
 def latent_file_name(idx: int, layers: str = "last") -> str:
     "Seed 001 name of the file of sample `idx`; `layers='all'` gives the all-layers variant."
     if isinstance(idx, bool) or not isinstance(idx, int) or idx < 0:
         raise ValueError(f"file index must be an int >= 0, got {idx!r}")
     return FILE_PATTERNS[_check_layers(layers)].format(idx=idx)
 
-
+# %% ../nbs/12_teacher_latents.ipynb #d33c1f8f
 def parse_latent_file_name(name: str) -> tuple[int, str] | None:
     "`(idx, layers)` of a latent file name; `None` for anything else (temp files, the manifest)."
     m = _FILE_RE.match(Path(name).name)
@@ -70,7 +70,7 @@ def sample_index(sample) -> int:
         )
     return int(line) - 1
 
-
+# %% ../nbs/12_teacher_latents.ipynb #d48b069b
 def sample_index_map(samples, indices=None) -> dict[str, int]:
     "`{sample_id: file index}` (default: `sample_index`); two samples on one index, or two data files, are errors."
     samples = list(samples)
@@ -99,16 +99,16 @@ def sample_index_map(samples, indices=None) -> dict[str, int]:
 # %% ../nbs/12_teacher_latents.ipynb #10422d5e
 CHECKSUM_SUFFIX = ".sha256"
 
-
+# %% ../nbs/12_teacher_latents.ipynb #4c57dbf1
 def _tmp(path: Path) -> Path:
     return path.with_name(path.name + ".tmp")
 
-
+# %% ../nbs/12_teacher_latents.ipynb #3b985a1d
 def checksum_path(path) -> Path:
     "The file beside `path` that holds the sha256 of its content."
     return Path(path).with_name(Path(path).name + CHECKSUM_SUFFIX)
 
-
+# %% ../nbs/12_teacher_latents.ipynb #aa7c91e0
 def atomic_torch_save(obj, path, checksum: bool = False) -> Path:
     """`torch.save` to `path.tmp`, flushed to disk, then renamed to `path` (never a half-written `path`). `checksum`:
     first write the content's sha256 to `path.sha256`, so that a finished `path` always has its checksum beside it."""
@@ -130,14 +130,14 @@ def atomic_torch_save(obj, path, checksum: bool = False) -> Path:
     os.replace(tmp, path)
     return path
 
-
+# %% ../nbs/12_teacher_latents.ipynb #0b4d25dd
 def atomic_write_json(obj, path) -> Path:
     "Write `obj` as JSON to `path` through a temp file and a rename (`atomic_write`)."
     path = Path(path)
     atomic_write(path, lambda f: Path(f).write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n"))
     return path
 
-
+# %% ../nbs/12_teacher_latents.ipynb #ceffbbb5
 def checksum_problem(path, data: bytes | None = None) -> str | None:
     """Why `path` does not match its recorded sha256 (None: it does); `'no checksum'` for files written before
     checksums."""
@@ -154,7 +154,7 @@ def checksum_problem(path, data: bytes | None = None) -> str | None:
         else f"{path}: content differs from its checksum {c.name} (damaged or changed after it was written)"
     )
 
-
+# %% ../nbs/12_teacher_latents.ipynb #def51c3c
 def load_latent_file(path, verify: bool = True) -> dict:
     """Load one latent file with `torch.load(weights_only=True)` on CPU; a bad file is a `TeacherLatentError` naming it.
     `verify`: the bytes must match the sha256 beside the file (when there is one)."""
@@ -187,7 +187,7 @@ _VOLATILE_CONFIG_KEYS = {
     "_attn_implementation_autoset",
 }
 
-
+# %% ../nbs/12_teacher_latents.ipynb #c8f62e7c
 def _stable_config(d):
     if isinstance(d, dict):
         return {k: _stable_config(v) for k, v in d.items() if k not in _VOLATILE_CONFIG_KEYS}
@@ -195,16 +195,16 @@ def _stable_config(d):
         return [_stable_config(v) for v in d]
     return d
 
-
+# %% ../nbs/12_teacher_latents.ipynb #deec0767
 def _sha(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
-
+# %% ../nbs/12_teacher_latents.ipynb #3ac5770f
 def _strided(t: torch.Tensor, n: int) -> torch.Tensor:
     flat = t.detach().reshape(-1)
     return flat[:: max(1, flat.numel() // n)][:n].to("cpu", torch.float32).contiguous()
 
-
+# %% ../nbs/12_teacher_latents.ipynb #67b89a51
 def latent_ids_of(model=None, processor=None) -> dict:
     "The latent token ids: from the processor's tokenizer if given, else from `model.config`."
     if processor is not None:
@@ -225,7 +225,7 @@ def latent_ids_of(model=None, processor=None) -> dict:
         latent_end=getattr(c, "latent_end_id", None),
     )
 
-
+# %% ../nbs/12_teacher_latents.ipynb #eceae060
 def model_fingerprint(model, processor=None, n_tensors: int = 6, n_values: int = 4096) -> dict:
     "Cheap identity of a model: config hash, checksum of a few parameter tensors, tokenizer size and latent ids."
     named = sorted(model.named_parameters(), key=lambda kv: kv[0])
@@ -257,12 +257,12 @@ _K_KEYS = {
 }
 _IMAGE_KEYS = ("image_resize", "max_img_tokens", "sft_stage1_img_tokens", "sft_stage2_img_tokens")  # stage 3 = stage 2
 
-
+# %% ../nbs/12_teacher_latents.ipynb #5b108a7d
 def k_settings(cfg: LatentCoTConfig) -> dict:
     "The config fields that fix the latent segment lengths (K) in `cfg.latent_size_mode`."
     return {"latent_size_mode": cfg.latent_size_mode, **{k: getattr(cfg, k) for k in _K_KEYS[cfg.latent_size_mode]}}
 
-
+# %% ../nbs/12_teacher_latents.ipynb #36f5b343
 def image_settings(cfg: LatentCoTConfig, processor=None) -> dict:
     "The image token budgets of `cfg`, and the processor's patch/merge sizes and pixel limits."
     out = {k: getattr(cfg, k) for k in _IMAGE_KEYS}
@@ -282,16 +282,16 @@ def image_settings(cfg: LatentCoTConfig, processor=None) -> dict:
         )
     return out
 
-
+# %% ../nbs/12_teacher_latents.ipynb #b705b9ba
 def _text_config(model):
     return model.config.get_text_config()
 
-
+# %% ../nbs/12_teacher_latents.ipynb #ae6bda60
 def tokenizer_info(processor) -> dict:
     "Tokenizer size and latent ids (what stage 3 must share with the teacher even when the weights differ)."
     return dict(vocab_size=len(processor.tokenizer), latent_ids=latent_ids_of(processor=processor))
 
-
+# %% ../nbs/12_teacher_latents.ipynb #05f92287
 def teacher_manifest(model, processor, cfg: LatentCoTConfig, layers: str = "last", info: dict | None = None) -> dict:
     "The manifest of teacher latents computed by `model` under `cfg`."
     tc = _text_config(model)
@@ -311,13 +311,13 @@ def teacher_manifest(model, processor, cfg: LatentCoTConfig, layers: str = "last
         "info": dict(info or {}),
     }
 
-
+# %% ../nbs/12_teacher_latents.ipynb #a02897db
 def manifest_id(manifest: dict) -> str:
     """Hash of a manifest's identity (everything but `info` and its own `checksum`); every file carries the id of its
     manifest."""
     return _sha({k: v for k, v in manifest.items() if k not in ("info", "checksum")})[:16]
 
-
+# %% ../nbs/12_teacher_latents.ipynb #f537f4e3
 def check_manifest_checksum(stored: dict, path) -> None:
     """Raise `TeacherLatentError` when a manifest was edited after precompute wrote it (its `checksum` is its
     `manifest_id`)."""
@@ -328,7 +328,7 @@ def check_manifest_checksum(stored: dict, path) -> None:
             "manifest or recompute the teacher latents"
         )
 
-
+# %% ../nbs/12_teacher_latents.ipynb #b4c9dde3
 def manifest_diff(stored: dict, expected: dict, prefix: str = "") -> list[str]:
     "What differs between a stored manifest and an expected subset, one `key.path: stored X, expected Y` per leaf."
     out = []
@@ -342,7 +342,7 @@ def manifest_diff(stored: dict, expected: dict, prefix: str = "") -> list[str]:
             out.append(f"{key}: stored {stored[k]!r}, expected {want!r}")
     return out
 
-
+# %% ../nbs/12_teacher_latents.ipynb #09812896
 def run_expectation(
     cfg: LatentCoTConfig | None = None, processor=None, model=None, layers: str | None = None, teacher=None
 ) -> dict:
@@ -400,11 +400,11 @@ def batch_image_grids(batch: dict, ids) -> list[dict]:
         out[b]["thought" if int(roles[b, p]) == Role.THOUGHT_IMAGE else "question"].append([int(v) for v in g])
     return out
 
-
+# %% ../nbs/12_teacher_latents.ipynb #5353bd9a
 def _segment_lengths(segments) -> list[int]:
     return [int(s[1]) - int(s[0]) for s in segments]
 
-
+# %% ../nbs/12_teacher_latents.ipynb #c38461a4
 def _offsets(budgets) -> list[list[int]]:
     out, a = [], 0
     for n in budgets:
@@ -412,14 +412,14 @@ def _offsets(budgets) -> list[list[int]]:
         a += n
     return out
 
-
+# %% ../nbs/12_teacher_latents.ipynb #208fb67e
 def _obs_shape(manifest: dict, n: int) -> tuple:
     """Shape of the stored observation states of `n` observation tokens: `(n, D)`, or `(n_hidden_states, n, D)` for
     'all'."""
     D, H = manifest["hidden_size"], manifest["n_hidden_states"]
     return (H, n, D) if manifest["layers"] == "all" else (n, D)
 
-
+# %% ../nbs/12_teacher_latents.ipynb #b8117f0c
 def non_finite(rec: dict) -> str | None:
     "Which tensors of a record hold NaN or Inf (None: all finite)."
     bad = [
@@ -429,7 +429,7 @@ def non_finite(rec: dict) -> str | None:
     ]
     return "; ".join(bad) or None
 
-
+# %% ../nbs/12_teacher_latents.ipynb #ab033f7f
 def make_record(
     out: dict,
     idx: int,
@@ -580,7 +580,7 @@ class PrecomputeReport:
             f"{len(self.dropped)} dropped by the collator, {self.compute_calls} compute call(s) in {self.seconds:.1f}s"
         )
 
-
+# %% ../nbs/12_teacher_latents.ipynb #8c82a661
 def _check_collator(collate_fn, cfg: LatentCoTConfig):
     "A collator that carries its own config must lay out what the manifest records, and show the teacher its images."
     ccfg, stage = getattr(collate_fn, "cfg", None), getattr(collate_fn, "stage", None)
@@ -596,7 +596,7 @@ def _check_collator(collate_fn, cfg: LatentCoTConfig):
         if d:
             raise ValueError("the collator's config differs from the manifest's: " + "; ".join(d))
 
-
+# %% ../nbs/12_teacher_latents.ipynb #63046499
 def _finished_problem(path: Path, manifest: dict, idx: int, sample_id: str) -> str | None:
     """Why `path` is not a finished, intact file of this sample (None: it is). A file from before checksums is loaded
     and checked, then gets one."""
@@ -612,7 +612,7 @@ def _finished_problem(path: Path, manifest: dict, idx: int, sample_id: str) -> s
         f.write(hashlib.sha256(data).hexdigest() + "\n")
     return None
 
-
+# %% ../nbs/12_teacher_latents.ipynb #c41aa28a
 def precompute(
     model,
     processor,
@@ -820,7 +820,7 @@ class TeacherLatentStore:
             check_question_grids(entries, batch, ids, self.root)
         return entries
 
-
+# %% ../nbs/12_teacher_latents.ipynb #1bf5e597
 def teacher_targets(entries: list[dict], budgets=None, key: str = "latents") -> torch.Tensor:
     """Teacher rows in the student's latent order (sample, segment, step): `[N, D]` (`key='hidden_states'`: `[n_hs, N,
     D]`)."""
@@ -838,7 +838,7 @@ def teacher_targets(entries: list[dict], budgets=None, key: str = "latents") -> 
         raise ValueError("no teacher rows: the entries hold no latent segments")
     return torch.cat(parts, dim=-2)
 
-
+# %% ../nbs/12_teacher_latents.ipynb #d50b63c7
 def has_observations(entries: list[dict], positions) -> bool:
     "Do the batch's observation tokens all come with the teacher's `observations`? (False when no file has any.)"
     with_obs = [(e, "observations" in e) for e, p in zip(entries, positions) if p]
@@ -852,7 +852,7 @@ def has_observations(entries: list[dict], positions) -> bool:
         )
     return True
 
-
+# %% ../nbs/12_teacher_latents.ipynb #744f8fd2
 def observation_targets(entries: list[dict], positions, where="") -> torch.Tensor:
     """Teacher states at observation tokens in the student's order, `[N, D]` (or `[n_hs, N, D]`); the k-th token of a
     sample to the teacher's k-th."""
@@ -896,7 +896,7 @@ def batch_to(batch: dict, device) -> dict:
     )
     return {k: mv(v) for k, v in batch.items()}
 
-
+# %% ../nbs/12_teacher_latents.ipynb #47e9c651
 def teacher_compute_fn(model, batch: dict, layers: str = "last") -> list[dict]:
     """Per sample of a precompute batch: the teacher's latents from the latent engine's rollout (+ all hidden states at
     the pads, + its states at the observation tokens)."""

@@ -28,13 +28,13 @@ _ASCII_MAP = {
     "\u00a0": " ",
 }
 
-
+# %% ../nbs/19_textdata.ipynb #fce9e38b
 def to_ascii(s: str) -> str:
     "Map typographic quotes and dashes to ASCII and drop any other non-printable or non-ASCII character."
     s = "".join(_ASCII_MAP.get(c, c) for c in s)
     return "".join(c for c in s if " " <= c <= "~")
 
-
+# %% ../nbs/19_textdata.ipynb #53085c62
 def _is_prose(par: list[str]) -> bool:
     "A paragraph of running text: not indented (code, grammar), not a heading underline, mostly words."
     if any(l.startswith(" ") for l in par):
@@ -46,7 +46,7 @@ def _is_prose(par: list[str]) -> bool:
         return False
     return len(text.split()) >= 6 and sum(c.isalpha() for c in text) > 0.6 * len(text)
 
-
+# %% ../nbs/19_textdata.ipynb #5a8b2509
 def english_paragraphs() -> list[str]:
     "The prose paragraphs of `pydoc_data.topics`, in sorted topic order, whitespace-collapsed ASCII."
     from pydoc_data.topics import topics
@@ -66,7 +66,7 @@ def english_paragraphs() -> list[str]:
 # %% ../nbs/19_textdata.ipynb #ae05d2e9
 _FACT = re.compile(r"(\d{1,3})([+-])(\d{1,3})=(\d{1,3})")
 
-
+# %% ../nbs/19_textdata.ipynb #5d73c90b
 def synthetic_line(rng: random.Random, max_value: int = 9, min_facts: int = 3, max_facts: int = 8) -> str:
     "One chain of `a+b=c;`/`a-b=c;` facts with every number in `0..max_value`, each fact starting at the last result."
     a, facts = rng.randint(0, max_value), []
@@ -80,7 +80,7 @@ def synthetic_line(rng: random.Random, max_value: int = 9, min_facts: int = 3, m
         a = c
     return "".join(facts)
 
-
+# %% ../nbs/19_textdata.ipynb #dd53466d
 def check_synthetic(line: str, max_value: int = 9) -> float:
     "Fraction of the `;`-terminated facts in `line` that are well formed, right, in range and continue the chain."
     parts = line.split(";")
@@ -104,12 +104,12 @@ def check_synthetic(line: str, max_value: int = 9) -> float:
 # %% ../nbs/19_textdata.ipynb #4653fafd
 TEXT_FILES = ("english_train.txt", "english_heldout.txt", "synthetic_train.txt", "synthetic_heldout.txt")
 
-
+# %% ../nbs/19_textdata.ipynb #3f83f2b9
 def _atomic_write(path: Path, data: bytes):
     "Write `data` to `path` atomically."
     atomic_write(path, lambda f: Path(f).write_bytes(data))
 
-
+# %% ../nbs/19_textdata.ipynb #b92c0e41
 def text_sets(
     seed: int = 0,
     width: int = 60,
@@ -141,7 +141,7 @@ def text_sets(
         "synthetic_heldout.txt": syn[n_synthetic:],
     }
 
-
+# %% ../nbs/19_textdata.ipynb #817703cb
 def write_text_sets(out_dir, seed: int = 0, **kw) -> dict[str, Path]:
     "Write `TEXT_FILES` and `manifest.json` into `out_dir` (atomically, same seed => same bytes); return their paths."
     out = Path(out_dir)
@@ -163,7 +163,7 @@ def write_text_sets(out_dir, seed: int = 0, **kw) -> dict[str, Path]:
     paths["manifest.json"] = out / "manifest.json"
     return paths
 
-
+# %% ../nbs/19_textdata.ipynb #a31b7163
 def read_lines(path, max_len: int | None = None) -> list[str]:
     "Lines of a text-set file; a clear error for a missing file, non-ASCII text or an over-long line."
     p = Path(path)

@@ -118,7 +118,7 @@ def train_bpe(texts: list[str], vocab_size: int = BPE_VOCAB_SIZE) -> Tokenizer:
         raise ValueError(f"BPE training reached {tok.get_vocab_size()} entries, not {vocab_size}: corpus too small")
     return tok
 
-
+# %% ../nbs/01_tiny.ipynb #b6a42372
 def build_tokenizer(vocab_size: int = BPE_VOCAB_SIZE) -> Qwen2Tokenizer:
     "A `Qwen2Tokenizer` on a freshly trained BPE, with the 22 Qwen2.5-VL added tokens right after its vocabulary."
     bpe = json.loads(train_bpe(training_corpus(), vocab_size).to_str())["model"]
@@ -152,7 +152,7 @@ def qwen_config_token_ids(n_bpe: int = BPE_VOCAB_SIZE) -> dict:
         vision_end_token_id=at["<|vision_end|>"],
     )
 
-
+# %% ../nbs/01_tiny.ipynb #58cd823a
 def tiny_qwen25vl_config(vocab_size: int, **overrides) -> Qwen2_5_VLConfig:
     "A tiny `Qwen2_5_VLConfig`; `text_config`/`vision_config` dicts in `overrides` update the defaults key by key."
     ids = qwen_config_token_ids()
@@ -195,13 +195,13 @@ class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
-
+# %% ../nbs/01_tiny.ipynb #2ed66731
 def _image_processor_class():
     from transformers import Qwen2VLImageProcessor, Qwen2VLImageProcessorPil
 
     return Qwen2VLImageProcessor if is_torchvision_available() else Qwen2VLImageProcessorPil
 
-
+# %% ../nbs/01_tiny.ipynb #3a74bfe9
 def build_processor(tokenizer, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS) -> Qwen2_5_VLProcessor:
     "A Qwen2.5-VL processor: `tokenizer`, a small-image `Qwen2VLImageProcessor` and the real chat template."
     image_processor = _image_processor_class()(min_pixels=min_pixels, max_pixels=max_pixels)
@@ -216,7 +216,7 @@ def build_processor(tokenizer, min_pixels: int = MIN_PIXELS, max_pixels: int = M
         )
     return ImageOnlyQwen2_5_VLProcessor(image_processor, tokenizer, chat_template=QWEN25VL_CHAT_TEMPLATE)
 
-
+# %% ../nbs/01_tiny.ipynb #fc8bde29
 def load_processor(path) -> Qwen2_5_VLProcessor:
     "Load a Qwen2.5-VL processor from `path` (`AutoProcessor`, or the image-only stock class without torchvision)."
     if is_torchvision_available():
@@ -226,7 +226,7 @@ def load_processor(path) -> Qwen2_5_VLProcessor:
 # %% ../nbs/01_tiny.ipynb #7782a7d2
 KIT_VERSION = 3  # bump on any change to how the kit is built that the recipe below does not capture
 
-
+# %% ../nbs/01_tiny.ipynb #1ff67f43
 def kit_recipe(seed: int = 0) -> dict:
     "Everything the kit's bytes depend on."
     corpus = hashlib.sha256("\x00".join(training_corpus()).encode()).hexdigest()
@@ -246,7 +246,7 @@ def kit_recipe(seed: int = 0) -> dict:
         config=tiny_qwen25vl_config(BPE_VOCAB_SIZE + len(QWEN_ADDED_TOKENS)).to_diff_dict(),
     )
 
-
+# %% ../nbs/01_tiny.ipynb #8fe3e813
 def _recipe_hash(recipe: dict) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -274,11 +274,11 @@ def _write_kit(dst: Path, seed: int):
     model.save_pretrained(dst)
     (dst / "kit.json").write_text(json.dumps(kit_recipe(seed), indent=1, sort_keys=True, default=str))
 
-
+# %% ../nbs/01_tiny.ipynb #8115524f
 def _is_kit(path: Path) -> bool:
     return (path / "kit.json").is_file()
 
-
+# %% ../nbs/01_tiny.ipynb #36871e95
 def build_tiny_kit(out_dir, seed: int = 0, force: bool = False) -> Path:
     "Build the tiny kit into `out_dir` (atomically); reuse a matching kit already there unless `force`."
     out = Path(out_dir).expanduser().resolve()
@@ -317,11 +317,11 @@ def build_tiny_kit(out_dir, seed: int = 0, force: bool = False) -> Path:
 
 from .config import cache_root
 
-
+# %% ../nbs/01_tiny.ipynb #6451c94e
 def _cached_kit_dir(cache_dir=None) -> Path:
     return cache_root(cache_dir) / f"tiny-qwen25vl-{_recipe_hash(kit_recipe())}"
 
-
+# %% ../nbs/01_tiny.ipynb #be6ff168
 def tiny_kit_path(cache_dir=None) -> Path:
     "The cached tiny kit (`$LATENTCOT_CACHE` or `~/.cache/latentcot`), built on first use."
     path = _cached_kit_dir(cache_dir)
@@ -351,7 +351,7 @@ def calibrate_merger(model, processor, images) -> dict:
         lin.bias.copy_(((lin.bias.double() - mu) / sd).to(lin.bias.dtype))
     return {"mean": mu.float(), "std": sd.float(), "n_tokens": len(f)}
 
-
+# %% ../nbs/01_tiny.ipynb #fc190e5c
 def calibration_images(data_dir=None) -> list[Path]:
     "The images the calibration reads: every PNG of `data_samples/visual/images/train`, sorted."
     if data_dir is None:
@@ -363,7 +363,7 @@ def calibration_images(data_dir=None) -> list[Path]:
         raise FileNotFoundError(f"{data_dir}/visual/images/train: no PNG images to calibrate the vision merger on")
     return paths
 
-
+# %% ../nbs/01_tiny.ipynb #14eece16
 def build_calibrated_kit(out_dir, kit=None, images=None) -> Path:
     "The tiny kit with its vision merger calibrated on `images` (default: the training images), saved atomically."
     from PIL import Image
@@ -398,7 +398,7 @@ def build_calibrated_kit(out_dir, kit=None, images=None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
-
+# %% ../nbs/01_tiny.ipynb #fdd7bdc1
 def _files_hash(paths) -> str:
     h = hashlib.sha256()
     for p in paths:
@@ -406,7 +406,7 @@ def _files_hash(paths) -> str:
         h.update(Path(p).read_bytes())
     return h.hexdigest()[:16]
 
-
+# %% ../nbs/01_tiny.ipynb #d72c3e9c
 def calibrated_kit_path(cache_dir=None) -> Path:
     "The cached tiny kit with a calibrated vision merger (built on first use): the main job's default base model."
     paths = calibration_images()
@@ -427,7 +427,7 @@ class KitArgs:
     seed: int = field(default=0, metadata={"help": "weight seed (only with --out; the cached kit uses 0)"})
     force: bool = field(default=False, metadata={"help": "rebuild even if a matching kit exists"})
 
-
+# %% ../nbs/01_tiny.ipynb #a3a6ce35
 def kit_main(argv: list[str] | None = None) -> int:
     "CLI `latentcot kit [--cache-dir D] [--out DIR] [--seed N] [--force]`: build or find the tiny kit, print its path."
     from latentcot.config import cli_parser, parse_cli

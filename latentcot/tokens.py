@@ -35,11 +35,11 @@ _TOKEN_OF = dict(
     endoftext="<|endoftext|>",
 )
 
-
+# %% ../nbs/02_tokens.ipynb #e9761100
 def _tokenizer_of(tok_or_processor):
     return getattr(tok_or_processor, "tokenizer", tok_or_processor)
 
-
+# %% ../nbs/02_tokens.ipynb #6213e9b1
 @dataclass(frozen=True)
 class SpecialIds:
     "Ids of the latent, vision and chat special tokens of one tokenizer."
@@ -84,13 +84,13 @@ def _init_rows(weight: torch.Tensor, rows: list[int], n_trained: int):
         mean = weight[:n_trained].float().mean(0)
         weight[torch.tensor(rows, device=weight.device)] = mean.to(weight.dtype)
 
-
+# %% ../nbs/02_tokens.ipynb #6f9a2f58
 def freeze_vision(model):
     "Stop gradients into the vision tower (patch embed, blocks, merger): only the language path trains."
     for p in model.model.visual.parameters():
         p.requires_grad_(False)
 
-
+# %% ../nbs/02_tokens.ipynb #b51a1244
 def register_latent_config(model, ids: SpecialIds):
     "Write the latent ids and answer pattern onto `model.config` and `model.config.text_config`."
     vals = dict(

@@ -122,14 +122,14 @@ def vae_factor(vae) -> int:
     "Pixels per patch side: the VAE's downsampling times the 2x2 packing."
     return 2 ** len(vae.temperal_downsample) * 2
 
-
+# %% ../nbs/23_unified.ipynb #d711974c
 def patch_grid(height: int, width: int, vae) -> tuple[int, int]:
     "`(rows, cols)` of patches of an image; raises unless both sides are multiples of the patch size."
     check_image_size(height, width, vae)
     f = vae_factor(vae)
     return height // f, width // f
 
-
+# %% ../nbs/23_unified.ipynb #01a207b9
 def image_patches(vae, images) -> list[torch.Tensor]:
     """`[n,patch_dim]` patches (normalised latents, packed 2x2, row-major) of each image (PIL or path); same-size runs
     batch."""
@@ -150,7 +150,7 @@ def image_patches(vae, images) -> list[torch.Tensor]:
                 out[i] = p
     return out
 
-
+# %% ../nbs/23_unified.ipynb #95562559
 @torch.no_grad()
 def patches_to_images(vae, patches: torch.Tensor, rows: int, cols: int) -> list[Image.Image]:
     "PIL images of `[B,rows*cols,patch_dim]` patches (inverse of `image_patches` up to the VAE)."
@@ -162,7 +162,7 @@ def patches_to_images(vae, patches: torch.Tensor, rows: int, cols: int) -> list[
 def _modulate(x, shift, scale):
     return x * (1 + scale) + shift
 
-
+# %% ../nbs/23_unified.ipynb #e7f97dff
 class AdaLNBlock(nn.Module):
     "Residual MLP block with adaptive LayerNorm (shift, scale, gate from the condition)."
 
@@ -178,7 +178,7 @@ class AdaLNBlock(nn.Module):
         shift, scale, gate = self.ada(c).chunk(3, -1)
         return x + gate * self.mlp(_modulate(self.norm(x), shift, scale))
 
-
+# %% ../nbs/23_unified.ipynb #0d9c5204
 class FlowHead(nn.Module):
     "v(x_t, σ | h): the velocity (ε - x0) of one patch given the LM hidden state `h` before it."
 
@@ -214,7 +214,7 @@ def flow_pair(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor):
     s = sigma.reshape(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
     return (1 - s) * x0 + s * noise, noise - x0
 
-
+# %% ../nbs/23_unified.ipynb #019072ed
 def euler_sample(velocity, noise: torch.Tensor, num_timesteps: int) -> torch.Tensor:
     "Patches from `noise` (σ = 1) by `num_timesteps` Euler steps to σ = 0: `x_t = x_t - v·dt` (seed 004 l.98-114)."
     if num_timesteps < 1:
@@ -229,13 +229,13 @@ def euler_sample(velocity, noise: torch.Tensor, num_timesteps: int) -> torch.Ten
 SYSTEM_PROMPT = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 _RESERVED = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 
-
+# %% ../nbs/23_unified.ipynb #42e6d3a1
 def edit_sample(rec: dict) -> dict:
     "An editing triplet as a unified sample: img0 + prompt -> reflection 1, img1, reflection 2, img2."
     answer = [("text", rec["reflection1"]), ("draw", rec["img1"]), ("text", rec["reflection2"]), ("draw", rec["img2"])]
     return dict(sample_id=rec["sample_id"], user=[("image", rec["img0"]), ("text", rec["prompt"])], assistant=answer)
 
-
+# %% ../nbs/23_unified.ipynb #6c4b799e
 def qa_sample(s) -> dict:
     "A visual-QA `Sample` as a unified sample: question image(s) + question -> the answer text (no drawing)."
     user = next(m for m in s.messages if m["role"] == "user")
@@ -246,7 +246,7 @@ def qa_sample(s) -> dict:
         assistant=[("text", s.answer)],
     )
 
-
+# %% ../nbs/23_unified.ipynb #1df670b9
 def _check_text(sample_id, text: str):
     for t in _RESERVED:
         if t in text:
@@ -255,7 +255,7 @@ def _check_text(sample_id, text: str):
                 "(images are given as image items, never as tokens in text)"
             )
 
-
+# %% ../nbs/23_unified.ipynb #b676f5ce
 def render_text(sample: dict, grid_of, input_vae_patches: bool = True, generation_prompt: bool = False) -> str:
     """The chat text of `sample`; `grid_of(path) -> (rows, cols)` sizes the patch runs; `generation_prompt`: the prompt
     (+ any answer prefix)."""
@@ -287,7 +287,7 @@ def patch_grid_thw(rows: int, cols: int, merge: int = 2) -> list[int]:
     "The `image_grid_thw` row of an input image whose merged grid is `rows x cols` (what the processor would report)."
     return [1, rows * merge, cols * merge]
 
-
+# %% ../nbs/23_unified.ipynb #ea418485
 def image_block_offsets(rope_model, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`(offsets [3,rows*cols], end [3])`: mRoPE positions of a patch block and its `<|vision_end|>`, minus
     `<|vision_start|>`'s."""
@@ -309,7 +309,7 @@ def _grid_rc(rows: int, cols: int) -> torch.Tensor:
     r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
     return torch.stack([r.flatten(), c.flatten()], 1)
 
-
+# %% ../nbs/23_unified.ipynb #74ba451b
 class UnifiedCollator:
     "Samples -> a teacher-forced batch of the unified sequence (see above); raises on samples over `max_length`."
 
@@ -426,7 +426,7 @@ class UnifiedOutput:
 
 UNIFIED_VERSION = 1
 
-
+# %% ../nbs/23_unified.ipynb #095e120e
 class UnifiedModel(nn.Module):
     "Seed 004's unified model: stock Qwen2.5-VL + `patch_in` + per-patch flow head, frozen vision tower and VAE."
 
@@ -593,7 +593,7 @@ def _own_modules(model) -> list[str]:
     "The unified model's own parts (saved in unified.safetensors)."
     return ["patch_in", "head"] + (["row_emb", "col_emb"] if model.cfg.patch_pos_emb else [])
 
-
+# %% ../nbs/23_unified.ipynb #84ae3739
 def _unified_meta(model) -> dict:
     return dict(
         version=UNIFIED_VERSION,
@@ -602,7 +602,7 @@ def _unified_meta(model) -> dict:
         z_dim=model.vae.config.z_dim,
     )
 
-
+# %% ../nbs/23_unified.ipynb #cac458bc
 def save_unified(model: UnifiedModel, out_dir) -> Path:
     "Write `model` into `out_dir` atomically (`vlm/`, `vae/`, `unified.safetensors`, `unified.json`)."
     from safetensors.torch import save_file
@@ -628,7 +628,7 @@ def save_unified(model: UnifiedModel, out_dir) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
-
+# %% ../nbs/23_unified.ipynb #a2d25fc2
 def load_unified(path, attn_implementation: str = "sdpa") -> UnifiedModel:
     "A unified model written by `save_unified`; the checkpoint's widths must match its config."
     from diffusers import AutoencoderKLQwenImage
@@ -685,7 +685,7 @@ class Generated:
     def images(self) -> list:
         return [v for k, v in self.segments if k == "image"]
 
-
+# %% ../nbs/23_unified.ipynb #85d8db56
 def _choose(logits: torch.Tensor, do_sample: bool, temperature: float, gens) -> torch.Tensor:
     "Argmax, or one draw per row from its own generator."
     if not do_sample:
@@ -695,13 +695,13 @@ def _choose(logits: torch.Tensor, do_sample: bool, temperature: float, gens) -> 
     probs = torch.softmax(logits.float() / temperature, -1)
     return torch.stack([torch.multinomial(p, 1, generator=g)[0] for p, g in zip(probs, gens)])
 
-
+# %% ../nbs/23_unified.ipynb #53aad8ac
 def prompt_sample(prompt: str, input_image=None, sample_id: str = "prompt") -> dict:
     "A generation prompt: the input image (if any) then the text, as the user turn."
     user = ([("image", input_image)] if input_image is not None else []) + [("text", prompt)]
     return dict(sample_id=sample_id, user=user, assistant=[])
 
-
+# %% ../nbs/23_unified.ipynb #5f6f436e
 def _draw_grid(model, sample, coll) -> tuple[int, int]:
     "The grid of images the sample draws: its first input image's, else `draw_size` square."
     for k, v in sample["user"]:
@@ -709,7 +709,7 @@ def _draw_grid(model, sample, coll) -> tuple[int, int]:
             return coll.grid_of(v)
     return patch_grid(model.cfg.draw_size, model.cfg.draw_size, model.vae)
 
-
+# %% ../nbs/23_unified.ipynb #9c33ecac
 @torch.no_grad()
 def generate(
     model: UnifiedModel,
@@ -831,7 +831,7 @@ def generate(
         _segments(model, out[b], decode_images)
     return out
 
-
+# %% ../nbs/23_unified.ipynb #3dec9f6c
 def _segments(model, g: Generated, decode_images: bool = True):
     "Fill `g.segments`: decoded text runs and images (missing patches of an early-ended image decode as 0)."
     tok, ids = model.processor.tokenizer, model.ids
@@ -857,7 +857,7 @@ def _segments(model, g: Generated, decode_images: bool = True):
         g.segments.append(("image", image(img)))
         img += 1
 
-
+# %% ../nbs/23_unified.ipynb #5397223e
 def _decode(model, patches: torch.Tensor, grid) -> Image.Image:
     full = torch.zeros(grid[0] * grid[1], model.cfg.patch_dim)
     full[: len(patches)] = patches
@@ -954,7 +954,7 @@ def unified_samples(
         out += ([edits[i]] if i < len(edits) else []) + ([qa[i]] if i < len(qa) else [])
     return out
 
-
+# %% ../nbs/23_unified.ipynb #9555bd22
 def unified_step(model, batch, state):
     "The trainer's step: the unified model's teacher-forced loss and its terms."
     from latentcot.trainer import StepResult
@@ -962,7 +962,7 @@ def unified_step(model, batch, state):
     out = model(batch)
     return StepResult(loss=out.loss, terms=out.terms, stats=out.stats, n_tokens=int(batch["attention_mask"].sum()))
 
-
+# %% ../nbs/23_unified.ipynb #b2692df4
 def train_unified(
     model: UnifiedModel,
     samples: list[dict],
@@ -1004,7 +1004,7 @@ def train_unified(
     PartialState().wait_for_everyone()
     return final
 
-
+# %% ../nbs/23_unified.ipynb #586c042b
 def run_unified_training(args, cfg, given: set[str] | None = None) -> Path:
     """`python -m latentcot.train --stage unified`: `--data` editing triplets (default data_samples/edit), QA from
     data_samples/visual; the stage's own optimisation defaults (`unified_train_settings`) where no flag is given."""
@@ -1039,7 +1039,7 @@ def prompt_of(sample: dict) -> dict:
     "The generation prompt of a training-form sample (its user turn)."
     return dict(sample_id=sample["sample_id"], user=sample["user"], assistant=[])
 
-
+# %% ../nbs/23_unified.ipynb #f9032d2c
 def evaluate_unified(
     model: UnifiedModel,
     edit_recs: list[dict],
@@ -1087,7 +1087,7 @@ def evaluate_unified(
             gens[s["sample_id"]] = g
     return rows, gens
 
-
+# %% ../nbs/23_unified.ipynb #3f87b052
 @torch.no_grad()
 def teacher_forced_scores(
     model: UnifiedModel,
@@ -1121,14 +1121,14 @@ def teacher_forced_scores(
             )
     return rows
 
-
+# %% ../nbs/23_unified.ipynb #9ad69f40
 def _prf(y: np.ndarray, p: np.ndarray) -> tuple[float, float, float]:
     tp, fp, fn = int((y & p).sum()), int((~y & p).sum()), int((y & ~p).sum())
     prec = tp / (tp + fp) if tp + fp else 0.0
     rec = tp / (tp + fn) if tp + fn else 0.0
     return prec, rec, (2 * prec * rec / (prec + rec) if prec + rec else 0.0)
 
-
+# %% ../nbs/23_unified.ipynb #1755205c
 def decision_metrics(rows: list[dict], n_boot: int = 2000, seed: int = 0) -> dict:
     "Precision, recall, F1 of drawing (positives: editing prompts) with 95% bootstrap intervals; counts."
     y = np.array([r["kind"] == "edit" for r in rows])
@@ -1149,7 +1149,7 @@ def decision_metrics(rows: list[dict], n_boot: int = 2000, seed: int = 0) -> dic
         edit_prompts=len(pos), qa_prompts=len(neg), edit_drew=int(p[pos].sum()), qa_drew=int(p[neg].sum())
     )
 
-
+# %% ../nbs/23_unified.ipynb #4769a55f
 def _ci(vals, n_boot: int) -> dict:
     "Mean and 95% bootstrap interval of the values that are not `None` (NaN when there are none)."
     from latentcot.pipeline import bootstrap_ci
@@ -1157,7 +1157,7 @@ def _ci(vals, n_boot: int) -> dict:
     vals = [v for v in vals if v is not None]
     return dict(zip(("mean", "low", "high"), bootstrap_ci(vals, n_boot=n_boot) if vals else (float("nan"),) * 3))
 
-
+# %% ../nbs/23_unified.ipynb #58f38f64
 def image_metrics(rows: list[dict], n_boot: int = 2000) -> dict:
     """Changed-cell / all-cell accuracy and exact grids of the drawn img1 and img2 (missing images count 0), 95%
     intervals."""
@@ -1192,7 +1192,7 @@ def start_probability(model: UnifiedModel, samples: list[dict], which: int = 1, 
             ps.append(torch.softmax(model.vlm.lm_head(h[b, at[which] - 1]).float(), -1)[model.ids.vision_start].item())
     return ps
 
-
+# %% ../nbs/23_unified.ipynb #dbc5dcf4
 def weighted_optimum(p: float, w: float) -> float:
     "Where weighted CE (weight `w` on the positive class) puts the probability of an event of frequency `p`."
     return w * p / (1 - p + w * p)
@@ -1235,7 +1235,7 @@ class RunUnifiedArgs:
     no_resume: bool = field(default=False, metadata={"help": "start the training over"})
     quiet: bool = field(default=False, metadata={"help": "no progress bars"})
 
-
+# %% ../nbs/23_unified.ipynb #f17ddaf4
 def _atomic_write(path: Path, data):
     "Write a PIL image (as PNG) or text to `path` atomically."
     from latentcot.fileio import atomic_write
@@ -1245,7 +1245,7 @@ def _atomic_write(path: Path, data):
     else:
         atomic_write(path, lambda f: Path(f).write_text(data))
 
-
+# %% ../nbs/23_unified.ipynb #7389f590
 def unified_grid(recs: list[dict], gens: dict, n: int = 8, scale: int = 2) -> Image.Image:
     "Rows of img0, true img1, drawn img1, true img2, drawn img2 (grey: not drawn)."
     rows = []
@@ -1263,11 +1263,11 @@ def unified_grid(recs: list[dict], gens: dict, n: int = 8, scale: int = 2) -> Im
     im = Image.fromarray(np.concatenate(rows, 0))
     return im.resize((im.width * scale, im.height * scale), Image.NEAREST)
 
-
+# %% ../nbs/23_unified.ipynb #9b908baf
 def _fmt(d) -> str:
     return f"{100 * d['mean']:.1f} [{100 * d['low']:.1f}, {100 * d['high']:.1f}]"
 
-
+# %% ../nbs/23_unified.ipynb #3dea2239
 def mmdit_rows(report_dir) -> list[str]:
     "Table rows of a `latentcot run mmdit` report (its metrics.json, same held-out triplets), or a row saying none."
     f = Path(report_dir) / "metrics.json"
@@ -1282,7 +1282,7 @@ def mmdit_rows(report_dir) -> list[str]:
         for cond, v in m["summary"].items()
     ]
 
-
+# %% ../nbs/23_unified.ipynb #2c0022fe
 def unified_table(dec: dict, img: dict, study: dict | None = None, mmdit_report=None) -> str:
     """The report's markdown: decision and image tables (95% intervals), the MMDiT route's rows read from its report
     (`mmdit_report`), the weight study."""
@@ -1317,7 +1317,7 @@ def unified_table(dec: dict, img: dict, study: dict | None = None, mmdit_report=
         L += [f"| {w} | {_fmt(v)} | {100 * study['optimum'][w]:.1f} |" for w, v in study["measured"].items()]
     return "\n".join(L)
 
-
+# %% ../nbs/23_unified.ipynb #75859f94
 def weight_study(
     cfg, out: Path, steps: int, heldout: list[dict], seed: int = 0, progress: bool = True, limit_train=None
 ) -> dict:
@@ -1342,7 +1342,7 @@ def weight_study(
         steps=steps,
     )
 
-
+# %% ../nbs/23_unified.ipynb #5bc9bd4d
 def run_unified(a: RunUnifiedArgs) -> dict:
     "Train, evaluate on held-out data, write the report; returns the metrics."
     from latentcot.config import load_config
@@ -1418,7 +1418,7 @@ def run_unified(a: RunUnifiedArgs) -> dict:
     )
     return metrics
 
-
+# %% ../nbs/23_unified.ipynb #0b4cdc55
 def run_main(argv: list[str] | None = None) -> int:
     "`latentcot run unified [--out DIR] [...]`: train, evaluate, report."
     from latentcot.config import cli_parser, parse_cli
@@ -1455,7 +1455,7 @@ class UnifiedCliArgs:
     max_patches: int | None = field(default=None, metadata={"help": "cap on patches per image (default: the grid)"})
     seed: int = field(default=0, metadata={"help": "noise and sampling seed"})
 
-
+# %% ../nbs/23_unified.ipynb #652f2323
 def write_generated(g: Generated, out) -> dict:
     "Write `g`'s segments into `out` (segment_NN.txt / .png) and `sequence.json`; returns the manifest."
     out = Path(out)
@@ -1476,7 +1476,7 @@ def write_generated(g: Generated, out) -> dict:
     _atomic_write(out / "sequence.json", json.dumps(man, indent=1))
     return man
 
-
+# %% ../nbs/23_unified.ipynb #87cb2dac
 def unified_main(argv: list[str] | None = None) -> int:
     "`latentcot unified --image img0.png --prompt ... --out DIR`: interleaved text and images from a unified model."
     from latentcot.config import cli_parser, parse_cli
@@ -1574,7 +1574,7 @@ class BenchUnifiedArgs:
         metadata={"help": "input-image sides (pixels) of the per-patch cached-vs-recompute sweep over prefix length"},
     )
 
-
+# %% ../nbs/23_unified.ipynb #8e1318fa
 def _median_time(fn, repeats: int) -> float:
     ts = []
     for _ in range(repeats):
@@ -1583,14 +1583,14 @@ def _median_time(fn, repeats: int) -> float:
         ts.append(time.perf_counter() - t)
     return float(np.median(ts))
 
-
+# %% ../nbs/23_unified.ipynb #cf992424
 def sided_prompt(rec: dict, side: int, folder) -> dict:
     "The edit prompt of `rec` with its input image resized to `side` pixels (nearest): a longer prefix, same task."
     path = Path(folder) / f"{rec['sample_id']}_{side}.png"
     Image.open(rec["img0"]).convert("RGB").resize((side, side), Image.NEAREST).save(path)
     return prompt_sample(rec["prompt"], str(path), f"{rec['sample_id']}_{side}")
 
-
+# %% ../nbs/23_unified.ipynb #dd8ab318
 def per_patch_seconds(model, prompts: list[dict], patches: int, repeats: int, use_cache: bool) -> float:
     "Marginal seconds per drawn patch, `(t(patches) - t(1)) / (patches - 1)`: the prefill both loops share cancels."
     n = int(model.collator().layout(prompts, generation_prompt=True)["attention_mask"].sum(1).max())
@@ -1601,7 +1601,7 @@ def per_patch_seconds(model, prompts: list[dict], patches: int, repeats: int, us
     }
     return (t[patches] - t[1]) / (patches - 1)
 
-
+# %% ../nbs/23_unified.ipynb #82ede6d1
 def bench_unified(a: BenchUnifiedArgs) -> dict:
     "Cached vs recompute ratio, seconds per image, flow steps vs changed-cell accuracy."
     from latentcot.datagen import load_edit_records
@@ -1654,7 +1654,7 @@ def bench_unified(a: BenchUnifiedArgs) -> dict:
         _atomic_write(Path(a.out) / "bench.json", json.dumps(res, indent=1, default=str))
     return res
 
-
+# %% ../nbs/23_unified.ipynb #118551a5
 def bench_unified_main(argv: list[str] | None = None) -> int:
     "`latentcot bench unified [--model DIR] [--out DIR]`."
     from latentcot.config import cli_parser, parse_cli

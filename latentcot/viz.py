@@ -55,7 +55,7 @@ class CosineCurves:
         n = sum(isinstance(r.get(COS_KEY), list) for r in self.records)
         self.status.value = f"{n} step(s) with cosine statistics"
 
-
+# %% ../nbs/17_viz.ipynb #109aaba4
 def cosine_curves(metrics_path=None, records=None) -> CosineCurves:
     "A live latent-cosine widget over a metrics log (or records)."
     return CosineCurves(metrics_path, records)
@@ -107,7 +107,7 @@ class StopProbs:
         self.image.value = _png(fig)
         self.label.value = f"training step {r['step']} of {self.records[-1]['step']}"
 
-
+# %% ../nbs/17_viz.ipynb #7d3fa2f2
 def stop_probs(metrics_path=None, records=None, threshold: float = 0.5) -> StopProbs:
     "A stop-probability widget with a slider over the logged training steps."
     return StopProbs(metrics_path, records, threshold)
