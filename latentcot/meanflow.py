@@ -74,7 +74,7 @@ class MeanFlowArgs:
         metadata={"help": "a saved teacher directory (default: the cached tiny teacher, trained if missing)"},
     )
 
-
+# %% ../nbs/20i_meanflow.ipynb #3b724563
 def meanflow_parser():
     "Arguments of `python -m latentcot.meanflow`: `MeanFlowArgs`, `LLaDAArgs` and every `MeanFlowConfig` field."
     return cli_parser(

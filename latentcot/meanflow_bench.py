@@ -858,7 +858,7 @@ def plot_bench(out: dict, out_dir) -> list[Path]:
 # %% ../nbs/21_meanflow_bench.ipynb #f7c463ba
 BENCH_SETTINGS = ("synthetic/free", "synthetic/prompted", "english/free", "english/prompted")
 
-
+# %% ../nbs/21_meanflow_bench.ipynb #f73ebfad
 @dataclass
 class BenchMeanFlowArgs:
     "Flags of `latentcot bench meanflow` (its `--steps` are the teacher's; the distillation's are `--distill-steps`)."
@@ -933,7 +933,7 @@ class BenchMeanFlowArgs:
 DistillFlags = flag_view(MeanFlowConfig, rename={"steps": "distill_steps"}, skip=("seed",), name="DistillFlags")
 DistillFlags._argument_group_name = "distillation (MeanFlowConfig; not with --student, which brings its own)"
 
-
+# %% ../nbs/21_meanflow_bench.ipynb #0a32d035
 def bench_parser():
     "Arguments of `latentcot bench meanflow`: `BenchMeanFlowArgs`, `LLaDAArgs` and the distillation's `DistillFlags`."
     return cli_parser(
