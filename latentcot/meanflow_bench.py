@@ -40,8 +40,8 @@ __all__ = ['MEANFLOW_MODULES', 'NOISE_TEMPERATURES', 'BENCH_SETTINGS', 'DistillF
            'sample_entropy', 'distinct_n', 'quality', 'run_generation', 'heldout_canvas', 'meanflow_code_version',
            'student_key', 'student_for', 'saved_student', 'optimum_gap', 'draw_from_marginals', 'marginal_ceiling',
            'check_noise_args', 'noise_prior_use', 'bench_noise', 'bench_runs', 'bench_student', 'bench_header',
-           'noise_prior_text', 'data_quality', 'bench_setting', 'bench_meanflow', 'noise_sweep', 'diversity_matched',
-           'setting_goals', 'goals', 'setting_table', 'goal_text', 'format_table', 'plot_bench', 'BenchMeanFlowArgs',
+           'noise_prior_text', 'data_quality', 'bench_setting', 'noise_sweep', 'diversity_matched', 'setting_goals',
+           'goals', 'bench_meanflow', 'setting_table', 'goal_text', 'format_table', 'plot_bench', 'BenchMeanFlowArgs',
            'bench_parser', 'check_settings', 'check_student_flags', 'bench_config', 'bench_teacher', 'write_bench',
            'bench_meanflow_main']
 
@@ -412,65 +412,6 @@ def bench_setting(
         res["marginal_ceiling"] = marginal_ceiling(teacher, tok, x, kind, k, max(steps), temperature, seed)
     return res
 
-# %% ../nbs/21_meanflow_bench.ipynb #43723654
-# a fine grid: the diversity-matched criterion takes the most valid temperature whose diversity reaches the teacher's,
-# so a coarse grid would read it off a point well past the crossing
-NOISE_TEMPERATURES = tuple(round(0.1 * i, 1) for i in range(1, 10))
-
-
-def bench_meanflow(
-    recipe: TeacherRecipe = TeacherRecipe(),
-    cfg: MeanFlowConfig = MeanFlowConfig(),
-    n: int = 64,
-    steps=(1, 2, 4, 8, 16, 64),
-    student_steps=(1, 2, 4),
-    temperature: float = 1.0,
-    settings=(("synthetic", "free"), ("synthetic", "prompted"), ("english", "free"), ("english", "prompted")),
-    seed: int = 0,
-    cache_dir=None,
-    optimum_steps: int = 32,
-    student_dir=None,
-    marginal_samples: int = 0,
-    noise_temperatures=NOISE_TEMPERATURES,
-    noise_prior: str = "fitted",
-    teacher=None,
-    log=print,
-) -> dict:
-    """Run every generator on every setting at batch size `n`; return the metrics (JSON-ready). `student_dir`: a saved
-    student instead of distilling one. `marginal_samples` > 0: add `marginal_ceiling` (synthetic settings).
-    `noise_temperatures`: a noise student also runs one step at these temperatures given `z` (`student-z` runs),
-    between its argmax (0) and its per-position sampling (the `student` run at `temperature`). `noise_prior`: "fitted"
-    draws a noise student's `z` from its fitted prior given each canvas if it has one (`sample_noise`), "kind" from
-    that prior's Gaussian for the canvas's kind only (`conditional=False`), "standard" from `N(0, I)` whatever it has.
-    `teacher`: a `(backbone, tokenizer, info)` to benchmark instead of the tiny teacher of `recipe` (a real LLaDA from
-    `load_llada`, with `info = llada_info(name, canvas)`); the run happens on the backbone's device."""
-    check_noise_args(noise_temperatures, noise_prior)
-    t_start = time.time()
-    teacher, tok, info = teacher or get_teacher(recipe, cache_dir=cache_dir, log=log)
-    sets = load_text_sets(tok, info["recipe"]["canvas"])
-    info = {**info, "data_sha256": info.get("data_sha256") or sets["sha256"]}
-    dev = teacher.embedding_weight.device
-    student, smeta, cfg = bench_student(teacher, info, sets, cfg, student_dir, cache_dir, log)
-    run = dict(n=n, temperature=temperature, optimum_steps=optimum_steps, student_dir=student_dir)
-    out = bench_header(
-        teacher, info, cfg, student, smeta, dev, **run, marginal_samples=marginal_samples,
-        noise_temperatures=noise_temperatures
-    )
-    prior = noise_prior_use(student, noise_prior)
-    if student.noise_dim:
-        out["noise_prior"] = noise_prior_text(student, *prior)
-    optimum = optimum_fn(teacher, optimum_steps, cfg.tangent_sign)
-    for kind, mode in settings:
-        out["settings"][f"{kind}/{mode}"] = bench_setting(
-            out, teacher, tok, student, sets, optimum, kind, mode, steps=steps, student_steps=student_steps,
-            seed=seed, prior=prior
-        )
-        if log:
-            log(f"bench: {kind}/{mode} done ({time.time() - t_start:.0f}s)")
-    out["goals"] = goals(out)
-    out["total_seconds"] = time.time() - t_start
-    return out
-
 # %% ../nbs/21_meanflow_bench.ipynb #0da9ada5
 def _run(res, name, steps):
     "The run `name` at `steps` in one setting's results (or None)."
@@ -601,6 +542,65 @@ def goals(out: dict) -> dict:
     "PASS/FAIL of the issue's three goals in every synthetic setting, with the measured ratios and the loss's ceiling."
     g = {key: setting_goals(out, res) for key, res in out["settings"].items()}
     return {key: e for key, e in g.items() if e is not None}
+
+# %% ../nbs/21_meanflow_bench.ipynb #43723654
+# a fine grid: the diversity-matched criterion takes the most valid temperature whose diversity reaches the teacher's,
+# so a coarse grid would read it off a point well past the crossing
+NOISE_TEMPERATURES = tuple(round(0.1 * i, 1) for i in range(1, 10))
+
+
+def bench_meanflow(
+    recipe: TeacherRecipe = TeacherRecipe(),
+    cfg: MeanFlowConfig = MeanFlowConfig(),
+    n: int = 64,
+    steps=(1, 2, 4, 8, 16, 64),
+    student_steps=(1, 2, 4),
+    temperature: float = 1.0,
+    settings=(("synthetic", "free"), ("synthetic", "prompted"), ("english", "free"), ("english", "prompted")),
+    seed: int = 0,
+    cache_dir=None,
+    optimum_steps: int = 32,
+    student_dir=None,
+    marginal_samples: int = 0,
+    noise_temperatures=NOISE_TEMPERATURES,
+    noise_prior: str = "fitted",
+    teacher=None,
+    log=print,
+) -> dict:
+    """Run every generator on every setting at batch size `n`; return the metrics (JSON-ready). `student_dir`: a saved
+    student instead of distilling one. `marginal_samples` > 0: add `marginal_ceiling` (synthetic settings).
+    `noise_temperatures`: a noise student also runs one step at these temperatures given `z` (`student-z` runs),
+    between its argmax (0) and its per-position sampling (the `student` run at `temperature`). `noise_prior`: "fitted"
+    draws a noise student's `z` from its fitted prior given each canvas if it has one (`sample_noise`), "kind" from
+    that prior's Gaussian for the canvas's kind only (`conditional=False`), "standard" from `N(0, I)` whatever it has.
+    `teacher`: a `(backbone, tokenizer, info)` to benchmark instead of the tiny teacher of `recipe` (a real LLaDA from
+    `load_llada`, with `info = llada_info(name, canvas)`); the run happens on the backbone's device."""
+    check_noise_args(noise_temperatures, noise_prior)
+    t_start = time.time()
+    teacher, tok, info = teacher or get_teacher(recipe, cache_dir=cache_dir, log=log)
+    sets = load_text_sets(tok, info["recipe"]["canvas"])
+    info = {**info, "data_sha256": info.get("data_sha256") or sets["sha256"]}
+    dev = teacher.embedding_weight.device
+    student, smeta, cfg = bench_student(teacher, info, sets, cfg, student_dir, cache_dir, log)
+    run = dict(n=n, temperature=temperature, optimum_steps=optimum_steps, student_dir=student_dir)
+    out = bench_header(
+        teacher, info, cfg, student, smeta, dev, **run, marginal_samples=marginal_samples,
+        noise_temperatures=noise_temperatures
+    )
+    prior = noise_prior_use(student, noise_prior)
+    if student.noise_dim:
+        out["noise_prior"] = noise_prior_text(student, *prior)
+    optimum = optimum_fn(teacher, optimum_steps, cfg.tangent_sign)
+    for kind, mode in settings:
+        out["settings"][f"{kind}/{mode}"] = bench_setting(
+            out, teacher, tok, student, sets, optimum, kind, mode, steps=steps, student_steps=student_steps,
+            seed=seed, prior=prior
+        )
+        if log:
+            log(f"bench: {kind}/{mode} done ({time.time() - t_start:.0f}s)")
+    out["goals"] = goals(out)
+    out["total_seconds"] = time.time() - t_start
+    return out
 
 # %% ../nbs/21_meanflow_bench.ipynb #9ea98e5d
 def _setting_title(key: str, out: dict) -> str:
