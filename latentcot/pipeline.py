@@ -27,10 +27,10 @@ MAIN_STEPS = (
 MAIN_OVERRIDES = {}  # config settings of the main job (every stage and the evaluation)
 
 # %% auto #0
-__all__ = ['CONDITIONS', 'MAIN_STEPS', 'MAIN_OVERRIDES', 'CONTROLS', 'RUN_DEFAULTS', 'answer_positions', 'exact_match',
-           'evaluate', 'majority_accuracy', 'bootstrap_ci', 'paired_diff_ci', 'latent_geometry', 'prompt_batch',
-           'free_generation', 'split_files', 'run_pipeline', 'verdict', 'channel_sentence', 'goal_rows', 'write_report',
-           'format_diagnosis', 'RunArgs', 'run_main']
+__all__ = ['CONDITIONS', 'MAIN_STEPS', 'MAIN_OVERRIDES', 'RUN_PARTS', 'CONTROLS', 'RUN_DEFAULTS', 'answer_positions',
+           'exact_match', 'evaluate', 'majority_accuracy', 'bootstrap_ci', 'paired_diff_ci', 'latent_geometry',
+           'prompt_batch', 'free_generation', 'split_files', 'run_pipeline', 'verdict', 'channel_sentence', 'goal_rows',
+           'write_report', 'format_diagnosis', 'RunArgs', 'run_main']
 
 # %% ../nbs/15_pipeline.ipynb #32f8605a
 def answer_positions(batch, ids) -> torch.Tensor:
@@ -262,6 +262,22 @@ def _link_stage1(out: Path, base) -> Path:
     return link
 
 
+RUN_PARTS = ("stage1", "stage2", "teacher_train", "teacher_heldout")
+
+
+def _link_run(out: Path, run) -> None:
+    "Stage 1, stage 2 and the teacher latents of the finished run folder `run`, linked into `out` (steps 0 0 S3 S3C)."
+    run = Path(run).resolve()
+    missing = [p for p in ("stage1/final", "stage2/final", *RUN_PARTS[2:]) if not (run / p).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{run}: steps 0 0 reuse a finished run folder, which lacks {missing}")
+    for p in RUN_PARTS:
+        link = out / p
+        if link.is_symlink():
+            link.unlink()
+        link.symlink_to(run / p, target_is_directory=True)
+
+
 def run_pipeline(
     out_dir,
     data_dir=None,
@@ -287,10 +303,13 @@ def run_pipeline(
     out.mkdir(parents=True, exist_ok=True)
     data = Path(data_dir) if data_dir else default_data_dir() / "visual"
     tr, ho = split_files(data)
-    if min(steps[1:]) < 1 or steps[0] < 0 or (steps[0] == 0 and model_name_or_path is None):
+    reuse = steps[0] == 0 and steps[1] == 0  # steps 0 0: model_name_or_path is a finished run folder
+    bad_first = steps[0] < 0 or (steps[1] < 1 and not reuse) or (steps[0] == 0 and not model_name_or_path)
+    if min(steps[2:]) < 1 or bad_first:
         raise ValueError(
             f"steps {tuple(steps)}: stages 2, 3 A and 3 C need >= 1 step; stage 1 >= 1, or 0 with "
-            "--model_name_or_path a stage-1 checkpoint (then it is the stage-1 model)"
+            "--model_name_or_path a stage-1 checkpoint (then it is the stage-1 model); or stages 1 and 2 both 0 with "
+            "--model_name_or_path a finished run folder (its stage 1, stage 2 and teacher latents are reused)"
         )
     if model_name_or_path is None:  # the embedded default: the tiny kit with a readable vision tower (nb 01)
         from latentcot.tiny import calibrated_kit_path
@@ -330,31 +349,36 @@ def run_pipeline(
         return r
 
     teacher = str(out / "teacher_train")
-    s1 = (  # stage-1 steps 0: the base checkpoint is the stage-1 model (e.g. another run's stage1/final)
-        _link_stage1(out, base)
-        if n1 == 0
-        else timed(
+    if reuse:  # the stage-3 flags apply to stage 3 only; nothing before it is recomputed
+        _link_run(out, base)
+        s1 = out / "stage1" / "final"
+    elif n1 == 0:  # the base checkpoint is the stage-1 model (e.g. another run's stage1/final)
+        s1 = _link_stage1(out, base)
+    else:
+        s1 = timed(
             "stage1",
             lambda: train.run(
                 stage("stage1", model_name_or_path=base, data=tr, output_dir=str(out / "stage1"), max_steps=n1), cfg
             ),
         )
-    )
-    timed("precompute", lambda: [precompute(f, d) for f, d in ((tr, "teacher_train"), (ho, "teacher_heldout"))])
-    s2 = timed(
-        "stage2",
-        lambda: train.run(
-            stage(
-                "stage2",
-                model_name_or_path=str(s1),
-                data=tr,
-                teacher_latent_dir=teacher,
-                output_dir=str(out / "stage2"),
-                max_steps=n2,
+    if reuse:
+        s2 = out / "stage2" / "final"
+    else:
+        timed("precompute", lambda: [precompute(f, d) for f, d in ((tr, "teacher_train"), (ho, "teacher_heldout"))])
+        s2 = timed(
+            "stage2",
+            lambda: train.run(
+                stage(
+                    "stage2",
+                    model_name_or_path=str(s1),
+                    data=tr,
+                    teacher_latent_dir=teacher,
+                    output_dir=str(out / "stage2"),
+                    max_steps=n2,
+                ),
+                cfg,
             ),
-            cfg,
-        ),
-    )
+        )
     s3a = timed(
         "stage3_A",
         lambda: train.run(
@@ -613,7 +637,9 @@ class RunArgs:
         metadata={
             "nargs": 4,
             "metavar": "N",
-            "help": "optimizer steps of stage 1, 2, 3 (mode A) and 3 (mode C); stage 1 0: the base is the stage-1 model",
+            "help": "optimizer steps of stage 1, 2, 3 (mode A) and 3 (mode C); stage 1 0: the base is the stage-1 "
+            "model; stages 1 and 2 0: the base is a finished run folder, whose stage 1, stage 2 and teacher latents "
+            "are reused (pass its settings again)",
         },
     )
     limit: int | None = field(
