@@ -185,11 +185,11 @@ class LatentCoTConfig:
 # %% ../nbs/00_config.ipynb #4a38d599
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
-
+# %% ../nbs/00_config.ipynb #0fb332c4
 def _hints():
     return get_type_hints(LatentCoTConfig)
 
-
+# %% ../nbs/00_config.ipynb #a16d2c4a
 def parse_value(key: str, raw: Any, source: str = "<config>"):
     "Convert `raw` to the type of config field `key`; errors name `key` and `source`."
     hints = _hints()
@@ -307,7 +307,7 @@ def find_settings(path: str | os.PathLike | None = None) -> Path | None:
             return d / "settings.ini"
     return None
 
-
+# %% ../nbs/00_config.ipynb #7f6ae3fc
 def read_settings(path: str | os.PathLike) -> dict:
     "Parse a settings file into `{key: typed value}`; errors name the file and key."
     path = Path(path)
@@ -325,7 +325,7 @@ def read_settings(path: str | os.PathLike) -> dict:
             out[key] = parse_value(key, raw, source=f"{path} [{sec}]")
     return out
 
-
+# %% ../nbs/00_config.ipynb #5a02f4c1
 def from_mapping(d: dict, source: str = "<config>") -> LatentCoTConfig:
     "Build a validated config from a dict of (possibly string) values."
     typed = {k: parse_value(k, v, source) for k, v in d.items()}
@@ -334,7 +334,7 @@ def from_mapping(d: dict, source: str = "<config>") -> LatentCoTConfig:
         setattr(cfg, f.name, typed.get(f.name, f.default))
     return check_config(cfg, source)
 
-
+# %% ../nbs/00_config.ipynb #01415bac
 def load_config(path: str | os.PathLike | None = None, **overrides) -> LatentCoTConfig:
     "Defaults, then the settings file (see `find_settings`), then `overrides`."
     p = find_settings(path)
@@ -346,7 +346,7 @@ def load_config(path: str | os.PathLike | None = None, **overrides) -> LatentCoT
 # %% ../nbs/00_config.ipynb #4751fbde
 ALIASES = {"align_weight": "alignment_weight", "lr": "learning_rate"}
 
-
+# %% ../nbs/00_config.ipynb #1b57964b
 @dataclass
 class SettingsArgs:
     "The flag every command shares: which settings.ini is the defaults layer."
@@ -384,7 +384,7 @@ TRAINING_ONLY = (
     "generation_loss_weight",
 )
 
-
+# %% ../nbs/00_config.ipynb #cea6fc74
 def cli_parser(*arg_types, config: bool = True, hide=(), **kw):
     """One `transformers.HfArgumentParser` for a command: its own dataclass(es) of flags, `--settings` and every
     `LatentCoTConfig` field (`--a_b` and `--a-b`, `--no_flag`/`--no-flag` for booleans, the seeds' aliases). Config
@@ -413,7 +413,7 @@ def cli_parser(*arg_types, config: bool = True, hide=(), **kw):
                 a.help += " (default: settings.ini)%(default).0s"
     return p
 
-
+# %% ../nbs/00_config.ipynb #6d205350
 def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     "Add `--settings` and one flag per config field (default: not given) to a plain argparse `parser`."
     from transformers import HfArgumentParser
@@ -429,14 +429,14 @@ def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.set_defaults(**{f.name: None for f in fields(LatentCoTConfig)})
     return parser
 
-
+# %% ../nbs/00_config.ipynb #48da840b
 def _typed(t, f):
     "A copy of field `f` of dataclass `t` with its annotation resolved (HfArgumentParser needs real types)."
     g = dataclasses.field(default=f.default, metadata=f.metadata)
     g.name, g.type = f.name, get_type_hints(t)[f.name]
     return g
 
-
+# %% ../nbs/00_config.ipynb #8bc44739
 def flag_view(cls, rename: dict[str, str] | None = None, skip=(), name: str | None = None):
     """A dataclass of `cls`'s fields for a command whose own flags already use some of their names: `rename` maps a
     field to another flag name, `skip` leaves fields to the command. `.build(**fields)` on its instance gives `cls`."""
@@ -458,7 +458,7 @@ def flag_view(cls, rename: dict[str, str] | None = None, skip=(), name: str | No
         namespace={"build": build, "__doc__": f"Flags of `{cls.__name__}`."},
     )
 
-
+# %% ../nbs/00_config.ipynb #393e1df3
 def parse_cli(parser, argv=None, arg_types=None) -> tuple:
     """Parse `argv` (unknown flags and values a dataclass refuses are usage errors): one instance per command
     dataclass (`arg_types`, default: the parser's own), then, if the parser has them, the `LatentCoTConfig`."""
@@ -476,12 +476,12 @@ def parse_cli(parser, argv=None, arg_types=None) -> tuple:
     except ConfigError as e:
         parser.error(str(e))  # a bad flag or settings value: a usage error naming where it came from
 
-
+# %% ../nbs/00_config.ipynb #9816a104
 def config_flags_given(args) -> set[str]:
     "The `LatentCoTConfig` fields a parsed command line `args` sets (the parser leaves the others None)."
     return {f.name for f in fields(LatentCoTConfig) if getattr(args, f.name, None) is not None}
 
-
+# %% ../nbs/00_config.ipynb #6688ab10
 def config_from_args(args) -> LatentCoTConfig:
     "The config from `--settings` (or the default file) overridden by the flags actually given."
     given = {k: getattr(args, k) for k in config_flags_given(args)}
@@ -504,13 +504,13 @@ def config_from_args(args) -> LatentCoTConfig:
 # %% ../nbs/00_config.ipynb #2993189f
 import json
 
-
+# %% ../nbs/00_config.ipynb #a96fe26e
 def save_config(cfg: LatentCoTConfig, path: str | os.PathLike):
     "Write `cfg` as JSON, atomically."
     text = json.dumps(asdict(cfg), indent=2, sort_keys=True)
     atomic_write(path, lambda f: Path(f).write_text(text))
 
-
+# %% ../nbs/00_config.ipynb #874f91a5
 def load_config_json(path: str | os.PathLike) -> LatentCoTConfig:
     "Read a config written by `save_config`; unknown keys and bad values are errors naming the file."
     path = Path(path)
@@ -530,7 +530,7 @@ import signal
 
 FAULT_ENV = "LATENTCOT_FAULT"
 
-
+# %% ../nbs/00_config.ipynb #eda2f0e8
 def positive_int(raw) -> int:
     "argparse type: an integer >= 1 (a count such as `--limit` or `--max_steps`)."
     try:
@@ -541,7 +541,7 @@ def positive_int(raw) -> int:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
     return v
 
-
+# %% ../nbs/00_config.ipynb #2fb6f79e
 def fault_point(name: str) -> None:
     "Test hook: SIGKILL this process if `$LATENTCOT_FAULT` (comma separated) names `name`; `name:raise` raises."
     for w in filter(None, os.environ.get(FAULT_ENV, "").split(",")):

@@ -23,14 +23,14 @@ def thought_counts(sample) -> list[int]:
         raise ValueError(f"sample {sample.sample_id!r}: needs `counts` with one entry per thought image, got {c!r}")
     return list(c)
 
-
+# %% ../nbs/24_diagnose.ipynb #d4cc68e8
 def thought_kinds(sample) -> list[int]:
     "Index in `datagen.KINDS` of the kind each thought image shows."
     from latentcot.datagen import KINDS
 
     return [KINDS.index(tuple(k)) for k in sample.metadata["query"]]
 
-
+# %% ../nbs/24_diagnose.ipynb #0fdeecd9
 def with_thought_images(sample, images: list):
     "`sample` with its thought images replaced by `images` (PIL images, in order)."
     s = copy.deepcopy(sample)
@@ -41,7 +41,7 @@ def with_thought_images(sample, images: list):
         p["image"] = im
     return s
 
-
+# %% ../nbs/24_diagnose.ipynb #027308ba
 def blank_thoughts(sample):
     "`sample` with every thought image replaced by a white image of the same size."
     from PIL import Image
@@ -58,14 +58,14 @@ def _design(x: torch.Tensor, kind: torch.Tensor | None, n_kinds: int) -> torch.T
     onehot = torch.nn.functional.one_hot(kind, n_kinds).double()
     return (onehot[:, :, None] * x[:, None, :]).flatten(1)
 
-
+# %% ../nbs/24_diagnose.ipynb #720a424a
 def ridge_fit(X: torch.Tensor, y: torch.Tensor, lam: float) -> torch.Tensor:
     "Weights minimising `|Xw - y|^2 + lam |w|^2`, solved as least squares on rows augmented with `sqrt(lam) I`."
     A = torch.cat([X, lam**0.5 * torch.eye(X.shape[1], dtype=X.dtype)])
     b = torch.cat([y, torch.zeros(X.shape[1], dtype=y.dtype)])
     return torch.linalg.lstsq(A, b[:, None]).solution[:, 0]
 
-
+# %% ../nbs/24_diagnose.ipynb #539b1429
 def linear_probe(
     train_x,
     train_y,
@@ -154,7 +154,7 @@ def thought_image_effect(model, processor, samples, cfg, bsz: int = 8) -> dict:
             hits[name] += [int(h) for h in exact_match(out.logits, batch, collate.ids)]
     return hits
 
-
+# %% ../nbs/24_diagnose.ipynb #533d6958
 @torch.no_grad()
 def vision_features(model, processor, samples) -> dict:
     "Per thought image: the frozen vision tower's output (mean over its merged tokens), with kind and count."

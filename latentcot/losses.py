@@ -29,7 +29,7 @@ def _check_positions(positions, B: int, L: int, what: str):
         if bad:
             raise ValueError(f"{what}: sample {b} has positions {bad[:5]} outside [0, {L})")
 
-
+# %% ../nbs/08_losses.ipynb #fa713108
 def positions_mask(positions: Sequence[Sequence[int]], shape, device=None) -> torch.Tensor:
     "Bool `[B,L]` mask, True at `positions[b]` of row `b`."
     B, L = shape
@@ -39,7 +39,7 @@ def positions_mask(positions: Sequence[Sequence[int]], shape, device=None) -> to
         mask[b, list(pos)] = True
     return mask
 
-
+# %% ../nbs/08_losses.ipynb #ee690c2d
 def gather_positions(hidden: torch.Tensor, positions: Sequence[Sequence[int]]) -> torch.Tensor:
     "Rows of `hidden` (`[B,L,D]` or `[n,B,L,D]`) at `positions`, samples concatenated in order: `[N,D]` or `[n,N,D]`."
     B, L = hidden.shape[-3], hidden.shape[-2]
@@ -86,7 +86,7 @@ def alignment_cos(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         )
     return F.cosine_similarity(student.float(), teacher.detach().to(student.device).float(), dim=-1)
 
-
+# %% ../nbs/08_losses.ipynb #96242171
 def alignment_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     "Mean `1 - cos` between student and detached teacher rows (`[D]`, `[N,D]` or `[layers,N,D]`)."
     cos = alignment_cos(student, teacher)
@@ -115,12 +115,12 @@ def layer_indices(spec: str, n: int) -> list[int]:
         raise ValueError(f"alignment_layer {spec!r}: a layer is chosen twice")
     return out
 
-
+# %% ../nbs/08_losses.ipynb #89e1e59f
 def select_layers(hidden_states, spec: str) -> torch.Tensor:
     "The hidden states chosen by `spec`, stacked: `[n_chosen, ...]`, from a tuple of tensors or a stacked tensor."
     return torch.stack([hidden_states[i] for i in layer_indices(spec, len(hidden_states))])
 
-
+# %% ../nbs/08_losses.ipynb #fdaefa8c
 def gather_layers(hidden_states, spec: str, positions: Sequence[Sequence[int]]) -> torch.Tensor:
     """`gather_positions(select_layers(hidden_states, spec), positions)` without stacking whole layers: `[n_chosen, N,
     D]`."""
@@ -139,12 +139,12 @@ def _teacher_layers(teacher: torch.Tensor, spec: str, n_all: int, n_chosen: int)
         f"{n_chosen} chosen by alignment_layer={spec!r}, as [layers, N, D]"
     )
 
-
+# %% ../nbs/08_losses.ipynb #c47045f3
 def rows(x) -> torch.Tensor:
     "A tensor as is; a per-sample list of `[N_b,D]` (or `[n,N_b,D]`) tensors concatenated along the rows."
     return x if torch.is_tensor(x) else torch.cat(list(x), dim=-2)
 
-
+# %% ../nbs/08_losses.ipynb #b8894f17
 def active_rows(positions, latent_mask):
     "Per sample, the positions whose latent is active, and the indices of their rows among all `positions`."
     _check_positions(positions, *latent_mask.shape, "latent_alignment")
@@ -153,7 +153,7 @@ def active_rows(positions, latent_mask):
     keep = [i for i, (b, p) in enumerate(flat) if m[b][p]]
     return [[p for p in pos if m[b][p]] for b, pos in enumerate(positions)], keep
 
-
+# %% ../nbs/08_losses.ipynb #ec73deaf
 def latent_alignment(
     cfg: LatentCoTConfig,
     teacher,
@@ -194,7 +194,7 @@ def latent_only(loss: torch.Tensor, latents, weight: float = 1.0) -> torch.Tenso
     sur = sum((v * g.detach()).sum() for v, g in zip(vs, grads) if g is not None)
     return loss.detach() + weight * (sur - sur.detach())
 
-
+# %% ../nbs/08_losses.ipynb #ffb774fb
 def observation_alignment(
     cfg: LatentCoTConfig, hidden_states, positions: Sequence[Sequence[int]], teacher: torch.Tensor, latents
 ) -> torch.Tensor:
@@ -214,12 +214,12 @@ def stop_target(budget: int, rho: float) -> int:
     "The pseudo-label length of a segment: `max(1, round(rho * budget))`, rounding half up."
     return max(1, math.floor(rho * budget + 0.5))
 
-
+# %% ../nbs/08_losses.ipynb #09057493
 def stop_labels(n_steps: int, budget: int, rho: float) -> torch.Tensor:
     "Float labels of the first `n_steps` latent steps: 0 before step `target-1`, 1 from it on."
     return (torch.arange(n_steps) >= stop_target(budget, rho) - 1).float()
 
-
+# %% ../nbs/08_losses.ipynb #e13edcb7
 def stop_loss(stop_logits, budgets: Sequence[Sequence[int]], rho: float) -> torch.Tensor:
     "BCE of the stop logits (`[b][segment] -> [steps]`) against the pseudo-labels, averaged per step."
     if len(stop_logits) != len(budgets):
@@ -268,7 +268,7 @@ def segment_budgets(batch: dict, segments) -> list[list[int]]:
         out.append([buds[i] for _, _, i in segs])
     return out
 
-
+# %% ../nbs/08_losses.ipynb #fc654012
 def segment_stop_logits(stop_logits: torch.Tensor, step_mask: torch.Tensor, segments) -> list[list[torch.Tensor]]:
     "Per sample and segment, the stop logits of the latent steps that ran (a prefix of the segment)."
     out, n_seen = [], 0
@@ -288,7 +288,7 @@ def segment_stop_logits(stop_logits: torch.Tensor, step_mask: torch.Tensor, segm
         raise ValueError(f"{int(step_mask.sum()) - n_seen} latent steps lie outside every segment")
     return out
 
-
+# %% ../nbs/08_losses.ipynb #d9e94a13
 def stop_term(out, batch: dict, cfg: LatentCoTConfig) -> torch.Tensor:
     "`stop_loss` of a latent-engine output (mode C: the rollout ran with a stop head)."
     if getattr(out, "latent_stop_logits", None) is None:
@@ -296,7 +296,7 @@ def stop_term(out, batch: dict, cfg: LatentCoTConfig) -> torch.Tensor:
     logits = segment_stop_logits(out.latent_stop_logits, out.latent_step_mask, out.segments)
     return stop_loss(logits, segment_budgets(batch, out.segments), cfg.latent_stop_rho)
 
-
+# %% ../nbs/08_losses.ipynb #c190a2e2
 def cost_term(out, batch: dict) -> torch.Tensor:
     "`cost_loss` of a latent-engine output's `latent_used_lens`, checked against the budgets."
     return cost_loss(out.latent_used_lens, segment_budgets(batch, out.segments))
@@ -304,7 +304,7 @@ def cost_term(out, batch: dict) -> torch.Tensor:
 # %% ../nbs/08_losses.ipynb #e67944e2
 TERMS = ("ce", "alignment", "stop", "cost", "generation")  # generation: seed 000's flow loss of Z (latentcot.mmdit)
 
-
+# %% ../nbs/08_losses.ipynb #d458d935
 def term_weights(cfg: LatentCoTConfig) -> dict:
     "Weight of each loss term under `cfg` (0 = off)."
     on, c = set(cfg.loss_terms), cfg.latent_mode_stage == "C"
@@ -316,7 +316,7 @@ def term_weights(cfg: LatentCoTConfig) -> dict:
         "generation": cfg.generation_loss_weight,
     }
 
-
+# %% ../nbs/08_losses.ipynb #43177af0
 def total_loss(terms: dict, cfg: LatentCoTConfig) -> tuple[torch.Tensor, dict]:
     "`ce + w_align*align + w_stop*stop + w_cost*cost` over the active terms, and every given term as a float."
     unknown = set(terms) - set(TERMS)

@@ -50,7 +50,7 @@ class TeacherTargets:
     latents: torch.Tensor | None = None  # [N,H] (or [layers,N,H]) in the row order of the student's latents
     observations: torch.Tensor | None = None  # [n_obs,H] (or [layers,n_obs,H]) in the order of observation_positions
 
-
+# %% ../nbs/09a_model.ipynb #9d7e7b15
 @dataclass
 class LatentCoTOutput:
     "The loss of a forward, its named terms, logits, latents, the engine's output and per-step statistics."
@@ -95,7 +95,7 @@ def checkpoint_path(path):
         return p / "final"
     return path
 
-
+# %% ../nbs/09a_model.ipynb #3fc1e5c1
 class LatentCoTModel(nn.Module):
     """The stock Qwen2.5-VL (`vlm`) plus the seed-002 stop head; `forward(batch, teacher)` returns the loss and its
     terms."""

@@ -42,7 +42,7 @@ def answer_positions(batch, ids) -> torch.Tensor:
     text = (x != ids.im_end) & (x != ids.latent_start) & (x != ids.latent_end) & (x != ids.latent_pad)
     return (pos > first_end) & text & (lab != -100) & batch["attention_mask"].bool()
 
-
+# %% ../nbs/15_pipeline.ipynb #8f8055a5
 def exact_match(logits, batch, ids) -> torch.Tensor:
     "Bool `[B]`: the greedy next token is right at every answer position."
     pred = logits[:, :-1].argmax(-1)
@@ -56,7 +56,7 @@ def _swap_latents(rollout, latents):
 
     return dataclasses.replace(rollout, latents=latents)
 
-
+# %% ../nbs/15_pipeline.ipynb #e64b57b6
 def evaluate(
     model, processor, ids, samples, teacher_dir=None, bsz: int = 8, seed: int = 0, conditions=CONDITIONS
 ) -> dict:
@@ -119,7 +119,7 @@ def evaluate(
     )
     return res
 
-
+# %% ../nbs/15_pipeline.ipynb #1545f9aa
 def majority_accuracy(train_samples, heldout_samples) -> float:
     "Accuracy of always answering the most frequent training final answer."
     top = Counter(s.final_answer for s in train_samples).most_common(1)[0][0]
@@ -136,7 +136,7 @@ def bootstrap_ci(values, n_boot: int = 2000, seed: int = 0, level: float = 0.95)
     lo, hi = torch.quantile(x[idx].mean(1), q).tolist()
     return float(x.mean()), lo, hi
 
-
+# %% ../nbs/15_pipeline.ipynb #15285eb4
 def paired_diff_ci(a, b, **kw) -> tuple[float, float, float]:
     "Mean of `a - b` over the same samples and its bootstrap interval (samples resampled in pairs)."
     a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
@@ -153,7 +153,7 @@ def _mean_pairwise_cos(x: torch.Tensor) -> float | None:
     g = u @ u.T
     return float((g.sum() - g.diagonal().sum()) / (len(x) * (len(x) - 1)))
 
-
+# %% ../nbs/15_pipeline.ipynb #9b72f50c
 def latent_geometry(latents: torch.Tensor, slots: torch.Tensor, teacher: torch.Tensor | None = None) -> dict:
     """Diversity of the latents across samples (mean pairwise cosine, overall and per slot) and cosine to the teacher
     per slot."""
@@ -203,7 +203,7 @@ def prompt_batch(model, processor, samples, cfg: LatentCoTConfig) -> dict:
         )
     return batch
 
-
+# %% ../nbs/15_pipeline.ipynb #fd43d441
 def free_generation(model, processor, ids, samples, bsz: int = 8, max_new_tokens: int = 96) -> dict:
     """The routed path as a user runs a `LatentCoTModel` (`model.generate`): it decides `<abs_vis_token>`, thinks
     (halts in mode C), answers; scored after `####`."""
@@ -251,7 +251,7 @@ def split_files(data: Path) -> tuple[str, str]:
         f"{data}: needs train.jsonl + heldout.jsonl (seed 001) or train.json + heldout.json (seed 000)"
     )
 
-
+# %% ../nbs/15_pipeline.ipynb #f1b0d964
 def _link_stage1(out: Path, base) -> Path:
     "`out/stage1/final` as a symbolic link to the given stage-1 checkpoint `base` (the diagnosis reads it there)."
     link = out / "stage1" / "final"
@@ -264,7 +264,7 @@ def _link_stage1(out: Path, base) -> Path:
 
 RUN_PARTS = ("stage1", "stage2", "teacher_train", "teacher_heldout")
 
-
+# %% ../nbs/15_pipeline.ipynb #aec28811
 def _link_run(out: Path, run) -> None:
     "Stage 1, stage 2 and the teacher latents of the finished run folder `run`, linked into `out` (steps 0 0 S3 S3C)."
     run = Path(run).resolve()
@@ -277,7 +277,7 @@ def _link_run(out: Path, run) -> None:
             link.unlink()
         link.symlink_to(run / p, target_is_directory=True)
 
-
+# %% ../nbs/15_pipeline.ipynb #f1fc23e3
 def run_pipeline(
     out_dir,
     data_dir=None,
@@ -449,7 +449,7 @@ def run_pipeline(
 # %% ../nbs/15_pipeline.ipynb #40cac5f8
 CONTROLS = ("none", "zeroed", "shuffled")
 
-
+# %% ../nbs/15_pipeline.ipynb #fb7dc252
 def verdict(hits: dict, controls=CONTROLS) -> str:
     "'helps', 'hurts' or 'no measurable effect', from the paired 95% interval of student minus the best control."
     ctrl = max((c for c in controls if c in hits), key=lambda c: sum(hits[c]))
@@ -457,14 +457,14 @@ def verdict(hits: dict, controls=CONTROLS) -> str:
     word = "help" if lo > 0 else "hurt" if hi < 0 else "have no measurable effect"
     return f"student latents {word}: student - {ctrl} (best control) = {d:+.3f}, 95% CI [{lo:+.3f}, {hi:+.3f}]"
 
-
+# %% ../nbs/15_pipeline.ipynb #193e18a5
 def channel_sentence(hits: dict) -> str:
     "Whether the teacher's latents carry information the answer reads: teacher minus none, with its interval."
     d, lo, hi = paired_diff_ci(hits["teacher"], hits["none"])
     word = "carries information" if lo > 0 else "makes answers worse" if hi < 0 else "shows no measurable effect"
     return f"the latent channel {word}: teacher - none = {d:+.3f}, 95% CI [{lo:+.3f}, {hi:+.3f}]"
 
-
+# %% ../nbs/15_pipeline.ipynb #f496ec8f
 def goal_rows(results: dict, seconds: float) -> list[dict]:
     "The issue's goals, each with what was measured and whether it is met (a missed goal stays in the report)."
     A, C = results["stage3_A"], results["stage3_C"]
@@ -497,12 +497,12 @@ def goal_rows(results: dict, seconds: float) -> list[dict]:
     rows.append(dict(goal="latentcot run <= 600 s", measured=f"{seconds:.0f} s", met=seconds <= 600))
     return rows
 
-
+# %% ../nbs/15_pipeline.ipynb #447828f2
 def _ci_row(model, cond, hits) -> dict:
     m, lo, hi = bootstrap_ci(hits)
     return {"model": model, "condition": cond, "accuracy": round(m, 3), "95% CI": f"[{lo:.3f}, {hi:.3f}]"}
 
-
+# %% ../nbs/15_pipeline.ipynb #6743e20c
 def write_report(out, results: dict, majority: float, times: dict, diagnosis: dict | None = None) -> dict:
     """PNG plots, metrics.json and a printed summary (accuracies with intervals, verdicts, goals, latent geometry) into
     `out/report`."""
@@ -586,7 +586,7 @@ def write_report(out, results: dict, majority: float, times: dict, diagnosis: di
         "seconds": times,
     }
 
-
+# %% ../nbs/15_pipeline.ipynb #e88ed972
 def format_diagnosis(d: dict) -> str:
     "The diagnosis as two small tables: probes, and stage 2 with thought images visible vs blank."
     probes = [
@@ -614,7 +614,7 @@ def _override(kv: str) -> tuple[str, object]:
 
 RUN_DEFAULTS = dict(bsz=8, learning_rate=3e-3, latent_budget_alpha=0.5)  # the main job's own: budgets differ per image
 
-
+# %% ../nbs/15_pipeline.ipynb #df09539f
 @dataclass
 class RunArgs:
     """Flags of `latentcot run` besides the config flags (any config flag given applies to every stage and the
@@ -648,7 +648,7 @@ class RunArgs:
     no_diagnosis: bool = field(default=False, metadata={"help": "skip the probes and the stage-2 thought-image check"})
     quiet: bool = field(default=False, metadata={"help": "no progress bars"})
 
-
+# %% ../nbs/15_pipeline.ipynb #4862d5f7
 def run_main(argv: list[str] | None = None) -> int:
     "CLI `latentcot run`: the whole pipeline on the embedded default (or your data and model)."
     p = cli_parser(

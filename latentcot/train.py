@@ -34,7 +34,7 @@ def step_result(out: LatentCoTOutput, batch: dict) -> StepResult:
     "What the trainer logs of a model output: the loss, its named terms, the statistics, the tokens of the batch."
     return StepResult(loss=out.loss, terms=out.terms, stats=out.stats, n_tokens=int(batch["attention_mask"].sum()))
 
-
+# %% ../nbs/14_train.ipynb #706dbba7
 def stage1_step(model, batch, state):
     """Warm-up: next-token CE on the real thought images (labels from the stage-1 collator), through the model's
     forward."""
@@ -108,7 +108,7 @@ def make_latent_step(
 
     return latent_step
 
-
+# %% ../nbs/14_train.ipynb #956ebf22
 def make_step_fn(
     stage: str, cfg: LatentCoTConfig, ids=None, teacher_latent_dir=None, samples=None, processor=None, model=None
 ):
@@ -151,7 +151,7 @@ def save_final(
 # %% ../nbs/14_train.ipynb #e98b68a9
 STAGE_ALIASES = {"sft_stage1": "stage1", "sft_stage2": "stage2", "sft_stage3": "stage3"}  # seed 000 / Monet names
 
-
+# %% ../nbs/14_train.ipynb #91683ddd
 @dataclass
 class TrainArgs:
     "The flags of `latentcot.train` besides the config: what to train, from which model and data, into where."
@@ -238,7 +238,7 @@ class TrainArgs:
     def __post_init__(self):
         self.stage = STAGE_ALIASES.get(self.stage, self.stage)
 
-
+# %% ../nbs/14_train.ipynb #439817a9
 def data_file(path, multiturn: bool = False) -> Path:
     """A data file as given, or the training file inside a folder (`train.jsonl`, else `train.json`): seed 000 passes
     folders."""
@@ -252,7 +252,7 @@ def data_file(path, multiturn: bool = False) -> Path:
         f"{p}: a data folder needs train.jsonl (seed 001, or editing triplets) or train.json (seed 000 chat)"
     )
 
-
+# %% ../nbs/14_train.ipynb #94cb8e8b
 def deepspeed_env(config_file, argv) -> None:
     """Route `--deepspeed FILE` through accelerate's DeepSpeed plugin, or stop with the accelerate command to use
     instead."""
@@ -279,12 +279,12 @@ def deepspeed_env(config_file, argv) -> None:
     os.environ.setdefault("ACCELERATE_USE_DEEPSPEED", "true")  # read by the Accelerator the trainer makes
     os.environ.setdefault("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(config_file))
 
-
+# %% ../nbs/14_train.ipynb #58161961
 def build_parser():
     "Flags of `latentcot.train` (the seeds' names): `TrainArgs`, `--settings` and every config field."
     return cli_parser(TrainArgs, prog="latentcot.train", description="Train one latentcot stage.")
 
-
+# %% ../nbs/14_train.ipynb #e82780ae
 def equal_budget_note(samples, collate, cfg: LatentCoTConfig, n: int = 256) -> str | None:
     "The note a budget-mode run prints once when every thought image of its first `n` samples gets the same budget."
     if cfg.latent_size_mode != "budget":
@@ -298,7 +298,7 @@ def equal_budget_note(samples, collate, cfg: LatentCoTConfig, n: int = 256) -> s
         "per-image budgets do not differ in this run"
     )
 
-
+# %% ../nbs/14_train.ipynb #4635679f
 def _teacher_data(args, data: Path) -> Path:
     """The data file of a latent stage: the teacher directory's own when none is given (and its `--limit`, when none is
     given); another file given is refused."""
@@ -324,7 +324,7 @@ def _teacher_data(args, data: Path) -> Path:
         print(f"note: --limit not given: using {args.limit}, the teacher latents' own --limit")
     return data
 
-
+# %% ../nbs/14_train.ipynb #5a03d509
 def run_info(args: argparse.Namespace) -> dict:
     """What a resume must keep besides the config (recorded with every checkpoint): stage, model, data, limit, teacher,
     LoRA."""
@@ -338,7 +338,7 @@ def run_info(args: argparse.Namespace) -> dict:
         info["mmdit_name_or_path"] = args.mmdit_name_or_path  # the generator
     return info
 
-
+# %% ../nbs/14_train.ipynb #92916d42
 def run(args: argparse.Namespace, cfg: LatentCoTConfig | None = None, given: set[str] | None = None):
     """Train the stage `args` describe; returns the final checkpoint folder. A resume with other settings, a damaged
     checkpoint or teacher file, and a non-finite loss stop the run with an error, before `final/` is written.
@@ -464,7 +464,7 @@ def run(args: argparse.Namespace, cfg: LatentCoTConfig | None = None, given: set
     PartialState().wait_for_everyone()
     return final
 
-
+# %% ../nbs/14_train.ipynb #6e22c477
 def main(argv: list[str] | None = None) -> int:
     "CLI entry point (`python -m latentcot.train`, `accelerate launch -m latentcot.train`, `latentcot train`)."
     import sys

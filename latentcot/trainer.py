@@ -33,7 +33,7 @@ class StepResult:
     stats: dict = field(default_factory=dict)  # name -> float or list of floats (e.g. cosine per latent index)
     n_tokens: int = 0  # tokens processed, for tokens/s
 
-
+# %% ../nbs/11_trainer.ipynb #6ccf87cb
 @dataclass
 class TrainState:
     "Where training is; saved with every checkpoint."
@@ -53,7 +53,7 @@ class TrainState:
 class MetricsError(ValueError):
     "A `metrics.jsonl` that cannot be read: names the file and line."
 
-
+# %% ../nbs/11_trainer.ipynb #9ffae871
 def _read_jsonl(path: Path) -> list[dict]:
     """Records of a JSONL file; a torn last line (a kill or a full disk mid-append) is dropped with a warning naming
     the file."""
@@ -76,7 +76,7 @@ def _read_jsonl(path: Path) -> list[dict]:
         out.append(rec)
     return out
 
-
+# %% ../nbs/11_trainer.ipynb #4d41db9a
 class MetricsLog:
     "Append-only JSONL of per-step metrics that stays consistent across resumes."
 
@@ -97,7 +97,7 @@ class MetricsLog:
             f.flush()
             os.fsync(f.fileno())
 
-
+# %% ../nbs/11_trainer.ipynb #749def3b
 def read_metrics(path) -> list[dict]:
     "All records of a `metrics.jsonl` (a torn last line is dropped with a warning)."
     p = Path(path)
@@ -110,24 +110,24 @@ RESUMABLE_SETTINGS = (
     "config.epochs",
 )  # may change on resume (like --max_steps and --save_every, which are not recorded)
 
-
+# %% ../nbs/11_trainer.ipynb #5f3dc9ab
 class CheckpointError(RuntimeError):
     "A checkpoint that cannot be written or trusted: names the directory, the file and what is wrong."
 
-
+# %% ../nbs/11_trainer.ipynb #49f52cd2
 class SettingsChanged(ValueError):
     "Resuming a run with other settings than it was started with (lists old vs new)."
 
-
+# %% ../nbs/11_trainer.ipynb #611a543f
 def _ckpt_dir(output_dir, step):
     return Path(output_dir) / "checkpoints" / f"step_{step:07d}"
 
-
+# %% ../nbs/11_trainer.ipynb #612c9e42
 def _step_of(p: Path) -> int | None:
     m = re.fullmatch(r"step_(\d+)", p.name)
     return int(m.group(1)) if m else None
 
-
+# %% ../nbs/11_trainer.ipynb #91157035
 def _sha256_file(p: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(p, "rb") as f:
@@ -135,7 +135,7 @@ def _sha256_file(p: Path, chunk: int = 1 << 20) -> str:
             h.update(b)
     return h.hexdigest()
 
-
+# %% ../nbs/11_trainer.ipynb #7a8abf34
 def _file_table(d: Path) -> dict:
     "`{relative path: {size, sha256}}` of every file under `d` (sha256 only up to `HASH_MAX_BYTES`)."
     out = {}
@@ -145,7 +145,7 @@ def _file_table(d: Path) -> dict:
             out[p.relative_to(d).as_posix()] = {"size": n, "sha256": _sha256_file(p) if n <= HASH_MAX_BYTES else None}
     return out
 
-
+# %% ../nbs/11_trainer.ipynb #6605f443
 def _read_state(p: Path) -> dict | None:
     "The parsed `trainer_state.json` of checkpoint dir `p`, or None when it is missing or torn (never finished)."
     try:
@@ -154,11 +154,11 @@ def _read_state(p: Path) -> dict | None:
         return None
     return st if isinstance(st, dict) and "global_step" in st else None
 
-
+# %% ../nbs/11_trainer.ipynb #b9a04fe2
 def _is_rng(name: str) -> bool:
     return re.fullmatch(r"random_states_\d+\.pkl", name) is not None
 
-
+# %% ../nbs/11_trainer.ipynb #9f14b604
 def checkpoint_problems(p, content: bool = False, allow_rng_loss: bool = False) -> list[str]:
     """What is wrong with checkpoint dir `p` (empty: complete). Without `content` only existence and sizes are checked
     (cheap); with it the recorded sha256 too. A checkpoint written before file tables existed must hold its scheduler
@@ -186,7 +186,7 @@ def checkpoint_problems(p, content: bool = False, allow_rng_loss: bool = False) 
             out.append(f"{f}: content differs from when it was written (sha256)")
     return out
 
-
+# %% ../nbs/11_trainer.ipynb #e20761f6
 def _checkpoints(root, warn: bool = False, allow_rng_loss: bool = False) -> list[Path]:
     """The complete checkpoints under `root`, oldest first (see `checkpoint_problems`); `warn`: say which ones are
     skipped."""
@@ -202,13 +202,13 @@ def _checkpoints(root, warn: bool = False, allow_rng_loss: bool = False) -> list
             warnings.warn(f"{p}: incomplete checkpoint skipped: " + "; ".join(probs))
     return out
 
-
+# %% ../nbs/11_trainer.ipynb #8beee831
 def latest_checkpoint(output_dir, warn: bool = False, allow_rng_loss: bool = False) -> Path | None:
     "The newest complete checkpoint under `output_dir/checkpoints` (falls back past incomplete or half-deleted ones)."
     done = _checkpoints(Path(output_dir) / "checkpoints", warn, allow_rng_loss)
     return done[-1] if done else None
 
-
+# %% ../nbs/11_trainer.ipynb #72bae6cd
 def _trash(p: Path) -> Path:
     """Rename `p` out of the checkpoint namespace (one atomic rename): a kill while it is deleted leaves only a
     `.trash` dir."""
@@ -216,7 +216,7 @@ def _trash(p: Path) -> Path:
     os.replace(p, t)
     return t
 
-
+# %% ../nbs/11_trainer.ipynb #fae77936
 def _delete(p: Path):
     t = _trash(p)
     first = next((f for f in sorted(t.rglob("*")) if f.is_file()), None)
@@ -225,7 +225,7 @@ def _delete(p: Path):
     fault_point("ckpt_rotate")  # tests: killed with the old checkpoint half deleted
     shutil.rmtree(t)
 
-
+# %% ../nbs/11_trainer.ipynb #45af4e9f
 def clean_checkpoints(output_dir) -> list[str]:
     """Tidy `output_dir/checkpoints` after a crash: delete `.trash` dirs, unfinished or half-deleted `step_*` dirs, and
     staging dirs, except a complete `step_N.tmp` whose `step_N` is gone (killed between the two renames): it is renamed
@@ -254,7 +254,7 @@ def clean_checkpoints(output_dir) -> list[str]:
                 did.append(f"deleted {p.name}")
     return did
 
-
+# %% ../nbs/11_trainer.ipynb #c97db589
 def save_checkpoint(
     acc,
     state: TrainState,
@@ -307,7 +307,7 @@ def save_checkpoint(
     acc.wait_for_everyone()
     return final
 
-
+# %% ../nbs/11_trainer.ipynb #a5d8d258
 def _rng_error(ckpt: Path, rank: int) -> str | None:
     "Why this rank's RNG-state file of `ckpt` cannot be restored (None: it can); accelerate itself only logs this."
     from accelerate.utils import load
@@ -323,7 +323,7 @@ def _rng_error(ckpt: Path, rank: int) -> str | None:
         return f"{f}: not an accelerate RNG state (keys {sorted(st) if isinstance(st, dict) else type(st).__name__})"
     return None
 
-
+# %% ../nbs/11_trainer.ipynb #0935b1ea
 def _custom_state_errors(ckpt: Path) -> list[str]:
     "Objects saved by `acc.register_for_checkpointing` that do not load with weights_only=True."
     from accelerate.utils import load
@@ -336,7 +336,7 @@ def _custom_state_errors(ckpt: Path) -> list[str]:
             out.append(f"{f}: cannot load with weights_only=True: {type(e).__name__}: {str(e)[:200]}")
     return out
 
-
+# %% ../nbs/11_trainer.ipynb #f6ed69c5
 def load_checkpoint(acc, sched, ckpt: Path, allow_rng_loss: bool = False) -> TrainState:
     """Restore what `save_checkpoint` wrote; returns the data position. Files whose size or sha256 differ from when they
     were written, and an RNG-state file that does not load, are a `CheckpointError` (`allow_rng_loss`: a warning, and
@@ -370,7 +370,7 @@ def load_checkpoint(acc, sched, ckpt: Path, allow_rng_loss: bool = False) -> Tra
     st = _read_state(ckpt)
     return TrainState(**{k: st[k] for k in ("global_step", "epoch", "batch_in_epoch")})
 
-
+# %% ../nbs/11_trainer.ipynb #302a25cd
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -380,7 +380,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
             out[f"{prefix}{k}"] = v
     return out
 
-
+# %% ../nbs/11_trainer.ipynb #7e2f2f83
 def settings_diff(old: dict, new: dict, resumable=RESUMABLE_SETTINGS) -> list[str]:
     "`key: old X, now Y` for every recorded setting that differs (keys in `resumable` may change)."
     a, b = _flat(json.loads(json.dumps(old))), _flat(json.loads(json.dumps(new)))
@@ -390,7 +390,7 @@ def settings_diff(old: dict, new: dict, resumable=RESUMABLE_SETTINGS) -> list[st
         if k not in resumable and a.get(k) != b.get(k)
     ]
 
-
+# %% ../nbs/11_trainer.ipynb #7e8457d6
 def check_resume_settings(ckpt: Path, settings: dict, output_dir=None) -> None:
     """Raise `SettingsChanged` unless `settings` equal those recorded with `ckpt` (an older checkpoint: the run's
     config JSON)."""
@@ -414,7 +414,7 @@ def check_resume_settings(ckpt: Path, settings: dict, output_dir=None) -> None:
 def _scalar(v):
     return float(v.detach().float().mean()) if torch.is_tensor(v) else float(v)
 
-
+# %% ../nbs/11_trainer.ipynb #afdd395e
 def _mean_records(recs: list[dict]) -> dict:
     "Average scalar entries and element-wise average list entries (lists may differ in length) over micro-batches."
     out = {}
@@ -427,7 +427,7 @@ def _mean_records(recs: list[dict]) -> dict:
             out[k] = sum(map(float, vals)) / len(vals)
     return out
 
-
+# %% ../nbs/11_trainer.ipynb #c744837e
 def reduce_metrics(acc, scal: dict, tokens: float) -> tuple[dict, float]:
     "Each metric averaged over the processes that logged it (by name: ranks may log other keys), tokens summed."
     if acc.num_processes == 1:
@@ -441,7 +441,7 @@ def reduce_metrics(acc, scal: dict, tokens: float) -> tuple[dict, float]:
         sum(r["__tokens__"] for r in recs),
     )
 
-
+# %% ../nbs/11_trainer.ipynb #3c767b7f
 def rng_neutral(batches):
     "Iterate `batches` without moving the global torch RNG: a DataLoader iterator draws its base seed from it."
     state = torch.get_rng_state()
@@ -455,7 +455,7 @@ def rng_neutral(batches):
     yield first
     yield from it
 
-
+# %% ../nbs/11_trainer.ipynb #eeee7f35
 def gather_full_state_dict(acc, model) -> dict | None:
     "The unsharded state dict under FSDP or DeepSpeed (a collective: every rank must call it); None otherwise."
     from accelerate.utils import DistributedType
@@ -464,7 +464,7 @@ def gather_full_state_dict(acc, model) -> dict | None:
         return None
     return acc.get_state_dict(model)
 
-
+# %% ../nbs/11_trainer.ipynb #83fb61f8
 def make_accelerator(cfg: LatentCoTConfig, output_dir, trackers=("tensorboard",), cpu: bool | None = None):
     "An `Accelerator` set up from the config: accumulation, precision, seedable sampler, trackers under `output_dir`."
     from accelerate import Accelerator
@@ -480,11 +480,11 @@ def make_accelerator(cfg: LatentCoTConfig, output_dir, trackers=("tensorboard",)
         **kw,
     )
 
-
+# %% ../nbs/11_trainer.ipynb #73c7b9e1
 class NonFiniteLoss(FloatingPointError):
     "A NaN or infinite loss: names the step, the samples and the loss terms."
 
-
+# %% ../nbs/11_trainer.ipynb #ed3cf382
 def _check_finite(acc, res: StepResult, batch, state: TrainState, output_dir):
     "Stop (on every process) when any process's loss is not finite, before it reaches the weights."
     bad = torch.tensor(0.0 if bool(torch.isfinite(res.loss.detach()).all()) else 1.0, device=acc.device)
@@ -500,7 +500,7 @@ def _check_finite(acc, res: StepResult, batch, state: TrainState, output_dir):
         f"this step was applied or saved, no final/ is written; last checkpoint: {latest_checkpoint(output_dir)}"
     )
 
-
+# %% ../nbs/11_trainer.ipynb #6e90106a
 def train_loop(
     model,
     dataset,
