@@ -16,7 +16,7 @@ from .fileio import atomic_write
 # %% auto #0
 __all__ = ['MASK_FLAGS', 'ALIASES', 'TRAINING_ONLY', 'FAULT_ENV', 'ConfigError', 'LatentCoTConfig', 'parse_value', 'check_config',
            'find_settings', 'read_settings', 'from_mapping', 'load_config', 'SettingsArgs', 'cli_parser',
-           'add_config_args', 'flag_view', 'parse_cli', 'config_flags_given', 'config_from_args', 'save_config',
+           'add_config_args', 'flag_view', 'config_flags_given', 'config_from_args', 'parse_cli', 'save_config',
            'load_config_json', 'cache_root', 'positive_int', 'fault_point']
 
 # %% ../nbs/00_config.ipynb #364b7187
@@ -413,6 +413,13 @@ def cli_parser(*arg_types, config: bool = True, hide=(), **kw):
                 a.help += " (default: settings.ini)%(default).0s"
     return p
 
+# %% ../nbs/00_config.ipynb #48da840b
+def _typed(t, f):
+    "A copy of field `f` of dataclass `t` with its annotation resolved (HfArgumentParser needs real types)."
+    g = dataclasses.field(default=f.default, metadata=f.metadata)
+    g.name, g.type = f.name, get_type_hints(t)[f.name]
+    return g
+
 # %% ../nbs/00_config.ipynb #6d205350
 def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     "Add `--settings` and one flag per config field (default: not given) to a plain argparse `parser`."
@@ -428,13 +435,6 @@ def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                 parser.add_argument(*names, dest=f.name, action="store_false")
     parser.set_defaults(**{f.name: None for f in fields(LatentCoTConfig)})
     return parser
-
-# %% ../nbs/00_config.ipynb #48da840b
-def _typed(t, f):
-    "A copy of field `f` of dataclass `t` with its annotation resolved (HfArgumentParser needs real types)."
-    g = dataclasses.field(default=f.default, metadata=f.metadata)
-    g.name, g.type = f.name, get_type_hints(t)[f.name]
-    return g
 
 # %% ../nbs/00_config.ipynb #8bc44739
 def flag_view(cls, rename: dict[str, str] | None = None, skip=(), name: str | None = None):
@@ -457,24 +457,6 @@ def flag_view(cls, rename: dict[str, str] | None = None, skip=(), name: str | No
         [spec(f) for f in fields(cls) if f.init and f.name not in skip],
         namespace={"build": build, "__doc__": f"Flags of `{cls.__name__}`."},
     )
-
-# %% ../nbs/00_config.ipynb #393e1df3
-def parse_cli(parser, argv=None, arg_types=None) -> tuple:
-    """Parse `argv` (unknown flags and values a dataclass refuses are usage errors): one instance per command
-    dataclass (`arg_types`, default: the parser's own), then, if the parser has them, the `LatentCoTConfig`."""
-    ns = parser.parse_args(argv)
-    own = [t for t in parser.dataclass_types if t not in (SettingsArgs, LatentCoTConfig)]
-    types = own if arg_types is None else arg_types
-    try:
-        outs = [t(**{f.name: getattr(ns, f.name) for f in fields(t) if f.init}) for t in types]
-    except ValueError as e:
-        parser.error(str(e))  # a dataclass's own check (e.g. MeanFlowConfig's), as a usage error
-    if LatentCoTConfig not in parser.dataclass_types:
-        return tuple(outs)
-    try:
-        return (*outs, config_from_args(ns))
-    except ConfigError as e:
-        parser.error(str(e))  # a bad flag or settings value: a usage error naming where it came from
 
 # %% ../nbs/00_config.ipynb #9816a104
 def config_flags_given(args) -> set[str]:
@@ -500,6 +482,24 @@ def config_from_args(args) -> LatentCoTConfig:
         return cfg.replace(**given)
     except ConfigError as e:
         raise ConfigError(str(e).replace("replace()", "command line")) from None
+
+# %% ../nbs/00_config.ipynb #393e1df3
+def parse_cli(parser, argv=None, arg_types=None) -> tuple:
+    """Parse `argv` (unknown flags and values a dataclass refuses are usage errors): one instance per command
+    dataclass (`arg_types`, default: the parser's own), then, if the parser has them, the `LatentCoTConfig`."""
+    ns = parser.parse_args(argv)
+    own = [t for t in parser.dataclass_types if t not in (SettingsArgs, LatentCoTConfig)]
+    types = own if arg_types is None else arg_types
+    try:
+        outs = [t(**{f.name: getattr(ns, f.name) for f in fields(t) if f.init}) for t in types]
+    except ValueError as e:
+        parser.error(str(e))  # a dataclass's own check (e.g. MeanFlowConfig's), as a usage error
+    if LatentCoTConfig not in parser.dataclass_types:
+        return tuple(outs)
+    try:
+        return (*outs, config_from_args(ns))
+    except ConfigError as e:
+        parser.error(str(e))  # a bad flag or settings value: a usage error naming where it came from
 
 # %% ../nbs/00_config.ipynb #2993189f
 import json

@@ -36,6 +36,10 @@ class DataError(ValueError):
     def source(self) -> str:
         return f"{self.path}:{self.line}" if self.line is not None else self.path
 
+# %% ../nbs/03_data.ipynb #f7c00a6f
+def _texts(msg: dict) -> str:
+    return "".join(p["text"] for p in msg["content"] if p["type"] == "text")
+
 # %% ../nbs/03_data.ipynb #361dad45
 @dataclass
 class Sample:
@@ -60,10 +64,6 @@ class Sample:
     def assistant_text(self) -> str:
         "Text of the assistant turns (placeholders and observation spans included), images left out."
         return "".join(_texts(m) for m in self.messages if m["role"] == "assistant")
-
-# %% ../nbs/03_data.ipynb #f7c00a6f
-def _texts(msg: dict) -> str:
-    return "".join(p["text"] for p in msg["content"] if p["type"] == "text")
 
 # %% ../nbs/03_data.ipynb #4ed43838
 def _fail(ctx, reason, detail):
@@ -338,6 +338,18 @@ def detect_format(path) -> str:
             return "chat" if "data" in rec else "jsonl"
     return "jsonl"
 
+# %% ../nbs/03_data.ipynb #d1498558
+def _sample_id(rec, fmt, path, idx) -> str:
+    "The record's own id (`sample_id`, or chat `metadata.sample_id`), else `{file stem}_{index:06d}`."
+    sid = None
+    if isinstance(rec, dict):
+        sid = (
+            rec.get("sample_id")
+            if fmt == "jsonl"
+            else (rec.get("metadata") or {}).get("sample_id") if isinstance(rec.get("metadata"), dict) else None
+        )
+    return str(sid) if sid is not None else f"{path.stem}_{idx:06d}"
+
 # %% ../nbs/03_data.ipynb #36d45687
 def load_samples(
     path, strict: bool = True, extract_final_answer: bool | None = None, check_images: bool = True, fmt: str = "auto"
@@ -382,18 +394,6 @@ def load_samples(
     if report.errors:
         log.warning("%s", report)
     return samples, report
-
-# %% ../nbs/03_data.ipynb #d1498558
-def _sample_id(rec, fmt, path, idx) -> str:
-    "The record's own id (`sample_id`, or chat `metadata.sample_id`), else `{file stem}_{index:06d}`."
-    sid = None
-    if isinstance(rec, dict):
-        sid = (
-            rec.get("sample_id")
-            if fmt == "jsonl"
-            else (rec.get("metadata") or {}).get("sample_id") if isinstance(rec.get("metadata"), dict) else None
-        )
-    return str(sid) if sid is not None else f"{path.stem}_{idx:06d}"
 
 # %% ../nbs/03_data.ipynb #f3686ff2
 class SampleDataset:

@@ -419,6 +419,18 @@ def _runs_reference(R, V):
         prev = r
     return G
 
+# %% ../nbs/06_masks.ipynb #cc6a65e2
+def _opener(i, R, V) -> bool:
+    "Is token `i` a segment's opening tag (a latent tag whose next real token is a latent pad)?"
+    after = [k for k in range(i + 1, len(R)) if V[k]][:1]
+    return R[i] == Role.LATENT_TAG and bool(after) and R[after[0]] == Role.LATENT
+
+# %% ../nbs/06_masks.ipynb #c269adcb
+def _image_before(i, R, G, V):
+    "The group of the thought image right before token `i`, else `None`."
+    before = [k for k in range(i) if V[k]][-1:]
+    return G[before[0]] if before and R[before[0]] == Role.THOUGHT_IMAGE else None
+
 # %% ../nbs/06_masks.ipynb #8cb93112
 def may_attend(i, j, R, G, own, V, f) -> bool:
     """The rules as they read: may query `i` attend to key `j`? (roles `R`, groups `G`, own images, validity `V`, flags
@@ -456,18 +468,6 @@ def may_attend(i, j, R, G, own, V, f) -> bool:
     if f["mask_latent"] and rq != Role.LATENT and (rk == Role.LATENT or _opener(j, R, V)):
         ok = False
     return ok
-
-# %% ../nbs/06_masks.ipynb #cc6a65e2
-def _opener(i, R, V) -> bool:
-    "Is token `i` a segment's opening tag (a latent tag whose next real token is a latent pad)?"
-    after = [k for k in range(i + 1, len(R)) if V[k]][:1]
-    return R[i] == Role.LATENT_TAG and bool(after) and R[after[0]] == Role.LATENT
-
-# %% ../nbs/06_masks.ipynb #c269adcb
-def _image_before(i, R, G, V):
-    "The group of the thought image right before token `i`, else `None`."
-    before = [k for k in range(i) if V[k]][-1:]
-    return G[before[0]] if before and R[before[0]] == Role.THOUGHT_IMAGE else None
 
 # %% ../nbs/06_masks.ipynb #c5238d88
 def build_4d_mask_reference(roles, attention_mask, groups=None, **flags):

@@ -30,7 +30,7 @@ MAIN_OVERRIDES = {}  # config settings of the main job (every stage and the eval
 __all__ = ['CONDITIONS', 'MAIN_STEPS', 'MAIN_OVERRIDES', 'RUN_PARTS', 'CONTROLS', 'RUN_DEFAULTS', 'answer_positions',
            'exact_match', 'evaluate', 'majority_accuracy', 'bootstrap_ci', 'paired_diff_ci', 'latent_geometry',
            'prompt_batch', 'free_generation', 'split_files', 'run_pipeline', 'verdict', 'channel_sentence', 'goal_rows',
-           'write_report', 'format_diagnosis', 'RunArgs', 'run_main']
+           'format_diagnosis', 'write_report', 'RunArgs', 'run_main']
 
 # %% ../nbs/15_pipeline.ipynb #32f8605a
 def answer_positions(batch, ids) -> torch.Tensor:
@@ -502,6 +502,23 @@ def _ci_row(model, cond, hits) -> dict:
     m, lo, hi = bootstrap_ci(hits)
     return {"model": model, "condition": cond, "accuracy": round(m, 3), "95% CI": f"[{lo:.3f}, {hi:.3f}]"}
 
+# %% ../nbs/15_pipeline.ipynb #e88ed972
+def format_diagnosis(d: dict) -> str:
+    "The diagnosis as two small tables: probes, and stage 2 with thought images visible vs blank."
+    probes = [
+        {"features": k, "count acc": f"{v['acc']:.3f}", "R2": f"{v['r2']:.3f}", "n test": v["n_test"]}
+        for k, v in d["probe"].items()
+    ]
+    s2 = [
+        {
+            "stage 2 thought images": k,
+            "accuracy / difference": f"{m:+.3f}" if "minus" in k else f"{m:.3f}",
+            "95% CI": f"[{lo:.3f}, {hi:.3f}]",
+        }
+        for k, (m, lo, hi) in d["stage2_thought_images"].items()
+    ]
+    return format_table(probes) + "\n\n" + format_table(s2)
+
 # %% ../nbs/15_pipeline.ipynb #6743e20c
 def write_report(out, results: dict, majority: float, times: dict, diagnosis: dict | None = None) -> dict:
     """PNG plots, metrics.json and a printed summary (accuracies with intervals, verdicts, goals, latent geometry) into
@@ -585,23 +602,6 @@ def write_report(out, results: dict, majority: float, times: dict, diagnosis: di
         "final_losses": final_losses,
         "seconds": times,
     }
-
-# %% ../nbs/15_pipeline.ipynb #e88ed972
-def format_diagnosis(d: dict) -> str:
-    "The diagnosis as two small tables: probes, and stage 2 with thought images visible vs blank."
-    probes = [
-        {"features": k, "count acc": f"{v['acc']:.3f}", "R2": f"{v['r2']:.3f}", "n test": v["n_test"]}
-        for k, v in d["probe"].items()
-    ]
-    s2 = [
-        {
-            "stage 2 thought images": k,
-            "accuracy / difference": f"{m:+.3f}" if "minus" in k else f"{m:.3f}",
-            "95% CI": f"[{lo:.3f}, {hi:.3f}]",
-        }
-        for k, (m, lo, hi) in d["stage2_thought_images"].items()
-    ]
-    return format_table(probes) + "\n\n" + format_table(s2)
 
 # %% ../nbs/15_pipeline.ipynb #0e491e27
 def _override(kv: str) -> tuple[str, object]:

@@ -363,6 +363,14 @@ def calibration_images(data_dir=None) -> list[Path]:
         raise FileNotFoundError(f"{data_dir}/visual/images/train: no PNG images to calibrate the vision merger on")
     return paths
 
+# %% ../nbs/01_tiny.ipynb #fdd7bdc1
+def _files_hash(paths) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(Path(p).name.encode())
+        h.update(Path(p).read_bytes())
+    return h.hexdigest()[:16]
+
 # %% ../nbs/01_tiny.ipynb #14eece16
 def build_calibrated_kit(out_dir, kit=None, images=None) -> Path:
     "The tiny kit with its vision merger calibrated on `images` (default: the training images), saved atomically."
@@ -397,14 +405,6 @@ def build_calibrated_kit(out_dir, kit=None, images=None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-# %% ../nbs/01_tiny.ipynb #fdd7bdc1
-def _files_hash(paths) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(Path(p).name.encode())
-        h.update(Path(p).read_bytes())
-    return h.hexdigest()[:16]
 
 # %% ../nbs/01_tiny.ipynb #d72c3e9c
 def calibrated_kit_path(cache_dir=None) -> Path:
