@@ -29,7 +29,8 @@ __all__ = ['SYSTEM_PROMPT', 'UNIFIED_VERSION', 'UNIFIED_TRAIN_DEFAULTS', 'UNIFIE
            'teacher_forced_scores', 'decision_metrics', 'image_metrics', 'start_probability', 'weighted_optimum',
            'RunUnifiedArgs', 'unified_grid', 'mmdit_rows', 'unified_table', 'weight_study', 'run_unified', 'run_main',
            'UnifiedCliArgs', 'write_generated', 'unified_main', 'SequenceStepper', 'BenchUnifiedArgs', 'sided_prompt',
-           'per_patch_seconds', 'LMClock', 'cache_comparison', 'bench_unified', 'bench_unified_main']
+           'per_patch_seconds', 'LMClock', 'cache_comparison', 'wider_lm_model', 'keep_drawing', 'bench_unified',
+           'bench_unified_main']
 
 # %% ../nbs/23_unified.ipynb #bb4d4fa7
 @dataclass
@@ -1598,6 +1599,10 @@ class BenchUnifiedArgs:
     flow_steps: str = field(default="1,2,5,10,20", metadata={"help": "Euler steps per patch to compare"})
     limit_edits: int = field(default=20, metadata={"help": "held-out edits of the flow-steps sweep"})
     threads: int = field(default=1, metadata={"help": "torch threads"})
+    lm_sizes: str = field(
+        default="",
+        metadata={"help": "untrained wider LMs (hidden x layers, e.g. 512x8,1024x8) for the cached-vs-recompute ratio"},
+    )
     prompt_sides: str = field(
         default="64,128,256",
         metadata={"help": "input-image sides (pixels) of the per-patch cached-vs-recompute sweep over prefix length"},
@@ -1706,6 +1711,38 @@ def cache_comparison(model, prompts: list[dict], patches: int, num_timesteps: in
         ratio_bound=_per_round(tr, [c - m for c, m in zip(tc, lm_loop[True])]),
     )
 
+# %% ../nbs/23_unified.ipynb #widelm01
+def wider_lm_model(model: UnifiedModel, hidden_size: int, layers: int, seed: int = 0) -> UnifiedModel:
+    """For timing only: an untrained unified model on a wider, deeper text model of the tiny kit's layout (head dim
+    64; tokenizer, processor and VAE of `model`), whose `<|vision_end|>` row makes it keep drawing on the prompts'
+    hidden-state direction (set by `bench unified`)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    from latentcot.tiny import tiny_qwen25vl_config
+
+    text = dict(
+        hidden_size=hidden_size,
+        intermediate_size=3 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden_size // 64,
+        num_key_value_heads=max(1, hidden_size // 128),
+        rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 1e6},
+    )
+    cfg = tiny_qwen25vl_config(model.vlm.config.get_text_config().vocab_size, text_config=text)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vlm = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+        return UnifiedModel(vlm, model.processor, model.vae, model.cfg).eval()
+
+
+@torch.no_grad()
+def keep_drawing(model: UnifiedModel, prompts: list[dict], margin: float = 30.0):
+    """Timing only: set the `<|vision_end|>` row to the `<|vision_pad|>` row minus `margin` x the prompts' mean
+    hidden direction."""
+    lay = model.collator().layout(prompts, generation_prompt=True, padding_side="left")
+    u = model.hidden(model.embed(lay), lay["attention_mask"], lay["position_ids"])[0].mean((0, 1))
+    W = model.vlm.lm_head.weight
+    W[model.ids.vision_end] = W[model.ids.vision_pad] - margin * u / u.norm()
+
 # %% ../nbs/23_unified.ipynb #82ede6d1
 def bench_unified(a: BenchUnifiedArgs) -> dict:
     "Cached vs recompute ratio, seconds per image, flow steps vs changed-cell accuracy."
@@ -1724,6 +1761,11 @@ def bench_unified(a: BenchUnifiedArgs) -> dict:
     )
     for T in (1, model.cfg.num_timesteps):
         res[f"cache_vs_recompute_T{T}"] = cache_comparison(model, p, a.patches, T, a.repeats)
+    for size in [x for x in a.lm_sizes.split(",") if x]:
+        wide = wider_lm_model(model, *(int(v) for v in size.split("x")))
+        keep_drawing(wide, p)
+        c = cache_comparison(wide, p, a.patches, 1, a.repeats)
+        res[f"lm_{size}"] = c | dict(lm_params=sum(x.numel() for x in wide.lm.layers.parameters()))
     with tempfile.TemporaryDirectory() as tmp:
         for side in [int(x) for x in a.prompt_sides.split(",") if x]:
             ps = [sided_prompt(recs[0], side, tmp)]
@@ -1770,6 +1812,12 @@ def bench_unified_main(argv: list[str] | None = None) -> int:
                 f"at most {c['ratio_bound']:.1f}x if the cached LM calls cost nothing"
             )
     for k, c in r.items():
+        if k.startswith("lm_"):
+            print(
+                f"untrained LM {k[3:]} ({c['lm_params'] / 1e6:.0f}M parameters in its layers; timing only), "
+                f"{c['patches']} patches, 1 Euler step: ratio {c['ratio']:.1f}x; loop {c['loop_ratio']:.1f}x; "
+                f"LM calls {c['lm_ratio']:.1f}x; bound {c['ratio_bound']:.1f}x"
+            )
         if k.startswith("per_patch_side"):
             print(
                 f"input image {k[len('per_patch_side'):]} px, prompt {c['prompt_tokens']} tokens: per drawn patch "
