@@ -21,8 +21,8 @@ from .mmdit_kit import tensor_to_images
 
 # %% auto #0
 __all__ = ['SYSTEM_PROMPT', 'UNIFIED_VERSION', 'UNIFIED_TRAIN_DEFAULTS', 'UNIFIED_STEPS', 'UnifiedConfig', 'UnifiedIds',
-           'vae_factor', 'patch_grid', 'image_patches', 'patches_to_images', 'AdaLNBlock', 'FlowHead', 'flow_pair',
-           'euler_sigmas', 'euler_sample', 'edit_sample', 'qa_sample', 'render_text', 'patch_grid_thw',
+           'vae_factor', 'patch_grid', 'image_patches', 'patches_to_images', 'AdaLNBlock', 'euler_sigmas', 'FlowHead',
+           'flow_pair', 'euler_sample', 'edit_sample', 'qa_sample', 'render_text', 'patch_grid_thw',
            'image_block_offsets', 'UnifiedCollator', 'UnifiedOutput', 'UnifiedModel', 'save_unified', 'load_unified',
            'Generated', 'prompt_sample', 'generate', 'UnifiedImageEditingInference', 'unified_train_settings',
            'unified_samples', 'unified_step', 'train_unified', 'run_unified_training', 'prompt_of', 'evaluate_unified',
@@ -179,6 +179,13 @@ class AdaLNBlock(nn.Module):
         shift, scale, gate = self.ada(c).chunk(3, -1)
         return x + gate * self.mlp(_modulate(self.norm(x), shift, scale))
 
+# %% ../nbs/23_unified.ipynb #019072ed
+def euler_sigmas(num_timesteps: int, like: torch.Tensor) -> torch.Tensor:
+    "The Euler schedule, σ from 1 to 0 in `num_timesteps` equal steps (dtype and device of `like`)."
+    if num_timesteps < 1:
+        raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
+    return torch.linspace(1, 0, num_timesteps + 1, dtype=like.dtype, device=like.device)
+
 # %% ../nbs/23_unified.ipynb #0d9c5204
 class FlowHead(nn.Module):
     "v(x_t, σ | h): the velocity (ε - x0) of one patch given the LM hidden state `h` before it."
@@ -237,14 +244,7 @@ def flow_pair(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor):
     s = sigma.reshape(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
     return (1 - s) * x0 + s * noise, noise - x0
 
-# %% ../nbs/23_unified.ipynb #019072ed
-def euler_sigmas(num_timesteps: int, like: torch.Tensor) -> torch.Tensor:
-    "The Euler schedule, σ from 1 to 0 in `num_timesteps` equal steps (dtype and device of `like`)."
-    if num_timesteps < 1:
-        raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
-    return torch.linspace(1, 0, num_timesteps + 1, dtype=like.dtype, device=like.device)
-
-
+# %% ../nbs/23_unified.ipynb #9057e831
 def euler_sample(velocity, noise: torch.Tensor, num_timesteps: int) -> torch.Tensor:
     "Patches from `noise` (σ = 1) by `num_timesteps` Euler steps to σ = 0: `x_t = x_t - v·dt` (seed 004 l.98-114)."
     sig = euler_sigmas(num_timesteps, noise)
@@ -737,6 +737,38 @@ def _draw_grid(model, sample, coll) -> tuple[int, int]:
             return coll.grid_of(v)
     return patch_grid(model.cfg.draw_size, model.cfg.draw_size, model.vae)
 
+# %% ../nbs/23_unified.ipynb #5397223e
+def _decode(model, patches: torch.Tensor, grid) -> Image.Image:
+    full = torch.zeros(grid[0] * grid[1], model.cfg.patch_dim)
+    full[: len(patches)] = patches
+    return patches_to_images(model.vae, full[None], *grid)[0]
+
+# %% ../nbs/23_unified.ipynb #3dec9f6c
+def _segments(model, g: Generated, decode_images: bool = True):
+    "Fill `g.segments`: decoded text runs and images (missing patches of an early-ended image decode as 0)."
+    tok, ids = model.processor.tokenizer, model.ids
+    run, img = [], 0
+    image = lambda i: _decode(model, g.patches[i], g.grids[i]) if decode_images else g.patches[i]
+
+    def flush():
+        if run:
+            g.segments.append(("text", tok.decode(run)))
+        run.clear()
+
+    for t in g.tokens:
+        if t == ids.vision_start:
+            flush()
+        elif t == ids.vision_end:
+            if img < len(g.patches):
+                g.segments.append(("image", image(img)))
+                img += 1
+        elif t not in (ids.vision_pad, ids.im_end, ids.pad):
+            run.append(t)
+    flush()
+    while img < len(g.patches):  # an image cut by max_length
+        g.segments.append(("image", image(img)))
+        img += 1
+
 # %% ../nbs/23_unified.ipynb #9c33ecac
 @torch.no_grad()
 def generate(
@@ -860,38 +892,6 @@ def generate(
     for b in range(B):
         _segments(model, out[b], decode_images)
     return out
-
-# %% ../nbs/23_unified.ipynb #3dec9f6c
-def _segments(model, g: Generated, decode_images: bool = True):
-    "Fill `g.segments`: decoded text runs and images (missing patches of an early-ended image decode as 0)."
-    tok, ids = model.processor.tokenizer, model.ids
-    run, img = [], 0
-    image = lambda i: _decode(model, g.patches[i], g.grids[i]) if decode_images else g.patches[i]
-
-    def flush():
-        if run:
-            g.segments.append(("text", tok.decode(run)))
-        run.clear()
-
-    for t in g.tokens:
-        if t == ids.vision_start:
-            flush()
-        elif t == ids.vision_end:
-            if img < len(g.patches):
-                g.segments.append(("image", image(img)))
-                img += 1
-        elif t not in (ids.vision_pad, ids.im_end, ids.pad):
-            run.append(t)
-    flush()
-    while img < len(g.patches):  # an image cut by max_length
-        g.segments.append(("image", image(img)))
-        img += 1
-
-# %% ../nbs/23_unified.ipynb #5397223e
-def _decode(model, patches: torch.Tensor, grid) -> Image.Image:
-    full = torch.zeros(grid[0] * grid[1], model.cfg.patch_dim)
-    full[: len(patches)] = patches
-    return patches_to_images(model.vae, full[None], *grid)[0]
 
 # %% ../nbs/23_unified.ipynb #16b0d969
 class UnifiedImageEditingInference:
@@ -1617,7 +1617,7 @@ def _median_time(fn, repeats: int) -> float:
         ts.append(time.perf_counter() - t)
     return float(np.median(ts))
 
-
+# %% ../nbs/23_unified.ipynb #3d4621ff
 def _rounds(fns, repeats: int) -> list[list[float]]:
     "Seconds of each of `fns`, run in turn for `repeats` rounds (interleaved: load changes hit all alike)."
     ts = [[] for _ in fns]
@@ -1628,7 +1628,7 @@ def _rounds(fns, repeats: int) -> list[list[float]]:
             t.append(time.perf_counter() - s)
     return ts
 
-
+# %% ../nbs/23_unified.ipynb #e48244d7
 def _per_round(a, b) -> float:
     "Median over rounds of the ratio a/b of the same round."
     return float(np.median([x / y for x, y in zip(a, b)]))
@@ -1733,7 +1733,7 @@ def wider_lm_model(model: UnifiedModel, hidden_size: int, layers: int, seed: int
         vlm = Qwen2_5_VLForConditionalGeneration(cfg).eval()
         return UnifiedModel(vlm, model.processor, model.vae, model.cfg).eval()
 
-
+# %% ../nbs/23_unified.ipynb #50187308
 @torch.no_grad()
 def keep_drawing(model: UnifiedModel, prompts: list[dict], margin: float = 30.0):
     """Timing only: set the `<|vision_end|>` row to the `<|vision_pad|>` row minus `margin` x the prompts' mean
