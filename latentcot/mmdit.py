@@ -27,15 +27,15 @@ __all__ = ['QWEN_IMAGE_PROMPT_TEMPLATE', 'CONDITIONS', 'EXTRA_CONDITIONS', 'ORAC
            'MMDIT_COMMANDS', 'MMDiTBridge', 'project_to_mmdit', 'template_prefix_length', 'qwen_prompt_embeds',
            'check_image_size', 'encode_images', 'decode_latents', 'pack', 'unpack', 'velocity', 'sample_sigmas',
            'compute_flow_matching_loss', 'sampling_scheduler', 'schedule_is_finite', 'generation_pipeline',
-           'write_bridge', 'LatentToImageGenerator', 'multiturn_latents', 'pad_latents', 'training_examples',
-           'train_generator', 'grid_scores', 'condition_inputs', 'evaluate_conditions', 'summarize', 'results_table',
-           'oracle_latents', 'inference_with_latent_cot', 'save_condition_images', 'load_condition_images',
-           'rescore_report', 'GenerationExplorer', 'generation_explorer', 'run_choices', 'comparison_grid',
-           'text_states', 'run_mmdit', 'MMDiTRunArgs', 'run_main', 'check_edit_images', 'check_bridge', 'MMDiTTrainee',
-           'freeze_discarded_text_stream', 'add_mmdit_lora', 'collate_pairs', 'mmdit_pairs', 'mmdit_step',
-           'save_generator', 'run_mmdit_stage', 'fitting_size', 'GenerationLoss', 'attach_generation_loss',
-           'GenerateArgs', 'read_prompts', 'generate_images', 'generate_main', 'bench_mmdit', 'BenchMMDiTArgs',
-           'bench_mmdit_main', 'main']
+           'write_bridge', 'generator_parts', 'LatentToImageGenerator', 'multiturn_latents', 'pad_latents',
+           'training_examples', 'train_generator', 'grid_scores', 'condition_inputs', 'evaluate_conditions',
+           'summarize', 'results_table', 'oracle_latents', 'inference_with_latent_cot', 'save_condition_images',
+           'load_condition_images', 'rescore_report', 'GenerationExplorer', 'generation_explorer', 'run_choices',
+           'comparison_grid', 'text_states', 'run_mmdit', 'MMDiTRunArgs', 'run_main', 'check_edit_images',
+           'check_bridge', 'MMDiTTrainee', 'freeze_discarded_text_stream', 'add_mmdit_lora', 'collate_pairs',
+           'mmdit_pairs', 'mmdit_step', 'save_generator', 'run_mmdit_stage', 'fitting_size', 'GenerationLoss',
+           'attach_generation_loss', 'GenerateArgs', 'read_prompts', 'generate_images', 'generate_main', 'bench_mmdit',
+           'BenchMMDiTArgs', 'bench_mmdit_main', 'main']
 
 # %% ../nbs/22_mmdit.ipynb #bb7f02f9
 class MMDiTBridge(nn.Module):
@@ -281,6 +281,30 @@ def write_bridge(bridge: MMDiTBridge, path) -> None:
     meta = dict(latent_dim=bridge.latent_dim, mode=bridge.mode, joint_attention_dim=bridge.joint_attention_dim)
     atomic_write(path / "bridge.json", lambda tmp: Path(tmp).write_text(json.dumps(meta)))
 
+# %% ../nbs/22_mmdit.ipynb #genparts27
+def generator_parts(path) -> dict:
+    """`{'transformer', 'vae', 'scheduler'}` of a Qwen-Image-layout folder (`load_mmdit_kit`), or of a `run_mmdit`
+    report folder: its trained `transformer/`, and the VAE and scheduler of the kit its `metrics.json` names (the
+    report does not copy them). So `--mmdit_name_or_path` accepts a `latentcot run mmdit --out` folder too."""
+    path = Path(path)
+    if (path / "vae").is_dir() or not (path / "metrics.json").is_file():
+        return load_mmdit_kit(path)
+    kit = json.loads((path / "metrics.json").read_text()).get("kit")
+    if not kit or not (path / "transformer" / "config.json").is_file():
+        raise ValueError(
+            f"--mmdit_name_or_path {path}: neither a Qwen-Image-layout folder (transformer/, vae/, scheduler/) nor a "
+            "`latentcot run mmdit` report (transformer/ + a metrics.json naming its kit)"
+        )
+    from diffusers import QwenImageTransformer2DModel
+
+    parts = generator_parts(kit)
+    dtype = next(parts["transformer"].parameters()).dtype
+    dit = QwenImageTransformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype)
+    parts["transformer"] = dit
+    check_kit_configs(parts["transformer"].config, parts["vae"].config)
+    return parts
+
+
 # %% ../nbs/22_mmdit.ipynb #5400f156
 class LatentToImageGenerator(nn.Module):
     "Seed 000's generator: latents Z -> `project_to_mmdit` -> Qwen-Image flow sampling -> `vae.decode`."
@@ -306,8 +330,9 @@ class LatentToImageGenerator(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, latent_dim: int | None = None, bridge_path=None, **kw):
-        "Load transformer/vae/scheduler from a Qwen-Image-layout folder, and its `bridge/` (or `bridge_path`)."
-        g = cls(**load_mmdit_kit(path), latent_dim=latent_dim, **kw)
+        """Load transformer/vae/scheduler from a Qwen-Image-layout folder or a `run_mmdit` report (`generator_parts`),
+        and its `bridge/` (or `bridge_path`)."""
+        g = cls(**generator_parts(path), latent_dim=latent_dim, **kw)
         if bridge_path is None and (Path(path) / "bridge" / "bridge.json").is_file():
             bridge_path = Path(path) / "bridge"
         if bridge_path is not None:
