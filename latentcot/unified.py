@@ -72,6 +72,13 @@ class UnifiedConfig:
             "(given the true sequence before it) instead of the true patch; targets stay true (0: the seed's)"
         },
     )
+    ref_cond: bool = field(
+        default=False,
+        metadata={
+            "help": "beyond the seed: the head's condition for a drawn patch also gets the patch at the same (row, col) "
+            "of the image before it of the same grid (the input image, or the image drawn before), a copy prior"
+        },
+    )
     self_feed_steps: int = field(default=2, metadata={"help": "Euler steps of those self-fed samples"})
     num_timesteps: int = field(default=20, metadata={"help": "Euler steps per patch at inference"})
     patch_temperature: float = field(
@@ -394,19 +401,24 @@ class UnifiedCollator:
         mm = enc["mm_token_type_ids"].clone()
         mm[is_patch] = 1
         vit_grids = list(enc.get("image_grid_thw", torch.zeros(0, 3, dtype=torch.long)))
-        grids, patches, target, rc = [], [], [], []
+        grids, patches, target, rc, refs = [], [], [], [], []
         for s in samples:
+            before = {}  # grid -> patches of the last image of that grid so far in this sample
             for turn in ("user", "assistant"):
                 for k, v in s[turn]:
+                    if k not in ("image", "draw"):
+                        continue
+                    g, x = self.grid_of(v), self.cache[str(v)]
+                    ref, before[g] = before.get(g, torch.zeros_like(x)), x
                     if k == "image":
                         grids.append(vit_grids.pop(0).tolist())
                         if not self.cfg.input_vae_patches:
                             continue
-                    if k in ("image", "draw"):
-                        grids.append(patch_grid_thw(*self.grid_of(v)))
-                        patches.append(self.cache[str(v)])
-                        rc.append(_grid_rc(*self.grid_of(v)))
-                        target += [k == "draw"] * len(self.cache[str(v)])
+                    grids.append(patch_grid_thw(*g))
+                    patches.append(x)
+                    refs.append(ref)
+                    rc.append(_grid_rc(*g))
+                    target += [k == "draw"] * len(x)
         pos, _ = self.rope_model.model.get_rope_index(
             ids, mm_token_type_ids=mm, attention_mask=am, image_grid_thw=torch.tensor(grids) if grids else None
         )
@@ -419,6 +431,7 @@ class UnifiedCollator:
             patch_is_target=torch.tensor(target, dtype=torch.bool),
             sample_ids=[s["sample_id"] for s in samples],
             patch_rc=torch.cat(rc) if rc else torch.zeros(0, 2, dtype=torch.long),
+            patch_ref=torch.cat(refs) if refs else torch.zeros(0, self.cfg.patch_dim),
         )
         if vit:
             out.update(pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"])
@@ -476,6 +489,8 @@ class UnifiedModel(nn.Module):
             self.row_emb, self.col_emb = nn.Embedding(self.cfg.max_grid, H), nn.Embedding(self.cfg.max_grid, H)
             for e in (self.row_emb, self.col_emb):
                 nn.init.normal_(e.weight, std=0.02)
+        if self.cfg.ref_cond:  # the copy prior: the same cell of the image before, into the head's condition
+            self.ref_in = nn.Sequential(nn.Linear(self.cfg.patch_dim, H), nn.GELU(), nn.Linear(H, H))
         vlm.model.visual.requires_grad_(False)
         vae.requires_grad_(False)
         self._offsets = {}
@@ -500,9 +515,15 @@ class UnifiedModel(nn.Module):
             raise ValueError(f"a patch grid of {int(rc.max()) + 1} rows/cols exceeds max_grid={self.cfg.max_grid}")
         return self.row_emb(rc[:, 0]) + self.col_emb(rc[:, 1])
 
-    def head_cond(self, h: torch.Tensor, rc: torch.Tensor) -> torch.Tensor:
-        "The flow head's condition for patches at `rc`: the hidden state before each (plus its position embedding)."
-        return h + self.pos(rc)
+    def head_cond(self, h: torch.Tensor, rc: torch.Tensor, ref: torch.Tensor | None = None) -> torch.Tensor:
+        """The flow head's condition for patches at `rc`: the hidden state before each (plus its position embedding,
+        plus `ref_in` of `ref`, the same cell of the image before, with `ref_cond`)."""
+        c = h + self.pos(rc)
+        if self.cfg.ref_cond:
+            if ref is None:
+                raise ValueError("ref_cond: the head needs the reference patches (`patch_ref`)")
+            c = c + self.ref_in(ref.to(c.dtype))
+        return c
 
     def embed(self, batch: dict) -> torch.Tensor:
         """Input embeddings: token rows, vision-tower features at `<|image_pad|>`, `patch_in(patch)` at
@@ -545,7 +566,7 @@ class UnifiedModel(nn.Module):
         drawn = (batch["input_ids"] == self.ids.vision_pad) & (batch["labels"] != -100)
         b, l = drawn.nonzero(as_tuple=True)
         is_t = batch["patch_is_target"]
-        cond = self.head_cond(h[b, l - 1], batch["patch_rc"][is_t])
+        cond = self.head_cond(h[b, l - 1], batch["patch_rc"][is_t], batch["patch_ref"][is_t])
         noise = torch.randn(len(cond), self.cfg.patch_dim, generator=generator).to(h.device, h.dtype)
         own = euler_sample(lambda x, s: self.head(x, s, cond), noise, steps)
         take = torch.rand(len(cond), generator=generator).to(h.device) < share
@@ -576,7 +597,9 @@ class UnifiedModel(nn.Module):
         flow = h.new_zeros(())
         if len(x0):
             m = self.cfg.fm_batch_mul
-            cond = self.head_cond(h[b, l - 1], batch["patch_rc"][batch["patch_is_target"]]).repeat_interleave(m, 0)
+            is_t = batch["patch_is_target"]
+            cond = self.head_cond(h[b, l - 1], batch["patch_rc"][is_t], batch["patch_ref"][is_t])
+            cond = cond.repeat_interleave(m, 0)
             x0 = x0.repeat_interleave(m, 0)
             sigma = torch.rand(len(x0), generator=generator).to(h.device, h.dtype)
             noise = torch.randn(x0.shape, generator=generator).to(h.device, h.dtype)
@@ -619,7 +642,11 @@ class UnifiedModel(nn.Module):
 # %% ../nbs/23_unified.ipynb #bf5c0158
 def _own_modules(model) -> list[str]:
     "The unified model's own parts (saved in unified.safetensors)."
-    return ["patch_in", "head"] + (["row_emb", "col_emb"] if model.cfg.patch_pos_emb else [])
+    return (
+        ["patch_in", "head"]
+        + (["row_emb", "col_emb"] if model.cfg.patch_pos_emb else [])
+        + (["ref_in"] if model.cfg.ref_cond else [])
+    )
 
 # %% ../nbs/23_unified.ipynb #84ae3739
 def _unified_meta(model) -> dict:
@@ -811,10 +838,19 @@ def generate(
     step = 0
     rcs = {g: _grid_rc(*g).to(dev) for g in set(grids)}  # (row, col) of each patch of a grid
     sched = model.head.schedule(T, emb)  # the Euler steps' time conditions, shared by every patch
+    before = [{} for _ in range(B)]  # per sample: grid -> patches of the last image of that grid (ref_cond)
+    for b, s in enumerate(samples):
+        for turn in ("user", "assistant"):
+            for k, v in s.get(turn, []):
+                if k in ("image", "draw"):
+                    before[b][coll.grid_of(v)] = coll.cache[str(v)].to(dev)
 
     def close(b):
         out[b].patches.append(torch.stack(cur[b]) if cur[b] else torch.zeros(0, model.cfg.patch_dim))
         out[b].grids.append(grids[b])
+        full = torch.zeros(n_of[b], model.cfg.patch_dim)  # an early-ended image: its missing cells as 0
+        full[: len(cur[b])] = out[b].patches[-1][: n_of[b]]
+        before[b][grids[b]] = full.to(dev)
         cur[b] = []
 
     while True:
@@ -874,7 +910,11 @@ def generate(
             noise = torch.stack([torch.randn(model.cfg.patch_dim, generator=gens[b]) for b in draw]).to(dev, col.dtype)
             noise = noise * tau
             rc = torch.stack([rcs[grids[b]][len(cur[b])] for b in draw])
-            cond = model.head_cond(h[draw], rc)
+            ref = None
+            if model.cfg.ref_cond:
+                zero = torch.zeros(model.cfg.patch_dim, device=dev)
+                ref = torch.stack([before[b][grids[b]][len(cur[b])] if grids[b] in before[b] else zero for b in draw])
+            cond = model.head_cond(h[draw], rc, ref)
             x = model.head.sample(cond, noise, T, sched)
             col = col.clone()
             col[draw] = model.patch_in(x) + model.pos(rc)
@@ -962,9 +1002,15 @@ def unified_train_settings(args, cfg, given: set[str] | None = None) -> tuple:
 
 # %% ../nbs/23_unified.ipynb #84bfa5c5
 def unified_samples(
-    edit_file=None, visual_file=None, limit: int | None = None, drop_second_image: float = 0.0, seed: int = 0
+    edit_file=None,
+    visual_file=None,
+    limit: int | None = None,
+    drop_second_image: float = 0.0,
+    seed: int = 0,
+    cycle_qa: bool = False,
 ) -> list[dict]:
-    "Editing triplets and visual-QA samples (drawing is wrong there), interleaved; `limit` caps each kind."
+    """Editing triplets and visual-QA samples (drawing is wrong there), interleaved; `limit` caps each kind;
+    `cycle_qa`: repeat the QA samples so each edit keeps one beside it when there are more edits."""
     import random
     from latentcot.data import load_samples
     from latentcot.datagen import load_edit_records
@@ -979,6 +1025,8 @@ def unified_samples(
     for e in edits:
         if rng.random() < drop_second_image:
             e["assistant"] = e["assistant"][:3]  # reflection 1, img1, reflection 2, end
+    if cycle_qa and qa and len(edits) > len(qa):
+        qa = [qa[i % len(qa)] for i in range(len(edits))]
     out = []
     for i in range(max(len(edits), len(qa))):
         out += ([edits[i]] if i < len(edits) else []) + ([qa[i]] if i < len(qa) else [])
@@ -1134,7 +1182,8 @@ def teacher_forced_scores(
         batch = coll([edit_sample(r) for r in chunk])
         h, _ = model.hidden(model.embed(batch), batch["attention_mask"], batch["position_ids"])
         b, l = ((batch["input_ids"] == model.ids.vision_pad) & (batch["labels"] != -100)).nonzero(as_tuple=True)
-        cond = model.head_cond(h[b, l - 1], batch["patch_rc"][batch["patch_is_target"]])
+        is_t = batch["patch_is_target"]
+        cond = model.head_cond(h[b, l - 1], batch["patch_rc"][is_t], batch["patch_ref"][is_t])
         noise = torch.randn(len(cond), model.cfg.patch_dim, generator=g).to(cond)
         noise = noise * (model.cfg.patch_temperature if patch_temperature is None else patch_temperature)
         x = model.head.sample(cond, noise, num_timesteps or model.cfg.num_timesteps)
@@ -1243,13 +1292,28 @@ class RunUnifiedArgs:
     )
     fm_batch_mul: int = field(default=4, metadata={"help": "noise draws per patch per step"})
     head_width: int = field(default=256, metadata={"help": "flow head width"})
+    head_depth: int = field(default=3, metadata={"help": "residual AdaLN blocks of the flow head"})
     input_noise: float = field(default=0.0, metadata={"help": "noise on fed-back drawn patches in training"})
     self_feed: float = field(
         default=0.0, metadata={"help": "scheduled sampling: share of fed-back drawn patches that are the head's own"}
     )
+    ref_cond: bool = field(
+        default=False,
+        metadata={
+            "help": "beyond the seed: condition the head on the same cell of the image before (a copy prior; "
+            "see UnifiedConfig.ref_cond)"
+        },
+    )
     num_timesteps: int = field(default=10, metadata={"help": "Euler steps per patch at evaluation"})
     limit_train: int | None = field(
         default=None, metadata={"help": "use only the first N editing and N QA training samples"}
+    )
+    edit_train: str | None = field(
+        default=None,
+        metadata={
+            "help": "editing triplets to train on, a JSONL like data_samples/edit/train.jsonl (default: that file); "
+            "the QA samples are repeated to keep one beside each edit"
+        },
     )
     limit_qa: int = field(default=80, metadata={"help": "held-out QA prompts evaluated"})
     limit_edits: int | None = field(default=None, metadata={"help": "held-out edits evaluated (default: all 40)"})
@@ -1387,14 +1451,19 @@ def run_unified(a: RunUnifiedArgs) -> dict:
         special_token_weight=a.special_token_weight,
         fm_batch_mul=a.fm_batch_mul,
         head_width=a.head_width,
+        head_depth=a.head_depth,
         num_timesteps=a.num_timesteps,
         input_noise=a.input_noise,
         self_feed=a.self_feed,
+        ref_cond=a.ref_cond,
     )
+    if a.edit_train is not None and not Path(a.edit_train).is_file():
+        raise ValueError(f"--edit_train: no such file {a.edit_train}")
+    samples = unified_samples(a.edit_train, limit=a.limit_train, cycle_qa=a.edit_train is not None)
     model = UnifiedModel.from_kits(cfg=ucfg, seed=a.seed)
     final = train_unified(
         model,
-        unified_samples(limit=a.limit_train),
+        samples,
         cfg,
         out / "train",
         a.steps,
