@@ -90,6 +90,13 @@ class LatentCoTConfig:
     alignment_layer: str = field(
         default="last", metadata={"help": "aligned states: 'last', 'all' or comma-separated layer ids"}
     )
+    alignment_center: bool = field(
+        default=False,
+        metadata={
+            "help": "subtract the per-slot mean teacher latent (over the teacher store) from student and teacher "
+            "before the cosine, so the alignment rewards what differs between samples (stage 2/3 at the latent pads)"
+        },
+    )
     generation_loss_weight: float = field(
         default=0.0,
         metadata={
@@ -381,6 +388,7 @@ TRAINING_ONLY = (
     "latent_stop_threshold",
     "latent_null_scale",
     "alignment_layer",
+    "alignment_center",
     "generation_loss_weight",
 )
 

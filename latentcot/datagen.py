@@ -133,12 +133,16 @@ def make_visual_split(
     avoid: set | None = None,
     max_kinds: int = 3,
     canonical_thoughts: bool = False,
+    only_asked_kinds: bool = False,
 ) -> list[dict]:
-    "Generate `n` visual samples into `root` (images under `images/<split>/`); return the seed 001 records."
+    """Generate `n` visual samples into `root` (images under `images/<split>/`); return the seed 001 records.
+    `only_asked_kinds`: the question scene keeps only the objects of the asked kinds (a variant)."""
     rng, seen, recs = random.Random(f"latentcot-visual-{seed}-{split}"), avoid if avoid is not None else set(), []
     while len(recs) < n:
         objects, query = sample_scene(rng)
         query = query[:max_kinds]  # the default 3 keeps every query (1-3 kinds): the committed data does not change
+        if only_asked_kinds:  # no other draw: the same scenes, the other kinds' objects removed
+            objects = [o for o in objects if (o["color"], o["shape"]) in query]
         key = json.dumps([objects, query])
         if key in seen:
             continue  # no sample repeats within or across splits
@@ -505,6 +509,7 @@ def generate_all(
     text: bool = True,
     max_kinds: int = 3,
     canonical_thoughts: bool = False,
+    only_asked_kinds: bool = False,
 ) -> dict:
     "Write the visual, chat and edit sets (and `text/` via `latentcot.textdata` when `text`) into `out_dir`."
     out = Path(out_dir)
@@ -516,7 +521,9 @@ def generate_all(
     try:
         vis_seen, edit_seen, counts = set(), set(), {}
         for split, n, ne in (("train", n_train, n_et), ("heldout", n_heldout, n_eh)):
-            recs = make_visual_split(stage / "visual", split, n, seed, vis_seen, max_kinds, canonical_thoughts)
+            recs = make_visual_split(
+                stage / "visual", split, n, seed, vis_seen, max_kinds, canonical_thoughts, only_asked_kinds
+            )
             _write_text(stage / "visual" / f"{split}.jsonl", _jsonl(recs))
             _write_text(stage / "chat" / f"{split}.json", _json_list([visual_to_chat(r) for r in recs]))
             _write_text(
@@ -577,6 +584,10 @@ class DatagenArgs:
         default=False,
         metadata={"help": "thought images draw the count plainly (the kind's objects in the first cells; a variant)"},
     )
+    only_asked_kinds: bool = field(
+        default=False,
+        metadata={"help": "question scenes keep only the asked kinds' objects (no selection needed; a variant)"},
+    )
 
 # %% ../nbs/04_datagen.ipynb #f31064af
 def main(argv: list[str] | None = None) -> int:
@@ -600,6 +611,7 @@ def main(argv: list[str] | None = None) -> int:
         text=a.text,
         max_kinds=a.max_kinds,
         canonical_thoughts=a.canonical_thoughts,
+        only_asked_kinds=a.only_asked_kinds,
     )
     print(f"wrote {a.out}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
     return 0

@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from .config import LatentCoTConfig
 
 # %% auto #0
-__all__ = ['TERMS', 'positions_mask', 'gather_positions', 'ce_loss', 'ce_term', 'alignment_cos', 'alignment_loss',
-           'layer_indices', 'select_layers', 'gather_layers', 'rows', 'active_rows', 'latent_alignment', 'latent_only',
-           'observation_alignment', 'stop_target', 'stop_labels', 'stop_loss', 'cost_loss', 'segment_budgets',
-           'segment_stop_logits', 'stop_term', 'cost_term', 'term_weights', 'total_loss', 'latent_terms']
+__all__ = ['TERMS', 'positions_mask', 'gather_positions', 'ce_loss', 'ce_term', 'alignment_cos', 'alignment_loss', 'slot_means',
+           'slot_rows', 'layer_indices', 'select_layers', 'gather_layers', 'rows', 'active_rows', 'latent_alignment',
+           'latent_only', 'observation_alignment', 'stop_target', 'stop_labels', 'stop_loss', 'cost_loss',
+           'segment_budgets', 'segment_stop_logits', 'stop_term', 'cost_term', 'term_weights', 'total_loss',
+           'latent_terms']
 
 # %% ../nbs/08_losses.ipynb #0ad9b79e
 def _check_positions(positions, B: int, L: int, what: str):
@@ -87,10 +88,48 @@ def alignment_cos(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(student.float(), teacher.detach().to(student.device).float(), dim=-1)
 
 # %% ../nbs/08_losses.ipynb #96242171
-def alignment_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    "Mean `1 - cos` between student and detached teacher rows (`[D]`, `[N,D]` or `[layers,N,D]`)."
+def alignment_loss(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean `1 - cos` between student and detached teacher rows (`[D]`, `[N,D]` or `[layers,N,D]`); `center` (teacher's
+    shape): subtracted from both sides first."""
+    if center is not None:
+        if center.shape != teacher.shape:
+            raise ValueError(f"alignment: center {tuple(center.shape)} and teacher {tuple(teacher.shape)} differ in shape")
+        center = center.detach().to(student.device).float()
+        student, teacher = student.float() - center, teacher.detach().to(student.device).float() - center
     cos = alignment_cos(student, teacher)
     return (1 - cos).mean() if cos.numel() else student.sum() * 0.0
+
+# %% ../nbs/08_losses.ipynb #0496ab10
+def slot_means(entries, key: str = "latents") -> torch.Tensor:
+    """Mean teacher row per slot index `j` (the `j`-th latent of a segment) over teacher-store `entries`: `[S,D]` (or
+    `[n_hs,S,D]`), `S` the longest segment."""
+    sums, counts = None, []
+    for e in entries:
+        t = e[key].float()
+        for s, end in e["segments"]:
+            seg = t[..., s:end, :]
+            n = end - s
+            if sums is None:
+                sums = seg.new_zeros(*seg.shape[:-2], 0, seg.shape[-1])
+            if n > sums.shape[-2]:  # a longer segment: more slots
+                pad = sums.new_zeros(*sums.shape[:-2], n - sums.shape[-2], sums.shape[-1])
+                sums, counts = torch.cat([sums, pad], -2), counts + [0] * (n - len(counts))
+            sums[..., :n, :] += seg
+            counts[:n] = [c + 1 for c in counts[:n]]
+    if sums is None or not counts:
+        raise ValueError(f"slot_means: no teacher latents ({key}) in the entries")
+    return sums / torch.tensor(counts, dtype=sums.dtype)[:, None]
+
+# %% ../nbs/08_losses.ipynb #7bfe91bd
+def slot_rows(means: torch.Tensor, lens) -> torch.Tensor:
+    "`slot_means` laid out in the student's row order: slots `0..n-1` of every segment length `n` in `lens[b]`."
+    n_max = max((int(n) for ls in lens for n in ls), default=0)
+    if n_max > means.shape[-2]:
+        raise ValueError(
+            f"slot_rows: a segment of {n_max} latents, but the teacher store's slot means cover {means.shape[-2]}"
+        )
+    parts = [means[..., : int(n), :] for ls in lens for n in ls]
+    return torch.cat(parts, -2) if parts else means[..., :0, :]
 
 # %% ../nbs/08_losses.ipynb #67f73193
 def layer_indices(spec: str, n: int) -> list[int]:
@@ -161,24 +200,30 @@ def latent_alignment(
     hidden_states=None,
     positions: Sequence[Sequence[int]] | None = None,
     latent_mask: torch.Tensor | None = None,
+    center=None,
 ) -> torch.Tensor:
-    "Stage-3 alignment at the latent pads: the latents (`'last'`) or chosen layers at `positions`, vs the teacher."
+    """Stage-3 alignment at the latent pads: the latents (`'last'`) or chosen layers at `positions`, vs the teacher;
+    `center`: rows like the teacher's (`slot_rows`), subtracted from both sides."""
     teacher, last = rows(teacher), cfg.alignment_layer.strip() == "last"
+    center = rows(center) if center is not None else None
     if latent_mask is not None:  # mode C: inactive latents are not aligned
         if positions is None:
             raise ValueError("latent_alignment: `latent_mask` needs the `positions` the teacher rows follow")
         positions, keep = active_rows(positions, latent_mask)
         teacher = teacher[..., torch.tensor(keep, dtype=torch.long, device=teacher.device), :]
+        if center is not None:
+            center = center[..., torch.tensor(keep, dtype=torch.long, device=center.device), :]
     if last:
         if latents is None:
             raise ValueError("latent_alignment: alignment_layer='last' aligns the latents; pass `latents` [N, D]")
-        return alignment_loss(rows(latents), teacher)
+        return alignment_loss(rows(latents), teacher, center)
     if hidden_states is None or positions is None:
         raise ValueError(
             f"latent_alignment: alignment_layer={cfg.alignment_layer!r} needs `hidden_states` and `positions`"
         )
     student = gather_layers(hidden_states, cfg.alignment_layer, positions)
-    return alignment_loss(student, _teacher_layers(teacher, cfg.alignment_layer, len(hidden_states), student.shape[0]))
+    chosen = lambda x: _teacher_layers(x, cfg.alignment_layer, len(hidden_states), student.shape[0])
+    return alignment_loss(student, chosen(teacher), chosen(center) if center is not None else None)
 
 # %% ../nbs/08_losses.ipynb #21ff52e2
 def latent_only(loss: torch.Tensor, latents, weight: float = 1.0) -> torch.Tensor:
@@ -340,9 +385,23 @@ def total_loss(terms: dict, cfg: LatentCoTConfig) -> tuple[torch.Tensor, dict]:
         raise ValueError(f"total_loss: no active term among {sorted(k for k, v in terms.items() if v is not None)}")
     return loss, report
 
+# %% ../nbs/08_losses.ipynb #afcf002f
+def _center(cfg: LatentCoTConfig, teacher_center):
+    if not cfg.alignment_center:
+        return None
+    if teacher_center is None:
+        raise ValueError(
+            "alignment_center is on but no teacher center was given: the step must pass the teacher store's slot "
+            "means (latentcot.train.make_latent_step does)"
+        )
+    return teacher_center
+
 # %% ../nbs/08_losses.ipynb #c1c38cf9
-def latent_terms(out, batch: dict, cfg: LatentCoTConfig, teacher=None, teacher_observations=None) -> dict:
-    "The loss terms of a stage-2/3 step from the latent engine's output `out` and the collated `batch`."
+def latent_terms(
+    out, batch: dict, cfg: LatentCoTConfig, teacher=None, teacher_observations=None, teacher_center=None
+) -> dict:
+    """The loss terms of a stage-2/3 step from the latent engine's output `out` and the collated `batch`
+    (`teacher_center`: the teacher's `slot_rows`, used when `cfg.alignment_center`)."""
     stage = batch.get("stage")
     terms = {"ce": ce_term(out.logits, batch, cfg), "alignment": None}
     at_obs = stage == "stage2" and teacher_observations is not None
@@ -360,7 +419,13 @@ def latent_terms(out, batch: dict, cfg: LatentCoTConfig, teacher=None, teacher_o
             )
         else:  # seed 001 (no observation states) and stage 3: at the latent pads
             terms["alignment"] = latent_alignment(
-                cfg, teacher, out.latents, out.hidden_states, batch["alignment_positions"], out.latent_mask
+                cfg,
+                teacher,
+                out.latents,
+                out.hidden_states,
+                batch["alignment_positions"],
+                out.latent_mask,
+                _center(cfg, teacher_center),
             )
     if cfg.latent_mode_stage == "C":
         terms.update(stop=stop_term(out, batch, cfg), cost=cost_term(out, batch))

@@ -49,6 +49,7 @@ class TeacherTargets:
 
     latents: torch.Tensor | None = None  # [N,H] (or [layers,N,H]) in the row order of the student's latents
     observations: torch.Tensor | None = None  # [n_obs,H] (or [layers,n_obs,H]) in the order of observation_positions
+    center: torch.Tensor | None = None  # like `latents`: the per-slot mean teacher rows (`alignment_center`)
 
 # %% ../nbs/09a_model.ipynb #9d7e7b15
 @dataclass
@@ -152,7 +153,8 @@ class LatentCoTModel(nn.Module):
         dev = out.logits.device
         lat = t.latents.to(dev) if t.latents is not None else None
         obs = t.observations.to(dev) if t.observations is not None else None
-        terms = latent_terms(out, batch, cfg, lat, obs if at_obs else None)
+        center = t.center.to(dev) if t.center is not None else None
+        terms = latent_terms(out, batch, cfg, lat, obs if at_obs else None, center)
         if self.generation_loss is not None:
             terms["generation"] = self.generation_loss(out.latents, batch, 0)
         loss, logs = total_loss(terms, cfg)

@@ -25,9 +25,9 @@ from .model import LatentCoTModel, LatentCoTOutput, TeacherTargets
 from .trainer import StepResult, train_loop
 
 # %% auto #0
-__all__ = ['STAGES', 'STAGE_ALIASES', 'step_result', 'stage1_step', 'make_latent_step', 'make_step_fn', 'apply_lora',
-           'save_final', 'TrainArgs', 'data_file', 'deepspeed_env', 'build_parser', 'equal_budget_note', 'run_info',
-           'run', 'main']
+__all__ = ['CENTER_NAME', 'STAGES', 'STAGE_ALIASES', 'step_result', 'stage1_step', 'teacher_center', 'make_latent_step',
+           'make_step_fn', 'apply_lora', 'save_final', 'TrainArgs', 'data_file', 'deepspeed_env', 'build_parser',
+           'equal_budget_note', 'run_info', 'run', 'main']
 
 # %% ../nbs/14_train.ipynb #e7b2cce3
 def step_result(out: LatentCoTOutput, batch: dict) -> StepResult:
@@ -40,12 +40,43 @@ def stage1_step(model, batch, state):
     forward."""
     return step_result(model(batch), batch)
 
+# %% ../nbs/14_train.ipynb #9782e6cc
+CENTER_NAME = "alignment_center.pt"
+
+
+def teacher_center(store, index_of: dict, key: str = "latents", path=None) -> torch.Tensor:
+    """`alignment_center`'s per-slot teacher means over the files `index_of` names: read from `path` when it exists,
+    else computed (`slot_means`) and written there atomically."""
+    from latentcot.fileio import atomic_write
+    from latentcot.losses import slot_means
+
+    if store is None:
+        raise ValueError("alignment_center needs teacher latents: pass --teacher_latent_dir")
+    if path is not None and Path(path).is_file():
+        means = torch.load(path, weights_only=True)
+        if not torch.is_tensor(means):
+            raise ValueError(f"{path}: not a tensor of slot means; delete it to recompute")
+        return means
+    means = slot_means((store.get(i) for i in sorted(set(index_of.values()))), key)
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: torch.save(means, tmp))
+    return means
+
 # %% ../nbs/14_train.ipynb #f263362e
 def make_latent_step(
-    cfg: LatentCoTConfig, ids=None, teacher_latent_dir=None, samples=None, processor=None, model=None
+    cfg: LatentCoTConfig,
+    ids=None,
+    teacher_latent_dir=None,
+    samples=None,
+    processor=None,
+    model=None,
+    center_path=None,
 ):
-    "The stage-2/3 step: teacher rows from the store, then the model's forward (mode A or C) and its loss."
+    """The stage-2/3 step: teacher rows from the store, then the model's forward (mode A or C) and its loss;
+    `center_path`: where `alignment_center`'s slot means are kept (read if there, else computed and written)."""
     from latentcot.halting import stop_threshold_at
+    from latentcot.losses import slot_rows
     from latentcot.teacher_latents import (
         TeacherLatentStore,
         run_expectation,
@@ -77,6 +108,7 @@ def make_latent_step(
     if store is not None and key == "hidden_states" and store.layers != "all":
         raise ValueError(f"alignment_layer={layers!r} needs teacher hidden states: precompute with --layers all")
 
+    means = teacher_center(store, index_of, key, center_path) if align and cfg.alignment_center else None
     warned = []
 
     def teacher_of(batch) -> tuple[TeacherTargets | None, bool]:
@@ -95,7 +127,8 @@ def make_latent_step(
             )
         lens = [[e - s for s, e, _ in segs] for segs in batch["latent_segments"]]
         obs = observation_targets(entries, obs_pos, store.root) if at_obs else None
-        return TeacherTargets(teacher_targets(entries, lens, key=key), obs), at_obs
+        center = slot_rows(means, lens) if means is not None else None
+        return TeacherTargets(teacher_targets(entries, lens, key=key), obs, center), at_obs
 
     def latent_step(model, batch, state):
         teacher, at_obs = teacher_of(batch)
@@ -110,19 +143,29 @@ def make_latent_step(
 
 # %% ../nbs/14_train.ipynb #956ebf22
 def make_step_fn(
-    stage: str, cfg: LatentCoTConfig, ids=None, teacher_latent_dir=None, samples=None, processor=None, model=None
+    stage: str,
+    cfg: LatentCoTConfig,
+    ids=None,
+    teacher_latent_dir=None,
+    samples=None,
+    processor=None,
+    model=None,
+    center_path=None,
 ):
     "The step function of `stage` (`stage1`, `stage2`, `stage3`, `multiturn`, `mmdit`)."
     if stage == "stage1":
         return stage1_step
     if stage in ("stage2", "stage3"):
-        return make_latent_step(cfg, ids, teacher_latent_dir, samples, processor, model)
+        return make_latent_step(cfg, ids, teacher_latent_dir, samples, processor, model, center_path)
     if stage == "mmdit":
         from latentcot.mmdit import mmdit_step
 
         return mmdit_step
     if stage == "multiturn":
         from latentcot.multiturn import make_multiturn_step
+
+        if cfg.alignment_center:
+            raise ValueError("--alignment_center applies to stages 2 and 3 (latent pads), not to the multi-turn stage")
 
         return make_multiturn_step(cfg, teacher_latent_dir, samples, processor, model, ids)
     if stage == "unified":
@@ -426,6 +469,7 @@ def run(args: argparse.Namespace, cfg: LatentCoTConfig | None = None, given: set
         samples=samples,
         processor=processor,
         model=model,
+        center_path=Path(args.output_dir) / CENTER_NAME,
     )
     if cfg.generation_loss_weight > 0:  # seed 000: the flow loss of Z through a frozen MMDiT
         from latentcot.mmdit import attach_generation_loss
