@@ -48,7 +48,7 @@ COMMANDS = {
 }
 
 # %% auto #0
-__all__ = ['COMMANDS', 'resolve', 'main']
+__all__ = ['COMMANDS', 'resolve', 'call_command', 'main']
 
 # %% ../nbs/90_cli.ipynb #265bef5e
 def _usage() -> str:
@@ -67,6 +67,20 @@ def resolve(argv: list[str]):
             return getattr(importlib.import_module(mod), fn), argv[n:]
     raise ValueError(f"latentcot: unknown command {' '.join(argv[:2])!r}")
 
+# %% ../nbs/90_cli.ipynb #a1c0e002
+def call_command(fn, argv: list[str], name: str) -> int:
+    "Run `fn(argv)`; a `ValueError` prints `latentcot NAME: error: ...` and returns 1 (traceback with LATENTCOT_TRACEBACK=1)."
+    import os
+
+    try:
+        return fn(argv)
+    except ValueError as e:
+        if os.environ.get("LATENTCOT_TRACEBACK", "") not in ("", "0"):
+            raise
+        print(f"latentcot {name}: error: {type(e).__name__}: {e}", file=sys.stderr)
+        print("(set LATENTCOT_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        return 1
+
 # %% ../nbs/90_cli.ipynb #3edee713
 def main(argv: list[str] | None = None):
     "Entry point of the `latentcot` console script."
@@ -79,7 +93,7 @@ def main(argv: list[str] | None = None):
     except ValueError as e:
         print(f"{e}\n\n{_usage()}", file=sys.stderr)
         return 2
-    return fn(rest)
+    return call_command(fn, rest, " ".join(argv[: len(argv) - len(rest)]))
 
 # %% ../nbs/90_cli.ipynb #447d1755
 if __name__ == "__main__" and not hasattr(__builtins__, "__IPYTHON__"):
