@@ -1307,7 +1307,7 @@ class GenerationLoss:
         return [p for m in (g.transformer, g.bridge) for p in m.parameters() if p.requires_grad]
 
     def save(self, out_dir) -> Path:
-        "The generator in Qwen-Image layout (`transformer/`, `vae/`, `scheduler/`, `bridge/`), atomically (`save_generator`)."
+        "The generator in Qwen-Image layout (`transformer/`, `vae/`, `scheduler/`, `bridge/`), written atomically."
         out = Path(out_dir)
         if out.exists() and not out.is_dir():
             raise ValueError(f"GenerationLoss.save: {out} exists and is not a folder")
@@ -1359,7 +1359,9 @@ class GenerationLoss:
         return total / len(items)
 
 # %% ../nbs/22_mmdit.ipynb #436258ee
-def attach_generation_loss(model, stage: str, samples, mmdit_name_or_path=None, train_mmdit: bool = False) -> GenerationLoss:
+def attach_generation_loss(
+    model, stage: str, samples, mmdit_name_or_path=None, train_mmdit: bool = False
+) -> GenerationLoss:
     """Load the generator (a `--stage mmdit` `final/`, default the tiny kit) as `model.generation_loss`: frozen, or
     trainable with `train_mmdit=True` (its `parameters()` must then be given to the optimizer)."""
     from latentcot.mmdit_kit import mmdit_kit_path
