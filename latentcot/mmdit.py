@@ -528,7 +528,8 @@ def grid_scores(generated, target, img0) -> dict:
 
 # %% ../nbs/22_mmdit.ipynb #3c855d89
 CONDITIONS = ("teacher", "student", "zeroed", "shuffled", "text", "copy_img0")
-EXTRA_CONDITIONS = ("oracle", "blank")  # on request: the ceiling, and an empty canvas (what erasing alone scores)
+# on request: the ceiling, an empty canvas (what erasing alone scores), and another sample's *teacher* Z
+EXTRA_CONDITIONS = ("oracle", "blank", "shuffled_teacher")
 
 # %% ../nbs/22_mmdit.ipynb #6a6d0f66
 def condition_inputs(cond: str, records, latents: dict, text: dict, r: int):
@@ -542,6 +543,8 @@ def condition_inputs(cond: str, records, latents: dict, text: dict, r: int):
         return [torch.zeros_like(latents[s]["student"][r]) for s in sids]
     if cond == "shuffled":  # another sample's student Z (a fixed derangement: each sample gets its neighbour's)
         return [latents[sids[(i + 1) % len(sids)]]["student"][r] for i in range(len(sids))]
+    if cond == "shuffled_teacher":  # the teacher's control: the same derangement of the teacher's z
+        return [latents[sids[(i + 1) % len(sids)]]["teacher"][r] for i in range(len(sids))]
     if cond == "text":
         return [text[s] for s in sids]
     raise ValueError(f"unknown condition {cond!r}; expected one of {CONDITIONS + EXTRA_CONDITIONS}")
@@ -844,7 +847,7 @@ def run_choices(oracle=None, train_sources=("teacher", "student", "text"), condi
     "Checked `(train_sources, conditions)` of `run_mmdit`; an `oracle` adds the oracle and blank conditions."
     if oracle is not None and oracle not in ORACLES:
         raise ValueError(f"unknown oracle {oracle!r}; expected one of {ORACLES}")
-    conditions = tuple(conditions) if conditions is not None else CONDITIONS + (EXTRA_CONDITIONS if oracle else ())
+    conditions = tuple(conditions) if conditions is not None else CONDITIONS + (("oracle", "blank") if oracle else ())
     train_sources = tuple(train_sources)
     checks = (("condition", conditions, CONDITIONS + EXTRA_CONDITIONS), ("train source", train_sources, TRAIN_SOURCES))
     for what, got, ok in checks:
@@ -1276,12 +1279,18 @@ def fitting_size(width: int, height: int, vae) -> tuple[int, int]:
 
 # %% ../nbs/22_mmdit.ipynb #d7e49ec7
 class GenerationLoss:
-    "Seed 000's generation loss: a frozen generator's flow loss of the student's Z on each segment's target image."
+    """Seed 000's generation loss: a generator's flow loss of Z on each segment's target image. The DiT and the bridge
+    are frozen unless `train_mmdit=True` (co-training: `parameters()` then lists them for the optimizer, `save` writes
+    them in Qwen-Image layout)."""
 
-    def __init__(self, generator: LatentToImageGenerator, samples, edit: bool):
-        generator.transformer.requires_grad_(False)
-        generator.bridge.requires_grad_(False)
-        self.generator, self.edit, self._lat = generator, edit, {}
+    def __init__(self, generator: LatentToImageGenerator, samples, edit: bool, train_mmdit: bool = False):
+        if not isinstance(train_mmdit, bool):
+            raise ValueError(f"train_mmdit must be True or False, got {train_mmdit!r}")
+        generator.transformer.requires_grad_(train_mmdit)
+        generator.bridge.requires_grad_(train_mmdit)
+        if train_mmdit:
+            freeze_discarded_text_stream(generator.transformer)  # never reached: no gradient, no optimizer state
+        self.generator, self.edit, self._lat, self.train_mmdit = generator, edit, {}, train_mmdit
         self.targets = {
             s.sample_id: ([str(p) for p in s.thought_images], str(s.question_images[0]) if edit else None)
             for s in samples
@@ -1289,6 +1298,21 @@ class GenerationLoss:
         if edit and any(not s.question_images for s in samples):
             raise ValueError("edit mode needs img0 (a question image) in every sample")
         self.resized = {}
+
+    def parameters(self) -> list:
+        "The generator's trainable tensors (DiT + bridge) with `train_mmdit`, else `[]`: hand them to the optimizer."
+        if not self.train_mmdit:
+            return []
+        g = self.generator
+        return [p for m in (g.transformer, g.bridge) for p in m.parameters() if p.requires_grad]
+
+    def save(self, out_dir) -> Path:
+        "The generator in Qwen-Image layout (`transformer/`, `vae/`, `scheduler/`, `bridge/`), written atomically."
+        out = Path(out_dir)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"GenerationLoss.save: {out} exists and is not a folder")
+        g = self.generator
+        return save_generator(out, MMDiTTrainee(g.bridge, g.transformer, g.scheduler), g.vae, g.scheduler)
 
     def _encode(self, path: str) -> torch.Tensor:
         "Normalised VAE latents of one image (cached), resized down to fitting sides if they do not fit (logged)."
@@ -1335,8 +1359,11 @@ class GenerationLoss:
         return total / len(items)
 
 # %% ../nbs/22_mmdit.ipynb #436258ee
-def attach_generation_loss(model, stage: str, samples, mmdit_name_or_path=None) -> GenerationLoss:
-    "Load the generator (a `--stage mmdit` `final/`, default the tiny kit), frozen, as `model.generation_loss`."
+def attach_generation_loss(
+    model, stage: str, samples, mmdit_name_or_path=None, train_mmdit: bool = False
+) -> GenerationLoss:
+    """Load the generator (a `--stage mmdit` `final/`, default the tiny kit) as `model.generation_loss`: frozen, or
+    trainable with `train_mmdit=True` (its `parameters()` must then be given to the optimizer)."""
     from latentcot.mmdit_kit import mmdit_kit_path
 
     if stage not in ("stage3", "multiturn"):
@@ -1344,7 +1371,7 @@ def attach_generation_loss(model, stage: str, samples, mmdit_name_or_path=None) 
     H = model.config.get_text_config().hidden_size
     gen = LatentToImageGenerator.from_pretrained(mmdit_name_or_path or mmdit_kit_path(), latent_dim=H)
     check_bridge(gen.bridge, gen.transformer, H)
-    model.generation_loss = GenerationLoss(gen, samples, edit=stage == "multiturn")
+    model.generation_loss = GenerationLoss(gen, samples, edit=stage == "multiturn", train_mmdit=train_mmdit)
     return model.generation_loss
 
 # %% ../nbs/22_mmdit.ipynb #2de69767
