@@ -398,7 +398,8 @@ def routed_generate(
 ) -> RoutedOutput:
     "Greedy decoding where a row that emits `<abs_vis_token>` thinks in latents alone, then gets `</abs_vis_token>`."
     # text_hidden: bool [B, L] prompt columns that generated text may not see (e.g. question images under
-    # mask_question_image); latent steps and the opening tag still see them, as in the training mask
+    # mask_question_image); latent steps and the opening tag still see them, as in the training mask.
+    # latent_bottleneck (masks.py): only the opening tag sees them, and no later step sees an opening tag
     head = stop_head if stop_head is not None else getattr(model, "latent_stop_head", None)
     if stop_threshold is not None and head is None:
         raise ValueError("a stop threshold needs model.latent_stop_head")
