@@ -380,6 +380,7 @@ _STUDENT_FLAGS = dict(
     observation_tokens_only_see_question_and_latent=False,
     mask_latent=False,
     latent_can_see_all_previous=True,
+    latent_bottleneck=False,
 )
 
 # %% ../nbs/05_collators.ipynb #87a58b3a

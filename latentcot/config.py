@@ -32,6 +32,7 @@ MASK_FLAGS = (
     "latent_can_see_all_previous",
     "not_mask_image",
     "mask_latent",
+    "latent_bottleneck",
 )
 
 
@@ -129,6 +130,13 @@ class LatentCoTConfig:
     )
     not_mask_image: bool = field(default=False, metadata={"help": "seed 000: answers may see thought images"})
     mask_latent: bool = field(default=False, metadata={"help": "seed 000: text may not see the latents"})
+    latent_bottleneck: bool = field(
+        default=False,
+        metadata={
+            "help": "the question image reaches later tokens only through the latent vectors: only the opening "
+            "tags see it, no token sees an opening tag, pads do not see it (needs mask_question_image)"
+        },
+    )
     # images (seed 000 §7)
     image_resize: Literal["global", "clear_question_img"] = field(
         default="global",
@@ -291,6 +299,12 @@ def check_config(cfg: LatentCoTConfig, source: str = "<config>"):
     unknown = set(cfg.loss_terms) - {"ce", "alignment", "stop", "cost"}
     if unknown or not cfg.loss_terms:
         bad("loss_type", f"terms must be among ce, alignment, stop, cost (got {sorted(unknown) or 'nothing'})")
+    if cfg.latent_bottleneck and (cfg.not_use_4d or not cfg.mask_question_image):
+        bad(
+            "latent_bottleneck",
+            "needs the 4D mask with mask_question_image (pass --mask_question_image, and not --not_use_4d): "
+            "it narrows what mask_question_image leaves visible",
+        )
     al = cfg.alignment_layer.strip()
     if al not in ("last", "all"):
         try:

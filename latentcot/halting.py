@@ -304,16 +304,24 @@ def route_tokens(s: RoutedState, greedy: list) -> RoutedStep:
     return RoutedStep(toks, fed, stepping, pos)
 
 # %% ../nbs/09_halting.ipynb #111d3c40
-def step_mask(s: RoutedState, step: RoutedStep, text_hidden=None, prompt_len: int | None = None):
+def step_mask(
+    s: RoutedState, step: RoutedStep, text_hidden=None, prompt_len: int | None = None, latent_bottleneck: bool = False
+):
     "Add the step's key column to `s.keys` and return the step's bool attention mask `[B, 1, 1, columns]`."
     # text_hidden: bool [B, prompt_len] prompt columns that text queries may not see
+    # latent_bottleneck: latent steps may not see them either, and no later step sees an opening tag's column
     start_id, dev, B = s.latent_ids[1], s.h.device, len(s.mode)
     s.keys = torch.cat([s.keys, torch.tensor(step.fed, device=dev)[:, None]], 1)
     m = s.keys.clone()
-    if text_hidden is not None:  # text queries: not a latent step, not the tag
+    tag = [step.fed[b] and b not in step.stepping and step.toks[b] == start_id for b in range(B)]
+    if text_hidden is not None:  # text queries: not the tag, and not a latent step unless latent_bottleneck
         L = text_hidden.shape[1] if prompt_len is None else prompt_len
-        text_q = torch.tensor([not (b in step.stepping or step.toks[b] == start_id) for b in range(B)], device=dev)
+        text_q = torch.tensor(
+            [not (tag[b] or (b in step.stepping and not latent_bottleneck)) for b in range(B)], device=dev
+        )
         m[:, :L] &= ~(text_hidden.to(dev) & text_q[:, None])
+    if latent_bottleneck:  # the tag's state reaches its pads as their first input, never as keys and values
+        s.keys[:, -1] &= ~torch.tensor(tag, device=dev)
     m[:, -1] = True  # a finished row still sees itself
     return m[:, None, None, :]
 
@@ -386,21 +394,36 @@ def routed_generate(
     eos_token_id=None,
     text_hidden=None,
     stop_head=None,
+    latent_bottleneck: bool = False,
 ) -> RoutedOutput:
     "Greedy decoding where a row that emits `<abs_vis_token>` thinks in latents alone, then gets `</abs_vis_token>`."
     # text_hidden: bool [B, L] prompt columns that generated text may not see (e.g. question images under
-    # mask_question_image); latent steps and the opening tag still see them, as in the training mask
+    # mask_question_image); latent steps and the opening tag still see them, as in the training mask.
+    # latent_bottleneck (masks.py): only the opening tag sees them, and no later step sees an opening tag
     head = stop_head if stop_head is not None else getattr(model, "latent_stop_head", None)
     if stop_threshold is not None and head is None:
         raise ValueError("a stop threshold needs model.latent_stop_head")
     eos = eos_token_id if eos_token_id is not None else model.generation_config.eos_token_id
     s = routed_prefill(model, batch, set([eos] if isinstance(eos, int) else (eos or [])))
+    if latent_bottleneck:  # the training mask's rules (masks.latent_bottleneck) on the cached columns
+        if text_hidden is None:
+            raise ValueError("latent_bottleneck: pass text_hidden (the prompt's question-image columns)")
+        if "latent" in s.mode:
+            raise ValueError(
+                "latent_bottleneck: a prompt may not end with <abs_vis_token> (the prompt's mask cannot tell that it "
+                "opens a segment); let the model emit it"
+            )
+        pad_id, start_id = s.latent_ids[:2]
+        x, am = batch["input_ids"], batch["attention_mask"].bool()
+        opener = torch.zeros_like(am)
+        opener[:, :-1] = (x[:, :-1] == start_id) & (x[:, 1:] == pad_id) & am[:, 1:]
+        s.keys &= ~opener.to(s.keys.device)  # opening tags inside the prompt: hidden from every generated step
     budgets = [budget] * len(s.mode) if isinstance(budget, int) else list(budget)
     L = batch["input_ids"].shape[1]
     for _ in range(max_new_tokens):
         if all(s.done):
             break
         step = route_tokens(s, model.lm_head(s.h).argmax(-1).tolist())
-        routed_step(model, s, step, step_mask(s, step, text_hidden, L))
+        routed_step(model, s, step, step_mask(s, step, text_hidden, L, latent_bottleneck))
         close_segments(s, step.stepping, budgets, head, stop_threshold)
     return RoutedOutput(s.seqs, s.lats, s.used, s.probs, s.n_calls)

@@ -176,15 +176,18 @@ MASK_FLAG_DEFAULTS = dict(
     latent_can_see_all_previous=True,
     not_mask_image=False,
     mask_latent=False,
+    latent_bottleneck=False,
 )
 
 
 def mask_flags(**flags) -> dict:
-    "All seven mask flags, defaults filled in; an unknown flag is an error."
+    "All eight mask flags, defaults filled in; an unknown flag is an error; `latent_bottleneck` implies `mask_question_image`."
     bad = sorted(set(flags) - set(MASK_FLAG_DEFAULTS))
     if bad:
         raise TypeError(f"unknown mask flag(s) {bad}; known: {list(MASK_FLAG_DEFAULTS)}")
-    return {**MASK_FLAG_DEFAULTS, **{k: bool(v) for k, v in flags.items()}}
+    f = {**MASK_FLAG_DEFAULTS, **{k: bool(v) for k, v in flags.items()}}
+    f["mask_question_image"] |= f["latent_bottleneck"]
+    return f
 
 # %% ../nbs/06_masks.ipynb #1e36284c
 _ALL = sum(1 << r for r in Role if r != Role.PAD)
@@ -216,6 +219,8 @@ def rule_table(**flags) -> tuple[list[int], list[int], bool]:
                     _bits(Role.THOUGHT_IMAGE) if f["not_mask_image"] else 0
                 )
                 same[rq] = _bits(Role.LATENT)
+            if f["latent_bottleneck"]:  # pads learn about the question image from their input vectors only
+                always[rq] &= ~_bits(Role.QUESTION_IMAGE)
             continue
         always[rq] = _ALL if f["not_mask_image"] else _ALL & ~_bits(Role.THOUGHT_IMAGE)
         if rq == Role.THOUGHT_IMAGE and not f["not_mask_image"]:
@@ -339,6 +344,8 @@ def build_4d_mask(roles, attention_mask, groups=None, **flags):
         )
     if f["mask_latent"]:
         m &= ~(opener[:, None, :] & (roles != Role.LATENT)[:, :, None])
+    if f["latent_bottleneck"]:  # nobody reads an opening tag's keys and values (its pads get its state as input)
+        m &= ~opener[:, None, :]
     m.diagonal(dim1=1, dim2=2).fill_(True)
     return m[:, None]
 
@@ -467,6 +474,8 @@ def may_attend(i, j, R, G, own, V, f) -> bool:
         ok = ok and (rk in (Role.TEXT, Role.LATENT) or (rk == Role.OBSERVATION and same))
     if f["mask_latent"] and rq != Role.LATENT and (rk == Role.LATENT or _opener(j, R, V)):
         ok = False
+    if f["latent_bottleneck"] and ((rq == Role.LATENT and rk == Role.QUESTION_IMAGE) or _opener(j, R, V)):
+        ok = False  # the question image reaches later tokens only as the latent input vectors
     return ok
 
 # %% ../nbs/06_masks.ipynb #c5238d88

@@ -214,6 +214,7 @@ class LatentCoTModel(nn.Module):
         stop_threshold: float | None = None,
         eos_token_id=None,
         text_hidden=None,
+        latent_bottleneck: bool | None = None,
     ):
         "Greedy routed decoding of a left-padded prompt batch (`routed_generate`): latents where the model opens one."
         thr = self._threshold(stop_threshold)
@@ -226,6 +227,7 @@ class LatentCoTModel(nn.Module):
             eos_token_id,
             text_hidden,
             self.stop_head if thr is not None else None,
+            self.cfg.latent_bottleneck if latent_bottleneck is None else latent_bottleneck,
         )
 
     def add_lora(

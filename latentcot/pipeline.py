@@ -224,7 +224,12 @@ def free_generation(model, processor, ids, samples, bsz: int = 8, max_new_tokens
         if cfg.mask_question_image:  # generated text may not see the question images either
             hidden = token_layout(batch["input_ids"], batch["attention_mask"], ids).roles == Role.QUESTION_IMAGE
         out = model.generate(
-            batch, budget=budgets, max_new_tokens=max_new_tokens, eos_token_id=ids.im_end, text_hidden=hidden
+            batch,
+            budget=budgets,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=ids.im_end,
+            text_hidden=hidden,
+            latent_bottleneck=cfg.latent_bottleneck,
         )
         for s, seq, u in zip(chunk, out.sequences, out.used_lens):
             text = processor.tokenizer.decode([t for t in seq if t != ids.latent_pad])

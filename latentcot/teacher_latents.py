@@ -307,7 +307,8 @@ def teacher_manifest(model, processor, cfg: LatentCoTConfig, layers: str = "last
         "tokenizer": tokenizer_info(processor) if processor is not None else None,
         "k": k_settings(cfg),
         "image": image_settings(cfg, processor),
-        "mask": dict(cfg.mask_flags),
+        # latent_bottleneck is recorded only when on, so manifests written before the flag existed keep their id
+        "mask": {k: v for k, v in cfg.mask_flags.items() if k != "latent_bottleneck" or v},
         "info": dict(info or {}),
     }
 

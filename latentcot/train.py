@@ -166,6 +166,8 @@ def make_step_fn(
 
         if cfg.alignment_center:
             raise ValueError("--alignment_center applies to stages 2 and 3 (latent pads), not to the multi-turn stage")
+        if cfg.latent_bottleneck:  # round 2 is fed Z0 as plain inputs, outside the 4D-mask rules of stages 2/3
+            raise ValueError("--latent_bottleneck applies to stages 2 and 3 (4D mask), not to the multi-turn stage")
 
         return make_multiturn_step(cfg, teacher_latent_dir, samples, processor, model, ids)
     if stage == "unified":
