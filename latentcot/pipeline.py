@@ -339,6 +339,7 @@ def run_pipeline(
                 batch_size=bsz,
                 quiet=quiet,
                 limit=limit,
+                layers="last" if cfg.alignment_layer.strip() == "last" else "all",  # what stages 2-3 will align
             ),
             cfg,
         )
