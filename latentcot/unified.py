@@ -87,6 +87,14 @@ class UnifiedConfig:
             "language model has to carry img0 to where it draws; training only (0: off, the seed's)"
         },
     )
+    img0_aux_blind: bool = field(
+        default=False,
+        metadata={
+            "help": "compute the img0_aux term on a second forward in which the drawn images' patches enter as zeros "
+            "(tokens and positions stay), so img0's content can only come from img0 (with the true drawn patches "
+            "fed back, the same cell of img0 can be read off the target's own neighbouring patches)"
+        },
+    )
     self_feed_steps: int = field(default=2, metadata={"help": "Euler steps of those self-fed samples"})
     num_timesteps: int = field(default=20, metadata={"help": "Euler steps per patch at inference"})
     patch_temperature: float = field(
@@ -617,7 +625,13 @@ class UnifiedModel(nn.Module):
             is_t = batch["patch_is_target"]
             has = batch["patch_has_src"][is_t]
             if has.any():
-                c = (h[b, l - 1] + self.pos(batch["patch_rc"][is_t]))[has]
+                ha = h
+                if self.cfg.img0_aux_blind:  # the drawn images' patches hidden: img0 is the only source
+                    blind = batch["patches"].masked_fill(is_t[:, None], 0.0)
+                    ha, _ = self.hidden(
+                        self.embed(batch | {"patches": blind}), batch["attention_mask"], batch["position_ids"]
+                    )
+                c = (ha[b, l - 1] + self.pos(batch["patch_rc"][is_t]))[has]
                 aux = ((self.img0_aux(c).float() - batch["patch_src"][is_t][has].float()) ** 2).mean()
         flow = h.new_zeros(())
         if len(x0):
@@ -1358,6 +1372,10 @@ class RunUnifiedArgs:
             "predict img0's patch at that cell (see UnifiedConfig.img0_aux_weight; 0: off)"
         },
     )
+    img0_aux_blind: bool = field(
+        default=False,
+        metadata={"help": "the img0_aux term on a forward with the drawn patches zeroed (see UnifiedConfig)"},
+    )
     img0_control: bool = field(
         default=False,
         metadata={
@@ -1518,6 +1536,7 @@ def run_unified(a: RunUnifiedArgs) -> dict:
         self_feed=a.self_feed,
         ref_cond=a.ref_cond,
         img0_aux_weight=a.img0_aux_weight,
+        img0_aux_blind=a.img0_aux_blind,
     )
     if a.edit_train is not None and not Path(a.edit_train).is_file():
         raise ValueError(f"--edit_train: no such file {a.edit_train}")
