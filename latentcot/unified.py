@@ -79,6 +79,22 @@ class UnifiedConfig:
             "of the image before it of the same grid (the input image, or the image drawn before), a copy prior"
         },
     )
+    img0_aux_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "beyond the seed: weight of an auxiliary MSE that makes the hidden state before each drawn patch "
+            "predict the input image's VAE patch at the same (row, col) through a small MLP (`img0_aux`), so the "
+            "language model has to carry img0 to where it draws; training only (0: off, the seed's)"
+        },
+    )
+    img0_aux_blind: bool = field(
+        default=False,
+        metadata={
+            "help": "compute the img0_aux term on a second forward in which the drawn images' patches enter as zeros "
+            "(tokens and positions stay), so img0's content can only come from img0 (with the true drawn patches "
+            "fed back, the same cell of img0 can be read off the target's own neighbouring patches)"
+        },
+    )
     self_feed_steps: int = field(default=2, metadata={"help": "Euler steps of those self-fed samples"})
     num_timesteps: int = field(default=20, metadata={"help": "Euler steps per patch at inference"})
     patch_temperature: float = field(
@@ -401,9 +417,10 @@ class UnifiedCollator:
         mm = enc["mm_token_type_ids"].clone()
         mm[is_patch] = 1
         vit_grids = list(enc.get("image_grid_thw", torch.zeros(0, 3, dtype=torch.long)))
-        grids, patches, target, rc, refs = [], [], [], [], []
+        grids, patches, target, rc, refs, srcs, has_src = [], [], [], [], [], [], []
         for s in samples:
             before = {}  # grid -> patches of the last image of that grid so far in this sample
+            first = {}  # grid -> patches of the first *input* image of that grid (img0_aux's target)
             for turn in ("user", "assistant"):
                 for k, v in s[turn]:
                     if k not in ("image", "draw"):
@@ -411,12 +428,15 @@ class UnifiedCollator:
                     g, x = self.grid_of(v), self.cache[str(v)]
                     ref, before[g] = before.get(g, torch.zeros_like(x)), x
                     if k == "image":
+                        first.setdefault(g, x)
                         grids.append(vit_grids.pop(0).tolist())
                         if not self.cfg.input_vae_patches:
                             continue
                     grids.append(patch_grid_thw(*g))
                     patches.append(x)
                     refs.append(ref)
+                    srcs.append(first.get(g, torch.zeros_like(x)))
+                    has_src += [g in first] * len(x)
                     rc.append(_grid_rc(*g))
                     target += [k == "draw"] * len(x)
         pos, _ = self.rope_model.model.get_rope_index(
@@ -432,6 +452,8 @@ class UnifiedCollator:
             sample_ids=[s["sample_id"] for s in samples],
             patch_rc=torch.cat(rc) if rc else torch.zeros(0, 2, dtype=torch.long),
             patch_ref=torch.cat(refs) if refs else torch.zeros(0, self.cfg.patch_dim),
+            patch_src=torch.cat(srcs) if srcs else torch.zeros(0, self.cfg.patch_dim),
+            patch_has_src=torch.tensor(has_src, dtype=torch.bool),
         )
         if vit:
             out.update(pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"])
@@ -491,6 +513,10 @@ class UnifiedModel(nn.Module):
                 nn.init.normal_(e.weight, std=0.02)
         if self.cfg.ref_cond:  # the copy prior: the same cell of the image before, into the head's condition
             self.ref_in = nn.Sequential(nn.Linear(self.cfg.patch_dim, H), nn.GELU(), nn.Linear(H, H))
+        if self.cfg.img0_aux_weight < 0:
+            raise ValueError(f"img0_aux_weight={self.cfg.img0_aux_weight}: must be >= 0")
+        if self.cfg.img0_aux_weight > 0:  # hidden state before a drawn patch -> img0's patch at that cell
+            self.img0_aux = nn.Sequential(nn.Linear(H, H), nn.GELU(), nn.Linear(H, self.cfg.patch_dim))
         vlm.model.visual.requires_grad_(False)
         vae.requires_grad_(False)
         self._offsets = {}
@@ -594,6 +620,19 @@ class UnifiedModel(nn.Module):
         drawn = (batch["input_ids"] == self.ids.vision_pad) & (batch["labels"] != -100)
         b, l = drawn.nonzero(as_tuple=True)
         x0 = batch["patches"][batch["patch_is_target"]].to(h.dtype)
+        aux = h.new_zeros(())
+        if self.cfg.img0_aux_weight > 0 and len(x0):  # the hidden state before a patch predicts img0's same cell
+            is_t = batch["patch_is_target"]
+            has = batch["patch_has_src"][is_t]
+            if has.any():
+                ha = h
+                if self.cfg.img0_aux_blind:  # the drawn images' patches hidden: img0 is the only source
+                    blind = batch["patches"].masked_fill(is_t[:, None], 0.0)
+                    ha, _ = self.hidden(
+                        self.embed(batch | {"patches": blind}), batch["attention_mask"], batch["position_ids"]
+                    )
+                c = (ha[b, l - 1] + self.pos(batch["patch_rc"][is_t]))[has]
+                aux = ((self.img0_aux(c).float() - batch["patch_src"][is_t][has].float()) ** 2).mean()
         flow = h.new_zeros(())
         if len(x0):
             m = self.cfg.fm_batch_mul
@@ -606,6 +645,10 @@ class UnifiedModel(nn.Module):
             x_t, target = flow_pair(x0, noise, sigma)
             flow = ((self.head(x_t, sigma, cond).float() - target.float()) ** 2).mean()
         loss = ce_loss + self.cfg.flow_weight * flow
+        terms = dict(ce=ce_loss.detach(), flow=flow.detach())
+        if self.cfg.img0_aux_weight > 0:
+            loss = loss + self.cfg.img0_aux_weight * aux
+            terms["img0_aux"] = aux.detach()
         special = (lab == self.ids.vision_pad) | (lab == self.ids.vision_end) | is_start
         txt = ~special
         stats = dict(
@@ -616,7 +659,7 @@ class UnifiedModel(nn.Module):
         )
         return UnifiedOutput(
             loss=loss,
-            terms=dict(ce=ce_loss.detach(), flow=flow.detach()),
+            terms=terms,
             hidden=h,
             logits=logits,
             stats={k: torch.as_tensor(v).detach() for k, v in stats.items()},
@@ -646,6 +689,7 @@ def _own_modules(model) -> list[str]:
         ["patch_in", "head"]
         + (["row_emb", "col_emb"] if model.cfg.patch_pos_emb else [])
         + (["ref_in"] if model.cfg.ref_cond else [])
+        + (["img0_aux"] if model.cfg.img0_aux_weight > 0 else [])
     )
 
 # %% ../nbs/23_unified.ipynb #84ae3739
@@ -1117,6 +1161,16 @@ def prompt_of(sample: dict) -> dict:
     "The generation prompt of a training-form sample (its user turn)."
     return dict(sample_id=sample["sample_id"], user=sample["user"], assistant=[])
 
+# %% ../nbs/23_unified.ipynb #img0of01
+def _with_img0(recs: list[dict], img0_of: list | None) -> list[dict]:
+    "`recs` with the input image `img0_of[i]` instead of their own (None: unchanged)."
+    if img0_of is None:
+        return list(recs)
+    if len(img0_of) != len(recs):
+        raise ValueError(f"img0_of has {len(img0_of)} images for {len(recs)} records")
+    return [dict(r, img0=p) for r, p in zip(recs, img0_of)]
+
+
 # %% ../nbs/23_unified.ipynb #f9032d2c
 def evaluate_unified(
     model: UnifiedModel,
@@ -1128,11 +1182,15 @@ def evaluate_unified(
     seed: int = 0,
     progress: bool = True,
     patch_temperature: float | None = None,
+    img0_of: list | None = None,
 ) -> tuple[list[dict], dict]:
-    "Greedy generation on held-out editing records and QA `Sample`s: per-item rows and the generated outputs."
+    """Greedy generation on held-out editing records and QA `Sample`s: per-item rows and the generated outputs;
+    `img0_of`: the input image given for each record instead of its own (a control: scores stay against the record's
+    own img0 and targets)."""
     from tqdm.auto import tqdm
 
-    items = [("edit", edit_sample(r), r) for r in edit_recs] + [("qa", qa_sample(s), None) for s in qa]
+    ins = _with_img0(edit_recs, img0_of)
+    items = [("edit", edit_sample(i), r) for i, r in zip(ins, edit_recs)] + [("qa", qa_sample(s), None) for s in qa]
     rows, gens = [], {}
     for i in tqdm(range(0, len(items), batch_size), desc="unified eval", disable=not progress):
         chunk = items[i : i + batch_size]
@@ -1174,12 +1232,15 @@ def teacher_forced_scores(
     seed: int = 0,
     batch_size: int = 10,
     patch_temperature: float | None = None,
+    img0_of: list | None = None,
 ) -> list[dict]:
-    "Diagnostic: each drawn patch sampled from the head given the *true* sequence before it; scores of img1 and img2."
+    """Diagnostic: each drawn patch sampled from the head given the *true* sequence before it; scores of img1 and img2
+    (`img0_of` as in `evaluate_unified`)."""
     coll, g, rows = model.collator(), torch.Generator().manual_seed(seed), []
+    ins = _with_img0(recs, img0_of)
     for i in range(0, len(recs), batch_size):
         chunk = recs[i : i + batch_size]
-        batch = coll([edit_sample(r) for r in chunk])
+        batch = coll([edit_sample(r) for r in ins[i : i + batch_size]])
         h, _ = model.hidden(model.embed(batch), batch["attention_mask"], batch["position_ids"])
         b, l = ((batch["input_ids"] == model.ids.vision_pad) & (batch["labels"] != -100)).nonzero(as_tuple=True)
         is_t = batch["patch_is_target"]
@@ -1302,6 +1363,24 @@ class RunUnifiedArgs:
         metadata={
             "help": "beyond the seed: condition the head on the same cell of the image before (a copy prior; "
             "see UnifiedConfig.ref_cond)"
+        },
+    )
+    img0_aux_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "beyond the seed: weight of the auxiliary loss that makes the hidden state before each drawn patch "
+            "predict img0's patch at that cell (see UnifiedConfig.img0_aux_weight; 0: off)"
+        },
+    )
+    img0_aux_blind: bool = field(
+        default=False,
+        metadata={"help": "the img0_aux term on a forward with the drawn patches zeroed (see UnifiedConfig)"},
+    )
+    img0_control: bool = field(
+        default=False,
+        metadata={
+            "help": "also evaluate with another held-out edit's img0 as input (scored against each edit's own), "
+            "free-running and teacher-forced: equal scores mean the model does not read img0"
         },
     )
     num_timesteps: int = field(default=10, metadata={"help": "Euler steps per patch at evaluation"})
@@ -1456,6 +1535,8 @@ def run_unified(a: RunUnifiedArgs) -> dict:
         input_noise=a.input_noise,
         self_feed=a.self_feed,
         ref_cond=a.ref_cond,
+        img0_aux_weight=a.img0_aux_weight,
+        img0_aux_blind=a.img0_aux_blind,
     )
     if a.edit_train is not None and not Path(a.edit_train).is_file():
         raise ValueError(f"--edit_train: no such file {a.edit_train}")
@@ -1481,6 +1562,14 @@ def run_unified(a: RunUnifiedArgs) -> dict:
     dec, img = decision_metrics(rows), image_metrics(rows)
     tf = image_metrics(teacher_forced_scores(model, heldout, a.num_timesteps, a.seed))["both"]
     img["both, teacher-forced patches (diagnostic)"] = tf
+    if a.img0_control:  # the next held-out edit's img0 as input, scored against this edit's own img0 and targets
+        other = [heldout[(i + 1) % len(heldout)]["img0"] for i in range(len(heldout))]
+        rows_c, _ = evaluate_unified(
+            model, heldout, [], num_timesteps=a.num_timesteps, seed=a.seed, progress=not a.quiet, img0_of=other
+        )
+        img["both, another edit's img0 (control)"] = image_metrics(rows_c)["both"]
+        tf_c = teacher_forced_scores(model, heldout, a.num_timesteps, a.seed, img0_of=other)
+        img["both, teacher-forced, another edit's img0 (control)"] = image_metrics(tf_c)["both"]
     t_eval = time.time()
     study = (
         weight_study(cfg, out, a.study_steps, heldout, a.seed, not a.quiet, a.limit_train) if a.weight_study else None
