@@ -510,8 +510,10 @@ def generate_all(
     max_kinds: int = 3,
     canonical_thoughts: bool = False,
     only_asked_kinds: bool = False,
+    visual_only: bool = False,
 ) -> dict:
-    "Write the visual, chat and edit sets (and `text/` via `latentcot.textdata` when `text`) into `out_dir`."
+    """Write the visual, chat and edit sets (and `text/` via `latentcot.textdata` when `text`) into `out_dir`.
+    `visual_only`: write `visual/` alone (the same files as a full generation), no README."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     n_et, n_eh = n_edit_train if n_edit_train is not None else n_train, (
@@ -525,12 +527,17 @@ def generate_all(
                 stage / "visual", split, n, seed, vis_seen, max_kinds, canonical_thoughts, only_asked_kinds
             )
             _write_text(stage / "visual" / f"{split}.jsonl", _jsonl(recs))
+            counts[f"visual/{split}"] = n
+            if visual_only:
+                continue
             _write_text(stage / "chat" / f"{split}.json", _json_list([visual_to_chat(r) for r in recs]))
             _write_text(
                 stage / "edit" / f"{split}.jsonl", _jsonl(make_edit_split(stage / "edit", split, ne, seed, edit_seen))
             )
-            counts[f"visual/{split}"] = counts[f"chat/{split}"] = n
-            counts[f"edit/{split}"] = ne
+            counts[f"chat/{split}"], counts[f"edit/{split}"] = n, ne
+        if visual_only:
+            _publish(stage / "visual", out / "visual")
+            return counts
         write_triplet_parquet(stage / "edit" / "heldout.jsonl", stage / "edit" / "heldout_triplets.parquet")
         for name in ("visual", "chat", "edit"):
             _publish(stage / name, out / name)
@@ -612,6 +619,7 @@ def main(argv: list[str] | None = None) -> int:
         max_kinds=a.max_kinds,
         canonical_thoughts=a.canonical_thoughts,
         only_asked_kinds=a.only_asked_kinds,
+        visual_only=a.visual_only,
     )
     print(f"wrote {a.out}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
     return 0
