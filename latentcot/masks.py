@@ -248,9 +248,9 @@ def _opener_notes(f: dict) -> list[str]:
         pads = "its pads do not" if f["latent_bottleneck"] else "as its pads do"
         notes.append(f"  mask_question_image: it sees the question images ({pads}; the row above says `.`)")
     if f["latent_bottleneck"]:
-        notes.append("  latent_bottleneck: no later token sees it; its state reaches its pads as their first input only")
+        notes.append("  latent_bottleneck: no later token sees it; its state reaches its pads as their first input")
     if f["mask_latent"]:
-        notes.append("  mask_latent: it belongs to its segment, so no token but a latent pad sees it (closing tags stay)")
+        notes.append("  mask_latent: it belongs to its segment: no token but a latent pad sees it (closing tags stay)")
     return notes if len(notes) > 1 else []
 
 
