@@ -14,7 +14,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 from .fileio import atomic_write
 
 # %% auto #0
-__all__ = ['MASK_FLAGS', 'ALIASES', 'TRAINING_ONLY', 'FAULT_ENV', 'ConfigError', 'LatentCoTConfig', 'parse_value', 'check_config',
+__all__ = ['MASK_FLAGS', 'ALIASES', 'TRAINING_ONLY', 'FAULT_ENV', 'ConfigError', 'check_config', 'LatentCoTConfig', 'parse_value',
            'find_settings', 'read_settings', 'from_mapping', 'load_config', 'SettingsArgs', 'cli_parser',
            'add_config_args', 'flag_view', 'config_flags_given', 'config_from_args', 'parse_cli', 'save_config',
            'load_config_json', 'cache_root', 'positive_int', 'fault_point']
@@ -22,6 +22,77 @@ __all__ = ['MASK_FLAGS', 'ALIASES', 'TRAINING_ONLY', 'FAULT_ENV', 'ConfigError',
 # %% ../nbs/00_config.ipynb #364b7187
 class ConfigError(ValueError):
     "A bad key or value in a latentcot config, with the file and key it came from."
+
+# %% ../nbs/00_config.ipynb #43e66d4d
+def check_config(cfg: LatentCoTConfig, source: str = "<config>"):
+    "Raise `ConfigError` when fields are inconsistent; return `cfg`."
+
+    def bad(key, why):
+        raise ConfigError(f"{source}: bad value {getattr(cfg, key)!r} for {key!r}: {why}")
+
+    if cfg.latent_budget_min < 0:
+        bad("latent_budget_min", "must be >= 0")
+    if cfg.latent_budget_max < max(1, cfg.latent_budget_min):
+        bad("latent_budget_max", "must be >= latent_budget_min and >= 1")
+    if cfg.latent_budget_alpha <= 0:
+        bad("latent_budget_alpha", "must be > 0")
+    if cfg.generation_loss_weight < 0:
+        bad("generation_loss_weight", "must be >= 0")
+    if cfg.latent_budget_gamma <= 0:
+        bad("latent_budget_gamma", "must be > 0")
+    for k in ("latent_stop_threshold", "latent_stop_threshold_start", "latent_stop_rho", "latent_null_scale"):
+        if not 0 <= getattr(cfg, k) <= 1:
+            bad(k, "must lie in [0, 1]")
+    for k in (
+        "latent_size",
+        "k_max",
+        "epochs",
+        "bsz",
+        "grad_accum_steps",
+        "max_length",
+        "max_img_tokens",
+        "sft_stage1_img_tokens",
+        "sft_stage2_img_tokens",
+    ):
+        if getattr(cfg, k) < 1:
+            bad(k, "must be >= 1")
+    if cfg.sft_stage3_img_tokens not in (0, cfg.sft_stage2_img_tokens):
+        bad(
+            "sft_stage3_img_tokens",
+            "stage 3 has no image budget of its own: its latents are aligned to the "
+            "teacher's, "
+            "so it sizes its question images as the teacher (stage 2 / precompute) does and both see the same pixels; "
+            "set sft_stage2_img_tokens, which stage 3 follows (0 or that value here)",
+        )
+    for k in (
+        "latent_stop_loss_weight",
+        "latent_cost_weight",
+        "alignment_weight",
+        "ce_emphasize_factor",
+        "emphasize_latent_weight",
+        "learning_rate",
+        "weight_decay",
+        "warmup_steps",
+        "latent_stop_threshold_steps",
+    ):
+        if getattr(cfg, k) < 0:
+            bad(k, "must be >= 0")
+    unknown = set(cfg.loss_terms) - {"ce", "alignment", "stop", "cost"}
+    if unknown or not cfg.loss_terms:
+        bad("loss_type", f"terms must be among ce, alignment, stop, cost (got {sorted(unknown) or 'nothing'})")
+    if cfg.latent_bottleneck and (cfg.not_use_4d or not cfg.mask_question_image):
+        bad(
+            "latent_bottleneck",
+            "needs the 4D mask with mask_question_image (pass --mask_question_image, and not --not_use_4d): "
+            "it narrows what mask_question_image leaves visible",
+        )
+    al = cfg.alignment_layer.strip()
+    if al not in ("last", "all"):
+        try:
+            [int(x) for x in al.split(",")]
+        except ValueError:
+            bad("alignment_layer", "expected 'last', 'all' or comma-separated layer indices")
+    return cfg
 
 # %% ../nbs/00_config.ipynb #e51d36e5
 MASK_FLAGS = (
@@ -241,77 +312,6 @@ def parse_value(key: str, raw: Any, source: str = "<config>"):
         return str(raw)
     except ValueError as e:
         raise ConfigError(f"{source}: bad value {raw!r} for {key!r}: {e}") from None
-
-# %% ../nbs/00_config.ipynb #43e66d4d
-def check_config(cfg: LatentCoTConfig, source: str = "<config>"):
-    "Raise `ConfigError` when fields are inconsistent; return `cfg`."
-
-    def bad(key, why):
-        raise ConfigError(f"{source}: bad value {getattr(cfg, key)!r} for {key!r}: {why}")
-
-    if cfg.latent_budget_min < 0:
-        bad("latent_budget_min", "must be >= 0")
-    if cfg.latent_budget_max < max(1, cfg.latent_budget_min):
-        bad("latent_budget_max", "must be >= latent_budget_min and >= 1")
-    if cfg.latent_budget_alpha <= 0:
-        bad("latent_budget_alpha", "must be > 0")
-    if cfg.generation_loss_weight < 0:
-        bad("generation_loss_weight", "must be >= 0")
-    if cfg.latent_budget_gamma <= 0:
-        bad("latent_budget_gamma", "must be > 0")
-    for k in ("latent_stop_threshold", "latent_stop_threshold_start", "latent_stop_rho", "latent_null_scale"):
-        if not 0 <= getattr(cfg, k) <= 1:
-            bad(k, "must lie in [0, 1]")
-    for k in (
-        "latent_size",
-        "k_max",
-        "epochs",
-        "bsz",
-        "grad_accum_steps",
-        "max_length",
-        "max_img_tokens",
-        "sft_stage1_img_tokens",
-        "sft_stage2_img_tokens",
-    ):
-        if getattr(cfg, k) < 1:
-            bad(k, "must be >= 1")
-    if cfg.sft_stage3_img_tokens not in (0, cfg.sft_stage2_img_tokens):
-        bad(
-            "sft_stage3_img_tokens",
-            "stage 3 has no image budget of its own: its latents are aligned to the "
-            "teacher's, "
-            "so it sizes its question images as the teacher (stage 2 / precompute) does and both see the same pixels; "
-            "set sft_stage2_img_tokens, which stage 3 follows (0 or that value here)",
-        )
-    for k in (
-        "latent_stop_loss_weight",
-        "latent_cost_weight",
-        "alignment_weight",
-        "ce_emphasize_factor",
-        "emphasize_latent_weight",
-        "learning_rate",
-        "weight_decay",
-        "warmup_steps",
-        "latent_stop_threshold_steps",
-    ):
-        if getattr(cfg, k) < 0:
-            bad(k, "must be >= 0")
-    unknown = set(cfg.loss_terms) - {"ce", "alignment", "stop", "cost"}
-    if unknown or not cfg.loss_terms:
-        bad("loss_type", f"terms must be among ce, alignment, stop, cost (got {sorted(unknown) or 'nothing'})")
-    if cfg.latent_bottleneck and (cfg.not_use_4d or not cfg.mask_question_image):
-        bad(
-            "latent_bottleneck",
-            "needs the 4D mask with mask_question_image (pass --mask_question_image, and not --not_use_4d): "
-            "it narrows what mask_question_image leaves visible",
-        )
-    al = cfg.alignment_layer.strip()
-    if al not in ("last", "all"):
-        try:
-            [int(x) for x in al.split(",")]
-        except ValueError:
-            bad("alignment_layer", "expected 'last', 'all' or comma-separated layer indices")
-    return cfg
 
 # %% ../nbs/00_config.ipynb #e44c5e0f
 def find_settings(path: str | os.PathLike | None = None) -> Path | None:

@@ -348,6 +348,11 @@ def routed_prefill(model, batch, eos: set = frozenset()) -> RoutedState:
     ids, am = batch["input_ids"], batch["attention_mask"].bool()
     B, L = ids.shape
     emb, pos, M = prefix_embeddings(model, batch), rope_position_ids(model, batch), batch_mask_4d(batch)
+    last = L - 1 - am.flip(1).int().argmax(1)  # last real prompt token of each sample
+    opens = ids[torch.arange(B, device=ids.device), last] == tc.latent_start_id
+    if M is not None and opens.any():  # a final <abs_vis_token> opens a segment: it sees what a decoded one sees
+        M, (r, t) = M.clone(), (opens.nonzero()[:, 0], last[opens])
+        M[r, 0, t] = causal_padding_mask(am)[r, 0, t]  # every real prompt column (step_mask's row of the tag)
     lm, impl = model.model.language_model, text_attn_implementation(model)
     cache = DynamicCache(config=lm.config)
     out = lm(
@@ -357,10 +362,9 @@ def routed_prefill(model, batch, eos: set = frozenset()) -> RoutedState:
         use_cache=True,
         attention_mask=for_backend(model, M if M is not None else causal_padding_mask(am), emb.dtype, impl),
     )
-    last = L - 1 - am.flip(1).int().argmax(1)  # last real prompt token of each sample
     h = out.last_hidden_state[torch.arange(B, device=emb.device), last]
     next_pos = (pos.masked_fill(~am[None], -1).amax(dim=(0, 2)) + 1).tolist()
-    mode = ["latent" if ids[b, last[b]] == tc.latent_start_id else "text" for b in range(B)]
+    mode = ["latent" if o else "text" for o in opens.tolist()]
     latent_ids = (tc.latent_token_id, tc.latent_start_id, tc.latent_end_id)
     return RoutedState(h, cache, am.clone(), next_pos, mode, latent_ids, set(eos), emb.dtype)
 

@@ -239,8 +239,24 @@ def rule_table(**flags) -> tuple[list[int], list[int], bool]:
     return always, same, not f["latent_can_see_all_previous"] and not f["not_mask_image"]
 
 # %% ../nbs/06_masks.ipynb #aa86c02c
+def _opener_notes(f: dict) -> list[str]:
+    "The rules of a segment's opening tag that its role's row and column do not show, one line each, under flags `f`."
+    notes = ["opening tag = a LATENT_TAG whose next real token is a LATENT pad; beyond the LATENT_TAG row and column:"]
+    if not f["not_mask_image"]:
+        notes.append("  it sees the thought image right before it (the `o` above; a closing tag does not)")
+    if f["mask_question_image"]:
+        pads = "its pads do not" if f["latent_bottleneck"] else "as its pads do"
+        notes.append(f"  mask_question_image: it sees the question images ({pads}; the row above says `.`)")
+    if f["latent_bottleneck"]:
+        notes.append("  latent_bottleneck: no later token sees it; its state reaches its pads as their first input")
+    if f["mask_latent"]:
+        notes.append("  mask_latent: it belongs to its segment: no token but a latent pad sees it (closing tags stay)")
+    return notes if len(notes) > 1 else []
+
+
 def describe_rules(**flags) -> str:
-    "The rule table as text: `x` always visible, `g` within the query's group, `o` own thought image, `.` never."
+    """The rule table as text: `x` always visible, `g` within the query's group, `o` own thought image, `.` never;
+    then the opening tag's exceptions under the given flags."""
     always, same, own = rule_table(**flags)
     names = [r.name[:8] for r in Role]
     lines = ["query \\ key".ljust(16) + " ".join(n.ljust(8) for n in names)]
@@ -252,7 +268,7 @@ def describe_rules(**flags) -> str:
             else "g" if same[rq] >> rk & 1 else "o" if owns(rq) and rk == Role.THOUGHT_IMAGE else "."
         )
         lines.append(rq.name.ljust(16) + " ".join(cell(rk).ljust(8) for rk in Role))
-    return "\n".join(lines)
+    return "\n".join(lines + _opener_notes(mask_flags(**flags)))
 
 # %% ../nbs/06_masks.ipynb #abdd84b0
 def groups_from_roles(roles, attention_mask):

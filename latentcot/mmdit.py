@@ -30,10 +30,10 @@ __all__ = ['QWEN_IMAGE_PROMPT_TEMPLATE', 'CONDITIONS', 'EXTRA_CONDITIONS', 'ORAC
            'write_bridge', 'generator_parts', 'LatentToImageGenerator', 'multiturn_latents', 'pad_latents',
            'training_examples', 'train_generator', 'grid_scores', 'condition_inputs', 'evaluate_conditions',
            'summarize', 'results_table', 'oracle_latents', 'inference_with_latent_cot', 'save_condition_images',
-           'load_condition_images', 'rescore_report', 'GenerationExplorer', 'generation_explorer', 'run_choices',
-           'comparison_grid', 'text_states', 'run_mmdit', 'MMDiTRunArgs', 'run_main', 'check_edit_images',
-           'check_bridge', 'MMDiTTrainee', 'freeze_discarded_text_stream', 'add_mmdit_lora', 'collate_pairs',
-           'mmdit_pairs', 'mmdit_step', 'save_generator', 'run_mmdit_stage', 'fitting_size', 'GenerationLoss',
+           'load_condition_images', 'rescore_report', 'comparison_grid', 'GenerationExplorer', 'generation_explorer',
+           'run_choices', 'text_states', 'run_mmdit', 'MMDiTRunArgs', 'run_main', 'check_edit_images', 'check_bridge',
+           'MMDiTTrainee', 'freeze_discarded_text_stream', 'add_mmdit_lora', 'collate_pairs', 'mmdit_pairs',
+           'mmdit_step', 'save_generator', 'run_mmdit_stage', 'fitting_size', 'GenerationLoss',
            'attach_generation_loss', 'GenerateArgs', 'read_prompts', 'generate_images', 'generate_main', 'bench_mmdit',
            'BenchMMDiTArgs', 'bench_mmdit_main', 'main']
 
@@ -217,7 +217,7 @@ def compute_flow_matching_loss(
     noise=None,
     sigmas=None,
 ) -> torch.Tensor:
-    "Seed 000's flow loss on normalised target latents `x0`: x_t=(1-σ)x0+σε, target ε-x0, SD3 weighting, batch mean."
+    "Seed 000's flow loss on normalised latents `x0`: x_t=(1-σ)x0+σε, target ε-x0, SD3 weighting, batch mean."
     from diffusers.training_utils import compute_loss_weighting_for_sd3
 
     B = x0.shape[0]
@@ -766,6 +766,20 @@ def rescore_report(report_dir, data_dir=None) -> dict:
     }
     return {"scores": scores, "summary": summarize(scores)}
 
+# %% ../nbs/22_mmdit.ipynb #ab64ff2b
+def comparison_grid(records, images: dict, conditions, n: int = 6, scale: int = 2) -> Image.Image:
+    "One row per (triplet, round): img0, truth, then each condition's image; `scale`x nearest-neighbour."
+    rows = []
+    for rec in records[:n]:
+        for r in (1, 2):
+            ims = [Image.open(rec["img0"]).convert("RGB"), Image.open(rec[f"img{r}"]).convert("RGB")]
+            ims += [images[c][(rec["sample_id"], r)].convert("RGB") for c in conditions]
+            rows.append(
+                np.concatenate([np.pad(np.asarray(i), ((2, 2), (2, 2), (0, 0)), constant_values=128) for i in ims], 1)
+            )
+    im = Image.fromarray(np.concatenate(rows, 0))
+    return im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+
 # %% ../nbs/22_mmdit.ipynb #217447a6
 class GenerationExplorer:
     "Held-out sample slider; per round img0, the truth, then each condition's generated image, with its grid scores."
@@ -857,20 +871,6 @@ def run_choices(oracle=None, train_sources=("teacher", "student", "text"), condi
     if oracle is None and "oracle" in conditions + train_sources:
         raise ValueError("the oracle condition or train source needs an oracle: oracle='grid' or 'vae' (--oracle)")
     return train_sources, conditions
-
-# %% ../nbs/22_mmdit.ipynb #ab64ff2b
-def comparison_grid(records, images: dict, conditions, n: int = 6, scale: int = 2) -> Image.Image:
-    "One row per (triplet, round): img0, truth, then each condition's image; `scale`x nearest-neighbour."
-    rows = []
-    for rec in records[:n]:
-        for r in (1, 2):
-            ims = [Image.open(rec["img0"]).convert("RGB"), Image.open(rec[f"img{r}"]).convert("RGB")]
-            ims += [images[c][(rec["sample_id"], r)].convert("RGB") for c in conditions]
-            rows.append(
-                np.concatenate([np.pad(np.asarray(i), ((2, 2), (2, 2), (0, 0)), constant_values=128) for i in ims], 1)
-            )
-    im = Image.fromarray(np.concatenate(rows, 0))
-    return im.resize((im.width * scale, im.height * scale), Image.NEAREST)
 
 # %% ../nbs/22_mmdit.ipynb #cf816eee
 def text_states(model, processor, records, batch_size: int = 16) -> dict:

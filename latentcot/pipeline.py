@@ -27,10 +27,10 @@ MAIN_OVERRIDES = {"mask_question_image": True, "latent_bottleneck": True, "lr_sc
 MAIN_TASK = dict(seed=0, n_train=1000, n_heldout=200, max_kinds=1, canonical_thoughts=True, only_asked_kinds=True)
 
 # %% auto #0
-__all__ = ['CONDITIONS', 'MAIN_STEPS', 'MAIN_STAGE3_LR', 'MAIN_OVERRIDES', 'MAIN_TASK', 'RUN_PARTS', 'CONTROLS', 'RUN_DEFAULTS',
+__all__ = ['CONDITIONS', 'MAIN_STEPS', 'MAIN_STAGE3_LR', 'MAIN_OVERRIDES', 'MAIN_TASK', 'CONTROLS', 'RUN_PARTS', 'RUN_DEFAULTS',
            'answer_positions', 'exact_match', 'evaluate', 'majority_accuracy', 'bootstrap_ci', 'paired_diff_ci',
-           'latent_geometry', 'prompt_batch', 'free_generation', 'split_files', 'main_task', 'run_pipeline', 'verdict',
-           'channel_sentence', 'goal_rows', 'format_diagnosis', 'write_report', 'RunArgs', 'run_main']
+           'latent_geometry', 'prompt_batch', 'free_generation', 'verdict', 'channel_sentence', 'goal_rows',
+           'format_diagnosis', 'write_report', 'split_files', 'main_task', 'run_pipeline', 'RunArgs', 'run_main']
 
 # %% ../nbs/15_pipeline.ipynb #32f8605a
 def answer_positions(batch, ids) -> torch.Tensor:
@@ -249,6 +249,165 @@ def free_generation(model, processor, ids, samples, bsz: int = 8, max_new_tokens
         "examples": texts[:3],
     }
 
+# %% ../nbs/15_pipeline.ipynb #40cac5f8
+CONTROLS = ("none", "zeroed", "shuffled")
+
+# %% ../nbs/15_pipeline.ipynb #fb7dc252
+def verdict(hits: dict, controls=CONTROLS) -> str:
+    "'helps', 'hurts' or 'no measurable effect', from the paired 95% interval of student minus the best control."
+    ctrl = max((c for c in controls if c in hits), key=lambda c: sum(hits[c]))
+    d, lo, hi = paired_diff_ci(hits["student"], hits[ctrl])
+    word = "help" if lo > 0 else "hurt" if hi < 0 else "have no measurable effect"
+    return f"student latents {word}: student - {ctrl} (best control) = {d:+.3f}, 95% CI [{lo:+.3f}, {hi:+.3f}]"
+
+# %% ../nbs/15_pipeline.ipynb #193e18a5
+def channel_sentence(hits: dict) -> str:
+    "Whether the teacher's latents carry information the answer reads: teacher minus none, with its interval."
+    d, lo, hi = paired_diff_ci(hits["teacher"], hits["none"])
+    word = "carries information" if lo > 0 else "makes answers worse" if hi < 0 else "shows no measurable effect"
+    return f"the latent channel {word}: teacher - none = {d:+.3f}, 95% CI [{lo:+.3f}, {hi:+.3f}]"
+
+# %% ../nbs/15_pipeline.ipynb #f496ec8f
+def goal_rows(results: dict, seconds: float) -> list[dict]:
+    "The issue's goals, each with what was measured and whether it is met (a missed goal stays in the report)."
+    A, C = results["stage3_A"], results["stage3_C"]
+    rows, hA = [], A["hits"]
+    n = A["n_heldout"]
+    rows.append(dict(goal="held-out samples >= 200", measured=f"{n}", met=n >= 200))
+    if "teacher" in hA:
+        d, lo, hi = paired_diff_ci(hA["teacher"], hA["none"])
+        rows.append(
+            dict(goal="teacher - none >= 0.25 (mode A)", measured=f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]", met=d >= 0.25)
+        )
+    ctrl = max(CONTROLS, key=lambda c: sum(hA[c]))
+    d, _, _ = paired_diff_ci(hA["student"], hA[ctrl])
+    (_, slo, _), (_, _, chi) = bootstrap_ci(hA["student"]), bootstrap_ci(hA[ctrl])
+    rows.append(
+        dict(
+            goal="student - best control >= 0.10, intervals apart (mode A)",
+            measured=f"{d:+.3f} vs {ctrl}; student low {slo:.3f}, {ctrl} high {chi:.3f}",
+            met=d >= 0.10 and slo > chi,
+        )
+    )
+    gap = C["acc_student"] - A["acc_student"]
+    rows.append(
+        dict(
+            goal="mode C: used/budget <= 0.75, accuracy within 0.02 of mode A",
+            measured=f"used/budget {C['used_over_budget']:.2f}, C - A {gap:+.3f}; used by budget "
+            + " ".join(f"{b}:{u}" for b, u in C.get("used_by_budget", {}).items()),
+            met=C["used_over_budget"] <= 0.75 and abs(gap) <= 0.02,
+        )
+    )
+    rows.append(dict(goal="latentcot run <= 600 s", measured=f"{seconds:.0f} s", met=seconds <= 600))
+    return rows
+
+# %% ../nbs/15_pipeline.ipynb #447828f2
+def _ci_row(model, cond, hits) -> dict:
+    m, lo, hi = bootstrap_ci(hits)
+    return {"model": model, "condition": cond, "accuracy": round(m, 3), "95% CI": f"[{lo:.3f}, {hi:.3f}]"}
+
+# %% ../nbs/15_pipeline.ipynb #e88ed972
+def format_diagnosis(d: dict) -> str:
+    "The diagnosis as two small tables: probes, and stage 2 with thought images visible vs blank."
+    probes = [
+        {"features": k, "count acc": f"{v['acc']:.3f}", "R2": f"{v['r2']:.3f}", "n test": v["n_test"]}
+        for k, v in d["probe"].items()
+    ]
+    s2 = [
+        {
+            "stage 2 thought images": k,
+            "accuracy / difference": f"{m:+.3f}" if "minus" in k else f"{m:.3f}",
+            "95% CI": f"[{lo:.3f}, {hi:.3f}]",
+        }
+        for k, (m, lo, hi) in d["stage2_thought_images"].items()
+    ]
+    return format_table(probes) + "\n\n" + format_table(s2)
+
+# %% ../nbs/15_pipeline.ipynb #6743e20c
+def write_report(out, results: dict, majority: float, times: dict, diagnosis: dict | None = None) -> dict:
+    """PNG plots, metrics.json and a printed summary (accuracies with intervals, verdicts, goals, latent geometry) into
+    `out/report`."""
+    out = Path(out)
+    rep = out / "report"
+    rep.mkdir(parents=True, exist_ok=True)
+    stages = ["stage1", "stage2", "stage3_A", "stage3_C"]
+    logs = {s: read_metrics(out / s / "metrics.jsonl") for s in stages}
+    plot_losses(logs, rep / "losses.png")
+    plot_latent_cosine(
+        logs["stage3_A"], rep / "latent_cosine_stage3_A.png", "stage 3 (mode A): cosine to teacher per latent index"
+    )
+    plot_latent_cosine(logs["stage2"], rep / "latent_cosine_stage2.png", "stage 2: cosine to teacher per latent index")
+    thr = load_config().latent_stop_threshold
+    plot_stop_probs(logs["stage3_C"], thr, rep / "stop_probs_stage3_C.png")
+    rows, summary = [], {}
+    for name, r in results.items():
+        rows += [_ci_row(name, c, h) for c, h in r["hits"].items()]
+        if "free" in r:
+            rows.append(_ci_row(name, "free generation", r["free"]["hits"]))
+        geo = latent_geometry(r["latents"], r["slots"], r.get("teacher_latents"))
+        summary[name] = {
+            **{k: v for k, v in r.items() if k not in ("latents", "slots", "teacher_latents")},
+            "ci": {c: bootstrap_ci(h)[1:] for c, h in r["hits"].items()},
+            "geometry": geo,
+            "verdict": verdict(r["hits"]),
+            **({"channel": channel_sentence(r["hits"])} if "teacher" in r["hits"] else {}),
+        }
+    rows.append({"model": "-", "condition": "majority", "accuracy": round(majority, 3), "95% CI": ""})
+    n = next(iter(results.values()))["n_heldout"]
+    halting = {
+        name: {
+            "used_len_mean": r["used_len_mean"],
+            "budget_mean": r["budget_mean"],
+            "used/budget": r["used_over_budget"],
+            "budgets": r["budgets"],
+            "used by budget": " ".join(f"{b}:{u}" for b, u in r.get("used_by_budget", {}).items()),
+        }
+        for name, r in results.items()
+    }
+    final_losses = {
+        s: {
+            k: v
+            for k, v in (logs[s][-1] if logs[s] else {}).items()
+            if k in ("loss", "ce", "alignment", "stop", "cost")
+        }
+        for s in stages
+    }
+    seconds = sum(times.values())
+    goals = goal_rows(results, seconds) if {"stage3_A", "stage3_C"} <= set(results) else []
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"
+    geo_rows = [
+        {
+            "model": k,
+            "student pairwise cos": fmt(v["geometry"]["pairwise_cos"]),
+            "teacher pairwise cos": fmt(v["geometry"].get("teacher_pairwise_cos")),
+            "cos to teacher per slot": " ".join(fmt(c) for c in v["geometry"].get("cos_to_teacher_per_slot", [])),
+        }
+        for k, v in summary.items()
+    ]
+    print(
+        f"\nlatentcot main job: held-out answer accuracy (greedy exact match, n={n}, 95% bootstrap intervals)\n"
+        f"{format_table(rows, ['model', 'condition', 'accuracy', '95% CI'])}\n\nlatent usage\n"
+        f"{format_table([{'model': k, **{a: (f'{b:.3f}' if isinstance(b, float) else b) for a, b in v.items()}} for k, v in halting.items()])}\n\n"
+        f"latent geometry (mean pairwise cosine across held-out samples; near 1 = collapse)\n{format_table(geo_rows)}\n"
+    )
+    for k, v in summary.items():
+        print(f"{k}: {v['verdict']}" + (f"; {v['channel']}" if "channel" in v else ""))
+    if goals:
+        print(f"\ngoals\n{format_table([{**g, 'met': 'yes' if g['met'] else 'NO'} for g in goals])}")
+    if diagnosis:
+        print(f"\ndiagnosis\n{format_diagnosis(diagnosis)}")
+    print(f"\nreport: {rep}")
+    return {
+        "accuracy": summary,
+        "majority": majority,
+        "verdicts": {k: v["verdict"] for k, v in summary.items()},
+        "halting": halting,
+        "goals": goals,
+        "diagnosis": diagnosis,
+        "final_losses": final_losses,
+        "seconds": times,
+    }
+
 # %% ../nbs/15_pipeline.ipynb #06cdac63
 def split_files(data: Path) -> tuple[str, str]:
     "`train` and `heldout` files of a data folder: seed 001 JSONL or seed 000 chat JSON."
@@ -260,7 +419,7 @@ def split_files(data: Path) -> tuple[str, str]:
         f"{data}: needs train.jsonl + heldout.jsonl (seed 001) or train.json + heldout.json (seed 000)"
     )
 
-# %% ../nbs/15_pipeline.ipynb #c35e267b
+# %% ../nbs/15_pipeline.ipynb #855e4f9a
 def main_task(out, **over) -> Path:
     """The main job's data folder `out/data/visual`: `MAIN_TASK` (with `over`) generated by `latentcot.datagen` once,
     every sample verified from its pixels; a folder already there is reused."""
@@ -478,165 +637,6 @@ def run_pipeline(
     )
     write_json(report, out / "report" / "metrics.json")
     return report
-
-# %% ../nbs/15_pipeline.ipynb #40cac5f8
-CONTROLS = ("none", "zeroed", "shuffled")
-
-# %% ../nbs/15_pipeline.ipynb #fb7dc252
-def verdict(hits: dict, controls=CONTROLS) -> str:
-    "'helps', 'hurts' or 'no measurable effect', from the paired 95% interval of student minus the best control."
-    ctrl = max((c for c in controls if c in hits), key=lambda c: sum(hits[c]))
-    d, lo, hi = paired_diff_ci(hits["student"], hits[ctrl])
-    word = "help" if lo > 0 else "hurt" if hi < 0 else "have no measurable effect"
-    return f"student latents {word}: student - {ctrl} (best control) = {d:+.3f}, 95% CI [{lo:+.3f}, {hi:+.3f}]"
-
-# %% ../nbs/15_pipeline.ipynb #193e18a5
-def channel_sentence(hits: dict) -> str:
-    "Whether the teacher's latents carry information the answer reads: teacher minus none, with its interval."
-    d, lo, hi = paired_diff_ci(hits["teacher"], hits["none"])
-    word = "carries information" if lo > 0 else "makes answers worse" if hi < 0 else "shows no measurable effect"
-    return f"the latent channel {word}: teacher - none = {d:+.3f}, 95% CI [{lo:+.3f}, {hi:+.3f}]"
-
-# %% ../nbs/15_pipeline.ipynb #f496ec8f
-def goal_rows(results: dict, seconds: float) -> list[dict]:
-    "The issue's goals, each with what was measured and whether it is met (a missed goal stays in the report)."
-    A, C = results["stage3_A"], results["stage3_C"]
-    rows, hA = [], A["hits"]
-    n = A["n_heldout"]
-    rows.append(dict(goal="held-out samples >= 200", measured=f"{n}", met=n >= 200))
-    if "teacher" in hA:
-        d, lo, hi = paired_diff_ci(hA["teacher"], hA["none"])
-        rows.append(
-            dict(goal="teacher - none >= 0.25 (mode A)", measured=f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]", met=d >= 0.25)
-        )
-    ctrl = max(CONTROLS, key=lambda c: sum(hA[c]))
-    d, _, _ = paired_diff_ci(hA["student"], hA[ctrl])
-    (_, slo, _), (_, _, chi) = bootstrap_ci(hA["student"]), bootstrap_ci(hA[ctrl])
-    rows.append(
-        dict(
-            goal="student - best control >= 0.10, intervals apart (mode A)",
-            measured=f"{d:+.3f} vs {ctrl}; student low {slo:.3f}, {ctrl} high {chi:.3f}",
-            met=d >= 0.10 and slo > chi,
-        )
-    )
-    gap = C["acc_student"] - A["acc_student"]
-    rows.append(
-        dict(
-            goal="mode C: used/budget <= 0.75, accuracy within 0.02 of mode A",
-            measured=f"used/budget {C['used_over_budget']:.2f}, C - A {gap:+.3f}; used by budget "
-            + " ".join(f"{b}:{u}" for b, u in C.get("used_by_budget", {}).items()),
-            met=C["used_over_budget"] <= 0.75 and abs(gap) <= 0.02,
-        )
-    )
-    rows.append(dict(goal="latentcot run <= 600 s", measured=f"{seconds:.0f} s", met=seconds <= 600))
-    return rows
-
-# %% ../nbs/15_pipeline.ipynb #447828f2
-def _ci_row(model, cond, hits) -> dict:
-    m, lo, hi = bootstrap_ci(hits)
-    return {"model": model, "condition": cond, "accuracy": round(m, 3), "95% CI": f"[{lo:.3f}, {hi:.3f}]"}
-
-# %% ../nbs/15_pipeline.ipynb #e88ed972
-def format_diagnosis(d: dict) -> str:
-    "The diagnosis as two small tables: probes, and stage 2 with thought images visible vs blank."
-    probes = [
-        {"features": k, "count acc": f"{v['acc']:.3f}", "R2": f"{v['r2']:.3f}", "n test": v["n_test"]}
-        for k, v in d["probe"].items()
-    ]
-    s2 = [
-        {
-            "stage 2 thought images": k,
-            "accuracy / difference": f"{m:+.3f}" if "minus" in k else f"{m:.3f}",
-            "95% CI": f"[{lo:.3f}, {hi:.3f}]",
-        }
-        for k, (m, lo, hi) in d["stage2_thought_images"].items()
-    ]
-    return format_table(probes) + "\n\n" + format_table(s2)
-
-# %% ../nbs/15_pipeline.ipynb #6743e20c
-def write_report(out, results: dict, majority: float, times: dict, diagnosis: dict | None = None) -> dict:
-    """PNG plots, metrics.json and a printed summary (accuracies with intervals, verdicts, goals, latent geometry) into
-    `out/report`."""
-    out = Path(out)
-    rep = out / "report"
-    rep.mkdir(parents=True, exist_ok=True)
-    stages = ["stage1", "stage2", "stage3_A", "stage3_C"]
-    logs = {s: read_metrics(out / s / "metrics.jsonl") for s in stages}
-    plot_losses(logs, rep / "losses.png")
-    plot_latent_cosine(
-        logs["stage3_A"], rep / "latent_cosine_stage3_A.png", "stage 3 (mode A): cosine to teacher per latent index"
-    )
-    plot_latent_cosine(logs["stage2"], rep / "latent_cosine_stage2.png", "stage 2: cosine to teacher per latent index")
-    thr = load_config().latent_stop_threshold
-    plot_stop_probs(logs["stage3_C"], thr, rep / "stop_probs_stage3_C.png")
-    rows, summary = [], {}
-    for name, r in results.items():
-        rows += [_ci_row(name, c, h) for c, h in r["hits"].items()]
-        if "free" in r:
-            rows.append(_ci_row(name, "free generation", r["free"]["hits"]))
-        geo = latent_geometry(r["latents"], r["slots"], r.get("teacher_latents"))
-        summary[name] = {
-            **{k: v for k, v in r.items() if k not in ("latents", "slots", "teacher_latents")},
-            "ci": {c: bootstrap_ci(h)[1:] for c, h in r["hits"].items()},
-            "geometry": geo,
-            "verdict": verdict(r["hits"]),
-            **({"channel": channel_sentence(r["hits"])} if "teacher" in r["hits"] else {}),
-        }
-    rows.append({"model": "-", "condition": "majority", "accuracy": round(majority, 3), "95% CI": ""})
-    n = next(iter(results.values()))["n_heldout"]
-    halting = {
-        name: {
-            "used_len_mean": r["used_len_mean"],
-            "budget_mean": r["budget_mean"],
-            "used/budget": r["used_over_budget"],
-            "budgets": r["budgets"],
-            "used by budget": " ".join(f"{b}:{u}" for b, u in r.get("used_by_budget", {}).items()),
-        }
-        for name, r in results.items()
-    }
-    final_losses = {
-        s: {
-            k: v
-            for k, v in (logs[s][-1] if logs[s] else {}).items()
-            if k in ("loss", "ce", "alignment", "stop", "cost")
-        }
-        for s in stages
-    }
-    seconds = sum(times.values())
-    goals = goal_rows(results, seconds) if {"stage3_A", "stage3_C"} <= set(results) else []
-    fmt = lambda v: "-" if v is None else f"{v:.3f}"
-    geo_rows = [
-        {
-            "model": k,
-            "student pairwise cos": fmt(v["geometry"]["pairwise_cos"]),
-            "teacher pairwise cos": fmt(v["geometry"].get("teacher_pairwise_cos")),
-            "cos to teacher per slot": " ".join(fmt(c) for c in v["geometry"].get("cos_to_teacher_per_slot", [])),
-        }
-        for k, v in summary.items()
-    ]
-    print(
-        f"\nlatentcot main job: held-out answer accuracy (greedy exact match, n={n}, 95% bootstrap intervals)\n"
-        f"{format_table(rows, ['model', 'condition', 'accuracy', '95% CI'])}\n\nlatent usage\n"
-        f"{format_table([{'model': k, **{a: (f'{b:.3f}' if isinstance(b, float) else b) for a, b in v.items()}} for k, v in halting.items()])}\n\n"
-        f"latent geometry (mean pairwise cosine across held-out samples; near 1 = collapse)\n{format_table(geo_rows)}\n"
-    )
-    for k, v in summary.items():
-        print(f"{k}: {v['verdict']}" + (f"; {v['channel']}" if "channel" in v else ""))
-    if goals:
-        print(f"\ngoals\n{format_table([{**g, 'met': 'yes' if g['met'] else 'NO'} for g in goals])}")
-    if diagnosis:
-        print(f"\ndiagnosis\n{format_diagnosis(diagnosis)}")
-    print(f"\nreport: {rep}")
-    return {
-        "accuracy": summary,
-        "majority": majority,
-        "verdicts": {k: v["verdict"] for k, v in summary.items()},
-        "halting": halting,
-        "goals": goals,
-        "diagnosis": diagnosis,
-        "final_losses": final_losses,
-        "seconds": times,
-    }
 
 # %% ../nbs/15_pipeline.ipynb #0e491e27
 def _override(kv: str) -> tuple[str, object]:

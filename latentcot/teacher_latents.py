@@ -22,9 +22,9 @@ __all__ = ['FORMAT_VERSION', 'MANIFEST_NAME', 'LAYERS', 'FILE_PATTERNS', 'log', 
            'atomic_torch_save', 'atomic_write_json', 'checksum_problem', 'load_latent_file', 'latent_ids_of',
            'model_fingerprint', 'k_settings', 'image_settings', 'tokenizer_info', 'teacher_manifest', 'manifest_id',
            'check_manifest_checksum', 'manifest_diff', 'run_expectation', 'open_manifest', 'batch_image_grids',
-           'non_finite', 'make_record', 'check_record', 'PrecomputeReport', 'precompute', 'TeacherLatentStore',
-           'teacher_targets', 'has_observations', 'observation_targets', 'check_question_grids', 'batch_to',
-           'teacher_compute_fn']
+           'non_finite', 'make_record', 'check_record', 'check_question_grids', 'batch_to', 'teacher_compute_fn',
+           'PrecomputeReport', 'precompute', 'TeacherLatentStore', 'teacher_targets', 'has_observations',
+           'observation_targets']
 
 # %% ../nbs/12_teacher_latents.ipynb #22f16380
 FORMAT_VERSION = 1
@@ -562,6 +562,59 @@ def check_record(
         bad(why)
     return rec
 
+# %% ../nbs/12_teacher_latents.ipynb #c8bfedc3
+def check_question_grids(entries: list[dict], batch: dict, ids, where="") -> None:
+    """Raise `TeacherLatentError` unless each sample's question-image grids in `batch` equal the teacher's recorded
+    ones."""
+    got = batch_image_grids(batch, ids)
+    for b, (e, g) in enumerate(zip(entries, got)):
+        if e.get("question_grids") is None:
+            continue
+        if e["question_grids"] != g["question"]:
+            raise TeacherLatentError(
+                f"{Path(where) / latent_file_name(e['index'], e['layers'])}: sample {e['sample_id']!r}: the teacher saw "
+                f"question image grid(s) {e['question_grids']}, this batch has {g['question']} (image budget differs? "
+                f"teacher: image_budget {e.get('image_budget')}, max_img_tokens {e.get('max_img_tokens')})"
+            )
+
+# %% ../nbs/12_teacher_latents.ipynb #d356dfc8
+def batch_to(batch: dict, device) -> dict:
+    "The batch with every tensor (also inside dicts, e.g. `{'full_attention': mask}`) moved to `device`."
+    mv = lambda v: (
+        v.to(device) if torch.is_tensor(v) else {k: mv(x) for k, x in v.items()} if isinstance(v, dict) else v
+    )
+    return {k: mv(v) for k, v in batch.items()}
+
+# %% ../nbs/12_teacher_latents.ipynb #47e9c651
+def teacher_compute_fn(model, batch: dict, layers: str = "last") -> list[dict]:
+    """Per sample of a precompute batch: the teacher's latents from the latent engine's rollout (+ all hidden states at
+    the pads, + its states at the observation tokens)."""
+    from latentcot.model import as_latent_model
+
+    lm = as_latent_model(model)  # mode A: the teacher fills every budgeted latent
+    batch = batch_to(batch, lm.vlm.get_input_embeddings().weight.device)
+    r = lm.rollout(batch)
+    B = r.latent_mask.shape[0]
+    counts = r.latent_mask.sum(1).tolist()
+    want = [sum(e - s for s, e, _ in sg) for sg in r.segments]
+    if counts != want:
+        raise RuntimeError(f"the rollout filled {counts} latent pads per sample, the segments hold {want}")
+    lat = r.latents.split(counts)
+    hs, obs = [None] * B, [None] * B
+    opos = batch.get("observation_positions") or [[] for _ in range(B)]
+    if _check_layers(layers) == "all" or any(opos):
+        o = lm.teacher_forced(batch, r, output_hidden_states=True)
+        if layers == "all":
+            hs = torch.stack([h[r.latent_mask] for h in o.hidden_states]).split(
+                counts, dim=1
+            )  # [n_hs, N, D] -> per sample
+        chosen = o.hidden_states if layers == "all" else o.hidden_states[-1:]
+        obs = [
+            (torch.stack([h[b, p] for h in chosen]) if layers == "all" else chosen[0][b, p]) if p else None
+            for b, p in enumerate(opos)
+        ]  # [n_obs, D] ('last') or [n_hs, n_obs, D] ('all')
+    return [dict(latents=lat[b], hidden_states=hs[b], observations=obs[b], segments=r.segments[b]) for b in range(B)]
+
 # %% ../nbs/12_teacher_latents.ipynb #3d618b70
 @dataclass
 class PrecomputeReport:
@@ -873,56 +926,3 @@ def observation_targets(entries: list[dict], positions, where="") -> torch.Tenso
     if not parts:
         raise ValueError("no observation rows: the batch has no observation tokens")
     return torch.cat(parts, dim=-2)
-
-# %% ../nbs/12_teacher_latents.ipynb #c8bfedc3
-def check_question_grids(entries: list[dict], batch: dict, ids, where="") -> None:
-    """Raise `TeacherLatentError` unless each sample's question-image grids in `batch` equal the teacher's recorded
-    ones."""
-    got = batch_image_grids(batch, ids)
-    for b, (e, g) in enumerate(zip(entries, got)):
-        if e.get("question_grids") is None:
-            continue
-        if e["question_grids"] != g["question"]:
-            raise TeacherLatentError(
-                f"{Path(where) / latent_file_name(e['index'], e['layers'])}: sample {e['sample_id']!r}: the teacher saw "
-                f"question image grid(s) {e['question_grids']}, this batch has {g['question']} (image budget differs? "
-                f"teacher: image_budget {e.get('image_budget')}, max_img_tokens {e.get('max_img_tokens')})"
-            )
-
-# %% ../nbs/12_teacher_latents.ipynb #d356dfc8
-def batch_to(batch: dict, device) -> dict:
-    "The batch with every tensor (also inside dicts, e.g. `{'full_attention': mask}`) moved to `device`."
-    mv = lambda v: (
-        v.to(device) if torch.is_tensor(v) else {k: mv(x) for k, x in v.items()} if isinstance(v, dict) else v
-    )
-    return {k: mv(v) for k, v in batch.items()}
-
-# %% ../nbs/12_teacher_latents.ipynb #47e9c651
-def teacher_compute_fn(model, batch: dict, layers: str = "last") -> list[dict]:
-    """Per sample of a precompute batch: the teacher's latents from the latent engine's rollout (+ all hidden states at
-    the pads, + its states at the observation tokens)."""
-    from latentcot.model import as_latent_model
-
-    lm = as_latent_model(model)  # mode A: the teacher fills every budgeted latent
-    batch = batch_to(batch, lm.vlm.get_input_embeddings().weight.device)
-    r = lm.rollout(batch)
-    B = r.latent_mask.shape[0]
-    counts = r.latent_mask.sum(1).tolist()
-    want = [sum(e - s for s, e, _ in sg) for sg in r.segments]
-    if counts != want:
-        raise RuntimeError(f"the rollout filled {counts} latent pads per sample, the segments hold {want}")
-    lat = r.latents.split(counts)
-    hs, obs = [None] * B, [None] * B
-    opos = batch.get("observation_positions") or [[] for _ in range(B)]
-    if _check_layers(layers) == "all" or any(opos):
-        o = lm.teacher_forced(batch, r, output_hidden_states=True)
-        if layers == "all":
-            hs = torch.stack([h[r.latent_mask] for h in o.hidden_states]).split(
-                counts, dim=1
-            )  # [n_hs, N, D] -> per sample
-        chosen = o.hidden_states if layers == "all" else o.hidden_states[-1:]
-        obs = [
-            (torch.stack([h[b, p] for h in chosen]) if layers == "all" else chosen[0][b, p]) if p else None
-            for b, p in enumerate(opos)
-        ]  # [n_obs, D] ('last') or [n_hs, n_obs, D] ('all')
-    return [dict(latents=lat[b], hidden_states=hs[b], observations=obs[b], segments=r.segments[b]) for b in range(B)]
