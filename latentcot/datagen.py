@@ -595,6 +595,7 @@ class DatagenArgs:
         default=False,
         metadata={"help": "question scenes keep only the asked kinds' objects (no selection needed; a variant)"},
     )
+    visual_only: bool = field(default=False, metadata={"help": "write visual/ alone (no chat/, edit/, README)"})
 
 # %% ../nbs/04_datagen.ipynb #f31064af
 def main(argv: list[str] | None = None) -> int:

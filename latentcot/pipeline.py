@@ -18,7 +18,7 @@ from .report import format_table, plot_latent_cosine, plot_losses, plot_stop_pro
 from .trainer import read_metrics
 
 CONDITIONS = ("student", "teacher", "none", "zeroed", "shuffled")
-MAIN_STEPS = (2000, 1200, 600, 400)  # stage 1, stage 2, stage 3 mode A, stage 3 mode C (nbs/24, findings part 7)
+MAIN_STEPS = (2000, 1200, 1500, 400)  # stage 1, stage 2, stage 3 mode A, stage 3 mode C (nbs/24, findings part 8)
 MAIN_STAGE3_LR = 3e-4  # stage 3 (A and C) of the main job; at the stages' 3e-3 it forgets the reading (nbs/24 part 7)
 # config settings of the main job (every stage and the evaluation): the question image reaches the answer only
 # through the latent vectors, so the none / zeroed / shuffled controls cut every path
@@ -488,10 +488,13 @@ def run_pipeline(
     t0, times = time.perf_counter(), {}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    reuse = steps[0] == 0 and steps[1] == 0  # steps 0 0: model_name_or_path is a finished run folder
+    if reuse and not data_dir and model_name_or_path and (Path(model_name_or_path) / "data").is_dir():
+        if not (out / "data").exists():  # the reused run's main task: its teacher latents were computed from it
+            (out / "data").symlink_to(Path(model_name_or_path).resolve() / "data", target_is_directory=True)
     data = Path(data_dir) if data_dir else main_task(out)
     times["data"] = time.perf_counter() - t0  # the main task is generated and verified on a fresh run folder
     tr, ho = split_files(data)
-    reuse = steps[0] == 0 and steps[1] == 0  # steps 0 0: model_name_or_path is a finished run folder
     bad_first = steps[0] < 0 or (steps[1] < 1 and not reuse) or (steps[0] == 0 and not model_name_or_path)
     if min(steps[2:]) < 1 or bad_first:
         raise ValueError(
