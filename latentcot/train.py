@@ -258,6 +258,14 @@ class TrainArgs:
             "scheduler/; default: the tiny kit): trained by --stage mmdit (--lora: adapters on its attention)"
         },
     )
+    train_mmdit: bool = field(
+        default=False,
+        metadata={
+            "help": "with --generation_loss_weight > 0 (stage3, multiturn): co-train the generator's DiT and bridge "
+            "(GenerationLoss(train_mmdit=True), same learning rate); checkpoints hold them (resume), and "
+            "final/generator/ holds them in Qwen-Image layout (--mmdit_name_or_path loads it)"
+        },
+    )
     wandb_name: str | None = field(
         default=None,
         metadata={
@@ -381,6 +389,8 @@ def run_info(args: argparse.Namespace) -> dict:
         info["shuffle_train"] = False  # the data order a resume must keep
     if getattr(args, "mmdit_name_or_path", None):
         info["mmdit_name_or_path"] = args.mmdit_name_or_path  # the generator
+    if getattr(args, "train_mmdit", False):
+        info["train_mmdit"] = True  # the generator is co-trained: its weights are in the checkpoints
     return info
 
 # %% ../nbs/14_train.ipynb #92916d42
@@ -400,6 +410,13 @@ def run(args: argparse.Namespace, cfg: LatentCoTConfig | None = None, given: set
         args.data = str(data_file(args.data))
     if cfg is None:
         cfg, given = config_from_args(args), config_flags_given(args)
+    train_mmdit = getattr(args, "train_mmdit", False)
+    if train_mmdit and (args.stage not in ("stage3", "multiturn") or cfg.generation_loss_weight <= 0):
+        raise ValueError(
+            f"--train_mmdit co-trains the generator through the generation loss: it needs --stage stage3 or "
+            f"multiturn with --generation_loss_weight > 0 (got --stage {args.stage}, --generation_loss_weight "
+            f"{cfg.generation_loss_weight}); --stage mmdit trains the DiT by itself"
+        )
     if args.stage == "mmdit":  # the generator: its own data and model (latentcot.mmdit)
         from latentcot.mmdit import run_mmdit_stage
 
@@ -476,7 +493,16 @@ def run(args: argparse.Namespace, cfg: LatentCoTConfig | None = None, given: set
     if cfg.generation_loss_weight > 0:  # seed 000: the flow loss of Z through a frozen MMDiT
         from latentcot.mmdit import attach_generation_loss
 
-        attach_generation_loss(model, args.stage, samples, getattr(args, "mmdit_name_or_path", None))
+        with torch.random.fork_rng(devices=[]):  # a fresh bridge (a folder without bridge/) starts from the seed
+            torch.manual_seed(cfg.seed)
+            gl = attach_generation_loss(
+                model, args.stage, samples, getattr(args, "mmdit_name_or_path", None), train_mmdit=train_mmdit
+            )
+        if train_mmdit:  # DiT + bridge join the module tree: the optimizer and the checkpoints (resume) hold them;
+            # save_pretrained still writes the VLM only, the generator goes to final/generator below
+            model.mmdit_generator = torch.nn.ModuleDict(
+                {"transformer": gl.generator.transformer, "bridge": gl.generator.bridge}
+            )
     if args.lora:
         model = apply_lora(model, r=args.lora_r)
     trackers = () if args.report_to == "none" else (args.report_to,)
@@ -507,6 +533,8 @@ def run(args: argparse.Namespace, cfg: LatentCoTConfig | None = None, given: set
     final = Path(args.output_dir) / "final"
     if PartialState().is_main_process:
         save_final(model, processor, cfg, final, state_dict=state.final_state_dict)
+        if train_mmdit:  # the co-trained generator, in Qwen-Image layout
+            model.generation_loss.save(final / "generator")
     PartialState().wait_for_everyone()
     return final
 
