@@ -23,12 +23,13 @@ from .mmdit_kit import tensor_to_images
 __all__ = ['SYSTEM_PROMPT', 'UNIFIED_VERSION', 'UNIFIED_TRAIN_DEFAULTS', 'UNIFIED_STEPS', 'UnifiedConfig', 'UnifiedIds',
            'vae_factor', 'patch_grid', 'image_patches', 'patches_to_images', 'AdaLNBlock', 'euler_sigmas', 'FlowHead',
            'flow_pair', 'euler_sample', 'edit_sample', 'qa_sample', 'render_text', 'patch_grid_thw',
-           'image_block_offsets', 'UnifiedCollator', 'UnifiedOutput', 'UnifiedModel', 'save_unified', 'load_unified',
-           'Generated', 'prompt_sample', 'generate', 'UnifiedImageEditingInference', 'unified_train_settings',
-           'unified_samples', 'unified_step', 'train_unified', 'run_unified_training', 'prompt_of', 'evaluate_unified',
-           'teacher_forced_scores', 'decision_metrics', 'image_metrics', 'start_probability', 'weighted_optimum',
-           'RunUnifiedArgs', 'unified_grid', 'mmdit_rows', 'unified_table', 'weight_study', 'run_unified', 'run_main',
-           'UnifiedCliArgs', 'write_generated', 'unified_main', 'SequenceStepper', 'BenchUnifiedArgs', 'sided_prompt',
+           'image_block_offsets', 'UnifiedCollator', 'UnifiedOutput', 'tgt_aux_edited', 'UnifiedModel', 'save_unified',
+           'load_unified', 'Generated', 'prompt_sample', 'generate', 'UnifiedImageEditingInference',
+           'unified_train_settings', 'unified_samples', 'unified_step', 'train_unified', 'run_unified_training',
+           'prompt_of', 'evaluate_unified', 'teacher_forced_scores', 'decision_metrics', 'image_metrics',
+           'baseline_rows', 'paired_image_diff', 'start_probability', 'weighted_optimum', 'RunUnifiedArgs',
+           'unified_grid', 'mmdit_rows', 'unified_table', 'weight_study', 'run_unified', 'run_main', 'UnifiedCliArgs',
+           'write_generated', 'unified_main', 'SequenceStepper', 'BenchUnifiedArgs', 'sided_prompt',
            'per_patch_seconds', 'LMClock', 'cache_comparison', 'wider_lm_model', 'keep_drawing', 'bench_unified',
            'bench_unified_main']
 
@@ -93,6 +94,34 @@ class UnifiedConfig:
             "help": "compute the img0_aux term on a second forward in which the drawn images' patches enter as zeros "
             "(tokens and positions stay), so img0's content can only come from img0 (with the true drawn patches "
             "fed back, the same cell of img0 can be read off the target's own neighbouring patches)"
+        },
+    )
+    tgt_aux_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "beyond the seed: weight of an auxiliary MSE on a forward with the drawn images' patches hidden "
+            "(zeros): the hidden state before each drawn patch, plus its position embedding, predicts that patch's "
+            "clean VAE latent through a small MLP (`tgt_aux`), from img0 and the text alone, so the target cannot be "
+            "read off its own neighbouring patches; training only (0: off, the seed's)"
+        },
+    )
+    tgt_aux_edit_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "weight, inside the tgt_aux mean, of the drawn patches that differ from the input image's same cell "
+            "(mean squared difference of the normalised latents > tgt_aux_edit_tau): the cells the edit changes "
+            "(1: all patches alike)"
+        },
+    )
+    tgt_aux_edit_tau: float = field(
+        default=0.1, metadata={"help": "threshold of a drawn patch's difference from img0's same cell (tgt_aux_edit_weight)"}
+    )
+    blind_draw: bool = field(
+        default=False,
+        metadata={
+            "help": "beyond the seed: drawn images' patches enter the language model as zeros, in training and at "
+            "inference alike (their tokens and positions stay): each patch is drawn from the input image and the text "
+            "alone, never from the image's own earlier patches (no neighbouring-patch shortcut, no exposure bias)"
         },
     )
     self_feed_steps: int = field(default=2, metadata={"help": "Euler steps of those self-fed samples"})
@@ -489,6 +518,15 @@ class UnifiedOutput:
 
 UNIFIED_VERSION = 1
 
+# %% ../nbs/23_unified.ipynb #tgtaux-edited
+def tgt_aux_edited(batch: dict, tau: float = 0.1) -> torch.Tensor:
+    """Which drawn (target) patches of a collated batch the edit changed: mean squared difference from the same cell of
+    the first input image of their grid (`patch_src`) over `tau`; False where the sample has no input image."""
+    is_t = batch["patch_is_target"]
+    d = ((batch["patches"][is_t].float() - batch["patch_src"][is_t].float()) ** 2).mean(-1)
+    return (d > tau) & batch["patch_has_src"][is_t]
+
+
 # %% ../nbs/23_unified.ipynb #095e120e
 class UnifiedModel(nn.Module):
     "Seed 004's unified model: stock Qwen2.5-VL + `patch_in` + per-patch flow head, frozen vision tower and VAE."
@@ -517,6 +555,13 @@ class UnifiedModel(nn.Module):
             raise ValueError(f"img0_aux_weight={self.cfg.img0_aux_weight}: must be >= 0")
         if self.cfg.img0_aux_weight > 0:  # hidden state before a drawn patch -> img0's patch at that cell
             self.img0_aux = nn.Sequential(nn.Linear(H, H), nn.GELU(), nn.Linear(H, self.cfg.patch_dim))
+        if self.cfg.tgt_aux_weight < 0 or self.cfg.tgt_aux_edit_weight < 0:
+            raise ValueError(
+                f"tgt_aux_weight={self.cfg.tgt_aux_weight}, tgt_aux_edit_weight={self.cfg.tgt_aux_edit_weight}: "
+                "must be >= 0"
+            )
+        if self.cfg.tgt_aux_weight > 0:  # blind hidden state before a drawn patch -> that patch
+            self.tgt_aux = nn.Sequential(nn.Linear(H, H), nn.GELU(), nn.Linear(H, self.cfg.patch_dim))
         vlm.model.visual.requires_grad_(False)
         vae.requires_grad_(False)
         self._offsets = {}
@@ -569,6 +614,8 @@ class UnifiedModel(nn.Module):
             p = batch["patches"].to(emb.dtype)
             if self.training and self.cfg.input_noise > 0:  # inputs of drawn patches only: input images stay clean
                 p = p + self.cfg.input_noise * torch.randn_like(p) * batch["patch_is_target"][:, None].to(p)
+            if self.cfg.blind_draw:  # drawn images' patches enter as zeros (training and inference alike)
+                p = p.masked_fill(batch["patch_is_target"][:, None], 0.0)
             x = self.patch_in(p) + self.pos(batch["patch_rc"])
             emb = emb.masked_scatter(is_patch[..., None].expand_as(emb), x)
         return emb
@@ -620,19 +667,24 @@ class UnifiedModel(nn.Module):
         drawn = (batch["input_ids"] == self.ids.vision_pad) & (batch["labels"] != -100)
         b, l = drawn.nonzero(as_tuple=True)
         x0 = batch["patches"][batch["patch_is_target"]].to(h.dtype)
-        aux = h.new_zeros(())
+        aux, tgt = h.new_zeros(()), h.new_zeros(())
+        hb = None  # the blind forward: drawn images' patches enter as zeros (img0_aux_blind, tgt_aux)
+        if len(x0) and (self.cfg.tgt_aux_weight > 0 or (self.cfg.img0_aux_weight > 0 and self.cfg.img0_aux_blind)):
+            blind = batch["patches"].masked_fill(batch["patch_is_target"][:, None], 0.0)
+            hb, _ = self.hidden(self.embed(batch | {"patches": blind}), batch["attention_mask"], batch["position_ids"])
         if self.cfg.img0_aux_weight > 0 and len(x0):  # the hidden state before a patch predicts img0's same cell
             is_t = batch["patch_is_target"]
             has = batch["patch_has_src"][is_t]
             if has.any():
-                ha = h
-                if self.cfg.img0_aux_blind:  # the drawn images' patches hidden: img0 is the only source
-                    blind = batch["patches"].masked_fill(is_t[:, None], 0.0)
-                    ha, _ = self.hidden(
-                        self.embed(batch | {"patches": blind}), batch["attention_mask"], batch["position_ids"]
-                    )
+                ha = hb if self.cfg.img0_aux_blind else h  # blind: img0 is the only source
                 c = (ha[b, l - 1] + self.pos(batch["patch_rc"][is_t]))[has]
                 aux = ((self.img0_aux(c).float() - batch["patch_src"][is_t][has].float()) ** 2).mean()
+        if self.cfg.tgt_aux_weight > 0 and len(x0):  # the blind hidden state predicts the patch to draw
+            is_t = batch["patch_is_target"]
+            pred = self.tgt_aux(hb[b, l - 1] + self.pos(batch["patch_rc"][is_t])).float()
+            err = ((pred - x0.float()) ** 2).mean(-1)
+            wt = torch.where(tgt_aux_edited(batch, self.cfg.tgt_aux_edit_tau), self.cfg.tgt_aux_edit_weight, 1.0)
+            tgt = (err * wt).sum() / wt.sum().clamp_min(1e-8)
         flow = h.new_zeros(())
         if len(x0):
             m = self.cfg.fm_batch_mul
@@ -649,6 +701,9 @@ class UnifiedModel(nn.Module):
         if self.cfg.img0_aux_weight > 0:
             loss = loss + self.cfg.img0_aux_weight * aux
             terms["img0_aux"] = aux.detach()
+        if self.cfg.tgt_aux_weight > 0:
+            loss = loss + self.cfg.tgt_aux_weight * tgt
+            terms["tgt_aux"] = tgt.detach()
         special = (lab == self.ids.vision_pad) | (lab == self.ids.vision_end) | is_start
         txt = ~special
         stats = dict(
@@ -690,6 +745,7 @@ def _own_modules(model) -> list[str]:
         + (["row_emb", "col_emb"] if model.cfg.patch_pos_emb else [])
         + (["ref_in"] if model.cfg.ref_cond else [])
         + (["img0_aux"] if model.cfg.img0_aux_weight > 0 else [])
+        + (["tgt_aux"] if model.cfg.tgt_aux_weight > 0 else [])
     )
 
 # %% ../nbs/23_unified.ipynb #84ae3739
@@ -961,7 +1017,7 @@ def generate(
             cond = model.head_cond(h[draw], rc, ref)
             x = model.head.sample(cond, noise, T, sched)
             col = col.clone()
-            col[draw] = model.patch_in(x) + model.pos(rc)
+            col[draw] = model.patch_in(torch.zeros_like(x) if model.cfg.blind_draw else x) + model.pos(rc)
             for i, b in enumerate(draw):
                 cur[b].append(x[i].float().cpu())
         am = torch.cat([am, torch.tensor(col_mask, device=dev)[:, None].to(am.dtype)], 1)
@@ -1219,6 +1275,7 @@ def evaluate_unified(
                     row[f"img{r}"] = sc if sc is not None else dict(changed=0.0, all=0.0, exact=0.0, missing=True)
                 white = Image.new("RGB", Image.open(rec["img0"]).size, (255, 255, 255))
                 row["blank"] = [grid_scores(white, rec[f"img{r}"], rec["img0"]) for r in (1, 2)]
+                row["copy"] = [grid_scores(Image.open(rec["img0"]), rec[f"img{r}"], rec["img0"]) for r in (1, 2)]
             rows.append(row)
             gens[s["sample_id"]] = g
     return rows, gens
@@ -1317,6 +1374,43 @@ def image_metrics(rows: list[dict], n_boot: int = 2000) -> dict:
         out["blank canvas (baseline)"].update(items=len(blank), missing=0)
     return out
 
+# %% ../nbs/23_unified.ipynb #paired-diff
+def _fmt_diff(d) -> str:
+    return f"{100 * d['mean']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+
+
+def baseline_rows(rows: list[dict], key: str = "blank") -> list[dict]:
+    "Rows in the form of `evaluate_unified`'s whose img1/img2 are the per-item baseline `key` ('blank' or 'copy')."
+    return [
+        dict(sample_id=r["sample_id"], kind="edit", img1=r[key][0], img2=r[key][1])
+        for r in rows
+        if r["kind"] == "edit" and key in r
+    ]
+
+
+def paired_image_diff(rows_a: list[dict], rows_b: list[dict], metrics=("changed", "all"), n_boot: int = 2000) -> dict:
+    """Per metric, the mean of a - b over the items (img1, img2 of each edit) both row sets score, matched by
+    `sample_id`, with a paired 95% bootstrap interval (`latentcot.pipeline.paired_diff_ci`); items without a value
+    (no changed cells) are left out."""
+    from latentcot.pipeline import paired_diff_ci
+
+    b_of = {r["sample_id"]: r for r in rows_b if r.get("kind", "edit") == "edit"}
+    out = {}
+    for m in metrics:
+        a, b = [], []
+        for r in rows_a:
+            if r.get("kind", "edit") != "edit" or r["sample_id"] not in b_of:
+                continue
+            for k in ("img1", "img2"):
+                va, vb = r[k].get(m), b_of[r["sample_id"]][k].get(m)
+                if va is not None and vb is not None:
+                    a.append(va), b.append(vb)
+        if not a:
+            raise ValueError(f"paired_image_diff: no items scored on {m!r} in both row sets")
+        out[m] = dict(zip(("mean", "low", "high"), paired_diff_ci(a, b, n_boot=n_boot)), items=len(a))
+    return out
+
+
 # %% ../nbs/23_unified.ipynb #83b45079
 @torch.no_grad()
 def start_probability(model: UnifiedModel, samples: list[dict], which: int = 1, batch_size: int = 16) -> list[float]:
@@ -1375,6 +1469,28 @@ class RunUnifiedArgs:
     img0_aux_blind: bool = field(
         default=False,
         metadata={"help": "the img0_aux term on a forward with the drawn patches zeroed (see UnifiedConfig)"},
+    )
+    tgt_aux_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "beyond the seed: weight of the auxiliary loss that makes the hidden state before each drawn patch, "
+            "on a forward with the drawn patches hidden, predict that patch (see UnifiedConfig.tgt_aux_weight; 0: off)"
+        },
+    )
+    tgt_aux_edit_weight: float = field(
+        default=1.0,
+        metadata={"help": "weight of the patches the edit changes inside the tgt_aux term (see UnifiedConfig)"},
+    )
+    blind_draw: bool = field(
+        default=False,
+        metadata={"help": "beyond the seed: drawn patches enter the LM as zeros, in training and inference (see UnifiedConfig)"},
+    )
+    compare_to: str | None = field(
+        default=None,
+        metadata={
+            "help": "another `latentcot run unified` report folder (its rows.jsonl, same held-out edits and seed): "
+            "the report adds this run's free-running scores minus that run's, paired per item"
+        },
     )
     img0_control: bool = field(
         default=False,
@@ -1456,9 +1572,11 @@ def mmdit_rows(report_dir) -> list[str]:
     ]
 
 # %% ../nbs/23_unified.ipynb #2c0022fe
-def unified_table(dec: dict, img: dict, study: dict | None = None, mmdit_report=None) -> str:
+def unified_table(
+    dec: dict, img: dict, study: dict | None = None, mmdit_report=None, paired: dict | None = None
+) -> str:
     """The report's markdown: decision and image tables (95% intervals), the MMDiT route's rows read from its report
-    (`mmdit_report`), the weight study."""
+    (`mmdit_report`), paired differences (`paired`, from `paired_image_diff`), the weight study."""
     L = ["| decision (draw on edit, not on QA) | % [95% CI] |", "| --- | --- |"]
     L += [f"| {k} | {_fmt(dec[k])} |" for k in ("precision", "recall", "f1")]
     L += [
@@ -1477,6 +1595,18 @@ def unified_table(dec: dict, img: dict, study: dict | None = None, mmdit_report=
         *(mmdit_rows(mmdit_report) if mmdit_report else []),
         "| copy img0 (by construction) | 0.0 | - | - | - | - |",
     ]
+    if paired:
+        L += [
+            "",
+            "Paired per item (img1 and img2 of each held-out edit): mean difference in points [95% bootstrap interval]",
+            "",
+            "| comparison | changed cells, points | all cells, points | items (changed / all) |",
+            "| --- | --- | --- | --- |",
+        ]
+        L += [
+            f"| {k} | {_fmt_diff(v['changed'])} | {_fmt_diff(v['all'])} | {v['changed']['items']} / {v['all']['items']} |"
+            for k, v in paired.items()
+        ]
     if study:
         L += [
             "",
@@ -1537,7 +1667,12 @@ def run_unified(a: RunUnifiedArgs) -> dict:
         ref_cond=a.ref_cond,
         img0_aux_weight=a.img0_aux_weight,
         img0_aux_blind=a.img0_aux_blind,
+        tgt_aux_weight=a.tgt_aux_weight,
+        tgt_aux_edit_weight=a.tgt_aux_edit_weight,
+        blind_draw=a.blind_draw,
     )
+    if a.compare_to is not None and not (Path(a.compare_to) / "rows.jsonl").is_file():
+        raise ValueError(f"--compare_to: no rows.jsonl in {a.compare_to}")
     if a.edit_train is not None and not Path(a.edit_train).is_file():
         raise ValueError(f"--edit_train: no such file {a.edit_train}")
     samples = unified_samples(a.edit_train, limit=a.limit_train, cycle_qa=a.edit_train is not None)
@@ -1560,8 +1695,15 @@ def run_unified(a: RunUnifiedArgs) -> dict:
     qa = load_samples(d / "visual" / "heldout.jsonl")[0][: a.limit_qa]
     rows, gens = evaluate_unified(model, heldout, qa, num_timesteps=a.num_timesteps, seed=a.seed, progress=not a.quiet)
     dec, img = decision_metrics(rows), image_metrics(rows)
-    tf = image_metrics(teacher_forced_scores(model, heldout, a.num_timesteps, a.seed))["both"]
-    img["both, teacher-forced patches (diagnostic)"] = tf
+    tf_rows = teacher_forced_scores(model, heldout, a.num_timesteps, a.seed)
+    img["both, teacher-forced patches (diagnostic)"] = image_metrics(tf_rows)["both"]
+    paired = {
+        "free-running minus an empty canvas": paired_image_diff(rows, baseline_rows(rows, "blank")),
+        "free-running minus copy img0": paired_image_diff(rows, baseline_rows(rows, "copy")),
+    }
+    if a.compare_to is not None:
+        prev = [json.loads(l) for l in (Path(a.compare_to) / "rows.jsonl").read_text().splitlines() if l.strip()]
+        paired[f"free-running minus {a.compare_to}'s"] = paired_image_diff(rows, prev)
     if a.img0_control:  # the next held-out edit's img0 as input, scored against this edit's own img0 and targets
         other = [heldout[(i + 1) % len(heldout)]["img0"] for i in range(len(heldout))]
         rows_c, _ = evaluate_unified(
@@ -1570,6 +1712,8 @@ def run_unified(a: RunUnifiedArgs) -> dict:
         img["both, another edit's img0 (control)"] = image_metrics(rows_c)["both"]
         tf_c = teacher_forced_scores(model, heldout, a.num_timesteps, a.seed, img0_of=other)
         img["both, teacher-forced, another edit's img0 (control)"] = image_metrics(tf_c)["both"]
+        paired["own img0 minus another edit's img0, free-running"] = paired_image_diff(rows, rows_c)
+        paired["own img0 minus another edit's img0, teacher-forced"] = paired_image_diff(tf_rows, tf_c)
     t_eval = time.time()
     study = (
         weight_study(cfg, out, a.study_steps, heldout, a.seed, not a.quiet, a.limit_train) if a.weight_study else None
@@ -1587,6 +1731,7 @@ def run_unified(a: RunUnifiedArgs) -> dict:
     metrics = dict(
         decision=dec,
         images=img,
+        paired=paired,
         endings=caps,
         weight_study=study,
         args=asdict(a),
@@ -1597,7 +1742,7 @@ def run_unified(a: RunUnifiedArgs) -> dict:
     )
     _atomic_write(out / "metrics.json", json.dumps(metrics, indent=1, default=str))
     _atomic_write(out / "rows.jsonl", "".join(json.dumps(r, default=str) + "\n" for r in rows))
-    table = unified_table(dec, img, study, a.mmdit_report)
+    table = unified_table(dec, img, study, a.mmdit_report, paired)
     _atomic_write(
         out / "table.md",
         f"Unified model, {a.steps} steps; held-out: {len(heldout)} edits, {len(qa)} QA prompts; greedy; "
