@@ -38,6 +38,8 @@ def check_config(cfg: LatentCoTConfig, source: str = "<config>"):
         bad("latent_budget_alpha", "must be > 0")
     if cfg.generation_loss_weight < 0:
         bad("generation_loss_weight", "must be >= 0")
+    if cfg.grid_aux_weight < 0:
+        bad("grid_aux_weight", "must be >= 0")
     if cfg.latent_budget_gamma <= 0:
         bad("latent_budget_gamma", "must be > 0")
     for k in ("latent_stop_threshold", "latent_stop_threshold_start", "latent_stop_rho", "latent_null_scale"):
@@ -175,6 +177,13 @@ class LatentCoTConfig:
             "help": "seed 000: weight of the flow-matching loss "
             "of "
             "the student's Z on the target image through a frozen MMDiT (--mmdit_name_or_path); stage 3 and multiturn"
+        },
+    )
+    grid_aux_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "multiturn: weight of an auxiliary CE of a linear head reading the 4x4 grid of img_{r+1} "
+            "(read_grid) from the teacher layout's z_r, computed with gradients (latentcot.mmdit.GridAuxHead; 0 = off)"
         },
     )
     ce_emphasize_factor: float = field(default=1.0, metadata={"help": "CE weight of observation tokens"})
@@ -404,6 +413,7 @@ TRAINING_ONLY = (
     "alignment_layer",
     "alignment_center",
     "generation_loss_weight",
+    "grid_aux_weight",
 )
 
 # %% ../nbs/00_config.ipynb #cea6fc74

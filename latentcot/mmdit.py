@@ -24,18 +24,19 @@ from .mmdit_kit import check_kit_configs, images_to_tensor, load_mmdit_kit, read
 
 # %% auto #0
 __all__ = ['QWEN_IMAGE_PROMPT_TEMPLATE', 'CONDITIONS', 'EXTRA_CONDITIONS', 'ORACLES', 'TRAIN_SOURCES', 'LORA_TARGETS_MMDIT',
-           'MMDIT_COMMANDS', 'MMDiTBridge', 'project_to_mmdit', 'template_prefix_length', 'qwen_prompt_embeds',
-           'check_image_size', 'encode_images', 'decode_latents', 'pack', 'unpack', 'velocity', 'sample_sigmas',
-           'compute_flow_matching_loss', 'sampling_scheduler', 'schedule_is_finite', 'generation_pipeline',
-           'write_bridge', 'generator_parts', 'LatentToImageGenerator', 'multiturn_latents', 'pad_latents',
-           'training_examples', 'train_generator', 'grid_scores', 'condition_inputs', 'evaluate_conditions',
-           'summarize', 'results_table', 'oracle_latents', 'inference_with_latent_cot', 'save_condition_images',
-           'load_condition_images', 'rescore_report', 'comparison_grid', 'GenerationExplorer', 'generation_explorer',
-           'run_choices', 'text_states', 'run_mmdit', 'MMDiTRunArgs', 'run_main', 'check_edit_images', 'check_bridge',
-           'MMDiTTrainee', 'freeze_discarded_text_stream', 'add_mmdit_lora', 'collate_pairs', 'mmdit_pairs',
-           'mmdit_step', 'save_generator', 'run_mmdit_stage', 'fitting_size', 'GenerationLoss',
-           'attach_generation_loss', 'GenerateArgs', 'read_prompts', 'generate_images', 'generate_main', 'bench_mmdit',
-           'BenchMMDiTArgs', 'bench_mmdit_main', 'main']
+           'GRID_CLASSES', 'MMDIT_COMMANDS', 'MMDiTBridge', 'project_to_mmdit', 'template_prefix_length',
+           'qwen_prompt_embeds', 'check_image_size', 'encode_images', 'decode_latents', 'pack', 'unpack', 'velocity',
+           'sample_sigmas', 'compute_flow_matching_loss', 'sampling_scheduler', 'schedule_is_finite',
+           'generation_pipeline', 'write_bridge', 'generator_parts', 'LatentToImageGenerator', 'multiturn_latents',
+           'pad_latents', 'training_examples', 'train_generator', 'grid_scores', 'condition_inputs',
+           'evaluate_conditions', 'summarize', 'results_table', 'oracle_latents', 'inference_with_latent_cot',
+           'save_condition_images', 'load_condition_images', 'rescore_report', 'comparison_grid', 'GenerationExplorer',
+           'generation_explorer', 'run_choices', 'text_states', 'run_mmdit', 'MMDiTRunArgs', 'run_main',
+           'check_edit_images', 'check_bridge', 'MMDiTTrainee', 'freeze_discarded_text_stream', 'add_mmdit_lora',
+           'collate_pairs', 'mmdit_pairs', 'mmdit_step', 'save_generator', 'run_mmdit_stage', 'fitting_size',
+           'GenerationLoss', 'attach_generation_loss', 'GridAuxError', 'grid_class_ids', 'GridAuxHead',
+           'check_grid_aux', 'attach_grid_aux', 'GenerateArgs', 'read_prompts', 'generate_images', 'generate_main',
+           'bench_mmdit', 'BenchMMDiTArgs', 'bench_mmdit_main', 'main']
 
 # %% ../nbs/22_mmdit.ipynb #bb7f02f9
 class MMDiTBridge(nn.Module):
@@ -1373,6 +1374,90 @@ def attach_generation_loss(
     check_bridge(gen.bridge, gen.transformer, H)
     model.generation_loss = GenerationLoss(gen, samples, edit=stage == "multiturn", train_mmdit=train_mmdit)
     return model.generation_loss
+
+# %% ../nbs/22_mmdit.ipynb #gridaux27a
+from .datagen import COLORS, SHAPES
+
+GRID_CLASSES = (None,) + tuple((c, s) for c in COLORS for s in SHAPES)  # a `read_grid` cell: empty or colour x shape
+
+
+class GridAuxError(ValueError):
+    "`--grid_aux_weight` cannot run: another stage, a record without its target images, or a latent layout the head does not fit."
+
+
+def grid_class_ids(img) -> torch.Tensor:
+    "`[16]` indices into `GRID_CLASSES` of the 4x4 grid `read_grid` reads from `img` (a path or a PIL image)."
+    return torch.tensor([GRID_CLASSES.index(c) for c in read_grid(img)])
+
+
+class GridAuxHead(nn.Module):
+    """The auxiliary grid objective: a linear head from the teacher layout's z_r (`n_latents` x `hidden_size`,
+    flattened) to the 16 cells x `len(GRID_CLASSES)` classes of img_{r+1}; `forward` returns its cross-entropy. The
+    grids of `samples` (img1, img2 of each triplet) are read once, here."""
+
+    def __init__(self, hidden_size: int, n_latents: int, samples):
+        super().__init__()
+        bad = [s.sample_id for s in samples if len(s.thought_images) < 2]
+        if bad:
+            raise GridAuxError(
+                f"--grid_aux_weight reads the grids of img1 and img2: {len(bad)} record(s) lack them (first: {bad[0]!r})"
+            )
+        self.hidden_size, self.n_latents = hidden_size, n_latents
+        self.linear = nn.Linear(n_latents * hidden_size, 16 * len(GRID_CLASSES))
+        self.targets = {s.sample_id: torch.stack([grid_class_ids(p) for p in s.thought_images[:2]]) for s in samples}
+
+    def teacher_z(self, vlm, teacher_batch: dict, latent_grad: str = "detach") -> torch.Tensor:
+        "`[B, 2, K*H]`: z0 and z1 of the teacher layout (img1, img2 in view), with gradients."
+        from latentcot.latent_forward import latent_rollout
+        from latentcot.teacher_latents import batch_to
+
+        r = latent_rollout(vlm, batch_to(teacher_batch, vlm.get_input_embeddings().weight.device), latent_grad)
+        lens, K, H = [[e - s for s, e, _ in segs] for segs in r.segments], self.n_latents, r.latents.shape[-1]
+        if H != self.hidden_size or any(n != [K, K] for n in lens):
+            raise GridAuxError(
+                f"the grid head reads 2 segments of {K} latents x width {self.hidden_size} per sample; the teacher "
+                f"gave width {H} and segments {lens[:4]}"
+            )
+        return r.latents.reshape(len(lens), 2, K * H)
+
+    def logits(self, z: torch.Tensor) -> torch.Tensor:
+        "`[B, 2, 16, C]` from z `[B, 2, K*H]`."
+        return self.linear(z).reshape(*z.shape[:2], 16, len(GRID_CLASSES))
+
+    def forward(self, vlm, batch: dict, latent_grad: str = "detach") -> torch.Tensor:
+        "Mean CE over the cells of img1 (from z0) and img2 (from z1) of a multi-turn batch with its teacher layout."
+        tb = batch.get("teacher")
+        if tb is None:
+            raise GridAuxError("--grid_aux_weight needs the teacher layout: collate with MultiTurnCollator(..., teacher=True)")
+        missing = [sid for sid in tb["sample_ids"] if sid not in self.targets]
+        if missing:
+            raise GridAuxError(f"no grid read for sample(s) {missing[:3]}: build the head on the training samples")
+        z = self.teacher_z(vlm, tb, latent_grad)
+        y = torch.stack([self.targets[sid] for sid in tb["sample_ids"]]).to(z.device)
+        return torch.nn.functional.cross_entropy(self.logits(z).reshape(-1, len(GRID_CLASSES)), y.reshape(-1))
+
+
+# %% ../nbs/22_mmdit.ipynb #gridaux27b
+def check_grid_aux(stage: str, cfg) -> None:
+    "Refuse `--grid_aux_weight` where the head cannot work: another stage, or segments of no fixed length."
+    if stage != "multiturn":
+        raise GridAuxError(
+            f"--grid_aux_weight applies to the multiturn stage (the teacher layout of edit triplets, whose img1/img2 "
+            f"are 4x4 grids), not {stage}"
+        )
+    if cfg.latent_size_mode != "fixed":
+        raise GridAuxError(
+            f"--grid_aux_weight reads K x H numbers per round: it needs fixed-length segments (--latent_size K), "
+            f"got latent_size_mode={cfg.latent_size_mode!r}"
+        )
+
+
+def attach_grid_aux(model, stage: str, samples, cfg) -> GridAuxHead:
+    "Build the grid head for `model` (K = `cfg.latent_size`) as `model.grid_aux`, a module of the model (trained, saved)."
+    check_grid_aux(stage, cfg)
+    model.grid_aux = GridAuxHead(model.config.get_text_config().hidden_size, cfg.latent_size, samples)
+    return model.grid_aux
+
 
 # %% ../nbs/22_mmdit.ipynb #2de69767
 @dataclass

@@ -186,6 +186,11 @@ class LatentCoTModel(nn.Module):
         dev = out.round2.logits.device
         teacher = tuple(x.to(dev) if x is not None else None for x in teacher)
         loss, logs = multiturn_loss(out, batch, cfg, teacher, self.generation_loss)
+        grid = getattr(self, "grid_aux", None)  # --grid_aux_weight: latentcot.mmdit.GridAuxHead on the teacher layout
+        if grid is not None and cfg.grid_aux_weight:
+            g = grid(self.vlm, batch, cfg.latent_grad)
+            loss = loss + cfg.grid_aux_weight * g
+            logs["grid_aux"] = float(g.detach())
         stats = {**cos_per_round(out, teacher), "lm_calls": out.round1.n_calls + out.round2.n_calls}
         return LatentCoTOutput(loss, logs, out.round2.logits, out.z1, out, stats)
 

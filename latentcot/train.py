@@ -417,6 +417,10 @@ def run(args: argparse.Namespace, cfg: LatentCoTConfig | None = None, given: set
             f"multiturn with --generation_loss_weight > 0 (got --stage {args.stage}, --generation_loss_weight "
             f"{cfg.generation_loss_weight}); --stage mmdit trains the DiT by itself"
         )
+    if cfg.grid_aux_weight > 0:  # refused before anything loads: another stage, segments of no fixed length
+        from latentcot.mmdit import check_grid_aux
+
+        check_grid_aux(args.stage, cfg)
     if args.stage == "mmdit":  # the generator: its own data and model (latentcot.mmdit)
         from latentcot.mmdit import run_mmdit_stage
 
@@ -462,7 +466,8 @@ def run(args: argparse.Namespace, cfg: LatentCoTConfig | None = None, given: set
             from latentcot.tokens import add_latent_tokens
 
             add_latent_tokens(model.vlm, processor, extra=REFLECTION_TOKENS)
-        collate = MultiTurnCollator(processor, cfg, rope_index=model.vlm)
+        # --grid_aux_weight reads z from the teacher layout: the collator adds it to every batch
+        collate = MultiTurnCollator(processor, cfg, rope_index=model.vlm, teacher=cfg.grid_aux_weight > 0)
     else:
         data = Path(args.data) if args.data else default_data_dir() / "visual" / "train.jsonl"
         if args.stage in ("stage2", "stage3") and args.teacher_latent_dir:
@@ -503,6 +508,12 @@ def run(args: argparse.Namespace, cfg: LatentCoTConfig | None = None, given: set
             model.mmdit_generator = torch.nn.ModuleDict(
                 {"transformer": gl.generator.transformer, "bridge": gl.generator.bridge}
             )
+    if cfg.grid_aux_weight > 0:  # the grid head on the teacher z joins the module tree: optimizer, checkpoints, resume
+        from latentcot.mmdit import attach_grid_aux
+
+        with torch.random.fork_rng(devices=[]):  # its initial weights come from the seed
+            torch.manual_seed(cfg.seed)
+            attach_grid_aux(model, args.stage, samples, cfg)
     if args.lora:
         model = apply_lora(model, r=args.lora_r)
     trackers = () if args.report_to == "none" else (args.report_to,)
@@ -535,6 +546,12 @@ def run(args: argparse.Namespace, cfg: LatentCoTConfig | None = None, given: set
         save_final(model, processor, cfg, final, state_dict=state.final_state_dict)
         if train_mmdit:  # the co-trained generator, in Qwen-Image layout
             model.generation_loss.save(final / "generator")
+        if cfg.grid_aux_weight > 0:  # the trained grid head (read-outs of z use it)
+            from safetensors.torch import save_file
+
+            save_file(
+                {k: v.contiguous() for k, v in model.grid_aux.state_dict().items()}, final / "grid_aux_head.safetensors"
+            )
     PartialState().wait_for_everyone()
     return final
 
