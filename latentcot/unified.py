@@ -124,6 +124,15 @@ class UnifiedConfig:
             "alone, never from the image's own earlier patches (no neighbouring-patch shortcut, no exposure bias)"
         },
     )
+    tgt_cond: bool = field(
+        default=False,
+        metadata={
+            "help": "beyond the seed: the flow head's condition for each drawn patch also gets `tgt_in` of tgt_aux's "
+            "blind prediction of that patch (detached: tgt_aux is trained by its own MSE only), from the blind forward "
+            "in training and, at inference, from a blind copy of each row kept in lockstep (drawn patches enter it as "
+            "zeros); needs tgt_aux_weight > 0"
+        },
+    )
     self_feed_steps: int = field(default=2, metadata={"help": "Euler steps of those self-fed samples"})
     num_timesteps: int = field(default=20, metadata={"help": "Euler steps per patch at inference"})
     patch_temperature: float = field(
@@ -562,6 +571,10 @@ class UnifiedModel(nn.Module):
             )
         if self.cfg.tgt_aux_weight > 0:  # blind hidden state before a drawn patch -> that patch
             self.tgt_aux = nn.Sequential(nn.Linear(H, H), nn.GELU(), nn.Linear(H, self.cfg.patch_dim))
+        if self.cfg.tgt_cond:  # tgt_aux's blind prediction of the patch, into the head's condition
+            if self.cfg.tgt_aux_weight <= 0:
+                raise ValueError("tgt_cond conditions the flow head on tgt_aux's prediction: it needs tgt_aux_weight > 0")
+            self.tgt_in = nn.Sequential(nn.Linear(self.cfg.patch_dim, H), nn.GELU(), nn.Linear(H, H))
         vlm.model.visual.requires_grad_(False)
         vae.requires_grad_(False)
         self._offsets = {}
@@ -586,14 +599,21 @@ class UnifiedModel(nn.Module):
             raise ValueError(f"a patch grid of {int(rc.max()) + 1} rows/cols exceeds max_grid={self.cfg.max_grid}")
         return self.row_emb(rc[:, 0]) + self.col_emb(rc[:, 1])
 
-    def head_cond(self, h: torch.Tensor, rc: torch.Tensor, ref: torch.Tensor | None = None) -> torch.Tensor:
+    def head_cond(
+        self, h: torch.Tensor, rc: torch.Tensor, ref: torch.Tensor | None = None, tgt: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The flow head's condition for patches at `rc`: the hidden state before each (plus its position embedding,
-        plus `ref_in` of `ref`, the same cell of the image before, with `ref_cond`)."""
+        plus `ref_in` of `ref`, the same cell of the image before, with `ref_cond`, plus `tgt_in` of `tgt`, tgt_aux's
+        blind prediction of the patch, with `tgt_cond`)."""
         c = h + self.pos(rc)
         if self.cfg.ref_cond:
             if ref is None:
                 raise ValueError("ref_cond: the head needs the reference patches (`patch_ref`)")
             c = c + self.ref_in(ref.to(c.dtype))
+        if self.cfg.tgt_cond:
+            if tgt is None:
+                raise ValueError("tgt_cond: the head needs tgt_aux's blind prediction of the patches (`tgt`)")
+            c = c + self.tgt_in(tgt.to(c.dtype))
         return c
 
     def embed(self, batch: dict) -> torch.Tensor:
@@ -631,15 +651,28 @@ class UnifiedModel(nn.Module):
         )
         return out.last_hidden_state, out.past_key_values
 
+    def blind_hidden(self, batch: dict) -> torch.Tensor:
+        "Last hidden states of the blind forward: the drawn images' patches enter as zeros (tokens and positions stay)."
+        blind = batch["patches"].masked_fill(batch["patch_is_target"][:, None], 0.0)
+        return self.hidden(self.embed(batch | {"patches": blind}), batch["attention_mask"], batch["position_ids"])[0]
+
+    def tgt_prediction(self, batch: dict, hb: torch.Tensor | None = None) -> torch.Tensor:
+        """tgt_aux's prediction `[n_drawn, patch_dim]` (float) of each drawn patch of a collated batch: the blind
+        forward's hidden state before the patch (`hb`, computed if not given) plus the cell's position embedding."""
+        hb = self.blind_hidden(batch) if hb is None else hb
+        b, l = ((batch["input_ids"] == self.ids.vision_pad) & (batch["labels"] != -100)).nonzero(as_tuple=True)
+        return self.tgt_aux(hb[b, l - 1] + self.pos(batch["patch_rc"][batch["patch_is_target"]])).float()
+
     @torch.no_grad()
-    def self_fed_patches(self, batch: dict, share: float, steps: int, generator=None) -> torch.Tensor:
+    def self_fed_patches(self, batch: dict, share: float, steps: int, generator=None, tgt=None) -> torch.Tensor:
         """`batch["patches"]` with a `share` of the drawn (target) patches replaced by the head's own samples, each
-        drawn given the true sequence before it; input-image patches stay."""
+        drawn given the true sequence before it (and `tgt`, the blind predictions, with `tgt_cond`); input-image
+        patches stay."""
         h, _ = self.hidden(self.embed(batch), batch["attention_mask"], batch["position_ids"])
         drawn = (batch["input_ids"] == self.ids.vision_pad) & (batch["labels"] != -100)
         b, l = drawn.nonzero(as_tuple=True)
         is_t = batch["patch_is_target"]
-        cond = self.head_cond(h[b, l - 1], batch["patch_rc"][is_t], batch["patch_ref"][is_t])
+        cond = self.head_cond(h[b, l - 1], batch["patch_rc"][is_t], batch["patch_ref"][is_t], tgt)
         noise = torch.randn(len(cond), self.cfg.patch_dim, generator=generator).to(h.device, h.dtype)
         own = euler_sample(lambda x, s: self.head(x, s, cond), noise, steps)
         take = torch.rand(len(cond), generator=generator).to(h.device) < share
@@ -651,8 +684,13 @@ class UnifiedModel(nn.Module):
     def forward(self, batch: dict, generator: torch.Generator | None = None) -> UnifiedOutput:
         """Teacher-forced loss of a collated batch: weighted CE (text, `<|vision_start|>` x w, continue/end) + flow
         loss; in training with `cfg.self_feed`, part of the fed-back patches are the head's own samples."""
+        hb = pt = tc = None  # with tgt_cond the blind forward comes first: its prediction conditions the head
+        if self.cfg.tgt_cond and batch["patch_is_target"].any():
+            hb = self.blind_hidden(batch)
+            pt = self.tgt_prediction(batch, hb)
+            tc = pt.detach()  # the flow loss does not train tgt_aux (nor the blind path through it)
         if self.training and self.cfg.self_feed > 0 and batch["patch_is_target"].any():
-            fed = self.self_fed_patches(batch, self.cfg.self_feed, self.cfg.self_feed_steps, generator)
+            fed = self.self_fed_patches(batch, self.cfg.self_feed, self.cfg.self_feed_steps, generator, tc)
             h, _ = self.hidden(self.embed(batch | {"patches": fed}), batch["attention_mask"], batch["position_ids"])
         else:
             h, _ = self.hidden(self.embed(batch), batch["attention_mask"], batch["position_ids"])
@@ -668,10 +706,10 @@ class UnifiedModel(nn.Module):
         b, l = drawn.nonzero(as_tuple=True)
         x0 = batch["patches"][batch["patch_is_target"]].to(h.dtype)
         aux, tgt = h.new_zeros(()), h.new_zeros(())
-        hb = None  # the blind forward: drawn images' patches enter as zeros (img0_aux_blind, tgt_aux)
-        if len(x0) and (self.cfg.tgt_aux_weight > 0 or (self.cfg.img0_aux_weight > 0 and self.cfg.img0_aux_blind)):
-            blind = batch["patches"].masked_fill(batch["patch_is_target"][:, None], 0.0)
-            hb, _ = self.hidden(self.embed(batch | {"patches": blind}), batch["attention_mask"], batch["position_ids"])
+        # the blind forward: drawn images' patches enter as zeros (img0_aux_blind, tgt_aux; tgt_cond: done above)
+        need_blind = self.cfg.tgt_aux_weight > 0 or (self.cfg.img0_aux_weight > 0 and self.cfg.img0_aux_blind)
+        if hb is None and len(x0) and need_blind:
+            hb = self.blind_hidden(batch)
         if self.cfg.img0_aux_weight > 0 and len(x0):  # the hidden state before a patch predicts img0's same cell
             is_t = batch["patch_is_target"]
             has = batch["patch_has_src"][is_t]
@@ -681,7 +719,7 @@ class UnifiedModel(nn.Module):
                 aux = ((self.img0_aux(c).float() - batch["patch_src"][is_t][has].float()) ** 2).mean()
         if self.cfg.tgt_aux_weight > 0 and len(x0):  # the blind hidden state predicts the patch to draw
             is_t = batch["patch_is_target"]
-            pred = self.tgt_aux(hb[b, l - 1] + self.pos(batch["patch_rc"][is_t])).float()
+            pred = self.tgt_prediction(batch, hb) if pt is None else pt
             err = ((pred - x0.float()) ** 2).mean(-1)
             wt = torch.where(tgt_aux_edited(batch, self.cfg.tgt_aux_edit_tau), self.cfg.tgt_aux_edit_weight, 1.0)
             tgt = (err * wt).sum() / wt.sum().clamp_min(1e-8)
@@ -689,7 +727,7 @@ class UnifiedModel(nn.Module):
         if len(x0):
             m = self.cfg.fm_batch_mul
             is_t = batch["patch_is_target"]
-            cond = self.head_cond(h[b, l - 1], batch["patch_rc"][is_t], batch["patch_ref"][is_t])
+            cond = self.head_cond(h[b, l - 1], batch["patch_rc"][is_t], batch["patch_ref"][is_t], tc)
             cond = cond.repeat_interleave(m, 0)
             x0 = x0.repeat_interleave(m, 0)
             sigma = torch.rand(len(x0), generator=generator).to(h.device, h.dtype)
@@ -746,6 +784,7 @@ def _own_modules(model) -> list[str]:
         + (["ref_in"] if model.cfg.ref_cond else [])
         + (["img0_aux"] if model.cfg.img0_aux_weight > 0 else [])
         + (["tgt_aux"] if model.cfg.tgt_aux_weight > 0 else [])
+        + (["tgt_in"] if model.cfg.tgt_cond else [])
     )
 
 # %% ../nbs/23_unified.ipynb #84ae3739
@@ -924,6 +963,15 @@ def generate(
     B = len(samples)
     gens = [torch.Generator().manual_seed(seed + b) for b in range(B)]
     emb, am, pos = model.embed(lay), lay["attention_mask"], lay["position_ids"]
+    next_pos = (pos[0, :, -1] + 1).tolist()
+    length = am.sum(1).tolist()
+    # tgt_cond: rows B..2B-1 are a blind copy of the batch (drawn patches enter as zeros), stepped in lockstep in the
+    # same LM call; their hidden state before a patch is the training's blind forward's (with blind_draw: the rows')
+    dual = model.cfg.tgt_cond and not model.cfg.blind_draw
+    if dual:
+        blind = lay["patches"].masked_fill(lay["patch_is_target"][:, None], 0.0)
+        emb = torch.cat([emb, model.embed(lay | {"patches": blind})])
+        am, pos = torch.cat([am, am]), torch.cat([pos, pos], 1)
     cache = DynamicCache() if use_cache else None
     h, cache = model.hidden(emb, am, pos, cache, use_cache)
     h = h[:, -1]
@@ -931,8 +979,6 @@ def generate(
     grids = [_draw_grid(model, s, coll) for s in samples]
     n_of = [r * c for r, c in grids]
     caps = [min(max_patches, n) if max_patches else n for n in n_of]
-    next_pos = (pos[0, :, -1] + 1).tolist()
-    length = am.sum(1).tolist()
     mode, done, start, cur = ["text"] * B, [False] * B, [0] * B, [[] for _ in range(B)]
     eos = {ids.im_end, ids.pad}
     step = 0
@@ -954,7 +1000,7 @@ def generate(
         cur[b] = []
 
     while True:
-        logits = model.vlm.lm_head(h).float()
+        logits = model.vlm.lm_head(h[:B]).float()
         lt = logits.clone()
         lt[:, ids.not_text] = float("-inf")
         tok = _choose(lt, do_sample, temperature, gens).tolist()
@@ -1014,12 +1060,20 @@ def generate(
             if model.cfg.ref_cond:
                 zero = torch.zeros(model.cfg.patch_dim, device=dev)
                 ref = torch.stack([before[b][grids[b]][len(cur[b])] if grids[b] in before[b] else zero for b in draw])
-            cond = model.head_cond(h[draw], rc, ref)
+            tgt = None
+            if model.cfg.tgt_cond:  # tgt_aux's prediction from the blind hidden state before the patch
+                tgt = model.tgt_aux((h[B:] if dual else h)[draw] + model.pos(rc)).float()
+            cond = model.head_cond(h[draw], rc, ref, tgt)
             x = model.head.sample(cond, noise, T, sched)
             col = col.clone()
             col[draw] = model.patch_in(torch.zeros_like(x) if model.cfg.blind_draw else x) + model.pos(rc)
             for i, b in enumerate(draw):
                 cur[b].append(x[i].float().cpu())
+        if dual:
+            colb = col.clone()
+            if draw:
+                colb[draw] = model.patch_in(torch.zeros_like(x)) + model.pos(rc)
+            col, col_mask, col_pos = torch.cat([col, colb]), col_mask * 2, torch.cat([col_pos, col_pos], 1)
         am = torch.cat([am, torch.tensor(col_mask, device=dev)[:, None].to(am.dtype)], 1)
         col_pos = col_pos.to(dev)[:, :, None]
         if use_cache:
@@ -1301,7 +1355,8 @@ def teacher_forced_scores(
         h, _ = model.hidden(model.embed(batch), batch["attention_mask"], batch["position_ids"])
         b, l = ((batch["input_ids"] == model.ids.vision_pad) & (batch["labels"] != -100)).nonzero(as_tuple=True)
         is_t = batch["patch_is_target"]
-        cond = model.head_cond(h[b, l - 1], batch["patch_rc"][is_t], batch["patch_ref"][is_t])
+        tgt = model.tgt_prediction(batch) if model.cfg.tgt_cond else None
+        cond = model.head_cond(h[b, l - 1], batch["patch_rc"][is_t], batch["patch_ref"][is_t], tgt)
         noise = torch.randn(len(cond), model.cfg.patch_dim, generator=g).to(cond)
         noise = noise * (model.cfg.patch_temperature if patch_temperature is None else patch_temperature)
         x = model.head.sample(cond, noise, num_timesteps or model.cfg.num_timesteps)
@@ -1484,6 +1539,13 @@ class RunUnifiedArgs:
     blind_draw: bool = field(
         default=False,
         metadata={"help": "beyond the seed: drawn patches enter the LM as zeros, in training and inference (see UnifiedConfig)"},
+    )
+    tgt_cond: bool = field(
+        default=False,
+        metadata={
+            "help": "condition the flow head on tgt_aux's blind prediction of each patch, in training and at inference "
+            "(see UnifiedConfig.tgt_cond; needs --tgt_aux_weight > 0)"
+        },
     )
     compare_to: str | None = field(
         default=None,
@@ -1670,6 +1732,7 @@ def run_unified(a: RunUnifiedArgs) -> dict:
         tgt_aux_weight=a.tgt_aux_weight,
         tgt_aux_edit_weight=a.tgt_aux_edit_weight,
         blind_draw=a.blind_draw,
+        tgt_cond=a.tgt_cond,
     )
     if a.compare_to is not None and not (Path(a.compare_to) / "rows.jsonl").is_file():
         raise ValueError(f"--compare_to: no rows.jsonl in {a.compare_to}")
