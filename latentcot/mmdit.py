@@ -23,20 +23,21 @@ from .fileio import atomic_write
 from .mmdit_kit import check_kit_configs, images_to_tensor, load_mmdit_kit, read_grid
 
 # %% auto #0
-__all__ = ['QWEN_IMAGE_PROMPT_TEMPLATE', 'CONDITIONS', 'EXTRA_CONDITIONS', 'ORACLES', 'TRAIN_SOURCES', 'LORA_TARGETS_MMDIT',
-           'GRID_CLASSES', 'MMDIT_COMMANDS', 'MMDiTBridge', 'project_to_mmdit', 'template_prefix_length',
-           'qwen_prompt_embeds', 'check_image_size', 'encode_images', 'decode_latents', 'pack', 'unpack', 'velocity',
-           'sample_sigmas', 'compute_flow_matching_loss', 'sampling_scheduler', 'schedule_is_finite',
-           'generation_pipeline', 'write_bridge', 'generator_parts', 'LatentToImageGenerator', 'multiturn_latents',
-           'pad_latents', 'training_examples', 'train_generator', 'grid_scores', 'condition_inputs',
-           'evaluate_conditions', 'summarize', 'results_table', 'oracle_latents', 'inference_with_latent_cot',
-           'save_condition_images', 'load_condition_images', 'rescore_report', 'comparison_grid', 'GenerationExplorer',
-           'generation_explorer', 'run_choices', 'text_states', 'run_mmdit', 'MMDiTRunArgs', 'run_main',
-           'check_edit_images', 'check_bridge', 'MMDiTTrainee', 'freeze_discarded_text_stream', 'add_mmdit_lora',
-           'collate_pairs', 'mmdit_pairs', 'mmdit_step', 'save_generator', 'run_mmdit_stage', 'fitting_size',
-           'GenerationLoss', 'attach_generation_loss', 'GridAuxError', 'grid_class_ids', 'GridAuxHead',
-           'check_grid_aux', 'attach_grid_aux', 'GenerateArgs', 'read_prompts', 'generate_images', 'generate_main',
-           'bench_mmdit', 'BenchMMDiTArgs', 'bench_mmdit_main', 'main']
+__all__ = ['QWEN_IMAGE_PROMPT_TEMPLATE', 'CONDITIONS', 'EXTRA_CONDITIONS', 'READOUT_CONDITIONS', 'ORACLES', 'TRAIN_SOURCES',
+           'LORA_TARGETS_MMDIT', 'GRID_CLASSES', 'MMDIT_COMMANDS', 'MMDiTBridge', 'project_to_mmdit',
+           'template_prefix_length', 'qwen_prompt_embeds', 'check_image_size', 'encode_images', 'decode_latents',
+           'pack', 'unpack', 'velocity', 'sample_sigmas', 'compute_flow_matching_loss', 'sampling_scheduler',
+           'schedule_is_finite', 'generation_pipeline', 'write_bridge', 'generator_parts', 'LatentToImageGenerator',
+           'multiturn_latents', 'pad_latents', 'training_examples', 'train_generator', 'grid_scores',
+           'condition_inputs', 'evaluate_conditions', 'summarize', 'results_table', 'oracle_latents',
+           'inference_with_latent_cot', 'save_condition_images', 'load_condition_images', 'rescore_report',
+           'comparison_grid', 'GenerationExplorer', 'generation_explorer', 'run_choices', 'text_states', 'run_mmdit',
+           'MMDiTRunArgs', 'run_main', 'check_edit_images', 'check_bridge', 'MMDiTTrainee',
+           'freeze_discarded_text_stream', 'add_mmdit_lora', 'collate_pairs', 'mmdit_pairs', 'mmdit_step',
+           'save_generator', 'run_mmdit_stage', 'fitting_size', 'GenerationLoss', 'attach_generation_loss',
+           'GridAuxError', 'grid_class_ids', 'GridAuxHead', 'check_grid_aux', 'attach_grid_aux', 'ReadoutHeadError',
+           'load_readout_head', 'readout_tokens', 'readout_latents', 'GenerateArgs', 'read_prompts', 'generate_images',
+           'generate_main', 'bench_mmdit', 'BenchMMDiTArgs', 'bench_mmdit_main', 'main']
 
 # %% ../nbs/22_mmdit.ipynb #bb7f02f9
 class MMDiTBridge(nn.Module):
@@ -530,15 +531,20 @@ def grid_scores(generated, target, img0) -> dict:
 # %% ../nbs/22_mmdit.ipynb #3c855d89
 CONDITIONS = ("teacher", "student", "zeroed", "shuffled", "text", "copy_img0")
 # on request: the ceiling, an empty canvas (what erasing alone scores), and another sample's *teacher* Z
-EXTRA_CONDITIONS = ("oracle", "blank", "shuffled_teacher")
+EXTRA_CONDITIONS = ("oracle", "blank", "shuffled_teacher", "teacher_readout", "shuffled_teacher_readout")
+READOUT_CONDITIONS = ("teacher_readout", "shuffled_teacher_readout")  # with a grid head (`--readout_head`)
 
 # %% ../nbs/22_mmdit.ipynb #6a6d0f66
 def condition_inputs(cond: str, records, latents: dict, text: dict, r: int):
     "Z rows (list of `[K,H]`) of held-out `records` for round `r` under condition `cond`."
     sids = [rec["sample_id"] for rec in records]
-    if cond in ("teacher", "student", "oracle"):
+    if cond in ("teacher", "student", "oracle", "teacher_readout", "shuffled_teacher_readout"):
         if cond == "oracle" and any("oracle" not in latents[s] for s in sids):
             raise ValueError("condition 'oracle' needs oracle latents: run_mmdit(oracle='grid' or 'vae'), or --oracle")
+        if cond in READOUT_CONDITIONS and any("teacher_readout" not in latents[s] for s in sids):
+            raise ValueError(f"condition {cond!r} needs the grid head's read-out: run_mmdit(readout_head=...), or --readout_head")
+        if cond == "shuffled_teacher_readout":  # the read-out's control: the same derangement as `shuffled_teacher`
+            return [latents[sids[(i + 1) % len(sids)]]["teacher_readout"][r] for i in range(len(sids))]
         return [latents[s][cond][r] for s in sids]
     if cond == "zeroed":
         return [torch.zeros_like(latents[s]["student"][r]) for s in sids]
@@ -592,7 +598,8 @@ def evaluate_conditions(
 
 # %% ../nbs/22_mmdit.ipynb #f9aa0c8f
 def summarize(scores: dict, n_boot: int = 2000) -> dict:
-    "Mean and 95% bootstrap interval of each metric per condition, and student minus each control (paired)."
+    """Mean and 95% bootstrap interval of each metric per condition, and student (and `teacher_readout`, when
+    evaluated) minus each other condition on changed cells (paired)."""
     from latentcot.pipeline import bootstrap_ci, paired_diff_ci
 
     out = {}
@@ -602,15 +609,15 @@ def summarize(scores: dict, n_boot: int = 2000) -> dict:
             vals = [r[k] for r in rows if r.get(k) is not None]  # scores of an older latentcot have no "drawn"
             if vals:
                 out[cond][k] = dict(zip(("mean", "low", "high"), bootstrap_ci(vals, n_boot=n_boot)))
-    if "student" in scores:
-        key = lambda rows: {(r["sample_id"], r["round"]): r["changed"] for r in rows if r["changed"] is not None}
-        st = key(scores["student"])
+    key = lambda rows: {(r["sample_id"], r["round"]): r["changed"] for r in rows if r["changed"] is not None}
+    for anchor in [a for a in ("student", "teacher_readout") if a in scores]:
+        st = key(scores[anchor])
         for cond in scores:
-            if cond == "student":
+            if cond == anchor:
                 continue
             other = key(scores[cond])
             common = sorted(set(st) & set(other))
-            out["student"][f"changed_minus_{cond}"] = dict(
+            out[anchor][f"changed_minus_{cond}"] = dict(
                 zip(
                     ("mean", "low", "high"),
                     paired_diff_ci([st[k] for k in common], [other[k] for k in common], n_boot=n_boot),
@@ -858,11 +865,16 @@ def _write_text(path, text: str) -> None:
 TRAIN_SOURCES = ("teacher", "student", "text", "oracle")
 
 # %% ../nbs/22_mmdit.ipynb #86500e78
-def run_choices(oracle=None, train_sources=("teacher", "student", "text"), conditions=None) -> tuple[tuple, tuple]:
-    "Checked `(train_sources, conditions)` of `run_mmdit`; an `oracle` adds the oracle and blank conditions."
+def run_choices(
+    oracle=None, train_sources=("teacher", "student", "text"), conditions=None, readout: bool = False
+) -> tuple[tuple, tuple]:
+    """Checked `(train_sources, conditions)` of `run_mmdit`; an `oracle` adds the oracle and blank conditions, a
+    `readout` head the two read-out conditions."""
     if oracle is not None and oracle not in ORACLES:
         raise ValueError(f"unknown oracle {oracle!r}; expected one of {ORACLES}")
-    conditions = tuple(conditions) if conditions is not None else CONDITIONS + (("oracle", "blank") if oracle else ())
+    if conditions is None:
+        conditions = CONDITIONS + (("oracle", "blank") if oracle else ()) + (READOUT_CONDITIONS if readout else ())
+    conditions = tuple(conditions)
     train_sources = tuple(train_sources)
     checks = (("condition", conditions, CONDITIONS + EXTRA_CONDITIONS), ("train source", train_sources, TRAIN_SOURCES))
     for what, got, ok in checks:
@@ -871,6 +883,8 @@ def run_choices(oracle=None, train_sources=("teacher", "student", "text"), condi
             raise ValueError(f"unknown or no {what}(s) {bad or list(got)}; expected some of {ok}")
     if oracle is None and "oracle" in conditions + train_sources:
         raise ValueError("the oracle condition or train source needs an oracle: oracle='grid' or 'vae' (--oracle)")
+    if not readout and set(READOUT_CONDITIONS) & set(conditions):
+        raise ValueError("the read-out conditions need a grid head: run_mmdit(readout_head=...) (--readout_head)")
     return train_sources, conditions
 
 # %% ../nbs/22_mmdit.ipynb #cf816eee
@@ -902,6 +916,8 @@ def run_mmdit(
     oracle: str | None = None,
     train_sources=("teacher", "student", "text"),
     conditions=None,
+    readout_head=None,
+    readout_hard: bool = False,
 ) -> dict:
     "Kit, multi-turn latents, generator training and the evaluation table; writes the report into `out_dir`."
     import time
@@ -912,7 +928,9 @@ def run_mmdit(
     from latentcot.tiny import calibrated_kit_path
     from latentcot.tokens import load_latent_model
 
-    train_sources, conditions = run_choices(oracle, train_sources, conditions)  # before any work
+    train_sources, conditions = run_choices(oracle, train_sources, conditions, readout_head is not None)  # before any work
+    if readout_hard and readout_head is None:
+        raise ValueError("readout_hard (--readout_hard) needs a grid head: readout_head=... (--readout_head)")
     t0, out = time.time(), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -921,6 +939,8 @@ def run_mmdit(
     latent_model = Path(latent_model) if latent_model is not None else calibrated_kit_path()
     model, processor, _ = load_latent_model(latent_model)
     model.eval()
+    H = model.config.get_text_config().hidden_size
+    head = load_readout_head(readout_head, latent_size, H) if readout_head is not None else None  # before any work
     recs = {s: load_edit_records(edit / f"{s}.jsonl") for s in ("train", "heldout")}
     samples = {s: load_multiturn_samples(edit / f"{s}.jsonl") for s in ("train", "heldout")}
     for split, n in (("heldout", limit_heldout), ("train", limit_train)):
@@ -933,6 +953,9 @@ def run_mmdit(
     if oracle is not None:  # the ceiling: conditioning that certainly carries the target, one more source of Z
         orc = oracle_latents(recs["train"] + recs["heldout"], oracle, gen.bridge.latent_dim, gen.vae)
         lat = {sid: {**v, "oracle": orc[sid]} for sid, v in lat.items()}
+    if head is not None:  # z -> the grid head's per-cell classes -> the grid oracle's token layout
+        ro = readout_latents(head, lat, gen.bridge.latent_dim, readout_hard)
+        lat = {sid: {**v, "teacher_readout": ro[sid]} for sid, v in lat.items()}
     examples = training_examples(
         recs["train"], lat, text if "text" in train_sources else None, [s for s in train_sources if s != "text"]
     )
@@ -967,6 +990,8 @@ def run_mmdit(
         final_loss=float(np.mean(losses[-50:])) if losses else None,
         seconds=dict(latents=t_lat - t0, train=t_train - t_lat, evaluate=time.time() - t_train),
     )
+    if head is not None:
+        metrics.update(readout_head=str(readout_head), readout_hard=readout_hard)
     _write_text(out / "metrics.json", json.dumps(metrics, indent=1, default=str))
     _write_text(out / "losses.json", json.dumps(losses))
     _write_text(
@@ -1009,6 +1034,17 @@ class MMDiTRunArgs:
         default=None,
         metadata={"help": "comma-separated conditions to evaluate (default: all six, + oracle,blank with --oracle)"},
     )
+    readout_head: str | None = field(
+        default=None,
+        metadata={
+            "help": "diagnostic (uses the toy's grid labels): a GridAuxHead (grid_aux_head.safetensors, or the final/ "
+            "holding it) reads the teacher z; its per-cell class probabilities, in the grid oracle's token layout, "
+            "are the conditions teacher_readout and shuffled_teacher_readout"
+        },
+    )
+    readout_hard: bool = field(
+        default=False, metadata={"help": "with --readout_head: the argmax class one-hot instead of the probabilities"}
+    )
     quiet: bool = field(default=False, metadata={"help": "no progress bars"})
 
 # %% ../nbs/22_mmdit.ipynb #9c5c1739
@@ -1026,7 +1062,9 @@ def run_main(argv: list[str] | None = None) -> int:
     split = lambda s: tuple(x.strip() for x in s.split(",") if x.strip())
     sources, conds = split(a.train_sources), split(a.conditions) if a.conditions else None
     try:
-        run_choices(a.oracle, sources, conds)
+        run_choices(a.oracle, sources, conds, a.readout_head is not None)
+        if a.readout_hard and a.readout_head is None:
+            raise ValueError("--readout_hard needs --readout_head")
     except ValueError as e:
         raise SystemExit(f"latentcot run mmdit: {e}") from None
     m = run_mmdit(
@@ -1045,6 +1083,8 @@ def run_main(argv: list[str] | None = None) -> int:
         oracle=a.oracle,
         train_sources=sources,
         conditions=conds,
+        readout_head=a.readout_head,
+        readout_hard=a.readout_hard,
     )
     print((Path(a.out) / "table.md").read_text())
     print(f"seconds: {m['seconds']}")
@@ -1457,6 +1497,63 @@ def attach_grid_aux(model, stage: str, samples, cfg) -> GridAuxHead:
     check_grid_aux(stage, cfg)
     model.grid_aux = GridAuxHead(model.config.get_text_config().hidden_size, cfg.latent_size, samples)
     return model.grid_aux
+
+
+# %% ../nbs/22_mmdit.ipynb #readout27a
+class ReadoutHeadError(ValueError):
+    "`--readout_head` cannot run: the file is not a `GridAuxHead` state dict that fits the latents (K x width, classes)."
+
+
+def load_readout_head(path, n_latents: int, hidden_size: int) -> nn.Linear:
+    """The linear layer of a `GridAuxHead` saved as `grid_aux_head.safetensors` (the file, or the `final/` folder
+    holding it), checked against z's `n_latents` x `hidden_size` and the 16 cells x `len(GRID_CLASSES)` classes."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    path = path / "grid_aux_head.safetensors" if path.is_dir() else path
+    if not path.is_file():
+        raise ReadoutHeadError(f"--readout_head {path}: no such file (a grid_aux_head.safetensors, as --grid_aux_weight writes)")
+    sd = load_file(path)
+    if sorted(sd) != ["linear.bias", "linear.weight"]:
+        raise ReadoutHeadError(f"--readout_head {path}: keys {sorted(sd)}, a GridAuxHead has linear.bias, linear.weight")
+    (n_out, n_in), C = sd["linear.weight"].shape, len(GRID_CLASSES)
+    if n_out != 16 * C:
+        raise ReadoutHeadError(f"--readout_head {path}: {n_out} logits, 16 cells x {C} classes (GRID_CLASSES) = {16 * C}")
+    if n_in != n_latents * hidden_size:
+        raise ReadoutHeadError(
+            f"--readout_head {path}: the head reads {n_in} numbers per round, z has K={n_latents} latents x width "
+            f"{hidden_size} = {n_latents * hidden_size}"
+        )
+    lin = nn.Linear(n_in, n_out, device="meta")  # no init: loading a head draws no random numbers
+    lin.load_state_dict({k.removeprefix("linear."): v for k, v in sd.items()}, assign=True)
+    return lin.requires_grad_(False)
+
+
+def readout_tokens(logits: torch.Tensor, latent_dim: int, hard: bool = False) -> torch.Tensor:
+    """`[..., 16, latent_dim]` from per-cell class logits `[..., 16, len(GRID_CLASSES)]`: the grid oracle's tokens
+    (one-hot position + class) with the class probabilities (`hard`: the argmax one-hot) in place of the class."""
+    n, C = logits.shape[-2:]
+    if (n, C) != (16, len(GRID_CLASSES)):
+        raise ReadoutHeadError(f"read-out logits [..., {n}, {C}], expected [..., 16, {len(GRID_CLASSES)}]")
+    if latent_dim < n + C:
+        raise ReadoutHeadError(f"the grid read-out needs {n + C} latent dims, the latent width is {latent_dim}")
+    p = logits.float().softmax(-1)
+    if hard:
+        p = torch.nn.functional.one_hot(p.argmax(-1), C).float()
+    pos = torch.eye(n).expand(*logits.shape[:-2], n, n)
+    return torch.nn.functional.pad(torch.cat([pos, p], -1), (0, latent_dim - n - C))
+
+
+@torch.no_grad()
+def readout_latents(head: nn.Linear, latents: dict, latent_dim: int, hard: bool = False, source: str = "teacher") -> dict:
+    "`{sample_id: [2,16,latent_dim]}`: `readout_tokens` of the head's logits on each sample's `source` z (`[2,K,H]`)."
+    out = {}
+    for sid, v in latents.items():
+        z = v[source].flatten(1)
+        if z.shape[1] != head.in_features:
+            raise ReadoutHeadError(f"sample {sid!r}: z has {z.shape[1]} numbers per round, the head reads {head.in_features}")
+        out[sid] = readout_tokens(head(z.to(head.weight.dtype)).view(2, 16, len(GRID_CLASSES)), latent_dim, hard)
+    return out
 
 
 # %% ../nbs/22_mmdit.ipynb #2de69767
