@@ -6,7 +6,7 @@ Docs: https://latentcot.github.io/latentcot/unified.html.md"""
 
 # %% ../nbs/23_unified.ipynb #33a24ce5
 from __future__ import annotations
-import json, math, os, shutil, sys, tempfile, time
+import json, math, os, re, shutil, sys, tempfile, time
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 
@@ -20,18 +20,18 @@ from .mmdit import check_image_size, decode_latents, encode_images, grid_scores,
 from .mmdit_kit import tensor_to_images
 
 # %% auto #0
-__all__ = ['SYSTEM_PROMPT', 'UNIFIED_VERSION', 'UNIFIED_TRAIN_DEFAULTS', 'UNIFIED_STEPS', 'UnifiedConfig', 'UnifiedIds',
-           'vae_factor', 'patch_grid', 'image_patches', 'patches_to_images', 'AdaLNBlock', 'euler_sigmas', 'FlowHead',
-           'flow_pair', 'euler_sample', 'edit_sample', 'qa_sample', 'render_text', 'patch_grid_thw',
-           'image_block_offsets', 'UnifiedCollator', 'UnifiedOutput', 'tgt_aux_edited', 'UnifiedModel', 'save_unified',
-           'load_unified', 'Generated', 'prompt_sample', 'generate', 'UnifiedImageEditingInference',
-           'unified_train_settings', 'unified_samples', 'unified_step', 'train_unified', 'run_unified_training',
-           'prompt_of', 'evaluate_unified', 'teacher_forced_scores', 'decision_metrics', 'image_metrics',
-           'baseline_rows', 'paired_image_diff', 'start_probability', 'weighted_optimum', 'RunUnifiedArgs',
-           'unified_grid', 'mmdit_rows', 'unified_table', 'weight_study', 'run_unified', 'run_main', 'UnifiedCliArgs',
-           'write_generated', 'unified_main', 'SequenceStepper', 'BenchUnifiedArgs', 'sided_prompt',
-           'per_patch_seconds', 'LMClock', 'cache_comparison', 'wider_lm_model', 'keep_drawing', 'bench_unified',
-           'bench_unified_main']
+__all__ = ['SYSTEM_PROMPT', 'LOCATION_RE', 'UNIFIED_VERSION', 'UNIFIED_TRAIN_DEFAULTS', 'UNIFIED_STEPS', 'UnifiedConfig',
+           'UnifiedIds', 'vae_factor', 'patch_grid', 'image_patches', 'patches_to_images', 'AdaLNBlock', 'euler_sigmas',
+           'FlowHead', 'flow_pair', 'euler_sample', 'edit_sample', 'qa_sample', 'render_text', 'patch_grid_thw',
+           'image_block_offsets', 'NoLocationPhrase', 'location_char_spans', 'location_token_positions',
+           'UnifiedCollator', 'UnifiedOutput', 'tgt_aux_edited', 'UnifiedModel', 'save_unified', 'load_unified',
+           'Generated', 'prompt_sample', 'generate', 'UnifiedImageEditingInference', 'unified_train_settings',
+           'unified_samples', 'unified_step', 'train_unified', 'run_unified_training', 'prompt_of', 'evaluate_unified',
+           'teacher_forced_scores', 'decision_metrics', 'image_metrics', 'baseline_rows', 'paired_image_diff',
+           'start_probability', 'weighted_optimum', 'RunUnifiedArgs', 'unified_grid', 'mmdit_rows', 'unified_table',
+           'weight_study', 'run_unified', 'run_main', 'UnifiedCliArgs', 'write_generated', 'unified_main',
+           'SequenceStepper', 'BenchUnifiedArgs', 'sided_prompt', 'per_patch_seconds', 'LMClock', 'cache_comparison',
+           'wider_lm_model', 'keep_drawing', 'bench_unified', 'bench_unified_main']
 
 # %% ../nbs/23_unified.ipynb #bb4d4fa7
 @dataclass
@@ -131,6 +131,14 @@ class UnifiedConfig:
             "blind prediction of that patch (detached: tgt_aux is trained by its own MSE only), from the blind forward "
             "in training and, at inference, from a blind copy of each row kept in lockstep (drawn patches enter it as "
             "zeros); needs tgt_aux_weight > 0"
+        },
+    )
+    location_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "beyond the seed: CE weight of the tokens that name the target's location in reflection 1 (the "
+            "digits R and C of 'at row R, column C' in its first sentence), which only reading img0 can tell; every "
+            "drawing sample's reflection 1 must have that phrase (1: off, the seed's)"
         },
     )
     self_feed_steps: int = field(default=2, metadata={"help": "Euler steps of those self-fed samples"})
@@ -398,6 +406,33 @@ def _grid_rc(rows: int, cols: int) -> torch.Tensor:
     r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
     return torch.stack([r.flatten(), c.flatten()], 1)
 
+# %% ../nbs/23_unified.ipynb #locw-helpers
+class NoLocationPhrase(ValueError):
+    "A reflection 1 without 'at row R, column C' in its first sentence, while `location_weight` != 1."
+
+
+LOCATION_RE = re.compile(r"at row (\d+), column (\d+)")
+
+
+def location_char_spans(sample_id, text: str) -> list[tuple[int, int]]:
+    "Character spans of R and C of 'at row R, column C' in the first sentence of `text` (a reflection 1)."
+    first = re.split(r"(?<=\.)\s", text, maxsplit=1)[0]
+    m = LOCATION_RE.search(first)
+    if m is None:
+        raise NoLocationPhrase(
+            f"sample {sample_id!r}: its reflection 1 has no 'at row R, column C' in its first sentence {first!r} "
+            "(location_weight != 1 needs it; use location_weight=1 for such data)"
+        )
+    return [m.span(1), m.span(2)]
+
+
+def location_token_positions(tokenizer, sample_id, text: str) -> list[int]:
+    "Indices, among `text`'s own tokens, of the tokens inside the location digits (`location_char_spans`)."
+    spans = location_char_spans(sample_id, text)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a and any(a < e and s < b for s, e in spans)]
+
+
 # %% ../nbs/23_unified.ipynb #74ba451b
 class UnifiedCollator:
     "Samples -> a teacher-forced batch of the unified sequence (see above); raises on samples over `max_length`."
@@ -510,7 +545,27 @@ class UnifiedCollator:
             labels[b, starts[-1] :] = ids[b, starts[-1] :]
         labels[am == 0] = -100
         batch.update(labels=labels, assistant_start=starts)
+        if self.cfg.location_weight != 1.0:
+            batch["location_mask"] = self.location_mask(samples, ids, starts)
         return batch
+
+    def location_mask(self, samples, ids: torch.Tensor, starts: list[int]) -> torch.Tensor:
+        """`[B,L]` True at the tokens naming the target's location in reflection 1 (the assistant's first text) of
+        each sample that draws; raises `NoLocationPhrase` where a drawing sample's reflection 1 lacks it."""
+        tok, mask = self.processor.tokenizer, torch.zeros_like(ids, dtype=torch.bool)
+        for b, s in enumerate(samples):
+            answer = s.get("assistant", [])
+            if not any(k == "draw" for k, _ in answer):
+                continue  # no drawing (visual QA): nothing to locate
+            if answer[0][0] != "text":
+                raise NoLocationPhrase(f"sample {s['sample_id']!r}: draws without a reflection before its first image")
+            text = answer[0][1]
+            pos = location_token_positions(tok, s["sample_id"], text)
+            own = tok(text, add_special_tokens=False)["input_ids"]
+            if ids[b, starts[b] : starts[b] + len(own)].tolist() != own:
+                raise RuntimeError(f"sample {s['sample_id']!r}: reflection 1 tokenizes differently inside the sequence")
+            mask[b, [starts[b] + p for p in pos]] = True
+        return mask
 
 # %% ../nbs/23_unified.ipynb #6c3a2881
 @dataclass
@@ -701,6 +756,11 @@ class UnifiedModel(nn.Module):
         ce = F.cross_entropy(logits.float(), lab, reduction="none")
         is_start = lab == self.ids.vision_start
         w = torch.where(is_start, self.cfg.special_token_weight, 1.0)
+        if self.cfg.location_weight != 1.0:  # the location of the target in reflection 1, weighted
+            if "location_mask" not in batch:
+                raise ValueError("location_weight != 1: the batch needs `location_mask` (a collator of this config)")
+            is_loc = batch["location_mask"][:, 1:][valid]
+            w = w * torch.where(is_loc, self.cfg.location_weight, 1.0)
         ce_loss = (ce * w).sum() / max(len(lab), 1)
         drawn = (batch["input_ids"] == self.ids.vision_pad) & (batch["labels"] != -100)
         b, l = drawn.nonzero(as_tuple=True)
@@ -750,6 +810,8 @@ class UnifiedModel(nn.Module):
             ce_continue_end=(ce * (special & ~is_start)).sum() / (special & ~is_start).sum().clamp_min(1),
             drawn_patches=float(len(b)),
         )
+        if self.cfg.location_weight != 1.0:
+            stats["ce_location"] = (ce * is_loc).sum() / is_loc.sum().clamp_min(1)
         return UnifiedOutput(
             loss=loss,
             terms=terms,
@@ -1547,6 +1609,13 @@ class RunUnifiedArgs:
             "(see UnifiedConfig.tgt_cond; needs --tgt_aux_weight > 0)"
         },
     )
+    location_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "beyond the seed: CE weight of the target's location digits in reflection 1 ('at row R, column C' "
+            "in its first sentence; see UnifiedConfig.location_weight; 1: off)"
+        },
+    )
     compare_to: str | None = field(
         default=None,
         metadata={
@@ -1733,6 +1802,7 @@ def run_unified(a: RunUnifiedArgs) -> dict:
         tgt_aux_edit_weight=a.tgt_aux_edit_weight,
         blind_draw=a.blind_draw,
         tgt_cond=a.tgt_cond,
+        location_weight=a.location_weight,
     )
     if a.compare_to is not None and not (Path(a.compare_to) / "rows.jsonl").is_file():
         raise ValueError(f"--compare_to: no rows.jsonl in {a.compare_to}")
