@@ -28,7 +28,7 @@ __all__ = ['QWEN_IMAGE_PROMPT_TEMPLATE', 'CONDITIONS', 'EXTRA_CONDITIONS', 'READ
            'template_prefix_length', 'qwen_prompt_embeds', 'check_image_size', 'encode_images', 'decode_latents',
            'pack', 'unpack', 'velocity', 'sample_sigmas', 'compute_flow_matching_loss', 'sampling_scheduler',
            'schedule_is_finite', 'generation_pipeline', 'write_bridge', 'generator_parts', 'LatentToImageGenerator',
-           'multiturn_latents', 'pad_latents', 'training_examples', 'train_generator', 'grid_scores',
+           'multiturn_latents', 'pad_latents', 'training_examples', 'train_generator', 'cell_scores', 'grid_scores',
            'condition_inputs', 'evaluate_conditions', 'summarize', 'results_table', 'oracle_latents',
            'inference_with_latent_cot', 'save_condition_images', 'load_condition_images', 'rescore_report',
            'comparison_grid', 'GenerationExplorer', 'generation_explorer', 'run_choices', 'text_states', 'run_mmdit',
@@ -36,8 +36,9 @@ __all__ = ['QWEN_IMAGE_PROMPT_TEMPLATE', 'CONDITIONS', 'EXTRA_CONDITIONS', 'READ
            'freeze_discarded_text_stream', 'add_mmdit_lora', 'collate_pairs', 'mmdit_pairs', 'mmdit_step',
            'save_generator', 'run_mmdit_stage', 'fitting_size', 'GenerationLoss', 'attach_generation_loss',
            'GridAuxError', 'grid_class_ids', 'GridAuxHead', 'check_grid_aux', 'attach_grid_aux', 'ReadoutHeadError',
-           'load_readout_head', 'readout_tokens', 'readout_latents', 'GenerateArgs', 'read_prompts', 'generate_images',
-           'generate_main', 'bench_mmdit', 'BenchMMDiTArgs', 'bench_mmdit_main', 'main']
+           'load_readout_head', 'readout_tokens', 'readout_latents', 'readout_head_scores', 'GenerateArgs',
+           'read_prompts', 'generate_images', 'generate_main', 'bench_mmdit', 'BenchMMDiTArgs', 'bench_mmdit_main',
+           'main']
 
 # %% ../nbs/22_mmdit.ipynb #bb7f02f9
 class MMDiTBridge(nn.Module):
@@ -515,9 +516,8 @@ def train_generator(
     return losses
 
 # %% ../nbs/22_mmdit.ipynb #2d567ab1
-def grid_scores(generated, target, img0) -> dict:
-    "Accuracy on changed cells (`None` if none), on changed cells holding an object, on all cells; exact match."
-    g, t, o = read_grid(generated), read_grid(target), read_grid(img0)
+def cell_scores(g, t, o) -> dict:
+    "`grid_scores` of grids already read (16 cells each): drawn or predicted `g`, target `t`, img0 `o`."
     changed = [i for i in range(len(t)) if t[i] != o[i]]
     drawn = [i for i in changed if t[i] is not None]  # a blank image scores 0 here, as copying img0 does
     hits = [a == b for a, b in zip(g, t)]
@@ -527,6 +527,12 @@ def grid_scores(generated, target, img0) -> dict:
         "all": sum(hits) / len(hits),
         "exact": float(all(hits)),
     }
+
+
+def grid_scores(generated, target, img0) -> dict:
+    "Accuracy on changed cells (`None` if none), on changed cells holding an object, on all cells; exact match."
+    return cell_scores(read_grid(generated), read_grid(target), read_grid(img0))
+
 
 # %% ../nbs/22_mmdit.ipynb #3c855d89
 CONDITIONS = ("teacher", "student", "zeroed", "shuffled", "text", "copy_img0")
@@ -969,6 +975,9 @@ def run_mmdit(
     )
     summary = summarize(scores)
     table = results_table(summary)
+    if head is not None:  # the read-out alone (no DiT): how much of the route's gap is z -> grid, not grid -> pixels
+        head_only = summarize({"grid_head_only": readout_head_scores(head, recs["heldout"], lat)})["grid_head_only"]
+        table += "\n" + results_table({"grid head alone (no DiT)": head_only}).splitlines()[-1]
     grid = comparison_grid(recs["heldout"], images, conditions)
     atomic_write(out / "grid.png", lambda tmp: grid.save(tmp, format="png"))
     save_condition_images(out / "images", images)
@@ -991,7 +1000,7 @@ def run_mmdit(
         seconds=dict(latents=t_lat - t0, train=t_train - t_lat, evaluate=time.time() - t_train),
     )
     if head is not None:
-        metrics.update(readout_head=str(readout_head), readout_hard=readout_hard)
+        metrics.update(readout_head=str(readout_head), readout_hard=readout_hard, readout_head_only=head_only)
     _write_text(out / "metrics.json", json.dumps(metrics, indent=1, default=str))
     _write_text(out / "losses.json", json.dumps(losses))
     _write_text(
@@ -1554,6 +1563,19 @@ def readout_latents(head: nn.Linear, latents: dict, latent_dim: int, hard: bool 
             raise ReadoutHeadError(f"sample {sid!r}: z has {z.shape[1]} numbers per round, the head reads {head.in_features}")
         out[sid] = readout_tokens(head(z.to(head.weight.dtype)).view(2, 16, len(GRID_CLASSES)), latent_dim, hard)
     return out
+
+
+@torch.no_grad()
+def readout_head_scores(head: nn.Linear, records, latents: dict, source: str = "teacher") -> list[dict]:
+    "Per (record, round): `cell_scores` of the head's argmax grid of z_r against img_{r+1}: the read-out alone, no DiT."
+    rows = []
+    for rec in records:
+        z = latents[rec["sample_id"]][source].flatten(1)
+        pred = head(z.to(head.weight.dtype)).view(2, 16, len(GRID_CLASSES)).argmax(-1)
+        for r in (0, 1):
+            s = cell_scores([GRID_CLASSES[i] for i in pred[r]], read_grid(rec[f"img{r + 1}"]), read_grid(rec["img0"]))
+            rows.append({"sample_id": rec["sample_id"], "round": r + 1, **s})
+    return rows
 
 
 # %% ../nbs/22_mmdit.ipynb #2de69767
