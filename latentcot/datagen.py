@@ -19,7 +19,8 @@ __all__ = ['COLORS', 'SHAPES', 'KINDS', 'GRID', 'QUESTION_SIZE', 'THOUGHT_SIZES'
            'make_answer', 'sample_scene', 'canonical_thought', 'make_visual_split', 'visual_to_chat', 'visual_counts',
            'thought_counts', 'verify_visual', 'answer_from_output', 'score_answer', 'apply_edit', 'edit_phrase',
            'make_prompt', 'make_reflections', 'make_edit_split', 'parse_edit_prompt', 'verify_edit',
-           'load_edit_records', 'write_triplet_parquet', 'generate_all', 'DatagenArgs', 'main']
+           'load_edit_records', 'write_triplet_parquet', 'generate_all', 'EditTrainError', 'make_edit_train',
+           'DatagenArgs', 'main']
 
 # %% ../nbs/04_datagen.ipynb #7d11506a
 COLORS = {"red": (220, 50, 47), "green": (40, 160, 60), "blue": (38, 98, 214)}
@@ -566,6 +567,51 @@ def generate_all(
             counts["text"] = "latentcot.textdata"
     return counts
 
+# %% ../nbs/04_datagen.ipynb #d54d83c5
+class EditTrainError(ValueError):
+    "An edit training set cannot be written where asked."
+
+
+def _digest(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def make_edit_train(
+    out_dir, n: int, seed: int = 0, split: str = "train", heldout=None, keep_heldout_img0: bool = False
+) -> dict:
+    """Write `n` generated editing triplets (minus those whose img0 is a held-out img0) as `out_dir/train.jsonl`.
+    `heldout`: the edit JSONL to keep unseen (default: `data_samples/edit/heldout.jsonl`). Returns counts and dropped ids."""
+    out = Path(out_dir)
+    if n < 1:
+        raise EditTrainError(f"n must be >= 1, got {n}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise EditTrainError(f"{out} exists and is not an empty folder: refusing to overwrite it (choose another --out)")
+    if heldout is None:
+        from latentcot.demo import default_data_dir
+
+        heldout = default_data_dir() / "edit" / "heldout.jsonl"
+    held = {_digest(r["img0"]) for r in load_edit_records(heldout)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    try:
+        recs = make_edit_split(stage, split, n, seed)
+        dropped = [] if keep_heldout_img0 else [r["sample_id"] for r in recs if _digest(stage / r["img0"]) in held]
+        keep = [r for r in recs if r["sample_id"] not in dropped]
+        for r in recs:
+            if r["sample_id"] in dropped:  # no unreferenced images
+                for k in ("img0", "img1", "img2"):
+                    (stage / r[k]).unlink()
+        _write_text(stage / "train.jsonl", _jsonl(keep))
+        if out.exists():
+            out.rmdir()  # empty (checked above); os.replace wants it gone on every OS
+        os.replace(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return {"drawn": n, "written": len(keep), "dropped_heldout_img0": dropped}
+
+
 # %% ../nbs/04_datagen.ipynb #datagenargs
 from dataclasses import dataclass, field
 
@@ -596,6 +642,20 @@ class DatagenArgs:
         metadata={"help": "question scenes keep only the asked kinds' objects (no selection needed; a variant)"},
     )
     visual_only: bool = field(default=False, metadata={"help": "write visual/ alone (no chat/, edit/, README)"})
+    edit_train: int | None = field(
+        default=None,
+        metadata={
+            "help": "write only an edit training set of N generated triplets (train.jsonl + images/) into --out, "
+            "a new folder; triplets whose img0 is a held-out img0 are dropped (make_edit_train)"
+        },
+    )
+    edit_split: str = field(
+        default="train",
+        metadata={"help": "with --edit_train: the split that seeds it (train: its first 160 are data_samples')"},
+    )
+    keep_heldout_img0: bool = field(
+        default=False, metadata={"help": "with --edit_train: keep triplets whose img0 is a held-out img0"}
+    )
 
 # %% ../nbs/04_datagen.ipynb #f31064af
 def main(argv: list[str] | None = None) -> int:
@@ -611,6 +671,19 @@ def main(argv: list[str] | None = None) -> int:
         ),
         argv,
     )
+    if a.edit_train is not None:
+        from latentcot.demo import default_data_dir
+
+        if a.out == DatagenArgs.out or Path(a.out).resolve() == default_data_dir().resolve():
+            raise SystemExit("latentcot datagen: --edit_train writes a new folder: pass --out (not data_samples)")
+        try:
+            res = make_edit_train(a.out, a.edit_train, a.seed, a.edit_split, keep_heldout_img0=a.keep_heldout_img0)
+        except EditTrainError as e:
+            raise SystemExit(f"latentcot datagen: {e}") from None
+        dropped = res["dropped_heldout_img0"]
+        print(f"wrote {a.out}/train.jsonl: {res['written']} of {res['drawn']} triplets"
+              + (f"; dropped {len(dropped)} whose img0 is a held-out img0: {', '.join(dropped)}" if dropped else ""))
+        return 0
     counts = generate_all(
         a.out,
         a.seed,
