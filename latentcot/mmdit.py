@@ -23,7 +23,7 @@ from .fileio import atomic_write
 from .mmdit_kit import check_kit_configs, images_to_tensor, load_mmdit_kit, read_grid
 
 # %% auto #0
-__all__ = ['QWEN_IMAGE_PROMPT_TEMPLATE', 'CONDITIONS', 'EXTRA_CONDITIONS', 'READOUT_CONDITIONS', 'ORACLES', 'TRAIN_SOURCES',
+__all__ = ['QWEN_IMAGE_PROMPT_TEMPLATE', 'CONDITIONS', 'READOUT_CONDITIONS', 'EXTRA_CONDITIONS', 'ORACLES', 'TRAIN_SOURCES',
            'LORA_TARGETS_MMDIT', 'GRID_CLASSES', 'MMDIT_COMMANDS', 'MMDiTBridge', 'project_to_mmdit',
            'template_prefix_length', 'qwen_prompt_embeds', 'check_image_size', 'encode_images', 'decode_latents',
            'pack', 'unpack', 'velocity', 'sample_sigmas', 'compute_flow_matching_loss', 'sampling_scheduler',
@@ -537,20 +537,26 @@ def grid_scores(generated, target, img0) -> dict:
 # %% ../nbs/22_mmdit.ipynb #3c855d89
 CONDITIONS = ("teacher", "student", "zeroed", "shuffled", "text", "copy_img0")
 # on request: the ceiling, an empty canvas (what erasing alone scores), and another sample's *teacher* Z
-EXTRA_CONDITIONS = ("oracle", "blank", "shuffled_teacher", "teacher_readout", "shuffled_teacher_readout")
-READOUT_CONDITIONS = ("teacher_readout", "shuffled_teacher_readout")  # with a grid head (`--readout_head`)
+# with a grid head (`--readout_head`): its read-out of the teacher's z and of the student's Z, and their controls
+READOUT_CONDITIONS = ("teacher_readout", "shuffled_teacher_readout", "student_readout", "shuffled_student_readout")
+EXTRA_CONDITIONS = ("oracle", "blank", "shuffled_teacher") + READOUT_CONDITIONS
 
 # %% ../nbs/22_mmdit.ipynb #6a6d0f66
 def condition_inputs(cond: str, records, latents: dict, text: dict, r: int):
     "Z rows (list of `[K,H]`) of held-out `records` for round `r` under condition `cond`."
     sids = [rec["sample_id"] for rec in records]
-    if cond in ("teacher", "student", "oracle", "teacher_readout", "shuffled_teacher_readout"):
+    if cond in READOUT_CONDITIONS:  # the grid head's read-out of the teacher's z or the student's Z
+        key = cond.removeprefix("shuffled_")
+        if any(key not in latents[s] for s in sids):
+            raise ReadoutHeadError(
+                f"condition {cond!r} needs the grid head's read-out: run_mmdit(readout_head=...), or --readout_head"
+            )
+        if cond.startswith("shuffled_"):  # the read-out's control: the same derangement as `shuffled`
+            return [latents[sids[(i + 1) % len(sids)]][key][r] for i in range(len(sids))]
+        return [latents[s][key][r] for s in sids]
+    if cond in ("teacher", "student", "oracle"):
         if cond == "oracle" and any("oracle" not in latents[s] for s in sids):
             raise ValueError("condition 'oracle' needs oracle latents: run_mmdit(oracle='grid' or 'vae'), or --oracle")
-        if cond in READOUT_CONDITIONS and any("teacher_readout" not in latents[s] for s in sids):
-            raise ValueError(f"condition {cond!r} needs the grid head's read-out: run_mmdit(readout_head=...), or --readout_head")
-        if cond == "shuffled_teacher_readout":  # the read-out's control: the same derangement as `shuffled_teacher`
-            return [latents[sids[(i + 1) % len(sids)]]["teacher_readout"][r] for i in range(len(sids))]
         return [latents[s][cond][r] for s in sids]
     if cond == "zeroed":
         return [torch.zeros_like(latents[s]["student"][r]) for s in sids]
@@ -604,8 +610,8 @@ def evaluate_conditions(
 
 # %% ../nbs/22_mmdit.ipynb #f9aa0c8f
 def summarize(scores: dict, n_boot: int = 2000) -> dict:
-    """Mean and 95% bootstrap interval of each metric per condition, and student (and `teacher_readout`, when
-    evaluated) minus each other condition on changed cells (paired)."""
+    """Mean and 95% bootstrap interval of each metric per condition, and student (and `teacher_readout`,
+    `student_readout`, when evaluated) minus each other condition on changed cells (paired)."""
     from latentcot.pipeline import bootstrap_ci, paired_diff_ci
 
     out = {}
@@ -616,7 +622,7 @@ def summarize(scores: dict, n_boot: int = 2000) -> dict:
             if vals:
                 out[cond][k] = dict(zip(("mean", "low", "high"), bootstrap_ci(vals, n_boot=n_boot)))
     key = lambda rows: {(r["sample_id"], r["round"]): r["changed"] for r in rows if r["changed"] is not None}
-    for anchor in [a for a in ("student", "teacher_readout") if a in scores]:
+    for anchor in [a for a in ("student", "teacher_readout", "student_readout") if a in scores]:
         st = key(scores[anchor])
         for cond in scores:
             if cond == anchor:
@@ -875,7 +881,7 @@ def run_choices(
     oracle=None, train_sources=("teacher", "student", "text"), conditions=None, readout: bool = False
 ) -> tuple[tuple, tuple]:
     """Checked `(train_sources, conditions)` of `run_mmdit`; an `oracle` adds the oracle and blank conditions, a
-    `readout` head the two read-out conditions."""
+    `readout` head the four read-out conditions."""
     if oracle is not None and oracle not in ORACLES:
         raise ValueError(f"unknown oracle {oracle!r}; expected one of {ORACLES}")
     if conditions is None:
@@ -890,7 +896,7 @@ def run_choices(
     if oracle is None and "oracle" in conditions + train_sources:
         raise ValueError("the oracle condition or train source needs an oracle: oracle='grid' or 'vae' (--oracle)")
     if not readout and set(READOUT_CONDITIONS) & set(conditions):
-        raise ValueError("the read-out conditions need a grid head: run_mmdit(readout_head=...) (--readout_head)")
+        raise ReadoutHeadError("the read-out conditions need a grid head: run_mmdit(readout_head=...) (--readout_head)")
     return train_sources, conditions
 
 # %% ../nbs/22_mmdit.ipynb #cf816eee
@@ -960,8 +966,8 @@ def run_mmdit(
         orc = oracle_latents(recs["train"] + recs["heldout"], oracle, gen.bridge.latent_dim, gen.vae)
         lat = {sid: {**v, "oracle": orc[sid]} for sid, v in lat.items()}
     if head is not None:  # z -> the grid head's per-cell classes -> the grid oracle's token layout
-        ro = readout_latents(head, lat, gen.bridge.latent_dim, readout_hard)
-        lat = {sid: {**v, "teacher_readout": ro[sid]} for sid, v in lat.items()}
+        ro = {s: readout_latents(head, lat, gen.bridge.latent_dim, readout_hard, s) for s in ("teacher", "student")}
+        lat = {sid: {**v, "teacher_readout": ro["teacher"][sid], "student_readout": ro["student"][sid]} for sid, v in lat.items()}
     examples = training_examples(
         recs["train"], lat, text if "text" in train_sources else None, [s for s in train_sources if s != "text"]
     )
@@ -976,8 +982,11 @@ def run_mmdit(
     summary = summarize(scores)
     table = results_table(summary)
     if head is not None:  # the read-out alone (no DiT): how much of the route's gap is z -> grid, not grid -> pixels
-        head_only = summarize({"grid_head_only": readout_head_scores(head, recs["heldout"], lat)})["grid_head_only"]
-        table += "\n" + results_table({"grid head alone (no DiT)": head_only}).splitlines()[-1]
+        head_only, head_only_st = (
+            summarize({"h": readout_head_scores(head, recs["heldout"], lat, s)})["h"] for s in ("teacher", "student")
+        )
+        rows = {"grid head alone (no DiT)": head_only, "grid head alone on student Z (no DiT)": head_only_st}
+        table += "\n" + "\n".join(results_table(rows).splitlines()[-2:])
     grid = comparison_grid(recs["heldout"], images, conditions)
     atomic_write(out / "grid.png", lambda tmp: grid.save(tmp, format="png"))
     save_condition_images(out / "images", images)
@@ -1000,7 +1009,8 @@ def run_mmdit(
         seconds=dict(latents=t_lat - t0, train=t_train - t_lat, evaluate=time.time() - t_train),
     )
     if head is not None:
-        metrics.update(readout_head=str(readout_head), readout_hard=readout_hard, readout_head_only=head_only)
+        metrics.update(readout_head=str(readout_head), readout_hard=readout_hard, readout_head_only=head_only,
+                       readout_head_only_student=head_only_st)
     _write_text(out / "metrics.json", json.dumps(metrics, indent=1, default=str))
     _write_text(out / "losses.json", json.dumps(losses))
     _write_text(
@@ -1047,8 +1057,9 @@ class MMDiTRunArgs:
         default=None,
         metadata={
             "help": "diagnostic (uses the toy's grid labels): a GridAuxHead (grid_aux_head.safetensors, or the final/ "
-            "holding it) reads the teacher z; its per-cell class probabilities, in the grid oracle's token layout, "
-            "are the conditions teacher_readout and shuffled_teacher_readout"
+            "holding it) reads the teacher z and the student Z; its per-cell class probabilities, in the grid "
+            "oracle's token layout, are the conditions teacher_readout, shuffled_teacher_readout, student_readout "
+            "and shuffled_student_readout (another triplet's, the derangement of shuffled)"
         },
     )
     readout_hard: bool = field(
