@@ -42,12 +42,29 @@ __all__ = ['QWEN_IMAGE_PROMPT_TEMPLATE', 'CONDITIONS', 'READOUT_CONDITIONS', 'EX
 
 # %% ../nbs/22_mmdit.ipynb #bb7f02f9
 class MMDiTBridge(nn.Module):
-    "Z `[B,K,H]` -> prompt embeds `[B,K,D]`: identity (H == D) or Linear (H != D), plus a zero-init residual MLP."
+    """Z `[B,K,H]` -> prompt embeds `[B,K,D]`: identity (H == D) or Linear (H != D), plus a zero-init residual MLP.
+    `mode="mix"` appends `mix_tokens` tokens, each a learned linear function of *all* K latents (a per-token
+    down-projection to `mix_rank`, then one Linear over the K x rank numbers, zero-initialised); it needs exactly
+    `num_latents` latents per sample."""
 
-    def __init__(self, latent_dim: int, joint_attention_dim: int, mode: str = "auto", mlp_ratio: int = 2):
+    def __init__(
+        self,
+        latent_dim: int,
+        joint_attention_dim: int,
+        mode: str = "auto",
+        mlp_ratio: int = 2,
+        num_latents: int | None = None,
+        mix_tokens: int = 16,
+        mix_rank: int | None = None,
+    ):
         super().__init__()
-        if mode not in ("auto", "identity", "linear"):
-            raise ValueError(f"bridge mode must be auto, identity or linear, got {mode!r}")
+        if mode not in ("auto", "identity", "linear", "mix"):
+            raise ValueError(f"bridge mode must be auto, identity, linear or mix, got {mode!r}")
+        if mode == "mix" and (num_latents is None or num_latents < 1 or mix_tokens < 1):
+            raise ValueError(
+                f"the mix bridge needs num_latents >= 1 (the fixed segment length) and mix_tokens >= 1, got "
+                f"num_latents={num_latents}, mix_tokens={mix_tokens}"
+            )
         if mode == "identity" and latent_dim != joint_attention_dim:
             raise ValueError(
                 f"identity bridge needs the latent width ({latent_dim}) to equal the DiT's joint_attention_dim "
@@ -59,17 +76,32 @@ class MMDiTBridge(nn.Module):
             if mode == "auto" and latent_dim == joint_attention_dim
             else ("linear" if mode == "auto" else mode)
         )
-        self.proj = nn.Identity() if self.mode == "identity" else nn.Linear(latent_dim, joint_attention_dim)
+        base = "identity" if latent_dim == joint_attention_dim else "linear"
+        self.proj = nn.Identity() if (self.mode if mode != "mix" else base) == "identity" else nn.Linear(latent_dim, joint_attention_dim)
         d = joint_attention_dim
         self.mlp = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, mlp_ratio * d), nn.GELU(), nn.Linear(mlp_ratio * d, d))
         nn.init.zeros_(self.mlp[-1].weight)
         nn.init.zeros_(self.mlp[-1].bias)
+        self.num_latents, self.mix_tokens, self.mix_rank = None, 0, None
+        if mode == "mix":
+            self.num_latents, self.mix_tokens = num_latents, mix_tokens
+            self.mix_rank = mix_rank or min(latent_dim, 256)
+            self.mix_down = nn.Sequential(nn.LayerNorm(latent_dim), nn.Linear(latent_dim, self.mix_rank))
+            self.mix_out = nn.Linear(num_latents * self.mix_rank, mix_tokens * d)
+            nn.init.zeros_(self.mix_out.weight)  # starts as zero tokens: a pretrained DiT sees no new content at first
+            nn.init.zeros_(self.mix_out.bias)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         if z.dim() != 3 or z.shape[-1] != self.latent_dim:
             raise ValueError(f"bridge expects Z of shape [B,K,{self.latent_dim}], got {tuple(z.shape)}")
         h = self.proj(z)
-        return h + self.mlp(h)
+        h = h + self.mlp(h)
+        if self.mode != "mix":
+            return h
+        if z.shape[1] != self.num_latents:
+            raise ValueError(f"mix bridge expects exactly {self.num_latents} latents per sample, got {z.shape[1]}")
+        mixed = self.mix_out(self.mix_down(z).flatten(1)).view(z.shape[0], self.mix_tokens, -1)
+        return torch.cat([h, mixed], 1)
 
 # %% ../nbs/22_mmdit.ipynb #16c6dacb
 def project_to_mmdit(bridge: MMDiTBridge, z: torch.Tensor, mask: torch.Tensor | None = None, transformer=None):
@@ -86,6 +118,13 @@ def project_to_mmdit(bridge: MMDiTBridge, z: torch.Tensor, mask: torch.Tensor | 
         raise ValueError(f"mask {tuple(mask.shape)} does not match Z {tuple(z.shape[:2])}")
     if (mask.sum(1) == 0).any():
         raise ValueError(f"samples {torch.nonzero(mask.sum(1) == 0).flatten().tolist()} have no latents")
+    if getattr(bridge, "mode", None) == "mix":  # its tokens mix every latent: padding would leak into them
+        if not bool(mask.bool().all()):
+            raise ValueError(
+                f"the mix bridge needs all {bridge.num_latents} latents of every sample (fixed segments); samples "
+                f"{torch.nonzero(~mask.bool().all(1)).flatten().tolist()} are padded"
+            )
+        mask = torch.ones(emb.shape[:2], dtype=torch.long, device=z.device)
     return emb * mask[..., None].to(emb.dtype), mask.long()
 
 # %% ../nbs/22_mmdit.ipynb #bd6a7cdb
@@ -282,6 +321,8 @@ def write_bridge(bridge: MMDiTBridge, path) -> None:
     state = {k: v.contiguous() for k, v in bridge.state_dict().items()}
     atomic_write(path / "bridge.safetensors", lambda tmp: save_file(state, tmp))
     meta = dict(latent_dim=bridge.latent_dim, mode=bridge.mode, joint_attention_dim=bridge.joint_attention_dim)
+    if bridge.mode == "mix":
+        meta.update(num_latents=bridge.num_latents, mix_tokens=bridge.mix_tokens, mix_rank=bridge.mix_rank)
     atomic_write(path / "bridge.json", lambda tmp: Path(tmp).write_text(json.dumps(meta)))
 
 # %% ../nbs/22_mmdit.ipynb #genparts27
@@ -356,7 +397,8 @@ class LatentToImageGenerator(nn.Module):
                 f"{path}: bridge for joint_attention_dim {meta['joint_attention_dim']}, "
                 f"the DiT has {self.transformer.config.joint_attention_dim}"
             )
-        self.bridge = MMDiTBridge(meta["latent_dim"], meta["joint_attention_dim"], meta["mode"])
+        mix = {k: meta[k] for k in ("num_latents", "mix_tokens", "mix_rank") if k in meta}
+        self.bridge = MMDiTBridge(meta["latent_dim"], meta["joint_attention_dim"], meta["mode"], **mix)
         self.bridge.load_state_dict(load_file(Path(path) / "bridge.safetensors"))
 
     def prompt_embeds(self, z, z_mask=None):
@@ -930,6 +972,7 @@ def run_mmdit(
     conditions=None,
     readout_head=None,
     readout_hard: bool = False,
+    bridge: str = "auto",
 ) -> dict:
     "Kit, multi-turn latents, generator training and the evaluation table; writes the report into `out_dir`."
     import time
@@ -943,6 +986,8 @@ def run_mmdit(
     train_sources, conditions = run_choices(oracle, train_sources, conditions, readout_head is not None)  # before any work
     if readout_hard and readout_head is None:
         raise ValueError("readout_hard (--readout_hard) needs a grid head: readout_head=... (--readout_head)")
+    if bridge == "mix" and ("text" in train_sources or "text" in conditions):
+        raise ValueError("the mix bridge needs fixed-length latents: drop 'text' from train_sources and conditions")
     t0, out = time.time(), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -962,6 +1007,8 @@ def run_mmdit(
     text = text_states(model, processor, recs["train"] + recs["heldout"])
     t_lat = time.time()
     gen = LatentToImageGenerator.from_pretrained(kit, latent_dim=model.config.get_text_config().hidden_size)
+    if bridge != "auto" and steps:  # a new bridge to train (steps 0 evaluates the loaded one)
+        gen.bridge = MMDiTBridge(H, gen.transformer.config.joint_attention_dim, bridge, num_latents=latent_size)
     if oracle is not None:  # the ceiling: conditioning that certainly carries the target, one more source of Z
         orc = oracle_latents(recs["train"] + recs["heldout"], oracle, gen.bridge.latent_dim, gen.vae)
         lat = {sid: {**v, "oracle": orc[sid]} for sid, v in lat.items()}
@@ -997,6 +1044,7 @@ def run_mmdit(
         latent_model=str(latent_model),
         kit=str(kit),
         latent_size=latent_size,
+        bridge=gen.bridge.mode,
         oracle=oracle,
         train_sources=list(train_sources),
         conditions=list(conditions),
@@ -1065,6 +1113,14 @@ class MMDiTRunArgs:
     readout_hard: bool = field(
         default=False, metadata={"help": "with --readout_head: the argmax class one-hot instead of the probabilities"}
     )
+    bridge: str = field(
+        default="auto",
+        metadata={
+            "help": "bridge to train: auto (identity + residual MLP), linear, or mix (adds 16 tokens, each a learned "
+            "linear function of all latents; fixed-length latents only, so no text source/condition)",
+            "choices": ("auto", "identity", "linear", "mix"),
+        },
+    )
     quiet: bool = field(default=False, metadata={"help": "no progress bars"})
 
 # %% ../nbs/22_mmdit.ipynb #9c5c1739
@@ -1085,6 +1141,8 @@ def run_main(argv: list[str] | None = None) -> int:
         run_choices(a.oracle, sources, conds, a.readout_head is not None)
         if a.readout_hard and a.readout_head is None:
             raise ValueError("--readout_hard needs --readout_head")
+        if a.bridge == "mix" and ("text" in sources or "text" in (conds or CONDITIONS)):
+            raise ValueError("--bridge mix needs fixed-length latents: drop text from --train_sources and --conditions")
     except ValueError as e:
         raise SystemExit(f"latentcot run mmdit: {e}") from None
     m = run_mmdit(
@@ -1105,6 +1163,7 @@ def run_main(argv: list[str] | None = None) -> int:
         conditions=conds,
         readout_head=a.readout_head,
         readout_hard=a.readout_hard,
+        bridge=a.bridge,
     )
     print((Path(a.out) / "table.md").read_text())
     print(f"seconds: {m['seconds']}")
