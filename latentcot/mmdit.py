@@ -973,6 +973,7 @@ def run_mmdit(
     readout_head=None,
     readout_hard: bool = False,
     bridge: str = "auto",
+    edit_train=None,
 ) -> dict:
     "Kit, multi-turn latents, generator training and the evaluation table; writes the report into `out_dir`."
     import time
@@ -998,8 +999,9 @@ def run_mmdit(
     model.eval()
     H = model.config.get_text_config().hidden_size
     head = load_readout_head(readout_head, latent_size, H) if readout_head is not None else None  # before any work
-    recs = {s: load_edit_records(edit / f"{s}.jsonl") for s in ("train", "heldout")}
-    samples = {s: load_multiturn_samples(edit / f"{s}.jsonl") for s in ("train", "heldout")}
+    files = {"train": Path(edit_train) if edit_train is not None else edit / "train.jsonl", "heldout": edit / "heldout.jsonl"}
+    recs = {s: load_edit_records(f) for s, f in files.items()}
+    samples = {s: load_multiturn_samples(f) for s, f in files.items()}
     for split, n in (("heldout", limit_heldout), ("train", limit_train)):
         if n is not None:
             recs[split], samples[split] = recs[split][:n], samples[split][:n]
@@ -1045,6 +1047,8 @@ def run_mmdit(
         kit=str(kit),
         latent_size=latent_size,
         bridge=gen.bridge.mode,
+        train_file=str(files["train"]),
+        train_triplets=len(recs["train"]),
         oracle=oracle,
         train_sources=list(train_sources),
         conditions=list(conditions),
@@ -1121,6 +1125,13 @@ class MMDiTRunArgs:
             "choices": ("auto", "identity", "linear", "mix"),
         },
     )
+    edit_train: str | None = field(
+        default=None,
+        metadata={
+            "help": "training triplets, a JSONL like data_samples/edit/train.jsonl (default: that file), e.g. the "
+            "2000 of `latentcot datagen --edit_train 2000 --edit_split train2k --keep_heldout_img0 --out DIR`"
+        },
+    )
     quiet: bool = field(default=False, metadata={"help": "no progress bars"})
 
 # %% ../nbs/22_mmdit.ipynb #9c5c1739
@@ -1164,6 +1175,7 @@ def run_main(argv: list[str] | None = None) -> int:
         readout_head=a.readout_head,
         readout_hard=a.readout_hard,
         bridge=a.bridge,
+        edit_train=a.edit_train,
     )
     print((Path(a.out) / "table.md").read_text())
     print(f"seconds: {m['seconds']}")
