@@ -334,8 +334,13 @@ def deepspeed_env(config_file, argv) -> None:
 
 # %% ../nbs/14_train.ipynb #58161961
 def build_parser():
-    "Flags of `latentcot.train` (the seeds' names): `TrainArgs`, `--settings` and every config field."
-    return cli_parser(TrainArgs, prog="latentcot.train", description="Train one latentcot stage.")
+    """Flags of `latentcot.train` (the seeds' names): `TrainArgs`, the unified model's flags (`--stage unified`:
+    `latentcot.unified.UnifiedFlags`, the definition `latentcot run unified` parses too), `--settings` and every config
+    field."""
+    from latentcot.unified import UnifiedFlags
+
+    return cli_parser(TrainArgs, UnifiedFlags, prog="latentcot.train", description="Train one latentcot stage.")
+
 
 # %% ../nbs/14_train.ipynb #e82780ae
 def equal_budget_note(samples, collate, cfg: LatentCoTConfig, n: int = 256) -> str | None:
@@ -394,18 +399,29 @@ def run_info(args: argparse.Namespace) -> dict:
     return info
 
 # %% ../nbs/14_train.ipynb #92916d42
-def run(args: argparse.Namespace, cfg: LatentCoTConfig | None = None, given: set[str] | None = None):
+def run(
+    args: argparse.Namespace, cfg: LatentCoTConfig | None = None, given: set[str] | None = None, unified=None
+):
     """Train the stage `args` describe; returns the final checkpoint folder. A resume with other settings, a damaged
     checkpoint or teacher file, and a non-finite loss stop the run with an error, before `final/` is written.
-    `given`: the config fields the command line set (a stage's own defaults fill the rest; None: `cfg` as it is)."""
+    `given`: the config fields the command line set (a stage's own defaults fill the rest; None: `cfg` as it is).
+    `unified`: the unified model's flags (`latentcot.unified.UnifiedFlags`; None: those `args` holds, else defaults);
+    another stage refuses them set (`UnifiedConfigError`)."""
     from latentcot.tiny import tiny_kit_path
     from latentcot.data import load_samples, SampleDataset
     from latentcot.collators import LatentCollator
     from latentcot.demo import default_data_dir
+    from latentcot.unified import UnifiedConfigError, UnifiedFlags
 
     if getattr(args, "limit", None) is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     args.stage = STAGE_ALIASES.get(args.stage, args.stage)
+    unified = unified if unified is not None else UnifiedFlags.of(args)  # checked: UnifiedConfigError
+    if args.stage != "unified" and (named := unified.changed()):
+        raise UnifiedConfigError(
+            f"{', '.join('--' + k for k in named)}: flags of the unified model (--stage unified), "
+            f"not of --stage {args.stage}"
+        )
     if getattr(args, "data", None):
         args.data = str(data_file(args.data))
     if cfg is None:
@@ -428,7 +444,7 @@ def run(args: argparse.Namespace, cfg: LatentCoTConfig | None = None, given: set
     if args.stage == "unified":  # seed 004: its own model and collator (latentcot.unified)
         from latentcot.unified import run_unified_training
 
-        return run_unified_training(args, cfg, given)
+        return run_unified_training(args, cfg, given, unified)
     from accelerate import PartialState
     from accelerate.utils import DistributedType
 
@@ -560,12 +576,14 @@ def main(argv: list[str] | None = None) -> int:
     "CLI entry point (`python -m latentcot.train`, `accelerate launch -m latentcot.train`, `latentcot train`)."
     import sys
 
+    from latentcot.unified import UnifiedFlags
+
     parser = build_parser()
-    args, cfg = parse_cli(parser, argv, (TrainArgs,))
+    args, unified, cfg = parse_cli(parser, argv, (TrainArgs, UnifiedFlags))  # a wrong unified flag: a usage error
     given = config_flags_given(parser.parse_args(argv))
     if args.deepspeed:
         deepspeed_env(args.deepspeed, sys.argv[1:] if argv is None else argv)
-    print(run(args, cfg, given))
+    print(run(args, cfg, given, unified))
     from accelerate import PartialState
 
     PartialState().destroy_process_group()  # after the final save and barrier; a no-op with one process

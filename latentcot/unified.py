@@ -16,22 +16,24 @@ import torch.nn.functional as F
 from torch import nn
 from PIL import Image
 
+from .config import flag_view
 from .mmdit import check_image_size, decode_latents, encode_images, grid_scores, pack, unpack
 from .mmdit_kit import tensor_to_images
 
 # %% auto #0
-__all__ = ['SYSTEM_PROMPT', 'LOCATION_RE', 'UNIFIED_VERSION', 'UNIFIED_TRAIN_DEFAULTS', 'UNIFIED_STEPS', 'UnifiedConfig',
-           'UnifiedIds', 'vae_factor', 'patch_grid', 'image_patches', 'patches_to_images', 'AdaLNBlock', 'euler_sigmas',
-           'FlowHead', 'flow_pair', 'euler_sample', 'edit_sample', 'qa_sample', 'render_text', 'patch_grid_thw',
-           'image_block_offsets', 'NoLocationPhrase', 'location_char_spans', 'location_token_positions',
-           'UnifiedCollator', 'UnifiedOutput', 'tgt_aux_edited', 'UnifiedModel', 'save_unified', 'load_unified',
-           'Generated', 'prompt_sample', 'generate', 'UnifiedImageEditingInference', 'unified_train_settings',
-           'unified_samples', 'unified_step', 'train_unified', 'run_unified_training', 'prompt_of', 'evaluate_unified',
-           'teacher_forced_scores', 'decision_metrics', 'image_metrics', 'baseline_rows', 'paired_image_diff',
-           'start_probability', 'weighted_optimum', 'RunUnifiedArgs', 'unified_grid', 'mmdit_rows', 'unified_table',
-           'weight_study', 'run_unified', 'run_main', 'UnifiedCliArgs', 'write_generated', 'unified_main',
-           'SequenceStepper', 'BenchUnifiedArgs', 'sided_prompt', 'per_patch_seconds', 'LMClock', 'cache_comparison',
-           'wider_lm_model', 'keep_drawing', 'bench_unified', 'bench_unified_main']
+__all__ = ['UNIFIED_FLAGS', 'SYSTEM_PROMPT', 'LOCATION_RE', 'UNIFIED_VERSION', 'UNIFIED_TRAIN_DEFAULTS', 'UNIFIED_STEPS',
+           'UnifiedConfig', 'UnifiedConfigError', 'check_unified_config', 'UnifiedFlags', 'UnifiedIds', 'vae_factor',
+           'patch_grid', 'image_patches', 'patches_to_images', 'AdaLNBlock', 'euler_sigmas', 'FlowHead', 'flow_pair',
+           'euler_sample', 'edit_sample', 'qa_sample', 'render_text', 'patch_grid_thw', 'image_block_offsets',
+           'NoLocationPhrase', 'location_char_spans', 'location_token_positions', 'UnifiedCollator', 'UnifiedOutput',
+           'tgt_aux_edited', 'UnifiedModel', 'save_unified', 'load_unified', 'Generated', 'prompt_sample', 'generate',
+           'UnifiedImageEditingInference', 'unified_train_settings', 'unified_samples', 'unified_step', 'train_unified',
+           'run_unified_training', 'prompt_of', 'evaluate_unified', 'teacher_forced_scores', 'decision_metrics',
+           'image_metrics', 'baseline_rows', 'paired_image_diff', 'start_probability', 'weighted_optimum',
+           'RunUnifiedArgs', 'unified_grid', 'mmdit_rows', 'unified_table', 'weight_study', 'run_unified',
+           'run_unified_parser', 'run_main', 'UnifiedCliArgs', 'write_generated', 'unified_main', 'SequenceStepper',
+           'BenchUnifiedArgs', 'sided_prompt', 'per_patch_seconds', 'LMClock', 'cache_comparison', 'wider_lm_model',
+           'keep_drawing', 'bench_unified', 'bench_unified_main']
 
 # %% ../nbs/23_unified.ipynb #bb4d4fa7
 @dataclass
@@ -147,6 +149,76 @@ class UnifiedConfig:
         default=1.0, metadata={"help": "scale of the starting noise of each drawn patch (MAR's temperature; 0: no noise)"}
     )
     draw_size: int = field(default=64, metadata={"help": "side of a drawn image when the prompt has no input image"})
+
+# %% ../nbs/23_unified.ipynb #uflags-err
+class UnifiedConfigError(ValueError):
+    "A `UnifiedConfig` value out of range, or settings that need another; names the setting (and its `--flag`)."
+
+
+# %% ../nbs/23_unified.ipynb #uflags-names
+UNIFIED_FLAGS = (  # the UnifiedConfig fields both commands take as flags (`UnifiedFlags`)
+    "head_width",
+    "head_depth",
+    "special_token_weight",
+    "fm_batch_mul",
+    "input_noise",
+    "self_feed",
+    "ref_cond",
+    "img0_aux_weight",
+    "img0_aux_blind",
+    "tgt_aux_weight",
+    "tgt_aux_edit_weight",
+    "blind_draw",
+    "tgt_cond",
+    "location_weight",
+    "num_timesteps",
+)
+
+
+# %% ../nbs/23_unified.ipynb #uflags-check
+def check_unified_config(c) -> None:
+    "Raise `UnifiedConfigError` for a value of `c` (a `UnifiedConfig` or its flags) out of range or missing its partner."
+    weights = ("special_token_weight", "input_noise", "img0_aux_weight", "tgt_aux_weight", "tgt_aux_edit_weight")
+    for k in (*weights, "location_weight"):
+        if getattr(c, k) < 0:
+            raise UnifiedConfigError(f"{k}={getattr(c, k)} (--{k}): must be >= 0")
+    for k in ("head_width", "fm_batch_mul", "num_timesteps"):
+        if getattr(c, k) < 1:
+            raise UnifiedConfigError(f"{k}={getattr(c, k)} (--{k}): must be >= 1")
+    if not 0 <= c.self_feed <= 1:
+        raise UnifiedConfigError(f"self_feed={c.self_feed} (--self_feed): a share, must be in [0, 1]")
+    if c.tgt_cond and c.tgt_aux_weight <= 0:
+        raise UnifiedConfigError(
+            "tgt_cond (--tgt_cond) conditions the flow head on tgt_aux's prediction: it needs tgt_aux_weight > 0 "
+            f"(--tgt_aux_weight), got {c.tgt_aux_weight}"
+        )
+
+
+# %% ../nbs/23_unified.ipynb #uflags-class
+@dataclass
+class UnifiedFlags(
+    flag_view(UnifiedConfig, skip=[f.name for f in fields(UnifiedConfig) if f.name not in UNIFIED_FLAGS], name="_Fields")
+):
+    """The `UNIFIED_FLAGS` of `UnifiedConfig` (its names, defaults and help) as command-line flags: `latentcot run
+    unified` (`RunUnifiedArgs`) and `latentcot.train --stage unified` parse these; checked on construction."""
+
+    def __post_init__(self):
+        check_unified_config(self)
+
+    def unified_config(self, **extra) -> UnifiedConfig:
+        "The `UnifiedConfig` these flags set (the config's defaults elsewhere; `extra` overrides)."
+        return UnifiedConfig(**{k: getattr(self, k) for k in UNIFIED_FLAGS} | extra)
+
+    def changed(self) -> list[str]:
+        "The flags whose value is not `UnifiedConfig`'s default."
+        d = UnifiedConfig()
+        return [k for k in UNIFIED_FLAGS if getattr(self, k) != getattr(d, k)]
+
+    @classmethod
+    def of(cls, obj) -> "UnifiedFlags":
+        "The flags `obj` (a parsed namespace, a dataclass) holds, the defaults for those it lacks; checked."
+        return cls(**{k: getattr(obj, k) for k in UNIFIED_FLAGS if hasattr(obj, k)})
+
 
 # %% ../nbs/23_unified.ipynb #c0b3afc4
 @dataclass
@@ -602,6 +674,7 @@ class UnifiedModel(nn.Module):
             raise ValueError(
                 f"patch_dim={self.cfg.patch_dim} but the VAE's patches have 4 * z_dim = {4 * vae.config.z_dim} values"
             )
+        check_unified_config(self.cfg)  # UnifiedConfigError: a value out of range, tgt_cond without tgt_aux
         self.vlm, self.vae, self.processor = vlm, vae, processor
         self.ids = UnifiedIds.from_tokenizer(processor.tokenizer)
         H = vlm.config.get_text_config().hidden_size
@@ -615,20 +688,11 @@ class UnifiedModel(nn.Module):
                 nn.init.normal_(e.weight, std=0.02)
         if self.cfg.ref_cond:  # the copy prior: the same cell of the image before, into the head's condition
             self.ref_in = nn.Sequential(nn.Linear(self.cfg.patch_dim, H), nn.GELU(), nn.Linear(H, H))
-        if self.cfg.img0_aux_weight < 0:
-            raise ValueError(f"img0_aux_weight={self.cfg.img0_aux_weight}: must be >= 0")
         if self.cfg.img0_aux_weight > 0:  # hidden state before a drawn patch -> img0's patch at that cell
             self.img0_aux = nn.Sequential(nn.Linear(H, H), nn.GELU(), nn.Linear(H, self.cfg.patch_dim))
-        if self.cfg.tgt_aux_weight < 0 or self.cfg.tgt_aux_edit_weight < 0:
-            raise ValueError(
-                f"tgt_aux_weight={self.cfg.tgt_aux_weight}, tgt_aux_edit_weight={self.cfg.tgt_aux_edit_weight}: "
-                "must be >= 0"
-            )
         if self.cfg.tgt_aux_weight > 0:  # blind hidden state before a drawn patch -> that patch
             self.tgt_aux = nn.Sequential(nn.Linear(H, H), nn.GELU(), nn.Linear(H, self.cfg.patch_dim))
         if self.cfg.tgt_cond:  # tgt_aux's blind prediction of the patch, into the head's condition
-            if self.cfg.tgt_aux_weight <= 0:
-                raise ValueError("tgt_cond conditions the flow head on tgt_aux's prediction: it needs tgt_aux_weight > 0")
             self.tgt_in = nn.Sequential(nn.Linear(self.cfg.patch_dim, H), nn.GELU(), nn.Linear(H, H))
         vlm.model.visual.requires_grad_(False)
         vae.requires_grad_(False)
@@ -1299,20 +1363,27 @@ def train_unified(
     return final
 
 # %% ../nbs/23_unified.ipynb #586c042b
-def run_unified_training(args, cfg, given: set[str] | None = None) -> Path:
+def run_unified_training(args, cfg, given: set[str] | None = None, unified: UnifiedFlags | None = None) -> Path:
     """`python -m latentcot.train --stage unified`: `--data` editing triplets (default data_samples/edit), QA from
-    data_samples/visual; the stage's own optimisation defaults (`unified_train_settings`) where no flag is given."""
+    data_samples/visual; the stage's own optimisation defaults (`unified_train_settings`) where no flag is given;
+    `unified`: the model's flags (`UnifiedFlags`, default: those `args` holds). Continuing a unified model
+    (`--model_name_or_path` with unified.json) keeps its config: a flag set to another value is refused."""
     from latentcot.train import data_file, run_info
 
+    flags = unified if unified is not None else UnifiedFlags.of(args)
     cfg, max_steps, applied = unified_train_settings(args, cfg, given)
     if applied and not args.quiet:
         print(f"note: unified stage defaults {applied} (pass the flags to override)", file=sys.stderr)
     base = args.model_name_or_path
-    model = (
-        load_unified(base)
-        if base and (Path(base) / "unified.json").is_file()
-        else UnifiedModel.from_kits(base, seed=cfg.seed)
-    )
+    if base and (Path(base) / "unified.json").is_file():
+        model = load_unified(base)
+        if clash := [k for k in flags.changed() if getattr(flags, k) != getattr(model.cfg, k)]:
+            raise UnifiedConfigError(
+                f"--model_name_or_path {base} is a unified model with its own config: "
+                + "; ".join(f"--{k} {getattr(flags, k)!r} but the model has {getattr(model.cfg, k)!r}" for k in clash)
+            )
+    else:
+        model = UnifiedModel.from_kits(base, cfg=flags.unified_config(), seed=cfg.seed)
     samples = unified_samples(data_file(args.data) if args.data else None, limit=args.limit)
     trackers = () if args.report_to == "none" else (args.report_to,)
     return train_unified(
@@ -1327,6 +1398,7 @@ def run_unified_training(args, cfg, given: set[str] | None = None) -> Path:
         not args.quiet,
         run_info(args),
     )
+
 
 # %% ../nbs/23_unified.ipynb #c91c22d2
 def prompt_of(sample: dict) -> dict:
@@ -1550,8 +1622,9 @@ def weighted_optimum(p: float, w: float) -> float:
 
 # %% ../nbs/23_unified.ipynb #c9930895
 @dataclass
-class RunUnifiedArgs:
-    "Flags of `latentcot run unified`."
+class RunUnifiedArgs(UnifiedFlags):
+    """Flags of `latentcot run unified`: the model's (`UnifiedFlags`, shared with `latentcot.train --stage unified`;
+    `--num_timesteps` defaults to 10 here, the evaluation's Euler steps) and the run's own."""
 
     out: str = field(default="runs/unified", metadata={"help": "report folder (training run in OUT/train)"})
     steps: int = field(default=UNIFIED_STEPS, metadata={"help": "optimizer steps"})
@@ -1559,63 +1632,6 @@ class RunUnifiedArgs:
         default=UNIFIED_TRAIN_DEFAULTS["bsz"], metadata={"help": "samples per step (editing and QA interleaved)"}
     )
     lr: float = field(default=UNIFIED_TRAIN_DEFAULTS["learning_rate"], metadata={"help": "AdamW learning rate"})
-    special_token_weight: float = field(
-        default=2.0, metadata={"help": "CE weight of <|vision_start|> (seed 004: 2.0)"}
-    )
-    fm_batch_mul: int = field(default=4, metadata={"help": "noise draws per patch per step"})
-    head_width: int = field(default=256, metadata={"help": "flow head width"})
-    head_depth: int = field(default=3, metadata={"help": "residual AdaLN blocks of the flow head"})
-    input_noise: float = field(default=0.0, metadata={"help": "noise on fed-back drawn patches in training"})
-    self_feed: float = field(
-        default=0.0, metadata={"help": "scheduled sampling: share of fed-back drawn patches that are the head's own"}
-    )
-    ref_cond: bool = field(
-        default=False,
-        metadata={
-            "help": "beyond the seed: condition the head on the same cell of the image before (a copy prior; "
-            "see UnifiedConfig.ref_cond)"
-        },
-    )
-    img0_aux_weight: float = field(
-        default=0.0,
-        metadata={
-            "help": "beyond the seed: weight of the auxiliary loss that makes the hidden state before each drawn patch "
-            "predict img0's patch at that cell (see UnifiedConfig.img0_aux_weight; 0: off)"
-        },
-    )
-    img0_aux_blind: bool = field(
-        default=False,
-        metadata={"help": "the img0_aux term on a forward with the drawn patches zeroed (see UnifiedConfig)"},
-    )
-    tgt_aux_weight: float = field(
-        default=0.0,
-        metadata={
-            "help": "beyond the seed: weight of the auxiliary loss that makes the hidden state before each drawn patch, "
-            "on a forward with the drawn patches hidden, predict that patch (see UnifiedConfig.tgt_aux_weight; 0: off)"
-        },
-    )
-    tgt_aux_edit_weight: float = field(
-        default=1.0,
-        metadata={"help": "weight of the patches the edit changes inside the tgt_aux term (see UnifiedConfig)"},
-    )
-    blind_draw: bool = field(
-        default=False,
-        metadata={"help": "beyond the seed: drawn patches enter the LM as zeros, in training and inference (see UnifiedConfig)"},
-    )
-    tgt_cond: bool = field(
-        default=False,
-        metadata={
-            "help": "condition the flow head on tgt_aux's blind prediction of each patch, in training and at inference "
-            "(see UnifiedConfig.tgt_cond; needs --tgt_aux_weight > 0)"
-        },
-    )
-    location_weight: float = field(
-        default=1.0,
-        metadata={
-            "help": "beyond the seed: CE weight of the target's location digits in reflection 1 ('at row R, column C' "
-            "in its first sentence; see UnifiedConfig.location_weight; 1: off)"
-        },
-    )
     compare_to: str | None = field(
         default=None,
         metadata={
@@ -1630,7 +1646,9 @@ class RunUnifiedArgs:
             "free-running and teacher-forced: equal scores mean the model does not read img0"
         },
     )
-    num_timesteps: int = field(default=10, metadata={"help": "Euler steps per patch at evaluation"})
+    num_timesteps: int = field(
+        default=10, metadata={"help": "Euler steps per patch at evaluation (saved with the model as its default)"}
+    )
     limit_train: int | None = field(
         default=None, metadata={"help": "use only the first N editing and N QA training samples"}
     )
@@ -1787,23 +1805,7 @@ def run_unified(a: RunUnifiedArgs) -> dict:
     t0, out = time.time(), Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = load_config().replace(**UNIFIED_TRAIN_DEFAULTS | dict(bsz=a.batch_size, learning_rate=a.lr, seed=a.seed))
-    ucfg = UnifiedConfig(
-        special_token_weight=a.special_token_weight,
-        fm_batch_mul=a.fm_batch_mul,
-        head_width=a.head_width,
-        head_depth=a.head_depth,
-        num_timesteps=a.num_timesteps,
-        input_noise=a.input_noise,
-        self_feed=a.self_feed,
-        ref_cond=a.ref_cond,
-        img0_aux_weight=a.img0_aux_weight,
-        img0_aux_blind=a.img0_aux_blind,
-        tgt_aux_weight=a.tgt_aux_weight,
-        tgt_aux_edit_weight=a.tgt_aux_edit_weight,
-        blind_draw=a.blind_draw,
-        tgt_cond=a.tgt_cond,
-        location_weight=a.location_weight,
-    )
+    ucfg = a.unified_config()
     if a.compare_to is not None and not (Path(a.compare_to) / "rows.jsonl").is_file():
         raise ValueError(f"--compare_to: no rows.jsonl in {a.compare_to}")
     if a.edit_train is not None and not Path(a.edit_train).is_file():
@@ -1885,22 +1887,28 @@ def run_unified(a: RunUnifiedArgs) -> dict:
     return metrics
 
 # %% ../nbs/23_unified.ipynb #0b4cdc55
+def run_unified_parser():
+    "The parser of `latentcot run unified` (`RunUnifiedArgs`)."
+    from latentcot.config import cli_parser
+
+    return cli_parser(
+        RunUnifiedArgs,
+        config=False,
+        prog="latentcot run unified",
+        description="Train the unified model and evaluate it on held-out data.",
+    )
+
+
+# %% ../nbs/23_unified.ipynb #run-main
 def run_main(argv: list[str] | None = None) -> int:
     "`latentcot run unified [--out DIR] [...]`: train, evaluate, report."
-    from latentcot.config import cli_parser, parse_cli
+    from latentcot.config import parse_cli
 
-    (a,) = parse_cli(
-        cli_parser(
-            RunUnifiedArgs,
-            config=False,
-            prog="latentcot run unified",
-            description="Train the unified model and evaluate it on held-out data.",
-        ),
-        argv,
-    )
+    (a,) = parse_cli(run_unified_parser(), argv)
     m = run_unified(a)
     print((Path(a.out) / "table.md").read_text())
     return 0
+
 
 # %% ../nbs/23_unified.ipynb #c3218bc4
 @dataclass

@@ -36,7 +36,8 @@ def test_run_unified_then_generate(tmp_path):
 
 def test_train_stage_unified_resumes(tmp_path):
     base = [sys.executable, "-m", "latentcot.train", "--stage", "unified", "--output_dir", str(tmp_path / "t"), "--limit", "2",
-            "--bsz", "2", "--grad_accum_steps", "1", "--lr", "1e-3", "--report_to", "none", "--quiet"]
+            "--bsz", "2", "--grad_accum_steps", "1", "--lr", "1e-3", "--report_to", "none", "--quiet",
+            "--tgt_aux_weight", "1", "--tgt_aux_edit_weight", "5", "--tgt_cond", "--head_width", "32", "--fm_batch_mul", "1"]
     for steps in ("1", "2"):
         r = subprocess.run(base + ["--max_steps", steps], capture_output=True, text=True, env=ENV, timeout=900, cwd=tmp_path)
         assert r.returncode == 0, r.stderr[-3000:]
@@ -46,3 +47,54 @@ def test_train_stage_unified_resumes(tmp_path):
     # flags given win; the settings no flag names take the unified stage's defaults, not the latent stages' (lr 1e-5)
     cfg = json.loads((tmp_path / "t" / "latentcot_config.json").read_text())
     assert (cfg["bsz"], cfg["grad_accum_steps"], cfg["learning_rate"], cfg["warmup_steps"]) == (2, 1, 1e-3, 10)
+    # the unified model's flags reach the saved model
+    u = json.loads((tmp_path / "t" / "final" / "unified.json").read_text())["config"]
+    assert (u["tgt_aux_weight"], u["tgt_aux_edit_weight"], u["tgt_cond"], u["head_width"], u["fm_batch_mul"]) == (1.0, 5.0, True, 32, 1)
+
+
+# every flag of UnifiedFlags set away from its default
+ALL_UNIFIED = ["--head_width", "64", "--head_depth", "2", "--special_token_weight", "1.5", "--fm_batch_mul", "2",
+               "--input_noise", "0.1", "--self_feed", "0.25", "--ref_cond", "--img0_aux_weight", "0.5", "--img0_aux_blind",
+               "--tgt_aux_weight", "1", "--tgt_aux_edit_weight", "5", "--blind_draw", "--tgt_cond", "--location_weight", "3",
+               "--num_timesteps", "7"]
+
+
+def test_train_cli_unified_flags_are_run_unifieds(tmp_path, capsys):
+    """`python -m latentcot.train --stage unified` parses the model flags of `latentcot run unified` (one definition,
+    `UnifiedFlags`): the same flags give the same UnifiedConfig; a wrong value is a usage error naming the flag; another
+    stage refuses them with UnifiedConfigError."""
+    import dataclasses, pytest
+    from latentcot.config import parse_cli
+    from latentcot.train import TrainArgs, build_parser, run
+    from latentcot.unified import UNIFIED_FLAGS, UnifiedConfig, UnifiedConfigError, UnifiedFlags, run_unified_parser
+
+    train = lambda argv: parse_cli(build_parser(), ["--stage", "unified", "--output_dir", str(tmp_path)] + argv, (TrainArgs, UnifiedFlags))[1]
+    run_u = lambda argv: parse_cli(run_unified_parser(), argv)[0]
+    # every flag, given to both commands: equal configs, every field the flags name changed
+    assert train(ALL_UNIFIED).unified_config() == run_u(ALL_UNIFIED).unified_config()
+    assert set(train(ALL_UNIFIED).changed()) == set(UNIFIED_FLAGS)
+    # the session-11 form: equal but for num_timesteps, which run unified defaults to 10 (its evaluation's Euler steps)
+    s11 = ["--tgt_aux_weight", "1", "--tgt_aux_edit_weight", "5", "--tgt_cond"]
+    assert train(s11).unified_config() == dataclasses.replace(run_u(s11).unified_config(), num_timesteps=20)
+    assert train(s11).unified_config() == UnifiedConfig(tgt_aux_weight=1.0, tgt_aux_edit_weight=5.0, tgt_cond=True)
+    assert train([]).unified_config() == UnifiedConfig()  # no flag: the model's defaults, as before
+    # same option strings and defaults (one definition)
+    def opts(p):
+        return {a.dest: (sorted(a.option_strings), a.default) for a in p._actions if a.dest in UNIFIED_FLAGS}
+    t, r = opts(build_parser()), opts(run_unified_parser())
+    assert set(t) == set(r) == set(UNIFIED_FLAGS)
+    assert {k: v for k, v in t.items() if k != "num_timesteps"} == {k: v for k, v in r.items() if k != "num_timesteps"}
+    assert t["num_timesteps"][1] == UnifiedConfig().num_timesteps and r["num_timesteps"][1] == 10
+    # wrong values: usage errors (exit 2) naming the flag, in both commands
+    for bad, named in ((["--tgt_cond"], "--tgt_aux_weight"), (["--location_weight", "-1"], "--location_weight"),
+                       (["--self_feed", "2"], "--self_feed"), (["--location_weight", "abc"], "--location_weight")):
+        for parse in (train, run_u):
+            with pytest.raises(SystemExit) as e:
+                parse(bad)
+            assert e.value.code == 2 and named in capsys.readouterr().err, bad
+    # the error class itself, before anything loads: --tgt_cond without --tgt_aux_weight, and on another stage
+    with pytest.raises(UnifiedConfigError, match="needs tgt_aux_weight > 0"):
+        run(build_parser().parse_args(["--stage", "unified", "--output_dir", str(tmp_path / "u"), "--tgt_cond"]))
+    with pytest.raises(UnifiedConfigError, match="--tgt_aux_weight, --tgt_aux_edit_weight, --tgt_cond: flags of the unified"):
+        run(build_parser().parse_args(["--stage", "stage1", "--output_dir", str(tmp_path / "s"), *s11]))
+    assert not (tmp_path / "u").exists() and not (tmp_path / "s").exists()
