@@ -1359,7 +1359,10 @@ def run_mmdit_stage(args, cfg) -> Path:
     H = vlm.config.get_text_config().hidden_size
     with torch.random.fork_rng(devices=[]):  # the bridge's initial weights follow --seed
         torch.manual_seed(cfg.seed)
-        bridge = MMDiTBridge(H, parts["transformer"].config.joint_attention_dim)
+        mode = getattr(args, "mmdit_bridge", "auto")
+        if mode == "mix" and cfg.latent_size_mode != "fixed":
+            raise ValueError("--mmdit_bridge mix needs fixed-length latents: --latent_size_mode fixed --latent_size K")
+        bridge = MMDiTBridge(H, parts["transformer"].config.joint_attention_dim, mode, num_latents=cfg.latent_size)
     if (kit / "bridge" / "bridge.json").is_file():  # continue from a trained generator
         g = LatentToImageGenerator(**parts)
         g.load_bridge(kit / "bridge")

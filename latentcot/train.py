@@ -258,6 +258,13 @@ class TrainArgs:
             "scheduler/; default: the tiny kit): trained by --stage mmdit (--lora: adapters on its attention)"
         },
     )
+    mmdit_bridge: Literal["auto", "mix"] = field(
+        default="auto",
+        metadata={
+            "help": "--stage mmdit: the bridge to train, auto (identity + residual MLP) or mix (adds 16 tokens, each a "
+            "learned linear function of all latents; needs --latent_size_mode fixed)"
+        },
+    )
     train_mmdit: bool = field(
         default=False,
         metadata={
