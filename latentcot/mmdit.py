@@ -559,20 +559,23 @@ def train_generator(
 
 # %% ../nbs/22_mmdit.ipynb #2d567ab1
 def cell_scores(g, t, o) -> dict:
-    "`grid_scores` of grids already read (16 cells each): drawn or predicted `g`, target `t`, img0 `o`."
+    """`grid_scores` of grids already read (16 cells each): drawn or predicted `g`, target `t`, img0 `o`. `kept`: the
+    changed cells drawn as they were in img0 (the edit not made), disjoint from the right ones."""
     changed = [i for i in range(len(t)) if t[i] != o[i]]
     drawn = [i for i in changed if t[i] is not None]  # a blank image scores 0 here, as copying img0 does
     hits = [a == b for a, b in zip(g, t)]
     return {
         "changed": sum(hits[i] for i in changed) / len(changed) if changed else None,
         "drawn": sum(hits[i] for i in drawn) / len(drawn) if drawn else None,
+        "kept": sum(g[i] == o[i] for i in changed) / len(changed) if changed else None,
         "all": sum(hits) / len(hits),
         "exact": float(all(hits)),
     }
 
 
 def grid_scores(generated, target, img0) -> dict:
-    "Accuracy on changed cells (`None` if none), on changed cells holding an object, on all cells; exact match."
+    """Accuracy on changed cells (`None` if none), on changed cells holding an object, on all cells; exact match; the
+    share of changed cells left as in img0."""
     return cell_scores(read_grid(generated), read_grid(target), read_grid(img0))
 
 
@@ -659,8 +662,8 @@ def summarize(scores: dict, n_boot: int = 2000) -> dict:
     out = {}
     for cond, rows in scores.items():
         out[cond] = {"items": len(rows)}
-        for k in ("changed", "drawn", "all", "exact"):
-            vals = [r[k] for r in rows if r.get(k) is not None]  # scores of an older latentcot have no "drawn"
+        for k in ("changed", "drawn", "kept", "all", "exact"):
+            vals = [r[k] for r in rows if r.get(k) is not None]  # scores of an older latentcot lack "drawn", "kept"
             if vals:
                 out[cond][k] = dict(zip(("mean", "low", "high"), bootstrap_ci(vals, n_boot=n_boot)))
     key = lambda rows: {(r["sample_id"], r["round"]): r["changed"] for r in rows if r["changed"] is not None}
@@ -681,14 +684,16 @@ def summarize(scores: dict, n_boot: int = 2000) -> dict:
 
 # %% ../nbs/22_mmdit.ipynb #e1b27fac
 def results_table(summary: dict) -> str:
-    "A markdown table: per condition, changed cells (all, with an object), all cells, exact grids; 95% intervals."
+    """A markdown table: per condition, changed cells (all, with an object), changed cells left as in img0, all cells,
+    exact grids; 95% intervals."""
     f = lambda d: "-" if d is None else f"{100 * d['mean']:.1f} [{100 * d['low']:.1f}, {100 * d['high']:.1f}]"
     lines = [
-        "| condition | changed cells % | changed cells with an object % | all cells % | exact grids % | items |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| condition | changed cells % | changed cells with an object % | changed cells left as in img0 % | all cells % "
+        "| exact grids % | items |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for cond, s in summary.items():
-        cols = " | ".join(f(s.get(k)) for k in ("changed", "drawn", "all", "exact"))
+        cols = " | ".join(f(s.get(k)) for k in ("changed", "drawn", "kept", "all", "exact"))
         lines.append(f"| {cond} | {cols} | {s['items']} |")
     return "\n".join(lines)
 
