@@ -22,18 +22,18 @@ from .mmdit_kit import tensor_to_images
 
 # %% auto #0
 __all__ = ['UNIFIED_FLAGS', 'SYSTEM_PROMPT', 'LOCATION_RE', 'UNIFIED_VERSION', 'UNIFIED_TRAIN_DEFAULTS', 'UNIFIED_STEPS',
-           'UnifiedConfig', 'UnifiedConfigError', 'check_unified_config', 'UnifiedFlags', 'UnifiedIds', 'vae_factor',
-           'patch_grid', 'image_patches', 'patches_to_images', 'AdaLNBlock', 'euler_sigmas', 'FlowHead', 'flow_pair',
-           'euler_sample', 'edit_sample', 'qa_sample', 'render_text', 'patch_grid_thw', 'image_block_offsets',
-           'NoLocationPhrase', 'location_char_spans', 'location_token_positions', 'UnifiedCollator', 'UnifiedOutput',
-           'tgt_aux_edited', 'UnifiedModel', 'save_unified', 'load_unified', 'Generated', 'prompt_sample', 'generate',
-           'UnifiedImageEditingInference', 'unified_train_settings', 'unified_samples', 'unified_step', 'train_unified',
-           'run_unified_training', 'prompt_of', 'evaluate_unified', 'teacher_forced_scores', 'decision_metrics',
-           'image_metrics', 'baseline_rows', 'paired_image_diff', 'start_probability', 'weighted_optimum',
-           'RunUnifiedArgs', 'unified_grid', 'mmdit_rows', 'unified_table', 'weight_study', 'run_unified',
-           'run_unified_parser', 'run_main', 'UnifiedCliArgs', 'write_generated', 'unified_main', 'SequenceStepper',
-           'BenchUnifiedArgs', 'sided_prompt', 'per_patch_seconds', 'LMClock', 'cache_comparison', 'wider_lm_model',
-           'keep_drawing', 'bench_unified', 'bench_unified_main']
+           'IMAGE_METRICS', 'UnifiedConfig', 'UnifiedConfigError', 'check_unified_config', 'UnifiedFlags', 'UnifiedIds',
+           'vae_factor', 'patch_grid', 'image_patches', 'patches_to_images', 'AdaLNBlock', 'euler_sigmas', 'FlowHead',
+           'flow_pair', 'euler_sample', 'edit_sample', 'qa_sample', 'render_text', 'patch_grid_thw',
+           'image_block_offsets', 'NoLocationPhrase', 'location_char_spans', 'location_token_positions',
+           'UnifiedCollator', 'UnifiedOutput', 'tgt_aux_edited', 'UnifiedModel', 'save_unified', 'load_unified',
+           'Generated', 'prompt_sample', 'generate', 'UnifiedImageEditingInference', 'unified_train_settings',
+           'unified_samples', 'unified_step', 'train_unified', 'run_unified_training', 'prompt_of', 'evaluate_unified',
+           'teacher_forced_scores', 'decision_metrics', 'image_metrics', 'baseline_rows', 'paired_image_diff',
+           'start_probability', 'weighted_optimum', 'RunUnifiedArgs', 'unified_grid', 'mmdit_rows', 'unified_table',
+           'weight_study', 'run_unified', 'run_unified_parser', 'run_main', 'UnifiedCliArgs', 'write_generated',
+           'unified_main', 'SequenceStepper', 'BenchUnifiedArgs', 'sided_prompt', 'per_patch_seconds', 'LMClock',
+           'cache_comparison', 'wider_lm_model', 'keep_drawing', 'bench_unified', 'bench_unified_main']
 
 # %% ../nbs/23_unified.ipynb #bb4d4fa7
 @dataclass
@@ -1460,7 +1460,7 @@ def evaluate_unified(
             if kind == "edit":
                 for r in (1, 2):
                     sc = grid_scores(g.images[r - 1], rec[f"img{r}"], rec["img0"]) if len(g.images) >= r else None
-                    row[f"img{r}"] = sc if sc is not None else dict(changed=0.0, all=0.0, exact=0.0, missing=True)
+                    row[f"img{r}"] = sc if sc is not None else dict(changed=0.0, kept=0.0, all=0.0, exact=0.0, missing=True)
                 white = Image.new("RGB", Image.open(rec["img0"]).size, (255, 255, 255))
                 row["blank"] = [grid_scores(white, rec[f"img{r}"], rec["img0"]) for r in (1, 2)]
                 row["copy"] = [grid_scores(Image.open(rec["img0"]), rec[f"img{r}"], rec["img0"]) for r in (1, 2)]
@@ -1544,9 +1544,12 @@ def _ci(vals, n_boot: int) -> dict:
     return dict(zip(("mean", "low", "high"), bootstrap_ci(vals, n_boot=n_boot) if vals else (float("nan"),) * 3))
 
 # %% ../nbs/23_unified.ipynb #58f38f64
+IMAGE_METRICS = ("changed", "kept", "all", "exact")  # kept: changed cells drawn as in img0 (`latentcot.mmdit.cell_scores`)
+
+
 def image_metrics(rows: list[dict], n_boot: int = 2000) -> dict:
-    """Changed-cell / all-cell accuracy and exact grids of the drawn img1 and img2 (missing images count 0), 95%
-    intervals."""
+    """Changed-cell / all-cell accuracy, exact grids and the changed cells left as in img0 (`kept`) of the drawn img1
+    and img2 (missing images count 0), 95% intervals."""
     from latentcot.pipeline import bootstrap_ci
 
     out = {}
@@ -1554,12 +1557,12 @@ def image_metrics(rows: list[dict], n_boot: int = 2000) -> dict:
         items = [r[f"img{k}"] for r in rows if r["kind"] == "edit" for k in rounds]
         if not items:
             continue
-        out[name] = {m: _ci([it[m] for it in items], n_boot) for m in ("changed", "all", "exact")}
+        out[name] = {m: _ci([it.get(m) for it in items], n_boot) for m in IMAGE_METRICS}  # rows of older runs lack kept
         out[name]["items"] = len(items)
         out[name]["missing"] = sum(bool(it.get("missing")) for it in items)
     blank = [r["blank"][k - 1] for r in rows if r["kind"] == "edit" and "blank" in r for k in (1, 2)]
     if blank:  # an empty canvas already gets the cells an edit empties right: the floor to beat
-        out["blank canvas (baseline)"] = {m: _ci([b[m] for b in blank], n_boot) for m in ("changed", "all", "exact")}
+        out["blank canvas (baseline)"] = {m: _ci([b.get(m) for b in blank], n_boot) for m in IMAGE_METRICS}
         out["blank canvas (baseline)"].update(items=len(blank), missing=0)
     return out
 
@@ -1706,16 +1709,22 @@ def _fmt(d) -> str:
     return f"{100 * d['mean']:.1f} [{100 * d['low']:.1f}, {100 * d['high']:.1f}]"
 
 # %% ../nbs/23_unified.ipynb #3dea2239
+def _fmt_opt(d) -> str:
+    "`_fmt`, or '-' for a metric a report does not have (an older run) or no item has (NaN)."
+    return "-" if d is None or d["mean"] != d["mean"] else _fmt(d)
+
+
 def mmdit_rows(report_dir) -> list[str]:
     "Table rows of a `latentcot run mmdit` report (its metrics.json, same held-out triplets), or a row saying none."
     f = Path(report_dir) / "metrics.json"
     if not f.is_file():
         return [
-            f"| MMDiT route: no report at {report_dir} (`latentcot run mmdit --out {report_dir}`) | - | - | - | - | - |"
+            f"| MMDiT route: no report at {report_dir} (`latentcot run mmdit --out {report_dir}`) | - | - | - | - | - | - |"
         ]
     m = json.loads(f.read_text())
     return [
-        f"| MMDiT route, {cond} Z ({report_dir}) | {_fmt(v['changed'])} | {_fmt(v['all'])} | {_fmt(v['exact'])} "
+        f"| MMDiT route, {cond} Z ({report_dir}) | {_fmt(v['changed'])} | {_fmt_opt(v.get('kept'))} | {_fmt(v['all'])} "
+        f"| {_fmt(v['exact'])} "
         f"| {v['items']} | - |"
         for cond, v in m["summary"].items()
     ]
@@ -1732,17 +1741,18 @@ def unified_table(
         f"| drew on edit prompts | {dec['edit_drew']} / {dec['edit_prompts']} |",
         f"| drew on QA prompts | {dec['qa_drew']} / {dec['qa_prompts']} |",
         "",
-        "| drawn image | changed cells % | all cells % | exact grids % | items | not drawn |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| drawn image | changed cells % | changed cells left as in img0 % | all cells % | exact grids % | items | not drawn |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for k, v in img.items():
         name = k if k.startswith("blank") else f"unified, {k}"
         L.append(
-            f"| {name} | {_fmt(v['changed'])} | {_fmt(v['all'])} | {_fmt(v['exact'])} | {v['items']} | {v['missing']} |"
+            f"| {name} | {_fmt(v['changed'])} | {_fmt_opt(v.get('kept'))} | {_fmt(v['all'])} | {_fmt(v['exact'])} "
+            f"| {v['items']} | {v['missing']} |"
         )
     L += [
         *(mmdit_rows(mmdit_report) if mmdit_report else []),
-        "| copy img0 (by construction) | 0.0 | - | - | - | - |",
+        "| copy img0 (by construction) | 0.0 | 100.0 | - | - | - | - |",
     ]
     if paired:
         L += [
