@@ -74,14 +74,19 @@ def check_config(cfg: LatentCoTConfig, source: str = "<config>"):
         "emphasize_latent_weight",
         "learning_rate",
         "weight_decay",
+        "max_grad_norm",
         "warmup_steps",
         "latent_stop_threshold_steps",
     ):
         if getattr(cfg, k) < 0:
             bad(k, "must be >= 0")
-    unknown = set(cfg.loss_terms) - {"ce", "alignment", "stop", "cost"}
+    unknown = set(cfg.loss_terms) - {"ce", "alignment", "stop", "cost", "grid"}
     if unknown or not cfg.loss_terms:
-        bad("loss_type", f"terms must be among ce, alignment, stop, cost (got {sorted(unknown) or 'nothing'})")
+        bad("loss_type", f"terms must be among ce, alignment, stop, cost, grid (got {sorted(unknown) or 'nothing'})")
+    if "grid" in cfg.loss_terms and cfg.grid_aux_weight <= 0:
+        bad("loss_type", "the term grid is the grid objective, weighted by grid_aux_weight: pass --grid_aux_weight w > 0")
+    if cfg.loss_terms == ["grid"] and cfg.generation_loss_weight > 0:
+        bad("loss_type", "grid alone trains on the teacher layout only: there is no student Z for generation_loss_weight")
     if cfg.latent_bottleneck and (cfg.not_use_4d or not cfg.mask_question_image):
         bad(
             "latent_bottleneck",
@@ -156,7 +161,11 @@ class LatentCoTConfig:
     # losses (seed 000 §6)
     loss_type: str = field(
         default="ce alignment",
-        metadata={"help": "loss terms, e.g. 'ce alignment' (also --loss_type ce alignment)", "nargs": "+"},
+        metadata={
+            "help": "loss terms, e.g. 'ce alignment' (also --loss_type ce alignment); multiturn: 'grid' alone trains "
+            "the grid objective of --grid_aux_weight by itself, without the student rounds",
+            "nargs": "+",
+        },
     )
     alignment_weight: float = field(
         default=1.0, metadata={"help": "weight of the 1 - cos alignment", "aliases": ["--align_weight"]}
@@ -242,6 +251,10 @@ class LatentCoTConfig:
     grad_accum_steps: int = field(default=8, metadata={"help": "micro-batches per optimizer step"})
     learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate", "aliases": ["--lr"]})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(
+        default=0.0,
+        metadata={"help": "clip the gradients' global norm to this before each optimizer step (0 = no clipping)"},
+    )
     warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
     lr_scheduler_type: Literal[
         "constant_with_warmup", "constant", "linear", "cosine", "cosine_with_restarts", "polynomial", "inverse_sqrt"

@@ -173,6 +173,12 @@ class LatentCoTModel(nn.Module):
         cfg = self.cfg
         if cfg.latent_mode_stage != "A":
             raise ValueError("the multi-turn stage runs in mode A (latent_mode_stage=A)")
+        grid = getattr(self, "grid_aux", None)  # --grid_aux_weight: latentcot.mmdit.GridAuxHead on the teacher layout
+        if cfg.loss_terms == ["grid"]:  # the grid objective alone: no student round to compute
+            if grid is None:
+                raise ValueError("loss_type grid needs the grid head: latentcot.mmdit.attach_grid_aux(model, ...)")
+            g = grid(self.vlm, batch, cfg.latent_grad)
+            return LatentCoTOutput(cfg.grid_aux_weight * g, {"grid_aux": float(g.detach())}, None, None, None, {})
         last = cfg.alignment_layer.strip() == "last"
         if teacher is None and "alignment" in cfg.loss_terms and batch.get("teacher") is not None:
             entries = online_teacher(self.vlm, batch["teacher"], "last" if last else "all")
@@ -186,7 +192,6 @@ class LatentCoTModel(nn.Module):
         dev = out.round2.logits.device
         teacher = tuple(x.to(dev) if x is not None else None for x in teacher)
         loss, logs = multiturn_loss(out, batch, cfg, teacher, self.generation_loss)
-        grid = getattr(self, "grid_aux", None)  # --grid_aux_weight: latentcot.mmdit.GridAuxHead on the teacher layout
         if grid is not None and cfg.grid_aux_weight:
             g = grid(self.vlm, batch, cfg.latent_grad)
             loss = loss + cfg.grid_aux_weight * g

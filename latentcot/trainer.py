@@ -582,7 +582,7 @@ def train_loop(
     bar = tqdm(
         total=total, initial=state.global_step, disable=not (progress and acc.is_local_main_process), desc=run_name
     )
-    recs, toks, t0 = [], 0, time.perf_counter()
+    recs, toks, t0, grad_norm = [], 0, time.perf_counter(), None
     model.train()
     while state.global_step < total:
         dl.set_epoch(state.epoch)
@@ -597,6 +597,8 @@ def train_loop(
                 _check_finite(acc, res, batch, state, output_dir)
                 acc.backward(res.loss)
                 if acc.sync_gradients:
+                    # the norm before clipping, over every process's shards (accelerate: DDP, FSDP, DeepSpeed)
+                    grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm else None
                     opt.step()
                     sched.step()
                     opt.zero_grad(set_to_none=True)
@@ -624,6 +626,7 @@ def train_loop(
                     **scal,
                     "lr": sched.get_last_lr()[0],
                     "tokens_per_s": ntok / dt if dt > 0 else 0.0,
+                    **({"grad_norm": _scalar(grad_norm)} if grad_norm is not None else {}),
                     **{k: v for k, v in rec.items() if isinstance(v, list)},
                 }
                 log.write(out)
