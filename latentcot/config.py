@@ -40,6 +40,10 @@ def check_config(cfg: LatentCoTConfig, source: str = "<config>"):
         bad("generation_loss_weight", "must be >= 0")
     if cfg.grid_aux_weight < 0:
         bad("grid_aux_weight", "must be >= 0")
+    if cfg.grid_student_weight < 0:
+        bad("grid_student_weight", "must be >= 0")
+    if cfg.grid_student_weight > 0 and cfg.grid_aux_weight <= 0:
+        bad("grid_student_weight", "reads the student's Z with the head of --grid_aux_weight: pass --grid_aux_weight w > 0")
     if cfg.latent_budget_gamma <= 0:
         bad("latent_budget_gamma", "must be > 0")
     for k in ("latent_stop_threshold", "latent_stop_threshold_start", "latent_stop_rho", "latent_null_scale"):
@@ -193,6 +197,13 @@ class LatentCoTConfig:
         metadata={
             "help": "multiturn: weight of an auxiliary CE of a linear head reading the 4x4 grid of img_{r+1} "
             "(read_grid) from the teacher layout's z_r, computed with gradients (latentcot.mmdit.GridAuxHead; 0 = off)"
+        },
+    )
+    grid_student_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "multiturn: weight of the same grid head's CE on the student's Z0/Z1 (img0 and the prompt only; "
+            "the targets are img1/img2's grids); needs --grid_aux_weight (0 = off)"
         },
     )
     ce_emphasize_factor: float = field(default=1.0, metadata={"help": "CE weight of observation tokens"})
@@ -427,6 +438,7 @@ TRAINING_ONLY = (
     "alignment_center",
     "generation_loss_weight",
     "grid_aux_weight",
+    "grid_student_weight",
 )
 
 # %% ../nbs/00_config.ipynb #cea6fc74

@@ -1011,7 +1011,9 @@ def run_mmdit(
         if n is not None:
             recs[split], samples[split] = recs[split][:n], samples[split][:n]
     lat = multiturn_latents(model, processor, samples["train"] + samples["heldout"], latent_size, progress=progress)
-    text = text_states(model, processor, recs["train"] + recs["heldout"])
+    # Qwen-Image's text path costs a forward per prompt: only when a source or a condition reads it
+    wants_text = "text" in train_sources or "text" in conditions
+    text = text_states(model, processor, recs["train"] + recs["heldout"]) if wants_text else {}
     t_lat = time.time()
     gen = LatentToImageGenerator.from_pretrained(kit, latent_dim=model.config.get_text_config().hidden_size)
     if bridge != "auto" and steps:  # a new bridge to train (steps 0 evaluates the loaded one)
@@ -1563,17 +1565,40 @@ class GridAuxHead(nn.Module):
         "`[B, 2, 16, C]` from z `[B, 2, K*H]`."
         return self.linear(z).reshape(*z.shape[:2], 16, len(GRID_CLASSES))
 
+    def grid_targets(self, sample_ids) -> torch.Tensor:
+        "`[B, 2, 16]` class ids of img1 and img2 of `sample_ids`, read when the head was built."
+        missing = [sid for sid in sample_ids if sid not in self.targets]
+        if missing:
+            raise GridAuxError(f"no grid read for sample(s) {missing[:3]}: build the head on the training samples")
+        return torch.stack([self.targets[sid] for sid in sample_ids])
+
+    def cells_ce(self, z: torch.Tensor, sample_ids) -> torch.Tensor:
+        "Mean CE of the head on z `[B, 2, K*H]` against the cells of img1 (round 0) and img2 (round 1) of `sample_ids`."
+        y = self.grid_targets(sample_ids).to(z.device)
+        return torch.nn.functional.cross_entropy(self.logits(z).reshape(-1, len(GRID_CLASSES)), y.reshape(-1))
+
     def forward(self, vlm, batch: dict, latent_grad: str = "detach") -> torch.Tensor:
         "Mean CE over the cells of img1 (from z0) and img2 (from z1) of a multi-turn batch with its teacher layout."
         tb = batch.get("teacher")
         if tb is None:
             raise GridAuxError("--grid_aux_weight needs the teacher layout: collate with MultiTurnCollator(..., teacher=True)")
-        missing = [sid for sid in tb["sample_ids"] if sid not in self.targets]
-        if missing:
-            raise GridAuxError(f"no grid read for sample(s) {missing[:3]}: build the head on the training samples")
-        z = self.teacher_z(vlm, tb, latent_grad)
-        y = torch.stack([self.targets[sid] for sid in tb["sample_ids"]]).to(z.device)
-        return torch.nn.functional.cross_entropy(self.logits(z).reshape(-1, len(GRID_CLASSES)), y.reshape(-1))
+        self.grid_targets(tb["sample_ids"])  # unknown samples are named before any rollout
+        return self.cells_ce(self.teacher_z(vlm, tb, latent_grad), tb["sample_ids"])
+
+    def student_z(self, out) -> torch.Tensor:
+        "`[B, 2, K*H]`: the student's Z0 and Z1 of a `MultiTurnOutput` (img0 and the prompt in view, not img1/img2)."
+        K, H = self.n_latents, self.hidden_size
+        B = out.z0.shape[0] // K if out.z0.ndim == 2 else out.z0.shape[0]
+        if any(z.numel() != B * K * H or z.shape[-1] != H for z in (out.z0, out.z1)):
+            raise GridAuxError(
+                f"the grid head reads {K} latents x width {H} per round; the student gave Z0 {tuple(out.z0.shape)}, "
+                f"Z1 {tuple(out.z1.shape)}"
+            )
+        return torch.stack([out.z0.reshape(B, K * H), out.z1.reshape(B, K * H)], 1)
+
+    def student(self, out, batch: dict) -> torch.Tensor:
+        "`--grid_student_weight`: the mean CE of the same head on the student's Z0 (-> img1) and Z1 (-> img2)."
+        return self.cells_ce(self.student_z(out), batch["sample_ids"])
 
 
 # %% ../nbs/22_mmdit.ipynb #gridaux27b
@@ -1591,10 +1616,15 @@ def check_grid_aux(stage: str, cfg) -> None:
         )
 
 
-def attach_grid_aux(model, stage: str, samples, cfg) -> GridAuxHead:
-    "Build the grid head for `model` (K = `cfg.latent_size`) as `model.grid_aux`, a module of the model (trained, saved)."
+def attach_grid_aux(model, stage: str, samples, cfg, init_from=None) -> GridAuxHead:
+    """Build the grid head for `model` (K = `cfg.latent_size`) as `model.grid_aux`, a module of the model (trained,
+    saved); it continues the head of `init_from` (a `final/` folder) when that folder holds one."""
     check_grid_aux(stage, cfg)
-    model.grid_aux = GridAuxHead(model.config.get_text_config().hidden_size, cfg.latent_size, samples)
+    H = model.config.get_text_config().hidden_size
+    model.grid_aux = GridAuxHead(H, cfg.latent_size, samples)
+    saved = Path(init_from) / "grid_aux_head.safetensors" if init_from is not None else None
+    if saved is not None and saved.is_file():  # shapes checked against K x H and the classes (ReadoutHeadError)
+        model.grid_aux.linear.load_state_dict(load_readout_head(saved, cfg.latent_size, H).state_dict())
     return model.grid_aux
 
 

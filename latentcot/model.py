@@ -174,11 +174,20 @@ class LatentCoTModel(nn.Module):
         if cfg.latent_mode_stage != "A":
             raise ValueError("the multi-turn stage runs in mode A (latent_mode_stage=A)")
         grid = getattr(self, "grid_aux", None)  # --grid_aux_weight: latentcot.mmdit.GridAuxHead on the teacher layout
-        if cfg.loss_terms == ["grid"]:  # the grid objective alone: no student round to compute
-            if grid is None:
-                raise ValueError("loss_type grid needs the grid head: latentcot.mmdit.attach_grid_aux(model, ...)")
+        if grid is None and (cfg.loss_terms == ["grid"] or cfg.grid_student_weight):
+            raise ValueError(
+                "loss_type grid and grid_student_weight need the grid head: latentcot.mmdit.attach_grid_aux(model, ...)"
+            )
+        if cfg.loss_terms == ["grid"]:  # the grid objectives alone: no CE, no alignment
             g = grid(self.vlm, batch, cfg.latent_grad)
-            return LatentCoTOutput(cfg.grid_aux_weight * g, {"grid_aux": float(g.detach())}, None, None, None, {})
+            loss, logs = cfg.grid_aux_weight * g, {"grid_aux": float(g.detach())}
+            if not cfg.grid_student_weight:  # the teacher layout alone: no student round to compute
+                return LatentCoTOutput(loss, logs, None, None, None, {})
+            out = multiturn_forward(self.vlm, batch, cfg.latent_grad, detach_z0)
+            gs = grid.student(out, batch)
+            logs["grid_student"] = float(gs.detach())
+            stats = {"lm_calls": out.round1.n_calls + out.round2.n_calls}
+            return LatentCoTOutput(loss + cfg.grid_student_weight * gs, logs, out.round2.logits, out.z1, out, stats)
         last = cfg.alignment_layer.strip() == "last"
         if teacher is None and "alignment" in cfg.loss_terms and batch.get("teacher") is not None:
             entries = online_teacher(self.vlm, batch["teacher"], "last" if last else "all")
@@ -196,6 +205,10 @@ class LatentCoTModel(nn.Module):
             g = grid(self.vlm, batch, cfg.latent_grad)
             loss = loss + cfg.grid_aux_weight * g
             logs["grid_aux"] = float(g.detach())
+        if cfg.grid_student_weight:  # the same head on the student's Z0/Z1
+            gs = grid.student(out, batch)
+            loss = loss + cfg.grid_student_weight * gs
+            logs["grid_student"] = float(gs.detach())
         stats = {**cos_per_round(out, teacher), "lm_calls": out.round1.n_calls + out.round2.n_calls}
         return LatentCoTOutput(loss, logs, out.round2.logits, out.z1, out, stats)
 

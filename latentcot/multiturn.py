@@ -23,7 +23,7 @@ __all__ = ['log', 'SYSTEMPROMPT1', 'SYSTEMPROMPT2', 'REFLECTION_TOKENS', 'edit_m
            'edit_record_to_sample', 'triplet_image', 'read_triplet_records', 'load_multiturn_samples', 'round_sample',
            'history_lengths', 'check_prefix', 'round2_only', 'MultiTurnCollator', 'with_given_latents',
            'MultiTurnOutput', 'multiturn_forward', 'online_teacher', 'precompute_multiturn_teacher', 'round_targets',
-           'round_terms', 'multiturn_loss', 'cos_per_round', 'make_multiturn_step']
+           'round_terms', 'multiturn_loss', 'cos_per_round', 'multiturn_tokens', 'make_multiturn_step']
 
 # %% ../nbs/18_multiturn.ipynb #5854cefe
 SYSTEMPROMPT1 = (
@@ -446,6 +446,19 @@ def _teacher_source(cfg, teacher_latent_dir, samples, processor, model, online: 
         precompute_multiturn_teacher(model, processor, samples, teacher_latent_dir, cfg, layers=layers, progress=False)
     return TeacherLatentStore(teacher_latent_dir, expect=run_expectation(cfg, processor)), sample_index_map(samples)
 
+# %% ../nbs/18_multiturn.ipynb #mttokens16
+def multiturn_tokens(batch: dict, cfg: LatentCoTConfig, online: bool = False) -> int:
+    """Tokens one multi-turn step forwards, for tokens/s: both rounds (none with the teacher's grid objective alone),
+    plus the teacher layout once per reader (the grid head; the online teacher)."""
+    count = lambda b: int(b["attention_mask"].sum())
+    alone = cfg.loss_terms == ["grid"] and not cfg.grid_student_weight
+    n = 0 if alone else count(batch["round1"]) + count(batch["round2"])
+    readers = int(alone or cfg.grid_aux_weight > 0) + int(online and "alignment" in cfg.loss_terms)
+    if readers and batch.get("teacher") is not None:
+        n += readers * count(batch["teacher"])
+    return n
+
+
 # %% ../nbs/18_multiturn.ipynb #845400db
 def make_multiturn_step(
     cfg: LatentCoTConfig,
@@ -481,7 +494,7 @@ def make_multiturn_step(
 
     def multiturn_step(model, batch, state):
         out = model(batch, teacher=teacher_rows(batch), detach_z0=detach_z0)
-        n = int(batch["round1"]["attention_mask"].sum() + batch["round2"]["attention_mask"].sum())
+        n = multiturn_tokens(batch, cfg, online=store is None)
         return StepResult(loss=out.loss, terms=out.terms, stats=out.stats, n_tokens=n)
 
     return multiturn_step

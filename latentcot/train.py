@@ -536,7 +536,8 @@ def run(
 
         with torch.random.fork_rng(devices=[]):  # its initial weights come from the seed
             torch.manual_seed(cfg.seed)
-            attach_grid_aux(model, args.stage, samples, cfg)
+            # a final/ that holds a head (an earlier --grid_aux_weight run) continues it
+            attach_grid_aux(model, args.stage, samples, cfg, init_from=path)
     if args.lora:
         model = apply_lora(model, r=args.lora_r)
     trackers = () if args.report_to == "none" else (args.report_to,)
