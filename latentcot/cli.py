@@ -14,6 +14,10 @@ COMMANDS = {
         "the main job: stages 1-3 (A, C), teacher latents, evaluation with controls, report",
     ),
     "train": ("latentcot.train:main", "train one stage (same flags as python -m latentcot.train)"),
+    "export-checkpoint": (
+        "latentcot.train:export_main",
+        "a training run's checkpoint -> the final/ folder the run would have written at that step",
+    ),
     "precompute-teacher": ("latentcot.precompute_teacher_latents:main", "precompute teacher latents (seed 001 flags)"),
     "demo": (
         "latentcot.demo:demo_main",
@@ -26,6 +30,10 @@ COMMANDS = {
     "run mmdit": (
         "latentcot.mmdit:run_main",
         "the MMDiT job: Qwen-Image kit, generator on multi-turn latents, evaluation table",
+    ),
+    "readout": (
+        "latentcot.mmdit:readout_main",
+        "a latent model's teacher z and student Z read by its grid head (no DiT), with controls",
     ),
     "generate": ("latentcot.mmdit:generate_main", "prompt(s) + img0 -> latent CoT -> Qwen-Image MMDiT -> image(s)"),
     "bench mmdit": ("latentcot.mmdit:bench_mmdit_main", "MMDiT accuracy, s/image per sampling steps, batched vs 1"),

@@ -36,9 +36,9 @@ __all__ = ['QWEN_IMAGE_PROMPT_TEMPLATE', 'CONDITIONS', 'READOUT_CONDITIONS', 'EX
            'freeze_discarded_text_stream', 'add_mmdit_lora', 'collate_pairs', 'mmdit_pairs', 'mmdit_step',
            'save_generator', 'run_mmdit_stage', 'fitting_size', 'GenerationLoss', 'attach_generation_loss',
            'GridAuxError', 'grid_class_ids', 'GridAuxHead', 'check_grid_aux', 'attach_grid_aux', 'ReadoutHeadError',
-           'load_readout_head', 'readout_tokens', 'readout_latents', 'readout_head_scores', 'GenerateArgs',
-           'read_prompts', 'generate_images', 'generate_main', 'bench_mmdit', 'BenchMMDiTArgs', 'bench_mmdit_main',
-           'main']
+           'load_readout_head', 'readout_tokens', 'readout_latents', 'readout_head_scores', 'readout_report',
+           'readout_main', 'GenerateArgs', 'read_prompts', 'generate_images', 'generate_main', 'bench_mmdit',
+           'BenchMMDiTArgs', 'bench_mmdit_main', 'main']
 
 # %% ../nbs/22_mmdit.ipynb #bb7f02f9
 class MMDiTBridge(nn.Module):
@@ -1696,6 +1696,84 @@ def readout_head_scores(head: nn.Linear, records, latents: dict, source: str = "
             s = cell_scores([GRID_CLASSES[i] for i in pred[r]], read_grid(rec[f"img{r + 1}"]), read_grid(rec["img0"]))
             rows.append({"sample_id": rec["sample_id"], "round": r + 1, **s})
     return rows
+
+
+# %% ../nbs/22_mmdit.ipynb #readout17
+def readout_report(
+    model_dir, train_file=None, limit_train: int | None = 200, limit_heldout: int | None = None, head=None,
+    data_dir=None, progress: bool = True,
+) -> dict:
+    """The grid head's read-out of a latent model's teacher z and student Z (no DiT): `summary` (per condition: changed,
+    kept, all, exact with 95% intervals), `paired` (changed cells, per item) and the per-item `scores`. Conditions:
+    `{teacher,student}_heldout`, `_shuffled` (the next held-out triplet's z), `_train` (with `train_file`)."""
+    from latentcot.config import load_config_json
+    from latentcot.datagen import load_edit_records
+    from latentcot.demo import default_data_dir
+    from latentcot.multiturn import load_multiturn_samples
+    from latentcot.pipeline import paired_diff_ci
+    from latentcot.tokens import load_latent_model
+
+    model_dir = Path(model_dir)
+    cfg = load_config_json(model_dir / "latentcot_config.json")
+    if cfg.latent_size_mode != "fixed":
+        raise ReadoutHeadError(f"{model_dir}: latent_size_mode {cfg.latent_size_mode!r}; the grid head reads fixed-size z (K latents)")
+    model, processor, _ = load_latent_model(model_dir)
+    model.eval()
+    H, K = model.config.get_text_config().hidden_size, cfg.latent_size
+    hd = load_readout_head(head if head is not None else model_dir, K, H)  # before any work
+    files = {"heldout": Path(data_dir or default_data_dir()) / "edit" / "heldout.jsonl"}
+    if train_file is not None:
+        files["train"] = Path(train_file)
+    limits = {"heldout": limit_heldout, "train": limit_train}
+    recs = {s: load_edit_records(f)[: limits[s]] for s, f in files.items()}
+    samples = {s: load_multiturn_samples(f)[: limits[s]] for s, f in files.items()}
+    if len(recs["heldout"]) < 2:
+        raise ValueError(f"{files['heldout']}: the shuffled control needs 2 or more held-out triplets, got {len(recs['heldout'])}")
+    with torch.no_grad():
+        lat = multiturn_latents(model, processor, [x for s in samples.values() for x in s], K, progress=progress)
+    ids = [r["sample_id"] for r in recs["heldout"]]
+    shuffled = {s: lat[ids[(i + 1) % len(ids)]] for i, s in enumerate(ids)}  # the next triplet's z
+    scores = {}
+    for src in ("teacher", "student"):
+        scores[f"{src}_heldout"] = readout_head_scores(hd, recs["heldout"], lat, src)
+        scores[f"{src}_shuffled"] = readout_head_scores(hd, recs["heldout"], shuffled, src)
+        if "train" in recs:
+            scores[f"{src}_train"] = readout_head_scores(hd, recs["train"], lat, src)
+    changed = lambda c: [r["changed"] for r in scores[c]]
+    ci = lambda a, b: dict(zip(("mean", "low", "high"), paired_diff_ci(changed(a), changed(b))))
+    return dict(
+        summary=summarize(scores),
+        paired={"student_minus_shuffled": ci("student_heldout", "student_shuffled"),
+                "teacher_minus_student": ci("teacher_heldout", "student_heldout")},
+        scores=scores,
+        model=str(model_dir),
+        head=str(head if head is not None else model_dir / "grid_aux_head.safetensors"),
+        latent_size=K,
+        files={s: str(f) for s, f in files.items()},
+        triplets={s: len(r) for s, r in recs.items()},
+    )
+
+
+def readout_main(argv: list[str] | None = None) -> int:
+    "`latentcot readout MODEL [--train FILE] [--head FILE] --out OUT.json`: the grid head's read-out of z, no DiT."
+    import argparse
+    from latentcot.config import positive_int
+
+    p = argparse.ArgumentParser(prog="latentcot readout", description=readout_report.__doc__)
+    p.add_argument("model", help="a latent model folder (a final/, or an exported checkpoint) trained with --grid_aux_weight")
+    p.add_argument("--out", required=True, help="metrics JSON to write")
+    p.add_argument("--train", default=None, help="training triplets (JSONL) to read too")
+    p.add_argument("--limit_train", type=positive_int, default=200, help="the first N training triplets")
+    p.add_argument("--limit_heldout", type=positive_int, default=None, help="the first N held-out triplets")
+    p.add_argument("--head", default=None, help="a grid_aux_head.safetensors other than the model's own")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    a = p.parse_args(argv)
+    res = readout_report(a.model, a.train, a.limit_train, a.limit_heldout, a.head, progress=not a.quiet)
+    _write_text(Path(a.out), json.dumps(res, indent=1))
+    print(results_table(res["summary"]))
+    for k, v in res["paired"].items():
+        print(f"{k} (changed cells, paired): {100 * v['mean']:+.1f} [{100 * v['low']:+.1f}, {100 * v['high']:+.1f}]")
+    return 0
 
 
 # %% ../nbs/22_mmdit.ipynb #2de69767

@@ -27,7 +27,7 @@ from .trainer import StepResult, train_loop
 # %% auto #0
 __all__ = ['CENTER_NAME', 'STAGES', 'STAGE_ALIASES', 'step_result', 'stage1_step', 'teacher_center', 'make_latent_step',
            'make_step_fn', 'apply_lora', 'save_final', 'TrainArgs', 'data_file', 'deepspeed_env', 'build_parser',
-           'equal_budget_note', 'run_info', 'run', 'main']
+           'equal_budget_note', 'run_info', 'run', 'main', 'ExportError', 'export_checkpoint', 'export_main']
 
 # %% ../nbs/14_train.ipynb #e7b2cce3
 def step_result(out: LatentCoTOutput, batch: dict) -> StepResult:
@@ -596,6 +596,84 @@ def main(argv: list[str] | None = None) -> int:
 
     PartialState().destroy_process_group()  # after the final save and barrier; a no-op with one process
     return 0
+
+# %% ../nbs/14_train.ipynb #export17
+class ExportError(ValueError):
+    "`export_checkpoint` cannot turn this folder into a `final/`: incomplete, of another model, or a kind it does not export."
+
+
+def export_checkpoint(ckpt, out, base=None) -> Path:
+    """Checkpoint folder `ckpt` of a `latentcot.train` run -> `out`, the `final/` the run would have written at that
+    step (VLM + stop head + processor + config + grid head). `base`: the run's starting model (default: the one its
+    settings record)."""
+    import json, shutil
+    from safetensors.torch import load_file, save_file
+    from latentcot.tiny import tiny_kit_path
+    from latentcot.trainer import STATE_NAME, checkpoint_problems
+
+    ckpt, out = Path(ckpt), Path(out)
+    if not (ckpt / STATE_NAME).exists():
+        raise ExportError(f"{ckpt}: no {STATE_NAME}; not a checkpoint folder (a run's checkpoints/step_NNNNNNN)")
+    problems = checkpoint_problems(ckpt, content=True)
+    if problems:
+        raise ExportError(f"{ckpt}: not a complete checkpoint: {problems[0]}")
+    if out.exists():
+        raise ExportError(f"{out}: exists; export writes a new folder and replaces nothing")
+    state = json.loads((ckpt / STATE_NAME).read_text())
+    settings = state.get("settings") or {}
+    info, step = settings.get("run") or {}, state["global_step"]
+    if "config" not in settings:
+        raise ExportError(f"{ckpt / STATE_NAME}: records no settings (a checkpoint older than settings records)")
+    if info.get("lora") or info.get("train_mmdit"):
+        kind = "a LoRA run's adapter" if info.get("lora") else "a run that co-trains the MMDiT"
+        raise ExportError(
+            f"{ckpt}: {kind} is not exported; resume the run with --max_steps {step} (and its other flags) to get its final/"
+        )
+    try:
+        cfg = LatentCoTConfig(**settings["config"])
+    except TypeError as e:
+        raise ExportError(f"{ckpt / STATE_NAME}: its config does not fit this latentcot: {e}") from e
+    sd = load_file(ckpt / "model.safetensors")
+    other = sorted(k for k in sd if not k.startswith(("vlm.", "stop_head.", "grid_aux.")))
+    if other:
+        raise ExportError(f"{ckpt}: weights this export does not know: {other[:3]} ({len(other)} in all)")
+    path = base or info.get("model_name_or_path") or tiny_kit_path()
+    has_head = any(k.startswith("stop_head.") for k in sd)
+    model, processor, _ = LatentCoTModel.from_pretrained(path, cfg, stop_head="new" if has_head else "auto", halting=has_head)
+    model_sd = {k: v for k, v in sd.items() if not k.startswith("grid_aux.")}
+    try:
+        missing, unexpected = model.load_state_dict(model_sd, strict=False)
+    except RuntimeError as e:  # a shape mismatch
+        raise ExportError(f"{ckpt}: its weights do not fit {path}: {e}") from e
+    # safetensors keeps one copy of tied weights: the output embedding may be absent when it is tied to the input one
+    tied = model.vlm.get_output_embeddings().weight is model.vlm.get_input_embeddings().weight
+    missing = [k for k in missing if not (tied and k.endswith("lm_head.weight"))]
+    if missing or unexpected:
+        raise ExportError(
+            f"{ckpt}: its weights do not match {path}: missing {missing[:3]}, unexpected {unexpected[:3]} "
+            f"({len(missing)} + {len(unexpected)})"
+        )
+    tmp = out.with_name(out.name + ".export")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    save_final(model, processor, cfg, tmp)
+    grid = {k[len("grid_aux.") :]: v.contiguous() for k, v in sd.items() if k.startswith("grid_aux.")}
+    if grid:
+        save_file(grid, tmp / "grid_aux_head.safetensors")
+    os.replace(tmp, out)
+    return out
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    "`latentcot export-checkpoint CKPT --out DIR [--base MODEL]`."
+    p = argparse.ArgumentParser(prog="latentcot export-checkpoint", description=export_checkpoint.__doc__)
+    p.add_argument("ckpt", help="a checkpoint folder: OUTPUT_DIR/checkpoints/step_NNNNNNN")
+    p.add_argument("--out", required=True, help="the new final/-like folder (must not exist)")
+    p.add_argument("--base", default=None, help="the run's starting model, if not where its settings say")
+    a = p.parse_args(argv)
+    print(export_checkpoint(a.ckpt, a.out, a.base))
+    return 0
+
 
 # %% ../nbs/14_train.ipynb #817a455f
 if __name__ == "__main__" and not hasattr(__builtins__, "__IPYTHON__"):

@@ -1384,7 +1384,8 @@ def run_unified_training(args, cfg, given: set[str] | None = None, unified: Unif
             )
     else:
         model = UnifiedModel.from_kits(base, cfg=flags.unified_config(), seed=cfg.seed)
-    samples = unified_samples(data_file(args.data) if args.data else None, limit=args.limit)
+    # a --data file of many edits keeps a QA sample beside each edit, as `latentcot run unified --edit_train` does
+    samples = unified_samples(data_file(args.data) if args.data else None, limit=args.limit, cycle_qa=bool(args.data))
     trackers = () if args.report_to == "none" else (args.report_to,)
     return train_unified(
         model,
