@@ -579,10 +579,12 @@ def _digest(path) -> str:
 
 
 def make_edit_train(
-    out_dir, n: int, seed: int = 0, split: str = "train", heldout=None, keep_heldout_img0: bool = False
+    out_dir, n: int, seed: int = 0, split: str = "train", heldout=None, keep_heldout_img0: bool = False,
+    avoid_img0=(),
 ) -> dict:
     """Write `n` generated editing triplets (minus those whose img0 is a held-out img0) as `out_dir/train.jsonl`.
-    `heldout`: the edit JSONL to keep unseen (default: `data_samples/edit/heldout.jsonl`). Returns counts and dropped ids."""
+    `heldout`: the edit JSONL to keep unseen (default: `data_samples/edit/heldout.jsonl`). `avoid_img0`: more edit
+    JSONLs (e.g. a model's training sets) whose img0s are dropped too, for a validation set. Returns counts and dropped ids."""
     out = Path(out_dir)
     if n < 1:
         raise EditTrainError(f"n must be >= 1, got {n}")
@@ -593,14 +595,21 @@ def make_edit_train(
 
         heldout = default_data_dir() / "edit" / "heldout.jsonl"
     held = {_digest(r["img0"]) for r in load_edit_records(heldout)}
+    for f in avoid_img0:
+        if not Path(f).is_file():
+            raise EditTrainError(f"{f}: no such edit JSONL (avoid_img0)")
+    seen = {_digest(r["img0"]) for f in avoid_img0 for r in load_edit_records(f)}  # before any work: a bad file fails here
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
     try:
         recs = make_edit_split(stage, split, n, seed)
-        dropped = [] if keep_heldout_img0 else [r["sample_id"] for r in recs if _digest(stage / r["img0"]) in held]
-        keep = [r for r in recs if r["sample_id"] not in dropped]
+        digest = {r["sample_id"]: _digest(stage / r["img0"]) for r in recs}
+        dropped = [] if keep_heldout_img0 else [i for i, d in digest.items() if d in held]
+        dropped_seen = [i for i, d in digest.items() if d in seen and i not in dropped]
+        gone = set(dropped) | set(dropped_seen)
+        keep = [r for r in recs if r["sample_id"] not in gone]
         for r in recs:
-            if r["sample_id"] in dropped:  # no unreferenced images
+            if r["sample_id"] in gone:  # no unreferenced images
                 for k in ("img0", "img1", "img2"):
                     (stage / r[k]).unlink()
         _write_text(stage / "train.jsonl", _jsonl(keep))
@@ -609,7 +618,7 @@ def make_edit_train(
         os.replace(stage, out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    return {"drawn": n, "written": len(keep), "dropped_heldout_img0": dropped}
+    return {"drawn": n, "written": len(keep), "dropped_heldout_img0": dropped, "dropped_avoided_img0": dropped_seen}
 
 
 # %% ../nbs/04_datagen.ipynb #datagenargs
@@ -656,6 +665,11 @@ class DatagenArgs:
     keep_heldout_img0: bool = field(
         default=False, metadata={"help": "with --edit_train: keep triplets whose img0 is a held-out img0"}
     )
+    avoid_img0: str | None = field(
+        default=None,
+        metadata={"help": "with --edit_train: comma-separated edit JSONLs (e.g. a model's training sets); triplets "
+                  "whose img0 is one of theirs are dropped too (a validation set)"},
+    )
 
 # %% ../nbs/04_datagen.ipynb #f31064af
 def main(argv: list[str] | None = None) -> int:
@@ -677,12 +691,15 @@ def main(argv: list[str] | None = None) -> int:
         if a.out == DatagenArgs.out or Path(a.out).resolve() == default_data_dir().resolve():
             raise SystemExit("latentcot datagen: --edit_train writes a new folder: pass --out (not data_samples)")
         try:
-            res = make_edit_train(a.out, a.edit_train, a.seed, a.edit_split, keep_heldout_img0=a.keep_heldout_img0)
-        except EditTrainError as e:
+            avoid = [f for f in (a.avoid_img0 or "").split(",") if f]
+            res = make_edit_train(a.out, a.edit_train, a.seed, a.edit_split, keep_heldout_img0=a.keep_heldout_img0,
+                                  avoid_img0=avoid)
+        except (EditTrainError, DataError) as e:
             raise SystemExit(f"latentcot datagen: {e}") from None
-        dropped = res["dropped_heldout_img0"]
+        dropped, avoided = res["dropped_heldout_img0"], res["dropped_avoided_img0"]
         print(f"wrote {a.out}/train.jsonl: {res['written']} of {res['drawn']} triplets"
-              + (f"; dropped {len(dropped)} whose img0 is a held-out img0: {', '.join(dropped)}" if dropped else ""))
+              + (f"; dropped {len(dropped)} whose img0 is a held-out img0: {', '.join(dropped)}" if dropped else "")
+              + (f"; dropped {len(avoided)} whose img0 is in --avoid_img0 (first: {', '.join(avoided[:5])})" if avoided else ""))
         return 0
     counts = generate_all(
         a.out,

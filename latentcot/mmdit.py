@@ -1701,11 +1701,12 @@ def readout_head_scores(head: nn.Linear, records, latents: dict, source: str = "
 # %% ../nbs/22_mmdit.ipynb #readout17
 def readout_report(
     model_dir, train_file=None, limit_train: int | None = 200, limit_heldout: int | None = None, head=None,
-    data_dir=None, progress: bool = True,
+    data_dir=None, progress: bool = True, val_file=None, limit_val: int | None = 200,
 ) -> dict:
     """The grid head's read-out of a latent model's teacher z and student Z (no DiT): `summary` (per condition: changed,
     kept, all, exact with 95% intervals), `paired` (changed cells, per item) and the per-item `scores`. Conditions:
-    `{teacher,student}_heldout`, `_shuffled` (the next held-out triplet's z), `_train` (with `train_file`)."""
+    `{teacher,student}_heldout`, `_shuffled` (the next held-out triplet's z), `_train` (with `train_file`), `_val`
+    (with `val_file`: triplets for choosing a checkpoint, e.g. `latentcot datagen --edit_split val --avoid_img0 ...`)."""
     from latentcot.config import load_config_json
     from latentcot.datagen import load_edit_records
     from latentcot.demo import default_data_dir
@@ -1722,9 +1723,10 @@ def readout_report(
     H, K = model.config.get_text_config().hidden_size, cfg.latent_size
     hd = load_readout_head(head if head is not None else model_dir, K, H)  # before any work
     files = {"heldout": Path(data_dir or default_data_dir()) / "edit" / "heldout.jsonl"}
-    if train_file is not None:
-        files["train"] = Path(train_file)
-    limits = {"heldout": limit_heldout, "train": limit_train}
+    for name, f in (("train", train_file), ("val", val_file)):
+        if f is not None:
+            files[name] = Path(f)
+    limits = {"heldout": limit_heldout, "train": limit_train, "val": limit_val}
     recs = {s: load_edit_records(f)[: limits[s]] for s, f in files.items()}
     samples = {s: load_multiturn_samples(f)[: limits[s]] for s, f in files.items()}
     if len(recs["heldout"]) < 2:
@@ -1737,8 +1739,9 @@ def readout_report(
     for src in ("teacher", "student"):
         scores[f"{src}_heldout"] = readout_head_scores(hd, recs["heldout"], lat, src)
         scores[f"{src}_shuffled"] = readout_head_scores(hd, recs["heldout"], shuffled, src)
-        if "train" in recs:
-            scores[f"{src}_train"] = readout_head_scores(hd, recs["train"], lat, src)
+        for name in ("train", "val"):
+            if name in recs:
+                scores[f"{src}_{name}"] = readout_head_scores(hd, recs[name], lat, src)
     changed = lambda c: [r["changed"] for r in scores[c]]
     ci = lambda a, b: dict(zip(("mean", "low", "high"), paired_diff_ci(changed(a), changed(b))))
     return dict(
@@ -1755,7 +1758,7 @@ def readout_report(
 
 
 def readout_main(argv: list[str] | None = None) -> int:
-    "`latentcot readout MODEL [--train FILE] [--head FILE] --out OUT.json`: the grid head's read-out of z, no DiT."
+    "`latentcot readout MODEL [--train FILE] [--val FILE] [--head FILE] --out OUT.json`: the grid head's read-out of z, no DiT."
     import argparse
     from latentcot.config import positive_int
 
@@ -1764,11 +1767,14 @@ def readout_main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="metrics JSON to write")
     p.add_argument("--train", default=None, help="training triplets (JSONL) to read too")
     p.add_argument("--limit_train", type=positive_int, default=200, help="the first N training triplets")
+    p.add_argument("--val", default=None, help="validation triplets (JSONL) to read too: choose checkpoints on these, not on held-out")
+    p.add_argument("--limit_val", type=positive_int, default=200, help="the first N validation triplets")
     p.add_argument("--limit_heldout", type=positive_int, default=None, help="the first N held-out triplets")
     p.add_argument("--head", default=None, help="a grid_aux_head.safetensors other than the model's own")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
-    res = readout_report(a.model, a.train, a.limit_train, a.limit_heldout, a.head, progress=not a.quiet)
+    res = readout_report(a.model, a.train, a.limit_train, a.limit_heldout, a.head, progress=not a.quiet,
+                         val_file=a.val, limit_val=a.limit_val)
     _write_text(Path(a.out), json.dumps(res, indent=1))
     print(results_table(res["summary"]))
     for k, v in res["paired"].items():
