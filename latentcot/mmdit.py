@@ -979,8 +979,10 @@ def run_mmdit(
     readout_hard: bool = False,
     bridge: str = "auto",
     edit_train=None,
+    eval_file=None,
 ) -> dict:
-    "Kit, multi-turn latents, generator training and the evaluation table; writes the report into `out_dir`."
+    """Kit, multi-turn latents, generator training and the evaluation table; writes the report into `out_dir`.
+    `eval_file`: evaluate on these triplets instead of `data_dir/edit/heldout.jsonl` (e.g. a validation split)."""
     import time
     from latentcot.datagen import load_edit_records
     from latentcot.demo import default_data_dir
@@ -1004,7 +1006,8 @@ def run_mmdit(
     model.eval()
     H = model.config.get_text_config().hidden_size
     head = load_readout_head(readout_head, latent_size, H) if readout_head is not None else None  # before any work
-    files = {"train": Path(edit_train) if edit_train is not None else edit / "train.jsonl", "heldout": edit / "heldout.jsonl"}
+    files = {"train": Path(edit_train) if edit_train is not None else edit / "train.jsonl",
+             "heldout": Path(eval_file) if eval_file is not None else edit / "heldout.jsonl"}
     recs = {s: load_edit_records(f) for s, f in files.items()}
     samples = {s: load_multiturn_samples(f) for s, f in files.items()}
     for split, n in (("heldout", limit_heldout), ("train", limit_train)):
@@ -1064,6 +1067,7 @@ def run_mmdit(
         lr=lr,
         sample_steps=sample_steps,
         heldout=len(recs["heldout"]),
+        eval_file=str(files["heldout"]),
         final_loss=float(np.mean(losses[-50:])) if losses else None,
         seconds=dict(latents=t_lat - t0, train=t_train - t_lat, evaluate=time.time() - t_train),
     )
@@ -1074,8 +1078,9 @@ def run_mmdit(
     _write_text(out / "losses.json", json.dumps(losses))
     _write_text(
         out / "table.md",
-        f"Generated img1 (from Z0) and img2 (from Z1) of {len(recs['heldout'])} held-out "
-        f"triplets; mean [95% bootstrap interval]\n\n{table}\n",
+        f"Generated img1 (from Z0) and img2 (from Z1) of {len(recs['heldout'])} "
+        + (f"triplets of {files['heldout']}" if eval_file is not None else "held-out triplets")
+        + f"; mean [95% bootstrap interval]\n\n{table}\n",
     )
     return metrics
 
@@ -1139,6 +1144,13 @@ class MMDiTRunArgs:
             "2000 of `latentcot datagen --edit_train 2000 --edit_split train2k --keep_heldout_img0 --out DIR`"
         },
     )
+    eval_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "evaluate on these triplets (JSONL) instead of data_samples/edit/heldout.jsonl, e.g. a validation "
+            "split of `latentcot datagen --edit_split val --avoid_img0 ...`"
+        },
+    )
     quiet: bool = field(default=False, metadata={"help": "no progress bars"})
 
 # %% ../nbs/22_mmdit.ipynb #9c5c1739
@@ -1183,6 +1195,7 @@ def run_main(argv: list[str] | None = None) -> int:
         readout_hard=a.readout_hard,
         bridge=a.bridge,
         edit_train=a.edit_train,
+        eval_file=a.eval_file,
     )
     print((Path(a.out) / "table.md").read_text())
     print(f"seconds: {m['seconds']}")
