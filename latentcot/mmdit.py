@@ -404,6 +404,10 @@ class LatentToImageGenerator(nn.Module):
     def prompt_embeds(self, z, z_mask=None):
         return project_to_mmdit(self.bridge, z, z_mask, self.transformer)
 
+    def null_embeds(self, z, z_mask=None):
+        "The unconditional prompt embeds of classifier-free guidance: zeroed Z (same shape and mask) through the bridge."
+        return self.prompt_embeds(torch.zeros_like(z), z_mask)
+
     def compute_flow_matching_loss(
         self, z_final, target_images, ref_images=None, z_mask=None, generator=None, weighting_scheme: str = "none"
     ) -> torch.Tensor:
@@ -431,9 +435,16 @@ class LatentToImageGenerator(nn.Module):
         output_type: str = "pil",
         prompt_embeds=None,
         prompt_embeds_mask=None,
+        guidance_scale: float = 1.0,
     ):
-        "Images from latents Z (or from given prompt embeds) through Qwen-Image's pipelines."
+        """Images from latents Z (or from given prompt embeds) through Qwen-Image's pipelines.
+        `guidance_scale > 1`: classifier-free guidance (the pipelines' `true_cfg_scale`) against the null condition,
+        zeroed Z through the bridge (`null_embeds`), which a DiT learns with `train_generator(cond_dropout=...)`."""
         check_image_size(height, width, self.vae)
+        if guidance_scale < 1:
+            raise ValueError(f"guidance_scale must be >= 1 (1 = no guidance), got {guidance_scale}")
+        if guidance_scale > 1 and z is None:
+            raise ValueError("guidance_scale > 1 needs z: the null condition is zeroed z through the bridge")
         if prompt_embeds is None:
             prompt_embeds, prompt_embeds_mask = self.prompt_embeds(z, z_mask)
         kw = dict(
@@ -442,10 +453,12 @@ class LatentToImageGenerator(nn.Module):
             height=height,
             width=width,
             num_inference_steps=num_inference_steps,
-            true_cfg_scale=1.0,
+            true_cfg_scale=guidance_scale,
             generator=generator,
             output_type=output_type,
         )
+        if guidance_scale > 1:
+            kw["negative_prompt_embeds"], kw["negative_prompt_embeds_mask"] = self.null_embeds(z, z_mask)
         if ref_images is None:
             pipe = generation_pipeline(self.transformer, self.vae, self.scheduler, False, num_inference_steps)
             pipe.set_progress_bar_config(disable=True)
@@ -521,12 +534,17 @@ def train_generator(
     lr: float = 1e-3,
     seed: int = 0,
     progress: bool = True,
+    cond_dropout: float = 0.0,
 ) -> list[float]:
-    "Train the bridge and the DiT on `examples` with the flow-matching loss; returns the loss per step."
+    """Train the bridge and the DiT on `examples` with the flow-matching loss; returns the loss per step.
+    `cond_dropout`: the fraction of examples whose Z is zeroed (the null condition of classifier-free guidance,
+    `generate(guidance_scale=...)`), drawn per example and step."""
     from tqdm.auto import tqdm
 
     if not examples:
         raise ValueError("train_generator: no examples")
+    if not 0 <= cond_dropout < 1:
+        raise ValueError(f"cond_dropout must be in [0, 1), got {cond_dropout}")
     params = [p for p in list(gen.bridge.parameters()) + list(gen.transformer.parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
@@ -543,6 +561,8 @@ def train_generator(
     for _ in tqdm(range(steps), desc="mmdit", disable=not progress):
         idx = torch.randint(len(examples), (batch_size,), generator=g).tolist()
         z, m = pad_latents([examples[i]["z"] for i in idx])
+        if cond_dropout > 0:  # only then: without it the random stream, and so the run, is as before
+            z = z * (torch.rand(batch_size, generator=g) >= cond_dropout).to(z.dtype)[:, None, None]
         x0 = torch.stack([lat[examples[i]["target"]] for i in idx])
         ref = torch.stack([lat[examples[i]["ref"]] for i in idx])
         emb, m = gen.prompt_embeds(z, m)
@@ -624,8 +644,10 @@ def evaluate_conditions(
     seed: int = 0,
     batch_size: int = 40,
     progress: bool = True,
+    guidance_scale: float = 1.0,
 ):
-    "Generate img1 (from Z0) and img2 (from Z1) of every held-out record per condition; per-item scores and images."
+    """Generate img1 (from Z0) and img2 (from Z1) of every held-out record per condition; per-item scores and images.
+    `guidance_scale > 1`: classifier-free guidance against zeroed Z (`LatentToImageGenerator.generate`)."""
     from tqdm.auto import tqdm
 
     scores, images = {}, {}
@@ -646,6 +668,7 @@ def evaluate_conditions(
                         ref_images=[rec["img0"] for rec in chunk],
                         num_inference_steps=num_inference_steps,
                         generator=torch.Generator().manual_seed(seed + 1000 * r + i),
+                        guidance_scale=guidance_scale,
                     )
                 for rec, im in zip(chunk, gen_ims):
                     s = grid_scores(im, rec[f"img{r + 1}"], rec["img0"])
@@ -747,10 +770,11 @@ def inference_with_latent_cot(
     cfg=None,
     seed: int = 0,
     think: str = "auto",
+    guidance_scale: float = 1.0,
 ):
     """`[(image or None, text)]` per editing record: routed decoding decides the latents Z, then Z + img0 -> the MMDiT.
     `think="always"` starts every answer with `<abs_vis_token>` (latent mode from the first step) instead of letting
-    the model decide."""
+    the model decide. `guidance_scale > 1`: classifier-free guidance against zeroed Z."""
     from latentcot.config import load_config
     from latentcot.model import as_latent_model
     from latentcot.multiturn import edit_record_to_sample, round_sample
@@ -785,6 +809,7 @@ def inference_with_latent_cot(
             ref_images=[records[b]["img0"] for b in thought],
             num_inference_steps=num_inference_steps,
             generator=torch.Generator().manual_seed(seed),
+            guidance_scale=guidance_scale,
         )
         for b, im in zip(thought, ims):
             results[b] = (im, texts[b])
@@ -980,9 +1005,13 @@ def run_mmdit(
     bridge: str = "auto",
     edit_train=None,
     eval_file=None,
+    cond_dropout: float = 0.0,
+    guidance_scale: float = 1.0,
 ) -> dict:
     """Kit, multi-turn latents, generator training and the evaluation table; writes the report into `out_dir`.
-    `eval_file`: evaluate on these triplets instead of `data_dir/edit/heldout.jsonl` (e.g. a validation split)."""
+    `eval_file`: evaluate on these triplets instead of `data_dir/edit/heldout.jsonl` (e.g. a validation split).
+    `cond_dropout`: train with that fraction of Z zeroed; `guidance_scale > 1`: sample with classifier-free guidance
+    against zeroed Z."""
     import time
     from latentcot.datagen import load_edit_records
     from latentcot.demo import default_data_dir
@@ -996,6 +1025,10 @@ def run_mmdit(
         raise ValueError("readout_hard (--readout_hard) needs a grid head: readout_head=... (--readout_head)")
     if bridge == "mix" and ("text" in train_sources or "text" in conditions):
         raise ValueError("the mix bridge needs fixed-length latents: drop 'text' from train_sources and conditions")
+    if not 0 <= cond_dropout < 1:
+        raise ValueError(f"cond_dropout (--cond_dropout) must be in [0, 1), got {cond_dropout}")
+    if guidance_scale < 1:
+        raise ValueError(f"guidance_scale (--guidance_scale) must be >= 1 (1 = no guidance), got {guidance_scale}")
     t0, out = time.time(), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -1031,12 +1064,12 @@ def run_mmdit(
         recs["train"], lat, text if "text" in train_sources else None, [s for s in train_sources if s != "text"]
     )
     # steps 0: evaluate the generator as loaded (e.g. the final/ of `latentcot train --stage mmdit`, bridge included)
-    losses = train_generator(gen, examples, steps, batch_size, lr, seed, progress) if steps else []
+    losses = train_generator(gen, examples, steps, batch_size, lr, seed, progress, cond_dropout) if steps else []
     t_train = time.time()
     gen.transformer.save_pretrained(out / "transformer")
     gen.save_bridge(out / "bridge")
     scores, images = evaluate_conditions(
-        gen, recs["heldout"], lat, text, conditions, sample_steps, seed, progress=progress
+        gen, recs["heldout"], lat, text, conditions, sample_steps, seed, progress=progress, guidance_scale=guidance_scale
     )
     summary = summarize(scores)
     table = results_table(summary)
@@ -1066,6 +1099,8 @@ def run_mmdit(
         batch_size=batch_size,
         lr=lr,
         sample_steps=sample_steps,
+        cond_dropout=cond_dropout,
+        guidance_scale=guidance_scale,
         heldout=len(recs["heldout"]),
         eval_file=str(files["heldout"]),
         final_loss=float(np.mean(losses[-50:])) if losses else None,
@@ -1151,6 +1186,19 @@ class MMDiTRunArgs:
             "split of `latentcot datagen --edit_split val --avoid_img0 ...`"
         },
     )
+    cond_dropout: float = field(
+        default=0.0,
+        metadata={
+            "help": "train with this fraction of Z zeroed (the null condition of classifier-free guidance), e.g. 0.1"
+        },
+    )
+    guidance_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "sample with classifier-free guidance at this scale against zeroed Z (Qwen-Image's true_cfg_scale; "
+            "1 = none); the DiT should have been trained with --cond_dropout"
+        },
+    )
     quiet: bool = field(default=False, metadata={"help": "no progress bars"})
 
 # %% ../nbs/22_mmdit.ipynb #9c5c1739
@@ -1173,6 +1221,10 @@ def run_main(argv: list[str] | None = None) -> int:
             raise ValueError("--readout_hard needs --readout_head")
         if a.bridge == "mix" and ("text" in sources or "text" in (conds or CONDITIONS)):
             raise ValueError("--bridge mix needs fixed-length latents: drop text from --train_sources and --conditions")
+        if not 0 <= a.cond_dropout < 1:
+            raise ValueError(f"--cond_dropout must be in [0, 1), got {a.cond_dropout}")
+        if a.guidance_scale < 1:
+            raise ValueError(f"--guidance_scale must be >= 1 (1 = no guidance), got {a.guidance_scale}")
     except ValueError as e:
         raise SystemExit(f"latentcot run mmdit: {e}") from None
     m = run_mmdit(
@@ -1196,6 +1248,8 @@ def run_main(argv: list[str] | None = None) -> int:
         bridge=a.bridge,
         edit_train=a.edit_train,
         eval_file=a.eval_file,
+        cond_dropout=a.cond_dropout,
+        guidance_scale=a.guidance_scale,
     )
     print((Path(a.out) / "table.md").read_text())
     print(f"seconds: {m['seconds']}")
@@ -1241,13 +1295,18 @@ LORA_TARGETS_MMDIT = ["to_q", "to_k", "to_v", "to_out.0"]
 class MMDiTTrainee(nn.Module):
     "The trainable half of the generator for `train_loop`: bridge + DiT; `forward(batch)` is the flow-matching loss."
 
-    def __init__(self, bridge: MMDiTBridge, transformer, scheduler):
+    def __init__(self, bridge: MMDiTBridge, transformer, scheduler, cond_dropout: float = 0.0):
         super().__init__()
-        self.bridge, self.transformer = bridge, transformer
+        if not 0 <= cond_dropout < 1:
+            raise ValueError(f"--mmdit_cond_dropout must be in [0, 1), got {cond_dropout}")
+        self.bridge, self.transformer, self.cond_dropout = bridge, transformer, cond_dropout
         self.__dict__["scheduler"] = scheduler  # not a module: kept out of the state dict
 
     def forward(self, batch: dict) -> torch.Tensor:
-        emb, m = project_to_mmdit(self.bridge, batch["z"], batch["z_mask"], self.transformer)
+        z = batch["z"]
+        if self.training and self.cond_dropout > 0:  # the null condition of guidance: zeroed Z (the global RNG: resumable)
+            z = z * (torch.rand(len(z), device=z.device) >= self.cond_dropout).to(z.dtype)[:, None, None]
+        emb, m = project_to_mmdit(self.bridge, z, batch["z_mask"], self.transformer)
         return compute_flow_matching_loss(self.transformer, emb, m, batch["x0"], self.scheduler, batch["ref"])
 
 # %% ../nbs/22_mmdit.ipynb #55b8f208
@@ -1373,6 +1432,9 @@ def run_mmdit_stage(args, cfg) -> Path:
     kit = Path(args.mmdit_name_or_path) if getattr(args, "mmdit_name_or_path", None) else mmdit_kit_path()
     parts = load_mmdit_kit(kit)
     check_edit_images(recs, parts["vae"])  # before any latent is computed
+    p_null = getattr(args, "mmdit_cond_dropout", 0.0)
+    if not 0 <= p_null < 1:
+        raise ValueError(f"--mmdit_cond_dropout must be in [0, 1), got {p_null}")
     vlm_path = args.model_name_or_path or calibrated_kit_path()
     vlm, processor, _ = load_latent_model(vlm_path)
     vlm.eval()
@@ -1397,7 +1459,7 @@ def run_mmdit_stage(args, cfg) -> Path:
     else:
         freeze_discarded_text_stream(parts["transformer"])
     trainee = MMDiTTrainee(
-        bridge, parts["transformer"], type(parts["scheduler"]).from_config(parts["scheduler"].config)
+        bridge, parts["transformer"], type(parts["scheduler"]).from_config(parts["scheduler"].config), p_null
     )
     info = {**run_info(args), "model_name_or_path": str(vlm_path), "mmdit_name_or_path": str(kit), "latent_size": k}
     trackers = () if args.report_to == "none" else (args.report_to,)
@@ -1828,6 +1890,10 @@ class GenerateArgs:
     )
     budget: int = field(default=3, metadata={"help": "latents per thought"})
     num_inference_steps: int = field(default=20, metadata={"help": "flow sampling steps"})
+    guidance_scale: float = field(
+        default=1.0,
+        metadata={"help": "classifier-free guidance against zeroed Z (1 = none; for a DiT trained with --cond_dropout)"},
+    )
     max_new_tokens: int = field(default=64, metadata={"help": "text tokens after the thought"})
     batch_size: int = field(default=8, metadata={"help": "prompts per batch"})
     seed: int = field(default=0, metadata={"help": "sampling noise seed"})
@@ -1870,6 +1936,7 @@ def generate_images(
     batch_size: int = 8,
     seed: int = 0,
     progress: bool = True,
+    guidance_scale: float = 1.0,
 ) -> list[tuple]:
     "`[(image or None, text)]` of `[{'prompt', 'image'}]` through `inference_with_latent_cot`, in batches."
     from tqdm.auto import tqdm
@@ -1908,6 +1975,7 @@ def generate_images(
             num_inference_steps,
             seed=seed + i,
             think=think,
+            guidance_scale=guidance_scale,
         )
     return res
 
@@ -1933,6 +2001,8 @@ def generate_main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"latentcot generate: {e}") from None
     if a.prompt is not None and not Path(a.image).is_file():
         raise SystemExit(f"latentcot generate: --image {a.image}: no such file")
+    if a.guidance_scale < 1:
+        raise SystemExit(f"latentcot generate: --guidance_scale must be >= 1 (1 = no guidance), got {a.guidance_scale}")
     res = generate_images(
         prompts,
         a.latent_model,
@@ -1943,6 +2013,7 @@ def generate_main(argv: list[str] | None = None) -> int:
         a.max_new_tokens,
         a.batch_size,
         a.seed,
+        guidance_scale=a.guidance_scale,
     )
     out = Path(a.out)
     if a.prompts:

@@ -265,6 +265,13 @@ class TrainArgs:
             "learned linear function of all latents; needs --latent_size_mode fixed)"
         },
     )
+    mmdit_cond_dropout: float = field(
+        default=0.0,
+        metadata={
+            "help": "--stage mmdit: zero each pair's Z with this probability (the null condition of classifier-free "
+            "guidance, `latentcot generate --guidance_scale`), e.g. 0.1"
+        },
+    )
     train_mmdit: bool = field(
         default=False,
         metadata={
@@ -403,6 +410,8 @@ def run_info(args: argparse.Namespace) -> dict:
         info["mmdit_name_or_path"] = args.mmdit_name_or_path  # the generator
     if getattr(args, "train_mmdit", False):
         info["train_mmdit"] = True  # the generator is co-trained: its weights are in the checkpoints
+    if getattr(args, "mmdit_cond_dropout", 0.0):
+        info["mmdit_cond_dropout"] = args.mmdit_cond_dropout  # what the DiT is trained on
     return info
 
 # %% ../nbs/14_train.ipynb #92916d42
