@@ -2045,8 +2045,10 @@ def bench_mmdit(
     latent_size: int = 3,
     seed: int = 0,
     verbose: bool = True,
+    guidance_scale: float = 1.0,
 ) -> dict:
-    "Changed-cell accuracy and seconds per image at each number of sampling steps, batched vs one image at a time."
+    """Changed-cell accuracy and seconds per image at each number of sampling steps, batched vs one image at a time;
+    with `guidance_scale > 1`, also guided (batched) against unguided, side by side."""
     import time
     from latentcot.datagen import load_edit_records
     from latentcot.demo import default_data_dir
@@ -2055,6 +2057,8 @@ def bench_mmdit(
     from latentcot.tiny import calibrated_kit_path
     from latentcot.tokens import load_latent_model
 
+    if guidance_scale < 1:  # before any work
+        raise ValueError(f"guidance_scale must be >= 1 (1 = no guidance), got {guidance_scale}")
     edit = default_data_dir() / "edit" / "heldout.jsonl"
     recs, samples = load_edit_records(edit)[:n], load_multiturn_samples(edit)[:n]
     vlm, processor, _ = load_latent_model(latent_model or calibrated_kit_path())
@@ -2080,8 +2084,12 @@ def bench_mmdit(
                 generator=torch.Generator().manual_seed(seed),
             )
         single = (time.perf_counter() - t0) / n
+        changed = lambda images: [
+            x["changed"] for x in (grid_scores(im, r["img1"], r["img0"]) for im, r in zip(images, recs))
+            if x["changed"] is not None
+        ]
         sc = [grid_scores(im, r["img1"], r["img0"]) for im, r in zip(ims, recs)]
-        ch = [x["changed"] for x in sc if x["changed"] is not None]
+        ch = changed(ims)
         rows.append(
             dict(
                 steps=s,
@@ -2093,7 +2101,15 @@ def bench_mmdit(
                 single_over_batched=single / batched,
             )
         )
-    res = {"images": n, "threads": torch.get_num_threads(), "rows": rows}
+        if guidance_scale > 1:  # the same batched call with guidance: two DiT calls per step
+            t0 = time.perf_counter()
+            g_ims = gen.generate(z, m, ref_images=refs, num_inference_steps=s, guidance_scale=guidance_scale,
+                                 generator=torch.Generator().manual_seed(seed))
+            g_ch = changed(g_ims)
+            rows[-1].update(changed_guided=sum(g_ch) / max(1, len(g_ch)),
+                            s_per_image_guided=(time.perf_counter() - t0) / n)
+            rows[-1]["guided_over_batched"] = rows[-1]["s_per_image_guided"] / batched
+    res = {"images": n, "threads": torch.get_num_threads(), "guidance_scale": guidance_scale, "rows": rows}
     if verbose:
         print(
             f"MMDiT bench: {n} held-out img1 from student Z0 ({res['threads']} torch thread(s)); "
@@ -2115,6 +2131,13 @@ def bench_mmdit(
                     "images are blank"
                 )
             )
+        if guidance_scale > 1:
+            print(f"\nguidance {guidance_scale:g} against zeroed Z, batched, side by side with the rows above:")
+            print("| steps | changed cells % guided | s/image guided | guided / unguided time |")
+            print("| --- | --- | --- | --- |")
+            for r in rows:
+                print(f"| {r['steps']} | {100 * r['changed_guided']:.1f} | {r['s_per_image_guided']:.4f} | "
+                      f"{r['guided_over_batched']:.2f}x |")
         base = rows[-1]["s_per_image_batched"]
         print(
             "batched time per image relative to the most steps: "
@@ -2138,6 +2161,9 @@ class BenchMMDiTArgs:
     steps: str = field(default="1,2,4,8,16,50", metadata={"help": "comma-separated sampling step counts"})
     threads: int = field(default=1, metadata={"help": "torch threads (0: torch's default)"})
     seed: int = field(default=0, metadata={"help": "sampling noise seed"})
+    guidance_scale: float = field(
+        default=1.0, metadata={"help": "also time guided sampling at this scale against unguided (1: not measured)"}
+    )
 
 # %% ../nbs/22_mmdit.ipynb #49996913
 def bench_mmdit_main(argv: list[str] | None = None) -> int:
@@ -2151,9 +2177,11 @@ def bench_mmdit_main(argv: list[str] | None = None) -> int:
         steps = tuple(int(s) for s in a.steps.split(","))
     except ValueError:
         raise SystemExit(f"latentcot bench mmdit: --steps {a.steps!r}: expected comma-separated integers") from None
+    if a.guidance_scale < 1:
+        raise SystemExit(f"latentcot bench mmdit: --guidance_scale must be >= 1 (1 = no guidance), got {a.guidance_scale}")
     if a.threads:
         torch.set_num_threads(a.threads)
-    bench_mmdit(a.mmdit_name_or_path, a.latent_model, a.n, steps, seed=a.seed)
+    bench_mmdit(a.mmdit_name_or_path, a.latent_model, a.n, steps, seed=a.seed, guidance_scale=a.guidance_scale)
     return 0
 
 # %% ../nbs/22_mmdit.ipynb #eb7fb9b0
