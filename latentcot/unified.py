@@ -30,10 +30,11 @@ __all__ = ['UNIFIED_FLAGS', 'SYSTEM_PROMPT', 'LOCATION_RE', 'UNIFIED_VERSION', '
            'Generated', 'prompt_sample', 'generate', 'UnifiedImageEditingInference', 'unified_train_settings',
            'unified_samples', 'unified_step', 'train_unified', 'run_unified_training', 'prompt_of', 'evaluate_unified',
            'teacher_forced_scores', 'decision_metrics', 'image_metrics', 'baseline_rows', 'paired_image_diff',
-           'start_probability', 'weighted_optimum', 'RunUnifiedArgs', 'unified_grid', 'mmdit_rows', 'unified_table',
-           'weight_study', 'run_unified', 'run_unified_parser', 'run_main', 'UnifiedCliArgs', 'write_generated',
-           'unified_main', 'SequenceStepper', 'BenchUnifiedArgs', 'sided_prompt', 'per_patch_seconds', 'LMClock',
-           'cache_comparison', 'wider_lm_model', 'keep_drawing', 'bench_unified', 'bench_unified_main']
+           'start_probability', 'weighted_optimum', 'RunUnifiedArgs', 'check_start_model', 'unified_grid', 'mmdit_rows',
+           'unified_table', 'weight_study', 'run_unified', 'run_unified_parser', 'run_main', 'UnifiedCliArgs',
+           'write_generated', 'unified_main', 'SequenceStepper', 'BenchUnifiedArgs', 'sided_prompt',
+           'per_patch_seconds', 'LMClock', 'cache_comparison', 'wider_lm_model', 'keep_drawing', 'bench_unified',
+           'bench_unified_main']
 
 # %% ../nbs/23_unified.ipynb #bb4d4fa7
 @dataclass
@@ -1636,6 +1637,14 @@ class RunUnifiedArgs(UnifiedFlags):
         default=UNIFIED_TRAIN_DEFAULTS["bsz"], metadata={"help": "samples per step (editing and QA interleaved)"}
     )
     lr: float = field(default=UNIFIED_TRAIN_DEFAULTS["learning_rate"], metadata={"help": "AdamW learning rate"})
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "the Qwen2.5-VL checkpoint (a save_pretrained folder, e.g. a latent model's final/) whose "
+            "language model and vision tower the unified model starts from; patch_in and the flow head start "
+            "fresh (default: the calibrated tiny kit)"
+        },
+    )
     compare_to: str | None = field(
         default=None,
         metadata={
@@ -1676,6 +1685,24 @@ class RunUnifiedArgs(UnifiedFlags):
     seed: int = field(default=0, metadata={"help": "seed of weights, data order and noise"})
     no_resume: bool = field(default=False, metadata={"help": "start the training over"})
     quiet: bool = field(default=False, metadata={"help": "no progress bars"})
+
+# %% ../nbs/23_unified.ipynb #c8a1f0e2
+def check_start_model(path) -> None:
+    "Raise `ValueError` unless `path` (or None: the tiny kit) is a Qwen2.5-VL save_pretrained folder, not a unified model."
+    if path is None:
+        return
+    p = Path(path)
+    if (p / "unified.json").is_file():
+        raise ValueError(
+            f"--model_name_or_path {path} is a unified model; `latentcot run unified` starts a new one from a "
+            "Qwen2.5-VL checkpoint (continue a unified model with `python -m latentcot.train --stage unified`)"
+        )
+    if not (p / "config.json").is_file():
+        raise ValueError(f"--model_name_or_path {path}: no config.json there (not a save_pretrained folder)")
+    mt = json.loads((p / "config.json").read_text()).get("model_type")
+    if mt != "qwen2_5_vl":
+        raise ValueError(f"--model_name_or_path {path}: model_type {mt!r} in config.json, expected 'qwen2_5_vl'")
+
 
 # %% ../nbs/23_unified.ipynb #f17ddaf4
 def _atomic_write(path: Path, data):
@@ -1821,8 +1848,9 @@ def run_unified(a: RunUnifiedArgs) -> dict:
         raise ValueError(f"--compare_to: no rows.jsonl in {a.compare_to}")
     if a.edit_train is not None and not Path(a.edit_train).is_file():
         raise ValueError(f"--edit_train: no such file {a.edit_train}")
+    check_start_model(a.model_name_or_path)
     samples = unified_samples(a.edit_train, limit=a.limit_train, cycle_qa=a.edit_train is not None)
-    model = UnifiedModel.from_kits(cfg=ucfg, seed=a.seed)
+    model = UnifiedModel.from_kits(a.model_name_or_path, cfg=ucfg, seed=a.seed)
     final = train_unified(
         model,
         samples,
@@ -1891,7 +1919,7 @@ def run_unified(a: RunUnifiedArgs) -> dict:
     table = unified_table(dec, img, study, a.mmdit_report, paired)
     _atomic_write(
         out / "table.md",
-        f"Unified model, {a.steps} steps; held-out: {len(heldout)} edits, {len(qa)} QA prompts; greedy; "
+        f"Unified model, {a.steps} steps from {a.model_name_or_path or 'the calibrated tiny kit'}; held-out: {len(heldout)} edits, {len(qa)} QA prompts; greedy; "
         f"{a.num_timesteps} Euler steps per patch. Mean [95% bootstrap interval].\n\n{table}\n\n"
         f"Image endings: {caps}\n\nSeconds: { {k: round(v) for k, v in seconds.items()} }\n",
     )
