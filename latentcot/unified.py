@@ -32,7 +32,7 @@ __all__ = ['UNIFIED_FLAGS', 'SYSTEM_PROMPT', 'LOCATION_RE', 'UNIFIED_VERSION', '
            'teacher_forced_scores', 'decision_metrics', 'image_metrics', 'baseline_rows', 'paired_image_diff',
            'start_probability', 'weighted_optimum', 'RunUnifiedArgs', 'check_start_model', 'unified_grid', 'mmdit_rows',
            'unified_table', 'weight_study', 'run_unified', 'run_unified_parser', 'run_main', 'UnifiedCliArgs',
-           'write_generated', 'unified_main', 'SequenceStepper', 'BenchUnifiedArgs', 'sided_prompt',
+           'write_generated', 'unified_main', 'SequenceStepper', 'BenchUnifiedArgs', 'sided_prompt', 'bench_prompt',
            'per_patch_seconds', 'LMClock', 'cache_comparison', 'wider_lm_model', 'keep_drawing', 'bench_unified',
            'bench_unified_main']
 
@@ -2107,6 +2107,13 @@ class BenchUnifiedArgs:
         default="64,128,256",
         metadata={"help": "input-image sides (pixels) of the per-patch cached-vs-recompute sweep over prefix length"},
     )
+    lm_prompt_side: int = field(
+        default=0,
+        metadata={
+            "help": "input-image side (pixels) of the --lm_sizes comparison's prompt: a 7B-length prefix at 256 "
+            "(0: the held-out image as is)"
+        },
+    )
 
 # %% ../nbs/23_unified.ipynb #8e1318fa
 def _median_time(fn, repeats: int) -> float:
@@ -2139,6 +2146,16 @@ def sided_prompt(rec: dict, side: int, folder) -> dict:
     path = Path(folder) / f"{rec['sample_id']}_{side}.png"
     Image.open(rec["img0"]).convert("RGB").resize((side, side), Image.NEAREST).save(path)
     return prompt_sample(rec["prompt"], str(path), f"{rec['sample_id']}_{side}")
+
+
+def bench_prompt(rec: dict, side: int, folder) -> list[dict]:
+    "The one-prompt batch of a cached-vs-recompute comparison: `rec`'s edit prompt, its image resized to `side` if > 0."
+    return [sided_prompt(rec, side, folder)] if side > 0 else [prompt_of(edit_sample(rec))]
+
+
+def _ints(csv: str) -> list[int]:
+    "`'1,2,5'` -> `[1, 2, 5]`; empty parts are skipped (`''` -> `[]`: the sweep is not run)."
+    return [int(x) for x in csv.split(",") if x.strip()]
 
 # %% ../nbs/23_unified.ipynb #dd8ab318
 def per_patch_seconds(model, prompts: list[dict], patches: int, repeats: int) -> dict:
@@ -2261,13 +2278,14 @@ def bench_unified(a: BenchUnifiedArgs) -> dict:
     )
     for T in (1, model.cfg.num_timesteps):
         res[f"cache_vs_recompute_T{T}"] = cache_comparison(model, p, a.patches, T, a.repeats)
-    for size in [x for x in a.lm_sizes.split(",") if x]:
-        wide = wider_lm_model(model, *(int(v) for v in size.split("x")))
-        keep_drawing(wide, p)
-        c = cache_comparison(wide, p, a.patches, 1, a.repeats)
-        res[f"lm_{size}"] = c | dict(lm_params=sum(x.numel() for x in wide.lm.layers.parameters()))
     with tempfile.TemporaryDirectory() as tmp:
-        for side in [int(x) for x in a.prompt_sides.split(",") if x]:
+        for size in [x for x in a.lm_sizes.split(",") if x]:
+            wide = wider_lm_model(model, *(int(v) for v in size.split("x")))
+            pw = bench_prompt(recs[0], a.lm_prompt_side, tmp)
+            keep_drawing(wide, pw)
+            c = cache_comparison(wide, pw, a.patches, 1, a.repeats)
+            res[f"lm_{size}"] = c | dict(lm_params=sum(x.numel() for x in wide.lm.layers.parameters()))
+        for side in _ints(a.prompt_sides):
             ps = [sided_prompt(recs[0], side, tmp)]
             res[f"per_patch_side{side}"] = per_patch_seconds(model, ps, a.patches, a.repeats)
     for bs in (1, 8):
@@ -2277,7 +2295,7 @@ def bench_unified(a: BenchUnifiedArgs) -> dict:
         n_img = sum(len(g.patches) for g in gs[-1])
         res[f"seconds_per_image_batch{bs}"] = dict(seconds=t, images=n_img, per_image=t / max(n_img, 1))
     sweep = {}
-    for T in [int(x) for x in a.flow_steps.split(",")]:
+    for T in _ints(a.flow_steps):
         rows, _ = evaluate_unified(model, recs[: a.limit_edits], [], num_timesteps=T, progress=False)
         sweep[T] = image_metrics(rows, n_boot=500)["both"]["changed"]
     res["flow_steps_vs_changed_cells"] = sweep
@@ -2315,7 +2333,7 @@ def bench_unified_main(argv: list[str] | None = None) -> int:
         if k.startswith("lm_"):
             print(
                 f"untrained LM {k[3:]} ({c['lm_params'] / 1e6:.0f}M parameters in its layers; timing only), "
-                f"{c['patches']} patches, 1 Euler step: ratio {c['ratio']:.1f}x; loop {c['loop_ratio']:.1f}x; "
+                f"prompt {c['prompt_tokens']} tokens, {c['patches']} patches, 1 Euler step: ratio {c['ratio']:.1f}x; loop {c['loop_ratio']:.1f}x; "
                 f"LM calls {c['lm_ratio']:.1f}x; bound {c['ratio_bound']:.1f}x"
             )
         if k.startswith("per_patch_side"):
