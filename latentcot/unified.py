@@ -1347,10 +1347,12 @@ def train_unified(
 ) -> Path:
     "Train `model` on `samples` with the project's trainer into `output_dir`; writes and returns `output_dir/final`."
     from accelerate import PartialState
-    from latentcot.trainer import train_loop
+    from latentcot.trainer import _step_of, latest_checkpoint, train_loop
 
     coll = model.collator(max_length)
-    coll.precompute(samples, progress=progress)
+    ck = latest_checkpoint(output_dir) if resume else None
+    if not (ck is not None and max_steps is not None and _step_of(ck) >= max_steps):
+        coll.precompute(samples, progress=progress)  # a finished run only reloads: no patches to encode up front
     info = dict(run_info or {}) | {"unified": asdict(model.cfg)}
     model, state = train_loop(
         model,
@@ -1853,7 +1855,6 @@ def run_unified(a: RunUnifiedArgs) -> dict:
     from latentcot.demo import default_data_dir
 
     t0, out = time.time(), Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     cfg = load_config().replace(**UNIFIED_TRAIN_DEFAULTS | dict(bsz=a.batch_size, learning_rate=a.lr, seed=a.seed))
     ucfg = a.unified_config()
     if a.compare_to is not None and not (Path(a.compare_to) / "rows.jsonl").is_file():
@@ -1862,6 +1863,7 @@ def run_unified(a: RunUnifiedArgs) -> dict:
         raise ValueError(f"--edit_train: no such file {a.edit_train}")
     check_start_model(a.model_name_or_path)
     samples = unified_samples(a.edit_train, limit=a.limit_train, cycle_qa=a.edit_train is not None)
+    out.mkdir(parents=True, exist_ok=True)  # after the checks: a refused run leaves no folder behind
     model = UnifiedModel.from_kits(a.model_name_or_path, cfg=ucfg, seed=a.seed)
     final = train_unified(
         model,
