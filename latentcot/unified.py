@@ -29,12 +29,12 @@ __all__ = ['UNIFIED_FLAGS', 'SYSTEM_PROMPT', 'LOCATION_RE', 'UNIFIED_VERSION', '
            'UnifiedCollator', 'UnifiedOutput', 'tgt_aux_edited', 'UnifiedModel', 'save_unified', 'load_unified',
            'Generated', 'prompt_sample', 'generate', 'UnifiedImageEditingInference', 'unified_train_settings',
            'unified_samples', 'unified_step', 'train_unified', 'run_unified_training', 'prompt_of', 'evaluate_unified',
-           'teacher_forced_scores', 'decision_metrics', 'image_metrics', 'baseline_rows', 'paired_image_diff',
-           'start_probability', 'weighted_optimum', 'RunUnifiedArgs', 'check_start_model', 'unified_grid', 'mmdit_rows',
-           'unified_table', 'weight_study', 'run_unified', 'run_unified_parser', 'run_main', 'UnifiedCliArgs',
-           'write_generated', 'unified_main', 'SequenceStepper', 'BenchUnifiedArgs', 'sided_prompt', 'bench_prompt',
-           'per_patch_seconds', 'LMClock', 'cache_comparison', 'wider_lm_model', 'keep_drawing', 'bench_unified',
-           'bench_unified_main']
+           'teacher_forced_scores', 'text_given_scores', 'decision_metrics', 'image_metrics', 'baseline_rows',
+           'paired_image_diff', 'start_probability', 'weighted_optimum', 'RunUnifiedArgs', 'check_start_model',
+           'unified_grid', 'mmdit_rows', 'unified_table', 'weight_study', 'run_unified', 'run_unified_parser',
+           'run_main', 'UnifiedCliArgs', 'write_generated', 'unified_main', 'SequenceStepper', 'BenchUnifiedArgs',
+           'sided_prompt', 'bench_prompt', 'per_patch_seconds', 'LMClock', 'cache_comparison', 'wider_lm_model',
+           'keep_drawing', 'bench_unified', 'bench_unified_main']
 
 # %% ../nbs/23_unified.ipynb #bb4d4fa7
 @dataclass
@@ -1523,6 +1523,34 @@ def teacher_forced_scores(
             )
     return rows
 
+# %% ../nbs/23_unified.ipynb #textgiven1
+@torch.no_grad()
+def text_given_scores(
+    model: UnifiedModel,
+    recs: list[dict],
+    num_timesteps: int | None = None,
+    seed: int = 0,
+    batch_size: int = 10,
+    max_length: int = 500,
+    img0_of: list | None = None,
+) -> list[dict]:
+    """Diagnostic between free-running and teacher-forced: each image drawn patch by patch from the model's *own*
+    earlier patches, after the *true* answer before it (img1 after reflection 1; img2 after reflection 1, the true
+    img1 and reflection 2); rows as `evaluate_unified`'s (`img0_of` as there)."""
+    ins = _with_img0(recs, img0_of)
+    rows = [dict(sample_id=r["sample_id"], kind="edit") for r in recs]
+    for k in (1, 2):
+        for i in range(0, len(recs), batch_size):
+            ps = [dict(prompt_of(s), assistant=s["assistant"][: 2 * k - 1]) for s in map(edit_sample, ins[i : i + batch_size])]
+            outs = generate(
+                model, ps, max_length=max_length, num_timesteps=num_timesteps, seed=seed + i, force_image_generation=True
+            )
+            for row, rec, g in zip(rows[i : i + batch_size], recs[i : i + batch_size], outs):
+                sc = grid_scores(g.images[0], rec[f"img{k}"], rec["img0"]) if g.images else None
+                row[f"img{k}"] = sc if sc is not None else dict(changed=0.0, kept=0.0, all=0.0, exact=0.0, missing=True)
+    return rows
+
+
 # %% ../nbs/23_unified.ipynb #9ad69f40
 def _prf(y: np.ndarray, p: np.ndarray) -> tuple[float, float, float]:
     tp, fp, fn = int((y & p).sum()), int((~y & p).sum()), int((y & ~p).sum())
@@ -1886,6 +1914,9 @@ def run_unified(a: RunUnifiedArgs) -> dict:
     named = [float(r["named_cell"]) for r in rows if "named_cell" in r]
     location = _ci(named, 2000) | dict(items=len(named))  # reflection 1 names the target's cell (free-running)
     tf_rows = teacher_forced_scores(model, heldout, a.num_timesteps, a.seed)
+    img["both, true text before, own patches (diagnostic)"] = image_metrics(
+        text_given_scores(model, heldout, a.num_timesteps, a.seed)
+    )["both"]
     img["both, teacher-forced patches (diagnostic)"] = image_metrics(tf_rows)["both"]
     paired = {
         "free-running minus an empty canvas": paired_image_diff(rows, baseline_rows(rows, "blank")),

@@ -26,6 +26,8 @@ def test_run_unified_then_generate(tmp_path):
     w = m["weight_study"]
     assert set(w["measured"]) == {"1", "2"} and abs(w["optimum"]["2"] - weighted_optimum(w["p_train"], 2.0)) < 1e-9
     assert "| f1 |" in r.stdout and "blank canvas" in r.stdout
+    given = m["images"]["both, true text before, own patches (diagnostic)"]  # img1 and img2 of the 2 held-out edits
+    assert given["items"] == 4 and "true text before, own patches" in r.stdout
     gen = tmp_path / "gen"
     r = _run(["unified", "--model", str(out / "train" / "final"), "--image", str(ROOT / "data_samples/edit/images/heldout/0000_0.png"),
               "--prompt", "Make the red circle blue.", "--out", str(gen), "--force_image_generation", "--max_length", "200",
