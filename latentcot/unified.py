@@ -7,7 +7,7 @@ Docs: https://latentcot.github.io/latentcot/unified.html.md"""
 # %% ../nbs/23_unified.ipynb #33a24ce5
 from __future__ import annotations
 import json, math, os, re, shutil, sys, tempfile, time
-from dataclasses import dataclass, field, fields, asdict
+from dataclasses import dataclass, field, fields, asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,20 +21,21 @@ from .mmdit import check_image_size, decode_latents, encode_images, grid_scores,
 from .mmdit_kit import tensor_to_images
 
 # %% auto #0
-__all__ = ['UNIFIED_FLAGS', 'SYSTEM_PROMPT', 'LOCATION_RE', 'UNIFIED_VERSION', 'UNIFIED_TRAIN_DEFAULTS', 'UNIFIED_STEPS',
-           'IMAGE_METRICS', 'UnifiedConfig', 'UnifiedConfigError', 'check_unified_config', 'UnifiedFlags', 'UnifiedIds',
-           'vae_factor', 'patch_grid', 'image_patches', 'patches_to_images', 'AdaLNBlock', 'euler_sigmas', 'FlowHead',
-           'flow_pair', 'euler_sample', 'edit_sample', 'qa_sample', 'render_text', 'patch_grid_thw',
-           'image_block_offsets', 'NoLocationPhrase', 'location_char_spans', 'location_token_positions', 'named_cell',
-           'UnifiedCollator', 'UnifiedOutput', 'tgt_aux_edited', 'UnifiedModel', 'save_unified', 'load_unified',
-           'Generated', 'prompt_sample', 'generate', 'UnifiedImageEditingInference', 'unified_train_settings',
-           'unified_samples', 'unified_step', 'train_unified', 'run_unified_training', 'prompt_of', 'evaluate_unified',
-           'teacher_forced_scores', 'text_given_scores', 'decision_metrics', 'image_metrics', 'baseline_rows',
-           'paired_image_diff', 'start_probability', 'weighted_optimum', 'RunUnifiedArgs', 'check_start_model',
-           'unified_grid', 'mmdit_rows', 'unified_table', 'weight_study', 'run_unified', 'run_unified_parser',
-           'run_main', 'UnifiedCliArgs', 'write_generated', 'unified_main', 'SequenceStepper', 'BenchUnifiedArgs',
-           'sided_prompt', 'bench_prompt', 'per_patch_seconds', 'LMClock', 'cache_comparison', 'wider_lm_model',
-           'keep_drawing', 'bench_unified', 'bench_unified_main']
+__all__ = ['UNIFIED_FLAGS', 'ARCH_FLAGS', 'SYSTEM_PROMPT', 'LOCATION_RE', 'UNIFIED_VERSION', 'UNIFIED_TRAIN_DEFAULTS',
+           'UNIFIED_STEPS', 'IMAGE_METRICS', 'UnifiedConfig', 'UnifiedConfigError', 'check_unified_config',
+           'UnifiedFlags', 'continued_config', 'UnifiedIds', 'vae_factor', 'patch_grid', 'image_patches',
+           'patches_to_images', 'AdaLNBlock', 'euler_sigmas', 'FlowHead', 'flow_pair', 'euler_sample', 'edit_sample',
+           'qa_sample', 'render_text', 'patch_grid_thw', 'image_block_offsets', 'NoLocationPhrase',
+           'location_char_spans', 'location_token_positions', 'named_cell', 'UnifiedCollator', 'UnifiedOutput',
+           'tgt_aux_edited', 'UnifiedModel', 'save_unified', 'load_unified', 'Generated', 'prompt_sample', 'generate',
+           'UnifiedImageEditingInference', 'unified_train_settings', 'unified_samples', 'unified_step', 'train_unified',
+           'run_unified_training', 'prompt_of', 'evaluate_unified', 'teacher_forced_scores', 'text_given_scores',
+           'decision_metrics', 'image_metrics', 'baseline_rows', 'paired_image_diff', 'start_probability',
+           'weighted_optimum', 'RunUnifiedArgs', 'check_start_model', 'init_model', 'start_of', 'unified_grid',
+           'mmdit_rows', 'unified_table', 'weight_study', 'run_unified', 'run_unified_parser', 'run_main',
+           'UnifiedCliArgs', 'write_generated', 'unified_main', 'SequenceStepper', 'BenchUnifiedArgs', 'sided_prompt',
+           'bench_prompt', 'per_patch_seconds', 'LMClock', 'cache_comparison', 'wider_lm_model', 'keep_drawing',
+           'bench_unified', 'bench_unified_main']
 
 # %% ../nbs/23_unified.ipynb #bb4d4fa7
 @dataclass
@@ -220,6 +221,27 @@ class UnifiedFlags(
         "The flags `obj` (a parsed namespace, a dataclass) holds, the defaults for those it lacks; checked."
         return cls(**{k: getattr(obj, k) for k in UNIFIED_FLAGS if hasattr(obj, k)})
 
+
+# %% ../nbs/23_unified.ipynb #contcfg-code
+ARCH_FLAGS = ("head_width", "head_depth", "ref_cond", "tgt_cond", "blind_draw")  # modules, or what the model reads
+
+
+def continued_config(saved: UnifiedConfig, flags: UnifiedFlags, source: str = "the model") -> UnifiedConfig:
+    """`saved` (a unified model's config) with the flags `flags` sets to a non-default value: training flags (loss
+    weights, `--self_feed`, `--input_noise`, `--location_weight`, `--num_timesteps`) replace the model's; a flag that
+    would change its architecture (`ARCH_FLAGS`, or an auxiliary head turned on or off) is refused, naming `source`."""
+    new = {k: getattr(flags, k) for k in flags.changed()}
+    bad = [k for k in ARCH_FLAGS if k in new and new[k] != getattr(saved, k)]
+    bad += [k for k in ("img0_aux_weight", "tgt_aux_weight") if k in new and (new[k] > 0) != (getattr(saved, k) > 0)]
+    if bad:
+        raise UnifiedConfigError(
+            f"{source} is a unified model whose architecture these flags would change: "
+            + "; ".join(f"--{k} {new[k]!r} but the model has {getattr(saved, k)!r}" for k in bad)
+            + " (only training flags may differ when a model is trained further)"
+        )
+    cfg = replace(saved, **new)
+    check_unified_config(cfg)
+    return cfg
 
 # %% ../nbs/23_unified.ipynb #c0b3afc4
 @dataclass
@@ -1380,7 +1402,8 @@ def run_unified_training(args, cfg, given: set[str] | None = None, unified: Unif
     """`python -m latentcot.train --stage unified`: `--data` editing triplets (default data_samples/edit), QA from
     data_samples/visual; the stage's own optimisation defaults (`unified_train_settings`) where no flag is given;
     `unified`: the model's flags (`UnifiedFlags`, default: those `args` holds). Continuing a unified model
-    (`--model_name_or_path` with unified.json) keeps its config: a flag set to another value is refused."""
+    (`--model_name_or_path` with unified.json) keeps its architecture and takes the training flags given
+    (`continued_config`)."""
     from latentcot.train import data_file, run_info
 
     flags = unified if unified is not None else UnifiedFlags.of(args)
@@ -1390,11 +1413,7 @@ def run_unified_training(args, cfg, given: set[str] | None = None, unified: Unif
     base = args.model_name_or_path
     if base and (Path(base) / "unified.json").is_file():
         model = load_unified(base)
-        if clash := [k for k in flags.changed() if getattr(flags, k) != getattr(model.cfg, k)]:
-            raise UnifiedConfigError(
-                f"--model_name_or_path {base} is a unified model with its own config: "
-                + "; ".join(f"--{k} {getattr(flags, k)!r} but the model has {getattr(model.cfg, k)!r}" for k in clash)
-            )
+        model.cfg = continued_config(model.cfg, flags, f"--model_name_or_path {base}")
     else:
         model = UnifiedModel.from_kits(base, cfg=flags.unified_config(), seed=cfg.seed)
     # a --data file of many edits keeps a QA sample beside each edit, as `latentcot run unified --edit_train` does
@@ -1687,6 +1706,14 @@ class RunUnifiedArgs(UnifiedFlags):
             "fresh (default: the calibrated tiny kit)"
         },
     )
+    init_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "a unified model folder (another run's OUT/train/final) to train further instead of a fresh one: "
+            "all its weights; the training flags given here replace its own, its architecture stays "
+            "(`continued_config`); a new optimizer and data order (instead of --model_name_or_path)"
+        },
+    )
     compare_to: str | None = field(
         default=None,
         metadata={
@@ -1736,14 +1763,32 @@ def check_start_model(path) -> None:
     p = Path(path)
     if (p / "unified.json").is_file():
         raise ValueError(
-            f"--model_name_or_path {path} is a unified model; `latentcot run unified` starts a new one from a "
-            "Qwen2.5-VL checkpoint (continue a unified model with `python -m latentcot.train --stage unified`)"
+            f"--model_name_or_path {path} is a unified model; it starts a new one from a Qwen2.5-VL checkpoint "
+            f"(train a unified model further with --init_from {path})"
         )
     if not (p / "config.json").is_file():
         raise ValueError(f"--model_name_or_path {path}: no config.json there (not a save_pretrained folder)")
     mt = json.loads((p / "config.json").read_text()).get("model_type")
     if mt != "qwen2_5_vl":
         raise ValueError(f"--model_name_or_path {path}: model_type {mt!r} in config.json, expected 'qwen2_5_vl'")
+
+
+def init_model(a: RunUnifiedArgs) -> UnifiedModel:
+    "The unified model `--init_from` names, with the run's training flags (`continued_config`); checked."
+    if a.model_name_or_path is not None:
+        raise ValueError("--init_from and --model_name_or_path: give one (--init_from starts from all of a unified model)")
+    if not (Path(a.init_from) / "unified.json").is_file():
+        raise ValueError(f"--init_from {a.init_from}: no unified.json there (a run's OUT/train/final is a unified model)")
+    model = load_unified(a.init_from)
+    model.cfg = continued_config(model.cfg, a, f"--init_from {a.init_from}")
+    return model
+
+
+def start_of(a: RunUnifiedArgs) -> str:
+    "What the run's training starts from, for its report."
+    if a.init_from is not None:
+        return f"the unified model {a.init_from}"
+    return a.model_name_or_path or "the calibrated tiny kit"
 
 
 # %% ../nbs/23_unified.ipynb #f17ddaf4
@@ -1891,8 +1936,11 @@ def run_unified(a: RunUnifiedArgs) -> dict:
         raise ValueError(f"--edit_train: no such file {a.edit_train}")
     check_start_model(a.model_name_or_path)
     samples = unified_samples(a.edit_train, limit=a.limit_train, cycle_qa=a.edit_train is not None)
+    if a.init_from is None:
+        model = UnifiedModel.from_kits(a.model_name_or_path, cfg=ucfg, seed=a.seed)
+    else:
+        model = init_model(a)
     out.mkdir(parents=True, exist_ok=True)  # after the checks: a refused run leaves no folder behind
-    model = UnifiedModel.from_kits(a.model_name_or_path, cfg=ucfg, seed=a.seed)
     final = train_unified(
         model,
         samples,
@@ -1967,7 +2015,7 @@ def run_unified(a: RunUnifiedArgs) -> dict:
     table = unified_table(dec, img, study, a.mmdit_report, paired)
     _atomic_write(
         out / "table.md",
-        f"Unified model, {a.steps} steps from {a.model_name_or_path or 'the calibrated tiny kit'}; held-out: {len(heldout)} edits, {len(qa)} QA prompts; greedy; "
+        f"Unified model, {a.steps} steps from {start_of(a)}; held-out: {len(heldout)} edits, {len(qa)} QA prompts; greedy; "
         f"{a.num_timesteps} Euler steps per patch. Mean [95% bootstrap interval].\n\n{table}\n\n"
         f"Reflection 1 names the target's cell ('at row R, column C' of its first sentence) in "
         f"{_fmt(location)}% of {location['items']} held-out edits (free-running; chance 1/16).\n\n"

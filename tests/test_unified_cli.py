@@ -52,6 +52,16 @@ def test_train_stage_unified_resumes(tmp_path):
     # the unified model's flags reach the saved model
     u = json.loads((tmp_path / "t" / "final" / "unified.json").read_text())["config"]
     assert (u["tgt_aux_weight"], u["tgt_aux_edit_weight"], u["tgt_cond"], u["head_width"], u["fm_batch_mul"]) == (1.0, 5.0, True, 32, 1)
+    # trained further from that model (a curriculum): a training flag replaces its own, the architecture stays
+    more = [sys.executable, "-m", "latentcot.train", "--stage", "unified", "--model_name_or_path", str(tmp_path / "t" / "final"),
+            "--limit", "2", "--bsz", "2", "--max_steps", "1", "--report_to", "none", "--quiet", "--self_feed", "1.0"]
+    r = subprocess.run(more + ["--output_dir", str(tmp_path / "t2")], capture_output=True, text=True, env=ENV, timeout=900, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    u2 = json.loads((tmp_path / "t2" / "final" / "unified.json").read_text())["config"]
+    assert u2 == u | {"self_feed": 1.0}
+    r = subprocess.run(more + ["--output_dir", str(tmp_path / "t3"), "--head_width", "64"], capture_output=True, text=True, env=ENV,
+                       timeout=900, cwd=tmp_path)
+    assert r.returncode != 0 and "--head_width 64 but the model has 32" in r.stderr and not (tmp_path / "t3" / "final").exists()
 
 
 # every flag of UnifiedFlags set away from its default
