@@ -21,21 +21,21 @@ from .mmdit import check_image_size, decode_latents, encode_images, grid_scores,
 from .mmdit_kit import tensor_to_images
 
 # %% auto #0
-__all__ = ['UNIFIED_FLAGS', 'ARCH_FLAGS', 'SYSTEM_PROMPT', 'LOCATION_RE', 'UNIFIED_VERSION', 'UNIFIED_TRAIN_DEFAULTS',
+__all__ = ['UNIFIED_FLAGS', 'ARCH_FLAGS', 'SYSTEM_PROMPT', 'LOCATION_RE', 'STEP1_RE', 'UNIFIED_VERSION', 'UNIFIED_TRAIN_DEFAULTS',
            'UNIFIED_STEPS', 'IMAGE_METRICS', 'UnifiedConfig', 'UnifiedConfigError', 'check_unified_config',
            'UnifiedFlags', 'continued_config', 'UnifiedIds', 'vae_factor', 'patch_grid', 'image_patches',
            'patches_to_images', 'AdaLNBlock', 'euler_sigmas', 'FlowHead', 'flow_pair', 'euler_sample', 'edit_sample',
            'qa_sample', 'render_text', 'patch_grid_thw', 'image_block_offsets', 'NoLocationPhrase',
-           'location_char_spans', 'location_token_positions', 'named_cell', 'UnifiedCollator', 'UnifiedOutput',
-           'tgt_aux_edited', 'UnifiedModel', 'save_unified', 'load_unified', 'Generated', 'prompt_sample', 'generate',
-           'UnifiedImageEditingInference', 'unified_train_settings', 'unified_samples', 'unified_step', 'train_unified',
-           'run_unified_training', 'prompt_of', 'evaluate_unified', 'teacher_forced_scores', 'text_given_scores',
-           'decision_metrics', 'image_metrics', 'baseline_rows', 'paired_image_diff', 'start_probability',
-           'weighted_optimum', 'RunUnifiedArgs', 'check_start_model', 'init_model', 'start_of', 'unified_grid',
-           'mmdit_rows', 'unified_table', 'weight_study', 'run_unified', 'run_unified_parser', 'run_main',
-           'UnifiedCliArgs', 'write_generated', 'unified_main', 'SequenceStepper', 'BenchUnifiedArgs', 'sided_prompt',
-           'bench_prompt', 'per_patch_seconds', 'LMClock', 'cache_comparison', 'wider_lm_model', 'keep_drawing',
-           'bench_unified', 'bench_unified_main']
+           'location_char_spans', 'location_token_positions', 'named_cell', 'named_object', 'UnifiedCollator',
+           'UnifiedOutput', 'tgt_aux_edited', 'UnifiedModel', 'save_unified', 'load_unified', 'Generated',
+           'prompt_sample', 'generate', 'UnifiedImageEditingInference', 'unified_train_settings', 'unified_samples',
+           'unified_step', 'train_unified', 'run_unified_training', 'prompt_of', 'evaluate_unified',
+           'teacher_forced_scores', 'text_given_scores', 'decision_metrics', 'image_metrics', 'baseline_rows',
+           'paired_image_diff', 'start_probability', 'weighted_optimum', 'RunUnifiedArgs', 'check_start_model',
+           'init_model', 'start_of', 'unified_grid', 'mmdit_rows', 'unified_table', 'weight_study', 'run_unified',
+           'run_unified_parser', 'run_main', 'UnifiedCliArgs', 'write_generated', 'unified_main', 'SequenceStepper',
+           'BenchUnifiedArgs', 'sided_prompt', 'bench_prompt', 'per_patch_seconds', 'LMClock', 'cache_comparison',
+           'wider_lm_model', 'keep_drawing', 'bench_unified', 'bench_unified_main']
 
 # %% ../nbs/23_unified.ipynb #bb4d4fa7
 @dataclass
@@ -536,6 +536,20 @@ def named_cell(text: str, reference: str) -> bool:
     first = re.split(r"(?<=\.)\s", text, maxsplit=1)[0]
     m = LOCATION_RE.search(first)
     return m is not None and (m.group(1), m.group(2)) == tuple(reference[a:b] for a, b in ref)
+
+
+STEP1_RE = re.compile(r"Step 1 \([^)]*\) is done: it is now (.+?) at row \d+, column \d+")
+
+
+def named_object(text: str, reference: str) -> bool:
+    """Does `text` (a generated reflection 1) say what the target is after step 1 ('it is now a red triangle') as
+    `reference` does? The prompt names the target and the edit, so this is the prompt followed; `named_cell` is img0
+    read. False where `text` says none."""
+    ref = STEP1_RE.search(reference)
+    if ref is None:
+        raise ValueError(f"reference {reference!r}: no 'Step 1 (...) is done: it is now ... at row R, column C'")
+    m = STEP1_RE.search(text)
+    return m is not None and m.group(1) == ref.group(1)
 
 
 # %% ../nbs/23_unified.ipynb #74ba451b
@@ -1499,6 +1513,8 @@ def evaluate_unified(
                 row["copy"] = [grid_scores(Image.open(rec["img0"]), rec[f"img{r}"], rec["img0"]) for r in (1, 2)]
                 first = g.segments[0][1] if g.segments and g.segments[0][0] == "text" else ""  # reflection 1
                 row["named_cell"] = named_cell(first, rec["reflection1"])
+                row["named_object"] = named_object(first, rec["reflection1"])
+            row["texts"] = [t for k, t in g.segments if k == "text"]  # the generated text, to read it back
             rows.append(row)
             gens[s["sample_id"]] = g
     return rows, gens
@@ -1961,6 +1977,8 @@ def run_unified(a: RunUnifiedArgs) -> dict:
     dec, img = decision_metrics(rows), image_metrics(rows)
     named = [float(r["named_cell"]) for r in rows if "named_cell" in r]
     location = _ci(named, 2000) | dict(items=len(named))  # reflection 1 names the target's cell (free-running)
+    objects = [float(r["named_object"]) for r in rows if "named_object" in r]
+    step1_object = _ci(objects, 2000) | dict(items=len(objects))  # ... and the object after step 1 (the prompt's edit)
     tf_rows = teacher_forced_scores(model, heldout, a.num_timesteps, a.seed)
     img["both, true text before, own patches (diagnostic)"] = image_metrics(
         text_given_scores(model, heldout, a.num_timesteps, a.seed)
@@ -2001,6 +2019,7 @@ def run_unified(a: RunUnifiedArgs) -> dict:
         decision=dec,
         images=img,
         location=location,
+        step1_object=step1_object,
         paired=paired,
         endings=caps,
         weight_study=study,
@@ -2018,7 +2037,8 @@ def run_unified(a: RunUnifiedArgs) -> dict:
         f"Unified model, {a.steps} steps from {start_of(a)}; held-out: {len(heldout)} edits, {len(qa)} QA prompts; greedy; "
         f"{a.num_timesteps} Euler steps per patch. Mean [95% bootstrap interval].\n\n{table}\n\n"
         f"Reflection 1 names the target's cell ('at row R, column C' of its first sentence) in "
-        f"{_fmt(location)}% of {location['items']} held-out edits (free-running; chance 1/16).\n\n"
+        f"{_fmt(location)}% of {location['items']} held-out edits (free-running; chance 1/16), and what the target is "
+        f"after step 1 ('it is now a red triangle': the prompt's edit) in {_fmt(step1_object)}%.\n\n"
         f"Image endings: {caps}\n\nSeconds: { {k: round(v) for k, v in seconds.items()} }\n",
     )
     return metrics

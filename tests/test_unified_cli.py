@@ -28,6 +28,9 @@ def test_run_unified_then_generate(tmp_path):
     assert "| f1 |" in r.stdout and "blank canvas" in r.stdout
     given = m["images"]["both, true text before, own patches (diagnostic)"]  # img1 and img2 of the 2 held-out edits
     assert given["items"] == 4 and "true text before, own patches" in r.stdout
+    assert m["step1_object"]["items"] == 2 and "the prompt's edit" in (out / "table.md").read_text()
+    rows = [json.loads(l) for l in (out / "rows.jsonl").read_text().splitlines()]
+    assert all(isinstance(r["texts"], list) for r in rows) and all("named_object" in r for r in rows if r["kind"] == "edit")
     gen = tmp_path / "gen"
     r = _run(["unified", "--model", str(out / "train" / "final"), "--image", str(ROOT / "data_samples/edit/images/heldout/0000_0.png"),
               "--prompt", "Make the red circle blue.", "--out", str(gen), "--force_image_generation", "--max_length", "200",
