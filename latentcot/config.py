@@ -16,8 +16,8 @@ from .fileio import atomic_write
 # %% auto #0
 __all__ = ['MASK_FLAGS', 'ALIASES', 'TRAINING_ONLY', 'FAULT_ENV', 'ConfigError', 'check_config', 'LatentCoTConfig', 'parse_value',
            'find_settings', 'read_settings', 'from_mapping', 'load_config', 'SettingsArgs', 'cli_parser',
-           'add_config_args', 'flag_view', 'config_flags_given', 'config_from_args', 'parse_cli', 'save_config',
-           'load_config_json', 'cache_root', 'positive_int', 'fault_point']
+           'add_config_args', 'flag_view', 'config_flags_given', 'flags_typed', 'config_from_args', 'parse_cli',
+           'save_config', 'load_config_json', 'cache_root', 'positive_int', 'fault_point']
 
 # %% ../nbs/00_config.ipynb #364b7187
 class ConfigError(ValueError):
@@ -520,6 +520,14 @@ def config_flags_given(args) -> set[str]:
     "The `LatentCoTConfig` fields a parsed command line `args` sets (the parser leaves the others None)."
     return {f.name for f in fields(LatentCoTConfig) if getattr(args, f.name, None) is not None}
 
+# %% ../nbs/00_config.ipynb #flagstyped-code
+def flags_typed(parser: argparse.ArgumentParser, argv=None) -> set[str]:
+    """The destinations the command line `argv` (default: the process's) sets on `parser`, whatever the value: a flag
+    typed at its default counts, which comparing values with the defaults cannot tell."""
+    unset = object()  # argparse fills in a default only where the namespace has no value yet
+    ns = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != argparse.SUPPRESS})
+    return {k for k, v in vars(parser.parse_args(argv, namespace=ns)).items() if v is not unset}
+
 # %% ../nbs/00_config.ipynb #6688ab10
 def config_from_args(args) -> LatentCoTConfig:
     "The config from `--settings` (or the default file) overridden by the flags actually given."
@@ -543,7 +551,8 @@ def config_from_args(args) -> LatentCoTConfig:
 # %% ../nbs/00_config.ipynb #393e1df3
 def parse_cli(parser, argv=None, arg_types=None) -> tuple:
     """Parse `argv` (unknown flags and values a dataclass refuses are usage errors): one instance per command
-    dataclass (`arg_types`, default: the parser's own), then, if the parser has them, the `LatentCoTConfig`."""
+    dataclass (`arg_types`, default: the parser's own), then, if the parser has them, the `LatentCoTConfig`. An
+    instance with a `typed(names)` method is told which flags the command line typed (`flags_typed`)."""
     ns = parser.parse_args(argv)
     own = [t for t in parser.dataclass_types if t not in (SettingsArgs, LatentCoTConfig)]
     types = own if arg_types is None else arg_types
@@ -551,6 +560,10 @@ def parse_cli(parser, argv=None, arg_types=None) -> tuple:
         outs = [t(**{f.name: getattr(ns, f.name) for f in fields(t) if f.init}) for t in types]
     except ValueError as e:
         parser.error(str(e))  # a dataclass's own check (e.g. MeanFlowConfig's), as a usage error
+    typed = flags_typed(parser, argv)
+    for o in outs:
+        if callable(getattr(o, "typed", None)):
+            o.typed(typed)
     if LatentCoTConfig not in parser.dataclass_types:
         return tuple(outs)
     try:

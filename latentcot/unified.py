@@ -32,10 +32,10 @@ __all__ = ['UNIFIED_FLAGS', 'ARCH_FLAGS', 'SYSTEM_PROMPT', 'LOCATION_RE', 'STEP1
            'unified_step', 'train_unified', 'run_unified_training', 'prompt_of', 'evaluate_unified',
            'teacher_forced_scores', 'text_given_scores', 'decision_metrics', 'image_metrics', 'baseline_rows',
            'paired_image_diff', 'start_probability', 'weighted_optimum', 'RunUnifiedArgs', 'check_start_model',
-           'init_model', 'start_of', 'unified_grid', 'mmdit_rows', 'unified_table', 'weight_study', 'run_unified',
-           'run_unified_parser', 'run_main', 'UnifiedCliArgs', 'write_generated', 'unified_main', 'SequenceStepper',
-           'BenchUnifiedArgs', 'sided_prompt', 'bench_prompt', 'per_patch_seconds', 'LMClock', 'cache_comparison',
-           'wider_lm_model', 'keep_drawing', 'bench_unified', 'bench_unified_main']
+           'init_model', 'start_info', 'start_of', 'unified_grid', 'mmdit_rows', 'unified_table', 'weight_study',
+           'run_unified', 'run_unified_parser', 'run_main', 'UnifiedCliArgs', 'write_generated', 'unified_main',
+           'SequenceStepper', 'BenchUnifiedArgs', 'sided_prompt', 'bench_prompt', 'per_patch_seconds', 'LMClock',
+           'cache_comparison', 'wider_lm_model', 'keep_drawing', 'bench_unified', 'bench_unified_main']
 
 # %% ../nbs/23_unified.ipynb #bb4d4fa7
 @dataclass
@@ -211,8 +211,16 @@ class UnifiedFlags(
         "The `UnifiedConfig` these flags set (the config's defaults elsewhere; `extra` overrides)."
         return UnifiedConfig(**{k: getattr(self, k) for k in UNIFIED_FLAGS} | extra)
 
+    def typed(self, names) -> "UnifiedFlags":
+        """Mark these flags as parsed from a command line that typed `names` (`flags_typed`; `parse_cli` does this):
+        `changed` then lists the flags typed, one set back to its default value included."""
+        self._typed = [k for k in UNIFIED_FLAGS if k in set(names)]
+        return self
+
     def changed(self) -> list[str]:
-        "The flags whose value is not `UnifiedConfig`'s default."
+        "The flags the command line typed when known (`typed`), else those whose value is not `UnifiedConfig`'s default."
+        if getattr(self, "_typed", None) is not None:
+            return list(self._typed)
         d = UnifiedConfig()
         return [k for k in UNIFIED_FLAGS if getattr(self, k) != getattr(d, k)]
 
@@ -227,9 +235,10 @@ ARCH_FLAGS = ("head_width", "head_depth", "ref_cond", "tgt_cond", "blind_draw") 
 
 
 def continued_config(saved: UnifiedConfig, flags: UnifiedFlags, source: str = "the model") -> UnifiedConfig:
-    """`saved` (a unified model's config) with the flags `flags` sets to a non-default value: training flags (loss
-    weights, `--self_feed`, `--input_noise`, `--location_weight`, `--num_timesteps`) replace the model's; a flag that
-    would change its architecture (`ARCH_FLAGS`, or an auxiliary head turned on or off) is refused, naming `source`."""
+    """`saved` (a unified model's config) with the flags `flags` sets (`UnifiedFlags.changed`: typed on the command line,
+    or away from the default): training flags (loss weights, `--self_feed`, `--input_noise`, `--location_weight`,
+    `--num_timesteps`) replace the model's; a flag that would change its architecture (`ARCH_FLAGS`, or an auxiliary
+    head turned on or off) is refused, naming `source`."""
     new = {k: getattr(flags, k) for k in flags.changed()}
     bad = [k for k in ARCH_FLAGS if k in new and new[k] != getattr(saved, k)]
     bad += [k for k in ("img0_aux_weight", "tgt_aux_weight") if k in new and (new[k] > 0) != (getattr(saved, k) > 0)]
@@ -1800,6 +1809,13 @@ def init_model(a: RunUnifiedArgs) -> UnifiedModel:
     return model
 
 
+def start_info(a: RunUnifiedArgs) -> dict:
+    """What the run's training starts from (`--init_from`, `--model_name_or_path`; local paths resolved), recorded with
+    every checkpoint of `OUT/train`: resuming it from another start is refused."""
+    res = lambda p: str(Path(p).resolve()) if Path(p).exists() else p  # a hub id stays as given
+    return {k: res(getattr(a, k)) for k in ("init_from", "model_name_or_path") if getattr(a, k) is not None}
+
+
 def start_of(a: RunUnifiedArgs) -> str:
     "What the run's training starts from, for its report."
     if a.init_from is not None:
@@ -1967,6 +1983,7 @@ def run_unified(a: RunUnifiedArgs) -> dict:
         resume=not a.no_resume,
         trackers=(),
         progress=not a.quiet,
+        run_info=start_info(a),
     )
     t_train = time.time()
     model = load_unified(final)

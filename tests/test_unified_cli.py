@@ -65,6 +65,11 @@ def test_train_stage_unified_resumes(tmp_path):
     r = subprocess.run(more + ["--output_dir", str(tmp_path / "t3"), "--head_width", "64"], capture_output=True, text=True, env=ENV,
                        timeout=900, cwd=tmp_path)
     assert r.returncode != 0 and "--head_width 64 but the model has 32" in r.stderr and not (tmp_path / "t3" / "final").exists()
+    # a training flag typed at its default value sets the model's back: --self_feed 0 on the model saved with 1.0
+    back = [a if a != str(tmp_path / "t" / "final") else str(tmp_path / "t2" / "final") for a in more[:-1]] + ["0"]
+    r = subprocess.run(back + ["--output_dir", str(tmp_path / "t4")], capture_output=True, text=True, env=ENV, timeout=900, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "t4" / "final" / "unified.json").read_text())["config"] == u
 
 
 # every flag of UnifiedFlags set away from its default
