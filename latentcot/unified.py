@@ -30,12 +30,13 @@ __all__ = ['UNIFIED_FLAGS', 'ARCH_FLAGS', 'SYSTEM_PROMPT', 'LOCATION_RE', 'STEP1
            'UnifiedOutput', 'tgt_aux_edited', 'UnifiedModel', 'save_unified', 'load_unified', 'Generated',
            'prompt_sample', 'generate', 'UnifiedImageEditingInference', 'unified_train_settings', 'unified_samples',
            'unified_step', 'train_unified', 'run_unified_training', 'prompt_of', 'evaluate_unified',
-           'teacher_forced_scores', 'text_given_scores', 'decision_metrics', 'image_metrics', 'baseline_rows',
-           'paired_image_diff', 'start_probability', 'weighted_optimum', 'RunUnifiedArgs', 'check_start_model',
-           'init_model', 'start_info', 'start_of', 'unified_grid', 'mmdit_rows', 'unified_table', 'weight_study',
-           'run_unified', 'run_unified_parser', 'run_main', 'UnifiedCliArgs', 'write_generated', 'unified_main',
-           'SequenceStepper', 'BenchUnifiedArgs', 'sided_prompt', 'bench_prompt', 'per_patch_seconds', 'LMClock',
-           'cache_comparison', 'wider_lm_model', 'keep_drawing', 'bench_unified', 'bench_unified_main']
+           'teacher_forced_scores', 'text_given_scores', 'location_reading', 'decision_metrics', 'location_metrics',
+           'image_metrics', 'baseline_rows', 'paired_image_diff', 'start_probability', 'weighted_optimum',
+           'RunUnifiedArgs', 'check_start_model', 'init_model', 'start_info', 'start_of', 'unified_grid',
+           'reading_line', 'mmdit_rows', 'unified_table', 'weight_study', 'run_unified', 'run_unified_parser',
+           'run_main', 'UnifiedCliArgs', 'write_generated', 'unified_main', 'SequenceStepper', 'BenchUnifiedArgs',
+           'sided_prompt', 'bench_prompt', 'per_patch_seconds', 'LMClock', 'cache_comparison', 'wider_lm_model',
+           'keep_drawing', 'bench_unified', 'bench_unified_main']
 
 # %% ../nbs/23_unified.ipynb #bb4d4fa7
 @dataclass
@@ -530,11 +531,15 @@ def location_char_spans(sample_id, text: str) -> list[tuple[int, int]]:
     return [m.span(1), m.span(2)]
 
 
-def location_token_positions(tokenizer, sample_id, text: str) -> list[int]:
-    "Indices, among `text`'s own tokens, of the tokens inside the location digits (`location_char_spans`)."
+def location_token_positions(tokenizer, sample_id, text: str, split: bool = False) -> list:
+    """Indices, among `text`'s own tokens, of the tokens inside the location digits (`location_char_spans`); `split`:
+    two lists, the row's tokens and the column's."""
     spans = location_char_spans(sample_id, text)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a and any(a < e and s < b for s, e in spans)]
+    inside = lambda a, b, sp: b > a and any(a < e and s < b for s, e in sp)
+    if split:
+        return [[i for i, (a, b) in enumerate(enc["offset_mapping"]) if inside(a, b, [sp])] for sp in spans]
+    return [i for i, (a, b) in enumerate(enc["offset_mapping"]) if inside(a, b, spans)]
 
 
 # %% ../nbs/23_unified.ipynb #namedcell1
@@ -1595,6 +1600,39 @@ def text_given_scores(
     return rows
 
 
+# %% ../nbs/23_unified.ipynb #locread1
+@torch.no_grad()
+def location_reading(
+    model: UnifiedModel, recs: list[dict], batch_size: int = 16, img0_of: list | None = None
+) -> list[dict]:
+    """Diagnostic: does the model read the target's cell off img0? Reflection 1's 'at row R, column C', teacher-forced
+    (the true text before each digit token): per edit, whether the argmax token is right for every token of the row
+    (`row`), of the column (`col`), of both (`cell`), and the mean cross-entropy of those tokens (`ce`). The column
+    follows the true row, so the row is the harder half. `img0_of` as in `evaluate_unified`."""
+    coll, tok, rows = model.collator(), model.processor.tokenizer, []
+    ins = _with_img0(recs, img0_of)
+    for i in range(0, len(recs), batch_size):
+        samples = [edit_sample(r) for r in ins[i : i + batch_size]]
+        batch = coll(samples)
+        where = coll.location_mask(samples, batch["input_ids"], batch["assistant_start"])  # checks the tokenization
+        h, _ = model.hidden(model.embed(batch), batch["attention_mask"], batch["position_ids"])
+        for j, rec in enumerate(recs[i : i + batch_size]):
+            at = where[j].nonzero().flatten()
+            n = len(location_token_positions(tok, rec["sample_id"], rec["reflection1"], split=True)[0])
+            logits = model.vlm.lm_head(h[j, at - 1]).float()  # the position before a token predicts it
+            y = batch["input_ids"][j, at]
+            ok = (logits.argmax(-1) == y).tolist()
+            rows.append(
+                dict(
+                    sample_id=rec["sample_id"],
+                    row=all(ok[:n]),
+                    col=all(ok[n:]),
+                    cell=all(ok),
+                    ce=float(torch.nn.functional.cross_entropy(logits, y)),
+                )
+            )
+    return rows
+
 # %% ../nbs/23_unified.ipynb #9ad69f40
 def _prf(y: np.ndarray, p: np.ndarray) -> tuple[float, float, float]:
     tp, fp, fn = int((y & p).sum()), int((~y & p).sum()), int((y & ~p).sum())
@@ -1630,6 +1668,12 @@ def _ci(vals, n_boot: int) -> dict:
 
     vals = [v for v in vals if v is not None]
     return dict(zip(("mean", "low", "high"), bootstrap_ci(vals, n_boot=n_boot) if vals else (float("nan"),) * 3))
+
+# %% ../nbs/23_unified.ipynb #locread3
+def location_metrics(reading: list[dict], n_boot: int = 2000) -> dict:
+    "Row, column and cell right (mean, 95% interval) and the mean cross-entropy of `location_reading`'s rows."
+    out = {k: _ci([float(r[k]) for r in reading], n_boot) | dict(items=len(reading)) for k in ("row", "col", "cell")}
+    return out | dict(ce=float(np.mean([r["ce"] for r in reading])) if reading else float("nan"))
 
 # %% ../nbs/23_unified.ipynb #58f38f64
 IMAGE_METRICS = ("changed", "kept", "all", "exact")  # kept: changed cells drawn as in img0 (`latentcot.mmdit.cell_scores`)
@@ -1766,6 +1810,13 @@ class RunUnifiedArgs(UnifiedFlags):
             "the QA samples are repeated to keep one beside each edit"
         },
     )
+    heldout_edits: str | None = field(
+        default=None,
+        metadata={
+            "help": "editing triplets to evaluate on, a JSONL like data_samples/edit/heldout.jsonl (default: that "
+            "file, 40 edits); e.g. `latentcot datagen --edit_train N --edit_split val --avoid_img0 TRAIN.jsonl`"
+        },
+    )
     limit_qa: int = field(default=80, metadata={"help": "held-out QA prompts evaluated"})
     limit_edits: int | None = field(default=None, metadata={"help": "held-out edits evaluated (default: all 40)"})
     mmdit_report: str = field(
@@ -1854,6 +1905,18 @@ def unified_grid(recs: list[dict], gens: dict, n: int = 8, scale: int = 2) -> Im
 # %% ../nbs/23_unified.ipynb #9b908baf
 def _fmt(d) -> str:
     return f"{100 * d['mean']:.1f} [{100 * d['low']:.1f}, {100 * d['high']:.1f}]"
+
+# %% ../nbs/23_unified.ipynb #locread4
+def reading_line(m: dict) -> str:
+    "The report's sentence on `location_metrics` `m` (and its `another_img0` control, when there)."
+    s = (
+        f"Teacher-forced (the true text before each digit), reflection 1's row is right in {_fmt(m['row'])}%, its "
+        f"column in {_fmt(m['col'])}%, both in {_fmt(m['cell'])}% of {m['cell']['items']} held-out edits; "
+        f"{m['ce']:.2f} nats per digit token (a guess among 4: ln 4 = 1.39). The column follows the true row."
+    )
+    if "another_img0" in m:
+        s += f" With another edit's img0: both right in {_fmt(m['another_img0']['cell'])}%."
+    return s
 
 # %% ../nbs/23_unified.ipynb #3dea2239
 def _fmt_opt(d) -> str:
@@ -1966,6 +2029,10 @@ def run_unified(a: RunUnifiedArgs) -> dict:
         raise ValueError(f"--compare_to: no rows.jsonl in {a.compare_to}")
     if a.edit_train is not None and not Path(a.edit_train).is_file():
         raise ValueError(f"--edit_train: no such file {a.edit_train}")
+    if a.heldout_edits is not None and not Path(a.heldout_edits).is_file():
+        raise ValueError(f"--heldout_edits: no such file {a.heldout_edits}")
+    d = default_data_dir()
+    heldout = load_edit_records(a.heldout_edits or d / "edit" / "heldout.jsonl")[: a.limit_edits]  # errors name the line
     check_start_model(a.model_name_or_path)
     samples = unified_samples(a.edit_train, limit=a.limit_train, cycle_qa=a.edit_train is not None)
     if a.init_from is None:
@@ -1987,8 +2054,6 @@ def run_unified(a: RunUnifiedArgs) -> dict:
     )
     t_train = time.time()
     model = load_unified(final)
-    d = default_data_dir()
-    heldout = load_edit_records(d / "edit" / "heldout.jsonl")[: a.limit_edits]
     qa = load_samples(d / "visual" / "heldout.jsonl")[0][: a.limit_qa]
     rows, gens = evaluate_unified(model, heldout, qa, num_timesteps=a.num_timesteps, seed=a.seed, progress=not a.quiet)
     dec, img = decision_metrics(rows), image_metrics(rows)
@@ -1996,6 +2061,7 @@ def run_unified(a: RunUnifiedArgs) -> dict:
     location = _ci(named, 2000) | dict(items=len(named))  # reflection 1 names the target's cell (free-running)
     objects = [float(r["named_object"]) for r in rows if "named_object" in r]
     step1_object = _ci(objects, 2000) | dict(items=len(objects))  # ... and the object after step 1 (the prompt's edit)
+    reading = location_metrics(location_reading(model, heldout))  # ... and teacher-forced: img0 read, nothing else
     tf_rows = teacher_forced_scores(model, heldout, a.num_timesteps, a.seed)
     img["both, true text before, own patches (diagnostic)"] = image_metrics(
         text_given_scores(model, heldout, a.num_timesteps, a.seed)
@@ -2018,6 +2084,7 @@ def run_unified(a: RunUnifiedArgs) -> dict:
         img["both, teacher-forced, another edit's img0 (control)"] = image_metrics(tf_c)["both"]
         paired["own img0 minus another edit's img0, free-running"] = paired_image_diff(rows, rows_c)
         paired["own img0 minus another edit's img0, teacher-forced"] = paired_image_diff(tf_rows, tf_c)
+        reading["another_img0"] = location_metrics(location_reading(model, heldout, img0_of=other))
     t_eval = time.time()
     study = (
         weight_study(cfg, out, a.study_steps, heldout, a.seed, not a.quiet, a.limit_train) if a.weight_study else None
@@ -2037,6 +2104,7 @@ def run_unified(a: RunUnifiedArgs) -> dict:
         images=img,
         location=location,
         step1_object=step1_object,
+        location_teacher_forced=reading,
         paired=paired,
         endings=caps,
         weight_study=study,
@@ -2056,6 +2124,7 @@ def run_unified(a: RunUnifiedArgs) -> dict:
         f"Reflection 1 names the target's cell ('at row R, column C' of its first sentence) in "
         f"{_fmt(location)}% of {location['items']} held-out edits (free-running; chance 1/16), and what the target is "
         f"after step 1 ('it is now a red triangle': the prompt's edit) in {_fmt(step1_object)}%.\n\n"
+        f"{reading_line(reading)}\n\n"
         f"Image endings: {caps}\n\nSeconds: { {k: round(v) for k, v in seconds.items()} }\n",
     )
     return metrics

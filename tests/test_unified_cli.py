@@ -17,8 +17,14 @@ def _run(args, cwd, timeout=900):
 
 def test_run_unified_then_generate(tmp_path):
     out = tmp_path / "rep"
+    # held-out edits from another file (--heldout_edits): here edits 3-5 of data_samples', image paths made absolute
+    src = [json.loads(l) for l in (ROOT / "data_samples/edit/heldout.jsonl").read_text().splitlines()[3:6]]
+    for rec in src:
+        rec.update({k: str(ROOT / "data_samples/edit" / rec[k]) for k in ("img0", "img1", "img2")})
+    (tmp_path / "h.jsonl").write_text("".join(json.dumps(rec) + "\n" for rec in src))
     r = _run(["run", "unified", "--out", str(out), "--steps", "2", "--batch_size", "2", "--limit_train", "2", "--limit_edits", "2",
-              "--limit_qa", "2", "--weight_study", "--study_steps", "1", "--quiet", *SMALL], tmp_path)
+              "--limit_qa", "2", "--weight_study", "--study_steps", "1", "--quiet", "--heldout_edits", str(tmp_path / "h.jsonl"),
+              *SMALL], tmp_path)
     assert {"grid.png", "metrics.json", "rows.jsonl", "table.md", "train", "weight_1", "weight_2"} <= {p.name for p in out.iterdir()}
     m = json.loads((out / "metrics.json").read_text())
     assert m["decision"]["edit_prompts"] == 2 and m["decision"]["qa_prompts"] == 2
@@ -30,6 +36,10 @@ def test_run_unified_then_generate(tmp_path):
     assert given["items"] == 4 and "true text before, own patches" in r.stdout
     assert m["step1_object"]["items"] == 2 and "the prompt's edit" in (out / "table.md").read_text()
     rows = [json.loads(l) for l in (out / "rows.jsonl").read_text().splitlines()]
+    assert [r["sample_id"] for r in rows if r["kind"] == "edit"] == [rec["sample_id"] for rec in src[:2]]
+    tf = m["location_teacher_forced"]  # the cell read off img0, teacher-forced
+    assert tf["cell"]["items"] == 2 and 0 <= tf["row"]["mean"] <= 1 and tf["ce"] > 0
+    assert "Teacher-forced (the true text before each digit)" in (out / "table.md").read_text()
     assert all(isinstance(r["texts"], list) for r in rows) and all("named_object" in r for r in rows if r["kind"] == "edit")
     gen = tmp_path / "gen"
     r = _run(["unified", "--model", str(out / "train" / "final"), "--image", str(ROOT / "data_samples/edit/images/heldout/0000_0.png"),
