@@ -22,21 +22,21 @@ from .mmdit_kit import tensor_to_images
 
 # %% auto #0
 __all__ = ['UNIFIED_FLAGS', 'ARCH_FLAGS', 'SYSTEM_PROMPT', 'LOCATION_RE', 'STEP1_RE', 'UNIFIED_VERSION', 'UNIFIED_TRAIN_DEFAULTS',
-           'UNIFIED_STEPS', 'IMAGE_METRICS', 'UnifiedConfig', 'UnifiedConfigError', 'check_unified_config',
-           'UnifiedFlags', 'continued_config', 'UnifiedIds', 'vae_factor', 'patch_grid', 'image_patches',
-           'patches_to_images', 'AdaLNBlock', 'euler_sigmas', 'FlowHead', 'flow_pair', 'euler_sample', 'edit_sample',
-           'qa_sample', 'render_text', 'patch_grid_thw', 'image_block_offsets', 'NoLocationPhrase',
+           'UNIFIED_STEPS', 'IMAGE_METRICS', 'RUN_TRAINING_FLAGS', 'UnifiedConfig', 'UnifiedConfigError',
+           'check_unified_config', 'UnifiedFlags', 'continued_config', 'UnifiedIds', 'vae_factor', 'patch_grid',
+           'image_patches', 'patches_to_images', 'AdaLNBlock', 'euler_sigmas', 'FlowHead', 'flow_pair', 'euler_sample',
+           'edit_sample', 'qa_sample', 'render_text', 'patch_grid_thw', 'image_block_offsets', 'NoLocationPhrase',
            'location_char_spans', 'location_token_positions', 'named_cell', 'named_object', 'UnifiedCollator',
            'UnifiedOutput', 'tgt_aux_edited', 'UnifiedModel', 'save_unified', 'load_unified', 'Generated',
            'prompt_sample', 'generate', 'UnifiedImageEditingInference', 'unified_train_settings', 'unified_samples',
            'unified_step', 'train_unified', 'run_unified_training', 'prompt_of', 'evaluate_unified',
            'teacher_forced_scores', 'text_given_scores', 'location_reading', 'decision_metrics', 'location_metrics',
            'image_metrics', 'baseline_rows', 'paired_image_diff', 'start_probability', 'weighted_optimum',
-           'RunUnifiedArgs', 'check_start_model', 'init_model', 'start_info', 'start_of', 'unified_grid',
-           'reading_line', 'mmdit_rows', 'unified_table', 'weight_study', 'run_unified', 'run_unified_parser',
-           'run_main', 'UnifiedCliArgs', 'write_generated', 'unified_main', 'SequenceStepper', 'BenchUnifiedArgs',
-           'sided_prompt', 'bench_prompt', 'per_patch_seconds', 'LMClock', 'cache_comparison', 'wider_lm_model',
-           'keep_drawing', 'bench_unified', 'bench_unified_main']
+           'RunUnifiedArgs', 'check_start_model', 'init_model', 'set_flags', 'evaluate_model', 'start_info', 'start_of',
+           'unified_grid', 'reading_line', 'mmdit_rows', 'unified_table', 'weight_study', 'run_unified',
+           'run_unified_parser', 'run_main', 'UnifiedCliArgs', 'write_generated', 'unified_main', 'SequenceStepper',
+           'BenchUnifiedArgs', 'sided_prompt', 'bench_prompt', 'per_patch_seconds', 'LMClock', 'cache_comparison',
+           'wider_lm_model', 'keep_drawing', 'bench_unified', 'bench_unified_main']
 
 # %% ../nbs/23_unified.ipynb #bb4d4fa7
 @dataclass
@@ -1783,6 +1783,14 @@ class RunUnifiedArgs(UnifiedFlags):
             "(`continued_config`); a new optimizer and data order (instead of --model_name_or_path)"
         },
     )
+    evaluate: str | None = field(
+        default=None,
+        metadata={
+            "help": "a unified model folder (a run's OUT/train/final) to evaluate without training: the same report, "
+            "e.g. on another held-out file (--heldout_edits) or with other Euler steps (--num_timesteps; default: the "
+            "model's own); flags that only training reads are refused"
+        },
+    )
     compare_to: str | None = field(
         default=None,
         metadata={
@@ -1831,6 +1839,12 @@ class RunUnifiedArgs(UnifiedFlags):
     no_resume: bool = field(default=False, metadata={"help": "start the training over"})
     quiet: bool = field(default=False, metadata={"help": "no progress bars"})
 
+    def typed(self, names) -> "RunUnifiedArgs":
+        "`UnifiedFlags.typed`, and remember every flag the command line typed (`set_flags`)."
+        super().typed(names)
+        self._typed_run = set(names)
+        return self
+
 # %% ../nbs/23_unified.ipynb #c8a1f0e2
 def check_start_model(path) -> None:
     "Raise `ValueError` unless `path` (or None: the tiny kit) is a Qwen2.5-VL save_pretrained folder, not a unified model."
@@ -1857,6 +1871,35 @@ def init_model(a: RunUnifiedArgs) -> UnifiedModel:
         raise ValueError(f"--init_from {a.init_from}: no unified.json there (a run's OUT/train/final is a unified model)")
     model = load_unified(a.init_from)
     model.cfg = continued_config(model.cfg, a, f"--init_from {a.init_from}")
+    return model
+
+
+RUN_TRAINING_FLAGS = (  # the flags of `latentcot run unified` that only its training reads
+    "steps", "batch_size", "lr", "model_name_or_path", "init_from", "limit_train", "edit_train", "no_resume",
+    "weight_study", "study_steps",
+)
+
+
+def set_flags(a: RunUnifiedArgs, names) -> list[str]:
+    "Those of the flags `names` that `a` sets: typed on its command line when known (`typed`), else away from the default."
+    typed = getattr(a, "_typed_run", None)
+    if typed is not None:
+        return [k for k in names if k in typed]
+    d = RunUnifiedArgs()
+    return [k for k in names if getattr(a, k) != getattr(d, k)]
+
+
+def evaluate_model(a: RunUnifiedArgs) -> UnifiedModel:
+    """The unified model `--evaluate` names, with `--num_timesteps` when set (else its own); a flag that only training
+    reads is refused rather than ignored."""
+    bad = set_flags(a, RUN_TRAINING_FLAGS + tuple(k for k in UNIFIED_FLAGS if k != "num_timesteps"))
+    if bad:
+        raise ValueError(f"--evaluate {a.evaluate} evaluates without training; drop {', '.join('--' + k for k in bad)}")
+    if not (Path(a.evaluate) / "unified.json").is_file():
+        raise ValueError(f"--evaluate {a.evaluate}: no unified.json there (a run's OUT/train/final is a unified model)")
+    model = load_unified(a.evaluate)
+    if set_flags(a, ("num_timesteps",)):
+        model.cfg = replace(model.cfg, num_timesteps=a.num_timesteps)
     return model
 
 
@@ -2016,7 +2059,7 @@ def weight_study(
 
 # %% ../nbs/23_unified.ipynb #5bc9bd4d
 def run_unified(a: RunUnifiedArgs) -> dict:
-    "Train, evaluate on held-out data, write the report; returns the metrics."
+    "Train (unless `--evaluate`), evaluate on held-out data, write the report; returns the metrics."
     from latentcot.config import load_config
     from latentcot.data import load_samples
     from latentcot.datagen import load_edit_records
@@ -2033,54 +2076,63 @@ def run_unified(a: RunUnifiedArgs) -> dict:
         raise ValueError(f"--heldout_edits: no such file {a.heldout_edits}")
     d = default_data_dir()
     heldout = load_edit_records(a.heldout_edits or d / "edit" / "heldout.jsonl")[: a.limit_edits]  # errors name the line
-    check_start_model(a.model_name_or_path)
-    samples = unified_samples(a.edit_train, limit=a.limit_train, cycle_qa=a.edit_train is not None)
-    if a.init_from is None:
-        model = UnifiedModel.from_kits(a.model_name_or_path, cfg=ucfg, seed=a.seed)
+    prev = None
+    if a.compare_to is not None:  # checked now, not after the training: the same held-out edits
+        prev = [json.loads(l) for l in (Path(a.compare_to) / "rows.jsonl").read_text().splitlines() if l.strip()]
+        if not {r["sample_id"] for r in prev} & {r["sample_id"] for r in heldout}:
+            raise ValueError(
+                f"--compare_to {a.compare_to}: none of its rows is one of these held-out edits "
+                f"({a.heldout_edits or 'data_samples/edit/heldout.jsonl'}); compare runs evaluated on the same file"
+            )
+    if a.evaluate is not None:
+        model = evaluate_model(a)
     else:
-        model = init_model(a)
+        check_start_model(a.model_name_or_path)
+        samples = unified_samples(a.edit_train, limit=a.limit_train, cycle_qa=a.edit_train is not None)
+        model = UnifiedModel.from_kits(a.model_name_or_path, cfg=ucfg, seed=a.seed) if a.init_from is None else init_model(a)
     out.mkdir(parents=True, exist_ok=True)  # after the checks: a refused run leaves no folder behind
-    final = train_unified(
-        model,
-        samples,
-        cfg,
-        out / "train",
-        a.steps,
-        save_every=max(a.steps // 2, 1),
-        resume=not a.no_resume,
-        trackers=(),
-        progress=not a.quiet,
-        run_info=start_info(a),
-    )
+    if a.evaluate is None:
+        final = train_unified(
+            model,
+            samples,
+            cfg,
+            out / "train",
+            a.steps,
+            save_every=max(a.steps // 2, 1),
+            resume=not a.no_resume,
+            trackers=(),
+            progress=not a.quiet,
+            run_info=start_info(a),
+        )
+        model = load_unified(final)
     t_train = time.time()
-    model = load_unified(final)
+    T = model.cfg.num_timesteps  # the run's --num_timesteps, or the model's own when --init_from / --evaluate left it out
     qa = load_samples(d / "visual" / "heldout.jsonl")[0][: a.limit_qa]
-    rows, gens = evaluate_unified(model, heldout, qa, num_timesteps=a.num_timesteps, seed=a.seed, progress=not a.quiet)
+    rows, gens = evaluate_unified(model, heldout, qa, num_timesteps=T, seed=a.seed, progress=not a.quiet)
     dec, img = decision_metrics(rows), image_metrics(rows)
     named = [float(r["named_cell"]) for r in rows if "named_cell" in r]
     location = _ci(named, 2000) | dict(items=len(named))  # reflection 1 names the target's cell (free-running)
     objects = [float(r["named_object"]) for r in rows if "named_object" in r]
     step1_object = _ci(objects, 2000) | dict(items=len(objects))  # ... and the object after step 1 (the prompt's edit)
     reading = location_metrics(location_reading(model, heldout))  # ... and teacher-forced: img0 read, nothing else
-    tf_rows = teacher_forced_scores(model, heldout, a.num_timesteps, a.seed)
+    tf_rows = teacher_forced_scores(model, heldout, T, a.seed)
     img["both, true text before, own patches (diagnostic)"] = image_metrics(
-        text_given_scores(model, heldout, a.num_timesteps, a.seed)
+        text_given_scores(model, heldout, T, a.seed)
     )["both"]
     img["both, teacher-forced patches (diagnostic)"] = image_metrics(tf_rows)["both"]
     paired = {
         "free-running minus an empty canvas": paired_image_diff(rows, baseline_rows(rows, "blank")),
         "free-running minus copy img0": paired_image_diff(rows, baseline_rows(rows, "copy")),
     }
-    if a.compare_to is not None:
-        prev = [json.loads(l) for l in (Path(a.compare_to) / "rows.jsonl").read_text().splitlines() if l.strip()]
+    if prev is not None:
         paired[f"free-running minus {a.compare_to}'s"] = paired_image_diff(rows, prev)
     if a.img0_control:  # the next held-out edit's img0 as input, scored against this edit's own img0 and targets
         other = [heldout[(i + 1) % len(heldout)]["img0"] for i in range(len(heldout))]
         rows_c, _ = evaluate_unified(
-            model, heldout, [], num_timesteps=a.num_timesteps, seed=a.seed, progress=not a.quiet, img0_of=other
+            model, heldout, [], num_timesteps=T, seed=a.seed, progress=not a.quiet, img0_of=other
         )
         img["both, another edit's img0 (control)"] = image_metrics(rows_c)["both"]
-        tf_c = teacher_forced_scores(model, heldout, a.num_timesteps, a.seed, img0_of=other)
+        tf_c = teacher_forced_scores(model, heldout, T, a.seed, img0_of=other)
         img["both, teacher-forced, another edit's img0 (control)"] = image_metrics(tf_c)["both"]
         paired["own img0 minus another edit's img0, free-running"] = paired_image_diff(rows, rows_c)
         paired["own img0 minus another edit's img0, teacher-forced"] = paired_image_diff(tf_rows, tf_c)
@@ -2109,6 +2161,7 @@ def run_unified(a: RunUnifiedArgs) -> dict:
         endings=caps,
         weight_study=study,
         args=asdict(a),
+        num_timesteps=T,
         seconds=seconds,
         load_average=os.getloadavg(),
         cpus=os.cpu_count(),
@@ -2117,10 +2170,15 @@ def run_unified(a: RunUnifiedArgs) -> dict:
     _atomic_write(out / "metrics.json", json.dumps(metrics, indent=1, default=str))
     _atomic_write(out / "rows.jsonl", "".join(json.dumps(r, default=str) + "\n" for r in rows))
     table = unified_table(dec, img, study, a.mmdit_report, paired)
+    what = (
+        f"Unified model {a.evaluate}, evaluated only (no training in this run)"
+        if a.evaluate is not None
+        else f"Unified model, {a.steps} steps from {start_of(a)}"
+    )
     _atomic_write(
         out / "table.md",
-        f"Unified model, {a.steps} steps from {start_of(a)}; held-out: {len(heldout)} edits, {len(qa)} QA prompts; greedy; "
-        f"{a.num_timesteps} Euler steps per patch. Mean [95% bootstrap interval].\n\n{table}\n\n"
+        f"{what}; held-out: {len(heldout)} edits, {len(qa)} QA prompts; greedy; "
+        f"{T} Euler steps per patch. Mean [95% bootstrap interval].\n\n{table}\n\n"
         f"Reflection 1 names the target's cell ('at row R, column C' of its first sentence) in "
         f"{_fmt(location)}% of {location['items']} held-out edits (free-running; chance 1/16), and what the target is "
         f"after step 1 ('it is now a red triangle': the prompt's edit) in {_fmt(step1_object)}%.\n\n"

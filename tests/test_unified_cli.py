@@ -41,6 +41,17 @@ def test_run_unified_then_generate(tmp_path):
     assert tf["cell"]["items"] == 2 and 0 <= tf["row"]["mean"] <= 1 and tf["ce"] > 0
     assert "Teacher-forced (the true text before each digit)" in (out / "table.md").read_text()
     assert all(isinstance(r["texts"], list) for r in rows) and all("named_object" in r for r in rows if r["kind"] == "edit")
+    # --evaluate: the same report for the saved model, no training; same model, seed and held-out edits: same rows
+    ev = tmp_path / "ev"
+    r = _run(["run", "unified", "--evaluate", str(out / "train" / "final"), "--out", str(ev), "--limit_edits", "2", "--limit_qa",
+              "2", "--quiet", "--heldout_edits", str(tmp_path / "h.jsonl"), "--compare_to", str(out)], tmp_path)
+    assert [json.loads(l) for l in (ev / "rows.jsonl").read_text().splitlines()] == rows and not (ev / "train").exists()
+    mev = json.loads((ev / "metrics.json").read_text())
+    assert mev["num_timesteps"] == 1 and mev["location_teacher_forced"] == tf  # the model's own Euler steps (SMALL's)
+    assert mev["paired"][f"free-running minus {out}'s"]["all"]["mean"] == 0 and "evaluated only" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "latentcot.cli", "run", "unified", "--evaluate", str(out / "train" / "final"),
+                        "--out", str(tmp_path / "ev2"), "--steps", "5"], capture_output=True, text=True, env=ENV, cwd=tmp_path)
+    assert r.returncode != 0 and "drop --steps" in r.stderr and not (tmp_path / "ev2").exists()
     gen = tmp_path / "gen"
     r = _run(["unified", "--model", str(out / "train" / "final"), "--image", str(ROOT / "data_samples/edit/images/heldout/0000_0.png"),
               "--prompt", "Make the red circle blue.", "--out", str(gen), "--force_image_generation", "--max_length", "200",
