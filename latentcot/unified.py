@@ -21,19 +21,20 @@ from .mmdit import check_image_size, decode_latents, encode_images, grid_scores,
 from .mmdit_kit import tensor_to_images
 
 # %% auto #0
-__all__ = ['UNIFIED_FLAGS', 'ARCH_FLAGS', 'SYSTEM_PROMPT', 'LOCATION_RE', 'STEP1_RE', 'UNIFIED_VERSION', 'UNIFIED_TRAIN_DEFAULTS',
-           'UNIFIED_STEPS', 'IMAGE_METRICS', 'RUN_TRAINING_FLAGS', 'UnifiedConfig', 'UnifiedConfigError',
-           'check_unified_config', 'UnifiedFlags', 'continued_config', 'UnifiedIds', 'vae_factor', 'patch_grid',
-           'image_patches', 'patches_to_images', 'AdaLNBlock', 'euler_sigmas', 'FlowHead', 'flow_pair', 'euler_sample',
-           'edit_sample', 'qa_sample', 'render_text', 'patch_grid_thw', 'image_block_offsets', 'NoLocationPhrase',
-           'location_char_spans', 'location_token_positions', 'named_cell', 'named_object', 'UnifiedCollator',
-           'UnifiedOutput', 'tgt_aux_edited', 'UnifiedModel', 'save_unified', 'load_unified', 'Generated',
-           'prompt_sample', 'generate', 'UnifiedImageEditingInference', 'unified_train_settings', 'unified_samples',
-           'unified_step', 'train_unified', 'run_unified_training', 'prompt_of', 'evaluate_unified',
-           'teacher_forced_scores', 'text_given_scores', 'location_reading', 'decision_metrics', 'location_metrics',
-           'image_metrics', 'baseline_rows', 'paired_image_diff', 'start_probability', 'weighted_optimum',
-           'RunUnifiedArgs', 'check_start_model', 'init_model', 'set_flags', 'evaluate_model', 'start_info', 'start_of',
-           'unified_grid', 'reading_line', 'mmdit_rows', 'unified_table', 'weight_study', 'run_unified',
+__all__ = ['UNIFIED_FLAGS', 'ARCH_FLAGS', 'SYSTEM_PROMPT', 'LOCATION_RE', 'STEP1_RE', 'STEP1_CELL_RE', 'UNIFIED_VERSION',
+           'UNIFIED_TRAIN_DEFAULTS', 'UNIFIED_STEPS', 'IMAGE_METRICS', 'RUN_TRAINING_FLAGS', 'UnifiedConfig',
+           'UnifiedConfigError', 'check_unified_config', 'UnifiedFlags', 'continued_config', 'UnifiedIds', 'vae_factor',
+           'patch_grid', 'image_patches', 'patches_to_images', 'AdaLNBlock', 'euler_sigmas', 'FlowHead', 'flow_pair',
+           'euler_sample', 'edit_sample', 'qa_sample', 'render_text', 'patch_grid_thw', 'image_block_offsets',
+           'NoLocationPhrase', 'location_char_spans', 'location_token_positions', 'named_cell', 'named_object',
+           'named_step1_cell', 'generated_reflections', 'step1_moves', 'UnifiedCollator', 'UnifiedOutput',
+           'tgt_aux_edited', 'UnifiedModel', 'save_unified', 'load_unified', 'Generated', 'prompt_sample', 'generate',
+           'UnifiedImageEditingInference', 'unified_train_settings', 'unified_samples', 'unified_step', 'train_unified',
+           'run_unified_training', 'prompt_of', 'evaluate_unified', 'teacher_forced_scores', 'text_given_scores',
+           'location_reading', 'decision_metrics', 'location_metrics', 'image_metrics', 'baseline_rows',
+           'paired_image_diff', 'start_probability', 'weighted_optimum', 'RunUnifiedArgs', 'check_start_model',
+           'init_model', 'set_flags', 'evaluate_model', 'start_info', 'start_of', 'unified_grid', 'reading_line',
+           'mmdit_rows', 'text_parts', 'text_line', 'unified_table', 'weight_study', 'run_unified',
            'run_unified_parser', 'run_main', 'UnifiedCliArgs', 'write_generated', 'unified_main', 'SequenceStepper',
            'BenchUnifiedArgs', 'sided_prompt', 'bench_prompt', 'per_patch_seconds', 'LMClock', 'cache_comparison',
            'wider_lm_model', 'keep_drawing', 'bench_unified', 'bench_unified_main']
@@ -564,6 +565,36 @@ def named_object(text: str, reference: str) -> bool:
         raise ValueError(f"reference {reference!r}: no 'Step 1 (...) is done: it is now ... at row R, column C'")
     m = STEP1_RE.search(text)
     return m is not None and m.group(1) == ref.group(1)
+
+
+STEP1_CELL_RE = re.compile(r"Step 1 \(([^)]*)\) is done: it is now .+? at row (\d+), column (\d+)")
+
+
+def _step1(reference: str):
+    m = STEP1_CELL_RE.search(reference)
+    if m is None:
+        raise ValueError(f"reference {reference!r}: no 'Step 1 (...) is done: it is now ... at row R, column C'")
+    return m
+
+
+def named_step1_cell(text: str, reference: str) -> bool:
+    """Does `text` (a generated reflection 1) put the target where `reference` does after step 1 ('it is now ... at row
+    R, column C')? For a move that is the target's cell moved, otherwise the target's cell again. False where none."""
+    m = STEP1_CELL_RE.search(text)
+    return m is not None and m.group(2, 3) == _step1(reference).group(2, 3)
+
+
+def generated_reflections(segments: list) -> tuple[str, str]:
+    """Reflection 1 (the text before the first image; '' when it starts with one) and reflection 2 (the text right
+    after the first image; '' when none) of a generation's `segments`."""
+    first = segments[0][1] if segments and segments[0][0] == "text" else ""
+    after = [t for (k, t), (k0, _) in zip(segments[1:], segments) if k == "text" and k0 == "image"]
+    return first, after[0] if after else ""
+
+
+def step1_moves(reference: str) -> bool:
+    "Is step 1 of `reference` (a record's reflection 1) a move ('Step 1 (move it one cell left)')?"
+    return _step1(reference).group(1).startswith("move")
 
 
 # %% ../nbs/23_unified.ipynb #74ba451b
@@ -1525,9 +1556,12 @@ def evaluate_unified(
                 white = Image.new("RGB", Image.open(rec["img0"]).size, (255, 255, 255))
                 row["blank"] = [grid_scores(white, rec[f"img{r}"], rec["img0"]) for r in (1, 2)]
                 row["copy"] = [grid_scores(Image.open(rec["img0"]), rec[f"img{r}"], rec["img0"]) for r in (1, 2)]
-                first = g.segments[0][1] if g.segments and g.segments[0][0] == "text" else ""  # reflection 1
+                first, second = generated_reflections(g.segments)
                 row["named_cell"] = named_cell(first, rec["reflection1"])
                 row["named_object"] = named_object(first, rec["reflection1"])
+                row["named_step1_cell"] = named_step1_cell(first, rec["reflection1"])
+                row["step1_move"] = step1_moves(rec["reflection1"])
+                row["exact"] = [first.strip() == rec["reflection1"].strip(), second.strip() == rec["reflection2"].strip()]
             row["texts"] = [t for k, t in g.segments if k == "text"]  # the generated text, to read it back
             rows.append(row)
             gens[s["sample_id"]] = g
@@ -1982,6 +2016,40 @@ def mmdit_rows(report_dir) -> list[str]:
         for cond, v in m["summary"].items()
     ]
 
+# %% ../nbs/23_unified.ipynb #textparts-code
+def text_parts(rows: list[dict], n_boot: int = 2000) -> dict:
+    """Where the free-running text of `evaluate_unified`'s edit rows goes wrong: reflection 1 word for word, both
+    reflections, img1's changed cells where reflection 1 is exact and where not, the target's cell after step 1 on
+    move steps and on the others (and on those where the target's cell was named right)."""
+    e = [r for r in rows if r.get("kind") == "edit" and "exact" in r]  # rows of older reports have no "exact"
+
+    def ci(vals):
+        vals = [float(v) for v in vals if v is not None]
+        return _ci(vals, n_boot) | dict(items=len(vals))
+
+    return dict(
+        reflection1_exact=ci(r["exact"][0] for r in e),
+        both_exact=ci(all(r["exact"]) for r in e),
+        img1_where_exact=ci(r["img1"].get("changed") for r in e if r["exact"][0]),
+        img1_elsewhere=ci(r["img1"].get("changed") for r in e if not r["exact"][0]),
+        step1_cell_move=ci(r["named_step1_cell"] for r in e if r["step1_move"]),
+        step1_cell_other=ci(r["named_step1_cell"] for r in e if not r["step1_move"]),
+        step1_cell_other_given_cell=ci(r["named_step1_cell"] for r in e if not r["step1_move"] and r["named_cell"]),
+    )
+
+
+def text_line(m: dict) -> str:
+    "The report's sentence on `text_parts` `m`."
+    pct = lambda v: v if v == "-" else v + "%"
+    n = lambda k: f"{pct(_fmt_opt(m[k]))} ({m[k]['items']})"
+    return (
+        f"Free-running, reflection 1 is word for word the true one in {n('reflection1_exact')} of the held-out edits, "
+        f"both reflections in {n('both_exact')}; img1's changed cells are right in {n('img1_where_exact')} where "
+        f"reflection 1 is, {n('img1_elsewhere')} elsewhere. The target's cell after step 1 is right in "
+        f"{n('step1_cell_move')} of the move steps and {n('step1_cell_other')} of the others "
+        f"({n('step1_cell_other_given_cell')} of those where the target's cell was named right)."
+    )
+
 # %% ../nbs/23_unified.ipynb #2c0022fe
 def unified_table(
     dec: dict, img: dict, study: dict | None = None, mmdit_report=None, paired: dict | None = None
@@ -2115,6 +2183,7 @@ def run_unified(a: RunUnifiedArgs) -> dict:
     objects = [float(r["named_object"]) for r in rows if "named_object" in r]
     step1_object = _ci(objects, 2000) | dict(items=len(objects))  # ... and the object after step 1 (the prompt's edit)
     reading = location_metrics(location_reading(model, heldout))  # ... and teacher-forced: img0 read, nothing else
+    text = text_parts(rows)  # ... and the rest of the text: where img1's text is lost
     tf_rows = teacher_forced_scores(model, heldout, T, a.seed)
     img["both, true text before, own patches (diagnostic)"] = image_metrics(
         text_given_scores(model, heldout, T, a.seed)
@@ -2157,6 +2226,7 @@ def run_unified(a: RunUnifiedArgs) -> dict:
         location=location,
         step1_object=step1_object,
         location_teacher_forced=reading,
+        text_parts=text,
         paired=paired,
         endings=caps,
         weight_study=study,
@@ -2182,7 +2252,7 @@ def run_unified(a: RunUnifiedArgs) -> dict:
         f"Reflection 1 names the target's cell ('at row R, column C' of its first sentence) in "
         f"{_fmt(location)}% of {location['items']} held-out edits (free-running; chance 1/16), and what the target is "
         f"after step 1 ('it is now a red triangle': the prompt's edit) in {_fmt(step1_object)}%.\n\n"
-        f"{reading_line(reading)}\n\n"
+        f"{reading_line(reading)}\n\n{text_line(text)}\n\n"
         f"Image endings: {caps}\n\nSeconds: { {k: round(v) for k, v in seconds.items()} }\n",
     )
     return metrics

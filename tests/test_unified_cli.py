@@ -40,6 +40,9 @@ def test_run_unified_then_generate(tmp_path):
     tf = m["location_teacher_forced"]  # the cell read off img0, teacher-forced
     assert tf["cell"]["items"] == 2 and 0 <= tf["row"]["mean"] <= 1 and tf["ce"] > 0
     assert "Teacher-forced (the true text before each digit)" in (out / "table.md").read_text()
+    tp = m["text_parts"]  # where the free-running text is lost: counts over the 2 held-out edits
+    assert tp["reflection1_exact"]["items"] == 2 and tp["step1_cell_move"]["items"] + tp["step1_cell_other"]["items"] == 2
+    assert "word for word the true one" in (out / "table.md").read_text()
     assert all(isinstance(r["texts"], list) for r in rows) and all("named_object" in r for r in rows if r["kind"] == "edit")
     # --evaluate: the same report for the saved model, no training; same model, seed and held-out edits: same rows
     ev = tmp_path / "ev"
