@@ -165,6 +165,7 @@ UNIFIED_FLAGS = (  # the UnifiedConfig fields both commands take as flags (`Unif
     "head_depth",
     "special_token_weight",
     "fm_batch_mul",
+    "flow_weight",
     "input_noise",
     "self_feed",
     "ref_cond",
@@ -182,7 +183,7 @@ UNIFIED_FLAGS = (  # the UnifiedConfig fields both commands take as flags (`Unif
 # %% ../nbs/23_unified.ipynb #uflags-check
 def check_unified_config(c) -> None:
     "Raise `UnifiedConfigError` for a value of `c` (a `UnifiedConfig` or its flags) out of range or missing its partner."
-    weights = ("special_token_weight", "input_noise", "img0_aux_weight", "tgt_aux_weight", "tgt_aux_edit_weight")
+    weights = ("special_token_weight", "flow_weight", "input_noise", "img0_aux_weight", "tgt_aux_weight", "tgt_aux_edit_weight")
     for k in (*weights, "location_weight"):
         if getattr(c, k) < 0:
             raise UnifiedConfigError(f"{k}={getattr(c, k)} (--{k}): must be >= 0")

@@ -97,7 +97,7 @@ def test_train_stage_unified_resumes(tmp_path):
 
 
 # every flag of UnifiedFlags set away from its default
-ALL_UNIFIED = ["--head_width", "64", "--head_depth", "2", "--special_token_weight", "1.5", "--fm_batch_mul", "2",
+ALL_UNIFIED = ["--head_width", "64", "--head_depth", "2", "--special_token_weight", "1.5", "--fm_batch_mul", "2", "--flow_weight", "0.5",
                "--input_noise", "0.1", "--self_feed", "0.25", "--ref_cond", "--img0_aux_weight", "0.5", "--img0_aux_blind",
                "--tgt_aux_weight", "1", "--tgt_aux_edit_weight", "5", "--blind_draw", "--tgt_cond", "--location_weight", "3",
                "--num_timesteps", "7"]
