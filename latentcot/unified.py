@@ -2021,7 +2021,7 @@ def mmdit_rows(report_dir) -> list[str]:
 def text_parts(rows: list[dict], n_boot: int = 2000) -> dict:
     """Where the free-running text of `evaluate_unified`'s edit rows goes wrong: reflection 1 word for word, both
     reflections, img1's changed cells where reflection 1 is exact and where not, the target's cell after step 1 on
-    move steps and on the others (and on those where the target's cell was named right)."""
+    move steps and on the others (and on those where the target's cell was named right: the move or the copy alone)."""
     e = [r for r in rows if r.get("kind") == "edit" and "exact" in r]  # rows of older reports have no "exact"
 
     def ci(vals):
@@ -2034,6 +2034,7 @@ def text_parts(rows: list[dict], n_boot: int = 2000) -> dict:
         img1_where_exact=ci(r["img1"].get("changed") for r in e if r["exact"][0]),
         img1_elsewhere=ci(r["img1"].get("changed") for r in e if not r["exact"][0]),
         step1_cell_move=ci(r["named_step1_cell"] for r in e if r["step1_move"]),
+        step1_cell_move_given_cell=ci(r["named_step1_cell"] for r in e if r["step1_move"] and r["named_cell"]),
         step1_cell_other=ci(r["named_step1_cell"] for r in e if not r["step1_move"]),
         step1_cell_other_given_cell=ci(r["named_step1_cell"] for r in e if not r["step1_move"] and r["named_cell"]),
     )
@@ -2047,8 +2048,8 @@ def text_line(m: dict) -> str:
         f"Free-running, reflection 1 is word for word the true one in {n('reflection1_exact')} of the held-out edits, "
         f"both reflections in {n('both_exact')}; img1's changed cells are right in {n('img1_where_exact')} where "
         f"reflection 1 is, {n('img1_elsewhere')} elsewhere. The target's cell after step 1 is right in "
-        f"{n('step1_cell_move')} of the move steps and {n('step1_cell_other')} of the others "
-        f"({n('step1_cell_other_given_cell')} of those where the target's cell was named right)."
+        f"{n('step1_cell_move')} of the move steps and {n('step1_cell_other')} of the others; where the target's cell "
+        f"was named right, {n('step1_cell_move_given_cell')} and {n('step1_cell_other_given_cell')}."
     )
 
 # %% ../nbs/23_unified.ipynb #2c0022fe
