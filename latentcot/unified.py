@@ -21,14 +21,15 @@ from .mmdit import check_image_size, decode_latents, encode_images, grid_scores,
 from .mmdit_kit import tensor_to_images
 
 # %% auto #0
-__all__ = ['UNIFIED_FLAGS', 'ARCH_FLAGS', 'SYSTEM_PROMPT', 'LOCATION_RE', 'STEP1_RE', 'STEP1_CELL_RE', 'UNIFIED_VERSION',
-           'UNIFIED_TRAIN_DEFAULTS', 'UNIFIED_STEPS', 'IMAGE_METRICS', 'RUN_TRAINING_FLAGS', 'UnifiedConfig',
-           'UnifiedConfigError', 'check_unified_config', 'UnifiedFlags', 'continued_config', 'UnifiedIds', 'vae_factor',
-           'patch_grid', 'image_patches', 'patches_to_images', 'AdaLNBlock', 'euler_sigmas', 'FlowHead', 'flow_pair',
-           'euler_sample', 'edit_sample', 'qa_sample', 'render_text', 'patch_grid_thw', 'image_block_offsets',
-           'NoLocationPhrase', 'location_char_spans', 'location_token_positions', 'named_cell', 'named_object',
-           'named_step1_cell', 'generated_reflections', 'step1_moves', 'UnifiedCollator', 'UnifiedOutput',
-           'tgt_aux_edited', 'UnifiedModel', 'save_unified', 'load_unified', 'Generated', 'prompt_sample', 'generate',
+__all__ = ['UNIFIED_FLAGS', 'ARCH_FLAGS', 'ADDABLE_PARTS', 'SYSTEM_PROMPT', 'LOCATION_RE', 'STEP1_RE', 'STEP1_CELL_RE',
+           'UNIFIED_VERSION', 'DRAW_EXPERT_PARTS', 'UNIFIED_TRAIN_DEFAULTS', 'UNIFIED_STEPS', 'IMAGE_METRICS',
+           'RUN_TRAINING_FLAGS', 'UnifiedConfig', 'UnifiedConfigError', 'check_unified_config', 'UnifiedFlags',
+           'continued_config', 'UnifiedIds', 'vae_factor', 'patch_grid', 'image_patches', 'patches_to_images',
+           'AdaLNBlock', 'euler_sigmas', 'FlowHead', 'flow_pair', 'euler_sample', 'edit_sample', 'qa_sample',
+           'render_text', 'patch_grid_thw', 'image_block_offsets', 'NoLocationPhrase', 'location_char_spans',
+           'location_token_positions', 'named_cell', 'named_object', 'named_step1_cell', 'generated_reflections',
+           'step1_moves', 'UnifiedCollator', 'UnifiedOutput', 'tgt_aux_edited', 'draw_positions', 'draw_expert_copies',
+           'UnifiedModel', 'save_unified', 'load_unified', 'Generated', 'prompt_sample', 'generate',
            'UnifiedImageEditingInference', 'unified_train_settings', 'unified_samples', 'unified_step', 'train_unified',
            'run_unified_training', 'prompt_of', 'evaluate_unified', 'teacher_forced_scores', 'text_given_scores',
            'location_reading', 'decision_metrics', 'location_metrics', 'image_metrics', 'baseline_rows',
@@ -147,6 +148,23 @@ class UnifiedConfig:
             "drawing sample's reflection 1 must have that phrase (1: off, the seed's)"
         },
     )
+    draw_experts: bool = field(
+        default=False,
+        metadata={
+            "help": "beyond the seed (BAGEL's mixture of transformers): the positions that draw (a drawn image's "
+            "<|vision_start|> and its patches) run through their own copy of every decoder layer's norms, attention "
+            "projections and MLP and of the final norm (`draw_experts`, copied from the language model when turned "
+            "on); text positions keep the language model's"
+        },
+    )
+    freeze_text: bool = field(
+        default=False,
+        metadata={
+            "help": "beyond the seed, a curriculum: train only what draws (the draw experts, the flow head, the "
+            "auxiliary heads); the language model, `patch_in` and the position embeddings stay frozen, so with "
+            "draw_experts everything before a drawn image's <|vision_start|> stays the start model's exactly"
+        },
+    )
     self_feed_steps: int = field(default=2, metadata={"help": "Euler steps of those self-fed samples"})
     num_timesteps: int = field(default=20, metadata={"help": "Euler steps per patch at inference"})
     patch_temperature: float = field(
@@ -176,6 +194,8 @@ UNIFIED_FLAGS = (  # the UnifiedConfig fields both commands take as flags (`Unif
     "blind_draw",
     "tgt_cond",
     "location_weight",
+    "draw_experts",
+    "freeze_text",
     "num_timesteps",
 )
 
@@ -234,22 +254,27 @@ class UnifiedFlags(
 
 
 # %% ../nbs/23_unified.ipynb #contcfg-code
-ARCH_FLAGS = ("head_width", "head_depth", "ref_cond", "tgt_cond", "blind_draw")  # modules, or what the model reads
+ARCH_FLAGS = ("head_width", "head_depth", "blind_draw")  # the shape of the model's parts, or what it reads
+ADDABLE_PARTS = (  # a flag that adds a part: it can be turned on for a trained model (the part starts fresh, or copied)
+    ("ref_cond", "ref_in"), ("img0_aux_weight", "img0_aux"), ("tgt_aux_weight", "tgt_aux"), ("tgt_cond", "tgt_in"),
+    ("draw_experts", "draw_experts"),
+)
 
 
 def continued_config(saved: UnifiedConfig, flags: UnifiedFlags, source: str = "the model") -> UnifiedConfig:
     """`saved` (a unified model's config) with the flags `flags` sets (`UnifiedFlags.changed`: typed on the command line,
     or away from the default): training flags (loss weights, `--self_feed`, `--input_noise`, `--location_weight`,
-    `--num_timesteps`) replace the model's; a flag that would change its architecture (`ARCH_FLAGS`, or an auxiliary
-    head turned on or off) is refused, naming `source`."""
+    `--num_timesteps`) replace the model's. A flag that adds a part (`ADDABLE_PARTS`: `--tgt_aux_weight`, `--tgt_cond`,
+    `--draw_experts`, ...) may turn it on (`UnifiedModel.sync_parts` then adds it); one that would take a part away or
+    change the shape of one (`ARCH_FLAGS`) is refused, naming `source`."""
     new = {k: getattr(flags, k) for k in flags.changed()}
     bad = [k for k in ARCH_FLAGS if k in new and new[k] != getattr(saved, k)]
-    bad += [k for k in ("img0_aux_weight", "tgt_aux_weight") if k in new and (new[k] > 0) != (getattr(saved, k) > 0)]
+    bad += [k for k, _ in ADDABLE_PARTS if k in new and getattr(saved, k) and not new[k]]  # a part taken away
     if bad:
         raise UnifiedConfigError(
             f"{source} is a unified model whose architecture these flags would change: "
             + "; ".join(f"--{k} {new[k]!r} but the model has {getattr(saved, k)!r}" for k in bad)
-            + " (only training flags may differ when a model is trained further)"
+            + " (only training flags may differ when a model is trained further, and a part may be added)"
         )
     cfg = replace(saved, **new)
     check_unified_config(cfg)
@@ -756,6 +781,44 @@ def tgt_aux_edited(batch: dict, tau: float = 0.1) -> torch.Tensor:
     return (d > tau) & batch["patch_has_src"][is_t]
 
 
+# %% ../nbs/23_unified.ipynb #drawexp-code
+DRAW_EXPERT_PARTS = (  # per decoder layer: what the positions that draw run through their own copy of (BAGEL's MoT)
+    "input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "post_attention_layernorm", "mlp",
+)
+
+
+def draw_positions(ids: torch.Tensor, patch_is_target: torch.Tensor, vision_pad: int) -> torch.Tensor:
+    """`[B,L]` True at the positions that draw: each drawn patch (a `<|vision_pad|>` whose patch is a target) and the
+    position before it (the drawn image's `<|vision_start|>`, or the patch before); input images' patches are False."""
+    is_patch = ids == vision_pad
+    drawn = torch.zeros_like(is_patch)
+    drawn[is_patch] = patch_is_target.to(ids.device)
+    m = drawn.clone()
+    m[:, :-1] |= drawn[:, 1:]
+    return m
+
+
+def draw_expert_copies(lm) -> nn.ModuleDict:
+    "Copies of the language model's `DRAW_EXPERT_PARTS` of every layer and of its final norm, keyed by path ('.' -> '-')."
+    import copy
+
+    names = [f"layers.{i}.{p}" for i in range(len(lm.layers)) for p in DRAW_EXPERT_PARTS] + ["norm"]
+    return nn.ModuleDict({n.replace(".", "-"): copy.deepcopy(lm.get_submodule(n)) for n in names})
+
+
+def _route_draw(model, expert, module, args, out):
+    "Forward hook on a stock part: at the positions that draw (`model._draw`, `[B,L]`), the expert's output replaces it."
+    m = model._draw
+    if m is None or not m.any():
+        return out
+    x = args[0]
+    if m.shape != x.shape[:2]:
+        raise RuntimeError(f"draw mask {tuple(m.shape)} does not match the input {tuple(x.shape[:2])} of a draw expert")
+    out = out.clone()
+    out[m] = expert(x[m]).to(out.dtype)
+    return out
+
 # %% ../nbs/23_unified.ipynb #095e120e
 class UnifiedModel(nn.Module):
     "Seed 004's unified model: stock Qwen2.5-VL + `patch_in` + per-patch flow head, frozen vision tower and VAE."
@@ -779,21 +842,48 @@ class UnifiedModel(nn.Module):
             self.row_emb, self.col_emb = nn.Embedding(self.cfg.max_grid, H), nn.Embedding(self.cfg.max_grid, H)
             for e in (self.row_emb, self.col_emb):
                 nn.init.normal_(e.weight, std=0.02)
-        if self.cfg.ref_cond:  # the copy prior: the same cell of the image before, into the head's condition
-            self.ref_in = nn.Sequential(nn.Linear(self.cfg.patch_dim, H), nn.GELU(), nn.Linear(H, H))
-        if self.cfg.img0_aux_weight > 0:  # hidden state before a drawn patch -> img0's patch at that cell
-            self.img0_aux = nn.Sequential(nn.Linear(H, H), nn.GELU(), nn.Linear(H, self.cfg.patch_dim))
-        if self.cfg.tgt_aux_weight > 0:  # blind hidden state before a drawn patch -> that patch
-            self.tgt_aux = nn.Sequential(nn.Linear(H, H), nn.GELU(), nn.Linear(H, self.cfg.patch_dim))
-        if self.cfg.tgt_cond:  # tgt_aux's blind prediction of the patch, into the head's condition
-            self.tgt_in = nn.Sequential(nn.Linear(self.cfg.patch_dim, H), nn.GELU(), nn.Linear(H, H))
-        vlm.model.visual.requires_grad_(False)
-        vae.requires_grad_(False)
         self._offsets = {}
+        self._draw = None  # [B,L] positions that draw in the current LM call (draw experts)
+        self.sync_parts()
 
     @property
     def lm(self):
         return self.vlm.model.language_model
+
+    def sync_parts(self):
+        """Match the parts to `cfg` (on construction, and after `continued_config` turned one on): add each optional part
+        it asks for and the model lacks (fresh; the draw experts copied from the language model, with their positions
+        routed through them); with `freeze_text`, freeze the language model, `patch_in` and the position embeddings.
+        The vision tower and the VAE are always frozen."""
+        H, P = self.vlm.config.get_text_config().hidden_size, self.cfg.patch_dim
+        mlp = lambda i, o: nn.Sequential(nn.Linear(i, H), nn.GELU(), nn.Linear(H, o))
+        parts = dict(
+            ref_in=(self.cfg.ref_cond, lambda: mlp(P, H)),  # the copy prior: the same cell of the image before
+            img0_aux=(self.cfg.img0_aux_weight > 0, lambda: mlp(H, P)),  # hidden before a drawn patch -> img0's there
+            tgt_aux=(self.cfg.tgt_aux_weight > 0, lambda: mlp(H, P)),  # blind hidden before a drawn patch -> the patch
+            tgt_in=(self.cfg.tgt_cond, lambda: mlp(P, H)),  # tgt_aux's blind prediction, into the head's condition
+        )
+        for name, (on, make) in parts.items():
+            if on and not hasattr(self, name):
+                setattr(self, name, make())
+        if self.cfg.draw_experts and not hasattr(self, "draw_experts"):
+            from functools import partial
+
+            self.draw_experts = draw_expert_copies(self.lm)
+            for key, expert in self.draw_experts.items():
+                self.lm.get_submodule(key.replace("-", ".")).register_forward_hook(partial(_route_draw, self, expert))
+        text = [self.vlm, self.patch_in] + ([self.row_emb, self.col_emb] if self.cfg.patch_pos_emb else [])
+        for m in text:
+            m.requires_grad_(not self.cfg.freeze_text)
+        self.vlm.model.visual.requires_grad_(False)
+        self.vae.requires_grad_(False)
+        return self
+
+    def draw_mask(self, batch: dict) -> torch.Tensor | None:
+        "The positions of a collated batch that draw (`draw_positions`); None without draw experts."
+        if not self.cfg.draw_experts:
+            return None
+        return draw_positions(batch["input_ids"], batch["patch_is_target"], self.ids.vision_pad)
 
     def collator(self, max_length: int = 2048) -> UnifiedCollator:
         return UnifiedCollator(self.processor, self.vae, self.vlm, self.cfg, max_length)
@@ -852,21 +942,32 @@ class UnifiedModel(nn.Module):
             emb = emb.masked_scatter(is_patch[..., None].expand_as(emb), x)
         return emb
 
-    def hidden(self, inputs_embeds, attention_mask, position_ids, past_key_values=None, use_cache: bool = False):
-        "The language model's last hidden states (explicit mRoPE positions, 2D padding mask)."
-        out = self.lm(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-        )
+    def hidden(
+        self, inputs_embeds, attention_mask, position_ids, past_key_values=None, use_cache: bool = False, draw=None
+    ):
+        """The language model's last hidden states (explicit mRoPE positions, 2D padding mask); `draw`: `[B,L]` the
+        positions that go through the draw experts (None: none)."""
+        if self.cfg.draw_experts and self.training and self.vlm.is_activation_checkpointing:
+            # a layer recomputed in backward would run outside this call, without the positions that draw
+            raise ValueError("draw_experts: the language model has gradient checkpointing on; turn it off")
+        self._draw = draw if self.cfg.draw_experts else None
+        try:
+            out = self.lm(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+            )
+        finally:
+            self._draw = None  # another model sharing this language model must not see them
         return out.last_hidden_state, out.past_key_values
 
     def blind_hidden(self, batch: dict) -> torch.Tensor:
         "Last hidden states of the blind forward: the drawn images' patches enter as zeros (tokens and positions stay)."
         blind = batch["patches"].masked_fill(batch["patch_is_target"][:, None], 0.0)
-        return self.hidden(self.embed(batch | {"patches": blind}), batch["attention_mask"], batch["position_ids"])[0]
+        emb = self.embed(batch | {"patches": blind})
+        return self.hidden(emb, batch["attention_mask"], batch["position_ids"], draw=self.draw_mask(batch))[0]
 
     def tgt_prediction(self, batch: dict, hb: torch.Tensor | None = None) -> torch.Tensor:
         """tgt_aux's prediction `[n_drawn, patch_dim]` (float) of each drawn patch of a collated batch: the blind
@@ -880,7 +981,7 @@ class UnifiedModel(nn.Module):
         """`batch["patches"]` with a `share` of the drawn (target) patches replaced by the head's own samples, each
         drawn given the true sequence before it (and `tgt`, the blind predictions, with `tgt_cond`); input-image
         patches stay."""
-        h, _ = self.hidden(self.embed(batch), batch["attention_mask"], batch["position_ids"])
+        h, _ = self.hidden(self.embed(batch), batch["attention_mask"], batch["position_ids"], draw=self.draw_mask(batch))
         drawn = (batch["input_ids"] == self.ids.vision_pad) & (batch["labels"] != -100)
         b, l = drawn.nonzero(as_tuple=True)
         is_t = batch["patch_is_target"]
@@ -897,15 +998,16 @@ class UnifiedModel(nn.Module):
         """Teacher-forced loss of a collated batch: weighted CE (text, `<|vision_start|>` x w, continue/end) + flow
         loss; in training with `cfg.self_feed`, part of the fed-back patches are the head's own samples."""
         hb = pt = tc = None  # with tgt_cond the blind forward comes first: its prediction conditions the head
+        dm = self.draw_mask(batch)
         if self.cfg.tgt_cond and batch["patch_is_target"].any():
             hb = self.blind_hidden(batch)
             pt = self.tgt_prediction(batch, hb)
             tc = pt.detach()  # the flow loss does not train tgt_aux (nor the blind path through it)
         if self.training and self.cfg.self_feed > 0 and batch["patch_is_target"].any():
             fed = self.self_fed_patches(batch, self.cfg.self_feed, self.cfg.self_feed_steps, generator, tc)
-            h, _ = self.hidden(self.embed(batch | {"patches": fed}), batch["attention_mask"], batch["position_ids"])
+            h, _ = self.hidden(self.embed(batch | {"patches": fed}), batch["attention_mask"], batch["position_ids"], draw=dm)
         else:
-            h, _ = self.hidden(self.embed(batch), batch["attention_mask"], batch["position_ids"])
+            h, _ = self.hidden(self.embed(batch), batch["attention_mask"], batch["position_ids"], draw=dm)
         lab = batch["labels"][:, 1:]
         valid = lab != -100
         logits = self.vlm.lm_head(h[:, :-1][valid])  # only where there is a target: [n_targets, V]
@@ -952,6 +1054,9 @@ class UnifiedModel(nn.Module):
             x_t, target = flow_pair(x0, noise, sigma)
             flow = ((self.head(x_t, sigma, cond).float() - target.float()) ** 2).mean()
         loss = ce_loss + self.cfg.flow_weight * flow
+        if self.training and self.cfg.freeze_text and not len(x0):
+            # a batch with nothing drawn has no trainable part in its graph: tie one in at zero so backward runs
+            loss = loss + sum(0.0 * p.sum() for p in self.parameters() if p.requires_grad)
         terms = dict(ce=ce_loss.detach(), flow=flow.detach())
         if self.cfg.img0_aux_weight > 0:
             loss = loss + self.cfg.img0_aux_weight * aux
@@ -1004,6 +1109,7 @@ def _own_modules(model) -> list[str]:
         + (["img0_aux"] if model.cfg.img0_aux_weight > 0 else [])
         + (["tgt_aux"] if model.cfg.tgt_aux_weight > 0 else [])
         + (["tgt_in"] if model.cfg.tgt_cond else [])
+        + (["draw_experts"] if model.cfg.draw_experts else [])
     )
 
 # %% ../nbs/23_unified.ipynb #84ae3739
@@ -1182,6 +1288,7 @@ def generate(
     B = len(samples)
     gens = [torch.Generator().manual_seed(seed + b) for b in range(B)]
     emb, am, pos = model.embed(lay), lay["attention_mask"], lay["position_ids"]
+    dm = draw_positions(lay["input_ids"], lay["patch_is_target"], ids.vision_pad)  # positions that draw (draw experts)
     next_pos = (pos[0, :, -1] + 1).tolist()
     length = am.sum(1).tolist()
     # tgt_cond: rows B..2B-1 are a blind copy of the batch (drawn patches enter as zeros), stepped in lockstep in the
@@ -1190,9 +1297,9 @@ def generate(
     if dual:
         blind = lay["patches"].masked_fill(lay["patch_is_target"][:, None], 0.0)
         emb = torch.cat([emb, model.embed(lay | {"patches": blind})])
-        am, pos = torch.cat([am, am]), torch.cat([pos, pos], 1)
+        am, pos, dm = torch.cat([am, am]), torch.cat([pos, pos], 1), torch.cat([dm, dm])
     cache = DynamicCache() if use_cache else None
-    h, cache = model.hidden(emb, am, pos, cache, use_cache)
+    h, cache = model.hidden(emb, am, pos, cache, use_cache, draw=dm)
     h = h[:, -1]
     out = [Generated(s["sample_id"]) for s in samples]
     grids = [_draw_grid(model, s, coll) for s in samples]
@@ -1295,11 +1402,13 @@ def generate(
             col, col_mask, col_pos = torch.cat([col, colb]), col_mask * 2, torch.cat([col_pos, col_pos], 1)
         am = torch.cat([am, torch.tensor(col_mask, device=dev)[:, None].to(am.dtype)], 1)
         col_pos = col_pos.to(dev)[:, :, None]
+        dcol = torch.tensor([m == "image" and not d for m, d in zip(mode, done)], device=dev)  # vision_start, patches
+        dm = torch.cat([dm, (torch.cat([dcol, dcol]) if dual else dcol)[:, None]], 1)
         if use_cache:
-            h, cache = model.hidden(col[:, None], am, col_pos, cache, True)
+            h, cache = model.hidden(col[:, None], am, col_pos, cache, True, draw=dm[:, -1:])
         else:
             emb, pos = torch.cat([emb, col[:, None]], 1), torch.cat([pos, col_pos], 2)
-            h, _ = model.hidden(emb, am, pos)
+            h, _ = model.hidden(emb, am, pos, draw=dm)
         h = h[:, -1]
         step += 1
     for b in range(B):
@@ -1474,6 +1583,7 @@ def run_unified_training(args, cfg, given: set[str] | None = None, unified: Unif
     if base and (Path(base) / "unified.json").is_file():
         model = load_unified(base)
         model.cfg = continued_config(model.cfg, flags, f"--model_name_or_path {base}")
+        model.sync_parts()  # --draw_experts: copied from its language model now; --freeze_text
     else:
         model = UnifiedModel.from_kits(base, cfg=flags.unified_config(), seed=cfg.seed)
     # a --data file of many edits keeps a QA sample beside each edit, as `latentcot run unified --edit_train` does
@@ -1586,7 +1696,7 @@ def teacher_forced_scores(
     for i in range(0, len(recs), batch_size):
         chunk = recs[i : i + batch_size]
         batch = coll([edit_sample(r) for r in ins[i : i + batch_size]])
-        h, _ = model.hidden(model.embed(batch), batch["attention_mask"], batch["position_ids"])
+        h, _ = model.hidden(model.embed(batch), batch["attention_mask"], batch["position_ids"], draw=model.draw_mask(batch))
         b, l = ((batch["input_ids"] == model.ids.vision_pad) & (batch["labels"] != -100)).nonzero(as_tuple=True)
         is_t = batch["patch_is_target"]
         tgt = model.tgt_prediction(batch) if model.cfg.tgt_cond else None
@@ -1650,7 +1760,7 @@ def location_reading(
         samples = [edit_sample(r) for r in ins[i : i + batch_size]]
         batch = coll(samples)
         where = coll.location_mask(samples, batch["input_ids"], batch["assistant_start"])  # checks the tokenization
-        h, _ = model.hidden(model.embed(batch), batch["attention_mask"], batch["position_ids"])
+        h, _ = model.hidden(model.embed(batch), batch["attention_mask"], batch["position_ids"], draw=model.draw_mask(batch))
         for j, rec in enumerate(recs[i : i + batch_size]):
             at = where[j].nonzero().flatten()
             n = len(location_token_positions(tok, rec["sample_id"], rec["reflection1"], split=True)[0])
@@ -1777,7 +1887,7 @@ def start_probability(model: UnifiedModel, samples: list[dict], which: int = 1, 
     coll, ps = model.collator(), []
     for i in range(0, len(samples), batch_size):
         batch = coll(samples[i : i + batch_size])
-        h, _ = model.hidden(model.embed(batch), batch["attention_mask"], batch["position_ids"])
+        h, _ = model.hidden(model.embed(batch), batch["attention_mask"], batch["position_ids"], draw=model.draw_mask(batch))
         for b, st in enumerate(batch["assistant_start"]):
             at = (batch["input_ids"][b, st:] == model.ids.vision_start).nonzero().flatten() + st
             if len(at) <= which:
@@ -1814,8 +1924,9 @@ class RunUnifiedArgs(UnifiedFlags):
         default=None,
         metadata={
             "help": "a unified model folder (another run's OUT/train/final) to train further instead of a fresh one: "
-            "all its weights; the training flags given here replace its own, its architecture stays "
-            "(`continued_config`); a new optimizer and data order (instead of --model_name_or_path)"
+            "all its weights; the training flags given here replace its own, its architecture stays but for parts "
+            "turned on (`continued_config`; e.g. --draw_experts --freeze_text: learn the drawing on a frozen text); a "
+            "new optimizer and data order (instead of --model_name_or_path)"
         },
     )
     evaluate: str | None = field(
@@ -1906,7 +2017,7 @@ def init_model(a: RunUnifiedArgs) -> UnifiedModel:
         raise ValueError(f"--init_from {a.init_from}: no unified.json there (a run's OUT/train/final is a unified model)")
     model = load_unified(a.init_from)
     model.cfg = continued_config(model.cfg, a, f"--init_from {a.init_from}")
-    return model
+    return model.sync_parts()  # --draw_experts: copied from its language model now; --freeze_text
 
 
 RUN_TRAINING_FLAGS = (  # the flags of `latentcot run unified` that only its training reads

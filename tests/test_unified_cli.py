@@ -2,6 +2,7 @@
 image tables, the weight study), then `latentcot unified` on the model it trained, and `--stage unified` of
 `python -m latentcot.train` resuming."""
 import json, os, subprocess, sys
+import torch
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,13 +95,31 @@ def test_train_stage_unified_resumes(tmp_path):
     r = subprocess.run(back + ["--output_dir", str(tmp_path / "t4")], capture_output=True, text=True, env=ENV, timeout=900, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((tmp_path / "t4" / "final" / "unified.json").read_text())["config"] == u
+    # the curriculum: draw experts added to the trained model (copied from its language model), the text frozen
+    r = subprocess.run(more[:-2] + ["--output_dir", str(tmp_path / "t5"), "--draw_experts", "--freeze_text", "--warmup_steps", "0"], capture_output=True,
+                       text=True, env=ENV, timeout=900, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "t5" / "final" / "unified.json").read_text())["config"] == u | {"draw_experts": True, "freeze_text": True}
+    from safetensors.torch import load_file
+    def weights(run, name):
+        return load_file(next((tmp_path / run / "final" / "vlm").glob("*.safetensors"))) if name == "vlm" else \
+            load_file(tmp_path / run / "final" / "unified.safetensors")
+    v0, v5 = weights("t", "vlm"), weights("t5", "vlm")
+    assert v0.keys() == v5.keys() and all(torch.equal(v0[k], v5[k]) for k in v0)  # the language model: frozen
+    o0, o5 = weights("t", "own"), weights("t5", "own")
+    assert all(torch.equal(o0[k], o5[k]) for k in o0 if k.startswith(("patch_in.", "row_emb.", "col_emb.")))
+    assert not all(torch.equal(o0[k], o5[k]) for k in o0 if k.startswith("head."))  # the head trained
+    assert any(k.startswith("draw_experts.layers-0-mlp.") for k in o5)
+    r = subprocess.run(more[:-2] + ["--output_dir", str(tmp_path / "t6"), "--model_name_or_path", str(tmp_path / "t5" / "final"),
+                        "--draw_experts", "false"], capture_output=True, text=True, env=ENV, timeout=900, cwd=tmp_path)
+    assert r.returncode != 0 and "--draw_experts False but the model has True" in r.stderr
 
 
 # every flag of UnifiedFlags set away from its default
 ALL_UNIFIED = ["--head_width", "64", "--head_depth", "2", "--special_token_weight", "1.5", "--fm_batch_mul", "2", "--flow_weight", "0.5",
                "--input_noise", "0.1", "--self_feed", "0.25", "--ref_cond", "--img0_aux_weight", "0.5", "--img0_aux_blind",
                "--tgt_aux_weight", "1", "--tgt_aux_edit_weight", "5", "--blind_draw", "--tgt_cond", "--location_weight", "3",
-               "--num_timesteps", "7"]
+               "--draw_experts", "--freeze_text", "--num_timesteps", "7"]
 
 
 def test_train_cli_unified_flags_are_run_unifieds(tmp_path, capsys):
